@@ -1,0 +1,11 @@
+"""clipkit: contrastive image-text embeddings and cross-modal retrieval."""
+
+__version__ = "0.1.0"
+
+from clipkit.encode import encode
+from clipkit.errors import ClipkitError
+from clipkit.index import Index
+from clipkit.models import Model, list_models, load_model
+from clipkit.search import Hit, search
+
+__all__ = ["ClipkitError", "Hit", "Index", "Model", "__version__", "encode", "list_models", "load_model", "search"]

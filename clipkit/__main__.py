@@ -1,0 +1,5 @@
+import sys
+
+from clipkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""The `clipkit` command: argument parsing and printing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from clipkit.data.folder import is_image_name
+
+DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
+
+
+class UsageError(Exception):
+    """Bad command-line usage: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clipkit import __version__
+    from clipkit.models import DEFAULT_MODEL
+
+    parser = _Parser(prog="clipkit", description="Contrastive image-text embeddings and cross-modal retrieval.")
+    parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    index = commands.add_parser("index", help="index (or update the index of) a folder of images")
+    index.add_argument("folder", help="folder of images, searched recursively")
+    index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
+    index.add_argument("--model", default=None, help=f"model name (default: the index's model, else {DEFAULT_MODEL})")
+    index.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
+    index.add_argument("--batch-size", type=_positive_int, default=64)
+    index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
+    index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+
+    search = commands.add_parser("search", help="search an index with a text query or an image file")
+    search.add_argument("query", help="text, or the path of an image file to search by image")
+    search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
+    search.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    search.add_argument("-k", type=_positive_int, default=10, help="number of results (default: 10)")
+    output = search.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the hits as a JSON list")
+    output.add_argument("--paths", action="store_true", help="print only the file paths, one per line")
+    search.add_argument("--device", default=None)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _progress(args) -> bool | None:
+    return False if args.quiet else None  # None: bars only on a terminal
+
+
+def cmd_index(args) -> int:
+    from clipkit.index import Index
+    from clipkit.models import DEFAULT_MODEL, load_model
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder not found: {folder}" if not folder.exists() else f"not a folder: {folder}")
+    index_path = Path(args.index)
+    existing = Index.load(index_path) if index_path.exists() else None
+    if existing is not None and args.model is None:
+        info = existing.model_info or {}
+        model = load_model(info.get("name", DEFAULT_MODEL), info.get("pretrained"), device=args.device)
+    else:
+        model = load_model(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
+    if existing is not None:
+        existing.check_model(model)
+        index = existing
+    else:
+        index = Index(model.dim, model=model)
+        index.save(index_path)  # attach first: every finished batch is then committed to disk
+    report = index.sync_folder(folder, model, batch_size=args.batch_size, workers=args.workers,
+                               progress=_progress(args))
+    index.save()
+    if not args.quiet:
+        print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
+              f"{report.unchanged} unchanged, {report.removed} removed, {len(report.skipped)} skipped; "
+              f"{len(index)} in {index_path}")
+        for _, reason in report.skipped[:20]:
+            print(f"  skipped: {reason}", file=sys.stderr)
+        if len(report.skipped) > 20:
+            print(f"  ... and {len(report.skipped) - 20} more skipped", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from clipkit.index import Index
+    from clipkit.models import load_model
+    from clipkit.search import search
+
+    query: object = args.query
+    if not args.text and is_image_name(args.query.strip()):
+        if not os.path.isfile(args.query):
+            raise FileNotFoundError(f"image file not found: {args.query} (to search for this text, add --text)")
+        query = Path(args.query)
+    index = Index.load(args.index)
+    model = None
+    if args.device is not None and index.model_info:
+        model = load_model(index.model_info["name"], index.model_info.get("pretrained"), device=args.device)
+    hits = search(query, index, k=args.k, model=model)
+    if args.json:
+        print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
+    elif args.paths:
+        for hit in hits:
+            print(hit.path if hit.path is not None else hit.id)
+    else:
+        for rank, hit in enumerate(hits, 1):
+            print(f"{rank:>3}  {hit.score:.4f}  {hit.path if hit.path is not None else hit.id}")
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clipkit.errors import ClipkitError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("a command is required: index or search (see `clipkit --help`)")
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="clipkit: %(levelname)s: %(message)s")
+        if args.quiet:
+            logging.getLogger("clipkit").setLevel(logging.ERROR)
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ClipkitError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"clipkit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipkit: interrupted; finished batches are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

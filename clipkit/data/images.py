@@ -1,0 +1,52 @@
+"""One image reader for every path in clipkit (indexing, encode from paths, training, serving)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from clipkit.errors import ImageReadError
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping to white.
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` into an RGB image with EXIF orientation applied (first frame of animations).
+
+    Raises `FileNotFoundError` when the file does not exist and `ImageReadError` (a `ValueError`)
+    with the reason when it exists but is not a readable image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # A file over PIL's pixel limit is refused rather than allocated.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.seek(0)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ImageReadError(f"cannot read image {path}: {reason}") from exc

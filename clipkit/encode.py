@@ -1,0 +1,213 @@
+"""Batched, type-dispatched encoding of texts and images into unit-norm float32 numpy arrays."""
+
+from __future__ import annotations
+
+import collections
+import os
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clipkit.data.images import read_image, to_rgb
+from clipkit.models import Model, load_model
+
+TEXT, IMAGE = "text", "image"
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def as_model(model: Model | str | None) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, str):
+        return _cached_model(model)
+    if model is None:
+        raise ValueError("no model given: pass model=clipkit.load_model(NAME) or a model name")
+    raise ValueError(f"model must be a clipkit Model or a model name, got {type(model).__name__}")
+
+
+_MODEL_CACHE: dict[str, Model] = {}
+
+
+def _cached_model(name: str) -> Model:
+    if name not in _MODEL_CACHE:
+        _MODEL_CACHE[name] = load_model(name)
+    return _MODEL_CACHE[name]
+
+
+def kind_of(item: Any, str_is: str = TEXT) -> str | None:
+    """TEXT or IMAGE for one input item, None when it is neither."""
+    if isinstance(item, str):
+        return str_is
+    if isinstance(item, (Image.Image, os.PathLike)):
+        return IMAGE
+    if isinstance(item, np.ndarray) and item.ndim in (2, 3):
+        return IMAGE
+    return None
+
+
+def _as_list(items: Any, what: str) -> list:
+    if isinstance(items, (str, bytes, Image.Image, os.PathLike, np.ndarray)):
+        raise ValueError(f"{what} must be a list; wrap a single item as [item]")
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(f"{what} must be a list, got {type(items).__name__}") from None
+    if not items:
+        raise ValueError(f"{what} is empty: nothing to encode")
+    return items
+
+
+def classify(items: Sequence, str_is: str = TEXT) -> str:
+    """The one kind shared by every item; a mixed or unsupported list is a ValueError."""
+    kinds = [kind_of(item, str_is) for item in items]
+    for position, kind in enumerate(kinds):
+        if kind is None:
+            raise ValueError(f"item {position} has unsupported type {type(items[position]).__name__}: "
+                             "expected str (text), or PIL image / pathlib.Path / HxWx3 uint8 array (image)")
+    if len(set(kinds)) > 1:
+        first_other = next(i for i, k in enumerate(kinds) if k != kinds[0])
+        raise ValueError(f"mixed input: item 0 is {kinds[0]} but item {first_other} is {kinds[first_other]}; "
+                         "encode texts and images in separate calls (or use texts=/images=)")
+    return kinds[0]
+
+
+def array_to_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ValueError(f"image arrays must be uint8 (0-255), got {array.dtype}")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if min(array.shape[:2]) < 1:
+            raise ValueError(f"image array has an empty side: shape {array.shape}")
+        return to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+    raise ValueError(f"image arrays must be HxWx3 (or HxW, HxWx4), got shape {array.shape}")
+
+
+def load_image(item: Any) -> Image.Image:
+    """Any supported image input (PIL, path, array) as an RGB PIL image."""
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, np.ndarray):
+        return array_to_image(item)
+    return read_image(Path(item))
+
+
+def _prefetch(items: Sequence, fn: Callable, executor: Executor, depth: int) -> Iterator:
+    """fn(item) for each item, in order, with up to `depth` calls running ahead in `executor`."""
+    pending: collections.deque = collections.deque()
+    iterator = iter(items)
+    for item in iterator:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= depth:
+            break
+    while pending:
+        future = pending.popleft()
+        for item in iterator:
+            pending.append(executor.submit(fn, item))
+            break
+        yield future
+
+
+def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *, skip_errors: bool = False,
+                       workers: int | None = None) -> Iterator[tuple[torch.Tensor, list[int], list[tuple[int, str]]]]:
+    """Decode and preprocess `items` in background threads, yielding full batches.
+
+    Yields `(pixels, positions, failures)`: positions are the indices into `items` of the rows of
+    `pixels`; failures are `(index, reason)` of items that could not be read (only when skip_errors,
+    otherwise the error is raised).
+    """
+    def prepare(item):
+        return preprocess(load_image(item))
+
+    workers = workers or default_workers()
+    rows: list[torch.Tensor] = []
+    positions: list[int] = []
+    failures: list[tuple[int, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        for position, future in enumerate(_prefetch(items, prepare, executor, depth=max(2 * batch_size, workers))):
+            try:
+                rows.append(future.result())
+                positions.append(position)
+            except (ValueError, OSError) as exc:  # unreadable, vanished or not an image
+                if not skip_errors:
+                    raise
+                failures.append((position, str(exc)))
+            if len(rows) == batch_size:
+                yield torch.stack(rows), positions, failures
+                rows, positions, failures = [], [], []
+    if rows or failures:
+        yield (torch.stack(rows) if rows else torch.empty(0)), positions, failures
+
+
+def _text_batches(texts: Sequence[str], batch_size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(texts), batch_size):
+        yield texts[start:start + batch_size]
+
+
+def encode(inputs: Iterable | None = None, *, texts: Iterable[str] | None = None,
+           images: Iterable | None = None, model: Model | str | None = None, batch_size: int = 64,
+           progress: bool | None = False, workers: int | None = None) -> np.ndarray:
+    """Embed texts or images into an `(N, D)` float32 array with unit-norm rows.
+
+    `inputs`: a list of str (texts), or of PIL images / `pathlib.Path` / HxWx3 uint8 arrays (images).
+    `texts=` and `images=` make the kind explicit (str paths are allowed under `images=`).
+    A mixed list is a ValueError.
+    """
+    given = [name for name, value in (("inputs", inputs), ("texts", texts), ("images", images)) if value is not None]
+    if len(given) != 1:
+        raise ValueError("pass exactly one of inputs, texts= or images= "
+                         f"(got {', '.join(given) if given else 'none'})")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if texts is not None:
+        items = _as_list(texts, "texts")
+        if not all(isinstance(t, str) for t in items):
+            bad = next(i for i, t in enumerate(items) if not isinstance(t, str))
+            raise ValueError(f"texts[{bad}] is {type(items[bad]).__name__}, not str")
+        kind = TEXT
+    elif images is not None:
+        items = _as_list(images, "images")
+        kind = classify(items, str_is=IMAGE)
+        if kind != IMAGE:
+            raise ValueError("images= holds something that is not an image")
+    else:
+        items = _as_list(inputs, "inputs")
+        kind = classify(items)
+    model = as_model(model)
+    if kind == TEXT:
+        return encode_texts(items, model, batch_size, progress)
+    return encode_images(items, model, batch_size, progress, workers)
+
+
+def encode_texts(texts: Sequence[str], model: Model, batch_size: int = 64, progress: bool | None = False) -> np.ndarray:
+    out = np.empty((len(texts), model.dim), dtype=np.float32)
+    done = 0
+    with tqdm(total=len(texts), disable=_no_bar(progress), unit="text", desc="encoding texts") as bar:
+        for batch in _text_batches(texts, batch_size):
+            out[done:done + len(batch)] = model.encode_text(batch).cpu().numpy()
+            done += len(batch)
+            bar.update(len(batch))
+    return out
+
+
+def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress: bool | None = False,
+                  workers: int | None = None) -> np.ndarray:
+    out = np.empty((len(images), model.dim), dtype=np.float32)
+    with tqdm(total=len(images), disable=_no_bar(progress), unit="img", desc="encoding images") as bar:
+        for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, workers=workers):
+            out[positions] = model.encode_image(pixels).cpu().numpy()
+            bar.update(len(positions))
+    return out
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: False shows the bar, None shows it only on a TTY."""
+    return None if progress is None else not progress

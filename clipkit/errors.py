@@ -1,0 +1,30 @@
+"""Exception types.
+
+`ValueError` / `FileNotFoundError` are used for bad arguments and missing files, as users expect.
+`ClipkitError` marks broken artefacts (indexes, checkpoints, unreadable images); subclasses that are
+also argument errors inherit from `ValueError` too, so `except ValueError` keeps working.
+"""
+
+
+class ClipkitError(Exception):
+    """A clipkit artefact (index, checkpoint, image) is broken, or an operation cannot proceed."""
+
+
+class CheckpointError(ClipkitError):
+    """A weights file cannot be read, is unsafe, or does not fit the model."""
+
+
+class BrokenIndexError(ClipkitError):
+    """An index directory is missing parts, truncated or from an incompatible version."""
+
+
+class ModelMismatchError(ClipkitError, ValueError):
+    """A query was embedded by a different model than the one that built the index."""
+
+
+class ImageReadError(ClipkitError, ValueError):
+    """A file could not be decoded as an image."""
+
+
+class OfflineError(ClipkitError, RuntimeError):
+    """Pretrained weights are not cached and the hub cannot be reached."""

@@ -1,0 +1,656 @@
+"""`Index`: a FAISS inner-product index over unit-norm embeddings, plus a SQLite store.
+
+On disk an index is a directory:
+
+    meta.sqlite   the source of truth: one row per item (user id, path, mtime, size, caption, extra JSON,
+                  embedding) and an info table (format, dim, model, generation)
+    index.faiss   the FAISS index, a cache of the embeddings in meta.sqlite, tagged with the generation
+                  it was written at; missing or stale, it is rebuilt from meta.sqlite on load
+    config.json   format, version, dim, metric, model, count (for people and tools to read)
+
+Every change to the store is one SQLite transaction, and the FAISS file and config are replaced
+atomically (temporary name, fsync, rename), so a crash never leaves an index that loads wrongly.
+FAISS runs on the GPU when `faiss.get_num_gpus() > 0`; the CPU index stays the one that is saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from clipkit import __version__
+from clipkit._io import atomic_path, atomic_write_json, atomic_write_with
+from clipkit.data.folder import scan_images
+from clipkit.errors import BrokenIndexError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clipkit-index"
+FORMAT_VERSION = 1
+DB_FILE, FAISS_FILE, CONFIG_FILE = "meta.sqlite", "index.faiss", "config.json"
+METRIC = "inner_product"
+_META_COLUMNS = ("path", "mtime", "size", "caption")
+_SQL_CHUNK = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key INTEGER PRIMARY KEY,      -- the FAISS id
+    id UNIQUE NOT NULL,           -- the user's id (int or text, kept as given)
+    path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_path ON items(path);
+CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class SyncReport:
+    """What `Index.sync_folder` did."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def embedded(self) -> int:
+        return self.added + self.updated
+
+
+def _normalize_id(value: Any) -> int | str:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"ids must be int or str, got bool {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"ids must be int or str, got {type(value).__name__} {value!r}")
+
+
+def _ids_array(values: list) -> np.ndarray:
+    if values and all(isinstance(v, int) for v in values):
+        return np.asarray(values, dtype=np.int64)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndarray:
+    """Validate a (N, dim) or (dim,) array and return unit-norm float32 rows (always 2-D)."""
+    try:
+        array = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a numeric array: {exc}") from None
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (N, {dim}), got shape {array.shape}")
+    if array.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {array.shape[1]} but the index has dimension {dim}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"{what} contain an all-zero vector, which has no direction to search by")
+    return np.ascontiguousarray(array / norms, dtype=np.float32)
+
+
+class Index:
+    """Nearest-neighbour search over unit-norm embeddings with per-item metadata."""
+
+    def __init__(self, dim: int, *, model=None, model_info: dict | None = None):
+        if not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim = int(dim)
+        self.model = model  # the live Model, when known (not persisted)
+        self.path: Path | None = None
+        self._lock = threading.RLock()
+        self._db = self._connect(":memory:")
+        info = model.info if model is not None else model_info
+        if info is not None and int(info.get("dim", self.dim)) != self.dim:
+            raise ValueError(f"model dimension {info['dim']} does not match index dimension {self.dim}")
+        with self._db:
+            self._set_info("format", FORMAT)
+            self._set_info("format_version", FORMAT_VERSION)
+            self._set_info("dim", self.dim)
+            self._set_info("model", info)
+            self._set_info("generation", 0)
+        self._faiss = self._new_faiss()
+        self._gpu = None
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_embeddings(cls, embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None,
+                        *, model=None) -> "Index":
+        """An index over `embeddings` (N, D); ids default to 0..N-1; metadata is one dict per row."""
+        array = np.asarray(embeddings)
+        if array.ndim != 2 or array.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty 2-D array (N, D), got shape {array.shape}")
+        index = cls(array.shape[1], model=model)
+        index.add(array, ids=ids, metadata=metadata)
+        return index
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
+                    progress: bool | None = None) -> "Index":
+        """Embed every image under `folder` (recursively); unreadable files are skipped and logged.
+
+        The report of what was indexed and skipped is in `index.last_sync`.
+        """
+        from clipkit.encode import as_model
+
+        model = as_model(model)
+        index = cls(model.dim, model=model)
+        index.sync_folder(folder, model, batch_size=batch_size, workers=workers, progress=progress)
+        return index
+
+    # -- storage ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(target: str) -> sqlite3.Connection:
+        db = sqlite3.connect(target, check_same_thread=False)
+        db.execute("PRAGMA foreign_keys=ON")
+        if target != ":memory:":
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _set_info(self, name: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO info(name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
+    def _get_info(self, name: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM info WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    @property
+    def model_info(self) -> dict | None:
+        """name, pretrained, dim and weight fingerprint of the model that built this index."""
+        return self._get_info("model")
+
+    @property
+    def generation(self) -> int:
+        return int(self._get_info("generation", 0))
+
+    def _bump_generation(self) -> None:
+        self._db.execute("UPDATE info SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE name = 'generation'")
+
+    @contextlib.contextmanager
+    def _change(self):
+        """One transaction for a change to the store and the FAISS index together.
+
+        On any error the transaction rolls back and FAISS is rebuilt from the store, so the two never
+        disagree.
+        """
+        with self._lock:
+            try:
+                with self._db:
+                    yield
+                    self._bump_generation()
+            except BaseException:
+                self._faiss = self._rebuild_faiss()
+                self._gpu = None
+                raise
+
+    def _new_faiss(self) -> faiss.Index:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+
+    def __len__(self) -> int:
+        return int(self._faiss.ntotal)
+
+    def __contains__(self, item_id: Any) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM items WHERE id = ?", (_normalize_id(item_id),)).fetchone() is not None
+
+    def __repr__(self) -> str:
+        model = (self.model_info or {}).get("name")
+        return f"Index(n={len(self)}, dim={self.dim}, model={model!r}, path={str(self.path) if self.path else None!r})"
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def add(self, embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None) -> None:
+        """Add rows (normalised to unit length). An id already in the index is a ValueError."""
+        vectors = prepare_vectors(embeddings, self.dim)
+        n = len(vectors)
+        if ids is None:
+            with self._lock:
+                start = self._db.execute("SELECT COALESCE(MAX(key), -1) + 1 FROM items").fetchone()[0]
+            ids = range(start, start + n)
+        ids = [_normalize_id(v) for v in ids]
+        if len(ids) != n:
+            raise ValueError(f"got {n} embeddings but {len(ids)} ids")
+        if len(set(ids)) != n:
+            raise ValueError("ids contain duplicates")
+        metadata = list(metadata) if metadata is not None else [{}] * n
+        if len(metadata) != n:
+            raise ValueError(f"got {n} embeddings but {len(metadata)} metadata entries")
+        rows = [self._meta_row(m) for m in metadata]
+        with self._change():
+            clash = self._existing(ids)
+            if clash:
+                raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}; remove them first")
+            self._insert(vectors, ids, rows)
+
+    def _insert(self, vectors: np.ndarray, ids: list, rows: list[tuple]) -> None:
+        """Inside a transaction: store unit-norm `vectors` with their ids and metadata rows."""
+        start = self._db.execute("SELECT COALESCE(MAX(key), -1) + 1 FROM items").fetchone()[0]
+        keys = np.arange(start, start + len(ids), dtype=np.int64)
+        self._db.executemany(
+            "INSERT INTO items(key, id, path, mtime, size, caption, extra, embedding) VALUES (?,?,?,?,?,?,?,?)",
+            [(int(k), i, *row, v.tobytes()) for k, i, row, v in zip(keys, ids, rows, vectors)])
+        self._faiss.add_with_ids(vectors, keys)
+        self._gpu = None
+
+    @staticmethod
+    def _meta_row(meta: dict | None) -> tuple:
+        meta = dict(meta or {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"metadata entries must be dicts, got {type(meta).__name__}")
+        path = meta.pop("path", None)
+        mtime = meta.pop("mtime", None)
+        size = meta.pop("size", None)
+        caption = meta.pop("caption", None)
+        try:
+            extra = json.dumps(meta) if meta else None
+        except TypeError as exc:
+            raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+        return (os.fspath(path) if path is not None else None,
+                float(mtime) if mtime is not None else None,
+                int(size) if size is not None else None,
+                str(caption) if caption is not None else None, extra)
+
+    def _existing(self, ids: list) -> list:
+        found = []
+        for start in range(0, len(ids), _SQL_CHUNK):
+            chunk = ids[start:start + _SQL_CHUNK]
+            query = f"SELECT id FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            found.extend(row[0] for row in self._db.execute(query, chunk))
+        return found
+
+    def _keys_for(self, ids: list) -> dict:
+        keys = {}
+        for start in range(0, len(ids), _SQL_CHUNK):
+            chunk = ids[start:start + _SQL_CHUNK]
+            query = f"SELECT id, key FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            keys.update(self._db.execute(query, chunk).fetchall())
+        return keys
+
+    def remove(self, ids: Iterable) -> int:
+        """Remove items by id; an id not in the index is a ValueError (and nothing is removed)."""
+        if isinstance(ids, (str, int, np.integer)):
+            ids = [ids]
+        ids = list(dict.fromkeys(_normalize_id(v) for v in ids))
+        if not ids:
+            return 0
+        with self._lock:
+            keys = self._keys_for(ids)
+            missing = [i for i in ids if i not in keys]
+            if missing:
+                raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+            with self._change():
+                self._delete_keys(list(keys.values()))
+        return len(ids)
+
+    def _delete_keys(self, keys: list[int]) -> None:
+        """Inside a transaction: drop rows and their vectors."""
+        for start in range(0, len(keys), _SQL_CHUNK):
+            chunk = keys[start:start + _SQL_CHUNK]
+            self._db.execute(f"DELETE FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+        self._faiss.remove_ids(np.asarray(keys, dtype=np.int64))
+        self._gpu = None
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def _searcher(self) -> tuple[faiss.Index, np.ndarray | None]:
+        """The index to search and, for a GPU copy of the inner index, its position -> key map."""
+        if faiss.get_num_gpus() == 0 or len(self) == 0:
+            return self._faiss, None
+        if self._gpu is None:
+            inner = faiss.downcast_index(self._faiss.index)
+            resources = _gpu_resources()
+            self._gpu = (faiss.index_cpu_to_gpu(resources, 0, inner), faiss.vector_to_array(self._faiss.id_map))
+        return self._gpu
+
+    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: `(scores, ids)`, each `(n_queries, min(k, len(index)))`, best first.
+
+        Queries are normalised to unit length; `ids` are the ids given when the items were added.
+        """
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        vectors = prepare_vectors(queries, self.dim, what="queries")
+        with self._lock:
+            k = min(int(k), len(self))
+            if k == 0:
+                return np.zeros((len(vectors), 0), np.float32), _ids_array([]).reshape(len(vectors), 0)
+            searcher, position_to_key = self._searcher()
+            scores, found = searcher.search(vectors, k)
+            keys = position_to_key[found] if position_to_key is not None else found
+            ids = self._ids_of(keys)
+        return scores, ids
+
+    def _ids_of(self, keys: np.ndarray) -> np.ndarray:
+        unique = [int(k) for k in np.unique(keys) if k >= 0]
+        id_of = {}
+        for start in range(0, len(unique), _SQL_CHUNK):
+            chunk = unique[start:start + _SQL_CHUNK]
+            query = f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
+            id_of.update(self._db.execute(query, chunk).fetchall())
+        flat = [id_of[int(k)] for k in keys.reshape(-1)]
+        return _ids_array(flat).reshape(keys.shape)
+
+    def get(self, ids: Iterable) -> list[dict]:
+        """Metadata for each id, in order: {'id', 'path', 'mtime', 'size', 'caption', ...extra}."""
+        ids = [_normalize_id(v) for v in ids]
+        records = {}
+        with self._lock:
+            for start in range(0, len(ids), _SQL_CHUNK):
+                chunk = ids[start:start + _SQL_CHUNK]
+                query = (f"SELECT id, path, mtime, size, caption, extra FROM items "
+                         f"WHERE id IN ({','.join('?' * len(chunk))})")
+                for item_id, *values, extra in self._db.execute(query, chunk):
+                    record = {"id": item_id, **{c: v for c, v in zip(_META_COLUMNS, values) if v is not None}}
+                    record.update(json.loads(extra) if extra else {})
+                    records[item_id] = record
+        missing = [i for i in ids if i not in records]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+        return [records[i] for i in ids]
+
+    def ids(self) -> list:
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT id FROM items ORDER BY key")]
+
+    def embeddings(self, ids: Iterable | None = None) -> np.ndarray:
+        """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
+        with self._lock:
+            if ids is None:
+                blobs = [row[0] for row in self._db.execute("SELECT embedding FROM items ORDER BY key")]
+            else:
+                ids = [_normalize_id(v) for v in ids]
+                keys = self._keys_for(ids)
+                missing = [i for i in ids if i not in keys]
+                if missing:
+                    raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+                by_key = dict(self._rows_by_key([keys[i] for i in ids], "embedding"))
+                blobs = [by_key[keys[i]] for i in ids]
+        if not blobs:
+            return np.zeros((0, self.dim), np.float32)
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim).copy()
+
+    def _rows_by_key(self, keys: list[int], column: str):
+        for start in range(0, len(keys), _SQL_CHUNK):
+            chunk = keys[start:start + _SQL_CHUNK]
+            yield from self._db.execute(
+                f"SELECT key, {column} FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+
+    # -- models -----------------------------------------------------------------------------
+
+    def check_model(self, model) -> None:
+        """Refuse a model other than the one that built this index."""
+        info = self.model_info
+        if info is None:
+            if model.dim != self.dim:
+                raise ModelMismatchError(f"model {model.name} makes {model.dim}-d embeddings but the index holds "
+                                         f"{self.dim}-d ones")
+            return
+        if model.fingerprint != info.get("fingerprint"):
+            raise ModelMismatchError(
+                f"this index was built with model {info.get('name')!r} (pretrained={info.get('pretrained')!r}, "
+                f"weights {info.get('fingerprint')}), but the query model is {model.name!r} "
+                f"(pretrained={model.pretrained!r}, weights {model.fingerprint}); embeddings from different "
+                "models are not comparable: query with the index's own model (model=None) or rebuild the index")
+
+    def resolve_model(self, model=None):
+        """The model to embed queries with: `model` (checked), the live model, or the recorded one loaded."""
+        from clipkit.encode import as_model
+        from clipkit.models import load_model
+
+        if model is not None:
+            model = as_model(model)
+        elif self.model is not None:
+            model = self.model
+        else:
+            info = self.model_info
+            if info is None:
+                raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
+            model = load_model(info["name"], info.get("pretrained"))
+        self.check_model(model)
+        if self.model is None:
+            self.model = model
+        return model
+
+    # -- folders ----------------------------------------------------------------------------
+
+    def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
+                    workers: int | None = None, progress: bool | None = None) -> SyncReport:
+        """Bring the index up to date with the images under `folder`.
+
+        New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed,
+        unchanged ones left alone. Unreadable files are skipped and reported. Each batch is committed
+        on its own, so an interrupted run keeps what it finished. Ids are absolute file paths.
+        """
+        from clipkit.encode import iter_image_batches
+
+        model = self.resolve_model(model)
+        if self.model_info is None:
+            with self._lock, self._db:
+                self._set_info("model", model.info)
+        root = Path(folder).resolve()
+        files = scan_images(root)
+        report = SyncReport()
+        known = self._known_files(root)
+        todo: list[tuple[Path, os.stat_result]] = []
+        for path in files:
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                report.skipped.append((str(path), str(exc)))
+                continue
+            previous = known.pop(str(path), None)
+            if previous == (stat.st_size, stat.st_mtime):
+                report.unchanged += 1
+            else:
+                todo.append((path, stat))
+        if known:  # files that are gone
+            with self._change():
+                keys = self._keys_for(list(known))
+                self._delete_keys(list(keys.values()))
+            report.removed = len(known)
+        paths = [p for p, _ in todo]
+        with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="img",
+                  desc="indexing") as bar:
+            for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size,
+                                                                   skip_errors=True, workers=workers):
+                for position, reason in failures:
+                    report.skipped.append((str(paths[position]), reason))
+                    log.info("skipped %s", reason)
+                if positions:
+                    vectors = model.encode_image(pixels).cpu().numpy()
+                    batch = [todo[p] for p in positions]
+                    added, updated = self._replace_files(vectors, batch)
+                    report.added += added
+                    report.updated += updated
+                bar.update(len(positions) + len(failures))
+        self.last_sync = report
+        return report
+
+    def _known_files(self, root: Path) -> dict[str, tuple[int, float]]:
+        prefix = str(root).rstrip(os.sep) + os.sep
+        with self._lock:
+            rows = self._db.execute("SELECT id, size, mtime FROM items WHERE path IS NOT NULL AND substr(path, 1, ?) = ?",
+                                    (len(prefix), prefix)).fetchall()
+        return {item_id: (size, mtime) for item_id, size, mtime in rows if isinstance(item_id, str)}
+
+    def _replace_files(self, vectors: np.ndarray, batch: list[tuple[Path, os.stat_result]]) -> tuple[int, int]:
+        """One transaction: drop old rows of these files, add the new embeddings."""
+        ids = [str(path) for path, _ in batch]
+        rows = [self._meta_row({"path": str(path), "size": stat.st_size, "mtime": stat.st_mtime})
+                for path, stat in batch]
+        vectors = prepare_vectors(vectors, self.dim)
+        with self._change():
+            old = self._keys_for(ids)
+            if old:
+                self._delete_keys(list(old.values()))
+            self._insert(vectors, ids, rows)
+        return len(ids) - len(old), len(old)
+
+    # -- save / load ------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the index to directory `path` (default: where it was loaded or last saved).
+
+        Afterwards the index is attached to `path`: later changes are committed to its store at once.
+        """
+        if path is None:
+            if self.path is None:
+                raise ValueError("this index has not been saved before: pass a path")
+            path = self.path
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a folder; choose another index path")
+        if path.is_dir() and any(path.iterdir()) and not (path / DB_FILE).exists():
+            raise ValueError(f"{path} is a non-empty folder that is not a clipkit index; choose another path")
+        path.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self.path is None or path.resolve() != self.path.resolve():
+                self._copy_db_to(path / DB_FILE)
+            self._db.commit()
+            generation = self.generation
+            cpu_index = self._faiss
+            atomic_write_with(path / FAISS_FILE, lambda tmp: faiss.write_index(cpu_index, tmp))
+            atomic_write_json(path / CONFIG_FILE, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
+                "dim": self.dim, "metric": METRIC, "index_type": "flat", "model": self.model_info,
+                "count": len(self), "faiss_generation": generation})
+            self.path = path
+        return path
+
+    def _copy_db_to(self, target: Path) -> None:
+        with atomic_path(target) as tmp:
+            os.unlink(tmp)
+            destination = sqlite3.connect(tmp)
+            try:
+                self._db.backup(destination)
+                destination.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                destination.close()
+        for suffix in ("-wal", "-shm"):  # stale journals from an index that lived here before
+            stale = Path(str(target) + suffix)
+            if stale.exists():
+                stale.unlink()
+        old = self._db
+        self._db = self._connect(str(target))
+        old.close()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model=None) -> "Index":
+        """Open an index directory written by `save` (or by `clipkit index`)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
+        if not path.is_dir():
+            raise BrokenIndexError(f"{path} is not an index folder (expected {DB_FILE}, {FAISS_FILE}, {CONFIG_FILE})")
+        config = _read_config(path)
+        if not (path / DB_FILE).is_file():
+            raise BrokenIndexError(f"index at {path} has no {DB_FILE}; it is incomplete: rebuild it with "
+                                   "`clipkit index FOLDER --index PATH`")
+        index = cls.__new__(cls)
+        index.path = path
+        index.model = None
+        index._lock = threading.RLock()
+        index._gpu = None
+        try:
+            index._db = cls._connect(str(path / DB_FILE))
+            version = index._get_info("format_version")
+            dim = index._get_info("dim")
+        except sqlite3.DatabaseError as exc:
+            raise BrokenIndexError(f"the store {path / DB_FILE} is damaged ({exc}); rebuild the index") from exc
+        if version != FORMAT_VERSION or dim is None:
+            raise BrokenIndexError(f"index at {path} has format version {version!r}; this clipkit "
+                                   f"({__version__}) reads version {FORMAT_VERSION}: rebuild the index")
+        index.dim = int(dim)
+        if config.get("dim") not in (None, index.dim):
+            raise BrokenIndexError(f"{path / CONFIG_FILE} says dim {config.get('dim')} but the store says {index.dim}")
+        index._faiss = index._load_faiss(path, config)
+        if model is not None:
+            index.resolve_model(model)
+        return index
+
+    def _load_faiss(self, path: Path, config: dict) -> faiss.Index:
+        count = self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        faiss_path = path / FAISS_FILE
+        if faiss_path.is_file() and config.get("faiss_generation") == self.generation:
+            try:
+                loaded = faiss.read_index(str(faiss_path))
+                if loaded.ntotal == count and loaded.d == self.dim:
+                    return loaded
+            except RuntimeError as exc:
+                log.warning("%s is unreadable (%s); rebuilding it from %s", faiss_path, str(exc).splitlines()[0],
+                            DB_FILE)
+        elif count:
+            log.info("%s is missing or older than %s; rebuilding it", faiss_path, DB_FILE)
+        return self._rebuild_faiss()
+
+    def _rebuild_faiss(self) -> faiss.Index:
+        rebuilt = self._new_faiss()
+        keys: list[int] = []
+        blobs: list[bytes] = []
+        for key, blob in self._db.execute("SELECT key, embedding FROM items ORDER BY key"):
+            keys.append(key)
+            blobs.append(blob)
+            if len(keys) == 10_000:
+                self._add_blobs(rebuilt, keys, blobs)
+                keys, blobs = [], []
+        if keys:
+            self._add_blobs(rebuilt, keys, blobs)
+        return rebuilt
+
+    def _add_blobs(self, target: faiss.Index, keys: list[int], blobs: list[bytes]) -> None:
+        if any(len(b) != 4 * self.dim for b in blobs):
+            raise BrokenIndexError(f"the store holds embeddings of the wrong size for dim {self.dim}; rebuild the index")
+        vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
+        target.add_with_ids(np.ascontiguousarray(vectors), np.asarray(keys, dtype=np.int64))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        if (path / DB_FILE).is_file():
+            return {}  # a save interrupted before its config: the store is enough
+        raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BrokenIndexError(f"{config_path} is unreadable ({exc}); rebuild the index") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BrokenIndexError(f"{config_path} is not a clipkit index config")
+    return config
+
+
+_GPU_RESOURCES = None
+
+
+def _gpu_resources():
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES

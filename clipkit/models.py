@@ -1,0 +1,434 @@
+"""Model registry and loading.
+
+Where weights come from:
+- an open_clip architecture name with a pretrained tag (`ViT-B-32`, `laion2b_s34b_b79k`): taken from the
+  local cache, or downloaded through open_clip when the hub can be reached; offline and uncached fails at
+  once with a message;
+- a local file (`pretrained="path/to/file"`): an open_clip state dict (`.bin`, `.pt`, `.pth`,
+  `.safetensors`) or a clipkit checkpoint, always read with `torch.load(weights_only=True)`;
+- clipkit's own small configs (`clipkit-tiny`, `clipkit-tiny-rn`), registered with open_clip on first use;
+  without weights they get a fixed-seed random initialisation, so the same name always gives the same model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import os
+import pickle
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+
+from clipkit.errors import CheckpointError, OfflineError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CHECKPOINT_FORMAT = "clipkit-checkpoint"
+#: Used by the CLI when no --model is given.
+DEFAULT_MODEL = "clipkit-tiny"
+_INIT_SEED = 0
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+@dataclass(eq=False)
+class Model:
+    """A dual-encoder model ready for inference.
+
+    `clip` is the underlying open_clip module; `preprocess` maps a PIL image to a CHW tensor;
+    `tokenizer` maps a list of strings to a LongTensor of token ids.
+    """
+
+    name: str
+    pretrained: str | None
+    clip: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+    dim: int
+    image_size: int
+    context_length: int
+    fingerprint: str
+    itm: torch.nn.Module | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def info(self) -> dict:
+        """What an index records about the model that built it."""
+        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim,
+                "fingerprint": self.fingerprint}
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Unit-norm float32 text embeddings `(N, dim)` for a list of strings (or token ids)."""
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        features = self.clip.encode_text(tokens.to(self.device))
+        return F.normalize(features.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit-norm float32 image embeddings `(N, dim)` for a preprocessed batch `(N, 3, H, W)`."""
+        features = self.clip.encode_image(pixels.to(self.device))
+        return F.normalize(features.float(), dim=-1)
+
+    def __repr__(self) -> str:
+        return (f"Model(name={self.name!r}, pretrained={self.pretrained!r}, dim={self.dim}, "
+                f"device={str(self.device)!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@lru_cache(maxsize=None)
+def _register_configs() -> None:
+    """Make clipkit's JSON configs known to open_clip (done once, on first use, not at import)."""
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+
+
+def bundled_models() -> dict[str, Path]:
+    """Models whose weights ship inside the package: name -> weights file."""
+    if not WEIGHTS_DIR.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt")) if (CONFIG_DIR / f"{p.stem}.json").exists()}
+
+
+def list_models() -> list[str]:
+    """Every architecture name `load_model` accepts (clipkit's own first)."""
+    import open_clip
+
+    _register_configs()
+    own = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    return own + [m for m in open_clip.list_models() if m not in own]
+
+
+def list_pretrained(name: str) -> list[str]:
+    """Pretrained tags open_clip knows for architecture `name`."""
+    import open_clip
+
+    return list(open_clip.list_pretrained_tags_by_model(name))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    return device
+
+
+def _unknown_model_message(name: str) -> str:
+    names = list_models()
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    own = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+    return (f"unknown model {name!r}.{hint} clipkit models: {own}; open_clip architectures: "
+            f"{len(names)} in all, e.g. ViT-B-32, ViT-B-16, RN50 (clipkit.list_models() lists them).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: pretrained tags
+
+
+def _hub_host(tag_cfg: dict) -> str:
+    if tag_cfg.get("hf_hub"):
+        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    return urlparse(tag_cfg.get("url", "")).hostname or ""
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """True when a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
+    if not host:
+        return False
+    result = {"ok": False}
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result["ok"] = True
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)  # getaddrinfo has no timeout of its own
+    return result["ok"]
+
+
+def _offline_forced() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("CLIPKIT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
+    """The local file for a pretrained tag if it is already downloaded, else None."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"]
+    hf_hub = tag_cfg.get("hf_hub", "")
+    if hf_hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            from open_clip.pretrained import _get_safe_alternatives
+            from open_clip.constants import HF_WEIGHTS_NAME
+        except ImportError:
+            return None
+        # Same rule as open_clip.download_pretrained: 'org/repo/' means the default file name.
+        repo_id, filename = os.path.split(hf_hub)
+        filename = filename or HF_WEIGHTS_NAME
+        for candidate in [*_get_safe_alternatives(filename), filename]:
+            found = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+        return None
+    url = tag_cfg.get("url", "")
+    if url:
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        return str(target) if target.is_file() else None
+    return None
+
+
+def resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None = None) -> tuple[str, dict]:
+    """Local weights file for open_clip's (name, tag), downloading it when the hub is reachable."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not tag_cfg:
+        tags = list_pretrained(name)
+        known = ", ".join(tags) if tags else "none (use a local weights file)"
+        raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known tags: {known}. "
+                         "A local weights file path also works.")
+    cached = _cached_tag_file(tag_cfg, cache_dir)
+    if cached:
+        return cached, tag_cfg
+    host = _hub_host(tag_cfg)
+    if _offline_forced() or not _reachable(host):
+        raise OfflineError(
+            f"weights for {name}/{tag} are not cached and {host or 'the hub'} cannot be reached. "
+            f"On a machine with network, run clipkit.load_model({name!r}, pretrained={tag!r}) once to cache "
+            f"them, or pass pretrained='path/to/weights.bin' (a local file), or use the offline "
+            f"model load_model({DEFAULT_MODEL!r}).")
+    log.info("downloading %s/%s from %s", name, tag, host)
+    try:
+        path = download_pretrained(tag_cfg, cache_dir=cache_dir)
+    except Exception as exc:  # network errors come in many types
+        raise OfflineError(f"could not download weights for {name}/{tag}: {exc}") from exc
+    if not path:
+        raise OfflineError(f"open_clip has no download location for {name}/{tag}")
+    return path, tag_cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: local files
+
+
+def looks_like_path(value: str) -> bool:
+    return os.sep in value or "/" in value or value.endswith(_WEIGHT_SUFFIXES) or os.path.exists(value)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a weights file safely; returns {'model': state_dict, 'itm': state_dict|None, 'meta': {...}}.
+
+    Accepts clipkit checkpoints, open_clip state dicts (optionally under 'state_dict', optionally with
+    DDP's 'module.' prefix) and .safetensors files. Pickles that need code to load are refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the weights file inside it")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        global_name = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if global_name:
+            raise CheckpointError(
+                f"refusing to load {path}: it asks to run code ({global_name.group(1)}) while unpickling, which "
+                "weights_only=True forbids. If you trust it, re-save it as a plain state dict") from exc
+        raise CheckpointError(f"cannot read weights file {path}: not a PyTorch weights file or damaged") from exc
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"cannot read weights file {path}: {first}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(raw).__name__})")
+    itm = None
+    meta: dict = {}
+    if raw.get("format") == CHECKPOINT_FORMAT:
+        state, itm = raw.get("model"), raw.get("itm")
+        meta = {k: v for k, v in raw.items() if k in ("model_name", "step", "version")}
+    elif isinstance(raw.get("state_dict"), dict):
+        state = raw["state_dict"]
+    else:
+        state = raw
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no tensors in a state dict")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {"model": state, "itm": itm, "meta": meta}
+
+
+def load_state_into(clip: torch.nn.Module, state: dict, source: str) -> None:
+    """Load an open_clip state dict, applying open_clip's own format conversions first."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = dict(state)
+    try:
+        state = convert_state_dict(clip, state)
+        if "positional_embedding" in state and not hasattr(clip, "positional_embedding"):
+            state = convert_to_custom_text_state_dict(state)
+        scale = getattr(clip, "logit_scale", None)
+        if "logit_scale" in state and scale is not None and scale.ndim != state["logit_scale"].ndim:
+            state["logit_scale"] = state["logit_scale"].reshape(scale.shape)
+        resize_pos_embed(state, clip)
+        resize_text_pos_embed(state, clip)
+        clip.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"weights in {source} do not fit this model: {first}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short hash that tells different weights apart (samples every tensor, cheap for big models)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        sample = flat[::step][:256].to("cpu", torch.float32).contiguous().numpy()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _preprocess_overrides(tag_cfg: dict) -> dict:
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+            "resize_mode": "image_resize_mode"}
+    return {arg: tag_cfg[key] for key, arg in keys.items() if key in tag_cfg}
+
+
+def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+               cache_dir: str | None = None) -> Model:
+    """Load a dual encoder by open_clip architecture name (or a bundled clipkit model).
+
+    `pretrained` is an open_clip tag (`"laion2b_s34b_b79k"`), a local weights file, or None (a
+    bundled model's own weights; otherwise a fixed-seed random initialisation). `device=None` picks
+    CUDA when available, else CPU.
+    """
+    import open_clip
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    _register_configs()
+    if open_clip.get_model_config(name) is None:
+        raise ValueError(_unknown_model_message(name))
+    device = resolve_device(device)
+
+    weights_file: str | None = None
+    tag_cfg: dict = {}
+    recorded = None
+    if pretrained is None and name in bundled_models():
+        weights_file = str(bundled_models()[name])
+    elif pretrained is not None:
+        pretrained = os.fspath(pretrained)
+        if open_clip.get_pretrained_cfg(name, pretrained):
+            weights_file, tag_cfg = resolve_pretrained_tag(name, pretrained, cache_dir)
+            recorded = pretrained
+        elif looks_like_path(pretrained):
+            if not os.path.exists(pretrained):
+                raise FileNotFoundError(f"weights file not found: {pretrained}")
+            weights_file = pretrained
+            recorded = str(Path(pretrained).resolve())
+        else:
+            resolve_pretrained_tag(name, pretrained, cache_dir)  # raises with the list of known tags
+
+    checkpoint = read_checkpoint(weights_file) if weights_file else None
+    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+        torch.manual_seed(_INIT_SEED)
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None, pretrained_image=False, pretrained_text=False,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
+    if checkpoint is not None:
+        load_state_into(clip, checkpoint["model"], weights_file)
+    clip.to(device).eval()
+
+    config = open_clip.get_model_config(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    model = Model(
+        name=name,
+        pretrained=recorded,
+        clip=clip,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        device=device,
+        dim=int(config["embed_dim"]),
+        image_size=_image_size(clip),
+        context_length=int(getattr(tokenizer, "context_length", config["text_cfg"].get("context_length", 77))),
+        fingerprint=fingerprint(clip),
+    )
+    if checkpoint is not None and checkpoint["itm"] is not None:
+        model.extra["itm_state"] = checkpoint["itm"]  # built into a head by clipkit.itm
+    return model
+
+
+class _DropOpenClipRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs through the root logger while building (e.g. 'initialized randomly' before we load
+    weights ourselves); those records describe its internals, not the model the user gets."""
+    drop = _DropOpenClipRecords()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def _image_size(clip: torch.nn.Module) -> int:
+    size = getattr(getattr(clip, "visual", None), "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def save_checkpoint(model: Model, path: str | os.PathLike, **extra) -> None:
+    """Write `model`'s weights as a clipkit checkpoint (atomically)."""
+    from clipkit._io import atomic_write_with
+
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": model.name,
+               "model": {k: v.detach().cpu() for k, v in model.clip.state_dict().items()},
+               "itm": model.itm.state_dict() if model.itm is not None else None, **extra}
+    atomic_write_with(path, lambda tmp: torch.save(payload, tmp))

@@ -1,0 +1,81 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipkit.cli import main
+
+
+@pytest.fixture
+def tiny_args(tiny_ckpt):
+    return ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt)]
+
+
+def test_index_then_search(image_folder, tmp_path, tiny_args, capsys):
+    index_path = tmp_path / "photos.clipkit"
+    assert main(["-q", "index", str(image_folder), "--index", str(index_path), *tiny_args]) == 0
+    assert main(["index", str(image_folder), "--index", str(index_path)]) == 0  # model from the index
+    out = capsys.readouterr()
+    assert "indexed 0 image(s)" in out.out and "12 unchanged" in out.out and "1 skipped" in out.out
+    assert main(["search", "a red circle", "--index", str(index_path), "-k", "5", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 5 and all(Path(h["path"]).exists() for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h["score"])
+    query_image = image_folder / "nested" / "blue circle.gif"
+    assert main(["search", str(query_image), "--index", str(index_path), "-k", "2", "--paths"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(query_image.resolve()) and len(lines) == 2
+    assert main(["search", "a green square", "--index", str(index_path), "-k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[0].split()[0] == "1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "x", "--index", "/no/such/index"], "no index at /no/such/index"),
+    (["index", "/no/such/folder"], "folder not found"),
+    (["search", "x", "-k", "0"], "must be at least 1"),
+    (["search", "holiday/missing.jpg"], "image file not found: holiday/missing.jpg (to search for this text, add --text)"),
+    (["index", "."], None),  # placeholder replaced below
+    (["frobnicate"], "invalid choice"),
+    ([], "a command is required"),
+])
+def test_errors_are_one_line_exit_2(argv, message, capsys, tmp_path, image_folder):
+    if argv == ["index", "."]:
+        argv, message = ["index", str(image_folder), "--index", str(tmp_path / "i"), "--model", "ViT-B-99"], \
+            "unknown model 'ViT-B-99'"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("clipkit: error: ") and message in err
+
+
+def test_model_mismatch_on_existing_index(image_folder, tmp_path, tiny_args, capsys):
+    index_path = tmp_path / "ix"
+    assert main(["-q", "index", str(image_folder), "--index", str(index_path), *tiny_args]) == 0
+    assert main(["index", str(image_folder), "--index", str(index_path), "--model", "clipkit-tiny-rn"]) == 2
+    assert "built with model" in capsys.readouterr().err
+
+
+def test_index_path_that_is_not_an_index(image_folder, tmp_path, tiny_args, capsys):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main(["index", str(image_folder), "--index", str(other), *tiny_args]) == 2
+    assert "not a clipkit index" in capsys.readouterr().err
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_real_process_exit_codes_and_no_traceback(image_folder, tmp_path, tiny_args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    index_path = str(tmp_path / "ix")
+    run = subprocess.run([sys.executable, "-m", "clipkit", "-q", "index", str(image_folder), "--index", index_path,
+                          *tiny_args], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([sys.executable, "-m", "clipkit", "search", "red", "--index", index_path, "--json"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and len(json.loads(run.stdout)) == 10
+    bad = subprocess.run([sys.executable, "-m", "clipkit", "search", "red", "--index", str(tmp_path / "nope")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1

@@ -1,0 +1,128 @@
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clipkit
+from clipkit.errors import ImageReadError
+from clipkit.models import _register_configs
+
+from conftest import draw_shape, make_checkpoint
+
+SHORT = ["a red circle", "dog", "two blue squares left of a green triangle"]
+LONG = [" ".join(["a very long caption about a red circle and a blue square"] * 8),  # past the context length
+        "an image of " + ", ".join(f"object {i}" for i in range(30))]
+
+
+def reference(name: str, checkpoint: Path):
+    """open_clip's own model, loaded by open_clip's own checkpoint code: the independent reference."""
+    _register_configs()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(checkpoint))
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def test_encode_rejects_nothing_but_returns_float32_unit_rows(tiny_model):
+    out = clipkit.encode(SHORT, model=tiny_model)
+    assert out.dtype == np.float32 and out.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clipkit-tiny", "clipkit-tiny-rn"])
+def test_text_parity_with_open_clip(tmp_path, name):
+    checkpoint = make_checkpoint(tmp_path / f"{name}.pt", name=name, seed=7)
+    ref, _, tokenizer = reference(name, checkpoint)
+    texts = SHORT + LONG
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_text(tokenizer(texts)), dim=-1).numpy()
+    ours = clipkit.encode(texts, model=clipkit.load_model(name, pretrained=checkpoint, device="cpu"), batch_size=2)
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["clipkit-tiny", "clipkit-tiny-rn"])
+def test_image_parity_with_open_clip(tmp_path, name):
+    checkpoint = make_checkpoint(tmp_path / f"{name}.pt", name=name, seed=11)
+    ref, preprocess, _ = reference(name, checkpoint)
+    sizes = [(32, 32), (100, 60), (61, 203), (300, 500), (17, 9)]
+    images = [draw_shape(c, s, size, seed=i) for i, (c, s, size) in
+              enumerate(zip(["red", "blue", "green", "yellow", "purple"],
+                            ["circle", "square", "triangle", "circle", "square"], sizes))]
+    with torch.no_grad():
+        expected = F.normalize(ref.encode_image(torch.stack([preprocess(im) for im in images])), dim=-1).numpy()
+    model = clipkit.load_model(name, pretrained=checkpoint, device="cpu")
+    np.testing.assert_allclose(clipkit.encode(images, model=model, batch_size=2), expected, atol=1e-4)
+    # the same pixels given as paths and as arrays
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"im{i}.png")
+        image.save(paths[-1])
+    np.testing.assert_allclose(clipkit.encode(paths, model=model), expected, atol=1e-4)
+    np.testing.assert_allclose(clipkit.encode(images=[str(p) for p in paths], model=model), expected, atol=1e-4)
+    np.testing.assert_allclose(clipkit.encode([np.asarray(im) for im in images], model=model), expected, atol=1e-4)
+
+
+def test_batch_size_does_not_change_results(tiny_model):
+    texts = [f"caption number {i} with {'words ' * (i % 7)}" for i in range(23)]
+    a = clipkit.encode(texts, model=tiny_model, batch_size=1)
+    b = clipkit.encode(texts, model=tiny_model, batch_size=64)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_image_modes_are_converted(tiny_model):
+    rgb = draw_shape("red", "circle", (48, 48))
+    palette = rgb.quantize(colors=16)
+    variants = [rgb, rgb.convert("RGBA"), np.asarray(rgb), palette, palette.convert("RGB"),
+                rgb.convert("L"), np.asarray(rgb.convert("L"))]
+    out = clipkit.encode(variants, model=tiny_model)
+    np.testing.assert_allclose(out[1:3], out[[0, 0]], atol=1e-5)
+    np.testing.assert_allclose(out[3], out[4], atol=1e-5)
+    np.testing.assert_allclose(out[5], out[6], atol=1e-5)
+    # transparency is composited onto white
+    clear = Image.new("RGBA", (48, 48), (255, 0, 0, 0))
+    white = Image.new("RGB", (48, 48), (255, 255, 255))
+    np.testing.assert_allclose(*clipkit.encode([clear, white], model=tiny_model), atol=1e-5)
+
+
+def test_model_by_name(tiny_model):
+    out = clipkit.encode(["hello"], model="clipkit-tiny")
+    assert out.shape == (1, 64)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "empty"),
+    ("a single string", "must be a list"),
+    (["text", Image.new("RGB", (8, 8))], "mixed input: item 0 is text but item 1 is image"),
+    ([Path("x.png"), "a caption"], "mixed input"),
+    ([1, 2], "unsupported type int"),
+    ([np.zeros((8, 8, 3), np.float32)], "must be uint8"),
+    ([np.zeros((8, 8, 5), np.uint8)], "HxWx3"),
+    ([None], "unsupported type NoneType"),
+])
+def test_bad_inputs_are_value_errors(tiny_model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        clipkit.encode(bad, model=tiny_model)
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match="exactly one of"):
+        clipkit.encode(["a"], texts=["b"], model=tiny_model)
+    with pytest.raises(ValueError, match="exactly one of"):
+        clipkit.encode(model=tiny_model)
+    with pytest.raises(ValueError, match=r"texts\[1\] is int"):
+        clipkit.encode(texts=["a", 3], model=tiny_model)
+    with pytest.raises(ValueError, match="batch_size"):
+        clipkit.encode(["a"], model=tiny_model, batch_size=0)
+    with pytest.raises(ValueError, match="no model given"):
+        clipkit.encode(["a"])
+
+
+def test_missing_and_broken_image_files(tmp_path, tiny_model):
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        clipkit.encode([tmp_path / "missing.png"], model=tiny_model)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ImageReadError, match="cannot read image"):
+        clipkit.encode([broken], model=tiny_model)

@@ -1,0 +1,205 @@
+import json
+import sqlite3
+
+import faiss
+import numpy as np
+import pytest
+
+import clipkit
+from clipkit.errors import BrokenIndexError, ModelMismatchError
+from clipkit.index import CONFIG_FILE, DB_FILE, FAISS_FILE, Index
+
+
+def unit(rows: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int):
+    sims = queries @ base.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+@pytest.mark.parametrize("n, dim, k", [(1000, 32, 10), (257, 64, 1), (50, 16, 50)])
+def test_flat_search_equals_numpy_brute_force(n, dim, k):
+    base, queries = unit(n, dim, 0), unit(25, dim, 1)
+    ids = [f"item-{i}" for i in range(n)]
+    scores, found = Index.from_embeddings(base, ids=ids).search(queries, k)
+    ref_scores, ref_rows = brute_force(base, queries, k)
+    assert found.tolist() == [[ids[r] for r in row] for row in ref_rows]
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_int_ids_come_back_as_int64_and_vectors_are_normalised():
+    base = unit(40, 8, 2) * 7.5  # not unit length: stored normalised
+    index = Index.from_embeddings(base, ids=np.arange(100, 140))
+    scores, ids = index.search(base[3], 3)
+    assert ids.dtype == np.int64 and ids[0, 0] == 103
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings(), axis=1), 1, atol=1e-5)
+
+
+def test_k_larger_than_index_and_empty_index():
+    index = Index.from_embeddings(unit(3, 8, 0), ids=["a", "b", "c"])
+    scores, ids = index.search(unit(2, 8, 1), 10)
+    assert scores.shape == ids.shape == (2, 3)
+    empty = Index(8)
+    scores, ids = empty.search(unit(1, 8, 1), 5)
+    assert scores.shape == (1, 0) and len(empty) == 0
+
+
+@pytest.mark.parametrize("bad_k", [0, -1, 2.5, True, "3"])
+def test_bad_k(bad_k):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        Index.from_embeddings(unit(3, 8, 0)).search(unit(1, 8, 1), bad_k)
+
+
+def test_bad_vectors():
+    index = Index.from_embeddings(unit(3, 8, 0))
+    with pytest.raises(ValueError, match="dimension 4 but the index has dimension 8"):
+        index.search(np.ones((1, 4)), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        index.search(np.full(8, np.nan), 1)
+    with pytest.raises(ValueError, match="all-zero"):
+        index.search(np.zeros(8), 1)
+    with pytest.raises(ValueError, match="2-D"):
+        index.add(np.ones((2, 2, 8)))
+    with pytest.raises(ValueError, match="2-D"):
+        Index.from_embeddings(np.zeros((0, 8)))
+
+
+def test_add_remove_and_ids():
+    base = unit(20, 8, 0)
+    index = Index.from_embeddings(base[:10], ids=list("abcdefghij"), metadata=[{"caption": f"c{i}"} for i in range(10)])
+    index.add(base[10:], ids=list("klmnopqrst"))
+    assert len(index) == 20 and "k" in index
+    assert index.remove(["a", "k", "t"]) == 3
+    assert len(index) == 17 and "a" not in index
+    letters = "abcdefghijklmnopqrst"
+    kept = [c for c in letters if c not in "akt"]
+    _, ids = index.search(base[[letters.index(c) for c in kept]], 1)
+    assert ids[:, 0].tolist() == kept
+    _, ids = index.search(base[0], 17)
+    assert "a" not in ids[0].tolist() and sorted(ids[0].tolist()) == sorted(kept)
+    assert index.get(["b"])[0] == {"id": "b", "caption": "c1"}
+    assert index.ids() == kept
+
+
+def test_add_errors_change_nothing():
+    index = Index.from_embeddings(unit(5, 8, 0), ids=list("abcde"))
+    before = index.search(unit(3, 8, 1), 5)
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(unit(2, 8, 2), ids=["x", "c"])
+    with pytest.raises(ValueError, match="duplicates"):
+        index.add(unit(2, 8, 2), ids=["y", "y"])
+    with pytest.raises(ValueError, match="not in the index"):
+        index.remove(["a", "zzz"])
+    with pytest.raises(ValueError, match="JSON"):
+        index.add(unit(1, 8, 3), ids=["z"], metadata=[{"bad": object()}])
+    assert len(index) == 5 and "x" not in index and "a" in index
+    after = index.search(unit(3, 8, 1), 5)
+    assert after[1].tolist() == before[1].tolist()
+
+
+def test_save_load_round_trip(tmp_path):
+    base = unit(300, 16, 0)
+    meta = [{"path": f"/p/{i}.jpg", "caption": f"cap {i}", "tags": ["x", i]} for i in range(300)]
+    index = Index.from_embeddings(base, ids=[f"id{i}" for i in range(300)], metadata=meta)
+    queries = unit(7, 16, 5)
+    expected = index.search(queries, 10)
+    index.save(tmp_path / "ix")
+    assert {p.name for p in (tmp_path / "ix").iterdir()} >= {DB_FILE, FAISS_FILE, CONFIG_FILE}
+    config = json.loads((tmp_path / "ix" / CONFIG_FILE).read_text())
+    assert config["dim"] == 16 and config["count"] == 300 and config["metric"] == "inner_product"
+    loaded = Index.load(tmp_path / "ix")
+    got = loaded.search(queries, 10)
+    assert got[1].tolist() == expected[1].tolist()
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+    assert loaded.get(["id5"])[0] == {"id": "id5", "path": "/p/5.jpg", "caption": "cap 5", "tags": ["x", 5]}
+    assert not [p for p in (tmp_path / "ix").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_changes_after_save_survive_without_another_save(tmp_path):
+    """The store is the truth: a change committed after the last save is there on load (FAISS rebuilt)."""
+    base = unit(30, 8, 0)
+    index = Index.from_embeddings(base[:20], ids=list(range(20)))
+    index.save(tmp_path / "ix")
+    index.add(base[20:], ids=list(range(20, 30)))
+    index.remove([0, 1])
+    loaded = Index.load(tmp_path / "ix")
+    assert len(loaded) == 28 and 25 in loaded and 0 not in loaded
+    assert loaded.search(base[25], 1)[1][0, 0] == 25
+
+
+def test_damaged_faiss_file_is_rebuilt_from_the_store(tmp_path):
+    base = unit(50, 8, 0)
+    Index.from_embeddings(base).save(tmp_path / "ix")
+    faiss_path = tmp_path / "ix" / FAISS_FILE
+    faiss_path.write_bytes(faiss_path.read_bytes()[:100])  # truncated
+    loaded = Index.load(tmp_path / "ix")
+    assert len(loaded) == 50 and loaded.search(base[7], 1)[1][0, 0] == 7
+    faiss_path.unlink()
+    assert len(Index.load(tmp_path / "ix")) == 50
+
+
+def test_broken_index_directories_are_refused_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index at"):
+        Index.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BrokenIndexError, match="not a clipkit index"):
+        Index.load(tmp_path / "empty")
+    Index.from_embeddings(unit(5, 8, 0)).save(tmp_path / "ix")
+    (tmp_path / "ix" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(BrokenIndexError, match="unreadable"):
+        Index.load(tmp_path / "ix")
+    Index.from_embeddings(unit(5, 8, 0)).save(tmp_path / "ix2")
+    (tmp_path / "ix2" / DB_FILE).unlink()
+    with pytest.raises(BrokenIndexError, match="incomplete"):
+        Index.load(tmp_path / "ix2")
+    Index.from_embeddings(unit(5, 8, 0)).save(tmp_path / "ix3")
+    db = sqlite3.connect(tmp_path / "ix3" / DB_FILE)
+    db.execute("UPDATE info SET value = '99' WHERE name = 'format_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(BrokenIndexError, match="format version 99"):
+        Index.load(tmp_path / "ix3")
+    (tmp_path / "ix4").mkdir()
+    (tmp_path / "ix4" / DB_FILE).write_bytes(b"garbage" * 100)
+    with pytest.raises(BrokenIndexError, match="damaged"):
+        Index.load(tmp_path / "ix4")
+
+
+def test_save_refuses_to_clobber_other_data(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a clipkit index"):
+        Index.from_embeddings(unit(5, 8, 0)).save(tmp_path / "docs")
+    assert (tmp_path / "docs" / "thesis.txt").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        Index.from_embeddings(unit(5, 8, 0)).save(tmp_path / "file")
+
+
+def test_overwriting_an_index_replaces_it(tmp_path):
+    Index.from_embeddings(unit(50, 8, 0)).save(tmp_path / "ix")
+    Index.from_embeddings(unit(5, 8, 1), ids=list("abcde")).save(tmp_path / "ix")
+    loaded = Index.load(tmp_path / "ix")
+    assert len(loaded) == 5 and loaded.ids() == list("abcde")
+
+
+def test_model_mismatch_is_refused(tiny_model):
+    index = Index.from_embeddings(clipkit.encode(["a", "b"], model=tiny_model), ids=["a", "b"], model=tiny_model)
+    other = clipkit.load_model("clipkit-tiny")  # same architecture, different weights
+    with pytest.raises(ModelMismatchError, match="built with model 'clipkit-tiny'"):
+        clipkit.search("a", index, model=other)
+    with pytest.raises(ValueError):  # ModelMismatchError is a ValueError too
+        index.check_model(clipkit.load_model("clipkit-tiny-rn"))
+    assert clipkit.search("a", index, model=tiny_model)[0].id == "a"
+
+
+def test_search_uses_the_gpu_only_when_faiss_has_one():
+    index = Index.from_embeddings(unit(10, 8, 0))
+    searcher, position_map = index._searcher()
+    if faiss.get_num_gpus() == 0:
+        assert searcher is index._faiss and position_map is None

@@ -1,0 +1,167 @@
+import os
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+import clipkit
+from clipkit.errors import CheckpointError, OfflineError
+from clipkit.models import CHECKPOINT_FORMAT, load_model, read_checkpoint, save_checkpoint
+
+from conftest import make_checkpoint
+
+
+def test_named_model_is_deterministic_and_describes_itself():
+    a = load_model("clipkit-tiny", device="cpu")
+    b = load_model("clipkit-tiny", device="cpu")
+    assert a.fingerprint == b.fingerprint
+    assert (a.name, a.dim, a.image_size, a.context_length) == ("clipkit-tiny", 64, 32, 32)
+    assert a.device == torch.device("cpu")
+    assert callable(a.preprocess) and a.tokenizer(["a dog"]).shape == (1, 32)
+
+
+def test_unknown_model_lists_what_exists():
+    with pytest.raises(ValueError, match=r"unknown model 'ViT-B-33'.*ViT-B-32.*clipkit-tiny"):
+        load_model("ViT-B-33")
+
+
+def test_list_models_has_ours_and_open_clips():
+    names = clipkit.list_models()
+    assert names[0].startswith("clipkit-") and "ViT-B-32" in names and "RN50" in names
+
+
+def test_local_state_dict_loads_exactly(tiny_ckpt):
+    model = load_model("clipkit-tiny", pretrained=tiny_ckpt, device="cpu")
+    saved = torch.load(tiny_ckpt, weights_only=True)
+    for key, value in model.clip.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert model.pretrained == str(Path(tiny_ckpt).resolve())
+    assert model.fingerprint != load_model("clipkit-tiny").fingerprint
+
+
+def test_wrapped_and_ddp_prefixed_state_dicts(tmp_path, tiny_ckpt):
+    state = torch.load(tiny_ckpt, weights_only=True)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
+    assert load_model("clipkit-tiny", pretrained=wrapped).fingerprint == \
+        load_model("clipkit-tiny", pretrained=tiny_ckpt).fingerprint
+
+
+def test_safetensors_file(tmp_path, tiny_ckpt):
+    from safetensors.torch import save_file
+
+    state = torch.load(tiny_ckpt, weights_only=True)
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert load_model("clipkit-tiny", pretrained=path).fingerprint == \
+        load_model("clipkit-tiny", pretrained=tiny_ckpt).fingerprint
+
+
+def test_clipkit_checkpoint_round_trip(tmp_path, tiny_model):
+    path = tmp_path / "own.pt"
+    save_checkpoint(tiny_model, path, step=7)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == CHECKPOINT_FORMAT and raw["step"] == 7
+    assert load_model("clipkit-tiny", pretrained=path).fingerprint == tiny_model.fingerprint
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        load_model("clipkit-tiny", pretrained=str(tmp_path / "nope.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="cannot read weights file"):
+        load_model("clipkit-tiny", pretrained=junk)
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path):
+    other = make_checkpoint(tmp_path / "rn.pt", name="clipkit-tiny-rn")
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        load_model("clipkit-tiny", pretrained=other)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*posix.system"):
+        read_checkpoint(path)
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(ValueError, match="unknown pretrained tag 'nope' for ViT-B-32; known tags: .*laion2b_s34b_b79k"):
+        load_model("ViT-B-32", pretrained="nope")
+
+
+def test_uncached_tag_offline_fails_fast_with_advice(monkeypatch):
+    monkeypatch.delenv("CLIPKIT_OFFLINE", raising=False)
+    monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: False)
+    monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
+    start = time.monotonic()
+    with pytest.raises(OfflineError, match=r"not cached .* local file.*clipkit-tiny"):
+        load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert time.monotonic() - start < 5
+
+
+def test_offline_env_var_never_probes_the_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: pytest.fail("probed the network"))
+    monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
+    with pytest.raises(OfflineError):
+        load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
+
+
+@pytest.fixture
+def fake_tags(monkeypatch):
+    """Pretrained tags for clipkit-tiny in open_clip's registry, one by URL and one on the HF hub."""
+    tags = {"viaurl": {"url": "https://example.invalid/weights/tiny-weights.pt", "hf_hub": "", "quick_gelu": False},
+            "viahub": {"url": "", "hf_hub": "someorg/tiny-clip/"}}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "clipkit-tiny", tags)
+    return tags
+
+
+def test_cached_url_tag_loads_from_cache(tmp_path, tiny_ckpt, fake_tags):
+    (tmp_path / "tiny-weights.pt").write_bytes(Path(tiny_ckpt).read_bytes())
+    model = load_model("clipkit-tiny", pretrained="viaurl", cache_dir=str(tmp_path))
+    assert model.fingerprint == load_model("clipkit-tiny", pretrained=tiny_ckpt).fingerprint
+    assert model.pretrained == "viaurl"
+
+
+def test_cached_hf_hub_tag_loads_from_hub_cache(tmp_path, tiny_ckpt, fake_tags):
+    snapshot = tmp_path / "models--someorg--tiny-clip" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--someorg--tiny-clip" / "refs").mkdir()
+    (tmp_path / "models--someorg--tiny-clip" / "refs" / "main").write_text("abc123")
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(Path(tiny_ckpt).read_bytes())
+    model = load_model("clipkit-tiny", pretrained="viahub", cache_dir=str(tmp_path))
+    assert model.fingerprint == load_model("clipkit-tiny", pretrained=tiny_ckpt).fingerprint
+
+
+def test_uncached_tag_downloads_when_reachable(monkeypatch, tmp_path, tiny_ckpt, fake_tags):
+    monkeypatch.delenv("CLIPKIT_OFFLINE", raising=False)
+    monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: host == "example.invalid")
+    calls = []
+
+    def fake_download(cfg, cache_dir=None):
+        calls.append(cfg["url"])
+        return str(tiny_ckpt)
+
+    monkeypatch.setattr("open_clip.pretrained.download_pretrained", fake_download)
+    model = load_model("clipkit-tiny", pretrained="viaurl", cache_dir=str(tmp_path))
+    assert calls == [fake_tags["viaurl"]["url"]]
+    assert model.fingerprint == load_model("clipkit-tiny", pretrained=tiny_ckpt).fingerprint
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="unknown device"):
+        load_model("clipkit-tiny", device="tpu:7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_model("clipkit-tiny", device="cuda")
