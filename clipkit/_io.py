@@ -25,10 +25,11 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
 
-    On error the temporary file is removed and `path` is left exactly as it was.
+    On error the temporary file is removed and `path` is left exactly as it was. `durable=False` skips
+    the fsyncs (still never a half-written file under the real name; for many small regenerable files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,18 +37,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    with atomic_path(path, durable) as tmp:
         Path(tmp).write_bytes(data)
 
 

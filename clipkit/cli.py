@@ -51,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     output.add_argument("--paths", action="store_true", help="print only the file paths, one per line")
     search.add_argument("--device", default=None)
+
+    synth = commands.add_parser("synth", help="write the synthetic compositional image-caption data set")
+    synth.add_argument("out_dir", help="output folder")
+    synth.add_argument("--n", type=_positive_int, default=20_000, help="number of images (default: 20000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--split", choices=["train", "val", "test"], default="train")
+    synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
+    synth.add_argument("--format", choices=["shards", "folder"], default="shards")
+    synth.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
+    synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
+    synth.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
+
+    shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
+    shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
+    shards.add_argument("out_dir")
+    shards.add_argument("--prefix", default="shard")
+    shards.add_argument("--shard-size", type=_positive_int, default=1000)
+    shards.add_argument("--image-column", default="image")
+    shards.add_argument("--caption-column", default="caption")
     return parser
 
 
@@ -128,7 +147,49 @@ def cmd_search(args) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search}
+def cmd_synth(args) -> int:
+    import time
+
+    from clipkit.data.synthetic import write_synthetic
+
+    if args.size < 16:
+        raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
+    start = time.perf_counter()
+    written = write_synthetic(args.out_dir, args.n, seed=args.seed, split=args.split, size=args.size,
+                              layout=args.format, image_format=args.image_format, maxcount=args.shard_size,
+                              workers=args.workers, progress=_progress(args))
+    seconds = time.perf_counter() - start
+    if not args.quiet:
+        what = f"{len(written)} shard(s) ({args.split}.json lists them)" if args.format == "shards" else "a folder"
+        print(f"wrote {args.n} {args.split} images as {what} in {args.out_dir} "
+              f"in {seconds:.1f}s ({args.n / seconds:.0f} images/s)")
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from clipkit.data.shards import samples_from_folder, samples_from_table, write_shards
+
+    source = Path(args.source)
+    skipped: list = []
+    if source.is_dir():
+        samples = samples_from_folder(source, skipped)
+    elif source.is_file():
+        samples = samples_from_table(source, args.image_column, args.caption_column, skipped=skipped)
+    else:
+        raise FileNotFoundError(f"source not found: {source}")
+    written = write_shards(samples, args.out_dir, prefix=args.prefix, maxcount=args.shard_size,
+                           progress=_progress(args))
+    if not written:
+        raise ValueError(f"no captioned images found in {source} ({len(skipped)} skipped)")
+    if not args.quiet:
+        print(f"wrote {len(written)} shard(s) to {args.out_dir} ({args.prefix}.json lists them); "
+              f"{len(skipped)} skipped")
+        for path, reason in skipped[:20]:
+            print(f"  skipped {path}: {reason}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("a command is required: index or search (see `clipkit --help`)")
+            raise UsageError(f"a command is required: {', '.join(COMMANDS)} (see `clipkit --help`)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="clipkit: %(levelname)s: %(message)s")
         if args.quiet:

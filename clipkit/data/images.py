@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -28,6 +29,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _decode(source, name: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # A file over PIL's pixel limit is refused rather than allocated.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.seek(0)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ImageReadError(f"cannot read image {name}: {reason}") from exc
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode `path` into an RGB image with EXIF orientation applied (first frame of animations).
 
@@ -37,16 +54,20 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            # A file over PIL's pixel limit is refused rather than allocated.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise ImageReadError(f"cannot read image {path}: {reason}") from exc
+    return _decode(path, str(path))
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Like `read_image`, for encoded image bytes (a shard member, an upload)."""
+    return _decode(io.BytesIO(data), name)
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    elif image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=92)
+    else:
+        raise ValueError(f"image format must be png or jpg, got {image_format!r}")
+    return buffer.getvalue()

@@ -1,0 +1,99 @@
+"""Image-caption sets for retrieval evaluation: Flickr30k / MS-COCO Karpathy splits, and the synthetic test split.
+
+Each reader returns a `RetrievalSet`: the images (paths or PIL images), the captions, and
+`text_to_image[t]`, the index of caption t's image (any number of captions per image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    images: list[Any]  # pathlib.Path or PIL.Image
+    captions: list[str]
+    text_to_image: np.ndarray  # (n_captions,) int64
+    group_ids: list[int] | None = None  # synthetic: images sharing a group are each other's distractors
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
+        if len(self.text_to_image) != len(self.captions):
+            raise ValueError("text_to_image must have one entry per caption")
+        if len(self.images) and (self.text_to_image.min() < 0 or self.text_to_image.max() >= len(self.images)):
+            raise ValueError("text_to_image points outside the image list")
+
+
+def _entries(data: Any, path: Path, split: str) -> list[tuple[str, list[str]]]:
+    """(relative image path, captions) from the Karpathy layout or BLIP's list layout."""
+    if isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy: dataset_flickr30k.json
+        out = []
+        for item in data["images"]:
+            if item.get("split") != split and not (split == "train" and item.get("split") == "restval"):
+                continue
+            name = os.path.join(item.get("filepath", ""), item["filename"])
+            out.append((name, [s["raw"].strip() for s in item.get("sentences", [])]))
+        if not out:
+            splits = sorted({str(i.get("split")) for i in data["images"]})
+            raise ValueError(f"{path} has no images in split {split!r}; its splits: {', '.join(splits)}")
+        return out
+    if isinstance(data, list) and all(isinstance(i, dict) and "image" in i and "caption" in i for i in data):
+        # BLIP / ALBEF files (flickr30k_test.json, coco_karpathy_test.json): one file per split
+        return [(i["image"], [i["caption"]] if isinstance(i["caption"], str) else list(i["caption"])) for i in data]
+    raise ValueError(f"{path} is neither a Karpathy split file ({{'images': [...]}}) nor a BLIP-style list of "
+                     "{'image', 'caption'} entries")
+
+
+def read_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, split: str = "test",
+                  name: str | None = None) -> RetrievalSet:
+    """Flickr30k or MS-COCO captions in the Karpathy split format (or BLIP's per-split lists).
+
+    Image files are looked up under `image_root`; a missing one is a FileNotFoundError naming it.
+    """
+    json_path, image_root = Path(json_path), Path(image_root)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"caption file not found: {json_path}")
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{json_path} is not valid JSON: {exc}") from None
+    images, captions, text_to_image = [], [], []
+    for relative, sentences in _entries(data, json_path, split):
+        path = image_root / relative
+        if not path.is_file() and (image_root / Path(relative).name).is_file():
+            path = image_root / Path(relative).name  # images unpacked flat
+        for sentence in sentences:
+            captions.append(sentence)
+            text_to_image.append(len(images))
+        images.append(path)
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(images)} images listed in {json_path} are missing under "
+                                f"{image_root}, e.g. {missing[0]}")
+    return RetrievalSet(name=name or json_path.stem, images=images, captions=captions, text_to_image=text_to_image,
+                        meta={"source": str(json_path), "split": split})
+
+
+def synthetic_set(n_images: int = 1000, seed: int = 0, split: str = "test", size: int = 64,
+                  workers: int | None = None) -> RetrievalSet:
+    """The synthetic split as an in-memory retrieval set, distractors included in the gallery."""
+    from clipkit.data.images import decode_image
+    from clipkit.data.synthetic import generate
+
+    images, captions, text_to_image, groups = [], [], [], []
+    for sample in generate(n_images, seed=seed, split=split, size=size, image_format="png", workers=workers):
+        for caption in sample.captions:
+            captions.append(caption)
+            text_to_image.append(len(images))
+        images.append(decode_image(sample.image))
+        groups.append(sample.meta["group_id"])
+    return RetrievalSet(name=f"synthetic-{split}", images=images, captions=captions, text_to_image=text_to_image,
+                        group_ids=groups, meta={"seed": seed, "split": split, "size": size})

@@ -1,0 +1,227 @@
+"""Reading webdataset shards for training: deterministic, resumable, split by rank and worker.
+
+The order of samples is a pure function of (seed, epoch, rank, world size, number of workers):
+shards are shuffled with one generator shared by all ranks, dealt out by rank and then by worker,
+and samples pass a shuffle buffer seeded per (seed, epoch, rank, worker). Raw bytes sit in the
+buffer; images are decoded after it. A bad sample is skipped and counted, never fatal, but a shard
+set whose samples all lack the image or caption key is an error at once (rather than a silent
+endless loop, as seen in open_clip #1016).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipkit.data.images import decode_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEY = "txt"
+_PROBE = 50  # this many samples in a row without image or caption, from the start: a wrong key, not bad data
+
+
+def expand_shards(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expanded shard URLs; local paths (and file: URLs) must exist."""
+    from webdataset.shardlists import expand_urls
+
+    listed = [urls] if isinstance(urls, str) else list(urls)
+    expanded = [u for spec in listed for u in expand_urls(spec)]
+    if not expanded:
+        raise ValueError(f"no shards in {urls!r}")
+    for url in expanded:
+        if url.startswith("pipe:") or "://" in url:
+            continue
+        path = url[len("file:"):] if url.startswith("file:") else url
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shard not found: {path} (from {urls!r})")
+    return expanded
+
+
+def _seed(*parts: Any) -> int:
+    return zlib.crc32("-".join(str(p) for p in parts).encode())
+
+
+class RateLimitedLog:
+    """Logs the first few events, then every n-th, so a broken shard set cannot flood the log."""
+
+    def __init__(self, first: int = 5, every: int = 1000):
+        self.count, self.first, self.every = 0, first, every
+
+    def __call__(self, message: str, *args) -> None:
+        self.count += 1
+        if self.count <= self.first or self.count % self.every == 0:
+            log.warning(f"{message} (%d so far)", *args, self.count)
+
+
+@dataclass
+class LoaderSpec:
+    """Everything that fixes the order of batches."""
+
+    urls: list[str]
+    batch_size: int
+    seed: int = 0
+    epoch: int = 0
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    drop_last: bool = True
+    skip_batches: int = 0
+
+
+class ShardStream(IterableDataset):
+    """Yields batches {'pixels', 'tokens', 'image_ids', 'captions', 'keys', 'skipped'} from shards."""
+
+    def __init__(self, spec: LoaderSpec, preprocess: Callable, tokenizer: Callable):
+        super().__init__()
+        self.spec, self.preprocess, self.tokenizer = spec, preprocess, tokenizer
+
+    # -- the order --------------------------------------------------------------------------
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def shard_order(self, worker: int, workers: int) -> Iterator[str]:
+        spec = self.spec
+        if spec.resampled:  # with replacement, endless: for step-based multi-epoch training
+            rng = random.Random(_seed(spec.seed, spec.epoch, spec.rank, worker, "resample"))
+            while True:
+                yield spec.urls[rng.randrange(len(spec.urls))]
+        order = list(spec.urls)
+        random.Random(_seed(spec.seed, spec.epoch)).shuffle(order)  # same on every rank
+        mine = order[spec.rank::spec.world_size]
+        yield from mine[worker::workers]
+
+    def raw_samples(self, worker: int, workers: int) -> Iterator[dict]:
+        spec = self.spec
+        shards = ({"url": url} for url in self.shard_order(worker, workers))
+        warn = RateLimitedLog()
+
+        def handler(exc: Exception) -> bool:
+            warn("skipped unreadable shard data: %s", exc)
+            return True
+
+        samples = wds.tarfile_to_samples(handler=handler)(shards)
+        if spec.shuffle_buffer > 1:
+            rng = random.Random(_seed(spec.seed, spec.epoch, spec.rank, worker, "buffer"))
+            samples = wds.filters._shuffle(samples, spec.shuffle_buffer, min(100, spec.shuffle_buffer), rng=rng)
+        return samples
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def decode(self, sample: dict) -> tuple[torch.Tensor, str, int] | str:
+        """(pixels, caption, image_id), or a reason string when the sample is unusable."""
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None or CAPTION_KEY not in sample:
+            return "missing key"
+        key = sample.get("__key__", "")
+        try:
+            captions = [c.strip() for c in sample[CAPTION_KEY].decode("utf-8").splitlines() if c.strip()]
+        except UnicodeDecodeError:
+            return "caption is not UTF-8"
+        if not captions:
+            return "empty caption"
+        try:
+            image = decode_image(sample[image_key], f"{sample.get('__url__', '?')}:{key}")
+        except ValueError as exc:
+            return str(exc)
+        rng = random.Random(_seed(self.spec.seed, self.spec.epoch, key))
+        return self.preprocess(image), captions[rng.randrange(len(captions))], image_id_of(sample)
+
+    def __iter__(self) -> Iterator[dict]:
+        spec = self.spec
+        physical, workers = self._worker()
+        # The DataLoader takes batch i from worker i % workers, starting again at worker 0 after a resume.
+        # So after skipping, physical worker p plays the part of worker (p + skip) % workers, and skips
+        # that worker's share of the batches already consumed.
+        worker = (physical + spec.skip_batches) % workers
+        to_skip = spec.skip_batches // workers + (1 if worker < spec.skip_batches % workers else 0)
+        raw = self.raw_samples(worker, workers)
+        for _ in range(to_skip * spec.batch_size):
+            if next(raw, None) is None:
+                return
+        warn = RateLimitedLog()
+        pixels, captions, ids, keys = [], [], [], []
+        skipped = seen = 0
+        for sample in raw:
+            seen += 1
+            decoded = self.decode(sample)
+            if isinstance(decoded, str):
+                skipped += 1
+                if decoded == "missing key" and skipped == seen == _PROBE:
+                    found = sorted(k for k in sample if not k.startswith("__"))
+                    raise ValueError(f"the first {_PROBE} samples of {spec.urls[0]}... lack an image "
+                                     f"({'/'.join(IMAGE_KEYS)}) or caption ({CAPTION_KEY}) member; keys found: "
+                                     f"{', '.join(found) or 'none'}")
+                warn("skipped sample %s: %s", sample.get("__key__"), decoded)
+                continue
+            pixels.append(decoded[0])
+            captions.append(decoded[1])
+            ids.append(decoded[2])
+            keys.append(sample.get("__key__"))
+            if len(pixels) == spec.batch_size:
+                yield self._batch(pixels, captions, ids, keys, skipped)
+                pixels, captions, ids, keys, skipped = [], [], [], [], 0
+        if pixels and not spec.drop_last:
+            yield self._batch(pixels, captions, ids, keys, skipped)
+
+    def _batch(self, pixels, captions, ids, keys, skipped) -> dict:
+        return {"pixels": torch.stack(pixels), "tokens": self.tokenizer(captions), "captions": captions,
+                "image_ids": torch.tensor(ids, dtype=torch.long), "keys": keys, "skipped": skipped}
+
+
+def image_id_of(sample: dict) -> int:
+    """The sample's image id (from its json member), else a stable hash of its key."""
+    meta = sample.get("json")
+    if meta:
+        try:
+            import json
+
+            value = json.loads(meta).get("image_id")
+            if isinstance(value, int):
+                return value
+        except (ValueError, AttributeError):
+            pass
+    return zlib.crc32(str(sample.get("__key__", "")).encode()) & 0x7FFFFFFF
+
+
+def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Callable, batch_size: int, *,
+                seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
+                num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
+                drop_last: bool = True, skip_batches: int = 0) -> DataLoader:
+    """A DataLoader of training batches from webdataset shards.
+
+    `urls`: a brace pattern (`"shards/train-{000000..000099}.tar"`), a list, `file:` or `pipe:` URLs.
+    `rank`/`world_size` default to torch.distributed's when it is initialised. The batch order is
+    fixed by (seed, epoch, rank, world_size, num_workers); `skip_batches` resumes after that many batches.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if rank is None or world_size is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        world_size = torch.distributed.get_world_size() if distributed else 1
+    expanded = expand_shards(urls)
+    readers = world_size * max(1, num_workers)
+    if not resampled and len(expanded) < readers:
+        # otherwise some workers get no shard and, under DDP, ranks wait on each other forever (webdataset #188)
+        raise ValueError(f"{len(expanded)} shard(s) cannot feed {world_size} rank(s) x {max(1, num_workers)} "
+                         "worker(s): write more, smaller shards, use fewer workers, or use resampled=True")
+    spec = LoaderSpec(urls=expanded, batch_size=batch_size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+                      resampled=resampled, rank=rank, world_size=world_size, num_workers=num_workers,
+                      drop_last=drop_last, skip_batches=skip_batches)
+    stream = ShardStream(spec, preprocess, tokenizer)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())

@@ -1,0 +1,206 @@
+"""Writing webdataset shards, from the synthetic generator, a folder with captions, or a CSV/JSONL table.
+
+One sample per image, keys: the image (`jpg` or `png`), `txt` (all captions, one per line) and
+`json` (`image_id`, `group_id`, `captions`, `source`, and whatever else the source knows).
+Each shard is written under a temporary name and renamed when complete; a manifest
+(`PREFIX.json`: shard names and sample counts) is written last.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import webdataset as wds
+from PIL import Image
+from tqdm.auto import tqdm
+
+from clipkit._io import atomic_path, atomic_write_json
+from clipkit.data.folder import scan_images
+from clipkit.data.images import encode_image, read_image
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Sample:
+    """One rendered image with its captions and metadata, as written to shards or folders."""
+
+    key: str
+    image: bytes
+    image_format: str
+    captions: list[str]
+    meta: dict
+
+
+_RAW_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+_FIXED_MTIME = 0  # tar headers carry no wall-clock time: same input, same bytes (an int: a float
+# mtime makes tarfile add a PAX header to every member)
+
+
+def sample_from_image(image: Any, captions: list[str] | str, meta: dict | None = None, key: str = "") -> Sample:
+    """A `Sample` from bytes (with meta['format']), a PIL image, or an image file path."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    meta = dict(meta or {})
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        image_format = _RAW_FORMATS.get(path.suffix.lower())
+        if image_format:
+            read_image(path)  # refuse a broken file now rather than at training time
+            data = path.read_bytes()
+        else:
+            data, image_format = encode_image(read_image(path), "jpg"), "jpg"
+        meta.setdefault("source", str(path))
+    elif isinstance(image, Image.Image):
+        data, image_format = encode_image(image.convert("RGB"), "jpg"), "jpg"
+    elif isinstance(image, (bytes, bytearray)):
+        data, image_format = bytes(image), meta.pop("format", "jpg")
+    else:
+        raise ValueError(f"unsupported image type {type(image).__name__}")
+    meta["captions"] = captions
+    return Sample(key=key, image=data, image_format=image_format, captions=captions, meta=meta)
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: str = "shard",
+                 maxcount: int = 1000, progress: bool | None = None, total: int | None = None) -> list[Path]:
+    """Write `samples` into `out_dir/PREFIX-000000.tar`, ... with at most `maxcount` samples each.
+
+    Returns the shard paths. Samples without a key get their running number as key.
+    """
+    if not isinstance(maxcount, int) or maxcount < 1:
+        raise ValueError(f"maxcount must be a positive integer, got {maxcount!r}")
+    if any(c in prefix for c in "./\\{}"):
+        raise ValueError(f"prefix must not contain '.', '/', braces or backslashes, got {prefix!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[Path, int]] = []
+    batch: list[Sample] = []
+
+    def flush():
+        path = out_dir / shard_name(prefix, len(written))
+        written.append((path, write_shard(path, batch)))
+        batch.clear()
+
+    with tqdm(total=total, disable=None if progress is None else not progress, unit="img", desc="writing shards") as bar:
+        for number, sample in enumerate(samples):
+            if not sample.key:
+                sample.key = f"{number:09d}"
+            batch.append(sample)
+            if len(batch) == maxcount:
+                flush()
+            bar.update(1)
+        if batch:
+            flush()
+    write_manifest(out_dir, prefix, written)
+    return [p for p, _ in written]
+
+
+def shard_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:06d}.tar"
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[Sample]) -> int:
+    """Write one shard atomically; returns the number of samples."""
+    count = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:
+        writer = wds.TarWriter(stream, mtime=_FIXED_MTIME)
+        for sample in samples:
+            if not sample.key or "." in sample.key:
+                raise ValueError(f"sample key {sample.key!r} is empty or contains '.', which webdataset reads "
+                                 "as an extension")
+            writer.write({"__key__": sample.key, sample.image_format: sample.image,
+                          "txt": "\n".join(sample.captions), "json": json.dumps(sample.meta, sort_keys=True)})
+            count += 1
+        writer.close()
+    return count
+
+
+def write_manifest(out_dir: Path, prefix: str, written: list[tuple[Path, int]]) -> None:
+    """PREFIX.json: shard names, sample counts and the brace pattern that reads them all."""
+    atomic_write_json(out_dir / f"{prefix}.json", {
+        "shards": [{"name": Path(p).name, "count": n} for p, n in written], "total": sum(n for _, n in written),
+        "pattern": f"{prefix}-{{{0:06d}..{len(written) - 1:06d}}}.tar" if written else None})
+
+
+def samples_from_folder(folder: str | os.PathLike, skipped: list | None = None) -> Iterator[Sample]:
+    """Images under `folder` with same-name `.txt` caption files (one caption per line).
+
+    Images without captions and unreadable images are skipped (and appended to `skipped`).
+    """
+    for number, path in enumerate(scan_images(folder)):
+        caption_file = path.with_suffix(".txt")
+        captions = _caption_lines(caption_file)
+        if not captions:
+            _skip(skipped, path, f"no captions in {caption_file.name}")
+            continue
+        try:
+            yield sample_from_image(path, captions, {"image_id": number, "group_id": number})
+        except (ValueError, OSError) as exc:
+            _skip(skipped, path, str(exc))
+
+
+def _caption_lines(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _skip(skipped: list | None, path, reason: str) -> None:
+    log.warning("skipped %s: %s", path, reason)
+    if skipped is not None:
+        skipped.append((str(path), reason))
+
+
+def read_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
+               root: str | os.PathLike | None = None) -> list[tuple[Path, list[str]]]:
+    """(image path, captions) pairs from a CSV (with a header) or JSONL file; rows of one image are merged.
+
+    Relative image paths are taken relative to `root` (default: the table's folder). In JSONL the
+    caption field may be a string or a list of strings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption table not found: {path}")
+    root = Path(root) if root is not None else path.parent
+    rows: Iterable[dict]
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    merged: dict[Path, list[str]] = {}
+    for number, row in enumerate(rows, 1):
+        if image_column not in row or caption_column not in row:
+            raise ValueError(f"{path} row {number} lacks column {image_column!r} or {caption_column!r} "
+                             f"(columns: {', '.join(row)}); pass image_column=/caption_column=")
+        captions = row[caption_column]
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        image = Path(row[image_column])
+        merged.setdefault(image if image.is_absolute() else root / image, []).extend(
+            c.strip() for c in captions if c and c.strip())
+    return list(merged.items())
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{path} line {number} is not JSON: {exc}") from None
+
+
+def samples_from_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
+                       root: str | os.PathLike | None = None, skipped: list | None = None) -> Iterator[Sample]:
+    for number, (image, captions) in enumerate(read_table(path, image_column, caption_column, root)):
+        if not captions:
+            _skip(skipped, image, "no captions")
+            continue
+        try:
+            yield sample_from_image(image, captions, {"image_id": number, "group_id": number})
+        except (ValueError, OSError) as exc:
+            _skip(skipped, image, str(exc))
