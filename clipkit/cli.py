@@ -195,6 +195,8 @@ COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shard
 def main(argv: list[str] | None = None) -> int:
     from clipkit.errors import ClipkitError
 
+    package_log = logging.getLogger("clipkit")
+    saved_level = package_log.level  # restored: main() may run inside a longer-lived process
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="clipkit: %(levelname)s: %(message)s")
         if args.quiet:
-            logging.getLogger("clipkit").setLevel(logging.ERROR)
+            package_log.setLevel(logging.ERROR)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ClipkitError, OSError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print("clipkit: interrupted; finished batches are kept, run the same command again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        package_log.setLevel(saved_level)
 
 
 if __name__ == "__main__":
