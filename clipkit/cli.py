@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
 
+    from clipkit.train import add_arguments
+
+    add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
+
     shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
     shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
     shards.add_argument("out_dir")
@@ -189,7 +193,18 @@ def cmd_shards(args) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards}
+def cmd_train(args) -> int:
+    from clipkit.train import config_from_args, train
+
+    last = train(config_from_args(args))
+    if not args.quiet and last and int(os.environ.get("RANK", "0")) == 0:
+        val = last.get("val", {})
+        recall = f", val t2i R@1/5/10 {val['t2i_R@1']:.3f}/{val['t2i_R@5']:.3f}/{val['t2i_R@10']:.3f}" if val else ""
+        print(f"step {last['step']}: loss {last['loss']:.4f}{recall}; checkpoints in {args.out}")
+    return 0
+
+
+COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,155 @@
+"""Image-text matching (ITM): a fusion head over the two towers' token states, and hard negatives.
+
+As in ALBEF/BLIP: the caption's token states pass a few fusion layers (self-attention over the text,
+cross-attention to the image's patch tokens, feed-forward); a linear layer on the first token says
+match / no match. Training pairs per batch: the B positives, plus for each caption one hard-negative
+image and for each image one hard-negative caption, drawn in proportion to the softmax of their
+contrastive similarity, never from the same image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FusionLayer(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm_self, self.norm_cross, self.norm_mlp = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, text: torch.Tensor, text_padding: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.norm_self(text)
+        text = text + self.self_attn(x, x, x, key_padding_mask=text_padding, need_weights=False)[0]
+        x = self.norm_cross(text)
+        text = text + self.cross_attn(x, image, image, need_weights=False)[0]
+        return text + self.mlp(self.norm_mlp(text))
+
+
+class ITMHead(nn.Module):
+    """2-way match classifier over (text token states, text padding mask, image patch tokens)."""
+
+    def __init__(self, text_width: int, image_width: int, width: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.config = {"text_width": text_width, "image_width": image_width, "width": width, "layers": layers,
+                       "heads": heads}
+        self.text_in = nn.Linear(text_width, width)
+        self.image_in = nn.Linear(image_width, width)
+        self.layers = nn.ModuleList(FusionLayer(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, 2)
+
+    def forward(self, text_tokens: torch.Tensor, text_padding: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        text = self.text_in(text_tokens)
+        image = self.image_in(image_tokens)
+        for layer in self.layers:
+            text = layer(text, text_padding, image)
+        return self.classifier(self.norm(text[:, 0]))
+
+
+def tower_widths(clip: nn.Module) -> tuple[int, int]:
+    """(text token width, image token width) of an open_clip model with a ViT image tower."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = clip.visual
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"ITM needs an image tower that yields patch tokens (a ViT); {type(visual).__name__} does not")
+    image_width = visual.transformer.width
+    text_width = clip.transformer.width if hasattr(clip, "token_embedding") else clip.text.transformer.width
+    return text_width, image_width
+
+
+def build_itm_head(clip: nn.Module, width: int = 128, layers: int = 2, heads: int = 4) -> ITMHead:
+    text_width, image_width = tower_widths(clip)
+    return ITMHead(text_width, image_width, width=width, layers=layers, heads=heads)
+
+
+def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embedding as encode_image computes it, unnormalised; patch token states)."""
+    visual = clip.visual
+    previous = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(pixels)
+    finally:
+        visual.output_tokens = previous
+    return pooled, tokens
+
+
+def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text embedding exactly as encode_text computes it, unnormalised; token states after the final norm)."""
+    if not hasattr(clip, "token_embedding"):  # CustomTextCLIP: the text tower can return its tokens
+        tower = clip.text
+        previous = tower.output_tokens
+        tower.output_tokens = True
+        try:
+            return tower(text)
+        finally:
+            tower.output_tokens = previous
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
+    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    states = clip.ln_final(x)
+    pooled = text_global_pool(states, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    if isinstance(pooled, tuple):
+        pooled = pooled[0]
+    projection = clip.text_projection
+    if projection is not None:
+        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+    return pooled, states
+
+
+def padding_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """True where a position is padding (never the first token, so no row is all padding)."""
+    mask = tokens == pad_id
+    mask[:, 0] = False
+    return mask
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: torch.Tensor, image_ids: torch.Tensor,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor, torch.Tensor]:
+    """One hard negative per caption (an image) and per image (a caption) from a (B, B) image-to-text similarity.
+
+    Candidates sharing the anchor's image id are never drawn (not only the diagonal). Drawn with
+    probability proportional to softmax(similarity), computed in fp32; rows whose valid candidates all
+    underflow fall back to uniform over them; rows with no valid candidate at all are dropped.
+    Returns (negative image for each text, its row mask, negative text for each image, its row mask).
+    """
+    sim = torch.nan_to_num(similarity.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4)
+    valid = image_ids[:, None] != image_ids[None, :]  # symmetric: valid[i, j] when i and j show different images
+
+    def draw(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weights = F.softmax(scores, dim=1).masked_fill(~valid, 0.0)
+        underflow = (weights.sum(dim=1) <= 0) & valid.any(dim=1)
+        weights[underflow] = valid[underflow].float()
+        has = valid.any(dim=1)
+        picked = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+        if has.any():
+            picked[has] = torch.multinomial(weights[has], 1, generator=generator).squeeze(1)
+        return picked, has
+
+    negative_image, text_has = draw(sim.T)  # row t: candidate images for caption t
+    negative_text, image_has = draw(sim)  # row i: candidate captions for image i
+    return negative_image, text_has, negative_text, image_has
+
+
+def itm_logits_and_labels(head: ITMHead, text_states: torch.Tensor, text_padding: torch.Tensor,
+                          image_states: torch.Tensor, similarity: torch.Tensor, image_ids: torch.Tensor,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ITM head's logits on B positives + up to 2B hard negatives, and their labels (1 = match)."""
+    negative_image, text_has, negative_text, image_has = sample_hard_negatives(similarity, image_ids, generator)
+    rows = torch.arange(len(image_ids), device=image_ids.device)
+    texts = torch.cat([rows, rows[text_has], negative_text[image_has]])
+    images = torch.cat([rows, negative_image[text_has], rows[image_has]])
+    labels = torch.cat([torch.ones(len(rows)), torch.zeros(int(text_has.sum()) + int(image_has.sum()))]).long()
+    logits = head(text_states[texts], text_padding[texts], image_states[images])
+    return logits, labels.to(logits.device)

@@ -1,0 +1,84 @@
+"""Contrastive (InfoNCE) and image-text matching losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own slice.
+
+    (all_reduce + slice rather than reduce_scatter, which gloo lacks.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        return gather_no_grad(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank (equal shapes); gradients flow back to each rank's own slice."""
+    return _GatherWithGrad.apply(tensor)
+
+
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(_world()[1])]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
+             image_ids: torch.Tensor | None = None, *, distributed: bool | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's loss) over a batch of (image, caption) pairs.
+
+    `image_emb`, `text_emb`: (B, D), normalised. `logit_scale` is already exponentiated (as
+    open_clip's `ClipLoss` takes it). With `image_ids`, every caption of the same image is a positive
+    (uniform soft targets over them), in both directions. Under torch.distributed (default: whenever
+    it is initialised with several ranks) features and ids are gathered from all ranks with gradients
+    through the local slice; each rank's loss covers its own rows, so the mean over ranks equals the
+    single-process loss on the whole batch.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be (B, D), got {tuple(image_emb.shape)} and "
+                         f"{tuple(text_emb.shape)}")
+    rank, world = _world()
+    distributed = world > 1 if distributed is None else distributed
+    batch = image_emb.shape[0]
+    if image_ids is None:
+        image_ids = torch.arange(batch, device=image_emb.device) + rank * batch  # unique across ranks
+    if distributed:
+        all_images, all_texts = gather_with_grad(image_emb), gather_with_grad(text_emb)
+        all_ids = gather_no_grad(image_ids)
+    else:
+        all_images, all_texts, all_ids = image_emb, text_emb, image_ids
+    logits_per_image = logit_scale * image_emb @ all_texts.T  # local rows x all columns
+    logits_per_text = logit_scale * text_emb @ all_images.T
+    positives = (image_ids[:, None] == all_ids[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True)  # one-hot when ids are unique: CLIP's loss
+    return (soft_cross_entropy(logits_per_image, targets) + soft_cross_entropy(logits_per_text, targets)) / 2
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the ITM head's 2-way logits (1 = match); returns (loss, accuracy)."""
+    loss = F.cross_entropy(logits.float(), labels)
+    accuracy = (logits.argmax(dim=-1) == labels).float().mean()
+    return loss, accuracy.detach()

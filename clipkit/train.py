@@ -1,0 +1,455 @@
+"""Training: symmetric InfoNCE plus ITM on in-batch hard negatives, from one process to `torchrun`.
+
+    clipkit train --data 'shards/train-{000000..000019}.tar' --out runs/demo --steps 2000
+    torchrun --nproc_per_node 2 -m clipkit.train --data ... --out ...
+
+AdamW (no weight decay on norms, biases, embeddings and the logit scale), cosine schedule with
+linear warm-up, gradient accumulation, AMP on CUDA (bf16, or fp16 with a grad scaler), gradient
+clipping, logit scale clamped at ln(100). Checkpoints hold everything needed to continue exactly:
+weights, ITM head, optimizer, scheduler, scaler, step, RNG states and the data position; they are
+written atomically by rank 0 and the last few are kept. `--resume latest` continues a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from clipkit._io import atomic_write_with
+from clipkit.errors import CheckpointError, ClipkitError
+from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
+from clipkit.losses import info_nce, itm_loss
+from clipkit.models import CHECKPOINT_FORMAT, Model, fingerprint, load_model
+
+log = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100)
+_CKPT = re.compile(r"^ckpt-(\d{7})\.pt$")
+
+
+class TrainingDiverged(ClipkitError):
+    """The loss became NaN or infinite; no checkpoint was written for that step."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata={"help": "shard pattern(s), comma-separated, or synthetic:N (made in OUT/data)"})
+    out: str = field(metadata={"help": "run folder: checkpoints, log.jsonl, config.json"})
+    model: str = field(default="clipkit-tiny", metadata={"help": "model architecture name"})
+    pretrained: str | None = field(default=None, metadata={"help": "initial weights: tag or local file"})
+    val: str | None = field(default="synthetic:300", metadata={"help": "synthetic:N validation split, or none"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps in all"})
+    batch_size: int = field(default=64, metadata={"help": "samples per micro-batch per process"})
+    accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (bf16/fp16 on CUDA only)"})
+    itm: bool = field(default=True, metadata={"help": "train the ITM head on hard negatives"})
+    itm_weight: float = 1.0
+    itm_width: int = 128
+    itm_layers: int = 2
+    itm_heads: int = 4
+    seed: int = 0
+    workers: int = field(default=2, metadata={"help": "data loader processes per rank"})
+    shuffle_buffer: int = 1000
+    synthetic_size: int = field(default=64, metadata={"help": "image side for synthetic:N data"})
+    log_every: int = 10
+    val_every: int = field(default=0, metadata={"help": "validate every N steps (0: only at the end)"})
+    ckpt_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    keep_last: int = 3
+    resume: str | None = field(default=None, metadata={"help": "'latest' (in OUT) or a checkpoint file"})
+    device: str | None = None
+    stop_after: int | None = field(default=None, metadata={"help": "end this run after N steps, as if killed"})
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "accum_steps", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0 or self.warmup < 0 or self.val_every < 0:
+            raise ValueError("workers, warmup and val_every must not be negative")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model being trained
+
+
+class Trainable(nn.Module):
+    """The dual encoder and the ITM head in one module, so DDP sees every parameter in forward."""
+
+    def __init__(self, clip: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.clip, self.head = clip, head
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, image_ids: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        image_emb, image_states = encode_image_tokens(self.clip, pixels)
+        text_emb, text_states = encode_text_tokens(self.clip, tokens)
+        image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+        scale = self.clip.logit_scale.exp()
+        itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids)
+        out = {"itc": itc, "loss": itc, "logit_scale": scale.detach()}
+        if self.head is not None:
+            similarity = image_emb @ text_emb.T
+            logits, labels = itm_logits_and_labels(self.head, text_states, padding_mask(tokens), image_states,
+                                                   similarity, image_ids, generator)
+            out["itm"], out["itm_acc"] = itm_loss(logits, labels)
+        return out
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on norms, biases, embeddings or the logit scale.
+
+    Token embeddings are left out too, so rows of words never seen in training keep their initial values.
+    """
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = (parameter.ndim < 2 or "logit_scale" in name or "embedding" in name
+                  or re.search(r"(^|\.)(ln|norm|bn)[\w]*\.", name) is not None)
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
+    """The training shards; synthetic:N writes them once (rank 0) into OUT/data."""
+    if not config.data.startswith("synthetic:"):
+        return [u.strip() for u in config.data.split(",") if u.strip()]
+    from clipkit.data.synthetic import write_synthetic
+
+    n = _synthetic_count(config.data)
+    folder = Path(config.out) / "data"
+    manifest = folder / "train.json"
+    expected = {"n": n, "seed": config.seed, "size": config.synthetic_size}
+    if rank == 0 and not _manifest_matches(folder / "made.json", expected):
+        write_synthetic(folder, n, seed=config.seed, split="train", size=config.synthetic_size,
+                        maxcount=max(1, min(1000, n // 8)))
+        (folder / "made.json").write_text(json.dumps(expected))
+    if dist.is_initialized():
+        dist.barrier()
+    return str(folder / json.loads(manifest.read_text())["pattern"])
+
+
+def _synthetic_count(spec: str) -> int:
+    try:
+        n = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"expected synthetic:N with an integer N, got {spec!r}") from None
+    if n < 1:
+        raise ValueError(f"synthetic:N needs N >= 1, got {spec!r}")
+    return n
+
+
+def _manifest_matches(path: Path, expected: dict) -> bool:
+    try:
+        return json.loads(path.read_text()) == expected
+    except (OSError, ValueError):
+        return False
+
+
+def validation_set(config: TrainConfig):
+    if not config.val or config.val.lower() == "none":
+        return None
+    if config.val.startswith("synthetic:"):
+        from clipkit.data.captions import synthetic_set
+
+        return synthetic_set(_synthetic_count(config.val), seed=config.seed, split="val", size=config.synthetic_size)
+    raise ValueError(f"--val must be synthetic:N or none, got {config.val!r}")
+
+
+def evaluate(model: Model, data, batch_size: int = 256) -> dict:
+    """Recall@1/5/10 both ways of `model` on a RetrievalSet."""
+    from clipkit.encode import encode_images, encode_texts
+    from clipkit.metrics import recall_from_embeddings
+
+    was_training = model.clip.training
+    model.clip.eval()
+    try:
+        images = encode_images(data.images, model, batch_size)
+        texts = encode_texts(data.captions, model, batch_size)
+    finally:
+        model.clip.train(was_training)
+    return recall_from_embeddings(texts, images, data.text_to_image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_paths(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("ckpt-*.pt") if _CKPT.match(p.name))
+
+
+def save_training_checkpoint(path: Path, state: dict, keep_last: int) -> None:
+    atomic_write_with(path, lambda tmp: torch.save(state, tmp))
+    for old in checkpoint_paths(path.parent)[:-keep_last]:
+        old.unlink(missing_ok=True)
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        found = checkpoint_paths(Path(config.out))
+        if not found:
+            log.warning("--resume latest: no checkpoint in %s yet; starting from scratch", config.out)
+            return None
+        return found[-1]
+    path = Path(config.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+        raise CheckpointError(f"{path} is not a clipkit training checkpoint")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _distributed_setup(config: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+        dist.init_process_group(backend)
+        _OWNED_GROUP.append(True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if config.device:
+        device = torch.device(config.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+_OWNED_GROUP: list[bool] = []  # whether train() created the process group (and so tears it down)
+
+
+def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.precision in ("bf16", "fp16") and device.type != "cuda":
+        raise ValueError(f"precision {config.precision} needs CUDA; use fp32 on {device.type}")
+    if config.precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or continue) training; returns the last logged metrics and validation results."""
+    config.validate()
+    rank, world, device = _distributed_setup(config)
+    out = Path(config.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, config.pretrained, device=device)
+    clip = model.clip.train()
+    head = build_itm_head(clip, config.itm_width, config.itm_layers, config.itm_heads).to(device) if config.itm else None
+    trainable = Trainable(clip, head)
+    wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else trainable
+    optimizer = torch.optim.AdamW(parameter_groups(trainable, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
+                                  eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, config.warmup, config.steps))
+    amp_dtype = _precision(config, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)
+
+    step, epoch, consumed = 0, 0, 0
+    resume_from = resolve_resume(config)
+    if resume_from is not None:
+        state = load_training_checkpoint(resume_from)
+        clip.load_state_dict(state["model"])
+        if head is not None:
+            if state.get("itm") is None:
+                raise CheckpointError(f"{resume_from} has no ITM head but this run trains one (--itm)")
+            head.load_state_dict(state["itm"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"][rank] if rank < len(state["rng"]["sampler"]) else
+                            generator.get_state())
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    urls = shard_urls(config, rank)
+    val_data = validation_set(config) if rank == 0 else None
+    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    last: dict[str, Any] = {}
+    bar = tqdm(total=config.steps, initial=step, disable=rank != 0 or None, unit="step", desc="training")
+    stop_at = min(config.steps, step + config.stop_after) if config.stop_after else config.steps
+    window_start, window_samples = time.perf_counter(), 0
+
+    def checkpoint_state() -> dict:
+        samplers = [generator.get_state()]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, generator.get_state())
+            samplers = gathered
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": config.model,
+                "model": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
+                "itm": head.state_dict() if head is not None else None,
+                "itm_config": head.config if head is not None else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
+                "rng": {"torch": torch.get_rng_state(), "sampler": samplers},
+                "config": dataclasses.asdict(config)}
+
+    from clipkit.data.loader import make_loader
+
+    micro = 0  # micro-batches since the last optimizer step; checkpoints fall where it is 0
+    try:
+        while step < stop_at:
+            loader = make_loader(urls, model.preprocess, model.tokenizer, config.batch_size, seed=config.seed,
+                                 epoch=epoch, shuffle_buffer=config.shuffle_buffer, num_workers=config.workers,
+                                 rank=rank, world_size=world, skip_batches=consumed)
+            for batch in loader:
+                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+                sync = wrapped.no_sync() if world > 1 and micro + 1 < config.accum_steps else nullcontext()
+                with autocast, sync:
+                    losses = wrapped(batch["pixels"].to(device, non_blocking=True), batch["tokens"].to(device),
+                                     batch["image_ids"].to(device), generator)
+                    total = losses["itc"] + (config.itm_weight * losses["itm"] if head is not None else 0)
+                    if not torch.isfinite(total):
+                        raise TrainingDiverged(f"loss became {total.item()} at step {step}; the last good checkpoint "
+                                               f"is kept in {out}: lower --lr or resume from it")
+                    scaler.scale(total / config.accum_steps).backward()
+                consumed += 1
+                micro += 1
+                window_samples += len(batch["keys"]) * world
+                if micro < config.accum_steps:
+                    continue
+                micro = 0
+                if config.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                with torch.no_grad():
+                    clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                step += 1
+                bar.update(1)
+                if step % config.log_every == 0 or step == stop_at:
+                    elapsed = time.perf_counter() - window_start
+                    last = {"step": step, "epoch": epoch, "loss": total.item(), "itc": losses["itc"].item(),
+                            "logit_scale": float(losses["logit_scale"]), "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": window_samples / max(elapsed, 1e-9)}
+                    if head is not None:
+                        last.update(itm=losses["itm"].item(), itm_acc=losses["itm_acc"].item())
+                    window_start, window_samples = time.perf_counter(), 0
+                    if log_file:
+                        log_file.write(json.dumps(last) + "\n")
+                        log_file.flush()
+                        bar.set_postfix(loss=f"{last['loss']:.3f}")
+                if val_data is not None and config.val_every and step % config.val_every == 0 and step < config.steps:
+                    _validate(model, clip, val_data, step, log_file, last)
+                if step % config.ckpt_every == 0 or step == config.steps:
+                    state = checkpoint_state()
+                    if rank == 0:
+                        save_training_checkpoint(out / f"ckpt-{step:07d}.pt", state, config.keep_last)
+                if step >= stop_at:
+                    break
+            else:
+                epoch, consumed = epoch + 1, 0
+        if step == config.steps and val_data is not None:
+            _validate(model, clip, val_data, step, log_file, last)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+        if _OWNED_GROUP and dist.is_initialized():
+            dist.destroy_process_group()
+            _OWNED_GROUP.clear()
+    return last
+
+
+def _validate(model: Model, clip: nn.Module, data, step: int, log_file, last: dict) -> None:
+    live = dataclasses.replace(model, clip=clip)
+    results = evaluate(live, data)
+    last["val"] = results
+    if log_file:
+        log_file.write(json.dumps({"step": step, "val": results}) + "\n")
+        log_file.flush()
+    log.info("step %d validation: t2i R@1 %.3f R@5 %.3f, i2t R@1 %.3f", step, results["t2i_R@1"],
+             results["t2i_R@5"], results["i2t_R@1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (also `python -m clipkit.train`, for torchrun)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field (--batch-size for batch_size, --no-itm for itm)."""
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = spec.metadata.get("help")
+        if spec.type in ("bool", bool):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=spec.default,
+                                help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(spec.type).split(" ")[0], str)
+        required = spec.default is dataclasses.MISSING
+        parser.add_argument(flag, dest=spec.name, type=kind, required=required, help=help_text,
+                            default=None if required else spec.default)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from clipkit.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipkit.cli import main
+from clipkit.train import TrainConfig, TrainingDiverged, Trainable, checkpoint_paths, parameter_groups, train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from clipkit.data.synthetic import write_synthetic
+
+    folder = tmp_path_factory.mktemp("train-shards")
+    write_synthetic(folder, 384, seed=2, maxcount=48, size=32)
+    return str(folder / "train-{000000..000007}.tar")
+
+
+def config(out, shards, **overrides) -> TrainConfig:
+    base = dict(data=shards, out=str(out), steps=8, batch_size=16, lr=1e-3, warmup=2, workers=0, shuffle_buffer=64,
+                val=None, log_every=1, ckpt_every=4, itm_width=32, itm_layers=1, itm_heads=2, seed=1)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def log_rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_lower_the_loss(tmp_path, shards):
+    train(config(tmp_path, shards, steps=40, ckpt_every=40, batch_size=24))
+    rows = [r for r in log_rows(tmp_path) if "loss" in r]
+    first, final = sum(r["itc"] for r in rows[:5]) / 5, sum(r["itc"] for r in rows[-5:]) / 5
+    assert final < first - 0.15, (first, final)
+    assert all(0 < r["logit_scale"] <= 100 for r in rows)
+    assert {"itm", "itm_acc", "lr", "samples_per_s"} <= set(rows[-1])
+
+
+def _weights(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"itm.{k}": v for k, v in state["itm"].items()}}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, shards, workers):
+    whole = tmp_path / "whole"
+    train(config(whole, shards, workers=workers))
+    parts = tmp_path / "parts"
+    train(config(parts, shards, workers=workers, stop_after=4))  # "killed" after the step-4 checkpoint
+    assert [p.name for p in checkpoint_paths(parts)] == ["ckpt-0000004.pt"]
+    train(config(parts, shards, workers=workers, resume="latest"))
+    a, b = _weights(whole / "ckpt-0000008.pt"), _weights(parts / "ckpt-0000008.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
+    import clipkit.train as training
+
+    calls = {"n": 0}
+    real = training.info_nce
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(training, "info_nce", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 2"):
+        train(config(tmp_path, shards, ckpt_every=1))
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-0000001.pt", "ckpt-0000002.pt"]
+    state = torch.load(tmp_path / "ckpt-0000002.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_only_the_last_checkpoints_are_kept(tmp_path, shards):
+    train(config(tmp_path, shards, steps=6, ckpt_every=1, keep_last=2, itm=False))
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-0000005.pt", "ckpt-0000006.pt"]
+    assert torch.load(tmp_path / "ckpt-0000006.pt", weights_only=True)["itm"] is None
+
+
+def test_weight_decay_spares_norms_biases_embeddings_and_the_logit_scale():
+    import clipkit
+    from clipkit.itm import build_itm_head
+
+    clip = clipkit.load_model("clipkit-tiny").clip
+    module = Trainable(clip, build_itm_head(clip, width=32, layers=1, heads=2))
+    decay, no_decay = parameter_groups(module, 0.1)
+    names = {id(p): n for n, p in module.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert "clip.logit_scale" in spared and "clip.token_embedding.weight" in spared
+    assert "clip.positional_embedding" in spared and "clip.ln_final.weight" in spared
+    assert "clip.visual.transformer.resblocks.0.attn.in_proj_weight" in decayed
+    assert "head.classifier.weight" in decayed and "head.classifier.bias" in spared
+    assert not any("ln_" in n or n.endswith(".bias") for n in decayed)
+
+
+def test_train_command_errors_are_one_line(tmp_path, capsys, shards):
+    assert main(["train", "--data", shards, "--out", str(tmp_path), "--precision", "bf16", "--steps", "1"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+    assert main(["train", "--data", "synthetic:x", "--out", str(tmp_path)]) == 2
+    assert "synthetic:N" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "none-{000000..000001}.tar"), "--out", str(tmp_path)]) == 2
+    assert "shard not found" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, shards):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "clipkit.train", "--data", shards, "--out", str(out), "--steps", "3", "--batch-size", "8",
+               "--workers", "0", "--ckpt-every", "3", "--itm-width", "32", "--itm-layers", "1", "--itm-heads", "2",
+               "--val", "none", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("step 3: loss") == 1  # printed by rank 0 only
+    assert [p.name for p in checkpoint_paths(out)] == ["ckpt-0000003.pt"]
+    state = torch.load(out / "ckpt-0000003.pt", weights_only=True)
+    assert len(state["rng"]["sampler"]) == 2 and state["step"] == 3
+    rows = log_rows(out)
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # written once (rank 0), finite
