@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename inside `directory` durable (no-op where directories cannot be opened)."""
     try:
@@ -35,6 +41,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
     try:
         yield tmp
         if durable:

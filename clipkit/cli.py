@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
 
+    demo = commands.add_parser("demo", help="offline demo: make images, index them, search, draw a results grid")
+    demo.add_argument("--out", default=None, help="output folder (default: a new clipkit-demo-TIME folder here)")
+    demo.add_argument("--n", type=_positive_int, default=300, help="number of sample images (default: 300)")
+    demo.add_argument("--model", default="clipkit-demo")
+    demo.add_argument("-k", type=_positive_int, default=5)
+
     from clipkit.train import add_arguments
 
     add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
@@ -193,6 +199,16 @@ def cmd_shards(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from clipkit.demo import print_results, run_demo
+
+    out, results = run_demo(args.out, n_images=args.n, model_name=args.model, k=args.k, progress=_progress(args))
+    if not args.quiet:
+        print_results(results)
+        print(f"\nimages, index and results grid in {out}/ (open {out / 'results.png'})")
+    return 0
+
+
 def cmd_train(args) -> int:
     from clipkit.train import config_from_args, train
 
@@ -204,7 +220,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train}
+COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

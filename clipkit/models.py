@@ -21,7 +21,7 @@ import pickle
 import re
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_FORMAT = "clipkit-checkpoint"
+#: `pretrained=SCRATCH`: the fixed-seed random initialisation, even for a model with bundled weights.
+SCRATCH = "scratch"
 #: Used by the CLI when no --model is given.
 DEFAULT_MODEL = "clipkit-tiny"
 _INIT_SEED = 0
@@ -62,7 +64,6 @@ class Model:
     context_length: int
     fingerprint: str
     itm: torch.nn.Module | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def info(self) -> dict:
@@ -280,8 +281,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     itm = None
     meta: dict = {}
     if raw.get("format") == CHECKPOINT_FORMAT:
-        state, itm = raw.get("model"), raw.get("itm")
-        meta = {k: v for k, v in raw.items() if k in ("model_name", "step", "version")}
+        state, itm = dict(raw.get("model") or {}), raw.get("itm")
+        meta = {k: v for k, v in raw.items() if k in ("model_name", "step", "version", "itm_config")}
+        for name, sparse in (raw.get("sparse") or {}).items():  # compact export: absent rows are zero
+            dense = torch.zeros(tuple(sparse["shape"]), dtype=sparse["values"].dtype)
+            dense[sparse["rows"]] = sparse["values"]
+            state[name] = dense
     elif isinstance(raw.get("state_dict"), dict):
         state = raw["state_dict"]
     else:
@@ -341,9 +346,9 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
                cache_dir: str | None = None) -> Model:
     """Load a dual encoder by open_clip architecture name (or a bundled clipkit model).
 
-    `pretrained` is an open_clip tag (`"laion2b_s34b_b79k"`), a local weights file, or None (a
-    bundled model's own weights; otherwise a fixed-seed random initialisation). `device=None` picks
-    CUDA when available, else CPU.
+    `pretrained` is an open_clip tag (`"laion2b_s34b_b79k"`), a local weights file, None (a bundled
+    model's own weights, else a fixed-seed random initialisation) or "scratch" (always that fixed-seed
+    initialisation). `device=None` picks CUDA when available, else CPU.
     """
     import open_clip
 
@@ -359,6 +364,8 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     recorded = None
     if pretrained is None and name in bundled_models():
         weights_file = str(bundled_models()[name])
+    elif pretrained == SCRATCH:
+        pass
     elif pretrained is not None:
         pretrained = os.fspath(pretrained)
         if open_clip.get_pretrained_cfg(name, pretrained):
@@ -397,8 +404,22 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
         fingerprint=fingerprint(clip),
     )
     if checkpoint is not None and checkpoint["itm"] is not None:
-        model.extra["itm_state"] = checkpoint["itm"]  # built into a head by clipkit.itm
+        model.itm = _load_itm_head(checkpoint, weights_file, device)
     return model
+
+
+def _load_itm_head(checkpoint: dict, source: str, device: torch.device) -> torch.nn.Module:
+    from clipkit.itm import ITMHead
+
+    config = checkpoint["meta"].get("itm_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source} has ITM weights but no itm_config to build the head from")
+    head = ITMHead(**config)
+    try:
+        head.load_state_dict({k: v.float() for k, v in checkpoint["itm"].items()}, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"ITM weights in {source} do not fit its itm_config: {str(exc).splitlines()[0]}") from exc
+    return head.to(device).eval()
 
 
 class _DropOpenClipRecords(logging.Filter):
@@ -424,11 +445,41 @@ def _image_size(clip: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLike) -> dict:
+    """Write a small inference checkpoint from a training one: fp16 weights, no optimizer state, and
+    only the token-embedding rows that training changed (the rest are stored as absent, read as zero).
+
+    Training leaves unseen vocabulary rows at their initial values (no weight decay on embeddings),
+    so dropping them changes nothing for any text made of words seen in training.
+    """
+    from clipkit._io import atomic_write_with
+
+    raw = torch.load(training_checkpoint, map_location="cpu", weights_only=True)
+    if raw.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{training_checkpoint} is not a clipkit checkpoint")
+    name = raw["model_name"]
+    initial = load_model(name, SCRATCH, device="cpu").clip.state_dict()
+    state = dict(raw["model"])
+    sparse = {}
+    key = "token_embedding.weight"
+    if key in state:
+        weights = state.pop(key)
+        rows = torch.nonzero((weights != initial[key]).any(dim=1)).squeeze(1)
+        sparse[key] = {"shape": list(weights.shape), "rows": rows, "values": weights[rows].half()}
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": name, "step": raw.get("step"),
+               "model": {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
+               "sparse": sparse, "itm": {k: v.half() for k, v in raw["itm"].items()} if raw.get("itm") else None,
+               "itm_config": raw.get("itm_config")}
+    atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
+    return {"rows_kept": int(sparse[key]["rows"].numel()) if sparse else None, "bytes": os.path.getsize(path)}
+
+
 def save_checkpoint(model: Model, path: str | os.PathLike, **extra) -> None:
     """Write `model`'s weights as a clipkit checkpoint (atomically)."""
     from clipkit._io import atomic_write_with
 
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": model.name,
                "model": {k: v.detach().cpu() for k, v in model.clip.state_dict().items()},
-               "itm": model.itm.state_dict() if model.itm is not None else None, **extra}
+               "itm": model.itm.state_dict() if model.itm is not None else None,
+               "itm_config": getattr(model.itm, "config", None), **extra}
     atomic_write_with(path, lambda tmp: torch.save(payload, tmp))

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clipkit
+from clipkit.cli import main
+from clipkit.models import SCRATCH, bundled_models, export_compact, load_model, read_checkpoint
+
+pytestmark = pytest.mark.skipif("clipkit-demo" not in bundled_models(), reason="demo weights not bundled")
+
+
+def test_bundled_demo_model_loads_offline_with_its_itm_head():
+    model = load_model("clipkit-demo", device="cpu")
+    assert model.dim == 128 and model.image_size == 64 and model.itm is not None
+    path = bundled_models()["clipkit-demo"]
+    assert path.stat().st_size < 5_000_000
+    torch.load(path, weights_only=True)  # loads without code
+    assert model.fingerprint != load_model("clipkit-demo", SCRATCH).fingerprint
+
+
+def test_demo_command_writes_images_index_and_grid(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--n", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "query: image:" in out and "results.png" in out
+    grid = Image.open(tmp_path / "d" / "results.png")
+    assert grid.size[0] > 500 and grid.size[1] > 500
+    index = clipkit.Index.load(tmp_path / "d" / "photos.clipkit")
+    assert len(index) == 60 and index.model_info["name"] == "clipkit-demo"
+
+
+def test_compact_export_keeps_what_training_touched(tmp_path):
+    from clipkit.data.synthetic import write_synthetic
+    from clipkit.train import TrainConfig, train
+
+    write_synthetic(tmp_path / "data", 64, size=32)
+    train(TrainConfig(data=str(tmp_path / "data" / "train-000000.tar"), out=str(tmp_path / "run"), steps=2,
+                      batch_size=16, workers=0, val=None, itm_width=32, itm_layers=1, itm_heads=2, ckpt_every=2,
+                      pretrained=SCRATCH))
+    full = tmp_path / "run" / "ckpt-0000002.pt"
+    stats = export_compact(full, tmp_path / "small.pt")
+    assert 0 < stats["rows_kept"] < 1000 and stats["bytes"] < full.stat().st_size / 3
+    assert "optimizer" not in torch.load(tmp_path / "small.pt", weights_only=True)
+    trained = load_model("clipkit-tiny", pretrained=full)
+    small = load_model("clipkit-tiny", pretrained=tmp_path / "small.pt")
+    captions = ["a red circle left of a blue square", "a small green star"]  # words seen in training
+    np.testing.assert_allclose(clipkit.encode(captions, model=small), clipkit.encode(captions, model=trained),
+                               atol=2e-3)  # fp16 storage
+    assert small.itm is not None and read_checkpoint(tmp_path / "small.pt")["meta"]["itm_config"]["width"] == 32
