@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="clipkit-demo")
     demo.add_argument("-k", type=_positive_int, default=5)
 
+    from clipkit.evaluate import add_arguments as add_eval_arguments
+
+    add_eval_arguments(commands.add_parser("eval", help="Recall@1/5/10 both ways, ITC and ITM re-ranked "
+                                                         "(same as benchmarks/retrieval.py)"))
+
     from clipkit.train import add_arguments
 
     add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
@@ -209,6 +214,13 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from clipkit.evaluate import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
 def cmd_train(args) -> int:
     from clipkit.train import config_from_args, train
 
@@ -221,7 +233,7 @@ def cmd_train(args) -> int:
 
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,3 +153,39 @@ def itm_logits_and_labels(head: ITMHead, text_states: torch.Tensor, text_padding
     labels = torch.cat([torch.ones(len(rows)), torch.zeros(int(text_has.sum()) + int(image_has.sum()))]).long()
     logits = head(text_states[texts], text_padding[texts], image_states[images])
     return logits, labels.to(logits.device)
+
+
+@torch.inference_mode()
+def match_scores(head: ITMHead, text_states: torch.Tensor, text_padding: torch.Tensor,
+                 image_states: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """ITM log-odds of a match, logit(match) - logit(no match), for aligned rows of texts and images."""
+    scores = []
+    for start in range(0, len(text_states), batch_size):
+        stop = start + batch_size
+        logits = head(text_states[start:stop], text_padding[start:stop], image_states[start:stop]).float()
+        scores.append(logits[:, 1] - logits[:, 0])
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+@torch.inference_mode()
+def text_states(model, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states, padding mask) of captions, for the ITM head."""
+    states, masks = [], []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenize(texts[start:start + batch_size]).to(model.device)
+        states.append(encode_text_tokens(model.clip, tokens)[1])
+        masks.append(padding_mask(tokens))
+    return torch.cat(states), torch.cat(masks)
+
+
+@torch.inference_mode()
+def image_states(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Patch token states of a preprocessed image batch, for the ITM head."""
+    return encode_image_tokens(model.clip, pixels.to(model.device))[1]
+
+
+def require_itm(model) -> ITMHead:
+    if getattr(model, "itm", None) is None:
+        raise ValueError(f"model {model.name!r} has no ITM head, so it cannot re-rank; use a model trained with "
+                         "--itm (such as clipkit-demo) or search without rerank")
+    return model.itm

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts
+from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
 from clipkit.index import Index
+from clipkit.itm import image_states, match_scores, require_itm, text_states
 
 
 @dataclass
@@ -50,24 +52,87 @@ def embed_query(query: Any, index: Index, model=None) -> np.ndarray:
     kind = query_kind(query)
     if kind == "vector":
         return np.asarray(query, dtype=np.float32)
-    model = index.resolve_model(model)
+    return _embed(query, kind, index.resolve_model(model))
+
+
+def _embed(query: Any, kind: str, model) -> np.ndarray:
     if kind == TEXT:
         return encode_texts([query], model)[0]
     return encode_images([query], model)[0]
 
 
-def search(query: Any, index: Index, k: int = 10, *, model=None) -> list[Hit]:
+def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
+           weight: float = 0.0) -> list[Hit]:
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
     `model=None` uses the index's own model; another model is checked against the one that built it.
+    `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
+    head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine, and its cosine is
+    kept in `metadata['itc_score']`. A text query re-ranks images (files in the index); an image query
+    re-ranks captions (items with a 'caption').
     """
     if not isinstance(index, Index):
         raise ValueError(f"index must be a clipkit.Index, got {type(index).__name__}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    vector = embed_query(query, index, model)
-    scores, ids = index.search(vector[None, :], k)
+    kind = query_kind(query)
+    if kind == "vector":
+        if rerank:
+            raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
+        vector, model = np.asarray(query, dtype=np.float32), None
+    else:
+        model = index.resolve_model(model)
+        vector = _embed(query, kind, model)
+    if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
+        raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
+    depth = max(k, rerank_k or 32) if rerank else k
+    if rerank:
+        require_itm(model)
+    scores, ids = index.search(vector[None, :], depth)
     records = index.get(ids[0].tolist())
-    return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata=record)
+    hits = [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata=record)
             for score, record in zip(scores[0], records)]
+    if rerank:
+        hits = rerank_hits(query, kind, hits, model, weight)
+    return hits[:k]
+
+
+def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0.0) -> list[Hit]:
+    """Re-order ITC hits by the ITM head's match log-odds (+ weight x cosine)."""
+    import torch
+
+    from clipkit.encode import iter_image_batches
+
+    head = require_itm(model)
+    if not hits:
+        return hits
+    if kind == TEXT:
+        missing = [h.id for h in hits if not h.path]
+        if missing:
+            raise ValueError(f"re-ranking a text query needs image files, but item {missing[0]!r} has no path")
+        states, positions = [], []
+        for pixels, done, failures in iter_image_batches([Path(h.path) for h in hits], model.preprocess, 64,
+                                                         skip_errors=True):
+            if done:
+                states.append(image_states(model, pixels))
+                positions += done
+        hits = [hits[p] for p in positions]  # files that vanished since indexing drop out
+        if not hits:
+            return hits
+        images = torch.cat(states)
+        texts, padding = text_states(model, [query])
+        texts, padding = texts.expand(len(hits), -1, -1), padding.expand(len(hits), -1)
+    else:
+        captions = [h.metadata.get("caption") for h in hits]
+        if any(c is None for c in captions):
+            raise ValueError("re-ranking an image query scores it against captions, but these hits have none: "
+                             "image-to-image search cannot be re-ranked by ITM")
+        texts, padding = text_states(model, captions)
+        pixels = model.preprocess(load_image(query))[None]
+        images = image_states(model, pixels).expand(len(hits), -1, -1)
+    itm = match_scores(head, texts, padding, images).cpu().numpy()
+    for hit, score in zip(hits, itm):
+        hit.metadata["itc_score"] = hit.score
+        hit.score = float(score + weight * hit.score)
+    return sorted(hits, key=lambda h: -h.score)

@@ -97,3 +97,28 @@ def synthetic_set(n_images: int = 1000, seed: int = 0, split: str = "test", size
         groups.append(sample.meta["group_id"])
     return RetrievalSet(name=f"synthetic-{split}", images=images, captions=captions, text_to_image=text_to_image,
                         group_ids=groups, meta={"seed": seed, "split": split, "size": size})
+
+
+def read_shard_set(urls, name: str = "wds", limit: int | None = None) -> RetrievalSet:
+    """A retrieval set from webdataset shards (image + `txt` captions, one per line), in shard order."""
+    import webdataset as wds
+
+    from clipkit.data.images import decode_image
+    from clipkit.data.loader import IMAGE_KEYS, expand_shards
+
+    images, captions, text_to_image = [], [], []
+    for sample in wds.WebDataset(expand_shards(urls), shardshuffle=False, empty_check=False):
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        lines = [c.strip() for c in sample.get("txt", b"").decode("utf-8", "replace").splitlines() if c.strip()]
+        if image_key is None or not lines:
+            continue
+        for caption in lines:
+            captions.append(caption)
+            text_to_image.append(len(images))
+        images.append(decode_image(sample[image_key], sample.get("__key__", "?")))
+        if limit is not None and len(images) == limit:
+            break
+    if not images:
+        raise ValueError(f"no image-caption samples in {urls!r}")
+    return RetrievalSet(name=name, images=images, captions=captions, text_to_image=text_to_image,
+                        meta={"source": str(urls)})

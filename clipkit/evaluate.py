@@ -1,0 +1,181 @@
+"""Retrieval evaluation: ITC Recall@K both ways, and the same after ITM re-ranking of the top candidates.
+
+Re-ranking: for each query, ITC's top `rerank_k` candidates are scored by the ITM head; they are put
+first, ordered by ITM log-odds + `weight` x cosine, and the rest keep ITC's order after them. So
+re-ranked Recall@K for K <= rerank_k is capped by ITC's Recall@rerank_k (reported beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipkit.data.captions import RetrievalSet
+from clipkit.encode import encode_texts, iter_image_batches
+from clipkit.itm import image_states, match_scores, require_itm, text_states
+from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
+from clipkit.models import Model
+
+_RERANKED = 1e4  # added to re-ranked candidates' scores so they stay ahead of the rest
+
+
+@dataclass
+class Evaluation:
+    itc: dict
+    rerank: dict | None = None
+    seconds: dict = field(default_factory=dict)
+    n_images: int = 0
+    n_texts: int = 0
+
+
+def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: float) -> np.ndarray:
+    """Rows of `similarity` with each row's top-k columns rescored by score_pairs(rows, cols)."""
+    k = min(rerank_k, similarity.shape[1])
+    top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    rows = np.repeat(np.arange(len(similarity)), k)
+    cols = top.reshape(-1)
+    itm = score_pairs(rows, cols)
+    out = similarity.copy()
+    out[rows, cols] = _RERANKED + itm + weight * similarity[rows, cols]
+    return out
+
+
+def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float = 0.0,
+             batch_size: int = 128, ks=(1, 5, 10)) -> Evaluation:
+    """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM."""
+    if rerank_k < 1:
+        raise ValueError(f"rerank_k must be at least 1, got {rerank_k}")
+    head = require_itm(model) if rerank else None
+    seconds = {}
+    start = time.perf_counter()
+    image_emb = np.empty((len(data.images), model.dim), np.float32)
+    patch_states = [] if rerank else None
+    for pixels, positions, _ in iter_image_batches(data.images, model.preprocess, batch_size):
+        pixels = pixels.to(model.device)
+        image_emb[positions] = model.encode_image(pixels).cpu().numpy()
+        if rerank:
+            patch_states.append(image_states(model, pixels))
+    seconds["encode_images"] = time.perf_counter() - start
+    start = time.perf_counter()
+    text_emb = encode_texts(data.captions, model, batch_size)
+    seconds["encode_texts"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    similarity = text_emb @ image_emb.T
+    mapping = data.text_to_image
+    t2i = text_to_image_ranks(lambda a, b: similarity[a:b], len(data.captions), mapping)
+    i2t = image_to_text_ranks(lambda a, b: similarity[:, a:b].T, len(data.images), mapping)
+    result = Evaluation(itc=summarize(t2i, i2t, ks), n_images=len(data.images), n_texts=len(data.captions))
+    result.itc[f"t2i_R@{rerank_k}"] = float((t2i <= rerank_k).mean())
+    result.itc[f"i2t_R@{rerank_k}"] = float((i2t <= rerank_k).mean())
+    seconds["itc_search"] = time.perf_counter() - start
+
+    if rerank:
+        start = time.perf_counter()
+        images = torch.cat(patch_states)
+        texts, padding = text_states(model, data.captions, batch_size)
+
+        def t2i_pairs(rows, cols):  # rows: captions, cols: images
+            return match_scores(head, texts[rows], padding[rows], images[cols]).cpu().numpy()
+
+        def i2t_pairs(rows, cols):  # rows: images, cols: captions
+            return match_scores(head, texts[cols], padding[cols], images[rows]).cpu().numpy()
+
+        t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, weight)
+        i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, weight)
+        t2i = text_to_image_ranks(lambda a, b: t2i_sim[a:b], len(data.captions), mapping)
+        i2t = image_to_text_ranks(lambda a, b: i2t_sim[a:b], len(data.images), mapping)
+        result.rerank = summarize(t2i, i2t, ks)
+        seconds["itm_rerank"] = time.perf_counter() - start
+    result.seconds = seconds
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (benchmarks/retrieval.py and `clipkit eval`)
+
+DATASETS = ("synthetic", "flickr30k", "coco", "wds")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
+    parser.add_argument("--captions", default=None,
+                        help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n-images", type=int, default=1000, help="synthetic: gallery size (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
+    parser.add_argument("--model", default="clipkit-demo")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
+    parser.add_argument("--rerank-k", type=int, default=16, help="ITC candidates re-ranked per query")
+    parser.add_argument("--weight", type=float, default=0.0, help="re-ranked score = ITM log-odds + weight x cosine")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
+
+
+def load_dataset(args) -> RetrievalSet:
+    from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
+
+    if args.dataset == "synthetic":
+        return synthetic_set(args.n_images, seed=args.seed, split=args.split)
+    if not args.root:
+        raise ValueError(f"--dataset {args.dataset} needs --root (the image folder, or shard URLs for wds)")
+    if args.dataset == "wds":
+        return read_shard_set(args.root)
+    captions = args.captions or str(Path(args.root) / f"dataset_{args.dataset}.json")
+    return read_karpathy(captions, args.root, split=args.split, name=args.dataset)
+
+
+def _by_direction(metrics: dict | None, ks) -> dict | None:
+    if metrics is None:
+        return None
+    return {d: {f"R@{k}": metrics[f"{d}_R@{k}"] for k in ks} for d in ("t2i", "i2t")}
+
+
+def run_benchmark(args, ks=(1, 5, 10)) -> dict:
+    """Evaluate, print a markdown table and the time per stage, and return (and maybe write) the JSON."""
+    from clipkit.models import load_model
+
+    start = time.perf_counter()
+    data = load_dataset(args)
+    load_seconds = time.perf_counter() - start
+    model = load_model(args.model, args.pretrained, device=args.device)
+    result = evaluate(model, data, rerank=args.rerank, rerank_k=args.rerank_k, weight=args.weight,
+                      batch_size=args.batch_size, ks=ks)
+    report = {"dataset": data.name, "model": args.model, "pretrained": args.pretrained, "n_images": result.n_images,
+              "n_texts": result.n_texts, "itc": _by_direction(result.itc, ks), "rerank": _by_direction(result.rerank, ks),
+              "rerank_k": args.rerank_k if args.rerank else None,
+              f"itc_R@{args.rerank_k}_cap": {d: result.itc[f"{d}_R@{args.rerank_k}"] for d in ("t2i", "i2t")},
+              "mean_rank": {d: result.itc[f"{d}_mean_rank"] for d in ("t2i", "i2t")},
+              "seconds": {"load_data": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}}
+    print(format_table(report, ks))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_table(report: dict, ks) -> str:
+    lines = [f"{report['dataset']}: {report['n_images']} images, {report['n_texts']} captions, model {report['model']}",
+             "", "| direction | method | " + " | ".join(f"R@{k}" for k in ks) + " |",
+             "|---|---|" + "---|" * len(ks)]
+    names = {"t2i": "text→image", "i2t": "image→text"}
+    for direction in ("t2i", "i2t"):
+        for method in ("itc", "rerank"):
+            if report[method] is None:
+                continue
+            label = "ITC" if method == "itc" else f"ITC + ITM (top {report['rerank_k']})"
+            values = " | ".join(f"{report[method][direction][f'R@{k}']:.3f}" for k in ks)
+            lines.append(f"| {names[direction]} | {label} | {values} |")
+    if report["rerank"] is not None:
+        cap = report[f"itc_R@{report['rerank_k']}_cap"]
+        lines.append(f"\nre-ranking is capped by ITC R@{report['rerank_k']}: t2i {cap['t2i']:.3f}, i2t {cap['i2t']:.3f}")
+    lines.append("\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
+    return "\n".join(lines)
