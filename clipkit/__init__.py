@@ -5,7 +5,9 @@ __version__ = "0.1.0"
 from clipkit.encode import encode
 from clipkit.errors import ClipkitError
 from clipkit.index import Index
+from clipkit.metrics import recall_at_k
 from clipkit.models import Model, list_models, load_model
 from clipkit.search import Hit, search
 
-__all__ = ["ClipkitError", "Hit", "Index", "Model", "__version__", "encode", "list_models", "load_model", "search"]
+__all__ = ["ClipkitError", "Hit", "Index", "Model", "__version__", "encode", "list_models", "load_model",
+           "recall_at_k", "search"]

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = search.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the hits as a JSON list")
     output.add_argument("--paths", action="store_true", help="print only the file paths, one per line")
+    search.add_argument("--rerank", action="store_true", help="re-rank the top candidates with the model's ITM head")
+    search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
     search.add_argument("--device", default=None)
 
     synth = commands.add_parser("synth", help="write the synthetic compositional image-caption data set")
@@ -150,7 +152,7 @@ def cmd_search(args) -> int:
     model = None
     if args.device is not None and index.model_info:
         model = load_model(index.model_info["name"], index.model_info.get("pretrained"), device=args.device)
-    hits = search(query, index, k=args.k, model=model)
+    hits = search(query, index, k=args.k, model=model, rerank=args.rerank, rerank_k=args.rerank_k)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
     elif args.paths:

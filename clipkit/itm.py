@@ -158,11 +158,17 @@ def itm_logits_and_labels(head: ITMHead, text_states: torch.Tensor, text_padding
 @torch.inference_mode()
 def match_scores(head: ITMHead, text_states: torch.Tensor, text_padding: torch.Tensor,
                  image_states: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """ITM log-odds of a match, logit(match) - logit(no match), for aligned rows of texts and images."""
+    """ITM log-odds of a match, logit(match) - logit(no match), for aligned rows of texts and images.
+
+    Each batch is cut to its longest caption: padding is masked as attention keys and only the first
+    token is classified, so the positions after it cannot change the result.
+    """
     scores = []
     for start in range(0, len(text_states), batch_size):
         stop = start + batch_size
-        logits = head(text_states[start:stop], text_padding[start:stop], image_states[start:stop]).float()
+        padding = text_padding[start:stop]
+        length = int((~padding).sum(dim=1).max())
+        logits = head(text_states[start:stop, :length], padding[:, :length], image_states[start:stop]).float()
         scores.append(logits[:, 1] - logits[:, 0])
     return torch.cat(scores) if scores else torch.zeros(0)
 

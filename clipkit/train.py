@@ -189,21 +189,6 @@ def validation_set(config: TrainConfig):
     raise ValueError(f"--val must be synthetic:N or none, got {config.val!r}")
 
 
-def evaluate(model: Model, data, batch_size: int = 256) -> dict:
-    """Recall@1/5/10 both ways of `model` on a RetrievalSet."""
-    from clipkit.encode import encode_images, encode_texts
-    from clipkit.metrics import recall_from_embeddings
-
-    was_training = model.clip.training
-    model.clip.eval()
-    try:
-        images = encode_images(data.images, model, batch_size)
-        texts = encode_texts(data.captions, model, batch_size)
-    finally:
-        model.clip.train(was_training)
-    return recall_from_embeddings(texts, images, data.text_to_image)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -412,8 +397,15 @@ def train(config: TrainConfig) -> dict:
 
 
 def _validate(model: Model, clip: nn.Module, data, step: int, log_file, last: dict) -> None:
+    from clipkit.evaluate import evaluate
+
     live = dataclasses.replace(model, clip=clip)
-    results = evaluate(live, data)
+    was_training = clip.training
+    clip.eval()
+    try:
+        results = evaluate(live, data, batch_size=256).itc
+    finally:
+        clip.train(was_training)
     last["val"] = results
     if log_file:
         log_file.write(json.dumps({"step": step, "val": results}) + "\n")
