@@ -117,6 +117,7 @@ class Index:
         self.dim = int(dim)
         self.model = model  # the live Model, when known (not persisted)
         self.path: Path | None = None
+        self.last_sync: SyncReport | None = None
         self._lock = threading.RLock()
         self._db = self._connect(":memory:")
         info = model.info if model is not None else model_info
@@ -572,6 +573,7 @@ class Index:
         index = cls.__new__(cls)
         index.path = path
         index.model = None
+        index.last_sync = None
         index._lock = threading.RLock()
         index._gpu = None
         try:

@@ -40,7 +40,7 @@ CHECKPOINT_FORMAT = "clipkit-checkpoint"
 #: `pretrained=SCRATCH`: the fixed-seed random initialisation, even for a model with bundled weights.
 SCRATCH = "scratch"
 #: Used by the CLI when no --model is given.
-DEFAULT_MODEL = "clipkit-tiny"
+DEFAULT_MODEL = "clipkit-demo"
 _INIT_SEED = 0
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 

@@ -271,6 +271,8 @@ def train(config: TrainConfig) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        for stale in out.glob(".ckpt-*.tmp"):  # left by a run killed while writing a checkpoint
+            stale.unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     model = load_model(config.model, config.pretrained, device=device)
     clip = model.clip.train()

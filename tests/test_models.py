@@ -105,7 +105,7 @@ def test_uncached_tag_offline_fails_fast_with_advice(monkeypatch):
     monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: False)
     monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
     start = time.monotonic()
-    with pytest.raises(OfflineError, match=r"not cached .* local file.*clipkit-tiny"):
+    with pytest.raises(OfflineError, match=r"not cached .* local file.*clipkit-demo"):
         load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
     assert time.monotonic() - start < 5
 

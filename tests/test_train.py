@@ -133,3 +133,31 @@ def test_torchrun_two_processes_on_cpu(tmp_path, shards):
     assert len(state["rng"]["sampler"]) == 2 and state["step"] == 3
     rows = log_rows(out)
     assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # written once (rank 0), finite
+
+
+def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_path, shards):
+    import signal
+    import time
+
+    args = ["--data", shards, "--steps", "8", "--batch-size", "16", "--lr", "0.001", "--warmup", "2", "--workers", "0",
+            "--shuffle-buffer", "64", "--val", "none", "--ckpt-every", "2", "--itm-width", "32", "--itm-layers", "1",
+            "--itm-heads", "2", "--seed", "1"]
+    whole = tmp_path / "whole"
+    assert main(["train", "--out", str(whole), *args]) == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "clipkit", "train", "--out", str(killed), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "ckpt-0000004.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = checkpoint_paths(killed)
+    assert "ckpt-0000008.pt" not in [p.name for p in done]
+    for path in done:  # whatever the moment of the kill, every checkpoint under its real name is whole
+        assert torch.load(path, weights_only=True)["step"] == int(path.stem.split("-")[1])
+    assert main(["train", "--out", str(killed), *args, "--resume", "latest"]) == 0
+    assert not list(killed.glob(".ckpt-*.tmp"))  # a temp file the kill may have left is cleared
+    a, b = _weights(whole / "ckpt-0000008.pt"), _weights(killed / "ckpt-0000008.pt")
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
