@@ -110,7 +110,10 @@ class Trainable(nn.Module):
         itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids)
         out = {"itc": itc, "loss": itc, "logit_scale": scale.detach()}
         if self.head is not None:
-            similarity = image_emb @ text_emb.T
+            # Hard negatives are drawn from softmax over the contrastive *logits* (ALBEF/BLIP scale by the
+            # temperature too): over raw cosines in [-1, 1] the softmax is nearly flat, the "hard"
+            # negatives are random ones, and the head never learns to tell distractors apart.
+            similarity = scale.detach() * image_emb.detach() @ text_emb.detach().T
             logits, labels = itm_logits_and_labels(self.head, text_states, padding_mask(tokens), image_states,
                                                    similarity, image_ids, generator)
             out["itm"], out["itm_acc"] = itm_loss(logits, labels)

@@ -161,3 +161,30 @@ def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_pat
     a, b = _weights(whole / "ckpt-0000008.pt"), _weights(killed / "ckpt-0000008.pt")
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_hard_negatives_are_drawn_from_scaled_logits(monkeypatch):
+    """Softmax over raw cosines is nearly flat; the sampler must see logit_scale x cosine."""
+    import clipkit
+    import clipkit.train as training
+    from clipkit.itm import build_itm_head
+
+    seen = {}
+    real = training.itm_logits_and_labels
+
+    def spy(head, text_states, text_padding, image_states, similarity, image_ids, generator=None):
+        seen["similarity"] = similarity
+        return real(head, text_states, text_padding, image_states, similarity, image_ids, generator)
+
+    monkeypatch.setattr(training, "itm_logits_and_labels", spy)
+    model = clipkit.load_model("clipkit-tiny")
+    module = Trainable(model.clip, build_itm_head(model.clip, width=32, layers=1, heads=2))
+    tokens = model.tokenize(["a red circle", "a blue square", "a green star"])
+    pixels = torch.randn(3, 3, 32, 32)
+    out = module(pixels, tokens, torch.arange(3))
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(model.clip.encode_image(pixels), dim=-1)
+        text = torch.nn.functional.normalize(model.clip.encode_text(tokens), dim=-1)
+    expected = out["logit_scale"] * image @ text.T
+    assert float(out["logit_scale"]) > 10 and not seen["similarity"].requires_grad
+    assert torch.allclose(seen["similarity"], expected, atol=1e-4)
