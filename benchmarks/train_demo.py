@@ -38,6 +38,8 @@ def main() -> None:
         data=f"synthetic:{args.train_images}", out=args.out, model="clipkit-demo", pretrained=SCRATCH,
         val="synthetic:500", steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=100,
         weight_decay=0.1, itm=True, itm_width=128, itm_layers=2, itm_heads=4, seed=0, workers=args.workers,
+        # half the ITM negatives easy: with all-hard negatives the head never left "always no match" here
+        itm_easy_mix=0.5,
         shuffle_buffer=256,  # small: a group's distractors often share a batch, as hard negatives
         log_every=20, val_every=200, ckpt_every=100, keep_last=2, resume="latest" if args.resume else None)
     start = time.perf_counter()

@@ -68,6 +68,8 @@ class TrainConfig:
     itm_width: int = 128
     itm_layers: int = 2
     itm_heads: int = 4
+    itm_easy_mix: float = field(default=0.0, metadata={
+        "help": "share of ITM negatives drawn uniformly instead of by similarity (0: all hard, as ALBEF/BLIP)"})
     seed: int = 0
     workers: int = field(default=2, metadata={"help": "data loader processes per rank"})
     shuffle_buffer: int = 1000
@@ -86,6 +88,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0 or self.warmup < 0 or self.val_every < 0:
             raise ValueError("workers, warmup and val_every must not be negative")
+        if not 0.0 <= self.itm_easy_mix <= 1.0:
+            raise ValueError(f"itm_easy_mix must be in [0, 1], got {self.itm_easy_mix}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -97,9 +101,9 @@ class TrainConfig:
 class Trainable(nn.Module):
     """The dual encoder and the ITM head in one module, so DDP sees every parameter in forward."""
 
-    def __init__(self, clip: nn.Module, head: nn.Module | None):
+    def __init__(self, clip: nn.Module, head: nn.Module | None, uniform_mix: float = 0.0):
         super().__init__()
-        self.clip, self.head = clip, head
+        self.clip, self.head, self.uniform_mix = clip, head, uniform_mix
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, image_ids: torch.Tensor,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -115,7 +119,7 @@ class Trainable(nn.Module):
             # negatives are random ones, and the head never learns to tell distractors apart.
             similarity = scale.detach() * image_emb.detach() @ text_emb.detach().T
             logits, labels = itm_logits_and_labels(self.head, text_states, padding_mask(tokens), image_states,
-                                                   similarity, image_ids, generator)
+                                                   similarity, image_ids, generator, self.uniform_mix)
             out["itm"], out["itm_acc"] = itm_loss(logits, labels)
         return out
 
@@ -280,7 +284,7 @@ def train(config: TrainConfig) -> dict:
     model = load_model(config.model, config.pretrained, device=device)
     clip = model.clip.train()
     head = build_itm_head(clip, config.itm_width, config.itm_layers, config.itm_heads).to(device) if config.itm else None
-    trainable = Trainable(clip, head)
+    trainable = Trainable(clip, head, config.itm_easy_mix)
     wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else trainable
     optimizer = torch.optim.AdamW(parameter_groups(trainable, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),

@@ -156,3 +156,17 @@ def test_itm_batch_has_positives_and_both_kinds_of_negatives():
 def test_itm_needs_a_vit_image_tower():
     with pytest.raises(ValueError, match="needs an image tower that yields patch tokens"):
         build_itm_head(clipkit.load_model("clipkit-tiny-rn").clip)
+
+
+def test_uniform_mix_brings_in_easy_negatives_but_never_same_image_ones():
+    ids = torch.tensor([0, 1, 2, 3, 3])
+    sim = torch.full((5, 5), -50.0)
+    sim.fill_diagonal_(50.0)
+    sim[0, 1] = sim[1, 0] = 49.0  # the only hard negative of image 0 / caption 0
+    generator = torch.Generator().manual_seed(0)
+    pure = [int(sample_hard_negatives(sim, ids, generator)[2][0]) for _ in range(200)]
+    mixed = [sample_hard_negatives(sim, ids, generator, uniform_mix=0.5) for _ in range(400)]
+    picks = [int(m[2][0]) for m in mixed]
+    assert set(pure) == {1}
+    assert 0.6 < picks.count(1) / len(picks) < 0.75  # 0.5 hard + 0.5 x 1/4 uniform
+    assert all((ids[m[0]] != ids).all() and (ids[m[2]] != ids).all() for m in mixed)
