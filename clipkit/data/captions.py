@@ -104,12 +104,12 @@ def read_shard_set(urls, name: str = "wds", limit: int | None = None) -> Retriev
     import webdataset as wds
 
     from clipkit.data.images import decode_image
-    from clipkit.data.loader import IMAGE_KEYS, expand_shards
+    from clipkit.data.loader import CAPTION_KEY, caption_lines, expand_shards, image_key_of
 
     images, captions, text_to_image = [], [], []
     for sample in wds.WebDataset(expand_shards(urls), shardshuffle=False, empty_check=False):
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        lines = [c.strip() for c in sample.get("txt", b"").decode("utf-8", "replace").splitlines() if c.strip()]
+        image_key = image_key_of(sample)
+        lines = caption_lines(sample.get(CAPTION_KEY, b""), errors="replace")
         if image_key is None or not lines:
             continue
         for caption in lines:

@@ -30,6 +30,16 @@ CAPTION_KEY = "txt"
 _PROBE = 50  # this many samples in a row without image or caption, from the start: a wrong key, not bad data
 
 
+def image_key_of(sample: dict) -> str | None:
+    """The sample's image member (jpg, jpeg, png or webp), or None."""
+    return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
+def caption_lines(data: bytes, errors: str = "strict") -> list[str]:
+    """Non-empty, stripped lines of a caption member (one caption per line)."""
+    return [line.strip() for line in data.decode("utf-8", errors).splitlines() if line.strip()]
+
+
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
     """Brace-expanded shard URLs; local paths (and file: URLs) must exist."""
     from webdataset.shardlists import expand_urls
@@ -123,12 +133,12 @@ class ShardStream(IterableDataset):
 
     def decode(self, sample: dict) -> tuple[torch.Tensor, str, int] | str:
         """(pixels, caption, image_id), or a reason string when the sample is unusable."""
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        image_key = image_key_of(sample)
         if image_key is None or CAPTION_KEY not in sample:
             return "missing key"
         key = sample.get("__key__", "")
         try:
-            captions = [c.strip() for c in sample[CAPTION_KEY].decode("utf-8").splitlines() if c.strip()]
+            captions = caption_lines(sample[CAPTION_KEY])
         except UnicodeDecodeError:
             return "caption is not UTF-8"
         if not captions:
