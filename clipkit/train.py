@@ -36,7 +36,7 @@ from clipkit._io import atomic_write_with
 from clipkit.errors import CheckpointError, ClipkitError
 from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
 from clipkit.losses import info_nce, itm_loss
-from clipkit.models import CHECKPOINT_FORMAT, Model, fingerprint, load_model
+from clipkit.models import CHECKPOINT_FORMAT, Model, load_model
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from clipkit.cli import main
 from clipkit.data import (make_loader, read_karpathy, samples_from_folder, samples_from_table, synthetic_set,
                           write_shards, write_synthetic)
 from clipkit.data.shards import Sample
-from clipkit.data.synthetic import (COLOURS, SHAPES, SIZES, Obj, _relation_holds, draw_object, scenes)
+from clipkit.data.synthetic import (COLOURS, SHAPES, Obj, _relation_holds, draw_object, scenes)
 
 from conftest import draw_shape
 
