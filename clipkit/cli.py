@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
 
+    serve = commands.add_parser("serve", help="HTTP search API (clip-retrieval compatible) and web page")
+    serve.add_argument("--index", action="append", default=None, metavar="[NAME=]PATH",
+                       help=f"index folder to serve, repeatable (default: {DEFAULT_INDEX})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    serve.add_argument("--allow-image-urls", action="store_true",
+                       help="fetch image_url queries (public http(s) hosts only; default: refused)")
+    serve.add_argument("--max-k", type=_positive_int, default=1000, help="most results per query (default: 1000)")
+    serve.add_argument("--max-body-mb", type=_positive_int, default=20, help="request size limit (default: 20 MB)")
+    serve.add_argument("--device", default=None)
+
     shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
     shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
     shards.add_argument("out_dir")
@@ -97,6 +110,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text) if text != "0" else 0
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"ports go up to 65535, got {value}")
     return value
 
 
@@ -223,6 +243,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from clipkit.serve import ServeConfig, serve
+    except ImportError as exc:
+        raise ValueError(f"clipkit serve needs the serve extra ({exc.name} is missing): "
+                         "pip install 'clipkit[serve]'") from None
+    specs = args.index or [DEFAULT_INDEX]
+    for spec in specs:
+        path = spec.split("=", 1)[1] if "=" in spec and not Path(spec).exists() else spec
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
+    config = ServeConfig(max_k=args.max_k, max_body_bytes=args.max_body_mb * 2**20,
+                         allow_image_urls=args.allow_image_urls, cors_origins=args.cors)
+    serve(specs, host=args.host, port=args.port, config=config, device=args.device,
+          log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def cmd_train(args) -> int:
     from clipkit.train import config_from_args, train
 
@@ -235,7 +273,7 @@ def cmd_train(args) -> int:
 
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
-            "demo": cmd_demo, "eval": cmd_eval}
+            "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

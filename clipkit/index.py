@@ -372,6 +372,25 @@ class Index:
             raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
         return [records[i] for i in ids]
 
+    def keys(self, ids: Iterable) -> list[int]:
+        """The stable integer key of each id (its FAISS id), for callers that need integer handles."""
+        ids = [_normalize_id(v) for v in ids]
+        with self._lock:
+            keys = self._keys_for(ids)
+        missing = [i for i in ids if i not in keys]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+        return [int(keys[i]) for i in ids]
+
+    def get_by_key(self, keys: Iterable[int]) -> list[dict | None]:
+        """Metadata (as `get`, with 'id') for each integer key; None where no item has that key."""
+        keys = [int(k) for k in keys]
+        with self._lock:
+            ids = dict(self._rows_by_key(keys, "id"))
+        found = [ids.get(k) for k in keys]
+        records = dict(zip([i for i in found if i is not None], self.get([i for i in found if i is not None])))
+        return [records[i] if i is not None else None for i in found]
+
     def ids(self) -> list:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT id FROM items ORDER BY key")]

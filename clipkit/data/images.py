@@ -41,7 +41,10 @@ def _decode(source, name: str) -> Image.Image:
                 return to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, EOFError) as exc:
-        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, Image.UnidentifiedImageError):
+            reason = "not a recognised image format"
+        else:
+            reason = str(exc) or type(exc).__name__
         raise ImageReadError(f"cannot read image {name}: {reason}") from exc
 
 

@@ -1,0 +1,387 @@
+"""`clipkit serve`: the HTTP API against independent references, every bad input, and the page in Chromium."""
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+import clipkit  # noqa: E402
+from clipkit.cli import build_parser, main  # noqa: E402
+from clipkit.data.synthetic import write_synthetic  # noqa: E402
+from clipkit.serve import ServeConfig, create_app  # noqa: E402
+from clipkit.serve.fetch import FetchError, check_public_url  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """40 synthetic images (plus an exact duplicate of one) indexed with the demo model."""
+    root = tmp_path_factory.mktemp("serve")
+    photos = root / "photos"
+    write_synthetic(photos, 40, seed=3, layout="folder", workers=1, progress=False)
+    for extra in list(photos.glob("*.txt")) + list(photos.glob("*.json")):
+        extra.unlink()
+    shutil.copy(photos / "train-000000005.jpg", photos / "copy of 5.jpg")
+    model = clipkit.load_model("clipkit-demo", device="cpu")
+    index = clipkit.Index.from_folder(photos, model)
+    index.save(root / "photos.clipkit")
+    return {"root": root, "photos": photos, "model": model, "index": index}
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with TestClient(create_app({"photos": served["index"]})) as test_client:
+        yield test_client
+
+
+def _brute_force(served, vector, k):
+    """numpy over the stored embeddings: (ids, scores) of the top k."""
+    index = served["index"]
+    ids, matrix = index.ids(), index.embeddings()
+    scores = matrix @ (vector / np.linalg.norm(vector))
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [ids[i] for i in order], scores[order]
+
+
+def test_health_indices_and_openapi(client):
+    info = client.get("/healthz").json()
+    assert info["status"] == "ok" and info["indexes"]["photos"] == {"items": 41, "model": "clipkit-demo",
+                                                                      "dim": 128, "rerank": True}
+    assert client.get("/indices-list").json() == ["photos"]
+    spec = client.get("/openapi.json").json()
+    for route in ("/search", "/knn-service", "/metadata", "/image/{item_id}", "/thumbnail/{item_id}", "/healthz"):
+        assert route in spec["paths"]
+    assert "text" in spec["paths"]["/knn-service"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"]
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="query"' in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_text_search_matches_brute_force(client, served):
+    response = client.post("/search", json={"text": "a red circle", "k": 7})
+    assert response.status_code == 200
+    results = response.json()["results"]
+    vector = clipkit.encode(["a red circle"], model=served["model"])[0]
+    ids, scores = _brute_force(served, vector, 7)
+    assert [r["item_id"] for r in results] == ids
+    np.testing.assert_allclose([r["score"] for r in results], scores, atol=1e-5)
+    assert results == sorted(results, key=lambda r: -r["score"])
+    keys = served["index"].keys(ids)
+    assert [r["id"] for r in results] == keys
+    # every result's thumbnail and file come back, the file byte for byte
+    first = results[0]
+    assert client.get(first["image_url"]).content == Path(first["path"]).read_bytes()
+    thumb = client.get(first["thumbnail_url"] + "&size=32")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+
+
+def test_image_queries_upload_base64_id_and_vector(client, served):
+    path = served["photos"] / "train-000000011.jpg"
+    data = path.read_bytes()
+    uploaded = client.post("/search", files={"image": ("q.jpg", data, "image/jpeg")}, data={"k": "3"}).json()
+    as_json = client.post("/search", json={"image": base64.b64encode(data).decode(), "k": 3}).json()
+    data_url = client.post("/search", json={"image": "data:image/jpeg;base64," + base64.b64encode(data).decode(),
+                                            "k": 3}).json()
+    assert uploaded["results"] == as_json["results"] == data_url["results"]
+    assert uploaded["results"][0]["item_id"] == str(path.resolve()) and uploaded["results"][0]["score"] > 0.999
+    vector = clipkit.encode([path], model=served["model"])[0]
+    ids, _ = _brute_force(served, vector, 3)
+    assert [r["item_id"] for r in uploaded["results"]] == ids
+
+    key = uploaded["results"][0]["id"]
+    by_id = client.post("/search", json={"id": key, "k": 3}).json()["results"]
+    assert by_id[0]["id"] == key and [r["item_id"] for r in by_id] == ids
+    by_vector = client.post("/search", json={"embedding": vector.tolist(), "k": 3}).json()["results"]
+    assert [r["item_id"] for r in by_vector] == ids
+
+
+def test_rerank_matches_library_search(client, served):
+    response = client.post("/search", json={"text": "a green square left of a blue circle", "k": 5, "rerank": True,
+                                            "rerank_k": 12}).json()
+    expected = clipkit.search("a green square left of a blue circle", served["index"], k=5, rerank=True, rerank_k=12)
+    assert response["reranked"] is True
+    assert [r["item_id"] for r in response["results"]] == [h.id for h in expected]
+    np.testing.assert_allclose([r["score"] for r in response["results"]], [h.score for h in expected], atol=1e-4)
+    assert all("itc_score" in r for r in response["results"])
+
+
+def test_clip_retrieval_round_trip(client, served):
+    """The request clip-retrieval's front end sends (text/plain JSON, its flags) and the reply it reads."""
+    request = {"text": "a blue square", "image": None, "image_url": None, "embedding_input": None,
+               "modality": "image", "num_images": 4, "indice_name": "photos", "num_result_ids": 4,
+               "use_mclip": False, "deduplicate": False, "use_safety_model": True, "use_violence_detector": True,
+               "aesthetic_score": "", "aesthetic_weight": ""}
+    response = client.post("/knn-service", content=json.dumps(request), headers={"content-type": "text/plain"})
+    assert response.status_code == 200
+    results = response.json()
+    vector = clipkit.encode(["a blue square"], model=served["model"])[0]
+    ids, scores = _brute_force(served, vector, 4)
+    assert [r["image_path"] for r in results] == ids
+    np.testing.assert_allclose([r["similarity"] for r in results], scores, atol=1e-5)
+    assert all(isinstance(r["id"], int) for r in results)
+    fetched = client.get(results[0]["url"].replace("http://testserver", ""))
+    assert fetched.content == Path(results[0]["image_path"]).read_bytes()
+
+    metadata = client.post("/metadata", json={"ids": [r["id"] for r in results] + [987654], "indice_name": "photos"})
+    assert [m["id"] for m in metadata.json()] == [r["id"] for r in results]  # the unknown id is left out
+    assert [m["metadata"]["image_path"] for m in metadata.json()] == ids
+
+    image = base64.b64encode((served["photos"] / "train-000000005.jpg").read_bytes()).decode()
+    plain = client.post("/knn-service", json={"image": image, "modality": "image", "num_images": 3,
+                                              "indice_name": "photos"}).json()
+    names = [Path(r["image_path"]).name for r in plain]
+    assert set(names[:2]) == {"train-000000005.jpg", "copy of 5.jpg"}  # the file and its exact copy
+    deduplicated = client.post("/knn-service", json={"image": image, "modality": "image", "num_images": 5,
+                                                     "num_result_ids": 20, "indice_name": "photos",
+                                                     "deduplicate": True}).json()
+    near, _ = _brute_force(served, clipkit.encode([served["photos"] / "train-000000005.jpg"],
+                                                  model=served["model"])[0], 20)
+    vectors, kept = served["index"].embeddings(near), []
+    for i in range(20):  # greedy: keep what is under 0.94 cosine of every better-ranked kept result
+        if all(vectors[i] @ vectors[j] < 0.94 for j in kept):
+            kept.append(i)
+    got = [r["image_path"] for r in deduplicated]
+    assert len(got) == 5 and got[1:] == [near[i] for i in kept[1:5]]
+    assert Path(got[0]).name in set(names[:2])  # the file or its copy (they tie), never both
+    embedded = client.post("/knn-service", json={"embedding_input": vector.tolist(), "modality": "image",
+                                                 "num_images": 4, "indice_name": "photos"}).json()
+    assert [r["image_path"] for r in embedded] == ids
+
+
+BAD_REQUESTS = [
+    ("/search", {"content": b"{not json"}, 400, "not valid JSON"),
+    ("/search", {"json": [1, 2]}, 400, "JSON object"),
+    ("/search", {"json": {"k": 3}}, 400, "exactly one of"),
+    ("/search", {"json": {"text": "x", "id": 3}}, 400, "got text, id"),
+    ("/search", {"json": {"text": "   "}}, 400, "empty"),
+    ("/search", {"json": {"text": "x", "k": 0}}, 422, "k"),
+    ("/search", {"json": {"text": "x", "k": "many"}}, 422, "k"),
+    ("/search", {"json": {"text": 5}}, 422, "text"),
+    ("/search", {"json": {"image": "%%%not base64"}}, 400, "base64"),
+    ("/search", {"json": {"image": base64.b64encode(b"<html>hello</html>").decode()}}, 400, "not a recognised image"),
+    ("/search", {"files": {"image": ("e.jpg", b"", "image/jpeg")}}, 400, "empty"),
+    ("/search", {"files": {"photo": ("e.jpg", b"xx", "image/jpeg")}}, 400, "'image'"),
+    ("/search", {"json": {"embedding": [1.0, 2.0]}}, 400, "dimension 2"),
+    ("/search", {"json": {"embedding": [0.0] * 128}}, 400, "all-zero"),
+    ("/search", {"content": b'{"embedding": [NaN' + b", 1.0" * 127 + b"]}"}, 400, "NaN"),
+    ("/search", {"json": {"text": "x", "index": "nope"}}, 404, "no index named 'nope'"),
+    ("/search", {"json": {"id": 987654}}, 404, "no item with id 987654"),
+    ("/search", {"json": {"id": 3, "rerank": True}}, 400, "search by text to re-rank"),
+    ("/knn-service", {"json": {"text": "x", "modality": "text", "num_images": 2}}, 400, "image embeddings only"),
+    ("/knn-service", {"json": {"modality": "image", "num_images": 2}}, 400, "give one of"),
+    ("/knn-service", {"json": {"text": "x", "num_images": -1}}, 422, "num_images"),
+    ("/knn-service", {"json": {"image_url": "http://127.0.0.1/x.jpg", "num_images": 2}}, 403, "--allow-image-urls"),
+    ("/metadata", {"json": {"indice_name": "photos"}}, 422, "ids"),
+    ("/metadata", {"json": {"ids": ["a"]}}, 422, "ids"),
+]
+
+
+@pytest.mark.parametrize("route, kwargs, status, message", BAD_REQUESTS)
+def test_bad_requests_are_4xx_with_a_message(client, route, kwargs, status, message):
+    response = client.post(route, **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize("url", [
+    "/image/..%2F..%2F..%2Fetc%2Fpasswd", "/image/../../etc/passwd", "/image/%2Fetc%2Fpasswd", "/image/-1",
+    "/image/1.5", "/image/1?index=..%2F..%2Fetc", "/thumbnail/..%2F..%2Fetc%2Fpasswd", "/thumbnail/%2Fetc%2Fpasswd",
+    "/thumbnail/1?size=100000", "/thumbnail/987654", "/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/static/../app.py", "/image/987654",
+])
+def test_file_routes_refuse_traversal(client, url):
+    response = client.get(url)
+    assert 400 <= response.status_code < 500, (url, response.status_code)
+    assert b"root:" not in response.content and b"def create_app" not in response.content
+
+
+def test_vanished_file_is_404(served, tmp_path):
+    photos = tmp_path / "few"
+    photos.mkdir()
+    for name in ("train-000000001.jpg", "train-000000002.jpg"):
+        shutil.copy(served["photos"] / name, photos / name)
+    index = clipkit.Index.from_folder(photos, served["model"])
+    with TestClient(create_app(index)) as client:
+        key = index.keys([str((photos / "train-000000001.jpg").resolve())])[0]
+        assert client.get(f"/image/{key}").status_code == 200
+        (photos / "train-000000001.jpg").unlink()
+        assert client.get(f"/image/{key}").status_code == 404
+        assert client.get(f"/thumbnail/{key}").status_code == 404
+
+
+def test_limits_body_size_and_k_cap(served):
+    config = ServeConfig(max_k=5, max_body_bytes=2000)
+    with TestClient(create_app({"photos": served["index"]}, config=config)) as client:
+        results = client.post("/search", json={"text": "a red circle", "k": 500}).json()["results"]
+        assert len(results) == 5
+        assert len(client.post("/knn-service", json={"text": "red", "num_images": 100}).json()) == 5
+        big = client.post("/search", json={"text": "x" * 5000})
+        assert big.status_code == 413 and "limit" in big.json()["detail"]
+        upload = client.post("/search", files={"image": ("a.jpg", b"\xff" * 5000, "image/jpeg")})
+        assert upload.status_code == 413
+
+
+def test_cors_is_off_unless_asked(served):
+    headers = {"Origin": "https://example.org"}
+    with TestClient(create_app({"photos": served["index"]})) as client:
+        assert "access-control-allow-origin" not in client.get("/healthz", headers=headers).headers
+    config = ServeConfig(cors_origins=["https://example.org"])
+    with TestClient(create_app({"photos": served["index"]}, config=config)) as client:
+        assert client.get("/healthz", headers=headers).headers["access-control-allow-origin"] == "https://example.org"
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("http://127.0.0.1/a.jpg", False), ("http://localhost:8000/a.jpg", False), ("http://10.1.2.3/a.jpg", False),
+    ("http://192.168.0.1/a.jpg", False), ("http://169.254.169.254/latest/meta-data", False),
+    ("http://[::1]/a.jpg", False), ("http://0.0.0.0/a.jpg", False), ("http://[::ffff:127.0.0.1]/a.jpg", False),
+    ("file:///etc/passwd", False), ("ftp://93.184.215.14/a.jpg", False), ("http://93.184.215.14/a.jpg", True),
+])
+def test_image_url_only_to_public_hosts(url, allowed):
+    if allowed:
+        check_public_url(url)
+    else:
+        with pytest.raises(FetchError):
+            check_public_url(url)
+
+
+def test_image_url_to_loopback_refused_when_allowed(served):
+    with TestClient(create_app({"photos": served["index"]}, config=ServeConfig(allow_image_urls=True))) as client:
+        response = client.post("/knn-service", json={"image_url": "http://127.0.0.1:9/a.jpg", "num_images": 2})
+        assert response.status_code == 400 and "non-public" in response.json()["detail"]
+
+
+def test_concurrent_queries_are_batched_and_all_answered(served):
+    app = create_app({"photos": served["index"]})
+    texts = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange")
+             for s in ("circle", "square", "triangle", "star", "heart", "cross")] * 4  # 144 queries
+    vectors = clipkit.encode(texts, model=served["model"])
+    expected = [_brute_force(served, v, 3)[0] for v in vectors]
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            responses = await asyncio.gather(*(http.post("/search", json={"text": t, "k": 3}) for t in texts))
+            info = (await http.get("/healthz")).json()
+        return responses, info
+
+    responses, info = asyncio.run(run())
+    assert all(r.status_code == 200 for r in responses)
+    assert [[h["item_id"] for h in r.json()["results"]] for r in responses] == expected
+    assert info["encoded_queries"] == len(texts)
+    assert info["encoder_calls"] < len(texts) / 4  # queries that arrived together shared encoder calls
+
+
+def test_cli_serve_errors_and_defaults(tmp_path, capsys):
+    assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
+    assert "no index at" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "65535" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.cors == [] and not args.allow_image_urls
+
+
+# ---------------------------------------------------------------------------------------------
+# The page in a real browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(served):
+    port = _free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", "--index",
+                                str(served["root"] / "photos.clipkit"), "--port", str(port), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:  # wait for the server to answer (model loading takes a few seconds)
+        try:
+            if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"clipkit serve did not start: {process.stdout.read().decode(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_page_in_headless_chromium(server, served, tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = ("Chromium and chromedriver are not installed (Debian: bash tests/install-chromium.sh, or "
+                   "apt-get install chromium chromium-driver); the browser test needs them")
+        if os.environ.get("CI"):
+            pytest.fail(message + " and CI must run it")
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(server)
+        wait.until(lambda d: "images indexed" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "rerank-field").is_displayed()  # the demo model has an ITM head
+        box = driver.find_element(By.ID, "query")
+        assert driver.switch_to.active_element == box  # keyboard first: the search box has focus
+        k = driver.find_element(By.ID, "k")
+        k.clear()
+        k.send_keys("6")
+        box.send_keys("a red circle", Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 6)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+        assert "6 results for" in driver.find_element(By.ID, "status").text
+        driver.save_screenshot(str(tmp_path / "search.png"))
+        assert (tmp_path / "search.png").stat().st_size > 10_000
+        shots = os.environ.get("CLIPKIT_SCREENSHOTS")
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "search.png", Path(shots) / "search.png")
+        # from the keyboard: tab to the first result and press Enter -> images like it
+        first = driver.find_element(By.CSS_SELECTOR, "#results button.result")
+        first.send_keys(Keys.ENTER)
+        wait.until(lambda d: "images like" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 6)
+        # a search with re-ranking on
+        driver.find_element(By.ID, "rerank").click()
+        box = driver.find_element(By.ID, "query")
+        box.clear()
+        box.send_keys("a blue square", Keys.ENTER)
+        wait.until(lambda d: "re-ranked" in d.find_element(By.ID, "status").text)
+        # search by image file through the file picker
+        driver.find_element(By.ID, "image-input").send_keys(str(served["photos"] / "train-000000011.jpg"))
+        wait.until(lambda d: "results for train-" in d.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()
+
