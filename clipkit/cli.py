@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=_positive_int, default=64)
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
     index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    index.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="skip files and folders whose name or relative path matches (repeatable)")
+    index.add_argument("--skipped-log", default=None, metavar="FILE",
+                       help="write the files that could not be read, with why, as JSON lines")
+    index.add_argument("--check", action="store_true",
+                       help="report what an update would do (add, re-embed, move, remove) and change nothing")
 
     search = commands.add_parser("search", help="search an index with a text query or an image file")
     search.add_argument("query", help="text, or the path of an image file to search by image")
@@ -133,6 +139,8 @@ def cmd_index(args) -> int:
         raise FileNotFoundError(f"folder not found: {folder}" if not folder.exists() else f"not a folder: {folder}")
     index_path = Path(args.index)
     existing = Index.load(index_path) if index_path.exists() else None
+    if args.check:
+        return _check_index(existing, folder, index_path, args.exclude)
     if existing is not None and args.model is None:
         info = existing.model_info or {}
         model = load_model(info.get("name", DEFAULT_MODEL), info.get("pretrained"), device=args.device)
@@ -145,16 +153,48 @@ def cmd_index(args) -> int:
         index = Index(model.dim, model=model)
         index.save(index_path)  # attach first: every finished batch is then committed to disk
     report = index.sync_folder(folder, model, batch_size=args.batch_size, workers=args.workers,
-                               progress=_progress(args))
+                               progress=_progress(args), exclude=args.exclude)
     index.save()
+    if args.skipped_log:
+        from clipkit._io import atomic_write_bytes
+
+        atomic_write_bytes(args.skipped_log, "".join(json.dumps({"path": path, "reason": reason}, ensure_ascii=False)
+                                                    + "\n" for path, reason in report.skipped).encode())
     if not args.quiet:
         print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
-              f"{report.unchanged} unchanged, {report.removed} removed, {len(report.skipped)} skipped; "
-              f"{len(index)} in {index_path}")
-        for _, reason in report.skipped[:20]:
-            print(f"  skipped: {reason}", file=sys.stderr)
+              f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
+              f"{_skipped_summary(report)}; {len(index)} in {index_path}")
+        for path, reason in report.skipped[:20]:
+            print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
         if len(report.skipped) > 20:
-            print(f"  ... and {len(report.skipped) - 20} more skipped", file=sys.stderr)
+            more = f"; all in {args.skipped_log}" if args.skipped_log else " (--skipped-log FILE lists them all)"
+            print(f"  ... and {len(report.skipped) - 20} more skipped{more}", file=sys.stderr)
+    return 0
+
+
+def _skipped_summary(report) -> str:
+    if not report.skipped:
+        return "0 skipped"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(report.skipped_kinds.items(), key=lambda kv: -kv[1]))
+    return f"{len(report.skipped)} skipped ({kinds})"
+
+
+def _check_index(existing, folder: Path, index_path: Path, exclude: list[str]) -> int:
+    """`clipkit index --check`: what an update would do; nothing is written."""
+    from clipkit.data.folder import scan_images
+
+    if existing is None:
+        count = len(scan_images(folder, exclude=exclude))
+        print(f"no index at {index_path} yet: {count} image file(s) would be indexed")
+        return 0
+    plan = existing.plan_folder(folder, exclude=exclude)
+    summary = plan.summary()
+    print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
+          f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(summary)}")
+    for label, paths in (("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),
+                         ("moved", [f"{old} -> {new}" for old, new, _ in plan.moved]), ("removed", plan.gone)):
+        for path in paths:
+            print(f"  {label}: {json.dumps(str(path), ensure_ascii=False)}")
     return 0
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipkit.data.images import read_image, to_rgb
+from clipkit.data.images import failure_kind, read_image, to_rgb
 from clipkit.models import Model, load_model
 
 TEXT, IMAGE = "text", "image"
@@ -117,12 +117,13 @@ def _prefetch(items: Sequence, fn: Callable, executor: Executor, depth: int) -> 
 
 
 def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *, skip_errors: bool = False,
-                       workers: int | None = None) -> Iterator[tuple[torch.Tensor, list[int], list[tuple[int, str]]]]:
+                       workers: int | None = None
+                       ) -> Iterator[tuple[torch.Tensor, list[int], list[tuple[int, str, str]]]]:
     """Decode and preprocess `items` in background threads, yielding full batches.
 
     Yields `(pixels, positions, failures)`: positions are the indices into `items` of the rows of
-    `pixels`; failures are `(index, reason)` of items that could not be read (only when skip_errors,
-    otherwise the error is raised).
+    `pixels`; failures are `(index, reason, kind)` of items that could not be read (only when
+    skip_errors, otherwise the error is raised); `kind` is a few words such as "truncated or corrupt".
     """
     def prepare(item):
         return preprocess(load_image(item))
@@ -130,7 +131,7 @@ def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *
     workers = workers or default_workers()
     rows: list[torch.Tensor] = []
     positions: list[int] = []
-    failures: list[tuple[int, str]] = []
+    failures: list[tuple[int, str, str]] = []
     with ThreadPoolExecutor(max_workers=workers) as executor:
         for position, future in enumerate(_prefetch(items, prepare, executor, depth=max(2 * batch_size, workers))):
             try:
@@ -139,7 +140,7 @@ def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *
             except (ValueError, OSError) as exc:  # unreadable, vanished or not an image
                 if not skip_errors:
                     raise
-                failures.append((position, str(exc)))
+                failures.append((position, str(exc), failure_kind(exc)))
             if len(rows) == batch_size:
                 yield torch.stack(rows), positions, failures
                 rows, positions, failures = [], [], []

@@ -23,7 +23,11 @@ class ModelMismatchError(ClipkitError, ValueError):
 
 
 class ImageReadError(ClipkitError, ValueError):
-    """A file could not be decoded as an image."""
+    """A file could not be decoded as an image; `kind` says why in a few words, for summaries."""
+
+    def __init__(self, message: str, kind: str = "corrupt"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class OfflineError(ClipkitError, RuntimeError):

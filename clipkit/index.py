@@ -16,6 +16,7 @@ FAISS runs on the GPU when `faiss.get_num_gpus() > 0`; the CPU index stays the o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_json, atomic_write_with
 from clipkit.data.folder import scan_images
+from clipkit.data.images import failure_kind
 from clipkit.errors import BrokenIndexError, ModelMismatchError
 
 log = logging.getLogger(__name__)
@@ -57,17 +59,51 @@ CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 @dataclass
 class SyncReport:
-    """What `Index.sync_folder` did."""
+    """What `Index.sync_folder` did (or, from `plan_folder`, would do)."""
 
     added: int = 0
     updated: int = 0
     removed: int = 0
+    moved: int = 0  # renamed or moved files recognised by content, kept without re-embedding
     unchanged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
 
     @property
     def embedded(self) -> int:
         return self.added + self.updated
+
+    def skip(self, path: str, reason: str, kind: str) -> None:
+        self.skipped.append((path, reason))
+        self.skipped_kinds[kind] = self.skipped_kinds.get(kind, 0) + 1
+
+
+@dataclass
+class SyncPlan:
+    """What bringing an index up to date with a folder takes (`Index.plan_folder`)."""
+
+    root: Path
+    new: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    changed: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # ids of files no longer there
+    moved: list[tuple[str, Path, os.stat_result]] = field(default_factory=list)  # (old id, new path, stat)
+    unchanged: int = 0
+    report: SyncReport = field(default_factory=SyncReport)  # skips found while planning
+
+    def summary(self) -> SyncReport:
+        """The plan as the report a sync would give (before any file fails to decode)."""
+        return SyncReport(added=len(self.new), updated=len(self.changed), removed=len(self.gone),
+                          moved=len(self.moved), unchanged=self.unchanged, skipped=list(self.report.skipped),
+                          skipped_kinds=dict(self.report.skipped_kinds))
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """A content hash of a file (BLAKE2b, 128 bits), to recognise it after a rename or move."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _normalize_id(value: Any) -> int | str:
@@ -456,13 +492,66 @@ class Index:
 
     # -- folders ----------------------------------------------------------------------------
 
+    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = ()) -> SyncPlan:
+        """What `sync_folder` would do, without changing anything (`clipkit index --check`).
+
+        A file is unchanged when its size and mtime match what was indexed. A new file with the size
+        and content hash of a file that is gone is that file renamed or moved: it keeps its embedding.
+        """
+        root = Path(folder).resolve()
+        plan = SyncPlan(root=root)
+        known = self._known_files(root)
+        for path in scan_images(root, exclude=exclude):
+            try:
+                stat = path.stat()
+            except OSError as exc:
+                plan.report.skip(str(path), str(exc), failure_kind(exc))
+                continue
+            previous = known.pop(str(path), None)
+            if previous is None:
+                plan.new.append((path, stat))
+            elif previous == (stat.st_size, stat.st_mtime):
+                plan.unchanged += 1
+            else:
+                plan.changed.append((path, stat))
+        plan.gone = list(known)
+        if plan.gone and plan.new:
+            self._find_moves(plan, known)
+        return plan
+
+    def _find_moves(self, plan: SyncPlan, gone: dict[str, tuple[int, float]]) -> None:
+        by_hash: dict[tuple[int, str], str] = {}
+        for record in self.get(plan.gone):
+            content = record.get("content_hash")
+            if content and record.get("size") is not None:
+                by_hash.setdefault((int(record["size"]), content), record["id"])
+        sizes = {size for size, _ in by_hash}
+        still_new = []
+        for path, stat in plan.new:
+            match = None
+            if stat.st_size in sizes:
+                try:
+                    match = by_hash.pop((stat.st_size, file_hash(path)), None)
+                except OSError:
+                    match = None
+            if match is None:
+                still_new.append((path, stat))
+            else:
+                plan.moved.append((match, path, stat))
+        moved_ids = {old for old, _, _ in plan.moved}
+        plan.new = still_new
+        plan.gone = [i for i in plan.gone if i not in moved_ids]
+
     def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
-                    workers: int | None = None, progress: bool | None = None) -> SyncReport:
-        """Bring the index up to date with the images under `folder`.
+                    workers: int | None = None, progress: bool | None = None,
+                    exclude: Sequence[str] = ()) -> SyncReport:
+        """Bring the index up to date with the images under `folder` (see `plan_folder`).
 
         New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed,
-        unchanged ones left alone. Unreadable files are skipped and reported. Each batch is committed
-        on its own, so an interrupted run keeps what it finished. Ids are absolute file paths.
+        renamed or moved ones re-pointed without re-embedding, unchanged ones left alone. Unreadable
+        files are skipped and reported with the reason. Each batch is committed on its own (embeddings
+        and metadata in one transaction), so an interrupted run keeps what it finished and running it
+        again resumes. Ids are absolute file paths; one file is never indexed twice.
         """
         from clipkit.encode import iter_image_batches
 
@@ -470,39 +559,32 @@ class Index:
         if self.model_info is None:
             with self._lock, self._db:
                 self._set_info("model", model.info)
-        root = Path(folder).resolve()
-        files = scan_images(root)
-        report = SyncReport()
-        known = self._known_files(root)
-        todo: list[tuple[Path, os.stat_result]] = []
-        for path in files:
-            try:
-                stat = path.stat()
-            except OSError as exc:
-                report.skipped.append((str(path), str(exc)))
-                continue
-            previous = known.pop(str(path), None)
-            if previous == (stat.st_size, stat.st_mtime):
-                report.unchanged += 1
-            else:
-                todo.append((path, stat))
-        if known:  # files that are gone
+        plan = self.plan_folder(folder, exclude=exclude)
+        report = plan.report
+        report.unchanged = plan.unchanged
+        if plan.moved:
             with self._change():
-                keys = self._keys_for(list(known))
+                for old_id, path, stat in plan.moved:
+                    self._db.execute("UPDATE items SET id = ?, path = ?, mtime = ?, size = ? WHERE id = ?",
+                                     (str(path), str(path), stat.st_mtime, stat.st_size, old_id))
+            report.moved = len(plan.moved)
+        if plan.gone:
+            with self._change():
+                keys = self._keys_for(plan.gone)
                 self._delete_keys(list(keys.values()))
-            report.removed = len(known)
+            report.removed = len(plan.gone)
+        todo = plan.new + plan.changed
         paths = [p for p, _ in todo]
         with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="img",
                   desc="indexing") as bar:
             for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size,
                                                                    skip_errors=True, workers=workers):
-                for position, reason in failures:
-                    report.skipped.append((str(paths[position]), reason))
+                for position, reason, kind in failures:
+                    report.skip(str(paths[position]), reason, kind)
                     log.info("skipped %s", reason)
                 if positions:
                     vectors = model.encode_image(pixels).cpu().numpy()
-                    batch = [todo[p] for p in positions]
-                    added, updated = self._replace_files(vectors, batch)
+                    added, updated = self._replace_files(vectors, [todo[p] for p in positions])
                     report.added += added
                     report.updated += updated
                 bar.update(len(positions) + len(failures))
@@ -519,7 +601,8 @@ class Index:
     def _replace_files(self, vectors: np.ndarray, batch: list[tuple[Path, os.stat_result]]) -> tuple[int, int]:
         """One transaction: drop old rows of these files, add the new embeddings."""
         ids = [str(path) for path, _ in batch]
-        rows = [self._meta_row({"path": str(path), "size": stat.st_size, "mtime": stat.st_mtime})
+        rows = [self._meta_row({"path": str(path), "size": stat.st_size, "mtime": stat.st_mtime,
+                                "content_hash": _hash_or_none(path)})
                 for path, stat in batch]
         vectors = prepare_vectors(vectors, self.dim)
         with self._change():
@@ -650,6 +733,13 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _hash_or_none(path: Path) -> str | None:
+    try:
+        return file_hash(path)
+    except OSError:  # gone since it was decoded: the next sync removes it
+        return None
 
 
 def _read_config(path: Path) -> dict:

@@ -41,11 +41,37 @@ def _decode(source, name: str) -> Image.Image:
                 return to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning, EOFError) as exc:
-        if isinstance(exc, Image.UnidentifiedImageError):
-            reason = "not a recognised image format"
-        else:
-            reason = str(exc) or type(exc).__name__
-        raise ImageReadError(f"cannot read image {name}: {reason}") from exc
+        if isinstance(exc, FileNotFoundError):
+            raise
+        kind, reason = _failure(exc)
+        raise ImageReadError(f"cannot read image {name}: {reason}", kind) from exc
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(kind, reason) of a decoding error."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image", "not a recognised image format"
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "too many pixels", f"refused as a decompression bomb ({exc})"
+    if isinstance(exc, PermissionError):
+        return "permission denied", str(exc)
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, (EOFError, SyntaxError)) or "truncated" in reason or "broken data stream" in reason:
+        return "truncated or corrupt", reason
+    return "corrupt", reason
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A few words for why an image could not be read: for skip summaries."""
+    if isinstance(exc, ImageReadError):
+        return exc.kind
+    if isinstance(exc, FileNotFoundError):
+        return "vanished"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "not a file"
+    return "unreadable"
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
@@ -55,9 +81,21 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     with the reason when it exists but is not a readable image.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    return _decode(path, str(path))
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    if size == 0:
+        raise ImageReadError(f"cannot read image {path}: the file is empty", "empty file")
+    try:
+        with open(path, "rb") as handle:
+            return _decode(handle, str(path))
+    except FileNotFoundError:  # vanished between the stat and the open
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except PermissionError as exc:
+        raise ImageReadError(f"cannot read image {path}: permission denied", "permission denied") from exc
+    except IsADirectoryError as exc:
+        raise ImageReadError(f"cannot read image {path}: it is a folder", "not a file") from exc
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:

@@ -1,0 +1,308 @@
+"""Hostile folders, crash-safe and incremental indexing, damaged indexes: nothing good lost, nothing bad kept."""
+
+import json
+import os
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clipkit
+from clipkit.cli import main
+from clipkit.data.folder import scan_images
+from clipkit.data.images import read_image
+from clipkit.errors import BrokenIndexError
+from clipkit.index import DB_FILE, Index
+from conftest import draw_shape
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _exif_rotated(image: Image.Image, path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    image.save(path, format="JPEG", exif=exif.tobytes(), quality=95)
+
+
+def build_hostile_folder(root: Path) -> tuple[set[Path], dict[Path, str]]:
+    """(good image files that must be indexed once each, bad files -> the kind of skip expected)."""
+    root.mkdir()
+    (root / "sub" / "deeper").mkdir(parents=True)
+    good: dict[str, Image.Image | None] = {}
+
+    def put(name: str, image: Image.Image, fmt: str, **kwargs) -> Path:
+        path = root / name
+        image.save(path, format=fmt, **kwargs)
+        good[name] = image
+        return path
+
+    base = draw_shape("red", "circle", (80, 60), seed=1)
+    put("plain.jpg", base, "JPEG")
+    put("UPPER CASE.JPG", draw_shape("blue", "square", (64, 64), seed=2), "JPEG")
+    put("sub/b.PNG", draw_shape("green", "triangle", (50, 70), seed=3), "PNG")
+    put("cmyk.jpg", draw_shape("yellow", "circle", seed=4).convert("CMYK"), "JPEG")
+    gray16 = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
+    put("gray16.png", gray16, "PNG")
+    palette = draw_shape("purple", "square", seed=5).convert("P", palette=Image.ADAPTIVE, colors=16)
+    put("palette transparent.png", palette, "PNG", transparency=0)
+    put("rgba.png", draw_shape("orange", "circle", seed=6).convert("RGBA"), "PNG")
+    put("gray.png", draw_shape("red", "triangle", seed=7).convert("L"), "PNG")
+    frames = [draw_shape("blue", "circle", seed=8), draw_shape("green", "square", seed=9)]
+    frames[0].save(root / "animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(root / "sub/animated.webp", save_all=True, append_images=frames[1:], duration=100)
+    good["animated.gif"] = good["sub/animated.webp"] = frames[0]
+    _exif_rotated(draw_shape("yellow", "triangle", (96, 48), seed=10), root / "exif rotated.jpg")
+    good["exif rotated.jpg"] = None
+    put("tall.png", draw_shape("red", "square", (8, 3000), seed=11), "PNG")
+    put("wide.png", draw_shape("blue", "triangle", (3000, 8), seed=12), "PNG")
+    put("ünïcødé 写真.png", draw_shape("green", "circle", seed=13), "PNG")
+    put("new\nline.jpg", draw_shape("orange", "square", seed=14), "JPEG")
+    put("sub/deeper/with spaces & 'quotes'.webp", draw_shape("purple", "circle", seed=15), "WEBP")
+
+    bad = {}
+    (root / "empty.jpg").write_bytes(b"")
+    bad["empty.jpg"] = "empty file"
+    jpeg = (root / "plain.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    bad["truncated.jpg"] = "truncated or corrupt"
+    (root / "page.jpg").write_text("<!doctype html><html><body>404 Not Found</body></html>")
+    bad["page.jpg"] = "not an image"
+    (root / "sub/notes.png").write_text("just some text")
+    bad["sub/notes.png"] = "not an image"
+    (root / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    bad["bomb.png"] = "too many pixels"
+    if not IS_ROOT:  # root reads any file regardless of its mode
+        (root / "locked.jpg").write_bytes(jpeg)
+        (root / "locked.jpg").chmod(0)
+        bad["locked.jpg"] = "permission denied"
+
+    # never indexed and never reported: hidden, AppleDouble, excluded, not image names, second names
+    (root / ".hidden.jpg").write_bytes(jpeg)
+    (root / "._plain.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / ".thumbnails").mkdir()
+    (root / ".thumbnails" / "t.jpg").write_bytes(jpeg)
+    (root / "cache").mkdir()
+    (root / "cache" / "c.jpg").write_bytes(jpeg)
+    (root / "draft.tmp.png").write_bytes(jpeg)
+    (root / "readme.txt").write_text("not an image name")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a symlink loop
+    (root / "alias.jpg").symlink_to(root / "plain.jpg")  # a second name for plain.jpg
+    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    good_paths = {(root / name).resolve() if name != "new\nline.jpg" else root.resolve() / name for name in good}
+    return good_paths, {root.resolve() / name: kind for name, kind in bad.items()}
+
+
+EXCLUDE = ["cache", "*.tmp.png"]
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    good, bad = build_hostile_folder(tmp_path / "photos")
+    yield tmp_path / "photos", good, bad
+    locked = tmp_path / "photos" / "locked.jpg"
+    if locked.exists():
+        locked.chmod(0o644)
+
+
+def test_scan_lists_each_good_file_once(hostile):
+    root, good, bad = hostile
+    found = scan_images(root.resolve(), exclude=EXCLUDE)
+    assert len(found) == len(set(found))
+    assert set(found) == good | set(bad)  # bad files have image names: they are found, then skipped when read
+
+
+def test_hostile_folder_indexes_every_good_image_once(hostile, tiny_model):
+    root, good, bad = hostile
+    index = Index(tiny_model.dim, model=tiny_model)
+    report = index.sync_folder(root, tiny_model, batch_size=4, exclude=EXCLUDE)
+    assert sorted(index.ids()) == sorted(str(p) for p in good)
+    assert {Path(p) for p, _ in report.skipped} == set(bad)
+    expected_kinds: dict[str, int] = {}
+    for kind in bad.values():
+        expected_kinds[kind] = expected_kinds.get(kind, 0) + 1
+    assert report.skipped_kinds == expected_kinds
+    assert report.added == len(good)
+    # the bomb was refused from its header, not decoded
+    assert "decompression bomb" in dict(report.skipped)[str(root.resolve() / "bomb.png")]
+    again = index.sync_folder(root, tiny_model, exclude=EXCLUDE)
+    assert again.embedded == 0 and again.unchanged == len(good) and len(again.skipped) == len(bad)
+
+
+def test_image_modes_exif_and_animation_are_read_as_shown(hostile, tiny_model):
+    root, _, _ = hostile
+    rotated = read_image(root / "exif rotated.jpg")
+    assert rotated.size == (48, 96)  # orientation 6 applied: the stored 96x48 image turns upright
+    for name in ("animated.gif", "sub/animated.webp"):
+        with Image.open(root / name) as animation:
+            assert animation.n_frames == 2
+            frames = []
+            for n in range(2):
+                animation.seek(n)
+                frames.append(np.asarray(animation.convert("RGB"), dtype=np.int16))
+        first = np.asarray(read_image(root / name), dtype=np.int16)
+        assert np.abs(first - frames[0]).mean() < np.abs(first - frames[1]).mean() / 5  # the first frame
+    gray16 = np.asarray(read_image(root / "gray16.png"))
+    assert gray16.min() < 10 and gray16.max() > 240  # scaled to 8 bits, not clipped to white
+    transparent = read_image(root / "palette transparent.png")
+    assert transparent.mode == "RGB"
+    cmyk = clipkit.encode([root / "cmyk.jpg"], model=tiny_model)
+    assert np.isfinite(cmyk).all()
+
+
+def test_files_that_vanish_are_skipped(tmp_path, tiny_model, monkeypatch):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(6):
+        draw_shape("red", "circle", seed=i).save(root / f"{i}.png")
+    original = Index.plan_folder
+
+    def plan_then_vanish(self, folder, **kwargs):
+        plan = original(self, folder, **kwargs)
+        (root / "2.png").unlink()  # listed and stat'ed, gone before it is decoded
+        return plan
+
+    monkeypatch.setattr(Index, "plan_folder", plan_then_vanish)
+    index = Index(tiny_model.dim, model=tiny_model)
+    report = index.sync_folder(root, tiny_model)
+    assert report.skipped_kinds == {"vanished": 1} and len(index) == 5
+    monkeypatch.setattr(Index, "plan_folder", original)
+    assert index.sync_folder(root, tiny_model).embedded == 0
+
+
+def test_incremental_add_change_delete_rename(tmp_path, tiny_model):
+    root = tmp_path / "photos"
+    (root / "album").mkdir(parents=True)
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        draw_shape(colour, "circle", seed=i).save(root / f"{colour}.png")
+    index = Index(tiny_model.dim, model=tiny_model)
+    assert index.sync_folder(root, tiny_model).added == 4
+    blue_vector = index.embeddings([str((root / "blue.png").resolve())])[0]
+
+    draw_shape("purple", "square", seed=9).save(root / "purple.png")  # added
+    draw_shape("red", "triangle", seed=9).save(root / "red.png")  # changed content
+    os.utime(root / "red.png", (1_000_000, 1_000_000))
+    (root / "green.png").unlink()  # deleted
+    (root / "blue.png").rename(root / "album" / "blue renamed.png")  # moved + renamed
+    plan = index.plan_folder(root)
+    assert [p.name for p, _ in plan.new] == ["purple.png"] and [p.name for p, _ in plan.changed] == ["red.png"]
+    assert [Path(old).name for old, _, _ in plan.moved] == ["blue.png"] and [Path(g).name for g in plan.gone] == [
+        "green.png"]
+    before = sorted(index.ids())
+    assert sorted(index.ids()) == before  # planning changed nothing
+
+    report = index.sync_folder(root, tiny_model)
+    assert (report.added, report.updated, report.removed, report.moved, report.unchanged) == (1, 1, 1, 1, 1)
+    names = sorted(Path(i).name for i in index.ids())
+    assert names == ["blue renamed.png", "purple.png", "red.png", "yellow.png"]
+    moved_id = str((root / "album" / "blue renamed.png").resolve())
+    np.testing.assert_array_equal(index.embeddings([moved_id])[0], blue_vector)  # kept, not re-embedded
+    assert index.get([moved_id])[0]["path"] == moved_id
+    expected = clipkit.encode([root / "red.png"], model=tiny_model)[0]
+    np.testing.assert_allclose(index.embeddings([str((root / "red.png").resolve())])[0], expected, atol=1e-5)
+    # a copy (not a move) of an indexed file is a new item of its own
+    (root / "yellow copy.png").write_bytes((root / "yellow.png").read_bytes())
+    assert index.sync_folder(root, tiny_model).added == 1 and len(index) == 5
+
+
+def test_cli_check_changes_nothing_and_skipped_log(hostile, tmp_path, tiny_ckpt, capsys):
+    root, good, bad = hostile
+    index_path = tmp_path / "photos.clipkit"
+    common = ["--exclude", "cache", "--exclude", "*.tmp.png"]
+    assert main(["index", str(root), "--index", str(index_path), "--check", *common]) == 0
+    assert f"{len(good) + len(bad)} image file(s) would be indexed" in capsys.readouterr().out
+    assert not index_path.exists()
+    log = tmp_path / "skipped.jsonl"
+    assert main(["index", str(root), "--index", str(index_path), "--model", "clipkit-tiny", "--pretrained",
+                 str(tiny_ckpt), "--skipped-log", str(log), *common]) == 0
+    out = capsys.readouterr().out
+    assert f"indexed {len(good)} image(s)" in out and f"{len(bad)} skipped (" in out
+    assert "2 not an image" in out and "1 empty file" in out and "1 too many pixels" in out
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {Path(entry["path"]) for entry in logged} == set(bad) and all(entry["reason"] for entry in logged)
+
+    (root / "plain.jpg").unlink()
+    stamp = (index_path / DB_FILE).stat().st_mtime_ns
+    assert main(["index", str(root), "--index", str(index_path), "--check", *common]) == 0
+    out = capsys.readouterr().out
+    assert "remove 1" in out and "removed: " in out and (index_path / DB_FILE).stat().st_mtime_ns == stamp
+    # a hit whose file name holds a newline still prints as valid JSON
+    assert main(["search", "an orange square", "--index", str(index_path), "-k", str(len(good)), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert str(root.resolve() / "new\nline.jpg") in {h["id"] for h in hits}
+
+
+def test_sigkill_mid_index_then_rerun_equals_a_clean_run(tmp_path, tiny_ckpt):
+    from clipkit.data.synthetic import write_synthetic
+
+    photos = tmp_path / "photos"
+    write_synthetic(photos, 600, seed=5, layout="folder", workers=1, progress=False)
+    args = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--batch-size", "2", "--workers", "1"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    killed = tmp_path / "killed.clipkit"
+    command = [sys.executable, "-m", "clipkit", "-q", "index", str(photos), "--index", str(killed), *args]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    count = 0
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if (killed / DB_FILE).exists():
+            try:
+                with sqlite3.connect(f"file:{killed / DB_FILE}?mode=ro", uri=True) as db:
+                    count = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            except sqlite3.Error:
+                count = 0
+            if count >= 40:
+                process.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert 40 <= count < 600
+
+    rerun = subprocess.run([sys.executable, "-m", "clipkit", "index", str(photos), "--index", str(killed), *args],
+                           env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    embedded = int(rerun.stdout.split("indexed ")[1].split()[0])
+    assert embedded <= 600 - count + 2  # resumed: at most the batch in flight is redone
+
+    clean = tmp_path / "clean.clipkit"
+    assert main(["-q", "index", str(photos), "--index", str(clean), *args]) == 0
+    resumed, fresh = Index.load(killed), Index.load(clean)
+    assert sorted(resumed.ids()) == sorted(fresh.ids()) and len(resumed) == 600
+    ids = fresh.ids()
+    np.testing.assert_allclose(resumed.embeddings(ids), fresh.embeddings(ids), atol=1e-5)
+
+
+def test_truncated_store_is_refused_with_advice(tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(40):
+        draw_shape("red", "circle", (32, 32), seed=i).save(photos / f"{i}.png")
+    index = Index(tiny_model.dim, model=tiny_model)
+    index.save(tmp_path / "ix")
+    index.sync_folder(photos, tiny_model)
+    index.save()
+    index.close()
+    db_path = tmp_path / "ix" / DB_FILE
+    for suffix in ("-wal", "-shm"):
+        Path(str(db_path) + suffix).unlink(missing_ok=True)
+    data = db_path.read_bytes()
+    db_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BrokenIndexError, match="truncated|damaged"):
+        Index.load(tmp_path / "ix")
+    assert main(["search", "red", "--index", str(tmp_path / "ix")]) == 2
