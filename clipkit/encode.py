@@ -148,11 +148,6 @@ def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *
         yield (torch.stack(rows) if rows else torch.empty(0)), positions, failures
 
 
-def _text_batches(texts: Sequence[str], batch_size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(texts), batch_size):
-        yield texts[start:start + batch_size]
-
-
 def encode(inputs: Iterable | None = None, *, texts: Iterable[str] | None = None,
            images: Iterable | None = None, model: Model | str | None = None, batch_size: int = 64,
            progress: bool | None = False, workers: int | None = None) -> np.ndarray:
@@ -189,14 +184,25 @@ def encode(inputs: Iterable | None = None, *, texts: Iterable[str] | None = None
 
 
 def encode_texts(texts: Sequence[str], model: Model, batch_size: int = 64, progress: bool | None = False) -> np.ndarray:
+    """Text embeddings; captions are batched by token length, so each batch runs only as far as its
+    longest caption (exact for CLIP's causal text tower, see `Model.encode_text`)."""
     out = np.empty((len(texts), model.dim), dtype=np.float32)
-    done = 0
+    if not len(texts):
+        return out
+    tokens = model.tokenize(texts)
+    order = torch.argsort(_token_lengths(tokens), stable=True)
     with tqdm(total=len(texts), disable=_no_bar(progress), unit="text", desc="encoding texts") as bar:
-        for batch in _text_batches(texts, batch_size):
-            out[done:done + len(batch)] = model.encode_text(batch).cpu().numpy()
-            done += len(batch)
-            bar.update(len(batch))
+        for start in range(0, len(texts), batch_size):
+            rows = order[start:start + batch_size]
+            out[rows.numpy()] = model.encode_text(tokens[rows]).cpu().numpy()
+            bar.update(len(rows))
     return out
+
+
+def _token_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """Positions up to each row's last non-padding token (padding is id 0 in open_clip's tokenizers)."""
+    positions = torch.arange(1, tokens.shape[1] + 1).expand_as(tokens)
+    return (positions * (tokens != 0)).max(dim=1).values
 
 
 def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress: bool | None = False,

@@ -91,19 +91,9 @@ def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tenso
             return tower(text)
         finally:
             tower.output_tokens = previous
-    from open_clip.transformer import text_global_pool
+    from clipkit.models import text_forward
 
-    cast_dtype = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(text).to(cast_dtype) + clip.positional_embedding.to(cast_dtype)
-    x = clip.transformer(x, attn_mask=clip.attn_mask)
-    states = clip.ln_final(x)
-    pooled = text_global_pool(states, text, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-    if isinstance(pooled, tuple):
-        pooled = pooled[0]
-    projection = clip.text_projection
-    if projection is not None:
-        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
-    return pooled, states
+    return text_forward(clip, text)
 
 
 def padding_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:

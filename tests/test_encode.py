@@ -126,3 +126,29 @@ def test_missing_and_broken_image_files(tmp_path, tiny_model):
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     with pytest.raises(ImageReadError, match="cannot read image"):
         clipkit.encode([broken], model=tiny_model)
+
+
+def test_fast_text_path_is_exact_for_vit_b_32_and_falls_back_where_it_cannot_be():
+    """Running the tower only to the longest caption equals open_clip's full-context encode_text."""
+    from clipkit.models import exact_text_length
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32", pretrained=None).eval()  # random weights: exactness, not quality
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    words = "a small red circle sits left of two big blue squares near the green triangle".split()
+    short = [" ".join(words[:n]) for n in range(4, 15)]
+    model = clipkit.models.Model(name="ViT-B-32", pretrained=None, clip=clip, preprocess=None, tokenizer=tokenizer,
+                                 device=torch.device("cpu"), dim=512, image_size=224, context_length=77,
+                                 fingerprint="random")
+    for texts in (short, short + LONG):
+        tokens = tokenizer(texts)
+        with torch.no_grad():
+            expected = F.normalize(clip.encode_text(tokens), dim=-1).numpy()
+        np.testing.assert_allclose(clipkit.encode(texts, model=model, batch_size=4), expected, atol=1e-4)
+    assert exact_text_length(clip, tokenizer(short)) == 16  # start + 14 words + end, not 77
+    # where cutting is not exact, every position is used
+    clip.text_pool_type = "last"
+    assert exact_text_length(clip, tokenizer(short)) is None
+    clip.text_pool_type = "argmax"
+    clip.attn_mask = None  # bidirectional attention: padding positions reach the pooled token
+    assert exact_text_length(clip, tokenizer(short)) is None

@@ -1,0 +1,213 @@
+"""Throughput side by side: clipkit vs open_clip's stock usage, same weights, batch size and threads, one run.
+
+    python benchmarks/throughput.py [--models clipkit-demo ViT-B-32] [--json throughput.json] [--quick]
+
+Each row times clipkit's path and the baseline a user would otherwise write, interleaved (A, B, A, B,
+...) and reports the median of each and their ratio, so a noisy shared machine moves both alike:
+
+- text (short): 4-14 word captions; baseline `model.encode_text(tokenizer(texts))` per batch
+- text (77 tokens): captions that fill the context
+- image: in-memory PIL images; baseline `encode_image(torch.stack([preprocess(im) ...]))`
+- folder index: JPEG files -> index, end to end; baseline a plain loop (PIL open, preprocess, encode,
+  FAISS IndexFlatIP.add); also reported against the bare forward on pre-decoded tensors (the bound)
+- search: clipkit Index.search (ids + metadata lookup) vs a bare FAISS IndexFlatIP, batched queries
+- ITM re-ranking (models with an ITM head): queries/s re-ranking 32 candidates
+- GEMM: float32 matmul FLOP/s at the same threads, for context
+
+ViT-B-32 runs with random weights (speed does not depend on them). Prints a markdown table and
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clipkit
+from clipkit.data.synthetic import render, scenes
+from clipkit.models import Model, load_model
+
+WORDS = ("a small red circle sits left of two big blue squares near the green triangle under one yellow "
+         "star beside a purple heart").split()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def side_by_side(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, measured interleaved after one warm-up call of each."""
+    ours(), theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        a += timed(ours, 1)
+        b += timed(theirs, 1)
+    return statistics.median(a), statistics.median(b)
+
+
+def get_model(name: str) -> Model:
+    if name == "clipkit-demo":
+        return load_model(name, device="cpu")
+    torch.manual_seed(0)
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    clip.eval()
+    return Model(name=name, pretrained=None, clip=clip, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name),
+                 device=torch.device("cpu"), dim=clip.text_projection.shape[1], image_size=clip.visual.image_size[0],
+                 context_length=clip.context_length, fingerprint="random")
+
+
+def sample_images(n: int, size: int) -> list[Image.Image]:
+    specs = scenes(n, seed=0, split="test")
+    return [render(spec, size=size) for spec in specs]
+
+
+def rows_for(name: str, quick: bool) -> list[dict]:
+    model = get_model(name)
+    clip, tokenizer, preprocess = model.clip, model.tokenizer, model.preprocess
+    big = name != "clipkit-demo"
+    batch = 32 if big else 128
+    repeats = 3 if quick else 5
+    rows = []
+
+    def row(what, ours_s, theirs_s, count, unit, baseline="stock open_clip"):
+        rows.append({"model": name, "row": what, "clipkit_per_s": round(count / ours_s, 1),
+                     "baseline_per_s": round(count / theirs_s, 1), "ratio": round(theirs_s / ours_s, 2),
+                     "unit": unit, "baseline": baseline})
+
+    rng = np.random.default_rng(0)
+    n_text = 256 if big else 1024
+    short = [" ".join(WORDS[: rng.integers(4, 15)]) for _ in range(n_text)]
+    long = [" ".join(WORDS * 4) for _ in range(n_text // 4)]
+
+    def stock_text(texts):
+        def run():
+            with torch.inference_mode():
+                for s in range(0, len(texts), batch):
+                    F.normalize(clip.encode_text(tokenizer(texts[s:s + batch])), dim=-1)
+        return run
+
+    def ours_text(texts):
+        return lambda: clipkit.encode(texts, model=model, batch_size=batch)
+
+    row("text, short captions", *side_by_side(ours_text(short), stock_text(short), repeats), len(short), "texts/s")
+    row("text, 77 tokens", *side_by_side(ours_text(long), stock_text(long), repeats), len(long), "texts/s")
+
+    n_images = 64 if big else 512
+    images = sample_images(n_images, 256 if big else 96)
+
+    def stock_images():
+        with torch.inference_mode():
+            for s in range(0, len(images), batch):
+                F.normalize(clip.encode_image(torch.stack([preprocess(im) for im in images[s:s + batch]])), dim=-1)
+
+    row("image, in memory", *side_by_side(lambda: clipkit.encode(images, model=model, batch_size=batch),
+                                          stock_images, repeats), n_images, "images/s")
+
+    pixels = torch.stack([preprocess(im) for im in images])
+
+    def bare_forward():
+        with torch.inference_mode():
+            for s in range(0, len(pixels), batch):
+                clip.encode_image(pixels[s:s + batch])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for i, im in enumerate(images):
+            im.save(folder / f"{i:05d}.jpg", quality=90)
+        files = sorted(folder.glob("*.jpg"))
+
+        def ours_folder():
+            clipkit.Index.from_folder(folder, model, batch_size=batch)
+
+        def plain_folder():
+            index = faiss.IndexFlatIP(model.dim)
+            with torch.inference_mode():
+                for s in range(0, len(files), batch):
+                    x = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files[s:s + batch]])
+                    index.add(F.normalize(clip.encode_image(x), dim=-1).numpy())
+
+        ours_s, theirs_s = side_by_side(ours_folder, plain_folder, repeats)
+        row("folder index, end to end", ours_s, theirs_s, n_images, "images/s", "plain PIL + open_clip + FAISS loop")
+        bound_s = statistics.median(timed(bare_forward, repeats))
+        rows.append({"model": name, "row": "folder index vs bare forward (bound)",
+                     "clipkit_per_s": round(n_images / ours_s, 1), "baseline_per_s": round(n_images / bound_s, 1),
+                     "ratio": round(bound_s / ours_s, 2), "unit": "images/s", "baseline": "bare encode_image on tensors"})
+
+    n_items, n_queries = 50_000, 1024
+    vectors = rng.standard_normal((n_items, model.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.integers(0, n_items, n_queries)] + 0.1 * rng.standard_normal((n_queries, model.dim)).astype(
+        np.float32)
+    index = clipkit.Index.from_embeddings(vectors)
+    flat = faiss.IndexFlatIP(model.dim)
+    flat.add(vectors)
+    row(f"search, {n_items} items, k=10", *side_by_side(lambda: index.search(queries, 10),
+                                                        lambda: flat.search(queries, 10), repeats),
+        n_queries, "queries/s", "bare FAISS IndexFlatIP")
+
+    if model.itm is not None:
+        from clipkit.search import rerank_hits, Hit
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = []
+            for i, im in enumerate(images[:32]):
+                paths.append(Path(tmp) / f"{i}.png")
+                im.save(paths[-1])
+            hits = [Hit(id=i, score=0.5, path=str(p)) for i, p in enumerate(paths)]
+            seconds = statistics.median(timed(lambda: rerank_hits("a red circle", "text",
+                                                                  [Hit(h.id, h.score, h.path, {}) for h in hits],
+                                                                  model), repeats))
+        rows.append({"model": name, "row": "ITM re-rank, 32 candidates", "clipkit_per_s": round(1 / seconds, 1),
+                     "baseline_per_s": None, "ratio": None, "unit": "queries/s", "baseline": "none"})
+    return rows
+
+
+def gemm_flops(repeats: int = 5) -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b, repeats))
+    return 2 * 1024 ** 3 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["clipkit-demo", "ViT-B-32"])
+    parser.add_argument("--json", default="throughput.json")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models:
+        rows += rows_for(name, args.quick)
+    flops = gemm_flops()
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "gemm_gflops": round(flops / 1e9, 1),
+               "cuda": torch.cuda.is_available(), "faiss_gpus": faiss.get_num_gpus()}
+    print(f"machine: {machine}")
+    print("| model | row | clipkit | baseline | ratio | unit | baseline is |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['row']} | {r['clipkit_per_s']} | {r['baseline_per_s']} | {r['ratio']} | "
+              f"{r['unit']} | {r['baseline']} |")
+    Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
