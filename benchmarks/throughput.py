@@ -11,6 +11,8 @@ Each row times clipkit's path and the baseline a user would otherwise write, int
 - folder index: JPEG files -> index, end to end; baseline a plain loop (PIL open, preprocess, encode,
   FAISS IndexFlatIP.add); also reported against the bare forward on pre-decoded tensors (the bound)
 - search: clipkit Index.search (ids + metadata lookup) vs a bare FAISS IndexFlatIP, batched queries
+- ANN: `index_type="auto"` on 200k embedding-like 256-d vectors vs exact flat: queries/s, recall@10,
+  build time, bytes per vector
 - ITM re-ranking (models with an ITM head): queries/s re-ranking 32 candidates
 - GEMM: float32 matmul FLOP/s at the same threads, for context
 
@@ -181,6 +183,31 @@ def rows_for(name: str, quick: bool) -> list[dict]:
     return rows
 
 
+def ann_rows(n: int, dim: int = 256, n_queries: int = 2000) -> list[dict]:
+    """`index_type="auto"` on embedding-like vectors (a mixture of 2,000 clusters) vs exact flat search."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((2000, dim)).astype(np.float32)
+
+    def sample(count):
+        x = centers[rng.integers(0, 2000, count)] + 1.2 * rng.standard_normal((count, dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    base, queries = sample(n), sample(n_queries)
+    start = time.perf_counter()
+    auto = clipkit.Index.from_embeddings(base, index_type="auto")
+    build_s = time.perf_counter() - start
+    exact = clipkit.Index.from_embeddings(base)
+    truth = exact.search(queries, 10)[1]
+    found = auto.search(queries, 10)[1]
+    recall = float(np.mean([len(set(t.tolist()) & set(f.tolist())) / 10 for t, f in zip(truth, found)]))
+    ours_s, flat_s = side_by_side(lambda: auto.search(queries, 10), lambda: exact.search(queries, 10), 3)
+    size = len(faiss.serialize_index(auto._faiss))
+    return [{"model": f"{n} x {dim}-d", "row": f"ANN auto ({auto.structure}) vs exact, k=10",
+             "clipkit_per_s": round(n_queries / ours_s, 1), "baseline_per_s": round(n_queries / flat_s, 1),
+             "ratio": round(flat_s / ours_s, 2), "unit": "queries/s", "baseline": "exact flat (clipkit)",
+             "recall_at_10": round(recall, 4), "build_s": round(build_s, 1), "bytes_per_vector": round(size / n, 1)}]
+
+
 def gemm_flops(repeats: int = 5) -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
@@ -193,10 +220,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["clipkit-demo", "ViT-B-32"])
     parser.add_argument("--json", default="throughput.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--ann-size", type=int, default=200_000, help="vectors for the ANN row (0: skip it)")
     args = parser.parse_args()
     rows = []
     for name in args.models:
         rows += rows_for(name, args.quick)
+    if args.ann_size:
+        rows += ann_rows(args.ann_size)
     flops = gemm_flops()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "gemm_gflops": round(flops / 1e9, 1),
@@ -206,6 +236,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['row']} | {r['clipkit_per_s']} | {r['baseline_per_s']} | {r['ratio']} | "
               f"{r['unit']} | {r['baseline']} |")
+    for r in rows:
+        if "recall_at_10" in r:
+            print(f"ANN: recall@10 {r['recall_at_10']} against exact, build {r['build_s']} s, "
+                  f"{r['bytes_per_vector']} bytes per vector")
     Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 

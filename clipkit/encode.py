@@ -19,8 +19,13 @@ from clipkit.models import Model, load_model
 TEXT, IMAGE = "text", "image"
 
 
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def default_workers(device: torch.device | str | None = None) -> int:
+    """Image decoding threads: up to 8; for a model on the CPU only the cores its own threads leave free
+    (0: decode inline), since decoding threads there would take cores from the forward pass."""
+    cores = os.cpu_count() or 1
+    if device is not None and torch.device(device).type == "cpu":
+        return max(0, min(8, cores - torch.get_num_threads()))
+    return max(1, min(8, cores))
 
 
 def as_model(model: Model | str | None) -> Model:
@@ -100,6 +105,16 @@ def load_image(item: Any) -> Image.Image:
     return read_image(Path(item))
 
 
+class _Inline:
+    """A call made when its result is asked for, shaped like a Future (decoding without threads)."""
+
+    def __init__(self, fn: Callable, item: Any):
+        self.fn, self.item = fn, item
+
+    def result(self):
+        return self.fn(self.item)
+
+
 def _prefetch(items: Sequence, fn: Callable, executor: Executor, depth: int) -> Iterator:
     """fn(item) for each item, in order, with up to `depth` calls running ahead in `executor`."""
     pending: collections.deque = collections.deque()
@@ -117,7 +132,7 @@ def _prefetch(items: Sequence, fn: Callable, executor: Executor, depth: int) -> 
 
 
 def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *, skip_errors: bool = False,
-                       workers: int | None = None
+                       workers: int | None = None, device: torch.device | str | None = None
                        ) -> Iterator[tuple[torch.Tensor, list[int], list[tuple[int, str, str]]]]:
     """Decode and preprocess `items` in background threads, yielding full batches.
 
@@ -128,12 +143,14 @@ def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *
     def prepare(item):
         return preprocess(load_image(item))
 
-    workers = workers or default_workers()
+    workers = default_workers(device) if workers is None else workers
     rows: list[torch.Tensor] = []
     positions: list[int] = []
     failures: list[tuple[int, str, str]] = []
-    with ThreadPoolExecutor(max_workers=workers) as executor:
-        for position, future in enumerate(_prefetch(items, prepare, executor, depth=max(2 * batch_size, workers))):
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as executor:
+        results = (_prefetch(items, prepare, executor, depth=max(2 * batch_size, workers)) if workers
+                   else (_Inline(prepare, item) for item in items))
+        for position, future in enumerate(results):
             try:
                 rows.append(future.result())
                 positions.append(position)
@@ -209,7 +226,8 @@ def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress
                   workers: int | None = None) -> np.ndarray:
     out = np.empty((len(images), model.dim), dtype=np.float32)
     with tqdm(total=len(images), disable=_no_bar(progress), unit="img", desc="encoding images") as bar:
-        for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, workers=workers):
+        for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, workers=workers,
+                                                       device=model.device):
             out[positions] = model.encode_image(pixels).cpu().numpy()
             bar.update(len(positions))
     return out

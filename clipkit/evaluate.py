@@ -55,7 +55,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
     start = time.perf_counter()
     image_emb = np.empty((len(data.images), model.dim), np.float32)
     patch_states = [] if rerank else None
-    for pixels, positions, _ in iter_image_batches(data.images, model.preprocess, batch_size):
+    for pixels, positions, _ in iter_image_batches(data.images, model.preprocess, batch_size, device=model.device):
         pixels = pixels.to(model.device)
         image_emb[positions] = model.encode_image(pixels).cpu().numpy()
         if rerank:

@@ -147,10 +147,20 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
 class Index:
     """Nearest-neighbour search over unit-norm embeddings with per-item metadata."""
 
-    def __init__(self, dim: int, *, model=None, model_info: dict | None = None):
+    def __init__(self, dim: int, *, model=None, model_info: dict | None = None, index_type: str = "flat",
+                 target_recall: float = 0.95, memory_budget: int | None = None):
+        """An empty index of `dim`-d vectors.
+
+        `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then IVF chosen by size and
+        `memory_budget`, its nprobe tuned at build time so recall@10 against exact stays >= `target_recall`),
+        or any FAISS factory string ("IVF1024,Flat", "HNSW32", "IVF4096,PQ32", ...), tuned the same way.
+        """
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
+        _check_index_type(index_type, int(dim))
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
         self.model = model  # the live Model, when known (not persisted)
         self.path: Path | None = None
         self.last_sync: SyncReport | None = None
@@ -165,6 +175,9 @@ class Index:
             self._set_info("dim", self.dim)
             self._set_info("model", info)
             self._set_info("generation", 0)
+            self._set_info("index_type", index_type)
+            self._set_info("target_recall", target_recall)
+            self._set_info("memory_budget", memory_budget)
         self._faiss = self._new_faiss()
         self._gpu = None
 
@@ -172,18 +185,23 @@ class Index:
 
     @classmethod
     def from_embeddings(cls, embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None,
-                        *, model=None) -> "Index":
-        """An index over `embeddings` (N, D); ids default to 0..N-1; metadata is one dict per row."""
+                        *, model=None, index_type: str = "flat", **options) -> "Index":
+        """An index over `embeddings` (N, D); ids default to 0..N-1; metadata is one dict per row.
+
+        `index_type` and `options` (target_recall, memory_budget) as for `Index(...)`.
+        """
         array = np.asarray(embeddings)
         if array.ndim != 2 or array.shape[0] == 0:
             raise ValueError(f"embeddings must be a non-empty 2-D array (N, D), got shape {array.shape}")
-        index = cls(array.shape[1], model=model)
+        index = cls(array.shape[1], model=model, index_type=index_type, **options)
         index.add(array, ids=ids, metadata=metadata)
+        if index_type != "flat":
+            index.build()
         return index
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
-                    progress: bool | None = None) -> "Index":
+                    progress: bool | None = None, index_type: str = "flat", **options) -> "Index":
         """Embed every image under `folder` (recursively); unreadable files are skipped and logged.
 
         The report of what was indexed and skipped is in `index.last_sync`.
@@ -191,8 +209,10 @@ class Index:
         from clipkit.encode import as_model
 
         model = as_model(model)
-        index = cls(model.dim, model=model)
+        index = cls(model.dim, model=model, index_type=index_type, **options)
         index.sync_folder(folder, model, batch_size=batch_size, workers=workers, progress=progress)
+        if index_type != "flat":
+            index.build()
         return index
 
     # -- storage ----------------------------------------------------------------------------
@@ -244,7 +264,78 @@ class Index:
                 raise
 
     def _new_faiss(self) -> faiss.Index:
+        self._factory = "Flat"
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+
+    @property
+    def index_type(self) -> str:
+        return self._get_info("index_type", "flat")
+
+    @property
+    def structure(self) -> str:
+        """The FAISS structure in use now ("Flat", "IVF1024,Flat", ...) and its tuned search parameters."""
+        params = self._get_info("search_params") or {}
+        return self._factory + "".join(f" {k}={v}" for k, v in params.items())
+
+    def set_index_type(self, index_type: str, sample_queries: Any = None) -> None:
+        """Switch to another index type ("flat", "auto" or a FAISS factory string) and build it now."""
+        _check_index_type(index_type, self.dim)
+        if sample_queries is not None:
+            sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
+        with self._lock, self._db:  # a build that fails rolls the type back: the index stays as it was
+            self._set_info("index_type", index_type)
+            self._set_info("search_params", {})
+            self._faiss = self._rebuild_faiss(tune=True, sample_queries=sample_queries)
+            self._gpu = None
+
+    def build(self, sample_queries: Any = None) -> None:
+        """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
+
+        `sample_queries` (M, D), e.g. text embeddings of typical queries, tune nprobe/efSearch on the
+        queries this index will see; otherwise perturbed samples of the data are used.
+        Searches are exact until then for trained types; `add` after a build goes into the built structure.
+        """
+        if sample_queries is not None:
+            sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
+        with self._lock, self._db:
+            self._faiss = self._rebuild_faiss(tune=True, sample_queries=sample_queries)
+            self._gpu = None
+
+    def _build_from(self, vectors: np.ndarray, keys: np.ndarray, tune: bool,
+                    sample_queries: np.ndarray | None = None) -> faiss.Index:
+        factory = choose_structure(self.index_type, len(vectors), self.dim, self._get_info("memory_budget"))
+        self._set_info("planned_structure", factory)
+        if factory == "Flat":
+            index = self._new_faiss()
+            index.add_with_ids(vectors, keys)
+            if self._get_info("search_params"):
+                self._set_info("search_params", {})
+            return index
+        inner = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not inner.is_trained:
+            needed = _training_size(inner)
+            if len(vectors) < needed:
+                raise ValueError(f"index type {factory!r} needs at least {needed} vectors to train, the index has "
+                                 f"{len(vectors)}: add more, or use 'flat' or 'auto'")
+            sample = np.random.default_rng(0).permutation(len(vectors))[:max(needed, 256 * _nlist(inner))]
+            inner.train(vectors[np.sort(sample)])
+        index = faiss.IndexIDMap2(inner)
+        for start in range(0, len(vectors), 100_000):
+            index.add_with_ids(vectors[start:start + 100_000], keys[start:start + 100_000])
+        self._factory = factory
+        params = dict(self._get_info("search_params") or {})
+        if tune or not params:
+            params = tune_search(index, vectors, self._get_info("target_recall", 0.95), queries=sample_queries)
+            log.info("index %s tuned: %s", factory, params)
+            if self.index_type == "auto" and params.get("nprobe", 0) > _nlist(inner) // 8:
+                # the data has too little structure for IVF to pay: exact search is as fast and exact
+                log.info("%s needs nprobe=%s of %s lists for the target recall; using exact search", factory,
+                         params["nprobe"], _nlist(inner))
+                index, params = self._new_faiss(), {}
+                index.add_with_ids(vectors, keys)
+            self._set_info("search_params", params)  # committed by the caller's transaction (or build)
+        apply_search_params(index, params)
+        return index
 
     def __len__(self) -> int:
         return int(self._faiss.ntotal)
@@ -347,7 +438,10 @@ class Index:
         for start in range(0, len(keys), _SQL_CHUNK):
             chunk = keys[start:start + _SQL_CHUNK]
             self._db.execute(f"DELETE FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-        self._faiss.remove_ids(np.asarray(keys, dtype=np.int64))
+        try:
+            self._faiss.remove_ids(np.asarray(keys, dtype=np.int64))
+        except RuntimeError:  # structures without removal (HNSW): rebuild from the store, which has the truth
+            self._faiss = self._rebuild_faiss()
         self._gpu = None
 
     # -- queries ----------------------------------------------------------------------------
@@ -358,14 +452,20 @@ class Index:
             return self._faiss, None
         if self._gpu is None:
             inner = faiss.downcast_index(self._faiss.index)
-            resources = _gpu_resources()
-            self._gpu = (faiss.index_cpu_to_gpu(resources, 0, inner), faiss.vector_to_array(self._faiss.id_map))
+            try:
+                clone = faiss.index_cpu_to_gpu(_gpu_resources(), 0, inner)
+            except RuntimeError:  # a structure FAISS cannot put on the GPU (HNSW): search it on the CPU
+                self._gpu = (self._faiss, None)
+                return self._gpu
+            apply_search_params(clone, self._get_info("search_params") or {})
+            self._gpu = (clone, faiss.vector_to_array(self._faiss.id_map))
         return self._gpu
 
     def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: `(scores, ids)`, each `(n_queries, min(k, len(index)))`, best first.
 
-        Queries are normalised to unit length; `ids` are the ids given when the items were added.
+        Queries are normalised to unit length; `ids` are the ids given when the items were added. An
+        approximate structure (IVF) may find fewer than k: those slots hold id None and score -inf.
         """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -376,7 +476,8 @@ class Index:
                 return np.zeros((len(vectors), 0), np.float32), _ids_array([]).reshape(len(vectors), 0)
             searcher, position_to_key = self._searcher()
             scores, found = searcher.search(vectors, k)
-            keys = position_to_key[found] if position_to_key is not None else found
+            keys = np.where(found >= 0, position_to_key[found], -1) if position_to_key is not None else found
+            scores[found < 0] = -np.inf
             ids = self._ids_of(keys)
         return scores, ids
 
@@ -387,7 +488,7 @@ class Index:
             chunk = unique[start:start + _SQL_CHUNK]
             query = f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
             id_of.update(self._db.execute(query, chunk).fetchall())
-        flat = [id_of[int(k)] for k in keys.reshape(-1)]
+        flat = [id_of[int(k)] if k >= 0 else None for k in keys.reshape(-1)]
         return _ids_array(flat).reshape(keys.shape)
 
     def get(self, ids: Iterable) -> list[dict]:
@@ -578,7 +679,8 @@ class Index:
         with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="img",
                   desc="indexing") as bar:
             for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size,
-                                                                   skip_errors=True, workers=workers):
+                                                                   skip_errors=True, workers=workers,
+                                                                   device=model.device):
                 for position, reason, kind in failures:
                     report.skip(str(paths[position]), reason, kind)
                     log.info("skipped %s", reason)
@@ -632,13 +734,17 @@ class Index:
         with self._lock:
             if self.path is None or path.resolve() != self.path.resolve():
                 self._copy_db_to(path / DB_FILE)
+            if self.index_type == "auto" and self._get_info("planned_structure", "Flat") != choose_structure(
+                    "auto", len(self), self.dim, self._get_info("memory_budget")):
+                self.build()  # the collection outgrew (or shrank below) the structure chosen for it
             self._db.commit()
             generation = self.generation
             cpu_index = self._faiss
             atomic_write_with(path / FAISS_FILE, lambda tmp: faiss.write_index(cpu_index, tmp))
             atomic_write_json(path / CONFIG_FILE, {
                 "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
-                "dim": self.dim, "metric": METRIC, "index_type": "flat", "model": self.model_info,
+                "dim": self.dim, "metric": METRIC, "index_type": self.index_type, "structure": self._factory,
+                "search_params": self._get_info("search_params") or {}, "model": self.model_info,
                 "count": len(self), "faiss_generation": generation})
             self.path = path
         return path
@@ -702,6 +808,8 @@ class Index:
             try:
                 loaded = faiss.read_index(str(faiss_path))
                 if loaded.ntotal == count and loaded.d == self.dim:
+                    self._factory = config.get("structure", "Flat")
+                    apply_search_params(loaded, self._get_info("search_params") or {})
                     return loaded
             except RuntimeError as exc:
                 log.warning("%s is unreadable (%s); rebuilding it from %s", faiss_path, str(exc).splitlines()[0],
@@ -710,19 +818,26 @@ class Index:
             log.info("%s is missing or older than %s; rebuilding it", faiss_path, DB_FILE)
         return self._rebuild_faiss()
 
-    def _rebuild_faiss(self) -> faiss.Index:
-        rebuilt = self._new_faiss()
-        keys: list[int] = []
-        blobs: list[bytes] = []
-        for key, blob in self._db.execute("SELECT key, embedding FROM items ORDER BY key"):
-            keys.append(key)
-            blobs.append(blob)
-            if len(keys) == 10_000:
+    def _rebuild_faiss(self, tune: bool = False, sample_queries: np.ndarray | None = None) -> faiss.Index:
+        if self.index_type == "flat":
+            rebuilt = self._new_faiss()
+            keys: list[int] = []
+            blobs: list[bytes] = []
+            for key, blob in self._db.execute("SELECT key, embedding FROM items ORDER BY key"):
+                keys.append(key)
+                blobs.append(blob)
+                if len(keys) == 10_000:
+                    self._add_blobs(rebuilt, keys, blobs)
+                    keys, blobs = [], []
+            if keys:
                 self._add_blobs(rebuilt, keys, blobs)
-                keys, blobs = [], []
-        if keys:
-            self._add_blobs(rebuilt, keys, blobs)
-        return rebuilt
+            return rebuilt
+        rows = self._db.execute("SELECT key, embedding FROM items ORDER BY key").fetchall()
+        if any(len(blob) != 4 * self.dim for _, blob in rows):
+            raise BrokenIndexError(f"the store holds embeddings of the wrong size for dim {self.dim}; rebuild the index")
+        keys_array = np.asarray([key for key, _ in rows], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), self.dim)
+        return self._build_from(np.ascontiguousarray(vectors), keys_array, tune, sample_queries)
 
     def _add_blobs(self, target: faiss.Index, keys: list[int], blobs: list[bytes]) -> None:
         if any(len(b) != 4 * self.dim for b in blobs):
@@ -733,6 +848,108 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+FLAT_LIMIT = 50_000  # "auto" stays exact up to here: about a millisecond per query on a CPU core
+
+
+def _check_index_type(index_type: str, dim: int) -> None:
+    if not isinstance(index_type, str) or not index_type:
+        raise ValueError(f"index_type must be 'flat', 'auto' or a FAISS factory string, got {index_type!r}")
+    if index_type in ("flat", "auto"):
+        return
+    try:
+        faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown"
+        raise ValueError(f"index_type {index_type!r} is not 'flat', 'auto' or a FAISS factory string FAISS "
+                         f"accepts ({first})") from None
+
+
+def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | None = None) -> str:
+    """The FAISS factory string for `n` vectors: exact flat while small, IVF above FLAT_LIMIT.
+
+    IVF lists ~ 4 sqrt(n) (a power of two); the vectors stay uncompressed unless they would not fit
+    `memory_budget` bytes, and only then product quantisation (it costs text-to-image recall).
+    """
+    if index_type == "flat":
+        return "Flat"
+    if index_type != "auto":
+        return index_type
+    if n <= FLAT_LIMIT:
+        return "Flat"
+    nlist = int(min(65536, max(256, 2 ** round(np.log2(4 * np.sqrt(n))))))
+    if memory_budget is not None and n * dim * 4 > memory_budget:
+        code = max(1, memory_budget // n)
+        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, min(code, dim // 2)))
+        return f"IVF{nlist},PQ{m}"
+    return f"IVF{nlist},Flat"
+
+
+def _nlist(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 1
+
+
+def _training_size(index: faiss.Index) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    needed = 39 * int(ivf.nlist) if ivf is not None else 0  # FAISS's own minimum for k-means
+    return max(needed, 256 if "PQ" in type(faiss.downcast_index(index)).__name__ else 1)
+
+
+def apply_search_params(index: faiss.Index, params: dict) -> None:
+    """Set nprobe / efSearch on an index, through IDMap wrappers."""
+    if not params:
+        return
+    if "nprobe" in params:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = int(params["nprobe"])
+    if "efSearch" in params:
+        inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efSearch = int(params["efSearch"])
+
+
+def tune_search(index: faiss.Index, vectors: np.ndarray, target: float = 0.95, k: int = 10,
+                n_queries: int = 500, queries: np.ndarray | None = None) -> dict:
+    """The cheapest nprobe / efSearch whose recall@k against exact search reaches `target` (+0.01 margin).
+
+    `queries`: sample queries like the real ones (`Index.build(sample_queries=...)`), best; without
+    them, samples of the data perturbed to about 0.6 cosine of their source stand in.
+    """
+    rng = np.random.default_rng(1)
+    n, dim = len(vectors), vectors.shape[1]
+    count = min(n_queries, n)
+    if queries is None:  # stored vectors moved to ~0.6 cosine of themselves: near the data, not on it
+        queries = vectors[rng.choice(n, count, replace=False)]
+        queries = queries + 1.33 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(dim)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    truth = exact.search(queries, k)[1]
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
+    if ivf is not None:
+        name, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+                                  if v <= ivf.nlist] + [int(ivf.nlist)]
+    elif hasattr(inner, "hnsw"):
+        name, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
+    else:
+        return {}
+    id_map = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else None
+    best = values[-1]
+    for value in values:
+        apply_search_params(index, {name: value})
+        found = index.search(queries, k)[1]
+        if id_map is not None:  # truth holds positions; found holds ids, added in ascending order
+            found = np.where(found >= 0, np.searchsorted(id_map, found), -1)
+        recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])
+        if recall >= min(1.0, target + 0.01):
+            best = value
+            break
+    return {name: int(best)}
 
 
 def _hash_or_none(path: Path) -> str | None:

@@ -90,7 +90,9 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     if rerank:
         require_itm(model)
     scores, ids = index.search(vector[None, :], depth)
-    records = index.get(ids[0].tolist())
+    found = [i for i in ids[0].tolist() if i is not None]  # an approximate index may find fewer
+    scores = scores[:, :len(found)]
+    records = index.get(found)
     hits = [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata=record)
             for score, record in zip(scores[0], records)]
     if rerank:
@@ -113,7 +115,7 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0
             raise ValueError(f"re-ranking a text query needs image files, but item {missing[0]!r} has no path")
         states, positions = [], []
         for pixels, done, failures in iter_image_batches([Path(h.path) for h in hits], model.preprocess, 64,
-                                                         skip_errors=True):
+                                                         skip_errors=True, device=model.device):
             if done:
                 states.append(image_states(model, pixels))
                 positions += done

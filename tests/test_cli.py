@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import clipkit
+
 from clipkit.cli import main
 
 
@@ -79,3 +81,18 @@ def test_real_process_exit_codes_and_no_traceback(image_folder, tmp_path, tiny_a
     bad = subprocess.run([sys.executable, "-m", "clipkit", "search", "red", "--index", str(tmp_path / "nope")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_index_type_option(image_folder, tmp_path, tiny_args, capsys):
+    index_path = tmp_path / "typed"
+    assert main(["index", str(image_folder), "--index", str(index_path), "--index-type", "auto", *tiny_args]) == 0
+    assert "(Flat)" in capsys.readouterr().out
+    assert json.loads((index_path / "config.json").read_text())["index_type"] == "auto"
+    assert main(["index", str(image_folder), "--index", str(tmp_path / "b"), "--index-type", "IVF-x", *tiny_args]) == 2
+    assert "FAISS factory string" in capsys.readouterr().err
+    assert main(["index", str(image_folder), "--index", str(tmp_path / "c"), "--index-type", "IVF64,Flat",
+                 *tiny_args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs at least 2496 vectors" in err
+    kept = clipkit.Index.load(tmp_path / "c")  # the failed switch left a working flat index behind
+    assert kept.index_type == "flat" and len(kept) == 12 and kept.structure == "Flat"

@@ -534,7 +534,7 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
 def _nearest(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
     """The top `depth` items as Hits, each with its integer key in metadata['key'] (one thread hop)."""
     scores, ids = index.search(vector[None], depth)
-    ids = ids[0].tolist()
+    ids = [i for i in ids[0].tolist() if i is not None]  # an approximate index may find fewer
     records = index.get(ids)
     keys = index.keys(ids)
     return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata={**record, "key": key})
