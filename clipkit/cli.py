@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--index-type", default=None, metavar="TYPE",
                        help="flat (exact, the default), auto (exact while small, then IVF tuned to recall@10 >= 0.95),"
                             " or a FAISS factory string such as IVF4096,Flat or HNSW32")
+    index.add_argument("--shard", default=None, metavar="I/N",
+                       help="index only shard I of N of the folder (by path hash) into its own index; 'auto' takes "
+                            "I and N from torchrun's RANK and WORLD_SIZE. {rank} in --index is replaced by I. "
+                            "Merge the shards with `clipkit merge`")
     index.add_argument("--check", action="store_true",
                        help="report what an update would do (add, re-embed, move, remove) and change nothing")
 
@@ -88,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     from clipkit.train import add_arguments
 
     add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
+
+    merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
+    merge.add_argument("out", help="the merged index folder to write (must not exist)")
+    merge.add_argument("parts", nargs="+", help="index folders to merge")
+    merge.add_argument("--index-type", default="flat", metavar="TYPE", help="flat, auto or a FAISS factory string")
 
     serve = commands.add_parser("serve", help="HTTP search API (clip-retrieval compatible) and web page")
     serve.add_argument("--index", action="append", default=None, metavar="[NAME=]PATH",
@@ -140,10 +149,11 @@ def cmd_index(args) -> int:
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder not found: {folder}" if not folder.exists() else f"not a folder: {folder}")
-    index_path = Path(args.index)
+    shard = _parse_shard(args.shard) if args.shard else None
+    index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     existing = Index.load(index_path) if index_path.exists() else None
     if args.check:
-        return _check_index(existing, folder, index_path, args.exclude)
+        return _check_index(existing, folder, index_path, args.exclude, shard)
     if existing is not None and args.model is None:
         info = existing.model_info or {}
         model = load_model(info.get("name", DEFAULT_MODEL), info.get("pretrained"), device=args.device)
@@ -156,7 +166,7 @@ def cmd_index(args) -> int:
         index = Index(model.dim, model=model)
         index.save(index_path)  # attach first: every finished batch is then committed to disk
     report = index.sync_folder(folder, model, batch_size=args.batch_size, workers=args.workers,
-                               progress=_progress(args), exclude=args.exclude)
+                               progress=_progress(args), exclude=args.exclude, shard=shard)
     if args.index_type is not None and (args.index_type != index.index_type or existing is None):
         index.set_index_type(args.index_type)
     index.save()
@@ -177,6 +187,37 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _parse_shard(text: str) -> tuple[int, int]:
+    if text == "auto":
+        rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if rank is None or world is None:
+            raise UsageError("--shard auto needs RANK and WORLD_SIZE (run it under torchrun), or give --shard I/N")
+        text = f"{rank}/{world}"
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard must be I/N (such as 0/4) or auto, got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def cmd_merge(args) -> int:
+    from clipkit.index import Index
+
+    out = Path(args.out)
+    if out.exists():
+        raise ValueError(f"{out} already exists; merge into a new folder")
+    for part in args.parts:
+        if not Path(part).exists():
+            raise FileNotFoundError(f"no index at {part}")
+    merged = Index.merge(args.parts, index_type=args.index_type)
+    merged.save(out)
+    if not args.quiet:
+        print(f"merged {len(args.parts)} index(es): {len(merged)} items in {out} ({merged.structure})")
+    return 0
+
+
 def _skipped_summary(report) -> str:
     if not report.skipped:
         return "0 skipped"
@@ -184,15 +225,15 @@ def _skipped_summary(report) -> str:
     return f"{len(report.skipped)} skipped ({kinds})"
 
 
-def _check_index(existing, folder: Path, index_path: Path, exclude: list[str]) -> int:
+def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], shard) -> int:
     """`clipkit index --check`: what an update would do; nothing is written."""
-    from clipkit.data.folder import scan_images
+    from clipkit.index import Index
 
     if existing is None:
-        count = len(scan_images(folder, exclude=exclude))
+        count = len(Index(1).plan_folder(folder, exclude=exclude, shard=shard).new)
         print(f"no index at {index_path} yet: {count} image file(s) would be indexed")
         return 0
-    plan = existing.plan_folder(folder, exclude=exclude)
+    plan = existing.plan_folder(folder, exclude=exclude, shard=shard)
     summary = plan.summary()
     print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
           f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(summary)}")
@@ -318,7 +359,7 @@ def cmd_train(args) -> int:
 
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
-            "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve}
+            "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -214,6 +215,36 @@ class Index:
         if index_type != "flat":
             index.build()
         return index
+
+    @classmethod
+    def merge(cls, parts: Sequence["Index | str | os.PathLike"], *, index_type: str = "flat",
+              chunk: int = 50_000, **options) -> "Index":
+        """One index holding every item of `parts` (indexes or index folders), e.g. the shards written
+        by `clipkit index --shard i/n`. They must share the model and dimension; an id found in two
+        parts is a ValueError. Items keep their ids, metadata and embeddings (nothing is re-embedded).
+        """
+        loaded = [p if isinstance(p, Index) else Index.load(p) for p in parts]
+        if not loaded:
+            raise ValueError("nothing to merge: give at least one index")
+        first = loaded[0]
+        for position, part in enumerate(loaded[1:], 1):
+            if part.dim != first.dim:
+                raise ValueError(f"part {position} holds {part.dim}-d embeddings, part 0 {first.dim}-d ones")
+            if (part.model_info or {}).get("fingerprint") != (first.model_info or {}).get("fingerprint"):
+                raise ModelMismatchError(f"part {position} was built by another model than part 0 "
+                                         f"({(part.model_info or {}).get('name')} vs {(first.model_info or {}).get('name')})")
+        merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type, **options)
+        for part in loaded:
+            ids = part.ids()
+            for start in range(0, len(ids), chunk):
+                batch = ids[start:start + chunk]
+                records = part.get(batch)
+                for record in records:
+                    record.pop("id")
+                merged.add(part.embeddings(batch), ids=batch, metadata=records)
+        if index_type != "flat":
+            merged.build()
+        return merged
 
     # -- storage ----------------------------------------------------------------------------
 
@@ -593,16 +624,22 @@ class Index:
 
     # -- folders ----------------------------------------------------------------------------
 
-    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = ()) -> SyncPlan:
+    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
+                    shard: tuple[int, int] | None = None) -> SyncPlan:
         """What `sync_folder` would do, without changing anything (`clipkit index --check`).
 
         A file is unchanged when its size and mtime match what was indexed. A new file with the size
         and content hash of a file that is gone is that file renamed or moved: it keeps its embedding.
+        `shard=(i, n)`: only the files of shard i of n (by a hash of the path under `folder`), for
+        indexing one folder from n processes or machines into n indexes merged later (`Index.merge`).
         """
         root = Path(folder).resolve()
         plan = SyncPlan(root=root)
         known = self._known_files(root)
-        for path in scan_images(root, exclude=exclude):
+        files = scan_images(root, exclude=exclude)
+        if shard is not None:
+            files = [p for p in files if shard_of(p.relative_to(root).as_posix(), shard[1]) == shard[0]]
+        for path in files:
             try:
                 stat = path.stat()
             except OSError as exc:
@@ -645,7 +682,7 @@ class Index:
 
     def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
                     workers: int | None = None, progress: bool | None = None,
-                    exclude: Sequence[str] = ()) -> SyncReport:
+                    exclude: Sequence[str] = (), shard: tuple[int, int] | None = None) -> SyncReport:
         """Bring the index up to date with the images under `folder` (see `plan_folder`).
 
         New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed,
@@ -660,7 +697,7 @@ class Index:
         if self.model_info is None:
             with self._lock, self._db:
                 self._set_info("model", model.info)
-        plan = self.plan_folder(folder, exclude=exclude)
+        plan = self.plan_folder(folder, exclude=exclude, shard=shard)
         report = plan.report
         report.unchanged = plan.unchanged
         if plan.moved:
@@ -848,6 +885,11 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def shard_of(relative_path: str, shards: int) -> int:
+    """The shard (0..shards-1) a file belongs to: a stable hash of its path relative to the folder."""
+    return zlib.crc32(relative_path.encode("utf-8", "surrogateescape")) % shards
 
 
 FLAT_LIMIT = 50_000  # "auto" stays exact up to here: about a millisecond per query on a CPU core
