@@ -159,10 +159,18 @@ def iter_image_batches(items: Sequence, preprocess: Callable, batch_size: int, *
                     raise
                 failures.append((position, str(exc), failure_kind(exc)))
             if len(rows) == batch_size:
-                yield torch.stack(rows), positions, failures
+                yield _batch(rows, device), positions, failures
                 rows, positions, failures = [], [], []
     if rows or failures:
-        yield (torch.stack(rows) if rows else torch.empty(0)), positions, failures
+        yield (_batch(rows, device) if rows else torch.empty(0)), positions, failures
+
+
+def _batch(rows: list[torch.Tensor], device) -> torch.Tensor:
+    """Stacked; in pinned memory when it is going to a GPU, so the copy overlaps with compute."""
+    pixels = torch.stack(rows)
+    if device is not None and torch.device(device).type == "cuda":
+        pixels = pixels.pin_memory()
+    return pixels
 
 
 def encode(inputs: Iterable | None = None, *, texts: Iterable[str] | None = None,

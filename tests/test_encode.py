@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,14 @@ def test_fast_text_path_is_exact_for_vit_b_32_and_falls_back_where_it_cannot_be(
     clip.text_pool_type = "argmax"
     clip.attn_mask = None  # bidirectional attention: padding positions reach the pooled token
     assert exact_text_length(clip, tokenizer(short)) is None
+
+
+def test_mixed_precision_only_on_cuda(tiny_model):
+    import contextlib
+
+    assert isinstance(tiny_model.autocast(), contextlib.nullcontext)  # CPU: float32, exact against open_clip
+    from clipkit.encode import _batch, default_workers
+
+    rows = [torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]
+    assert not _batch(rows, torch.device("cpu")).is_pinned()
+    assert default_workers("cpu") <= max(0, (os.cpu_count() or 1) - torch.get_num_threads())
