@@ -717,7 +717,8 @@ class Index:
                   desc="indexing") as bar:
             for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size,
                                                                    skip_errors=True, workers=workers,
-                                                                   device=model.device):
+                                                                   device=model.device,
+                                                                   draft_size=model.image_size):
                 for position, reason, kind in failures:
                     report.skip(str(paths[position]), reason, kind)
                     log.info("skipped %s", reason)

@@ -115,7 +115,8 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0
             raise ValueError(f"re-ranking a text query needs image files, but item {missing[0]!r} has no path")
         states, positions = [], []
         for pixels, done, failures in iter_image_batches([Path(h.path) for h in hits], model.preprocess, 64,
-                                                         skip_errors=True, device=model.device):
+                                                         skip_errors=True, device=model.device,
+                                                         draft_size=model.image_size):
             if done:
                 states.append(image_states(model, pixels))
                 positions += done

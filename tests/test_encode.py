@@ -164,3 +164,18 @@ def test_mixed_precision_only_on_cuda(tiny_model):
     rows = [torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]
     assert not _batch(rows, torch.device("cpu")).is_pinned()
     assert default_workers("cpu") <= max(0, (os.cpu_count() or 1) - torch.get_num_threads())
+
+
+def test_jpeg_draft_decoding_is_reduced_yet_close(tmp_path, tiny_model):
+    from clipkit.data.images import read_image
+
+    photo = draw_shape("red", "circle", (1600, 1200), seed=3)
+    photo.save(tmp_path / "big.jpg", quality=92)
+    photo.save(tmp_path / "big.png")
+    full, reduced = read_image(tmp_path / "big.jpg"), read_image(tmp_path / "big.jpg", min_side=224)
+    assert full.size == (1600, 1200) and reduced.size == (400, 300)  # 1/4 scale: both sides still >= 224
+    assert read_image(tmp_path / "big.png", min_side=224).size == (1600, 1200)  # only JPEG has a draft mode
+    exact = clipkit.encode([tmp_path / "big.jpg"], model=tiny_model, draft=False)[0]
+    fast = clipkit.encode([tmp_path / "big.jpg"], model=tiny_model)[0]
+    assert float(exact @ fast) > 0.99
+    np.testing.assert_allclose(exact, clipkit.encode([full], model=tiny_model)[0], atol=1e-5)

@@ -29,13 +29,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(source, name: str) -> Image.Image:
+def _decode(source, name: str, min_side: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # A file over PIL's pixel limit is refused rather than allocated.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 image.seek(0)
+                if min_side and image.format == "JPEG":
+                    # decode at 1/2, 1/4 or 1/8 scale in the DCT, keeping both sides >= min_side
+                    image.draft(image.mode, (min_side, min_side))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
@@ -74,9 +77,11 @@ def failure_kind(exc: BaseException) -> str:
     return "unreadable"
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
+def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """Decode `path` into an RGB image with EXIF orientation applied (first frame of animations).
 
+    `min_side`: a JPEG much larger than that is decoded at a reduced scale (PIL's draft mode), both
+    sides staying >= min_side: several times less work for photos headed to a 224-pixel model.
     Raises `FileNotFoundError` when the file does not exist and `ImageReadError` (a `ValueError`)
     with the reason when it exists but is not a readable image.
     """
@@ -89,7 +94,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: the file is empty", "empty file")
     try:
         with open(path, "rb") as handle:
-            return _decode(handle, str(path))
+            return _decode(handle, str(path), min_side)
     except FileNotFoundError:  # vanished between the stat and the open
         raise FileNotFoundError(f"image file not found: {path}") from None
     except PermissionError as exc:
@@ -98,9 +103,9 @@ def read_image(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"cannot read image {path}: it is a folder", "not a file") from exc
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+def decode_image(data: bytes, name: str = "<bytes>", min_side: int | None = None) -> Image.Image:
     """Like `read_image`, for encoded image bytes (a shard member, an upload)."""
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, min_side)
 
 
 def encode_image(image: Image.Image, image_format: str) -> bytes:

@@ -181,7 +181,7 @@ class Service:
             raise BadRequest("the image is empty")
 
         def decode():
-            image = decode_image(data, "(uploaded)")
+            image = decode_image(data, "(uploaded)", min_side=collection.model.image_size)
             return image, collection.model.preprocess(image)
 
         try:
