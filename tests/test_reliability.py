@@ -312,3 +312,27 @@ def test_truncated_store_is_refused_with_advice(tmp_path, tiny_model):
     with pytest.raises(BrokenIndexError, match="truncated|damaged"):
         Index.load(tmp_path / "ix")
     assert main(["search", "red", "--index", str(tmp_path / "ix")]) == 2
+
+
+def test_unreadable_file_is_skipped_as_permission_denied(tmp_path, tiny_model, monkeypatch):
+    """chmod 000 does not stop root (CI runs as root), so the open() of one file is made to fail."""
+    import builtins
+
+    import clipkit.data.images as images
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        draw_shape("blue", "square", seed=i).save(root / f"{i}.jpg")
+    locked = str(root / "2.jpg")
+
+    def guarded_open(path, *args, **kwargs):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open", guarded_open, raising=False)
+    index = Index(tiny_model.dim, model=tiny_model)
+    report = index.sync_folder(root, tiny_model)
+    assert report.skipped_kinds == {"permission denied": 1} and len(index) == 3
+    assert "permission denied" in report.skipped[0][1]
