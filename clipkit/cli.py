@@ -234,9 +234,8 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
         print(f"no index at {index_path} yet: {count} image file(s) would be indexed")
         return 0
     plan = existing.plan_folder(folder, exclude=exclude, shard=shard)
-    summary = plan.summary()
     print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
-          f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(summary)}")
+          f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(plan.report)}")
     for label, paths in (("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),
                          ("moved", [f"{old} -> {new}" for old, new, _ in plan.moved]), ("removed", plan.gone)):
         for path in paths:
@@ -331,13 +330,13 @@ def cmd_eval(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from clipkit.serve import ServeConfig, serve
+        from clipkit.serve import ServeConfig, parse_index_spec, serve
     except ImportError as exc:
         raise ValueError(f"clipkit serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'clipkit[serve]'") from None
     specs = args.index or [DEFAULT_INDEX]
     for spec in specs:
-        path = spec.split("=", 1)[1] if "=" in spec and not Path(spec).exists() else spec
+        path = parse_index_spec(spec)[1]
         if not Path(path).exists():
             raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
     config = ServeConfig(max_k=args.max_k, max_body_bytes=args.max_body_mb * 2**20,

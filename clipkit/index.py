@@ -91,12 +91,6 @@ class SyncPlan:
     unchanged: int = 0
     report: SyncReport = field(default_factory=SyncReport)  # skips found while planning
 
-    def summary(self) -> SyncReport:
-        """The plan as the report a sync would give (before any file fails to decode)."""
-        return SyncReport(added=len(self.new), updated=len(self.changed), removed=len(self.gone),
-                          moved=len(self.moved), unchanged=self.unchanged, skipped=list(self.report.skipped),
-                          skipped_kinds=dict(self.report.skipped_kinds))
-
 
 def file_hash(path: str | os.PathLike) -> str:
     """A content hash of a file (BLAKE2b, 128 bits), to recognise it after a rename or move."""
@@ -311,13 +305,7 @@ class Index:
     def set_index_type(self, index_type: str, sample_queries: Any = None) -> None:
         """Switch to another index type ("flat", "auto" or a FAISS factory string) and build it now."""
         _check_index_type(index_type, self.dim)
-        if sample_queries is not None:
-            sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
-        with self._lock, self._db:  # a build that fails rolls the type back: the index stays as it was
-            self._set_info("index_type", index_type)
-            self._set_info("search_params", {})
-            self._faiss = self._rebuild_faiss(tune=True, sample_queries=sample_queries)
-            self._gpu = None
+        self._build(sample_queries, index_type)
 
     def build(self, sample_queries: Any = None) -> None:
         """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
@@ -326,9 +314,15 @@ class Index:
         queries this index will see; otherwise perturbed samples of the data are used.
         Searches are exact until then for trained types; `add` after a build goes into the built structure.
         """
+        self._build(sample_queries)
+
+    def _build(self, sample_queries: Any, index_type: str | None = None) -> None:
         if sample_queries is not None:
             sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
-        with self._lock, self._db:
+        with self._lock, self._db:  # a build that fails rolls a type change back: the index stays as it was
+            if index_type is not None:
+                self._set_info("index_type", index_type)
+                self._set_info("search_params", {})
             self._faiss = self._rebuild_faiss(tune=True, sample_queries=sample_queries)
             self._gpu = None
 
@@ -576,9 +570,7 @@ class Index:
                     raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
                 by_key = dict(self._rows_by_key([keys[i] for i in ids], "embedding"))
                 blobs = [by_key[keys[i]] for i in ids]
-        if not blobs:
-            return np.zeros((0, self.dim), np.float32)
-        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim).copy()
+        return self._vectors(blobs).copy()
 
     def _rows_by_key(self, keys: list[int], column: str):
         for start in range(0, len(keys), _SQL_CHUNK):
@@ -654,10 +646,10 @@ class Index:
                 plan.changed.append((path, stat))
         plan.gone = list(known)
         if plan.gone and plan.new:
-            self._find_moves(plan, known)
+            self._find_moves(plan)
         return plan
 
-    def _find_moves(self, plan: SyncPlan, gone: dict[str, tuple[int, float]]) -> None:
+    def _find_moves(self, plan: SyncPlan) -> None:
         by_hash: dict[tuple[int, str], str] = {}
         for record in self.get(plan.gone):
             content = record.get("content_hash")
@@ -666,12 +658,7 @@ class Index:
         sizes = {size for size, _ in by_hash}
         still_new = []
         for path, stat in plan.new:
-            match = None
-            if stat.st_size in sizes:
-                try:
-                    match = by_hash.pop((stat.st_size, file_hash(path)), None)
-                except OSError:
-                    match = None
+            match = by_hash.pop((stat.st_size, _hash_or_none(path)), None) if stat.st_size in sizes else None
             if match is None:
                 still_new.append((path, stat))
             else:
@@ -871,17 +858,20 @@ class Index:
                 self._add_blobs(rebuilt, keys, blobs)
             return rebuilt
         rows = self._db.execute("SELECT key, embedding FROM items ORDER BY key").fetchall()
-        if any(len(blob) != 4 * self.dim for _, blob in rows):
-            raise BrokenIndexError(f"the store holds embeddings of the wrong size for dim {self.dim}; rebuild the index")
         keys_array = np.asarray([key for key, _ in rows], dtype=np.int64)
-        vectors = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), self.dim)
+        vectors = self._vectors([blob for _, blob in rows])
         return self._build_from(np.ascontiguousarray(vectors), keys_array, tune, sample_queries)
 
-    def _add_blobs(self, target: faiss.Index, keys: list[int], blobs: list[bytes]) -> None:
+    def _vectors(self, blobs: list[bytes]) -> np.ndarray:
+        """Stored embedding blobs as a read-only (N, dim) float32 array; a blob of the wrong size is damage."""
         if any(len(b) != 4 * self.dim for b in blobs):
             raise BrokenIndexError(f"the store holds embeddings of the wrong size for dim {self.dim}; rebuild the index")
-        vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
-        target.add_with_ids(np.ascontiguousarray(vectors), np.asarray(keys, dtype=np.int64))
+        if not blobs:
+            return np.zeros((0, self.dim), np.float32)
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
+
+    def _add_blobs(self, target: faiss.Index, keys: list[int], blobs: list[bytes]) -> None:
+        target.add_with_ids(np.ascontiguousarray(self._vectors(blobs)), np.asarray(keys, dtype=np.int64))
 
     def close(self) -> None:
         with self._lock:

@@ -89,15 +89,19 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     depth = max(k, rerank_k or 32) if rerank else k
     if rerank:
         require_itm(model)
-    scores, ids = index.search(vector[None, :], depth)
-    found = [i for i in ids[0].tolist() if i is not None]  # an approximate index may find fewer
-    scores = scores[:, :len(found)]
-    records = index.get(found)
-    hits = [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata=record)
-            for score, record in zip(scores[0], records)]
+    hits = nearest_hits(index, vector, depth)
     if rerank:
         hits = rerank_hits(query, kind, hits, model, weight)
     return hits[:k]
+
+
+def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
+    """The index's top `depth` items for one unit query vector, as Hits with their metadata."""
+    scores, ids = index.search(vector[None, :], depth)
+    found = [i for i in ids[0].tolist() if i is not None]  # an approximate index may find fewer
+    records = index.get(found)
+    return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata=record)
+            for score, record in zip(scores[0], records)]
 
 
 def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0.0) -> list[Hit]:

@@ -56,8 +56,6 @@ def _failure(exc: BaseException) -> tuple[str, str]:
         return "not an image", "not a recognised image format"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return "too many pixels", f"refused as a decompression bomb ({exc})"
-    if isinstance(exc, PermissionError):
-        return "permission denied", str(exc)
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, (EOFError, SyntaxError)) or "truncated" in reason or "broken data stream" in reason:
         return "truncated or corrupt", reason

@@ -33,7 +33,8 @@ from clipkit import __version__
 from clipkit.data.images import decode_image, read_image
 from clipkit.errors import ClipkitError
 from clipkit.index import Index, prepare_vectors
-from clipkit.search import Hit, rerank_hits
+from clipkit.itm import require_itm
+from clipkit.search import Hit, nearest_hits, rerank_hits
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
 from clipkit.serve.fetch import FetchError, fetch_image_bytes
 
@@ -214,8 +215,10 @@ class Service:
         k = min(k, self.config.max_k)
         vector, query = await self.query(collection, kind, value)
         if rerank:
-            if collection.model.itm is None:
-                raise BadRequest(f"the model of index {collection.name!r} has no ITM head, so it cannot re-rank")
+            try:
+                require_itm(collection.model)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
             if kind != TEXT:
                 raise BadRequest("re-ranking scores a text query against images; search by text to re-rank")
             depth = min(max(k, rerank_k or 32), self.config.max_rerank_k)
@@ -533,12 +536,10 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
 
 def _nearest(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
     """The top `depth` items as Hits, each with its integer key in metadata['key'] (one thread hop)."""
-    scores, ids = index.search(vector[None], depth)
-    ids = [i for i in ids[0].tolist() if i is not None]  # an approximate index may find fewer
-    records = index.get(ids)
-    keys = index.keys(ids)
-    return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata={**record, "key": key})
-            for score, record, key in zip(scores[0], records, keys)]
+    hits = nearest_hits(index, vector, depth)
+    for hit, key in zip(hits, index.keys([hit.id for hit in hits])):
+        hit.metadata["key"] = key
+    return hits
 
 
 def _deduplicate(index: Index, results: list[dict], threshold: float = 0.94) -> list[dict]:
@@ -553,12 +554,18 @@ def _deduplicate(index: Index, results: list[dict], threshold: float = 0.94) -> 
     return [results[p] for p in kept]
 
 
+def parse_index_spec(spec: str) -> tuple[str, str]:
+    """`PATH` or `NAME=PATH` -> (name, path); the name defaults to the folder's name without `.clipkit`.
+    A spec that exists as a path is a path, even with '=' in it."""
+    name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
+    return name or Path(path).name.removesuffix(".clipkit") or "index", path
+
+
 def load_indexes(specs: list[str]) -> dict[str, Index]:
     """`PATH` or `NAME=PATH` specs -> name -> loaded Index (names from folder names, made unique)."""
     out: dict[str, Index] = {}
     for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
-        name = name or Path(path).name.removesuffix(".clipkit") or "index"
+        name, path = parse_index_spec(spec)
         base, n = name, 2
         while name in out:
             name, n = f"{base}-{n}", n + 1
