@@ -492,19 +492,25 @@ class Index:
         Queries are normalised to unit length; `ids` are the ids given when the items were added. An
         approximate structure (IVF) may find fewer than k: those slots hold id None and score -inf.
         """
+        with self._lock:
+            scores, keys = self.search_keys(queries, k)
+            return scores, self._ids_of(keys)
+
+    def search_keys(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """As `search`, but `(scores, keys)`: the items' integer keys (-1 where none was found), with no
+        metadata lookup; `get_by_key` turns them into records."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         vectors = prepare_vectors(queries, self.dim, what="queries")
         with self._lock:
             k = min(int(k), len(self))
             if k == 0:
-                return np.zeros((len(vectors), 0), np.float32), _ids_array([]).reshape(len(vectors), 0)
+                return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
             searcher, position_to_key = self._searcher()
             scores, found = searcher.search(vectors, k)
             keys = np.where(found >= 0, position_to_key[found], -1) if position_to_key is not None else found
             scores[found < 0] = -np.inf
-            ids = self._ids_of(keys)
-        return scores, ids
+        return scores, keys
 
     def _ids_of(self, keys: np.ndarray) -> np.ndarray:
         unique = [int(k) for k in np.unique(keys) if k >= 0]
@@ -525,10 +531,8 @@ class Index:
                 chunk = ids[start:start + _SQL_CHUNK]
                 query = (f"SELECT id, path, mtime, size, caption, extra FROM items "
                          f"WHERE id IN ({','.join('?' * len(chunk))})")
-                for item_id, *values, extra in self._db.execute(query, chunk):
-                    record = {"id": item_id, **{c: v for c, v in zip(_META_COLUMNS, values) if v is not None}}
-                    record.update(json.loads(extra) if extra else {})
-                    records[item_id] = record
+                for row in self._db.execute(query, chunk):
+                    records[row[0]] = self._record(row)
         missing = [i for i in ids if i not in records]
         if missing:
             raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
@@ -545,13 +549,20 @@ class Index:
         return [int(keys[i]) for i in ids]
 
     def get_by_key(self, keys: Iterable[int]) -> list[dict | None]:
-        """Metadata (as `get`, with 'id') for each integer key; None where no item has that key."""
+        """Metadata (as `get`, with 'id' and 'key') for each integer key; None where no item has that key."""
         keys = [int(k) for k in keys]
         with self._lock:
-            ids = dict(self._rows_by_key(keys, "id"))
-        found = [ids.get(k) for k in keys]
-        records = dict(zip([i for i in found if i is not None], self.get([i for i in found if i is not None])))
-        return [records[i] if i is not None else None for i in found]
+            rows = dict(self._rows_by_key(keys, "id, path, mtime, size, caption, extra"))
+        return [self._record(rows[k], k) if k in rows else None for k in keys]
+
+    @staticmethod
+    def _record(row: tuple, key: int | None = None) -> dict:
+        item_id, *values, extra = row
+        record = {"id": item_id, **{c: v for c, v in zip(_META_COLUMNS, values) if v is not None}}
+        record.update(json.loads(extra) if extra else {})
+        if key is not None:
+            record["key"] = key
+        return record
 
     def ids(self) -> list:
         with self._lock:
@@ -572,11 +583,14 @@ class Index:
                 blobs = [by_key[keys[i]] for i in ids]
         return self._vectors(blobs).copy()
 
-    def _rows_by_key(self, keys: list[int], column: str):
+    def _rows_by_key(self, keys: list[int], columns: str):
+        """(key, the columns...) rows; with one column, (key, value) pairs."""
+        single = "," not in columns
         for start in range(0, len(keys), _SQL_CHUNK):
             chunk = keys[start:start + _SQL_CHUNK]
-            yield from self._db.execute(
-                f"SELECT key, {column} FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            for key, *values in self._db.execute(
+                    f"SELECT key, {columns} FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk):
+                yield key, values[0] if single else tuple(values)
 
     # -- models -----------------------------------------------------------------------------
 

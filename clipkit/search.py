@@ -23,6 +23,7 @@ class Hit:
     score: float
     path: str | None = None
     metadata: dict = field(default_factory=dict)
+    key: int | None = field(default=None, repr=False, compare=False)  # the index's integer key for the item
 
     def to_dict(self) -> dict:
         return {"id": self.id, "score": self.score, "path": self.path, "metadata": self.metadata}
@@ -97,11 +98,14 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
 
 def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
     """The index's top `depth` items for one unit query vector, as Hits with their metadata."""
-    scores, ids = index.search(vector[None, :], depth)
-    found = [i for i in ids[0].tolist() if i is not None]  # an approximate index may find fewer
-    records = index.get(found)
-    return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), metadata=record)
-            for score, record in zip(scores[0], records)]
+    scores, keys = index.search_keys(vector[None, :], depth)
+    hits = []
+    # an approximate index may find fewer (key -1); an item deleted since the search has no record
+    for score, record in zip(scores[0], index.get_by_key(keys[0].tolist())):
+        if record is not None:
+            hits.append(Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None),
+                            key=record.pop("key"), metadata=record))
+    return hits
 
 
 def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0.0) -> list[Hit]:

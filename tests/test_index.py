@@ -86,6 +86,26 @@ def test_add_remove_and_ids():
     assert index.ids() == kept
 
 
+def test_search_keys_and_records_by_key_match_search_and_get():
+    base = unit(30, 8, 3)
+    index = Index.from_embeddings(base, ids=[f"item{i}" for i in range(30)],
+                                  metadata=[{"caption": f"c{i}", "extra_field": i} for i in range(30)])
+    scores, ids = index.search(base[:4], 5)
+    key_scores, keys = index.search_keys(base[:4], 5)
+    np.testing.assert_array_equal(scores, key_scores)
+    assert index.keys(ids.reshape(-1).tolist()) == keys.reshape(-1).tolist()
+    records = index.get_by_key(keys[0].tolist() + [10_000])
+    assert records[-1] is None
+    expected = index.get(ids[0].tolist())
+    assert [{k: v for k, v in r.items() if k != "key"} for r in records[:-1]] == expected
+    assert [r["key"] for r in records[:-1]] == keys[0].tolist()
+    # an item removed after the search: its key has no record, and search() skips it
+    index.remove([ids[0][1]])
+    assert index.get_by_key([keys[0][1]]) == [None]
+    hits = clipkit.search(base[0], index, k=5)
+    assert ids[0][1] not in [h.id for h in hits] and all(h.key is not None for h in hits)
+
+
 def test_add_errors_change_nothing():
     index = Index.from_embeddings(unit(5, 8, 0), ids=list("abcde"))
     before = index.search(unit(3, 8, 1), 5)

@@ -224,14 +224,14 @@ class Service:
             depth = min(max(k, rerank_k or 32), self.config.max_rerank_k)
         else:
             depth = k
-        hits = await run_in_threadpool(_nearest, collection.index, vector, depth)
+        hits = await run_in_threadpool(nearest_hits, collection.index, vector, depth)
         if rerank:
             try:
                 hits = await collection.worker.run(rerank_hits, query, TEXT, hits, collection.model, weight)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
         hits = hits[:k]
-        return [self.result(collection, hit.metadata.pop("key"), hit) for hit in hits]
+        return [self.result(collection, hit.key, hit) for hit in hits]
 
     @staticmethod
     def result(collection: Collection, key: int, hit: Hit) -> dict:
@@ -532,14 +532,6 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     return app
-
-
-def _nearest(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
-    """The top `depth` items as Hits, each with its integer key in metadata['key'] (one thread hop)."""
-    hits = nearest_hits(index, vector, depth)
-    for hit, key in zip(hits, index.keys([hit.id for hit in hits])):
-        hit.metadata["key"] = key
-    return hits
 
 
 def _deduplicate(index: Index, results: list[dict], threshold: float = 0.94) -> list[dict]:
