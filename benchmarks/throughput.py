@@ -15,6 +15,11 @@ Each row times clipkit's path and the baseline a user would otherwise write, int
 - ANN: `index_type="auto"` on 200k embedding-like 256-d vectors vs exact flat: queries/s, recall@10,
   build time, bytes per vector
 - ITM re-ranking (models with an ITM head): queries/s re-ranking 32 candidates
+- training step: `clipkit train --no-itm` vs open_clip's own trainer `open_clip_train` (shipped in
+  the open_clip_torch wheel; needs pandas) on the same config, shards, batch size, learning rate,
+  precision, loader workers and threads, samples/s per step (median over the steps after warm-up,
+  runs interleaved); and `clipkit train` with its ITM head (one extra fusion pass on 3B pairs) for
+  the cost of ITM
 - GEMM: float32 matmul FLOP/s at the same threads, for context
 
 ViT-B-32 runs with random weights (speed does not depend on them). Prints a markdown table and
@@ -27,7 +32,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -222,6 +230,74 @@ def ann_rows(n: int, dim: int = 256, n_queries: int = 2000) -> list[dict]:
              "recall_at_10": round(recall, 4), "build_s": round(build_s, 1), "bytes_per_vector": round(size / n, 1)}]
 
 
+# open_clip_train in-process, after clipkit's configs are registered (so it knows clipkit-demo). The wheel's
+# webdataset reader predates webdataset 0.2.96, which ends each tar with an {} EOF marker that it cannot
+# group (open_clip#935); the marker is dropped before grouping, the fix its maintainers gave.
+_OPEN_CLIP_TRAIN = """
+import sys
+from clipkit.models import _register_configs
+_register_configs()
+import open_clip_train.data as data
+_group = data.group_by_keys_nothrow
+data.group_by_keys_nothrow = lambda samples, *a, **k: _group((s for s in samples if "fname" in s), *a, **k)
+from open_clip_train.main import main
+main(sys.argv[1:])
+"""
+
+
+def _per_step_rates(values: list[float], warmup: int = 3) -> float:
+    kept = values[warmup:] or values
+    return statistics.median(kept)
+
+
+def train_rows(name: str, quick: bool) -> list[dict]:
+    """Training samples/s: clipkit's trainer (ITC only, and ITC + ITM) vs open_clip_train, same shards and config."""
+    from clipkit.data.synthetic import write_synthetic
+
+    big = name != "clipkit-demo"
+    batch, steps = (16, 8 if quick else 12) if big else (128, 12 if quick else 25)
+    runs = 1 if quick else 2
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_synthetic(Path(tmp) / "shards", batch * (steps + 2), seed=0, split="train", size=64,
+                                 maxcount=max(batch * 4, 256), workers=1, progress=False)
+        pattern = f"{shards[0].parent}/train-{{000000..{len(shards) - 1:06d}}}.tar"  # brace form: both read it
+
+        def clipkit_run(itm: bool, n: int) -> float:
+            out = Path(tmp) / f"ck-{itm}-{n}"
+            subprocess.run([sys.executable, "-m", "clipkit", "train", "--data", pattern, "--out", str(out),
+                            "--model", name, "--pretrained", "scratch", "--val", "none", "--steps", str(steps),
+                            "--batch-size", str(batch), "--lr", "1e-3", "--warmup", "2", "--workers", "1",
+                            "--precision", "fp32", "--log-every", "1", "--ckpt-every", str(10 * steps),
+                            "--itm" if itm else "--no-itm"], check=True, env=env, capture_output=True)
+            log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+            return _per_step_rates([e["samples_per_s"] for e in log if "samples_per_s" in e])
+
+        def open_clip_run(n: int) -> float:
+            done = subprocess.run([sys.executable, "-c", _OPEN_CLIP_TRAIN, "--model", name, "--train-data", pattern,
+                                   "--dataset-type", "webdataset", "--train-num-samples", str(batch * steps),
+                                   "--batch-size", str(batch), "--workers", "1", "--epochs", "1", "--lr", "1e-3",
+                                   "--warmup", "2", "--wd", "0.1", "--precision", "fp32", "--log-every-n-steps", "1",
+                                   "--save-frequency", "0", "--report-to", "", "--logs", str(Path(tmp) / "oc"),
+                                   "--name", f"run{n}"], check=True, env=env, capture_output=True, text=True)
+            rates = [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", done.stdout + done.stderr)]
+            if not rates:
+                raise RuntimeError("open_clip_train logged no step times:\n" + (done.stdout + done.stderr)[-2000:])
+            return _per_step_rates(rates)
+
+        ours, theirs, with_itm = [], [], []
+        for n in range(runs):
+            ours.append(clipkit_run(False, n))
+            theirs.append(open_clip_run(n))
+            with_itm.append(clipkit_run(True, n))
+    a, b, c = statistics.median(ours), statistics.median(theirs), statistics.median(with_itm)
+    common = {"model": name, "unit": "samples/s", "baseline": "open_clip_train", "baseline_per_s": round(b, 1)}
+    return [{**common, "row": f"training step, ITC (batch {batch})", "clipkit_per_s": round(a, 1),
+             "ratio": round(a / b, 2)},
+            {**common, "row": f"training step, ITC + ITM (batch {batch})", "clipkit_per_s": round(c, 1),
+             "ratio": round(c / b, 2)}]
+
+
 def gemm_flops(repeats: int = 5) -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
@@ -235,10 +311,14 @@ def main() -> None:
     parser.add_argument("--json", default="throughput.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--ann-size", type=int, default=200_000, help="vectors for the ANN row (0: skip it)")
+    parser.add_argument("--no-train", dest="train", action="store_false",
+                        help="skip the training-step rows (they need pandas for open_clip_train)")
     args = parser.parse_args()
     rows = []
     for name in args.models:
         rows += rows_for(name, args.quick)
+        if args.train:
+            rows += train_rows(name, args.quick)
     if args.ann_size:
         rows += ann_rows(args.ann_size)
     flops = gemm_flops()
