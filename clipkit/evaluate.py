@@ -81,10 +81,10 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         texts, padding = text_states(model, data.captions, batch_size)
 
         def t2i_pairs(rows, cols):  # rows: captions, cols: images
-            return match_scores(head, texts[rows], padding[rows], images[cols]).cpu().numpy()
+            return match_scores(head, texts[rows], padding[rows], images, torch.from_numpy(cols)).cpu().numpy()
 
         def i2t_pairs(rows, cols):  # rows: images, cols: captions
-            return match_scores(head, texts[cols], padding[cols], images[rows]).cpu().numpy()
+            return match_scores(head, texts[cols], padding[cols], images, torch.from_numpy(rows)).cpu().numpy()
 
         t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, weight)
         i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, weight)

@@ -23,12 +23,31 @@ class FusionLayer(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, text: torch.Tensor, text_padding: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, text_padding: torch.Tensor, image: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """`image`: (n_images, patches, width); text row r attends to image `image_index[r]` (default r)."""
         x = self.norm_self(text)
         text = text + self.self_attn(x, x, x, key_padding_mask=text_padding, need_weights=False)[0]
-        x = self.norm_cross(text)
-        text = text + self.cross_attn(x, image, image, need_weights=False)[0]
+        text = text + self.cross(self.norm_cross(text), image, image_index)
         return text + self.mlp(self.norm_mlp(text))
+
+    def cross(self, query: torch.Tensor, image: torch.Tensor, image_index: torch.Tensor | None) -> torch.Tensor:
+        """`self.cross_attn(query, image[image_index], image[image_index])`, with the keys and values
+        projected once per distinct image rather than once per pair (training scores each image against
+        up to three captions, re-ranking one image against many)."""
+        attn = self.cross_attn
+        width, heads = query.shape[-1], attn.num_heads
+        q = F.linear(query, attn.in_proj_weight[:width], attn.in_proj_bias[:width])
+        kv = F.linear(image, attn.in_proj_weight[width:], attn.in_proj_bias[width:])
+        if image_index is not None:
+            kv = kv[image_index]
+        k, v = kv.chunk(2, dim=-1)
+
+        def split(x):  # (rows, length, width) -> (rows, heads, length, width / heads)
+            return x.unflatten(-1, (heads, width // heads)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
 class ITMHead(nn.Module):
@@ -44,11 +63,14 @@ class ITMHead(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.classifier = nn.Linear(width, 2)
 
-    def forward(self, text_tokens: torch.Tensor, text_padding: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, text_tokens: torch.Tensor, text_padding: torch.Tensor, image_tokens: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (no match, match) for each text row against image `image_index[row]` of `image_tokens`
+        (default: row for row, so texts and images aligned)."""
         text = self.text_in(text_tokens)
         image = self.image_in(image_tokens)
         for layer in self.layers:
-            text = layer(text, text_padding, image)
+            text = layer(text, text_padding, image, image_index)
         return self.classifier(self.norm(text[:, 0]))
 
 
@@ -149,24 +171,32 @@ def itm_logits_and_labels(head: ITMHead, text_states: torch.Tensor, text_padding
     texts = torch.cat([rows, rows[text_has], negative_text[image_has]])
     images = torch.cat([rows, negative_image[text_has], rows[image_has]])
     labels = torch.cat([torch.ones(len(rows)), torch.zeros(int(text_has.sum()) + int(image_has.sum()))]).long()
-    logits = head(text_states[texts], text_padding[texts], image_states[images])
+    logits = head(text_states[texts], text_padding[texts], image_states, image_index=images)
     return logits, labels.to(logits.device)
 
 
 @torch.inference_mode()
 def match_scores(head: ITMHead, text_states: torch.Tensor, text_padding: torch.Tensor,
-                 image_states: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """ITM log-odds of a match, logit(match) - logit(no match), for aligned rows of texts and images.
+                 image_states: torch.Tensor, image_index: torch.Tensor | None = None,
+                 batch_size: int = 256) -> torch.Tensor:
+    """ITM log-odds of a match, logit(match) - logit(no match), for each text row against image
+    `image_index[row]` of `image_states` (default: row for row).
 
     Each batch is cut to its longest caption: padding is masked as attention keys and only the first
-    token is classified, so the positions after it cannot change the result.
+    token is classified, so the positions after it cannot change the result. Each distinct image of a
+    batch is projected once, however many captions it is scored against.
     """
     scores = []
     for start in range(0, len(text_states), batch_size):
         stop = start + batch_size
         padding = text_padding[start:stop]
         length = int((~padding).sum(dim=1).max())
-        logits = head(text_states[start:stop, :length], padding[:, :length], image_states[start:stop]).float()
+        if image_index is None:
+            images, local = image_states[start:stop], None
+        else:
+            used, local = torch.unique(image_index[start:stop].to(image_states.device), return_inverse=True)
+            images = image_states[used]
+        logits = head(text_states[start:stop, :length], padding[:, :length], images, image_index=local).float()
         scores.append(logits[:, 1] - logits[:, 0])
     return torch.cat(scores) if scores else torch.zeros(0)
 

@@ -131,3 +131,35 @@ def test_eval_on_shards(tmp_path, capsys):
     assert main(["eval", "--dataset", "wds", "--root", str(tmp_path / "test-{000000..000002}.tar"),
                  "--model", "clipkit-tiny"]) == 0
     assert "30 images" in capsys.readouterr().out
+
+
+def test_itm_head_projects_each_image_once_and_equals_multihead_attention():
+    """The head's cross-attention (keys/values projected per distinct image, gathered per pair) against
+    torch's nn.MultiheadAttention run on every pair's own copy of its image."""
+    from clipkit.itm import ITMHead, match_scores
+
+    torch.manual_seed(0)
+    head = ITMHead(24, 40, width=32, layers=2, heads=4).eval()
+    text = torch.randn(9, 7, 24)
+    padding = torch.zeros(9, 7, dtype=torch.bool)
+    padding[:, 5:] = True
+    padding[2, 3:] = True
+    images = torch.randn(3, 6, 40)
+    index = torch.tensor([0, 2, 2, 1, 0, 0, 1, 2, 1])
+
+    def reference(text, padding, image):
+        t, im = head.text_in(text), head.image_in(image)
+        for layer in head.layers:
+            x = layer.norm_self(t)
+            t = t + layer.self_attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+            x = layer.norm_cross(t)
+            t = t + layer.cross_attn(x, im, im, need_weights=False)[0]
+            t = t + layer.mlp(layer.norm_mlp(t))
+        return head.classifier(head.norm(t[:, 0]))
+
+    with torch.no_grad():
+        expected = reference(text, padding, images[index])
+        torch.testing.assert_close(head(text, padding, images, image_index=index), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head(text, padding, images[index]), expected, atol=1e-5, rtol=1e-5)
+    scores = match_scores(head, text, padding, images, index, batch_size=4)
+    torch.testing.assert_close(scores, expected[:, 1] - expected[:, 0], atol=1e-5, rtol=1e-5)
