@@ -64,6 +64,7 @@ class Model:
     context_length: int
     fingerprint: str
     itm: torch.nn.Module | None = None
+    channels_last: bool = False  # image batches go in NHWC (convolutional towers on CUDA)
 
     @property
     def info(self) -> dict:
@@ -94,8 +95,11 @@ class Model:
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Unit-norm float32 image embeddings `(N, dim)` for a preprocessed batch `(N, 3, H, W)`."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            features = self.clip.encode_image(pixels.to(self.device, non_blocking=True))
+            features = self.clip.encode_image(pixels)
         return F.normalize(features.float(), dim=-1)
 
     def autocast(self):
@@ -473,7 +477,24 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     )
     if checkpoint is not None and checkpoint["itm"] is not None:
         model.itm = _load_itm_head(checkpoint, weights_file, device)
+    if wants_channels_last(clip, device):
+        set_channels_last(model)
     return model
+
+
+def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bool:
+    """Whether the image tower should run in NHWC: convolutional towers (ResNets, ConvNeXts) on CUDA,
+    where cuDNN's tensor-core kernels want that layout. A ViT has one convolution (its patch embedding)
+    and gains nothing. CLIPKIT_CHANNELS_LAST=0 turns it off."""
+    if torch.device(device).type != "cuda" or os.environ.get("CLIPKIT_CHANNELS_LAST") == "0":
+        return False
+    return sum(isinstance(m, torch.nn.Conv2d) for m in clip.visual.modules()) > 1
+
+
+def set_channels_last(model: Model) -> None:
+    """Put the image tower's weights, and from now on each image batch, in channels-last layout."""
+    model.clip.visual.to(memory_format=torch.channels_last)
+    model.channels_last = True
 
 
 def _load_itm_head(checkpoint: dict, source: str, device: torch.device) -> torch.nn.Module:

@@ -165,3 +165,20 @@ def test_bad_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             load_model("clipkit-tiny", device="cuda")
+
+
+def test_channels_last_only_for_convolutional_towers_on_cuda_and_changes_nothing(monkeypatch):
+    from clipkit.models import set_channels_last, wants_channels_last
+
+    resnet = load_model("clipkit-tiny-rn", device="cpu")
+    vit = load_model("clipkit-tiny", device="cpu")
+    assert wants_channels_last(resnet.clip, "cuda") and not wants_channels_last(vit.clip, "cuda")
+    assert not wants_channels_last(resnet.clip, "cpu") and not resnet.channels_last
+    monkeypatch.setenv("CLIPKIT_CHANNELS_LAST", "0")
+    assert not wants_channels_last(resnet.clip, "cuda")
+    # the layout is only a layout: the same embeddings (checked on the CPU, where NHWC also runs)
+    pixels = torch.rand(5, 3, resnet.image_size, resnet.image_size)
+    before = resnet.encode_image(pixels)
+    set_channels_last(resnet)
+    assert resnet.clip.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(resnet.encode_image(pixels), before, atol=1e-5, rtol=1e-4)
