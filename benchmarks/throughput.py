@@ -255,8 +255,8 @@ def train_rows(name: str, quick: bool) -> list[dict]:
     from clipkit.data.synthetic import write_synthetic
 
     big = name != "clipkit-demo"
-    batch, steps = (16, 8 if quick else 12) if big else (128, 12 if quick else 25)
-    runs = 1 if quick else 2
+    batch, steps = (16, 8 if quick else 12) if big else (128, 12 if quick else 30)
+    runs = 1 if quick else 3
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_synthetic(Path(tmp) / "shards", batch * (steps + 2), seed=0, split="train", size=64,
