@@ -163,3 +163,38 @@ def test_itm_head_projects_each_image_once_and_equals_multihead_attention():
         torch.testing.assert_close(head(text, padding, images[index]), expected, atol=1e-5, rtol=1e-5)
     scores = match_scores(head, text, padding, images, index, batch_size=4)
     torch.testing.assert_close(scores, expected[:, 1] - expected[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_itm_pairs_benchmark_matches_pair_by_pair_reference(itm_model):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from itm_pairs import pair_table
+
+    from clipkit.data.synthetic import scenes
+
+    n = 30
+    result = pair_table(itm_model, n, seed=3)
+    data = synthetic_set(n, seed=3, size=itm_model.image_size)
+    specs = scenes(n, seed=3, split="test")
+    sim = clipkit.encode(data.captions, model=itm_model) @ clipkit.encode(data.images, model=itm_model).T
+    pixels = [itm_model.preprocess(im) for im in data.images]
+    expected: dict = {}
+    for t, i in enumerate(data.text_to_image):
+        for j in range(n):
+            if j != i and specs[j].group_id == specs[i].group_id:
+                kind = specs[j].kind if specs[j].kind != "original" else specs[i].kind
+                n_, itc, itm, ties = expected.get(kind, (0, 0, 0, 0))
+                margin = itm_score(itm_model, data.captions[t], pixels[i]) - itm_score(itm_model, data.captions[t],
+                                                                                       pixels[j])
+                # batched and one-by-one scores differ in the last bits: a near-tie may go either way
+                expected[kind] = (n_ + 1, itc + (sim[t, i] > sim[t, j]), itm + (margin > 0), ties + (abs(margin) < 1e-5))
+    assert expected, "the test split should hold distractor groups"
+    assert set(result["pairs"]) == set(expected)
+    for kind, (count, itc, itm, ties) in expected.items():
+        assert result["pairs"][kind]["n"] == count
+        assert result["pairs"][kind]["itc"] == pytest.approx(itc / count)
+        assert abs(result["pairs"][kind]["itm"] - itm / count) <= ties / count + 1e-9
+    top = sim.argmax(axis=1)
+    assert result["itc_top1"]["right"] == pytest.approx(float(np.mean(top == data.text_to_image)))
+    assert sum(result["itc_top1"].values()) == pytest.approx(1.0)
