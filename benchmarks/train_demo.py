@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--group-batches", action="store_true",
+                        help="shuffle whole distractor groups, so each batch holds them as ITM hard negatives")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -41,6 +43,7 @@ def main() -> None:
         # half the ITM negatives easy: with all-hard negatives the head never left "always no match" here
         itm_easy_mix=0.5,
         shuffle_buffer=256,  # small: a group's distractors often share a batch, as hard negatives
+        group_batches=args.group_batches,
         log_every=20, val_every=200, ckpt_every=100, keep_last=2, resume="latest" if args.resume else None)
     start = time.perf_counter()
     train(config)

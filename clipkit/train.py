@@ -73,6 +73,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = field(default=2, metadata={"help": "data loader processes per rank"})
     shuffle_buffer: int = 1000
+    group_batches: bool = field(default=False, metadata={
+        "help": "shuffle whole groups (json group_id: an image and its distractors) so they share a batch, "
+                "as ITM hard negatives"})
     synthetic_size: int = field(default=64, metadata={"help": "image side for synthetic:N data"})
     log_every: int = 10
     val_every: int = field(default=0, metadata={"help": "validate every N steps (0: only at the end)"})
@@ -342,6 +345,7 @@ def train(config: TrainConfig) -> dict:
         while step < stop_at:
             loader = make_loader(urls, model.preprocess, model.tokenizer, config.batch_size, seed=config.seed,
                                  epoch=epoch, shuffle_buffer=config.shuffle_buffer, num_workers=config.workers,
+                                 group_batches=config.group_batches,
                                  rank=rank, world_size=world, skip_batches=consumed)
             for batch in loader:
                 autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()

@@ -198,6 +198,33 @@ def test_loader_order_is_deterministic_and_resumable(synth_dir, model):
     assert len(first) == 480 and len(set(first)) == 480  # every worker drops its last partial batch
 
 
+def test_group_batches_keep_an_image_and_its_distractors_together(synth_dir, model):
+    from clipkit.data.synthetic import scenes
+
+    group_of = {f"{s.image_id:09d}": s.group_id for s in scenes(500, seed=3)}
+    sizes = {}
+    for key, group in group_of.items():
+        sizes[group] = sizes.get(group, 0) + 1
+    urls = str(synth_dir / "train-{000000..000004}.tar")
+
+    def runs(keys):  # how many stretches of one group the stream holds, per group
+        count = {}
+        for position, key in enumerate(keys):
+            if position == 0 or group_of[keys[position - 1]] != group_of[key]:
+                count[group_of[key]] = count.get(group_of[key], 0) + 1
+        return count
+
+    grouped = loader_keys(urls, model, seed=5, drop_last=False, group_batches=True)
+    assert sorted(grouped) == sorted(group_of)  # every sample once
+    assert all(n == 1 for n in runs(grouped).values())  # each group in one stretch
+    assert grouped != sorted(grouped)  # and the groups are shuffled
+    assert grouped == loader_keys(urls, model, seed=5, drop_last=False, group_batches=True)
+    multi = [g for g, n in sizes.items() if n > 1]
+    assert len(multi) > 50
+    plain = runs(loader_keys(urls, model, seed=5, drop_last=False))
+    assert sum(plain[g] > 1 for g in multi) > len(multi) // 4  # a sample shuffle scatters them
+
+
 def test_ranks_and_workers_see_every_sample_once(synth_dir, model):
     urls = str(synth_dir / "train-{000000..000004}.tar")
     seen = []

@@ -88,6 +88,7 @@ class LoaderSpec:
     num_workers: int = 0
     drop_last: bool = True
     skip_batches: int = 0
+    group_batches: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -124,10 +125,14 @@ class ShardStream(IterableDataset):
             return True
 
         samples = wds.tarfile_to_samples(handler=handler)(shards)
-        if spec.shuffle_buffer > 1:
+        if spec.group_batches:  # shuffle whole groups, so a group's samples stay side by side
+            units, size = consecutive_groups(samples), max(1, spec.shuffle_buffer // 2)
+        else:
+            units, size = samples, spec.shuffle_buffer
+        if size > 1:
             rng = random.Random(_seed(spec.seed, spec.epoch, spec.rank, worker, "buffer"))
-            samples = wds.filters._shuffle(samples, spec.shuffle_buffer, min(100, spec.shuffle_buffer), rng=rng)
-        return samples
+            units = wds.filters._shuffle(units, size, min(100, size), rng=rng)
+        return (sample for group in units for sample in group) if spec.group_batches else units
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -192,30 +197,55 @@ class ShardStream(IterableDataset):
                 "image_ids": torch.tensor(ids, dtype=torch.long), "keys": keys, "skipped": skipped}
 
 
-def image_id_of(sample: dict) -> int:
-    """The sample's image id (from its json member), else a stable hash of its key."""
+def _meta_int(sample: dict, field: str) -> int | None:
     meta = sample.get("json")
     if meta:
         try:
             import json
 
-            value = json.loads(meta).get("image_id")
+            value = json.loads(meta).get(field)
             if isinstance(value, int):
                 return value
         except (ValueError, AttributeError):
             pass
+    return None
+
+
+def consecutive_groups(samples: Iterator[dict]) -> Iterator[list[dict]]:
+    """Runs of consecutive samples sharing a `group_id` in their json member (an image and its
+    distractors, as the synthetic writer stores them); a sample without one is a group of its own."""
+    run: list[dict] = []
+    current = None
+    for sample in samples:
+        group = _meta_int(sample, "group_id")
+        if run and (group is None or group != current):
+            yield run
+            run = []
+        run.append(sample)
+        current = group
+    if run:
+        yield run
+
+
+def image_id_of(sample: dict) -> int:
+    """The sample's image id (from its json member), else a stable hash of its key."""
+    value = _meta_int(sample, "image_id")
+    if value is not None:
+        return value
     return zlib.crc32(str(sample.get("__key__", "")).encode()) & 0x7FFFFFFF
 
 
 def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Callable, batch_size: int, *,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
                 num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                drop_last: bool = True, skip_batches: int = 0) -> DataLoader:
+                drop_last: bool = True, skip_batches: int = 0, group_batches: bool = False) -> DataLoader:
     """A DataLoader of training batches from webdataset shards.
 
     `urls`: a brace pattern (`"shards/train-{000000..000099}.tar"`), a list, `file:` or `pipe:` URLs.
     `rank`/`world_size` default to torch.distributed's when it is initialised. The batch order is
     fixed by (seed, epoch, rank, world_size, num_workers); `skip_batches` resumes after that many batches.
+    `group_batches`: the shuffle moves whole groups (consecutive samples with one json `group_id`), so
+    an image and its distractors share a batch, where ITM draws its hard negatives.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -231,7 +261,7 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
                          "worker(s): write more, smaller shards, use fewer workers, or use resampled=True")
     spec = LoaderSpec(urls=expanded, batch_size=batch_size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
                       resampled=resampled, rank=rank, world_size=world_size, num_workers=num_workers,
-                      drop_last=drop_last, skip_batches=skip_batches)
+                      drop_last=drop_last, skip_batches=skip_batches, group_batches=group_batches)
     stream = ShardStream(spec, preprocess, tokenizer)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       pin_memory=torch.cuda.is_available())
