@@ -43,12 +43,15 @@ def pair_table(model, n_images: int = 1000, seed: int = 0) -> dict:
     for t, i in enumerate(data.text_to_image):
         for j in np.flatnonzero(groups == groups[i]):
             if j != i:
-                rows.append(t), own.append(i), other.append(j)
+                rows.append(t)
+                own.append(i)
+                other.append(j)
                 pair_kinds.append(kinds[j] if kinds[j] != "original" else kinds[i])
-    rows, own, other = (torch.as_tensor(np.asarray(v, dtype=np.int64)) for v in (rows, own, other))
+    rows, own, other = (np.asarray(v, dtype=np.int64) for v in (rows, own, other))
     itc_won = similarity[rows, own] > similarity[rows, other]
-    itm_won = (match_scores(head, texts[rows], padding[rows], patches, own)
-               > match_scores(head, texts[rows], padding[rows], patches, other)).numpy()
+    pair_texts, pair_padding = texts[torch.from_numpy(rows)], padding[torch.from_numpy(rows)]
+    itm_won = (match_scores(head, pair_texts, pair_padding, patches, torch.from_numpy(own))
+               > match_scores(head, pair_texts, pair_padding, patches, torch.from_numpy(other))).numpy()
     pairs: dict = defaultdict(lambda: {"n": 0, "itc": 0.0, "itm": 0.0})
     for kind, a, b in zip(pair_kinds, itc_won, itm_won):
         pairs[kind]["n"] += 1

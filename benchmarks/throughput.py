@@ -245,7 +245,7 @@ main(sys.argv[1:])
 """
 
 
-def _per_step_rates(values: list[float], warmup: int = 3) -> float:
+def _median_after_warmup(values: list[float], warmup: int = 3) -> float:
     kept = values[warmup:] or values
     return statistics.median(kept)
 
@@ -271,7 +271,7 @@ def train_rows(name: str, quick: bool) -> list[dict]:
                             "--precision", "fp32", "--log-every", "1", "--ckpt-every", str(10 * steps),
                             "--itm" if itm else "--no-itm"], check=True, env=env, capture_output=True)
             log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-            return _per_step_rates([e["samples_per_s"] for e in log if "samples_per_s" in e])
+            return _median_after_warmup([e["samples_per_s"] for e in log if "samples_per_s" in e])
 
         def open_clip_run(n: int) -> float:
             done = subprocess.run([sys.executable, "-c", _OPEN_CLIP_TRAIN, "--model", name, "--train-data", pattern,
@@ -283,7 +283,7 @@ def train_rows(name: str, quick: bool) -> list[dict]:
             rates = [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.]+)/s,", done.stdout + done.stderr)]
             if not rates:
                 raise RuntimeError("open_clip_train logged no step times:\n" + (done.stdout + done.stderr)[-2000:])
-            return _per_step_rates(rates)
+            return _median_after_warmup(rates)
 
         ours, theirs, with_itm = [], [], []
         for n in range(runs):

@@ -44,6 +44,7 @@ FORMAT_VERSION = 1
 DB_FILE, FAISS_FILE, CONFIG_FILE = "meta.sqlite", "index.faiss", "config.json"
 METRIC = "inner_product"
 _META_COLUMNS = ("path", "mtime", "size", "caption")
+_RECORD_COLUMNS = ", ".join(("id", *_META_COLUMNS, "extra"))  # a record's row, as Index._record reads it
 _SQL_CHUNK = 500
 
 _SCHEMA = """
@@ -513,12 +514,7 @@ class Index:
         return scores, keys
 
     def _ids_of(self, keys: np.ndarray) -> np.ndarray:
-        unique = [int(k) for k in np.unique(keys) if k >= 0]
-        id_of = {}
-        for start in range(0, len(unique), _SQL_CHUNK):
-            chunk = unique[start:start + _SQL_CHUNK]
-            query = f"SELECT key, id FROM items WHERE key IN ({','.join('?' * len(chunk))})"
-            id_of.update(self._db.execute(query, chunk).fetchall())
+        id_of = dict(self._rows_by_key([int(k) for k in np.unique(keys) if k >= 0], "id"))
         flat = [id_of[int(k)] if k >= 0 else None for k in keys.reshape(-1)]
         return _ids_array(flat).reshape(keys.shape)
 
@@ -529,8 +525,7 @@ class Index:
         with self._lock:
             for start in range(0, len(ids), _SQL_CHUNK):
                 chunk = ids[start:start + _SQL_CHUNK]
-                query = (f"SELECT id, path, mtime, size, caption, extra FROM items "
-                         f"WHERE id IN ({','.join('?' * len(chunk))})")
+                query = f"SELECT {_RECORD_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
                 for row in self._db.execute(query, chunk):
                     records[row[0]] = self._record(row)
         missing = [i for i in ids if i not in records]
@@ -552,7 +547,7 @@ class Index:
         """Metadata (as `get`, with 'id' and 'key') for each integer key; None where no item has that key."""
         keys = [int(k) for k in keys]
         with self._lock:
-            rows = dict(self._rows_by_key(keys, "id, path, mtime, size, caption, extra"))
+            rows = {key: row for key, *row in self._rows_by_key(keys, _RECORD_COLUMNS)}
         return [self._record(rows[k], k) if k in rows else None for k in keys]
 
     @staticmethod
@@ -584,13 +579,11 @@ class Index:
         return self._vectors(blobs).copy()
 
     def _rows_by_key(self, keys: list[int], columns: str):
-        """(key, the columns...) rows; with one column, (key, value) pairs."""
-        single = "," not in columns
+        """Rows (key, *columns) of the items with these keys, in chunks SQLite accepts."""
         for start in range(0, len(keys), _SQL_CHUNK):
             chunk = keys[start:start + _SQL_CHUNK]
-            for key, *values in self._db.execute(
-                    f"SELECT key, {columns} FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk):
-                yield key, values[0] if single else tuple(values)
+            yield from self._db.execute(
+                f"SELECT key, {columns} FROM items WHERE key IN ({','.join('?' * len(chunk))})", chunk)
 
     # -- models -----------------------------------------------------------------------------
 

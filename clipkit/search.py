@@ -134,7 +134,7 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0
         images = torch.cat(states)
         texts, padding = text_states(model, [query])
         texts, padding = texts.expand(len(hits), -1, -1), padding.expand(len(hits), -1)
-        index = None
+        image_index = None
     else:
         captions = [h.metadata.get("caption") for h in hits]
         if any(c is None for c in captions):
@@ -143,8 +143,8 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0
         texts, padding = text_states(model, captions)
         pixels = model.preprocess(load_image(query))[None]
         images = image_states(model, pixels)
-        index = torch.zeros(len(hits), dtype=torch.long)  # the one query image against every caption
-    itm = match_scores(head, texts, padding, images, index).cpu().numpy()
+        image_index = torch.zeros(len(hits), dtype=torch.long)  # the one query image against every caption
+    itm = match_scores(head, texts, padding, images, image_index).cpu().numpy()
     for hit, score in zip(hits, itm):
         hit.metadata["itc_score"] = hit.score
         hit.score = float(score + weight * hit.score)
