@@ -198,3 +198,42 @@ def test_itm_pairs_benchmark_matches_pair_by_pair_reference(itm_model):
     top = sim.argmax(axis=1)
     assert result["itc_top1"]["right"] == pytest.approx(float(np.mean(top == data.text_to_image)))
     assert sum(result["itc_top1"].values()) == pytest.approx(1.0)
+
+
+def test_rerank_probe_scores_as_evaluation_does_and_trains(itm_model, tmp_path):
+    import math
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from rerank_probe import build_scorer, cache_gallery, main as probe
+
+    from clipkit.itm import match_scores, text_states
+
+    common = ["--model", "clipkit-tiny", "--pretrained", str(itm_model.pretrained), "--galleries", "1",
+              "--images", "30", "--k", "10", "--captions", "4", "--weight", "0.5"]
+    report = probe(common + ["--steps", "3", "--eval-every", "3", "--json", str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text()) == report
+    data = synthetic_set(30, seed=0, size=itm_model.image_size)
+    reference = evaluate(itm_model, data, rerank=True, rerank_k=10, weight=0.5)
+    before, after = report["history"]
+    # before training the scorer is the model's own head: the same re-ranking as `clipkit eval`
+    assert before["itc"]["R@1"] == pytest.approx(reference.itc["t2i_R@1"])
+    assert before["itc"]["R@10"] == pytest.approx(reference.itc["t2i_R@10"])
+    assert before["blend"]["R@10"] == pytest.approx(reference.rerank["t2i_R@10"])
+    # and its scores are the ITM log-odds that evaluation re-ranks by, caption by caption
+    gallery = cache_gallery(itm_model, 30, 0, "test", 10, pixels=False)
+    scorer = build_scorer(itm_model, "itm", "model", pixel_stem=False, weight=0.5).eval()
+    captions = torch.arange(len(data.captions))
+    with torch.no_grad():
+        score, cosine = scorer(gallery, captions, gallery.top)
+    texts, padding = text_states(itm_model, data.captions)
+    rows = captions.repeat_interleave(10)
+    expected = match_scores(itm_model.itm, texts[rows], padding[rows], gallery.patches, gallery.top.reshape(-1))
+    torch.testing.assert_close(score.reshape(-1), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cosine, torch.gather(torch.from_numpy(
+        clipkit.encode(data.captions, model=itm_model) @ clipkit.encode(data.images, model=itm_model).T), 1, gallery.top),
+        atol=1e-5, rtol=1e-5)
+    assert after["step"] == 3 and math.isfinite(after["loss"]) and after["weight"] != 0.5
+    assert after["itc"] == before["itc"]  # the towers stay frozen
+    other = probe(common + ["--steps", "2", "--scorer", "late", "--pixel-stem", "--random", "3"])
+    assert math.isfinite(other["history"][-1]["loss"])
