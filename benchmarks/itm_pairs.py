@@ -24,7 +24,8 @@ import torch
 import clipkit
 from clipkit.data.captions import synthetic_set
 from clipkit.data.synthetic import scenes
-from clipkit.itm import image_states, match_scores, require_itm, text_states
+from clipkit.evaluate import encode_gallery
+from clipkit.itm import match_scores, require_itm, text_states
 from clipkit.models import load_model
 
 
@@ -34,9 +35,8 @@ def pair_table(model, n_images: int = 1000, seed: int = 0) -> dict:
     data = synthetic_set(n_images, seed=seed, split="test", size=model.image_size)
     kinds = [scene.kind for scene in scenes(n_images, seed=seed, split="test")]
     groups = np.asarray(data.group_ids)
-    similarity = clipkit.encode(data.captions, model=model) @ clipkit.encode(data.images, model=model).T
-    pixels = torch.stack([model.preprocess(image) for image in data.images])
-    patches = torch.cat([image_states(model, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+    image_emb, patches = encode_gallery(model, data.images, 256, states=True)
+    similarity = clipkit.encode(data.captions, model=model) @ image_emb.T
     texts, padding = text_states(model, data.captions)
 
     rows, own, other, pair_kinds = [], [], [], []

@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clipkit.data.captions import synthetic_set
-from clipkit.encode import encode_texts, iter_image_batches
-from clipkit.itm import ITMHead, image_states, require_itm, text_states, tower_widths
+from clipkit.encode import encode_texts
+from clipkit.evaluate import encode_gallery
+from clipkit.itm import ITMHead, require_itm, text_states, tower_widths
 from clipkit.models import load_model
 
 
@@ -54,17 +55,13 @@ class Gallery:
 @torch.inference_mode()
 def cache_gallery(model, n_images: int, seed: int, split: str, k: int, pixels: bool) -> Gallery:
     data = synthetic_set(n_images, seed=seed, split=split, size=model.image_size)
-    embeddings, patches, kept = [], [], []
-    for batch, _, _ in iter_image_batches(data.images, model.preprocess, 256, device=model.device):
-        embeddings.append(model.encode_image(batch))
-        patches.append(image_states(model, batch))
-        if pixels:
-            kept.append(batch.cpu())
-    image_emb = torch.cat(embeddings).cpu()
+    image_emb, patches = encode_gallery(model, data.images, 256, states=True)
+    image_emb = torch.from_numpy(image_emb)
     text_emb = torch.from_numpy(encode_texts(data.captions, model, 256))
     texts, padding = text_states(model, data.captions)
     length = int((~padding).sum(dim=1).max())
-    return Gallery(image_emb, torch.cat(patches).cpu(), torch.cat(kept) if pixels else torch.empty(0), text_emb,
+    kept = torch.stack([model.preprocess(image) for image in data.images]) if pixels else torch.empty(0)
+    return Gallery(image_emb, patches.cpu(), kept, text_emb,
                    texts[:, :length].cpu(), padding[:, :length].cpu(), torch.from_numpy(data.text_to_image),
                    (text_emb @ image_emb.T).topk(min(k, len(image_emb)), dim=1).indices)
 

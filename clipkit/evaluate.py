@@ -45,6 +45,20 @@ def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: flo
     return out
 
 
+def encode_gallery(model: Model, images: list, batch_size: int = 128,
+                   states: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(unit-norm image embeddings `(N, dim)` float32, and with `states` the ITM head's patch token states
+    `(N, tokens, width)`), from one decode and preprocess pass over `images`."""
+    image_emb = np.empty((len(images), model.dim), np.float32)
+    patch_states = []
+    for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, device=model.device):
+        pixels = pixels.to(model.device)
+        image_emb[positions] = model.encode_image(pixels).cpu().numpy()
+        if states:
+            patch_states.append(image_states(model, pixels))
+    return image_emb, (torch.cat(patch_states) if states else None)
+
+
 def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float = 0.0,
              batch_size: int = 128, ks=(1, 5, 10)) -> Evaluation:
     """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM."""
@@ -53,13 +67,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
     head = require_itm(model) if rerank else None
     seconds = {}
     start = time.perf_counter()
-    image_emb = np.empty((len(data.images), model.dim), np.float32)
-    patch_states = [] if rerank else None
-    for pixels, positions, _ in iter_image_batches(data.images, model.preprocess, batch_size, device=model.device):
-        pixels = pixels.to(model.device)
-        image_emb[positions] = model.encode_image(pixels).cpu().numpy()
-        if rerank:
-            patch_states.append(image_states(model, pixels))
+    image_emb, images = encode_gallery(model, data.images, batch_size, states=rerank)
     seconds["encode_images"] = time.perf_counter() - start
     start = time.perf_counter()
     text_emb = encode_texts(data.captions, model, batch_size)
@@ -77,7 +85,6 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
 
     if rerank:
         start = time.perf_counter()
-        images = torch.cat(patch_states)
         texts, padding = text_states(model, data.captions, batch_size)
 
         def t2i_pairs(rows, cols):  # rows: captions, cols: images
