@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from clipkit.data.captions import synthetic_set
 from clipkit.encode import encode_texts
 from clipkit.evaluate import encode_gallery
-from clipkit.itm import ITMHead, require_itm, text_states, tower_widths
+from clipkit.itm import ITMHead, PixelStem, encode_image_tokens, require_itm, text_states, tower_widths
 from clipkit.models import load_model
 
 
@@ -55,13 +55,16 @@ class Gallery:
 @torch.inference_mode()
 def cache_gallery(model, n_images: int, seed: int, split: str, k: int, pixels: bool) -> Gallery:
     data = synthetic_set(n_images, seed=seed, split=split, size=model.image_size)
-    image_emb, patches = encode_gallery(model, data.images, 256, states=True)
+    image_emb, kept = encode_gallery(model, data.images, 256, states="pixels")
+    # the towers' patch tokens, whatever head the model ships (a late-interaction head reads its own stem)
+    patches = torch.cat([encode_image_tokens(model.clip, kept[s:s + 256].to(model.device))[1].cpu()
+                         for s in range(0, len(kept), 256)])
     image_emb = torch.from_numpy(image_emb)
     text_emb = torch.from_numpy(encode_texts(data.captions, model, 256))
     texts, padding = text_states(model, data.captions)
     length = int((~padding).sum(dim=1).max())
-    kept = torch.stack([model.preprocess(image) for image in data.images]) if pixels else torch.empty(0)
-    return Gallery(image_emb, patches.cpu(), kept, text_emb,
+    kept = kept if pixels else torch.empty(0)
+    return Gallery(image_emb, patches, kept, text_emb,
                    texts[:, :length].cpu(), padding[:, :length].cpu(), torch.from_numpy(data.text_to_image),
                    (text_emb @ image_emb.T).topk(min(k, len(image_emb)), dim=1).indices)
 
@@ -83,23 +86,6 @@ class LateInteraction(nn.Module):
         keep[:, 0] = 0
         score = self.scale * (best * keep).sum(1) / keep.sum(1).clamp_min(1)
         return torch.stack([torch.zeros_like(score), score], dim=1)
-
-
-class PixelStem(nn.Module):
-    """Tokens of width `width` from the pixels: three stride-2 convolutions and one more, plus positions."""
-
-    def __init__(self, image_size: int, width: int):
-        super().__init__()
-        layers, channels = [], 3
-        for out in (32, 64, 128):
-            layers += [nn.Conv2d(channels, out, 3, 2, 1), nn.GroupNorm(8, out), nn.GELU()]
-            channels = out
-        self.net = nn.Sequential(*layers, nn.Conv2d(channels, width, 3, 1, 1))
-        self.positions = nn.Parameter(torch.randn((-(-image_size // 8)) ** 2, width) * 0.02)
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, pixels):
-        return self.norm(self.net(pixels).flatten(2).transpose(1, 2) + self.positions)
 
 
 class Scorer(nn.Module):
@@ -160,6 +146,9 @@ def build_scorer(model, scorer: str, init: str, pixel_stem: bool, weight: float)
         head = LateInteraction(text_width, image_width)
     elif init == "model":
         head = copy.deepcopy(require_itm(model)).float()
+        if not isinstance(head, ITMHead):
+            raise ValueError(f"--init model needs a fusion ITM head; model {model.name!r} has a "
+                             f"{type(head).__name__} (use --init fresh)")
     else:
         config = model.itm.config if model.itm is not None else {}
         head = ITMHead(text_width, image_width, **{k: config[k] for k in ("width", "layers", "heads") if k in config})

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
 
+    from clipkit.rerank_train import add_arguments as add_rerank_arguments
+
+    add_rerank_arguments(commands.add_parser(
+        "train-rerank", help="fit a late-interaction re-ranking head on a trained model's frozen towers"))
+
     merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
     merge.add_argument("out", help="the merged index folder to write (must not exist)")
     merge.add_argument("parts", nargs="+", help="index folders to merge")
@@ -357,8 +362,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_rerank(args) -> int:
+    from clipkit.rerank_train import run
+
+    run(args)
+    return 0
+
+
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
-            "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge}
+            "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge,
+            "train-rerank": cmd_train_rerank}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_texts, iter_image_batches
-from clipkit.itm import image_states, match_scores, require_itm, text_states
+from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
 
@@ -31,6 +31,7 @@ class Evaluation:
     seconds: dict = field(default_factory=dict)
     n_images: int = 0
     n_texts: int = 0
+    weight: float | None = None  # the cosine weight re-ranking used
 
 
 def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: float) -> np.ndarray:
@@ -46,20 +47,23 @@ def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: flo
 
 
 def encode_gallery(model: Model, images: list, batch_size: int = 128,
-                   states: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
-    """(unit-norm image embeddings `(N, dim)` float32, and with `states` the ITM head's patch token states
-    `(N, tokens, width)`), from one decode and preprocess pass over `images`."""
+                   states: bool | str = False) -> tuple[np.ndarray, torch.Tensor | None]:
+    """(unit-norm image embeddings `(N, dim)` float32, and with `states` the ITM head's image input
+    `(N, tokens, width)`, or with `states="pixels"` the preprocessed pixels `(N, 3, H, W)` on the CPU), from
+    one decode and preprocess pass over `images`."""
     image_emb = np.empty((len(images), model.dim), np.float32)
-    patch_states = []
+    kept = []
     for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, device=model.device):
         pixels = pixels.to(model.device)
         image_emb[positions] = model.encode_image(pixels).cpu().numpy()
-        if states:
-            patch_states.append(image_states(model, pixels))
-    return image_emb, (torch.cat(patch_states) if states else None)
+        if states == "pixels":
+            kept.append(pixels.cpu())
+        elif states:
+            kept.append(image_states(model, pixels))
+    return image_emb, (torch.cat(kept) if states else None)
 
 
-def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float = 0.0,
+def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float | None = None,
              batch_size: int = 128, ks=(1, 5, 10)) -> Evaluation:
     """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM."""
     if rerank_k < 1:
@@ -93,6 +97,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         def i2t_pairs(rows, cols):  # rows: images, cols: captions
             return match_scores(head, texts[cols], padding[cols], images, torch.from_numpy(rows)).cpu().numpy()
 
+        weight = result.weight = rerank_weight(head, weight)
         t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, weight)
         i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, weight)
         t2i = text_to_image_ranks(lambda a, b: t2i_sim[a:b], len(data.captions), mapping)
@@ -121,7 +126,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=int, default=16, help="ITC candidates re-ranked per query")
-    parser.add_argument("--weight", type=float, default=0.0, help="re-ranked score = ITM log-odds + weight x cosine")
+    parser.add_argument("--weight", type=float, default=None,
+                        help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
+                             "was fitted with, 0 for the fusion head)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
@@ -158,7 +165,7 @@ def run_benchmark(args, ks=(1, 5, 10)) -> dict:
                       batch_size=args.batch_size, ks=ks)
     report = {"dataset": data.name, "model": args.model, "pretrained": args.pretrained, "n_images": result.n_images,
               "n_texts": result.n_texts, "itc": _by_direction(result.itc, ks), "rerank": _by_direction(result.rerank, ks),
-              "rerank_k": args.rerank_k if args.rerank else None,
+              "rerank_k": args.rerank_k if args.rerank else None, "rerank_weight": result.weight,
               f"itc_R@{args.rerank_k}_cap": {d: result.itc[f"{d}_R@{args.rerank_k}"] for d in ("t2i", "i2t")},
               "mean_rank": {d: result.itc[f"{d}_mean_rank"] for d in ("t2i", "i2t")},
               "seconds": {"load_data": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}}

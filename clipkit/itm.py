@@ -74,6 +74,100 @@ class ITMHead(nn.Module):
         return self.classifier(self.norm(text[:, 0]))
 
 
+class PixelStem(nn.Module):
+    """Image tokens straight from the pixels: three stride-2 3x3 convolutions (32, 64, 128 channels) and one
+    more, so one token per 8x8 pixels, each seeing about 30 pixels across, plus learned positions."""
+
+    def __init__(self, image_size: int, width: int):
+        super().__init__()
+        layers, channels = [], 3
+        for out in (32, 64, 128):
+            layers += [nn.Conv2d(channels, out, 3, 2, 1), nn.GroupNorm(8, out), nn.GELU()]
+            channels = out
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, width, 3, 1, 1))
+        self.positions = nn.Parameter(torch.randn((-(-image_size // 8)) ** 2, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.net(pixels).flatten(2).transpose(1, 2) + self.positions)
+
+
+class LateInteractionHead(nn.Module):
+    """Match score by late interaction (FILIP / ColBERT style) against the head's own image tokens.
+
+    The image side is a conv stem over the pixels (`PixelStem`), not the image tower's patch tokens: a
+    small ViT tower trained contrastively can match on colour alone and never learn shapes, and then no
+    head reading its tokens can bind a colour to a shape. Each caption token (the text tower's causal
+    states, so the token of "circle" in "a red circle" has seen "red") takes its best cosine over the
+    image tokens; the score is `scale` x their mean over the caption's tokens after the first. Returned as
+    logits (0, score), so the match log-odds is the score and `match_scores` serves both heads. Trained
+    on frozen towers against ITC-mined candidates (`clipkit.rerank_train`); `rerank_weight` is the
+    cosine weight fitted with it (re-ranked score = score + rerank_weight x cosine).
+    """
+
+    def __init__(self, text_width: int, image_size: int, width: int = 128, rerank_weight: float = 0.0,
+                 kind: str = "late"):
+        super().__init__()
+        if kind != "late":
+            raise ValueError(f"LateInteractionHead is kind 'late', not {kind!r}")
+        self.config = {"kind": "late", "text_width": text_width, "image_size": image_size, "width": width,
+                       "rerank_weight": float(rerank_weight)}
+        self.stem = PixelStem(image_size, width)
+        self.text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, width))
+        self.image = nn.Linear(width, width)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    @property
+    def rerank_weight(self) -> float:
+        return self.config["rerank_weight"]
+
+    def image_input(self, pixels: torch.Tensor, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's image tokens (unit norm) from preprocessed pixels; the tower's tokens are not used."""
+        return F.normalize(self.image(self.stem(pixels)), dim=-1)
+
+    def text_input(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text(text_tokens), dim=-1)
+
+    def _pool(self, best: torch.Tensor, text_padding: torch.Tensor) -> torch.Tensor:
+        """Mean of best-match cosines (rows, length, ...) over each caption's tokens after the first."""
+        keep = (~text_padding).to(best.dtype)
+        keep[:, 0] = 0
+        keep = keep.view(*keep.shape, *([1] * (best.dim() - 2)))
+        return self.scale * (best * keep).sum(1) / keep.sum(1).clamp_min(1)
+
+    def score_matrix(self, text_tokens: torch.Tensor, text_padding: torch.Tensor,
+                     image_tokens: torch.Tensor) -> torch.Tensor:
+        """Scores of every caption against every image, `(captions, images)` (training)."""
+        best = torch.einsum("cld,npd->clnp", self.text_input(text_tokens), image_tokens).amax(dim=-1)
+        return self._pool(best, text_padding)
+
+    def forward(self, text_tokens: torch.Tensor, text_padding: torch.Tensor, image_tokens: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (0, score) for each text row against image `image_index[row]` (default: row for row)."""
+        image = image_tokens if image_index is None else image_tokens[image_index]
+        best = torch.einsum("rld,rpd->rlp", self.text_input(text_tokens), image).amax(dim=-1)
+        score = self._pool(best, text_padding)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+
+def build_head_from_config(config: dict) -> nn.Module:
+    """The ITM head a checkpoint's `itm_config` describes: the fusion head, or kind 'late'."""
+    config = dict(config)
+    kind = config.pop("kind", "fusion")
+    if kind == "late":
+        return LateInteractionHead(**config)
+    if kind != "fusion":
+        raise ValueError(f"unknown ITM head kind {kind!r} (known: fusion, late); a newer clipkit wrote it")
+    return ITMHead(**config)
+
+
+def rerank_weight(head: nn.Module, weight: float | None) -> float:
+    """The cosine weight of a re-ranked score: the caller's, else the one the head was fitted with (else 0)."""
+    if weight is not None:
+        return float(weight)
+    return float(getattr(head, "config", {}).get("rerank_weight", 0.0))
+
+
 def tower_widths(clip: nn.Module) -> tuple[int, int]:
     """(text token width, image token width) of an open_clip model with a ViT image tower."""
     from open_clip.transformer import VisionTransformer
@@ -214,8 +308,13 @@ def text_states(model, texts: list[str], batch_size: int = 256) -> tuple[torch.T
 
 @torch.inference_mode()
 def image_states(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Patch token states of a preprocessed image batch, for the ITM head."""
-    return encode_image_tokens(model.clip, pixels.to(model.device))[1]
+    """The ITM head's image input for a preprocessed image batch: the tower's patch token states, or for a
+    head with its own image stem (`image_input`), that stem's tokens."""
+    pixels = pixels.to(model.device)
+    head = getattr(model, "itm", None)
+    if head is not None and hasattr(head, "image_input"):
+        return head.image_input(pixels.to(next(head.parameters()).dtype))
+    return encode_image_tokens(model.clip, pixels)[1]
 
 
 def require_itm(model) -> ITMHead:

@@ -498,12 +498,15 @@ def set_channels_last(model: Model) -> None:
 
 
 def _load_itm_head(checkpoint: dict, source: str, device: torch.device) -> torch.nn.Module:
-    from clipkit.itm import ITMHead
+    from clipkit.itm import build_head_from_config
 
     config = checkpoint["meta"].get("itm_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{source} has ITM weights but no itm_config to build the head from")
-    head = ITMHead(**config)
+    try:
+        head = build_head_from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source} has an itm_config clipkit cannot build a head from: {exc}") from exc
     try:
         head.load_state_dict({k: v.float() for k, v in checkpoint["itm"].items()}, strict=True)
     except RuntimeError as exc:
@@ -534,9 +537,11 @@ def _image_size(clip: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLike) -> dict:
+def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLike,
+                   itm: torch.nn.Module | None = None) -> dict:
     """Write a small inference checkpoint from a training one: fp16 weights, no optimizer state, and
     only the token-embedding rows that training changed (the rest are stored as absent, read as zero).
+    `itm`: an ITM head to store instead of the checkpoint's own (e.g. one from `clipkit.rerank_train`).
 
     Training leaves unseen vocabulary rows at their initial values (no weight decay on embeddings),
     so dropping them changes nothing for any text made of words seen in training.
@@ -557,8 +562,10 @@ def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLi
         sparse[key] = {"shape": list(weights.shape), "rows": rows, "values": weights[rows].half()}
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": name, "step": raw.get("step"),
                "model": {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
-               "sparse": sparse, "itm": {k: v.half() for k, v in raw["itm"].items()} if raw.get("itm") else None,
-               "itm_config": raw.get("itm_config")}
+               "sparse": sparse}
+    itm_state = itm.state_dict() if itm is not None else raw.get("itm")
+    payload["itm"] = {k: v.detach().cpu().half() for k, v in itm_state.items()} if itm_state else None
+    payload["itm_config"] = itm.config if itm is not None else raw.get("itm_config")
     atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
     return {"rows_kept": int(sparse[key]["rows"].numel()) if sparse else None, "bytes": os.path.getsize(path)}
 

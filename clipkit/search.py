@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
 from clipkit.index import Index
-from clipkit.itm import image_states, match_scores, require_itm, text_states
+from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 
 
 @dataclass
@@ -63,13 +63,14 @@ def _embed(query: Any, kind: str, model) -> np.ndarray:
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
-           weight: float = 0.0) -> list[Hit]:
+           weight: float | None = None) -> list[Hit]:
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
-    head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine, and its cosine is
+    head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine (default: the weight the
+    head was fitted with, 0 for the fusion head), and its cosine is
     kept in `metadata['itc_score']`. A text query re-ranks images (files in the index); an image query
     re-ranks captions (items with a 'caption').
     """
@@ -108,8 +109,8 @@ def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
     return hits
 
 
-def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0.0) -> list[Hit]:
-    """Re-order ITC hits by the ITM head's match log-odds (+ weight x cosine)."""
+def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float | None = None) -> list[Hit]:
+    """Re-order ITC hits by the ITM head's match log-odds (+ weight x cosine; None: the head's own weight)."""
     import torch
 
     from clipkit.encode import iter_image_batches
@@ -145,6 +146,7 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float = 0
         images = image_states(model, pixels)
         image_index = torch.zeros(len(hits), dtype=torch.long)  # the one query image against every caption
     itm = match_scores(head, texts, padding, images, image_index).cpu().numpy()
+    weight = rerank_weight(head, weight)
     for hit, score in zip(hits, itm):
         hit.metadata["itc_score"] = hit.score
         hit.score = float(score + weight * hit.score)

@@ -101,7 +101,8 @@ class SearchRequest(BaseModel):
     k: int = Field(20, ge=1)
     rerank: bool = False
     rerank_k: int | None = Field(None, ge=1)
-    weight: float = Field(0.0, description="re-ranked score = ITM log-odds + weight x cosine")
+    weight: float | None = Field(None, description="re-ranked score = ITM log-odds + weight x cosine (default: "
+                                                 "the weight the model's ITM head was fitted with)")
     index: str | None = None
 
 
@@ -211,7 +212,7 @@ class Service:
             raise BadRequest(str(exc)) from None
 
     async def search(self, collection: Collection, kind: str, value: Any, k: int, *, rerank: bool = False,
-                     rerank_k: int | None = None, weight: float = 0.0) -> list[dict]:
+                     rerank_k: int | None = None, weight: float | None = None) -> list[dict]:
         k = min(k, self.config.max_k)
         vector, query = await self.query(collection, kind, value)
         if rerank:

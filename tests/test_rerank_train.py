@@ -1,0 +1,174 @@
+"""The late-interaction ITM head and its second training stage (clipkit.rerank_train)."""
+
+import numpy as np
+import pytest
+import torch
+
+import clipkit
+from clipkit.data.captions import synthetic_set
+from clipkit.encode import load_image
+from clipkit.errors import CheckpointError
+from clipkit.evaluate import evaluate
+from clipkit.itm import LateInteractionHead, image_states, match_scores, text_states
+from clipkit.models import export_compact, load_model, save_checkpoint
+from clipkit.rerank_train import RerankConfig, cache_gallery, rerank_top1, step_loss, train_rerank_head
+
+
+def reference_score(head: LateInteractionHead, states: torch.Tensor, padding: torch.Tensor,
+                    pixels: torch.Tensor) -> float:
+    """One pair, token by token: mean over the caption's tokens after the first of the best cosine over
+    the stem's tokens, times the scale."""
+    with torch.no_grad():
+        text = head.text(states)
+        image = head.image(head.stem(pixels[None]))[0]
+        best = []
+        for position in range(1, len(text)):
+            if padding[position]:
+                continue
+            cosines = [float(torch.nn.functional.cosine_similarity(text[position], patch, dim=0)) for patch in image]
+            best.append(max(cosines))
+        return float(head.scale) * float(np.mean(best))
+
+
+@pytest.fixture(scope="module")
+def late_head(tiny_model):
+    torch.manual_seed(0)
+    head = LateInteractionHead(text_states(tiny_model, ["a"])[0].shape[-1], tiny_model.image_size, width=16).eval()
+    with torch.no_grad():
+        head.scale.fill_(7.0)
+    return head
+
+
+def test_late_head_scores_match_the_token_by_token_reference(tiny_model, late_head):
+    data = synthetic_set(6, seed=3, size=32)
+    captions = data.captions[:5]
+    states, padding = text_states(tiny_model, captions)
+    pixels = torch.stack([tiny_model.preprocess(image) for image in data.images])
+    images = late_head.image_input(pixels)
+    expected = np.array([[reference_score(late_head, states[t], padding[t], pixels[i]) for i in range(len(pixels))]
+                         for t in range(len(captions))])
+    with torch.no_grad():
+        matrix = late_head.score_matrix(states, padding, images).numpy()
+    np.testing.assert_allclose(matrix, expected, rtol=1e-4, atol=1e-4)
+    rows = torch.arange(len(captions)).repeat_interleave(len(pixels))
+    cols = torch.arange(len(pixels)).repeat(len(captions))
+    paired = match_scores(late_head, states[rows], padding[rows], images, cols, batch_size=7).numpy()
+    np.testing.assert_allclose(paired.reshape(len(captions), -1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_resumes_exactly_after_an_interruption(tiny_model, tmp_path, monkeypatch):
+    import clipkit.rerank_train as rerank_train
+
+    galleries = [synthetic_set(20, seed=s, size=32) for s in (1, 2)]
+    config = RerankConfig(steps=6, captions=4, k=4, random=3, width=16, save_every=2, warmup=2)
+    straight, report = train_rerank_head(tiny_model, galleries, config, progress=False)
+    assert report["rerank_weight"] in rerank_train.WEIGHT_GRID and report["loss_last_50"] is not None
+
+    calls = {"n": 0}
+    real = rerank_train.step_loss
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4: steps 1-2 were saved, step 3 was not
+            raise KeyboardInterrupt
+        return real(*args)
+
+    state = tmp_path / "state.pt"
+    monkeypatch.setattr(rerank_train, "step_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_rerank_head(tiny_model, galleries, config, state_path=state, progress=False)
+    monkeypatch.setattr(rerank_train, "step_loss", real)
+    assert torch.load(state, weights_only=False)["step"] == 2
+    resumed, _ = train_rerank_head(tiny_model, galleries, config, state_path=state, progress=False)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+    assert any(not torch.equal(value, LateInteractionHead(**{**straight.config}).state_dict()[name])
+               for name, value in straight.state_dict().items() if name != "scale")
+    with pytest.raises(ValueError, match="other settings"):
+        train_rerank_head(tiny_model, galleries, RerankConfig(steps=7, captions=4, k=4, width=16),
+                          state_path=state, progress=False)
+
+
+def test_step_loss_is_cross_entropy_over_the_union_of_candidates(tiny_model, late_head):
+    g = cache_gallery(tiny_model, synthetic_set(15, seed=4, size=32), k=3)
+    captions = torch.tensor([0, 5, 9])
+    generator = torch.Generator().manual_seed(1)
+    loss = step_loss(late_head, g, captions, 2, generator)
+    extra = torch.randint(len(g.pixels), (2,), generator=torch.Generator().manual_seed(1))
+    candidates = sorted(set(g.top[captions].reshape(-1).tolist()) | set(g.text_to_image[captions].tolist())
+                        | set(extra.tolist()))
+    with torch.no_grad():
+        scores = late_head.score_matrix(g.texts[captions], g.padding[captions],
+                                        late_head.image_input(g.pixels[candidates]))
+    own = [candidates.index(int(i)) for i in g.text_to_image[captions]]
+    expected = float(np.mean([torch.logsumexp(scores[r], 0) - scores[r, own[r]] for r in range(3)]))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_exported_late_head_reranks_in_evaluation_and_search(tiny_model, late_head, tmp_path, image_folder):
+    late_head.config["rerank_weight"] = 4.0
+    towers = tmp_path / "towers.pt"
+    save_checkpoint(tiny_model, towers)
+    exported = tmp_path / "with-late-head.pt"
+    export_compact(towers, exported, itm=late_head)
+    model = load_model("clipkit-tiny", pretrained=exported, device="cpu")
+    assert isinstance(model.itm, LateInteractionHead) and model.itm.rerank_weight == 4.0
+
+    # evaluation re-ranks ITC's top k by score + the head's own weight x cosine: the same R@1 as the stage's
+    # own re-ranking of the cached gallery (an independent code path)
+    data = synthetic_set(24, seed=6, size=32)
+    result = evaluate(model, data, rerank=True, rerank_k=5)
+    assert result.weight == 4.0
+    g = cache_gallery(model, data, k=5)
+    assert result.rerank["t2i_R@1"] == pytest.approx(rerank_top1(model.itm, g, weights=(4.0,))[4.0])
+    assert evaluate(model, data, rerank=True, rerank_k=5, weight=0.0).weight == 0.0
+
+    # search: the head reads the pixels through its own stem, not the tower's tokens
+    index = clipkit.Index.from_folder(image_folder, model=model)
+    hits = clipkit.search("a red circle", index, k=4, rerank=True, rerank_k=6)
+    itc = clipkit.search("a red circle", index, k=6)
+    states, padding = text_states(model, ["a red circle"])
+    expected = {}
+    for hit in itc:
+        pixels = model.preprocess(load_image(hit.path, model.image_size))[None]
+        score = match_scores(model.itm, states, padding, image_states(model, pixels)).item()
+        expected[hit.id] = score + 4.0 * hit.score
+    assert [h.id for h in hits] == sorted(expected, key=lambda i: -expected[i])[:4]
+    assert all(h.score == pytest.approx(expected[h.id], abs=1e-4) for h in hits)
+
+
+def test_unknown_head_kind_is_a_clear_checkpoint_error(tiny_model, tmp_path):
+    towers = tmp_path / "towers.pt"
+    save_checkpoint(tiny_model, towers)
+    raw = torch.load(towers, weights_only=False)
+    raw["itm"], raw["itm_config"] = {"w": torch.zeros(1)}, {"kind": "mystery"}
+    torch.save(raw, towers)
+    with pytest.raises(CheckpointError, match="cannot build a head"):
+        load_model("clipkit-tiny", pretrained=towers, device="cpu")
+
+
+def test_split_set_keeps_each_caption_with_its_image():
+    from clipkit.rerank_train import split_set
+
+    data = synthetic_set(7, seed=2, size=32)
+    parts = split_set(data, 3)
+    assert [len(p.images) for p in parts] == [3, 3, 1]
+    pairs = [(caption, part.images[i]) for part in parts for caption, i in zip(part.captions, part.text_to_image)]
+    assert pairs == [(c, data.images[i]) for c, i in zip(data.captions, data.text_to_image)]
+
+
+def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp_path, capsys):
+    from clipkit.cli import main
+
+    out = tmp_path / "reranker.pt"
+    common = ["train-rerank", "--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--steps", "3",
+              "--captions", "4", "--k", "4", "--random", "2", "--width", "16", "--out", str(out), "--quiet"]
+    assert main(common + ["--data", "synthetic:40", "--gallery-size", "20"]) == 0
+    model = load_model("clipkit-tiny", pretrained=out, device="cpu")
+    assert isinstance(model.itm, LateInteractionHead) and model.itm.config["width"] == 16
+    assert not (tmp_path / "reranker.pt.state").exists()
+    texts = ["a red circle", "two blue squares"]
+    np.testing.assert_allclose(clipkit.encode(texts, model=model), clipkit.encode(texts, model=tiny_model),
+                               atol=1e-6)  # the towers are unchanged
+    assert main(common + ["--data", "synthetic:5", "--gallery-size", "20"]) == 2
+    assert "fewer images than one gallery" in capsys.readouterr().err
