@@ -121,8 +121,8 @@ class LateInteractionHead(nn.Module):
     def rerank_weight(self) -> float:
         return self.config["rerank_weight"]
 
-    def image_input(self, pixels: torch.Tensor, patch_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """The head's image tokens (unit norm) from preprocessed pixels; the tower's tokens are not used."""
+    def image_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The head's image tokens (unit norm) from preprocessed pixels (the image tower is not used)."""
         return F.normalize(self.image(self.stem(pixels)), dim=-1)
 
     def text_input(self, text_tokens: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from clipkit._io import atomic_write_with
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_texts
-from clipkit.itm import LateInteractionHead, encode_text_tokens, text_states, tower_widths
+from clipkit.itm import LateInteractionHead, encode_text_tokens, text_states
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,6 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
     config.validate()
     if not galleries:
         raise ValueError("train_rerank_head needs at least one training gallery")
-    tower_widths(model.clip)  # a clear error for towers without token states
     torch.manual_seed(config.seed)
     text_width = encode_text_tokens(model.clip, model.tokenize(["a"]).to(model.device))[1].shape[-1]
     head = LateInteractionHead(text_width, model.image_size, config.width)
@@ -237,7 +236,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="the model whose towers stay frozen (a ViT open_clip model)")
+    parser.add_argument("--model", required=True, help="the model whose towers stay frozen")
     parser.add_argument("--pretrained", default=None, help="its weights (open_clip tag, local file, clipkit checkpoint)")
     parser.add_argument("--data", required=True, help="training galleries: webdataset shard URLs, or synthetic:N")
     parser.add_argument("--gallery-size", type=int, default=1000, help="images per gallery ITC mines candidates in")
