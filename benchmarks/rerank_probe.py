@@ -33,10 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipkit import rerank_train
 from clipkit.data.captions import synthetic_set
-from clipkit.encode import encode_texts
-from clipkit.evaluate import encode_gallery
-from clipkit.itm import ITMHead, PixelStem, encode_image_tokens, require_itm, text_states, tower_widths
+from clipkit.itm import ITMHead, PixelStem, encode_image_tokens, require_itm, tower_widths
 from clipkit.models import load_model
 
 
@@ -54,19 +53,12 @@ class Gallery:
 
 @torch.inference_mode()
 def cache_gallery(model, n_images: int, seed: int, split: str, k: int, pixels: bool) -> Gallery:
-    data = synthetic_set(n_images, seed=seed, split=split, size=model.image_size)
-    image_emb, kept = encode_gallery(model, data.images, 256, states="pixels")
+    g = rerank_train.cache_gallery(model, synthetic_set(n_images, seed=seed, split=split, size=model.image_size), k)
     # the towers' patch tokens, whatever head the model ships (a late-interaction head reads its own stem)
-    patches = torch.cat([encode_image_tokens(model.clip, kept[s:s + 256].to(model.device))[1].cpu()
-                         for s in range(0, len(kept), 256)])
-    image_emb = torch.from_numpy(image_emb)
-    text_emb = torch.from_numpy(encode_texts(data.captions, model, 256))
-    texts, padding = text_states(model, data.captions)
-    length = int((~padding).sum(dim=1).max())
-    kept = kept if pixels else torch.empty(0)
-    return Gallery(image_emb, patches, kept, text_emb,
-                   texts[:, :length].cpu(), padding[:, :length].cpu(), torch.from_numpy(data.text_to_image),
-                   (text_emb @ image_emb.T).topk(min(k, len(image_emb)), dim=1).indices)
+    patches = torch.cat([encode_image_tokens(model.clip, g.pixels[s:s + 256].to(model.device))[1].cpu()
+                         for s in range(0, len(g.pixels), 256)])
+    return Gallery(g.image_emb, patches, g.pixels if pixels else torch.empty(0), g.text_emb, g.texts, g.padding,
+                   g.text_to_image, g.top)
 
 
 class LateInteraction(nn.Module):

@@ -18,7 +18,6 @@ continues from it when run again with the same settings.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from tqdm.auto import tqdm
 from clipkit._io import atomic_write_with
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_texts
-from clipkit.itm import LateInteractionHead, encode_text_tokens, text_states
+from clipkit.itm import LateInteractionHead, encode_text_tokens, match_scores, text_states
+from clipkit.train import cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,6 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
     return split_set(read_shard_set(spec, name="train"), gallery_size)
 
 
-def _lr_factor(step: int, config: RerankConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def step_loss(head: LateInteractionHead, g: CachedGallery, captions: torch.Tensor, random: int,
               generator: torch.Generator) -> torch.Tensor:
     """Cross-entropy of each caption's scores over the step's candidates (their top-k, own and random images)."""
@@ -143,9 +136,8 @@ def rerank_top1(head: LateInteractionHead, g: CachedGallery, weights=WEIGHT_GRID
         rows = torch.arange(start, min(start + batch, len(g.text_to_image)))
         candidates = g.top[rows]
         k = candidates.shape[1]
-        logits = head(g.texts[rows].repeat_interleave(k, 0), g.padding[rows].repeat_interleave(k, 0), images,
-                      candidates.reshape(-1))
-        score = logits[:, 1].view(len(rows), k)
+        score = match_scores(head, g.texts[rows].repeat_interleave(k, 0), g.padding[rows].repeat_interleave(k, 0),
+                             images, candidates.reshape(-1)).view(len(rows), k)
         cosine = (g.text_emb[rows, None, :] * g.image_emb[candidates]).sum(-1)
         own = g.text_to_image[rows]
         for w in weights:
@@ -179,7 +171,7 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
     text_width = encode_text_tokens(model.clip, model.tokenize(["a"]).to(model.device))[1].shape[-1]
     head = LateInteractionHead(text_width, model.image_size, config.width)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, config.warmup, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
     step, losses = 0, []
     state_path = Path(state_path) if state_path else None
