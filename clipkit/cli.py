@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "Merge the shards with `clipkit merge`")
     index.add_argument("--check", action="store_true",
                        help="report what an update would do (add, re-embed, move, remove) and change nothing")
+    index.add_argument("--no-wait", action="store_true",
+                       help="if another process is writing the index, exit (code 2) instead of waiting for it")
+    _add_maintenance_commands(commands)
 
     search = commands.add_parser("search", help="search an index with a text query or an image file")
     search.add_argument("query", help="text, or the path of an image file to search by image")
@@ -126,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_maintenance_commands(commands) -> None:
+    remove = commands.add_parser("remove", help="drop items from an index: the files under PATHs (which may no "
+                                                "longer exist), or with --missing every indexed folder that is gone")
+    remove.add_argument("paths", nargs="*", metavar="PATH", help="files or folders whose items to drop")
+    remove.add_argument("--missing", action="store_true", help="drop the items of indexed folders that no longer exist")
+    remove.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    remove.add_argument("--no-wait", action="store_true", help="exit instead of waiting for another writer")
+    roots = commands.add_parser("roots", help="list the folders an index covers, with item counts")
+    roots.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -148,47 +162,110 @@ def _progress(args) -> bool | None:
 
 
 def cmd_index(args) -> int:
-    from clipkit.index import Index
-    from clipkit.models import DEFAULT_MODEL, load_model
+    from clipkit.index import DB_FILE, Index
+    from clipkit.index.lock import writer_lock
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder not found: {folder}" if not folder.exists() else f"not a folder: {folder}")
     shard = _parse_shard(args.shard) if args.shard else None
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
-    existing = Index.load(index_path) if index_path.exists() else None
     if args.check:
+        existing = Index.load(index_path) if index_path.exists() else None
         return _check_index(existing, folder, index_path, args.exclude, shard)
-    if existing is not None and args.model is None:
-        info = existing.model_info or {}
-        model = load_model(info.get("name", DEFAULT_MODEL), info.get("pretrained"), device=args.device)
-    else:
-        model = load_model(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
-    if existing is not None:
-        existing.check_model(model)
-        index = existing
-    else:
-        index = Index(model.dim, model=model)
-        index.save(index_path)  # attach first: every finished batch is then committed to disk
-    report = index.sync_folder(folder, model, batch_size=args.batch_size, workers=args.workers,
-                               progress=_progress(args), exclude=args.exclude, shard=shard)
-    if args.index_type is not None and (args.index_type != index.index_type or existing is None):
-        index.set_index_type(args.index_type)
-    index.save()
+    _prepare_index_folder(index_path)
+    with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
+        index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
+        model = _index_model(index, args)
+        created = index is None
+        if created:
+            index = Index(model.dim, model=model)
+            index.save(index_path)  # attach first: every finished batch is then committed to disk
+        report = index.sync_folder(folder, model, batch_size=args.batch_size, workers=args.workers,
+                                   progress=_progress(args), exclude=args.exclude, shard=shard)
+        if args.index_type is not None and (created or args.index_type != index.index_type):
+            index.set_index_type(args.index_type)
+        index.save()
     if args.skipped_log:
         from clipkit._io import atomic_write_bytes
 
         atomic_write_bytes(args.skipped_log, "".join(json.dumps({"path": path, "reason": reason}, ensure_ascii=False)
                                                     + "\n" for path, reason in report.skipped).encode())
     if not args.quiet:
-        print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
-              f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
-              f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
-        for path, reason in report.skipped[:20]:
-            print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
-        if len(report.skipped) > 20:
-            more = f"; all in {args.skipped_log}" if args.skipped_log else " (--skipped-log FILE lists them all)"
-            print(f"  ... and {len(report.skipped) - 20} more skipped{more}", file=sys.stderr)
+        _print_sync_summary(report, index, index_path, args.skipped_log)
+    return 0
+
+
+def _prepare_index_folder(index_path: Path) -> None:
+    """Make the index folder (so its writer lock can be taken), refusing paths that hold something else."""
+    from clipkit.index import DB_FILE
+
+    if index_path.exists() and not index_path.is_dir():
+        raise ValueError(f"{index_path} exists and is not a folder; choose another index path")
+    if index_path.is_dir() and not (index_path / DB_FILE).exists() and any(
+            p.name != "writer.lock" for p in index_path.iterdir()):
+        raise ValueError(f"{index_path} is a non-empty folder that is not a clipkit index; choose another path")
+    index_path.mkdir(parents=True, exist_ok=True)
+
+
+def _waiting_notice(args):
+    def notice(message: str) -> None:
+        if not args.quiet:
+            print(f"clipkit: {message}; waiting (or use --no-wait) ...", file=sys.stderr, flush=True)
+    return notice
+
+
+def _index_model(index, args):
+    """The model to index with: the index's own, else --model/--pretrained (checked against the index)."""
+    from clipkit.models import DEFAULT_MODEL, load_model
+    from clipkit.search import index_model
+
+    if index is not None and args.model is None:
+        return index_model(index, device=args.device)
+    model = load_model(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
+    if index is not None:
+        index.check_model(model)
+    return model
+
+
+def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None) -> None:
+    print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
+          f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
+          f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
+    for path, reason in report.skipped[:20]:
+        print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
+    if len(report.skipped) > 20:
+        more = f"; all in {skipped_log}" if skipped_log else " (--skipped-log FILE lists them all)"
+        print(f"  ... and {len(report.skipped) - 20} more skipped{more}", file=sys.stderr)
+    for gone, count in report.orphaned.items():
+        print(f"  {count} item(s) of {gone}, which no longer exists, are still indexed: index its new place to "
+              f"re-point them, or drop them with `clipkit remove --missing --index {index_path}`", file=sys.stderr)
+
+
+def cmd_remove(args) -> int:
+    from clipkit.index import Index
+    from clipkit.index.lock import writer_lock
+
+    if not args.paths and not args.missing:
+        raise UsageError("give the PATHs whose items to drop, or --missing")
+    if not Path(args.index).exists():
+        raise FileNotFoundError(f"no index at {args.index}")
+    with writer_lock(args.index, wait=not args.no_wait, on_wait=_waiting_notice(args)):
+        index = Index.load(args.index)
+        removed = index.prune_missing() if args.missing else 0
+        for path in args.paths:
+            removed += index.remove_folder(path)
+        index.save()
+    if not args.quiet:
+        print(f"removed {removed} item(s); {len(index)} left in {args.index}")
+    return 0
+
+
+def cmd_roots(args) -> int:
+    from clipkit.index import Index
+
+    for root in Index.load(args.index).roots():
+        print(f"{root['items']:>8}  {root['path']}{'' if root['exists'] else '  (missing)'}")
     return 0
 
 
@@ -250,8 +327,7 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
 
 def cmd_search(args) -> int:
     from clipkit.index import Index
-    from clipkit.models import load_model
-    from clipkit.search import search
+    from clipkit.search import index_model, search
 
     query: object = args.query
     if not args.text and is_image_name(args.query.strip()):
@@ -259,9 +335,7 @@ def cmd_search(args) -> int:
             raise FileNotFoundError(f"image file not found: {args.query} (to search for this text, add --text)")
         query = Path(args.query)
     index = Index.load(args.index)
-    model = None
-    if args.device is not None and index.model_info:
-        model = load_model(index.model_info["name"], index.model_info.get("pretrained"), device=args.device)
+    model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
     hits = search(query, index, k=args.k, model=model, rerank=args.rerank, rerank_k=args.rerank_k)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
@@ -371,7 +445,7 @@ def cmd_train_rerank(args) -> int:
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
             "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge,
-            "train-rerank": cmd_train_rerank}
+            "train-rerank": cmd_train_rerank, "remove": cmd_remove, "roots": cmd_roots}
 
 
 def main(argv: list[str] | None = None) -> int:

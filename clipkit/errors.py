@@ -32,3 +32,15 @@ class ImageReadError(ClipkitError, ValueError):
 
 class OfflineError(ClipkitError, RuntimeError):
     """Pretrained weights are not cached and the hub cannot be reached."""
+
+
+class IndexBusyError(ClipkitError):
+    """Another process is writing the index and this one was asked not to wait."""
+
+
+class ReadOnlyIndexError(ClipkitError):
+    """The index lives on read-only storage (or its files are read-only): it can be searched, not changed."""
+
+
+class IndexFullError(ClipkitError):
+    """The disk holding the index filled up; what was committed before is kept."""

@@ -482,6 +482,13 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     return model
 
 
+def load_recorded_model(info: dict | None, *, device: str | torch.device | None = None) -> Model:
+    """The model an index records (its name and weights, as `Model.info` wrote them), loaded on `device`."""
+    if not info:
+        raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
+    return load_model(info["name"], info.get("pretrained"), device=device)
+
+
 def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bool:
     """Whether the image tower should run in NHWC: convolutional towers (ResNets, ConvNeXts) on CUDA,
     where cuDNN's tensor-core kernels want that layout. A ViT has one convolution (its patch embedding)

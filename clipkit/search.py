@@ -29,6 +29,27 @@ class Hit:
         return {"id": self.id, "score": self.score, "path": self.path, "metadata": self.metadata}
 
 
+def index_model(index: Index, model=None, *, device=None):
+    """The model that embeds queries for `index`: `model` (checked against the one that built it), else
+    the one the index records, loaded once (on `device`) and kept on the index. The one place the CLI,
+    the server, the demo and `search` get "the model this index records"."""
+    from clipkit.encode import as_model
+    from clipkit.models import load_recorded_model, resolve_device
+
+    if model is not None:
+        model = as_model(model)
+        index.check_model(model)
+        if index.model is None:
+            index.model = model
+        return model
+    if index.model is not None and (device is None or resolve_device(device) == index.model.device):
+        return index.model
+    model = load_recorded_model(index.model_info, device=device)
+    index.check_model(model)
+    index.model = model
+    return model
+
+
 def query_kind(query: Any) -> str:
     """TEXT, IMAGE or 'vector' for a single query; anything else is a ValueError."""
     if isinstance(query, str):
@@ -53,7 +74,7 @@ def embed_query(query: Any, index: Index, model=None) -> np.ndarray:
     kind = query_kind(query)
     if kind == "vector":
         return np.asarray(query, dtype=np.float32)
-    return _embed(query, kind, index.resolve_model(model))
+    return _embed(query, kind, index_model(index, model))
 
 
 def _embed(query: Any, kind: str, model) -> np.ndarray:
@@ -84,7 +105,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
             raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
         vector, model = np.asarray(query, dtype=np.float32), None
     else:
-        model = index.resolve_model(model)
+        model = index_model(index, model)
         vector = _embed(query, kind, model)
     if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
         raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")

@@ -220,9 +220,11 @@ def test_model_mismatch_is_refused(tiny_model):
 
 def test_search_uses_the_gpu_only_when_faiss_has_one():
     index = Index.from_embeddings(unit(10, 8, 0))
-    searcher, position_map = index._searcher()
+    index.search(unit(2, 8, 1), 3)
     if faiss.get_num_gpus() == 0:
-        assert searcher is index._faiss and position_map is None
+        assert index._structure._gpu is None  # no GPU copy was tried
+    else:
+        assert index._structure._gpu  # a GPU copy answered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +287,9 @@ def test_ivf_tuned_to_the_target_recall_and_kept_through_save_load_add_remove(tm
 
 
 def test_auto_picks_ivf_above_the_flat_limit_and_falls_back_without_structure(monkeypatch):
-    import clipkit.index as index_module
+    import clipkit.index.ann as ann
 
-    monkeypatch.setattr(index_module, "FLAT_LIMIT", 5_000)
+    monkeypatch.setattr(ann, "FLAT_LIMIT", 5_000)
     base, queries = clustered(20_000, 32, 3), clustered(300, 32, 4)
     structured = Index.from_embeddings(base, index_type="auto")
     assert structured.structure.startswith("IVF512,Flat nprobe=")

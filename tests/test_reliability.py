@@ -170,18 +170,20 @@ def test_files_that_vanish_are_skipped(tmp_path, tiny_model, monkeypatch):
     root.mkdir()
     for i in range(6):
         draw_shape("red", "circle", seed=i).save(root / f"{i}.png")
-    original = Index.plan_folder
+    from clipkit.index import sync
 
-    def plan_then_vanish(self, folder, **kwargs):
-        plan = original(self, folder, **kwargs)
+    original = sync.plan_folder
+
+    def plan_then_vanish(store, folder, **kwargs):
+        plan = original(store, folder, **kwargs)
         (root / "2.png").unlink()  # listed and stat'ed, gone before it is decoded
         return plan
 
-    monkeypatch.setattr(Index, "plan_folder", plan_then_vanish)
+    monkeypatch.setattr(sync, "plan_folder", plan_then_vanish)
     index = Index(tiny_model.dim, model=tiny_model)
     report = index.sync_folder(root, tiny_model)
     assert report.skipped_kinds == {"vanished": 1} and len(index) == 5
-    monkeypatch.setattr(Index, "plan_folder", original)
+    monkeypatch.setattr(sync, "plan_folder", original)
     assert index.sync_folder(root, tiny_model).embedded == 0
 
 

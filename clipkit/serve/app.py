@@ -34,7 +34,7 @@ from clipkit.data.images import decode_image, read_image
 from clipkit.errors import ClipkitError
 from clipkit.index import Index, prepare_vectors
 from clipkit.itm import require_itm
-from clipkit.search import Hit, nearest_hits, rerank_hits
+from clipkit.search import Hit, index_model, nearest_hits, rerank_hits
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
 from clipkit.serve.fetch import FetchError, fetch_image_bytes
 
@@ -347,7 +347,7 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
     workers: dict[tuple, tuple[ModelWorker, Batcher]] = {}
     collections_: dict[str, Collection] = {}
     for name, index in indexes.items():
-        resolved = index.resolve_model(model)
+        resolved = index_model(index, model)
         shared = (resolved.fingerprint, str(resolved.device))
         if shared not in workers:
             worker = ModelWorker(resolved)
@@ -571,17 +571,13 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
     """Load the indexes and their models once, then serve until interrupted."""
     import uvicorn
 
-    from clipkit.models import load_model
-
     indexes = load_indexes(index_specs)
-    if device is not None:  # each index's own model, on the device asked for
+    if device is not None:  # each index's own model, on the device asked for (loaded once per model)
         loaded: dict[tuple, object] = {}
         for index in indexes.values():
             info = index.model_info or {}
             if info:
                 key = (info["name"], info.get("pretrained"))
-                if key not in loaded:
-                    loaded[key] = load_model(info["name"], info.get("pretrained"), device=device)
-                index.resolve_model(loaded[key])
+                loaded[key] = index_model(index, loaded.get(key), device=device)
     app = create_app(indexes, config=config)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,649 @@
+"""`Index`: the facade over the store (SQLite, the truth), the ANN structure (FAISS, its cache), folder sync
+and the writer lock.
+
+On disk an index is a folder:
+
+    meta.sqlite   the store: every item (id, file, metadata, embedding), the folders it covers, settings,
+                  and a generation counter that every committed change raises
+    index.faiss   the ANN structure as it was at some generation; trusted only when config.json records
+                  that generation, the file's checksum and the digest of its key set, and all three match
+    config.json   format, dimension, model, structure, and that record (for people and tools to read too)
+    writer.lock   held by the one process writing the index (clipkit/index/lock.py)
+
+A loaded index keeps up with the store: before a search it looks (at most every `refresh_interval`
+seconds) whether the generation moved, and if so adds and removes what changed, so a server sees what
+an indexer commits while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from clipkit import __version__
+from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
+from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
+from clipkit.index import sync
+from clipkit.index.ann import Structure, build_structure, check_index_type, choose_structure
+from clipkit.index.lock import LOCK_FILE, writer_lock
+from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, meta_row
+from clipkit.index.vectors import ids_array, keys_digest, normalize_id, prepare_vectors
+
+log = logging.getLogger("clipkit.index")
+
+FAISS_FILE, CONFIG_FILE = "index.faiss", "config.json"
+METRIC = "inner_product"
+
+
+class Index:
+    """Nearest-neighbour search over unit-norm embeddings with per-item metadata."""
+
+    refresh_interval = 0.5  # seconds between looks at the store's generation (0: before every search)
+
+    def __init__(self, dim: int, *, model=None, model_info: dict | None = None, index_type: str = "flat",
+                 target_recall: float = 0.95, memory_budget: int | None = None):
+        """An empty index of `dim`-d vectors.
+
+        `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then IVF chosen by size and
+        `memory_budget`, its nprobe tuned at build time so recall@10 against exact stays >= `target_recall`),
+        or any FAISS factory string ("IVF1024,Flat", "HNSW32", "IVF4096,PQ32", ...), tuned the same way.
+        """
+        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        check_index_type(index_type, int(dim))
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+        info = model.info if model is not None else model_info
+        if info is not None and int(info.get("dim", dim)) != dim:
+            raise ValueError(f"model dimension {info['dim']} does not match index dimension {dim}")
+        store = Store.create()
+        with store.transaction(bump=False):
+            for name, value in (("format", FORMAT), ("format_version", FORMAT_VERSION), ("dim", int(dim)),
+                                ("model", info), ("generation", 0), ("next_key", 0), ("index_type", index_type),
+                                ("target_recall", target_recall), ("memory_budget", memory_budget),
+                                ("structure_version", 0)):
+                store.set_info(name, value)
+        self._attach(store, int(dim), path=None, model=model)
+        self._structure = Structure.flat(self.dim)
+
+    def _attach(self, store: Store, dim: int, path: Path | None, model=None) -> None:
+        self.store, self.dim, self.path, self.model = store, dim, path, model
+        self.last_sync: sync.SyncReport | None = None
+        self._lock = threading.RLock()
+        self._keys = np.zeros(0, dtype=np.int64)  # the keys in the structure, ascending
+        self._generation = store.generation()
+        self._structure_version = store.info("structure_version", 0)
+        self._looked_at = time.monotonic()
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_embeddings(cls, embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None,
+                        *, model=None, index_type: str = "flat", **options) -> "Index":
+        """An index over `embeddings` (N, D); ids default to 0..N-1; metadata is one dict per row.
+
+        `index_type` and `options` (target_recall, memory_budget) as for `Index(...)`.
+        """
+        array = np.asarray(embeddings)
+        if array.ndim != 2 or array.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty 2-D array (N, D), got shape {array.shape}")
+        index = cls(array.shape[1], model=model, index_type=index_type, **options)
+        index.add(array, ids=ids, metadata=metadata)
+        if index_type != "flat":
+            index.build()
+        return index
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
+                    progress: bool | None = None, index_type: str = "flat", **options) -> "Index":
+        """Embed every image under `folder` (recursively); unreadable files are skipped and logged.
+
+        The report of what was indexed and skipped is in `index.last_sync`.
+        """
+        from clipkit.encode import as_model
+
+        model = as_model(model)
+        index = cls(model.dim, model=model, index_type=index_type, **options)
+        index.sync_folder(folder, model, batch_size=batch_size, workers=workers, progress=progress)
+        if index_type != "flat":
+            index.build()
+        return index
+
+    @classmethod
+    def merge(cls, parts: Sequence["Index | str | os.PathLike"], *, index_type: str = "flat",
+              chunk: int = 50_000, **options) -> "Index":
+        """One index holding every item of `parts` (indexes or index folders), e.g. the shards written
+        by `clipkit index --shard i/n`. They must share the model and dimension; an id found in two
+        parts is a ValueError. Items keep their ids, metadata and embeddings (nothing is re-embedded).
+        """
+        loaded = [p if isinstance(p, Index) else Index.load(p) for p in parts]
+        if not loaded:
+            raise ValueError("nothing to merge: give at least one index")
+        first = loaded[0]
+        for position, part in enumerate(loaded[1:], 1):
+            if part.dim != first.dim:
+                raise ValueError(f"part {position} holds {part.dim}-d embeddings, part 0 {first.dim}-d ones")
+            if (part.model_info or {}).get("fingerprint") != (first.model_info or {}).get("fingerprint"):
+                raise ModelMismatchError(f"part {position} was built by another model than part 0 "
+                                         f"({(part.model_info or {}).get('name')} vs {(first.model_info or {}).get('name')})")
+        merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type, **options)
+        for part in loaded:
+            ids = part.ids()
+            for start in range(0, len(ids), chunk):
+                batch = ids[start:start + chunk]
+                records = part.get(batch)
+                for record in records:
+                    record.pop("id")
+                merged.add(part.embeddings(batch), ids=batch, metadata=records)
+        if index_type != "flat":
+            merged.build()
+        return merged
+
+    # -- what it is -------------------------------------------------------------------------
+
+    @property
+    def model_info(self) -> dict | None:
+        """name, pretrained, dim and weight fingerprint of the model that built this index."""
+        return self.store.info("model")
+
+    @property
+    def generation(self) -> int:
+        """The store's change counter (every committed change raises it)."""
+        return self.store.generation()
+
+    @property
+    def index_type(self) -> str:
+        return self.store.info("index_type", "flat")
+
+    @property
+    def structure(self) -> str:
+        """The FAISS structure in use now ("Flat", "IVF1024,Flat", ...) and its tuned search parameters."""
+        return self._structure.describe()
+
+    @property
+    def readonly(self) -> bool:
+        return self.store.readonly
+
+    def __len__(self) -> int:
+        self._maybe_refresh()
+        return self._structure.ntotal
+
+    def __contains__(self, item_id: Any) -> bool:
+        with self._lock:
+            return bool(self.store.keys_for([normalize_id(item_id)]))
+
+    def __repr__(self) -> str:
+        model = (self.model_info or {}).get("name")
+        return f"Index(n={len(self)}, dim={self.dim}, model={model!r}, path={str(self.path) if self.path else None!r})"
+
+    # -- keeping up with the store ----------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Catch up with what other processes committed to the store; True when something changed."""
+        with self._lock:
+            return self._catch_up()
+
+    def _maybe_refresh(self) -> None:
+        if self.path is None or time.monotonic() - self._looked_at < self.refresh_interval:
+            return
+        with self._lock:
+            self._catch_up()
+
+    def _catch_up(self) -> bool:
+        """Under self._lock: bring the structure to the store's generation (added and removed keys)."""
+        self._looked_at = time.monotonic()
+        if self.store.generation() == self._generation:
+            return False
+        with self.store.snapshot():
+            generation = self.store.generation()
+            if self.store.info("structure_version", 0) != self._structure_version and self._load_saved_structure():
+                return True
+            last = int(self._keys[-1]) if len(self._keys) else -1
+            new = list(self.store.vectors_after(last, self.dim))
+            added = sum(len(keys) for keys, _ in new)
+            removed = np.zeros(0, dtype=np.int64)
+            if self.store.count() != len(self._keys) + added:
+                removed = np.setdiff1d(self._keys, self.store.all_keys(), assume_unique=True)
+        self._apply(new, removed)
+        self._generation = generation
+        log.debug("caught up with generation %s: +%s -%s", generation, added, len(removed))
+        return True
+
+    def _apply(self, new: list[tuple[np.ndarray, np.ndarray]], removed: np.ndarray) -> None:
+        """Put committed changes into the structure: `new` (keys, vectors) batches, `removed` keys."""
+        if len(removed):
+            if not self._structure.remove(removed):  # a structure without removal: rebuild from the store
+                self._rebuild()
+                return
+            self._keys = self._keys[~np.isin(self._keys, removed)]
+        for keys, vectors in new:
+            if len(keys):
+                self._structure.add(vectors, keys)
+                self._keys = np.concatenate([self._keys, keys])  # new keys are above every old one
+
+    def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None) -> Structure:
+        """The structure built anew from the store (its search parameters kept unless `tune`); made current."""
+        with self.store.snapshot():
+            batches = list(self.store.vectors_after(-1, self.dim))
+            generation = self.store.generation()
+            index_type = self.index_type
+            recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
+            params = self.store.info("search_params")
+        keys = np.concatenate([k for k, _ in batches]) if batches else np.zeros(0, np.int64)
+        vectors = np.concatenate([v for _, v in batches]) if batches else np.zeros((0, self.dim), np.float32)
+        budget, target = self.store.info("memory_budget"), self.store.info("target_recall", 0.95)
+        if tune or (index_type == "auto" and recorded != choose_structure("auto", len(keys), self.dim, budget)):
+            params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
+        else:
+            index_type = recorded  # the structure last built, with its tuned parameters
+        structure = build_structure(index_type, vectors, keys, memory_budget=budget, target_recall=target,
+                                    sample_queries=sample_queries, params=params)
+        self._structure, self._keys, self._generation = structure, keys, generation
+        return structure
+
+    # -- writing ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, *, wait: bool = True, on_wait=None, timeout: float | None = None) -> Iterator["Index"]:
+        """Hold this index's writer lock across several changes (a whole `clipkit index` run).
+
+        Another process writing it: wait for it (`on_wait(message)` is told once), or with `wait=False`
+        raise `IndexBusyError` naming it. Readers are never blocked. On entry the index catches up with
+        everything committed before.
+        """
+        self.store.require_writable()
+        lock = writer_lock(self.path, wait=wait, on_wait=on_wait, timeout=timeout) if self.path else \
+            contextlib.nullcontext()
+        with lock, self._lock:
+            self._catch_up()
+            yield self
+
+    def _write(self, change) -> Any:
+        """Run `change(store)` as one transaction under the writer lock; it returns (result, new keys,
+        new vectors, removed keys), which go into the structure once committed."""
+        with self.writer(on_wait=log.warning):
+            with self.store.transaction():
+                result, keys, vectors, removed = change(self.store)
+            self._apply([(keys, vectors)] if keys is not None else [], np.asarray(removed, dtype=np.int64))
+            self._generation = self.store.generation()
+        return result
+
+    def add(self, embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None) -> None:
+        """Add rows (normalised to unit length). An id already in the index is a ValueError."""
+        vectors = prepare_vectors(embeddings, self.dim)
+        n = len(vectors)
+        if ids is not None:
+            ids = [normalize_id(v) for v in ids]
+            if len(ids) != n:
+                raise ValueError(f"got {n} embeddings but {len(ids)} ids")
+            if len(set(ids)) != n:
+                raise ValueError("ids contain duplicates")
+        metadata = list(metadata) if metadata is not None else [{}] * n
+        if len(metadata) != n:
+            raise ValueError(f"got {n} embeddings but {len(metadata)} metadata entries")
+        rows = [meta_row(m) for m in metadata]
+
+        def change(store: Store):
+            given = ids if ids is not None else list(range(store.info("next_key", 0), store.info("next_key", 0) + n))
+            clash = list(store.keys_for(given))
+            if clash:
+                raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}; remove them first")
+            return None, store.insert(vectors, given, rows), vectors, []
+
+        self._write(change)
+
+    def remove(self, ids: Iterable) -> int:
+        """Remove items by id; an id not in the index is a ValueError (and nothing is removed)."""
+        if isinstance(ids, (str, int, np.integer)):
+            ids = [ids]
+        ids = list(dict.fromkeys(normalize_id(v) for v in ids))
+        if not ids:
+            return 0
+
+        def change(store: Store):
+            keys = store.keys_for(ids)
+            missing = [i for i in ids if i not in keys]
+            if missing:
+                raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+            store.delete_keys(list(keys.values()))
+            return len(ids), None, None, list(keys.values())
+
+        return self._write(change)
+
+    def build(self, sample_queries: Any = None) -> None:
+        """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
+
+        `sample_queries` (M, D), e.g. text embeddings of typical queries, tune nprobe/efSearch on the
+        queries this index will see; otherwise perturbed samples of the data are used.
+        Searches are exact until then for trained types; `add` after a build goes into the built structure.
+        """
+        self._build(sample_queries)
+
+    def set_index_type(self, index_type: str, sample_queries: Any = None) -> None:
+        """Switch to another index type ("flat", "auto" or a FAISS factory string) and build it now."""
+        check_index_type(index_type, self.dim)
+        self._build(sample_queries, index_type)
+
+    def _build(self, sample_queries: Any, index_type: str | None = None) -> None:
+        if sample_queries is not None:
+            sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
+        with self.writer(on_wait=log.warning):
+            previous = (self._structure, self._keys, self._generation)
+            old_type = self.index_type
+            try:
+                if index_type is not None:
+                    with self.store.transaction(bump=False):
+                        self.store.set_info("index_type", index_type)
+                structure = self._rebuild(tune=True, sample_queries=sample_queries)
+                with self.store.transaction():
+                    self._record_structure(structure)
+            except BaseException:  # a build that fails leaves the index as it was
+                self._structure, self._keys, self._generation = previous
+                if index_type is not None:
+                    with contextlib.suppress(Exception), self.store.transaction(bump=False):
+                        self.store.set_info("index_type", old_type)
+                raise
+            self._generation = self.store.generation()
+
+    def _record_structure(self, structure: Structure) -> None:
+        """Inside a transaction: the structure in use, so readers and later loads rebuild the same one."""
+        self._structure_version = int(self.store.info("structure_version", 0)) + 1
+        self.store.set_info("structure_version", self._structure_version)
+        self.store.set_info("structure", structure.factory)
+        self.store.set_info("search_params", structure.params)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: `(scores, ids)`, each `(n_queries, min(k, len(index)))`, best first.
+
+        Queries are normalised to unit length; `ids` are the ids given when the items were added. An
+        approximate structure (IVF) may find fewer than k: those slots hold id None and score -inf.
+        """
+        with self._lock:
+            scores, keys = self.search_keys(queries, k)
+            id_of = self.store.ids_by_key([int(key) for key in np.unique(keys) if key >= 0])
+        flat = [id_of.get(int(key)) if key >= 0 else None for key in keys.reshape(-1)]
+        return scores, ids_array(flat).reshape(keys.shape)
+
+    def search_keys(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """As `search`, but `(scores, keys)`: the items' integer keys (-1 where none was found), with no
+        metadata lookup; `get_by_key` turns them into records."""
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        vectors = prepare_vectors(queries, self.dim, what="queries")
+        self._maybe_refresh()
+        with self._lock:
+            k = min(int(k), self._structure.ntotal)
+            if k == 0:
+                return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+            return self._structure.search(vectors, k)
+
+    def get(self, ids: Iterable) -> list[dict]:
+        """Metadata for each id, in order: {'id', 'path', 'mtime', 'size', 'caption', ...extra}."""
+        ids = [normalize_id(v) for v in ids]
+        with self._lock:
+            records = self.store.records_by_id(ids)
+        missing = [i for i in ids if i not in records]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+        out = []
+        for item_id in ids:
+            record = dict(records[item_id])
+            record.pop("key")
+            out.append(record)
+        return out
+
+    def keys(self, ids: Iterable) -> list[int]:
+        """The integer key of each id (its FAISS id), for callers that need integer handles."""
+        ids = [normalize_id(v) for v in ids]
+        with self._lock:
+            keys = self.store.keys_for(ids)
+        missing = [i for i in ids if i not in keys]
+        if missing:
+            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+        return [int(keys[i]) for i in ids]
+
+    def get_by_key(self, keys: Iterable[int]) -> list[dict | None]:
+        """Metadata (as `get`, with 'id' and 'key') for each integer key; None where no item has that key."""
+        keys = [int(k) for k in keys]
+        with self._lock:
+            records = self.store.records_by_key(keys)
+        return [dict(records[k]) if k in records else None for k in keys]
+
+    def ids(self) -> list:
+        with self._lock:
+            return self.store.ids()
+
+    def embeddings(self, ids: Iterable | None = None) -> np.ndarray:
+        """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
+        with self._lock:
+            if ids is None:
+                batches = [v for _, v in self.store.vectors_after(-1, self.dim)]
+                return np.concatenate(batches) if batches else np.zeros((0, self.dim), np.float32)
+            keys = self.keys(ids)
+            return self.store.vectors(keys, self.dim)
+
+    def check_model(self, model) -> None:
+        """Refuse a model other than the one that built this index."""
+        info = self.model_info
+        if info is None:
+            if model.dim != self.dim:
+                raise ModelMismatchError(f"model {model.name} makes {model.dim}-d embeddings but the index holds "
+                                         f"{self.dim}-d ones")
+            return
+        if model.fingerprint != info.get("fingerprint"):
+            raise ModelMismatchError(
+                f"this index was built with model {info.get('name')!r} (pretrained={info.get('pretrained')!r}, "
+                f"weights {info.get('fingerprint')}), but the query model is {model.name!r} "
+                f"(pretrained={model.pretrained!r}, weights {model.fingerprint}); embeddings from different "
+                "models are not comparable: query with the index's own model (model=None) or rebuild the index")
+
+    # -- folders ----------------------------------------------------------------------------
+
+    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
+                    shard: tuple[int, int] | None = None) -> "sync.SyncPlan":
+        """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
+        `clipkit.index.sync.plan_folder`."""
+        with self._lock:
+            return sync.plan_folder(self.store, folder, exclude=exclude, shard=shard)
+
+    def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
+                    workers: int | None = None, progress: bool | None = None,
+                    exclude: Sequence[str] = (), shard: tuple[int, int] | None = None) -> "sync.SyncReport":
+        """Bring the index up to date with the images under `folder` (see `clipkit.index.sync`).
+
+        New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed, renamed
+        or moved ones (also a whole folder moved elsewhere) re-pointed without re-embedding, unchanged
+        ones left alone. Each batch is committed on its own, so an interrupted run keeps what it finished
+        and running it again resumes. Ids are absolute file paths; one file is never indexed twice. The
+        writer lock is held for the whole run.
+        """
+        from clipkit.encode import as_model
+
+        model = as_model(model if model is not None else self.model)
+        self.check_model(model)
+        with self.writer(on_wait=log.warning):
+            if self.model_info is None:
+                with self.store.transaction(bump=False):
+                    self.store.set_info("model", model.info)
+            if self.model is None:
+                self.model = model
+            report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
+                                      progress=progress, exclude=exclude, shard=shard)
+        self.last_sync = report
+        return report
+
+    def roots(self) -> list[dict]:
+        """The folders this index covers: {'path', 'items', 'exists'} each."""
+        with self._lock:
+            return [{"path": path, "items": count, "exists": os.path.isdir(path)}
+                    for _, path, count in self.store.roots()]
+
+    def remove_folder(self, folder: str | os.PathLike) -> int:
+        """Remove every item whose file is under `folder` (which may no longer exist); how many went."""
+        target = os.path.abspath(folder)
+        return self._write(lambda store: sync.remove_under(store, target))
+
+    def prune_missing(self) -> int:
+        """Remove the items of every indexed folder that no longer exists; how many went."""
+        return self._write(sync.remove_missing_roots)
+
+    def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
+        """One transaction: drop the old rows of these files (ids), add their new embeddings."""
+        ids = [item_id for item_id, _ in rows]
+        vectors = prepare_vectors(vectors, self.dim)
+
+        def change(store: Store):
+            old = store.keys_for(ids)
+            store.delete_keys(list(old.values()))
+            keys = store.insert(vectors, ids, [row for _, row in rows])
+            return (len(ids) - len(old), len(old)), keys, vectors, list(old.values())
+
+        return self._write(change)
+
+    # -- save / load ------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the index to folder `path` (default: where it was loaded or last saved).
+
+        Afterwards the index is attached to `path`: later changes are committed to its store at once.
+        """
+        if path is None:
+            if self.path is None:
+                raise ValueError("this index has not been saved before: pass a path")
+            path = self.path
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} exists and is not a folder; choose another index path")
+        if path.is_dir() and not (path / DB_FILE).exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
+            raise ValueError(f"{path} is a non-empty folder that is not a clipkit index; choose another path")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with writer_lock(path, on_wait=log.warning), self._lock:
+                if self.path is None or path.resolve() != self.path.resolve():
+                    self._copy_store_to(path)
+                with self.writer():
+                    self._save_structure(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise IndexFullError(f"no space left on the disk holding {path}: what was already committed is kept; "
+                                     "free some space and save again") from exc
+            raise
+        return path
+
+    def _save_structure(self, path: Path) -> None:
+        if self.index_type == "auto" and self.store.info("structure") != choose_structure(
+                "auto", len(self._keys), self.dim, self.store.info("memory_budget")):
+            self.build()  # the collection outgrew (or shrank below) the structure chosen for it
+        data = self._structure.to_bytes()
+        atomic_write_bytes(path / FAISS_FILE, data)
+        atomic_write_json(path / CONFIG_FILE, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
+            "dim": self.dim, "metric": METRIC, "index_type": self.index_type, "structure": self._structure.factory,
+            "search_params": self._structure.params, "model": self.model_info, "count": len(self._keys),
+            "faiss_generation": self._generation, "faiss_crc32": zlib.crc32(data),
+            "faiss_keys": keys_digest(self._keys), "structure_version": self._structure_version})
+        self.store.checkpoint()
+
+    def _copy_store_to(self, path: Path) -> None:
+        target = path / DB_FILE
+        with atomic_path(target) as tmp:
+            os.unlink(tmp)
+            self.store.backup_to(tmp)
+        for suffix in ("-wal", "-shm"):  # stale journals from an index that lived here before
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(target) + suffix)
+        old = self.store
+        self.store = Store.open(target)
+        self.path = path
+        old.close()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model=None) -> "Index":
+        """Open an index folder written by `save` (or by `clipkit index`). Nothing is written: an index on
+        read-only storage loads and searches."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
+        if not path.is_dir():
+            raise BrokenIndexError(f"{path} is not an index folder (expected {DB_FILE}, {FAISS_FILE}, {CONFIG_FILE})")
+        config = read_config(path)
+        if not (path / DB_FILE).is_file():
+            raise BrokenIndexError(f"index at {path} has no {DB_FILE}; it is incomplete: rebuild it with "
+                                   "`clipkit index FOLDER --index PATH`")
+        store = Store.open(path / DB_FILE)
+        if store.info("format_version") != FORMAT_VERSION:
+            if store.readonly:
+                raise BrokenIndexError(f"the index at {path} has format version {store.info('format_version')!r} "
+                                       "and is read-only; open it once on writable storage to upgrade it")
+            with writer_lock(path, on_wait=log.warning):
+                store.migrate()
+        dim = store.info("dim")
+        if dim is None:
+            raise BrokenIndexError(f"the store {path / DB_FILE} records no dimension; rebuild the index")
+        if config.get("dim") not in (None, int(dim)):
+            raise BrokenIndexError(f"{path / CONFIG_FILE} says dim {config.get('dim')} but the store says {dim}")
+        index = cls.__new__(cls)
+        index._attach(store, int(dim), path)
+        with index._lock:
+            if not index._load_saved_structure(config):
+                index._rebuild()
+        if model is not None:
+            index.check_model(model)
+            index.model = model
+        return index
+
+    def _load_saved_structure(self, config: dict | None = None) -> bool:
+        """Use index.faiss if it provably matches the store now (generation, checksum, key set)."""
+        config = read_config(self.path) if config is None else config
+        file = self.path / FAISS_FILE
+        if config.get("faiss_generation") != self.store.generation() or not file.is_file():
+            if self.store.count():
+                log.info("%s is missing or older than %s; rebuilding it from the store", file, DB_FILE)
+            return False
+        try:
+            data = file.read_bytes()
+            keys = self.store.all_keys()
+            if zlib.crc32(data) != config.get("faiss_crc32") or keys_digest(keys) != config.get("faiss_keys"):
+                raise ValueError("its checksum or key set does not match what was recorded")
+            structure = Structure.from_bytes(data, config.get("structure", "Flat"), config.get("search_params"))
+            if structure.ntotal != len(keys) or structure.dim != self.dim:
+                raise ValueError("it holds another number or size of vectors than the store")
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("%s does not match the store (%s); rebuilding it from %s", file,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, DB_FILE)
+            return False
+        self._structure, self._keys = structure, keys
+        self._generation = config["faiss_generation"]
+        self._structure_version = config.get("structure_version", 0)
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self.store.close()
+
+
+def read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        if (path / DB_FILE).is_file():
+            return {}  # a save interrupted before its config: the store is enough
+        raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BrokenIndexError(f"{config_path} is unreadable ({exc}); rebuild the index") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BrokenIndexError(f"{config_path} is not a clipkit index config")
+    return config

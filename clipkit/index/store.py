@@ -1,0 +1,377 @@
+"""The store: one SQLite file with every item (id, file, metadata, embedding) and the index's settings.
+
+It is the index's source of truth; the FAISS structure is a cache of it. Here live the schema, the
+format version and its migrations, the generation counter (bumped by every committed change, so a
+reader can tell cheaply that something changed), the folders an index covers (roots: a file's path is
+stored relative to its root, so a moved folder is re-pointed in one place) and read-only opening.
+Every change is one `BEGIN IMMEDIATE` transaction; SQLite's write-ahead log lets readers read
+throughout and never see half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from clipkit.errors import BrokenIndexError, IndexFullError, ReadOnlyIndexError
+
+FORMAT = "clipkit-index"
+FORMAT_VERSION = 2
+DB_FILE = "meta.sqlite"
+SQL_CHUNK = 500
+META_COLUMNS = ("path", "mtime", "size", "caption")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    key INTEGER PRIMARY KEY,      -- the FAISS id; never reused, and an item's embedding never changes under it
+    id UNIQUE NOT NULL,           -- the user's id (int or text, kept as given; a file's absolute path)
+    root INTEGER,                 -- the folder (roots.root) `path` is relative to; NULL: `path` as given
+    path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path);
+CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+_RECORD_SELECT = ("SELECT items.key, items.id, roots.path, items.path, items.mtime, items.size, items.caption, "
+                  "items.extra FROM items LEFT JOIN roots ON roots.root = items.root")
+
+
+def chunks(values: list, size: int = SQL_CHUNK) -> Iterator[list]:
+    """`values` in slices small enough for one `IN (...)`."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def marks(values: list) -> str:
+    return ",".join("?" * len(values))
+
+
+def translate(exc: sqlite3.Error, where: Path | str | None) -> Exception:
+    """A SQLite error as the clipkit error a user can act on."""
+    text = str(exc)
+    lowered = text.lower()
+    if "full" in lowered or "no space" in lowered:
+        return IndexFullError(f"no space left on the disk holding the index {where}: what was already indexed is "
+                              "kept; free some space and run the same command again")
+    if "readonly" in lowered or "read-only" in lowered:
+        return ReadOnlyIndexError(f"the index at {where} is read-only: it can be searched but not changed; copy it "
+                                  "to writable storage to change it")
+    if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in lowered or "not a database" in lowered):
+        return BrokenIndexError(f"the store {where} is damaged ({text}); rebuild the index")
+    return exc
+
+
+class Store:
+    """The SQLite store of one index (in memory until the index is saved)."""
+
+    def __init__(self, db: sqlite3.Connection, file: Path | None, readonly: bool = False):
+        self.db, self.file, self.readonly = db, file, readonly
+
+    # -- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, file: Path | None = None) -> "Store":
+        """A new, empty store (in memory, or a new file: the caller holds the writer lock)."""
+        target = ":memory:" if file is None else str(file)
+        db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=60)
+        if file is not None:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return cls(db, file)
+
+    @classmethod
+    def open(cls, file: Path) -> "Store":
+        """An existing store; opened read-only (and never written) when its folder cannot be written."""
+        writable = os.access(file.parent, os.W_OK) and os.access(file, os.W_OK)
+        try:
+            if writable:
+                db = sqlite3.connect(str(file), check_same_thread=False, isolation_level=None, timeout=60)
+            else:
+                db = _connect_readonly(file)
+            store = cls(db, file, readonly=not writable)
+            store.info("format_version")  # reads the file: a damaged one fails here
+            return store
+        except sqlite3.DatabaseError as exc:
+            raise BrokenIndexError(f"the store {file} is damaged ({exc}); rebuild the index") from exc
+
+    def require_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyIndexError(f"the index at {self.file.parent} is read-only: it can be searched but not "
+                                     "changed; copy it to writable storage to change it")
+
+    def migrate(self) -> None:
+        """Bring an older format up to FORMAT_VERSION in place (the caller holds the writer lock)."""
+        version = self.info("format_version")
+        if version == FORMAT_VERSION:
+            return
+        if version != 1:
+            raise BrokenIndexError(f"the index at {self.file.parent} has format version {version!r}; this clipkit "
+                                   f"reads versions 1 to {FORMAT_VERSION}: upgrade clipkit or rebuild the index")
+        self.require_writable()
+        with self.transaction(bump=False):  # 1 -> 2: roots, relative paths, keys never reused
+            self.db.execute("ALTER TABLE items ADD COLUMN root INTEGER")
+            for statement in _SCHEMA.split(";")[1:]:  # the index and the tables version 1 lacks
+                if statement.strip():
+                    self.db.execute(statement)
+            next_key = self.db.execute("SELECT COALESCE(MAX(key), -1) + 1 FROM items").fetchone()[0]
+            self.set_info("next_key", next_key)
+            self.set_info("format_version", FORMAT_VERSION)
+
+    # -- settings and transactions ----------------------------------------------------------------
+
+    def info(self, name: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM info WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_info(self, name: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO info(name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
+    def generation(self) -> int:
+        return int(self.info("generation", 0))
+
+    @contextlib.contextmanager
+    def transaction(self, bump: bool = True) -> Iterator[None]:
+        """One atomic change (the generation goes up by one with it, unless `bump=False`)."""
+        self.require_writable()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                if bump:
+                    self.db.execute("UPDATE info SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+                                    "WHERE name = 'generation'")
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise translate(exc, self.file.parent if self.file else "in memory") from exc
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one committed state (a read transaction), whatever writers commit meanwhile."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if self.db.in_transaction:
+                self.db.execute("COMMIT")
+
+    # -- items ----------------------------------------------------------------------------------
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def insert(self, vectors: np.ndarray, ids: list, rows: list[tuple]) -> np.ndarray:
+        """Inside a transaction: store unit `vectors` with their ids and (root, path, mtime, size, caption,
+        extra) rows under new keys, which are returned."""
+        start = int(self.info("next_key", 0))
+        keys = np.arange(start, start + len(ids), dtype=np.int64)
+        self.db.executemany(
+            "INSERT INTO items(key, id, root, path, mtime, size, caption, extra, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
+            [(int(k), i, *row, v.tobytes()) for k, i, row, v in zip(keys, ids, rows, vectors)])
+        self.set_info("next_key", start + len(ids))
+        return keys
+
+    def delete_keys(self, keys: list[int]) -> None:
+        for chunk in chunks(keys):
+            self.db.execute(f"DELETE FROM items WHERE key IN ({marks(chunk)})", chunk)
+
+    def keys_for(self, ids: list) -> dict:
+        """id -> key for the ids that are in the store."""
+        found = {}
+        for chunk in chunks(ids):
+            found.update(self.db.execute(f"SELECT id, key FROM items WHERE id IN ({marks(chunk)})", chunk).fetchall())
+        return found
+
+    def all_keys(self) -> np.ndarray:
+        return np.fromiter((row[0] for row in self.db.execute("SELECT key FROM items ORDER BY key")), dtype=np.int64)
+
+    def ids(self) -> list:
+        return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
+
+    def ids_by_key(self, keys: list[int]) -> dict:
+        found = {}
+        for chunk in chunks(keys):
+            found.update(self.db.execute(f"SELECT key, id FROM items WHERE key IN ({marks(chunk)})", chunk).fetchall())
+        return found
+
+    def records_by_key(self, keys: list[int]) -> dict[int, dict]:
+        """key -> record ({'id', 'path', 'mtime', 'size', 'caption', ...extra}) for keys in the store."""
+        return self._records("items.key", keys)
+
+    def records_by_id(self, ids: list) -> dict[Any, dict]:
+        return {record["id"]: record for record in self._records("items.id", ids).values()}
+
+    def _records(self, column: str, values: list) -> dict[int, dict]:
+        found = {}
+        for chunk in chunks(values):
+            for row in self.db.execute(f"{_RECORD_SELECT} WHERE {column} IN ({marks(chunk)})", chunk):
+                found[row[0]] = record(row)
+        return found
+
+    def vectors(self, keys: list[int], dim: int) -> np.ndarray:
+        """The embeddings of `keys`, in that order (each key must be in the store)."""
+        by_key = {}
+        for chunk in chunks(keys):
+            by_key.update(self.db.execute(f"SELECT key, embedding FROM items WHERE key IN ({marks(chunk)})",
+                                          chunk).fetchall())
+        return blobs_to_vectors([by_key[k] for k in keys], dim)
+
+    def vectors_after(self, key: int, dim: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, vectors) of every item with a key above `key` (all of them for -1), in batches."""
+        cursor = self.db.execute("SELECT key, embedding FROM items WHERE key > ? ORDER BY key", (int(key),))
+        while rows := cursor.fetchmany(batch):
+            yield np.asarray([k for k, _ in rows], dtype=np.int64), blobs_to_vectors([b for _, b in rows], dim)
+
+    # -- roots ----------------------------------------------------------------------------------
+
+    def roots(self) -> list[tuple[int, str, int]]:
+        """(root, folder, items) of each folder the index covers."""
+        return self.db.execute("SELECT roots.root, roots.path, COUNT(items.key) FROM roots LEFT JOIN items "
+                               "ON items.root = roots.root GROUP BY roots.root ORDER BY roots.path").fetchall()
+
+    def add_root(self, folder: str) -> int:
+        """Inside a transaction: the root of `folder`, created if new."""
+        row = self.db.execute("SELECT root FROM roots WHERE path = ?", (folder,)).fetchone()
+        if row:
+            return int(row[0])
+        return int(self.db.execute("INSERT INTO roots(path) VALUES (?)", (folder,)).lastrowid)
+
+    def drop_empty_roots(self, keep: int | None = None) -> None:
+        """Inside a transaction: forget folders no item is under any more (but `keep`)."""
+        self.db.execute("DELETE FROM roots WHERE root IS NOT ? AND root NOT IN "
+                        "(SELECT DISTINCT root FROM items WHERE root IS NOT NULL)", (keep,))
+
+    def files(self, root: int, prefix: str = "") -> list[tuple]:
+        """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/')."""
+        return self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND substr(path, 1, ?) = ?",
+                               (root, len(prefix), prefix)).fetchall()
+
+    def outside_files(self, folder: str, root: int | None) -> list[tuple]:
+        """(id, size, mtime) of files under `folder` held elsewhere: without a root (format 1 stored
+        absolute paths) or under roots inside `folder` (indexed on their own before)."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        return self.db.execute(
+            "SELECT items.id, items.size, items.mtime FROM items LEFT JOIN roots ON roots.root = items.root "
+            "WHERE (items.root IS NULL AND substr(items.path, 1, ?) = ?) "
+            "OR (items.root IS NOT ? AND substr(roots.path, 1, ?) = ?)",
+            (len(prefix), prefix, root, len(prefix), prefix)).fetchall()
+
+    def adopt(self, root: int, root_folder: str, folder: str) -> None:
+        """Inside a transaction: the files under `folder` held without a root or under roots inside it
+        move to `root` (whose folder is `root_folder`), with paths relative to it; keys stay."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        base = root_folder.rstrip(os.sep) + os.sep
+        for item_id, path in self.db.execute("SELECT id, path FROM items WHERE root IS NULL AND substr(path, 1, ?) = ?",
+                                             (len(prefix), prefix)).fetchall():
+            self.db.execute("UPDATE items SET root = ?, path = ? WHERE id = ?",
+                            (root, Path(path[len(base):]).as_posix(), item_id))
+        for inner, inner_path in self.db.execute("SELECT root, path FROM roots WHERE root != ? AND substr(path, 1, ?) = ?",
+                                                 (root, len(prefix), prefix)).fetchall():
+            relative = Path(inner_path[len(base):]).as_posix() + "/"
+            self.db.execute("UPDATE items SET root = ?, path = ? || path WHERE root = ?", (root, relative, inner))
+            self.db.execute("DELETE FROM roots WHERE root = ?", (inner,))
+
+    def move(self, old_id: Any, new_id: str, root: int, relative: str, mtime: float, size: int) -> None:
+        """Inside a transaction: re-point an item at another file (same content: its key and embedding stay)."""
+        self.db.execute("UPDATE items SET id = ?, root = ?, path = ?, mtime = ?, size = ? WHERE id = ?",
+                        (new_id, root, relative, mtime, size, old_id))
+
+    def records_of_root(self, root: int) -> list[dict]:
+        return list(self._records("items.root", [root]).values())
+
+    def keys_under(self, folder: str) -> list[int]:
+        """Keys of every item whose file is `folder` or under it (rooted or not)."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        keys = [k for (k,) in self.db.execute(
+            "SELECT key FROM items WHERE root IS NULL AND (path = ? OR substr(path, 1, ?) = ?)",
+            (folder, len(prefix), prefix))]
+        for root, root_path, _ in self.roots():
+            if root_path == folder or root_path.startswith(prefix):
+                keys += [k for (k,) in self.db.execute("SELECT key FROM items WHERE root = ?", (root,))]
+            elif folder.startswith(root_path.rstrip(os.sep) + os.sep):
+                inside = Path(folder[len(root_path.rstrip(os.sep)) + 1:]).as_posix()
+                keys += [k for (k,) in self.db.execute(
+                    "SELECT key FROM items WHERE root = ? AND (path = ? OR substr(path, 1, ?) = ?)",
+                    (root, inside, len(inside) + 1, inside + "/"))]
+        return keys
+
+    # -- copies ---------------------------------------------------------------------------------
+
+    def backup_to(self, target: str) -> None:
+        destination = sqlite3.connect(target)
+        try:
+            self.db.backup(destination)
+            destination.execute("PRAGMA journal_mode=WAL")
+        finally:
+            destination.close()
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the main file, so the file alone holds everything (copies, read-only
+        media). Best effort: a reader holding an old snapshot only delays it."""
+        if self.file is not None and not self.readonly:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def record(row: tuple) -> dict:
+    key, item_id, root, path, mtime, size, caption, extra = row
+    full = os.path.join(root, *path.split("/")) if root is not None and path is not None else path
+    out = {"id": item_id, **{c: v for c, v in zip(META_COLUMNS, (full, mtime, size, caption)) if v is not None}}
+    out.update(json.loads(extra) if extra else {})
+    out["key"] = key
+    return out
+
+
+def meta_row(meta: dict | None) -> tuple:
+    """A metadata dict as the store's (root, path, mtime, size, caption, extra) columns (no root)."""
+    if meta is not None and not isinstance(meta, dict):
+        raise ValueError(f"metadata entries must be dicts, got {type(meta).__name__}")
+    meta = dict(meta or {})
+    path, mtime, size, caption = (meta.pop(name, None) for name in META_COLUMNS)
+    meta.pop("key", None)
+    try:
+        extra = json.dumps(meta) if meta else None
+    except TypeError as exc:
+        raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
+    return (None, os.fspath(path) if path is not None else None, float(mtime) if mtime is not None else None,
+            int(size) if size is not None else None, str(caption) if caption is not None else None, extra)
+
+
+def blobs_to_vectors(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stored embedding blobs as a (N, dim) float32 array; a blob of the wrong size is damage."""
+    if any(len(b) != 4 * dim for b in blobs):
+        raise BrokenIndexError(f"the store holds embeddings of the wrong size for dim {dim}; rebuild the index")
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()
+
+
+def _connect_readonly(file: Path) -> sqlite3.Connection:
+    """Read-only media: SQLite's read-only mode, or (when it cannot keep its shared-memory file beside
+    the store) immutable mode, which reads the main file as it is."""
+    uri = "file:" + urllib.parse.quote(str(file.resolve()))
+    try:
+        db = sqlite3.connect(uri + "?mode=ro", uri=True, check_same_thread=False, isolation_level=None)
+        db.execute("SELECT COUNT(*) FROM info").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        return sqlite3.connect(uri + "?immutable=1", uri=True, check_same_thread=False, isolation_level=None)

@@ -1,0 +1,230 @@
+"""Keeping an index in step with folders of images: plan (what changed since the last run), then sync.
+
+Each folder indexed is a root: the store keeps its absolute path once and every file's path relative to
+it. A file is unchanged when its size and mtime match what was indexed. A new file whose size and content
+hash equal those of an indexed file that is gone (from this folder, or from a folder that no longer
+exists at all) is that file renamed or moved: it is re-pointed and keeps its embedding. So a renamed or
+moved folder is re-pointed, not embedded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from clipkit.data.folder import scan_images
+from clipkit.data.images import failure_kind
+from clipkit.index.store import Store
+
+log = logging.getLogger("clipkit.index")
+
+
+@dataclass
+class SyncReport:
+    """What `Index.sync_folder` did (or, from `plan_folder`, would do)."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    moved: int = 0  # renamed or moved files recognised by content, kept without re-embedding
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
+    orphaned: dict[str, int] = field(default_factory=dict)  # indexed folders that no longer exist -> items left
+
+    @property
+    def embedded(self) -> int:
+        return self.added + self.updated
+
+    def skip(self, path: str, reason: str, kind: str) -> None:
+        self.skipped.append((path, reason))
+        self.skipped_kinds[kind] = self.skipped_kinds.get(kind, 0) + 1
+
+
+@dataclass
+class SyncPlan:
+    """What bringing an index up to date with a folder takes (`Index.plan_folder`)."""
+
+    root: Path  # the folder asked for
+    root_folder: str = ""  # the root it belongs to (itself, or an indexed folder that holds it)
+    root_id: int | None = None  # None: a folder new to the index
+    new: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    changed: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)  # ids of files no longer there
+    moved: list[tuple[str, Path, os.stat_result]] = field(default_factory=list)  # (old id, new path, stat)
+    unchanged: int = 0
+    report: SyncReport = field(default_factory=SyncReport)  # skips found while planning
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """A content hash of a file (BLAKE2b, 128 bits), to recognise it after a rename or move."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_or_none(path: Path) -> str | None:
+    try:
+        return file_hash(path)
+    except OSError:  # gone since it was listed: the next sync removes it
+        return None
+
+
+def shard_of(relative_path: str, shards: int) -> int:
+    """The shard (0..shards-1) a file belongs to: a stable hash of its path relative to the folder."""
+    return zlib.crc32(relative_path.encode("utf-8", "surrogateescape")) % shards
+
+
+def _locate(store: Store, folder: str) -> tuple[int | None, str, str]:
+    """(root id or None, the root's folder, `folder`'s path inside it + '/' or '')."""
+    for root, root_folder, _ in store.roots():
+        if folder == root_folder:
+            return root, root_folder, ""
+        if folder.startswith(root_folder.rstrip(os.sep) + os.sep):
+            return root, root_folder, Path(folder).relative_to(root_folder).as_posix() + "/"
+    return None, folder, ""
+
+
+def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
+                shard: tuple[int, int] | None = None) -> SyncPlan:
+    """What syncing `folder` would do, changing nothing.
+
+    `shard=(i, n)`: only the files of shard i of n (by a hash of the path under `folder`), for indexing one
+    folder from n processes or machines into n indexes merged later (`Index.merge`).
+    """
+    root = Path(folder).resolve()
+    root_id, root_folder, prefix = _locate(store, str(root))
+    plan = SyncPlan(root=root, root_folder=root_folder, root_id=root_id)
+    known: dict[str, tuple] = {}
+    if root_id is not None:
+        known.update((item_id, (size, mtime)) for item_id, _, size, mtime in store.files(root_id, prefix))
+    known.update((item_id, (size, mtime)) for item_id, size, mtime in store.outside_files(str(root), root_id)
+                 if isinstance(item_id, str))
+    files = scan_images(root, exclude=exclude)
+    if shard is not None:
+        files = [p for p in files if shard_of(p.relative_to(root).as_posix(), shard[1]) == shard[0]]
+    for path in files:
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            plan.report.skip(str(path), str(exc), failure_kind(exc))
+            continue
+        previous = known.pop(str(path), None)
+        if previous is None:
+            plan.new.append((path, stat))
+        elif previous == (stat.st_size, stat.st_mtime):
+            plan.unchanged += 1
+        else:
+            plan.changed.append((path, stat))
+    plan.gone = list(known)
+    if plan.new:
+        _find_moves(store, plan)
+    return plan
+
+
+def _vanished(store: Store, plan: SyncPlan) -> list[dict]:
+    """Records of indexed files that are gone: from this folder, and from folders that no longer exist."""
+    records = list(store.records_by_id(plan.gone).values())
+    for root, root_folder, _ in store.roots():
+        if root != plan.root_id and not os.path.isdir(root_folder):
+            records += store.records_of_root(root)
+    return records
+
+
+def _find_moves(store: Store, plan: SyncPlan) -> None:
+    by_content: dict[tuple[int, str], list] = {}
+    for record in _vanished(store, plan):
+        if record.get("content_hash") and record.get("size") is not None:
+            by_content.setdefault((int(record["size"]), record["content_hash"]), []).append(record["id"])
+    if not by_content:
+        return
+    sizes = {size for size, _ in by_content}
+    still_new = []
+    for path, stat in plan.new:
+        candidates = by_content.get((stat.st_size, hash_or_none(path))) if stat.st_size in sizes else None
+        if candidates:
+            plan.moved.append((candidates.pop(), path, stat))
+        else:
+            still_new.append((path, stat))
+    moved_ids = {old for old, _, _ in plan.moved}
+    plan.new = still_new
+    plan.gone = [i for i in plan.gone if i not in moved_ids]
+
+
+def _file_row(root: int, root_folder: str, path: Path, stat: os.stat_result) -> tuple:
+    """A file's store row: (root, relative path, mtime, size, caption, extra)."""
+    relative = path.relative_to(root_folder).as_posix()
+    return (root, relative, stat.st_mtime, stat.st_size, None, json.dumps({"content_hash": hash_or_none(path)}))
+
+
+def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
+                progress: bool | None = None, exclude: Sequence[str] = (),
+                shard: tuple[int, int] | None = None) -> SyncReport:
+    """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`."""
+    from clipkit.encode import iter_image_batches
+
+    plan = plan_folder(index.store, folder, exclude=exclude, shard=shard)
+    report = plan.report
+    report.unchanged = plan.unchanged
+
+    def reorganise(store: Store):
+        root = store.add_root(plan.root_folder)
+        store.adopt(root, plan.root_folder, str(plan.root))
+        for old_id, path, stat in plan.moved:
+            store.move(old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(), stat.st_mtime,
+                       stat.st_size)
+        gone = list(store.keys_for(plan.gone).values())
+        store.delete_keys(gone)
+        store.drop_empty_roots(keep=root)
+        return root, None, None, gone
+
+    root = index._write(reorganise)
+    report.moved, report.removed = len(plan.moved), len(plan.gone)
+    todo = plan.new + plan.changed
+    paths = [p for p, _ in todo]
+    with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="img",
+              desc="indexing") as bar:
+        for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size, skip_errors=True,
+                                                               workers=workers, device=model.device,
+                                                               draft_size=model.image_size):
+            for position, reason, kind in failures:
+                report.skip(str(paths[position]), reason, kind)
+                log.info("skipped %s", reason)
+            if positions:
+                vectors = model.encode_image(pixels).float().cpu().numpy()
+                rows = [(str(todo[p][0]), _file_row(root, plan.root_folder, *todo[p])) for p in positions]
+                added, updated = index._replace_files(vectors, rows)
+                report.added += added
+                report.updated += updated
+            bar.update(len(positions) + len(failures))
+    report.orphaned = {folder: count for _, folder, count in index.store.roots() if not os.path.isdir(folder)}
+    return report
+
+
+def remove_under(store: Store, folder: str):
+    """A change (for Index._write): remove every item whose file is under `folder`."""
+    keys = store.keys_under(folder)
+    store.delete_keys(keys)
+    store.drop_empty_roots()
+    return len(keys), None, None, keys
+
+
+def remove_missing_roots(store: Store):
+    """A change (for Index._write): remove the items of every indexed folder that no longer exists."""
+    keys = []
+    for _, folder, _ in store.roots():
+        if not os.path.isdir(folder):
+            keys += store.keys_under(folder)
+    store.delete_keys(keys)
+    store.drop_empty_roots()
+    return len(keys), None, None, keys

@@ -1,0 +1,60 @@
+"""Checking what goes into an index: vectors (finite, non-zero, unit length) and item ids."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+
+def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndarray:
+    """Validate a (N, dim) or (dim,) array and return unit-norm float32 rows (always 2-D).
+
+    The norm is taken in float64 after scaling each row by its largest magnitude, so rows of any
+    finite size (1e-30 or 1e30) keep their direction; NaN, infinite and all-zero rows are refused.
+    """
+    try:
+        array = np.asarray(vectors, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{what} must be a numeric array: {exc}") from None
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"{what} must be 2-D (N, {dim}), got shape {array.shape}")
+    if array.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {array.shape[1]} but the index has dimension {dim}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    scale = np.abs(array).max(axis=1, keepdims=True) if array.size else np.ones((len(array), 1))
+    if (scale == 0).any():
+        raise ValueError(f"{what} contain an all-zero vector, which has no direction to search by")
+    scaled = array / scale
+    unit = scaled / np.linalg.norm(scaled, axis=1, keepdims=True)
+    return np.ascontiguousarray(unit, dtype=np.float32)
+
+
+def normalize_id(value: Any) -> int | str:
+    """An item id as stored: an int or a str (numpy integers become ints; anything else is refused)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"ids must be int or str, got bool {value!r}")
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"ids must be int or str, got {type(value).__name__} {value!r}")
+
+
+def ids_array(values: list) -> np.ndarray:
+    """int64 when every id is an int, else an object array (ids as given, None for no item)."""
+    if values and all(isinstance(v, int) for v in values):
+        return np.asarray(values, dtype=np.int64)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def keys_digest(keys: np.ndarray) -> str:
+    """A digest of a set of integer keys (order-free): what a FAISS file must hold to match the store."""
+    ordered = np.sort(np.asarray(keys, dtype=np.int64))
+    return hashlib.blake2b(ordered.tobytes(), digest_size=16).hexdigest()
