@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
-from clipkit.index import Index
+from clipkit.index import Index, prepare_vectors
 from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 
 
@@ -73,7 +73,7 @@ def embed_query(query: Any, index: Index, model=None) -> np.ndarray:
     """The query's unit-norm embedding, made by the index's model (or a checked `model`)."""
     kind = query_kind(query)
     if kind == "vector":
-        return np.asarray(query, dtype=np.float32)
+        return prepare_vectors(query, index.dim, what="the query")[0]
     return _embed(query, kind, index_model(index, model))
 
 
@@ -103,7 +103,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     if kind == "vector":
         if rerank:
             raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
-        vector, model = np.asarray(query, dtype=np.float32), None
+        vector, model = prepare_vectors(query, index.dim, what="the query")[0], None
     else:
         model = index_model(index, model)
         vector = _embed(query, kind, model)

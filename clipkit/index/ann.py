@@ -50,6 +50,7 @@ def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | Non
     if n <= FLAT_LIMIT:
         return "Flat"
     nlist = int(min(65536, max(256, 2 ** round(np.log2(4 * np.sqrt(n))))))
+    nlist = min(nlist, 2 ** int(np.log2(max(2, n // 39))))  # k-means wants >= 39 training points per list
     if memory_budget is not None and n * dim * 4 > memory_budget:
         code = max(1, memory_budget // n)
         m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, min(code, dim // 2)))

@@ -30,9 +30,9 @@ META_COLUMNS = ("path", "mtime", "size", "caption")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
-    key INTEGER PRIMARY KEY,      -- the FAISS id; never reused, and an item's embedding never changes under it
-    id UNIQUE NOT NULL,           -- the user's id (int or text, kept as given; a file's absolute path)
-    root INTEGER,                 -- the folder (roots.root) `path` is relative to; NULL: `path` as given
+    key INTEGER PRIMARY KEY,      -- the FAISS id: never reused, and an item's embedding never changes under it
+    id UNIQUE NOT NULL,           -- the user's id (int or text, kept as given, a file's absolute path)
+    root INTEGER,                 -- the folder (roots.root) `path` is relative to, NULL: `path` as given
     path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT,
     embedding BLOB NOT NULL
 );

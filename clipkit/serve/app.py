@@ -207,7 +207,7 @@ class Service:
                 raise BadRequest(f"no item with id {value} in index {collection.name!r}", 404)
             return index.embeddings([record["id"]])[0], record
         try:
-            return prepare_vectors(np.asarray(value, dtype=np.float32)[None], index.dim, "the embedding")[0], None
+            return prepare_vectors(value, index.dim, "the embedding")[0], None
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 

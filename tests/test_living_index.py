@@ -1,0 +1,495 @@
+"""The index as a living library: concurrent writers, a live server beside an indexer, moved folders,
+disk full, read-only media, damaged files and extreme vectors. Cases about processes run real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipkit
+from clipkit.cli import main
+from clipkit.data.synthetic import write_synthetic
+from clipkit.errors import IndexBusyError, IndexFullError, ReadOnlyIndexError
+from clipkit.index import CONFIG_FILE, DB_FILE, FAISS_FILE, Index
+from clipkit.index.lock import held_here, writer_lock
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def unit(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clipkit", *args]
+
+
+def model_args(ckpt: Path, batch: int = 2) -> list[str]:
+    return ["--model", "clipkit-tiny", "--pretrained", str(ckpt), "--batch-size", str(batch), "--workers", "1"]
+
+
+def store_count(index_path: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{index_path / DB_FILE}?mode=ro", uri=True) as db:
+            return db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def assert_consistent(index_path: Path, expected_files: set[str]) -> Index:
+    """Every file indexed once, and every item found by its own embedding (the FAISS file matches the store)."""
+    index = Index.load(index_path)
+    assert set(index.ids()) == expected_files and len(index) == len(expected_files)
+    ids = index.ids()
+    vectors = index.embeddings(ids)
+    scores, found = index.search(vectors, 1)
+    assert None not in found[:, 0].tolist() and np.allclose(scores[:, 0], 1, atol=1e-5)
+    np.testing.assert_array_equal(index.embeddings(found[:, 0].tolist()), vectors)  # itself (or a same-file copy)
+    return index
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("living")
+    write_synthetic(root / "P", 300, seed=21, layout="folder", workers=1, progress=False)
+    write_synthetic(root / "Q", 60, seed=22, layout="folder", workers=1, progress=False)
+    return {"P": root / "P", "Q": root / "Q"}
+
+
+def image_files(folder: Path) -> set[str]:
+    return {str(p.resolve()) for p in folder.glob("*.jpg")}
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer at a time
+
+
+def test_two_overlapping_writers_wait_their_turn_and_leave_a_consistent_index(photos, tmp_path, tiny_ckpt):
+    index_path = tmp_path / "ix.clipkit"
+    runs = []
+    for folder in ("P", "Q", "P"):  # started 0.5 s apart, as cron jobs that overlap would be
+        runs.append(subprocess.Popen(cli("index", str(photos[folder]), "--index", str(index_path),
+                                         *model_args(tiny_ckpt, 1)),
+                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        time.sleep(0.5)
+    outputs = [p.communicate(timeout=300) for p in runs]
+    for process, (out, err) in zip(runs, outputs):
+        assert process.returncode == 0, err
+    waited = [err for _, err in outputs if "waiting for the index" in err]
+    assert len(waited) >= 2 and all("being written by pid" in err for err in waited)
+    summaries = sorted(out for out, _ in outputs)
+    assert any("indexed 300 image(s) (300 new" in out for out in summaries)
+    assert any("indexed 60 image(s) (60 new" in out for out in summaries)
+    assert any("indexed 0 image(s)" in out and "300 unchanged" in out for out in summaries)  # the same folder
+    assert_consistent(index_path, image_files(photos["P"]) | image_files(photos["Q"]))
+    check = subprocess.run(cli("index", str(photos["P"]), "--index", str(index_path), "--check"), env=ENV,
+                           capture_output=True, text=True)
+    assert "would embed 0 new and re-embed 0 changed" in check.stdout
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding the index's writer lock until it is killed."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from clipkit.index.lock import writer_lock\n"
+        "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)"), str(folder)],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_no_wait_exits_2_naming_the_writer(photos, tmp_path, tiny_ckpt, capsys):
+    index_path = tmp_path / "ix.clipkit"
+    index_path.mkdir()
+    holder = _hold_lock(index_path)
+    try:
+        code = main(["index", str(photos["Q"]), "--index", str(index_path), "--no-wait", *model_args(tiny_ckpt)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"being written by pid {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["-q", "index", str(photos["Q"]), "--index", str(index_path), "--no-wait",
+                 *model_args(tiny_ckpt, 16)]) == 0
+
+
+def test_writer_lock_is_reentrant_here_and_refuses_others(tmp_path):
+    folder = tmp_path / "ix"
+    folder.mkdir()
+    with writer_lock(folder):
+        with writer_lock(folder):
+            assert held_here(folder)
+        holder = subprocess.run([sys.executable, "-c", (
+            "import sys; from clipkit.index.lock import writer_lock\n"
+            "try:\n    with writer_lock(sys.argv[1], wait=False): pass\n"
+            "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)"), str(folder)],
+            capture_output=True, text=True, env=ENV)
+        assert holder.returncode == 3 and "IndexBusyError" in holder.stdout and str(os.getpid()) in holder.stdout
+    assert not held_here(folder)
+    other = _hold_lock(folder)
+    try:
+        with pytest.raises(IndexBusyError, match="still being written"):  # waited on, up to a timeout
+            with writer_lock(folder, timeout=0.3):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    with writer_lock(folder, wait=False):  # the kernel released the killed holder's lock
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Live readers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_running_server_sees_what_an_indexer_commits(photos, tmp_path, tiny_ckpt):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    folder = tmp_path / "photos"
+    shutil.copytree(photos["Q"], folder)
+    index_path = tmp_path / "ix.clipkit"
+    assert main(["-q", "index", str(folder), "--index", str(index_path), *model_args(tiny_ckpt, 16)]) == 0
+    port = _free_port()
+    server = subprocess.Popen(cli("-q", "serve", "--index", str(index_path), "--port", str(port), "--device", "cpu"),
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+
+    def items() -> int | None:
+        try:
+            return httpx.get(url + "healthz", timeout=2).json()["indexes"]["ix"]["items"]
+        except httpx.HTTPError:
+            assert server.poll() is None, server.stdout.read().decode(errors="replace")[-2000:]
+            return None
+
+    try:
+        wait_for(lambda: items() == 60, what="the server to start")
+        for path in sorted(folder.glob("*.jpg"))[:20]:  # 20 re-embedded (new content), 40 new files
+            shutil.copy(photos["P"] / path.name.replace("train-0000000", "train-0000001"), path)
+        for path in sorted(photos["P"].glob("*.jpg"))[:40]:
+            shutil.copy(path, folder / ("new-" + path.name))
+        assert main(["-q", "index", str(folder), "--index", str(index_path), *model_args(tiny_ckpt, 16)]) == 0
+        wait_for(lambda: items() == 100, timeout=10, what="the server to see the new items")
+        every = httpx.post(url + "search", json={"embedding": unit(1, 64, 0)[0].tolist(), "k": 1000}).json()
+        assert len(every["results"]) == 100
+        assert {r["path"] for r in every["results"]} == image_files(folder)
+        changed = sorted(folder.glob("*.jpg"))[0]
+        import base64
+
+        body = {"image": base64.b64encode(changed.read_bytes()).decode(), "k": 1}
+        hits = httpx.post(url + "search", json=body).json()["results"]
+        assert hits and hits[0]["path"] == str(changed.resolve())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_loaded_index_catches_up_with_another_writer(tmp_path):
+    base = unit(200, 16, 0)
+    writer = Index.from_embeddings(base[:100], ids=list(range(100)))
+    writer.save(tmp_path / "ix")
+    reader = Index.load(tmp_path / "ix")
+    reader.refresh_interval = 0
+    writer.add(base[100:], ids=list(range(100, 200)))
+    writer.remove(list(range(10)))
+    assert len(reader) == 190  # no save needed: the store is the truth
+    _, found = reader.search(base, 1)
+    assert found[10:, 0].tolist() == list(range(10, 200))
+    for index_type in ("IVF4,Flat", "HNSW8"):  # a writer that changes the structure
+        writer.set_index_type(index_type)
+        writer.save()
+        reader.refresh()
+        assert reader.structure == writer.structure
+        assert reader.search(base[10:20], 1)[1][:, 0].tolist() == list(range(10, 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# Roots and moves
+
+
+def test_a_moved_folder_is_repointed_not_embedded_again(photos, tmp_path, tiny_ckpt, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(photos["Q"], folder)
+    index_path = tmp_path / "ix.clipkit"
+    assert main(["-q", "index", str(folder), "--index", str(index_path), *model_args(tiny_ckpt, 16)]) == 0
+    before = Index.load(index_path)
+    vectors = before.embeddings(sorted(image_files(folder)))
+    renamed = tmp_path / "elsewhere" / "renamed"
+    renamed.parent.mkdir()
+    folder.rename(renamed)
+    assert main(["index", str(renamed), "--index", str(index_path), *model_args(tiny_ckpt, 16)]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 0 image(s) (0 new, 0 changed), 60 moved" in out
+    after = assert_consistent(index_path, image_files(renamed))
+    np.testing.assert_array_equal(after.embeddings(sorted(image_files(renamed))), vectors)
+    assert [r["path"] for r in after.roots()] == [str(renamed.resolve())]
+    assert main(["roots", "--index", str(index_path)]) == 0
+    assert str(renamed.resolve()) in capsys.readouterr().out
+
+
+def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ckpt, capsys):
+    for name in ("a", "b"):
+        shutil.copytree(photos["Q"], tmp_path / name / "photos", ignore=shutil.ignore_patterns(
+            "*1.jpg" if name == "a" else "*2.jpg"))
+    index_path = tmp_path / "ix.clipkit"
+    for name in ("a", "b"):
+        assert main(["-q", "index", str(tmp_path / name), "--index", str(index_path),
+                     *model_args(tiny_ckpt, 16)]) == 0
+    a_files, b_files = image_files(tmp_path / "a" / "photos"), image_files(tmp_path / "b" / "photos")
+    assert_consistent(index_path, a_files | b_files)
+    shutil.rmtree(tmp_path / "a")
+    assert main(["index", str(tmp_path / "b"), "--index", str(index_path), *model_args(tiny_ckpt, 16)]) == 0
+    assert "no longer exists" in capsys.readouterr().err  # the orphans are pointed out
+    assert main(["remove", "--missing", "--index", str(index_path)]) == 0
+    assert f"removed {len(a_files)} item(s)" in capsys.readouterr().out
+    assert_consistent(index_path, b_files)
+    assert main(["remove", str(tmp_path / "b" / "photos"), "--index", str(index_path)]) == 0
+    assert len(Index.load(index_path)) == 0
+    assert main(["remove", "--index", str(index_path)]) == 2  # nothing named: a usage error
+
+
+def test_indexing_a_parent_folder_adopts_its_indexed_subfolder(tmp_path, tiny_model):
+    from tests.conftest import draw_shape
+
+    (tmp_path / "all" / "sub").mkdir(parents=True)
+    for i in range(3):
+        draw_shape("red", "circle", seed=i).save(tmp_path / "all" / "sub" / f"{i}.png")
+        draw_shape("blue", "square", seed=i).save(tmp_path / "all" / f"{i}.png")
+    index = Index(tiny_model.dim, model=tiny_model)
+    assert index.sync_folder(tmp_path / "all" / "sub", tiny_model).added == 3
+    report = index.sync_folder(tmp_path / "all", tiny_model)
+    assert (report.added, report.unchanged) == (3, 3)
+    assert [r["path"] for r in index.roots()] == [str((tmp_path / "all").resolve())]
+    assert index.sync_folder(tmp_path / "all" / "sub", tiny_model).unchanged == 3  # inside a root: still known
+
+
+def test_format_1_index_is_migrated_and_its_files_stay_known(tmp_path, tiny_model):
+    from tests.conftest import draw_shape
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        draw_shape("green", "triangle", seed=i).save(photos / f"{i}.png")
+    current = Index(tiny_model.dim, model=tiny_model)
+    current.sync_folder(photos, tiny_model)
+    records = current.get(current.ids())
+    old = tmp_path / "old.clipkit"
+    old.mkdir()
+    with sqlite3.connect(old / DB_FILE) as db:  # the version 1 layout: absolute paths, no roots
+        db.executescript("CREATE TABLE items (key INTEGER PRIMARY KEY, id UNIQUE NOT NULL, path TEXT, mtime REAL, "
+                         "size INTEGER, caption TEXT, extra TEXT, embedding BLOB NOT NULL);"
+                         "CREATE TABLE info (name TEXT PRIMARY KEY, value TEXT NOT NULL);")
+        for key, record in enumerate(records):
+            db.execute("INSERT INTO items VALUES (?,?,?,?,?,?,?,?)", (
+                key, record["id"], record["path"], record["mtime"], record["size"], None,
+                json.dumps({"content_hash": record["content_hash"]}), current.embeddings([record["id"]])[0].tobytes()))
+        for name, value in (("format", "clipkit-index"), ("format_version", 1), ("dim", 64),
+                            ("model", tiny_model.info), ("generation", 5), ("index_type", "flat")):
+            db.execute("INSERT INTO info VALUES (?, ?)", (name, json.dumps(value)))
+    migrated = Index.load(old)
+    assert migrated.store.info("format_version") == 2 and len(migrated) == 4
+    assert migrated.get(migrated.ids()) == records
+    report = migrated.sync_folder(photos, tiny_model)
+    assert (report.unchanged, report.embedded) == (4, 0)
+    assert [r["items"] for r in migrated.roots()] == [4]
+    assert migrated.get(migrated.ids()) == records  # paths now relative to the root, read back the same
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _unmount(path: Path) -> None:
+    import gc
+
+    gc.collect()  # close what this process still holds open there
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_exits_2_keeps_what_was_committed_and_resumes(photos, tmp_path, tiny_ckpt):
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "160k"):
+        pytest.skip("needs root and tmpfs mounts (the injected-ENOSPC test covers this elsewhere)")
+    try:
+        index_path = disk / "ix.clipkit"
+        command = cli("index", str(photos["P"]), "--index", str(index_path), *model_args(tiny_ckpt, 16))
+        full = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        assert full.returncode == 2 and "no space left" in full.stderr, full.stderr
+        assert full.stderr.count("\n") == 1 and "Traceback" not in full.stderr
+        kept = Index.load(index_path)
+        committed = len(kept)
+        assert 0 < committed < 300
+        ids = kept.ids()
+        assert kept.search(kept.embeddings(ids), 1)[1][:, 0].tolist() == ids
+        kept.close()
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert f"({300 - committed} new" in done.stdout
+        assert_consistent(index_path, image_files(photos["P"]))
+    finally:
+        _unmount(disk)
+
+
+def test_disk_full_injected(tmp_path, monkeypatch):
+    import errno
+
+    index = Index.from_embeddings(unit(50, 8, 0))
+    index.save(tmp_path / "ix")
+    from clipkit.index import store as store_module
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store_module.Store, "insert", full)
+    with pytest.raises(IndexFullError, match="no space left"):
+        index.add(unit(5, 8, 1), ids=list(range(50, 55)))
+    monkeypatch.undo()
+    assert len(index) == 50 and len(Index.load(tmp_path / "ix")) == 50
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from clipkit.index import core
+
+    monkeypatch.setattr(core, "atomic_write_bytes", no_space)
+    index.add(unit(5, 8, 1), ids=list(range(50, 55)))  # committed to the store
+    with pytest.raises(IndexFullError):
+        index.save()
+    monkeypatch.undo()
+    assert len(Index.load(tmp_path / "ix")) == 55  # the stale FAISS file is not trusted: rebuilt from the store
+    assert main(["remove", "--index", str(tmp_path / "ix"), "--missing"]) == 0
+
+
+def test_read_only_index_searches_and_refuses_writes(photos, tmp_path, tiny_ckpt, capsys):
+    media = tmp_path / "media"
+    mounted = _tmpfs(media, "8m")
+    try:
+        index_path = media / "ix.clipkit"
+        subprocess.run(cli("-q", "index", str(photos["Q"]), "--index", str(index_path), *model_args(tiny_ckpt, 16)),
+                       env=ENV, check=True)
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        elif os.geteuid() == 0:
+            pytest.skip("read-only media needs a mount when the tests run as root")
+        else:
+            for path in [index_path, *index_path.iterdir()]:
+                path.chmod(0o555 if path.is_dir() else 0o444)
+        index = Index.load(index_path)
+        assert index.readonly and len(index) == 60
+        assert main(["search", "a red circle", "--index", str(index_path), "-k", "3"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 3
+        with pytest.raises(ReadOnlyIndexError, match="read-only"):
+            index.add(unit(1, 64, 0), ids=["x"])
+        assert main(["index", str(photos["Q"]), "--index", str(index_path), *model_args(tiny_ckpt)]) == 2
+        assert "read-only" in capsys.readouterr().err
+        index.close()
+    finally:
+        if mounted:
+            _unmount(media)
+        elif index_path.exists():
+            for path in [index_path, *index_path.iterdir()]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_flipped_bytes_in_the_faiss_file_are_detected_and_rebuilt(tmp_path, caplog):
+    base = unit(500, 32, 0)
+    Index.from_embeddings(base).save(tmp_path / "ix")
+    faiss_file = tmp_path / "ix" / FAISS_FILE
+    data = bytearray(faiss_file.read_bytes())
+    for position in range(len(data) - 400, len(data) - 300):  # inside the vectors: same size, wrong values
+        data[position] ^= 0x5A
+    faiss_file.write_bytes(bytes(data))
+    loaded = Index.load(tmp_path / "ix")
+    assert "does not match the store" in caplog.text
+    scores, ids = loaded.search(base[:50], 1)
+    assert ids[:, 0].tolist() == list(range(50)) and np.allclose(scores[:, 0], 1, atol=1e-5)
+
+
+def test_a_faiss_file_saved_for_another_key_set_is_not_trusted(tmp_path):
+    """What two unlocked writers used to leave: the right generation and count, other keys."""
+    Index.from_embeddings(unit(20, 8, 0)).save(tmp_path / "ix")
+    config_path = tmp_path / "ix" / CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    with sqlite3.connect(tmp_path / "ix" / DB_FILE) as db:  # same count and generation, one key replaced
+        db.execute("UPDATE items SET key = 1000 WHERE key = 0")
+    config_path.write_text(json.dumps(config))
+    loaded = Index.load(tmp_path / "ix")
+    assert loaded.search(unit(20, 8, 0)[:1], 1)[1][0, 0] == 0
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30, 1e300])
+def test_huge_and_tiny_vectors_keep_their_direction(scale):
+    base = unit(10, 8, 0)
+    index = Index.from_embeddings(base.astype(np.float64) * scale)
+    np.testing.assert_allclose(index.embeddings(), base, atol=1e-6)
+    scores, ids = index.search(base[3].astype(np.float64) * scale, 1)
+    assert ids[0, 0] == 3 and abs(scores[0, 0] - 1) < 1e-5
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan, 0.0])
+def test_non_finite_and_zero_vectors_are_refused(bad):
+    vectors = unit(3, 8, 0).astype(np.float64)
+    vectors[1] = bad if bad != 0 else 0
+    with pytest.raises(ValueError, match="NaN or infinite|all-zero"):
+        Index.from_embeddings(vectors)
+
+
+def test_server_answers_4xx_never_5xx_to_extreme_vectors(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    base = unit(30, 8, 0)
+    index = Index.from_embeddings(base, metadata=[{"caption": f"item {i}"} for i in range(30)])
+
+    class Stub:  # no model is needed for vector queries; the server still wants one to describe
+        name, device, fingerprint, itm, dim, image_size = "stub", "cpu", None, None, 8, 32
+
+    index.model = Stub()
+    client = TestClient(create_app(index, model=None))
+    ok = client.post("/search", json={"embedding": (base[4] * 1e30).tolist(), "k": 1})
+    assert ok.status_code == 200 and ok.json()["results"][0]["item_id"] == 4
+    knn = client.post("/knn-service", json={"embedding_input": (base[5].astype(np.float64) * 1e39).tolist(), "num_images": 1})
+    assert knn.status_code == 200 and knn.json()[0]["caption"] == "item 5"
+    raw = '{"embedding": [1e400, 0, 0, 0, 0, 0, 0, 0], "k": 1}'
+    for route, body in (("/search", raw), ("/search", raw.replace("1e400", "NaN")),
+                        ("/knn-service", raw.replace("embedding", "embedding_input")),
+                        ("/search", '{"embedding": [0, 0, 0, 0, 0, 0, 0, 0]}'),
+                        ("/search", '{"embedding": [1, 2], "k": 1}')):
+        response = client.post(route, content=body, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (route, body, response.text)
+        assert response.json()["detail"]
