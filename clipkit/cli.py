@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
     index.add_argument("--batch-size", type=_positive_int, default=64)
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
-    index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is one: "
+                       "cuda:$LOCAL_RANK under torchrun, else the CPU)")
     index.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                        help="skip files and folders whose name or relative path matches (repeatable)")
     index.add_argument("--skipped-log", default=None, metavar="FILE",

@@ -34,13 +34,16 @@ class Evaluation:
     weight: float | None = None  # the cosine weight re-ranking used
 
 
-def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: float) -> np.ndarray:
-    """Rows of `similarity` with each row's top-k columns rescored by score_pairs(rows, cols)."""
+def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: float,
+                 chunk: int = 2048) -> np.ndarray:
+    """Rows of `similarity` with each row's top-k columns rescored by score_pairs(rows, cols), `chunk`
+    pairs at a time (the head's inputs for all pairs at once would not fit: ~63 GB for COCO 5k, k=16)."""
     k = min(rerank_k, similarity.shape[1])
     top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
     rows = np.repeat(np.arange(len(similarity)), k)
     cols = top.reshape(-1)
-    itm = score_pairs(rows, cols)
+    itm = np.concatenate([score_pairs(rows[start:start + chunk], cols[start:start + chunk])
+                          for start in range(0, len(rows), chunk)]) if len(rows) else np.zeros(0, np.float32)
     out = similarity.copy()
     out[rows, cols] = _RERANKED + itm + weight * similarity[rows, cols]
     return out

@@ -105,10 +105,9 @@ class Model:
     def autocast(self):
         """Mixed precision for inference on CUDA (bf16 where supported, else fp16); a no-op on the CPU,
         where results match open_clip's float32 exactly. CLIPKIT_FP32=1 turns it off."""
-        if self.device.type != "cuda" or os.environ.get("CLIPKIT_FP32"):
+        if self.device.type != "cuda" or env_flag("CLIPKIT_FP32"):
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=cuda_half_dtype())
 
     def __repr__(self) -> str:
         return (f"Model(name={self.name!r}, pretrained={self.pretrained!r}, dim={self.dim}, "
@@ -200,15 +199,35 @@ def list_pretrained(name: str) -> list[str]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A concrete device: None picks CUDA when available, else the CPU; "cuda" without an index is this
+    process's GPU, `cuda:$LOCAL_RANK` (under torchrun each process gets its own, not all GPU 0)."""
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
     return device
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (anything else: the default)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+def cuda_half_dtype() -> torch.dtype:
+    """bf16 where the GPU runs it natively, else fp16 (emulated bf16, as on V100/T4, is slow)."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def _unknown_model_message(name: str) -> str:
@@ -493,7 +512,7 @@ def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bo
     """Whether the image tower should run in NHWC: convolutional towers (ResNets, ConvNeXts) on CUDA,
     where cuDNN's tensor-core kernels want that layout. A ViT has one convolution (its patch embedding)
     and gains nothing. CLIPKIT_CHANNELS_LAST=0 turns it off."""
-    if torch.device(device).type != "cuda" or os.environ.get("CLIPKIT_CHANNELS_LAST") == "0":
+    if torch.device(device).type != "cuda" or not env_flag("CLIPKIT_CHANNELS_LAST", True):
         return False
     return sum(isinstance(m, torch.nn.Conv2d) for m in clip.visual.modules()) > 1
 
@@ -583,6 +602,6 @@ def save_checkpoint(model: Model, path: str | os.PathLike, **extra) -> None:
 
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": model.name,
                "model": {k: v.detach().cpu() for k, v in model.clip.state_dict().items()},
-               "itm": model.itm.state_dict() if model.itm is not None else None,
+               "itm": {k: v.detach().cpu() for k, v in model.itm.state_dict().items()} if model.itm is not None else None,
                "itm_config": getattr(model.itm, "config", None), **extra}
     atomic_write_with(path, lambda tmp: torch.save(payload, tmp))

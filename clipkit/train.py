@@ -36,7 +36,7 @@ from clipkit._io import atomic_write_with
 from clipkit.errors import CheckpointError, ClipkitError
 from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
 from clipkit.losses import info_nce, itm_loss
-from clipkit.models import CHECKPOINT_FORMAT, Model, load_model
+from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -243,24 +243,35 @@ def load_training_checkpoint(path: Path) -> dict:
 
 
 def _distributed_setup(config: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device): `cuda:$LOCAL_RANK` for "cuda" or no device on a GPU
+    machine, set as the current device before the process group starts (NCCL binds to it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-        _OWNED_GROUP.append(True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if config.device:
-        device = torch.device(config.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
+    device = resolve_device(config.device or None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        _OWNED_GROUP.append(True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
 
-_OWNED_GROUP: list[bool] = []  # whether train() created the process group (and so tears it down)
+_OWNED_GROUP: list[bool] = []
+
+
+def _restore_generator(generator: torch.Generator, saved: list, rank: int) -> None:
+    """The sampler's random state from a checkpoint; one from another device kind (a CPU state on a GPU
+    run or back: their sizes differ) cannot be restored, so the sampler goes on from its seed."""
+    if rank >= len(saved):
+        return
+    try:
+        generator.set_state(saved[rank].cpu())
+    except RuntimeError:
+        log.warning("the checkpoint's sampler state is from another device kind; hard negatives are drawn "
+                    "from the run's seed from here on")  # whether train() created the process group (and so tears it down)
 
 
 def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -269,7 +280,7 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if config.precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_half_dtype()
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
 
 
@@ -308,11 +319,11 @@ def train(config: TrainConfig) -> dict:
             head.load_state_dict(state["itm"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") and scaler.is_enabled():  # empty when the run it resumes had no fp16 scaler
+            scaler.load_state_dict(state["scaler"])
         step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
         torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["sampler"][rank] if rank < len(state["rng"]["sampler"]) else
-                            generator.get_state())
+        _restore_generator(generator, state["rng"]["sampler"], rank)
         log.info("resumed from %s at step %d", resume_from, step)
 
     urls = shard_urls(config, rank)
@@ -331,7 +342,7 @@ def train(config: TrainConfig) -> dict:
             samplers = gathered
         return {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": config.model,
                 "model": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
-                "itm": head.state_dict() if head is not None else None,
+                "itm": {k: v.detach().cpu() for k, v in head.state_dict().items()} if head is not None else None,
                 "itm_config": head.config if head is not None else None,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
@@ -345,7 +356,7 @@ def train(config: TrainConfig) -> dict:
         while step < stop_at:
             loader = make_loader(urls, model.preprocess, model.tokenizer, config.batch_size, seed=config.seed,
                                  epoch=epoch, shuffle_buffer=config.shuffle_buffer, num_workers=config.workers,
-                                 group_batches=config.group_batches,
+                                 group_batches=config.group_batches, pin_memory=device.type == "cuda",
                                  rank=rank, world_size=world, skip_batches=consumed)
             for batch in loader:
                 autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()

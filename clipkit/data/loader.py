@@ -238,7 +238,8 @@ def image_id_of(sample: dict) -> int:
 def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Callable, batch_size: int, *,
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
                 num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                drop_last: bool = True, skip_batches: int = 0, group_batches: bool = False) -> DataLoader:
+                drop_last: bool = True, skip_batches: int = 0, group_batches: bool = False,
+                pin_memory: bool = False) -> DataLoader:
     """A DataLoader of training batches from webdataset shards.
 
     `urls`: a brace pattern (`"shards/train-{000000..000099}.tar"`), a list, `file:` or `pipe:` URLs.
@@ -264,4 +265,4 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
                       drop_last=drop_last, skip_batches=skip_batches, group_batches=group_batches)
     stream = ShardStream(spec, preprocess, tokenizer)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=pin_memory)  # only for a CUDA run: pinning makes a CUDA context on GPU 0
