@@ -138,8 +138,9 @@ def test_gpu_copy_serves_searches_up_to_its_k_limit_one_thread_at_a_time(monkeyp
     x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
     index = Index.from_embeddings(x, ids=[f"i{n}" for n in range(600)], index_type=index_type, target_recall=1.0)
     expected = index._structure.index.search(x[:5] / np.linalg.norm(x[:5], axis=1, keepdims=True), 10)[1]
+    made = len(clones)  # the tuner's searches ran on GPU copies too
     _, ids = index.search(x[:5], 10)
-    assert clones and clones[-1].searches == 1  # answered by the GPU copy, keys mapped back to ids
+    assert len(clones) == made + 1 and clones[-1].searches == 1  # answered by a GPU copy, keys mapped to ids
     assert [[f"i{k}" for k in row] for row in expected.tolist()] == ids.tolist()
     scores, ids = index.search(x[:5], 60)  # past the GPU's k limit: the CPU index answers
     assert clones[-1].searches == 1 and ids.shape == (5, 60)
@@ -150,4 +151,4 @@ def test_gpu_copy_serves_searches_up_to_its_k_limit_one_thread_at_a_time(monkeyp
         thread.join()
     assert clones[-1].searches == 81
     index.add(x[:2] * -1, ids=["new0", "new1"])  # a change: the next search makes a fresh copy
-    assert index.search(-x[0], 1)[1][0, 0] == "new0" and len(clones) == 2
+    assert index.search(-x[0], 1)[1][0, 0] == "new0" and len(clones) == made + 2

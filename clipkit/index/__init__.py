@@ -1,17 +1,20 @@
 """The index: `Index` (clipkit/index/core.py), a thin facade over
 
 - `store`: SQLite, the source of truth (items, roots, settings, format version and migrations, generation);
-- `ann`: the FAISS structure (choice, training, tuning, search parameters, GPU copy), a cache of the store;
+- `ann`: the FAISS structure (choice, training, search parameters, exact re-rank, GPU copy), a cache of the store;
+- `tune`: choosing and tuning it on the collection's own data (held-out items or sample queries);
 - `sync`: folders of images (roots, plan and sync, content hashes, moves, shards);
 - `lock`: one writer at a time (an OS file lock held for a whole run);
 - `vectors`: what goes in (unit vectors, ids).
 """
 
-from clipkit.index.ann import FLAT_LIMIT, apply_search_params, choose_structure, tune_search
+from clipkit.index.ann import FLAT_LIMIT, apply_search_params, candidates, choose_structure
 from clipkit.index.core import CONFIG_FILE, FAISS_FILE, Index
 from clipkit.index.store import DB_FILE, FORMAT_VERSION
 from clipkit.index.sync import SyncPlan, SyncReport, file_hash, shard_of
+from clipkit.index.tune import Tuning, tune_structure
 from clipkit.index.vectors import prepare_vectors
 
 __all__ = ["CONFIG_FILE", "DB_FILE", "FAISS_FILE", "FLAT_LIMIT", "FORMAT_VERSION", "Index", "SyncPlan", "SyncReport",
-           "apply_search_params", "choose_structure", "file_hash", "prepare_vectors", "shard_of", "tune_search"]
+           "Tuning", "apply_search_params", "candidates", "choose_structure", "file_hash", "prepare_vectors", "shard_of",
+           "tune_structure"]

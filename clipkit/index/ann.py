@@ -38,10 +38,12 @@ def check_index_type(index_type: str, dim: int) -> None:
 
 
 def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | None = None) -> str:
-    """The FAISS factory string for `n` vectors: exact flat while small, IVF above FLAT_LIMIT.
+    """The FAISS structure family for `n` vectors: exact flat while small, IVF above FLAT_LIMIT.
 
-    IVF lists ~ 4 sqrt(n) (a power of two); the vectors stay uncompressed unless they would not fit
-    `memory_budget` bytes, and only then product quantisation (it costs text-to-image recall).
+    IVF lists ~ 2 sqrt(n) (a power of two, at least 39 training points each): with fast-scan codes and an
+    exact re-rank, probing more of fewer lists measured faster at the same recall than the classic 4 sqrt(n). When the vectors would not fit
+    `memory_budget` bytes, 4-bit fast-scan product quantisation with no exact re-rank (it costs recall);
+    otherwise the tuner (clipkit/index/tune.py) picks between the candidates of `candidates()`.
     """
     if index_type == "flat":
         return "Flat"
@@ -49,13 +51,45 @@ def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | Non
         return index_type
     if n <= FLAT_LIMIT:
         return "Flat"
-    nlist = int(min(65536, max(256, 2 ** round(np.log2(4 * np.sqrt(n))))))
+    nlist = int(min(65536, max(256, 2 ** round(np.log2(2 * np.sqrt(n))))))
     nlist = min(nlist, 2 ** int(np.log2(max(2, n // 39))))  # k-means wants >= 39 training points per list
     if memory_budget is not None and n * dim * 4 > memory_budget:
-        code = max(1, memory_budget // n)
-        m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, min(code, dim // 2)))
-        return f"IVF{nlist},PQ{m}"
+        return f"IVF{nlist},PQ{fastscan_m(dim, max(1, memory_budget // n))}x4fs"
     return f"IVF{nlist},Flat"
+
+
+def candidates(index_type: str, n: int, dim: int, memory_budget: int | None = None) -> list[str]:
+    """The structures the tuner builds and compares for this collection ("Flat" is always the fallback).
+
+    Above FLAT_LIMIT, with room for the vectors: IVF-Flat, and IVF with 4-bit fast-scan PQ codes whose
+    shortlist is re-ranked exactly against the stored vectors (`,RFlat`: the frontier for embeddings);
+    HNSW too for low-dimensional data, where its graph pays. Over the memory budget: fast-scan PQ alone.
+    """
+    base = choose_structure(index_type, n, dim, memory_budget)
+    if index_type != "auto" or base == "Flat" or "PQ" in base:
+        return [base]
+    nlist = base.split(",")[0]
+    out = [base, f"{nlist},PQ{fastscan_m(dim)}x4fs,RFlat"]
+    if dim <= 64 and n <= 2_000_000:
+        out.append("HNSW32")
+    return out
+
+
+def fastscan_m(dim: int, code_bytes: int | None = None) -> int:
+    """Sub-quantizers for 4-bit fast-scan PQ: two dimensions each, or fewer to fit `code_bytes` per vector
+    (an even divisor of `dim`, as fast-scan packs codes in pairs)."""
+    limit = dim // 2 if code_bytes is None else min(dim // 2, 2 * code_bytes)
+    fitting = [m for m in range(2, dim + 1, 2) if dim % m == 0 and m <= max(2, limit)]
+    return max(fitting) if fitting else 1
+
+
+def split_refine(factory: str) -> tuple[str, bool]:
+    """("IVF1024,PQ128x4fs", True) for "IVF1024,PQ128x4fs,RFlat": the re-rank is clipkit's, not FAISS's
+    IndexRefine, so that keys and removal work as in every other structure."""
+    for suffix in (",RFlat", ",Refine(Flat)"):
+        if factory.endswith(suffix):
+            return factory[:-len(suffix)], True
+    return factory, False
 
 
 def nlist_of(index: faiss.Index) -> int:
@@ -83,12 +117,74 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
             inner.hnsw.efSearch = int(params["efSearch"])
 
 
+class RefineVectors:
+    """The stored vectors of a structure whose shortlist is re-ranked exactly (`,RFlat`), by key.
+
+    Keys only ever grow (the store never reuses one), so rows are appended in key order and found by
+    binary search; removed rows stay until they are a quarter of all, then are compacted away.
+    """
+
+    def __init__(self, dim: int):
+        self.keys = np.zeros(0, np.int64)
+        self.data = np.zeros((0, dim), np.float32)
+        self.alive = np.zeros(0, bool)
+        self.size = 0
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        need = self.size + len(keys)
+        if need > len(self.keys):  # grow by doubling: adding batch after batch stays linear
+            capacity = max(need, 2 * len(self.keys), 1024)
+            self.keys = np.resize(self.keys, capacity)
+            self.alive = np.resize(self.alive, capacity)
+            grown = np.zeros((capacity, self.data.shape[1]), np.float32)
+            grown[:self.size] = self.data[:self.size]
+            self.data = grown
+        self.keys[self.size:need] = keys
+        self.data[self.size:need] = vectors
+        self.alive[self.size:need] = True
+        self.size = need
+
+    def remove(self, keys: np.ndarray) -> None:
+        rows = self._rows(np.asarray(keys, np.int64))
+        self.alive[rows[rows >= 0]] = False
+        dead = self.size - int(self.alive[:self.size].sum())
+        if dead > self.size // 4:
+            kept = np.flatnonzero(self.alive[:self.size])
+            self.keys, self.data, self.alive = self.keys[kept], self.data[kept], self.alive[kept]
+            self.size = len(kept)
+
+    def _rows(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key (-1 where it has none)."""
+        rows = np.searchsorted(self.keys[:self.size], keys)
+        rows = np.minimum(rows, max(self.size - 1, 0))
+        found = (keys >= 0) & (self.size > 0) & (self.keys[rows] == keys) & self.alive[rows]
+        return np.where(found, rows, -1)
+
+    def rerank(self, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of each query's shortlisted keys by exact inner product."""
+        rows = self._rows(shortlist)
+        scores = np.empty(shortlist.shape, np.float32)
+        safe = np.ascontiguousarray(np.maximum(rows, 0))
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(self.data),
+                                         faiss.swig_ptr(safe), self.data.shape[1], len(queries), shortlist.shape[1])
+        scores[rows < 0] = -np.inf
+        k = min(k, shortlist.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, 1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        keys = np.take_along_axis(np.take_along_axis(shortlist, top, 1), order, 1)
+        top_scores = np.take_along_axis(top_scores, order, 1)
+        return top_scores, np.where(np.isfinite(top_scores), keys, -1)
+
+
 class Structure:
-    """A FAISS index holding (key, vector) pairs, with the search parameters it was tuned to."""
+    """A FAISS index holding (key, vector) pairs, with the search parameters it was tuned to; for `,RFlat`
+    structures also the vectors, to re-rank `k_factor` x k shortlisted keys exactly."""
 
     def __init__(self, index: faiss.Index, factory: str = "Flat", params: dict | None = None):
         self.index, self.factory, self.params = index, factory, dict(params or {})
         apply_search_params(index, self.params)
+        self.refine = RefineVectors(int(index.d)) if split_refine(factory)[1] else None
         self._gpu = None  # (GPU index, position -> key map or None), or False: not on the GPU
 
     @classmethod
@@ -111,13 +207,28 @@ class Structure:
         return int(self.index.d)
 
     def describe(self) -> str:
-        return self.factory + "".join(f" {k}={v}" for k, v in self.params.items())
+        return self.factory + "".join(f" {k}={v}" for k, v in sorted(self.params.items()))
 
-    def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+    def bytes_per_vector(self) -> float:
+        """Memory per vector: the FAISS file's size plus, for `,RFlat`, the stored float32 vectors."""
+        size = len(faiss.serialize_index(self.index)) + (self.refine.size * self.dim * 4 if self.refine else 0)
+        return size / max(1, self.ntotal)
+
+    def add(self, vectors: np.ndarray, keys: np.ndarray, *, index_only: bool = False) -> None:
+        """Add vectors under keys (ascending, above every key already in); `index_only`: the refine
+        vectors are already attached (a loaded structure)."""
         for start in range(0, len(vectors), 100_000):
             self.index.add_with_ids(np.ascontiguousarray(vectors[start:start + 100_000], dtype=np.float32),
                                     np.ascontiguousarray(keys[start:start + 100_000], dtype=np.int64))
+        if self.refine is not None and not index_only:
+            self.refine.add(keys, vectors)
         self._gpu = None
+
+    def attach_vectors(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """A loaded `,RFlat` structure gets its vectors back from the store (the file holds only codes)."""
+        if self.refine is not None:
+            self.refine = RefineVectors(self.dim)
+            self.refine.add(keys, vectors)
 
     def remove(self, keys: np.ndarray) -> bool:
         """Remove these keys; False where this structure cannot (the caller rebuilds it)."""
@@ -129,11 +240,20 @@ class Structure:
             self.index.remove_ids(np.ascontiguousarray(keys, dtype=np.int64))
         except RuntimeError:
             return False
+        if self.refine is not None:
+            self.refine.remove(keys)
         self._gpu = None
         return True
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, keys) of the top k, -1 / -inf where fewer were found; on the GPU when FAISS has one."""
+        if self.refine is None:
+            return self._search(queries, k)
+        shortlist = min(self.ntotal, k * int(self.params.get("k_factor", 1)))
+        _, keys = self._search(queries, max(shortlist, k))
+        return self.refine.rerank(queries, keys, k)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k <= GPU_MAX_K and faiss.get_num_gpus() > 0:
             with _GPU_LOCK:
                 gpu = self._gpu_copy()
@@ -169,86 +289,35 @@ def _mark_missing(scores: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.
     return scores, keys
 
 
-def _wrap(inner: faiss.Index) -> faiss.Index:
+def wrap(inner: faiss.Index) -> faiss.Index:
     """IVF structures keep keys in their lists; the others get an id map."""
     if faiss.try_extract_index_ivf(inner) is not None and not isinstance(inner, faiss.IndexRefine):
         return inner
     return faiss.IndexIDMap2(inner)
 
 
-def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, memory_budget: int | None = None,
-                    target_recall: float = 0.95, sample_queries: np.ndarray | None = None,
-                    params: dict | None = None) -> Structure:
-    """Choose (for "auto"), train, fill and tune the structure for these vectors.
+def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | None = None) -> Structure:
+    """A trained, empty structure for `factory` ("Flat", any FAISS factory string, optionally ",RFlat").
 
-    `params`: search parameters to keep (no tuning); None tunes them to `target_recall`.
+    `quantizer`: an already trained IVF coarse quantizer, owned by Python (a clone), for this structure's lists
+    (the tuner compares IVF-Flat and IVF-PQ over the same lists, trained once).
     """
-    dim = vectors.shape[1]
-    factory = choose_structure(index_type, len(vectors), dim, memory_budget)
+    dim = train.shape[1]
     if factory == "Flat":
-        structure = Structure.flat(dim)
-        structure.add(vectors, keys)
-        return structure
-    inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        return Structure.flat(dim)
+    base, _ = split_refine(factory)
+    inner = faiss.index_factory(dim, base, faiss.METRIC_INNER_PRODUCT)
+    if quantizer is not None and quantizer.ntotal != getattr(inner, "nlist", -1):
+        quantizer = None  # trained for another number of lists
+    if quantizer is not None and isinstance(inner, faiss.IndexIVFPQFastScan):
+        inner = faiss.IndexIVFPQFastScan(quantizer, dim, inner.nlist, inner.pq.M, 4, faiss.METRIC_INNER_PRODUCT)
+    elif quantizer is not None and isinstance(inner, faiss.IndexIVFFlat):
+        inner = faiss.IndexIVFFlat(quantizer, dim, inner.nlist, faiss.METRIC_INNER_PRODUCT)
     if not inner.is_trained:
         needed = training_size(inner)
-        if len(vectors) < needed:
+        if len(train) < needed:
             raise ValueError(f"index type {factory!r} needs at least {needed} vectors to train, the index has "
-                             f"{len(vectors)}: add more, or use 'flat' or 'auto'")
-        sample = np.random.default_rng(0).permutation(len(vectors))[:max(needed, 256 * nlist_of(inner))]
-        inner.train(vectors[np.sort(sample)])
-    structure = Structure(_wrap(inner), factory)
-    structure.add(vectors, keys)
-    if not params:
-        params = tune_search(structure.index, vectors, keys, target_recall, queries=sample_queries)
-        log.info("index %s tuned: %s", factory, params)
-        if index_type == "auto" and params.get("nprobe", 0) > nlist_of(inner) // 8:
-            # the data has too little structure for IVF to pay: exact search is as fast and exact
-            log.info("%s needs nprobe=%s of %s lists for the target recall; using exact search", factory,
-                     params["nprobe"], nlist_of(inner))
-            structure = Structure.flat(dim)
-            structure.add(vectors, keys)
-            return structure
-    structure.params = dict(params)
-    apply_search_params(structure.index, structure.params)
-    return structure
-
-
-def tune_search(index: faiss.Index, vectors: np.ndarray, keys: np.ndarray, target: float = 0.95, k: int = 10,
-                n_queries: int = 500, queries: np.ndarray | None = None) -> dict:
-    """The cheapest nprobe / efSearch whose recall@k against exact search reaches `target` (+0.01 margin).
-
-    `vectors` are the indexed vectors with their ascending `keys`. `queries`: sample queries like the real
-    ones (`Index.build(sample_queries=...)`), best; without them, samples of the data perturbed to about
-    0.6 cosine of their source stand in.
-    """
-    rng = np.random.default_rng(1)
-    n, dim = len(vectors), vectors.shape[1]
-    count = min(n_queries, n)
-    if queries is None:  # stored vectors moved to ~0.6 cosine of themselves: near the data, not on it
-        queries = vectors[rng.choice(n, count, replace=False)]
-        queries = queries + 1.33 * rng.standard_normal(queries.shape).astype(np.float32) / np.sqrt(dim)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    exact = faiss.IndexFlatIP(dim)
-    exact.add(vectors)
-    truth = exact.search(queries, k)[1]
-    ivf = faiss.try_extract_index_ivf(index)
-    inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
-    if ivf is not None:
-        name, values = "nprobe", [v for v in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-                                  if v <= ivf.nlist] + [int(ivf.nlist)]
-    elif hasattr(inner, "hnsw"):
-        name, values = "efSearch", [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024]
-    else:
-        return {}
-    best = values[-1]
-    for value in values:
-        apply_search_params(index, {name: value})
-        found = index.search(queries, k)[1]
-        found = np.where(found >= 0, np.searchsorted(keys, found), -1)  # keys -> positions, as in truth
-        recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])
-        if recall >= min(1.0, target + 0.01):
-            best = value
-            break
-    return {name: int(best)}
+                             f"{len(train)}: add more, or use 'flat' or 'auto'")
+        sample = np.random.default_rng(0).permutation(len(train))[:max(needed, 256 * nlist_of(inner))]
+        inner.train(np.ascontiguousarray(train[np.sort(sample)]))
+    return Structure(wrap(inner), factory)

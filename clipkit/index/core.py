@@ -34,10 +34,11 @@ from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
 from clipkit.index import sync
-from clipkit.index.ann import Structure, build_structure, check_index_type, choose_structure
+from clipkit.index.ann import Structure, check_index_type, choose_structure
+from clipkit.index.tune import build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
 from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, meta_row
-from clipkit.index.vectors import ids_array, keys_digest, normalize_id, prepare_vectors
+from clipkit.index.vectors import keys_digest, normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -81,6 +82,9 @@ class Index:
         self.last_sync: sync.SyncReport | None = None
         self._lock = threading.RLock()
         self._keys = np.zeros(0, dtype=np.int64)  # the keys in the structure, ascending
+        self._ids = np.zeros(0, dtype=np.int64)  # their ids (a key's id never changes), for searches without SQL:
+        # int64 while every id is an int, else objects
+        self._tuning = None  # the tuner's report of the last build, until recorded
         self._generation = store.generation()
         self._structure_version = store.info("structure_version", 0)
         self._looked_at = time.monotonic()
@@ -210,7 +214,7 @@ class Index:
                 return True
             last = int(self._keys[-1]) if len(self._keys) else -1
             new = list(self.store.vectors_after(last, self.dim))
-            added = sum(len(keys) for keys, _ in new)
+            added = sum(len(keys) for keys, _, _ in new)
             removed = np.zeros(0, dtype=np.int64)
             if self.store.count() != len(self._keys) + added:
                 removed = np.setdiff1d(self._keys, self.store.all_keys(), assume_unique=True)
@@ -219,37 +223,52 @@ class Index:
         log.debug("caught up with generation %s: +%s -%s", generation, added, len(removed))
         return True
 
-    def _apply(self, new: list[tuple[np.ndarray, np.ndarray]], removed: np.ndarray) -> None:
-        """Put committed changes into the structure: `new` (keys, vectors) batches, `removed` keys."""
+    def _apply(self, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> None:
+        """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys."""
         if len(removed):
             if not self._structure.remove(removed):  # a structure without removal: rebuild from the store
                 self._rebuild()
                 return
-            self._keys = self._keys[~np.isin(self._keys, removed)]
-        for keys, vectors in new:
+            kept = ~np.isin(self._keys, removed)
+            self._keys, self._ids = self._keys[kept], self._ids[kept]
+        for keys, ids, vectors in new:
             if len(keys):
                 self._structure.add(vectors, keys)
                 self._keys = np.concatenate([self._keys, keys])  # new keys are above every old one
+                self._ids = _join_ids(self._ids, _ids_of(ids))
 
     def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None) -> Structure:
-        """The structure built anew from the store (its search parameters kept unless `tune`); made current."""
+        """The structure built anew from the store (its search parameters kept unless `tune`); made current.
+        A tuned one leaves its report in `self._tuning` for `_record_structure`."""
         with self.store.snapshot():
             batches = list(self.store.vectors_after(-1, self.dim))
             generation = self.store.generation()
             index_type = self.index_type
             recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
             params = self.store.info("search_params")
-        keys = np.concatenate([k for k, _ in batches]) if batches else np.zeros(0, np.int64)
-        vectors = np.concatenate([v for _, v in batches]) if batches else np.zeros((0, self.dim), np.float32)
-        budget, target = self.store.info("memory_budget"), self.store.info("target_recall", 0.95)
-        if tune or (index_type == "auto" and recorded != choose_structure("auto", len(keys), self.dim, budget)):
+        keys = np.concatenate([k for k, _, _ in batches]) if batches else np.zeros(0, np.int64)
+        ids = _ids_of([i for _, batch_ids, _ in batches for i in batch_ids])
+        vectors = np.concatenate([v for _, _, v in batches]) if batches else np.zeros((0, self.dim), np.float32)
+        if tune or self._outgrown(len(keys)):
             params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
         else:
             index_type = recorded  # the structure last built, with its tuned parameters
-        structure = build_structure(index_type, vectors, keys, memory_budget=budget, target_recall=target,
-                                    sample_queries=sample_queries, params=params)
-        self._structure, self._keys, self._generation = structure, keys, generation
+        structure, self._tuning = build_structure(
+            index_type, vectors, keys, memory_budget=self.store.info("memory_budget"), sample_queries=sample_queries,
+            target_recall=self.store.info("target_recall", 0.95), params=params)
+        self._structure, self._keys, self._ids, self._generation = structure, keys, ids, generation
         return structure
+
+    def _outgrown(self, count: int) -> bool:
+        """Whether "auto" would now plan another structure family than the one it built (size, budget)."""
+        return self.index_type == "auto" and self.store.info("planned", "Flat") != choose_structure(
+            "auto", count, self.dim, self.store.info("memory_budget"))
+
+    @property
+    def tuning(self) -> dict | None:
+        """The ANN tuner's report for the structure in use: structure, params, estimated_recall (recall@10 on
+        queries its choice never saw), target, queries ("held-out items" or "sample queries"), timings."""
+        return self.store.info("tuning")
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -269,12 +288,12 @@ class Index:
             yield self
 
     def _write(self, change) -> Any:
-        """Run `change(store)` as one transaction under the writer lock; it returns (result, new keys,
-        new vectors, removed keys), which go into the structure once committed."""
+        """Run `change(store)` as one transaction under the writer lock; it returns (result, new keys, their ids,
+        their vectors, removed keys), which go into the structure once committed."""
         with self.writer(on_wait=log.warning):
             with self.store.transaction():
-                result, keys, vectors, removed = change(self.store)
-            self._apply([(keys, vectors)] if keys is not None else [], np.asarray(removed, dtype=np.int64))
+                result, keys, ids, vectors, removed = change(self.store)
+            self._apply([(keys, ids, vectors)] if keys is not None else [], np.asarray(removed, dtype=np.int64))
             self._generation = self.store.generation()
         return result
 
@@ -298,7 +317,7 @@ class Index:
             clash = list(store.keys_for(given))
             if clash:
                 raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}; remove them first")
-            return None, store.insert(vectors, given, rows), vectors, []
+            return None, store.insert(vectors, given, rows), given, vectors, []
 
         self._write(change)
 
@@ -316,7 +335,7 @@ class Index:
             if missing:
                 raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
             store.delete_keys(list(keys.values()))
-            return len(ids), None, None, list(keys.values())
+            return len(ids), None, None, None, list(keys.values())
 
         return self._write(change)
 
@@ -346,7 +365,7 @@ class Index:
                         self.store.set_info("index_type", index_type)
                 structure = self._rebuild(tune=True, sample_queries=sample_queries)
                 with self.store.transaction():
-                    self._record_structure(structure)
+                    self._record_structure(structure, len(self._keys))
             except BaseException:  # a build that fails leaves the index as it was
                 self._structure, self._keys, self._generation = previous
                 if index_type is not None:
@@ -355,12 +374,16 @@ class Index:
                 raise
             self._generation = self.store.generation()
 
-    def _record_structure(self, structure: Structure) -> None:
-        """Inside a transaction: the structure in use, so readers and later loads rebuild the same one."""
+    def _record_structure(self, structure: Structure, count: int) -> None:
+        """Inside a transaction: the structure in use and how it was tuned, so readers and later loads
+        rebuild the same one."""
         self._structure_version = int(self.store.info("structure_version", 0)) + 1
         self.store.set_info("structure_version", self._structure_version)
         self.store.set_info("structure", structure.factory)
         self.store.set_info("search_params", structure.params)
+        self.store.set_info("planned", choose_structure(self.index_type, count, self.dim,
+                                                        self.store.info("memory_budget")))
+        self.store.set_info("tuning", self._tuning.to_dict() if self._tuning is not None else None)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -372,9 +395,14 @@ class Index:
         """
         with self._lock:
             scores, keys = self.search_keys(queries, k)
-            id_of = self.store.ids_by_key([int(key) for key in np.unique(keys) if key >= 0])
-        flat = [id_of.get(int(key)) if key >= 0 else None for key in keys.reshape(-1)]
-        return scores, ids_array(flat).reshape(keys.shape)
+            if not len(self._ids):
+                return scores, np.empty(keys.shape, dtype=object)
+            ids = self._ids[np.minimum(np.searchsorted(self._keys, keys), len(self._ids) - 1)]
+        missing = keys < 0
+        if missing.any():
+            ids = ids.astype(object)
+            ids[missing] = None
+        return scores, ids
 
     def search_keys(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """As `search`, but `(scores, keys)`: the items' integer keys (-1 where none was found), with no
@@ -429,7 +457,7 @@ class Index:
         """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
         with self._lock:
             if ids is None:
-                batches = [v for _, v in self.store.vectors_after(-1, self.dim)]
+                batches = [v for _, _, v in self.store.vectors_after(-1, self.dim)]
                 return np.concatenate(batches) if batches else np.zeros((0, self.dim), np.float32)
             keys = self.keys(ids)
             return self.store.vectors(keys, self.dim)
@@ -508,7 +536,7 @@ class Index:
             old = store.keys_for(ids)
             store.delete_keys(list(old.values()))
             keys = store.insert(vectors, ids, [row for _, row in rows])
-            return (len(ids) - len(old), len(old)), keys, vectors, list(old.values())
+            return (len(ids) - len(old), len(old)), keys, ids, vectors, list(old.values())
 
         return self._write(change)
 
@@ -543,8 +571,7 @@ class Index:
         return path
 
     def _save_structure(self, path: Path) -> None:
-        if self.index_type == "auto" and self.store.info("structure") != choose_structure(
-                "auto", len(self._keys), self.dim, self.store.info("memory_budget")):
+        if self._outgrown(len(self._keys)):
             self.build()  # the collection outgrew (or shrank below) the structure chosen for it
         data = self._structure.to_bytes()
         atomic_write_bytes(path / FAISS_FILE, data)
@@ -614,7 +641,7 @@ class Index:
             return False
         try:
             data = file.read_bytes()
-            keys = self.store.all_keys()
+            keys, ids = self.store.keys_and_ids()
             if zlib.crc32(data) != config.get("faiss_crc32") or keys_digest(keys) != config.get("faiss_keys"):
                 raise ValueError("its checksum or key set does not match what was recorded")
             structure = Structure.from_bytes(data, config.get("structure", "Flat"), config.get("search_params"))
@@ -624,7 +651,10 @@ class Index:
             log.warning("%s does not match the store (%s); rebuilding it from %s", file,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__, DB_FILE)
             return False
-        self._structure, self._keys = structure, keys
+        if structure.refine is not None:  # the file holds codes; the exact re-rank reads the stored vectors
+            batches = list(self.store.vectors_after(-1, self.dim))
+            structure.attach_vectors(np.concatenate([b[0] for b in batches]), np.concatenate([b[2] for b in batches]))
+        self._structure, self._keys, self._ids = structure, keys, _ids_of(ids)
         self._generation = config["faiss_generation"]
         self._structure_version = config.get("structure_version", 0)
         return True
@@ -632,6 +662,21 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self.store.close()
+
+
+def _ids_of(values: list) -> np.ndarray:
+    """Ids as an array: int64 when every one is an int, else objects."""
+    if all(isinstance(value, int) for value in values):
+        return np.asarray(values, dtype=np.int64)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _join_ids(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    if first.dtype == second.dtype:
+        return np.concatenate([first, second])
+    return np.concatenate([first.astype(object), second.astype(object)])
 
 
 def read_config(path: Path) -> dict:

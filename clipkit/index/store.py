@@ -232,11 +232,16 @@ class Store:
                                           chunk).fetchall())
         return blobs_to_vectors([by_key[k] for k in keys], dim)
 
-    def vectors_after(self, key: int, dim: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(keys, vectors) of every item with a key above `key` (all of them for -1), in batches."""
-        cursor = self.db.execute("SELECT key, embedding FROM items WHERE key > ? ORDER BY key", (int(key),))
+    def vectors_after(self, key: int, dim: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, list, np.ndarray]]:
+        """(keys, ids, vectors) of every item with a key above `key` (all of them for -1), in batches."""
+        cursor = self.db.execute("SELECT key, id, embedding FROM items WHERE key > ? ORDER BY key", (int(key),))
         while rows := cursor.fetchmany(batch):
-            yield np.asarray([k for k, _ in rows], dtype=np.int64), blobs_to_vectors([b for _, b in rows], dim)
+            yield (np.asarray([k for k, _, _ in rows], dtype=np.int64), [i for _, i, _ in rows],
+                   blobs_to_vectors([b for _, _, b in rows], dim))
+
+    def keys_and_ids(self) -> tuple[np.ndarray, list]:
+        rows = self.db.execute("SELECT key, id FROM items ORDER BY key").fetchall()
+        return np.asarray([k for k, _ in rows], dtype=np.int64), [i for _, i in rows]
 
     # -- roots ----------------------------------------------------------------------------------
 
@@ -287,10 +292,18 @@ class Store:
             self.db.execute("UPDATE items SET root = ?, path = ? || path WHERE root = ?", (root, relative, inner))
             self.db.execute("DELETE FROM roots WHERE root = ?", (inner,))
 
-    def move(self, old_id: Any, new_id: str, root: int, relative: str, mtime: float, size: int) -> None:
-        """Inside a transaction: re-point an item at another file (same content: its key and embedding stay)."""
-        self.db.execute("UPDATE items SET id = ?, root = ?, path = ?, mtime = ?, size = ? WHERE id = ?",
-                        (new_id, root, relative, mtime, size, old_id))
+    def move(self, old_id: Any, new_id: str, root: int, relative: str, mtime: float, size: int) -> tuple[int, int, bytes]:
+        """Inside a transaction: re-point an item at another file with the same content, keeping its
+        embedding (nothing is embedded again) under a new key, since a key's id never changes (readers
+        cache it). (old key, new key, embedding)."""
+        old_key, caption, extra, blob = self.db.execute(
+            "SELECT key, caption, extra, embedding FROM items WHERE id = ?", (old_id,)).fetchone()
+        self.db.execute("DELETE FROM items WHERE key = ?", (old_key,))
+        new_key = int(self.info("next_key", 0))
+        self.db.execute("INSERT INTO items(key, id, root, path, mtime, size, caption, extra, embedding) "
+                        "VALUES (?,?,?,?,?,?,?,?,?)", (new_key, new_id, root, relative, mtime, size, caption, extra, blob))
+        self.set_info("next_key", new_key + 1)
+        return old_key, new_key, blob
 
     def records_of_root(self, root: int) -> list[dict]:
         return list(self._records("items.root", [root]).values())

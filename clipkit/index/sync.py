@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from clipkit.data.folder import scan_images
 from clipkit.data.images import failure_kind
-from clipkit.index.store import Store
+from clipkit.index.store import Store, blobs_to_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -180,13 +181,18 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
     def reorganise(store: Store):
         root = store.add_root(plan.root_folder)
         store.adopt(root, plan.root_folder, str(plan.root))
-        for old_id, path, stat in plan.moved:
-            store.move(old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(), stat.st_mtime,
-                       stat.st_size)
         gone = list(store.keys_for(plan.gone).values())
-        store.delete_keys(gone)
+        new_keys, new_ids, blobs = [], [], []
+        for old_id, path, stat in plan.moved:
+            old_key, new_key, blob = store.move(old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(),
+                                                stat.st_mtime, stat.st_size)
+            gone.append(old_key)
+            new_keys.append(new_key)
+            new_ids.append(str(path))
+            blobs.append(blob)
+        store.delete_keys(gone[:len(gone) - len(plan.moved)])
         store.drop_empty_roots(keep=root)
-        return root, None, None, gone
+        return root, np.asarray(new_keys, np.int64), new_ids, blobs_to_vectors(blobs, index.dim), gone
 
     root = index._write(reorganise)
     report.moved, report.removed = len(plan.moved), len(plan.gone)
@@ -216,7 +222,7 @@ def remove_under(store: Store, folder: str):
     keys = store.keys_under(folder)
     store.delete_keys(keys)
     store.drop_empty_roots()
-    return len(keys), None, None, keys
+    return len(keys), None, None, None, keys
 
 
 def remove_missing_roots(store: Store):
@@ -227,4 +233,4 @@ def remove_missing_roots(store: Store):
             keys += store.keys_under(folder)
     store.delete_keys(keys)
     store.drop_empty_roots()
-    return len(keys), None, None, keys
+    return len(keys), None, None, None, keys

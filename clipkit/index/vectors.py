@@ -14,6 +14,11 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
     The norm is taken in float64 after scaling each row by its largest magnitude, so rows of any
     finite size (1e-30 or 1e30) keep their direction; NaN, infinite and all-zero rows are refused.
     """
+    if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.ndim == 2 and \
+            vectors.shape[1] == dim:
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))
+        if norms.size and np.all((norms > 1e-15) & (norms < 1e15)):  # the common case, exact in float32 (and fast)
+            return np.ascontiguousarray(vectors / norms[:, None])
     try:
         array = np.asarray(vectors, dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as exc:
