@@ -12,8 +12,8 @@ Each row times clipkit's path and the baseline a user would otherwise write, int
   FAISS IndexFlatIP.add); also reported against the bare forward on pre-decoded tensors (the bound),
   and on camera-sized 1600x1200 JPEGs (where clipkit's draft-mode decoding pays)
 - search: clipkit Index.search (ids + metadata lookup) vs a bare FAISS IndexFlatIP, batched queries
-- ANN: `index_type="auto"` on 200k embedding-like 256-d vectors vs exact flat: queries/s, recall@10,
-  build time, bytes per vector
+- ANN: `index_type="auto"` on 200k embedding-like 256-d vectors of two kinds vs exact flat: queries/s,
+  estimated and measured recall@10, build time, bytes per vector (the table of benchmarks/ann.py)
 - ITM re-ranking (models with an ITM head): queries/s re-ranking 32 candidates
 - training step: `clipkit train --no-itm` vs open_clip's own trainer `open_clip_train` (shipped in
   the open_clip_torch wheel; needs pandas) on the same config, shards, batch size, learning rate,
@@ -205,29 +205,17 @@ def rows_for(name: str, quick: bool) -> list[dict]:
     return rows
 
 
-def ann_rows(n: int, dim: int = 256, n_queries: int = 2000) -> list[dict]:
-    """`index_type="auto"` on embedding-like vectors (a mixture of 2,000 clusters) vs exact flat search."""
-    rng = np.random.default_rng(0)
-    centers = rng.standard_normal((2000, dim)).astype(np.float32)
+def ann_rows(n: int, dim: int = 256) -> list[dict]:
+    """`index_type="auto"` vs exact flat search on two kinds of embedding-like data (benchmarks/ann.py)."""
+    from ann import ann_table, print_table
 
-    def sample(count):
-        x = centers[rng.integers(0, 2000, count)] + 1.2 * rng.standard_normal((count, dim)).astype(np.float32)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    base, queries = sample(n), sample(n_queries)
-    start = time.perf_counter()
-    auto = clipkit.Index.from_embeddings(base, index_type="auto")
-    build_s = time.perf_counter() - start
-    exact = clipkit.Index.from_embeddings(base)
-    truth = exact.search(queries, 10)[1]
-    found = auto.search(queries, 10)[1]
-    recall = float(np.mean([len(set(t.tolist()) & set(f.tolist())) / 10 for t, f in zip(truth, found)]))
-    ours_s, flat_s = side_by_side(lambda: auto.search(queries, 10), lambda: exact.search(queries, 10), 3)
-    size = len(faiss.serialize_index(auto._faiss))
-    return [{"model": f"{n} x {dim}-d", "row": f"ANN auto ({auto.structure}) vs exact, k=10",
-             "clipkit_per_s": round(n_queries / ours_s, 1), "baseline_per_s": round(n_queries / flat_s, 1),
-             "ratio": round(flat_s / ours_s, 2), "unit": "queries/s", "baseline": "exact flat (clipkit)",
-             "recall_at_10": round(recall, 4), "build_s": round(build_s, 1), "bytes_per_vector": round(size / n, 1)}]
+    table = ann_table(n, dim)
+    print_table(table)
+    return [{"model": f"{r['data']} {r['n']} x {r['dim']}-d", "row": f"ANN auto ({r['structure']}) vs exact, k=10",
+             "clipkit_per_s": r["queries_per_s"], "baseline_per_s": r["exact_queries_per_s"], "ratio": r["speedup"],
+             "unit": "queries/s", "baseline": "exact flat (clipkit)", "recall_at_10": r["measured_recall_at_10"],
+             "estimated_recall_at_10": r["estimated_recall_at_10"], "build_s": r["build_s"],
+             "bytes_per_vector": r["bytes_per_vector"]} for r in table]
 
 
 # open_clip_train in-process, after clipkit's configs are registered (so it knows clipkit-demo). The wheel's
@@ -332,7 +320,8 @@ def main() -> None:
               f"{r['unit']} | {r['baseline']} |")
     for r in rows:
         if "recall_at_10" in r:
-            print(f"ANN: recall@10 {r['recall_at_10']} against exact, build {r['build_s']} s, "
+            print(f"ANN: recall@10 {r['recall_at_10']} against exact (estimated {r['estimated_recall_at_10']}), "
+                  f"build {r['build_s']} s, "
                   f"{r['bytes_per_vector']} bytes per vector")
     Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 

@@ -82,8 +82,8 @@ class Index:
         self.last_sync: sync.SyncReport | None = None
         self._lock = threading.RLock()
         self._keys = np.zeros(0, dtype=np.int64)  # the keys in the structure, ascending
-        self._ids = np.zeros(0, dtype=np.int64)  # their ids (a key's id never changes), for searches without SQL:
-        # int64 while every id is an int, else objects
+        self._id_by_key = np.zeros(0, dtype=np.int64)  # id of each key (a key's id never changes), so searches
+        # need no SQL: int64 while every id is an int, else objects; slots of removed keys are never read
         self._tuning = None  # the tuner's report of the last build, until recorded
         self._generation = store.generation()
         self._structure_version = store.info("structure_version", 0)
@@ -229,13 +229,12 @@ class Index:
             if not self._structure.remove(removed):  # a structure without removal: rebuild from the store
                 self._rebuild()
                 return
-            kept = ~np.isin(self._keys, removed)
-            self._keys, self._ids = self._keys[kept], self._ids[kept]
+            self._keys = self._keys[~np.isin(self._keys, removed)]
         for keys, ids, vectors in new:
             if len(keys):
                 self._structure.add(vectors, keys)
                 self._keys = np.concatenate([self._keys, keys])  # new keys are above every old one
-                self._ids = _join_ids(self._ids, _ids_of(ids))
+                self._remember_ids(keys, ids)
 
     def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None) -> Structure:
         """The structure built anew from the store (its search parameters kept unless `tune`); made current.
@@ -247,7 +246,6 @@ class Index:
             recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
             params = self.store.info("search_params")
         keys = np.concatenate([k for k, _, _ in batches]) if batches else np.zeros(0, np.int64)
-        ids = _ids_of([i for _, batch_ids, _ in batches for i in batch_ids])
         vectors = np.concatenate([v for _, _, v in batches]) if batches else np.zeros((0, self.dim), np.float32)
         if tune or self._outgrown(len(keys)):
             params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
@@ -256,8 +254,27 @@ class Index:
         structure, self._tuning = build_structure(
             index_type, vectors, keys, memory_budget=self.store.info("memory_budget"), sample_queries=sample_queries,
             target_recall=self.store.info("target_recall", 0.95), params=params)
-        self._structure, self._keys, self._ids, self._generation = structure, keys, ids, generation
+        self._structure, self._keys, self._generation = structure, keys, generation
+        self._id_by_key = np.zeros(0, dtype=np.int64)
+        for batch_keys, batch_ids, _ in batches:
+            self._remember_ids(batch_keys, batch_ids)
         return structure
+
+    def _remember_ids(self, keys: np.ndarray, ids: list) -> None:
+        if not len(keys):
+            return
+        values = _ids_of(ids)
+        size = int(keys.max()) + 1
+        table = self._id_by_key
+        if values.dtype != table.dtype:
+            table = table.astype(object)
+            values = values.astype(object)
+        if size > len(table):  # grow by doubling: key tables stay linear to fill
+            grown = np.zeros(max(size, 2 * len(table)), dtype=table.dtype)
+            grown[:len(table)] = table
+            table = grown
+        table[keys] = values
+        self._id_by_key = table
 
     def _outgrown(self, count: int) -> bool:
         """Whether "auto" would now plan another structure family than the one it built (size, budget)."""
@@ -395,9 +412,9 @@ class Index:
         """
         with self._lock:
             scores, keys = self.search_keys(queries, k)
-            if not len(self._ids):
+            if not len(self._id_by_key):
                 return scores, np.empty(keys.shape, dtype=object)
-            ids = self._ids[np.minimum(np.searchsorted(self._keys, keys), len(self._ids) - 1)]
+            ids = self._id_by_key[keys]
         missing = keys < 0
         if missing.any():
             ids = ids.astype(object)
@@ -654,7 +671,9 @@ class Index:
         if structure.refine is not None:  # the file holds codes; the exact re-rank reads the stored vectors
             batches = list(self.store.vectors_after(-1, self.dim))
             structure.attach_vectors(np.concatenate([b[0] for b in batches]), np.concatenate([b[2] for b in batches]))
-        self._structure, self._keys, self._ids = structure, keys, _ids_of(ids)
+        self._structure, self._keys = structure, keys
+        self._id_by_key = np.zeros(0, dtype=np.int64)
+        self._remember_ids(keys, ids)
         self._generation = config["faiss_generation"]
         self._structure_version = config.get("structure_version", 0)
         return True
@@ -672,11 +691,6 @@ def _ids_of(values: list) -> np.ndarray:
     out[:] = values
     return out
 
-
-def _join_ids(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    if first.dtype == second.dtype:
-        return np.concatenate([first, second])
-    return np.concatenate([first.astype(object), second.astype(object)])
 
 
 def read_config(path: Path) -> dict:
