@@ -343,7 +343,8 @@ def test_bad_index_types_are_value_errors():
         Index(16, index_type="auto", target_recall=1.5)
 
 
-@pytest.mark.parametrize("index_type", ["flat", "auto", "IVF16,Flat", "IVF16,PQ8", "HNSW16", "PCA16,IVF16,Flat"])
+@pytest.mark.parametrize("index_type", ["flat", "auto", "IVF16,Flat", "IVF16,PQ8", "IVF16,PQ16x4fs,RFlat", "HNSW16",
+                                        "PCA16,IVF16,Flat"])
 def test_remove_add_save_load_keeps_every_item_findable(index_type, tmp_path, monkeypatch):
     """Removal used to shift the keys of IVF lists (2,900 of 3,100 items lost); every structure, every item."""
     import clipkit.index.ann as ann
