@@ -438,25 +438,14 @@ class Index:
         """Metadata for each id, in order: {'id', 'path', 'mtime', 'size', 'caption', ...extra}."""
         ids = [normalize_id(v) for v in ids]
         with self._lock:
-            records = self.store.records_by_id(ids)
-        missing = [i for i in ids if i not in records]
-        if missing:
-            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
-        out = []
-        for item_id in ids:
-            record = dict(records[item_id])
-            record.pop("key")
-            out.append(record)
-        return out
+            records = _all_found(ids, self.store.records_by_id(ids))
+        return [{name: value for name, value in records[i].items() if name != "key"} for i in ids]
 
     def keys(self, ids: Iterable) -> list[int]:
         """The integer key of each id (its FAISS id), for callers that need integer handles."""
         ids = [normalize_id(v) for v in ids]
         with self._lock:
-            keys = self.store.keys_for(ids)
-        missing = [i for i in ids if i not in keys]
-        if missing:
-            raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+            keys = _all_found(ids, self.store.keys_for(ids))
         return [int(keys[i]) for i in ids]
 
     def get_by_key(self, keys: Iterable[int]) -> list[dict | None]:
@@ -681,6 +670,14 @@ class Index:
     def close(self) -> None:
         with self._lock:
             self.store.close()
+
+
+def _all_found(ids: list, found: dict) -> dict:
+    """`found` (id -> something), or a KeyError naming an id it lacks."""
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
+    return found
 
 
 def _ids_of(values: list) -> np.ndarray:
