@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import clipkit
 from clipkit.cli import main
 from clipkit.data.synthetic import write_synthetic
 from clipkit.errors import IndexBusyError, IndexFullError, ReadOnlyIndexError
