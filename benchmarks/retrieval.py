@@ -7,19 +7,12 @@
 
 Prints a markdown table and the seconds spent in each stage; --json OUT writes
 {"itc": {"t2i": {"R@1": ..}, "i2t": {..}}, "rerank": {..}, "dataset", "model", "n_images", "n_texts", ...}.
-Same code as `clipkit eval`.
+The same as `clipkit eval` (the same options, the same code).
 """
 
-import argparse
+import sys
 
-from clipkit.evaluate import add_arguments, run_benchmark
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    run_benchmark(parser.parse_args())
-
+from clipkit.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -88,18 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="clipkit-demo")
     demo.add_argument("-k", type=_positive_int, default=5)
 
-    from clipkit.evaluate import add_arguments as add_eval_arguments
-
-    add_eval_arguments(commands.add_parser("eval", help="Recall@1/5/10 both ways, ITC and ITM re-ranked "
-                                                         "(same as benchmarks/retrieval.py)"))
-
-    from clipkit.train import add_arguments
-
-    add_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or synthetic data"))
-
-    from clipkit.rerank_train import add_arguments as add_rerank_arguments
-
-    add_rerank_arguments(commands.add_parser(
+    _add_eval_arguments(commands.add_parser("eval", help="Recall@1/5/10 both ways, ITC and ITM re-ranked "
+                                                          "(same as benchmarks/retrieval.py)"))
+    _add_train_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or "
+                                                           "synthetic data"))
+    _add_rerank_arguments(commands.add_parser(
         "train-rerank", help="fit a late-interaction re-ranking head on a trained model's frozen towers"))
 
     merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
@@ -128,6 +121,62 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--image-column", default="image")
     shards.add_argument("--caption-column", default="caption")
     return parser
+
+
+def _add_eval_arguments(parser) -> None:
+    from clipkit.evaluate import DATASETS
+
+    parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
+    parser.add_argument("--captions", default=None,
+                        help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n-images", type=_positive_int, default=1000, help="synthetic: gallery size (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
+    parser.add_argument("--model", default="clipkit-demo")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
+    parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
+    parser.add_argument("--weight", type=float, default=None,
+                        help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
+                             "was fitted with, 0 for the fusion head)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
+
+
+def _add_train_arguments(parser) -> None:
+    """One option per TrainConfig field (--batch-size for batch_size, --no-itm for itm)."""
+    import dataclasses
+
+    from clipkit.train import TrainConfig
+
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = spec.metadata.get("help")
+        if spec.type in ("bool", bool):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=spec.default,
+                                help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(spec.type).split(" ")[0], str)
+        required = spec.default is dataclasses.MISSING
+        parser.add_argument(flag, dest=spec.name, type=kind, required=required, help=help_text,
+                            default=None if required else spec.default)
+
+
+def _add_rerank_arguments(parser) -> None:
+    from clipkit.rerank_train import RerankConfig
+
+    parser.add_argument("--model", required=True, help="the model whose towers stay frozen")
+    parser.add_argument("--pretrained", default=None, help="its weights (open_clip tag, local file, clipkit checkpoint)")
+    parser.add_argument("--data", required=True, help="training galleries: webdataset shard URLs, or synthetic:N")
+    parser.add_argument("--gallery-size", type=int, default=1000, help="images per gallery ITC mines candidates in")
+    parser.add_argument("--out", required=True, help="the checkpoint to write: the towers plus the new head")
+    defaults = RerankConfig()
+    for name in ("steps", "captions", "k", "random", "width", "seed"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--device", default=None)
 
 
 def _add_maintenance_commands(commands) -> None:
@@ -404,7 +453,10 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from clipkit.evaluate import run_benchmark
 
-    run_benchmark(args)
+    run_benchmark(args.dataset, root=args.root, captions=args.captions, split=args.split, n_images=args.n_images,
+                  seed=args.seed, model=args.model, pretrained=args.pretrained, rerank=args.rerank,
+                  rerank_k=args.rerank_k, weight=args.weight, batch_size=args.batch_size, device=args.device,
+                  json_path=args.json)
     return 0
 
 
@@ -427,9 +479,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from clipkit.train import config_from_args, train
+    import dataclasses
 
-    last = train(config_from_args(args))
+    from clipkit.train import TrainConfig, train
+
+    last = train(TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}))
     if not args.quiet and last and int(os.environ.get("RANK", "0")) == 0:
         val = last.get("val", {})
         recall = f", val t2i R@1/5/10 {val['t2i_R@1']:.3f}/{val['t2i_R@5']:.3f}/{val['t2i_R@10']:.3f}" if val else ""
@@ -438,9 +492,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_train_rerank(args) -> int:
-    from clipkit.rerank_train import run
+    from clipkit.rerank_train import RerankConfig, train_rerank
 
-    run(args)
+    config = RerankConfig(steps=args.steps, captions=args.captions, k=args.k, random=args.random, width=args.width,
+                          seed=args.seed, lr=args.lr)
+    report = train_rerank(args.model, args.data, args.out, pretrained=args.pretrained, gallery_size=args.gallery_size,
+                          config=config, device=args.device, progress=_progress(args) is not False)
+    if not args.quiet:
+        print(f"re-ranking head: loss {report['loss_first_50']} -> {report['loss_last_50']}, cosine weight "
+              f"{report['rerank_weight']}; wrote {args.out} (use it as --pretrained with --model {args.model})")
     return 0
 
 
@@ -454,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
 
     package_log = logging.getLogger("clipkit")
     saved_level = package_log.level  # restored: main() may run inside a longer-lived process
+    words = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in words or "--verbose" in words
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -471,6 +533,14 @@ def main(argv: list[str] | None = None) -> int:
         print("clipkit: interrupted; finished batches are kept, run the same command again to resume",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: say so, with the traceback under -v
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"clipkit: internal error: {type(exc).__name__}: {exc}"
+              + ("" if verbose else " (run with -v for the traceback, and please report it)"), file=sys.stderr)
+        return 1
     finally:
         package_log.setLevel(saved_level)
 

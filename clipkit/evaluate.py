@@ -117,37 +117,22 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
 DATASETS = ("synthetic", "flickr30k", "coco", "wds")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
-    parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
-    parser.add_argument("--captions", default=None,
-                        help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--n-images", type=int, default=1000, help="synthetic: gallery size (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
-    parser.add_argument("--model", default="clipkit-demo")
-    parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
-    parser.add_argument("--rerank-k", type=int, default=16, help="ITC candidates re-ranked per query")
-    parser.add_argument("--weight", type=float, default=None,
-                        help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
-                             "was fitted with, 0 for the fusion head)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
-
-
-def load_dataset(args) -> RetrievalSet:
+def load_dataset(dataset: str = "synthetic", *, root: str | None = None, captions: str | None = None,
+                 split: str = "test", n_images: int = 1000, seed: int = 0) -> RetrievalSet:
+    """A retrieval set: the synthetic test split (`n_images`, `seed`), Flickr30k / COCO (`root` the image folder,
+    `captions` the Karpathy JSON) or webdataset shards (`root` their URLs)."""
     from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
 
-    if args.dataset == "synthetic":
-        return synthetic_set(args.n_images, seed=args.seed, split=args.split)
-    if not args.root:
-        raise ValueError(f"--dataset {args.dataset} needs --root (the image folder, or shard URLs for wds)")
-    if args.dataset == "wds":
-        return read_shard_set(args.root)
-    captions = args.captions or str(Path(args.root) / f"dataset_{args.dataset}.json")
-    return read_karpathy(captions, args.root, split=args.split, name=args.dataset)
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if dataset == "synthetic":
+        return synthetic_set(n_images, seed=seed, split=split)
+    if not root:
+        raise ValueError(f"--dataset {dataset} needs --root (the image folder, or shard URLs for wds)")
+    if dataset == "wds":
+        return read_shard_set(root)
+    captions = captions or str(Path(root) / f"dataset_{dataset}.json")
+    return read_karpathy(captions, root, split=split, name=dataset)
 
 
 def _by_direction(metrics: dict | None, ks) -> dict | None:
@@ -156,26 +141,28 @@ def _by_direction(metrics: dict | None, ks) -> dict | None:
     return {d: {f"R@{k}": metrics[f"{d}_R@{k}"] for k in ks} for d in ("t2i", "i2t")}
 
 
-def run_benchmark(args, ks=(1, 5, 10)) -> dict:
-    """Evaluate, print a markdown table and the time per stage, and return (and maybe write) the JSON."""
+def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pretrained: str | None = None,
+                  rerank: bool = False, rerank_k: int = 16, weight: float | None = None, batch_size: int = 128,
+                  device: str | None = None, json_path: str | None = None, ks=(1, 5, 10), **data_options) -> dict:
+    """Evaluate, print a markdown table and the time per stage, and return (and with `json_path` write) the
+    report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed)."""
     from clipkit.models import load_model
 
     start = time.perf_counter()
-    data = load_dataset(args)
+    data = load_dataset(dataset, **data_options)
     load_seconds = time.perf_counter() - start
-    model = load_model(args.model, args.pretrained, device=args.device)
-    result = evaluate(model, data, rerank=args.rerank, rerank_k=args.rerank_k, weight=args.weight,
-                      batch_size=args.batch_size, ks=ks)
-    report = {"dataset": data.name, "model": args.model, "pretrained": args.pretrained, "n_images": result.n_images,
+    loaded = load_model(model, pretrained, device=device)
+    result = evaluate(loaded, data, rerank=rerank, rerank_k=rerank_k, weight=weight, batch_size=batch_size, ks=ks)
+    report = {"dataset": data.name, "model": model, "pretrained": pretrained, "n_images": result.n_images,
               "n_texts": result.n_texts, "itc": _by_direction(result.itc, ks), "rerank": _by_direction(result.rerank, ks),
-              "rerank_k": args.rerank_k if args.rerank else None, "rerank_weight": result.weight,
-              f"itc_R@{args.rerank_k}_cap": {d: result.itc[f"{d}_R@{args.rerank_k}"] for d in ("t2i", "i2t")},
+              "rerank_k": rerank_k if rerank else None, "rerank_weight": result.weight,
+              f"itc_R@{rerank_k}_cap": {d: result.itc[f"{d}_R@{rerank_k}"] for d in ("t2i", "i2t")},
               "mean_rank": {d: result.itc[f"{d}_mean_rank"] for d in ("t2i", "i2t")},
               "seconds": {"load_data": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}}
     print(format_table(report, ks))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
     return report
 
 

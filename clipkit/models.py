@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from clipkit.errors import CheckpointError, OfflineError
+from clipkit.itm.heads import build_head_from_config
+from clipkit.itm.states import exact_text_length, text_forward
 
 log = logging.getLogger(__name__)
 
@@ -112,55 +114,6 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model(name={self.name!r}, pretrained={self.pretrained!r}, dim={self.dim}, "
                 f"device={str(self.device)!r})")
-
-
-# ---------------------------------------------------------------------------------------------
-# The text tower
-
-
-def exact_text_length(clip: torch.nn.Module, tokens: torch.Tensor) -> int | None:
-    """How many leading token positions determine this batch's pooled text features exactly, or None.
-
-    In CLIP's text tower attention is causal and the pooled feature is read at the end-of-text token
-    ('argmax' / 'eos' pooling) or the first one, so positions after the batch's last end-of-text token
-    cannot change it. Towers without a causal mask, pooling at the last position, or not built from
-    open_clip's own text transformer (Hugging Face towers) need every position: None.
-    """
-    if not hasattr(clip, "token_embedding") or getattr(clip, "attn_mask", None) is None:
-        return None
-    pool = getattr(clip, "text_pool_type", "argmax")
-    if pool == "first":
-        return 1
-    if pool == "argmax":
-        ends = tokens.argmax(dim=-1)
-    elif pool == "eos" and getattr(clip, "text_eos_id", None) is not None:
-        ends = (tokens == clip.text_eos_id).int().argmax(dim=-1)
-    else:
-        return None
-    return int(ends.max()) + 1 if len(ends) else None
-
-
-def text_forward(clip: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled text feature as encode_text computes it, unnormalised; token states after the final norm).
-
-    `tokens` may be cut to fewer positions than the context (see `exact_text_length`): the
-    positional embedding and the causal mask are cut to match.
-    """
-    from open_clip.transformer import text_global_pool
-
-    length = tokens.shape[1]
-    cast_dtype = clip.transformer.get_cast_dtype()
-    x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
-    mask = clip.attn_mask
-    x = clip.transformer(x, attn_mask=mask[:length, :length] if mask is not None else None)
-    states = clip.ln_final(x)
-    pooled = text_global_pool(states, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-    if isinstance(pooled, tuple):
-        pooled = pooled[0]
-    projection = clip.text_projection
-    if projection is not None:
-        pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
-    return pooled, states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +477,6 @@ def set_channels_last(model: Model) -> None:
 
 
 def _load_itm_head(checkpoint: dict, source: str, device: torch.device) -> torch.nn.Module:
-    from clipkit.itm import build_head_from_config
 
     config = checkpoint["meta"].get("itm_config")
     if not isinstance(config, dict):

@@ -18,6 +18,7 @@ continues from it when run again with the same settings.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
     step, losses = 0, []
     state_path = Path(state_path) if state_path else None
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state.get("config") != asdict(config) or state.get("galleries") != len(galleries):
             raise ValueError(f"{state_path} holds a re-ranking run with other settings; delete it to start over")
         head.load_state_dict(state["head"])
@@ -227,38 +228,23 @@ def _mean(values: list[float]) -> float | None:
 # `clipkit train-rerank`
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="the model whose towers stay frozen")
-    parser.add_argument("--pretrained", default=None, help="its weights (open_clip tag, local file, clipkit checkpoint)")
-    parser.add_argument("--data", required=True, help="training galleries: webdataset shard URLs, or synthetic:N")
-    parser.add_argument("--gallery-size", type=int, default=1000, help="images per gallery ITC mines candidates in")
-    parser.add_argument("--out", required=True, help="the checkpoint to write: the towers plus the new head")
-    defaults = RerankConfig()
-    for name in ("steps", "captions", "k", "random", "width", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--quiet", action="store_true")
-
-
-def run(args) -> dict:
-    """Fit the head, write OUT (resumable through OUT.state while running), return the report."""
+def train_rerank(model: str, data: str, out: str | os.PathLike, *, pretrained: str | None = None,
+                 gallery_size: int = 1000, config: RerankConfig | None = None, device: str | None = None,
+                 progress: bool = True) -> dict:
+    """Fit a re-ranking head on `model`'s frozen towers, write OUT (resumable through OUT.state while
+    running; it loads as `--pretrained`), return the report."""
     from clipkit.models import load_model, save_checkpoint
 
-    out = Path(args.out)
+    out = Path(out)
     if not out.parent.exists():
         raise FileNotFoundError(f"no folder {out.parent} to write {out.name} into")
-    config = RerankConfig(steps=args.steps, captions=args.captions, k=args.k, random=args.random, width=args.width,
-                          seed=args.seed, lr=args.lr)
+    config = config or RerankConfig()
     config.validate()
-    model = load_model(args.model, args.pretrained, device=args.device)
-    galleries = training_galleries(args.data, args.gallery_size, model.image_size)
+    loaded = load_model(model, pretrained, device=device)
+    galleries = training_galleries(data, gallery_size, loaded.image_size)
     state = out.with_name(out.name + ".state")
-    head, report = train_rerank_head(model, galleries, config, state_path=state, progress=not args.quiet)
-    model.itm = head.to(model.device)
-    save_checkpoint(model, out)
+    head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress)
+    loaded.itm = head.to(loaded.device)
+    save_checkpoint(loaded, out)
     state.unlink(missing_ok=True)
-    if not args.quiet:
-        print(f"re-ranking head: loss {report['loss_first_50']} -> {report['loss_last_50']}, cosine weight "
-              f"{report['rerank_weight']}; wrote {out} (use it as --pretrained with --model {args.model})")
     return report

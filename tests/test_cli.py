@@ -96,3 +96,52 @@ def test_index_type_option(image_folder, tmp_path, tiny_args, capsys):
     assert err.count("\n") == 1 and "needs at least 2496 vectors" in err
     kept = clipkit.Index.load(tmp_path / "c")  # the failed switch left a working flat index behind
     assert kept.index_type == "flat" and len(kept) == 12 and kept.structure == "Flat"
+
+
+def test_unexpected_errors_are_one_line_and_a_traceback_under_v(monkeypatch, capsys):
+    import clipkit.cli as cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "roots", broken)
+    assert cli.main(["roots"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error: RuntimeError: a bug" in err and "run with -v" in err
+    assert cli.main(["-v", "roots"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "a bug" in err
+
+
+def test_no_import_cycles_between_clipkit_modules():
+    """Every import of a clipkit module by another, at module level or inside functions, flows one way."""
+    import ast
+    from pathlib import Path
+
+    root = Path(clipkit.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    edges = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clipkit"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("clipkit")]
+            else:
+                continue
+            edges[name] |= {t for t in targets if t in modules and t != name and not name.startswith(t + ".")}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for module in sorted(modules):
+        if module not in state:
+            visit(module, [module])

@@ -1,17 +1,13 @@
-"""Image-text matching (ITM): a fusion head over the two towers' token states, and hard negatives.
-
-As in ALBEF/BLIP: the caption's token states pass a few fusion layers (self-attention over the text,
-cross-attention to the image's patch tokens, feed-forward); a linear layer on the first token says
-match / no match. Training pairs per batch: the B positives, plus for each caption one hard-negative
-image and for each image one hard-negative caption, drawn in proportion to the softmax of their
-contrastive similarity, never from the same image.
-"""
+"""ITM heads: the ALBEF-style fusion head over the towers' token states, and the late-interaction head
+with its own pixel stem; building them from a checkpoint's config, and scoring (image, text) pairs."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from clipkit.itm.states import tower_widths
 
 
 class FusionLayer(nn.Module):
@@ -168,105 +164,9 @@ def rerank_weight(head: nn.Module, weight: float | None) -> float:
     return float(getattr(head, "config", {}).get("rerank_weight", 0.0))
 
 
-def tower_widths(clip: nn.Module) -> tuple[int, int]:
-    """(text token width, image token width) of an open_clip model with a ViT image tower."""
-    from open_clip.transformer import VisionTransformer
-
-    visual = clip.visual
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"ITM needs an image tower that yields patch tokens (a ViT); {type(visual).__name__} does not")
-    image_width = visual.transformer.width
-    text_width = clip.transformer.width if hasattr(clip, "token_embedding") else clip.text.transformer.width
-    return text_width, image_width
-
-
 def build_itm_head(clip: nn.Module, width: int = 128, layers: int = 2, heads: int = 4) -> ITMHead:
     text_width, image_width = tower_widths(clip)
     return ITMHead(text_width, image_width, width=width, layers=layers, heads=heads)
-
-
-def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image embedding as encode_image computes it, unnormalised; patch token states)."""
-    visual = clip.visual
-    previous = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        pooled, tokens = visual(pixels)
-    finally:
-        visual.output_tokens = previous
-    return pooled, tokens
-
-
-def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text embedding exactly as encode_text computes it, unnormalised; token states after the final norm)."""
-    if not hasattr(clip, "token_embedding"):  # CustomTextCLIP: the text tower can return its tokens
-        tower = clip.text
-        previous = tower.output_tokens
-        tower.output_tokens = True
-        try:
-            return tower(text)
-        finally:
-            tower.output_tokens = previous
-    from clipkit.models import text_forward
-
-    return text_forward(clip, text)
-
-
-def padding_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """True where a position is padding (never the first token, so no row is all padding)."""
-    mask = tokens == pad_id
-    mask[:, 0] = False
-    return mask
-
-
-@torch.no_grad()
-def sample_hard_negatives(similarity: torch.Tensor, image_ids: torch.Tensor,
-                          generator: torch.Generator | None = None,
-                          uniform_mix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One hard negative per caption (an image) and per image (a caption) from a (B, B) image-to-text similarity.
-
-    Candidates sharing the anchor's image id are never drawn (not only the diagonal). Drawn with
-    probability proportional to softmax(similarity), computed in fp32; rows whose valid candidates all
-    underflow fall back to uniform over them; rows with no valid candidate at all are dropped.
-    `uniform_mix` in [0, 1] mixes in the uniform distribution over valid candidates (easy negatives),
-    which lets the head learn when the contrastive model already makes every softmax negative hard.
-    Returns (negative image for each text, its row mask, negative text for each image, its row mask).
-    """
-    sim = torch.nan_to_num(similarity.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4)
-    valid = image_ids[:, None] != image_ids[None, :]  # symmetric: valid[i, j] when i and j show different images
-
-    def draw(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = F.softmax(scores, dim=1).masked_fill(~valid, 0.0)
-        underflow = (weights.sum(dim=1) <= 0) & valid.any(dim=1)
-        weights[underflow] = valid[underflow].float()
-        if uniform_mix > 0:
-            hard = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)
-            easy = valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)
-            weights = (1 - uniform_mix) * hard + uniform_mix * easy
-        has = valid.any(dim=1)
-        picked = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-        if has.any():
-            picked[has] = torch.multinomial(weights[has], 1, generator=generator).squeeze(1)
-        return picked, has
-
-    negative_image, text_has = draw(sim.T)  # row t: candidate images for caption t
-    negative_text, image_has = draw(sim)  # row i: candidate captions for image i
-    return negative_image, text_has, negative_text, image_has
-
-
-def itm_logits_and_labels(head: ITMHead, text_states: torch.Tensor, text_padding: torch.Tensor,
-                          image_states: torch.Tensor, similarity: torch.Tensor, image_ids: torch.Tensor,
-                          generator: torch.Generator | None = None,
-                          uniform_mix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ITM head's logits on B positives + up to 2B hard negatives, and their labels (1 = match)."""
-    negative_image, text_has, negative_text, image_has = sample_hard_negatives(similarity, image_ids, generator,
-                                                                               uniform_mix)
-    rows = torch.arange(len(image_ids), device=image_ids.device)
-    texts = torch.cat([rows, rows[text_has], negative_text[image_has]])
-    images = torch.cat([rows, negative_image[text_has], rows[image_has]])
-    labels = torch.cat([torch.ones(len(rows)), torch.zeros(int(text_has.sum()) + int(image_has.sum()))]).long()
-    logits = head(text_states[texts], text_padding[texts], image_states, image_index=images)
-    return logits, labels.to(logits.device)
 
 
 @torch.inference_mode()
@@ -293,28 +193,6 @@ def match_scores(head: ITMHead, text_states: torch.Tensor, text_padding: torch.T
         logits = head(text_states[start:stop, :length], padding[:, :length], images, image_index=local).float()
         scores.append(logits[:, 1] - logits[:, 0])
     return torch.cat(scores) if scores else torch.zeros(0)
-
-
-@torch.inference_mode()
-def text_states(model, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token states, padding mask) of captions, for the ITM head."""
-    states, masks = [], []
-    for start in range(0, len(texts), batch_size):
-        tokens = model.tokenize(texts[start:start + batch_size]).to(model.device)
-        states.append(encode_text_tokens(model.clip, tokens)[1])
-        masks.append(padding_mask(tokens))
-    return torch.cat(states), torch.cat(masks)
-
-
-@torch.inference_mode()
-def image_states(model, pixels: torch.Tensor) -> torch.Tensor:
-    """The ITM head's image input for a preprocessed image batch: the tower's patch token states, or for a
-    head with its own image stem (`image_input`), that stem's tokens."""
-    pixels = pixels.to(model.device)
-    head = getattr(model, "itm", None)
-    if head is not None and hasattr(head, "image_input"):
-        return head.image_input(pixels.to(next(head.parameters()).dtype))
-    return encode_image_tokens(model.clip, pixels)[1]
 
 
 def require_itm(model) -> ITMHead:

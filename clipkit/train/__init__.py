@@ -12,14 +12,12 @@ written atomically by rank 0 and the last few are kept. `--resume latest` contin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -436,36 +434,3 @@ def _validate(model: Model, clip: nn.Module, data, step: int, log_file, last: di
         log_file.flush()
     log.info("step %d validation: t2i R@1 %.3f R@5 %.3f, i2t R@1 %.3f", step, results["t2i_R@1"],
              results["t2i_R@5"], results["i2t_R@1"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line (also `python -m clipkit.train`, for torchrun)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field (--batch-size for batch_size, --no-itm for itm)."""
-    for spec in dataclasses.fields(TrainConfig):
-        flag = "--" + spec.name.replace("_", "-")
-        help_text = spec.metadata.get("help")
-        if spec.type in ("bool", bool):
-            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=spec.default,
-                                help=help_text)
-            continue
-        kind = {"int": int, "float": float}.get(str(spec.type).split(" ")[0], str)
-        required = spec.default is dataclasses.MISSING
-        parser.add_argument(flag, dest=spec.name, type=kind, required=required, help=help_text,
-                            default=None if required else spec.default)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-
-
-def main(argv: list[str] | None = None) -> int:
-    from clipkit.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The towers' token states that ITM heads read: a caption's token states after the text tower's final
+norm, an image's patch tokens, their padding, and the text tower run only as far as a batch needs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def exact_text_length(clip: torch.nn.Module, tokens: torch.Tensor) -> int | None:
+    """How many leading token positions determine this batch's pooled text features exactly, or None.
+
+    In CLIP's text tower attention is causal and the pooled feature is read at the end-of-text token
+    ('argmax' / 'eos' pooling) or the first one, so positions after the batch's last end-of-text token
+    cannot change it. Towers without a causal mask, pooling at the last position, or not built from
+    open_clip's own text transformer (Hugging Face towers) need every position: None.
+    """
+    if not hasattr(clip, "token_embedding") or getattr(clip, "attn_mask", None) is None:
+        return None
+    pool = getattr(clip, "text_pool_type", "argmax")
+    if pool == "first":
+        return 1
+    if pool == "argmax":
+        ends = tokens.argmax(dim=-1)
+    elif pool == "eos" and getattr(clip, "text_eos_id", None) is not None:
+        ends = (tokens == clip.text_eos_id).int().argmax(dim=-1)
+    else:
+        return None
+    return int(ends.max()) + 1 if len(ends) else None
+
+
+def text_forward(clip: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled text feature as encode_text computes it, unnormalised; token states after the final norm).
+
+    `tokens` may be cut to fewer positions than the context (see `exact_text_length`): the
+    positional embedding and the causal mask are cut to match.
+    """
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    mask = clip.attn_mask
+    x = clip.transformer(x, attn_mask=mask[:length, :length] if mask is not None else None)
+    states = clip.ln_final(x)
+    pooled = text_global_pool(states, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    if isinstance(pooled, tuple):
+        pooled = pooled[0]
+    projection = clip.text_projection
+    if projection is not None:
+        pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+    return pooled, states
+
+
+def tower_widths(clip: nn.Module) -> tuple[int, int]:
+    """(text token width, image token width) of an open_clip model with a ViT image tower."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = clip.visual
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"ITM needs an image tower that yields patch tokens (a ViT); {type(visual).__name__} does not")
+    image_width = visual.transformer.width
+    text_width = clip.transformer.width if hasattr(clip, "token_embedding") else clip.text.transformer.width
+    return text_width, image_width
+
+
+def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embedding as encode_image computes it, unnormalised; patch token states)."""
+    visual = clip.visual
+    previous = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(pixels)
+    finally:
+        visual.output_tokens = previous
+    return pooled, tokens
+
+
+def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text embedding exactly as encode_text computes it, unnormalised; token states after the final norm)."""
+    if not hasattr(clip, "token_embedding"):  # CustomTextCLIP: the text tower can return its tokens
+        tower = clip.text
+        previous = tower.output_tokens
+        tower.output_tokens = True
+        try:
+            return tower(text)
+        finally:
+            tower.output_tokens = previous
+    return text_forward(clip, text)
+
+
+def padding_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """True where a position is padding (never the first token, so no row is all padding)."""
+    mask = tokens == pad_id
+    mask[:, 0] = False
+    return mask
+
+
+@torch.inference_mode()
+def text_states(model, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token states, padding mask) of captions, for the ITM head."""
+    states, masks = [], []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenize(texts[start:start + batch_size]).to(model.device)
+        states.append(encode_text_tokens(model.clip, tokens)[1])
+        masks.append(padding_mask(tokens))
+    return torch.cat(states), torch.cat(masks)
+
+
+@torch.inference_mode()
+def image_states(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The ITM head's image input for a preprocessed image batch: the tower's patch token states, or for a
+    head with its own image stem (`image_input`), that stem's tokens."""
+    pixels = pixels.to(model.device)
+    head = getattr(model, "itm", None)
+    if head is not None and hasattr(head, "image_input"):
+        return head.image_input(pixels.to(next(head.parameters()).dtype))
+    return encode_image_tokens(model.clip, pixels)[1]
