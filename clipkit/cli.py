@@ -32,11 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_index_command(commands, DEFAULT_MODEL)
+    _add_search_command(commands)
+    _add_data_commands(commands)
+    _add_eval_arguments(commands.add_parser("eval", help="Recall@1/5/10 both ways, ITC and ITM re-ranked "
+                                                          "(same as benchmarks/retrieval.py)"))
+    _add_train_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or "
+                                                           "synthetic data"))
+    _add_rerank_arguments(commands.add_parser(
+        "train-rerank", help="fit a late-interaction re-ranking head on a trained model's frozen towers"))
+    _add_serve_command(commands)
+    return parser
 
+
+def _add_index_command(commands, default_model: str) -> None:
     index = commands.add_parser("index", help="index (or update the index of) a folder of images")
     index.add_argument("folder", help="folder of images, searched recursively")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
-    index.add_argument("--model", default=None, help=f"model name (default: the index's model, else {DEFAULT_MODEL})")
+    index.add_argument("--model", default=None, help=f"model name (default: the index's model, else {default_model})")
     index.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
     index.add_argument("--batch-size", type=_positive_int, default=64)
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
@@ -47,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--skipped-log", default=None, metavar="FILE",
                        help="write the files that could not be read, with why, as JSON lines")
     index.add_argument("--index-type", default=None, metavar="TYPE",
-                       help="flat (exact, the default), auto (exact while small, then IVF tuned to recall@10 >= 0.95),"
-                            " or a FAISS factory string such as IVF4096,Flat or HNSW32")
+                       help="flat (exact, the default), auto (exact while small, then the fastest ANN structure tuned "
+                            "to recall@10 >= 0.95 on held-out items), or a FAISS factory string such as IVF4096,Flat, "
+                            "HNSW32 or IVF1024,PQ128x4fs,RFlat")
     index.add_argument("--shard", default=None, metavar="I/N",
                        help="index only shard I of N of the folder (by path hash) into its own index; 'auto' takes "
                             "I and N from torchrun's RANK and WORLD_SIZE. {rank} in --index is replaced by I. "
@@ -58,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--no-wait", action="store_true",
                        help="if another process is writing the index, exit (code 2) instead of waiting for it")
     _add_maintenance_commands(commands)
+    merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
+    merge.add_argument("out", help="the merged index folder to write (must not exist)")
+    merge.add_argument("parts", nargs="+", help="index folders to merge")
+    merge.add_argument("--index-type", default="flat", metavar="TYPE", help="flat, auto or a FAISS factory string")
 
+
+def _add_search_command(commands) -> None:
     search = commands.add_parser("search", help="search an index with a text query or an image file")
     search.add_argument("query", help="text, or the path of an image file to search by image")
     search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
@@ -71,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
     search.add_argument("--device", default=None)
 
+
+def _add_data_commands(commands) -> None:
     synth = commands.add_parser("synth", help="write the synthetic compositional image-caption data set")
     synth.add_argument("out_dir", help="output folder")
     synth.add_argument("--n", type=_positive_int, default=20_000, help="number of images (default: 20000)")
@@ -87,19 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=_positive_int, default=300, help="number of sample images (default: 300)")
     demo.add_argument("--model", default="clipkit-demo")
     demo.add_argument("-k", type=_positive_int, default=5)
+    shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
+    shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
+    shards.add_argument("out_dir")
+    shards.add_argument("--prefix", default="shard")
+    shards.add_argument("--shard-size", type=_positive_int, default=1000)
+    shards.add_argument("--image-column", default="image")
+    shards.add_argument("--caption-column", default="caption")
 
-    _add_eval_arguments(commands.add_parser("eval", help="Recall@1/5/10 both ways, ITC and ITM re-ranked "
-                                                          "(same as benchmarks/retrieval.py)"))
-    _add_train_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or "
-                                                           "synthetic data"))
-    _add_rerank_arguments(commands.add_parser(
-        "train-rerank", help="fit a late-interaction re-ranking head on a trained model's frozen towers"))
 
-    merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
-    merge.add_argument("out", help="the merged index folder to write (must not exist)")
-    merge.add_argument("parts", nargs="+", help="index folders to merge")
-    merge.add_argument("--index-type", default="flat", metavar="TYPE", help="flat, auto or a FAISS factory string")
-
+def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="HTTP search API (clip-retrieval compatible) and web page")
     serve.add_argument("--index", action="append", default=None, metavar="[NAME=]PATH",
                        help=f"index folder to serve, repeatable (default: {DEFAULT_INDEX})")
@@ -112,15 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-k", type=_positive_int, default=1000, help="most results per query (default: 1000)")
     serve.add_argument("--max-body-mb", type=_positive_int, default=20, help="request size limit (default: 20 MB)")
     serve.add_argument("--device", default=None)
-
-    shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
-    shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
-    shards.add_argument("out_dir")
-    shards.add_argument("--prefix", default="shard")
-    shards.add_argument("--shard-size", type=_positive_int, default=1000)
-    shards.add_argument("--image-column", default="image")
-    shards.add_argument("--caption-column", default="caption")
-    return parser
 
 
 def _add_eval_arguments(parser) -> None:
@@ -177,6 +187,7 @@ def _add_rerank_arguments(parser) -> None:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="the same as clipkit -q")
 
 
 def _add_maintenance_commands(commands) -> None:

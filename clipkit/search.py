@@ -101,18 +101,28 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
         raise ValueError(f"k must be a positive integer, got {k!r}")
     kind = query_kind(query)
     if kind == "vector":
-        if rerank:
-            raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
-        vector, model = prepare_vectors(query, index.dim, what="the query")[0], None
+        vector, model = prepare_vectors(query, index.dim, what="the query")[0], (model if rerank else None)
     else:
         model = index_model(index, model)
         vector = _embed(query, kind, model)
+    return ranked_hits(index, vector, k, query=query, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k,
+                       weight=weight)
+
+
+def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, kind: str = "vector", model=None,
+                rerank: bool = False, rerank_k: int | None = None, weight: float | None = None,
+                max_depth: int | None = None) -> list[Hit]:
+    """The one search path behind `search()` and the HTTP server: the top `k` hits for a unit query
+    `vector`; with `rerank`, ITC's top `rerank_k` (default max(k, 32), at most `max_depth`) re-ordered by
+    the model's ITM head scoring `query` (of `kind` TEXT or IMAGE) against them."""
     if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
         raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
-    depth = max(k, rerank_k or 32) if rerank else k
     if rerank:
+        if kind not in (TEXT, IMAGE):
+            raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
         require_itm(model)
-    hits = nearest_hits(index, vector, depth)
+    depth = max(k, rerank_k or 32) if rerank else k
+    hits = nearest_hits(index, vector, depth if max_depth is None else min(depth, max(k, max_depth)))
     if rerank:
         hits = rerank_hits(query, kind, hits, model, weight)
     return hits[:k]

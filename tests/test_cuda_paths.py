@@ -152,3 +152,27 @@ def test_gpu_copy_serves_searches_up_to_its_k_limit_one_thread_at_a_time(monkeyp
     assert clones[-1].searches == 81
     index.add(x[:2] * -1, ids=["new0", "new1"])  # a change: the next search makes a fresh copy
     assert index.search(-x[0], 1)[1][0, 0] == "new0" and len(clones) == made + 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs where a GPU exists: CUDA encoders against the CPU")
+def test_cuda_encoders_match_the_cpu():
+    import clipkit
+
+    texts = ["a red circle left of a blue square", "a small green star"]
+    images = [np.full((64, 64, 3), value, np.uint8) for value in (30, 200)]
+    cpu, gpu = models.load_model("clipkit-demo", device="cpu"), models.load_model("clipkit-demo", device="cuda")
+    for inputs in (texts, images):  # autocast on the GPU: half precision, so a loose tolerance
+        np.testing.assert_allclose(clipkit.encode(inputs, model=gpu), clipkit.encode(inputs, model=cpu), atol=2e-2)
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="runs where FAISS sees a GPU: GPU search against the CPU")
+@pytest.mark.parametrize("index_type", ["flat", "IVF16,Flat"])
+def test_faiss_gpu_search_matches_the_cpu(index_type):
+    x = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    index = Index.from_embeddings(x, index_type=index_type, target_recall=1.0)
+    on_gpu = index.search(x[:50], 10)
+    assert index._structure._gpu  # a GPU copy answered
+    on_cpu = index._structure.index.search(x[:50] / np.linalg.norm(x[:50], axis=1, keepdims=True), 10)
+    np.testing.assert_array_equal(on_gpu[1], on_cpu[1])
+    np.testing.assert_allclose(on_gpu[0], on_cpu[0], atol=1e-4)
+    assert index.search(x[:2], 3000)[1].shape == (2, 3000)  # past the GPU's k limit: on the CPU

@@ -36,13 +36,13 @@ def test_compact_export_keeps_what_training_touched(tmp_path):
     write_synthetic(tmp_path / "data", 64, size=32)
     train(TrainConfig(data=str(tmp_path / "data" / "train-000000.tar"), out=str(tmp_path / "run"), steps=2,
                       batch_size=16, workers=0, val=None, itm_width=32, itm_layers=1, itm_heads=2, ckpt_every=2,
-                      pretrained=SCRATCH))
+                      pretrained=SCRATCH, device="cpu"))
     full = tmp_path / "run" / "ckpt-0000002.pt"
     stats = export_compact(full, tmp_path / "small.pt")
     assert 0 < stats["rows_kept"] < 1000 and stats["bytes"] < full.stat().st_size / 3
     assert "optimizer" not in torch.load(tmp_path / "small.pt", weights_only=True)
-    trained = load_model("clipkit-tiny", pretrained=full)
-    small = load_model("clipkit-tiny", pretrained=tmp_path / "small.pt")
+    trained = load_model("clipkit-tiny", pretrained=full, device="cpu")
+    small = load_model("clipkit-tiny", pretrained=tmp_path / "small.pt", device="cpu")
     captions = ["a red circle left of a blue square", "a small green star"]  # words seen in training
     np.testing.assert_allclose(clipkit.encode(captions, model=small), clipkit.encode(captions, model=trained),
                                atol=2e-3)  # fp16 storage

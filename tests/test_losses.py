@@ -135,7 +135,7 @@ def test_sampler_is_safe_with_one_image_fp16_and_tiny_batches():
 
 
 def test_itm_batch_has_positives_and_both_kinds_of_negatives():
-    model = clipkit.load_model("clipkit-tiny")
+    model = clipkit.load_model("clipkit-tiny", device="cpu")
     clip = model.clip
     texts = ["a red circle", "a blue square", "a green star", "a red circle again"]
     tokens = model.tokenize(texts)
@@ -155,7 +155,7 @@ def test_itm_batch_has_positives_and_both_kinds_of_negatives():
 
 def test_itm_needs_a_vit_image_tower():
     with pytest.raises(ValueError, match="needs an image tower that yields patch tokens"):
-        build_itm_head(clipkit.load_model("clipkit-tiny-rn").clip)
+        build_itm_head(clipkit.load_model("clipkit-tiny-rn", device="cpu").clip)
 
 
 def test_uniform_mix_brings_in_easy_negatives_but_never_same_image_ones():

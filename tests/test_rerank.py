@@ -25,7 +25,7 @@ def itm_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("itm")
     write_synthetic(root / "data", 64, size=32)
     train(TrainConfig(data=str(root / "data" / "train-000000.tar"), out=str(root / "run"), steps=2, batch_size=16,
-                      workers=0, val=None, itm_width=32, itm_layers=1, itm_heads=2, ckpt_every=2))
+                      workers=0, val=None, itm_width=32, itm_layers=1, itm_heads=2, ckpt_every=2, device="cpu"))
     return load_model("clipkit-tiny", pretrained=root / "run" / "ckpt-0000002.pt", device="cpu")
 
 

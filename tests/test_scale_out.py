@@ -15,7 +15,7 @@ from clipkit.index import Index, shard_of
 def test_two_processes_index_shards_and_the_merge_equals_one_process(tmp_path, tiny_ckpt, capsys):
     photos = tmp_path / "photos"
     write_synthetic(photos, 80, seed=9, layout="folder", workers=1, progress=False)
-    model_args = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--batch-size", "8"]
+    model_args = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--batch-size", "8", "--device", "cpu"]
     pattern = str(tmp_path / "part-{rank}.clipkit")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     processes = [  # one with explicit I/N, one as torchrun would start it (RANK / WORLD_SIZE)

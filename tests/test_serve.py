@@ -179,7 +179,7 @@ BAD_REQUESTS = [
     ("/search", {"content": b'{"embedding": [NaN' + b", 1.0" * 127 + b"]}"}, 400, "NaN"),
     ("/search", {"json": {"text": "x", "index": "nope"}}, 404, "no index named 'nope'"),
     ("/search", {"json": {"id": 987654}}, 404, "no item with id 987654"),
-    ("/search", {"json": {"id": 3, "rerank": True}}, 400, "search by text to re-rank"),
+    ("/search", {"json": {"id": 3, "rerank": True}}, 400, "a vector query has neither"),  # the library's words
     ("/knn-service", {"json": {"text": "x", "modality": "text", "num_images": 2}}, 400, "image embeddings only"),
     ("/knn-service", {"json": {"modality": "image", "num_images": 2}}, 400, "give one of"),
     ("/knn-service", {"json": {"text": "x", "num_images": -1}}, 422, "num_images"),
@@ -385,3 +385,24 @@ def test_page_in_headless_chromium(server, served, tmp_path):
     finally:
         driver.quit()
 
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_server_and_library_answer_alike(client, served, kind, rerank):
+    """One search path: the same hits and scores from `clipkit.search` and from POST /search."""
+    photo = served["photos"] / "train-000000007.jpg"
+    if kind == "text":
+        query, body = "a small red circle", {"text": "a small red circle"}
+    else:
+        query, body = Path(photo), {"image": base64.b64encode(photo.read_bytes()).decode()}
+    response = client.post("/search", json={**body, "k": 6, "rerank": rerank, "rerank_k": 10})
+    try:
+        expected = clipkit.search(query, served["index"], k=6, rerank=rerank, rerank_k=10)
+    except ValueError as exc:  # what the library refuses, the server refuses with the library's message
+        assert response.status_code == 400 and response.json()["detail"] == str(exc)
+        return
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["item_id"] for r in results] == [h.id for h in expected]
+    np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-4)

@@ -22,7 +22,8 @@ def shards(tmp_path_factory) -> str:
 
 def config(out, shards, **overrides) -> TrainConfig:
     base = dict(data=shards, out=str(out), steps=8, batch_size=16, lr=1e-3, warmup=2, workers=0, shuffle_buffer=64,
-                val=None, log_every=1, ckpt_every=4, itm_width=32, itm_layers=1, itm_heads=2, seed=1)
+                val=None, log_every=1, ckpt_every=4, itm_width=32, itm_layers=1, itm_heads=2, seed=1,
+                device="cpu")  # these tests mean the CPU; a GPU machine runs them there too
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -88,7 +89,7 @@ def test_weight_decay_spares_norms_biases_embeddings_and_the_logit_scale():
     import clipkit
     from clipkit.itm import build_itm_head
 
-    clip = clipkit.load_model("clipkit-tiny").clip
+    clip = clipkit.load_model("clipkit-tiny", device="cpu").clip
     module = Trainable(clip, build_itm_head(clip, width=32, layers=1, heads=2))
     decay, no_decay = parameter_groups(module, 0.1)
     names = {id(p): n for n, p in module.named_parameters()}
@@ -102,7 +103,8 @@ def test_weight_decay_spares_norms_biases_embeddings_and_the_logit_scale():
 
 
 def test_train_command_errors_are_one_line(tmp_path, capsys, shards):
-    assert main(["train", "--data", shards, "--out", str(tmp_path), "--precision", "bf16", "--steps", "1"]) == 2
+    assert main(["train", "--data", shards, "--out", str(tmp_path), "--precision", "bf16", "--steps", "1",
+                 "--device", "cpu"]) == 2
     assert "needs CUDA" in capsys.readouterr().err
     assert main(["train", "--data", "synthetic:x", "--out", str(tmp_path)]) == 2
     assert "synthetic:N" in capsys.readouterr().err
@@ -123,7 +125,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path, shards):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                "-m", "clipkit.train", "--data", shards, "--out", str(out), "--steps", "3", "--batch-size", "8",
                "--workers", "0", "--ckpt-every", "3", "--itm-width", "32", "--itm-layers", "1", "--itm-heads", "2",
-               "--val", "none", "--log-every", "1"]
+               "--val", "none", "--log-every", "1", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -141,7 +143,7 @@ def test_sigkill_mid_run_then_resume_latest_matches_an_uninterrupted_run(tmp_pat
 
     args = ["--data", shards, "--steps", "8", "--batch-size", "16", "--lr", "0.001", "--warmup", "2", "--workers", "0",
             "--shuffle-buffer", "64", "--val", "none", "--ckpt-every", "2", "--itm-width", "32", "--itm-layers", "1",
-            "--itm-heads", "2", "--seed", "1"]
+            "--itm-heads", "2", "--seed", "1", "--device", "cpu"]
     whole = tmp_path / "whole"
     assert main(["train", "--out", str(whole), *args]) == 0
     killed = tmp_path / "killed"
@@ -177,7 +179,7 @@ def test_hard_negatives_are_drawn_from_scaled_logits(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "itm_logits_and_labels", spy)
-    model = clipkit.load_model("clipkit-tiny")
+    model = clipkit.load_model("clipkit-tiny", device="cpu")
     module = Trainable(model.clip, build_itm_head(model.clip, width=32, layers=1, heads=2))
     tokens = model.tokenize(["a red circle", "a blue square", "a green star"])
     pixels = torch.randn(3, 3, 32, 32)

@@ -282,140 +282,177 @@ def _precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
 
 
-def train(config: TrainConfig) -> dict:
-    """Run (or continue) training; returns the last logged metrics and validation results."""
-    config.validate()
-    rank, world, device = _distributed_setup(config)
-    out = Path(config.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-        for stale in out.glob(".ckpt-*.tmp"):  # left by a run killed while writing a checkpoint
-            stale.unlink(missing_ok=True)
-    torch.manual_seed(config.seed)
-    model = load_model(config.model, config.pretrained, device=device)
-    clip = model.clip.train()
-    head = build_itm_head(clip, config.itm_width, config.itm_layers, config.itm_heads).to(device) if config.itm else None
-    trainable = Trainable(clip, head, config.itm_easy_mix)
-    wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else trainable
-    optimizer = torch.optim.AdamW(parameter_groups(trainable, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, config.warmup, config.steps))
-    amp_dtype = _precision(config, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(config.seed * 1000 + rank)
+class _Run:
+    """One training run: the model and ITM head, optimiser, schedule, scaler, the hard-negative sampler's
+    random state, where it is (step, epoch, batches consumed) and its log. `train` drives it."""
 
-    step, epoch, consumed = 0, 0, 0
-    resume_from = resolve_resume(config)
-    if resume_from is not None:
-        state = load_training_checkpoint(resume_from)
-        clip.load_state_dict(state["model"])
-        if head is not None:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.rank, self.world, self.device = _distributed_setup(config)
+        self.out = Path(config.out)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+            for stale in self.out.glob(".ckpt-*.tmp"):  # left by a run killed while writing a checkpoint
+                stale.unlink(missing_ok=True)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model, config.pretrained, device=self.device)
+        self.clip = self.model.clip.train()
+        self.head = build_itm_head(self.clip, config.itm_width, config.itm_layers, config.itm_heads).to(self.device) \
+            if config.itm else None
+        self.trainable = Trainable(self.clip, self.head, config.itm_easy_mix)
+        self.wrapped = nn.parallel.DistributedDataParallel(
+            self.trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.world > 1 else self.trainable
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.trainable, config.weight_decay), lr=config.lr,
+                                           betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_schedule(s, config.warmup, config.steps))
+        self.amp_dtype = _precision(config, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank)
+        self.step, self.epoch, self.consumed, self.micro = 0, 0, 0, 0  # micro: batches since the last step
+        self.last: dict[str, Any] = {}
+
+    def resume(self) -> None:
+        path = resolve_resume(self.config)
+        if path is None:
+            return
+        state = load_training_checkpoint(path)
+        self.clip.load_state_dict(state["model"])
+        if self.head is not None:
             if state.get("itm") is None:
-                raise CheckpointError(f"{resume_from} has no ITM head but this run trains one (--itm)")
-            head.load_state_dict(state["itm"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and scaler.is_enabled():  # empty when the run it resumes had no fp16 scaler
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, consumed = state["step"], state["epoch"], state["consumed"]
+                raise CheckpointError(f"{path} has no ITM head but this run trains one (--itm)")
+            self.head.load_state_dict(state["itm"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():  # empty when the run it resumes had no fp16 scaler
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
         torch.set_rng_state(state["rng"]["torch"])
-        _restore_generator(generator, state["rng"]["sampler"], rank)
-        log.info("resumed from %s at step %d", resume_from, step)
+        _restore_generator(self.generator, state["rng"]["sampler"], self.rank)
+        log.info("resumed from %s at step %d", path, self.step)
 
-    urls = shard_urls(config, rank)
-    val_data = validation_set(config) if rank == 0 else None
-    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
-    last: dict[str, Any] = {}
-    bar = tqdm(total=config.steps, initial=step, disable=rank != 0 or None, unit="step", desc="training")
-    stop_at = min(config.steps, step + config.stop_after) if config.stop_after else config.steps
-    window_start, window_samples = time.perf_counter(), 0
+    def open_log(self) -> None:
+        config = self.config
+        self.val_data = validation_set(config) if self.rank == 0 else None
+        self.log_file = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
+        self.bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0 or None, unit="step",
+                        desc="training")
+        self.stop_at = min(config.steps, self.step + config.stop_after) if config.stop_after else config.steps
+        self.window_start, self.window_samples = time.perf_counter(), 0
 
-    def checkpoint_state() -> dict:
-        samplers = [generator.get_state()]
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, generator.get_state())
-            samplers = gathered
-        return {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": config.model,
-                "model": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
+    def batches(self):
+        """Training batches from where the run stands, epoch after epoch, until `stop_at`."""
+        from clipkit.data.loader import make_loader
+
+        config, urls = self.config, shard_urls(self.config, self.rank)
+        while self.step < self.stop_at:
+            yield from make_loader(urls, self.model.preprocess, self.model.tokenizer, config.batch_size,
+                                   seed=config.seed, epoch=self.epoch, shuffle_buffer=config.shuffle_buffer,
+                                   num_workers=config.workers, group_batches=config.group_batches,
+                                   pin_memory=self.device.type == "cuda", rank=self.rank, world_size=self.world,
+                                   skip_batches=self.consumed)
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def forward_backward(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        config, device = self.config, self.device
+        autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        sync = self.wrapped.no_sync() if self.world > 1 and self.micro + 1 < config.accum_steps else nullcontext()
+        with autocast, sync:
+            losses = self.wrapped(batch["pixels"].to(device, non_blocking=True), batch["tokens"].to(device),
+                                  batch["image_ids"].to(device), self.generator)
+            total = losses["itc"] + (config.itm_weight * losses["itm"] if self.head is not None else 0)
+            if not torch.isfinite(total):
+                raise TrainingDiverged(f"loss became {total.item()} at step {self.step}; the last good checkpoint "
+                                       f"is kept in {self.out}: lower --lr or resume from it")
+            self.scaler.scale(total / config.accum_steps).backward()
+        self.consumed += 1
+        self.micro += 1
+        self.window_samples += len(batch["keys"]) * self.world
+        return losses, total
+
+    def optimizer_step(self) -> None:
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.micro = 0
+        self.step += 1
+        self.bar.update(1)
+
+    def record(self, losses: dict, total: torch.Tensor) -> None:
+        """After a step: the log line, validation and the checkpoint, each when it is due."""
+        config, step = self.config, self.step
+        if step % config.log_every == 0 or step == self.stop_at:
+            elapsed = time.perf_counter() - self.window_start
+            self.last = {"step": step, "epoch": self.epoch, "loss": total.item(), "itc": losses["itc"].item(),
+                         "logit_scale": float(losses["logit_scale"]), "lr": self.scheduler.get_last_lr()[0],
+                         "samples_per_s": self.window_samples / max(elapsed, 1e-9)}
+            if self.head is not None:
+                self.last.update(itm=losses["itm"].item(), itm_acc=losses["itm_acc"].item())
+            self.window_start, self.window_samples = time.perf_counter(), 0
+            if self.log_file:
+                self.log_file.write(json.dumps(self.last) + "\n")
+                self.log_file.flush()
+                self.bar.set_postfix(loss=f"{self.last['loss']:.3f}")
+        if self.val_data is not None and config.val_every and step % config.val_every == 0 and step < config.steps:
+            _validate(self.model, self.clip, self.val_data, step, self.log_file, self.last)
+        if step % config.ckpt_every == 0 or step == config.steps:
+            state = self.checkpoint_state()
+            if self.rank == 0:
+                save_training_checkpoint(self.out / f"ckpt-{step:07d}.pt", state, config.keep_last)
+
+    def checkpoint_state(self) -> dict:
+        samplers = [self.generator.get_state()]
+        if self.world > 1:
+            samplers = [None] * self.world
+            dist.all_gather_object(samplers, self.generator.get_state())
+        head = self.head
+        return {"format": CHECKPOINT_FORMAT, "version": 1, "model_name": self.config.model,
+                "model": {k: v.detach().cpu() for k, v in self.clip.state_dict().items()},
                 "itm": {k: v.detach().cpu() for k, v in head.state_dict().items()} if head is not None else None,
                 "itm_config": head.config if head is not None else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "consumed": consumed,
-                "rng": {"torch": torch.get_rng_state(), "sampler": samplers},
-                "config": dataclasses.asdict(config)}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "consumed": self.consumed, "rng": {"torch": torch.get_rng_state(), "sampler": samplers},
+                "config": dataclasses.asdict(self.config)}
 
-    from clipkit.data.loader import make_loader
-
-    micro = 0  # micro-batches since the last optimizer step; checkpoints fall where it is 0
-    try:
-        while step < stop_at:
-            loader = make_loader(urls, model.preprocess, model.tokenizer, config.batch_size, seed=config.seed,
-                                 epoch=epoch, shuffle_buffer=config.shuffle_buffer, num_workers=config.workers,
-                                 group_batches=config.group_batches, pin_memory=device.type == "cuda",
-                                 rank=rank, world_size=world, skip_batches=consumed)
-            for batch in loader:
-                autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-                sync = wrapped.no_sync() if world > 1 and micro + 1 < config.accum_steps else nullcontext()
-                with autocast, sync:
-                    losses = wrapped(batch["pixels"].to(device, non_blocking=True), batch["tokens"].to(device),
-                                     batch["image_ids"].to(device), generator)
-                    total = losses["itc"] + (config.itm_weight * losses["itm"] if head is not None else 0)
-                    if not torch.isfinite(total):
-                        raise TrainingDiverged(f"loss became {total.item()} at step {step}; the last good checkpoint "
-                                               f"is kept in {out}: lower --lr or resume from it")
-                    scaler.scale(total / config.accum_steps).backward()
-                consumed += 1
-                micro += 1
-                window_samples += len(batch["keys"]) * world
-                if micro < config.accum_steps:
-                    continue
-                micro = 0
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                with torch.no_grad():
-                    clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                step += 1
-                bar.update(1)
-                if step % config.log_every == 0 or step == stop_at:
-                    elapsed = time.perf_counter() - window_start
-                    last = {"step": step, "epoch": epoch, "loss": total.item(), "itc": losses["itc"].item(),
-                            "logit_scale": float(losses["logit_scale"]), "lr": scheduler.get_last_lr()[0],
-                            "samples_per_s": window_samples / max(elapsed, 1e-9)}
-                    if head is not None:
-                        last.update(itm=losses["itm"].item(), itm_acc=losses["itm_acc"].item())
-                    window_start, window_samples = time.perf_counter(), 0
-                    if log_file:
-                        log_file.write(json.dumps(last) + "\n")
-                        log_file.flush()
-                        bar.set_postfix(loss=f"{last['loss']:.3f}")
-                if val_data is not None and config.val_every and step % config.val_every == 0 and step < config.steps:
-                    _validate(model, clip, val_data, step, log_file, last)
-                if step % config.ckpt_every == 0 or step == config.steps:
-                    state = checkpoint_state()
-                    if rank == 0:
-                        save_training_checkpoint(out / f"ckpt-{step:07d}.pt", state, config.keep_last)
-                if step >= stop_at:
-                    break
-            else:
-                epoch, consumed = epoch + 1, 0
-        if step == config.steps and val_data is not None:
-            _validate(model, clip, val_data, step, log_file, last)
-    finally:
-        bar.close()
-        if log_file:
-            log_file.close()
+    def close(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        if getattr(self, "log_file", None):
+            self.log_file.close()
         if _OWNED_GROUP and dist.is_initialized():
             dist.destroy_process_group()
             _OWNED_GROUP.clear()
-    return last
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or continue) training; returns the last logged metrics and validation results."""
+    config.validate()
+    run = _Run(config)
+    try:
+        run.resume()
+        run.open_log()
+        for batch in run.batches():
+            losses, total = run.forward_backward(batch)
+            if run.micro < config.accum_steps:
+                continue  # checkpoints fall only between optimizer steps
+            run.optimizer_step()
+            run.record(losses, total)
+            if run.step >= run.stop_at:
+                break
+        if run.step == config.steps and run.val_data is not None:
+            _validate(run.model, run.clip, run.val_data, run.step, run.log_file, run.last)
+    finally:
+        run.close()
+    return run.last
 
 
 def _validate(model: Model, clip: nn.Module, data, step: int, log_file, last: dict) -> None:

@@ -1,0 +1,278 @@
+"""The server's service: the served collections (an index, its model's thread and query batcher), the
+request bodies, and the query / search / file logic the routes call. Searches go through the library's
+one search path (`clipkit.search.ranked_hits`)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import functools
+import io
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from clipkit import __version__
+from clipkit.data.images import decode_image, read_image
+from clipkit.index import Index, prepare_vectors
+from clipkit.search import Hit, ranked_hits
+from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
+
+STATIC_DIR = Path(__file__).parent / "static"
+VECTOR, ITEM = "vector", "item"
+
+
+@dataclass
+class ServeConfig:
+    max_k: int = 1000  # results per query (k, num_images and num_result_ids are capped to it)
+    max_rerank_k: int = 200  # candidates the ITM head scores per query
+    max_body_bytes: int = 20 * 2**20  # whole request body, JSON or multipart
+    allow_image_urls: bool = False  # fetch `image_url` queries (public http(s) hosts only)
+    cors_origins: list[str] = field(default_factory=list)
+    max_batch: int = 64  # queries per encoder call
+    thumbnail_cache: int = 1024  # thumbnails kept in memory
+
+
+@dataclass
+class Collection:
+    """One served index and the model (worker thread and batcher) that embeds its queries."""
+
+    name: str
+    index: Index
+    model: Any
+    worker: ModelWorker
+    batcher: Batcher
+
+
+class BadRequest(HTTPException):
+    def __init__(self, detail: str, status_code: int = 400):
+        super().__init__(status_code=status_code, detail=detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (unknown fields are ignored: clip-retrieval's clients send flags clipkit lacks)
+
+
+class KnnRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = None
+    image: str | None = Field(None, description="base64-encoded image file")
+    image_url: str | None = None
+    embedding_input: list[float] | None = None
+    modality: Literal["image", "text"] = "image"
+    num_images: int = Field(40, ge=1)
+    num_result_ids: int | None = Field(None, ge=1)
+    indice_name: str | None = None
+    deduplicate: bool = False
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    ids: list[int]
+    indice_name: str | None = None
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = None
+    image: str | None = Field(None, description="base64-encoded image file")
+    embedding: list[float] | None = None
+    id: int | None = Field(None, description="an item's key: search by that item's embedding (more like this)")
+    k: int = Field(20, ge=1)
+    rerank: bool = False
+    rerank_k: int | None = Field(None, ge=1)
+    weight: float | None = Field(None, description="re-ranked score = ITM log-odds + weight x cosine (default: "
+                                                 "the weight the model's ITM head was fitted with)")
+    index: str | None = None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+
+
+class Service:
+    def __init__(self, collections_: dict[str, Collection], config: ServeConfig):
+        if not collections_:
+            raise ValueError("nothing to serve: give at least one index")
+        self.collections = collections_
+        self.config = config
+        self._thumbnails: collections.OrderedDict = collections.OrderedDict()
+        self._thumbnail_lock = threading.Lock()
+
+    def collection(self, name: str | None) -> Collection:
+        if name is None or name == "":
+            return next(iter(self.collections.values()))
+        if name not in self.collections:
+            raise BadRequest(f"no index named {name!r}; indexes: {', '.join(self.collections)}", 404)
+        return self.collections[name]
+
+    # -- queries --------------------------------------------------------------------------------
+
+    async def decode_upload(self, data: bytes, collection: Collection):
+        """(RGB image, preprocessed pixels) of uploaded image bytes, decoded off the event loop."""
+        if not data:
+            raise BadRequest("the image is empty")
+
+        def decode():
+            image = decode_image(data, "(uploaded)", min_side=collection.model.image_size)
+            return image, collection.model.preprocess(image)
+
+        try:
+            return await run_in_threadpool(decode)
+        except (ValueError, OSError) as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def query(self, collection: Collection, kind: str, value: Any) -> tuple[np.ndarray, Any]:
+        """(unit query vector, the query as rerank_hits takes it) for a text, image, vector or item query."""
+        index = collection.index
+        if kind == TEXT:
+            if not value.strip():
+                raise BadRequest("the text query is empty")
+            return await collection.batcher.encode(TEXT, value), value
+        if kind == IMAGE:
+            image, pixels = value
+            return await collection.batcher.encode(IMAGE, pixels), image
+        if kind == ITEM:
+            record = index.get_by_key([value])[0]
+            if record is None:
+                raise BadRequest(f"no item with id {value} in index {collection.name!r}", 404)
+            return index.embeddings([record["id"]])[0], record
+        try:
+            return prepare_vectors(value, index.dim, "the embedding")[0], None
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+    async def search(self, collection: Collection, kind: str, value: Any, k: int, *, rerank: bool = False,
+                     rerank_k: int | None = None, weight: float | None = None) -> list[dict]:
+        """The library's search (`clipkit.search.ranked_hits`) with the server's limits; what the library
+        refuses is a 400 with its message."""
+        vector, query = await self.query(collection, kind, value)
+        run = collection.worker.run if rerank else run_in_threadpool  # re-ranking runs the model: its thread
+        find = functools.partial(ranked_hits, collection.index, vector, min(k, self.config.max_k), query=query,
+                                 kind=kind if kind in (TEXT, IMAGE) else VECTOR, model=collection.model, rerank=rerank,
+                                 rerank_k=rerank_k, weight=weight, max_depth=self.config.max_rerank_k)
+        try:
+            hits = await run(find)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return [self.result(collection, hit.key, hit) for hit in hits]
+
+    @staticmethod
+    def result(collection: Collection, key: int, hit: Hit) -> dict:
+        out = {"id": key, "item_id": hit.id, "score": hit.score}
+        if "itc_score" in hit.metadata:
+            out["itc_score"] = hit.metadata["itc_score"]
+        if hit.metadata.get("caption") is not None:
+            out["caption"] = hit.metadata["caption"]
+        if hit.path is not None:
+            out["path"] = hit.path
+            out["image_url"] = f"image/{key}?index={collection.name}"
+            out["thumbnail_url"] = f"thumbnail/{key}?index={collection.name}"
+        return out
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def file_of(self, collection: Collection, key: int) -> Path:
+        record = collection.index.get_by_key([key])[0]
+        if record is None or not record.get("path"):
+            raise BadRequest(f"no image with id {key} in index {collection.name!r}", 404)
+        path = Path(record["path"])
+        if not path.is_file():
+            raise BadRequest(f"the file of item {key} is no longer there", 404)
+        return path
+
+    def thumbnail(self, collection: Collection, key: int, size: int) -> bytes:
+        path = self.file_of(collection, key)
+        stat = path.stat()
+        cache_key = (collection.name, key, size, stat.st_mtime_ns, stat.st_size)
+        with self._thumbnail_lock:
+            if cache_key in self._thumbnails:
+                self._thumbnails.move_to_end(cache_key)
+                return self._thumbnails[cache_key]
+        try:
+            image = read_image(path)
+        except (ValueError, OSError) as exc:
+            raise BadRequest(f"the file of item {key} cannot be read: {exc}", 404) from None
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        data = buffer.getvalue()
+        with self._thumbnail_lock:
+            self._thumbnails[cache_key] = data
+            while len(self._thumbnails) > self.config.thumbnail_cache:
+                self._thumbnails.popitem(last=False)
+        return data
+
+    def info(self) -> dict:
+        return {
+            "status": "ok", "version": __version__,
+            "indexes": {name: {"items": len(c.index), "model": c.model.name, "dim": c.index.dim,
+                               "rerank": c.model.itm is not None}
+                        for name, c in self.collections.items()},
+            "limits": {"max_k": self.config.max_k, "max_rerank_k": self.config.max_rerank_k,
+                       "max_body_bytes": self.config.max_body_bytes},
+            "encoder_calls": sum(c.batcher.batches for c in self._batchers()),
+            "encoded_queries": sum(c.batcher.items for c in self._batchers()),
+        }
+
+    def _batchers(self) -> list[Collection]:
+        seen, out = set(), []
+        for c in self.collections.values():
+            if id(c.batcher) not in seen:
+                seen.add(id(c.batcher))
+                out.append(c)
+        return out
+
+
+def _b64decode(text: str) -> bytes:
+    if "," in text[:100] and text.startswith("data:"):
+        text = text.split(",", 1)[1]  # a data: URL, as browsers make them
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image is not valid base64") from None
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """Parse the body as JSON whatever its content type (clip-retrieval's page sends text/plain)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise BadRequest(f"{where}: {first.get('msg')}", 422) from None
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _deduplicate(index: Index, results: list[dict], threshold: float = 0.94) -> list[dict]:
+    """Drop results whose embedding is within `threshold` cosine of a better-ranked kept one."""
+    if len(results) < 2:
+        return results
+    vectors = index.embeddings([r["item_id"] for r in results])
+    kept: list[int] = []
+    for position in range(len(results)):
+        if not kept or float(np.max(vectors[kept] @ vectors[position])) < threshold:
+            kept.append(position)
+    return [results[p] for p in kept]
