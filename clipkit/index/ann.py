@@ -120,49 +120,53 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
 class RefineVectors:
     """The stored vectors of a structure whose shortlist is re-ranked exactly (`,RFlat`), by key.
 
-    Keys only ever grow (the store never reuses one), so rows are appended in key order and found by
-    binary search; removed rows stay until they are a quarter of all, then are compacted away.
+    Rows are appended; a dense key -> row table (keys are never reused and grow one by one) finds them
+    with one gather. Removed rows stay until they are a quarter of all, then are compacted away.
     """
 
     def __init__(self, dim: int):
-        self.keys = np.zeros(0, np.int64)
         self.data = np.zeros((0, dim), np.float32)
-        self.alive = np.zeros(0, bool)
+        self.keys = np.zeros(0, np.int64)  # the key of each row
+        self.row_of = np.zeros(0, np.int64)  # key -> row, -1 for none
         self.size = 0
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        keys = np.asarray(keys, np.int64)
         need = self.size + len(keys)
-        if need > len(self.keys):  # grow by doubling: adding batch after batch stays linear
-            capacity = max(need, 2 * len(self.keys), 1024)
-            self.keys = np.resize(self.keys, capacity)
-            self.alive = np.resize(self.alive, capacity)
+        if need > len(self.data):  # grow by doubling: adding batch after batch stays linear
+            capacity = max(need, 2 * len(self.data), 1024)
             grown = np.zeros((capacity, self.data.shape[1]), np.float32)
             grown[:self.size] = self.data[:self.size]
-            self.data = grown
-        self.keys[self.size:need] = keys
+            self.data, self.keys = grown, np.resize(self.keys, capacity)
+        top = int(keys.max()) + 1 if len(keys) else 0
+        if top > len(self.row_of):
+            table = np.full(max(top, 2 * len(self.row_of)), -1, np.int64)
+            table[:len(self.row_of)] = self.row_of
+            self.row_of = table
         self.data[self.size:need] = vectors
-        self.alive[self.size:need] = True
+        self.keys[self.size:need] = keys
+        self.row_of[keys] = np.arange(self.size, need)
         self.size = need
 
     def remove(self, keys: np.ndarray) -> None:
-        rows = self._rows(np.asarray(keys, np.int64))
-        self.alive[rows[rows >= 0]] = False
-        dead = self.size - int(self.alive[:self.size].sum())
-        if dead > self.size // 4:
-            kept = np.flatnonzero(self.alive[:self.size])
-            self.keys, self.data, self.alive = self.keys[kept], self.data[kept], self.alive[kept]
+        keys = np.asarray(keys, np.int64)
+        keys = keys[(keys >= 0) & (keys < len(self.row_of))]
+        self.row_of[keys] = -1
+        alive = self.row_of[self.keys[:self.size]] == np.arange(self.size)
+        if self.size - int(alive.sum()) > self.size // 4:
+            kept = np.flatnonzero(alive)
+            self.data, self.keys = self.data[kept], self.keys[kept]
             self.size = len(kept)
+            self.row_of[self.keys] = np.arange(self.size)
 
-    def _rows(self, keys: np.ndarray) -> np.ndarray:
+    def rows(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key (-1 where it has none)."""
-        rows = np.searchsorted(self.keys[:self.size], keys)
-        rows = np.minimum(rows, max(self.size - 1, 0))
-        found = (keys >= 0) & (self.size > 0) & (self.keys[rows] == keys) & self.alive[rows]
-        return np.where(found, rows, -1)
+        inside = (keys >= 0) & (keys < len(self.row_of))
+        return np.where(inside, self.row_of[np.where(inside, keys, 0)], -1)
 
     def rerank(self, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top k of each query's shortlisted keys by exact inner product."""
-        rows = self._rows(shortlist)
+        rows = self.rows(shortlist)
         scores = np.empty(shortlist.shape, np.float32)
         safe = np.ascontiguousarray(np.maximum(rows, 0))
         faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(self.data),
