@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from clipkit.data.images import failure_kind, read_image, to_rgb
+from clipkit.itm import image_states
 from clipkit.models import Model, load_model
 
 TEXT, IMAGE = "text", "image"
@@ -250,3 +251,20 @@ def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress
 def _no_bar(progress: bool | None) -> bool | None:
     """tqdm's `disable`: False shows the bar, None shows it only on a TTY."""
     return None if progress is None else not progress
+
+
+def encode_gallery(model: Model, images: list, batch_size: int = 128,
+                   states: bool | str = False) -> tuple[np.ndarray, torch.Tensor | None]:
+    """A gallery for evaluation or re-ranking: (unit-norm image embeddings `(N, dim)` float32, and with `states` the ITM head's image input
+    `(N, tokens, width)`, or with `states="pixels"` the preprocessed pixels `(N, 3, H, W)` on the CPU), from
+    one decode and preprocess pass over `images`."""
+    image_emb = np.empty((len(images), model.dim), np.float32)
+    kept = []
+    for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, device=model.device):
+        pixels = pixels.to(model.device)
+        image_emb[positions] = model.encode_image(pixels).cpu().numpy()
+        if states == "pixels":
+            kept.append(pixels.cpu())
+        elif states:
+            kept.append(image_states(model, pixels))
+    return image_emb, (torch.cat(kept) if states else None)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from clipkit.data.captions import RetrievalSet
-from clipkit.encode import encode_texts, iter_image_batches
-from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
+from clipkit.encode import encode_gallery, encode_texts
+from clipkit.itm import match_scores, require_itm, rerank_weight, text_states
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
 
@@ -47,23 +47,6 @@ def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: flo
     out = similarity.copy()
     out[rows, cols] = _RERANKED + itm + weight * similarity[rows, cols]
     return out
-
-
-def encode_gallery(model: Model, images: list, batch_size: int = 128,
-                   states: bool | str = False) -> tuple[np.ndarray, torch.Tensor | None]:
-    """(unit-norm image embeddings `(N, dim)` float32, and with `states` the ITM head's image input
-    `(N, tokens, width)`, or with `states="pixels"` the preprocessed pixels `(N, 3, H, W)` on the CPU), from
-    one decode and preprocess pass over `images`."""
-    image_emb = np.empty((len(images), model.dim), np.float32)
-    kept = []
-    for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, device=model.device):
-        pixels = pixels.to(model.device)
-        image_emb[positions] = model.encode_image(pixels).cpu().numpy()
-        if states == "pixels":
-            kept.append(pixels.cpu())
-        elif states:
-            kept.append(image_states(model, pixels))
-    return image_emb, (torch.cat(kept) if states else None)
 
 
 def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float | None = None,

@@ -67,6 +67,7 @@ class Model:
     fingerprint: str
     itm: torch.nn.Module | None = None
     channels_last: bool = False  # image batches go in NHWC (convolutional towers on CUDA)
+    precision: str = "auto"  # "auto": half precision under autocast on CUDA; "fp32": never
 
     @property
     def info(self) -> dict:
@@ -106,8 +107,8 @@ class Model:
 
     def autocast(self):
         """Mixed precision for inference on CUDA (bf16 where supported, else fp16); a no-op on the CPU,
-        where results match open_clip's float32 exactly. CLIPKIT_FP32=1 turns it off."""
-        if self.device.type != "cuda" or env_flag("CLIPKIT_FP32"):
+        where results match open_clip's float32 exactly. precision="fp32" (CLIPKIT_FP32=1) turns it off."""
+        if self.device.type != "cuda" or self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=cuda_half_dtype())
 
@@ -342,6 +343,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return {"model": state, "itm": itm, "meta": meta}
 
 
+def _fit_logit_params(clip: torch.nn.Module, state: dict) -> None:
+    """open_clip's own fixes for logit_scale / logit_bias (SigLIP): scalar vs 1-d, and a bias that a
+    checkpoint of a model without one lacks (zero, as open_clip's load_checkpoint does)."""
+    for name in ("logit_scale", "logit_bias"):
+        current = getattr(clip, name, None)
+        if name in state and current is not None and current.ndim != state[name].ndim:
+            state[name] = state[name].reshape(current.shape)
+    bias = getattr(clip, "logit_bias", None)
+    if bias is not None and "logit_bias" not in state:
+        state["logit_bias"] = torch.zeros_like(bias)
+
+
 def load_state_into(clip: torch.nn.Module, state: dict, source: str) -> None:
     """Load an open_clip state dict, applying open_clip's own format conversions first."""
     from open_clip.convert import convert_state_dict
@@ -352,9 +365,10 @@ def load_state_into(clip: torch.nn.Module, state: dict, source: str) -> None:
         state = convert_state_dict(clip, state)
         if "positional_embedding" in state and not hasattr(clip, "positional_embedding"):
             state = convert_to_custom_text_state_dict(state)
-        scale = getattr(clip, "logit_scale", None)
-        if "logit_scale" in state and scale is not None and scale.ndim != state["logit_scale"].ndim:
-            state["logit_scale"] = state["logit_scale"].reshape(scale.shape)
+        _fit_logit_params(clip, state)
+        position_ids = "text.transformer.embeddings.position_ids"  # transformers >= 4.31 text towers lack it
+        if position_ids in state and position_ids not in clip.state_dict():
+            del state[position_ids]
         resize_pos_embed(state, clip)
         resize_text_pos_embed(state, clip)
         clip.load_state_dict(state, strict=True)
@@ -387,13 +401,20 @@ def _preprocess_overrides(tag_cfg: dict) -> dict:
 
 
 def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-               cache_dir: str | None = None) -> Model:
+               cache_dir: str | None = None, precision: str | None = None,
+               channels_last: bool | None = None) -> Model:
     """Load a dual encoder by open_clip architecture name (or a bundled clipkit model).
 
     `pretrained` is an open_clip tag (`"laion2b_s34b_b79k"`), a local weights file, None (a bundled
     model's own weights, else a fixed-seed random initialisation) or "scratch" (always that fixed-seed
-    initialisation). `device=None` picks CUDA when available, else CPU.
+    initialisation). `device=None` picks CUDA when available, else CPU. `precision`: "auto" (half precision
+    under autocast on CUDA) or "fp32"; None: "fp32" when CLIPKIT_FP32 is on. `channels_last`: NHWC image
+    batches (None: for convolutional towers on CUDA, unless CLIPKIT_CHANNELS_LAST=0).
     """
+    if precision is None:
+        precision = "fp32" if env_flag("CLIPKIT_FP32") else "auto"
+    if precision not in ("auto", "fp32"):
+        raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
     import open_clip
 
     if not isinstance(name, str) or not name:
@@ -449,16 +470,19 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     )
     if checkpoint is not None and checkpoint["itm"] is not None:
         model.itm = _load_itm_head(checkpoint, weights_file, device)
-    if wants_channels_last(clip, device):
+    model.precision = precision
+    if channels_last if channels_last is not None else wants_channels_last(clip, device):
         set_channels_last(model)
     return model
 
 
-def load_recorded_model(info: dict | None, *, device: str | torch.device | None = None) -> Model:
-    """The model an index records (its name and weights, as `Model.info` wrote them), loaded on `device`."""
+def load_recorded_model(info: dict | None, *, device: str | torch.device | None = None,
+                        precision: str | None = None) -> Model:
+    """The model an index records (its name and weights, as `Model.info` wrote them), loaded on `device`;
+    `clipkit.search.index_model` checks its fingerprint against the index."""
     if not info:
         raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
-    return load_model(info["name"], info.get("pretrained"), device=device)
+    return load_model(info["name"], info.get("pretrained"), device=device, precision=precision)
 
 
 def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bool:

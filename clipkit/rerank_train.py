@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_with
 from clipkit.data.captions import RetrievalSet
-from clipkit.encode import encode_texts
+from clipkit.encode import encode_gallery, encode_texts
 from clipkit.itm import LateInteractionHead, encode_text_tokens, match_scores, text_states
-from clipkit.train import cosine_schedule
+from clipkit.train.schedule import cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ class CachedGallery:
 
 @torch.inference_mode()
 def cache_gallery(model, data: RetrievalSet, k: int, batch_size: int = 256) -> CachedGallery:
-    from clipkit.evaluate import encode_gallery
 
     image_emb, pixels = encode_gallery(model, data.images, batch_size, states="pixels")
     image_emb = torch.from_numpy(image_emb)

@@ -29,9 +29,10 @@ class Hit:
         return {"id": self.id, "score": self.score, "path": self.path, "metadata": self.metadata}
 
 
-def index_model(index: Index, model=None, *, device=None):
+def index_model(index: Index, model=None, *, device=None, precision: str | None = None):
     """The model that embeds queries for `index`: `model` (checked against the one that built it), else
-    the one the index records, loaded once (on `device`) and kept on the index. The one place the CLI,
+    the one the index records (name, weights, fingerprint), loaded once (on `device`, at `precision`) and
+    kept on the index. The one place the CLI,
     the server, the demo and `search` get "the model this index records"."""
     from clipkit.encode import as_model
     from clipkit.models import load_recorded_model, resolve_device
@@ -42,9 +43,10 @@ def index_model(index: Index, model=None, *, device=None):
         if index.model is None:
             index.model = model
         return model
-    if index.model is not None and (device is None or resolve_device(device) == index.model.device):
+    if index.model is not None and (device is None or resolve_device(device) == index.model.device) and \
+            precision in (None, index.model.precision):
         return index.model
-    model = load_recorded_model(index.model_info, device=device)
+    model = load_recorded_model(index.model_info, device=device, precision=precision)
     index.check_model(model)
     index.model = model
     return model

@@ -182,3 +182,47 @@ def test_channels_last_only_for_convolutional_towers_on_cuda_and_changes_nothing
     set_channels_last(resnet)
     assert resnet.clip.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(resnet.encode_image(pixels), before, atol=1e-5, rtol=1e-4)
+
+
+def test_siglip_family_checkpoint_fixes(tmp_path, monkeypatch):
+    """logit_bias (scalar vs 1-d, absent from a non-SigLIP checkpoint) and a stale position_ids key load as
+    open_clip's own load_checkpoint would load them."""
+    import json
+
+    import open_clip
+    from open_clip import factory
+
+    from clipkit.models import _register_configs, load_state_into
+
+    _register_configs()
+    config = json.loads(json.dumps(open_clip.get_model_config("clipkit-tiny")))
+    config["init_logit_bias"] = -10.0
+    monkeypatch.setitem(factory._MODEL_CONFIGS, "clipkit-tiny-bias", config)
+    target = open_clip.create_model("clipkit-tiny-bias")
+    plain = open_clip.create_model("clipkit-tiny").state_dict()
+    load_state_into(target, dict(plain), "plain.pt")  # no logit_bias in the file: zero
+    assert float(target.logit_bias) == 0.0
+    with_bias = dict(plain, logit_bias=torch.tensor(-7.0).reshape(1, 1).squeeze(0))  # 1-d where the model has 0-d
+    with_bias["text.transformer.embeddings.position_ids"] = torch.arange(4)
+    if target.logit_bias.ndim == with_bias["logit_bias"].ndim:
+        with_bias["logit_bias"] = with_bias["logit_bias"].reshape(-1, 1)
+    load_state_into(target, with_bias, "biased.pt")
+    assert float(target.logit_bias) == -7.0
+
+
+def test_precision_and_channels_last_are_load_model_arguments(monkeypatch):
+    import numpy as np
+
+    import clipkit
+    from clipkit.models import load_model
+
+    monkeypatch.setenv("CLIPKIT_FP32", "1")
+    assert load_model("clipkit-tiny", device="cpu").precision == "fp32"  # the environment is the default
+    assert load_model("clipkit-tiny", device="cpu", precision="auto").precision == "auto"  # the argument wins
+    with pytest.raises(ValueError, match="precision"):
+        load_model("clipkit-tiny", device="cpu", precision="fp8")
+    plain = load_model("clipkit-tiny-rn", device="cpu")
+    nhwc = load_model("clipkit-tiny-rn", device="cpu", channels_last=True)
+    assert nhwc.channels_last and not plain.channels_last
+    images = [np.full((48, 48, 3), v, np.uint8) for v in (20, 140, 250)]
+    np.testing.assert_allclose(clipkit.encode(images, model=nhwc), clipkit.encode(images, model=plain), atol=1e-5)

@@ -35,6 +35,7 @@ from clipkit.errors import CheckpointError, ClipkitError
 from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
 from clipkit.losses import info_nce, itm_loss
 from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
+from clipkit.train.schedule import cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,6 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
                   or re.search(r"(^|\.)(ln|norm|bn)[\w]*\.", name) is not None)
         (no_decay if exempt else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def cosine_schedule(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------
