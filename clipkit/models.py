@@ -424,26 +424,7 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
         raise ValueError(_unknown_model_message(name))
     device = resolve_device(device)
 
-    weights_file: str | None = None
-    tag_cfg: dict = {}
-    recorded = None
-    if pretrained is None and name in bundled_models():
-        weights_file = str(bundled_models()[name])
-    elif pretrained == SCRATCH:
-        pass
-    elif pretrained is not None:
-        pretrained = os.fspath(pretrained)
-        if open_clip.get_pretrained_cfg(name, pretrained):
-            weights_file, tag_cfg = resolve_pretrained_tag(name, pretrained, cache_dir)
-            recorded = pretrained
-        elif looks_like_path(pretrained):
-            if not os.path.exists(pretrained):
-                raise FileNotFoundError(f"weights file not found: {pretrained}")
-            weights_file = pretrained
-            recorded = str(Path(pretrained).resolve())
-        else:
-            resolve_pretrained_tag(name, pretrained, cache_dir)  # raises with the list of known tags
-
+    weights_file, tag_cfg, recorded = _resolve_weights(name, pretrained, cache_dir)
     checkpoint = read_checkpoint(weights_file) if weights_file else None
     with torch.random.fork_rng(devices=[]), _quiet_open_clip():
         torch.manual_seed(_INIT_SEED)
@@ -474,6 +455,26 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     if channels_last if channels_last is not None else wants_channels_last(clip, device):
         set_channels_last(model)
     return model
+
+
+def _resolve_weights(name: str, pretrained, cache_dir: str | None) -> tuple[str | None, dict, str | None]:
+    """(the weights file to read or None, open_clip's tag config, what the model records as `pretrained`)."""
+    import open_clip
+
+    if pretrained is None and name in bundled_models():
+        return str(bundled_models()[name]), {}, None
+    if pretrained is None or pretrained == SCRATCH:
+        return None, {}, None
+    pretrained = os.fspath(pretrained)
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        weights_file, tag_cfg = resolve_pretrained_tag(name, pretrained, cache_dir)
+        return weights_file, tag_cfg, pretrained
+    if looks_like_path(pretrained):
+        if not os.path.exists(pretrained):
+            raise FileNotFoundError(f"weights file not found: {pretrained}")
+        return pretrained, {}, str(Path(pretrained).resolve())
+    resolve_pretrained_tag(name, pretrained, cache_dir)  # raises with the list of known tags
+    return None, {}, None
 
 
 def load_recorded_model(info: dict | None, *, device: str | torch.device | None = None,
