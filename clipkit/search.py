@@ -44,7 +44,7 @@ def index_model(index: Index, model=None, *, device=None, precision: str | None 
             index.model = model
         return model
     if index.model is not None and (device is None or resolve_device(device) == index.model.device) and \
-            precision in (None, index.model.precision):
+            (precision is None or precision == index.model.precision):
         return index.model
     model = load_recorded_model(index.model_info, device=device, precision=precision)
     index.check_model(model)
