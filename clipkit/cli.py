@@ -90,6 +90,8 @@ def _add_search_command(commands) -> None:
     search.add_argument("--rerank", action="store_true", help="re-rank the top candidates with the model's ITM head")
     search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
     search.add_argument("--device", default=None)
+    search.add_argument("--captions", action="store_true",
+                        help="search the captions indexed beside the images (image -> text, text -> text)")
 
 
 def _add_data_commands(commands) -> None:
@@ -293,6 +295,9 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
     print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
           f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
           f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
+    if report.captions is not None:
+        print(f"captions: {report.captions.added} embedded, {report.captions.kept} unchanged, "
+              f"{report.captions.removed} removed; {len(index.captions)} in the index")
     for path, reason in report.skipped[:20]:
         print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
     if len(report.skipped) > 20:
@@ -397,7 +402,8 @@ def cmd_search(args) -> int:
         query = Path(args.query)
     index = Index.load(args.index)
     model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
-    hits = search(query, index, k=args.k, model=model, rerank=args.rerank, rerank_k=args.rerank_k)
+    hits = search(query, index, k=args.k, model=model, rerank=args.rerank, rerank_k=args.rerank_k,
+                  modality="text" if args.captions else "image")
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
     elif args.paths:
@@ -405,7 +411,11 @@ def cmd_search(args) -> int:
             print(hit.path if hit.path is not None else hit.id)
     else:
         for rank, hit in enumerate(hits, 1):
-            print(f"{rank:>3}  {hit.score:.4f}  {hit.path if hit.path is not None else hit.id}")
+            where = hit.path if hit.path is not None else hit.id
+            if args.captions:
+                print(f"{rank:>3}  {hit.score:.4f}  {hit.metadata.get('caption')}  ({where})")
+            else:
+                print(f"{rank:>3}  {hit.score:.4f}  {where}")
     return 0
 
 

@@ -86,7 +86,7 @@ def _embed(query: Any, kind: str, model) -> np.ndarray:
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
-           weight: float | None = None) -> list[Hit]:
+           weight: float | None = None, modality: str = "image") -> list[Hit]:
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
@@ -96,9 +96,12 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     head was fitted with, 0 for the fusion head), and its cosine is
     kept in `metadata['itc_score']`. A text query re-ranks images (files in the index); an image query
     re-ranks captions (items with a 'caption').
+    `modality="text"` searches the index's captions instead of its images (image -> text, text -> text):
+    hits are captions, with `metadata['caption']`, their image's `path` and `metadata['image_id']`.
     """
     if not isinstance(index, Index):
         raise ValueError(f"index must be a clipkit.Index, got {type(index).__name__}")
+    target = searched_collection(index, modality)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     kind = query_kind(query)
@@ -107,8 +110,23 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     else:
         model = index_model(index, model)
         vector = _embed(query, kind, model)
-    return ranked_hits(index, vector, k, query=query, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k,
+    if modality == "text" and rerank and kind == TEXT:
+        raise ValueError("re-ranking scores an image against captions; a text query searches captions without "
+                         "re-ranking")
+    return ranked_hits(target, vector, k, query=query, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k,
                        weight=weight)
+
+
+def searched_collection(index: Index, modality: str) -> Index:
+    """The collection a query searches: the images ("image") or the captions ("text") of `index`."""
+    if modality == "image":
+        return index
+    if modality != "text":
+        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+    if index.captions is None:
+        raise ValueError("this index holds no captions: index a folder with NAME.txt caption files beside the "
+                         "images (one caption a line) to search captions")
+    return index.captions
 
 
 def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, kind: str = "vector", model=None,

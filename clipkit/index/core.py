@@ -34,6 +34,7 @@ from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
 from clipkit.index import sync
+from clipkit.index.captions import CAPTIONS_DIR, CaptionReport, caption_file, sync_captions
 from clipkit.index.ann import Structure, check_index_type, choose_structure
 from clipkit.index.tune import build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
@@ -85,6 +86,7 @@ class Index:
         self._id_by_key = np.zeros(0, dtype=np.int64)  # id of each key (a key's id never changes), so searches
         # need no SQL: int64 while every id is an int, else objects; slots of removed keys are never read
         self._tuning = None  # the tuner's report of the last build, until recorded
+        self._captions: Index | None = None  # the caption collection, once loaded or made
         self._generation = store.generation()
         self._structure_version = store.info("structure_version", 0)
         self._looked_at = time.monotonic()
@@ -515,8 +517,32 @@ class Index:
                 self.model = model
             report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
                                       progress=progress, exclude=exclude, shard=shard)
+            report.captions = self._sync_captions(Path(folder).resolve(), model)
         self.last_sync = report
         return report
+
+    @property
+    def captions(self) -> "Index | None":
+        """The caption collection (an Index of caption embeddings by the same model, items `IMAGE_ID#LINE`
+        with their `caption`, `image_id` and `path`), or None when no caption was ever indexed."""
+        if self._captions is None and self.path is not None and (self.path / CAPTIONS_DIR / DB_FILE).is_file():
+            self._captions = Index.load(self.path / CAPTIONS_DIR, model=self.model)
+        return self._captions
+
+    def _sync_captions(self, folder: Path, model) -> "CaptionReport | None":
+        """The captions of the images under `folder` (NAME.txt beside NAME.jpg), in step with their files."""
+        prefix = str(folder).rstrip(os.sep) + os.sep
+        indexed = {i for i in self.store.ids() if isinstance(i, str)}
+        image_ids = [i for i in indexed if i.startswith(prefix)]
+        collection = self.captions
+        if collection is None:
+            if not any(caption_file(i).is_file() for i in image_ids):
+                return None
+            collection = Index(self.dim, model=model)
+            if self.path is not None:
+                collection.save(self.path / CAPTIONS_DIR)
+            self._captions = collection
+        return sync_captions(collection, sorted(image_ids), prefix, indexed, model)
 
     def roots(self) -> list[dict]:
         """The folders this index covers: {'path', 'items', 'exists'} each."""
@@ -569,6 +595,8 @@ class Index:
                     self._copy_store_to(path)
                 with self.writer():
                     self._save_structure(path)
+                if self._captions is not None:
+                    self._captions.save(path / CAPTIONS_DIR)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise IndexFullError(f"no space left on the disk holding {path}: what was already committed is kept; "

@@ -40,6 +40,7 @@ class SyncReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
     orphaned: dict[str, int] = field(default_factory=dict)  # indexed folders that no longer exist -> items left
+    captions: object = None  # what syncing the caption files did (clipkit.index.captions.CaptionReport), if any
 
     @property
     def embedded(self) -> int:
