@@ -138,7 +138,8 @@ def _add_serve_command(commands) -> None:
 def _add_eval_arguments(parser) -> None:
     from clipkit.evaluate import DATASETS
 
-    parser.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    parser.add_argument("--dataset", default="synthetic", metavar="NAME",
+                        help=f"{', '.join(DATASETS[:-1])} or folder:DIR (images with NAME.txt captions)")
     parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
     parser.add_argument("--captions", default=None,
                         help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")

@@ -97,15 +97,18 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
 # ---------------------------------------------------------------------------------------------
 # The benchmark (benchmarks/retrieval.py and `clipkit eval`)
 
-DATASETS = ("synthetic", "flickr30k", "coco", "wds")
+DATASETS = ("synthetic", "flickr30k", "coco", "wds", "folder")
 
 
 def load_dataset(dataset: str = "synthetic", *, root: str | None = None, captions: str | None = None,
                  split: str = "test", n_images: int = 1000, seed: int = 0) -> RetrievalSet:
     """A retrieval set: the synthetic test split (`n_images`, `seed`), Flickr30k / COCO (`root` the image folder,
-    `captions` the Karpathy JSON) or webdataset shards (`root` their URLs)."""
-    from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
+    `captions` the Karpathy JSON), webdataset shards (`root` their URLs) or a folder of images with NAME.txt
+    captions ("folder:DIR", or "folder" with `root`)."""
+    from clipkit.data.captions import read_folder_set, read_karpathy, read_shard_set, synthetic_set
 
+    if dataset.startswith("folder:"):
+        dataset, root = "folder", dataset.split(":", 1)[1]
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if dataset == "synthetic":
@@ -114,6 +117,8 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
         raise ValueError(f"--dataset {dataset} needs --root (the image folder, or shard URLs for wds)")
     if dataset == "wds":
         return read_shard_set(root)
+    if dataset == "folder":
+        return read_folder_set(root)
     captions = captions or str(Path(root) / f"dataset_{dataset}.json")
     return read_karpathy(captions, root, split=split, name=dataset)
 

@@ -99,3 +99,18 @@ def test_cli_captions_and_a_moved_folder(folder, tmp_path, capsys):
     assert "0 new" in capsys.readouterr().out
     ids = Index.load(index_path).captions.ids()
     assert len(ids) == total and all(i.startswith(str(moved.resolve())) for i in ids)
+
+
+def test_eval_on_a_caption_folder_agrees_with_search(folder, demo, capsys):
+    from clipkit.evaluate import run_benchmark
+
+    report = run_benchmark(f"folder:{folder}", model="clipkit-demo", device="cpu")
+    index = Index.from_folder(folder, demo)
+    pairs = [(text, str(p.with_suffix(".jpg").resolve())) for p in sorted(folder.glob("*.txt")) for text in lines(p)]
+    assert report["n_texts"] == len(pairs) and report["n_images"] == 40
+    top1 = np.mean([clipkit.search(text, index, k=1)[0].id == image for text, image in pairs])
+    assert abs(report["itc"]["t2i"]["R@1"] - top1) < 1e-9  # the benchmark's recall, by the search path
+    i2t = np.mean([any(h.metadata["image_id"] == str(p.resolve())
+                       for h in clipkit.search(p, index, k=5, modality="text")) for p in sorted(folder.glob("*.jpg"))])
+    assert abs(report["itc"]["i2t"]["R@5"] - i2t) < 1e-9
+    assert main(["eval", "--dataset", "folder:/no/such/folder"]) == 2

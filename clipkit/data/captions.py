@@ -82,6 +82,30 @@ def read_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, s
                         meta={"source": str(json_path), "split": split})
 
 
+def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
+    """A folder of images with same-name `.txt` caption files (one caption a line) as a retrieval set;
+    images without captions are left out."""
+    from clipkit.data.folder import scan_images
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder} (give --dataset folder:DIR with images and NAME.txt captions)")
+    images, captions, text_to_image = [], [], []
+    for path in scan_images(folder):
+        try:
+            lines = [line.strip() for line in path.with_suffix(".txt").read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError):
+            continue
+        lines = [line for line in lines if line]
+        if lines:
+            captions += lines
+            text_to_image += [len(images)] * len(lines)
+            images.append(path)
+    if not images:
+        raise ValueError(f"no image in {folder} has a caption file (NAME.txt beside NAME.jpg, one caption a line)")
+    return RetrievalSet(name=f"folder:{folder.name}", images=images, captions=captions, text_to_image=text_to_image)
+
+
 def synthetic_set(n_images: int = 1000, seed: int = 0, split: str = "test", size: int = 64,
                   workers: int | None = None) -> RetrievalSet:
     """The synthetic split as an in-memory retrieval set, distractors included in the gallery."""
