@@ -114,3 +114,14 @@ def test_eval_on_a_caption_folder_agrees_with_search(folder, demo, capsys):
                        for h in clipkit.search(p, index, k=5, modality="text")) for p in sorted(folder.glob("*.jpg"))])
     assert abs(report["itc"]["i2t"]["R@5"] - i2t) < 1e-9
     assert main(["eval", "--dataset", "folder:/no/such/folder"]) == 2
+
+
+def test_removing_images_removes_their_captions(folder, demo, tmp_path):
+    index = Index.from_folder(folder, demo)
+    index.save(tmp_path / "ix")
+    first = str(sorted(folder.glob("*.jpg"))[0].resolve())
+    index.remove([first])
+    assert not any(c.startswith(first + "#") for c in index.captions.ids())
+    shutil.rmtree(folder)
+    assert main(["remove", "--missing", "--index", str(tmp_path / "ix")]) == 0
+    assert len(Index.load(tmp_path / "ix").captions) == 0

@@ -356,7 +356,9 @@ class Index:
             store.delete_keys(list(keys.values()))
             return len(ids), None, None, None, list(keys.values())
 
-        return self._write(change)
+        removed = self._write(change)
+        self._drop_orphan_captions()
+        return removed
 
     def build(self, sample_queries: Any = None) -> None:
         """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
@@ -553,11 +555,25 @@ class Index:
     def remove_folder(self, folder: str | os.PathLike) -> int:
         """Remove every item whose file is under `folder` (which may no longer exist); how many went."""
         target = os.path.abspath(folder)
-        return self._write(lambda store: sync.remove_under(store, target))
+        removed = self._write(lambda store: sync.remove_under(store, target))
+        self._drop_orphan_captions()
+        return removed
 
     def prune_missing(self) -> int:
         """Remove the items of every indexed folder that no longer exists; how many went."""
-        return self._write(sync.remove_missing_roots)
+        removed = self._write(sync.remove_missing_roots)
+        self._drop_orphan_captions()
+        return removed
+
+    def _drop_orphan_captions(self) -> None:
+        """Captions whose image is no longer in the index go with it."""
+        collection = self.captions
+        if collection is None:
+            return
+        indexed = {i for i in self.store.ids() if isinstance(i, str)}
+        orphans = [c for c in collection.ids() if c.rpartition("#")[0] not in indexed]
+        if orphans:
+            collection.remove(orphans)
 
     def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
         """One transaction: drop the old rows of these files (ids), add their new embeddings."""
