@@ -74,6 +74,7 @@ def query_kind(query: Any) -> str:
 def embed_query(query: Any, index: Index, model=None) -> np.ndarray:
     """The query's unit-norm embedding, made by the index's model (or a checked `model`)."""
     kind = query_kind(query)
+    target = searched_collection(index, modality, kind=kind, rerank=rerank)
     if kind == "vector":
         return prepare_vectors(query, index.dim, what="the query")[0]
     return _embed(query, kind, index_model(index, model))
@@ -101,28 +102,28 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     """
     if not isinstance(index, Index):
         raise ValueError(f"index must be a clipkit.Index, got {type(index).__name__}")
-    target = searched_collection(index, modality)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     kind = query_kind(query)
+    target = searched_collection(index, modality, kind=kind, rerank=rerank)
     if kind == "vector":
         vector, model = prepare_vectors(query, index.dim, what="the query")[0], (model if rerank else None)
     else:
         model = index_model(index, model)
         vector = _embed(query, kind, model)
-    if modality == "text" and rerank and kind == TEXT:
-        raise ValueError("re-ranking scores an image against captions; a text query searches captions without "
-                         "re-ranking")
     return ranked_hits(target, vector, k, query=query, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k,
                        weight=weight)
 
 
-def searched_collection(index: Index, modality: str) -> Index:
-    """The collection a query searches: the images ("image") or the captions ("text") of `index`."""
+def searched_collection(index: Index, modality: str, *, kind: str | None = None, rerank: bool = False) -> Index:
+    """The collection a query of `kind` searches: the images ("image") or the captions ("text") of `index`."""
     if modality == "image":
         return index
     if modality != "text":
         raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
+    if rerank and kind == TEXT:
+        raise ValueError("re-ranking scores an image against captions; a text query searches captions without "
+                         "re-ranking")
     if index.captions is None:
         raise ValueError("this index holds no captions: index a folder with NAME.txt caption files beside the "
                          "images (one caption a line) to search captions")

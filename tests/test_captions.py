@@ -125,3 +125,25 @@ def test_removing_images_removes_their_captions(folder, demo, tmp_path):
     shutil.rmtree(folder)
     assert main(["remove", "--missing", "--index", str(tmp_path / "ix")]) == 0
     assert len(Index.load(tmp_path / "ix").captions) == 0
+
+
+@pytest.mark.parametrize("rerank", [False, True])
+def test_server_searches_captions_as_the_library_does(folder, demo, rerank):
+    pytest.importorskip("fastapi")
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    index = Index.from_folder(folder, demo)
+    image = sorted(folder.glob("*.jpg"))[2]
+    with TestClient(create_app(index)) as client:
+        body = {"image": base64.b64encode(image.read_bytes()).decode(), "k": 5, "modality": "text", "rerank": rerank}
+        results = client.post("/search", json=body).json()["results"]
+        expected = clipkit.search(image, index, k=5, modality="text", rerank=rerank)
+        assert [r["item_id"] for r in results] == [h.id for h in expected]
+        np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-4)
+        assert all(r["caption"] and r["path"] == index.get_by_key([r["id"]])[0]["path"] for r in results)
+        refused = client.post("/search", json={"text": "a red circle", "modality": "text", "rerank": True})
+        assert refused.status_code == 400 and "without re-ranking" in refused.json()["detail"]

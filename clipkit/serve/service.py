@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from clipkit import __version__
 from clipkit.data.images import decode_image, read_image
 from clipkit.index import Index, prepare_vectors
-from clipkit.search import Hit, ranked_hits
+from clipkit.search import Hit, ranked_hits, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -91,6 +91,8 @@ class SearchRequest(BaseModel):
     rerank_k: int | None = Field(None, ge=1)
     weight: float | None = Field(None, description="re-ranked score = ITM log-odds + weight x cosine (default: "
                                                  "the weight the model's ITM head was fitted with)")
+    modality: Literal["image", "text"] = Field("image", description="search the images, or the captions indexed "
+                                                                   "beside them (image -> text, text -> text)")
     index: str | None = None
 
 
@@ -155,19 +157,35 @@ class Service:
             raise BadRequest(str(exc)) from None
 
     async def search(self, collection: Collection, kind: str, value: Any, k: int, *, rerank: bool = False,
-                     rerank_k: int | None = None, weight: float | None = None) -> list[dict]:
+                     rerank_k: int | None = None, weight: float | None = None, modality: str = "image") -> list[dict]:
         """The library's search (`clipkit.search.ranked_hits`) with the server's limits; what the library
         refuses is a 400 with its message."""
         vector, query = await self.query(collection, kind, value)
         run = collection.worker.run if rerank else run_in_threadpool  # re-ranking runs the model: its thread
-        find = functools.partial(ranked_hits, collection.index, vector, min(k, self.config.max_k), query=query,
-                                 kind=kind if kind in (TEXT, IMAGE) else VECTOR, model=collection.model, rerank=rerank,
-                                 rerank_k=rerank_k, weight=weight, max_depth=self.config.max_rerank_k)
+        kind = kind if kind in (TEXT, IMAGE) else VECTOR
         try:
+            target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
+            find = functools.partial(ranked_hits, target, vector, min(k, self.config.max_k), query=query, kind=kind,
+                                     model=collection.model, rerank=rerank, rerank_k=rerank_k, weight=weight,
+                                     max_depth=self.config.max_rerank_k)
             hits = await run(find)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        if target is not collection.index:  # captions: files and thumbnails are their images'
+            return await run_in_threadpool(self.caption_results, collection, hits)
         return [self.result(collection, hit.key, hit) for hit in hits]
+
+    def caption_results(self, collection: Collection, hits: list[Hit]) -> list[dict]:
+        """Caption hits as results: `id` and the URLs are its image's (so "more like this" and the files work as
+        for image hits), `caption_id` / `item_id` the caption's key and id; a caption whose image went
+        meanwhile drops out."""
+        image_keys = collection.index.store.keys_for([h.metadata.get("image_id") for h in hits])
+        out = []
+        for hit in hits:
+            image_key = image_keys.get(hit.metadata.get("image_id"))
+            if image_key is not None:
+                out.append({**self.result(collection, image_key, hit), "caption_id": hit.key})
+        return out
 
     @staticmethod
     def result(collection: Collection, key: int, hit: Hit) -> dict:
