@@ -74,7 +74,6 @@ def query_kind(query: Any) -> str:
 def embed_query(query: Any, index: Index, model=None) -> np.ndarray:
     """The query's unit-norm embedding, made by the index's model (or a checked `model`)."""
     kind = query_kind(query)
-    target = searched_collection(index, modality, kind=kind, rerank=rerank)
     if kind == "vector":
         return prepare_vectors(query, index.dim, what="the query")[0]
     return _embed(query, kind, index_model(index, model))
@@ -105,6 +104,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     kind = query_kind(query)
+    target = searched_collection(index, modality, kind=kind, rerank=rerank)
     target = searched_collection(index, modality, kind=kind, rerank=rerank)
     if kind == "vector":
         vector, model = prepare_vectors(query, index.dim, what="the query")[0], (model if rerank else None)
