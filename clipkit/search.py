@@ -105,7 +105,6 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
         raise ValueError(f"k must be a positive integer, got {k!r}")
     kind = query_kind(query)
     target = searched_collection(index, modality, kind=kind, rerank=rerank)
-    target = searched_collection(index, modality, kind=kind, rerank=rerank)
     if kind == "vector":
         vector, model = prepare_vectors(query, index.dim, what="the query")[0], (model if rerank else None)
     else:
