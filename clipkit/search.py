@@ -71,14 +71,6 @@ def query_kind(query: Any) -> str:
                      "a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding")
 
 
-def embed_query(query: Any, index: Index, model=None) -> np.ndarray:
-    """The query's unit-norm embedding, made by the index's model (or a checked `model`)."""
-    kind = query_kind(query)
-    if kind == "vector":
-        return prepare_vectors(query, index.dim, what="the query")[0]
-    return _embed(query, kind, index_model(index, model))
-
-
 def _embed(query: Any, kind: str, model) -> np.ndarray:
     if kind == TEXT:
         return encode_texts([query], model)[0]
