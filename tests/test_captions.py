@@ -147,3 +147,19 @@ def test_server_searches_captions_as_the_library_does(folder, demo, rerank):
         assert all(r["caption"] and r["path"] == index.get_by_key([r["id"]])[0]["path"] for r in results)
         refused = client.post("/search", json={"text": "a red circle", "modality": "text", "rerank": True})
         assert refused.status_code == 400 and "without re-ranking" in refused.json()["detail"]
+
+
+def test_clip_retrieval_text_modality_searches_captions(folder, demo):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    index = Index.from_folder(folder, demo)
+    with TestClient(create_app(index)) as client:
+        body = '{"text": "a small red circle", "modality": "text", "num_images": 4, "deduplicate": true}'
+        reply = client.post("/knn-service", content=body, headers={"content-type": "text/plain"}).json()
+    expected = clipkit.search("a small red circle", index, k=16, modality="text")
+    assert len(reply) == 4 and all(item["caption"] and item["url"] for item in reply)
+    assert reply[0]["caption"] == expected[0].metadata["caption"]
+    np.testing.assert_allclose(reply[0]["similarity"], expected[0].score, atol=1e-4)

@@ -180,7 +180,7 @@ BAD_REQUESTS = [
     ("/search", {"json": {"text": "x", "index": "nope"}}, 404, "no index named 'nope'"),
     ("/search", {"json": {"id": 987654}}, 404, "no item with id 987654"),
     ("/search", {"json": {"id": 3, "rerank": True}}, 400, "a vector query has neither"),  # the library's words
-    ("/knn-service", {"json": {"text": "x", "modality": "text", "num_images": 2}}, 400, "image embeddings only"),
+    ("/knn-service", {"json": {"text": "x", "modality": "text", "num_images": 2}}, 400, "holds no captions"),
     ("/knn-service", {"json": {"modality": "image", "num_images": 2}}, 400, "give one of"),
     ("/knn-service", {"json": {"text": "x", "num_images": -1}}, 422, "num_images"),
     ("/knn-service", {"json": {"image_url": "http://127.0.0.1/x.jpg", "num_images": 2}}, 403, "--allow-image-urls"),

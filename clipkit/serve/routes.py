@@ -50,16 +50,15 @@ async def knn_service(request: Request):
     service = request.app.state.service
     body = await _json_body(request, KnnRequest)
     collection = service.collection(body.indice_name)
-    if body.modality == "text":
-        raise BadRequest(f"index {collection.name!r} holds image embeddings only; use modality 'image'")
     kind, value = await _knn_query(service, body, collection)
     count = min(body.num_images, service.config.max_k)
     # candidates to search: num_result_ids as clip-retrieval, else enough to fill num_images after dedup
     wanted = body.num_result_ids or (4 * count if body.deduplicate else count)
     depth = min(max(wanted, count), service.config.max_k)
-    results = await service.search(collection, kind, value, depth)
+    results = await service.search(collection, kind, value, depth, modality=body.modality)
     if body.deduplicate:
-        results = await run_in_threadpool(_deduplicate, collection.index, results)
+        searched = collection.index.captions if body.modality == "text" else collection.index
+        results = await run_in_threadpool(_deduplicate, searched, results)
     base = str(request.base_url)
     out = []
     for result in results[:count]:
