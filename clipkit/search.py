@@ -32,8 +32,7 @@ class Hit:
 def index_model(index: Index, model=None, *, device=None, precision: str | None = None):
     """The model that embeds queries for `index`: `model` (checked against the one that built it), else
     the one the index records (name, weights, fingerprint), loaded once (on `device`, at `precision`) and
-    kept on the index. The one place the CLI,
-    the server, the demo and `search` get "the model this index records"."""
+    kept on the index: the one place the CLI, the server and `search` get "the model this index records"."""
     from clipkit.encode import as_model
     from clipkit.models import load_recorded_model, resolve_device
 
@@ -98,7 +97,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     kind = query_kind(query)
     target = searched_collection(index, modality, kind=kind, rerank=rerank)
     if kind == "vector":
-        vector, model = prepare_vectors(query, index.dim, what="the query")[0], (model if rerank else None)
+        vector, model = prepare_vectors(query, index.dim, what="the query")[0], None  # nothing to embed
     else:
         model = index_model(index, model)
         vector = _embed(query, kind, model)

@@ -186,10 +186,18 @@ class Structure:
     structures also the vectors, to re-rank `k_factor` x k shortlisted keys exactly."""
 
     def __init__(self, index: faiss.Index, factory: str = "Flat", params: dict | None = None):
-        self.index, self.factory, self.params = index, factory, dict(params or {})
-        apply_search_params(index, self.params)
+        self.index, self.factory = index, factory
         self.refine = RefineVectors(int(index.d)) if split_refine(factory)[1] else None
         self._gpu = None  # (GPU index, position -> key map or None), or False: not on the GPU
+        self.set_params(params or {})
+
+    def set_params(self, params: dict) -> None:
+        """Search with these parameters (nprobe, efSearch, k_factor) from now on, on the GPU copy too."""
+        self.params = dict(params)
+        apply_search_params(self.index, self.params)
+        if self._gpu:
+            with _GPU_LOCK:
+                apply_search_params(self._gpu[0], self.params)
 
     @classmethod
     def flat(cls, dim: int) -> "Structure":
@@ -219,8 +227,8 @@ class Structure:
         return size / max(1, self.ntotal)
 
     def add(self, vectors: np.ndarray, keys: np.ndarray, *, index_only: bool = False) -> None:
-        """Add vectors under keys (ascending, above every key already in); `index_only`: the refine
-        vectors are already attached (a loaded structure)."""
+        """Add vectors under keys (ascending, above every key already in); `index_only`: into the FAISS index
+        alone, the re-rank vectors being attached afterwards (the tuner's held-out items)."""
         for start in range(0, len(vectors), 100_000):
             self.index.add_with_ids(np.ascontiguousarray(vectors[start:start + 100_000], dtype=np.float32),
                                     np.ascontiguousarray(keys[start:start + 100_000], dtype=np.int64))

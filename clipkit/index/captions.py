@@ -29,6 +29,11 @@ def caption_file(image_path: str | Path) -> Path:
     return Path(image_path).with_suffix(".txt")
 
 
+def image_of(caption_id: str) -> str:
+    """The id of a caption item's image (caption ids are `IMAGE_ID#LINE`)."""
+    return caption_id.rpartition("#")[0]
+
+
 def read_captions(image_path: str | Path) -> list[str]:
     """The captions of an image: the non-empty lines of the .txt file beside it ([] without one)."""
     from clipkit.data.loader import caption_lines
@@ -58,7 +63,7 @@ def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set, m
     wanted = wanted_captions(image_ids)
     have = {}
     for item_id in collection.ids():
-        if item_id.startswith(prefix) or item_id.rpartition("#")[0] not in indexed:
+        if item_id.startswith(prefix) or image_of(item_id) not in indexed:
             have[item_id] = None
     if have:
         for record in collection.get(list(have)):

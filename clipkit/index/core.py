@@ -34,7 +34,7 @@ from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
 from clipkit.index import sync
-from clipkit.index.captions import CAPTIONS_DIR, CaptionReport, caption_file, sync_captions
+from clipkit.index.captions import CAPTIONS_DIR, CaptionReport, caption_file, image_of, sync_captions
 from clipkit.index.ann import Structure, check_index_type, choose_structure
 from clipkit.index.tune import build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
@@ -56,9 +56,10 @@ class Index:
                  target_recall: float = 0.95, memory_budget: int | None = None):
         """An empty index of `dim`-d vectors.
 
-        `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then IVF chosen by size and
-        `memory_budget`, its nprobe tuned at build time so recall@10 against exact stays >= `target_recall`),
-        or any FAISS factory string ("IVF1024,Flat", "HNSW32", "IVF4096,PQ32", ...), tuned the same way.
+        `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then the fastest structure that
+        fits `memory_budget` and keeps recall@10 against exact >= `target_recall`, chosen and tuned at build
+        time: see clipkit/index/tune.py), or any FAISS factory string ("IVF1024,Flat", "HNSW32",
+        "IVF1024,PQ128x4fs,RFlat", ...), tuned the same way.
         """
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -242,13 +243,11 @@ class Index:
         """The structure built anew from the store (its search parameters kept unless `tune`); made current.
         A tuned one leaves its report in `self._tuning` for `_record_structure`."""
         with self.store.snapshot():
-            batches = list(self.store.vectors_after(-1, self.dim))
+            keys, ids, vectors = self.store.all_items(self.dim)
             generation = self.store.generation()
             index_type = self.index_type
             recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
             params = self.store.info("search_params")
-        keys = np.concatenate([k for k, _, _ in batches]) if batches else np.zeros(0, np.int64)
-        vectors = np.concatenate([v for _, _, v in batches]) if batches else np.zeros((0, self.dim), np.float32)
         if tune or self._outgrown(len(keys)):
             params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
         else:
@@ -258,8 +257,7 @@ class Index:
             target_recall=self.store.info("target_recall", 0.95), params=params)
         self._structure, self._keys, self._generation = structure, keys, generation
         self._id_by_key = np.zeros(0, dtype=np.int64)
-        for batch_keys, batch_ids, _ in batches:
-            self._remember_ids(batch_keys, batch_ids)
+        self._remember_ids(keys, ids)
         return structure
 
     def _remember_ids(self, keys: np.ndarray, ids: list) -> None:
@@ -332,7 +330,8 @@ class Index:
         rows = [meta_row(m) for m in metadata]
 
         def change(store: Store):
-            given = ids if ids is not None else list(range(store.info("next_key", 0), store.info("next_key", 0) + n))
+            start = store.info("next_key", 0)
+            given = ids if ids is not None else list(range(start, start + n))
             clash = list(store.keys_for(given))
             if clash:
                 raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}; remove them first")
@@ -363,8 +362,8 @@ class Index:
     def build(self, sample_queries: Any = None) -> None:
         """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
 
-        `sample_queries` (M, D), e.g. text embeddings of typical queries, tune nprobe/efSearch on the
-        queries this index will see; otherwise perturbed samples of the data are used.
+        `sample_queries` (M, D), e.g. text embeddings of typical queries, tune nprobe/efSearch/k_factor on the
+        queries this index will see; otherwise held-out items of the collection are used.
         Searches are exact until then for trained types; `add` after a build goes into the built structure.
         """
         self._build(sample_queries)
@@ -467,8 +466,7 @@ class Index:
         """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
         with self._lock:
             if ids is None:
-                batches = [v for _, _, v in self.store.vectors_after(-1, self.dim)]
-                return np.concatenate(batches) if batches else np.zeros((0, self.dim), np.float32)
+                return self.store.all_items(self.dim)[2]
             keys = self.keys(ids)
             return self.store.vectors(keys, self.dim)
 
@@ -534,7 +532,7 @@ class Index:
     def _sync_captions(self, folder: Path, model) -> "CaptionReport | None":
         """The captions of the images under `folder` (NAME.txt beside NAME.jpg), in step with their files."""
         prefix = str(folder).rstrip(os.sep) + os.sep
-        indexed = {i for i in self.store.ids() if isinstance(i, str)}
+        indexed = self._file_ids()
         image_ids = [i for i in indexed if i.startswith(prefix)]
         collection = self.captions
         if collection is None:
@@ -565,13 +563,17 @@ class Index:
         self._drop_orphan_captions()
         return removed
 
+    def _file_ids(self) -> set:
+        """The ids of the items that are files (their absolute paths)."""
+        return {i for i in self.store.ids() if isinstance(i, str)}
+
     def _drop_orphan_captions(self) -> None:
         """Captions whose image is no longer in the index go with it."""
         collection = self.captions
         if collection is None:
             return
-        indexed = {i for i in self.store.ids() if isinstance(i, str)}
-        orphans = [c for c in collection.ids() if c.rpartition("#")[0] not in indexed]
+        indexed = self._file_ids()
+        orphans = [c for c in collection.ids() if image_of(c) not in indexed]
         if orphans:
             collection.remove(orphans)
 
@@ -702,8 +704,8 @@ class Index:
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__, DB_FILE)
             return False
         if structure.refine is not None:  # the file holds codes; the exact re-rank reads the stored vectors
-            batches = list(self.store.vectors_after(-1, self.dim))
-            structure.attach_vectors(np.concatenate([b[0] for b in batches]), np.concatenate([b[2] for b in batches]))
+            stored_keys, _, vectors = self.store.all_items(self.dim)
+            structure.attach_vectors(stored_keys, vectors)
         self._structure, self._keys = structure, keys
         self._id_by_key = np.zeros(0, dtype=np.int64)
         self._remember_ids(keys, ids)
@@ -731,7 +733,6 @@ def _ids_of(values: list) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
-
 
 
 def read_config(path: Path) -> dict:

@@ -204,12 +204,6 @@ class Store:
     def ids(self) -> list:
         return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
 
-    def ids_by_key(self, keys: list[int]) -> dict:
-        found = {}
-        for chunk in chunks(keys):
-            found.update(self.db.execute(f"SELECT key, id FROM items WHERE key IN ({marks(chunk)})", chunk).fetchall())
-        return found
-
     def records_by_key(self, keys: list[int]) -> dict[int, dict]:
         """key -> record ({'id', 'path', 'mtime', 'size', 'caption', ...extra}) for keys in the store."""
         return self._records("items.key", keys)
@@ -238,6 +232,14 @@ class Store:
         while rows := cursor.fetchmany(batch):
             yield (np.asarray([k for k, _, _ in rows], dtype=np.int64), [i for _, i, _ in rows],
                    blobs_to_vectors([b for _, _, b in rows], dim))
+
+    def all_items(self, dim: int) -> tuple[np.ndarray, list, np.ndarray]:
+        """(keys, ids, vectors) of every item, in key order."""
+        batches = list(self.vectors_after(-1, dim))
+        if not batches:
+            return np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32)
+        return (np.concatenate([keys for keys, _, _ in batches]), [i for _, ids, _ in batches for i in ids],
+                np.concatenate([vectors for _, _, vectors in batches]))
 
     def keys_and_ids(self) -> tuple[np.ndarray, list]:
         rows = self.db.execute("SELECT key, id FROM items ORDER BY key").fetchall()

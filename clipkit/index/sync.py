@@ -183,17 +183,18 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
         root = store.add_root(plan.root_folder)
         store.adopt(root, plan.root_folder, str(plan.root))
         gone = list(store.keys_for(plan.gone).values())
-        new_keys, new_ids, blobs = [], [], []
-        for old_id, path, stat in plan.moved:
+        store.delete_keys(gone)
+        moved_from, new_keys, new_ids, blobs = [], [], [], []
+        for old_id, path, stat in plan.moved:  # each re-keyed by store.move, its embedding kept
             old_key, new_key, blob = store.move(old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(),
                                                 stat.st_mtime, stat.st_size)
-            gone.append(old_key)
+            moved_from.append(old_key)
             new_keys.append(new_key)
             new_ids.append(str(path))
             blobs.append(blob)
-        store.delete_keys(gone[:len(gone) - len(plan.moved)])
         store.drop_empty_roots(keep=root)
-        return root, np.asarray(new_keys, np.int64), new_ids, blobs_to_vectors(blobs, index.dim), gone
+        return (root, np.asarray(new_keys, np.int64), new_ids, blobs_to_vectors(blobs, index.dim),
+                gone + moved_from)
 
     root = index._write(reorganise)
     report.moved, report.removed = len(plan.moved), len(plan.gone)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from clipkit.index.ann import Structure, apply_search_params, candidates, empty_structure
+from clipkit.index.ann import Structure, candidates, empty_structure
 
 log = logging.getLogger("clipkit.index")
 
@@ -75,16 +75,15 @@ def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, m
     if params:  # a rebuild of the structure recorded earlier (`index_type` is its factory string)
         structure = empty_structure(options[0], vectors)
         structure.add(vectors, keys)
-        structure.params = dict(params)
-        apply_search_params(structure.index, structure.params)
+        structure.set_params(params)
         return structure, None
     return tune_structure(options, vectors, keys, target=target_recall, sample_queries=sample_queries, k=k,
-                n_queries=n_queries, allow_flat=index_type == "auto")
+                          n_queries=n_queries, allow_flat=index_type == "auto")
 
 
 def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *, target: float = 0.95,
-         sample_queries: np.ndarray | None = None, k: int = 10, n_queries: int = 2000,
-         allow_flat: bool = True) -> tuple[Structure, Tuning]:
+                   sample_queries: np.ndarray | None = None, k: int = 10, n_queries: int = 2000,
+                   allow_flat: bool = True) -> tuple[Structure, Tuning]:
     """Build every structure in `options`, tune each to `target`, keep the fastest (see the module doc)."""
     rng = np.random.default_rng(0)
     held = np.zeros(len(vectors), bool)
@@ -101,7 +100,8 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
     split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
     tried, built = [], {}
     if allow_flat:
-        tried.append({"structure": "Flat", "params": {}, "recall": 1.0, "seconds": _time(exact, split.tune, k)})
+        tried.append({"structure": "Flat", "params": {}, "recall": 1.0,
+                      "seconds": _time(lambda: exact.search(split.tune, k))})
     quantizer = None
     for factory in options:  # trained on every item (k-means barely notices 5%), filled without the held-out
         structure = empty_structure(factory, vectors, faiss.clone_index(quantizer) if quantizer else None)
@@ -115,8 +115,7 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
         structure.add(vectors, keys)
     else:
         structure = built[chosen["structure"]]
-        structure.params = dict(chosen["params"])
-        apply_search_params(structure.index, structure.params)
+        structure.set_params(chosen["params"])
         if held.any():  # the held-out items join the structure now
             structure.add(vectors[held], keys[held], index_only=True)
             structure.attach_vectors(keys, vectors)  # re-rank rows in key order (a no-op without re-rank)
@@ -132,9 +131,8 @@ def _quantizer(structure: Structure):
     return ivf.quantizer if ivf is not None else None
 
 
-def _time(index, queries: np.ndarray, k: int, search=None) -> float:
-    """Seconds for one batched search of `queries` (the better of two runs: the machine is shared)."""
-    search = search or (lambda: index.search(queries, k))
+def _time(search) -> float:
+    """Seconds for one call of `search` (the better of two runs: the machine is shared)."""
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
@@ -143,21 +141,28 @@ def _time(index, queries: np.ndarray, k: int, search=None) -> float:
     return best
 
 
-def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> list[dict]:
-    """For each k_factor, the smallest nprobe (or efSearch) meeting `goal` on the tuning half, timed."""
+def _grid(structure: Structure) -> tuple[str, list[int]]:
+    """The search parameter to tune and its values, smallest (cheapest) first."""
     ivf = faiss.try_extract_index_ivf(structure.index)
     if ivf is not None:
-        name, values = "nprobe", [v for v in NPROBES if v < ivf.nlist] + [int(ivf.nlist)]
-    else:
-        name, values = "efSearch", list(EF_SEARCH)
+        return "nprobe", [v for v in NPROBES if v < ivf.nlist] + [int(ivf.nlist)]
+    return "efSearch", list(EF_SEARCH)
+
+
+def _recall(structure: Structure, params: dict, queries: np.ndarray, truth: np.ndarray, k: int) -> float:
+    structure.set_params(params)
+    return recall_at(structure.search(queries, k)[1], truth)
+
+
+def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> list[dict]:
+    """For each k_factor, the smallest nprobe (or efSearch) meeting `goal` on the tuning half, timed."""
+    name, values = _grid(structure)
     out = []
     for k_factor in (K_FACTORS if structure.refine is not None else (None,)):
         extra = {} if k_factor is None else {"k_factor": k_factor}
         best = {name: _smallest_meeting(structure, name, values, extra, split, goal, k), **extra}
-        structure.params = best
-        apply_search_params(structure.index, best)
-        recall = recall_at(structure.search(split.tune, k)[1], split.tune_truth)
-        seconds = _time(None, split.tune, k, lambda: structure.search(split.tune, k))
+        recall = _recall(structure, best, split.tune, split.tune_truth, k)
+        seconds = _time(lambda: structure.search(split.tune, k))
         out.append({"structure": structure.factory, "params": best, "recall": recall, "seconds": seconds})
     return out
 
@@ -168,9 +173,7 @@ def _smallest_meeting(structure: Structure, name: str, values: list[int], extra:
     low, high = 0, len(values) - 1
     while low < high:
         middle = (low + high) // 2
-        structure.params = {name: values[middle], **extra}
-        apply_search_params(structure.index, structure.params)
-        if recall_at(structure.search(split.tune, k)[1], split.tune_truth) >= goal:
+        if _recall(structure, {name: values[middle], **extra}, split.tune, split.tune_truth, k) >= goal:
             high = middle
         else:
             low = middle + 1
@@ -207,23 +210,16 @@ def _confirm(structure: Structure, setting: dict, split: _Queries, goal: float, 
     """`setting`, its nprobe / efSearch raised step by step until recall on the unseen half meets `goal`:
     (the confirmed setting with its estimate and time, or None; the last estimate)."""
     params = dict(setting["params"])
-    name = next((n for n in ("nprobe", "efSearch") if n in params), None)
-    grid = list(NPROBES if name == "nprobe" else EF_SEARCH if name else [None])
-    start = grid.index(params[name]) if name and params[name] in grid else 0
+    name, grid = _grid(structure)
+    start = grid.index(params[name]) if params.get(name) in grid else 0
     estimate = 0.0
     for value in grid[start:start + steps]:
-        if name:
+        if name in params:
             params[name] = value
-        estimate = _check(structure, {"params": params}, split, k)
+        estimate = _recall(structure, params, split.check, split.check_truth, k)
         if estimate >= goal:
-            seconds = _time(None, split.tune, k, lambda: structure.search(split.tune, k))
+            seconds = _time(lambda: structure.search(split.tune, k))
             return dict(setting, params=dict(params), estimate=estimate, seconds=seconds), estimate
-        if not name:
+        if name not in params:
             break
     return None, estimate
-
-
-def _check(structure: Structure, setting: dict, split: _Queries, k: int) -> float:
-    structure.params = dict(setting["params"])
-    apply_search_params(structure.index, structure.params)
-    return recall_at(structure.search(split.check, k)[1], split.check_truth)
