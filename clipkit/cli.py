@@ -132,6 +132,14 @@ def _add_serve_command(commands) -> None:
                        help="fetch image_url queries (public http(s) hosts only; default: refused)")
     serve.add_argument("--max-k", type=_positive_int, default=1000, help="most results per query (default: 1000)")
     serve.add_argument("--max-body-mb", type=_positive_int, default=20, help="request size limit (default: 20 MB)")
+    serve.add_argument("--max-result-ids", type=_positive_int, default=10_000,
+                       help="clip-retrieval: most num_result_ids per query (default: 10000)")
+    serve.add_argument("--front", default=None, metavar="DIR",
+                       help="serve clip-retrieval's front end build (its front/build folder) at /front/, "
+                            "pointed at this server")
+    serve.add_argument("--inline-images", type=int, default=0, metavar="PIXELS",
+                       help="clip-retrieval replies carry each image as base64 JPEG of this size, as its own back "
+                            "end does (default: 0, off: results carry the image's URL)")
     serve.add_argument("--device", default=None)
 
 
@@ -493,8 +501,15 @@ def cmd_serve(args) -> int:
         path = parse_index_spec(spec)[1]
         if not Path(path).exists():
             raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
+    if args.front:
+        from clipkit.serve.app import check_front_dir
+
+        check_front_dir(args.front)
+    if not 0 <= args.inline_images <= 1024:
+        raise UsageError("--inline-images must be between 0 (off) and 1024 pixels")
     config = ServeConfig(max_k=args.max_k, max_body_bytes=args.max_body_mb * 2**20,
-                         allow_image_urls=args.allow_image_urls, cors_origins=args.cors)
+                         allow_image_urls=args.allow_image_urls, cors_origins=args.cors,
+                         max_result_ids=args.max_result_ids, front_dir=args.front, inline_images=args.inline_images)
     serve(specs, host=args.host, port=args.port, config=config, device=args.device,
           log_level="warning" if args.quiet else "info")
     return 0

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +86,67 @@ def image_folder(tmp_path) -> Path:
     (root / ".hidden.png").write_bytes((root / "red circle.png").read_bytes())
     (root / "notes.txt").write_text("not an image either, and not an image name")
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# `clipkit serve` in a process of its own, and Chromium to drive pages
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(*args: str):
+    """`clipkit -q serve ARGS --port P --device cpu` in a process; yields its base URL once it answers."""
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", *args, "--port", str(port),
+                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # wait for the server to answer (model loading takes a few seconds)
+            try:
+                if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"clipkit serve did not start: {process.stdout.read().decode(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@contextlib.contextmanager
+def chromium(width: int = 1200, height: int = 900):
+    """A headless Chromium driven by selenium; skipped (failed under CI) where it is not installed."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        message = ("Chromium and chromedriver are not installed (Debian: bash tests/install-chromium.sh, or "
+                   "apt-get install chromium chromium-driver); the browser tests need them")
+        if os.environ.get("CI"):
+            pytest.fail(message + " and CI must run them")
+        pytest.skip(message)
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

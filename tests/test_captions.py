@@ -163,3 +163,29 @@ def test_clip_retrieval_text_modality_searches_captions(folder, demo):
     assert len(reply) == 4 and all(item["caption"] and item["url"] for item in reply)
     assert reply[0]["caption"] == expected[0].metadata["caption"]
     np.testing.assert_allclose(reply[0]["similarity"], expected[0].score, atol=1e-4)
+
+
+def test_page_searches_captions_by_image_in_chromium(folder, demo, tmp_path):
+    """clipkit's own page: with "Find captions", an uploaded image lists the captions nearest to it."""
+    pytest.importorskip("fastapi")
+    from conftest import chromium, running_server
+
+    index = Index.from_folder(folder, demo)
+    index.save(tmp_path / "ix")
+    image = sorted(folder.glob("*.jpg"))[3]
+    expected = clipkit.search(image, index, k=20, modality="text")
+    with running_server("--index", str(tmp_path / "ix")) as url, chromium() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select, WebDriverWait
+
+        wait = WebDriverWait(driver, 60)
+        driver.get(url)
+        wait.until(lambda d: "images indexed" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "modality-field").is_displayed()  # the index holds captions
+        Select(driver.find_element(By.ID, "modality")).select_by_value("text")
+        driver.find_element(By.ID, "image-input").send_keys(str(image))
+        wait.until(lambda d: "captions for" in d.find_element(By.ID, "status").text)
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .caption")]
+        assert shown == [h.metadata["caption"] for h in expected]
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))

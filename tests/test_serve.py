@@ -23,6 +23,7 @@ from clipkit.cli import build_parser, main  # noqa: E402
 from clipkit.data.synthetic import write_synthetic  # noqa: E402
 from clipkit.serve import ServeConfig, create_app  # noqa: E402
 from clipkit.serve.fetch import FetchError, check_public_url  # noqa: E402
+from conftest import chromium, running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def _brute_force(served, vector, k):
 def test_health_indices_and_openapi(client):
     info = client.get("/healthz").json()
     assert info["status"] == "ok" and info["indexes"]["photos"] == {"items": 41, "model": "clipkit-demo",
-                                                                      "dim": 128, "rerank": True}
+                                                                      "dim": 128, "rerank": True,
+                                                                      "captions": 0}
     assert client.get("/indices-list").json() == ["photos"]
     spec = client.get("/openapi.json").json()
     for route in ("/search", "/knn-service", "/metadata", "/image/{item_id}", "/thumbnail/{item_id}", "/healthz"):
@@ -153,8 +155,11 @@ def test_clip_retrieval_round_trip(client, served):
     for i in range(20):  # greedy: keep what is under 0.94 cosine of every better-ranked kept result
         if all(vectors[i] @ vectors[j] < 0.94 for j in kept):
             kept.append(i)
-    got = [r["image_path"] for r in deduplicated]
+    got = [r["image_path"] for r in deduplicated[:5]]  # num_images with their metadata ...
     assert len(got) == 5 and got[1:] == [near[i] for i in kept[1:5]]
+    assert len(deduplicated) == len(kept)  # ... and the rest of num_result_ids (deduplicated) as ids only
+    assert all(set(r) == {"id", "similarity"} for r in deduplicated[5:])
+    assert [r["id"] for r in deduplicated[1:]] == served["index"].keys([near[i] for i in kept[1:]])
     assert Path(got[0]).name in set(names[:2])  # the file or its copy (they tie), never both
     embedded = client.post("/knn-service", json={"embedding_input": vector.tolist(), "modality": "image",
                                                  "num_images": 4, "indice_name": "photos"}).json()
@@ -296,58 +301,18 @@ def test_cli_serve_errors_and_defaults(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # The page in a real browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(served):
-    port = _free_port()
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", "--index",
-                                str(served["root"] / "photos.clipkit"), "--port", str(port), "--device", "cpu"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:  # wait for the server to answer (model loading takes a few seconds)
-        try:
-            if httpx.get(url + "healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"clipkit serve did not start: {process.stdout.read().decode(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running_server("--index", str(served["root"] / "photos.clipkit")) as url:
+        yield url
 
 
 def test_page_in_headless_chromium(server, served, tmp_path):
-    if not (CHROMIUM and CHROMEDRIVER):
-        message = ("Chromium and chromedriver are not installed (Debian: bash tests/install-chromium.sh, or "
-                   "apt-get install chromium chromium-driver); the browser test needs them")
-        if os.environ.get("CI"):
-            pytest.fail(message + " and CI must run it")
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    with chromium() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
-    try:
         wait = WebDriverWait(driver, 60)
         driver.get(server)
         wait.until(lambda d: "images indexed" in d.find_element(By.ID, "status").text)
@@ -382,8 +347,6 @@ def test_page_in_headless_chromium(server, served, tmp_path):
         # search by image file through the file picker
         driver.find_element(By.ID, "image-input").send_keys(str(served["photos"] / "train-000000011.jpg"))
         wait.until(lambda d: "results for train-" in d.find_element(By.ID, "status").text)
-    finally:
-        driver.quit()
 
 
 

@@ -22,6 +22,7 @@ from clipkit.errors import ClipkitError
 from clipkit.index import Index
 from clipkit.search import index_model
 from clipkit.serve.batcher import Batcher, ModelWorker
+from clipkit.serve import clip_retrieval
 from clipkit.serve.routes import router
 from clipkit.serve.service import STATIC_DIR, BodyTooLarge, Collection, ServeConfig, Service
 
@@ -119,7 +120,20 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(router)
+    app.include_router(clip_retrieval.router)
+    if config.front_dir:  # after /front/config.json, which the router answers
+        app.mount("/front", StaticFiles(directory=check_front_dir(config.front_dir), html=True), name="front")
     return app
+
+
+def check_front_dir(front_dir: str) -> Path:
+    """The folder of clip-retrieval's front end build (its index.html and main.*.js), or a ValueError."""
+    path = Path(front_dir)
+    if not (path / "index.html").is_file() or not any(path.glob("main*.js")):
+        raise ValueError(f"--front {front_dir}: not a clip-retrieval front end build (no index.html and main.*.js "
+                         "there); it is the front/build folder of the clip-retrieval package, or of `npm run build` "
+                         "in its front/ folder")
+    return path
 
 
 def parse_index_spec(spec: str) -> tuple[str, str]:
@@ -155,4 +169,6 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
                 key = (info["name"], info.get("pretrained"))
                 loaded[key] = index_model(index, loaded.get(key), device=device)
     app = create_app(indexes, config=config)
+    if config is not None and config.front_dir and log_level != "warning":
+        print(f"clip-retrieval's front end: http://{host}:{port}/front/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

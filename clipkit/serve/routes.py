@@ -1,5 +1,5 @@
-"""The HTTP routes: the web page, clip-retrieval's protocol (/indices-list, /knn-service, /metadata) and
-clipkit's own (/search, /image, /thumbnail, /healthz), over the app's `Service` (`request.app.state.service`)."""
+"""clipkit's own HTTP routes: the web page, /search, /image, /thumbnail and /healthz, over the app's `Service`
+(`request.app.state.service`). clip-retrieval's protocol is in `clipkit.serve.clip_retrieval`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import ValidationError
 
-from clipkit.serve.service import (ITEM, STATIC_DIR, VECTOR, BadRequest, BodyTooLarge, Collection, KnnRequest,
-                                   MetadataRequest, SearchRequest, Service, _b64decode, _deduplicate, _json_body,
-                                   _schema)
+from clipkit.serve import clip_retrieval
 from clipkit.serve.batcher import IMAGE, TEXT
-from clipkit.serve.fetch import FetchError, fetch_image_bytes
+from clipkit.serve.service import (ITEM, STATIC_DIR, VECTOR, BadRequest, BodyTooLarge, SearchRequest, _b64decode,
+                                   _json_body, _schema)
 
 router = APIRouter()
 
@@ -32,84 +31,7 @@ async def page():
 @router.get("/healthz", summary="Liveness, the served indexes and the limits")
 async def healthz(request: Request):
     service = request.app.state.service
-    return service.info()
-
-
-# -- clip-retrieval's protocol ----------------------------------------------------------------
-
-
-@router.get("/indices-list", summary="clip-retrieval: the index names")
-async def indices_list(request: Request):
-    service = request.app.state.service
-    return list(service.collections)
-
-
-@router.post("/knn-service", summary="clip-retrieval: nearest neighbours of a text, image, URL or embedding",
-             openapi_extra=_schema(KnnRequest))
-async def knn_service(request: Request):
-    service = request.app.state.service
-    body = await _json_body(request, KnnRequest)
-    collection = service.collection(body.indice_name)
-    kind, value = await _knn_query(service, body, collection)
-    count = min(body.num_images, service.config.max_k)
-    # candidates to search: num_result_ids as clip-retrieval, else enough to fill num_images after dedup
-    wanted = body.num_result_ids or (4 * count if body.deduplicate else count)
-    depth = min(max(wanted, count), service.config.max_k)
-    results = await service.search(collection, kind, value, depth, modality=body.modality)
-    if body.deduplicate:
-        searched = collection.index.captions if body.modality == "text" else collection.index
-        results = await run_in_threadpool(_deduplicate, searched, results)
-    base = str(request.base_url)
-    out = []
-    for result in results[:count]:
-        item = {"id": result["id"], "similarity": result["score"]}
-        if "caption" in result:
-            item["caption"] = result["caption"]
-        if "path" in result:
-            item["image_path"] = result["path"]
-            item["url"] = base + result["image_url"]
-        out.append(item)
-    return out
-
-
-async def _knn_query(service: Service, body: KnnRequest, collection: Collection) -> tuple[str, Any]:
-    if body.text:  # clip-retrieval's page sends text "" beside an image
-        return TEXT, body.text
-    if body.image:
-        return IMAGE, await service.decode_upload(_b64decode(body.image), collection)
-    if body.image_url:
-        if not service.config.allow_image_urls:
-            raise BadRequest("this server does not fetch image_url (start it with --allow-image-urls)", 403)
-        try:
-            data = await run_in_threadpool(fetch_image_bytes, body.image_url, service.config.max_body_bytes)
-        except FetchError as exc:
-            raise BadRequest(str(exc)) from None
-        return IMAGE, await service.decode_upload(data, collection)
-    if body.embedding_input is not None:
-        return VECTOR, body.embedding_input
-    raise BadRequest("give one of text, image, image_url or embedding_input")
-
-
-@router.post("/metadata", summary="clip-retrieval: metadata of items by id", openapi_extra=_schema(MetadataRequest))
-async def metadata(request: Request):
-    service = request.app.state.service
-    body = await _json_body(request, MetadataRequest)
-    collection = service.collection(body.indice_name)
-    if len(body.ids) > service.config.max_k:
-        raise BadRequest(f"at most {service.config.max_k} ids per request")
-    records = await run_in_threadpool(collection.index.get_by_key, body.ids)
-    base = str(request.base_url)
-    out = []
-    for key, record in zip(body.ids, records):
-        if record is None:
-            continue
-        meta = {k: v for k, v in record.items() if k not in ("path", "mtime", "size")}
-        meta["item_id"] = meta.pop("id")
-        if record.get("path"):
-            meta["image_path"] = record["path"]
-            meta["url"] = f"{base}image/{key}?index={collection.name}"
-        out.append({"id": key, "metadata": meta})
-    return out
+    return {**service.info(), "clip_retrieval": clip_retrieval.status(service)}
 
 
 # -- clipkit's own -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import collections
 import functools
 import io
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,17 @@ from clipkit.index import Index, prepare_vectors
 from clipkit.search import Hit, ranked_hits, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
 
+log = logging.getLogger("clipkit.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 VECTOR, ITEM = "vector", "item"
 
 
 @dataclass
 class ServeConfig:
-    max_k: int = 1000  # results per query (k, num_images and num_result_ids are capped to it)
+    max_k: int = 1000  # results per query (k and num_images are capped to it) and ids per /metadata request
+    max_result_ids: int = 10_000  # clip-retrieval's num_result_ids (results without metadata) are capped to it
+    inline_images: int = 0  # clip-retrieval replies carry each image as a base64 JPEG this many pixels wide (0: no)
+    front_dir: str | None = None  # clip-retrieval's front end build, served at /front/
     max_rerank_k: int = 200  # candidates the ITM head scores per query
     max_body_bytes: int = 20 * 2**20  # whole request body, JSON or multipart
     allow_image_urls: bool = False  # fetch `image_url` queries (public http(s) hosts only)
@@ -58,26 +63,7 @@ class BadRequest(HTTPException):
 
 
 # ---------------------------------------------------------------------------------------------
-# Request bodies (unknown fields are ignored: clip-retrieval's clients send flags clipkit lacks)
-
-
-class KnnRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    text: str | None = None
-    image: str | None = Field(None, description="base64-encoded image file")
-    image_url: str | None = None
-    embedding_input: list[float] | None = None
-    modality: Literal["image", "text"] = "image"
-    num_images: int = Field(40, ge=1)
-    num_result_ids: int | None = Field(None, ge=1)
-    indice_name: str | None = None
-    deduplicate: bool = False
-
-
-class MetadataRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    ids: list[int]
-    indice_name: str | None = None
+# clipkit's request body (unknown fields are ignored)
 
 
 class SearchRequest(BaseModel):
@@ -112,6 +98,14 @@ class Service:
         self.config = config
         self._thumbnails: collections.OrderedDict = collections.OrderedDict()
         self._thumbnail_lock = threading.Lock()
+        self._unsupported_noted: set[str] = set()
+
+    def note_unsupported(self, names: list[str], reasons: dict[str, str]) -> None:
+        """Log, once per option, that a client asked for something this server does not implement."""
+        for name in names:
+            if name not in self._unsupported_noted:
+                self._unsupported_noted.add(name)
+                log.warning("a client asked for %s, which clipkit does not implement: %s", name, reasons[name])
 
     def collection(self, name: str | None) -> Collection:
         if name is None or name == "":
@@ -157,15 +151,16 @@ class Service:
             raise BadRequest(str(exc)) from None
 
     async def search(self, collection: Collection, kind: str, value: Any, k: int, *, rerank: bool = False,
-                     rerank_k: int | None = None, weight: float | None = None, modality: str = "image") -> list[dict]:
-        """The library's search (`clipkit.search.ranked_hits`) with the server's limits; what the library
-        refuses is a 400 with its message."""
+                     rerank_k: int | None = None, weight: float | None = None, modality: str = "image",
+                     max_k: int | None = None) -> list[dict]:
+        """The library's search (`clipkit.search.ranked_hits`) with the server's limits (at most `max_k`
+        results, default `config.max_k`); what the library refuses is a 400 with its message."""
         vector, query = await self.query(collection, kind, value)
         run = collection.worker.run if rerank else run_in_threadpool  # re-ranking runs the model: its thread
         kind = kind if kind in (TEXT, IMAGE) else VECTOR
         try:
             target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
-            find = functools.partial(ranked_hits, target, vector, min(k, self.config.max_k), query=query, kind=kind,
+            find = functools.partial(ranked_hits, target, vector, min(k, max_k or self.config.max_k), query=query, kind=kind,
                                      model=collection.model, rerank=rerank, rerank_k=rerank_k, weight=weight,
                                      max_depth=self.config.max_rerank_k)
             hits = await run(find)
@@ -237,10 +232,11 @@ class Service:
         return {
             "status": "ok", "version": __version__,
             "indexes": {name: {"items": len(c.index), "model": c.model.name, "dim": c.index.dim,
-                               "rerank": c.model.itm is not None}
+                               "rerank": c.model.itm is not None,
+                               "captions": len(c.index.captions) if c.index.captions is not None else 0}
                         for name, c in self.collections.items()},
             "limits": {"max_k": self.config.max_k, "max_rerank_k": self.config.max_rerank_k,
-                       "max_body_bytes": self.config.max_body_bytes},
+                       "max_result_ids": self.config.max_result_ids, "max_body_bytes": self.config.max_body_bytes},
             "encoder_calls": sum(c.batcher.batches for c in self._batchers()),
             "encoded_queries": sum(c.batcher.items for c in self._batchers()),
         }

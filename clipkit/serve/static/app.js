@@ -13,7 +13,11 @@ function setStatus(text, isError = false) {
 function updateRerank() {
   const entry = info && info.indexes[indexName()];
   $("rerank-field").hidden = !(entry && entry.rerank);
+  $("modality-field").hidden = !(entry && entry.captions > 0);
+  if ($("modality-field").hidden) $("modality").value = "image";
 }
+
+function modality() { return $("modality").value; }
 
 async function init() {
   try {
@@ -64,7 +68,9 @@ async function search(body, label) {
   }
   render(data.results);
   const how = data.reranked ? ", re-ranked" : "";
-  setStatus(`${data.results.length} results for ${label} in ${data.took_ms} ms${how}.`);
+  const what = body instanceof FormData ? body.get("modality") : body.modality;
+  const noun = what === "text" ? "captions" : "results";
+  setStatus(`${data.results.length} ${noun} for ${label} in ${data.took_ms} ms${how}.`);
 }
 
 function render(results) {
@@ -87,7 +93,8 @@ function render(results) {
       button.addEventListener("click", () => {
         $("query-preview").hidden = false;
         $("query-preview").replaceChildren(img.cloneNode(), document.createTextNode("Images like " + name));
-        search({ id: hit.id, k: resultsWanted(), index: indexName() }, `images like ${name}`);
+        search({ id: hit.id, k: resultsWanted(), index: indexName(), modality: modality() },
+               modality() === "text" ? `captions like ${name}` : `images like ${name}`);
       });
       item.append(button);
     }
@@ -101,6 +108,12 @@ function render(results) {
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
     meta.append(label, score);
+    if (hit.caption_id !== undefined) {
+      const caption = document.createElement("p");
+      caption.className = "caption";
+      caption.textContent = hit.caption;
+      meta.append(caption);
+    }
     item.append(meta);
     list.append(item);
   });
@@ -121,6 +134,7 @@ function searchImageFile(file) {
   const form = new FormData();
   form.append("image", file);
   form.append("k", String(resultsWanted()));
+  form.append("modality", modality());
   if (indexName()) form.append("index", indexName());
   search(form, file.name);
 }
@@ -130,8 +144,9 @@ $("search-form").addEventListener("submit", (event) => {
   const text = $("query").value.trim();
   if (!text) { setStatus("Type something to search for.", true); return; }
   $("query-preview").hidden = true;
-  const rerank = !$("rerank-field").hidden && $("rerank").checked;
-  search({ text, k: resultsWanted(), rerank, index: indexName() }, `“${text}”`);
+  // ITM re-ranks text -> image and image -> text; text -> text has nothing for it to match
+  const rerank = !$("rerank-field").hidden && $("rerank").checked && modality() === "image";
+  search({ text, k: resultsWanted(), rerank, index: indexName(), modality: modality() }, `“${text}”`);
 });
 $("image-input").addEventListener("change", (event) => searchImageFile(event.target.files[0]));
 $("image-button").addEventListener("keydown", (event) => {
