@@ -47,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_index_command(commands, default_model: str) -> None:
     index = commands.add_parser("index", help="index (or update the index of) a folder of images")
-    index.add_argument("folder", help="folder of images, searched recursively")
+    index.add_argument("folder", metavar="SOURCE",
+                       help="folder of images, searched recursively (captions: NAME.txt beside NAME.jpg), or a caption "
+                            "table (.csv / .jsonl) listing images and their captions")
+    index.add_argument("--captions", default=None, metavar="TABLE",
+                       help="captions of the folder's images from a .csv / .jsonl table (remembered for later runs)")
+    index.add_argument("--image-column", default="image", help="caption table: the image path column (default: image)")
+    index.add_argument("--caption-column", default="caption",
+                       help="caption table: the caption column (default: caption)")
+    index.add_argument("--root", default=None,
+                       help="caption table: the folder its relative image paths start from (default: the table's)")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
     index.add_argument("--model", default=None, help=f"model name (default: the index's model, else {default_model})")
     index.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
@@ -237,14 +246,12 @@ def cmd_index(args) -> int:
     from clipkit.index import DB_FILE, Index
     from clipkit.index.lock import writer_lock
 
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"folder not found: {folder}" if not folder.exists() else f"not a folder: {folder}")
+    folder, table, include = _index_source(args)
     shard = _parse_shard(args.shard) if args.shard else None
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
         existing = Index.load(index_path) if index_path.exists() else None
-        return _check_index(existing, folder, index_path, args.exclude, shard)
+        return _check_index(existing, folder, index_path, args.exclude, shard, include)
     _prepare_index_folder(index_path)
     with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
@@ -253,8 +260,12 @@ def cmd_index(args) -> int:
         if created:
             index = Index(model.dim, model=model)
             index.save(index_path)  # attach first: every finished batch is then committed to disk
-        report = index.sync_folder(folder, model, batch_size=args.batch_size, workers=args.workers,
-                                   progress=_progress(args), exclude=args.exclude, shard=shard)
+        options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args),
+                       exclude=args.exclude, shard=shard)
+        if include is not None:
+            report = index.sync_table(table, model, **options)
+        else:
+            report = index.sync_folder(folder, model, captions=table, **options)
         if args.index_type is not None and (created or args.index_type != index.index_type):
             index.set_index_type(args.index_type)
         index.save()
@@ -266,6 +277,22 @@ def cmd_index(args) -> int:
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
     return 0
+
+
+def _index_source(args) -> tuple[Path, object, set | None]:
+    """(folder, caption table or None, the files to index or None for all) of `clipkit index SOURCE`."""
+    from clipkit.index import CaptionTable
+
+    source = Path(args.folder)
+    if source.is_file():  # a caption table: the images it lists, with its captions
+        if args.captions:
+            raise UsageError("give a caption table as SOURCE or as --captions, not both")
+        table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
+        return Path(table.folder), table, table.listed_files()[0]
+    if not source.is_dir():
+        raise FileNotFoundError(f"folder not found: {source}" if not source.exists() else f"not a folder: {source}")
+    table = CaptionTable.of(args.captions, args.image_column, args.caption_column, args.root) if args.captions else None
+    return source, table, None
 
 
 def _prepare_index_folder(index_path: Path) -> None:
@@ -382,15 +409,15 @@ def _skipped_summary(report) -> str:
     return f"{len(report.skipped)} skipped ({kinds})"
 
 
-def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], shard) -> int:
+def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], shard, include) -> int:
     """`clipkit index --check`: what an update would do; nothing is written."""
     from clipkit.index import Index
 
     if existing is None:
-        count = len(Index(1).plan_folder(folder, exclude=exclude, shard=shard).new)
+        count = len(Index(1).plan_folder(folder, exclude=exclude, shard=shard, include=include).new)
         print(f"no index at {index_path} yet: {count} image file(s) would be indexed")
         return 0
-    plan = existing.plan_folder(folder, exclude=exclude, shard=shard)
+    plan = existing.plan_folder(folder, exclude=exclude, shard=shard, include=include)
     print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
           f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(plan.report)}")
     for label, paths in (("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),

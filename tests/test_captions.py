@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -189,3 +190,84 @@ def test_page_searches_captions_by_image_in_chromium(folder, demo, tmp_path):
         assert shown == [h.metadata["caption"] for h in expected]
         wait.until(lambda d: d.execute_script(
             "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+
+def _strip_txt(folder: Path) -> dict[str, list[str]]:
+    """Remove the folder's caption files; file name -> its captions."""
+    captions = {}
+    for txt in sorted(folder.glob("*.txt")):
+        captions[txt.with_suffix(".jpg").name] = lines(txt)
+        txt.unlink()
+    return captions
+
+
+def test_index_a_caption_table(folder, demo, tmp_path, capsys):
+    """`clipkit index TABLE.csv`: the images it lists, with its captions; incremental on the table's rows."""
+    captions = _strip_txt(folder)
+    names = sorted(captions)[:30]
+    table = folder / "captions.csv"
+    rows = [(name, text) for name in names for text in captions[name]] + [("gone.jpg", "a missing image")]
+    table.write_text("image,caption\n" + "".join(f'{name},"{text}"\n' for name, text in rows))
+    assert main(["-q", "index", str(table), "--index", str(tmp_path / "ix")]) == 0
+    index = Index.load(tmp_path / "ix")
+    assert sorted(Path(i).name for i in index.ids()) == names  # the ten images it does not list are left out
+    expected = {f"{(folder / name).resolve()}#{n}": text for name in names for n, text in enumerate(captions[name])}
+    assert {r["id"]: r["caption"] for r in index.captions.get(sorted(expected))} == expected
+    assert len(index.captions) == len(expected)
+
+    rows[0] = (names[0], "an edited caption")  # one row edited: only its caption is embedded again
+    table.write_text("image,caption\n" + "".join(f'{name},"{text}"\n' for name, text in rows))
+    assert main(["index", str(table), "--index", str(tmp_path / "ix")]) == 0
+    out = capsys.readouterr()
+    assert "0 new, 0 changed" in out.out and "captions: 1 embedded" in out.out and "gone.jpg" in out.err
+    hits = clipkit.search("an edited caption", Index.load(tmp_path / "ix"), k=1, modality="text")
+    assert hits[0].metadata["caption"] == "an edited caption" and hits[0].score > 0.999
+
+
+def test_caption_table_beside_a_folder_is_remembered(folder, demo, tmp_path):
+    """`clipkit index FOLDER --captions TABLE.jsonl`: the table's captions for the images it lists, NAME.txt
+    for the others; later runs without --captions keep using the table."""
+    txt = sorted(folder.glob("*.txt"))
+    listed = [p.with_suffix(".jpg").name for p in txt[:5]]
+    table = tmp_path / "meta" / "captions.jsonl"
+    table.parent.mkdir()
+    table.write_text("".join(json.dumps({"file": name, "text": [f"table caption {n}", f"second {n}"]}) + "\n"
+                             for n, name in enumerate(listed)))
+    args = ["-q", "index", str(folder), "--index", str(tmp_path / "ix"), "--captions", str(table),
+            "--image-column", "file", "--caption-column", "text", "--root", str(folder)]
+    assert main(args) == 0
+    captions = Index.load(tmp_path / "ix").captions
+    by_id = {r["id"]: r["caption"] for r in captions.get(captions.ids())}
+    assert by_id[f"{(folder / listed[2]).resolve()}#1"] == "second 2"
+    other = txt[7].with_suffix(".jpg").resolve()
+    assert by_id[f"{other}#0"] == lines(txt[7])[0]
+    assert len(by_id) == 10 + sum(len(lines(p)) for p in txt[5:])
+    index = Index.load(tmp_path / "ix")
+    assert index.sync_folder(folder, demo).captions.added == 0  # the table is remembered: nothing changes
+    assert len(index.captions) == len(by_id)
+
+
+def test_caption_table_errors(folder, tmp_path, capsys):
+    bad = tmp_path / "captions.csv"
+    bad.write_text("path,text\nx.jpg,a caption\n")
+    for args, message in (([str(folder), "--captions", str(tmp_path / "none.csv")], "caption table not found"),
+                          ([str(folder), "--captions", str(folder / sorted(folder.glob('*.txt'))[0].name)],
+                           ".csv or .jsonl"),
+                          ([str(bad)], "lacks column 'image'"),
+                          ([str(bad), "--captions", str(bad)], "not both")):
+        assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "ix" / "meta.sqlite").exists()
+
+
+def test_merge_carries_captions(folder, demo, tmp_path):
+    for part in range(2):
+        assert main(["-q", "index", str(folder), "--index", str(tmp_path / "part{rank}"), "--shard", f"{part}/2"]) == 0
+    assert main(["-q", "merge", str(tmp_path / "merged"), str(tmp_path / "part0"), str(tmp_path / "part1")]) == 0
+    merged = Index.load(tmp_path / "merged")
+    whole = Index.from_folder(folder, demo)
+    assert sorted(merged.captions.ids()) == sorted(whole.captions.ids())
+    image = sorted(folder.glob("*.jpg"))[6]
+    assert [h.id for h in clipkit.search(image, merged, k=5, modality="text")] == \
+        [h.id for h in clipkit.search(image, whole, k=5, modality="text")]

@@ -5,16 +5,18 @@
 - `tune`: choosing and tuning it on the collection's own data (held-out items or sample queries);
 - `sync`: folders of images (roots, plan and sync, content hashes, moves, shards);
 - `lock`: one writer at a time (an OS file lock held for a whole run);
-- `vectors`: what goes in (unit vectors, ids).
+- `vectors`: what goes in (unit vectors, ids);
+- `captions`: the caption collection (NAME.txt files or a caption table), for image -> text search.
 """
 
 from clipkit.index.ann import FLAT_LIMIT, apply_search_params, candidates, choose_structure
+from clipkit.index.captions import CaptionTable
 from clipkit.index.core import CONFIG_FILE, FAISS_FILE, Index
 from clipkit.index.store import DB_FILE, FORMAT_VERSION
 from clipkit.index.sync import SyncPlan, SyncReport, file_hash, shard_of
 from clipkit.index.tune import Tuning, tune_structure
 from clipkit.index.vectors import prepare_vectors
 
-__all__ = ["CONFIG_FILE", "DB_FILE", "FAISS_FILE", "FLAT_LIMIT", "FORMAT_VERSION", "Index", "SyncPlan", "SyncReport",
+__all__ = ["CaptionTable", "CONFIG_FILE", "DB_FILE", "FAISS_FILE", "FLAT_LIMIT", "FORMAT_VERSION", "Index", "SyncPlan", "SyncReport",
            "Tuning", "apply_search_params", "candidates", "choose_structure", "file_hash", "prepare_vectors", "shard_of",
            "tune_structure"]

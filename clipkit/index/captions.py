@@ -1,6 +1,7 @@
-"""Captions in the index: the lines of `NAME.txt` beside each indexed `NAME.jpg`, embedded by the index's own
-model into a caption collection (an `Index` of its own in the index folder's `captions/`), so that images
-can search captions (image -> text) and texts can search captions (text -> text).
+"""Captions in the index: the lines of `NAME.txt` beside each indexed `NAME.jpg`, or the rows of a caption
+table (CSV / JSONL: an image column and a caption column), embedded by the index's own model into a
+caption collection (an `Index` of its own in the index folder's `captions/`), so that images can search
+captions (image -> text) and texts can search captions (text -> text).
 
 Caption items have ids `IMAGE_ID#LINE` and carry their text (`caption`), their image's id (`image_id`) and
 path (`path`). Syncing compares each image's caption file with what is stored: unchanged captions are kept,
@@ -10,7 +11,8 @@ changed or new ones embedded, those of changed, moved or removed images dropped.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger("clipkit.index")
@@ -23,6 +25,58 @@ class CaptionReport:
     added: int = 0
     removed: int = 0
     kept: int = 0
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """A caption table: a CSV (with a header) or JSONL file, one row per caption (or a list of captions per
+    JSONL row), image paths relative to `root` (default: the table's folder)."""
+
+    path: str
+    image_column: str = "image"
+    caption_column: str = "caption"
+    root: str | None = None
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
+           root: str | os.PathLike | None = None) -> "CaptionTable":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"caption table not found: {path}")
+        if Path(path).suffix.lower() not in TABLE_SUFFIXES:
+            raise ValueError(f"{path}: a caption table is a .csv or .jsonl file")
+        return cls(os.path.abspath(path), image_column, caption_column,
+                   os.path.abspath(root) if root is not None else None)
+
+    @property
+    def folder(self) -> str:
+        """The folder its relative image paths start from."""
+        return self.root or os.path.dirname(self.path)
+
+    def read(self) -> dict[str, list[str]]:
+        """absolute image path -> its captions."""
+        from clipkit.data.shards import read_table
+
+        rows = read_table(self.path, self.image_column, self.caption_column, self.folder)
+        return {os.path.abspath(image): captions for image, captions in rows}
+
+    def listed_files(self) -> tuple[set[str], list[tuple[str, str]]]:
+        """(the image files it lists that exist under its folder, [(listed path, why it is not one of them)])."""
+        folder = os.path.abspath(self.folder)
+        inside, problems = set(), []
+        for path in self.read():
+            if not path.startswith(folder.rstrip(os.sep) + os.sep):
+                problems.append((path, f"{path}: listed in {self.path} but not under {folder}"))
+            elif not os.path.isfile(path):
+                problems.append((path, f"{path}: listed in {self.path} but not found"))
+            else:
+                inside.add(path)
+        return inside, problems
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 
 
 def caption_file(image_path: str | Path) -> Path:
@@ -44,23 +98,25 @@ def read_captions(image_path: str | Path) -> list[str]:
         return []
 
 
-def wanted_captions(image_ids: list[str]) -> dict[str, dict]:
-    """caption id -> its metadata, for every line of every image's caption file."""
+def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = None) -> dict[str, dict]:
+    """caption id -> its metadata, for every caption of every image: its row in `table` (a caption table,
+    read) where it has one, else the lines of its caption file."""
     wanted = {}
     for image_id in image_ids:
-        for line, text in enumerate(read_captions(image_id)):
+        texts = table[image_id] if table is not None and image_id in table else read_captions(image_id)
+        for line, text in enumerate(texts):
             wanted[f"{image_id}#{line}"] = {"caption": text, "image_id": image_id, "path": image_id}
     return wanted
 
 
 def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set, model,
-                  batch_size: int = 256) -> CaptionReport:
-    """Bring `collection` (the caption Index) in step with the caption files of `image_ids` (the images
-    under the folder `prefix` synced); captions of images no longer `indexed` at all (removed, or moved
-    to another folder and so to other ids) are dropped too."""
+                  table: dict[str, list[str]] | None = None, batch_size: int = 256) -> CaptionReport:
+    """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images under
+    the folder `prefix` synced: their `table` rows, else their caption files); captions of images no
+    longer `indexed` at all (removed, or moved to another folder and so to other ids) are dropped too."""
     from clipkit.encode import encode_texts
 
-    wanted = wanted_captions(image_ids)
+    wanted = wanted_captions(image_ids, table)
     have = {}
     for item_id in collection.ids():
         if item_id.startswith(prefix) or image_of(item_id) not in indexed:

@@ -26,7 +26,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import AbstractSet, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
 from clipkit.index import sync
-from clipkit.index.captions import CAPTIONS_DIR, CaptionReport, caption_file, image_of, sync_captions
+from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
+                                    sync_captions)
 from clipkit.index.ann import Structure, check_index_type, choose_structure
 from clipkit.index.tune import build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
@@ -131,7 +132,8 @@ class Index:
               chunk: int = 50_000, **options) -> "Index":
         """One index holding every item of `parts` (indexes or index folders), e.g. the shards written
         by `clipkit index --shard i/n`. They must share the model and dimension; an id found in two
-        parts is a ValueError. Items keep their ids, metadata and embeddings (nothing is re-embedded).
+        parts is a ValueError. Items keep their ids, metadata and embeddings (nothing is re-embedded), and
+        so do their captions.
         """
         loaded = [p if isinstance(p, Index) else Index.load(p) for p in parts]
         if not loaded:
@@ -154,6 +156,9 @@ class Index:
                 merged.add(part.embeddings(batch), ids=batch, metadata=records)
         if index_type != "flat":
             merged.build()
+        captions = [part.captions for part in loaded if part.captions is not None]
+        if captions:  # the parts' caption collections, merged alike
+            merged._captions = cls.merge(captions)
         return merged
 
     # -- what it is -------------------------------------------------------------------------
@@ -488,15 +493,17 @@ class Index:
     # -- folders ----------------------------------------------------------------------------
 
     def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
-                    shard: tuple[int, int] | None = None) -> "sync.SyncPlan":
+                    shard: tuple[int, int] | None = None, include: AbstractSet[str] | None = None) -> "sync.SyncPlan":
         """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
         `clipkit.index.sync.plan_folder`."""
         with self._lock:
-            return sync.plan_folder(self.store, folder, exclude=exclude, shard=shard)
+            return sync.plan_folder(self.store, folder, exclude=exclude, shard=shard, include=include)
 
     def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
                     workers: int | None = None, progress: bool | None = None,
-                    exclude: Sequence[str] = (), shard: tuple[int, int] | None = None) -> "sync.SyncReport":
+                    exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
+                    captions: "CaptionTable | str | os.PathLike | None" = None,
+                    include: AbstractSet[str] | None = None) -> "sync.SyncReport":
         """Bring the index up to date with the images under `folder` (see `clipkit.index.sync`).
 
         New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed, renamed
@@ -504,6 +511,10 @@ class Index:
         ones left alone. Each batch is committed on its own, so an interrupted run keeps what it finished
         and running it again resumes. Ids are absolute file paths; one file is never indexed twice. The
         writer lock is held for the whole run.
+
+        Captions come from `NAME.txt` beside each image, or from `captions`, a caption table (CSV / JSONL
+        path or `CaptionTable`) for the images it lists; the table is remembered for the folder, so later
+        runs without it keep using it. `include`: index only these files (absolute paths).
         """
         from clipkit.encode import as_model
 
@@ -515,11 +526,41 @@ class Index:
                     self.store.set_info("model", model.info)
             if self.model is None:
                 self.model = model
+            table = self._caption_table(Path(folder).resolve(), captions)
             report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
-                                      progress=progress, exclude=exclude, shard=shard)
-            report.captions = self._sync_captions(Path(folder).resolve(), model)
+                                      progress=progress, exclude=exclude, shard=shard, include=include)
+            report.captions = self._sync_captions(Path(folder).resolve(), model, table)
         self.last_sync = report
         return report
+
+    def sync_table(self, table: "CaptionTable | str | os.PathLike", model=None, **options) -> "sync.SyncReport":
+        """Index the images a caption table (CSV / JSONL) lists, with its captions: the images under the
+        table's folder (or its `root`) that it names; listed files that are missing or lie outside that
+        folder are reported as skipped. Incremental like `sync_folder` (which takes the same options)."""
+        table = table if isinstance(table, CaptionTable) else CaptionTable.of(table)
+        inside, problems = table.listed_files()
+        report = self.sync_folder(table.folder, model, captions=table, include=inside, **options)
+        for path, reason in problems:
+            report.skip(path, reason, "missing")
+        return report
+
+    def _caption_table(self, folder: Path, captions) -> "dict[str, list[str]] | None":
+        """The caption table for `folder` (read): `captions` (then remembered for the folder), else the one
+        remembered for it, else None."""
+        tables = self.store.info("caption_tables", {})
+        if captions is not None:
+            table = captions if isinstance(captions, CaptionTable) else CaptionTable.of(captions)
+            if tables.get(str(folder)) != table.to_json():
+                with self.store.transaction(bump=False):
+                    self.store.set_info("caption_tables", {**tables, str(folder): table.to_json()})
+        elif str(folder) in tables:
+            table = CaptionTable(**tables[str(folder)])
+            if not os.path.isfile(table.path):
+                log.warning("the caption table %s of %s is gone: its captions are dropped", table.path, folder)
+                return {}
+        else:
+            return None
+        return table.read()
 
     @property
     def captions(self) -> "Index | None":
@@ -529,20 +570,25 @@ class Index:
             self._captions = Index.load(self.path / CAPTIONS_DIR, model=self.model)
         return self._captions
 
-    def _sync_captions(self, folder: Path, model) -> "CaptionReport | None":
-        """The captions of the images under `folder` (NAME.txt beside NAME.jpg), in step with their files."""
+    def _sync_captions(self, folder: Path, model, table: dict | None = None) -> "CaptionReport | None":
+        """The captions of the images under `folder` (their `table` rows, else NAME.txt beside NAME.jpg), in
+        step with their sources."""
         prefix = str(folder).rstrip(os.sep) + os.sep
         indexed = self._file_ids()
         image_ids = [i for i in indexed if i.startswith(prefix)]
         collection = self.captions
         if collection is None:
-            if not any(caption_file(i).is_file() for i in image_ids):
+            if not table and not any(caption_file(i).is_file() for i in image_ids):
                 return None
-            collection = Index(self.dim, model=model)
-            if self.path is not None:
-                collection.save(self.path / CAPTIONS_DIR)
-            self._captions = collection
-        return sync_captions(collection, sorted(image_ids), prefix, indexed, model)
+            collection = self._new_caption_collection(model)
+        return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table)
+
+    def _new_caption_collection(self, model) -> "Index":
+        collection = Index(self.dim, model=model)
+        if self.path is not None:
+            collection.save(self.path / CAPTIONS_DIR)
+        self._captions = collection
+        return collection
 
     def roots(self) -> list[dict]:
         """The folders this index covers: {'path', 'items', 'exists'} each."""

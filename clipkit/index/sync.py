@@ -16,7 +16,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import AbstractSet, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -98,11 +98,12 @@ def _locate(store: Store, folder: str) -> tuple[int | None, str, str]:
 
 
 def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
-                shard: tuple[int, int] | None = None) -> SyncPlan:
+                shard: tuple[int, int] | None = None, include: AbstractSet[str] | None = None) -> SyncPlan:
     """What syncing `folder` would do, changing nothing.
 
     `shard=(i, n)`: only the files of shard i of n (by a hash of the path under `folder`), for indexing one
-    folder from n processes or machines into n indexes merged later (`Index.merge`).
+    folder from n processes or machines into n indexes merged later (`Index.merge`). `include`: only
+    these files (absolute paths), e.g. those a caption table lists; the folder's others count as gone.
     """
     root = Path(folder).resolve()
     root_id, root_folder, prefix = _locate(store, str(root))
@@ -115,6 +116,8 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     files = scan_images(root, exclude=exclude)
     if shard is not None:
         files = [p for p in files if shard_of(p.relative_to(root).as_posix(), shard[1]) == shard[0]]
+    if include is not None:
+        files = [p for p in files if str(p) in include]
     for path in files:
         try:
             stat = path.stat()
@@ -170,12 +173,12 @@ def _file_row(root: int, root_folder: str, path: Path, stat: os.stat_result) -> 
 
 
 def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
-                progress: bool | None = None, exclude: Sequence[str] = (),
-                shard: tuple[int, int] | None = None) -> SyncReport:
+                progress: bool | None = None, exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
+                include: AbstractSet[str] | None = None) -> SyncReport:
     """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`."""
     from clipkit.encode import iter_image_batches
 
-    plan = plan_folder(index.store, folder, exclude=exclude, shard=shard)
+    plan = plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include)
     report = plan.report
     report.unchanged = plan.unchanged
 
