@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_index_command(commands, default_model: str) -> None:
     index = commands.add_parser("index", help="index (or update the index of) a folder of images")
     index.add_argument("folder", metavar="SOURCE",
-                       help="folder of images, searched recursively (captions: NAME.txt beside NAME.jpg), or a caption "
-                            "table (.csv / .jsonl) listing images and their captions")
+                       help="folder of images, searched recursively (captions: NAME.txt beside NAME.jpg); a caption "
+                            "table (.csv / .jsonl) listing images and their captions; or webdataset shards "
+                            "('shards/{000000..000009}.tar', indexed in place, captions from their txt members)")
     index.add_argument("--captions", default=None, metavar="TABLE",
                        help="captions of the folder's images from a .csv / .jsonl table (remembered for later runs)")
     index.add_argument("--image-column", default="image", help="caption table: the image path column (default: image)")
@@ -247,6 +248,9 @@ def cmd_index(args) -> int:
     from clipkit.index.lock import writer_lock
 
     folder, table, include = _index_source(args)
+    if folder is None and (args.check or args.shard or args.exclude or args.captions):
+        raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards are indexed whole, "
+                         "with their own txt captions")
     shard = _parse_shard(args.shard) if args.shard else None
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
@@ -262,7 +266,9 @@ def cmd_index(args) -> int:
             index.save(index_path)  # attach first: every finished batch is then committed to disk
         options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args),
                        exclude=args.exclude, shard=shard)
-        if include is not None:
+        if folder is None:  # webdataset shards, indexed in place
+            report = index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args))
+        elif include is not None:
             report = index.sync_table(table, model, **options)
         else:
             report = index.sync_folder(folder, model, captions=table, **options)
@@ -279,10 +285,15 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _index_source(args) -> tuple[Path, object, set | None]:
-    """(folder, caption table or None, the files to index or None for all) of `clipkit index SOURCE`."""
+def _index_source(args) -> tuple[Path | None, object, set | None]:
+    """(folder, caption table or None, the files to index or None for all) of `clipkit index SOURCE`;
+    folder None: SOURCE names webdataset shards."""
     from clipkit.index import CaptionTable
+    from clipkit.index.shards import is_shard_spec, local_shards
 
+    if is_shard_spec(args.folder):
+        local_shards(args.folder)  # they exist, on this machine
+        return None, None, None
     source = Path(args.folder)
     if source.is_file():  # a caption table: the images it lists, with its captions
         if args.captions:

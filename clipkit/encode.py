@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipkit.data.images import failure_kind, read_image, to_rgb
+from clipkit.data.images import TarMember, decode_image, failure_kind, read_image, to_rgb
 from clipkit.itm import image_states
 from clipkit.models import Model, load_model
 
@@ -103,6 +103,8 @@ def load_image(item: Any, min_side: int | None = None) -> Image.Image:
         return to_rgb(item)
     if isinstance(item, np.ndarray):
         return array_to_image(item)
+    if isinstance(item, TarMember):  # an image inside a shard
+        return decode_image(item.read_bytes(), str(item), min_side)
     return read_image(Path(item), min_side)
 
 

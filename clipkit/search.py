@@ -12,6 +12,7 @@ from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
 from clipkit.index import Index, prepare_vectors
+from clipkit.index.shards import item_image
 from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 
 
@@ -161,11 +162,12 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float | N
     if not hits:
         return hits
     if kind == TEXT:
-        missing = [h.id for h in hits if not h.path]
+        sources = [item_image(h.path, h.metadata) for h in hits]
+        missing = [h.id for h, source in zip(hits, sources) if source is None]
         if missing:
-            raise ValueError(f"re-ranking a text query needs image files, but item {missing[0]!r} has no path")
+            raise ValueError(f"re-ranking a text query needs the images, but item {missing[0]!r} has no image file")
         states, positions = [], []
-        for pixels, done, failures in iter_image_batches([Path(h.path) for h in hits], model.preprocess, 64,
+        for pixels, done, failures in iter_image_batches(sources, model.preprocess, 64,
                                                          skip_errors=True, device=model.device,
                                                          draft_size=model.image_size):
             if done:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 import os
 import warnings
 from pathlib import Path
@@ -99,6 +100,31 @@ def read_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
         raise ImageReadError(f"cannot read image {path}: permission denied", "permission denied") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(f"cannot read image {path}: it is a folder", "not a file") from exc
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """An image stored in an uncompressed tar file (a webdataset shard): where its bytes lie."""
+
+    tar: str
+    name: str  # the member's name in the tar
+    offset: int  # of its data in the file
+    size: int
+
+    def read_bytes(self) -> bytes:
+        try:
+            with open(self.tar, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read(self.size)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard not found: {self.tar}") from None
+        if len(data) != self.size:
+            raise ImageReadError(f"cannot read {self.name} from {self.tar}: the shard was cut short or rewritten",
+                                 "truncated or corrupt")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.tar}#{self.name}"
 
 
 def decode_image(data: bytes, name: str = "<bytes>", min_side: int | None = None) -> Image.Image:

@@ -98,25 +98,27 @@ def read_captions(image_path: str | Path) -> list[str]:
         return []
 
 
-def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = None) -> dict[str, dict]:
+def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = None,
+                    files: bool = True) -> dict[str, dict]:
     """caption id -> its metadata, for every caption of every image: its row in `table` (a caption table,
-    read) where it has one, else the lines of its caption file."""
+    read) where it has one, else the lines of its caption file. `files`: the image ids are file paths
+    (not shard samples), each caption's `path`."""
     wanted = {}
     for image_id in image_ids:
-        texts = table[image_id] if table is not None and image_id in table else read_captions(image_id)
+        texts = table[image_id] if table is not None and image_id in table else read_captions(image_id) if files else []
         for line, text in enumerate(texts):
-            wanted[f"{image_id}#{line}"] = {"caption": text, "image_id": image_id, "path": image_id}
+            wanted[f"{image_id}#{line}"] = {"caption": text, "image_id": image_id, "path": image_id if files else None}
     return wanted
 
 
 def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set, model,
-                  table: dict[str, list[str]] | None = None, batch_size: int = 256) -> CaptionReport:
+                  table: dict[str, list[str]] | None = None, files: bool = True, batch_size: int = 256) -> CaptionReport:
     """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images under
     the folder `prefix` synced: their `table` rows, else their caption files); captions of images no
     longer `indexed` at all (removed, or moved to another folder and so to other ids) are dropped too."""
     from clipkit.encode import encode_texts
 
-    wanted = wanted_captions(image_ids, table)
+    wanted = wanted_captions(image_ids, table, files)
     have = {}
     for item_id in collection.ids():
         if item_id.startswith(prefix) or image_of(item_id) not in indexed:

@@ -456,6 +456,12 @@ class Index:
             keys = _all_found(ids, self.store.keys_for(ids))
         return [int(keys[i]) for i in ids]
 
+    def find(self, ids: Iterable) -> dict:
+        """id -> metadata (as `get`, with 'id' and 'key') of those of `ids` that are in the index."""
+        ids = [normalize_id(v) for v in ids]
+        with self._lock:
+            return self.store.records_by_id(ids)
+
     def get_by_key(self, keys: Iterable[int]) -> list[dict | None]:
         """Metadata (as `get`, with 'id' and 'key') for each integer key; None where no item has that key."""
         keys = [int(k) for k in keys]
@@ -516,22 +522,54 @@ class Index:
         path or `CaptionTable`) for the images it lists; the table is remembered for the folder, so later
         runs without it keep using it. `include`: index only these files (absolute paths).
         """
+        model = self._writing_model(model)
+        with self.writer(on_wait=log.warning):
+            self._record_model(model)
+            table = self._caption_table(Path(folder).resolve(), captions)
+            report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
+                                      progress=progress, exclude=exclude, shard=shard, include=include)
+            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, table)
+        self.last_sync = report
+        return report
+
+    def sync_shards(self, urls: str | Sequence[str], model=None, *, batch_size: int = 64,
+                    progress: bool | None = None) -> "sync.SyncReport":
+        """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
+        such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
+        captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`."""
+        from clipkit.index.captions import CaptionReport
+        from clipkit.index.shards import sync_shards
+
+        model = self._writing_model(model)
+        captions = CaptionReport()
+
+        def shard_captions(path: str, table: dict[str, list[str]]) -> None:
+            done = self._sync_captions(path + "#", model, table, files=False)
+            if done is not None:
+                captions.added, captions.removed = captions.added + done.added, captions.removed + done.removed
+                captions.kept += done.kept
+
+        with self.writer(on_wait=log.warning):
+            self._record_model(model)
+            report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions)
+        report.captions = captions if self.captions is not None else None
+        self.last_sync = report
+        return report
+
+    def _writing_model(self, model):
+        """The model to add embeddings with (`model`, else the index's own), checked against the index."""
         from clipkit.encode import as_model
 
         model = as_model(model if model is not None else self.model)
         self.check_model(model)
-        with self.writer(on_wait=log.warning):
-            if self.model_info is None:
-                with self.store.transaction(bump=False):
-                    self.store.set_info("model", model.info)
-            if self.model is None:
-                self.model = model
-            table = self._caption_table(Path(folder).resolve(), captions)
-            report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
-                                      progress=progress, exclude=exclude, shard=shard, include=include)
-            report.captions = self._sync_captions(Path(folder).resolve(), model, table)
-        self.last_sync = report
-        return report
+        return model
+
+    def _record_model(self, model) -> None:
+        if self.model_info is None:
+            with self.store.transaction(bump=False):
+                self.store.set_info("model", model.info)
+        if self.model is None:
+            self.model = model
 
     def sync_table(self, table: "CaptionTable | str | os.PathLike", model=None, **options) -> "sync.SyncReport":
         """Index the images a caption table (CSV / JSONL) lists, with its captions: the images under the
@@ -570,10 +608,10 @@ class Index:
             self._captions = Index.load(self.path / CAPTIONS_DIR, model=self.model)
         return self._captions
 
-    def _sync_captions(self, folder: Path, model, table: dict | None = None) -> "CaptionReport | None":
-        """The captions of the images under `folder` (their `table` rows, else NAME.txt beside NAME.jpg), in
-        step with their sources."""
-        prefix = str(folder).rstrip(os.sep) + os.sep
+    def _sync_captions(self, prefix: str, model, table: dict | None = None,
+                       files: bool = True) -> "CaptionReport | None":
+        """The captions of the images whose ids start with `prefix` (a folder's, a shard's), in step with their
+        sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg."""
         indexed = self._file_ids()
         image_ids = [i for i in indexed if i.startswith(prefix)]
         collection = self.captions
@@ -581,7 +619,7 @@ class Index:
             if not table and not any(caption_file(i).is_file() for i in image_ids):
                 return None
             collection = self._new_caption_collection(model)
-        return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table)
+        return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table, files)
 
     def _new_caption_collection(self, model) -> "Index":
         collection = Index(self.dim, model=model)

@@ -27,6 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipkit.index.shards import item_image
 from clipkit.serve.batcher import IMAGE, TEXT
 from clipkit.serve.fetch import FetchError, fetch_image_bytes
 from clipkit.serve.service import (VECTOR, BadRequest, Collection, Service, _b64decode, _deduplicate, _json_body,
@@ -159,7 +160,7 @@ async def _own_item_query(service: Service, target: Collection, source: Collecti
         raise BadRequest(f"no image with id {key} in index {source.name!r}", 404)
     if source.model.fingerprint == target.model.fingerprint:
         return VECTOR, source.index.embeddings([record["id"]])[0]
-    data = await run_in_threadpool(lambda: service.file_of(source, key).read_bytes())
+    data = await run_in_threadpool(lambda: service.image_of(source, key).read_bytes())
     return IMAGE, await service.decode_upload(data, target)
 
 
@@ -167,23 +168,25 @@ def describe(service: Service, collection: Collection, ids: list[int], base: str
     """clip-retrieval's metadata of result ids: {image_path, url, caption} where the item has them (and
     `image`, a base64 JPEG, when the server inlines images). Ids that are no longer there are left out."""
     index = collection.index
-    images = index.get_by_key([i for i in ids if i < CAPTION_ID_BASE])
-    captions = index.captions.get_by_key([i - CAPTION_ID_BASE for i in ids if i >= CAPTION_ID_BASE]) \
-        if index.captions is not None and any(i >= CAPTION_ID_BASE for i in ids) else []
-    image_keys = index.store.keys_for([c["image_id"] for c in captions if c is not None])
-    rows = [(r["key"], r, r.get("caption")) for r in images if r is not None]
-    rows += [(CAPTION_ID_BASE + c["key"], {"key": image_keys.get(c["image_id"]), "path": c.get("path")},
-              c["caption"]) for c in captions if c is not None]
-    firsts = _first_captions(index, [r for _, r, caption in rows if caption is None])
+    rows = [(r["key"], r, r.get("caption")) for r in index.get_by_key([i for i in ids if i < CAPTION_ID_BASE])
+            if r is not None]
+    if index.captions is not None and any(i >= CAPTION_ID_BASE for i in ids):
+        captions = [c for c in index.captions.get_by_key([i - CAPTION_ID_BASE for i in ids if i >= CAPTION_ID_BASE])
+                    if c is not None]
+        images = index.find([c["image_id"] for c in captions])
+        rows += [(CAPTION_ID_BASE + c["key"], images[c["image_id"]], c["caption"]) for c in captions
+                 if c["image_id"] in images]
+    firsts = _first_captions(index, [image for _, image, caption in rows if caption is None])
     out = {}
     for result_id, image, caption in rows:
         meta = {}
-        if image.get("path") and image.get("key") is not None:
+        if image.get("path"):
             meta["image_path"] = image["path"]
+        if item_image(image.get("path"), image) is not None:
             meta["url"] = f"{base}image/{image['key']}?index={quote(collection.name)}"
             if service.config.inline_images:
                 meta.update(_inline(service, collection, image["key"]))
-        caption = caption if caption is not None else firsts.get(image.get("id"))
+        caption = caption if caption is not None else firsts.get(image["id"])
         if caption is not None:
             meta["caption"] = caption
         out[result_id] = meta
@@ -194,10 +197,8 @@ def _first_captions(index, records: list[dict]) -> dict[str, str]:
     """image id -> its first caption in the caption collection, for images without a caption of their own."""
     if index.captions is None or not records:
         return {}
-    wanted = [f"{r['id']}#0" for r in records if isinstance(r.get("id"), str)]
-    keys = index.captions.store.keys_for(wanted)
-    found = index.captions.get_by_key(list(keys.values()))
-    return {c["image_id"]: c["caption"] for c in found if c is not None}
+    found = index.captions.find([f"{r['id']}#0" for r in records if isinstance(r.get("id"), str)])
+    return {c["image_id"]: c["caption"] for c in found.values()}
 
 
 def _inline(service: Service, collection: Collection, key: int) -> dict:

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -22,8 +23,10 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
-from clipkit.data.images import decode_image, read_image
+from clipkit.data.images import TarMember, decode_image
+from clipkit.encode import load_image
 from clipkit.index import Index, prepare_vectors
+from clipkit.index.shards import item_image
 from clipkit.search import Hit, ranked_hits, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
 
@@ -174,16 +177,17 @@ class Service:
         """Caption hits as results: `id` and the URLs are its image's (so "more like this" and the files work as
         for image hits), `caption_id` / `item_id` the caption's key and id; a caption whose image went
         meanwhile drops out."""
-        image_keys = collection.index.store.keys_for([h.metadata.get("image_id") for h in hits])
+        images = collection.index.find([h.metadata["image_id"] for h in hits if h.metadata.get("image_id")])
         out = []
         for hit in hits:
-            image_key = image_keys.get(hit.metadata.get("image_id"))
-            if image_key is not None:
-                out.append({**self.result(collection, image_key, hit), "caption_id": hit.key})
+            image = images.get(hit.metadata.get("image_id"))
+            if image is not None:
+                has_image = item_image(image.get("path"), image) is not None
+                out.append({**self.result(collection, image["key"], hit, has_image), "caption_id": hit.key})
         return out
 
     @staticmethod
-    def result(collection: Collection, key: int, hit: Hit) -> dict:
+    def result(collection: Collection, key: int, hit: Hit, has_image: bool | None = None) -> dict:
         out = {"id": key, "item_id": hit.id, "score": hit.score}
         if "itc_score" in hit.metadata:
             out["itc_score"] = hit.metadata["itc_score"]
@@ -191,33 +195,35 @@ class Service:
             out["caption"] = hit.metadata["caption"]
         if hit.path is not None:
             out["path"] = hit.path
-            out["image_url"] = f"image/{key}?index={collection.name}"
-            out["thumbnail_url"] = f"thumbnail/{key}?index={collection.name}"
+        if has_image if has_image is not None else item_image(hit.path, hit.metadata) is not None:
+            out["image_url"] = f"image/{key}?index={quote(collection.name)}"
+            out["thumbnail_url"] = f"thumbnail/{key}?index={quote(collection.name)}"
         return out
 
     # -- files ----------------------------------------------------------------------------------
 
-    def file_of(self, collection: Collection, key: int) -> Path:
+    def image_of(self, collection: Collection, key: int) -> Path | TarMember:
+        """Where item `key`'s image is (its file, or its place in a shard); 404 when it has none or it went."""
         record = collection.index.get_by_key([key])[0]
-        if record is None or not record.get("path"):
+        source = item_image(record.get("path"), record) if record is not None else None
+        if source is None:
             raise BadRequest(f"no image with id {key} in index {collection.name!r}", 404)
-        path = Path(record["path"])
-        if not path.is_file():
+        if not Path(source.tar if isinstance(source, TarMember) else source).is_file():
             raise BadRequest(f"the file of item {key} is no longer there", 404)
-        return path
+        return source
 
     def thumbnail(self, collection: Collection, key: int, size: int) -> bytes:
-        path = self.file_of(collection, key)
-        stat = path.stat()
+        source = self.image_of(collection, key)
+        stat = Path(source.tar if isinstance(source, TarMember) else source).stat()
         cache_key = (collection.name, key, size, stat.st_mtime_ns, stat.st_size)
         with self._thumbnail_lock:
             if cache_key in self._thumbnails:
                 self._thumbnails.move_to_end(cache_key)
                 return self._thumbnails[cache_key]
         try:
-            image = read_image(path)
+            image = load_image(source)
         except (ValueError, OSError) as exc:
-            raise BadRequest(f"the file of item {key} cannot be read: {exc}", 404) from None
+            raise BadRequest(f"the image of item {key} cannot be read: {exc}", 404) from None
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)

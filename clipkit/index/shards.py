@@ -1,0 +1,168 @@
+"""Indexing webdataset shards (uncompressed .tar files on disk) in place.
+
+Each sample's image becomes an item with id `SHARD#KEY` (SHARD the shard's absolute path, KEY the sample's
+key) whose metadata says where its bytes lie in the tar (`shard`, `member`, `offset`, `size`), so that
+search, re-ranking and the server read the image in place, without unpacking; its first caption is the
+item's `caption`, and all its captions (the `txt` member, one a line) go to the caption collection.
+
+Incremental: a shard whose size and mtime are those recorded when it was last read in full is skipped. A
+new or changed one is read: samples whose image member is where it was (name, offset, size) are kept,
+the others embedded, those no longer in it removed. An interrupted run therefore resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from clipkit.data.images import TarMember
+from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards
+from clipkit.index.sync import SyncReport
+
+log = logging.getLogger("clipkit.index")
+
+SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full
+SHARD_FIELDS = ("shard", "member", "offset", "size")
+
+
+@dataclass
+class ShardSample:
+    key: str
+    image: TarMember | None
+    captions: list[str] = field(default_factory=list)
+
+
+def is_shard_spec(source: str) -> bool:
+    """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`) rather than a folder."""
+    return source.endswith(".tar") or (".tar" in source and "{" in source)
+
+
+def local_shards(urls: str | Sequence[str]) -> list[str]:
+    """Absolute paths of the shards `urls` names (brace patterns expanded); remote URLs are refused."""
+    paths = []
+    for url in expand_shards(urls):
+        if url.startswith("pipe:") or "://" in url:
+            raise ValueError(f"{url}: clipkit indexes shards on this machine's disks (copy them here first)")
+        paths.append(os.path.abspath(url[len("file:"):] if url.startswith("file:") else url))
+    return paths
+
+
+def read_shard(path: str) -> Iterator[ShardSample]:
+    """The samples of an uncompressed tar shard: its members grouped by key as webdataset groups them (the
+    member name up to the first dot of its base name), in order."""
+    try:
+        tar = tarfile.open(path, "r:")
+    except tarfile.ReadError as exc:
+        raise ValueError(f"{path} is not an uncompressed tar file ({exc}); clipkit indexes .tar shards "
+                         "in place (decompress .tar.gz ones first)") from None
+    with tar:
+        key, members = None, {}
+        for member in tar:
+            directory, _, base = member.name.rpartition("/")
+            stem, dot, extension = base.partition(".")
+            if not member.isfile() or not dot:
+                continue
+            sample_key = f"{directory}/{stem}" if directory else stem
+            if sample_key != key and members:
+                yield _sample(tar, path, key, members)
+                members = {}
+            key = sample_key
+            members[extension.lower()] = member
+        if members:
+            yield _sample(tar, path, key, members)
+
+
+def _sample(tar: tarfile.TarFile, path: str, key: str, members: dict) -> ShardSample:
+    image = next((members[e] for e in IMAGE_KEYS if e in members), None)
+    captions = caption_lines(tar.extractfile(members["txt"]).read(), errors="replace") if "txt" in members else []
+    member = TarMember(path, image.name, image.offset_data, image.size) if image is not None else None
+    return ShardSample(key, member, captions)
+
+
+def item_image(path: str | None, metadata: dict) -> Path | TarMember | None:
+    """Where an item's image is: its file, its place in a shard, or None (an item added from embeddings)."""
+    if path:
+        return Path(path)
+    if all(metadata.get(name) is not None for name in SHARD_FIELDS):
+        return TarMember(metadata["shard"], metadata["member"], int(metadata["offset"]), int(metadata["size"]))
+    return None
+
+
+def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64, progress: bool | None = None,
+                on_shard: Callable[[str, dict[str, list[str]]], None] | None = None) -> SyncReport:
+    """Bring `index` (whose writer lock the caller holds) up to date with the shards `urls` names.
+    `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions)."""
+    paths = local_shards(urls)
+    report = SyncReport()
+    with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="shard",
+              desc="indexing") as bar:
+        for path in paths:
+            stat = os.stat(path)
+            recorded = index.store.info(SHARD_STATS, {})
+            if recorded.get(path) == [stat.st_size, stat.st_mtime]:
+                report.unchanged += len(_shard_items(index, path))
+            else:
+                captions = _sync_shard(index, path, model, batch_size, report)
+                with index.store.transaction(bump=False):
+                    recorded = index.store.info(SHARD_STATS, {})
+                    index.store.set_info(SHARD_STATS, {**recorded, path: [stat.st_size, stat.st_mtime]})
+                if on_shard is not None:
+                    on_shard(path, captions)
+            bar.update(1)
+    return report
+
+
+def _shard_items(index, path: str) -> dict[str, dict]:
+    """id -> record of the items indexed from the shard at `path`."""
+    ids = [i for i in index.store.ids() if isinstance(i, str) and i.startswith(path + "#")]
+    return {record["id"]: record for record in index.get(ids)} if ids else {}
+
+
+def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport) -> dict[str, list[str]]:
+    from clipkit.encode import iter_image_batches
+
+    existing = _shard_items(index, path)
+    samples, captions = [], {}
+    for sample in read_shard(path):
+        item_id = f"{path}#{sample.key}"
+        if sample.image is None:
+            report.skip(item_id, f"{item_id}: the sample has no image member ({', '.join(IMAGE_KEYS)})", "no image")
+            continue
+        captions[item_id] = sample.captions
+        old = existing.pop(item_id, None)
+        if old is not None and item_image(None, old) == sample.image and old.get("caption") == _first(sample):
+            report.unchanged += 1
+        else:
+            samples.append((item_id, sample, old is not None))
+    gone = list(existing) + [item_id for item_id, _, replaced in samples if replaced]
+    if gone:
+        index.remove(gone)
+    report.removed += len(existing)
+    images = [sample.image for _, sample, _ in samples]
+    for pixels, positions, failures in iter_image_batches(images, model.preprocess, batch_size, skip_errors=True,
+                                                           device=model.device, draft_size=model.image_size):
+        for position, reason, kind in failures:
+            report.skip(str(images[position]), reason, kind)
+        if positions:
+            chosen = [samples[p] for p in positions]
+            index.add(model.encode_image(pixels).float().cpu().numpy(), ids=[item_id for item_id, _, _ in chosen],
+                      metadata=[_metadata(sample) for _, sample, _ in chosen])
+            report.added += sum(not replaced for _, _, replaced in chosen)
+            report.updated += sum(replaced for _, _, replaced in chosen)
+    return captions
+
+
+def _first(sample: ShardSample) -> str | None:
+    return sample.captions[0] if sample.captions else None
+
+
+def _metadata(sample: ShardSample) -> dict:
+    image = sample.image
+    return {"caption": _first(sample), "shard": image.tar, "member": image.name, "offset": image.offset,
+            "size": image.size}

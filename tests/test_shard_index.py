@@ -1,0 +1,111 @@
+"""Indexing webdataset shards in place: items read from the tars, captions from their txt members, served
+and re-ranked from the bytes inside the shard."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import clipkit
+from clipkit.cli import main
+from clipkit.data.synthetic import write_synthetic
+from clipkit.index import Index
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return clipkit.load_model("clipkit-demo", device="cpu")
+
+
+@pytest.fixture
+def shards(tmp_path) -> list[Path]:
+    return write_synthetic(tmp_path / "shards", 30, seed=8, split="test", maxcount=10, workers=1, progress=False)
+
+
+def members(shard: Path) -> dict[str, dict[str, bytes]]:
+    """key -> extension -> bytes, read with tarfile (the reference)."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar.getmembers():
+            key, _, extension = member.name.partition(".")
+            out.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return out
+
+
+def test_index_shards_in_place(shards, demo, tmp_path, capsys):
+    spec = str(shards[0].parent / "test-{000000..000002}.tar")
+    assert main(["index", spec, "--index", str(tmp_path / "ix")]) == 0
+    assert "indexed 30 image(s) (30 new" in capsys.readouterr().out
+    index = Index.load(tmp_path / "ix")
+    expected = {f"{shard.resolve()}#{key}": parts for shard in shards for key, parts in members(shard).items()}
+    assert sorted(index.ids()) == sorted(expected)
+    some = sorted(expected)[:6]
+    images = [Image.open(io.BytesIO(expected[i]["jpg"])) for i in some]
+    np.testing.assert_allclose(index.embeddings(some), clipkit.encode(images, model=demo), atol=1e-5)
+    captions = {f"{i}#{n}": line for i, parts in expected.items()
+                for n, line in enumerate(l.strip() for l in parts["txt"].decode().splitlines() if l.strip())}
+    assert {r["id"]: r["caption"] for r in index.captions.get(sorted(captions))} == captions
+    assert index.get([some[0]])[0]["caption"] == captions[some[0] + "#0"]
+
+    hits = clipkit.search("a large red square", index, k=4, rerank=True, rerank_k=10)  # ITM reads the tars
+    assert len(hits) == 4 and all("itc_score" in h.metadata and h.path is None for h in hits)
+    image_hits = clipkit.search(images[2], index, k=3, modality="text")
+    assert image_hits[0].metadata["image_id"] in expected
+
+    assert main(["index", spec, "--index", str(tmp_path / "ix")]) == 0  # unchanged shards are skipped
+    assert "0 new, 0 changed), 0 moved, 30 unchanged" in capsys.readouterr().out
+    os.utime(shards[1], (1e9, 1e9))  # touched: read again, nothing embedded
+    assert main(["index", spec, "--index", str(tmp_path / "ix")]) == 0
+    assert "indexed 0 image(s)" in capsys.readouterr().out
+    rewritten = shards[2]
+    keep = sorted(members(rewritten))[:4]
+    with tarfile.open(rewritten) as tar:
+        kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name.partition(".")[0] in keep]
+    with tarfile.open(rewritten, "w") as tar:  # the shard rewritten with 4 of its 10 samples
+        for member, data in kept:
+            tar.addfile(member, io.BytesIO(data))
+    index = Index.load(tmp_path / "ix")
+    report = index.sync_shards(spec, demo)
+    assert report.removed == 6 and report.embedded == 0 and len(index) == 24
+    left = {i for i in captions if i.rpartition("#")[0] in set(index.ids())}  # the removed samples' captions went
+    assert sorted(index.captions.ids()) == sorted(left) and len(left) < len(captions)
+
+
+def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    index = Index(demo.dim, model=demo)
+    index.sync_shards([str(s) for s in shards[:2]], demo)
+    reference = {f"{s.resolve()}#{k}": parts for s in shards[:2] for k, parts in members(s).items()}
+    with TestClient(create_app(index)) as client:
+        results = client.post("/search", json={"text": "a small blue circle", "k": 3}).json()["results"]
+        first = results[0]
+        assert "path" not in first and client.get(first["image_url"]).content == reference[first["item_id"]]["jpg"]
+        thumb = client.get(first["thumbnail_url"] + "&size=32")
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+        knn = client.post("/knn-service", json={"text": "a small blue circle", "num_images": 3}).json()
+        assert knn[0]["url"].endswith(first["image_url"]) and "image_path" not in knn[0] and knn[0]["caption"]
+        similar = client.post("/knn-service", json={"image_url": knn[1]["url"], "num_images": 3}).json()
+        assert similar[0]["id"] == knn[1]["id"]
+
+
+def test_shard_errors(shards, tmp_path, capsys):
+    packed = tmp_path / "packed.tar"
+    packed.write_bytes(gzip.compress(shards[0].read_bytes()))
+    for args, message in (([str(packed)], "not an uncompressed tar"),
+                          ([str(tmp_path / "none-{0..1}.tar")], "shard not found"),
+                          ([str(shards[0]), "--check"], "apply to folders")):
+        assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
