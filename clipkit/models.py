@@ -19,8 +19,6 @@ import logging
 import os
 import pickle
 import re
-import socket
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +28,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from clipkit._net import offline_forced, reachable
 from clipkit.errors import CheckpointError, OfflineError
 from clipkit.itm.heads import build_head_from_config
 from clipkit.itm.states import exact_text_length, text_forward
@@ -203,30 +202,6 @@ def _hub_host(tag_cfg: dict) -> str:
     return urlparse(tag_cfg.get("url", "")).hostname or ""
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
-    if not host:
-        return False
-    result = {"ok": False}
-
-    def probe():
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result["ok"] = True
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)  # getaddrinfo has no timeout of its own
-    return result["ok"]
-
-
-def _offline_forced() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-               for v in ("CLIPKIT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
     """The local file for a pretrained tag if it is already downloaded, else None."""
     if tag_cfg.get("file"):
@@ -269,7 +244,7 @@ def resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None = None) ->
     if cached:
         return cached, tag_cfg
     host = _hub_host(tag_cfg)
-    if _offline_forced() or not _reachable(host):
+    if offline_forced() or not reachable(host):
         raise OfflineError(
             f"weights for {name}/{tag} are not cached and {host or 'the hub'} cannot be reached. "
             f"On a machine with network, run clipkit.load_model({name!r}, pretrained={tag!r}) once to cache "
@@ -419,6 +394,10 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    from clipkit.hf import is_hf_name
+
+    if is_hf_name(name):
+        return _load_transformers_model(name, pretrained, resolve_device(device), precision)
     _register_configs()
     if open_clip.get_model_config(name) is None:
         raise ValueError(_unknown_model_message(name))
@@ -457,6 +436,34 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     return model
 
 
+def _load_transformers_model(name: str, pretrained, device: torch.device, precision: str) -> Model:
+    """A transformers checkpoint (`clipkit.hf`), optionally with the weights of a clipkit checkpoint
+    trained from it (`pretrained`: the file `clipkit train` wrote)."""
+    from clipkit.hf import load_transformers
+
+    parts = load_transformers(name, device)
+    clip, checkpoint, recorded = parts["clip"], None, None
+    if pretrained is not None:
+        pretrained = os.fspath(pretrained)
+        if not os.path.isfile(pretrained):
+            raise FileNotFoundError(f"weights file not found: {pretrained} (a transformers model takes a clipkit "
+                                    "checkpoint trained from it, or no pretrained= at all)")
+        checkpoint = read_checkpoint(pretrained)
+        try:
+            clip.load_state_dict(checkpoint["model"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"weights in {pretrained} do not fit {name}: "
+                                  f"{str(exc).strip().splitlines()[0]}") from exc
+        recorded = str(Path(pretrained).resolve())
+    clip.to(device).eval()
+    model = Model(name=parts["name"], pretrained=recorded, clip=clip, preprocess=parts["preprocess"],
+                  tokenizer=parts["tokenizer"], device=device, dim=parts["dim"], image_size=parts["image_size"],
+                  context_length=parts["context_length"], fingerprint=fingerprint(clip), precision=precision)
+    if checkpoint is not None and checkpoint["itm"] is not None:
+        model.itm = _load_itm_head(checkpoint, pretrained, device)
+    return model
+
+
 def _resolve_weights(name: str, pretrained, cache_dir: str | None) -> tuple[str | None, dict, str | None]:
     """(the weights file to read or None, open_clip's tag config, what the model records as `pretrained`)."""
     import open_clip
@@ -490,7 +497,8 @@ def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bo
     """Whether the image tower should run in NHWC: convolutional towers (ResNets, ConvNeXts) on CUDA,
     where cuDNN's tensor-core kernels want that layout. A ViT has one convolution (its patch embedding)
     and gains nothing. CLIPKIT_CHANNELS_LAST=0 turns it off."""
-    if torch.device(device).type != "cuda" or not env_flag("CLIPKIT_CHANNELS_LAST", True):
+    if torch.device(device).type != "cuda" or not env_flag("CLIPKIT_CHANNELS_LAST", True) \
+            or not hasattr(clip, "visual"):
         return False
     return sum(isinstance(m, torch.nn.Conv2d) for m in clip.visual.modules()) > 1
 

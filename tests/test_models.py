@@ -102,7 +102,7 @@ def test_unknown_tag_lists_known_tags():
 
 def test_uncached_tag_offline_fails_fast_with_advice(monkeypatch):
     monkeypatch.delenv("CLIPKIT_OFFLINE", raising=False)
-    monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: False)
+    monkeypatch.setattr("clipkit.models.reachable", lambda host, **kw: False)
     monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
     start = time.monotonic()
     with pytest.raises(OfflineError, match=r"not cached .* local file.*clipkit-demo"):
@@ -112,7 +112,7 @@ def test_uncached_tag_offline_fails_fast_with_advice(monkeypatch):
 
 def test_offline_env_var_never_probes_the_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: pytest.fail("probed the network"))
+    monkeypatch.setattr("clipkit.models.reachable", lambda host, **kw: pytest.fail("probed the network"))
     monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
     with pytest.raises(OfflineError):
         load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
@@ -146,7 +146,7 @@ def test_cached_hf_hub_tag_loads_from_hub_cache(tmp_path, tiny_ckpt, fake_tags):
 
 def test_uncached_tag_downloads_when_reachable(monkeypatch, tmp_path, tiny_ckpt, fake_tags):
     monkeypatch.delenv("CLIPKIT_OFFLINE", raising=False)
-    monkeypatch.setattr("clipkit.models._reachable", lambda host, **kw: host == "example.invalid")
+    monkeypatch.setattr("clipkit.models.reachable", lambda host, **kw: host == "example.invalid")
     calls = []
 
     def fake_download(cfg, cache_dir=None):

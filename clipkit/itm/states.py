@@ -56,6 +56,8 @@ def tower_widths(clip: nn.Module) -> tuple[int, int]:
     """(text token width, image token width) of an open_clip model with a ViT image tower."""
     from open_clip.transformer import VisionTransformer
 
+    if hasattr(clip, "token_widths"):  # towers that say so themselves (transformers models)
+        return clip.token_widths()
     visual = clip.visual
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"ITM needs an image tower that yields patch tokens (a ViT); {type(visual).__name__} does not")
@@ -66,6 +68,8 @@ def tower_widths(clip: nn.Module) -> tuple[int, int]:
 
 def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(image embedding as encode_image computes it, unnormalised; patch token states)."""
+    if hasattr(clip, "image_tokens"):  # towers that give their tokens themselves (transformers models)
+        return clip.image_tokens(pixels)
     visual = clip.visual
     previous = visual.output_tokens
     visual.output_tokens = True
@@ -78,6 +82,8 @@ def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Te
 
 def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(text embedding exactly as encode_text computes it, unnormalised; token states after the final norm)."""
+    if hasattr(clip, "text_tokens"):
+        return clip.text_tokens(text)
     if not hasattr(clip, "token_embedding"):  # CustomTextCLIP: the text tower can return its tokens
         tower = clip.text
         previous = tower.output_tokens
@@ -90,8 +96,9 @@ def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tenso
 
 
 def padding_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """True where a position is padding (never the first token, so no row is all padding)."""
-    mask = tokens == pad_id
+    """True where a position is padding (never the first token, so no row is all padding). Token ids with
+    padding marked -1 (transformers tokenizers that give attention masks, see clipkit.hf) say so themselves."""
+    mask = tokens < 0 if bool((tokens < 0).any()) else tokens == pad_id
     mask[:, 0] = False
     return mask
 
@@ -103,7 +110,7 @@ def text_states(model, texts: list[str], batch_size: int = 256) -> tuple[torch.T
     for start in range(0, len(texts), batch_size):
         tokens = model.tokenize(texts[start:start + batch_size]).to(model.device)
         states.append(encode_text_tokens(model.clip, tokens)[1])
-        masks.append(padding_mask(tokens))
+        masks.append(padding_mask(tokens, getattr(model.clip, "pad_id", 0)))
     return torch.cat(states), torch.cat(masks)
 
 

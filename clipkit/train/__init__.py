@@ -120,7 +120,8 @@ class Trainable(nn.Module):
             # temperature too): over raw cosines in [-1, 1] the softmax is nearly flat, the "hard"
             # negatives are random ones, and the head never learns to tell distractors apart.
             similarity = scale.detach() * image_emb.detach() @ text_emb.detach().T
-            logits, labels = itm_logits_and_labels(self.head, text_states, padding_mask(tokens), image_states,
+            padding = padding_mask(tokens, getattr(self.clip, "pad_id", 0))
+            logits, labels = itm_logits_and_labels(self.head, text_states, padding, image_states,
                                                    similarity, image_ids, generator, self.uniform_mix)
             out["itm"], out["itm_acc"] = itm_loss(logits, labels)
         return out

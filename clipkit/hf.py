@@ -1,0 +1,188 @@
+"""Hugging Face `transformers` checkpoints as clipkit dual encoders (needs the `hf` extra).
+
+`clipkit.load_model(DIR)` takes a directory written by `save_pretrained` (CLIPModel, SiglipModel, or any
+transformers model with `get_text_features` / `get_image_features`), and `clipkit.load_model("hf:ORG/REPO")`
+a hub repository through transformers' own cache (offline and not cached: an error at once). Images are
+preprocessed and texts tokenised by the checkpoint's own image processor and tokenizer, so embeddings
+equal transformers' `get_image_features` / `get_text_features`, unit-normalised.
+
+Texts: batches are padded to their longest text and the attention mask is passed where that is exact
+(towers that pool a real token: CLIP, BERT-style); towers that pool the last position (SigLIP) or
+tokenizers without masks get texts padded to the full context, as in training. Token id tensors mark
+padding as -1, so the mask travels with them (through training batches too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipkit._net import offline_forced, reachable
+from clipkit.errors import OfflineError
+
+HF_PREFIX = "hf:"
+# text towers that pool the last position, padding or not: their texts are padded to the full context, as
+# in training, since any other padding changes what that position holds
+LAST_TOKEN_POOLING = ("siglip", "siglip2")
+PAD = -1  # padding positions in token id tensors (the attention mask, carried in the ids)
+
+
+def is_hf_name(name: str) -> bool:
+    """Whether `load_model(name)` means a transformers checkpoint: `hf:ORG/REPO`, or a directory holding one."""
+    if name.startswith(HF_PREFIX):
+        return True
+    path = Path(name)
+    if not (path / "config.json").is_file() or (path / "open_clip_config.json").is_file():
+        return False
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("loading Hugging Face transformers checkpoints needs the hf extra: "
+                         "pip install 'clipkit[hf]'") from None
+    return transformers
+
+
+def hf_source(name: str) -> tuple[str, str, bool]:
+    """(what from_pretrained takes, the name a model records, local files only) for `hf:ORG/REPO` or a
+    directory. A repository not in the cache is downloaded only when the hub is reachable."""
+    if not name.startswith(HF_PREFIX):
+        return str(Path(name).resolve()), str(Path(name).resolve()), True
+    repo = name[len(HF_PREFIX):]
+    if repo.count("/") > 1 or not repo.strip("/"):
+        raise ValueError(f"{name!r}: a hub model is named hf:ORG/REPO (such as hf:openai/clip-vit-base-patch32)")
+    if _cached(repo):
+        return repo, name, True
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    if offline_forced() or not reachable(host):
+        raise OfflineError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached "
+                           f"({'offline mode is on' if offline_forced() else host + ' is unreachable'}): download it "
+                           f"on a machine online (`hf download {repo}`) and copy the cache "
+                           "(~/.cache/huggingface/hub), or pass a local directory")
+    return repo, name, False
+
+
+def _cached(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json")
+    return isinstance(found, str) and os.path.isfile(found)
+
+
+def load_transformers(name: str, device: torch.device) -> dict[str, Any]:
+    """The parts of a clipkit Model for a transformers checkpoint: {'clip', 'preprocess', 'tokenizer',
+    'dim', 'image_size', 'context_length', 'name'}."""
+    transformers = require_transformers()
+    source, recorded, local_only = hf_source(name)
+    try:
+        model = transformers.AutoModel.from_pretrained(source, local_files_only=local_only)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot load the transformers checkpoint {name}: {first}") from None
+    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise ValueError(f"{name} holds a {type(model).__name__}, not a dual encoder: clipkit loads transformers "
+                         "models with get_text_features and get_image_features (CLIPModel, SiglipModel, ...)")
+    tower = HFDualEncoder(model, tokenizer).to(device).eval()
+    text = HFTokenizer(tokenizer, context_length(model, tokenizer),
+                       pad_to_max=model.config.model_type in LAST_TOKEN_POOLING)
+    with torch.inference_mode():
+        dim = tower.encode_text(text(["a"]).to(device)).shape[-1]
+    return {"clip": tower, "preprocess": HFPreprocess(processor), "tokenizer": text, "dim": int(dim),
+            "image_size": int(model.config.vision_config.image_size), "context_length": text.context_length,
+            "name": recorded}
+
+
+def context_length(model: nn.Module, tokenizer) -> int:
+    """The longest text the text tower takes: its position table, or the tokenizer's limit if shorter."""
+    positions = getattr(model.config.text_config, "max_position_embeddings", None) or 512
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(min(positions, limit)) if isinstance(limit, int) and limit > 0 else int(positions)
+
+
+class HFTokenizer:
+    """Texts -> a LongTensor of token ids (N, L), padding marked -1 where the tokenizer gives attention masks.
+
+    Batches are padded to their longest text where that is exact (an attention mask hides the padding
+    from a tower that pools a real token: CLIP's end of text, BERT's CLS), else to the full context."""
+
+    def __init__(self, tokenizer, context_length: int, pad_to_max: bool = False):
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.masked = "attention_mask" in tokenizer.model_input_names
+        self.pad_to_max = pad_to_max or not self.masked
+
+    def __call__(self, texts) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = self.tokenizer(texts, padding="max_length" if self.pad_to_max else "longest", truncation=True,
+                                 max_length=self.context_length, return_tensors="pt")
+        ids = encoded["input_ids"]
+        if self.masked:
+            ids = ids.masked_fill(encoded["attention_mask"] == 0, PAD)
+        return ids
+
+
+class HFPreprocess:
+    """A PIL image -> the CHW float tensor the checkpoint's image processor makes of it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class HFDualEncoder(nn.Module):
+    """A transformers dual encoder behind open_clip's interface (`encode_image`, `encode_text`,
+    `logit_scale`, `logit_bias`), plus the token states the ITM head reads (`image_tokens`, `text_tokens`)."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    def token_widths(self) -> tuple[int, int]:
+        config = self.model.config
+        return int(config.text_config.hidden_size), int(config.vision_config.hidden_size)
+
+    def image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image embedding, unnormalised; the vision tower's token states)."""
+        out = self.model.get_image_features(pixel_values=pixels)
+        if torch.is_tensor(out):  # transformers < 5: features only
+            return out, self.model.vision_model(pixel_values=pixels).last_hidden_state
+        return out.pooler_output, out.last_hidden_state
+
+    def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text embedding, unnormalised; the text tower's token states) of ids as HFTokenizer makes them."""
+        mask = tokens != PAD
+        ids = tokens.masked_fill(~mask, self.pad_id)
+        out = self.model.get_text_features(input_ids=ids, attention_mask=mask.long() if not mask.all() else None)
+        if torch.is_tensor(out):
+            return out, self.model.text_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return out.pooler_output, out.last_hidden_state
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model.get_image_features(pixel_values=pixels)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_tokens(tokens)[0]
