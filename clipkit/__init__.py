@@ -7,7 +7,8 @@ from clipkit.errors import ClipkitError
 from clipkit.index import Index
 from clipkit.metrics import recall_at_k
 from clipkit.models import Model, list_models, load_model
+from clipkit.rerankers import Reranker, load_reranker, score_pairs
 from clipkit.search import Hit, search
 
-__all__ = ["ClipkitError", "Hit", "Index", "Model", "__version__", "encode", "list_models", "load_model",
-           "recall_at_k", "search"]
+__all__ = ["ClipkitError", "Hit", "Index", "Model", "Reranker", "__version__", "encode", "list_models", "load_model",
+           "load_reranker", "recall_at_k", "score_pairs", "search"]

@@ -99,6 +99,9 @@ def _add_search_command(commands) -> None:
     output.add_argument("--paths", action="store_true", help="print only the file paths, one per line")
     search.add_argument("--rerank", action="store_true", help="re-rank the top candidates with the model's ITM head")
     search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
+    search.add_argument("--reranker", default=None, metavar="MODEL",
+                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a clipkit model "
+                            "with an ITM head (implies --rerank)")
     search.add_argument("--device", default=None)
     search.add_argument("--captions", action="store_true",
                         help="search the captions indexed beside the images (image -> text, text -> text)")
@@ -150,6 +153,9 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--inline-images", type=int, default=0, metavar="PIXELS",
                        help="clip-retrieval replies carry each image as base64 JPEG of this size, as its own back "
                             "end does (default: 0, off: results carry the image's URL)")
+    serve.add_argument("--reranker", default=None, metavar="MODEL",
+                       help="re-rank (rerank=true queries) with another model: a BLIP ITM checkpoint (directory or "
+                            "hf:ORG/REPO) or a clipkit model with an ITM head")
     serve.add_argument("--device", default=None)
 
 
@@ -168,6 +174,9 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
+    parser.add_argument("--reranker", default=None, metavar="MODEL",
+                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a clipkit model "
+                            "with an ITM head (implies --rerank)")
     parser.add_argument("--weight", type=float, default=None,
                         help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
                              "was fitted with, 0 for the fusion head)")
@@ -449,8 +458,13 @@ def cmd_search(args) -> int:
         query = Path(args.query)
     index = Index.load(args.index)
     model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
-    hits = search(query, index, k=args.k, model=model, rerank=args.rerank, rerank_k=args.rerank_k,
-                  modality="text" if args.captions else "image")
+    reranker = None
+    if args.reranker:
+        from clipkit.rerankers import load_reranker
+
+        reranker = load_reranker(args.reranker, device=args.device)
+    hits = search(query, index, k=args.k, model=model, rerank=args.rerank or reranker is not None,
+                  rerank_k=args.rerank_k, modality="text" if args.captions else "image", reranker=reranker)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
     elif args.paths:
@@ -524,7 +538,7 @@ def cmd_eval(args) -> int:
     run_benchmark(args.dataset, root=args.root, captions=args.captions, split=args.split, n_images=args.n_images,
                   seed=args.seed, model=args.model, pretrained=args.pretrained, rerank=args.rerank,
                   rerank_k=args.rerank_k, weight=args.weight, batch_size=args.batch_size, device=args.device,
-                  json_path=args.json)
+                  json_path=args.json, reranker=args.reranker)
     return 0
 
 
@@ -548,7 +562,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(max_k=args.max_k, max_body_bytes=args.max_body_mb * 2**20,
                          allow_image_urls=args.allow_image_urls, cors_origins=args.cors,
                          max_result_ids=args.max_result_ids, front_dir=args.front, inline_images=args.inline_images)
-    serve(specs, host=args.host, port=args.port, config=config, device=args.device,
+    serve(specs, host=args.host, port=args.port, config=config, device=args.device, reranker=args.reranker,
           log_level="warning" if args.quiet else "info")
     return 0
 

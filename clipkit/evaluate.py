@@ -20,6 +20,7 @@ from clipkit.encode import encode_gallery, encode_texts
 from clipkit.itm import match_scores, require_itm, rerank_weight, text_states
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
+from clipkit.rerankers import load_images, load_reranker
 
 _RERANKED = 1e4  # added to re-ranked candidates' scores so they stay ahead of the rest
 
@@ -32,6 +33,7 @@ class Evaluation:
     n_images: int = 0
     n_texts: int = 0
     weight: float | None = None  # the cosine weight re-ranking used
+    reranker: str | None = None  # the re-ranker, when not the model's own ITM head
 
 
 def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: float,
@@ -50,14 +52,16 @@ def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: flo
 
 
 def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float | None = None,
-             batch_size: int = 128, ks=(1, 5, 10)) -> Evaluation:
-    """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM."""
+             batch_size: int = 128, ks=(1, 5, 10), reranker=None) -> Evaluation:
+    """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM: the model's own
+    head, or `reranker` (`clipkit.load_reranker`, e.g. a BLIP ITM model) when given."""
     if rerank_k < 1:
         raise ValueError(f"rerank_k must be at least 1, got {rerank_k}")
-    head = require_itm(model) if rerank else None
+    rerank = rerank or reranker is not None
+    head = require_itm(model) if rerank and reranker is None else None
     seconds = {}
     start = time.perf_counter()
-    image_emb, images = encode_gallery(model, data.images, batch_size, states=rerank)
+    image_emb, images = encode_gallery(model, data.images, batch_size, states=head is not None)
     seconds["encode_images"] = time.perf_counter() - start
     start = time.perf_counter()
     text_emb = encode_texts(data.captions, model, batch_size)
@@ -75,21 +79,34 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
 
     if rerank:
         start = time.perf_counter()
-        texts, padding = text_states(model, data.captions, batch_size)
+        if reranker is not None:  # another model: it prepares the images and captions its own way
+            reranker = load_reranker(reranker)
+            images = reranker.image_inputs(load_images(data.images, min_side=reranker.min_side))
+            texts = reranker.text_inputs(data.captions)
+            match = reranker.match
+            weight = result.weight = reranker.weight if weight is None else float(weight)
+        else:
+            texts = text_states(model, data.captions, batch_size)
+            weight = result.weight = rerank_weight(head, weight)
+
+            def match(images_, image_index, texts_, text_index):
+                states, padding = texts_
+                return match_scores(head, states[text_index], padding[text_index], images_,
+                                    torch.from_numpy(image_index)).cpu().numpy()
 
         def t2i_pairs(rows, cols):  # rows: captions, cols: images
-            return match_scores(head, texts[rows], padding[rows], images, torch.from_numpy(cols)).cpu().numpy()
+            return match(images, cols, texts, rows)
 
         def i2t_pairs(rows, cols):  # rows: images, cols: captions
-            return match_scores(head, texts[cols], padding[cols], images, torch.from_numpy(rows)).cpu().numpy()
+            return match(images, rows, texts, cols)
 
-        weight = result.weight = rerank_weight(head, weight)
         t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, weight)
         i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, weight)
         t2i = text_to_image_ranks(lambda a, b: t2i_sim[a:b], len(data.captions), mapping)
         i2t = image_to_text_ranks(lambda a, b: i2t_sim[a:b], len(data.images), mapping)
         result.rerank = summarize(t2i, i2t, ks)
         seconds["itm_rerank"] = time.perf_counter() - start
+        result.reranker = reranker.name if reranker is not None else None
     result.seconds = seconds
     return result
 
@@ -131,7 +148,8 @@ def _by_direction(metrics: dict | None, ks) -> dict | None:
 
 def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pretrained: str | None = None,
                   rerank: bool = False, rerank_k: int = 16, weight: float | None = None, batch_size: int = 128,
-                  device: str | None = None, json_path: str | None = None, ks=(1, 5, 10), **data_options) -> dict:
+                  device: str | None = None, json_path: str | None = None, ks=(1, 5, 10), reranker: str | None = None,
+                  **data_options) -> dict:
     """Evaluate, print a markdown table and the time per stage, and return (and with `json_path` write) the
     report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed)."""
     from clipkit.models import load_model
@@ -140,10 +158,13 @@ def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pr
     data = load_dataset(dataset, **data_options)
     load_seconds = time.perf_counter() - start
     loaded = load_model(model, pretrained, device=device)
-    result = evaluate(loaded, data, rerank=rerank, rerank_k=rerank_k, weight=weight, batch_size=batch_size, ks=ks)
+    loaded_reranker = load_reranker(reranker, device=device) if reranker is not None else None
+    result = evaluate(loaded, data, rerank=rerank, rerank_k=rerank_k, weight=weight, batch_size=batch_size, ks=ks,
+                      reranker=loaded_reranker)
     report = {"dataset": data.name, "model": model, "pretrained": pretrained, "n_images": result.n_images,
               "n_texts": result.n_texts, "itc": _by_direction(result.itc, ks), "rerank": _by_direction(result.rerank, ks),
-              "rerank_k": rerank_k if rerank else None, "rerank_weight": result.weight,
+              "rerank_k": rerank_k if result.rerank is not None else None, "rerank_weight": result.weight,
+              "reranker": result.reranker,
               f"itc_R@{rerank_k}_cap": {d: result.itc[f"{d}_R@{rerank_k}"] for d in ("t2i", "i2t")},
               "mean_rank": {d: result.itc[f"{d}_mean_rank"] for d in ("t2i", "i2t")},
               "seconds": {"load_data": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}}
@@ -163,7 +184,8 @@ def format_table(report: dict, ks) -> str:
         for method in ("itc", "rerank"):
             if report[method] is None:
                 continue
-            label = "ITC" if method == "itc" else f"ITC + ITM (top {report['rerank_k']})"
+            label = "ITC" if method == "itc" else \
+                f"ITC + {'ITM' if not report.get('reranker') else report['reranker']} (top {report['rerank_k']})"
             values = " | ".join(f"{report[method][direction][f'R@{k}']:.3f}" for k in ks)
             lines.append(f"| {names[direction]} | {label} | {values} |")
     if report["rerank"] is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.shards import item_image
-from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
+from clipkit.rerankers import HeadReranker, Reranker, load_images, load_reranker
 
 
 @dataclass
@@ -78,7 +77,7 @@ def _embed(query: Any, kind: str, model) -> np.ndarray:
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
-           weight: float | None = None, modality: str = "image") -> list[Hit]:
+           weight: float | None = None, modality: str = "image", reranker=None) -> list[Hit]:
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
@@ -90,6 +89,9 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     re-ranks captions (items with a 'caption').
     `modality="text"` searches the index's captions instead of its images (image -> text, text -> text):
     hits are captions, with `metadata['caption']`, their image's `path` and `metadata['image_id']`.
+    `reranker`: re-rank with another model (`clipkit.load_reranker`: a BLIP ITM checkpoint, or a clipkit
+    model with an ITM head) instead of the index model's own head; a hit's score is then that re-ranker's
+    (BLIP: the match probability) + `weight` (default 0 for BLIP) x cosine.
     """
     if not isinstance(index, Index):
         raise ValueError(f"index must be a clipkit.Index, got {type(index).__name__}")
@@ -103,7 +105,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
         model = index_model(index, model)
         vector = _embed(query, kind, model)
     return ranked_hits(target, vector, k, query=query, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k,
-                       weight=weight)
+                       weight=weight, reranker=reranker)
 
 
 def searched_collection(index: Index, modality: str, *, kind: str | None = None, rerank: bool = False) -> Index:
@@ -123,20 +125,20 @@ def searched_collection(index: Index, modality: str, *, kind: str | None = None,
 
 def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, kind: str = "vector", model=None,
                 rerank: bool = False, rerank_k: int | None = None, weight: float | None = None,
-                max_depth: int | None = None) -> list[Hit]:
+                max_depth: int | None = None, reranker=None) -> list[Hit]:
     """The one search path behind `search()` and the HTTP server: the top `k` hits for a unit query
     `vector`; with `rerank`, ITC's top `rerank_k` (default max(k, 32), at most `max_depth`) re-ordered by
-    the model's ITM head scoring `query` (of `kind` TEXT or IMAGE) against them."""
+    `reranker` (default: the model's ITM head) scoring `query` (of `kind` TEXT or IMAGE) against them."""
     if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
         raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
     if rerank:
         if kind not in (TEXT, IMAGE):
             raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
-        require_itm(model)
+        reranker = load_reranker(reranker) if reranker is not None else HeadReranker(model)
     depth = max(k, rerank_k or 32) if rerank else k
     hits = nearest_hits(index, vector, depth if max_depth is None else min(depth, max(k, max_depth)))
     if rerank:
-        hits = rerank_hits(query, kind, hits, model, weight)
+        hits = rerank_hits(query, kind, hits, reranker, weight)
     return hits[:k]
 
 
@@ -152,13 +154,9 @@ def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
     return hits
 
 
-def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float | None = None) -> list[Hit]:
-    """Re-order ITC hits by the ITM head's match log-odds (+ weight x cosine; None: the head's own weight)."""
-    import torch
-
-    from clipkit.encode import iter_image_batches
-
-    head = require_itm(model)
+def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weight: float | None = None) -> list[Hit]:
+    """Re-order ITC hits by the re-ranker's score (+ weight x cosine; None: the re-ranker's own weight). A text
+    query is scored against the hits' images, an image query against the hits' captions."""
     if not hits:
         return hits
     if kind == TEXT:
@@ -166,32 +164,22 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], model, weight: float | N
         missing = [h.id for h, source in zip(hits, sources) if source is None]
         if missing:
             raise ValueError(f"re-ranking a text query needs the images, but item {missing[0]!r} has no image file")
-        states, positions = [], []
-        for pixels, done, failures in iter_image_batches(sources, model.preprocess, 64,
-                                                         skip_errors=True, device=model.device,
-                                                         draft_size=model.image_size):
-            if done:
-                states.append(image_states(model, pixels))
-                positions += done
-        hits = [hits[p] for p in positions]  # files that vanished since indexing drop out
+        pictures = load_images(sources, skip_errors=True, min_side=reranker.min_side)
+        hits = [hit for hit, picture in zip(hits, pictures) if picture is not None]  # files gone since indexing
         if not hits:
             return hits
-        images = torch.cat(states)
-        texts, padding = text_states(model, [query])
-        texts, padding = texts.expand(len(hits), -1, -1), padding.expand(len(hits), -1)
-        image_index = None
+        images = reranker.image_inputs([p for p in pictures if p is not None])
+        texts, image_index, text_index = reranker.text_inputs([query]), np.arange(len(hits)), np.zeros(len(hits), int)
     else:
         captions = [h.metadata.get("caption") for h in hits]
         if any(c is None for c in captions):
             raise ValueError("re-ranking an image query scores it against captions, but these hits have none: "
                              "image-to-image search cannot be re-ranked by ITM")
-        texts, padding = text_states(model, captions)
-        pixels = model.preprocess(load_image(query))[None]
-        images = image_states(model, pixels)
-        image_index = torch.zeros(len(hits), dtype=torch.long)  # the one query image against every caption
-    itm = match_scores(head, texts, padding, images, image_index).cpu().numpy()
-    weight = rerank_weight(head, weight)
-    for hit, score in zip(hits, itm):
+        images, texts = reranker.image_inputs([load_image(query)]), reranker.text_inputs(captions)
+        image_index, text_index = np.zeros(len(hits), int), np.arange(len(hits))
+    scores = reranker.match(images, image_index, texts, text_index)
+    weight = reranker.weight if weight is None else float(weight)
+    for hit, score in zip(hits, scores):
         hit.metadata["itc_score"] = hit.score
         hit.score = float(score + weight * hit.score)
     return sorted(hits, key=lambda h: -h.score)

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from clipkit import __version__
 from clipkit.errors import ClipkitError
 from clipkit.index import Index
+from clipkit.rerankers import load_reranker
 from clipkit.search import index_model
 from clipkit.serve.batcher import Batcher, ModelWorker
 from clipkit.serve import clip_retrieval
@@ -76,11 +77,13 @@ class BodyLimit:
 # The app
 
 
-def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeConfig | None = None) -> FastAPI:
+def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeConfig | None = None,
+               reranker=None) -> FastAPI:
     """A FastAPI app serving `indexes` (name -> Index; one Index is served as 'default').
 
     Each index's queries are embedded by its own model (or `model`, checked against it); indexes
-    built by the same model share one model thread and one batcher.
+    built by the same model share one model thread and one batcher. `reranker` (`clipkit.load_reranker`)
+    re-ranks rerank=true queries instead of each model's own ITM head.
     """
     config = config or ServeConfig()
     if isinstance(indexes, Index):
@@ -95,7 +98,7 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
             workers[shared] = (worker, Batcher(worker, config.max_batch))
         worker, batcher = workers[shared]
         collections_[name] = Collection(name, index, worker.model, worker, batcher)
-    service = Service(collections_, config)
+    service = Service(collections_, config, reranker=load_reranker(reranker) if reranker is not None else None)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -156,7 +159,7 @@ def load_indexes(specs: list[str]) -> dict[str, Index]:
 
 
 def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          device: str | None = None, log_level: str = "info") -> None:
+          device: str | None = None, log_level: str = "info", reranker: str | None = None) -> None:
     """Load the indexes and their models once, then serve until interrupted."""
     import uvicorn
 
@@ -168,7 +171,8 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
             if info:
                 key = (info["name"], info.get("pretrained"))
                 loaded[key] = index_model(index, loaded.get(key), device=device)
-    app = create_app(indexes, config=config)
+    app = create_app(indexes, config=config,
+                     reranker=load_reranker(reranker, device=device) if reranker is not None else None)
     if config is not None and config.front_dir and log_level != "warning":
         print(f"clip-retrieval's front end: http://{host}:{port}/front/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

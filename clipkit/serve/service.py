@@ -94,11 +94,12 @@ class BodyTooLarge(Exception):
 
 
 class Service:
-    def __init__(self, collections_: dict[str, Collection], config: ServeConfig):
+    def __init__(self, collections_: dict[str, Collection], config: ServeConfig, reranker=None):
         if not collections_:
             raise ValueError("nothing to serve: give at least one index")
         self.collections = collections_
         self.config = config
+        self.reranker = reranker  # re-ranks instead of each model's ITM head, when given
         self._thumbnails: collections.OrderedDict = collections.OrderedDict()
         self._thumbnail_lock = threading.Lock()
         self._unsupported_noted: set[str] = set()
@@ -165,7 +166,7 @@ class Service:
             target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
             find = functools.partial(ranked_hits, target, vector, min(k, max_k or self.config.max_k), query=query, kind=kind,
                                      model=collection.model, rerank=rerank, rerank_k=rerank_k, weight=weight,
-                                     max_depth=self.config.max_rerank_k)
+                                     max_depth=self.config.max_rerank_k, reranker=self.reranker)
             hits = await run(find)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
@@ -238,9 +239,10 @@ class Service:
         return {
             "status": "ok", "version": __version__,
             "indexes": {name: {"items": len(c.index), "model": c.model.name, "dim": c.index.dim,
-                               "rerank": c.model.itm is not None,
+                               "rerank": c.model.itm is not None or self.reranker is not None,
                                "captions": len(c.index.captions) if c.index.captions is not None else 0}
                         for name, c in self.collections.items()},
+            "reranker": self.reranker.name if self.reranker is not None else None,
             "limits": {"max_k": self.config.max_k, "max_rerank_k": self.config.max_rerank_k,
                        "max_result_ids": self.config.max_result_ids, "max_body_bytes": self.config.max_body_bytes},
             "encoder_calls": sum(c.batcher.batches for c in self._batchers()),

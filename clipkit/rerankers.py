@@ -1,0 +1,203 @@
+"""Re-rankers: models that score (image, text) pairs, behind one interface, for re-ranking search results and
+for `score_pairs`.
+
+- `HeadReranker`: a clipkit model's own ITM head over its towers' token states; its score is the match
+  log-odds, and re-ranked results add `weight` x the ITC cosine (the weight the head was fitted with).
+- `BlipReranker`: a transformers `BlipForImageTextRetrieval` (BLIP's ITM head, as BLIP re-ranks its ITC
+  candidates); its score is BLIP's match probability, softmax(itm_score)[:, 1]; weight 0 by default.
+
+Each re-ranker prepares images and texts once (`image_inputs`, `text_inputs`) and then scores any pairs of
+them (`match`), so an image scored against many captions (or a caption against many images) is encoded
+once.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from clipkit.encode import as_model, encode, load_image
+from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
+
+
+class Reranker:
+    """Scores (image, text) pairs; `weight` is the ITC cosine weight re-ranked scores add by default."""
+
+    name: str = "reranker"
+    weight: float = 0.0
+    batch_size: int = 64
+    min_side: int | None = None  # images much larger are decoded at a reduced scale (JPEG draft mode)
+
+    def image_inputs(self, images: Sequence) -> Any:
+        raise NotImplementedError
+
+    def text_inputs(self, texts: Sequence[str]) -> Any:
+        raise NotImplementedError
+
+    def match(self, images: Any, image_index: np.ndarray, texts: Any, text_index: np.ndarray) -> np.ndarray:
+        """The score of each pair (images[image_index[i]], texts[text_index[i]]), float32."""
+        raise NotImplementedError
+
+    def score_pairs(self, images: Sequence, texts: Sequence[str]) -> np.ndarray:
+        """The score of each (images[i], texts[i]) pair; images as PIL images, paths or arrays."""
+        if len(images) != len(texts):
+            raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
+        index = np.arange(len(texts))
+        return self.match(self.image_inputs(load_images(images)), index, self.text_inputs(list(texts)), index)
+
+
+class HeadReranker(Reranker):
+    """A clipkit model's own ITM head."""
+
+    def __init__(self, model):
+        self.model = as_model(model)
+        self.head = require_itm(self.model)
+        self.name = self.model.name
+        self.weight = rerank_weight(self.head, None)
+        self.min_side = self.model.image_size
+
+    def image_inputs(self, images: Sequence) -> torch.Tensor:
+        states = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.model.preprocess(image) for image in images[start:start + self.batch_size]])
+            states.append(image_states(self.model, pixels))
+        return torch.cat(states)
+
+    def text_inputs(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return text_states(self.model, list(texts))
+
+    def match(self, images, image_index, texts, text_index) -> np.ndarray:
+        states, padding = texts
+        rows = torch.as_tensor(np.asarray(text_index), dtype=torch.long)
+        return match_scores(self.head, states[rows], padding[rows], images,
+                            torch.as_tensor(np.asarray(image_index), dtype=torch.long)).float().cpu().numpy()
+
+
+def load_images(images: Sequence, workers: int = 4, skip_errors: bool = False, min_side: int | None = None) -> list:
+    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in threads; with
+    `skip_errors`, None for those that cannot be read (any more). `min_side`: see `read_image`."""
+    def read(item):
+        try:
+            return load_image(item, min_side)
+        except (ValueError, OSError):
+            if not skip_errors:
+                raise
+            return None
+
+    items = list(images)
+    if len(items) < 2:
+        return [read(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(read, items))
+
+
+def load_reranker(source, *, device: str | torch.device | None = None) -> Reranker:
+    """A re-ranker: a `Reranker` as is; a clipkit model (or model name) with an ITM head; or a transformers
+    BLIP ITM checkpoint (a `save_pretrained` directory, or `hf:ORG/REPO` through the cache)."""
+    from clipkit.hf import is_hf_name
+    from clipkit.models import Model, load_model
+
+    if isinstance(source, Reranker):
+        return source
+    if isinstance(source, Model):
+        return HeadReranker(source)
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise ValueError(f"a re-ranker is a model name, a directory or hf:ORG/REPO; got {source!r}")
+    if is_hf_name(str(source)) and _is_blip(str(source)):
+        return BlipReranker.load(str(source), device=device)
+    return HeadReranker(load_model(str(source), device=device))
+
+
+def _is_blip(source: str) -> bool:
+    from clipkit.hf import hf_source, require_transformers
+
+    transformers = require_transformers()
+    path, _, local_only = hf_source(source)
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=local_only)
+    return "BlipForImageTextRetrieval" in (getattr(config, "architectures", None) or []) or \
+        config.model_type == "blip"
+
+
+def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=None,
+                weight: float | None = None) -> np.ndarray:
+    """The re-ranking score of each (images[i], texts[i]) pair, the score `search(..., rerank=True)` orders
+    by: the re-ranker's score (a clipkit ITM head's match log-odds, or BLIP's match probability) plus
+    `weight` x the pair's ITC cosine by `model` (default weight: the re-ranker's own; 0 for BLIP).
+    `reranker` defaults to `model`'s ITM head."""
+    reranker = load_reranker(reranker if reranker is not None else as_model(model))
+    images, texts = list(images), list(texts)
+    scores = reranker.score_pairs(images, texts)
+    weight = reranker.weight if weight is None else float(weight)
+    if weight:
+        if model is None and not isinstance(reranker, HeadReranker):
+            raise ValueError("a cosine weight needs the dual encoder that gives the cosine: pass model=")
+        encoder = as_model(model) if model is not None else reranker.model
+        pictures = load_images(images)
+        cosine = np.sum(encode(pictures, model=encoder) * encode(texts, model=encoder), axis=1)
+        scores = scores + weight * cosine
+    return scores.astype(np.float32)
+
+
+class BlipReranker(Reranker):
+    """BLIP's ITM head (transformers `BlipForImageTextRetrieval`): the match probability of each pair.
+
+    Each image passes the vision tower once (`image_inputs`); each pair then passes the text encoder with
+    cross-attention to its image's tokens and the ITM head, as `BlipForImageTextRetrieval(use_itm_head=True)`
+    computes it."""
+
+    def __init__(self, model, processor, name: str, device: torch.device):
+        self.model, self.processor, self.name, self.device = model, processor, name, device
+        self.batch_size = 32
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+        size = processor.image_processor.size
+        self.min_side = int(min(size["height"], size["width"])) if "height" in size else None
+
+    @classmethod
+    def load(cls, source: str, device: str | torch.device | None = None) -> "BlipReranker":
+        from clipkit.hf import hf_source, require_transformers
+        from clipkit.models import resolve_device
+
+        transformers = require_transformers()
+        path, name, local_only = hf_source(source)
+        device = resolve_device(device)
+        try:
+            model = transformers.BlipForImageTextRetrieval.from_pretrained(path, local_files_only=local_only)
+            processor = transformers.BlipProcessor.from_pretrained(path, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"cannot load the BLIP ITM checkpoint {source}: {first}") from None
+        return cls(model.to(device).eval(), processor, name, device)
+
+    @torch.inference_mode()
+    def image_inputs(self, images: Sequence) -> torch.Tensor:
+        """The vision tower's token states of each image."""
+        states = []
+        for start in range(0, len(images), self.batch_size):
+            pixels = self.processor.image_processor(images=list(images[start:start + self.batch_size]),
+                                                    return_tensors="pt")["pixel_values"].to(self.device)
+            states.append(self.model.vision_model(pixel_values=pixels).last_hidden_state)
+        return torch.cat(states)
+
+    def text_inputs(self, texts: Sequence[str]) -> list[str]:
+        return list(texts)
+
+    @torch.inference_mode()
+    def match(self, images, image_index, texts, text_index) -> np.ndarray:
+        scores = []
+        for start in range(0, len(text_index), self.batch_size):
+            rows = np.asarray(text_index[start:start + self.batch_size])
+            tokens = self.processor.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                              max_length=self.max_length, return_tensors="pt").to(self.device)
+            states = images[torch.as_tensor(np.asarray(image_index[start:start + self.batch_size]), dtype=torch.long,
+                                            device=images.device)]
+            encoded = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                              encoder_hidden_states=states,
+                                              encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                                                device=states.device))
+            logits = self.model.itm_head(encoded.last_hidden_state[:, 0, :])
+            scores.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy())
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32)

@@ -1,0 +1,139 @@
+"""Re-rankers behind one interface: a BLIP ITM model (transformers, tiny and random, written by the test)
+and clipkit's own ITM head, against transformers' outputs and the library's search."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import clipkit  # noqa: E402
+from clipkit.cli import main  # noqa: E402
+from clipkit.encode import load_image  # noqa: E402
+from clipkit.rerankers import BlipReranker, HeadReranker  # noqa: E402
+from conftest import draw_shape  # noqa: E402
+
+
+def blip_dir(root: Path) -> Path:
+    """A tiny random BlipForImageTextRetrieval with a word-piece vocabulary of letters and BLIP's processors."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *(f"##{c}" for c in string.ascii_lowercase)]
+    tokenizer = transformers.BertTokenizer(vocab={token: n for n, token in enumerate(vocab)})
+    config = transformers.BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=24)
+    torch.manual_seed(0)
+    path = root / "tiny-blip-itm"
+    transformers.BlipForImageTextRetrieval(config).save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    transformers.BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory) -> Path:
+    return blip_dir(tmp_path_factory.mktemp("blip"))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return clipkit.load_model("clipkit-demo", device="cpu")
+
+
+PAIRS = [("red", "circle", "a red circle"), ("blue", "square", "a red circle"), ("green", "triangle", "a green one"),
+         ("yellow", "cross", "a small yellow cross left of a big blue square")]
+
+
+def blip_reference(path: Path, images: list, texts: list[str]) -> np.ndarray:
+    """transformers' own ITM match probability of each pair: softmax(itm_score)[:, 1]."""
+    model = transformers.BlipForImageTextRetrieval.from_pretrained(path).eval()
+    processor = transformers.BlipProcessor.from_pretrained(path)
+    with torch.no_grad():
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        return torch.softmax(model(**inputs, use_itm_head=True).itm_score, dim=-1)[:, 1].numpy()
+
+
+def test_blip_scores_equal_transformers(blip):
+    reranker = clipkit.load_reranker(str(blip), device="cpu")
+    assert isinstance(reranker, BlipReranker) and reranker.weight == 0
+    images = [draw_shape(c, s, size=(40, 40), seed=n) for n, (c, s, _) in enumerate(PAIRS)]
+    texts = [t for _, _, t in PAIRS]
+    expected = blip_reference(blip, images, texts)
+    np.testing.assert_allclose(clipkit.score_pairs(images, texts, reranker=reranker), expected, atol=1e-4)
+    np.testing.assert_allclose(reranker.score_pairs(images[::-1], texts[::-1]), expected[::-1], atol=1e-4)
+    with pytest.raises(ValueError, match="pairs"):
+        clipkit.score_pairs(images, texts[:2], reranker=reranker)
+
+
+def test_search_reranks_with_blip_both_ways(blip, demo, image_folder, tmp_path):
+    reranker = clipkit.load_reranker(str(blip), device="cpu")
+    index = clipkit.Index.from_folder(image_folder, demo)
+    hits = clipkit.search("a red circle", index, k=4, rerank=True, rerank_k=10, reranker=reranker)
+    candidates = clipkit.search("a red circle", index, k=10)
+    pictures = [load_image(Path(h.path), reranker.min_side) for h in candidates]
+    probabilities = blip_reference(blip, pictures, ["a red circle"] * len(candidates))
+    order = np.argsort(-probabilities, kind="stable")[:4]
+    assert [h.id for h in hits] == [candidates[i].id for i in order]
+    np.testing.assert_allclose([h.score for h in hits], probabilities[order], atol=1e-4)
+    assert [h.metadata["itc_score"] for h in hits] == pytest.approx([candidates[i].score for i in order], abs=1e-5)
+
+    # image -> text: an image query re-ranks the captions of the caption collection
+    captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "one red cross"]
+    texts = clipkit.Index.from_embeddings(clipkit.encode(captions, model=demo), ids=captions,
+                                          metadata=[{"caption": c} for c in captions], model=demo)
+    query = draw_shape("red", "circle", size=(40, 40))
+    by_blip = clipkit.search(query, texts, k=5, rerank=True, reranker=reranker)
+    expected = blip_reference(blip, [query] * 5, [h.id for h in by_blip])
+    np.testing.assert_allclose([h.score for h in by_blip], expected, atol=1e-4)
+    assert [h.score for h in by_blip] == sorted([h.score for h in by_blip], reverse=True)
+
+
+def test_head_reranker_and_score_pairs_match_search(demo, image_folder):
+    """score_pairs with a model scores as search's re-ranking does: ITM log-odds + the head's weight x cosine."""
+    reranker = clipkit.load_reranker("clipkit-demo", device="cpu")
+    assert isinstance(reranker, HeadReranker) and reranker.weight == demo.itm.config["rerank_weight"]
+    index = clipkit.Index.from_folder(image_folder, demo)
+    hits = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8)
+    pictures = [load_image(Path(h.path), demo.image_size) for h in hits]
+    scores = clipkit.score_pairs(pictures, ["a red circle"] * len(hits), model=demo)
+    np.testing.assert_allclose(scores, [h.score for h in hits], atol=1e-4)
+    with_head = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8, reranker=reranker)
+    assert [h.id for h in with_head] == [h.id for h in hits]
+
+
+def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, capsys):
+    index = clipkit.Index.from_folder(image_folder, demo)
+    index.save(tmp_path / "ix")
+    reranker = clipkit.load_reranker(str(blip), device="cpu")
+    expected = clipkit.search("a red circle", index, k=3, rerank=True, rerank_k=6, reranker=reranker)
+    assert main(["search", "a red circle", "--index", str(tmp_path / "ix"), "-k", "3", "--rerank-k", "6",
+                 "--reranker", str(blip), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [h["id"] for h in printed] == [h.id for h in expected]
+    np.testing.assert_allclose([h["score"] for h in printed], [h.score for h in expected], atol=1e-4)
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    with TestClient(create_app(index, reranker=reranker)) as client:
+        assert client.get("/healthz").json()["reranker"] == str(blip.resolve())
+        body = {"text": "a red circle", "k": 3, "rerank": True, "rerank_k": 6}
+        results = client.post("/search", json=body).json()["results"]
+    assert [r["item_id"] for r in results] == [h.id for h in expected]
+
+    assert main(["eval", "--dataset", "synthetic", "--n-images", "20", "--rerank-k", "4", "--reranker", str(blip),
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["reranker"] == str(blip.resolve()) and report["rerank"]["t2i"]["R@10"] == \
+        report["itc"]["t2i"]["R@10"]  # beyond the re-ranked top 4 nothing moves
+    assert "ITC + " + str(blip.resolve()) in capsys.readouterr().out
