@@ -1,4 +1,4 @@
-"""Contrastive (InfoNCE) and image-text matching losses."""
+"""Contrastive losses (InfoNCE, CLIP's; sigmoid, SigLIP's) and the image-text matching loss."""
 
 from __future__ import annotations
 
@@ -75,6 +75,32 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     positives = (image_ids[:, None] == all_ids[None, :]).float()
     targets = positives / positives.sum(dim=1, keepdim=True)  # one-hot when ids are unique: CLIP's loss
     return (soft_cross_entropy(logits_per_image, targets) + soft_cross_entropy(logits_per_text, targets)) / 2
+
+
+def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
+                 logit_bias: torch.Tensor | float, image_ids: torch.Tensor | None = None, *,
+                 distributed: bool | None = None) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: every (image, caption) pair of the batch is a binary match / no-match
+    problem on logit_scale * cosine + logit_bias; summed over pairs, divided by the (local) batch size.
+
+    Equal to open_clip's `SigLipLoss` in value and gradients (which take the positives from the diagonal);
+    with `image_ids`, every caption of the same image is a positive. Under torch.distributed each rank's
+    images meet every rank's captions, gathered with gradients through their own rank's slice; the mean
+    over ranks equals the single-process loss on the whole batch.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be (B, D), got {tuple(image_emb.shape)} and "
+                         f"{tuple(text_emb.shape)}")
+    rank, world = _world()
+    distributed = world > 1 if distributed is None else distributed
+    batch = image_emb.shape[0]
+    if image_ids is None:
+        image_ids = torch.arange(batch, device=image_emb.device) + rank * batch
+    all_texts, all_ids = (gather_with_grad(text_emb), gather_no_grad(image_ids)) if distributed \
+        else (text_emb, image_ids)
+    logits = logit_scale * image_emb @ all_texts.T + logit_bias
+    labels = 2 * (image_ids[:, None] == all_ids[None, :]).to(logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / batch
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

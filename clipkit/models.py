@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -40,6 +41,10 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_FORMAT = "clipkit-checkpoint"
 #: `pretrained=SCRATCH`: the fixed-seed random initialisation, even for a model with bundled weights.
 SCRATCH = "scratch"
+#: `pretrained=TOWERS`: a model built from separate towers (a timm image tower, a Hugging Face text tower) starts
+#: from those towers' own pretrained weights (timm / Hugging Face hub, or their caches), e.g. BERT + ResNet-50.
+TOWERS = "towers"
+HF_HUB_PREFIX = "hf-hub:"  # open_clip's own hub names: hf-hub:ORG/REPO
 #: Used by the CLI when no --model is given.
 DEFAULT_MODEL = "clipkit-demo"
 _INIT_SEED = 0
@@ -398,23 +403,36 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
 
     if is_hf_name(name):
         return _load_transformers_model(name, pretrained, resolve_device(device), precision)
-    _register_configs()
-    if open_clip.get_model_config(name) is None:
-        raise ValueError(_unknown_model_message(name))
     device = resolve_device(device)
-
-    weights_file, tag_cfg, recorded = _resolve_weights(name, pretrained, cache_dir)
+    if name.startswith(HF_HUB_PREFIX):  # an open_clip model published on the hub: config and weights there
+        clip, preprocess, config = _create_from_hub(name)
+        weights_file, recorded = _local_weights(pretrained)
+    else:
+        _register_configs()
+        if open_clip.get_model_config(name) is None:
+            raise ValueError(_unknown_model_message(name))
+        config = open_clip.get_model_config(name)
+        towers = pretrained == TOWERS
+        weights_file, tag_cfg, recorded = (None, {}, TOWERS) if towers else _resolve_weights(name, pretrained,
+                                                                                             cache_dir)
+        if towers and not _separate_towers(config):
+            raise ValueError(f"pretrained='towers' is for models built from a timm image tower and a Hugging Face "
+                             f"text tower (such as clipkit-bert-resnet50); {name} is not one")
+        try:
+            with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+                torch.manual_seed(_INIT_SEED)
+                clip, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=None, pretrained_image=towers, pretrained_text=towers,
+                    force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
+        except OSError as exc:  # a Hugging Face tower's files: neither cached nor reachable
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OfflineError(f"{name}: its towers' files could not be loaded ({first}); load it once on a machine "
+                               "online, or copy the Hugging Face cache (~/.cache/huggingface/hub)") from exc
     checkpoint = read_checkpoint(weights_file) if weights_file else None
-    with torch.random.fork_rng(devices=[]), _quiet_open_clip():
-        torch.manual_seed(_INIT_SEED)
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None, pretrained_image=False, pretrained_text=False,
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
     if checkpoint is not None:
         load_state_into(clip, checkpoint["model"], weights_file)
     clip.to(device).eval()
 
-    config = open_clip.get_model_config(name)
     tokenizer = open_clip.get_tokenizer(name)
     model = Model(
         name=name,
@@ -436,25 +454,66 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     return model
 
 
+def _separate_towers(config: dict) -> bool:
+    return "timm_model_name" in config.get("vision_cfg", {}) or "hf_model_name" in config.get("text_cfg", {})
+
+
+def _create_from_hub(name: str) -> tuple[torch.nn.Module, Callable, dict]:
+    """(model, preprocess, model config) of open_clip's `hf-hub:ORG/REPO` (open_clip_config.json and weights
+    in the repository), from the Hugging Face cache, or downloaded when the hub is reachable."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = name[len(HF_HUB_PREFIX):]
+    found = try_to_load_from_cache(repo, "open_clip_config.json")
+    if not (isinstance(found, str) and os.path.isfile(found)):
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        if offline_forced() or not reachable(host):
+            raise OfflineError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached: download it "
+                               f"on a machine online (`hf download {repo}`) and copy the cache "
+                               "(~/.cache/huggingface/hub)")
+    try:
+        with _quiet_open_clip():
+            clip, _, preprocess = open_clip.create_model_and_transforms(name)
+        config = open_clip.get_model_config(name) or _hub_model_config(repo)
+    except (OSError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {name} through open_clip: {first}") from exc
+    return clip, preprocess, config
+
+
+def _hub_model_config(repo: str) -> dict:
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(repo, "open_clip_config.json"), encoding="utf-8") as handle:
+        return json.load(handle)["model_cfg"]
+
+
+def _local_weights(pretrained) -> tuple[str | None, str | None]:
+    """(file to read, what the model records) for weights given as a local file (or None)."""
+    if pretrained is None:
+        return None, None
+    pretrained = os.fspath(pretrained)
+    if not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"weights file not found: {pretrained}")
+    return pretrained, str(Path(pretrained).resolve())
+
+
 def _load_transformers_model(name: str, pretrained, device: torch.device, precision: str) -> Model:
     """A transformers checkpoint (`clipkit.hf`), optionally with the weights of a clipkit checkpoint
     trained from it (`pretrained`: the file `clipkit train` wrote)."""
     from clipkit.hf import load_transformers
 
     parts = load_transformers(name, device)
-    clip, checkpoint, recorded = parts["clip"], None, None
+    clip, checkpoint = parts["clip"], None
+    pretrained, recorded = _local_weights(pretrained)
     if pretrained is not None:
-        pretrained = os.fspath(pretrained)
-        if not os.path.isfile(pretrained):
-            raise FileNotFoundError(f"weights file not found: {pretrained} (a transformers model takes a clipkit "
-                                    "checkpoint trained from it, or no pretrained= at all)")
         checkpoint = read_checkpoint(pretrained)
         try:
             clip.load_state_dict(checkpoint["model"], strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"weights in {pretrained} do not fit {name}: "
                                   f"{str(exc).strip().splitlines()[0]}") from exc
-        recorded = str(Path(pretrained).resolve())
     clip.to(device).eval()
     model = Model(name=parts["name"], pretrained=recorded, clip=clip, preprocess=parts["preprocess"],
                   tokenizer=parts["tokenizer"], device=device, dim=parts["dim"], image_size=parts["image_size"],

@@ -2,6 +2,7 @@ import os
 import socket
 
 import open_clip
+from open_clip.loss import SigLipLoss
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import clipkit
 from clipkit.itm import (build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels,
                          padding_mask, sample_hard_negatives)
-from clipkit.losses import info_nce, itm_loss
+from clipkit.losses import info_nce, itm_loss, sigmoid_loss
 
 
 def features(batch=8, dim=16, seed=0):
@@ -170,3 +171,78 @@ def test_uniform_mix_brings_in_easy_negatives_but_never_same_image_ones():
     assert set(pure) == {1}
     assert 0.6 < picks.count(1) / len(picks) < 0.75  # 0.5 hard + 0.5 x 1/4 uniform
     assert all((ids[m[0]] != ids).all() and (ids[m[2]] != ids).all() for m in mixed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sigmoid loss (SigLIP) against open_clip's SigLipLoss
+
+
+def _siglip_inputs():
+    scale = torch.tensor(10.0).log().requires_grad_()
+    bias = torch.tensor(-10.0).requires_grad_()
+    return scale, bias
+
+
+def test_sigmoid_loss_equals_open_clip_siglip_loss_value_and_gradients():
+    image, text = features(seed=5)
+    scale, bias = _siglip_inputs()
+    ours = sigmoid_loss(image, text, scale.exp(), bias)
+    ours.backward()
+    ours_grads = [image.grad.clone(), text.grad.clone(), scale.grad.clone(), bias.grad.clone()]
+    image2, text2 = features(seed=5)
+    scale2, bias2 = _siglip_inputs()
+    theirs = SigLipLoss()(image2, text2, scale2.exp(), bias2)
+    theirs.backward()
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    for mine, reference in zip(ours_grads, [image2.grad, text2.grad, scale2.grad, bias2.grad]):
+        assert torch.allclose(mine, reference, atol=1e-5)
+
+
+def test_sigmoid_loss_multi_positive_against_hand_computation():
+    image, text = features(batch=4, seed=2)
+    ids = torch.tensor([7, 7, 3, 5])
+    loss = sigmoid_loss(image, text, 10.0, -3.0, image_ids=ids)
+    logits = 10.0 * image @ text.T - 3.0
+    labels = -torch.ones(4, 4)
+    labels[0, 0] = labels[0, 1] = labels[1, 0] = labels[1, 1] = labels[2, 2] = labels[3, 3] = 1
+    assert torch.allclose(loss, -F.logsigmoid(labels * logits).sum() / 4, atol=1e-6)
+
+
+def _siglip_worker(rank, world, port, image, text, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        batch = image.shape[0] // world
+        mine = slice(rank * batch, (rank + 1) * batch)
+        results = {}
+        for name in ("ours", "open_clip"):
+            local_image, local_text = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
+            scale, bias = _siglip_inputs()
+            if name == "ours":
+                loss = sigmoid_loss(local_image, local_text, scale.exp(), bias)
+            else:
+                loss = SigLipLoss(rank=rank, world_size=world)(local_image, local_text, scale.exp(), bias)
+            loss.backward()
+            results[name] = {"loss": loss.detach(), "grads": [local_image.grad, local_text.grad, scale.grad, bias.grad]}
+        out[rank] = results
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_sigmoid_loss_equals_open_clip_and_single_process():
+    image, text = features(batch=8, seed=4)
+    image, text = image.detach(), text.detach()
+    out = mp.Manager().dict()
+    mp.spawn(_siglip_worker, args=(2, _free_port(), image, text, out), nprocs=2, join=True)
+    for rank in range(2):
+        ours, theirs = out[rank]["ours"], out[rank]["open_clip"]
+        assert torch.allclose(ours["loss"], theirs["loss"], atol=1e-5)
+        for mine, reference in zip(ours["grads"], theirs["grads"]):
+            assert torch.allclose(mine, reference, atol=1e-5)
+    whole_image, whole_text = image.clone().requires_grad_(), text.clone().requires_grad_()
+    scale, bias = _siglip_inputs()
+    whole = sigmoid_loss(whole_image, whole_text, scale.exp(), bias)
+    whole.backward()
+    assert torch.allclose((out[0]["ours"]["loss"] + out[1]["ours"]["loss"]) / 2, whole, atol=1e-5)
+    averaged = torch.cat([out[0]["ours"]["grads"][0], out[1]["ours"]["grads"][0]]) / 2  # DDP averages over ranks
+    assert torch.allclose(averaged, whole_image.grad, atol=1e-5)

@@ -2,6 +2,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -226,3 +227,36 @@ def test_precision_and_channels_last_are_load_model_arguments(monkeypatch):
     assert nhwc.channels_last and not plain.channels_last
     images = [np.full((48, 48, 3), v, np.uint8) for v in (20, 140, 250)]
     np.testing.assert_allclose(clipkit.encode(images, model=nhwc), clipkit.encode(images, model=plain), atol=1e-5)
+
+
+def test_open_clip_hf_hub_names_load_from_the_hub_cache(tmp_path):
+    """`hf-hub:ORG/REPO` (open_clip's config and weights published on the hub) loads through open_clip from
+    the cache layout huggingface_hub writes, offline; not cached and offline fails at once."""
+    import json as json_module
+    import subprocess
+    import sys
+
+    from clipkit.models import CONFIG_DIR
+
+    weights = make_checkpoint(tmp_path / "tiny.pt", seed=7)
+    repo = tmp_path / "hub" / "models--someone--tiny-open-clip"
+    snapshot = repo / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    state = torch.load(weights, weights_only=True)
+    torch.save(state.get("model", state), snapshot / "open_clip_pytorch_model.bin")
+    model_cfg = json_module.loads((CONFIG_DIR / "clipkit-tiny.json").read_text())
+    (snapshot / "open_clip_config.json").write_text(json_module.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    code = ("import json, clipkit; m = clipkit.load_model('hf-hub:someone/tiny-open-clip', device='cpu'); "
+            "print(json.dumps([m.name, m.dim, clipkit.encode(['a red circle', 'a blue square'], model=m).tolist()]))")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    name, dim, vectors = json_module.loads(run.stdout.strip().splitlines()[-1])
+    reference = clipkit.load_model("clipkit-tiny", pretrained=str(weights), device="cpu")
+    assert name == "hf-hub:someone/tiny-open-clip" and dim == 64
+    np.testing.assert_allclose(vectors, clipkit.encode(["a red circle", "a blue square"], model=reference), atol=1e-5)
+    missing = subprocess.run([sys.executable, "-c", code.replace("tiny-open-clip", "not-there")], capture_output=True,
+                             text=True, env=env, timeout=300)
+    assert missing.returncode != 0 and "not in the Hugging Face cache" in missing.stderr

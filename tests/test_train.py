@@ -190,3 +190,20 @@ def test_hard_negatives_are_drawn_from_scaled_logits(monkeypatch):
     expected = out["logit_scale"] * image @ text.T
     assert float(out["logit_scale"]) > 10 and not seen["similarity"].requires_grad
     assert torch.allclose(seen["similarity"], expected, atol=1e-4)
+
+
+def test_sigmoid_loss_trains_and_resumes_its_bias(tmp_path, shards):
+    """--loss sigmoid: the loss falls; a model without a logit_bias trains one from -10, kept across a resume."""
+    whole = tmp_path / "whole"
+    train(config(whole, shards, steps=30, ckpt_every=10, batch_size=24, loss="sigmoid", itm=False))
+    rows = [r for r in log_rows(whole) if "loss" in r]
+    assert sum(r["itc"] for r in rows[-5:]) / 5 < sum(r["itc"] for r in rows[:5]) / 5 - 0.5
+    state = torch.load(whole / "ckpt-0000030.pt", weights_only=True)
+    assert state["logit_bias"] is not None and float(state["logit_bias"]) != -10.0
+    parts = tmp_path / "parts"
+    train(config(parts, shards, steps=30, ckpt_every=10, batch_size=24, loss="sigmoid", itm=False, stop_after=20))
+    train(config(parts, shards, steps=30, ckpt_every=10, batch_size=24, loss="sigmoid", itm=False, resume="latest"))
+    resumed = torch.load(parts / "ckpt-0000030.pt", weights_only=True)
+    assert torch.allclose(resumed["logit_bias"], state["logit_bias"], atol=1e-5)
+    with pytest.raises(ValueError, match="infonce or sigmoid"):
+        config(tmp_path / "x", shards, loss="hinge").validate()

@@ -53,17 +53,31 @@ def text_forward(clip: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Ten
 
 
 def tower_widths(clip: nn.Module) -> tuple[int, int]:
-    """(text token width, image token width) of an open_clip model with a ViT image tower."""
+    """(text token width, image token width) of a model whose towers yield token states: an open_clip ViT or
+    timm (e.g. ResNet: its last feature map's positions) image tower, and a CLIP or Hugging Face text tower."""
     from open_clip.transformer import VisionTransformer
 
     if hasattr(clip, "token_widths"):  # towers that say so themselves (transformers models)
         return clip.token_widths()
     visual = clip.visual
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(f"ITM needs an image tower that yields patch tokens (a ViT); {type(visual).__name__} does not")
-    image_width = visual.transformer.width
-    text_width = clip.transformer.width if hasattr(clip, "token_embedding") else clip.text.transformer.width
+    if isinstance(visual, VisionTransformer):
+        image_width = visual.transformer.width
+    elif _timm_tower(visual):
+        image_width = visual.trunk.num_features
+    else:
+        raise ValueError(f"ITM needs an image tower that yields token states (a ViT or a timm tower); "
+                         f"{type(visual).__name__} does not")
+    if hasattr(clip, "token_embedding"):
+        text_width = clip.transformer.width
+    elif hasattr(getattr(clip.text, "transformer", None), "config"):  # a Hugging Face text tower (BERT, ...)
+        text_width = clip.text.transformer.config.hidden_size
+    else:
+        text_width = clip.text.transformer.width
     return text_width, image_width
+
+
+def _timm_tower(visual: nn.Module) -> bool:
+    return hasattr(getattr(visual, "trunk", None), "forward_features")
 
 
 def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +85,10 @@ def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Te
     if hasattr(clip, "image_tokens"):  # towers that give their tokens themselves (transformers models)
         return clip.image_tokens(pixels)
     visual = clip.visual
+    if _timm_tower(visual):  # open_clip's TimmModel: trunk (features, then its pooling) and a projection head
+        features = visual.trunk.forward_features(pixels)
+        pooled = visual.head(visual.trunk.forward_head(features))
+        return pooled, features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
     previous = visual.output_tokens
     visual.output_tokens = True
     try:
@@ -84,6 +102,14 @@ def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tenso
     """(text embedding exactly as encode_text computes it, unnormalised; token states after the final norm)."""
     if hasattr(clip, "text_tokens"):
         return clip.text_tokens(text)
+    if not hasattr(clip, "token_embedding") and hasattr(getattr(clip.text, "transformer", None), "config"):
+        # open_clip's Hugging Face text tower (BERT, ...): its pooled output as it computes it, and every
+        # position's state (its own token output leaves the CLS position out, so it no longer lines up with
+        # the ids' padding mask)
+        tower = clip.text
+        mask = (text != tower.config.pad_token_id).long()
+        out = tower.transformer(input_ids=text, attention_mask=mask)
+        return tower.proj(tower.pooler(out, mask)), out.last_hidden_state
     if not hasattr(clip, "token_embedding"):  # CustomTextCLIP: the text tower can return its tokens
         tower = clip.text
         previous = tower.output_tokens

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from clipkit._io import atomic_write_with
 from clipkit.errors import CheckpointError, ClipkitError
 from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
-from clipkit.losses import info_nce, itm_loss
+from clipkit.losses import info_nce, itm_loss, sigmoid_loss
 from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
 from clipkit.train.schedule import cosine_schedule
 
@@ -62,6 +62,9 @@ class TrainConfig:
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (bf16/fp16 on CUDA only)"})
+    loss: str = field(default="infonce", metadata={
+        "help": "contrastive loss: infonce (CLIP's) or sigmoid (SigLIP's; uses the model's logit_bias, or a "
+                "learnable one from -10)"})
     itm: bool = field(default=True, metadata={"help": "train the ITM head on hard negatives"})
     itm_weight: float = 1.0
     itm_width: int = 128
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ValueError("workers, warmup and val_every must not be negative")
         if not 0.0 <= self.itm_easy_mix <= 1.0:
             raise ValueError(f"itm_easy_mix must be in [0, 1], got {self.itm_easy_mix}")
+        if self.loss not in ("infonce", "sigmoid"):
+            raise ValueError(f"loss must be infonce or sigmoid, got {self.loss!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -103,9 +108,12 @@ class TrainConfig:
 class Trainable(nn.Module):
     """The dual encoder and the ITM head in one module, so DDP sees every parameter in forward."""
 
-    def __init__(self, clip: nn.Module, head: nn.Module | None, uniform_mix: float = 0.0):
+    def __init__(self, clip: nn.Module, head: nn.Module | None, uniform_mix: float = 0.0, loss: str = "infonce"):
         super().__init__()
-        self.clip, self.head, self.uniform_mix = clip, head, uniform_mix
+        self.clip, self.head, self.uniform_mix, self.loss = clip, head, uniform_mix, loss
+        # the sigmoid loss needs a bias; a model without one (CLIP) gets SigLIP's initial -10, trained with it
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) \
+            if loss == "sigmoid" and getattr(clip, "logit_bias", None) is None else None
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, image_ids: torch.Tensor,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -113,7 +121,11 @@ class Trainable(nn.Module):
         text_emb, text_states = encode_text_tokens(self.clip, tokens)
         image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
         scale = self.clip.logit_scale.exp()
-        itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids)
+        if self.loss == "sigmoid":
+            bias = self.logit_bias if self.logit_bias is not None else self.clip.logit_bias
+            itc = sigmoid_loss(image_emb, text_emb, scale, bias, image_ids=image_ids)
+        else:
+            itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids)
         out = {"itc": itc, "loss": itc, "logit_scale": scale.detach()}
         if self.head is not None:
             # Hard negatives are drawn from softmax over the contrastive *logits* (ALBEF/BLIP scale by the
@@ -295,7 +307,7 @@ class _Run:
         self.clip = self.model.clip.train()
         self.head = build_itm_head(self.clip, config.itm_width, config.itm_layers, config.itm_heads).to(self.device) \
             if config.itm else None
-        self.trainable = Trainable(self.clip, self.head, config.itm_easy_mix)
+        self.trainable = Trainable(self.clip, self.head, config.itm_easy_mix, config.loss).to(self.device)
         self.wrapped = nn.parallel.DistributedDataParallel(
             self.trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.world > 1 else self.trainable
@@ -319,6 +331,9 @@ class _Run:
             if state.get("itm") is None:
                 raise CheckpointError(f"{path} has no ITM head but this run trains one (--itm)")
             self.head.load_state_dict(state["itm"])
+        if self.trainable.logit_bias is not None and state.get("logit_bias") is not None:
+            with torch.no_grad():
+                self.trainable.logit_bias.copy_(state["logit_bias"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():  # empty when the run it resumes had no fp16 scaler
@@ -413,6 +428,8 @@ class _Run:
                 "model": {k: v.detach().cpu() for k, v in self.clip.state_dict().items()},
                 "itm": {k: v.detach().cpu() for k, v in head.state_dict().items()} if head is not None else None,
                 "itm_config": head.config if head is not None else None,
+                "logit_bias": self.trainable.logit_bias.detach().cpu() if self.trainable.logit_bias is not None
+                else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "consumed": self.consumed, "rng": {"torch": torch.get_rng_state(), "sampler": samplers},
