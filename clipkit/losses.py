@@ -46,6 +46,19 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+def _batch_ids(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: torch.Tensor | None,
+               distributed: bool | None) -> tuple[torch.Tensor, bool]:
+    """(the pairs' image ids, unique across ranks when not given; whether to gather across ranks)."""
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image and text embeddings must both be (B, D), got {tuple(image_emb.shape)} and "
+                         f"{tuple(text_emb.shape)}")
+    rank, world = _world()
+    if image_ids is None:
+        batch = image_emb.shape[0]
+        image_ids = torch.arange(batch, device=image_emb.device) + rank * batch
+    return image_ids, world > 1 if distributed is None else distributed
+
+
 def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
              image_ids: torch.Tensor | None = None, *, distributed: bool | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP's loss) over a batch of (image, caption) pairs.
@@ -57,14 +70,7 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     through the local slice; each rank's loss covers its own rows, so the mean over ranks equals the
     single-process loss on the whole batch.
     """
-    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
-        raise ValueError(f"image and text embeddings must both be (B, D), got {tuple(image_emb.shape)} and "
-                         f"{tuple(text_emb.shape)}")
-    rank, world = _world()
-    distributed = world > 1 if distributed is None else distributed
-    batch = image_emb.shape[0]
-    if image_ids is None:
-        image_ids = torch.arange(batch, device=image_emb.device) + rank * batch  # unique across ranks
+    image_ids, distributed = _batch_ids(image_emb, text_emb, image_ids, distributed)
     if distributed:
         all_images, all_texts = gather_with_grad(image_emb), gather_with_grad(text_emb)
         all_ids = gather_no_grad(image_ids)
@@ -88,14 +94,8 @@ def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: t
     images meet every rank's captions, gathered with gradients through their own rank's slice; the mean
     over ranks equals the single-process loss on the whole batch.
     """
-    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
-        raise ValueError(f"image and text embeddings must both be (B, D), got {tuple(image_emb.shape)} and "
-                         f"{tuple(text_emb.shape)}")
-    rank, world = _world()
-    distributed = world > 1 if distributed is None else distributed
+    image_ids, distributed = _batch_ids(image_emb, text_emb, image_ids, distributed)
     batch = image_emb.shape[0]
-    if image_ids is None:
-        image_ids = torch.arange(batch, device=image_emb.device) + rank * batch
     all_texts, all_ids = (gather_with_grad(text_emb), gather_no_grad(image_ids)) if distributed \
         else (text_emb, image_ids)
     logits = logit_scale * image_emb @ all_texts.T + logit_bias
