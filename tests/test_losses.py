@@ -154,8 +154,8 @@ def test_itm_batch_has_positives_and_both_kinds_of_negatives():
     assert head.classifier.weight.grad is not None and clip.visual.conv1.weight.grad is not None
 
 
-def test_itm_needs_a_vit_image_tower():
-    with pytest.raises(ValueError, match="needs an image tower that yields patch tokens"):
+def test_itm_needs_an_image_tower_with_token_states():
+    with pytest.raises(ValueError, match="needs an image tower that yields token states"):
         build_itm_head(clipkit.load_model("clipkit-tiny-rn", device="cpu").clip)
 
 
