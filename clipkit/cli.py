@@ -177,6 +177,10 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--reranker", default=None, metavar="MODEL",
                         help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a clipkit model "
                             "with an ITM head (implies --rerank)")
+    parser.add_argument("--binding", type=int, default=0, metavar="PAIRS",
+                        help="also report Winoground-style binding (text / image / group scores) on this many "
+                             "synthetic (scene, swapped twin) pairs of --split drawn with --seed (ITC, and the "
+                             "re-ranking score with --rerank)")
     parser.add_argument("--weight", type=float, default=None,
                         help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
                              "was fitted with, 0 for the fusion head)")
@@ -538,7 +542,7 @@ def cmd_eval(args) -> int:
     run_benchmark(args.dataset, root=args.root, captions=args.captions, split=args.split, n_images=args.n_images,
                   seed=args.seed, model=args.model, pretrained=args.pretrained, rerank=args.rerank,
                   rerank_k=args.rerank_k, weight=args.weight, batch_size=args.batch_size, device=args.device,
-                  json_path=args.json, reranker=args.reranker)
+                  json_path=args.json, reranker=args.reranker, binding_pairs=args.binding)
     return 0
 
 

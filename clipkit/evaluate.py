@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from clipkit.data.captions import RetrievalSet
-from clipkit.encode import encode_gallery, encode_texts
+from clipkit.encode import encode_gallery, encode_images, encode_texts
 from clipkit.itm import match_scores, require_itm, rerank_weight, text_states
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
@@ -112,6 +112,46 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
 
 
 # ---------------------------------------------------------------------------------------------
+# Binding (Winoground-style)
+
+
+def binding(model: Model, pairs: list, *, rerank: bool = False, reranker=None, weight: float | None = None) -> dict:
+    """Winoground-style scores over (scene, swapped twin) pairs (`clipkit.data.synthetic.binding_pairs`): text
+    (each image scores its own caption above the other), image (each caption scores its own image above the
+    other) and group (both), by ITC cosine and, with `rerank` (or a `reranker`), by the re-ranking score
+    (`score_pairs`'s); overall and per kind of swap. Chance: 0.25 / 0.25 / 0.17."""
+    if not pairs:
+        raise ValueError("binding needs at least one pair")
+    images = [image for pair in pairs for image in pair.images]
+    texts = [caption for pair in pairs for caption in pair.captions]
+    base = 2 * np.repeat(np.arange(len(pairs)), 4)
+    image_index, text_index = base + np.tile([0, 0, 1, 1], len(pairs)), base + np.tile([0, 1, 0, 1], len(pairs))
+    image_emb, text_emb = encode_images(images, model), encode_texts(texts, model)
+    scores = {"itc": np.sum(image_emb[image_index] * text_emb[text_index], axis=1)}
+    if rerank or reranker is not None:
+        reranker = load_reranker(reranker if reranker is not None else model)
+        matched = reranker.match(reranker.image_inputs(images), image_index, reranker.text_inputs(texts), text_index)
+        scores["rerank"] = matched + (reranker.weight if weight is None else float(weight)) * scores["itc"]
+    kinds = np.array([pair.kind for pair in pairs])
+    report: dict = {"pairs": len(pairs)}
+    for method, values in scores.items():
+        wins = _winoground(values.reshape(-1, 4))
+        report[method] = {name: float(won.mean()) for name, won in wins.items()}
+        report[f"{method}_by_kind"] = {kind: {name: float(won[kinds == kind].mean()) for name, won in wins.items()}
+                                       for kind in sorted(set(kinds))}
+    return report
+
+
+def _winoground(scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Per pair, from the scores (image 0 + caption 0, image 0 + caption 1, image 1 + caption 0, image 1 +
+    caption 1): whether each image prefers its caption (text), each caption its image (image), and both."""
+    s00, s01, s10, s11 = scores.T
+    text = (s00 > s01) & (s11 > s10)
+    image = (s00 > s10) & (s11 > s01)
+    return {"text": text, "image": image, "group": text & image}
+
+
+# ---------------------------------------------------------------------------------------------
 # The benchmark (benchmarks/retrieval.py and `clipkit eval`)
 
 DATASETS = ("synthetic", "flickr30k", "coco", "wds", "folder")
@@ -149,7 +189,7 @@ def _by_direction(metrics: dict | None, ks) -> dict | None:
 def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pretrained: str | None = None,
                   rerank: bool = False, rerank_k: int = 16, weight: float | None = None, batch_size: int = 128,
                   device: str | None = None, json_path: str | None = None, ks=(1, 5, 10), reranker: str | None = None,
-                  **data_options) -> dict:
+                  binding_pairs: int = 0, **data_options) -> dict:
     """Evaluate, print a markdown table and the time per stage, and return (and with `json_path` write) the
     report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed)."""
     from clipkit.models import load_model
@@ -168,6 +208,11 @@ def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pr
               f"itc_R@{rerank_k}_cap": {d: result.itc[f"{d}_R@{rerank_k}"] for d in ("t2i", "i2t")},
               "mean_rank": {d: result.itc[f"{d}_mean_rank"] for d in ("t2i", "i2t")},
               "seconds": {"load_data": round(load_seconds, 2), **{k: round(v, 2) for k, v in result.seconds.items()}}}
+    if binding_pairs:
+        from clipkit.data.synthetic import binding_pairs as make_pairs
+
+        pairs = make_pairs(binding_pairs, seed=data_options.get("seed", 0), split=data_options.get("split", "test"))
+        report["binding"] = binding(loaded, pairs, rerank=rerank, reranker=loaded_reranker, weight=weight)
     print(format_table(report, ks))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -191,5 +236,20 @@ def format_table(report: dict, ks) -> str:
     if report["rerank"] is not None:
         cap = report[f"itc_R@{report['rerank_k']}_cap"]
         lines.append(f"\nre-ranking is capped by ITC R@{report['rerank_k']}: t2i {cap['t2i']:.3f}, i2t {cap['i2t']:.3f}")
+    if report.get("binding"):
+        lines += _binding_table(report["binding"])
     lines.append("\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
+
+
+def _binding_table(result: dict) -> list[str]:
+    lines = [f"\nbinding (Winoground-style, {result['pairs']} pairs; chance 0.25 / 0.25 / 0.17):", "",
+             "| method | swap | text | image | group |", "|---|---|---|---|---|"]
+    for method in ("itc", "rerank"):
+        if method not in result:
+            continue
+        rows = [("all", result[method]), *result[f"{method}_by_kind"].items()]
+        for kind, values in rows:
+            lines.append(f"| {'ITC' if method == 'itc' else 're-ranked'} | {kind} | {values['text']:.3f} | "
+                         f"{values['image']:.3f} | {values['group']:.3f} |")
+    return lines

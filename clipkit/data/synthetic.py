@@ -278,6 +278,36 @@ def scenes(n: int, seed: int = 0, split: str = "train", distractor_share: float 
     return list(itertools.islice(iter_scenes(seed, split, distractor_share), n))
 
 
+@dataclass
+class BindingPair:
+    """Winoground-style: a scene and its twin (attribute- or place-swapped), each with a caption that is true
+    of it and false of the other, in the same words."""
+
+    images: tuple[Image.Image, Image.Image]
+    captions: tuple[str, str]
+    kind: str
+
+
+def binding_pairs(n: int, seed: int = 0, split: str = "test", size: int = 64) -> list[BindingPair]:
+    """The first `n` (original, distractor) pairs of a split, each with its first caption. A size swap counts
+    only where both captions name the sizes (otherwise each is true of both scenes)."""
+    pairs: list[BindingPair] = []
+    original = None
+    for scene in iter_scenes(seed, split):
+        if scene.kind == "original":
+            original = scene
+            continue
+        first, second = original.captions[0], scene.captions[0]
+        if first == second or (scene.kind == "size_swap" and not all(
+                any(word in caption.split() for word in SIZES) for caption in (first, second))):
+            continue
+        images = tuple(render(s, size, noise_seed=seed * SPLIT_ID_OFFSET * 4 + s.image_id) for s in (original, scene))
+        pairs.append(BindingPair(images=images, captions=(first, second), kind=scene.kind))
+        if len(pairs) == n:
+            return pairs
+    return pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering
 
