@@ -408,26 +408,7 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
         clip, preprocess, config = _create_from_hub(name)
         weights_file, recorded = _local_weights(pretrained)
     else:
-        _register_configs()
-        if open_clip.get_model_config(name) is None:
-            raise ValueError(_unknown_model_message(name))
-        config = open_clip.get_model_config(name)
-        towers = pretrained == TOWERS
-        weights_file, tag_cfg, recorded = (None, {}, TOWERS) if towers else _resolve_weights(name, pretrained,
-                                                                                             cache_dir)
-        if towers and not _separate_towers(config):
-            raise ValueError(f"pretrained='towers' is for models built from a timm image tower and a Hugging Face "
-                             f"text tower (such as clipkit-bert-resnet50); {name} is not one")
-        try:
-            with torch.random.fork_rng(devices=[]), _quiet_open_clip():
-                torch.manual_seed(_INIT_SEED)
-                clip, _, preprocess = open_clip.create_model_and_transforms(
-                    name, pretrained=None, pretrained_image=towers, pretrained_text=towers,
-                    force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
-        except OSError as exc:  # a Hugging Face tower's files: neither cached nor reachable
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OfflineError(f"{name}: its towers' files could not be loaded ({first}); load it once on a machine "
-                               "online, or copy the Hugging Face cache (~/.cache/huggingface/hub)") from exc
+        clip, preprocess, config, weights_file, recorded = _create_open_clip(name, pretrained, cache_dir)
     checkpoint = read_checkpoint(weights_file) if weights_file else None
     if checkpoint is not None:
         load_state_into(clip, checkpoint["model"], weights_file)
@@ -452,6 +433,33 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     if channels_last if channels_last is not None else wants_channels_last(clip, device):
         set_channels_last(model)
     return model
+
+
+def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:
+    """(model with clipkit's fixed-seed initialisation, preprocess, model config, the weights file to load
+    or None, what the model records as `pretrained`) of an open_clip architecture name."""
+    import open_clip
+
+    _register_configs()
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(_unknown_model_message(name))
+    towers = pretrained == TOWERS
+    weights_file, tag_cfg, recorded = (None, {}, TOWERS) if towers else _resolve_weights(name, pretrained, cache_dir)
+    if towers and not _separate_towers(config):
+        raise ValueError(f"pretrained='towers' is for models built from a timm image tower and a Hugging Face "
+                         f"text tower (such as clipkit-bert-resnet50); {name} is not one")
+    try:
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+            torch.manual_seed(_INIT_SEED)
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None, pretrained_image=towers, pretrained_text=towers,
+                force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
+    except OSError as exc:  # a Hugging Face tower's files: neither cached nor reachable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OfflineError(f"{name}: its towers' files could not be loaded ({first}); load it once on a machine "
+                           "online, or copy the Hugging Face cache (~/.cache/huggingface/hub)") from exc
+    return clip, preprocess, config, weights_file, recorded
 
 
 def _separate_towers(config: dict) -> bool:
