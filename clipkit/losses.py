@@ -60,7 +60,8 @@ def _batch_ids(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: torch
 
 
 def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
-             image_ids: torch.Tensor | None = None, *, distributed: bool | None = None) -> torch.Tensor:
+             image_ids: torch.Tensor | None = None, *, distributed: bool | None = None,
+             extra_texts: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP's loss) over a batch of (image, caption) pairs.
 
     `image_emb`, `text_emb`: (B, D), normalised. `logit_scale` is already exponentiated (as
@@ -69,6 +70,10 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     it is initialised with several ranks) features and ids are gathered from all ranks with gradients
     through the local slice; each rank's loss covers its own rows, so the mean over ranks equals the
     single-process loss on the whole batch.
+
+    `extra_texts` (M, D): captions that match no image (NegCLIP's hard negatives, such as the captions of
+    each image's attribute-swapped twin), extra columns of the image -> text direction only; under
+    torch.distributed each rank's own.
     """
     image_ids, distributed = _batch_ids(image_emb, text_emb, image_ids, distributed)
     if distributed:
@@ -76,30 +81,38 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
         all_ids = gather_no_grad(image_ids)
     else:
         all_images, all_texts, all_ids = image_emb, text_emb, image_ids
-    logits_per_image = logit_scale * image_emb @ all_texts.T  # local rows x all columns
     logits_per_text = logit_scale * text_emb @ all_images.T
     positives = (image_ids[:, None] == all_ids[None, :]).float()
     targets = positives / positives.sum(dim=1, keepdim=True)  # one-hot when ids are unique: CLIP's loss
-    return (soft_cross_entropy(logits_per_image, targets) + soft_cross_entropy(logits_per_text, targets)) / 2
+    image_targets = targets
+    if extra_texts is not None and len(extra_texts):
+        all_texts = torch.cat([all_texts, extra_texts])
+        image_targets = torch.cat([targets, targets.new_zeros(len(targets), len(extra_texts))], dim=1)
+    logits_per_image = logit_scale * image_emb @ all_texts.T  # local rows x all columns
+    return (soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, targets)) / 2
 
 
 def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
                  logit_bias: torch.Tensor | float, image_ids: torch.Tensor | None = None, *,
-                 distributed: bool | None = None) -> torch.Tensor:
+                 distributed: bool | None = None, extra_texts: torch.Tensor | None = None) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss: every (image, caption) pair of the batch is a binary match / no-match
     problem on logit_scale * cosine + logit_bias; summed over pairs, divided by the (local) batch size.
 
     Equal to open_clip's `SigLipLoss` in value and gradients (which take the positives from the diagonal);
     with `image_ids`, every caption of the same image is a positive. Under torch.distributed each rank's
     images meet every rank's captions, gathered with gradients through their own rank's slice; the mean
-    over ranks equals the single-process loss on the whole batch.
+    over ranks equals the single-process loss on the whole batch. `extra_texts`: captions that match no
+    image (hard negatives), as for `info_nce`.
     """
     image_ids, distributed = _batch_ids(image_emb, text_emb, image_ids, distributed)
     batch = image_emb.shape[0]
     all_texts, all_ids = (gather_with_grad(text_emb), gather_no_grad(image_ids)) if distributed \
         else (text_emb, image_ids)
+    labels = 2 * (image_ids[:, None] == all_ids[None, :]).to(image_emb.dtype) - 1
+    if extra_texts is not None and len(extra_texts):
+        all_texts = torch.cat([all_texts, extra_texts])
+        labels = torch.cat([labels, -labels.new_ones(len(labels), len(extra_texts))], dim=1)
     logits = logit_scale * image_emb @ all_texts.T + logit_bias
-    labels = 2 * (image_ids[:, None] == all_ids[None, :]).to(logits.dtype) - 1
     return -F.logsigmoid(labels * logits).sum() / batch
 
 

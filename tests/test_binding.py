@@ -61,3 +61,56 @@ def test_eval_binding_option(tmp_path, capsys):
     assert "binding (Winoground-style, 20 pairs" in capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["binding"]["itc"]) == {"text", "image", "group"} and "rerank" not in report["binding"]
+
+
+def test_scenes_carry_hard_negative_captions_false_of_them():
+    import random
+
+    from clipkit.data.synthetic import caption_variants, scenes
+
+    checked = 0
+    for scene in scenes(200, seed=5, split="train"):
+        if len(scene.objects) < 2:
+            assert scene.negatives == []
+            continue
+        assert scene.negatives, scene
+        true_of_it = {c for n in range(60) for c in caption_variants(scene, random.Random(n))}
+        for negative in scene.negatives:
+            assert negative not in true_of_it and sorted(set(negative.split()) - {"a", "an"})
+            checked += 1
+    assert checked > 100
+
+
+def test_info_nce_takes_extra_text_negatives_by_hand():
+    import torch
+    import torch.nn.functional as F
+
+    from clipkit.losses import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    image, text, extra = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (3, 3, 2))
+    loss = info_nce(image, text, 10.0, extra_texts=extra)
+    logits = 10.0 * image @ torch.cat([text, extra]).T
+    by_image = -F.log_softmax(logits, dim=1)[torch.arange(3), torch.arange(3)].mean()
+    by_text = -F.log_softmax(10.0 * text @ image.T, dim=1)[torch.arange(3), torch.arange(3)].mean()
+    assert torch.allclose(loss, (by_image + by_text) / 2, atol=1e-6)
+    assert loss > info_nce(image, text, 10.0)  # more negatives, a larger loss
+
+
+def test_training_batches_hold_the_hard_negatives(tmp_path):
+    from clipkit.data.loader import make_loader
+    from clipkit.data.synthetic import write_synthetic
+    from clipkit.train import TrainConfig, train
+
+    write_synthetic(tmp_path / "shards", 64, seed=1, maxcount=32, size=32, workers=1, progress=False)
+    model = clipkit.load_model("clipkit-tiny", device="cpu")
+    loader = make_loader(str(tmp_path / "shards" / "train-{000000..000001}.tar"), model.preprocess, model.tokenizer,
+                         16, hard_negatives=True)
+    batch = next(iter(loader))
+    assert batch["negative_tokens"] is not None and 0 < len(batch["negative_tokens"]) <= 16
+    run = TrainConfig(data=str(tmp_path / "shards" / "train-{000000..000001}.tar"), out=str(tmp_path / "run"),
+                      steps=3, batch_size=16, warmup=1, workers=0, val=None, log_every=1, ckpt_every=3, itm=False,
+                      hard_negatives=True, device="cpu")
+    train(run)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "loss" in r]) == 3 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

@@ -89,6 +89,7 @@ class LoaderSpec:
     drop_last: bool = True
     skip_batches: int = 0
     group_batches: bool = False
+    hard_negatives: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -136,8 +137,9 @@ class ShardStream(IterableDataset):
 
     # -- decoding ---------------------------------------------------------------------------
 
-    def decode(self, sample: dict) -> tuple[torch.Tensor, str, int] | str:
-        """(pixels, caption, image_id), or a reason string when the sample is unusable."""
+    def decode(self, sample: dict) -> tuple[torch.Tensor, str, int, str | None] | str:
+        """(pixels, caption, image_id, a hard-negative caption or None), or a reason string when the sample is
+        unusable. The hard negative (with `hard_negatives`) is one of the json member's `negatives`."""
         image_key = image_key_of(sample)
         if image_key is None or CAPTION_KEY not in sample:
             return "missing key"
@@ -153,7 +155,9 @@ class ShardStream(IterableDataset):
         except ValueError as exc:
             return str(exc)
         rng = random.Random(_seed(self.spec.seed, self.spec.epoch, key))
-        return self.preprocess(image), captions[rng.randrange(len(captions))], image_id_of(sample)
+        caption = captions[rng.randrange(len(captions))]
+        negatives = _meta_list(sample, "negatives") if self.spec.hard_negatives else []
+        return self.preprocess(image), caption, image_id_of(sample), rng.choice(negatives) if negatives else None
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
@@ -168,7 +172,7 @@ class ShardStream(IterableDataset):
             if next(raw, None) is None:
                 return
         warn = RateLimitedLog()
-        pixels, captions, ids, keys = [], [], [], []
+        pixels, captions, ids, keys, negatives = [], [], [], [], []
         skipped = seen = 0
         for sample in raw:
             seen += 1
@@ -186,15 +190,35 @@ class ShardStream(IterableDataset):
             captions.append(decoded[1])
             ids.append(decoded[2])
             keys.append(sample.get("__key__"))
+            negatives.append(decoded[3])
             if len(pixels) == spec.batch_size:
-                yield self._batch(pixels, captions, ids, keys, skipped)
-                pixels, captions, ids, keys, skipped = [], [], [], [], 0
+                yield self._batch(pixels, captions, ids, keys, skipped, negatives)
+                pixels, captions, ids, keys, negatives, skipped = [], [], [], [], [], 0
         if pixels and not spec.drop_last:
-            yield self._batch(pixels, captions, ids, keys, skipped)
+            yield self._batch(pixels, captions, ids, keys, skipped, negatives)
 
-    def _batch(self, pixels, captions, ids, keys, skipped) -> dict:
-        return {"pixels": torch.stack(pixels), "tokens": self.tokenizer(captions), "captions": captions,
-                "image_ids": torch.tensor(ids, dtype=torch.long), "keys": keys, "skipped": skipped}
+    def _batch(self, pixels, captions, ids, keys, skipped, negatives) -> dict:
+        batch = {"pixels": torch.stack(pixels), "tokens": self.tokenizer(captions), "captions": captions,
+                 "image_ids": torch.tensor(ids, dtype=torch.long), "keys": keys, "skipped": skipped}
+        if self.spec.hard_negatives:  # extra text negatives: one per sample that has any
+            extra = [n for n in negatives if n is not None]
+            batch["negative_tokens"] = self.tokenizer(extra) if extra else None
+        return batch
+
+
+def _meta_list(sample: dict, field: str) -> list[str]:
+    """A list of strings from the sample's json member ([] when it has none)."""
+    meta = sample.get("json")
+    if meta:
+        try:
+            import json
+
+            value = json.loads(meta).get(field)
+            if isinstance(value, list):
+                return [v for v in value if isinstance(v, str) and v.strip()]
+        except (ValueError, AttributeError):
+            pass
+    return []
 
 
 def _meta_int(sample: dict, field: str) -> int | None:
@@ -239,14 +263,16 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
                 num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                 drop_last: bool = True, skip_batches: int = 0, group_batches: bool = False,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, hard_negatives: bool = False) -> DataLoader:
     """A DataLoader of training batches from webdataset shards.
 
     `urls`: a brace pattern (`"shards/train-{000000..000099}.tar"`), a list, `file:` or `pipe:` URLs.
     `rank`/`world_size` default to torch.distributed's when it is initialised. The batch order is
     fixed by (seed, epoch, rank, world_size, num_workers); `skip_batches` resumes after that many batches.
     `group_batches`: the shuffle moves whole groups (consecutive samples with one json `group_id`), so
-    an image and its distractors share a batch, where ITM draws its hard negatives.
+    an image and its distractors share a batch, where ITM draws its hard negatives. `hard_negatives`: each
+    batch also holds `negative_tokens`, one caption per sample from its json `negatives` (the synthetic
+    writer's swapped-twin captions), extra text negatives for the contrastive loss (NegCLIP).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -262,7 +288,8 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
                          "worker(s): write more, smaller shards, use fewer workers, or use resampled=True")
     spec = LoaderSpec(urls=expanded, batch_size=batch_size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
                       resampled=resampled, rank=rank, world_size=world_size, num_workers=num_workers,
-                      drop_last=drop_last, skip_batches=skip_batches, group_batches=group_batches)
+                      drop_last=drop_last, skip_batches=skip_batches, group_batches=group_batches,
+                      hard_negatives=hard_negatives)
     stream = ShardStream(spec, preprocess, tokenizer)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       pin_memory=pin_memory)  # only for a CUDA run: pinning makes a CUDA context on GPU 0

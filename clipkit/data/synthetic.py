@@ -83,12 +83,13 @@ class Scene:
     image_id: int = 0
     group_id: int = 0
     captions: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)  # captions of its swapped twins: false of it, same words
 
     def to_json(self) -> dict:
         """Plain JSON types (dataclasses.asdict deep-copies, which costs more than drawing the image)."""
         objects = [{**vars(o), "rgb": list(o.rgb)} for o in self.objects]
         return {**vars(self), "objects": objects, "background": list(self.background),
-                "captions": list(self.captions)}
+                "captions": list(self.captions), "negatives": list(self.negatives)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +246,20 @@ def captions_for(scene: Scene, rng: random.Random) -> list[str]:
     return [variants[i] for i in sorted(rng.sample(range(len(variants)), count))]
 
 
+def negative_captions(scene: Scene, rng: random.Random) -> list[str]:
+    """One caption of each of the scene's swapped twins, each false of the scene in the same words (NegCLIP's
+    hard negatives). A size swap's caption counts only where it names the sizes. Drawn from `rng` alone,
+    so adding them changes nothing else the data set holds."""
+    negatives = []
+    for kind in possible_swaps(scene):
+        caption = rng.choice(caption_variants(swapped(scene, kind), rng))
+        if kind == "size_swap" and not any(word in caption.split() for word in SIZES):
+            continue
+        if caption not in negatives:
+            negatives.append(caption)
+    return negatives
+
+
 def iter_scenes(seed: int = 0, split: str = "train", distractor_share: float = 0.6) -> Iterator[Scene]:
     """The scenes of a split, in order, without end (captions, ids and groups filled in).
 
@@ -267,6 +282,7 @@ def iter_scenes(seed: int = 0, split: str = "train", distractor_share: float = 0
             scene.image_id = id_base + count
             scene.group_id = id_base + group
             scene.captions = captions_for(scene, rng)
+            scene.negatives = negative_captions(scene, _rng(seed, SPLITS[split], group, scene.image_id, 1))
             count += 1
             yield scene
 
@@ -380,7 +396,7 @@ def _render_sample(job: tuple[Scene, int, int, str]) -> Sample:
     scene, size, seed, image_format = job
     image = render(scene, size, noise_seed=seed * SPLIT_ID_OFFSET * 4 + scene.image_id)
     meta = {"image_id": scene.image_id, "group_id": scene.group_id, "kind": scene.kind,
-            "captions": scene.captions, "source": "synthetic", "scene": scene.to_json()}
+            "captions": scene.captions, "negatives": scene.negatives, "source": "synthetic", "scene": scene.to_json()}
     return Sample(key=f"{scene.image_id:09d}", image=encode_image(image, image_format), image_format=image_format,
                   captions=list(scene.captions), meta=meta)
 

@@ -75,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = field(default=2, metadata={"help": "data loader processes per rank"})
     shuffle_buffer: int = 1000
+    hard_negatives: bool = field(default=False, metadata={
+        "help": "add each sample's hard-negative caption (json 'negatives': the synthetic data's swapped-twin "
+                "captions) as an extra text negative in the contrastive loss, NegCLIP-style"})
     group_batches: bool = field(default=False, metadata={
         "help": "shuffle whole groups (json group_id: an image and its distractors) so they share a batch, "
                 "as ITM hard negatives"})
@@ -116,16 +119,19 @@ class Trainable(nn.Module):
             if loss == "sigmoid" and getattr(clip, "logit_bias", None) is None else None
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, image_ids: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                generator: torch.Generator | None = None,
+                negative_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         image_emb, image_states = encode_image_tokens(self.clip, pixels)
         text_emb, text_states = encode_text_tokens(self.clip, tokens)
         image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+        extra = F.normalize(encode_text_tokens(self.clip, negative_tokens)[0].float(), dim=-1) \
+            if negative_tokens is not None else None  # hard-negative captions (NegCLIP)
         scale = self.clip.logit_scale.exp()
         if self.loss == "sigmoid":
             bias = self.logit_bias if self.logit_bias is not None else self.clip.logit_bias
-            itc = sigmoid_loss(image_emb, text_emb, scale, bias, image_ids=image_ids)
+            itc = sigmoid_loss(image_emb, text_emb, scale, bias, image_ids=image_ids, extra_texts=extra)
         else:
-            itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids)
+            itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids, extra_texts=extra)
         out = {"itc": itc, "loss": itc, "logit_scale": scale.detach()}
         if self.head is not None:
             # Hard negatives are drawn from softmax over the contrastive *logits* (ALBEF/BLIP scale by the
@@ -362,7 +368,7 @@ class _Run:
                                    seed=config.seed, epoch=self.epoch, shuffle_buffer=config.shuffle_buffer,
                                    num_workers=config.workers, group_batches=config.group_batches,
                                    pin_memory=self.device.type == "cuda", rank=self.rank, world_size=self.world,
-                                   skip_batches=self.consumed)
+                                   skip_batches=self.consumed, hard_negatives=config.hard_negatives)
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def forward_backward(self, batch: dict) -> tuple[dict, torch.Tensor]:
@@ -370,8 +376,10 @@ class _Run:
         autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         sync = self.wrapped.no_sync() if self.world > 1 and self.micro + 1 < config.accum_steps else nullcontext()
         with autocast, sync:
+            negatives = batch.get("negative_tokens")
             losses = self.wrapped(batch["pixels"].to(device, non_blocking=True), batch["tokens"].to(device),
-                                  batch["image_ids"].to(device), self.generator)
+                                  batch["image_ids"].to(device), self.generator,
+                                  negatives.to(device) if negatives is not None else None)
             total = losses["itc"] + (config.itm_weight * losses["itm"] if self.head is not None else 0)
             if not torch.isfinite(total):
                 raise TrainingDiverged(f"loss became {total.item()} at step {self.step}; the last good checkpoint "
