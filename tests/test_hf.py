@@ -170,3 +170,31 @@ def test_train_a_transformers_model(checkpoints, tmp_path):
     log = [json.loads(line) for line in (Path(config.out) / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     assert losses and all(np.isfinite(losses))
+
+
+def test_served_and_evaluated_like_open_clip_models(checkpoints, image_folder):
+    """The server and the benchmark take a transformers model through the same paths as open_clip ones."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.data.captions import synthetic_set
+    from clipkit.evaluate import evaluate
+    from clipkit.serve import create_app
+
+    model = clipkit.load_model(str(checkpoints["siglip"]), device="cpu")
+    index = clipkit.Index.from_folder(image_folder, model)
+    expected = clipkit.search("a red circle", index, k=3)
+    with TestClient(create_app(index)) as client:
+        info = client.get("/healthz").json()["indexes"]["default"]
+        assert info["model"] == str(checkpoints["siglip"].resolve()) and info["dim"] == 32
+        results = client.post("/search", json={"text": "a red circle", "k": 3}).json()["results"]
+    assert [r["item_id"] for r in results] == [h.id for h in expected]
+    np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-5)
+
+    data = synthetic_set(12, seed=2)
+    result = evaluate(model, data)
+    similarity = clipkit.encode(data.captions, model=model) @ clipkit.encode(data.images, model=model).T
+    owner = np.asarray(data.text_to_image)
+    t2i_at_1 = np.mean(np.argmax(similarity, axis=1) == owner)  # by hand: each caption's best image
+    i2t_at_1 = np.mean([owner[np.argmax(similarity[:, i])] == i for i in range(len(data.images))])
+    assert result.itc["t2i_R@1"] == pytest.approx(t2i_at_1) and result.itc["i2t_R@1"] == pytest.approx(i2t_at_1)
