@@ -312,6 +312,7 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
         if args.captions:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")
         table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
+        # read here first: a malformed table is refused before the index is touched (and --check needs the list)
         return Path(table.folder), table, table.listed_files()[0]
     if not source.is_dir():
         raise FileNotFoundError(f"folder not found: {source}" if not source.exists() else f"not a folder: {source}")

@@ -59,11 +59,12 @@ class CaptionTable:
         rows = read_table(self.path, self.image_column, self.caption_column, self.folder)
         return {os.path.abspath(image): captions for image, captions in rows}
 
-    def listed_files(self) -> tuple[set[str], list[tuple[str, str]]]:
-        """(the image files it lists that exist under its folder, [(listed path, why it is not one of them)])."""
+    def listed_files(self, rows: dict[str, list[str]] | None = None) -> tuple[set[str], list[tuple[str, str]]]:
+        """(the image files it lists that exist under its folder, [(listed path, why it is not one of them)]);
+        `rows`: the table as `read` gave it, if the caller has it."""
         folder = os.path.abspath(self.folder)
         inside, problems = set(), []
-        for path in self.read():
+        for path in rows if rows is not None else self.read():
             if not path.startswith(folder.rstrip(os.sep) + os.sep):
                 problems.append((path, f"{path}: listed in {self.path} but not under {folder}"))
             elif not os.path.isfile(path):

@@ -509,7 +509,7 @@ class Index:
                     workers: int | None = None, progress: bool | None = None,
                     exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
                     captions: "CaptionTable | str | os.PathLike | None" = None,
-                    include: AbstractSet[str] | None = None) -> "sync.SyncReport":
+                    listed_only: bool = False) -> "sync.SyncReport":
         """Bring the index up to date with the images under `folder` (see `clipkit.index.sync`).
 
         New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed, renamed
@@ -520,15 +520,22 @@ class Index:
 
         Captions come from `NAME.txt` beside each image, or from `captions`, a caption table (CSV / JSONL
         path or `CaptionTable`) for the images it lists; the table is remembered for the folder, so later
-        runs without it keep using it. `include`: index only these files (absolute paths).
+        runs without it keep using it. `listed_only`: index only the images the caption table lists (listed
+        files that are missing or outside the folder are reported as skipped).
         """
         model = self._writing_model(model)
         with self.writer(on_wait=log.warning):
             self._record_model(model)
             table = self._caption_table(Path(folder).resolve(), captions)
+            if listed_only and table is None:
+                raise ValueError("listed_only needs a caption table (captions=)")
+            rows = table.read() if table is not None else None  # read once: the captions and the listed files
+            include, problems = table.listed_files(rows) if listed_only else (None, [])
             report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
                                       progress=progress, exclude=exclude, shard=shard, include=include)
-            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, table)
+            for path, reason in problems:
+                report.skip(path, reason, "missing")
+            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows)
         self.last_sync = report
         return report
 
@@ -576,15 +583,11 @@ class Index:
         table's folder (or its `root`) that it names; listed files that are missing or lie outside that
         folder are reported as skipped. Incremental like `sync_folder` (which takes the same options)."""
         table = table if isinstance(table, CaptionTable) else CaptionTable.of(table)
-        inside, problems = table.listed_files()
-        report = self.sync_folder(table.folder, model, captions=table, include=inside, **options)
-        for path, reason in problems:
-            report.skip(path, reason, "missing")
-        return report
+        return self.sync_folder(table.folder, model, captions=table, listed_only=True, **options)
 
-    def _caption_table(self, folder: Path, captions) -> "dict[str, list[str]] | None":
-        """The caption table for `folder` (read): `captions` (then remembered for the folder), else the one
-        remembered for it, else None."""
+    def _caption_table(self, folder: Path, captions) -> "CaptionTable | None":
+        """The caption table for `folder`: `captions` (then remembered for the folder), else the one
+        remembered for it (None when its file is gone: NAME.txt files serve again), else None."""
         tables = self.store.info("caption_tables", {})
         if captions is not None:
             table = captions if isinstance(captions, CaptionTable) else CaptionTable.of(captions)
@@ -594,11 +597,12 @@ class Index:
         elif str(folder) in tables:
             table = CaptionTable(**tables[str(folder)])
             if not os.path.isfile(table.path):
-                log.warning("the caption table %s of %s is gone: its captions are dropped", table.path, folder)
-                return {}
+                log.warning("the caption table %s of %s is gone: its captions give way to NAME.txt files",
+                            table.path, folder)
+                return None
         else:
             return None
-        return table.read()
+        return table
 
     @property
     def captions(self) -> "Index | None":
