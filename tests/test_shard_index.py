@@ -109,3 +109,14 @@ def test_shard_errors(shards, tmp_path, capsys):
         assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_ids_with_prefix_equals_a_scan():
+    ids = ["/s/a.tar#1", "/s/a.tar#2", "/s/a.tarx#1", "/s/a.ta#1", "/s/a.tar", "/s/a.tar$", "/s/ä.tar#1",
+           "/s/a.tar#\U0010fffe", 7, 12, "/t/b.tar#1"]
+    index = Index.from_embeddings(np.eye(len(ids), 16, dtype=np.float32) + 0.1, ids=ids)
+    for prefix in ("/s/a.tar#", "/s/", "/s/ä", "/", "/t/b.tar#1", "/nothing#"):
+        expected = [i for i in ids if isinstance(i, str) and i.startswith(prefix)]
+        assert index.ids_with_prefix(prefix) == expected, prefix
+    with pytest.raises(ValueError, match="empty prefix"):
+        index.ids_with_prefix("")

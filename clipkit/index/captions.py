@@ -112,18 +112,19 @@ def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = N
     return wanted
 
 
-def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set, model,
+def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set | None, model,
                   table: dict[str, list[str]] | None = None, files: bool = True, batch_size: int = 256) -> CaptionReport:
     """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images under
     the folder `prefix` synced: their `table` rows, else their caption files); captions of images no
-    longer `indexed` at all (removed, or moved to another folder and so to other ids) are dropped too."""
+    longer `indexed` at all (removed, or moved to another folder and so to other ids) are dropped too
+    (`indexed` None: no such sweep, only the captions under `prefix` are compared)."""
     from clipkit.encode import encode_texts
 
     wanted = wanted_captions(image_ids, table, files)
-    have = {}
-    for item_id in collection.ids():
-        if item_id.startswith(prefix) or image_of(item_id) not in indexed:
-            have[item_id] = None
+    if indexed is None:
+        have = dict.fromkeys(collection.ids_with_prefix(prefix))
+    else:
+        have = {i: None for i in collection.ids() if i.startswith(prefix) or image_of(i) not in indexed}
     if have:
         for record in collection.get(list(have)):
             have[record["id"]] = record.get("caption")

@@ -473,6 +473,11 @@ class Index:
         with self._lock:
             return self.store.ids()
 
+    def ids_with_prefix(self, prefix: str) -> list[str]:
+        """The (text) ids that start with `prefix`, e.g. a shard's `SHARD#` items, found through the id index."""
+        with self._lock:
+            return self.store.ids_with_prefix(prefix)
+
     def embeddings(self, ids: Iterable | None = None) -> np.ndarray:
         """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
         with self._lock:
@@ -615,9 +620,11 @@ class Index:
     def _sync_captions(self, prefix: str, model, table: dict | None = None,
                        files: bool = True) -> "CaptionReport | None":
         """The captions of the images whose ids start with `prefix` (a folder's, a shard's), in step with their
-        sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg."""
-        indexed = self._file_ids()
-        image_ids = [i for i in indexed if i.startswith(prefix)]
+        sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
+        Folders also sweep the captions of images moved away (to other ids); a shard's items never move, and
+        removing items drops their captions (`remove`), so a shard's sync reads only its own ids."""
+        indexed = self._file_ids() if files else None
+        image_ids = [i for i in indexed if i.startswith(prefix)] if files else self.ids_with_prefix(prefix)
         collection = self.captions
         if collection is None:
             if not table and not any(caption_file(i).is_file() for i in image_ids):

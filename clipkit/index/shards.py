@@ -106,7 +106,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
             stat = os.stat(path)
             recorded = index.store.info(SHARD_STATS, {})
             if recorded.get(path) == [stat.st_size, stat.st_mtime]:
-                report.unchanged += len(_shard_items(index, path))
+                report.unchanged += len(index.ids_with_prefix(path + "#"))
             else:
                 captions = _sync_shard(index, path, model, batch_size, report)
                 with index.store.transaction(bump=False):
@@ -120,7 +120,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
 
 def _shard_items(index, path: str) -> dict[str, dict]:
     """id -> record of the items indexed from the shard at `path`."""
-    ids = [i for i in index.store.ids() if isinstance(i, str) and i.startswith(path + "#")]
+    ids = index.ids_with_prefix(path + "#")
     return {record["id"]: record for record in index.get(ids)} if ids else {}
 
 

@@ -204,6 +204,15 @@ class Store:
     def ids(self) -> list:
         return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
 
+    def ids_with_prefix(self, prefix: str) -> list[str]:
+        """The text ids that start with `prefix`, by a range over the id index (not a scan of every id): text
+        sorts by code point, so they are those from `prefix` up to its last character's successor."""
+        if not prefix:
+            raise ValueError("an empty prefix would be every text id")
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self.db.execute("SELECT id FROM items WHERE id >= ? AND id < ? ORDER BY key", (prefix, upper))
+        return [row[0] for row in rows]
+
     def records_by_key(self, keys: list[int]) -> dict[int, dict]:
         """key -> record ({'id', 'path', 'mtime', 'size', 'caption', ...extra}) for keys in the store."""
         return self._records("items.key", keys)
