@@ -100,8 +100,8 @@ def _add_search_command(commands) -> None:
     search.add_argument("--rerank", action="store_true", help="re-rank the top candidates with the model's ITM head")
     search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
     search.add_argument("--reranker", default=None, metavar="MODEL",
-                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a clipkit model "
-                            "with an ITM head (implies --rerank)")
+                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a "
+                             "clipkit model with an ITM head (implies --rerank)")
     search.add_argument("--device", default=None)
     search.add_argument("--captions", action="store_true",
                         help="search the captions indexed beside the images (image -> text, text -> text)")
@@ -175,8 +175,8 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
     parser.add_argument("--reranker", default=None, metavar="MODEL",
-                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a clipkit model "
-                            "with an ITM head (implies --rerank)")
+                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a "
+                             "clipkit model with an ITM head (implies --rerank)")
     parser.add_argument("--binding", type=int, default=0, metavar="PAIRS",
                         help="also report Winoground-style binding (text / image / group scores) on this many "
                              "synthetic (scene, swapped twin) pairs of --split drawn with --seed (ITC, and the "

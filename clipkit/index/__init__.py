@@ -17,6 +17,6 @@ from clipkit.index.sync import SyncPlan, SyncReport, file_hash, shard_of
 from clipkit.index.tune import Tuning, tune_structure
 from clipkit.index.vectors import prepare_vectors
 
-__all__ = ["CaptionTable", "CONFIG_FILE", "DB_FILE", "FAISS_FILE", "FLAT_LIMIT", "FORMAT_VERSION", "Index", "SyncPlan", "SyncReport",
-           "Tuning", "apply_search_params", "candidates", "choose_structure", "file_hash", "prepare_vectors", "shard_of",
-           "tune_structure"]
+__all__ = ["CaptionTable", "CONFIG_FILE", "DB_FILE", "FAISS_FILE", "FLAT_LIMIT", "FORMAT_VERSION", "Index", "SyncPlan",
+           "SyncReport", "Tuning", "apply_search_params", "candidates", "choose_structure", "file_hash",
+           "prepare_vectors", "shard_of", "tune_structure"]

@@ -113,7 +113,8 @@ def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = N
 
 
 def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set | None, model,
-                  table: dict[str, list[str]] | None = None, files: bool = True, batch_size: int = 256) -> CaptionReport:
+                  table: dict[str, list[str]] | None = None, files: bool = True,
+                  batch_size: int = 256) -> CaptionReport:
     """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images under
     the folder `prefix` synced: their `table` rows, else their caption files); captions of images no
     longer `indexed` at all (removed, or moved to another folder and so to other ids) are dropped too

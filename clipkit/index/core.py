@@ -504,7 +504,8 @@ class Index:
     # -- folders ----------------------------------------------------------------------------
 
     def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
-                    shard: tuple[int, int] | None = None, include: AbstractSet[str] | None = None) -> "sync.SyncPlan":
+                    shard: tuple[int, int] | None = None,
+                    include: AbstractSet[str] | None = None) -> "sync.SyncPlan":
         """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
         `clipkit.index.sync.plan_folder`."""
         with self._lock:

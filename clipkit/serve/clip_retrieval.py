@@ -107,11 +107,10 @@ async def knn_service(request: Request):
     ids = [CAPTION_ID_BASE + r["caption_id"] if "caption_id" in r else r["id"] for r in results]
     described = await run_in_threadpool(describe, service, collection, ids[:count], base)
     out = [{**described.get(i, {}), "id": i, "similarity": r["score"]} for i, r in zip(ids, results)]
-    headers = {}
-    if body.unsupported():
-        headers["X-Clipkit-Unsupported"] = ",".join(body.unsupported())
-        service.note_unsupported(body.unsupported(), UNSUPPORTED)
-    return JSONResponse(out, headers=headers)
+    unsupported = body.unsupported()
+    if unsupported:
+        service.note_unsupported(unsupported, UNSUPPORTED)
+    return JSONResponse(out, headers={"X-Clipkit-Unsupported": ",".join(unsupported)} if unsupported else {})
 
 
 async def _knn_query(service: Service, body: KnnRequest, collection: Collection, base: str) -> tuple[str, Any]:

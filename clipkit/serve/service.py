@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
-from clipkit.data.images import TarMember, decode_image
+from clipkit.data.images import TarMember, decode_image, holding_file
 from clipkit.encode import load_image
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.shards import item_image
@@ -164,9 +164,9 @@ class Service:
         kind = kind if kind in (TEXT, IMAGE) else VECTOR
         try:
             target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
-            find = functools.partial(ranked_hits, target, vector, min(k, max_k or self.config.max_k), query=query, kind=kind,
-                                     model=collection.model, rerank=rerank, rerank_k=rerank_k, weight=weight,
-                                     max_depth=self.config.max_rerank_k, reranker=self.reranker)
+            find = functools.partial(ranked_hits, target, vector, min(k, max_k or self.config.max_k), query=query,
+                                     kind=kind, model=collection.model, rerank=rerank, rerank_k=rerank_k,
+                                     weight=weight, max_depth=self.config.max_rerank_k, reranker=self.reranker)
             hits = await run(find)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
@@ -209,13 +209,13 @@ class Service:
         source = item_image(record.get("path"), record) if record is not None else None
         if source is None:
             raise BadRequest(f"no image with id {key} in index {collection.name!r}", 404)
-        if not Path(source.tar if isinstance(source, TarMember) else source).is_file():
+        if not holding_file(source).is_file():
             raise BadRequest(f"the file of item {key} is no longer there", 404)
         return source
 
     def thumbnail(self, collection: Collection, key: int, size: int) -> bytes:
         source = self.image_of(collection, key)
-        stat = Path(source.tar if isinstance(source, TarMember) else source).stat()
+        stat = holding_file(source).stat()
         cache_key = (collection.name, key, size, stat.st_mtime_ns, stat.st_size)
         with self._thumbnail_lock:
             if cache_key in self._thumbnails:
