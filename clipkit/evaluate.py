@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_gallery, encode_images, encode_texts
-from clipkit.itm import match_scores, require_itm, rerank_weight, text_states
+from clipkit.itm import require_itm
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
-from clipkit.rerankers import load_images, load_reranker
+from clipkit.rerankers import HeadReranker, load_images, load_reranker
 
 _RERANKED = 1e4  # added to re-ranked candidates' scores so they stay ahead of the rest
 
@@ -79,26 +78,20 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
 
     if rerank:
         start = time.perf_counter()
-        if reranker is not None:  # another model: it prepares the images and captions its own way
+        if reranker is not None:  # another model: it prepares the images its own way
             reranker = load_reranker(reranker)
+            result.reranker = reranker.name
             images = reranker.image_inputs(load_images(data.images, min_side=reranker.min_side))
-            texts = reranker.text_inputs(data.captions)
-            match = reranker.match
-            weight = result.weight = reranker.weight if weight is None else float(weight)
-        else:
-            texts = text_states(model, data.captions, batch_size)
-            weight = result.weight = rerank_weight(head, weight)
-
-            def match(images_, image_index, texts_, text_index):
-                states, padding = texts_
-                return match_scores(head, states[text_index], padding[text_index], images_,
-                                    torch.from_numpy(image_index)).cpu().numpy()
+        else:  # the model's own head, whose image states came with the embeddings
+            reranker = HeadReranker(model)
+        texts = reranker.text_inputs(data.captions)
+        weight = result.weight = reranker.weight if weight is None else float(weight)
 
         def t2i_pairs(rows, cols):  # rows: captions, cols: images
-            return match(images, cols, texts, rows)
+            return reranker.match(images, cols, texts, rows)
 
         def i2t_pairs(rows, cols):  # rows: images, cols: captions
-            return match(images, rows, texts, cols)
+            return reranker.match(images, rows, texts, cols)
 
         t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, weight)
         i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, weight)
@@ -106,7 +99,6 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         i2t = image_to_text_ranks(lambda a, b: i2t_sim[a:b], len(data.images), mapping)
         result.rerank = summarize(t2i, i2t, ks)
         seconds["itm_rerank"] = time.perf_counter() - start
-        result.reranker = reranker.name if reranker is not None else None
     result.seconds = seconds
     return result
 
