@@ -129,14 +129,13 @@ def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=
     `weight` x the pair's ITC cosine by `model` (default weight: the re-ranker's own; 0 for BLIP).
     `reranker` defaults to `model`'s ITM head."""
     reranker = load_reranker(reranker if reranker is not None else as_model(model))
-    images, texts = list(images), list(texts)
-    scores = reranker.score_pairs(images, texts)
+    pictures, texts = load_images(images), list(texts)  # decoded once, for the re-ranker and the cosine alike
+    scores = reranker.score_pairs(pictures, texts)
     weight = reranker.weight if weight is None else float(weight)
     if weight:
         if model is None and not isinstance(reranker, HeadReranker):
             raise ValueError("a cosine weight needs the dual encoder that gives the cosine: pass model=")
         encoder = as_model(model) if model is not None else reranker.model
-        pictures = load_images(images)
         cosine = np.sum(encode(pictures, model=encoder) * encode(texts, model=encoder), axis=1)
         scores = scores + weight * cosine
     return scores.astype(np.float32)
