@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from urllib.parse import urlparse
+
+from clipkit.errors import OfflineError
 
 
 def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
@@ -29,3 +32,26 @@ def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
 def offline_forced() -> bool:
     """CLIPKIT_OFFLINE or HF_HUB_OFFLINE is on: never reach for the network."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CLIPKIT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hf_hub_host() -> str:
+    """The Hugging Face hub's host ($HF_ENDPOINT's, else huggingface.co)."""
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def hub_cached(repo: str, filename: str) -> bool:
+    """Whether the hub repository `repo` has `filename` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return isinstance(found, str) and os.path.isfile(found)
+
+
+def require_hub(repo: str, alternative: str = "") -> None:
+    """Refuse at once, with what to do, to reach for `repo` on the Hugging Face hub when it cannot be reached."""
+    host = hf_hub_host()
+    if offline_forced() or not reachable(host):
+        raise OfflineError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached "
+                           f"({'offline mode is on' if offline_forced() else host + ' is unreachable'}): download it "
+                           f"on a machine online (`hf download {repo}`) and copy the cache "
+                           f"(~/.cache/huggingface/hub){alternative}")

@@ -15,15 +15,13 @@ padding as -1, so the mask travels with them (through training batches too).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from clipkit._net import offline_forced, reachable
-from clipkit.errors import OfflineError
+from clipkit._net import hub_cached, require_hub
 
 HF_PREFIX = "hf:"
 # text towers that pool the last position, padding or not: their texts are padded to the full context, as
@@ -62,22 +60,10 @@ def hf_source(name: str) -> tuple[str, str, bool]:
     repo = name[len(HF_PREFIX):]
     if repo.count("/") > 1 or not repo.strip("/"):
         raise ValueError(f"{name!r}: a hub model is named hf:ORG/REPO (such as hf:openai/clip-vit-base-patch32)")
-    if _cached(repo):
+    if hub_cached(repo, "config.json"):
         return repo, name, True
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    if offline_forced() or not reachable(host):
-        raise OfflineError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached "
-                           f"({'offline mode is on' if offline_forced() else host + ' is unreachable'}): download it "
-                           f"on a machine online (`hf download {repo}`) and copy the cache "
-                           "(~/.cache/huggingface/hub), or pass a local directory")
+    require_hub(repo, alternative=", or pass a local directory")
     return repo, name, False
-
-
-def _cached(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, "config.json")
-    return isinstance(found, str) and os.path.isfile(found)
 
 
 def load_transformers(name: str, device: torch.device) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from clipkit._net import offline_forced, reachable
+from clipkit._net import hf_hub_host, hub_cached, offline_forced, reachable, require_hub
 from clipkit.errors import CheckpointError, OfflineError
 from clipkit.itm.heads import build_head_from_config
 from clipkit.itm.states import exact_text_length, text_forward
@@ -203,7 +203,7 @@ def _unknown_model_message(name: str) -> str:
 
 def _hub_host(tag_cfg: dict) -> str:
     if tag_cfg.get("hf_hub"):
-        return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        return hf_hub_host()
     return urlparse(tag_cfg.get("url", "")).hostname or ""
 
 
@@ -470,16 +470,10 @@ def _create_from_hub(name: str) -> tuple[torch.nn.Module, Callable, dict]:
     """(model, preprocess, model config) of open_clip's `hf-hub:ORG/REPO` (open_clip_config.json and weights
     in the repository), from the Hugging Face cache, or downloaded when the hub is reachable."""
     import open_clip
-    from huggingface_hub import try_to_load_from_cache
 
     repo = name[len(HF_HUB_PREFIX):]
-    found = try_to_load_from_cache(repo, "open_clip_config.json")
-    if not (isinstance(found, str) and os.path.isfile(found)):
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-        if offline_forced() or not reachable(host):
-            raise OfflineError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached: download it "
-                               f"on a machine online (`hf download {repo}`) and copy the cache "
-                               "(~/.cache/huggingface/hub)")
+    if not hub_cached(repo, "open_clip_config.json"):
+        require_hub(repo)
     try:
         with _quiet_open_clip():
             clip, _, preprocess = open_clip.create_model_and_transforms(name)
