@@ -10,6 +10,7 @@ endless loop, as seen in open_clip #1016).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -206,33 +207,26 @@ class ShardStream(IterableDataset):
         return batch
 
 
-def _meta_list(sample: dict, field: str) -> list[str]:
-    """A list of strings from the sample's json member ([] when it has none)."""
+def _meta_field(sample: dict, field: str):
+    """A field of the sample's json member, or None (no member, not JSON, no such field)."""
     meta = sample.get("json")
     if meta:
         try:
-            import json
-
-            value = json.loads(meta).get(field)
-            if isinstance(value, list):
-                return [v for v in value if isinstance(v, str) and v.strip()]
-        except (ValueError, AttributeError):
-            pass
-    return []
-
-
-def _meta_int(sample: dict, field: str) -> int | None:
-    meta = sample.get("json")
-    if meta:
-        try:
-            import json
-
-            value = json.loads(meta).get(field)
-            if isinstance(value, int):
-                return value
+            return json.loads(meta).get(field)
         except (ValueError, AttributeError):
             pass
     return None
+
+
+def _meta_list(sample: dict, field: str) -> list[str]:
+    """A list of strings from the sample's json member ([] when it has none)."""
+    value = _meta_field(sample, field)
+    return [v for v in value if isinstance(v, str) and v.strip()] if isinstance(value, list) else []
+
+
+def _meta_int(sample: dict, field: str) -> int | None:
+    value = _meta_field(sample, field)
+    return value if isinstance(value, int) else None
 
 
 def consecutive_groups(samples: Iterator[dict]) -> Iterator[list[dict]]:
