@@ -33,7 +33,7 @@ import numpy as np
 from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
-from clipkit.index import sync
+import clipkit.index.sync as sync
 from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
                                     sync_captions)
 from clipkit.index.ann import Structure, check_index_type, choose_structure

@@ -23,7 +23,7 @@ from clipkit.index import Index
 from clipkit.rerankers import load_reranker
 from clipkit.search import index_model
 from clipkit.serve.batcher import Batcher, ModelWorker
-from clipkit.serve import clip_retrieval
+from clipkit.serve.clip_retrieval import router as clip_retrieval_router
 from clipkit.serve.routes import router
 from clipkit.serve.service import STATIC_DIR, BodyTooLarge, Collection, ServeConfig, Service
 
@@ -123,7 +123,7 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(router)
-    app.include_router(clip_retrieval.router)
+    app.include_router(clip_retrieval_router)
     if config.front_dir:  # after /front/config.json, which the router answers
         app.mount("/front", StaticFiles(directory=check_front_dir(config.front_dir), html=True), name="front")
     return app

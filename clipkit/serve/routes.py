@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import ValidationError
 
 from clipkit.data.images import TarMember
-from clipkit.serve import clip_retrieval
+from clipkit.serve.clip_retrieval import status as clip_retrieval_status
 from clipkit.serve.batcher import IMAGE, TEXT
 from clipkit.serve.service import (ITEM, STATIC_DIR, VECTOR, BadRequest, BodyTooLarge, SearchRequest, _b64decode,
                                    _json_body, _schema)
@@ -32,7 +32,7 @@ async def page():
 @router.get("/healthz", summary="Liveness, the served indexes and the limits")
 async def healthz(request: Request):
     service = request.app.state.service
-    return {**service.info(), "clip_retrieval": clip_retrieval.status(service)}
+    return {**service.info(), "clip_retrieval": clip_retrieval_status(service)}
 
 
 # -- clipkit's own -----------------------------------------------------------------------------
