@@ -1,15 +1,16 @@
 """Train the bundled demo model `clipkit-demo` on the synthetic data set, reproducibly, on a CPU.
 
-    python benchmarks/train_demo.py [--out runs/demo] [--steps 1200] [--train-images 40000]
-        [--rerank-steps 3000] [--rerank-galleries 16] [--skip-stage1]
+    python benchmarks/train_demo.py [--out runs/demo] [--steps 1800] [--train-images 40000]
+        [--rerank-steps 1500] [--rerank-galleries 16] [--skip-stage1]
 
-Stage 1 trains the towers (ITC + the fusion ITM head) into --out. Stage 2 (`clipkit.rerank_train`) fits
+Stage 1 trains the towers (ITC + the fusion ITM head) into --out, on batches of whole distractor groups,
+with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style). Stage 2 (`clipkit.rerank_train`) fits
 the late-interaction re-ranking head on the frozen towers, over ITC-mined candidates of synthetic
 training galleries (resumable: its state is OUT/rerank-state.pt); it replaces the fusion head in the
 exported model. `--skip-stage1` starts from the last checkpoint already in --out. Writes the training run to --out, exports a compact inference checkpoint to
 clipkit/weights/clipkit-demo.pt (fp16, only trained vocabulary rows), and evaluates it on a
-1,000-image synthetic test gallery (distractors included): Recall@1/5/10 both ways, as a markdown
-table and JSON (--json, default OUT/demo_eval.json).
+1,000-image synthetic test gallery (distractors included): Recall@1/5/10 both ways, and Winoground-style
+binding on 400 (scene, swapped twin) pairs, as markdown tables and JSON (--json, default OUT/demo_eval.json).
 """
 
 from __future__ import annotations
@@ -21,24 +22,29 @@ from pathlib import Path
 
 from clipkit.data.captions import synthetic_set
 from clipkit.models import SCRATCH, WEIGHTS_DIR, export_compact, load_model
-from clipkit.evaluate import evaluate
-from clipkit.rerank_train import RerankConfig, train_rerank_head, training_galleries
+from clipkit.data.synthetic import binding_pairs
+from clipkit.evaluate import binding_table, binding, evaluate
+from clipkit.rerank_train import KINDS, RerankConfig, train_rerank_head, training_galleries
 from clipkit.train import TrainConfig, checkpoint_paths, train
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--train-images", type=int, default=40_000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument("--group-batches", action="store_true",
-                        help="shuffle whole distractor groups, so each batch holds them as ITM hard negatives")
-    parser.add_argument("--rerank-steps", type=int, default=3000, help="stage 2 steps (0: keep the fusion head)")
+    parser.add_argument("--no-group-batches", dest="group_batches", action="store_false",
+                        help="shuffle samples, not whole distractor groups (which make each other's negatives)")
+    parser.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
+                        help="no swapped-twin captions as extra InfoNCE negatives")
+    parser.add_argument("--rerank-steps", type=int, default=1500, help="stage 2 steps (0: keep the fusion head)")
+    parser.add_argument("--rerank-kind", choices=KINDS, default="late",
+                        help="stage 2 head: a new late-interaction head, or the stage-1 fusion head fine-tuned")
     parser.add_argument("--rerank-galleries", type=int, default=16, help="stage 2 training galleries of 1,000 images")
     parser.add_argument("--skip-stage1", action="store_true", help="use the last stage-1 checkpoint in --out")
     parser.add_argument("--json", default=None)
@@ -51,7 +57,7 @@ def main() -> None:
         # half the ITM negatives easy: with all-hard negatives the head never left "always no match" here
         itm_easy_mix=0.5,
         shuffle_buffer=256,  # small: a group's distractors often share a batch, as hard negatives
-        group_batches=args.group_batches,
+        group_batches=args.group_batches, hard_negatives=args.hard_negatives,
         log_every=20, val_every=200, ckpt_every=100, keep_last=2, resume="latest" if args.resume else None)
     start = time.perf_counter()
     if not args.skip_stage1:
@@ -64,8 +70,9 @@ def main() -> None:
         start = time.perf_counter()
         towers = load_model("clipkit-demo", str(last), device="cpu")
         galleries = training_galleries(f"synthetic:{1000 * args.rerank_galleries}", 1000, towers.image_size)
-        head, stage2 = train_rerank_head(towers, galleries, RerankConfig(steps=args.rerank_steps),
-                                         state_path=Path(args.out) / "rerank-state.pt")
+        stage2_config = RerankConfig(kind=args.rerank_kind, steps=args.rerank_steps)
+        state = Path(args.out) / f"rerank-{args.rerank_kind}-state.pt"
+        head, stage2 = train_rerank_head(towers, galleries, stage2_config, state_path=state)
         stage2["seconds"] = round(time.perf_counter() - start, 1)
         print(f"stage 2: {args.rerank_steps} steps in {stage2['seconds'] / 60:.1f} min, loss "
               f"{stage2['loss_first_50']} -> {stage2['loss_last_50']}, cosine weight {stage2['rerank_weight']}")
@@ -77,16 +84,19 @@ def main() -> None:
     test = synthetic_set(args.test_images, seed=0, split="test")
     result = evaluate(model, test, rerank=True, rerank_k=16)
     results = result.itc
+    bound = binding(model, binding_pairs(400, seed=0, split="test"), rerank=True)
     report = {"model": "clipkit-demo", "train_seconds": round(train_seconds, 1), "steps": args.steps,
               "train_images": args.train_images, "batch_size": args.batch_size, "weights_bytes": exported["bytes"],
               "vocabulary_rows": exported["rows_kept"], "test_images": len(test.images),
               "test_captions": len(test.captions), "itc": results, "rerank": result.rerank,
-              "eval_seconds": result.seconds, "rerank_weight": result.weight, "stage2": stage2}
+              "eval_seconds": result.seconds, "rerank_weight": result.weight, "stage2": stage2,
+              "binding": bound}
     print("| direction | method | R@1 | R@5 | R@10 |\n|---|---|---|---|---|")
     for direction in ("t2i", "i2t"):
         for method, values in (("ITC", results), ("ITC + ITM", result.rerank)):
             print(f"| {direction} | {method} | {values[f'{direction}_R@1']:.3f} | {values[f'{direction}_R@5']:.3f} | "
                   f"{values[f'{direction}_R@10']:.3f} |")
+    print("\n".join(binding_table(bound)))
     print(f"trained {args.steps} steps in {train_seconds / 60:.1f} min; weights {exported['bytes'] / 1e6:.2f} MB")
     Path(args.json or Path(args.out) / "demo_eval.json").write_text(json.dumps(report, indent=2))
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or "
                                                            "synthetic data"))
     _add_rerank_arguments(commands.add_parser(
-        "train-rerank", help="fit a late-interaction re-ranking head on a trained model's frozen towers"))
+        "train-rerank", help="fit a re-ranking head (late-interaction, or the model's fusion ITM head) on a trained "
+                             "model's frozen towers"))
     _add_serve_command(commands)
     return parser
 
@@ -209,7 +210,7 @@ def _add_train_arguments(parser) -> None:
 
 
 def _add_rerank_arguments(parser) -> None:
-    from clipkit.rerank_train import RerankConfig
+    from clipkit.rerank_train import KINDS, RerankConfig
 
     parser.add_argument("--model", required=True, help="the model whose towers stay frozen")
     parser.add_argument("--pretrained", default=None, help="its weights (open_clip tag, local file, clipkit checkpoint)")
@@ -220,6 +221,9 @@ def _add_rerank_arguments(parser) -> None:
     for name in ("steps", "captions", "k", "random", "width", "seed"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--kind", choices=KINDS, default=defaults.kind,
+                        help="late: a new late-interaction head; fusion: fine-tune the model's own fusion ITM head "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="the same as clipkit -q")
 
@@ -589,7 +593,7 @@ def cmd_train_rerank(args) -> int:
     from clipkit.rerank_train import RerankConfig, train_rerank
 
     config = RerankConfig(steps=args.steps, captions=args.captions, k=args.k, random=args.random, width=args.width,
-                          seed=args.seed, lr=args.lr)
+                          seed=args.seed, lr=args.lr, kind=args.kind)
     report = train_rerank(args.model, args.data, args.out, pretrained=args.pretrained, gallery_size=args.gallery_size,
                           config=config, device=args.device, progress=_progress(args) is not False)
     if not args.quiet:

@@ -2,7 +2,9 @@
 
 Writes a folder of synthetic test images (with their captions beside them), indexes it, runs text
 queries (captions of images whose attribute-swapped twins are also in the folder, plus free text) and
-one image query, prints the top hits, and draws a PNG grid of queries and results.
+one image query, prints the top hits, and draws a PNG grid of queries and results. When the model has an
+ITM head, each text query is answered twice, side by side: by ITC (cosine) alone and re-ranked by the head,
+so the grid shows what re-ranking changes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from clipkit.search import Hit, search
 
 FREE_TEXT = ["a large yellow star", "a red circle left of a blue square"]
 THUMB = 96
+RERANK_K = 32  # ITC candidates the ITM head re-orders
 
 
 @dataclass
@@ -29,8 +32,10 @@ class QueryResult:
     label: str
     query_image: Path | None
     expected: str | None  # the id of the image the query describes, when known
-    hits: list[Hit]
+    hits: list[Hit]  # by ITC (cosine)
     expected_rank: int | None = None
+    reranked: list[Hit] | None = None  # ITC's candidates re-ordered by the ITM head
+    reranked_rank: int | None = None
 
 
 def default_out() -> Path:
@@ -61,19 +66,32 @@ def run_demo(out: Path | None = None, n_images: int = 300, model_name: str = "cl
     model = load_model(model_name)
     index = Index.from_folder(photos, model=model, progress=progress)
     index.save(out / "photos.clipkit")
-    results = []
-    for caption, image in _pick_queries(photos, 4):
-        ranking = [hit.path for hit in search(caption, index, k=len(index))]
-        expected = str(image.resolve())
-        results.append(QueryResult(caption, None, expected, search(caption, index, k=k),
-                                   expected_rank=ranking.index(expected) + 1))
-    for text in FREE_TEXT:
-        results.append(QueryResult(text, None, None, search(text, index, k=k)))
+    rerank = model.itm is not None
+    results = [_text_query(caption, index, k, str(image.resolve()), rerank) for caption, image in _pick_queries(photos, 4)]
+    results += [_text_query(text, index, k, None, rerank) for text in FREE_TEXT]
     query_image = sorted(photos.glob("*.png"))[7]
     results.append(QueryResult(f"image: {query_image.name}", query_image, str(query_image.resolve()),
                                search(query_image, index, k=k)))
     draw_grid(results, out / "results.png")
     return out, results
+
+
+def _text_query(text: str, index: Index, k: int, expected: str | None, rerank: bool) -> QueryResult:
+    """A text query's ITC top k and, with `rerank`, its re-ranked top k (with the described image's ranks)."""
+    depth = len(index) if expected is not None else k
+    ranking = search(text, index, k=depth)
+    result = QueryResult(text, None, expected, ranking[:k], expected_rank=_rank_of(expected, ranking))
+    if rerank:
+        full = search(text, index, k=RERANK_K, rerank=True, rerank_k=RERANK_K)
+        result.reranked = full[:k]
+        if expected is not None:  # beyond the re-ranked candidates, ITC's order stands
+            result.reranked_rank = _rank_of(expected, full) or result.expected_rank
+    return result
+
+
+def _rank_of(expected: str | None, hits: list[Hit]) -> int | None:
+    ranking = [hit.path for hit in hits]
+    return ranking.index(expected) + 1 if expected in ranking else None
 
 
 def _caption_of(path: str) -> str:
@@ -84,37 +102,65 @@ def _caption_of(path: str) -> str:
 
 
 def draw_grid(results: list[QueryResult], path: Path) -> None:
-    """One row per query: the query (text or image) on the left, its top hits with scores to the right."""
+    """One row per query: the query (text or image) on the left, its top hits with scores to the right; for
+    re-ranked text queries, ITC's top hits and then the re-ranked ones, under two headings."""
     font = ImageFont.load_default()
-    label_width, pad = 260, 8
+    label_width, pad, gap, head = 260, 8, 24, 16
     columns = max(len(r.hits) for r in results)
+    two = any(r.reranked is not None for r in results)
+    block = columns * (THUMB + pad)
     row_height = THUMB + 34
-    grid = Image.new("RGB", (label_width + columns * (THUMB + pad) + pad, len(results) * row_height + pad), "white")
+    width = label_width + block * (2 if two else 1) + (gap if two else 0) + pad
+    grid = Image.new("RGB", (width, head + len(results) * row_height + pad), "white")
     draw = ImageDraw.Draw(grid)
+    if two:
+        draw.text((label_width, 2), "by ITC (cosine)", fill="black", font=font)
+        draw.text((label_width + block + gap, 2), "re-ranked by the ITM head", fill="black", font=font)
     for row, result in enumerate(results):
-        top = pad + row * row_height
-        if result.query_image is not None:
-            grid.paste(Image.open(result.query_image).convert("RGB").resize((THUMB, THUMB), Image.NEAREST), (pad, top))
-            draw.text((pad + THUMB + 6, top), "image query", fill="black", font=font)
-        else:
-            label = "\n".join(textwrap.wrap(result.label, 40))
-            if result.expected_rank is not None:
-                label += f"\n(described image: rank {result.expected_rank})"
-            draw.multiline_text((pad, top), label, fill="black", font=font)
-        for column, hit in enumerate(result.hits):
-            left = label_width + column * (THUMB + pad)
-            thumb = Image.open(hit.path).convert("RGB").resize((THUMB, THUMB), Image.NEAREST)
-            grid.paste(thumb, (left, top))
-            if result.expected is not None and hit.path == result.expected:
-                draw.rectangle((left - 3, top - 3, left + THUMB + 2, top + THUMB + 2), outline=(20, 170, 60), width=3)
-            draw.text((left, top + THUMB + 4), f"{hit.score:.3f}", fill="black", font=font)
+        top = head + pad + row * row_height
+        _draw_query(grid, draw, result, top, pad, font)
+        _draw_hits(grid, draw, result.hits, result.expected, label_width, top, font)
+        if result.reranked is not None:
+            _draw_hits(grid, draw, result.reranked, result.expected, label_width + block + gap, top, font)
     grid.save(path)
+
+
+def _draw_query(grid: Image.Image, draw: ImageDraw.ImageDraw, result: QueryResult, top: int, pad: int, font) -> None:
+    if result.query_image is not None:
+        grid.paste(Image.open(result.query_image).convert("RGB").resize((THUMB, THUMB), Image.NEAREST), (pad, top))
+        draw.text((pad + THUMB + 6, top), "image query", fill="black", font=font)
+        return
+    label = "\n".join(textwrap.wrap(result.label, 40))
+    if result.expected_rank is not None:
+        label += f"\n(described image: rank {result.expected_rank}"
+        label += f", re-ranked {result.reranked_rank})" if result.reranked_rank is not None else ")"
+    draw.multiline_text((pad, top), label, fill="black", font=font)
+
+
+def _draw_hits(grid: Image.Image, draw: ImageDraw.ImageDraw, hits: list[Hit], expected: str | None, left0: int,
+               top: int, font) -> None:
+    for column, hit in enumerate(hits):
+        left = left0 + column * (THUMB + 8)
+        grid.paste(Image.open(hit.path).convert("RGB").resize((THUMB, THUMB), Image.NEAREST), (left, top))
+        if expected is not None and hit.path == expected:
+            draw.rectangle((left - 3, top - 3, left + THUMB + 2, top + THUMB + 2), outline=(20, 170, 60), width=3)
+        draw.text((left, top + THUMB + 4), f"{hit.score:.3f}", fill="black", font=font)
 
 
 def print_results(results: list[QueryResult]) -> None:
     for result in results:
-        rank = f"  [described image ranked {result.expected_rank}]" if result.expected_rank else ""
+        rank = f"  [described image ranked {result.expected_rank}" if result.expected_rank else ""
+        if rank:
+            rank += f", re-ranked {result.reranked_rank}]" if result.reranked_rank is not None else "]"
         print(f"\nquery: {result.label}{rank}")
-        for rank, hit in enumerate(result.hits, 1):
-            mark = "  <- the image the query describes" if hit.path == result.expected else ""
-            print(f"  {rank}. {hit.score:.3f}  {Path(hit.path).name}  ({_caption_of(hit.path)}){mark}")
+        _print_hits(result.hits, result.expected, "by ITC" if result.reranked is not None else None)
+        if result.reranked is not None:
+            _print_hits(result.reranked, result.expected, "re-ranked by the ITM head")
+
+
+def _print_hits(hits: list[Hit], expected: str | None, heading: str | None) -> None:
+    if heading:
+        print(f"  {heading}:")
+    for rank, hit in enumerate(hits, 1):
+        mark = "  <- the image the query describes" if hit.path == expected else ""
+        print(f"  {rank}. {hit.score:.3f}  {Path(hit.path).name}  ({_caption_of(hit.path)}){mark}")

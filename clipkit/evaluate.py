@@ -229,12 +229,12 @@ def format_table(report: dict, ks) -> str:
         cap = report[f"itc_R@{report['rerank_k']}_cap"]
         lines.append(f"\nre-ranking is capped by ITC R@{report['rerank_k']}: t2i {cap['t2i']:.3f}, i2t {cap['i2t']:.3f}")
     if report.get("binding"):
-        lines += _binding_table(report["binding"])
+        lines += binding_table(report["binding"])
     lines.append("\nseconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     return "\n".join(lines)
 
 
-def _binding_table(result: dict) -> list[str]:
+def binding_table(result: dict) -> list[str]:
     lines = [f"\nbinding (Winoground-style, {result['pairs']} pairs; chance 0.25 / 0.25 / 0.17):", "",
              "| method | swap | text | image | group |", "|---|---|---|---|---|"]
     for method in ("itc", "rerank"):

@@ -129,8 +129,25 @@ class Model:
 def _register_configs() -> None:
     """Make clipkit's JSON configs known to open_clip (done once, on first use, not at import)."""
     import open_clip
+    from open_clip import factory
 
     open_clip.add_model_config(CONFIG_DIR)
+    for file in CONFIG_DIR.glob("*.json"):  # clipkit's own keys: taken out before open_clip builds the model
+        config = factory._MODEL_CONFIGS.get(file.stem)
+        if config is not None and "clipkit" in config:
+            _EXTENSIONS[file.stem] = config.pop("clipkit")
+
+
+#: what clipkit adds to a bundled config under its key "clipkit": {"conv_stem": [channels...]} (clipkit.conv_stem)
+_EXTENSIONS: dict[str, dict] = {}
+
+
+def _apply_extensions(clip: torch.nn.Module, name: str) -> None:
+    extensions = _EXTENSIONS.get(name, {})
+    if "conv_stem" in extensions:
+        from clipkit.conv_stem import apply_conv_stem
+
+        apply_conv_stem(clip, extensions["conv_stem"])
 
 
 def bundled_models() -> dict[str, Path]:
@@ -455,6 +472,7 @@ def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:
             clip, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None, pretrained_image=towers, pretrained_text=towers,
                 force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
+            _apply_extensions(clip, name)
     except OSError as exc:  # a Hugging Face tower's files: neither cached nor reachable
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OfflineError(f"{name}: its towers' files could not be loaded ({first}); load it once on a machine "

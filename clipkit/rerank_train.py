@@ -1,15 +1,19 @@
-"""Second training stage: fit a late-interaction ITM head (`clipkit.itm.LateInteractionHead`) for
-re-ranking, on a frozen model's ITC-mined candidates.
+"""Second training stage: fit an ITM head for re-ranking on a frozen model's ITC-mined candidates: a new
+late-interaction head (`clipkit.itm.LateInteractionHead`, kind "late") or the model's own fusion head
+(`clipkit.itm.ITMHead`, kind "fusion", fine-tuned from stage 1 with the same candidates as hard negatives).
 
 The towers stay frozen, so ITC retrieval does not change. For each training gallery (a RetrievalSet)
-the stage caches the ITC embeddings, the text tower's token states and the preprocessed pixels, and
-each caption's top `k` images by ITC. A step takes `captions` captions of one gallery; their candidates
-are the union of their top-k lists, their own images and `random` random images of the gallery (a few
-hundred images); the loss is cross-entropy of each caption's scores over all of them. So every step
-holds the hard negatives re-ranking will face (images sharing the caption's words: ITC put them on top)
-and easy ones, and every caption is scored against every candidate, which late interaction makes
-cheap. Last, the cosine weight of the re-ranked score (score + w x cosine) is chosen on the training
-galleries by re-ranked text-to-image R@1 over ITC's top k.
+the stage caches the ITC embeddings, the text tower's token states, the head's image input (the
+preprocessed pixels, or the image tower's tokens for the fusion head), and each caption's top `k` images
+by ITC. A step takes `captions` captions of one gallery; their candidates are the union of their top-k
+lists, their own images and `random` random images of the gallery (a few hundred images); the loss is
+cross-entropy of each caption's scores over all of them. So every step holds the hard negatives
+re-ranking will face (images sharing the caption's words: ITC put them on top) and easy ones, and every
+caption is scored against every candidate, which late interaction makes cheap. The fusion head scores
+each pair with cross-attention, so there a caption is scored against its own top k only (its own image
+put in where ITC missed it): the list re-ranking will give it. Last, the cosine weight of the re-ranked
+score (score + w x cosine) is chosen on the training galleries by re-ranked text-to-image R@1 over ITC's
+top k.
 
 Progress shows with tqdm; with `state_path` the stage saves its state every `save_every` steps and
 continues from it when run again with the same settings.
@@ -17,6 +21,7 @@ continues from it when run again with the same settings.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -29,16 +34,19 @@ from tqdm.auto import tqdm
 from clipkit._io import atomic_write_with
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_gallery, encode_texts
-from clipkit.itm import LateInteractionHead, encode_text_tokens, match_scores, text_states
+from clipkit.itm import (ITMHead, LateInteractionHead, build_itm_head, encode_text_tokens, match_scores,
+                         text_states)
 from clipkit.train.schedule import cosine_schedule
 
 log = logging.getLogger(__name__)
 
+KINDS = ("late", "fusion")
 WEIGHT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 
 
 @dataclass
 class RerankConfig:
+    kind: str = "late"  # "late": a new late-interaction head; "fusion": the model's own fusion head, fine-tuned
     steps: int = 2000
     captions: int = 16  # captions per step
     k: int = 16  # ITC candidates per caption, as re-ranking will see them
@@ -56,12 +64,14 @@ class RerankConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.random < 0 or self.lr <= 0:
             raise ValueError("random must be >= 0 and lr > 0")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
 
 @dataclass
 class CachedGallery:
     image_emb: torch.Tensor  # (images, dim) unit norm
-    pixels: torch.Tensor  # (images, 3, H, W) preprocessed
+    images: torch.Tensor  # the head's image input: (images, 3, H, W) pixels (late) or image tower tokens (fusion)
     text_emb: torch.Tensor  # (captions, dim) unit norm
     texts: torch.Tensor  # (captions, length, width) text tower token states
     padding: torch.Tensor  # (captions, length) True at padding
@@ -70,15 +80,14 @@ class CachedGallery:
 
 
 @torch.inference_mode()
-def cache_gallery(model, data: RetrievalSet, k: int, batch_size: int = 256) -> CachedGallery:
-
-    image_emb, pixels = encode_gallery(model, data.images, batch_size, states="pixels")
+def cache_gallery(model, data: RetrievalSet, k: int, batch_size: int = 256, kind: str = "late") -> CachedGallery:
+    image_emb, images = encode_gallery(model, data.images, batch_size, states="pixels" if kind == "late" else True)
     image_emb = torch.from_numpy(image_emb)
     text_emb = torch.from_numpy(encode_texts(data.captions, model, batch_size))
     texts, padding = text_states(model, data.captions, batch_size)
     length = int((~padding).sum(dim=1).max())
     top = (text_emb @ image_emb.T).topk(min(k, len(image_emb)), dim=1).indices
-    return CachedGallery(image_emb, pixels.cpu(), text_emb, texts[:, :length].float().cpu(),
+    return CachedGallery(image_emb, images.cpu(), text_emb, texts[:, :length].float().cpu(),
                          padding[:, :length].cpu(), torch.as_tensor(data.text_to_image, dtype=torch.long), top)
 
 
@@ -113,24 +122,44 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
     return split_set(read_shard_set(spec, name="train"), gallery_size)
 
 
-def step_loss(head: LateInteractionHead, g: CachedGallery, captions: torch.Tensor, random: int,
+def step_loss(head: torch.nn.Module, g: CachedGallery, captions: torch.Tensor, random: int,
               generator: torch.Generator) -> torch.Tensor:
-    """Cross-entropy of each caption's scores over the step's candidates (their top-k, own and random images)."""
+    """Cross-entropy of each caption's scores over the step's candidates: for the late-interaction head,
+    every caption against the union of their top-k, own and random images; for the fusion head, each caption
+    against its own top k (its own image in place of the last when ITC missed it)."""
     own = g.text_to_image[captions]
-    extra = torch.randint(len(g.pixels), (random,), generator=generator)
-    candidates = torch.unique(torch.cat([g.top[captions].reshape(-1), own, extra]))
-    target = (candidates[None, :] == own[:, None]).float().argmax(dim=1)
-    scores = head.score_matrix(g.texts[captions], g.padding[captions], head.image_input(g.pixels[candidates]))
-    return F.cross_entropy(scores, target)
+    if isinstance(head, LateInteractionHead):
+        extra = torch.randint(len(g.images), (random,), generator=generator)
+        candidates = torch.unique(torch.cat([g.top[captions].reshape(-1), own, extra]))
+        target = (candidates[None, :] == own[:, None]).float().argmax(dim=1)
+        scores = head.score_matrix(g.texts[captions], g.padding[captions], head.image_input(g.images[candidates]))
+        return F.cross_entropy(scores, target)
+    candidates = g.top[captions].clone()
+    missed = ~(candidates == own[:, None]).any(dim=1)
+    candidates[missed, -1] = own[missed]
+    target = (candidates == own[:, None]).float().argmax(dim=1)
+    rows, k = candidates.shape
+    used, local = torch.unique(candidates.reshape(-1), return_inverse=True)
+    logits = head(g.texts[captions].repeat_interleave(k, 0), g.padding[captions].repeat_interleave(k, 0),
+                  g.images[used].float(), image_index=local).float()
+    return F.cross_entropy((logits[:, 1] - logits[:, 0]).view(rows, k), target)
+
+
+def head_images(head: torch.nn.Module, g: CachedGallery, batch: int = 256) -> torch.Tensor:
+    """The gallery's images as `head` takes them: the late head's own tokens from the pixels, or the cached
+    image tower tokens."""
+    if isinstance(head, LateInteractionHead):
+        return torch.cat([head.image_input(g.images[s:s + batch]) for s in range(0, len(g.images), batch)])
+    return g.images.float()
 
 
 @torch.no_grad()
-def rerank_top1(head: LateInteractionHead, g: CachedGallery, weights=WEIGHT_GRID,
+def rerank_top1(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
                 batch: int = 256) -> dict[float, float]:
     """Text-to-image R@1 after re-ranking ITC's top k by score + w x cosine, for each w."""
     was_training = head.training
     head.eval()
-    images = torch.cat([head.image_input(g.pixels[s:s + batch]) for s in range(0, len(g.pixels), batch)])
+    images = head_images(head, g, batch)
     hits = {w: 0 for w in weights}
     for start in range(0, len(g.text_to_image), batch):
         rows = torch.arange(start, min(start + batch, len(g.text_to_image)))
@@ -147,7 +176,7 @@ def rerank_top1(head: LateInteractionHead, g: CachedGallery, weights=WEIGHT_GRID
     return {w: h / len(g.text_to_image) for w, h in hits.items()}
 
 
-def fit_weight(head: LateInteractionHead, galleries: list[CachedGallery]) -> tuple[float, dict[float, float]]:
+def fit_weight(head: torch.nn.Module, galleries: list[CachedGallery]) -> tuple[float, dict[float, float]]:
     """The cosine weight with the best mean re-ranked R@1 over `galleries` (ties: the smallest weight)."""
     totals = {w: 0.0 for w in WEIGHT_GRID}
     for g in galleries:
@@ -158,18 +187,18 @@ def fit_weight(head: LateInteractionHead, galleries: list[CachedGallery]) -> tup
 
 
 def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig | None = None, *,
-                      state_path: str | Path | None = None, progress: bool = True) -> tuple[LateInteractionHead, dict]:
-    """Train a LateInteractionHead for `model` (towers frozen) on `galleries`; returns (head, report).
+                      state_path: str | Path | None = None, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Train a re-ranking head for `model` (towers frozen) on `galleries`; returns (head, report).
 
-    The head's `config['rerank_weight']` is set to the fitted cosine weight. `model.itm` is not changed.
+    The head's `config['rerank_weight']` is set to the fitted cosine weight. `model.itm` is not changed (kind
+    "fusion" fine-tunes a copy of it).
     """
     config = config or RerankConfig()
     config.validate()
     if not galleries:
         raise ValueError("train_rerank_head needs at least one training gallery")
     torch.manual_seed(config.seed)
-    text_width = encode_text_tokens(model.clip, model.tokenize(["a"]).to(model.device))[1].shape[-1]
-    head = LateInteractionHead(text_width, model.image_size, config.width)
+    head = new_head(model, config)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, config.warmup, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
@@ -192,7 +221,7 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
                    "generator": generator.get_state(), "step": step, "losses": losses}
         atomic_write_with(state_path, lambda tmp: torch.save(payload, tmp))
 
-    cached = [cache_gallery(model, data, config.k) for data in tqdm(galleries, desc="caching galleries",
+    cached = [cache_gallery(model, data, config.k, kind=config.kind) for data in tqdm(galleries, desc="caching galleries",
                                                                     disable=not progress)]
     head.train()
     bar = tqdm(total=config.steps, initial=step, desc="re-ranking head", unit="step", disable=not progress)
@@ -217,6 +246,19 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
     report = {"config": asdict(config), "galleries": len(galleries), "rerank_weight": weight,
               "train_r1_by_weight": by_weight, "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
     return head, report
+
+
+def new_head(model, config: RerankConfig) -> torch.nn.Module:
+    """The head stage 2 trains: a new late-interaction head, or a copy of the model's fusion head (a new one
+    when the model has none)."""
+    if config.kind == "late":
+        text_width = encode_text_tokens(model.clip, model.tokenize(["a"]).to(model.device))[1].shape[-1]
+        return LateInteractionHead(text_width, model.image_size, config.width)
+    if isinstance(model.itm, ITMHead):
+        head = copy.deepcopy(model.itm).float().cpu()
+        head.config.pop("rerank_weight", None)
+        return head
+    return build_itm_head(model.clip, width=config.width)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -23,8 +23,10 @@ def test_demo_command_writes_images_index_and_grid(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--n", "60"]) == 0
     out = capsys.readouterr().out
     assert "query: image:" in out and "results.png" in out
+    # each text query twice, by ITC and re-ranked by the head, side by side in the grid
+    assert out.count("  by ITC:") == out.count("  re-ranked by the ITM head:") == out.count("query: ") - 1 > 0
     grid = Image.open(tmp_path / "d" / "results.png")
-    assert grid.size[0] > 500 and grid.size[1] > 500
+    assert grid.size[0] > 2 * 5 * 96 and grid.size[1] > 500
     index = clipkit.Index.load(tmp_path / "d" / "photos.clipkit")
     assert len(index) == 60 and index.model_info["name"] == "clipkit-demo"
 

@@ -94,12 +94,12 @@ def test_step_loss_is_cross_entropy_over_the_union_of_candidates(tiny_model, lat
     captions = torch.tensor([0, 5, 9])
     generator = torch.Generator().manual_seed(1)
     loss = step_loss(late_head, g, captions, 2, generator)
-    extra = torch.randint(len(g.pixels), (2,), generator=torch.Generator().manual_seed(1))
+    extra = torch.randint(len(g.images), (2,), generator=torch.Generator().manual_seed(1))
     candidates = sorted(set(g.top[captions].reshape(-1).tolist()) | set(g.text_to_image[captions].tolist())
                         | set(extra.tolist()))
     with torch.no_grad():
         scores = late_head.score_matrix(g.texts[captions], g.padding[captions],
-                                        late_head.image_input(g.pixels[candidates]))
+                                        late_head.image_input(g.images[candidates]))
     own = [candidates.index(int(i)) for i in g.text_to_image[captions]]
     expected = float(np.mean([torch.logsumexp(scores[r], 0) - scores[r, own[r]] for r in range(3)]))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -172,3 +172,55 @@ def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp
                                atol=1e-6)  # the towers are unchanged
     assert main(common + ["--data", "synthetic:5", "--gallery-size", "20"]) == 2
     assert "fewer images than one gallery" in capsys.readouterr().err
+
+
+def test_fusion_step_loss_is_cross_entropy_over_each_captions_own_top_k(tiny_model):
+    from clipkit.itm import build_itm_head
+
+    torch.manual_seed(0)
+    head = build_itm_head(tiny_model.clip, width=16, layers=1, heads=2).eval()
+    g = cache_gallery(tiny_model, synthetic_set(15, seed=4, size=32), k=3, kind="fusion")
+    assert g.images.ndim == 3  # the image tower's tokens, not pixels
+    missed = [t for t in range(len(g.text_to_image)) if int(g.text_to_image[t]) not in g.top[t].tolist()]
+    hit = [t for t in range(len(g.text_to_image)) if t not in missed]
+    captions = torch.tensor((missed[:1] + hit)[:3])
+    loss = step_loss(head, g, captions, 5, torch.Generator().manual_seed(1))
+    terms = []
+    for t in captions.tolist():
+        own = int(g.text_to_image[t])
+        candidates = g.top[t].tolist()
+        if own not in candidates:
+            candidates[-1] = own  # ITC missed it: it takes the last place
+        scores = match_scores(head, g.texts[[t] * 3], g.padding[[t] * 3], g.images.float(),
+                              torch.tensor(candidates))
+        terms.append(float(torch.logsumexp(scores, 0) - scores[candidates.index(own)]))
+    assert loss.item() == pytest.approx(float(np.mean(terms)), rel=1e-4)
+
+
+def test_fusion_stage_fine_tunes_a_copy_of_the_models_head_and_fits_its_weight(tiny_model, tiny_ckpt, tmp_path):
+    from clipkit.cli import main
+    from clipkit.itm import ITMHead, build_itm_head
+
+    model = load_model("clipkit-tiny", pretrained=tiny_ckpt, device="cpu")
+    torch.manual_seed(0)
+    model.itm = build_itm_head(model.clip, width=16, layers=1, heads=2)
+    with_head = tmp_path / "with-head.pt"
+    save_checkpoint(model, with_head)
+    before = {k: v.clone() for k, v in model.itm.state_dict().items()}
+    galleries = [synthetic_set(20, seed=s, size=32) for s in (1, 2)]
+    config = RerankConfig(kind="fusion", steps=4, captions=4, k=4, warmup=1)
+    head, report = train_rerank_head(model, galleries, config, progress=False)
+    assert isinstance(head, ITMHead) and head is not model.itm
+    assert all(torch.equal(model.itm.state_dict()[k], v) for k, v in before.items())  # the model's own is untouched
+    assert any(not torch.equal(head.state_dict()[k], v) for k, v in before.items())
+    assert report["rerank_weight"] in report["train_r1_by_weight"]
+
+    out = tmp_path / "fusion.pt"
+    assert main(["train-rerank", "--model", "clipkit-tiny", "--pretrained", str(with_head), "--kind", "fusion",
+                 "--steps", "2", "--captions", "4", "--k", "4", "--data", "synthetic:40", "--gallery-size", "20",
+                 "--out", str(out), "--quiet"]) == 0
+    reloaded = load_model("clipkit-tiny", pretrained=out, device="cpu")
+    assert isinstance(reloaded.itm, ITMHead) and reloaded.itm.config["width"] == 16
+    assert reloaded.itm.config.get("rerank_weight", 0.0) in (0.0, *report["train_r1_by_weight"])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        RerankConfig(kind="bogus").validate()

@@ -49,10 +49,13 @@ class FusionLayer(nn.Module):
 class ITMHead(nn.Module):
     """2-way match classifier over (text token states, text padding mask, image patch tokens)."""
 
-    def __init__(self, text_width: int, image_width: int, width: int = 128, layers: int = 2, heads: int = 4):
+    def __init__(self, text_width: int, image_width: int, width: int = 128, layers: int = 2, heads: int = 4,
+                 rerank_weight: float = 0.0):
         super().__init__()
         self.config = {"text_width": text_width, "image_width": image_width, "width": width, "layers": layers,
                        "heads": heads}
+        if rerank_weight:  # fitted by clipkit.rerank_train (kind "fusion"): re-ranked score = log-odds + w x cosine
+            self.config["rerank_weight"] = float(rerank_weight)
         self.text_in = nn.Linear(text_width, width)
         self.image_in = nn.Linear(image_width, width)
         self.layers = nn.ModuleList(FusionLayer(width, heads) for _ in range(layers))
