@@ -1,16 +1,18 @@
 """Train the bundled demo model `clipkit-demo` on the synthetic data set, reproducibly, on a CPU.
 
     python benchmarks/train_demo.py [--out runs/demo] [--steps 1800] [--train-images 40000]
-        [--rerank-steps 1500] [--rerank-galleries 16] [--skip-stage1]
+        [--rerank-steps 1500] [--rerank-kind late|fusion] [--rerank-galleries 16] [--skip-stage1]
 
 Stage 1 trains the towers (ITC + the fusion ITM head) into --out, on batches of whole distractor groups,
-with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style). Stage 2 (`clipkit.rerank_train`) fits
-the late-interaction re-ranking head on the frozen towers, over ITC-mined candidates of synthetic
-training galleries (resumable: its state is OUT/rerank-state.pt); it replaces the fusion head in the
-exported model. `--skip-stage1` starts from the last checkpoint already in --out. Writes the training run to --out, exports a compact inference checkpoint to
-clipkit/weights/clipkit-demo.pt (fp16, only trained vocabulary rows), and evaluates it on a
-1,000-image synthetic test gallery (distractors included): Recall@1/5/10 both ways, and Winoground-style
-binding on 400 (scene, swapped twin) pairs, as markdown tables and JSON (--json, default OUT/demo_eval.json).
+with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style). Stage 2
+(`clipkit.rerank_train`) fits the re-ranking head on the frozen towers, over ITC-mined candidates of
+synthetic training galleries (resumable: its state is OUT/rerank-KIND-state.pt): a late-interaction head
+that replaces the fusion head in the exported model, or (--rerank-kind fusion) the fusion head
+fine-tuned. `--skip-stage1` starts from the last checkpoint already in --out. Writes the training run to
+--out, exports a compact inference checkpoint to clipkit/weights/clipkit-demo.pt (fp16, only trained
+vocabulary rows), and evaluates it on a 1,000-image synthetic test gallery (distractors included):
+Recall@1/5/10 both ways, and Winoground-style binding on 400 (scene, swapped twin) pairs, as markdown
+tables and JSON (--json, default OUT/demo_eval.json).
 """
 
 from __future__ import annotations
@@ -65,18 +67,7 @@ def main() -> None:
     train_seconds = time.perf_counter() - start
     last = checkpoint_paths(Path(args.out))[-1]
 
-    head, stage2 = None, None
-    if args.rerank_steps > 0:
-        start = time.perf_counter()
-        towers = load_model("clipkit-demo", str(last), device="cpu")
-        galleries = training_galleries(f"synthetic:{1000 * args.rerank_galleries}", 1000, towers.image_size)
-        stage2_config = RerankConfig(kind=args.rerank_kind, steps=args.rerank_steps)
-        state = Path(args.out) / f"rerank-{args.rerank_kind}-state.pt"
-        head, stage2 = train_rerank_head(towers, galleries, stage2_config, state_path=state)
-        stage2["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"stage 2: {args.rerank_steps} steps in {stage2['seconds'] / 60:.1f} min, loss "
-              f"{stage2['loss_first_50']} -> {stage2['loss_last_50']}, cosine weight {stage2['rerank_weight']}")
-
+    head, stage2 = stage_two(args, last) if args.rerank_steps > 0 else (None, None)
     WEIGHTS_DIR.mkdir(exist_ok=True)
     target = WEIGHTS_DIR / "clipkit-demo.pt"
     exported = export_compact(last, target, itm=head)
@@ -99,6 +90,20 @@ def main() -> None:
     print("\n".join(binding_table(bound)))
     print(f"trained {args.steps} steps in {train_seconds / 60:.1f} min; weights {exported['bytes'] / 1e6:.2f} MB")
     Path(args.json or Path(args.out) / "demo_eval.json").write_text(json.dumps(report, indent=2))
+
+
+def stage_two(args, last: Path) -> tuple:
+    """The re-ranking head on the frozen stage-1 towers of checkpoint `last`: (head, stage-2 report)."""
+    start = time.perf_counter()
+    towers = load_model("clipkit-demo", str(last), device="cpu")
+    galleries = training_galleries(f"synthetic:{1000 * args.rerank_galleries}", 1000, towers.image_size)
+    config = RerankConfig(kind=args.rerank_kind, steps=args.rerank_steps)
+    state = Path(args.out) / f"rerank-{args.rerank_kind}-state.pt"
+    head, stage2 = train_rerank_head(towers, galleries, config, state_path=state)
+    stage2["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"stage 2: {args.rerank_steps} steps in {stage2['seconds'] / 60:.1f} min, loss "
+          f"{stage2['loss_first_50']} -> {stage2['loss_last_50']}, cosine weight {stage2['rerank_weight']}")
+    return head, stage2
 
 
 if __name__ == "__main__":

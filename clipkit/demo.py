@@ -24,6 +24,7 @@ from clipkit.search import Hit, search
 
 FREE_TEXT = ["a large yellow star", "a red circle left of a blue square"]
 THUMB = 96
+PAD = 8  # between thumbnails, and around the grid
 RERANK_K = 32  # ITC candidates the ITM head re-orders
 
 
@@ -67,7 +68,8 @@ def run_demo(out: Path | None = None, n_images: int = 300, model_name: str = "cl
     index = Index.from_folder(photos, model=model, progress=progress)
     index.save(out / "photos.clipkit")
     rerank = model.itm is not None
-    results = [_text_query(caption, index, k, str(image.resolve()), rerank) for caption, image in _pick_queries(photos, 4)]
+    results = [_text_query(caption, index, k, str(image.resolve()), rerank)
+               for caption, image in _pick_queries(photos, 4)]
     results += [_text_query(text, index, k, None, rerank) for text in FREE_TEXT]
     query_image = sorted(photos.glob("*.png"))[7]
     results.append(QueryResult(f"image: {query_image.name}", query_image, str(query_image.resolve()),
@@ -94,6 +96,14 @@ def _rank_of(expected: str | None, hits: list[Hit]) -> int | None:
     return ranking.index(expected) + 1 if expected in ranking else None
 
 
+def _ranks(result: QueryResult) -> str:
+    """'rank 3, re-ranked 1' for the image a query describes ('' when none is)."""
+    if result.expected_rank is None:
+        return ""
+    reranked = f", re-ranked {result.reranked_rank}" if result.reranked_rank is not None else ""
+    return f"rank {result.expected_rank}{reranked}"
+
+
 def _caption_of(path: str) -> str:
     try:
         return Path(path).with_suffix(".txt").read_text().splitlines()[0]
@@ -105,42 +115,41 @@ def draw_grid(results: list[QueryResult], path: Path) -> None:
     """One row per query: the query (text or image) on the left, its top hits with scores to the right; for
     re-ranked text queries, ITC's top hits and then the re-ranked ones, under two headings."""
     font = ImageFont.load_default()
-    label_width, pad, gap, head = 260, 8, 24, 16
+    label_width, gap, head = 260, 24, 16
     columns = max(len(r.hits) for r in results)
     two = any(r.reranked is not None for r in results)
-    block = columns * (THUMB + pad)
+    block = columns * (THUMB + PAD)
     row_height = THUMB + 34
-    width = label_width + block * (2 if two else 1) + (gap if two else 0) + pad
-    grid = Image.new("RGB", (width, head + len(results) * row_height + pad), "white")
+    width = label_width + block * (2 if two else 1) + (gap if two else 0) + PAD
+    grid = Image.new("RGB", (width, head + len(results) * row_height + PAD), "white")
     draw = ImageDraw.Draw(grid)
     if two:
         draw.text((label_width, 2), "by ITC (cosine)", fill="black", font=font)
         draw.text((label_width + block + gap, 2), "re-ranked by the ITM head", fill="black", font=font)
     for row, result in enumerate(results):
-        top = head + pad + row * row_height
-        _draw_query(grid, draw, result, top, pad, font)
+        top = head + PAD + row * row_height
+        _draw_query(grid, draw, result, top, font)
         _draw_hits(grid, draw, result.hits, result.expected, label_width, top, font)
         if result.reranked is not None:
             _draw_hits(grid, draw, result.reranked, result.expected, label_width + block + gap, top, font)
     grid.save(path)
 
 
-def _draw_query(grid: Image.Image, draw: ImageDraw.ImageDraw, result: QueryResult, top: int, pad: int, font) -> None:
+def _draw_query(grid: Image.Image, draw: ImageDraw.ImageDraw, result: QueryResult, top: int, font) -> None:
     if result.query_image is not None:
-        grid.paste(Image.open(result.query_image).convert("RGB").resize((THUMB, THUMB), Image.NEAREST), (pad, top))
-        draw.text((pad + THUMB + 6, top), "image query", fill="black", font=font)
+        grid.paste(Image.open(result.query_image).convert("RGB").resize((THUMB, THUMB), Image.NEAREST), (PAD, top))
+        draw.text((PAD + THUMB + 6, top), "image query", fill="black", font=font)
         return
     label = "\n".join(textwrap.wrap(result.label, 40))
-    if result.expected_rank is not None:
-        label += f"\n(described image: rank {result.expected_rank}"
-        label += f", re-ranked {result.reranked_rank})" if result.reranked_rank is not None else ")"
-    draw.multiline_text((pad, top), label, fill="black", font=font)
+    if _ranks(result):
+        label += f"\n(described image: {_ranks(result)})"
+    draw.multiline_text((PAD, top), label, fill="black", font=font)
 
 
 def _draw_hits(grid: Image.Image, draw: ImageDraw.ImageDraw, hits: list[Hit], expected: str | None, left0: int,
                top: int, font) -> None:
     for column, hit in enumerate(hits):
-        left = left0 + column * (THUMB + 8)
+        left = left0 + column * (THUMB + PAD)
         grid.paste(Image.open(hit.path).convert("RGB").resize((THUMB, THUMB), Image.NEAREST), (left, top))
         if expected is not None and hit.path == expected:
             draw.rectangle((left - 3, top - 3, left + THUMB + 2, top + THUMB + 2), outline=(20, 170, 60), width=3)
@@ -149,9 +158,7 @@ def _draw_hits(grid: Image.Image, draw: ImageDraw.ImageDraw, hits: list[Hit], ex
 
 def print_results(results: list[QueryResult]) -> None:
     for result in results:
-        rank = f"  [described image ranked {result.expected_rank}" if result.expected_rank else ""
-        if rank:
-            rank += f", re-ranked {result.reranked_rank}]" if result.reranked_rank is not None else "]"
+        rank = f"  [described image: {_ranks(result)}]" if _ranks(result) else ""
         print(f"\nquery: {result.label}{rank}")
         _print_hits(result.hits, result.expected, "by ITC" if result.reranked is not None else None)
         if result.reranked is not None:

@@ -44,3 +44,10 @@ class ReadOnlyIndexError(ClipkitError):
 
 class IndexFullError(ClipkitError):
     """The disk holding the index filled up; what was committed before is kept."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), for one-line
+    errors built on top of a library's multi-line ones."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

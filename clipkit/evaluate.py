@@ -85,7 +85,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         else:  # the model's own head, whose image states came with the embeddings
             reranker = HeadReranker(model)
         texts = reranker.text_inputs(data.captions)
-        weight = result.weight = reranker.weight if weight is None else float(weight)
+        weight = result.weight = reranker.cosine_weight(weight)
 
         def t2i_pairs(rows, cols):  # rows: captions, cols: images
             return reranker.match(images, cols, texts, rows)
@@ -123,7 +123,7 @@ def binding(model: Model, pairs: list, *, rerank: bool = False, reranker=None, w
     if rerank or reranker is not None:
         reranker = load_reranker(reranker if reranker is not None else model)
         matched = reranker.match(reranker.image_inputs(images), image_index, reranker.text_inputs(texts), text_index)
-        scores["rerank"] = matched + (reranker.weight if weight is None else float(weight)) * scores["itc"]
+        scores["rerank"] = matched + reranker.cosine_weight(weight) * scores["itc"]
     kinds = np.array([pair.kind for pair in pairs])
     report: dict = {"pairs": len(pairs)}
     for method, values in scores.items():

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from clipkit._net import hub_cached, require_hub
+from clipkit.errors import first_line
 
 HF_PREFIX = "hf:"
 # text towers that pool the last position, padding or not: their texts are padded to the full context, as
@@ -76,8 +77,7 @@ def load_transformers(name: str, device: torch.device) -> dict[str, Any]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load the transformers checkpoint {name}: {first}") from None
+        raise ValueError(f"cannot load the transformers checkpoint {name}: {first_line(exc)}") from None
     if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
         raise ValueError(f"{name} holds a {type(model).__name__}, not a dual encoder: clipkit loads transformers "
                          "models with get_text_features and get_image_features (CLIPModel, SiglipModel, ...)")

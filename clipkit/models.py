@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from clipkit._net import hf_hub_host, hub_cached, offline_forced, reachable, require_hub
-from clipkit.errors import CheckpointError, OfflineError
+from clipkit.errors import CheckpointError, OfflineError, first_line
 from clipkit.itm.heads import build_head_from_config
 from clipkit.itm.states import exact_text_length, text_forward
 
@@ -125,6 +125,10 @@ class Model:
 # Registry
 
 
+#: what clipkit adds to a bundled config under its key "clipkit": {"conv_stem": [channels...]} (clipkit.conv_stem)
+_EXTENSIONS: dict[str, dict] = {}
+
+
 @lru_cache(maxsize=None)
 def _register_configs() -> None:
     """Make clipkit's JSON configs known to open_clip (done once, on first use, not at import)."""
@@ -136,10 +140,6 @@ def _register_configs() -> None:
         config = factory._MODEL_CONFIGS.get(file.stem)
         if config is not None and "clipkit" in config:
             _EXTENSIONS[file.stem] = config.pop("clipkit")
-
-
-#: what clipkit adds to a bundled config under its key "clipkit": {"conv_stem": [channels...]} (clipkit.conv_stem)
-_EXTENSIONS: dict[str, dict] = {}
 
 
 def _apply_extensions(clip: torch.nn.Module, name: str) -> None:
@@ -370,8 +370,7 @@ def load_state_into(clip: torch.nn.Module, state: dict, source: str) -> None:
         resize_text_pos_embed(state, clip)
         clip.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"weights in {source} do not fit this model: {first}") from exc
+        raise CheckpointError(f"weights in {source} do not fit this model: {first_line(exc)}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,9 +473,8 @@ def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:
                 force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **_preprocess_overrides(tag_cfg))
             _apply_extensions(clip, name)
     except OSError as exc:  # a Hugging Face tower's files: neither cached nor reachable
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OfflineError(f"{name}: its towers' files could not be loaded ({first}); load it once on a machine "
-                           "online, or copy the Hugging Face cache (~/.cache/huggingface/hub)") from exc
+        raise OfflineError(f"{name}: its towers' files could not be loaded ({first_line(exc)}); load it once on a "
+                           "machine online, or copy the Hugging Face cache (~/.cache/huggingface/hub)") from exc
     return clip, preprocess, config, weights_file, recorded
 
 
@@ -497,8 +495,7 @@ def _create_from_hub(name: str) -> tuple[torch.nn.Module, Callable, dict]:
             clip, _, preprocess = open_clip.create_model_and_transforms(name)
         config = open_clip.get_model_config(name) or _hub_model_config(repo)
     except (OSError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load {name} through open_clip: {first}") from exc
+        raise CheckpointError(f"cannot load {name} through open_clip: {first_line(exc)}") from exc
     return clip, preprocess, config
 
 
@@ -532,8 +529,7 @@ def _load_transformers_model(name: str, pretrained, device: torch.device, precis
         try:
             clip.load_state_dict(checkpoint["model"], strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"weights in {pretrained} do not fit {name}: "
-                                  f"{str(exc).strip().splitlines()[0]}") from exc
+            raise CheckpointError(f"weights in {pretrained} do not fit {name}: {first_line(exc)}") from exc
     clip.to(device).eval()
     model = Model(name=parts["name"], pretrained=recorded, clip=clip, preprocess=parts["preprocess"],
                   tokenizer=parts["tokenizer"], device=device, dim=parts["dim"], image_size=parts["image_size"],
@@ -600,7 +596,7 @@ def _load_itm_head(checkpoint: dict, source: str, device: torch.device) -> torch
     try:
         head.load_state_dict({k: v.float() for k, v in checkpoint["itm"].items()}, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"ITM weights in {source} do not fit its itm_config: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"ITM weights in {source} do not fit its itm_config: {first_line(exc)}") from exc
     return head.to(device).eval()
 
 

@@ -221,8 +221,8 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
                    "generator": generator.get_state(), "step": step, "losses": losses}
         atomic_write_with(state_path, lambda tmp: torch.save(payload, tmp))
 
-    cached = [cache_gallery(model, data, config.k, kind=config.kind) for data in tqdm(galleries, desc="caching galleries",
-                                                                    disable=not progress)]
+    cached = [cache_gallery(model, data, config.k, kind=config.kind)
+              for data in tqdm(galleries, desc="caching galleries", disable=not progress)]
     head.train()
     bar = tqdm(total=config.steps, initial=step, desc="re-ranking head", unit="step", disable=not progress)
     while step < config.steps:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from clipkit.encode import as_model, encode, load_image
+from clipkit.errors import first_line
 from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 
 
@@ -31,6 +32,10 @@ class Reranker:
     weight: float = 0.0
     batch_size: int = 64
     min_side: int | None = None  # images much larger are decoded at a reduced scale (JPEG draft mode)
+
+    def cosine_weight(self, weight: float | None = None) -> float:
+        """The cosine weight of a re-ranked score: the caller's `weight`, else this re-ranker's own."""
+        return self.weight if weight is None else float(weight)
 
     def image_inputs(self, images: Sequence) -> Any:
         raise NotImplementedError
@@ -131,7 +136,7 @@ def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=
     reranker = load_reranker(reranker if reranker is not None else as_model(model))
     pictures, texts = load_images(images), list(texts)  # decoded once, for the re-ranker and the cosine alike
     scores = reranker.score_pairs(pictures, texts)
-    weight = reranker.weight if weight is None else float(weight)
+    weight = reranker.cosine_weight(weight)
     if weight:
         if model is None and not isinstance(reranker, HeadReranker):
             raise ValueError("a cosine weight needs the dual encoder that gives the cosine: pass model=")
@@ -167,8 +172,7 @@ class BlipReranker(Reranker):
             model = transformers.BlipForImageTextRetrieval.from_pretrained(path, local_files_only=local_only)
             processor = transformers.BlipProcessor.from_pretrained(path, local_files_only=local_only)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"cannot load the BLIP ITM checkpoint {source}: {first}") from None
+            raise ValueError(f"cannot load the BLIP ITM checkpoint {source}: {first_line(exc)}") from None
         return cls(model.to(device).eval(), processor, name, device)
 
     @torch.inference_mode()

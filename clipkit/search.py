@@ -178,7 +178,7 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weig
         images, texts = reranker.image_inputs([load_image(query)]), reranker.text_inputs(captions)
         image_index, text_index = np.zeros(len(hits), int), np.arange(len(hits))
     scores = reranker.match(images, image_index, texts, text_index)
-    weight = reranker.weight if weight is None else float(weight)
+    weight = reranker.cosine_weight(weight)
     for hit, score in zip(hits, scores):
         hit.metadata["itc_score"] = hit.score
         hit.score = float(score + weight * hit.score)

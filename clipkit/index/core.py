@@ -32,7 +32,7 @@ import numpy as np
 
 from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
-from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError
+from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError, first_line
 import clipkit.index.sync as sync
 from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
                                     sync_captions)
@@ -797,7 +797,7 @@ class Index:
                 raise ValueError("it holds another number or size of vectors than the store")
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("%s does not match the store (%s); rebuilding it from %s", file,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, DB_FILE)
+                        first_line(exc), DB_FILE)
             return False
         if structure.refine is not None:  # the file holds codes; the exact re-rank reads the stored vectors
             stored_keys, _, vectors = self.store.all_items(self.dim)

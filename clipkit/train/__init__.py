@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_with
-from clipkit.errors import CheckpointError, ClipkitError
+from clipkit.errors import CheckpointError, ClipkitError, first_line
 from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
 from clipkit.losses import info_nce, itm_loss, sigmoid_loss
 from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
@@ -243,7 +243,7 @@ def load_training_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
         raise CheckpointError(f"{path} is not a clipkit training checkpoint")
     return state
