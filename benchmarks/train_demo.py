@@ -1,14 +1,19 @@
 """Train the bundled demo model `clipkit-demo` on the synthetic data set, reproducibly, on a CPU.
 
     python benchmarks/train_demo.py [--out runs/demo] [--steps 1800] [--train-images 40000]
-        [--rerank-steps 1500] [--rerank-kind late|fusion] [--rerank-galleries 16] [--skip-stage1]
+        [--relation-weight 1.0] [--rerank-steps 1500] [--rerank-kind late|fusion] [--rerank-galleries 16]
+        [--skip-stage1 | --stage1 FILE]
 
 Stage 1 trains the towers (ITC + the fusion ITM head) into --out, on batches of whole distractor groups,
-with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style). Stage 2
+with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style), and an auxiliary
+loss that reads the related pair's order (which object is left or on top, and each one's colour and shape)
+from both the image and the caption embedding (--relation-weight; the scene json gives the labels). Stage 2
 (`clipkit.rerank_train`) fits the re-ranking head on the frozen towers, over ITC-mined candidates of
 synthetic training galleries (resumable: its state is OUT/rerank-KIND-state.pt): a late-interaction head
 that replaces the fusion head in the exported model, or (--rerank-kind fusion) the fusion head
-fine-tuned. `--skip-stage1` starts from the last checkpoint already in --out. Writes the training run to
+fine-tuned. `--skip-stage1` starts from the last checkpoint already in --out, `--stage1 FILE` from a
+stage-1 result made elsewhere (a training checkpoint, or the model this script exported, e.g. on a GPU
+machine with more --steps). Writes the training run to
 --out, exports a compact inference checkpoint to clipkit/weights/clipkit-demo.pt (fp16, only trained
 vocabulary rows), and evaluates it on a 1,000-image synthetic test gallery (distractors included):
 Recall@1/5/10 both ways, and Winoground-style binding on 400 (scene, swapped twin) pairs, as markdown
@@ -21,6 +26,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from clipkit.data.captions import synthetic_set
 from clipkit.models import SCRATCH, WEIGHTS_DIR, export_compact, load_model
@@ -38,7 +45,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--relation-weight", type=float, default=0.2,
+                        help="weight of the auxiliary relation loss in stage 1 (0: off)")
+    parser.add_argument("--test-images", type=int, default=1000, help="test gallery size (0: no evaluation)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--no-group-batches", dest="group_batches", action="store_false",
                         help="shuffle samples, not whole distractor groups (which make each other's negatives)")
@@ -49,6 +58,7 @@ def main() -> None:
                         help="stage 2 head: a new late-interaction head, or the stage-1 fusion head fine-tuned")
     parser.add_argument("--rerank-galleries", type=int, default=16, help="stage 2 training galleries of 1,000 images")
     parser.add_argument("--skip-stage1", action="store_true", help="use the last stage-1 checkpoint in --out")
+    parser.add_argument("--stage1", default=None, help="use this stage-1 checkpoint or exported model instead")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -59,37 +69,47 @@ def main() -> None:
         # half the ITM negatives easy: with all-hard negatives the head never left "always no match" here
         itm_easy_mix=0.5,
         shuffle_buffer=256,  # small: a group's distractors often share a batch, as hard negatives
-        group_batches=args.group_batches, hard_negatives=args.hard_negatives,
-        log_every=20, val_every=200, ckpt_every=100, keep_last=2, resume="latest" if args.resume else None)
+        group_batches=args.group_batches, hard_negatives=args.hard_negatives, relation_weight=args.relation_weight,
+        log_every=20, val_every=max(200, args.steps // 10), ckpt_every=max(100, args.steps // 20), keep_last=2,
+        resume="latest" if args.resume else None)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    if not args.skip_stage1:
+    if not (args.skip_stage1 or args.stage1):
         train(config)
     train_seconds = time.perf_counter() - start
-    last = checkpoint_paths(Path(args.out))[-1]
+    last = Path(args.stage1) if args.stage1 else checkpoint_paths(Path(args.out))[-1]
 
     head, stage2 = stage_two(args, last) if args.rerank_steps > 0 else (None, None)
     WEIGHTS_DIR.mkdir(exist_ok=True)
     target = WEIGHTS_DIR / "clipkit-demo.pt"
     exported = export_compact(last, target, itm=head)
+    steps = torch.load(last, map_location="cpu", weights_only=True).get("step")  # of a --stage1 file, its own
+    report = {"model": "clipkit-demo", "train_seconds": round(train_seconds, 1), "steps": steps,
+              "stage1": str(last), "relation_weight": args.relation_weight, "train_images": args.train_images,
+              "batch_size": args.batch_size, "weights_bytes": exported["bytes"],
+              "vocabulary_rows": exported["rows_kept"], "stage2": stage2}
+    if args.test_images > 0:
+        report.update(evaluate_demo(args.test_images))
+    print(f"stage 1: {steps} steps ({train_seconds / 60:.1f} min here); weights {exported['bytes'] / 1e6:.2f} MB")
+    Path(args.json or Path(args.out) / "demo_eval.json").write_text(json.dumps(report, indent=2))
+
+
+def evaluate_demo(test_images: int) -> dict:
+    """The exported clipkit-demo on the seed-0 synthetic test split: recall both ways by ITC and re-ranked,
+    and Winoground-style binding on 400 pairs; prints the tables, returns the report's entries."""
     model = load_model("clipkit-demo", device="cpu")
-    test = synthetic_set(args.test_images, seed=0, split="test")
+    test = synthetic_set(test_images, seed=0, split="test")
     result = evaluate(model, test, rerank=True, rerank_k=16)
-    results = result.itc
     bound = binding(model, binding_pairs(400, seed=0, split="test"), rerank=True)
-    report = {"model": "clipkit-demo", "train_seconds": round(train_seconds, 1), "steps": args.steps,
-              "train_images": args.train_images, "batch_size": args.batch_size, "weights_bytes": exported["bytes"],
-              "vocabulary_rows": exported["rows_kept"], "test_images": len(test.images),
-              "test_captions": len(test.captions), "itc": results, "rerank": result.rerank,
-              "eval_seconds": result.seconds, "rerank_weight": result.weight, "stage2": stage2,
-              "binding": bound}
     print("| direction | method | R@1 | R@5 | R@10 |\n|---|---|---|---|---|")
     for direction in ("t2i", "i2t"):
-        for method, values in (("ITC", results), ("ITC + ITM", result.rerank)):
+        for method, values in (("ITC", result.itc), ("ITC + ITM", result.rerank)):
             print(f"| {direction} | {method} | {values[f'{direction}_R@1']:.3f} | {values[f'{direction}_R@5']:.3f} | "
                   f"{values[f'{direction}_R@10']:.3f} |")
     print("\n".join(binding_table(bound)))
-    print(f"trained {args.steps} steps in {train_seconds / 60:.1f} min; weights {exported['bytes'] / 1e6:.2f} MB")
-    Path(args.json or Path(args.out) / "demo_eval.json").write_text(json.dumps(report, indent=2))
+    return {"test_images": len(test.images), "test_captions": len(test.captions), "itc": result.itc,
+            "rerank": result.rerank, "eval_seconds": result.seconds, "rerank_weight": result.weight,
+            "binding": bound}
 
 
 def stage_two(args, last: Path) -> tuple:

@@ -61,7 +61,7 @@ def _batch_ids(image_emb: torch.Tensor, text_emb: torch.Tensor, image_ids: torch
 
 def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
              image_ids: torch.Tensor | None = None, *, distributed: bool | None = None,
-             extra_texts: torch.Tensor | None = None) -> torch.Tensor:
+             extra_texts: torch.Tensor | None = None, extra_owners: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP's loss) over a batch of (image, caption) pairs.
 
     `image_emb`, `text_emb`: (B, D), normalised. `logit_scale` is already exponentiated (as
@@ -73,7 +73,10 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
 
     `extra_texts` (M, D): captions that match no image (NegCLIP's hard negatives, such as the captions of
     each image's attribute-swapped twin), extra columns of the image -> text direction only; under
-    torch.distributed each rank's own.
+    torch.distributed each rank's own. `extra_owners` (M,): the local row each extra caption was written
+    for; it is then a negative of that image only. (A swapped twin's caption is false of the image it was
+    written for but true of the twin, which group batches put in the same batch: a negative for every
+    row would push the twin away from its own description.)
     """
     image_ids, distributed = _batch_ids(image_emb, text_emb, image_ids, distributed)
     if distributed:
@@ -89,20 +92,33 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
         all_texts = torch.cat([all_texts, extra_texts])
         image_targets = torch.cat([targets, targets.new_zeros(len(targets), len(extra_texts))], dim=1)
     logits_per_image = logit_scale * image_emb @ all_texts.T  # local rows x all columns
+    if extra_owners is not None and extra_texts is not None and len(extra_texts):
+        logits_per_image = logits_per_image.masked_fill(~_owned(logits_per_image, extra_owners),
+                                                        torch.finfo(logits_per_image.dtype).min / 4)
     return (soft_cross_entropy(logits_per_image, image_targets) + soft_cross_entropy(logits_per_text, targets)) / 2
+
+
+def _owned(logits: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """(rows, columns) True where a pair counts: every batch column, and each extra column (the last
+    len(owners)) in its owner's row only."""
+    rows, columns = logits.shape
+    keep = torch.ones(rows, columns, dtype=torch.bool, device=logits.device)
+    keep[:, columns - len(owners):] = torch.arange(rows, device=logits.device)[:, None] == owners[None, :]
+    return keep
 
 
 def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float,
                  logit_bias: torch.Tensor | float, image_ids: torch.Tensor | None = None, *,
-                 distributed: bool | None = None, extra_texts: torch.Tensor | None = None) -> torch.Tensor:
+                 distributed: bool | None = None, extra_texts: torch.Tensor | None = None,
+                 extra_owners: torch.Tensor | None = None) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss: every (image, caption) pair of the batch is a binary match / no-match
     problem on logit_scale * cosine + logit_bias; summed over pairs, divided by the (local) batch size.
 
     Equal to open_clip's `SigLipLoss` in value and gradients (which take the positives from the diagonal);
     with `image_ids`, every caption of the same image is a positive. Under torch.distributed each rank's
     images meet every rank's captions, gathered with gradients through their own rank's slice; the mean
-    over ranks equals the single-process loss on the whole batch. `extra_texts`: captions that match no
-    image (hard negatives), as for `info_nce`.
+    over ranks equals the single-process loss on the whole batch. `extra_texts`, `extra_owners`: hard-negative
+    captions and the rows they were written for, as for `info_nce`.
     """
     image_ids, distributed = _batch_ids(image_emb, text_emb, image_ids, distributed)
     batch = image_emb.shape[0]
@@ -113,7 +129,10 @@ def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: t
         all_texts = torch.cat([all_texts, extra_texts])
         labels = torch.cat([labels, -labels.new_ones(len(labels), len(extra_texts))], dim=1)
     logits = logit_scale * image_emb @ all_texts.T + logit_bias
-    return -F.logsigmoid(labels * logits).sum() / batch
+    terms = -F.logsigmoid(labels * logits)
+    if extra_owners is not None and extra_texts is not None and len(extra_texts):
+        terms = terms * _owned(logits, extra_owners)
+    return terms.sum() / batch
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,3 +140,16 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     loss = F.cross_entropy(logits.float(), labels)
     accuracy = (logits.argmax(dim=-1) == labels).float().mean()
     return loss, accuracy.detach()
+
+
+def relation_loss(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
+    """Cross-entropy of several classification fields read from one (B, sum(classes)) logit matrix, averaged
+    over the fields; `targets` (B, len(classes)), -100 where a sample has no label (0 when none has)."""
+    if targets.shape[1] != len(classes) or logits.shape[1] != sum(classes):
+        raise ValueError(f"expected {len(classes)} target fields and {sum(classes)} logits, got "
+                         f"{targets.shape[1]} and {logits.shape[1]}")
+    if not bool((targets >= 0).any()):
+        return logits.sum() * 0.0
+    losses = [F.cross_entropy(part.float(), targets[:, i], ignore_index=-100)
+              for i, part in enumerate(logits.split(list(classes), dim=1)) if bool((targets[:, i] >= 0).any())]
+    return torch.stack(losses).mean()

@@ -628,6 +628,7 @@ def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLi
     """Write a small inference checkpoint from a training one: fp16 weights, no optimizer state, and
     only the token-embedding rows that training changed (the rest are stored as absent, read as zero).
     `itm`: an ITM head to store instead of the checkpoint's own (e.g. one from `clipkit.rerank_train`).
+    A compact checkpoint (this function's output) is taken as it is, its sparse rows kept.
 
     Training leaves unseen vocabulary rows at their initial values (no weight decay on embeddings),
     so dropping them changes nothing for any text made of words seen in training.
@@ -640,7 +641,7 @@ def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLi
     name = raw["model_name"]
     initial = load_model(name, SCRATCH, device="cpu").clip.state_dict()
     state = dict(raw["model"])
-    sparse = {}
+    sparse = dict(raw.get("sparse") or {})
     key = "token_embedding.weight"
     if key in state:
         weights = state.pop(key)

@@ -108,9 +108,111 @@ def test_training_batches_hold_the_hard_negatives(tmp_path):
                          16, hard_negatives=True)
     batch = next(iter(loader))
     assert batch["negative_tokens"] is not None and 0 < len(batch["negative_tokens"]) <= 16
+    owners = batch["negative_owners"].tolist()  # each negative's own sample, in order
+    assert len(owners) == len(batch["negative_tokens"]) and owners == sorted(set(owners)) and max(owners) < 16
     run = TrainConfig(data=str(tmp_path / "shards" / "train-{000000..000001}.tar"), out=str(tmp_path / "run"),
                       steps=3, batch_size=16, warmup=1, workers=0, val=None, log_every=1, ckpt_every=3, itm=False,
                       hard_negatives=True, device="cpu")
     train(run)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "loss" in r]) == 3 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_relation_targets_name_the_left_or_upper_object():
+    from clipkit.data.synthetic import COLOURS, RELATION_TARGETS, SHAPES, relation_targets, scenes, swapped
+
+    colours, shapes = list(COLOURS), list(SHAPES)
+    seen = set()
+    for scene in scenes(300, seed=2, split="train"):
+        meta = {"scene": scene.to_json()}
+        targets = relation_targets(meta)
+        if scene.relation is None:
+            assert targets is None
+            continue
+        axis, c1, s1, c2, s2 = targets
+        a, b = scene.objects[:2]
+        # by hand: the first object is the one with the smaller x (across) or smaller y (up-down; y grows down)
+        first, second = (a, b) if (a.x < b.x if axis == 0 else a.y < b.y) else (b, a)
+        assert axis == (scene.relation in ("above", "below"))
+        assert (colours[c1], shapes[s1], colours[c2], shapes[s2]) == (first.colour, first.shape, second.colour,
+                                                                      second.shape)
+        assert all(0 <= t < n for t, n in zip(targets, RELATION_TARGETS))
+        twin = relation_targets({"scene": swapped(scene, "relation_swap").to_json()})
+        assert twin == [axis, c2, s2, c1, s1]  # places exchanged: the same objects in the other order
+        seen.add(scene.relation)
+    assert seen == {"left", "right", "above", "below"}
+    assert relation_targets({}) is None and relation_targets({"scene": {"relation": "left", "objects": []}}) is None
+
+
+def test_relation_loss_by_hand():
+    import torch
+    import torch.nn.functional as F
+
+    from clipkit.losses import relation_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=g)
+    targets = torch.tensor([[1, 0], [0, 2], [-100, -100], [1, -100]])
+    expected = (F.cross_entropy(logits[[0, 1, 3], :2], torch.tensor([1, 0, 1]))
+                + F.cross_entropy(logits[[0, 1], 2:], torch.tensor([0, 2]))) / 2
+    assert torch.allclose(relation_loss(logits, targets, (2, 3)), expected)
+    empty = relation_loss(logits.requires_grad_(), torch.full((4, 2), -100), (2, 3))
+    assert empty.item() == 0.0 and torch.isfinite(empty)
+    empty.backward()  # no labels in a batch: a zero loss that still backpropagates
+    with pytest.raises(ValueError, match="target fields"):
+        relation_loss(logits, targets[:, :1], (2, 3))
+
+
+def test_training_reads_relations_from_both_towers(tmp_path):
+    import torch
+
+    from clipkit.data.loader import make_loader
+    from clipkit.data.synthetic import relation_targets, scenes, write_synthetic
+    from clipkit.train import TrainConfig, train
+
+    write_synthetic(tmp_path / "shards", 64, seed=1, maxcount=32, size=32, workers=1, progress=False)
+    urls = str(tmp_path / "shards" / "train-{000000..000001}.tar")
+    model = clipkit.load_model("clipkit-tiny", device="cpu")
+    batch = next(iter(make_loader(urls, model.preprocess, model.tokenizer, 16, relations=True)))
+    by_id = {s.image_id: relation_targets({"scene": s.to_json()}) for s in scenes(64, seed=1)}
+    expected = [by_id[int(i)] or [-100] * 5 for i in batch["image_ids"]]
+    assert batch["relation_targets"].tolist() == expected and any(t[0] == -100 for t in expected) \
+        and any(t[0] >= 0 for t in expected)
+    config = dict(data=urls, out=str(tmp_path / "run"), steps=4, batch_size=16, warmup=1, workers=0, val=None,
+                  log_every=1, ckpt_every=2, itm=False, relation_weight=2.0, device="cpu")
+    train(TrainConfig(**config, stop_after=2))
+    train(TrainConfig(**config, resume="latest"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["relation"] < 3 for r in rows)
+    assert all(r["loss"] == pytest.approx(r["itc"] + 2.0 * r["relation"], rel=1e-5) for r in rows)
+    state = torch.load(tmp_path / "run" / "ckpt-0000004.pt", weights_only=True)
+    assert state["relation_head"]["weight"].shape == (sum((2, 10, 8, 10, 8)), model.dim)
+    with pytest.raises(ValueError, match="relation_weight"):
+        TrainConfig(data=urls, out="x", relation_weight=-1).validate()
+
+
+def test_hard_negatives_count_only_in_their_own_rows_by_hand():
+    import torch
+    import torch.nn.functional as F
+
+    from clipkit.losses import info_nce, sigmoid_loss
+
+    g = torch.Generator().manual_seed(1)
+    image, text, extra = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (3, 3, 2))
+    owners = torch.tensor([2, 0])  # extra 0 was written for image 2, extra 1 for image 0
+    loss = info_nce(image, text, 10.0, extra_texts=extra, extra_owners=owners)
+    by_image = []
+    for row in range(3):
+        columns = torch.cat([text, extra[owners == row]])
+        by_image.append(-F.log_softmax(10.0 * image[row] @ columns.T, dim=0)[row])
+    by_text = -F.log_softmax(10.0 * text @ image.T, dim=1)[torch.arange(3), torch.arange(3)].mean()
+    assert torch.allclose(loss, (torch.stack(by_image).mean() + by_text) / 2, atol=1e-6)
+    assert not torch.allclose(loss, info_nce(image, text, 10.0, extra_texts=extra))
+    # sigmoid: each extra caption is one more (image, caption) non-match, for its owner only
+    logits = 10.0 * image @ torch.cat([text, extra]).T - 5.0
+    labels = -torch.ones(3, 5)
+    labels[torch.arange(3), torch.arange(3)] = 1
+    counted = torch.ones(3, 5, dtype=torch.bool)
+    counted[:, 3:] = torch.arange(3)[:, None] == owners[None, :]
+    expected = -(F.logsigmoid(labels * logits) * counted).sum() / 3
+    assert torch.allclose(sigmoid_loss(image, text, 10.0, -5.0, extra_texts=extra, extra_owners=owners), expected)

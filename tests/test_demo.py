@@ -49,3 +49,9 @@ def test_compact_export_keeps_what_training_touched(tmp_path):
     np.testing.assert_allclose(clipkit.encode(captions, model=small), clipkit.encode(captions, model=trained),
                                atol=2e-3)  # fp16 storage
     assert small.itm is not None and read_checkpoint(tmp_path / "small.pt")["meta"]["itm_config"]["width"] == 32
+    # a compact checkpoint exported again (a stage-1 model made elsewhere, given a new head) loses nothing
+    again = export_compact(tmp_path / "small.pt", tmp_path / "again.pt")
+    assert again["rows_kept"] == stats["rows_kept"]
+    np.testing.assert_array_equal(clipkit.encode(captions, model=load_model("clipkit-tiny", pretrained=tmp_path /
+                                                                            "again.pt", device="cpu")),
+                                  clipkit.encode(captions, model=small))

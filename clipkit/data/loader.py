@@ -23,6 +23,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.data.images import decode_image
+from clipkit.data.synthetic import RELATION_TARGETS, relation_targets
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class LoaderSpec:
     skip_batches: int = 0
     group_batches: bool = False
     hard_negatives: bool = False
+    relations: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -138,9 +140,10 @@ class ShardStream(IterableDataset):
 
     # -- decoding ---------------------------------------------------------------------------
 
-    def decode(self, sample: dict) -> tuple[torch.Tensor, str, int, str | None] | str:
-        """(pixels, caption, image_id, a hard-negative caption or None), or a reason string when the sample is
-        unusable. The hard negative (with `hard_negatives`) is one of the json member's `negatives`."""
+    def decode(self, sample: dict) -> tuple[torch.Tensor, str, int, str | None, list[int] | None] | str:
+        """(pixels, caption, image_id, a hard-negative caption or None, relation targets or None), or a reason
+        string when the sample is unusable. The hard negative (with `hard_negatives`) is one of the json
+        member's `negatives`; the targets (with `relations`) are `synthetic.relation_targets` of it."""
         image_key = image_key_of(sample)
         if image_key is None or CAPTION_KEY not in sample:
             return "missing key"
@@ -158,7 +161,9 @@ class ShardStream(IterableDataset):
         rng = random.Random(_seed(self.spec.seed, self.spec.epoch, key))
         caption = captions[rng.randrange(len(captions))]
         negatives = _meta_list(sample, "negatives") if self.spec.hard_negatives else []
-        return self.preprocess(image), caption, image_id_of(sample), rng.choice(negatives) if negatives else None
+        targets = _relation_targets(sample) if self.spec.relations else None
+        return (self.preprocess(image), caption, image_id_of(sample), rng.choice(negatives) if negatives else None,
+                targets)
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
@@ -173,7 +178,7 @@ class ShardStream(IterableDataset):
             if next(raw, None) is None:
                 return
         warn = RateLimitedLog()
-        pixels, captions, ids, keys, negatives = [], [], [], [], []
+        pixels, captions, ids, keys, negatives, targets = [], [], [], [], [], []
         skipped = seen = 0
         for sample in raw:
             seen += 1
@@ -192,18 +197,24 @@ class ShardStream(IterableDataset):
             ids.append(decoded[2])
             keys.append(sample.get("__key__"))
             negatives.append(decoded[3])
+            targets.append(decoded[4])
             if len(pixels) == spec.batch_size:
-                yield self._batch(pixels, captions, ids, keys, skipped, negatives)
-                pixels, captions, ids, keys, negatives, skipped = [], [], [], [], [], 0
+                yield self._batch(pixels, captions, ids, keys, skipped, negatives, targets)
+                pixels, captions, ids, keys, negatives, targets, skipped = [], [], [], [], [], [], 0
         if pixels and not spec.drop_last:
-            yield self._batch(pixels, captions, ids, keys, skipped, negatives)
+            yield self._batch(pixels, captions, ids, keys, skipped, negatives, targets)
 
-    def _batch(self, pixels, captions, ids, keys, skipped, negatives) -> dict:
+    def _batch(self, pixels, captions, ids, keys, skipped, negatives, targets) -> dict:
         batch = {"pixels": torch.stack(pixels), "tokens": self.tokenizer(captions), "captions": captions,
                  "image_ids": torch.tensor(ids, dtype=torch.long), "keys": keys, "skipped": skipped}
         if self.spec.hard_negatives:  # extra text negatives: one per sample that has any
             extra = [n for n in negatives if n is not None]
             batch["negative_tokens"] = self.tokenizer(extra) if extra else None
+            batch["negative_owners"] = torch.tensor([i for i, n in enumerate(negatives) if n is not None],
+                                                    dtype=torch.long)
+        if self.spec.relations:  # -100 (ignored by cross-entropy) for samples without a related pair
+            missing = [-100] * len(RELATION_TARGETS)
+            batch["relation_targets"] = torch.tensor([t or missing for t in targets], dtype=torch.long)
         return batch
 
 
@@ -216,6 +227,14 @@ def _meta_field(sample: dict, field: str):
         except (ValueError, AttributeError):
             pass
     return None
+
+
+def _relation_targets(sample: dict) -> list[int] | None:
+    meta = sample.get("json")
+    try:
+        return relation_targets(json.loads(meta)) if meta else None
+    except ValueError:
+        return None
 
 
 def _meta_list(sample: dict, field: str) -> list[str]:
@@ -257,7 +276,7 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
                 seed: int = 0, epoch: int = 0, shuffle_buffer: int = 1000, resampled: bool = False,
                 num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
                 drop_last: bool = True, skip_batches: int = 0, group_batches: bool = False,
-                pin_memory: bool = False, hard_negatives: bool = False) -> DataLoader:
+                pin_memory: bool = False, hard_negatives: bool = False, relations: bool = False) -> DataLoader:
     """A DataLoader of training batches from webdataset shards.
 
     `urls`: a brace pattern (`"shards/train-{000000..000099}.tar"`), a list, `file:` or `pipe:` URLs.
@@ -266,7 +285,10 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
     `group_batches`: the shuffle moves whole groups (consecutive samples with one json `group_id`), so
     an image and its distractors share a batch, where ITM draws its hard negatives. `hard_negatives`: each
     batch also holds `negative_tokens`, one caption per sample from its json `negatives` (the synthetic
-    writer's swapped-twin captions), extra text negatives for the contrastive loss (NegCLIP).
+    writer's swapped-twin captions), extra text negatives for the contrastive loss (NegCLIP), and
+    `negative_owners`, the row of the sample each was drawn for. `relations`:
+    each batch also holds `relation_targets` (B, 5), the synthetic scenes' related-pair labels
+    (`clipkit.data.synthetic.relation_targets`; -100 where a sample has none).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -283,7 +305,7 @@ def make_loader(urls: str | Sequence[str], preprocess: Callable, tokenizer: Call
     spec = LoaderSpec(urls=expanded, batch_size=batch_size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
                       resampled=resampled, rank=rank, world_size=world_size, num_workers=num_workers,
                       drop_last=drop_last, skip_batches=skip_batches, group_batches=group_batches,
-                      hard_negatives=hard_negatives)
+                      hard_negatives=hard_negatives, relations=relations)
     stream = ShardStream(spec, preprocess, tokenizer)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       pin_memory=pin_memory)  # only for a CUDA run: pinning makes a CUDA context on GPU 0

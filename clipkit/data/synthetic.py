@@ -294,6 +294,28 @@ def scenes(n: int, seed: int = 0, split: str = "train", distractor_share: float 
     return list(itertools.islice(iter_scenes(seed, split, distractor_share), n))
 
 
+RELATION_TARGETS = (2, len(COLOURS), len(SHAPES), len(COLOURS), len(SHAPES))  # classes per target field
+
+
+def relation_targets(meta: dict) -> list[int] | None:
+    """Labels of where a scene's related pair stands, from a sample's json member (the scene as the writer
+    stores it): [axis (0 across, 1 up-down), the first object's colour and shape, the second's], where the
+    first is the one on the left (or on top). None for a scene without a related pair. Both the image and
+    every caption of the scene say this, so a model can be taught it on either side; a relation-swapped
+    twin has the same objects in the other order."""
+    scene = meta.get("scene") if isinstance(meta, dict) else None
+    if not isinstance(scene, dict) or scene.get("relation") not in INVERSE or len(scene.get("objects") or ()) < 2:
+        return None
+    a, b = scene["objects"][:2]
+    first, second = (a, b) if scene["relation"] in ("left", "above") else (b, a)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    try:
+        return [int(scene["relation"] in ("above", "below")), colours.index(first["colour"]),
+                shapes.index(first["shape"]), colours.index(second["colour"]), shapes.index(second["shape"])]
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 @dataclass
 class BindingPair:
     """Winoground-style: a scene and its twin (attribute- or place-swapped), each with a caption that is true

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from clipkit._io import atomic_write_with
 from clipkit.errors import CheckpointError, ClipkitError, first_line
 from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
-from clipkit.losses import info_nce, itm_loss, sigmoid_loss
+from clipkit.data.synthetic import RELATION_TARGETS
+from clipkit.losses import info_nce, itm_loss, relation_loss, sigmoid_loss
 from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
 from clipkit.train.schedule import cosine_schedule
 
@@ -81,6 +82,10 @@ class TrainConfig:
     group_batches: bool = field(default=False, metadata={
         "help": "shuffle whole groups (json group_id: an image and its distractors) so they share a batch, "
                 "as ITM hard negatives"})
+    relation_weight: float = field(default=0.0, metadata={
+        "help": "weight of an auxiliary loss on the synthetic data's relation labels (json scene: which object of "
+                "the related pair is left or on top, each one's colour and shape), read from both the image and "
+                "the caption embedding by one shared linear head, so both towers learn where things are (0: off)"})
     synthetic_size: int = field(default=64, metadata={"help": "image side for synthetic:N data"})
     log_every: int = 10
     val_every: int = field(default=0, metadata={"help": "validate every N steps (0: only at the end)"})
@@ -98,6 +103,8 @@ class TrainConfig:
             raise ValueError("workers, warmup and val_every must not be negative")
         if not 0.0 <= self.itm_easy_mix <= 1.0:
             raise ValueError(f"itm_easy_mix must be in [0, 1], got {self.itm_easy_mix}")
+        if self.relation_weight < 0:
+            raise ValueError(f"relation_weight must not be negative, got {self.relation_weight}")
         if self.loss not in ("infonce", "sigmoid"):
             raise ValueError(f"loss must be infonce or sigmoid, got {self.loss!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -111,16 +118,19 @@ class TrainConfig:
 class Trainable(nn.Module):
     """The dual encoder and the ITM head in one module, so DDP sees every parameter in forward."""
 
-    def __init__(self, clip: nn.Module, head: nn.Module | None, uniform_mix: float = 0.0, loss: str = "infonce"):
+    def __init__(self, clip: nn.Module, head: nn.Module | None, uniform_mix: float = 0.0, loss: str = "infonce",
+                 relation_head: nn.Module | None = None):
         super().__init__()
         self.clip, self.head, self.uniform_mix, self.loss = clip, head, uniform_mix, loss
+        self.relation_head = relation_head  # embedding -> relation labels, shared by both towers
         # the sigmoid loss needs a bias; a model without one (CLIP) gets SigLIP's initial -10, trained with it
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) \
             if loss == "sigmoid" and getattr(clip, "logit_bias", None) is None else None
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, image_ids: torch.Tensor,
                 generator: torch.Generator | None = None,
-                negative_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                negative_tokens: torch.Tensor | None = None, negative_owners: torch.Tensor | None = None,
+                relation_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         image_emb, image_states = encode_image_tokens(self.clip, pixels)
         text_emb, text_states = encode_text_tokens(self.clip, tokens)
         image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
@@ -129,10 +139,14 @@ class Trainable(nn.Module):
         scale = self.clip.logit_scale.exp()
         if self.loss == "sigmoid":
             bias = self.logit_bias if self.logit_bias is not None else self.clip.logit_bias
-            itc = sigmoid_loss(image_emb, text_emb, scale, bias, image_ids=image_ids, extra_texts=extra)
+            itc = sigmoid_loss(image_emb, text_emb, scale, bias, image_ids=image_ids, extra_texts=extra,
+                               extra_owners=negative_owners)
         else:
-            itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids, extra_texts=extra)
+            itc = info_nce(image_emb, text_emb, scale, image_ids=image_ids, extra_texts=extra,
+                           extra_owners=negative_owners)
         out = {"itc": itc, "loss": itc, "logit_scale": scale.detach()}
+        if self.relation_head is not None and relation_targets is not None:
+            out["relation"] = self.relation_loss(image_emb, text_emb, relation_targets)
         if self.head is not None:
             # Hard negatives are drawn from softmax over the contrastive *logits* (ALBEF/BLIP scale by the
             # temperature too): over raw cosines in [-1, 1] the softmax is nearly flat, the "hard"
@@ -143,6 +157,13 @@ class Trainable(nn.Module):
                                                    similarity, image_ids, generator, self.uniform_mix)
             out["itm"], out["itm_acc"] = itm_loss(logits, labels)
         return out
+
+
+    def relation_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The relation labels read from both (normalised) embeddings by the one shared head, mean of the two."""
+        gain = image_emb.shape[1] ** 0.5  # unit-norm rows -> entries of about unit size, as nn.Linear expects
+        return (relation_loss(self.relation_head(image_emb * gain), targets, RELATION_TARGETS)
+                + relation_loss(self.relation_head(text_emb * gain), targets, RELATION_TARGETS)) / 2
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -313,7 +334,9 @@ class _Run:
         self.clip = self.model.clip.train()
         self.head = build_itm_head(self.clip, config.itm_width, config.itm_layers, config.itm_heads).to(self.device) \
             if config.itm else None
-        self.trainable = Trainable(self.clip, self.head, config.itm_easy_mix, config.loss).to(self.device)
+        relation_head = nn.Linear(self.model.dim, sum(RELATION_TARGETS)) if config.relation_weight > 0 else None
+        self.trainable = Trainable(self.clip, self.head, config.itm_easy_mix, config.loss,
+                                   relation_head).to(self.device)
         self.wrapped = nn.parallel.DistributedDataParallel(
             self.trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if self.world > 1 else self.trainable
@@ -337,6 +360,10 @@ class _Run:
             if state.get("itm") is None:
                 raise CheckpointError(f"{path} has no ITM head but this run trains one (--itm)")
             self.head.load_state_dict(state["itm"])
+        if self.trainable.relation_head is not None:
+            if state.get("relation_head") is None:
+                raise CheckpointError(f"{path} has no relation head but this run trains one (--relation-weight)")
+            self.trainable.relation_head.load_state_dict(state["relation_head"])
         if self.trainable.logit_bias is not None and state.get("logit_bias") is not None:
             with torch.no_grad():
                 self.trainable.logit_bias.copy_(state["logit_bias"])
@@ -368,7 +395,8 @@ class _Run:
                                    seed=config.seed, epoch=self.epoch, shuffle_buffer=config.shuffle_buffer,
                                    num_workers=config.workers, group_batches=config.group_batches,
                                    pin_memory=self.device.type == "cuda", rank=self.rank, world_size=self.world,
-                                   skip_batches=self.consumed, hard_negatives=config.hard_negatives)
+                                   skip_batches=self.consumed, hard_negatives=config.hard_negatives,
+                                   relations=config.relation_weight > 0)
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def forward_backward(self, batch: dict) -> tuple[dict, torch.Tensor]:
@@ -376,11 +404,14 @@ class _Run:
         autocast = torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         sync = self.wrapped.no_sync() if self.world > 1 and self.micro + 1 < config.accum_steps else nullcontext()
         with autocast, sync:
-            negatives = batch.get("negative_tokens")
+            negatives, owners, relations = (batch.get(k) for k in ("negative_tokens", "negative_owners",
+                                                                   "relation_targets"))
             losses = self.wrapped(batch["pixels"].to(device, non_blocking=True), batch["tokens"].to(device),
-                                  batch["image_ids"].to(device), self.generator,
-                                  negatives.to(device) if negatives is not None else None)
+                                  batch["image_ids"].to(device), self.generator, *(
+                                      t.to(device) if t is not None else None for t in (negatives, owners, relations)))
             total = losses["itc"] + (config.itm_weight * losses["itm"] if self.head is not None else 0)
+            if "relation" in losses:
+                total = total + config.relation_weight * losses["relation"]
             if not torch.isfinite(total):
                 raise TrainingDiverged(f"loss became {total.item()} at step {self.step}; the last good checkpoint "
                                        f"is kept in {self.out}: lower --lr or resume from it")
@@ -414,6 +445,8 @@ class _Run:
                          "samples_per_s": self.window_samples / max(elapsed, 1e-9)}
             if self.head is not None:
                 self.last.update(itm=losses["itm"].item(), itm_acc=losses["itm_acc"].item())
+            if "relation" in losses:
+                self.last["relation"] = losses["relation"].item()
             self.window_start, self.window_samples = time.perf_counter(), 0
             if self.log_file:
                 self.log_file.write(json.dumps(self.last) + "\n")
@@ -438,6 +471,8 @@ class _Run:
                 "itm_config": head.config if head is not None else None,
                 "logit_bias": self.trainable.logit_bias.detach().cpu() if self.trainable.logit_bias is not None
                 else None,
+                "relation_head": {k: v.detach().cpu() for k, v in self.trainable.relation_head.state_dict().items()}
+                if self.trainable.relation_head is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "consumed": self.consumed, "rng": {"torch": torch.get_rng_state(), "sampler": samplers},
