@@ -1,23 +1,29 @@
-"""Train the bundled demo model `clipkit-demo` on the synthetic data set, reproducibly, on a CPU.
+"""Train the bundled demo model `clipkit-demo` on the synthetic data set, reproducibly, on a CPU or a GPU.
 
     python benchmarks/train_demo.py [--out runs/demo] [--steps 1800] [--train-images 40000]
-        [--relation-weight 1.0] [--rerank-steps 1500] [--rerank-kind late|fusion] [--rerank-galleries 16]
+        [--relation-weight 0.2] [--rerank-steps 1500] [--rerank-kind late|fusion] [--rerank-galleries 16]
         [--skip-stage1 | --stage1 FILE]
 
+The defaults fit a 2-core CPU in under an hour. The shipped weights were trained longer, stage 1 on a GPU:
+
+    python benchmarks/train_demo.py --steps 10000 --train-images 100000 --workers 7 --rerank-steps 0 \
+        --test-images 0 --out runs/demo-gpu                       # stage 1, ~7 min on one H200
+    python benchmarks/train_demo.py --stage1 runs/demo-gpu/ckpt-0010000.pt --out runs/demo   # stage 2, CPU
+
 Stage 1 trains the towers (ITC + the fusion ITM head) into --out, on batches of whole distractor groups,
-with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style), and an auxiliary
-loss that reads the related pair's order (which object is left or on top, and each one's colour and shape)
-from both the image and the caption embedding (--relation-weight; the scene json gives the labels). Stage 2
-(`clipkit.rerank_train`) fits the re-ranking head on the frozen towers, over ITC-mined candidates of
-synthetic training galleries (resumable: its state is OUT/rerank-KIND-state.pt): a late-interaction head
-that replaces the fusion head in the exported model, or (--rerank-kind fusion) the fusion head
-fine-tuned. `--skip-stage1` starts from the last checkpoint already in --out, `--stage1 FILE` from a
-stage-1 result made elsewhere (a training checkpoint, or the model this script exported, e.g. on a GPU
-machine with more --steps). Writes the training run to
---out, exports a compact inference checkpoint to clipkit/weights/clipkit-demo.pt (fp16, only trained
-vocabulary rows), and evaluates it on a 1,000-image synthetic test gallery (distractors included):
-Recall@1/5/10 both ways, and Winoground-style binding on 400 (scene, swapped twin) pairs, as markdown
-tables and JSON (--json, default OUT/demo_eval.json).
+with each caption's swapped twins' captions as extra negatives in InfoNCE (NegCLIP-style, each a negative
+of its own image only), and an auxiliary loss that reads the related pair's order (which object is left or
+on top, and each one's colour and shape) from both the image and the caption embedding by one shared
+linear head (--relation-weight; the scene json gives the labels). Stage 2 (`clipkit.rerank_train`) fits
+the re-ranking head on the frozen towers, over ITC-mined candidates of synthetic training galleries
+(resumable: its state is OUT/rerank-KIND-state.pt): a late-interaction head that replaces the fusion head
+in the exported model, or (--rerank-kind fusion) the fusion head fine-tuned. `--skip-stage1` starts from
+the last checkpoint already in --out, `--stage1 FILE` from a stage-1 result made elsewhere (a training
+checkpoint, or a model this script exported). Writes the training run to --out, exports a compact
+inference checkpoint to clipkit/weights/clipkit-demo.pt (fp16, only trained vocabulary rows), and
+evaluates it on a 1,000-image synthetic test gallery (distractors included): Recall@1/5/10 both ways, and
+Winoground-style binding on 400 (scene, swapped twin) pairs, as markdown tables and JSON (--json, default
+OUT/demo_eval.json).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ def main() -> None:
     parser.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
                         help="no swapped-twin captions as extra InfoNCE negatives")
     parser.add_argument("--rerank-steps", type=int, default=1500, help="stage 2 steps (0: keep the fusion head)")
-    parser.add_argument("--rerank-kind", choices=KINDS, default="late",
+    parser.add_argument("--rerank-kind", choices=KINDS, default="fusion",
                         help="stage 2 head: a new late-interaction head, or the stage-1 fusion head fine-tuned")
     parser.add_argument("--rerank-galleries", type=int, default=16, help="stage 2 training galleries of 1,000 images")
     parser.add_argument("--skip-stage1", action="store_true", help="use the last stage-1 checkpoint in --out")

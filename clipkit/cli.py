@@ -184,7 +184,7 @@ def _add_eval_arguments(parser) -> None:
                              "re-ranking score with --rerank)")
     parser.add_argument("--weight", type=float, default=None,
                         help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
-                             "was fitted with, 0 for the fusion head)")
+                             "was fitted with, 0 for a head fitted with none)")
     parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")

@@ -84,7 +84,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
     head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine (default: the weight the
-    head was fitted with, 0 for the fusion head), and its cosine is
+    head was fitted with, 0 for a head fitted with none), and its cosine is
     kept in `metadata['itc_score']`. A text query re-ranks images (files in the index); an image query
     re-ranks captions (items with a 'caption').
     `modality="text"` searches the index's captions instead of its images (image -> text, text -> text):
