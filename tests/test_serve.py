@@ -273,7 +273,7 @@ def test_concurrent_queries_are_batched_and_all_answered(served):
     texts = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange")
              for s in ("circle", "square", "triangle", "star", "heart", "cross")] * 4  # 144 queries
     vectors = clipkit.encode(texts, model=served["model"])
-    expected = [_brute_force(served, v, 3)[0] for v in vectors]
+    expected = [_brute_force(served, v, 3) for v in vectors]
 
     async def run():
         transport = httpx.ASGITransport(app=app)
@@ -284,7 +284,12 @@ def test_concurrent_queries_are_batched_and_all_answered(served):
 
     responses, info = asyncio.run(run())
     assert all(r.status_code == 200 for r in responses)
-    assert [[h["item_id"] for h in r.json()["results"]] for r in responses] == expected
+    for response, (ids, scores) in zip(responses, expected):
+        hits = response.json()["results"]
+        # the same top 3 as numpy; the exact duplicate of image 5 ties with it, so tied ids may swap places
+        np.testing.assert_allclose([h["score"] for h in hits], scores, atol=1e-4)
+        assert len({h["item_id"] for h in hits}) == 3
+        assert all(h["item_id"] in ids or abs(h["score"] - scores[-1]) < 1e-4 for h in hits)  # or ties the 3rd
     assert info["encoded_queries"] == len(texts)
     assert info["encoder_calls"] < len(texts) / 4  # queries that arrived together shared encoder calls
 
