@@ -7,7 +7,7 @@
 The defaults fit a 2-core CPU in under an hour. The shipped weights were trained longer, stage 1 on a GPU:
 
     python benchmarks/train_demo.py --steps 10000 --train-images 100000 --workers 7 --rerank-steps 0 \
-        --test-images 0 --out runs/demo-gpu                       # stage 1, ~7 min on one H200
+        --test-images 0 --out runs/demo-gpu         # stage 1, ~8 min on one H200 (shared with a 2nd run)
     python benchmarks/train_demo.py --stage1 runs/demo-gpu/ckpt-0010000.pt --out runs/demo   # stage 2, CPU
 
 Stage 1 trains the towers (ITC + the fusion ITM head) into --out, on batches of whole distractor groups,
