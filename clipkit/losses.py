@@ -148,8 +148,6 @@ def relation_loss(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[in
     if targets.shape[1] != len(classes) or logits.shape[1] != sum(classes):
         raise ValueError(f"expected {len(classes)} target fields and {sum(classes)} logits, got "
                          f"{targets.shape[1]} and {logits.shape[1]}")
-    if not bool((targets >= 0).any()):
-        return logits.sum() * 0.0
     losses = [F.cross_entropy(part.float(), targets[:, i], ignore_index=-100)
               for i, part in enumerate(logits.split(list(classes), dim=1)) if bool((targets[:, i] >= 0).any())]
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean() if losses else logits.sum() * 0.0

@@ -629,6 +629,7 @@ def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLi
     only the token-embedding rows that training changed (the rest are stored as absent, read as zero).
     `itm`: an ITM head to store instead of the checkpoint's own (e.g. one from `clipkit.rerank_train`).
     A compact checkpoint (this function's output) is taken as it is, its sparse rows kept.
+    Returns {'rows_kept', 'bytes', 'step'} (the training step the weights are from).
 
     Training leaves unseen vocabulary rows at their initial values (no weight decay on embeddings),
     so dropping them changes nothing for any text made of words seen in training.
@@ -654,7 +655,8 @@ def export_compact(training_checkpoint: str | os.PathLike, path: str | os.PathLi
     payload["itm"] = {k: v.detach().cpu().half() for k, v in itm_state.items()} if itm_state else None
     payload["itm_config"] = itm.config if itm is not None else raw.get("itm_config")
     atomic_write_with(path, lambda tmp: torch.save(payload, tmp))
-    return {"rows_kept": int(sparse[key]["rows"].numel()) if sparse else None, "bytes": os.path.getsize(path)}
+    return {"rows_kept": int(sparse[key]["rows"].numel()) if sparse else None, "bytes": os.path.getsize(path),
+            "step": raw.get("step")}
 
 
 def save_checkpoint(model: Model, path: str | os.PathLike, **extra) -> None:

@@ -161,7 +161,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(_seed(self.spec.seed, self.spec.epoch, key))
         caption = captions[rng.randrange(len(captions))]
         negatives = _meta_list(sample, "negatives") if self.spec.hard_negatives else []
-        targets = _relation_targets(sample) if self.spec.relations else None
+        targets = relation_targets(_meta(sample)) if self.spec.relations else None
         return (self.preprocess(image), caption, image_id_of(sample), rng.choice(negatives) if negatives else None,
                 targets)
 
@@ -218,23 +218,21 @@ class ShardStream(IterableDataset):
         return batch
 
 
+def _meta(sample: dict) -> dict:
+    """The sample's json member as a dict ({} when it has none or it is not a JSON object), parsed once:
+    the loader reads several fields of it per sample."""
+    if "__meta__" not in sample:
+        try:
+            meta = json.loads(sample["json"]) if sample.get("json") else {}
+        except ValueError:
+            meta = {}
+        sample["__meta__"] = meta if isinstance(meta, dict) else {}
+    return sample["__meta__"]
+
+
 def _meta_field(sample: dict, field: str):
     """A field of the sample's json member, or None (no member, not JSON, no such field)."""
-    meta = sample.get("json")
-    if meta:
-        try:
-            return json.loads(meta).get(field)
-        except (ValueError, AttributeError):
-            pass
-    return None
-
-
-def _relation_targets(sample: dict) -> list[int] | None:
-    meta = sample.get("json")
-    try:
-        return relation_targets(json.loads(meta)) if meta else None
-    except ValueError:
-        return None
+    return _meta(sample).get(field)
 
 
 def _meta_list(sample: dict, field: str) -> list[str]:

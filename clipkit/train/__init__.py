@@ -146,7 +146,7 @@ class Trainable(nn.Module):
                            extra_owners=negative_owners)
         out = {"itc": itc, "loss": itc, "logit_scale": scale.detach()}
         if self.relation_head is not None and relation_targets is not None:
-            out["relation"] = self.relation_loss(image_emb, text_emb, relation_targets)
+            out["relation"] = self._relation_loss(image_emb, text_emb, relation_targets)
         if self.head is not None:
             # Hard negatives are drawn from softmax over the contrastive *logits* (ALBEF/BLIP scale by the
             # temperature too): over raw cosines in [-1, 1] the softmax is nearly flat, the "hard"
@@ -158,8 +158,7 @@ class Trainable(nn.Module):
             out["itm"], out["itm_acc"] = itm_loss(logits, labels)
         return out
 
-
-    def relation_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _relation_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The relation labels read from both (normalised) embeddings by the one shared head, mean of the two."""
         gain = image_emb.shape[1] ** 0.5  # unit-norm rows -> entries of about unit size, as nn.Linear expects
         return (relation_loss(self.relation_head(image_emb * gain), targets, RELATION_TARGETS)
