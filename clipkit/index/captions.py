@@ -115,17 +115,19 @@ def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = N
 def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set | None, model,
                   table: dict[str, list[str]] | None = None, files: bool = True,
                   batch_size: int = 256) -> CaptionReport:
-    """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images under
-    the folder `prefix` synced: their `table` rows, else their caption files); captions of images no
-    longer `indexed` at all (removed, or moved to another folder and so to other ids) are dropped too
-    (`indexed` None: no such sweep, only the captions under `prefix` are compared)."""
+    """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images synced:
+    their `table` rows, else their caption files). `indexed` (the ids of every item in the index): the
+    captions compared are those of `image_ids` and of images no longer indexed at all (removed, or moved
+    to another folder and so to other ids), never those of other items, such as the samples of shards
+    that lie inside a synced folder. `indexed` None: only the captions whose ids start with `prefix`."""
     from clipkit.encode import encode_texts
 
     wanted = wanted_captions(image_ids, table, files)
     if indexed is None:
         have = dict.fromkeys(collection.ids_with_prefix(prefix))
     else:
-        have = {i: None for i in collection.ids() if i.startswith(prefix) or image_of(i) not in indexed}
+        synced = set(image_ids)
+        have = {i: None for i in collection.ids() if image_of(i) in synced or image_of(i) not in indexed}
     if have:
         for record in collection.get(list(have)):
             have[record["id"]] = record.get("caption")

@@ -39,7 +39,7 @@ from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, c
 from clipkit.index.ann import Structure, check_index_type, choose_structure
 from clipkit.index.tune import build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
-from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, meta_row
+from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, meta_row
 from clipkit.index.vectors import keys_digest, normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
@@ -624,8 +624,9 @@ class Index:
         sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
         Folders also sweep the captions of images moved away (to other ids); a shard's items never move, and
         removing items drops their captions (`remove`), so a shard's sync reads only its own ids."""
-        indexed = self._file_ids() if files else None
-        image_ids = [i for i in indexed if i.startswith(prefix)] if files else self.ids_with_prefix(prefix)
+        with self._lock:
+            indexed = set(self.store.ids()) if files else None
+            image_ids = self.store.ids_with_prefix(prefix, files_only=True) if files else self.ids_with_prefix(prefix)
         collection = self.captions
         if collection is None:
             if not table and not any(caption_file(i).is_file() for i in image_ids):
@@ -659,16 +660,12 @@ class Index:
         self._drop_orphan_captions()
         return removed
 
-    def _file_ids(self) -> set:
-        """The ids of the items that are files (their absolute paths)."""
-        return {i for i in self.store.ids() if isinstance(i, str)}
-
     def _drop_orphan_captions(self) -> None:
         """Captions whose image is no longer in the index go with it."""
         collection = self.captions
         if collection is None:
             return
-        indexed = self._file_ids()
+        indexed = set(self.ids())
         orphans = [c for c in collection.ids() if image_of(c) not in indexed]
         if orphans:
             collection.remove(orphans)
@@ -736,9 +733,9 @@ class Index:
         with atomic_path(target) as tmp:
             os.unlink(tmp)
             self.store.backup_to(tmp)
-        for suffix in ("-wal", "-shm"):  # stale journals from an index that lived here before
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(str(target) + suffix)
+            # The journals of an index that lived here go before the new store takes the name: SQLite would
+            # replay an old write-ahead log onto the new file (two stores spliced) after a crash between the two.
+            fold_journal(target)
         old = self.store
         self.store = Store.open(target)
         self.path = path

@@ -105,7 +105,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
         for path in paths:
             stat = os.stat(path)
             recorded = index.store.info(SHARD_STATS, {})
-            if recorded.get(path) == [stat.st_size, stat.st_mtime]:
+            if recorded.get(path) == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
                 report.unchanged += len(index.ids_with_prefix(path + "#"))
             else:
                 captions = _sync_shard(index, path, model, batch_size, report)
@@ -116,6 +116,16 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
                     on_shard(path, captions)
             bar.update(1)
     return report
+
+
+def _captions_lost(index, path: str) -> bool:
+    """Whether the shard's items have captions that the caption collection lacks (as a folder sync over the
+    shard's folder by clipkit 0.x left them): then the shard is read again, its captions restored, nothing
+    embedded again."""
+    if index.captions is not None and index.captions.ids_with_prefix(path + "#"):
+        return False
+    ids = index.ids_with_prefix(path + "#")
+    return bool(ids) and any(record.get("caption") for record in index.get(ids))
 
 
 def _shard_items(index, path: str) -> dict[str, dict]:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from clipkit.errors import BrokenIndexError, IndexFullError, ReadOnlyIndexError
+from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 
 FORMAT = "clipkit-index"
 FORMAT_VERSION = 2
@@ -204,13 +204,15 @@ class Store:
     def ids(self) -> list:
         return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
 
-    def ids_with_prefix(self, prefix: str) -> list[str]:
+    def ids_with_prefix(self, prefix: str, files_only: bool = False) -> list[str]:
         """The text ids that start with `prefix`, by a range over the id index (not a scan of every id): text
-        sorts by code point, so they are those from `prefix` up to its last character's successor."""
+        sorts by code point, so they are those from `prefix` up to its last character's successor.
+        `files_only`: only items that are image files (with a path; not the samples of shards)."""
         if not prefix:
             raise ValueError("an empty prefix would be every text id")
         upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        rows = self.db.execute("SELECT id FROM items WHERE id >= ? AND id < ? ORDER BY key", (prefix, upper))
+        only = " AND path IS NOT NULL" if files_only else ""
+        rows = self.db.execute(f"SELECT id FROM items WHERE id >= ? AND id < ?{only} ORDER BY key", (prefix, upper))
         return [row[0] for row in rows]
 
     def records_by_key(self, keys: list[int]) -> dict[int, dict]:
@@ -354,6 +356,27 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def fold_journal(file: Path) -> None:
+    """Fold the write-ahead log of the store at `file` (if any) into it, then delete the log and its index:
+    afterwards the file alone is the store, and may be replaced by another without SQLite ever replaying
+    this log onto that one. A damaged store's log is deleted as it is (there is nothing to keep)."""
+    wal, shm = Path(str(file) + "-wal"), Path(str(file) + "-shm")
+    if file.is_file() and wal.is_file() and wal.stat().st_size:
+        db = sqlite3.connect(str(file), timeout=60, isolation_level=None)
+        try:
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.DatabaseError:
+            busy = 0
+        finally:
+            db.close()
+        if busy:
+            raise IndexBusyError(f"cannot replace the index store {file}: another process holds a read open on "
+                                   "it; stop it (clipkit serve, say) and save again")
+    for journal in (wal, shm):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
 
 
 def record(row: tuple) -> dict:
