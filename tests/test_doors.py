@@ -98,3 +98,186 @@ def test_save_over_an_index_with_a_wal_never_splices_two_stores(tmp_path):
     loaded = Index.load(target)
     ids = set(loaded.ids())
     assert ids in ({f"old{i}" for i in range(2003)}, {f"new{i}" for i in range(1500)}), len(ids)
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served_folder(tmp_path, demo):
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
+        draw_shape(colour, shape, seed=n).save(photos / f"{n}.png")
+    index = Index.from_folder(photos, demo)
+    index.save(tmp_path / "ix")
+    keys = dict(zip(index.ids(), index.keys(index.ids())))
+    with TestClient(create_app(Index.load(tmp_path / "ix"))) as client:
+        yield client, photos, {Path(i).name: k for i, k in keys.items()}
+
+
+def test_image_route_serves_only_the_file_that_was_indexed(served_folder, tmp_path):
+    client, photos, keys = served_folder
+    original = (photos / "0.png").read_bytes()
+    reply = client.get(f"/image/{keys['0.png']}")
+    assert reply.status_code == 200 and reply.content == original and reply.headers["content-type"] == "image/png"
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (photos / "0.png").unlink()
+    (photos / "0.png").symlink_to(secret)  # anyone who can write into the folder
+    for route in ("image", "thumbnail"):
+        reply = client.get(f"/{route}/{keys['0.png']}")
+        assert reply.status_code == 404 and b"root:" not in reply.content, reply.content
+        assert "cannot be served" in reply.json()["detail"]
+    outside = tmp_path / "elsewhere.png"  # another image outside the folder: not served either
+    outside.write_bytes(original)
+    os.utime(outside, ns=(os.stat(secret).st_atime_ns, os.stat(secret).st_mtime_ns))
+    (photos / "0.png").unlink()
+    (photos / "0.png").symlink_to(outside)
+    assert client.get(f"/image/{keys['0.png']}").status_code == 404
+    stat = (photos / "1.png").stat()  # rewritten in place with the same size and mtime: decoded or refused
+    (photos / "1.png").write_bytes(b"x" * stat.st_size)
+    os.utime(photos / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert client.get(f"/image/{keys['1.png']}").status_code == 404
+    assert client.get(f"/image/{keys['2.png']}").status_code == 200  # the others are served as before
+
+
+def test_image_route_refuses_a_rewritten_shard(tmp_path, demo):
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    shards = write_synthetic(tmp_path / "shards", 10, seed=3, split="test", maxcount=10, workers=1, progress=False)
+    assert main(["-q", "index", str(shards[0]), "--index", str(tmp_path / "ix")]) == 0
+    index = Index.load(tmp_path / "ix")
+    key = index.keys(index.ids()[:1])[0]
+    with TestClient(create_app(index)) as client:
+        assert client.get(f"/image/{key}").status_code == 200
+        secret = tmp_path / "secret.txt"
+        secret.write_bytes(os.urandom(shards[0].stat().st_size))
+        shards[0].unlink()
+        shards[0].symlink_to(secret)
+        assert client.get(f"/image/{key}").status_code == 404
+        assert client.get(f"/thumbnail/{key}").status_code == 404
+
+
+class _SlowServer:
+    """An HTTP server on 127.0.0.1 that counts requests and answers as `handler(socket)` says."""
+
+    def __init__(self, handler):
+        import socket
+        import threading
+
+        self.requests, self.handler = 0, handler
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import threading
+
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.requests += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn):
+        try:
+            conn.recv(65536)
+            self.handler(conn, self.stop)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
+def _trickle(conn, stop, every=0.2, header=True):
+    if header:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    else:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while not stop.wait(every):
+        conn.sendall(b"x")
+
+
+def test_image_url_connects_to_the_address_it_checked(monkeypatch):
+    """DNS rebinding: the name answers a public address to the check and 127.0.0.1 afterwards."""
+    import socket
+
+    from clipkit.serve import fetch
+
+    server = _SlowServer(lambda conn, stop: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    answers = iter(["93.184.215.14"] + ["127.0.0.1"] * 10)
+    real = socket.getaddrinfo
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.example":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    attempts = []
+
+    def connect(address, port, timeout):  # never sends anything to the public address
+        attempts.append((address, port))
+        raise ConnectionRefusedError("refused (test)")
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(fetch, "_connect", connect)
+    try:
+        with pytest.raises(fetch.FetchError, match="cannot fetch"):
+            fetch.Fetcher(1000).fetch(f"http://rebind.example:{server.port}/a.jpg")
+        assert attempts == [("93.184.215.14", server.port)] and server.requests == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("header", [True, False], ids=["trickled-body", "trickled-headers"])
+def test_image_url_fetch_has_a_total_deadline_and_a_bound(monkeypatch, header):
+    import threading
+    import time
+
+    from clipkit.serve import fetch
+
+    monkeypatch.setattr(fetch, "_is_public", lambda address: True)  # the trickling server is on loopback
+    server = _SlowServer(lambda conn, stop: _trickle(conn, stop, header=header))
+    fetcher = fetch.Fetcher(10**6, deadline=1.0, concurrency=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(fetch.FetchError, match="longer than 1 s"):
+            fetcher.fetch(f"http://127.0.0.1:{server.port}/slow.jpg")
+        assert time.monotonic() - started < 4  # the trickle alone would last 200 s
+        running = threading.Thread(target=lambda: pytest.raises(fetch.FetchError, fetcher.fetch,
+                                                                f"http://127.0.0.1:{server.port}/slow.jpg"))
+        running.start()
+        while server.requests < 2:
+            time.sleep(0.01)
+        with pytest.raises(fetch.FetchBusy):  # one fetch at a time here: the second is refused at once
+            fetcher.fetch(f"http://127.0.0.1:{server.port}/other.jpg")
+        running.join()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://user:secret@93.184.215.14:8080/a.jpg", "user name or password"),
+    ("http://93.184.215.14:99999/a.jpg", "invalid port"), ("gopher://93.184.215.14/a", "http or https"),
+])
+def test_image_url_forms_refused_with_a_message(url, message):
+    from clipkit.serve.fetch import FetchError, Fetcher
+
+    with pytest.raises(FetchError, match=message):
+        Fetcher(1000).fetch(url)

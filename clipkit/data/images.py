@@ -137,6 +137,17 @@ def decode_image(data: bytes, name: str = "<bytes>", min_side: int | None = None
     return _decode(io.BytesIO(data), name, min_side)
 
 
+def image_media_type(data: bytes, name: str = "<bytes>") -> str:
+    """The media type of encoded image bytes, from what they hold (not a file name); ImageReadError when
+    they are not an image PIL recognises."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageReadError(f"{name} is not an image", "not an image") from exc
+    return Image.MIME.get(kind, "application/octet-stream")
+
+
 def encode_image(image: Image.Image, image_format: str) -> bytes:
     buffer = io.BytesIO()
     if image_format == "png":

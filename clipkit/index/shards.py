@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from clipkit.data.images import TarMember
 from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards
+from clipkit.index.files import SHARD_STATS
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
 
-SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full
 SHARD_FIELDS = ("shard", "member", "offset", "size")
 
 

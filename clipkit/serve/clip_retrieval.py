@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from clipkit.index.shards import item_image
 from clipkit.serve.batcher import IMAGE, TEXT
-from clipkit.serve.fetch import FetchError, fetch_image_bytes
+from clipkit.serve.fetch import FetchBusy, FetchError
 from clipkit.serve.service import (VECTOR, BadRequest, Collection, Service, _b64decode, _deduplicate, _json_body,
                                    _schema)
 
@@ -126,9 +126,9 @@ async def _knn_query(service: Service, body: KnnRequest, collection: Collection,
             raise BadRequest("this server does not fetch image_url other than its own image URLs (start it with "
                              "--allow-image-urls to fetch public http(s) images)", 403)
         try:
-            data = await run_in_threadpool(fetch_image_bytes, body.image_url, service.config.max_body_bytes)
+            data = await run_in_threadpool(service.fetcher.fetch, body.image_url)
         except FetchError as exc:
-            raise BadRequest(str(exc)) from None
+            raise BadRequest(str(exc), 503 if isinstance(exc, FetchBusy) else 400) from None
         return IMAGE, await service.decode_upload(data, collection)
     if body.embedding_input is not None:
         return VECTOR, body.embedding_input
@@ -159,7 +159,7 @@ async def _own_item_query(service: Service, target: Collection, source: Collecti
         raise BadRequest(f"no image with id {key} in index {source.name!r}", 404)
     if source.model.fingerprint == target.model.fingerprint:
         return VECTOR, source.index.embeddings([record["id"]])[0]
-    data = await run_in_threadpool(lambda: service.image_of(source, key).read_bytes())
+    data, _ = await run_in_threadpool(service.image_bytes, source, key)
     return IMAGE, await service.decode_upload(data, target)
 
 

@@ -2,29 +2,52 @@
 
 A URL is fetched only over http(s), and only when every address its host resolves to is public:
 loopback, private, link-local (cloud metadata), multicast, reserved and unspecified addresses are
-refused, for the URL and for every redirect it leads to. The body is capped in size and time.
+refused, for the URL and for every redirect it leads to. The connection goes to the very address that
+was checked (the name is resolved once: a name that answers a public address to the check and a private
+one to the connection, DNS rebinding, gets nowhere), TLS still verifies the certificate against the
+name. The body is capped in size, the whole fetch (redirects included) in time, and the number of
+fetches running at once is bounded, so slow servers cannot tie up the workers.
 """
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
-import urllib.error
+import ssl
+import threading
+import time
 import urllib.parse
-import urllib.request
 
 USER_AGENT = "clipkit-serve (+https://github.com/clipkit)"
+MAX_REDIRECTS = 5
 
 
 class FetchError(ValueError):
     """The URL is not allowed or could not be fetched (a 4xx for the client)."""
 
 
-def check_public_url(url: str) -> None:
-    """Raise FetchError unless `url` is http(s) to a host whose every address is public."""
+class FetchBusy(FetchError):
+    """Too many fetches are running already (a 503 for the client)."""
+
+
+def _connect(address: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to `address` (an IP address, already checked). One place, so tests can watch it."""
+    return socket.create_connection((address, port), timeout=timeout)
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_global and not address.is_multicast
+
+
+def _split(url: str) -> tuple[urllib.parse.SplitResult, str, int]:
+    """(parts, host, port) of an http(s) URL, or FetchError."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise FetchError(f"image_url must be http or https, got {parts.scheme or 'no scheme'!r}")
+    if "@" in parts.netloc:
+        raise FetchError("image_url must not carry a user name or password")
     host = parts.hostname
     if not host:
         raise FetchError("image_url has no host")
@@ -32,36 +55,130 @@ def check_public_url(url: str) -> None:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise FetchError("image_url has an invalid port") from None
+    return parts, host, port
+
+
+def resolve_public(url: str) -> tuple[urllib.parse.SplitResult, str, int, str]:
+    """(parts, host, port, address) of `url`: the one address to connect to, resolved once, after every
+    address the host resolves to was found public; FetchError otherwise."""
+    parts, host, port = _split(url)
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
         raise FetchError(f"cannot resolve the host of image_url ({host}): {exc}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        mapped = getattr(address, "ipv4_mapped", None)
-        address = mapped or address
-        if not address.is_global or address.is_multicast:
-            raise FetchError(f"image_url points to a non-public address ({address}); refused")
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for address in addresses:
+        if not _is_public(address):
+            raise FetchError(f"image_url points to a non-public address "
+                             f"({getattr(address, 'ipv4_mapped', None) or address}); refused")
+    if not addresses:
+        raise FetchError(f"the host of image_url ({host}) has no address")
+    return parts, host, port, str(addresses[0])
 
 
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_public_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+def check_public_url(url: str) -> None:
+    """Raise FetchError unless `url` is http(s) to a host whose every address is public."""
+    resolve_public(url)
 
 
-def fetch_image_bytes(url: str, max_bytes: int, timeout: float = 10.0) -> bytes:
-    """The body at a public http(s) URL, at most `max_bytes` long."""
-    check_public_url(url)
-    opener = urllib.request.build_opener(_CheckedRedirects)
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
-    except FetchError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise FetchError(f"cannot fetch image_url: {exc}") from None
-    if len(data) > max_bytes:
-        raise FetchError(f"the image at image_url is larger than the {max_bytes} byte limit")
-    return data
+class _Pinned(http.client.HTTPSConnection):
+    """An HTTP(S) connection to an address checked beforehand, under the URL's host name (Host, SNI, cert)."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, tls: bool):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self.address, self.tls = address, tls
+        self.expired = False  # cut off by the fetch's deadline
+        self.raw: socket.socket | None = None
+
+    def connect(self):
+        self.sock = _connect(self.address, self.port, self.timeout)
+        if self.tls:
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+        self.raw = self.sock  # http.client drops self.sock once a reply will close it; the deadline still cuts this
+        if self.expired:  # the deadline passed while connecting
+            _cut(self)
+
+
+def _cut(connection: _Pinned) -> None:
+    """Shut a connection's socket down, so that a read blocked on it returns now."""
+    connection.expired = True
+    sock = connection.raw
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class Fetcher:
+    """Fetches image URLs: at most `concurrency` at once (more are refused at once with FetchBusy), each
+    within `deadline` seconds in all and `max_bytes` of body."""
+
+    def __init__(self, max_bytes: int, deadline: float = 10.0, concurrency: int = 8):
+        self.max_bytes, self.deadline = max_bytes, deadline
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    def fetch(self, url: str) -> bytes:
+        if not self._slots.acquire(blocking=False):
+            raise FetchBusy("too many image_url fetches are running; try again shortly")
+        try:
+            return self._fetch(url, time.monotonic() + self.deadline)
+        finally:
+            self._slots.release()
+
+    def _fetch(self, url: str, deadline: float) -> bytes:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts, host, port, address = resolve_public(url)
+            connection = _Pinned(host, port, address, self._left(deadline), parts.scheme == "https")
+            # a server trickling its headers or body a byte at a time is cut off at the deadline, whatever it does
+            watchdog = threading.Timer(self._left(deadline), _cut, (connection,))
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                connection.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+                response = connection.getresponse()
+                if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                    url = urllib.parse.urljoin(url, response.getheader("Location"))
+                    continue
+                if response.status != 200:
+                    raise FetchError(f"cannot fetch image_url: HTTP {response.status} {response.reason}")
+                data = self._body(connection, response, deadline)
+                self._check(connection)
+                return data
+            except FetchError:
+                raise
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self._check(connection)  # cut at the deadline: say so rather than how the cut connection failed
+                raise FetchError(f"cannot fetch image_url: {exc or type(exc).__name__}") from None
+            finally:
+                watchdog.cancel()
+                connection.close()
+        raise FetchError(f"image_url redirects more than {MAX_REDIRECTS} times")
+
+    def _check(self, connection: _Pinned) -> None:
+        if connection.expired:
+            raise FetchError(f"image_url took longer than {self.deadline:g} s to fetch")
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchError(f"image_url took longer than {self.deadline:g} s to fetch")
+        return left
+
+    def _body(self, connection: _Pinned, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The body, read a chunk at a time, each read bounded by the time left."""
+        chunks, size = [], 0
+        while True:
+            connection.raw.settimeout(self._left(deadline))
+            try:
+                chunk = response.read1(1 << 16)
+            except TimeoutError:
+                raise FetchError(f"image_url took longer than {self.deadline:g} s to fetch") from None
+            if not chunk:
+                self._check(connection)
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise FetchError(f"the image at image_url is larger than the {self.max_bytes} byte limit")

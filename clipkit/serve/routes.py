@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import mimetypes
 import time
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
-from clipkit.data.images import TarMember
 from clipkit.serve.clip_retrieval import status as clip_retrieval_status
 from clipkit.serve.batcher import IMAGE, TEXT
 from clipkit.serve.service import (ITEM, STATIC_DIR, VECTOR, BadRequest, BodyTooLarge, SearchRequest, _b64decode,
@@ -99,20 +97,13 @@ async def _form_body(request: Request) -> tuple[SearchRequest, bytes | None]:
 
 
 @router.get("/image/{item_id}", summary="The image of an indexed item (its file, or its member of a shard)",
-            response_class=FileResponse)
+            response_class=Response)
 async def image(request: Request, item_id: int, index: str | None = None):
     service = request.app.state.service
     collection = service.collection(index)
-    source = await run_in_threadpool(service.image_of, collection, item_id)
-    media_type = mimetypes.guess_type(source.name)[0] or "application/octet-stream"
+    data, media_type = await run_in_threadpool(service.image_bytes, collection, item_id)
     headers = {"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"}
-    if isinstance(source, TarMember):
-        try:
-            data = await run_in_threadpool(source.read_bytes)
-        except (ValueError, OSError) as exc:
-            raise BadRequest(f"the image of item {item_id} cannot be read: {exc}", 404) from None
-        return Response(data, media_type=media_type, headers=headers)
-    return FileResponse(source, media_type=media_type, headers=headers)
+    return Response(data, media_type=media_type, headers=headers)
 
 
 @router.get("/thumbnail/{item_id}", summary="A JPEG thumbnail of an indexed item")

@@ -8,6 +8,7 @@ import base64
 import binascii
 import collections
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -23,12 +24,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
-from clipkit.data.images import TarMember, decode_image, holding_file
-from clipkit.encode import load_image
+from clipkit.data.images import TarMember, decode_image, image_media_type
 from clipkit.index import Index, prepare_vectors
+from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
 from clipkit.search import Hit, ranked_hits, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
+from clipkit.serve.fetch import Fetcher
 
 log = logging.getLogger("clipkit.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -44,6 +46,8 @@ class ServeConfig:
     max_rerank_k: int = 200  # candidates the ITM head scores per query
     max_body_bytes: int = 20 * 2**20  # whole request body, JSON or multipart
     allow_image_urls: bool = False  # fetch `image_url` queries (public http(s) hosts only)
+    fetch_deadline: float = 10.0  # seconds for one image_url fetch in all (redirects, slow servers included)
+    max_fetches: int = 8  # image_url fetches running at once; more are answered 503
     cors_origins: list[str] = field(default_factory=list)
     max_batch: int = 64  # queries per encoder call
     thumbnail_cache: int = 1024  # thumbnails kept in memory
@@ -103,6 +107,7 @@ class Service:
         self._thumbnails: collections.OrderedDict = collections.OrderedDict()
         self._thumbnail_lock = threading.Lock()
         self._unsupported_noted: set[str] = set()
+        self.fetcher = Fetcher(config.max_body_bytes, config.fetch_deadline, config.max_fetches)
 
     def note_unsupported(self, names: list[str], reasons: dict[str, str]) -> None:
         """Log, once per option, that a client asked for something this server does not implement."""
@@ -203,37 +208,40 @@ class Service:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def image_of(self, collection: Collection, key: int) -> Path | TarMember:
-        """Where item `key`'s image is (its file, or its place in a shard); 404 when it has none or it went."""
+    def image_bytes(self, collection: Collection, key: int) -> tuple[bytes, str]:
+        """(bytes, media type) of item `key`'s image, only while it is still the file that was indexed (see
+        `clipkit.index.files.read_indexed`) and decodes as an image: whatever else now sits at its path is a
+        404, so that nobody who can write into an indexed folder reads other files through the server."""
         record = collection.index.get_by_key([key])[0]
         source = item_image(record.get("path"), record) if record is not None else None
         if source is None:
             raise BadRequest(f"no image with id {key} in index {collection.name!r}", 404)
-        if not holding_file(source).is_file():
-            raise BadRequest(f"the file of item {key} is no longer there", 404)
-        return source
+        try:
+            data = read_indexed(collection.index, record, source, self.config.max_body_bytes)
+            return data, image_media_type(data, str(source))
+        except (ValueError, OSError) as exc:
+            raise BadRequest(f"the image of item {key} cannot be served: {exc}", 404) from None
 
     def thumbnail(self, collection: Collection, key: int, size: int) -> bytes:
-        source = self.image_of(collection, key)
-        stat = holding_file(source).stat()
-        cache_key = (collection.name, key, size, stat.st_mtime_ns, stat.st_size)
+        data, _ = self.image_bytes(collection, key)
+        cache_key = (collection.name, key, size, hashlib.blake2b(data, digest_size=16).digest())
         with self._thumbnail_lock:
             if cache_key in self._thumbnails:
                 self._thumbnails.move_to_end(cache_key)
                 return self._thumbnails[cache_key]
         try:
-            image = load_image(source)
+            image = decode_image(data, f"item {key}")
         except (ValueError, OSError) as exc:
             raise BadRequest(f"the image of item {key} cannot be read: {exc}", 404) from None
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
-        data = buffer.getvalue()
+        thumbnail = buffer.getvalue()
         with self._thumbnail_lock:
-            self._thumbnails[cache_key] = data
+            self._thumbnails[cache_key] = thumbnail
             while len(self._thumbnails) > self.config.thumbnail_cache:
                 self._thumbnails.popitem(last=False)
-        return data
+        return thumbnail
 
     def info(self) -> dict:
         return {

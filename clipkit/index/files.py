@@ -1,0 +1,71 @@
+"""Reading an indexed item's image back only while it is still the file that was indexed.
+
+An image file is read through one open file: its size and mtime (of what was opened, so no rename between a
+check and the read can swap it) must be those recorded when it was indexed, it must be a regular file, and
+an item under an indexed folder must still resolve inside that folder. A shard member is read only while the
+shard's size and mtime are those recorded when it was last read in full. So a file replaced by a symlink to
+`/etc/passwd`, or rewritten, is not read: whoever can write into an indexed folder cannot read other files
+through a server over the index.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_module
+
+from clipkit.data.images import TarMember
+
+SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full
+
+
+def read_indexed(index, record: dict, source, max_bytes: int) -> bytes:
+    """The bytes of `record`'s image (`source`: its file Path, or its TarMember), or a ValueError saying
+    why they are not what was indexed; at most `max_bytes`."""
+    if isinstance(source, TarMember):
+        recorded = index.store.info(SHARD_STATS, {}).get(source.tar)
+        if recorded is None:
+            raise ValueError("its shard was never read in full (index it again)")
+        with _open_regular(source.tar) as handle:
+            _same(os.fstat(handle.fileno()), recorded, "its shard")
+            handle.seek(source.offset)
+            data = handle.read(source.size)
+        if len(data) != source.size:
+            raise ValueError("its shard was cut short")
+        return data
+    path = str(source)
+    _inside_its_folder(index, path)
+    with _open_regular(path) as handle:
+        _same(os.fstat(handle.fileno()), [record.get("size"), record.get("mtime")], "the file")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"the file is larger than the {max_bytes} byte limit")
+    return data
+
+
+def _open_regular(path: str):
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise ValueError("the file is no longer there") from None
+    if not stat_module.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise ValueError("it is no longer a regular file")
+    return handle
+
+
+def _same(stat: os.stat_result, recorded: list, what: str) -> None:
+    """`stat` has the [size, mtime] recorded (either None: not recorded, an item added with a path)."""
+    size, mtime = recorded
+    if size is not None and stat.st_size != int(size) or mtime is not None and stat.st_mtime != float(mtime):
+        raise ValueError(f"{what} changed since it was indexed (index it again)")
+
+
+def _inside_its_folder(index, path: str) -> None:
+    """An item under an indexed folder must still resolve inside it (no symlink out of it put in since)."""
+    for root in index.roots():
+        folder = root["path"]
+        if path.startswith(folder.rstrip(os.sep) + os.sep):
+            real_folder = os.path.realpath(folder)
+            if not os.path.realpath(path).startswith(real_folder.rstrip(os.sep) + os.sep):
+                raise ValueError(f"it now resolves outside its indexed folder {folder}")
+            return
