@@ -13,6 +13,7 @@ once.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -25,6 +26,9 @@ from clipkit.errors import first_line
 from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 
 
+MAX_WEIGHT = 1e6  # the largest cosine weight taken: past it, scores lose the ITM term (and overflow near 1e308)
+
+
 class Reranker:
     """Scores (image, text) pairs; `weight` is the ITC cosine weight re-ranked scores add by default."""
 
@@ -35,7 +39,11 @@ class Reranker:
 
     def cosine_weight(self, weight: float | None = None) -> float:
         """The cosine weight of a re-ranked score: the caller's `weight`, else this re-ranker's own."""
-        return self.weight if weight is None else float(weight)
+        if weight is None:
+            return self.weight
+        if not math.isfinite(float(weight)) or abs(float(weight)) > MAX_WEIGHT:
+            raise ValueError(f"weight must be a finite number within +-{MAX_WEIGHT:g}, got {weight!r}")
+        return float(weight)
 
     def image_inputs(self, images: Sequence) -> Any:
         raise NotImplementedError

@@ -281,3 +281,26 @@ def test_image_url_forms_refused_with_a_message(url, message):
 
     with pytest.raises(FetchError, match=message):
         Fetcher(1000).fetch(url)
+
+
+def test_hostile_requests_are_4xx_with_a_message(served_folder):
+    client, _, keys = served_folder
+    huge = 2**63 + 5
+    nested = "[" * 100_000 + "]" * 100_000
+    replies = [
+        client.get(f"/image/{huge}"), client.get(f"/thumbnail/{huge}"), client.get(f"/image/{-huge}"),
+        client.post("/search", json={"id": huge}),
+        client.post("/knn-service", json={"image_url": f"image/{huge}", "num_images": 2}),
+        client.post("/knn-service", json={"image_url": f"http://testserver/image/{huge}", "num_images": 2}),
+        client.post("/search", content='{"text": ' + nested + "}"), client.post("/knn-service", content=nested),
+        client.post("/metadata", content='{"ids": ' + nested + "}"),
+        client.post("/search", content='{"text": "red", "rerank": true, "weight": NaN}'),
+        client.post("/search", json={"text": "red", "rerank": True, "weight": 1e308}),
+        client.post("/search", json={"text": "red", "rerank": True, "weight": -1e308}),
+        client.post("/knn-service", json={"image_url": "http://user:pw@example.com:81/a.jpg", "num_images": 2}),
+    ]
+    for reply in replies:
+        assert 400 <= reply.status_code < 500, (reply.request.url, reply.status_code, reply.text[:200])
+        assert reply.json()["detail"], reply.text
+    described = client.post("/metadata", json={"ids": [huge, keys["1.png"]]})  # an unknown id has no metadata
+    assert described.status_code == 200 and [d["id"] for d in described.json()] == [keys["1.png"]]

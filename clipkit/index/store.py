@@ -216,8 +216,9 @@ class Store:
         return [row[0] for row in rows]
 
     def records_by_key(self, keys: list[int]) -> dict[int, dict]:
-        """key -> record ({'id', 'path', 'mtime', 'size', 'caption', ...extra}) for keys in the store."""
-        return self._records("items.key", keys)
+        """key -> record ({'id', 'path', 'mtime', 'size', 'caption', ...extra}) for keys in the store (a key
+        past SQLite's 64-bit integers, as a client may send, is in no store)."""
+        return self._records("items.key", [k for k in keys if -2**63 <= k < 2**63])
 
     def records_by_id(self, ids: list) -> dict[Any, dict]:
         return {record["id"]: record for record in self._records("items.id", ids).values()}

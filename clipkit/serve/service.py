@@ -82,7 +82,7 @@ class SearchRequest(BaseModel):
     k: int = Field(20, ge=1)
     rerank: bool = False
     rerank_k: int | None = Field(None, ge=1)
-    weight: float | None = Field(None, description="re-ranked score = ITM log-odds + weight x cosine (default: "
+    weight: float | None = Field(None, allow_inf_nan=False, description="re-ranked score = ITM log-odds + weight x cosine (default: "
                                                  "the weight the model's ITM head was fitted with)")
     modality: Literal["image", "text"] = Field("image", description="search the images, or the captions indexed "
                                                                    "beside them (image -> text, text -> text)")
@@ -282,6 +282,8 @@ async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     try:
