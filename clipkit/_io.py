@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -69,3 +70,19 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
     """Call `writer(tmp_path)` and move the result onto `path` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file; OSError for anything else (a FIFO, a device, a folder), which is never
+    opened for reading in a way that could block: a FIFO named like a caption file cannot hang a run."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1
+            return handle.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)

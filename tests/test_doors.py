@@ -304,3 +304,72 @@ def test_hostile_requests_are_4xx_with_a_message(served_folder):
         assert reply.json()["detail"], reply.text
     described = client.post("/metadata", json={"ids": [huge, keys["1.png"]]})  # an unknown id has no metadata
     assert described.status_code == 200 and [d["id"] for d in described.json()] == [keys["1.png"]]
+
+
+# -- runs that stop or hang --------------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_the_rest_indexed(tmp_path, demo, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_shape("red", "circle").save(photos / "a.png")
+    draw_shape("blue", "square").save(os.fsdecode(bytes(photos) + b"/caf\xe9.png"))
+    log = tmp_path / "skipped.jsonl"
+    assert main(["index", str(photos), "--index", str(tmp_path / "ix"), "--skipped-log", str(log)]) == 0
+    out = capsys.readouterr()
+    assert "indexed 1 image(s)" in out.out and "1 name not UTF-8" in out.out and "caf\\xe9.png" in out.err
+    assert "rename" in log.read_text()
+    assert [Path(i).name for i in Index.load(tmp_path / "ix").ids()] == ["a.png"]
+
+
+def test_a_fifo_named_like_a_caption_file_does_not_hang_indexing(tmp_path, demo):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_shape("red", "circle").save(photos / "a.png")
+    draw_shape("blue", "square").save(photos / "b.png")
+    (photos / "b.txt").write_text("a blue square\n")
+    os.mkfifo(photos / "a.txt")
+    done = subprocess.run([sys.executable, "-m", "clipkit", "-q", "index", str(photos), "--index",
+                           str(tmp_path / "ix")], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    index = Index.load(tmp_path / "ix")
+    assert len(index) == 2 and index.captions.ids() == [f"{photos / 'b.png'}#0"]
+
+
+@pytest.mark.parametrize("how", ["shard", "folder", "missing"])
+def test_remove_takes_the_items_of_shards(tmp_path, demo, capsys, how):
+    shards = write_synthetic(tmp_path / "shards", 20, seed=3, split="test", maxcount=10, workers=1, progress=False)
+    ix = str(tmp_path / "ix")
+    for shard in shards:
+        assert main(["-q", "index", str(shard), "--index", ix]) == 0
+    if how == "shard":
+        assert main(["remove", str(shards[0]), "--index", ix]) == 0
+    elif how == "folder":
+        assert main(["remove", str(shards[0].parent), "--index", ix]) == 0
+    else:
+        shards[0].unlink()
+        assert main(["remove", "--missing", "--index", ix]) == 0
+    gone = 20 if how == "folder" else 10
+    assert f"removed {gone} item(s); {20 - gone} left" in capsys.readouterr().out
+    index = Index.load(ix)
+    assert not any(i.startswith(f"{shards[0]}#") for i in index.ids())
+    assert not any(c.startswith(f"{shards[0]}#") for c in index.captions.ids())
+    hits = clipkit.search("a red circle", index, k=20)
+    assert all(not h.id.startswith(f"{shards[0]}#") for h in hits)
+    if how == "shard":  # indexed again, it comes back in full
+        assert main(["-q", "index", str(shards[0]), "--index", ix]) == 0
+        assert len(Index.load(ix)) == 20
+
+
+def test_indexing_the_index_folder_itself_is_refused(tmp_path, demo, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_shape("red", "circle").save(photos / "a.png")
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(photos), "--index", ix]) == 0
+    (Path(ix) / "sub").mkdir()
+    draw_shape("blue", "square").save(Path(ix) / "sub" / "b.png")
+    for source in (ix, str(Path(ix) / "sub")):
+        assert main(["index", source, "--index", ix]) == 2
+        assert "this index's own folder" in capsys.readouterr().err
+    assert len(Index.load(ix)) == 1 and len(Index.load(ix).roots()) == 1

@@ -85,6 +85,7 @@ def read_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, s
 def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
     """A folder of images with same-name `.txt` caption files (one caption a line) as a retrieval set;
     images without captions are left out."""
+    from clipkit._io import read_regular
     from clipkit.data.folder import scan_images
 
     folder = Path(folder)
@@ -93,7 +94,7 @@ def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
     images, captions, text_to_image = [], [], []
     for path in scan_images(folder):
         try:
-            lines = [line.strip() for line in path.with_suffix(".txt").read_text(encoding="utf-8").splitlines()]
+            lines = [line.strip() for line in read_regular(path.with_suffix(".txt")).decode("utf-8").splitlines()]
         except (OSError, UnicodeDecodeError):
             continue
         lines = [line for line in lines if line]

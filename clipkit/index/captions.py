@@ -91,11 +91,12 @@ def image_of(caption_id: str) -> str:
 
 def read_captions(image_path: str | Path) -> list[str]:
     """The captions of an image: the non-empty lines of the .txt file beside it ([] without one)."""
+    from clipkit._io import read_regular
     from clipkit.data.loader import caption_lines
 
     try:
-        return caption_lines(caption_file(image_path).read_bytes(), errors="replace")
-    except OSError:  # no caption file, or unreadable: no captions
+        return caption_lines(read_regular(caption_file(image_path)), errors="replace")
+    except OSError:  # no caption file, unreadable or not a regular file: no captions
         return []
 
 

@@ -529,6 +529,9 @@ class Index:
         runs without it keep using it. `listed_only`: index only the images the caption table lists (listed
         files that are missing or outside the folder are reported as skipped).
         """
+        if self.path is not None and sync.is_under(str(Path(folder).resolve()), str(self.path.resolve())):
+            raise ValueError(f"{folder} is this index's own folder (or inside it), not a folder of images: give the "
+                             "folder the images are in")
         model = self._writing_model(model)
         with self.writer(on_wait=log.warning):
             self._record_model(model)
@@ -648,14 +651,15 @@ class Index:
                     for _, path, count in self.store.roots()]
 
     def remove_folder(self, folder: str | os.PathLike) -> int:
-        """Remove every item whose file is under `folder` (which may no longer exist); how many went."""
+        """Remove every item whose file (or shard) is `folder` or under it (which may no longer exist); how many
+        went."""
         target = os.path.abspath(folder)
         removed = self._write(lambda store: sync.remove_under(store, target))
         self._drop_orphan_captions()
         return removed
 
     def prune_missing(self) -> int:
-        """Remove the items of every indexed folder that no longer exists; how many went."""
+        """Remove the items of every indexed folder, and shard, that no longer exists; how many went."""
         removed = self._write(sync.remove_missing_roots)
         self._drop_orphan_captions()
         return removed

@@ -338,6 +338,15 @@ class Store:
                     (root, inside, len(inside) + 1, inside + "/"))]
         return keys
 
+    def shard_keys(self) -> dict[str, list[int]]:
+        """shard path -> the keys of the items indexed from it in place (`clipkit.index.shards`)."""
+        out: dict[str, list[int]] = {}
+        for key, shard in self.db.execute("SELECT key, json_extract(extra, '$.shard') FROM items "
+                                          "WHERE path IS NULL AND extra LIKE '%\"shard\"%'"):
+            if isinstance(shard, str):
+                out.setdefault(shard, []).append(key)
+        return out
+
     # -- copies ---------------------------------------------------------------------------------
 
     def backup_to(self, target: str) -> None:

@@ -106,6 +106,9 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     these files (absolute paths), e.g. those a caption table lists; the folder's others count as gone.
     """
     root = Path(folder).resolve()
+    if not _storable(str(root)):
+        raise ValueError(f"{printable(str(root))}: the folder's name is not valid UTF-8, which the index cannot "
+                         "store; rename it")
     root_id, root_folder, prefix = _locate(store, str(root))
     plan = SyncPlan(root=root, root_folder=root_folder, root_id=root_id)
     known: dict[str, tuple] = {}
@@ -119,6 +122,10 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     if include is not None:
         files = [p for p in files if str(p) in include]
     for path in files:
+        if not _storable(str(path)):
+            plan.report.skip(printable(str(path)), f"{printable(str(path))}: the file name is not valid UTF-8, which "
+                             "the index cannot store; rename the file", "name not UTF-8")
+            continue
         try:
             stat = path.stat()
         except OSError as exc:
@@ -135,6 +142,20 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     if plan.new:
         _find_moves(store, plan)
     return plan
+
+
+def _storable(name: str) -> bool:
+    """Whether a path can be an id in the store (text there is UTF-8: no undecodable bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A file name with undecodable bytes written as \\xNN, fit to print and to write as JSON."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _vanished(store: Store, plan: SyncPlan) -> list[dict]:
@@ -223,19 +244,36 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
 
 
 def remove_under(store: Store, folder: str):
-    """A change (for Index._write): remove every item whose file is under `folder`."""
-    keys = store.keys_under(folder)
+    """A change (for Index._write): remove every item whose file, or shard, is `folder` or under it."""
+    keys = store.keys_under(folder) + _forget_shards(store, lambda shard: is_under(shard, folder))
     store.delete_keys(keys)
     store.drop_empty_roots()
     return len(keys), None, None, None, keys
 
 
 def remove_missing_roots(store: Store):
-    """A change (for Index._write): remove the items of every indexed folder that no longer exists."""
+    """A change (for Index._write): remove the items of every indexed folder, and shard, that no longer exists."""
     keys = []
     for _, folder, _ in store.roots():
         if not os.path.isdir(folder):
             keys += store.keys_under(folder)
+    keys += _forget_shards(store, lambda shard: not os.path.isfile(shard))
     store.delete_keys(keys)
     store.drop_empty_roots()
     return len(keys), None, None, None, keys
+
+
+def is_under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _forget_shards(store: Store, chosen) -> list[int]:
+    """Inside a transaction: the keys of the items of the shards `chosen(shard path)` picks, whose recorded
+    sizes and mtimes go too (so indexing such a shard again reads it anew)."""
+    from clipkit.index.files import SHARD_STATS
+
+    picked = {shard: keys for shard, keys in store.shard_keys().items() if chosen(shard)}
+    recorded = store.info(SHARD_STATS, {})
+    if any(shard in recorded for shard in picked):
+        store.set_info(SHARD_STATS, {shard: stat for shard, stat in recorded.items() if shard not in picked})
+    return [key for keys in picked.values() for key in keys]
