@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -623,7 +624,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             package_log.setLevel(logging.ERROR)
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ClipkitError, OSError) as exc:
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ClipkitError, OSError,
+            sqlite3.DatabaseError) as exc:
+        if isinstance(exc, sqlite3.DatabaseError):  # damage met after an index was opened
+            from clipkit.index.store import translate
+
+            exc = translate(exc, "of an index")
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"clipkit: error: {message}", file=sys.stderr)
         return 2

@@ -373,3 +373,112 @@ def test_indexing_the_index_folder_itself_is_refused(tmp_path, demo, capsys):
         assert main(["index", source, "--index", ix]) == 2
         assert "this index's own folder" in capsys.readouterr().err
     assert len(Index.load(ix)) == 1 and len(Index.load(ix).roots()) == 1
+
+
+# -- damaged or unreadable parts of an index ---------------------------------------------------
+
+
+@pytest.fixture
+def captioned_index(tmp_path, demo):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
+        draw_shape(colour, shape, seed=n).save(photos / f"{n}.png")
+        (photos / f"{n}.txt").write_text(f"a {colour} {shape}\n")
+    ix = tmp_path / "ix"
+    assert main(["-q", "index", str(photos), "--index", str(ix)]) == 0
+    return photos, ix
+
+
+def test_garbage_inside_the_store_is_a_one_line_error(captioned_index, capsys):
+    _, ix = captioned_index
+    size = (ix / "meta.sqlite").stat().st_size
+    with open(ix / "meta.sqlite", "r+b") as handle:
+        handle.seek(min(4096, size - 4096))
+        handle.write(os.urandom(4096))
+    assert main(["search", "red", "--index", str(ix)]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and "internal error" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_garbled_or_unreadable_config_is_not_fatal(captioned_index, capsys, monkeypatch):
+    _, ix = captioned_index
+    (ix / "config.json").write_text("{garbled")
+    assert main(["search", "a red circle", "--index", str(ix), "-k", "1", "--paths"]) == 0
+    assert capsys.readouterr().out.strip().endswith("0.png")
+    assert main(["-q", "index", str(captioned_index[0]), "--index", str(ix)]) == 0  # a writer writes it anew
+    assert '"format": "clipkit-index"' in (ix / "config.json").read_text()
+    (ix / "config.json").write_text("{garbled")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if self.name == "config.json" else real(self, *a, **k))
+    assert len(Index.load(ix)) == 3
+
+
+def test_an_unreadable_store_says_permission_denied(captioned_index, capsys, monkeypatch):
+    from clipkit.index import store
+
+    _, ix = captioned_index
+    real = os.access
+    monkeypatch.setattr(store.os, "access", lambda path, mode: False if str(path).endswith("ix/meta.sqlite")
+                        else real(path, mode))  # as a user other than its owner (these tests may run as root)
+    assert main(["search", "red", "--index", str(ix)]) == 2
+    assert "permission denied" in capsys.readouterr().err
+
+
+def test_a_damaged_caption_store_does_not_stop_image_indexing(captioned_index, capsys, caplog):
+    photos, ix = captioned_index
+    (ix / "captions" / "meta.sqlite").write_bytes(b"garbage" * 1000)
+    draw_shape("purple", "circle").save(photos / "3.png")
+    assert main(["index", str(photos), "--index", str(ix)]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 1 image(s)" in captured.out and "caption collection" in caplog.text
+    assert len(Index.load(ix)) == 4
+
+
+def test_remove_is_all_or_nothing_when_captions_cannot_change(captioned_index, capsys, monkeypatch):
+    from clipkit.index import store
+
+    photos, ix = captioned_index
+    real = os.access
+    monkeypatch.setattr(store.os, "access", lambda path, mode: False if mode == os.W_OK and "captions" in str(path)
+                        else real(path, mode))  # the caption store on read-only storage
+    assert main(["remove", str(photos / "0.png"), "--index", str(ix)]) == 2
+    assert "read-only" in capsys.readouterr().err
+    monkeypatch.setattr(store.os, "access", real)
+    index = Index.load(ix)
+    assert len(index) == 3 and len(index.captions) == 3
+
+
+def test_a_damaged_embedding_is_said_and_embedded_again(captioned_index, capsys, caplog):
+    photos, ix = captioned_index
+    db = sqlite3.connect(ix / "meta.sqlite")
+    target = str(photos / "1.png")
+    dim = len(db.execute("SELECT embedding FROM items WHERE id = ?", (target,)).fetchone()[0]) // 4
+    db.execute("UPDATE items SET embedding = ? WHERE id = ?", (np.full(dim, np.nan, np.float32).tobytes(), target))
+    db.execute("UPDATE info SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE name = 'generation'")
+    db.commit()
+    db.close()
+    index = Index.load(ix)
+    assert "damaged embeddings" in caplog.text
+    scores, _ = index.search(np.ones(dim, np.float32), k=3)
+    assert np.isfinite(scores).all()
+    assert main(["index", str(photos), "--index", str(ix)]) == 0
+    assert "indexed 1 image(s) (0 new, 1 changed)" in capsys.readouterr().out
+    hits = clipkit.search("a blue square", Index.load(ix), k=3)
+    assert target in [h.id for h in hits] and all(np.isfinite(h.score) for h in hits)
+
+
+def test_a_kill_while_switching_to_ann_leaves_the_index_as_it_was(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
+    Index.from_embeddings(vectors).save(tmp_path / "ix")
+    script = ("import os, sys\n"
+              "import clipkit.index.core as core\n"
+              "from clipkit.index import Index\n"
+              "def killed(*args, **kwargs):\n"
+              "    os._exit(9)\n"
+              "core.build_structure = killed\n"
+              "Index.load(sys.argv[1]).set_index_type('IVF16,Flat')\n")
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix")]).returncode == 9
+    index = Index.load(tmp_path / "ix")
+    assert index.index_type == "flat" and index.structure.startswith("Flat") and index.tuning is None

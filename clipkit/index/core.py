@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import zlib
@@ -39,7 +40,7 @@ from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, c
 from clipkit.index.ann import Structure, check_index_type, choose_structure
 from clipkit.index.tune import build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
-from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, meta_row
+from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, meta_row, translate
 from clipkit.index.vectors import keys_digest, normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
@@ -89,6 +90,8 @@ class Index:
         # need no SQL: int64 while every id is an int, else objects; slots of removed keys are never read
         self._tuning = None  # the tuner's report of the last build, until recorded
         self._captions: Index | None = None  # the caption collection, once loaded or made
+        self._captions_broken = False  # it could not be opened (said once)
+        self._damaged_told = 0  # damaged embeddings warned about
         self._generation = store.generation()
         self._structure_version = store.info("structure_version", 0)
         self._looked_at = time.monotonic()
@@ -227,9 +230,20 @@ class Index:
             if self.store.count() != len(self._keys) + added:
                 removed = np.setdiff1d(self._keys, self.store.all_keys(), assume_unique=True)
         self._apply(new, removed)
+        self._warn_damaged()
         self._generation = generation
         log.debug("caught up with generation %s: +%s -%s", generation, added, len(removed))
         return True
+
+    def _warn_damaged(self) -> None:
+        """Say once which items' stored embeddings were found damaged (they are never found by a search)."""
+        damaged = sorted(self.store.damaged)
+        if len(damaged) > self._damaged_told:
+            self._damaged_told = len(damaged)
+            first = (self.store.records_by_key(damaged[:1]).get(damaged[0]) or {}).get("id")
+            log.warning("%s item(s) of %s have damaged embeddings (NaN or not unit length; e.g. %r) and are never "
+                        "found: `clipkit index FOLDER` embeds files again; remove and add others", len(damaged),
+                        self.path or "this index", first)
 
     def _apply(self, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> None:
         """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys."""
@@ -244,16 +258,19 @@ class Index:
                 self._keys = np.concatenate([self._keys, keys])  # new keys are above every old one
                 self._remember_ids(keys, ids)
 
-    def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None) -> Structure:
-        """The structure built anew from the store (its search parameters kept unless `tune`); made current.
-        A tuned one leaves its report in `self._tuning` for `_record_structure`."""
+    def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None,
+                 index_type: str | None = None) -> Structure:
+        """The structure built anew from the store; made current. Without `tune`, the structure last recorded
+        with its search parameters, as they are (a reader never re-plans: that is a writer's `build`, which
+        records what it built). With `tune`, the one `index_type` (default: the index's) plans, tuned; it
+        leaves its report in `self._tuning` for `_record_structure`."""
         with self.store.snapshot():
             keys, ids, vectors = self.store.all_items(self.dim)
             generation = self.store.generation()
-            index_type = self.index_type
+            index_type = index_type or self.index_type
             recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
             params = self.store.info("search_params")
-        if tune or self._outgrown(len(keys)):
+        if tune:
             params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
         else:
             index_type = recorded  # the structure last built, with its tuned parameters
@@ -360,9 +377,7 @@ class Index:
             store.delete_keys(list(keys.values()))
             return len(ids), None, None, None, list(keys.values())
 
-        removed = self._write(change)
-        self._drop_orphan_captions()
-        return removed
+        return self._remove_with_captions(change)
 
     def build(self, sample_queries: Any = None) -> None:
         """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
@@ -383,19 +398,14 @@ class Index:
             sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
         with self.writer(on_wait=log.warning):
             previous = (self._structure, self._keys, self._generation)
-            old_type = self.index_type
             try:
-                if index_type is not None:
-                    with self.store.transaction(bump=False):
+                structure = self._rebuild(tune=True, sample_queries=sample_queries, index_type=index_type)
+                with self.store.transaction():  # the type and what was built, in one commit: a kill before it
+                    if index_type is not None:  # leaves the index wholly as it was
                         self.store.set_info("index_type", index_type)
-                structure = self._rebuild(tune=True, sample_queries=sample_queries)
-                with self.store.transaction():
                     self._record_structure(structure, len(self._keys))
             except BaseException:  # a build that fails leaves the index as it was
                 self._structure, self._keys, self._generation = previous
-                if index_type is not None:
-                    with contextlib.suppress(Exception), self.store.transaction(bump=False):
-                        self.store.set_info("index_type", old_type)
                 raise
             self._generation = self.store.generation()
 
@@ -534,6 +544,7 @@ class Index:
                              "folder the images are in")
         model = self._writing_model(model)
         with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
             table = self._caption_table(Path(folder).resolve(), captions)
             if listed_only and table is None:
@@ -566,9 +577,10 @@ class Index:
                 captions.kept += done.kept
 
         with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions)
-        report.captions = captions if self.captions is not None else None
+        report.captions = captions if self._captions is not None else None
         self.last_sync = report
         return report
 
@@ -630,12 +642,32 @@ class Index:
         with self._lock:
             indexed = set(self.store.ids()) if files else None
             image_ids = self.store.ids_with_prefix(prefix, files_only=True) if files else self.ids_with_prefix(prefix)
-        collection = self.captions
+        collection = self._writable_captions()
+        if collection is False:
+            return None
         if collection is None:
             if not table and not any(caption_file(i).is_file() for i in image_ids):
                 return None
             collection = self._new_caption_collection(model)
         return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table, files)
+
+    def _writable_captions(self) -> "Index | None | bool":
+        """The caption collection, for a change: None when there is none; False when it cannot be opened (a
+        warning says so: images are indexed and removed, captions are left as they are until that folder is
+        deleted and the index updated again). One on read-only storage is refused before anything changes."""
+        if self._captions_broken:
+            return False
+        try:
+            collection = self.captions
+        except (BrokenIndexError, PermissionError) as exc:
+            self._captions_broken = True
+            log.warning("the caption collection %s cannot be opened (%s): images are indexed and removed, their "
+                        "captions are not; delete that folder and index again to rebuild it",
+                        self.path / CAPTIONS_DIR, first_line(exc))
+            return False
+        if collection is not None:
+            collection.store.require_writable()
+        return collection
 
     def _new_caption_collection(self, model) -> "Index":
         collection = Index(self.dim, model=model)
@@ -654,21 +686,23 @@ class Index:
         """Remove every item whose file (or shard) is `folder` or under it (which may no longer exist); how many
         went."""
         target = os.path.abspath(folder)
-        removed = self._write(lambda store: sync.remove_under(store, target))
-        self._drop_orphan_captions()
-        return removed
+        return self._remove_with_captions(lambda store: sync.remove_under(store, target))
 
     def prune_missing(self) -> int:
         """Remove the items of every indexed folder, and shard, that no longer exists; how many went."""
-        removed = self._write(sync.remove_missing_roots)
-        self._drop_orphan_captions()
+        return self._remove_with_captions(sync.remove_missing_roots)
+
+    def _remove_with_captions(self, change) -> Any:
+        """`self._write(change)`, a removal, then the captions of the items removed; a caption collection that
+        cannot be changed is found out before anything is removed."""
+        collection = self._writable_captions()
+        removed = self._write(change)
+        if collection:
+            self._drop_orphan_captions(collection)
         return removed
 
-    def _drop_orphan_captions(self) -> None:
+    def _drop_orphan_captions(self, collection: "Index") -> None:
         """Captions whose image is no longer in the index go with it."""
-        collection = self.captions
-        if collection is None:
-            return
         indexed = set(self.ids())
         orphans = [c for c in collection.ids() if image_of(c) not in indexed]
         if orphans:
@@ -759,6 +793,14 @@ class Index:
             raise BrokenIndexError(f"index at {path} has no {DB_FILE}; it is incomplete: rebuild it with "
                                    "`clipkit index FOLDER --index PATH`")
         store = Store.open(path / DB_FILE)
+        try:
+            return cls._open(store, path, config, model)
+        except sqlite3.DatabaseError as exc:  # damage found past the first page: the same one-line error
+            store.close()
+            raise translate(exc, path / DB_FILE) from exc
+
+    @classmethod
+    def _open(cls, store: Store, path: Path, config: dict, model) -> "Index":
         if store.info("format_version") != FORMAT_VERSION:
             if store.readonly:
                 raise BrokenIndexError(f"the index at {path} has format version {store.info('format_version')!r} "
@@ -775,6 +817,7 @@ class Index:
         with index._lock:
             if not index._load_saved_structure(config):
                 index._rebuild()
+            index._warn_damaged()
         if model is not None:
             index.check_model(model)
             index.model = model
@@ -840,8 +883,15 @@ def read_config(path: Path) -> dict:
         raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE})")
     try:
         config = json.loads(config_path.read_text())
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError("not a clipkit index config")
     except (OSError, ValueError) as exc:
-        raise BrokenIndexError(f"{config_path} is unreadable ({exc}); rebuild the index") from exc
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise BrokenIndexError(f"{config_path} is not a clipkit index config")
+        if not (path / DB_FILE).is_file():
+            raise BrokenIndexError(f"{config_path} is unreadable ({first_line(exc)}) and {path} has no "
+                                   f"{DB_FILE}: this is no clipkit index") from exc
+        # the store is the truth; config.json only records what index.faiss was saved from: without it, that
+        # file is not trusted (the structure is rebuilt from the store) and the next save writes both anew
+        log.warning("%s is unreadable (%s); going by %s alone (the next save rewrites it)", config_path,
+                    first_line(exc), DB_FILE)
+        return {}
     return config

@@ -75,6 +75,7 @@ class Store:
 
     def __init__(self, db: sqlite3.Connection, file: Path | None, readonly: bool = False):
         self.db, self.file, self.readonly = db, file, readonly
+        self.damaged: set[int] = set()  # keys whose stored embedding was found NaN, infinite or zero when read
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -92,6 +93,9 @@ class Store:
     @classmethod
     def open(cls, file: Path) -> "Store":
         """An existing store; opened read-only (and never written) when its folder cannot be written."""
+        if not os.access(file, os.R_OK):
+            raise PermissionError(f"cannot read the index store {file}: permission denied (run as its owner, or "
+                                  "give this user read access to the index folder)")
         writable = os.access(file.parent, os.W_OK) and os.access(file, os.W_OK)
         try:
             if writable:
@@ -236,14 +240,25 @@ class Store:
         for chunk in chunks(keys):
             by_key.update(self.db.execute(f"SELECT key, embedding FROM items WHERE key IN ({marks(chunk)})",
                                           chunk).fetchall())
-        return blobs_to_vectors([by_key[k] for k in keys], dim)
+        return self._checked(np.asarray(keys, dtype=np.int64), blobs_to_vectors([by_key[k] for k in keys], dim))
 
     def vectors_after(self, key: int, dim: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, list, np.ndarray]]:
         """(keys, ids, vectors) of every item with a key above `key` (all of them for -1), in batches."""
         cursor = self.db.execute("SELECT key, id, embedding FROM items WHERE key > ? ORDER BY key", (int(key),))
         while rows := cursor.fetchmany(batch):
-            yield (np.asarray([k for k, _, _ in rows], dtype=np.int64), [i for _, i, _ in rows],
-                   blobs_to_vectors([b for _, _, b in rows], dim))
+            keys = np.asarray([k for k, _, _ in rows], dtype=np.int64)
+            yield keys, [i for _, i, _ in rows], self._checked(keys, blobs_to_vectors([b for _, _, b in rows], dim))
+
+    def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """`vectors` with damaged rows (NaN, infinite or far from unit length: flipped bytes on disk) set to zero,
+        so that no search ever scores NaN; their keys are remembered in `damaged` (syncing re-embeds them)."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            norms = np.einsum("ij,ij->i", vectors, vectors)
+        bad = ~(np.abs(norms - 1) < 1e-2)
+        if bad.any():
+            self.damaged.update(int(k) for k in keys[bad])
+            vectors[bad] = 0
+        return vectors
 
     def all_items(self, dim: int) -> tuple[np.ndarray, list, np.ndarray]:
         """(keys, ids, vectors) of every item, in key order."""

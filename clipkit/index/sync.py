@@ -116,6 +116,7 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
         known.update((item_id, (size, mtime)) for item_id, _, size, mtime in store.files(root_id, prefix))
     known.update((item_id, (size, mtime)) for item_id, size, mtime in store.outside_files(str(root), root_id)
                  if isinstance(item_id, str))
+    damaged = {record["id"] for record in store.records_by_key(sorted(store.damaged)).values()}
     files = scan_images(root, exclude=exclude)
     if shard is not None:
         files = [p for p in files if shard_of(p.relative_to(root).as_posix(), shard[1]) == shard[0]]
@@ -134,7 +135,7 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
         previous = known.pop(str(path), None)
         if previous is None:
             plan.new.append((path, stat))
-        elif previous == (stat.st_size, stat.st_mtime):
+        elif previous == (stat.st_size, stat.st_mtime) and str(path) not in damaged:
             plan.unchanged += 1
         else:
             plan.changed.append((path, stat))
