@@ -44,6 +44,18 @@ def is_hf_name(name: str) -> bool:
         return False
 
 
+def folder_problem(path: Path) -> str:
+    """Why a folder is no transformers checkpoint, in a few words."""
+    config = path / "config.json"
+    if not config.is_file():
+        return "no config.json in it" if any(path.iterdir()) else "it is empty"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"its config.json is unreadable: {first_line(exc)}"
+    return "its config.json has no model_type" if isinstance(data, dict) else "its config.json is not an object"
+
+
 def require_transformers():
     try:
         import transformers
@@ -67,28 +79,86 @@ def hf_source(name: str) -> tuple[str, str, bool]:
     return repo, name, False
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
 def load_transformers(name: str, device: torch.device) -> dict[str, Any]:
     """The parts of a clipkit Model for a transformers checkpoint: {'clip', 'preprocess', 'tokenizer',
     'dim', 'image_size', 'context_length', 'name'}."""
     transformers = require_transformers()
     source, recorded, local_only = hf_source(name)
-    try:
-        model = transformers.AutoModel.from_pretrained(source, local_files_only=local_only)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load the transformers checkpoint {name}: {first_line(exc)}") from None
-    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
-        raise ValueError(f"{name} holds a {type(model).__name__}, not a dual encoder: clipkit loads transformers "
-                         "models with get_text_features and get_image_features (CLIPModel, SiglipModel, ...)")
+    with quiet_transformers():
+        model = _from_pretrained(transformers.AutoModel, source, name, local_only)
+        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+            raise ValueError(f"{name} holds a {type(model).__name__}, not a dual encoder: clipkit loads transformers "
+                             "models with get_text_features and get_image_features (CLIPModel, SiglipModel, ...)")
+        tokenizer = _from_pretrained(transformers.AutoTokenizer, source, name, local_only)
+        processor = _from_pretrained(transformers.AutoImageProcessor, source, name, local_only)
+    check_tokenizer(tokenizer, source, name, local_only)
     tower = HFDualEncoder(model, tokenizer).to(device).eval()
     text = HFTokenizer(tokenizer, context_length(model, tokenizer),
                        pad_to_max=model.config.model_type in LAST_TOKEN_POOLING)
     with torch.inference_mode():
         dim = tower.encode_text(text(["a"]).to(device)).shape[-1]
     return {"clip": tower, "preprocess": HFPreprocess(processor), "tokenizer": text, "dim": int(dim),
-            "image_size": int(model.config.vision_config.image_size), "context_length": text.context_length,
+            "image_size": image_size(model.config.vision_config, processor), "context_length": text.context_length,
             "name": recorded}
+
+
+def _from_pretrained(kind, source: str, name: str, local_only: bool):
+    """`kind.from_pretrained(source)`, any failure (a truncated weights file, a broken config) as a one-line
+    CheckpointError that names the checkpoint."""
+    from clipkit.errors import CheckpointError
+
+    try:
+        return kind.from_pretrained(source, local_files_only=local_only)
+    except ImportError:
+        raise
+    except Exception as exc:  # transformers and safetensors raise many types for a bad file
+        raise CheckpointError(f"cannot load the transformers checkpoint {name}: {first_line(exc)}") from None
+
+
+def check_tokenizer(tokenizer, source: str, name: str, local_only: bool) -> None:
+    """Refuse a tokenizer that cannot tell texts apart: transformers falls back to an empty one when a
+    checkpoint folder lacks its tokenizer files, and every text would then get the same embedding."""
+    from clipkit.errors import CheckpointError
+
+    missing = local_only and Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
+    ids = tokenizer(["a cat", "a dog"])["input_ids"]
+    if missing or ids[0] == ids[1]:
+        raise CheckpointError(f"{name} has no usable tokenizer (no {', '.join(TOKENIZER_FILES[:3])} ... there, or "
+                              "'a cat' and 'a dog' get the same tokens): save the tokenizer beside the model "
+                              "(tokenizer.save_pretrained(DIR), or copy its files from the original checkpoint)")
+
+
+def image_size(vision_config, processor) -> int:
+    """The side of the images the vision tower takes (NaFlex towers, such as SigLIP 2's, take patches of any
+    shape: their processor's largest square is the size images are read at)."""
+    if getattr(vision_config, "image_size", None):
+        return int(vision_config.image_size)
+    patches = getattr(processor, "max_num_patches", None) or getattr(vision_config, "num_patches", 256)
+    return int(round(patches ** 0.5)) * int(vision_config.patch_size)
+
+
+class quiet_transformers:
+    """Within it, transformers prints no progress bars ('Loading weights') and no warnings (its config
+    notices): clipkit's commands say what matters themselves, and -q means quiet."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.level, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self.level)
+        if self.bars:
+            hf_logging.enable_progress_bar()
 
 
 def context_length(model: nn.Module, tokenizer) -> int:

@@ -130,12 +130,18 @@ _EXTENSIONS: dict[str, dict] = {}
 
 
 @lru_cache(maxsize=None)
-def _register_configs() -> None:
-    """Make clipkit's JSON configs known to open_clip (done once, on first use, not at import)."""
+def _add_config_dir() -> None:
     import open_clip
-    from open_clip import factory
 
     open_clip.add_model_config(CONFIG_DIR)
+
+
+def _register_configs() -> None:
+    """Make clipkit's JSON configs known to open_clip (on first use, not at import), and keep clipkit's own
+    keys out of them: open_clip reads every registered config file again whenever anyone adds one."""
+    from open_clip import factory
+
+    _add_config_dir()
     for file in CONFIG_DIR.glob("*.json"):  # clipkit's own keys: taken out before open_clip builds the model
         config = factory._MODEL_CONFIGS.get(file.stem)
         if config is not None and "clipkit" in config:
@@ -206,6 +212,15 @@ def cuda_half_dtype() -> torch.dtype:
 
 
 def _unknown_model_message(name: str) -> str:
+    if Path(name).is_dir():
+        from clipkit.hf import folder_problem
+
+        return (f"{name} is a folder but not a model clipkit can load ({folder_problem(Path(name))}): a transformers "
+                "checkpoint folder holds a config.json with a model_type (save_pretrained writes one); open_clip "
+                "weights are given as --pretrained FILE beside an architecture name")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name):
+        return (f"unknown model {name!r}: a Hugging Face hub model is named hf:{name} (it is neither in the local "
+                "hub cache nor reachable now), an open_clip one published there hf-hub:ORG/REPO")
     names = list_models()
     close = difflib.get_close_matches(name, names, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -415,9 +430,10 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    from clipkit.hf import is_hf_name
+    from clipkit.hf import HF_PREFIX, is_hf_name
 
-    if is_hf_name(name):
+    if is_hf_name(name) or _bare_hub_repo(name):
+        name = name if is_hf_name(name) else HF_PREFIX + name
         return _load_transformers_model(name, pretrained, resolve_device(device), precision)
     device = resolve_device(device)
     if name.startswith(HF_HUB_PREFIX):  # an open_clip model published on the hub: config and weights there
@@ -449,6 +465,14 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     if channels_last if channels_last is not None else wants_channels_last(clip, device):
         set_channels_last(model)
     return model
+
+
+def _bare_hub_repo(name: str) -> bool:
+    """Whether `name` is a Hugging Face hub repository typed without `hf:` (`openai/clip-vit-base-patch32`):
+    ORG/REPO that is no path here and no open_clip name, whose config.json is cached or the hub reachable."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or os.path.exists(name) or name in list_models():
+        return False
+    return hub_cached(name, "config.json") or (not offline_forced() and reachable(hf_hub_host()))
 
 
 def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:

@@ -482,3 +482,62 @@ def test_a_kill_while_switching_to_ann_leaves_the_index_as_it_was(tmp_path):
     assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix")]).returncode == 9
     index = Index.load(tmp_path / "ix")
     assert index.index_type == "flat" and index.structure.startswith("Flat") and index.tuning is None
+
+
+# -- models that load wrong, or fail badly -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from test_hf import clip_dir
+
+    root = tmp_path_factory.mktemp("hf-doors")
+    good = clip_dir(root)
+    folders = {"good": good}
+    folders["no-tokenizer"] = root / "no-tokenizer"
+    shutil.copytree(good, folders["no-tokenizer"])
+    for file in folders["no-tokenizer"].iterdir():
+        if file.name not in ("config.json", "model.safetensors", "preprocessor_config.json"):
+            file.unlink()
+    folders["truncated"] = root / "truncated"
+    shutil.copytree(good, folders["truncated"])
+    weights = folders["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    folders["bert"] = root / "bert"
+    transformers.BertModel(transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32)).save_pretrained(
+        folders["bert"])
+    folders["broken-config"] = root / "broken-config"
+    shutil.copytree(good, folders["broken-config"])
+    (folders["broken-config"] / "config.json").write_text("{broken")
+    folders["empty"] = root / "empty"
+    folders["empty"].mkdir()
+    return folders
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("no-tokenizer", "no usable tokenizer"), ("truncated", "cannot load the transformers checkpoint .*truncated"),
+    ("bert", "holds a BertModel, not a dual encoder"), ("broken-config", "config.json is unreadable"),
+    ("empty", "is a folder but not a model .*it is empty"),
+])
+def test_bad_model_folders_are_refused_in_one_line(hf_folders, folder, message, capsys, tmp_path):
+    from clipkit.errors import ClipkitError
+
+    with pytest.raises((ValueError, ClipkitError), match=message):
+        clipkit.load_model(str(hf_folders[folder]), device="cpu")
+    draw_shape("red", "circle").save(tmp_path / "a.png")
+    assert main(["index", str(tmp_path), "--index", str(tmp_path / "ix"), "--model", str(hf_folders[folder])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "internal error" not in err and "Loading weights" not in err, err
+
+
+def test_transformers_loads_quietly(hf_folders, tmp_path):
+    """No 'Loading weights' bar or config notice from transformers, with -q and without a terminal."""
+    draw_shape("red", "circle").save(tmp_path / "a.png")
+    done = subprocess.run([sys.executable, "-m", "clipkit", "-q", "index", str(tmp_path), "--index",
+                           str(tmp_path / "ix"), "--model", str(hf_folders["good"])], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr

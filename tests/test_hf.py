@@ -142,6 +142,11 @@ def test_hub_names_use_the_cache_and_fail_fast_offline(checkpoints, tmp_path):
     name, vectors = json.loads(found.stdout.strip().splitlines()[-1])
     assert name == "hf:someone/tiny-clip"
     np.testing.assert_allclose(vectors, reference(checkpoints["clip"], TEXTS, images())[0], atol=1e-4)
+    bare = _in_process(load.replace("hf:someone/tiny-clip", "someone/tiny-clip"), env)  # as users type it
+    assert bare.returncode == 0, bare.stderr[-2000:]
+    assert json.loads(bare.stdout.strip().splitlines()[-1]) == [name, vectors]
+    unknown = _in_process(load.replace("hf:someone/tiny-clip", "someone/not-cached"), env)
+    assert unknown.returncode != 0 and "is named hf:someone/not-cached" in unknown.stderr
 
 
 def test_not_a_dual_encoder(tmp_path):
