@@ -14,6 +14,7 @@ padding as -1, so the mask travels with them (through training batches too).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,27 @@ class HFTokenizer:
 
 
 class HFPreprocess:
-    """A PIL image -> the CHW float tensor the checkpoint's image processor makes of it."""
+    """A PIL image -> the float tensor the checkpoint's image processor makes of it: CHW pixels, or for NaFlex
+    processors (SigLIP 2: patches of any aspect ratio) its (patches, values) rows packed with each patch's
+    attention mask and the image's patch grid, three more columns (`unpack_naflex` takes them apart), so that
+    every path that stacks preprocessed images into batches carries them."""
 
     def __init__(self, processor):
         self.processor = processor
 
     def __call__(self, image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+        out = self.processor(images=image, return_tensors="pt")
+        if "spatial_shapes" not in out:
+            return out["pixel_values"][0]
+        pixels, mask, (height, width) = out["pixel_values"][0], out["pixel_attention_mask"][0], out["spatial_shapes"][0]
+        grid = torch.tensor([float(height), float(width)]).expand(len(pixels), 2)
+        return torch.cat([pixels, mask[:, None].to(pixels.dtype), grid.to(pixels.dtype)], dim=1)
+
+
+def unpack_naflex(packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a NaFlex vision tower from a batch of `HFPreprocess` rows."""
+    return {"pixel_values": packed[..., :-3], "pixel_attention_mask": packed[..., -3].round().long(),
+            "spatial_shapes": packed[:, 0, -2:].float().round().long()}
 
 
 class HFDualEncoder(nn.Module):
@@ -207,6 +222,10 @@ class HFDualEncoder(nn.Module):
         super().__init__()
         self.model = model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.naflex = "spatial_shapes" in inspect.signature(model.get_image_features).parameters
+
+    def _image_inputs(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return unpack_naflex(pixels) if self.naflex else {"pixel_values": pixels}
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -222,9 +241,10 @@ class HFDualEncoder(nn.Module):
 
     def image_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image embedding, unnormalised; the vision tower's token states)."""
-        out = self.model.get_image_features(pixel_values=pixels)
+        inputs = self._image_inputs(pixels)
+        out = self.model.get_image_features(**inputs)
         if torch.is_tensor(out):  # transformers < 5: features only
-            return out, self.model.vision_model(pixel_values=pixels).last_hidden_state
+            return out, self.model.vision_model(**inputs).last_hidden_state
         return out.pooler_output, out.last_hidden_state
 
     def text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +257,7 @@ class HFDualEncoder(nn.Module):
         return out.pooler_output, out.last_hidden_state
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=pixels)
+        out = self.model.get_image_features(**self._image_inputs(pixels))
         return out if torch.is_tensor(out) else out.pooler_output
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,10 +68,27 @@ def siglip_dir(root: Path) -> Path:
     return path
 
 
+def siglip2_dir(root: Path) -> Path:
+    """A tiny random Siglip2Model (NaFlex: patches at the image's own aspect ratio) with a character-level
+    SigLIP 2 (Gemma) tokenizer and SigLIP 2's image processor."""
+    path = root / "tiny-siglip2"
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    vocab.update((c, n) for n, c in enumerate(string.ascii_lowercase, len(vocab)))
+    tokenizer = transformers.Siglip2Tokenizer(vocab=vocab, merges=[], model_max_length=16)
+    config = transformers.Siglip2Config(
+        text_config=dict(TINY_TEXT, vocab_size=tokenizer.vocab_size, max_position_embeddings=16),
+        vision_config={k: v for k, v in TINY_VISION.items() if k != "image_size"} | {"num_patches": 16})
+    torch.manual_seed(0)
+    transformers.Siglip2Model(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {"clip": clip_dir(root), "siglip": siglip_dir(root)}
+    return {"clip": clip_dir(root), "siglip": siglip_dir(root), "siglip2": siglip2_dir(root)}
 
 
 def images() -> list:
@@ -83,7 +101,7 @@ def reference(path: Path, texts: list[str], pictures: list) -> tuple[np.ndarray,
     model = transformers.AutoModel.from_pretrained(path).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     processor = transformers.AutoImageProcessor.from_pretrained(path)
-    padding = "max_length" if model.config.model_type == "siglip" else True
+    padding = "max_length" if model.config.model_type in ("siglip", "siglip2") else True
     with torch.no_grad():
         encoded = tokenizer(texts, padding=padding, truncation=True, return_tensors="pt")
         text = model.get_text_features(**encoded).pooler_output
@@ -91,7 +109,7 @@ def reference(path: Path, texts: list[str], pictures: list) -> tuple[np.ndarray,
     return F.normalize(text, dim=-1).numpy(), F.normalize(image, dim=-1).numpy()
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "siglip2"])
 def test_encode_equals_transformers(checkpoints, kind):
     path = checkpoints[kind]
     model = clipkit.load_model(str(path), device="cpu")
@@ -203,3 +221,18 @@ def test_served_and_evaluated_like_open_clip_models(checkpoints, image_folder):
     t2i_at_1 = np.mean(np.argmax(similarity, axis=1) == owner)  # by hand: each caption's best image
     i2t_at_1 = np.mean([owner[np.argmax(similarity[:, i])] == i for i in range(len(data.images))])
     assert result.itc["t2i_R@1"] == pytest.approx(t2i_at_1) and result.itc["i2t_R@1"] == pytest.approx(i2t_at_1)
+
+
+def test_siglip2_indexes_and_searches_like_transformers(checkpoints, tmp_path):
+    """SigLIP 2's NaFlex inputs (patches, their mask and grid) travel through folder indexing and search."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for n, picture in enumerate(images()):
+        picture.save(folder / f"{n}.png")
+    path = checkpoints["siglip2"]
+    index = clipkit.Index.from_folder(folder, clipkit.load_model(str(path), device="cpu"))
+    expected_text, expected_image = reference(path, TEXTS[:1], [Image.open(folder / f"{n}.png") for n in range(3)])
+    np.testing.assert_allclose(index.embeddings([str(folder / f"{n}.png") for n in range(3)]), expected_image,
+                               atol=1e-4)
+    hits = clipkit.search(TEXTS[0], index, k=3)
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected_image @ expected_text[0])[::-1], atol=1e-4)
