@@ -81,7 +81,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         if reranker is not None:  # another model: it prepares the images its own way
             reranker = load_reranker(reranker)
             result.reranker = reranker.name
-            images = reranker.image_inputs(load_images(data.images, min_side=reranker.min_side))
+            images = reranker.image_inputs(load_images(data.images))
         else:  # the model's own head, whose image states came with the embeddings
             reranker = HeadReranker(model)
         texts = reranker.text_inputs(data.captions)

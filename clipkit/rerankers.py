@@ -35,7 +35,6 @@ class Reranker:
     name: str = "reranker"
     weight: float = 0.0
     batch_size: int = 64
-    min_side: int | None = None  # images much larger are decoded at a reduced scale (JPEG draft mode)
 
     def cosine_weight(self, weight: float | None = None) -> float:
         """The cosine weight of a re-ranked score: the caller's `weight`, else this re-ranker's own."""
@@ -71,7 +70,6 @@ class HeadReranker(Reranker):
         self.head = require_itm(self.model)
         self.name = self.model.name
         self.weight = rerank_weight(self.head, None)
-        self.min_side = self.model.image_size
 
     def image_inputs(self, images: Sequence) -> torch.Tensor:
         states = []
@@ -90,12 +88,12 @@ class HeadReranker(Reranker):
                             torch.as_tensor(np.asarray(image_index), dtype=torch.long)).float().cpu().numpy()
 
 
-def load_images(images: Sequence, workers: int = 4, skip_errors: bool = False, min_side: int | None = None) -> list:
-    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in threads; with
-    `skip_errors`, None for those that cannot be read (any more). `min_side`: see `read_image`."""
+def load_images(images: Sequence, workers: int = 4, skip_errors: bool = False) -> list:
+    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in full in threads; with
+    `skip_errors`, None for those that cannot be read (any more)."""
     def read(item):
         try:
-            return load_image(item, min_side)
+            return load_image(item)
         except (ValueError, OSError):
             if not skip_errors:
                 raise
@@ -165,8 +163,6 @@ class BlipReranker(Reranker):
         self.model, self.processor, self.name, self.device = model, processor, name, device
         self.batch_size = 32
         self.max_length = int(model.config.text_config.max_position_embeddings)
-        size = processor.image_processor.size
-        self.min_side = int(min(size["height"], size["width"])) if "height" in size else None
 
     @classmethod
     def load(cls, source: str, device: str | torch.device | None = None) -> "BlipReranker":

@@ -155,8 +155,11 @@ def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
 
 
 def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weight: float | None = None) -> list[Hit]:
-    """Re-order ITC hits by the re-ranker's score (+ weight x cosine; None: the re-ranker's own weight). A text
-    query is scored against the hits' images, an image query against the hits' captions."""
+    """Re-order ITC hits by the re-ranker's score (+ weight x cosine; None: the re-ranker's own weight): the
+    score `score_pairs` gives the same pairs. A text query is scored against the hits' images, an image query
+    against the hits' captions. Images are decoded in full, as `score_pairs` decodes them. The cosine is the
+    re-ranker's own where it is a clipkit model (its weight was fitted to it; the index may hold another model's
+    embeddings, or embeddings of a reduced-scale decode), else the hits' ITC score."""
     if not hits:
         return hits
     if kind == TEXT:
@@ -164,22 +167,25 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weig
         missing = [h.id for h, source in zip(hits, sources) if source is None]
         if missing:
             raise ValueError(f"re-ranking a text query needs the images, but item {missing[0]!r} has no image file")
-        pictures = load_images(sources, skip_errors=True, min_side=reranker.min_side)
+        pictures = load_images(sources, skip_errors=True)
         hits = [hit for hit, picture in zip(hits, pictures) if picture is not None]  # files gone since indexing
         if not hits:
             return hits
-        images = reranker.image_inputs([p for p in pictures if p is not None])
-        texts, image_index, text_index = reranker.text_inputs([query]), np.arange(len(hits)), np.zeros(len(hits), int)
+        pictures, texts = [p for p in pictures if p is not None], [query]
+        image_index, text_index = np.arange(len(hits)), np.zeros(len(hits), int)
     else:
-        captions = [h.metadata.get("caption") for h in hits]
-        if any(c is None for c in captions):
+        texts = [h.metadata.get("caption") for h in hits]
+        if any(c is None for c in texts):
             raise ValueError("re-ranking an image query scores it against captions, but these hits have none: "
                              "image-to-image search cannot be re-ranked by ITM")
-        images, texts = reranker.image_inputs([load_image(query)]), reranker.text_inputs(captions)
-        image_index, text_index = np.zeros(len(hits), int), np.arange(len(hits))
-    scores = reranker.match(images, image_index, texts, text_index)
+        pictures, image_index, text_index = [load_image(query)], np.zeros(len(hits), int), np.arange(len(hits))
+    scores = reranker.match(reranker.image_inputs(pictures), image_index, reranker.text_inputs(texts), text_index)
     weight = reranker.cosine_weight(weight)
-    for hit, score in zip(hits, scores):
+    cosines = np.array([h.score for h in hits])
+    own = getattr(reranker, "model", None)
+    if weight and own is not None:
+        cosines = np.sum(encode_images(pictures, own)[image_index] * encode_texts(texts, own)[text_index], axis=1)
+    for hit, score, cosine in zip(hits, scores, cosines):
         hit.metadata["itc_score"] = hit.score
-        hit.score = float(score + weight * hit.score)
+        hit.score = float(score + weight * cosine)
     return sorted(hits, key=lambda h: -h.score)

@@ -129,10 +129,11 @@ def test_exported_late_head_reranks_in_evaluation_and_search(tiny_model, late_he
     itc = clipkit.search("a red circle", index, k=6)
     states, padding = text_states(model, ["a red circle"])
     expected = {}
-    for hit in itc:
-        pixels = model.preprocess(load_image(hit.path, model.image_size))[None]
-        score = match_scores(model.itm, states, padding, image_states(model, pixels)).item()
-        expected[hit.id] = score + 4.0 * hit.score
+    query = clipkit.encode(["a red circle"], model=model)[0]
+    for hit in itc:  # images decoded in full; the cosine is the head's own model's, of that decode
+        picture = load_image(hit.path)
+        score = match_scores(model.itm, states, padding, image_states(model, model.preprocess(picture)[None])).item()
+        expected[hit.id] = score + 4.0 * float(clipkit.encode([picture], model=model)[0] @ query)
     assert [h.id for h in hits] == sorted(expected, key=lambda i: -expected[i])[:4]
     assert all(h.score == pytest.approx(expected[h.id], abs=1e-4) for h in hits)
 

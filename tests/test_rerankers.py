@@ -78,7 +78,7 @@ def test_search_reranks_with_blip_both_ways(blip, demo, image_folder, tmp_path):
     index = clipkit.Index.from_folder(image_folder, demo)
     hits = clipkit.search("a red circle", index, k=4, rerank=True, rerank_k=10, reranker=reranker)
     candidates = clipkit.search("a red circle", index, k=10)
-    pictures = [load_image(Path(h.path), reranker.min_side) for h in candidates]
+    pictures = [load_image(Path(h.path)) for h in candidates]  # decoded in full, as score_pairs does
     probabilities = blip_reference(blip, pictures, ["a red circle"] * len(candidates))
     order = np.argsort(-probabilities, kind="stable")[:4]
     assert [h.id for h in hits] == [candidates[i].id for i in order]
@@ -102,7 +102,7 @@ def test_head_reranker_and_score_pairs_match_search(demo, image_folder):
     assert isinstance(reranker, HeadReranker) and reranker.weight == demo.itm.config["rerank_weight"]
     index = clipkit.Index.from_folder(image_folder, demo)
     hits = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8)
-    pictures = [load_image(Path(h.path), demo.image_size) for h in hits]
+    pictures = [Path(h.path) for h in hits]
     scores = clipkit.score_pairs(pictures, ["a red circle"] * len(hits), model=demo)
     np.testing.assert_allclose(scores, [h.score for h in hits], atol=1e-4)
     with_head = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8, reranker=reranker)
@@ -137,3 +137,19 @@ def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, caps
     assert report["reranker"] == str(blip.resolve()) and report["rerank"]["t2i"]["R@10"] == \
         report["itc"]["t2i"]["R@10"]  # beyond the re-ranked top 4 nothing moves
     assert "ITC + " + str(blip.resolve()) in capsys.readouterr().out
+
+
+def test_reranking_is_one_score(blip, demo, tiny_model, tmp_path):
+    """search's re-ranked score of a pair is score_pairs' for it: large JPEGs decoded in full for both, and a
+    clipkit re-ranker over another model's index adds its own cosine (its weight was fitted to it)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle"),
+                                         ("red", "square"), ("yellow", "circle")]):
+        draw_shape(colour, shape, size=(600, 480), seed=n).save(folder / f"{n}.jpg", quality=90)
+    for reranker, index_model in ((clipkit.load_reranker(str(blip), device="cpu"), demo),
+                                  (clipkit.load_reranker("clipkit-demo", device="cpu"), tiny_model)):
+        index = clipkit.Index.from_folder(folder, index_model)
+        hits = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=5, reranker=reranker)
+        expected = clipkit.score_pairs([Path(h.path) for h in hits], ["a red circle"] * 5, reranker=reranker)
+        np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-4)
