@@ -38,7 +38,8 @@ from clipkit.data.captions import synthetic_set
 from clipkit.models import SCRATCH, WEIGHTS_DIR, export_compact, load_model
 from clipkit.data.synthetic import binding_pairs
 from clipkit.evaluate import binding_table, binding, evaluate
-from clipkit.rerank_train import KINDS, RerankConfig, train_rerank_head, training_galleries
+from clipkit.rerank_train import (KINDS, RerankConfig, cache_gallery, fit_weights, train_rerank_head,
+                                  training_galleries)
 from clipkit.train import TrainConfig, checkpoint_paths, train
 
 
@@ -65,7 +66,13 @@ def main() -> None:
     parser.add_argument("--skip-stage1", action="store_true", help="use the last stage-1 checkpoint in --out")
     parser.add_argument("--stage1", default=None, help="use this stage-1 checkpoint or exported model instead")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--refit-weights", action="store_true",
+                        help="only refit the shipped model's re-ranking cosine weights (both directions) on its "
+                             "stage-2 fitting galleries, and write them into clipkit/weights/clipkit-demo.pt")
     args = parser.parse_args()
+    if args.refit_weights:
+        print(json.dumps(refit_weights(), indent=2))
+        return
 
     config = TrainConfig(
         data=f"synthetic:{args.train_images}", out=args.out, model="clipkit-demo", pretrained=SCRATCH,
@@ -114,7 +121,19 @@ def evaluate_demo(test_images: int) -> dict:
     print("\n".join(binding_table(bound)))
     return {"test_images": len(test.images), "test_captions": len(test.captions), "itc": result.itc,
             "rerank": result.rerank, "eval_seconds": result.seconds, "rerank_weight": result.weight,
+            "rerank_weight_i2t": result.weight_i2t,
             "binding": bound}
+
+
+def refit_weights(galleries: int = 4) -> dict:
+    """The shipped model's cosine weights, text -> image and image -> text, fitted on the galleries stage 2
+    fits them on (synthetic training split, seeds 1..`galleries`: never a test seed), written into its file."""
+    model = load_model("clipkit-demo", device="cpu")
+    data = training_galleries(f"synthetic:{1000 * galleries}", 1000, model.image_size)
+    cached = [cache_gallery(model, g, RerankConfig().k, kind="fusion") for g in data]
+    fitted = fit_weights(model.itm, cached)
+    export_compact(WEIGHTS_DIR / "clipkit-demo.pt", WEIGHTS_DIR / "clipkit-demo.pt", itm=model.itm)
+    return fitted
 
 
 def stage_two(args, last: Path) -> tuple:
@@ -127,7 +146,8 @@ def stage_two(args, last: Path) -> tuple:
     head, stage2 = train_rerank_head(towers, galleries, config, state_path=state)
     stage2["seconds"] = round(time.perf_counter() - start, 1)
     print(f"stage 2: {args.rerank_steps} steps in {stage2['seconds'] / 60:.1f} min, loss "
-          f"{stage2['loss_first_50']} -> {stage2['loss_last_50']}, cosine weight {stage2['rerank_weight']}")
+          f"{stage2['loss_first_50']} -> {stage2['loss_last_50']}, cosine weights {stage2['rerank_weight']} (t2i), "
+          f"{stage2['rerank_weight_i2t']} (i2t)")
     return head, stage2
 
 

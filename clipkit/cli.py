@@ -599,7 +599,7 @@ def cmd_train_rerank(args) -> int:
                           config=config, device=args.device, progress=_progress(args) is not False)
     if not args.quiet:
         print(f"re-ranking head: loss {report['loss_first_50']} -> {report['loss_last_50']}, cosine weight "
-              f"{report['rerank_weight']}; wrote {args.out} (use it as --pretrained with --model {args.model})")
+              f"{report['rerank_weight']} (image -> text {report['rerank_weight_i2t']}); wrote {args.out} (use it as --pretrained with --model {args.model})")
     return 0
 
 

@@ -31,7 +31,8 @@ class Evaluation:
     seconds: dict = field(default_factory=dict)
     n_images: int = 0
     n_texts: int = 0
-    weight: float | None = None  # the cosine weight re-ranking used
+    weight: float | None = None  # the cosine weight text -> image re-ranking used
+    weight_i2t: float | None = None  # ... and image -> text
     reranker: str | None = None  # the re-ranker, when not the model's own ITM head
 
 
@@ -85,7 +86,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         else:  # the model's own head, whose image states came with the embeddings
             reranker = HeadReranker(model)
         texts = reranker.text_inputs(data.captions)
-        weight = result.weight = reranker.cosine_weight(weight)
+        result.weight, result.weight_i2t = reranker.cosine_weight(weight), reranker.cosine_weight(weight, "i2t")
 
         def t2i_pairs(rows, cols):  # rows: captions, cols: images
             return reranker.match(images, cols, texts, rows)
@@ -93,8 +94,8 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         def i2t_pairs(rows, cols):  # rows: images, cols: captions
             return reranker.match(images, rows, texts, cols)
 
-        t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, weight)
-        i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, weight)
+        t2i_sim = _rerank_rows(similarity, rerank_k, t2i_pairs, result.weight)
+        i2t_sim = _rerank_rows(similarity.T, rerank_k, i2t_pairs, result.weight_i2t)
         t2i = text_to_image_ranks(lambda a, b: t2i_sim[a:b], len(data.captions), mapping)
         i2t = image_to_text_ranks(lambda a, b: i2t_sim[a:b], len(data.images), mapping)
         result.rerank = summarize(t2i, i2t, ks)
@@ -196,6 +197,7 @@ def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pr
     report = {"dataset": data.name, "model": model, "pretrained": pretrained, "n_images": result.n_images,
               "n_texts": result.n_texts, "itc": _by_direction(result.itc, ks), "rerank": _by_direction(result.rerank, ks),
               "rerank_k": rerank_k if result.rerank is not None else None, "rerank_weight": result.weight,
+              "rerank_weight_i2t": result.weight_i2t,
               "reranker": result.reranker,
               f"itc_R@{rerank_k}_cap": {d: result.itc[f"{d}_R@{rerank_k}"] for d in ("t2i", "i2t")},
               "mean_rank": {d: result.itc[f"{d}_mean_rank"] for d in ("t2i", "i2t")},

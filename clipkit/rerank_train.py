@@ -41,7 +41,7 @@ from clipkit.train.schedule import cosine_schedule
 log = logging.getLogger(__name__)
 
 KINDS = ("late", "fusion")
-WEIGHT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0)
+WEIGHT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 512.0)
 
 
 @dataclass
@@ -176,14 +176,49 @@ def rerank_top1(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
     return {w: h / len(g.text_to_image) for w, h in hits.items()}
 
 
-def fit_weight(head: torch.nn.Module, galleries: list[CachedGallery]) -> tuple[float, dict[float, float]]:
-    """The cosine weight with the best mean re-ranked R@1 over `galleries` (ties: the smallest weight)."""
+@torch.no_grad()
+def rerank_top1_i2t(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
+                    batch: int = 256) -> dict[float, float]:
+    """Image-to-text R@1 (any of the image's captions first) after re-ranking each image's top k captions by
+    ITC (k: the gallery's, as text -> image uses) by score + w x cosine, for each w."""
+    was_training = head.training
+    head.eval()
+    images = head_images(head, g, batch)
+    k = min(g.top.shape[1], len(g.text_to_image))
+    hits = {w: 0 for w in weights}
+    for start in range(0, len(g.image_emb), batch):
+        rows = torch.arange(start, min(start + batch, len(g.image_emb)))
+        cosine, candidates = (g.image_emb[rows] @ g.text_emb.T).topk(k, dim=1)
+        flat = candidates.reshape(-1)
+        score = match_scores(head, g.texts[flat], g.padding[flat], images,
+                             rows.repeat_interleave(k)).view(len(rows), k)
+        for w in weights:
+            best = candidates.gather(1, (score + w * cosine).argmax(dim=1, keepdim=True)).squeeze(1)
+            hits[w] += int((g.text_to_image[best] == rows).sum())
+    head.train(was_training)
+    return {w: h / len(g.image_emb) for w, h in hits.items()}
+
+
+def fit_weight(head: torch.nn.Module, galleries: list[CachedGallery],
+               direction: str = "t2i") -> tuple[float, dict[float, float]]:
+    """The cosine weight with the best mean re-ranked R@1 over `galleries` in `direction` ("t2i", "i2t";
+    ties: the smallest weight)."""
+    top1 = rerank_top1 if direction == "t2i" else rerank_top1_i2t
     totals = {w: 0.0 for w in WEIGHT_GRID}
     for g in galleries:
-        for w, r in rerank_top1(head, g).items():
+        for w, r in top1(head, g).items():
             totals[w] += r / len(galleries)
     best = max(WEIGHT_GRID, key=lambda w: (round(totals[w], 6), -w))
     return best, totals
+
+
+def fit_weights(head: torch.nn.Module, galleries: list[CachedGallery]) -> dict:
+    """Both directions' cosine weights fitted on `galleries`, written into the head's config; a report."""
+    weight, by_weight = fit_weight(head, galleries)
+    weight_i2t, by_weight_i2t = fit_weight(head, galleries, "i2t")
+    head.config["rerank_weight"], head.config["rerank_weight_i2t"] = weight, weight_i2t
+    return {"rerank_weight": weight, "rerank_weight_i2t": weight_i2t, "train_r1_by_weight": by_weight,
+            "train_i2t_r1_by_weight": by_weight_i2t}
 
 
 def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig | None = None, *,
@@ -240,11 +275,10 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
         if state_path is not None and (step % config.save_every == 0 or step == config.steps):
             save()
     bar.close()
-    weight, by_weight = fit_weight(head, cached[:4])
-    head.config["rerank_weight"] = weight
+    fitted = fit_weights(head, cached[:4])
     head.eval()
-    report = {"config": asdict(config), "galleries": len(galleries), "rerank_weight": weight,
-              "train_r1_by_weight": by_weight, "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
+    report = {"config": asdict(config), "galleries": len(galleries), **fitted,
+              "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
     return head, report
 
 
@@ -257,6 +291,7 @@ def new_head(model, config: RerankConfig) -> torch.nn.Module:
     if isinstance(model.itm, ITMHead):
         head = copy.deepcopy(model.itm).float().cpu()
         head.config.pop("rerank_weight", None)
+        head.config.pop("rerank_weight_i2t", None)
         return head
     return build_itm_head(model.clip, width=config.width)
 

@@ -24,22 +24,30 @@ import torch
 from clipkit.encode import as_model, encode, load_image
 from clipkit.errors import first_line
 from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
+from clipkit.itm.heads import DIRECTIONS
 
 
 MAX_WEIGHT = 1e6  # the largest cosine weight taken: past it, scores lose the ITM term (and overflow near 1e308)
 
 
 class Reranker:
-    """Scores (image, text) pairs; `weight` is the ITC cosine weight re-ranked scores add by default."""
+    """Scores (image, text) pairs; `weights` are the ITC cosine weights re-ranked scores add by default, per
+    direction ("t2i": a text query re-ranks images; "i2t": an image query re-ranks captions)."""
 
     name: str = "reranker"
-    weight: float = 0.0
+    weights: dict[str, float] = {"t2i": 0.0, "i2t": 0.0}
     batch_size: int = 64
 
-    def cosine_weight(self, weight: float | None = None) -> float:
-        """The cosine weight of a re-ranked score: the caller's `weight`, else this re-ranker's own."""
+    @property
+    def weight(self) -> float:
+        """The text -> image cosine weight (the one `score_pairs` adds by default)."""
+        return self.weights["t2i"]
+
+    def cosine_weight(self, weight: float | None = None, direction: str = "t2i") -> float:
+        """The cosine weight of a re-ranked score: the caller's `weight`, else this re-ranker's own for the
+        `direction` ("t2i" or "i2t")."""
         if weight is None:
-            return self.weight
+            return self.weights[direction]
         if not math.isfinite(float(weight)) or abs(float(weight)) > MAX_WEIGHT:
             raise ValueError(f"weight must be a finite number within +-{MAX_WEIGHT:g}, got {weight!r}")
         return float(weight)
@@ -69,7 +77,7 @@ class HeadReranker(Reranker):
         self.model = as_model(model)
         self.head = require_itm(self.model)
         self.name = self.model.name
-        self.weight = rerank_weight(self.head, None)
+        self.weights = {direction: rerank_weight(self.head, None, direction) for direction in DIRECTIONS}
 
     def image_inputs(self, images: Sequence) -> torch.Tensor:
         states = []

@@ -180,7 +180,7 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weig
                              "image-to-image search cannot be re-ranked by ITM")
         pictures, image_index, text_index = [load_image(query)], np.zeros(len(hits), int), np.arange(len(hits))
     scores = reranker.match(reranker.image_inputs(pictures), image_index, reranker.text_inputs(texts), text_index)
-    weight = reranker.cosine_weight(weight)
+    weight = reranker.cosine_weight(weight, "t2i" if kind == TEXT else "i2t")
     cosines = np.array([h.score for h in hits])
     own = getattr(reranker, "model", None)
     if weight and own is not None:

@@ -50,12 +50,14 @@ class ITMHead(nn.Module):
     """2-way match classifier over (text token states, text padding mask, image patch tokens)."""
 
     def __init__(self, text_width: int, image_width: int, width: int = 128, layers: int = 2, heads: int = 4,
-                 rerank_weight: float = 0.0):
+                 rerank_weight: float = 0.0, rerank_weight_i2t: float | None = None):
         super().__init__()
         self.config = {"text_width": text_width, "image_width": image_width, "width": width, "layers": layers,
                        "heads": heads}
         if rerank_weight:  # fitted by clipkit.rerank_train (kind "fusion"): re-ranked score = log-odds + w x cosine
             self.config["rerank_weight"] = float(rerank_weight)
+        if rerank_weight_i2t is not None:  # fitted on image -> text re-ranking (default: rerank_weight)
+            self.config["rerank_weight_i2t"] = float(rerank_weight_i2t)
         self.text_in = nn.Linear(text_width, width)
         self.image_in = nn.Linear(image_width, width)
         self.layers = nn.ModuleList(FusionLayer(width, heads) for _ in range(layers))
@@ -105,12 +107,14 @@ class LateInteractionHead(nn.Module):
     """
 
     def __init__(self, text_width: int, image_size: int, width: int = 128, rerank_weight: float = 0.0,
-                 kind: str = "late"):
+                 kind: str = "late", rerank_weight_i2t: float | None = None):
         super().__init__()
         if kind != "late":
             raise ValueError(f"LateInteractionHead is kind 'late', not {kind!r}")
         self.config = {"kind": "late", "text_width": text_width, "image_size": image_size, "width": width,
                        "rerank_weight": float(rerank_weight)}
+        if rerank_weight_i2t is not None:
+            self.config["rerank_weight_i2t"] = float(rerank_weight_i2t)
         self.stem = PixelStem(image_size, width)
         self.text = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, width))
         self.image = nn.Linear(width, width)
@@ -160,11 +164,19 @@ def build_head_from_config(config: dict) -> nn.Module:
     return ITMHead(**config)
 
 
-def rerank_weight(head: nn.Module, weight: float | None) -> float:
-    """The cosine weight of a re-ranked score: the caller's, else the one the head was fitted with (else 0)."""
+DIRECTIONS = ("t2i", "i2t")  # text -> image (a text query re-ranks images), image -> text
+
+
+def rerank_weight(head: nn.Module, weight: float | None, direction: str = "t2i") -> float:
+    """The cosine weight of a re-ranked score: the caller's, else the one the head was fitted with for that
+    direction (image -> text: its own when fitted, else text -> image's; else 0)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if weight is not None:
         return float(weight)
-    return float(getattr(head, "config", {}).get("rerank_weight", 0.0))
+    config = getattr(head, "config", {})
+    t2i = float(config.get("rerank_weight", 0.0))
+    return float(config.get("rerank_weight_i2t", t2i)) if direction == "i2t" else t2i
 
 
 def build_itm_head(clip: nn.Module, width: int = 128, layers: int = 2, heads: int = 4) -> ITMHead:
