@@ -13,6 +13,9 @@ from pathlib import Path
 from clipkit.data.folder import is_image_name
 
 DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
+MODEL_HELP = ("a clipkit or open_clip architecture name (ViT-B-32 with --pretrained TAG_OR_FILE), a transformers "
+              "checkpoint folder or hf:ORG/REPO (CLIP, SigLIP, SigLIP 2), or an open_clip hub model hf-hub:ORG/REPO")
+DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when present, else the CPU)"
 
 
 class UsageError(Exception):
@@ -61,9 +64,9 @@ def _add_index_command(commands, default_model: str) -> None:
     index.add_argument("--root", default=None,
                        help="caption table: the folder its relative image paths start from (default: the table's)")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
-    index.add_argument("--model", default=None, help=f"model name (default: the index's model, else {default_model})")
+    index.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the index's model, else {default_model})")
     index.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
-    index.add_argument("--batch-size", type=_positive_int, default=64)
+    index.add_argument("--batch-size", type=_positive_int, default=64, help="images per encoder call (default: 64)")
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
     index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is one: "
                        "cuda:$LOCAL_RANK under torchrun, else the CPU)")
@@ -104,7 +107,7 @@ def _add_search_command(commands) -> None:
     search.add_argument("--reranker", default=None, metavar="MODEL",
                         help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a "
                              "clipkit model with an ITM head (implies --rerank)")
-    search.add_argument("--device", default=None)
+    search.add_argument("--device", default=None, help=DEVICE_HELP)
     search.add_argument("--captions", action="store_true",
                         help="search the captions indexed beside the images (image -> text, text -> text)")
 
@@ -113,26 +116,29 @@ def _add_data_commands(commands) -> None:
     synth = commands.add_parser("synth", help="write the synthetic compositional image-caption data set")
     synth.add_argument("out_dir", help="output folder")
     synth.add_argument("--n", type=_positive_int, default=20_000, help="number of images (default: 20000)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--split", choices=["train", "val", "test"], default="train")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the scenes (default: 0)")
+    synth.add_argument("--split", choices=["train", "val", "test"], default="train",
+                       help="which split's scenes (each split draws from its own random stream; default: train)")
     synth.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (default: 64)")
-    synth.add_argument("--format", choices=["shards", "folder"], default="shards")
-    synth.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
+    synth.add_argument("--format", choices=["shards", "folder"], default="shards",
+                       help="webdataset .tar shards, or a folder of images with NAME.txt captions (default: shards)")
+    synth.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="image encoding (default: jpg)")
     synth.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
     synth.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
 
     demo = commands.add_parser("demo", help="offline demo: make images, index them, search, draw a results grid")
     demo.add_argument("--out", default=None, help="output folder (default: a new clipkit-demo-TIME folder here)")
     demo.add_argument("--n", type=_positive_int, default=300, help="number of sample images (default: 300)")
-    demo.add_argument("--model", default="clipkit-demo")
-    demo.add_argument("-k", type=_positive_int, default=5)
+    demo.add_argument("--model", default="clipkit-demo", help=f"{MODEL_HELP} (default: clipkit-demo, bundled)")
+    demo.add_argument("-k", type=_positive_int, default=5, help="hits shown per query (default: 5)")
     shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
     shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
-    shards.add_argument("out_dir")
-    shards.add_argument("--prefix", default="shard")
-    shards.add_argument("--shard-size", type=_positive_int, default=1000)
-    shards.add_argument("--image-column", default="image")
-    shards.add_argument("--caption-column", default="caption")
+    shards.add_argument("out_dir", help="folder to write the .tar shards into")
+    shards.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar, ... (default: shard)")
+    shards.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard (default: 1000)")
+    shards.add_argument("--image-column", default="image", help="table source: the image path column (default: image)")
+    shards.add_argument("--caption-column", default="caption",
+                        help="table source: the caption column (default: caption)")
 
 
 def _add_serve_command(commands) -> None:
@@ -140,7 +146,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--index", action="append", default=None, metavar="[NAME=]PATH",
                        help=f"index folder to serve, repeatable (default: {DEFAULT_INDEX})")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free one)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                        help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
     serve.add_argument("--allow-image-urls", action="store_true",
@@ -158,7 +164,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--reranker", default=None, metavar="MODEL",
                        help="re-rank (rerank=true queries) with another model: a BLIP ITM checkpoint (directory or "
                             "hf:ORG/REPO) or a clipkit model with an ITM head")
-    serve.add_argument("--device", default=None)
+    serve.add_argument("--device", default=None, help="where the query encoders run: " + DEVICE_HELP)
 
 
 def _add_eval_arguments(parser) -> None:
@@ -169,11 +175,11 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
     parser.add_argument("--captions", default=None,
                         help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the data set's split (default: test)")
     parser.add_argument("--n-images", type=_positive_int, default=1000, help="synthetic: gallery size (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
-    parser.add_argument("--model", default="clipkit-demo")
-    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--model", default="clipkit-demo", help=f"{MODEL_HELP} (default: clipkit-demo)")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
     parser.add_argument("--reranker", default=None, metavar="MODEL",
@@ -186,8 +192,8 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--weight", type=float, default=None,
                         help="re-ranked score = ITM log-odds + weight x cosine (default: the weight the ITM head "
                              "was fitted with, 0 for a head fitted with none)")
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch-size", type=_positive_int, default=128, help="images or texts per encoder call")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--json", default=None, help="write the results as JSON to this file")
 
 
@@ -213,19 +219,23 @@ def _add_train_arguments(parser) -> None:
 def _add_rerank_arguments(parser) -> None:
     from clipkit.rerank_train import KINDS, RerankConfig
 
-    parser.add_argument("--model", required=True, help="the model whose towers stay frozen")
+    parser.add_argument("--model", required=True, help="the model whose towers stay frozen: " + MODEL_HELP)
     parser.add_argument("--pretrained", default=None, help="its weights (open_clip tag, local file, clipkit checkpoint)")
     parser.add_argument("--data", required=True, help="training galleries: webdataset shard URLs, or synthetic:N")
     parser.add_argument("--gallery-size", type=int, default=1000, help="images per gallery ITC mines candidates in")
     parser.add_argument("--out", required=True, help="the checkpoint to write: the towers plus the new head")
     defaults = RerankConfig()
-    for name in ("steps", "captions", "k", "random", "width", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    helps = {"steps": "optimizer steps", "captions": "captions per step", "k": "ITC candidates per caption, as "
+             "re-ranking will see them", "random": "random gallery images added per step (late head)",
+             "width": "the late head's width", "seed": "random seed"}
+    for name, text in helps.items():
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
+                            help=f"{text} (default: {getattr(defaults, name)})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default: {defaults.lr})")
     parser.add_argument("--kind", choices=KINDS, default=defaults.kind,
                         help="late: a new late-interaction head; fusion: fine-tune the model's own fusion ITM head "
                              "(default: %(default)s)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
     parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="the same as clipkit -q")
 
 

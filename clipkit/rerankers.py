@@ -132,11 +132,12 @@ def load_reranker(source, *, device: str | torch.device | None = None) -> Rerank
 
 
 def _is_blip(source: str) -> bool:
-    from clipkit.hf import hf_source, require_transformers
+    from clipkit.hf import hf_source, quiet_transformers, require_transformers
 
     transformers = require_transformers()
     path, _, local_only = hf_source(source)
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=local_only)
+    with quiet_transformers():
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=local_only)
     return "BlipForImageTextRetrieval" in (getattr(config, "architectures", None) or []) or \
         config.model_type == "blip"
 
@@ -174,15 +175,16 @@ class BlipReranker(Reranker):
 
     @classmethod
     def load(cls, source: str, device: str | torch.device | None = None) -> "BlipReranker":
-        from clipkit.hf import hf_source, require_transformers
+        from clipkit.hf import hf_source, quiet_transformers, require_transformers
         from clipkit.models import resolve_device
 
         transformers = require_transformers()
         path, name, local_only = hf_source(source)
         device = resolve_device(device)
         try:
-            model = transformers.BlipForImageTextRetrieval.from_pretrained(path, local_files_only=local_only)
-            processor = transformers.BlipProcessor.from_pretrained(path, local_files_only=local_only)
+            with quiet_transformers():
+                model = transformers.BlipForImageTextRetrieval.from_pretrained(path, local_files_only=local_only)
+                processor = transformers.BlipProcessor.from_pretrained(path, local_files_only=local_only)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load the BLIP ITM checkpoint {source}: {first_line(exc)}") from None
         return cls(model.to(device).eval(), processor, name, device)

@@ -569,3 +569,45 @@ def test_an_image_query_reranks_with_the_image_to_text_weight(demo):
     expected = clipkit.score_pairs([query] * 5, [h.id for h in hits], reranker=HeadReranker(demo),
                                    weight=HeadReranker(demo).weights["i2t"])
     np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-4)
+
+
+# -- small things users see ----------------------------------------------------------------------
+
+
+def test_every_cli_option_has_help_and_model_options_name_the_forms():
+    import argparse
+
+    from clipkit.cli import build_parser
+
+    parser = build_parser()
+    missing, model_helps = [], []
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            for option in sub._actions:
+                if isinstance(option, argparse._HelpAction):
+                    continue
+                if not option.help:
+                    missing.append(f"{name} {'/'.join(option.option_strings) or option.dest}")
+                if "--model" in option.option_strings:
+                    model_helps.append((name, option.help))
+    assert missing == []
+    assert len(model_helps) >= 5 and all("hf:" in text and "folder" in text and "hf-hub:" in text
+                                         for _, text in model_helps), model_helps
+
+
+def test_trailing_slash_backend_urls_and_exposed_headers(served_folder, demo):
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import ServeConfig, create_app
+
+    client, _, _ = served_folder
+    reply = client.post("http://testserver//knn-service", json={"text": "a red circle", "num_images": 2})  # http://host:8000/ + /knn
+    assert reply.status_code == 200 and len(reply.json()) == 2
+    assert client.get("http://testserver//indices-list").json() == ["default"]
+    index = client.app.state.service.collections["default"].index
+    config = ServeConfig(cors_origins=["https://example.org"])
+    with TestClient(create_app(index, config=config)) as cors:
+        reply = cors.post("/knn-service", json={"text": "red", "num_images": 1, "use_mclip": True},
+                          headers={"Origin": "https://example.org"})
+        assert reply.headers["x-clipkit-unsupported"] == "use_mclip"
+        assert "x-clipkit-unsupported" in reply.headers["access-control-expose-headers"].lower()

@@ -10,6 +10,7 @@ taken from the request. Bad input is a 4xx with a one-line `detail`, never a 5xx
 from __future__ import annotations
 
 import json
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -73,6 +74,20 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class CollapseSlashes:
+    """ASGI middleware: `//knn-service` is `/knn-service` (clip-retrieval's front end, given a back-end URL
+    ending in a slash, calls such paths; its own back end answers them)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "//" in scope["path"]:
+            scope = {**scope, "path": re.sub("/{2,}", "/", scope["path"])}
+            scope["raw_path"] = scope["path"].encode()
+        return await self.app(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------
 # The app
 
@@ -111,11 +126,12 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
                   description="Text and image search over clipkit indexes; clip-retrieval compatible.")
     app.state.service = service
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(CollapseSlashes)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"])
+                           allow_headers=["*"], expose_headers=["X-Clipkit-Unsupported"])
 
     @app.exception_handler(ClipkitError)
     async def clipkit_error(request: Request, exc: ClipkitError):

@@ -52,14 +52,16 @@ class TrainingDiverged(ClipkitError):
 class TrainConfig:
     data: str = field(metadata={"help": "shard pattern(s), comma-separated, or synthetic:N (made in OUT/data)"})
     out: str = field(metadata={"help": "run folder: checkpoints, log.jsonl, config.json"})
-    model: str = field(default="clipkit-tiny", metadata={"help": "model architecture name"})
+    model: str = field(default="clipkit-tiny", metadata={"help": "a clipkit or open_clip architecture name, a "
+                                                                "transformers folder or hf:ORG/REPO, or an "
+                                                                "open_clip hub model hf-hub:ORG/REPO"})
     pretrained: str | None = field(default=None, metadata={"help": "initial weights: tag or local file"})
     val: str | None = field(default="synthetic:300", metadata={"help": "synthetic:N validation split, or none"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in all"})
     batch_size: int = field(default=64, metadata={"help": "samples per micro-batch per process"})
     accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = 5e-4
-    weight_decay: float = 0.1
+    lr: float = field(default=5e-4, metadata={"help": "peak learning rate (AdamW, cosine decay after warm-up)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on gains, biases, logit scale)"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0: off)"})
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 or fp16 (bf16/fp16 on CUDA only)"})
@@ -67,15 +69,15 @@ class TrainConfig:
         "help": "contrastive loss: infonce (CLIP's) or sigmoid (SigLIP's; uses the model's logit_bias, or a "
                 "learnable one from -10)"})
     itm: bool = field(default=True, metadata={"help": "train the ITM head on hard negatives"})
-    itm_weight: float = 1.0
-    itm_width: int = 128
-    itm_layers: int = 2
-    itm_heads: int = 4
+    itm_weight: float = field(default=1.0, metadata={"help": "weight of the ITM loss beside the contrastive one"})
+    itm_width: int = field(default=128, metadata={"help": "ITM head: width of its fusion layers"})
+    itm_layers: int = field(default=2, metadata={"help": "ITM head: fusion layers"})
+    itm_heads: int = field(default=4, metadata={"help": "ITM head: attention heads"})
     itm_easy_mix: float = field(default=0.0, metadata={
         "help": "share of ITM negatives drawn uniformly instead of by similarity (0: all hard, as ALBEF/BLIP)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed (initialisation, data order, negatives)"})
     workers: int = field(default=2, metadata={"help": "data loader processes per rank"})
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = field(default=1000, metadata={"help": "samples in the shuffle buffer (raw bytes)"})
     hard_negatives: bool = field(default=False, metadata={
         "help": "add each sample's hard-negative caption (json 'negatives': the synthetic data's swapped-twin "
                 "captions) as an extra text negative in the contrastive loss, NegCLIP-style"})
@@ -87,12 +89,13 @@ class TrainConfig:
                 "the related pair is left or on top, each one's colour and shape), read from both the image and "
                 "the caption embedding by one shared linear head, so both towers learn where things are (0: off)"})
     synthetic_size: int = field(default=64, metadata={"help": "image side for synthetic:N data"})
-    log_every: int = 10
+    log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
     val_every: int = field(default=0, metadata={"help": "validate every N steps (0: only at the end)"})
     ckpt_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
-    keep_last: int = 3
+    keep_last: int = field(default=3, metadata={"help": "checkpoints kept in OUT (older ones are deleted)"})
     resume: str | None = field(default=None, metadata={"help": "'latest' (in OUT) or a checkpoint file"})
-    device: str | None = None
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda or cuda:N (default: cuda:$LOCAL_RANK "
+                                                              "under torchrun, else CUDA if present, else the CPU)"})
     stop_after: int | None = field(default=None, metadata={"help": "end this run after N steps, as if killed"})
 
     def validate(self) -> None:
