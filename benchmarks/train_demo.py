@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--skip-stage1", action="store_true", help="use the last stage-1 checkpoint in --out")
     parser.add_argument("--stage1", default=None, help="use this stage-1 checkpoint or exported model instead")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--export", default=str(WEIGHTS_DIR / "clipkit-demo.pt"),
+                        help="where to write the compact model (default: the bundled clipkit/weights/clipkit-demo.pt)")
     parser.add_argument("--refit-weights", action="store_true",
                         help="only refit the shipped model's re-ranking cosine weights (both directions) on its "
                              "stage-2 fitting galleries, and write them into clipkit/weights/clipkit-demo.pt")
@@ -92,8 +94,8 @@ def main() -> None:
     last = Path(args.stage1) if args.stage1 else checkpoint_paths(Path(args.out))[-1]
 
     head, stage2 = stage_two(args, last) if args.rerank_steps > 0 else (None, None)
-    WEIGHTS_DIR.mkdir(exist_ok=True)
-    target = WEIGHTS_DIR / "clipkit-demo.pt"
+    target = Path(args.export)
+    target.parent.mkdir(parents=True, exist_ok=True)
     exported = export_compact(last, target, itm=head)
     steps = exported["step"]  # the stage-1 checkpoint's own (a --stage1 file's too)
     report = {"model": "clipkit-demo", "train_seconds": round(train_seconds, 1), "steps": steps,
@@ -101,18 +103,19 @@ def main() -> None:
               "batch_size": args.batch_size, "weights_bytes": exported["bytes"],
               "vocabulary_rows": exported["rows_kept"], "stage2": stage2}
     if args.test_images > 0:
-        report.update(evaluate_demo(args.test_images))
+        report.update(evaluate_demo(args.test_images, target))
     print(f"stage 1: {steps} steps ({train_seconds / 60:.1f} min here); weights {exported['bytes'] / 1e6:.2f} MB")
     Path(args.json or Path(args.out) / "demo_eval.json").write_text(json.dumps(report, indent=2))
 
 
-def evaluate_demo(test_images: int) -> dict:
-    """The exported clipkit-demo on the seed-0 synthetic test split: recall both ways by ITC and re-ranked,
-    and Winoground-style binding on 400 pairs; prints the tables, returns the report's entries."""
-    model = load_model("clipkit-demo", device="cpu")
+def evaluate_demo(test_images: int, weights: Path) -> dict:
+    """The exported clipkit-demo (`weights`) on the seed-0 synthetic test split: recall both ways by ITC and
+    re-ranked, and Winoground-style binding on 400 pairs (fewer for a small gallery); prints the tables,
+    returns the report's entries."""
+    model = load_model("clipkit-demo", str(weights), device="cpu")
     test = synthetic_set(test_images, seed=0, split="test")
     result = evaluate(model, test, rerank=True, rerank_k=16)
-    bound = binding(model, binding_pairs(400, seed=0, split="test"), rerank=True)
+    bound = binding(model, binding_pairs(min(400, test_images), seed=0, split="test"), rerank=True)
     print("| direction | method | R@1 | R@5 | R@10 |\n|---|---|---|---|---|")
     for direction in ("t2i", "i2t"):
         for method, values in (("ITC", result.itc), ("ITC + ITM", result.rerank)):

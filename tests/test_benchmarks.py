@@ -1,0 +1,63 @@
+"""Every script in benchmarks/ runs, end to end, on tiny inputs (a script that no test runs rots). These check
+that each finishes and writes its table and JSON; the numbers themselves are the scripts' business."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_every_script_has_a_smoke_test():
+    tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py"}
+    assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
+
+
+def test_throughput_quick(tmp_path):
+    out = run("throughput.py", "--quick", "--models", "clipkit-demo", "--ann-size", "0", "--no-train", "--json",
+              str(tmp_path / "t.json"), cwd=tmp_path)
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert "ITM re-rank, 32 candidates" in {r["row"] for r in rows} and "| clipkit-demo |" in out
+    assert all(r["clipkit_per_s"] > 0 for r in rows)
+
+
+def test_ann_past_the_exact_limit(tmp_path):
+    run("ann.py", "--n", "60000", "--dim", "32", "--queries", "200", "--json", str(tmp_path / "a.json"), cwd=tmp_path)
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["structure"] != "Flat" and r["measured_recall_at_10"] >= 0.9 for r in rows), rows
+
+
+def test_retrieval(tmp_path):
+    out = run("retrieval.py", "--dataset", "synthetic", "--n-images", "60", "--rerank", "--json",
+              str(tmp_path / "r.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_images"] == 60 and set(report["rerank"]) == {"t2i", "i2t"} and "R@1" in out
+
+
+def test_serve_load(tmp_path):
+    out = run("serve_load.py", "--images", "20", "--requests", "10", "--clients", "1", "2", "--json",
+              str(tmp_path / "s.json"), cwd=tmp_path)
+    assert "p99" in out and (tmp_path / "s.json").is_file()
+
+
+def test_train_demo_tiny(tmp_path):
+    bundled = (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes()
+    run("train_demo.py", "--out", str(tmp_path / "run"), "--steps", "4", "--train-images", "256", "--batch-size", "32",
+        "--rerank-steps", "3", "--rerank-galleries", "1", "--test-images", "60", "--export",
+        str(tmp_path / "demo.pt"), cwd=tmp_path)
+    report = json.loads((tmp_path / "run" / "demo_eval.json").read_text())
+    assert report["steps"] == 4 and report["stage2"]["rerank_weight_i2t"] is not None
+    assert (tmp_path / "demo.pt").is_file()
+    assert (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes() == bundled  # untouched
