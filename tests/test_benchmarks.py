@@ -21,7 +21,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_every_script_has_a_smoke_test():
-    tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py"}
+    tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -61,3 +61,12 @@ def test_train_demo_tiny(tmp_path):
     assert report["steps"] == 4 and report["stage2"]["rerank_weight_i2t"] is not None
     assert (tmp_path / "demo.pt").is_file()
     assert (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes() == bundled  # untouched
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """The GPU check's script as it runs there, on the CPU with a tiny model; its shell wrapper parses."""
+    out = run("gpu_check.py", "--device", "cpu", "--quick", "--model", "clipkit-tiny", "--out", str(tmp_path / "g.md"),
+              cwd=tmp_path)
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["clipkit"] > 0 for r in rows) and "| training step" in out
+    assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")]).returncode == 0

@@ -1,0 +1,154 @@
+"""The GPU check: clipkit's CUDA paths measured against stock open_clip on one GPU, as a markdown table.
+
+    python benchmarks/gpu_check.py [--device cuda] [--model ViT-B-32] [--quick] [--out gpu_check.md]
+
+Rows (each side by side in this one process, so that the ratio holds on a shared machine):
+- image encoding, clipkit.encode (autocast bf16, pinned batches) against open_clip's encode_image on the
+  same preprocessed tensors under the same autocast, images/s;
+- text encoding, clipkit.encode against open_clip's encode_text, texts/s;
+- training: `clipkit train` steps with AMP (ITC + ITM head) on synthetic shards, samples/s, and its loss
+  finite at every step;
+- search through the index the project builds (FAISS on the GPU when it sees one, else the CPU path the
+  project takes when FAISS has no GPU: the wheels a GPU machine can be given are the CPU build's).
+Weights are open_clip's fixed-seed initialisation (no network is needed: speed does not depend on them).
+`benchmarks/gpu_check.sh` installs what a bare GPU machine lacks, runs the suite's CUDA tests and this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+import clipkit
+from clipkit.data.synthetic import render, scenes
+from clipkit.models import cuda_half_dtype
+
+
+def synchronised(fn, device: torch.device):
+    def run():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
+def side_by_side(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median seconds of each, measured interleaved after one warm-up call of each."""
+    ours(), theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, out in ((ours, a), (theirs, b)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
+def encoder_rows(name: str, device: torch.device, n_images: int, repeats: int) -> list[dict]:
+    model = clipkit.load_model(name, pretrained="scratch", device=device)
+    stock = model.clip  # the same open_clip module: the baseline is open_clip's own calls on it
+    dtype = cuda_half_dtype() if device.type == "cuda" else torch.bfloat16
+    images = [render(spec, size=model.image_size) for spec in scenes(n_images, seed=0, split="test")]
+    pixels = torch.stack([model.preprocess(image) for image in images])
+    texts = [f"a {c} {s} left of a {c2} {s2}" for c, s, c2, s2 in
+             zip(["red", "blue", "green", "yellow"] * (n_images // 4), ["circle", "square"] * (n_images // 2),
+                 ["purple", "orange"] * (n_images // 2), ["triangle", "star", "cross", "heart"] * (n_images // 4))]
+    tokens = model.tokenize(texts)
+    batch = 256
+
+    def stock_images():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            for s in range(0, len(pixels), batch):
+                F.normalize(stock.encode_image(pixels[s:s + batch].to(device, non_blocking=True)), dim=-1).float().cpu()
+
+    def stock_texts():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            for s in range(0, len(tokens), batch):
+                F.normalize(stock.encode_text(tokens[s:s + batch].to(device)), dim=-1).float().cpu()
+
+    rows = []
+    for what, ours, theirs, count, unit in (
+            ("image encoding", lambda: clipkit.encode(images, model=model, batch_size=batch), stock_images,
+             len(images), "images/s"),
+            ("text encoding", lambda: clipkit.encode(texts, model=model, batch_size=batch), stock_texts,
+             len(texts), "texts/s")):
+        mine, base = side_by_side(synchronised(ours, device), synchronised(theirs, device), repeats)
+        rows.append({"row": f"{what}, {name} ({str(dtype).removeprefix('torch.')} autocast)",
+                     "clipkit": round(count / mine, 1), "baseline": round(count / base, 1),
+                     "ratio": round(base / mine, 2), "unit": unit, "baseline_is": "open_clip on the same module"})
+    return rows
+
+
+def training_row(device: torch.device, steps: int, out: Path) -> dict:
+    from clipkit.train import TrainConfig, train
+
+    config = TrainConfig(data="synthetic:2048", out=str(out), model="clipkit-demo", pretrained="scratch", val=None,
+                         steps=steps, batch_size=128, lr=5e-4, warmup=5, precision="auto", itm=True, workers=2,
+                         log_every=5, ckpt_every=steps, device=str(device))
+    start = time.perf_counter()
+    train(config)
+    seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    rates = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:] or [steps * 128 / seconds]
+    if not losses or not all(np.isfinite(losses)):
+        raise SystemExit(f"training losses not finite: {losses}")
+    return {"row": f"training step, clipkit-demo, ITC + ITM, AMP, batch 128 ({steps} steps)",
+            "clipkit": round(statistics.median(rates), 1), "baseline": None, "ratio": None, "unit": "samples/s",
+            "baseline_is": f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, all finite"}
+
+
+def search_row(n: int, dim: int = 512, queries: int = 1000) -> dict:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    index = clipkit.Index.from_embeddings(vectors)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    q = vectors[:queries] + 0.1 * rng.standard_normal((queries, dim)).astype(np.float32)
+    mine, base = side_by_side(lambda: index.search(q, 10), lambda: flat.search(q, 10), 3)
+    where = "GPU" if faiss.get_num_gpus() else "CPU (FAISS sees no GPU)"
+    return {"row": f"exact search, {n} x {dim}, k=10, on the {where}", "clipkit": round(queries / mine, 1),
+            "baseline": round(queries / base, 1), "ratio": round(base / mine, 2), "unit": "queries/s",
+            "baseline_is": "bare FAISS IndexFlatIP (CPU)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a dry run of the script)")
+    parser.add_argument("--model", default="ViT-B-32", help="the encoder measured (open_clip architecture)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run)")
+    parser.add_argument("--out", default="gpu_check.md", help="the markdown table (and .json beside it)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no GPU here: run with --device cpu for a dry run")
+    quick = args.quick
+    rows = encoder_rows(args.model, device, 64 if quick else 2048, 2 if quick else 5)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(training_row(device, 4 if quick else 60, Path(tmp) / "run"))
+    rows.append(search_row(2000 if quick else 200_000))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"GPU check on {name} (torch {torch.__version__}, open_clip {open_clip.__version__}, "
+             f"faiss {faiss.__version__}, {faiss.get_num_gpus()} GPU(s) seen by FAISS)", "",
+             "| row | clipkit | baseline | ratio | unit | baseline is |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['clipkit']} | {r['baseline']} | {r['ratio']} | {r['unit']} | {r['baseline_is']} |"
+              for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
