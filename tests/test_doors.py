@@ -25,6 +25,18 @@ def demo():
     return clipkit.load_model("clipkit-demo", device="cpu")
 
 
+def three_photos(root: Path, captions: bool = False) -> Path:
+    """root/photos with 0.png, 1.png, 2.png (a red circle, a blue square, a green triangle), and with
+    `captions` a NAME.txt caption beside each."""
+    photos = root / "photos"
+    photos.mkdir()
+    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
+        draw_shape(colour, shape, seed=n).save(photos / f"{n}.png")
+        if captions:
+            (photos / f"{n}.txt").write_text(f"a {colour} {shape}\n")
+    return photos
+
+
 # -- data lost ---------------------------------------------------------------------------------
 
 
@@ -109,10 +121,7 @@ def served_folder(tmp_path, demo):
 
     from clipkit.serve import create_app
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
-        draw_shape(colour, shape, seed=n).save(photos / f"{n}.png")
+    photos = three_photos(tmp_path)
     index = Index.from_folder(photos, demo)
     index.save(tmp_path / "ix")
     keys = dict(zip(index.ids(), index.keys(index.ids())))
@@ -380,11 +389,7 @@ def test_indexing_the_index_folder_itself_is_refused(tmp_path, demo, capsys):
 
 @pytest.fixture
 def captioned_index(tmp_path, demo):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
-        draw_shape(colour, shape, seed=n).save(photos / f"{n}.png")
-        (photos / f"{n}.txt").write_text(f"a {colour} {shape}\n")
+    photos = three_photos(tmp_path, captions=True)
     ix = tmp_path / "ix"
     assert main(["-q", "index", str(photos), "--index", str(ix)]) == 0
     return photos, ix
