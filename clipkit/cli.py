@@ -275,6 +275,10 @@ def cmd_index(args) -> int:
     from clipkit.index import DB_FILE, Index
     from clipkit.index.lock import writer_lock
 
+    from clipkit.index.ingest import is_embedding_folder
+
+    if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
+        return _index_embeddings(args)
     folder, table, include = _index_source(args)
     if folder is None and (args.check or args.shard or args.exclude or args.captions):
         raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards are indexed whole, "
@@ -310,6 +314,45 @@ def cmd_index(args) -> int:
                                                     + "\n" for path, reason in report.skipped).encode())
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
+    return 0
+
+
+def _index_embeddings(args) -> int:
+    """`clipkit index EMB_DIR`: precomputed embeddings in clip-retrieval's layout (clipkit.index.ingest)."""
+    import numpy as np
+
+    from clipkit.index import DB_FILE, Index
+    from clipkit.index.ingest import embedding_parts
+    from clipkit.index.lock import writer_lock
+    from clipkit.models import load_model
+    from clipkit.search import index_model
+
+    if args.check or args.shard or args.exclude or args.captions:
+        raise UsageError("--check, --shard, --exclude and --captions apply to folders of images; an embedding "
+                         "folder is read whole, part by part")
+    index_path = Path(args.index)
+    dim = int(np.load(embedding_parts(args.folder)[0].images, mmap_mode="r").shape[1])
+    _prepare_index_folder(index_path)
+    with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
+        index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
+        if args.model is not None:
+            model = load_model(args.model, args.pretrained, device=args.device)
+        else:
+            model = index_model(index, device=args.device) if index is not None and index.model_info else None
+        if model is not None and model.dim != dim:
+            raise ValueError(f"{args.folder} holds {dim}-d embeddings but model {model.name} makes {model.dim}-d ones")
+        if index is None:
+            index = Index(dim, model=model)
+            index.save(index_path)
+        report = index.sync_embeddings(args.folder, model, progress=_progress(args))
+        if args.index_type is not None and args.index_type != index.index_type:
+            index.set_index_type(args.index_type)
+        index.save()
+    if not args.quiet:
+        captions = len(index.captions) if index.captions is not None else 0
+        print(f"ingested {report.added} embedding(s), {report.unchanged} already in; {len(index)} in {index_path} "
+              f"({index.structure}), {captions} caption(s)"
+              + ("" if index.model_info else "; no model recorded: pass --model NAME for text queries"))
     return 0
 
 

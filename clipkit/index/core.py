@@ -584,6 +584,23 @@ class Index:
         self.last_sync = report
         return report
 
+    def sync_embeddings(self, folder: str | os.PathLike, model=None, *, chunk: int = 50_000,
+                        progress: bool | None = None) -> "sync.SyncReport":
+        """Bring the index up to date with a folder of precomputed embeddings in clip-retrieval's layout
+        (img_emb/, text_emb/, metadata/): see `clipkit.index.ingest`. `model`: the model that made them,
+        recorded so that text queries work (its dimension must match). Incremental and resumable."""
+        from clipkit.index.ingest import sync_embeddings
+
+        if model is not None:
+            model = self._writing_model(model)
+        with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before anything is added
+            if model is not None:
+                self._record_model(model)
+            report = sync_embeddings(self, folder, model, chunk=chunk, progress=progress)
+        self.last_sync = report
+        return report
+
     def _writing_model(self, model):
         """The model to add embeddings with (`model`, else the index's own), checked against the index."""
         from clipkit.encode import as_model
@@ -640,7 +657,7 @@ class Index:
         Folders also sweep the captions of images moved away (to other ids); a shard's items never move, and
         removing items drops their captions (`remove`), so a shard's sync reads only its own ids."""
         with self._lock:
-            indexed = set(self.store.ids()) if files else None
+            indexed = {str(i) for i in self.store.ids()} if files else None  # as caption ids hold them
             image_ids = self.store.ids_with_prefix(prefix, files_only=True) if files else self.ids_with_prefix(prefix)
         collection = self._writable_captions()
         if collection is False:
@@ -703,7 +720,7 @@ class Index:
 
     def _drop_orphan_captions(self, collection: "Index") -> None:
         """Captions whose image is no longer in the index go with it."""
-        indexed = set(self.ids())
+        indexed = {str(i) for i in self.ids()}  # caption ids hold their image's id as text
         orphans = [c for c in collection.ids() if image_of(c) not in indexed]
         if orphans:
             collection.remove(orphans)

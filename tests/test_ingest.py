@@ -1,0 +1,125 @@
+"""Precomputed embeddings in clip-retrieval's layout (img_emb/, text_emb/, metadata/*.parquet), part by part:
+against numpy brute force over the files, resumed after a kill, new parts only on a re-run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+import pyarrow.parquet as pq  # noqa: E402
+
+import clipkit  # noqa: E402
+from clipkit.cli import main  # noqa: E402
+from clipkit.index import Index  # noqa: E402
+
+COLOURS, SHAPES = ["red", "blue", "green", "yellow", "purple"], ["circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return clipkit.load_model("clipkit-demo", device="cpu")
+
+
+def write_part(folder: Path, number: int, captions: list[str], model, *, paths=True, texts=True) -> np.ndarray:
+    """One part as clip-retrieval's inference writes it: float16 image embeddings (here: the captions'
+    text embeddings plus noise, standing in for images), text embeddings, and the metadata."""
+    rng = np.random.default_rng(number)
+    text = clipkit.encode(captions, model=model)
+    image = text + 0.3 * rng.standard_normal(text.shape).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    np.save(folder / "img_emb" / f"img_emb_{number}.npy", image.astype(np.float16))
+    if texts:
+        np.save(folder / "text_emb" / f"text_emb_{number}.npy", text.astype(np.float16))
+    columns = {"caption": captions, "url": [f"https://example.org/{number}/{n}.jpg" for n in range(len(captions))]}
+    if paths:
+        columns["image_path"] = [f"/data/{number}/{n}.jpg" for n in range(len(captions))]
+    pq.write_table(pa.table(columns), folder / "metadata" / f"metadata_{number}.parquet")
+    return image.astype(np.float16).astype(np.float32)
+
+
+def captions_for(number: int, n: int) -> list[str]:
+    return [f"a {COLOURS[(i + number) % 5]} {SHAPES[(i * 7 + number) % 4]} number {i}" for i in range(n)]
+
+
+def test_ingest_searches_like_numpy_and_adds_only_new_parts(tmp_path, demo, capsys):
+    emb = tmp_path / "emb"
+    first = write_part(emb, 0, captions_for(0, 40), demo)
+    second = write_part(emb, 1, captions_for(1, 30), demo, paths=False)  # ids from the url column
+    ix = str(tmp_path / "ix")
+    assert main(["index", str(emb), "--index", ix, "--model", "clipkit-demo"]) == 0
+    assert "ingested 70 embedding(s)" in capsys.readouterr().out
+    index = Index.load(ix)
+    ids = [f"/data/0/{n}.jpg" for n in range(40)] + [f"https://example.org/1/{n}.jpg" for n in range(30)]
+    assert sorted(index.ids()) == sorted(ids)
+    assert index.get(["/data/0/3.jpg"])[0]["caption"] == captions_for(0, 40)[3]
+    vectors = np.concatenate([first, second])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    query = clipkit.encode(["a red circle"], model=demo)[0]
+    order = np.argsort(-(vectors @ query))[:5]
+    hits = clipkit.search("a red circle", index, k=5)  # text queries: the recorded model
+    assert [h.id for h in hits] == [ids[i] for i in order]
+    np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[order], atol=1e-5)
+    assert len(index.captions) == 70  # captions with their text embeddings: image -> text works
+    hit = clipkit.search(vectors[0], index.captions, k=1)[0]
+    assert hit.metadata["image_id"] in ids
+
+    assert main(["index", str(emb), "--index", ix]) == 0  # nothing new
+    assert "ingested 0 embedding(s), 70 already in" in capsys.readouterr().out
+    write_part(emb, 2, captions_for(2, 10), demo, texts=False)  # captions embedded by the recorded model
+    assert main(["index", str(emb), "--index", ix]) == 0
+    assert "ingested 10 embedding(s), 70 already in" in capsys.readouterr().out
+    index = Index.load(ix)
+    assert len(index) == 80 and len(index.captions) == 80
+    np.testing.assert_allclose(index.captions.embeddings(["/data/2/4.jpg#0"])[0],
+                               clipkit.encode([captions_for(2, 10)[4]], model=demo)[0], atol=1e-5)
+
+
+def test_row_numbers_without_metadata_and_a_resumed_kill(tmp_path, demo):
+    emb = tmp_path / "emb"
+    (emb / "img_emb").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for number, rows in enumerate((120, 80)):
+        np.save(emb / "img_emb" / f"img_emb_{number}.npy", rng.standard_normal((rows, 16)).astype(np.float16))
+    script = ("import os, sys\n"
+              "import clipkit.index.ingest as ingest\n"
+              "from clipkit.index import Index\n"
+              "real = ingest._ingest_captions\n"
+              "calls = []\n"
+              "def dying(*args):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 3:\n"
+              "        os._exit(9)  # killed after the third chunk's commit\n"
+              "    return real(*args)\n"
+              "ingest._ingest_captions = dying\n"
+              "index = Index(16)\n"
+              "index.save(sys.argv[1])\n"
+              "index.sync_embeddings(sys.argv[2], chunk=50)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix"), str(emb)])
+    assert killed.returncode == 9
+    assert len(Index.load(tmp_path / "ix")) == 120  # 50 + 50 + 20: the first part's chunks, committed
+    index = Index.load(tmp_path / "ix")
+    report = index.sync_embeddings(emb, chunk=50)
+    assert (report.added, report.unchanged) == (80, 120)
+    assert sorted(index.ids()) == list(range(200))  # global row numbers, part after part
+    stored = index.embeddings(list(range(200)))
+    expected = np.concatenate([np.load(emb / "img_emb" / f"img_emb_{n}.npy").astype(np.float32) for n in (0, 1)])
+    np.testing.assert_allclose(stored, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_bad_embedding_folders_are_one_line_errors(tmp_path, capsys):
+    emb = tmp_path / "emb"
+    (emb / "img_emb").mkdir(parents=True)
+    np.save(emb / "img_emb" / "img_emb_0.npy", np.ones((4, 8), np.float32))
+    (emb / "metadata").mkdir()
+    pq.write_table(pa.table({"image_path": ["a", "b"]}), emb / "metadata" / "metadata_0.parquet")
+    assert main(["index", str(emb), "--index", str(tmp_path / "ix")]) == 2
+    assert "different numbers of rows" in capsys.readouterr().err
+    assert main(["index", str(emb), "--index", str(tmp_path / "ix2"), "--model", "clipkit-demo"]) == 2
+    assert "8-d embeddings but model clipkit-demo makes" in capsys.readouterr().err
