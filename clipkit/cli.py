@@ -246,6 +246,11 @@ def _add_maintenance_commands(commands) -> None:
     remove.add_argument("--missing", action="store_true", help="drop the items of indexed folders that no longer exist")
     remove.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     remove.add_argument("--no-wait", action="store_true", help="exit instead of waiting for another writer")
+    export = commands.add_parser("export", help="write an index's embeddings and metadata in clip-retrieval's "
+                                                "layout (img_emb/, text_emb/, metadata/*.parquet)")
+    export.add_argument("out", help="the folder to write (autofaiss, clip-retrieval and `clipkit index OUT` read it)")
+    export.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    export.add_argument("--part-size", type=_positive_int, default=100_000, help="rows per part (default: 100000)")
     roots = commands.add_parser("roots", help="list the folders an index covers, with item counts")
     roots.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
 
@@ -443,6 +448,17 @@ def cmd_remove(args) -> int:
         index.save()
     if not args.quiet:
         print(f"removed {removed} item(s); {len(index)} left in {args.index}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from clipkit.index import Index
+    from clipkit.index.export import export_embeddings
+
+    done = export_embeddings(Index.load(args.index), args.out, part_size=args.part_size, progress=_progress(args))
+    if not args.quiet:
+        print(f"exported {done['rows']} embedding(s) in {done['parts']} part(s), {done['captions']} with a "
+              f"caption's embedding, to {args.out}")
     return 0
 
 
@@ -658,7 +674,8 @@ def cmd_train_rerank(args) -> int:
 
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
             "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge,
-            "train-rerank": cmd_train_rerank, "remove": cmd_remove, "roots": cmd_roots}
+            "train-rerank": cmd_train_rerank, "remove": cmd_remove, "roots": cmd_roots,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

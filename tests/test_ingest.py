@@ -123,3 +123,45 @@ def test_bad_embedding_folders_are_one_line_errors(tmp_path, capsys):
     assert "different numbers of rows" in capsys.readouterr().err
     assert main(["index", str(emb), "--index", str(tmp_path / "ix2"), "--model", "clipkit-demo"]) == 2
     assert "8-d embeddings but model clipkit-demo makes" in capsys.readouterr().err
+
+
+def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, capsys):
+    """`clipkit export` + `clipkit index OUT`: the same ids, scores within float16 rounding; the exported folder
+    read by embedding_reader (the reader autofaiss and clip-retrieval use) as it is."""
+    captioned = [p for p in sorted(image_folder.rglob("*.png")) if not p.name.startswith(".")]
+    assert len(captioned) == 2
+    for n, path in enumerate(captioned):
+        path.with_suffix(".txt").write_text(f"caption number {n}\n")
+    ix, out = str(tmp_path / "ix"), tmp_path / "out"
+    assert main(["-q", "index", str(image_folder), "--index", ix]) == 0
+    index = Index.load(ix)
+    assert main(["export", str(out), "--index", ix, "--part-size", "5"]) == 0
+    assert "exported 12 embedding(s) in 3 part(s), 2 with a caption's embedding" in capsys.readouterr().out
+    assert main(["-q", "index", str(out), "--index", str(tmp_path / "back"), "--model", "clipkit-demo"]) == 0
+    back = Index.load(tmp_path / "back")
+    assert sorted(back.ids()) == sorted(index.ids())
+    np.testing.assert_allclose(back.embeddings(index.ids()), index.embeddings(), atol=2e-3)
+    for query in ("a red circle", "a blue square"):
+        mine, theirs = clipkit.search(query, index, k=5), clipkit.search(query, back, k=5)
+        np.testing.assert_allclose([h.score for h in mine], [h.score for h in theirs], atol=3e-3)
+    assert sorted(back.captions.ids()) == sorted(index.captions.ids())
+    assert main(["export", str(out), "--index", ix]) == 2  # never over an export
+
+    from embedding_reader import EmbeddingReader
+
+    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy",
+                             meta_columns=["id", "image_path", "caption"], metadata_folder=str(out / "metadata"))
+    assert reader.count == 12 and reader.dimension == index.dim
+    rows = {}
+    for vectors, meta in reader(batch_size=100, start=0, end=reader.count):
+        rows.update({i: v for i, v in zip(meta["id"], vectors)})
+    assert sorted(rows) == sorted(index.ids())
+    np.testing.assert_allclose(np.stack([rows[i] for i in index.ids()]), index.embeddings(), atol=2e-3)
+
+
+def test_integer_ids_round_trip(tmp_path):
+    vectors = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
+    Index.from_embeddings(vectors, ids=list(range(100, 130))).save(tmp_path / "ix")
+    assert main(["-q", "export", str(tmp_path / "out"), "--index", str(tmp_path / "ix")]) == 0
+    assert main(["-q", "index", str(tmp_path / "out"), "--index", str(tmp_path / "back")]) == 0
+    assert Index.load(tmp_path / "back").ids() == list(range(100, 130))

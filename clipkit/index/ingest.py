@@ -29,7 +29,7 @@ from clipkit.index.sync import SyncReport
 log = logging.getLogger("clipkit.index")
 
 PARTS = "embedding_parts"  # store info: img_emb file -> [size, mtime, rows] once all of it is in
-METADATA_COLUMNS = ("image_path", "url", "caption")
+METADATA_COLUMNS = ("id", "image_path", "url", "caption")  # id: written by `clipkit export` (clipkit.index.export)
 
 
 @dataclass
@@ -147,8 +147,10 @@ def _records(meta: dict | None, first_row: int, count: int, part: Part) -> list[
 
 
 def _item_id(record: dict, row: int):
-    """An item's id: its image_path, else its url, else its global row number."""
-    return record.get("image_path") or record.get("url") or row
+    """An item's id: the `id` clipkit's export wrote, else its image_path, else its url, else its global row
+    number (taken out of `record`, which becomes the item's metadata)."""
+    given = record.pop("id", None)
+    return given if given is not None else record.get("image_path") or record.get("url") or row
 
 
 def _ingest_captions(index, records: list[dict], ids: list, keep: list[int], texts, offset: int, model) -> None:
