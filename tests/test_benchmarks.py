@@ -21,7 +21,8 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 
 def test_every_script_has_a_smoke_test():
-    tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py"}
+    tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py",
+              "scale.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -70,3 +71,11 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["clipkit"] > 0 for r in rows) and "| training step" in out
     assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")]).returncode == 0
+
+
+def test_scale_tiny(tmp_path):
+    out = run("scale.py", "--sizes", "3000", "--dim", "128", "--model", "clipkit-demo", "--work", str(tmp_path / "w"),
+              "--json", str(tmp_path / "s.json"), cwd=tmp_path)
+    row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
+    assert row["n"] == 3000 and row["recall_at_10"] == 1.0 and row["added_and_removed"] == 300
+    assert row["searchable_after_s"] < 600 and row["serve_peak_gib"] > 0 and "| 3000 |" in out
