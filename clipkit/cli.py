@@ -78,6 +78,10 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="flat (exact, the default), auto (exact while small, then the fastest ANN structure tuned "
                             "to recall@10 >= 0.95 on held-out items), or a FAISS factory string such as IVF4096,Flat, "
                             "HNSW32 or IVF1024,PQ128x4fs,RFlat")
+    index.add_argument("--tune-queries", default=None, metavar="FILE",
+                       help="queries like the ones this index will get, to tune the ANN structure on: a .npy of "
+                            "vectors, or a text file of query texts (one a line); remembered for later builds "
+                            "(default: the index's caption embeddings, else held-out items)")
     index.add_argument("--shard", default=None, metavar="I/N",
                        help="index only shard I of N of the folder (by path hash) into its own index; 'auto' takes "
                             "I and N from torchrun's RANK and WORLD_SIZE. {rank} in --index is replaced by I. "
@@ -309,8 +313,7 @@ def cmd_index(args) -> int:
             report = index.sync_table(table, model, **options)
         else:
             report = index.sync_folder(folder, model, captions=table, **options)
-        if args.index_type is not None and (created or args.index_type != index.index_type):
-            index.set_index_type(args.index_type)
+        _structure_options(args, index, model, created)
         index.save()
     if args.skipped_log:
         from clipkit._io import atomic_write_bytes
@@ -320,6 +323,32 @@ def cmd_index(args) -> int:
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
     return 0
+
+
+def _structure_options(args, index, model, created: bool) -> None:
+    """--index-type and --tune-queries: switch structure, or build it again tuned on the given queries."""
+    queries = _tune_queries(args.tune_queries, model) if args.tune_queries else None
+    if queries is not None or (args.index_type is not None and (created or args.index_type != index.index_type)):
+        index.set_index_type(args.index_type or index.index_type, sample_queries=queries)
+
+
+def _tune_queries(path: str, model):
+    """--tune-queries FILE: query vectors (.npy), or query texts (one a line) embedded by the index's model."""
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--tune-queries: no file {path}")
+    if path.endswith(".npy"):
+        return np.load(path)
+    if model is None:
+        raise UsageError("--tune-queries with texts needs the model that embeds them: give --model")
+    from clipkit.encode import encode_texts
+
+    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"--tune-queries: {path} holds no query text")
+    return encode_texts(texts, model)
 
 
 def _index_embeddings(args) -> int:
@@ -350,8 +379,7 @@ def _index_embeddings(args) -> int:
             index = Index(dim, model=model)
             index.save(index_path)
         report = index.sync_embeddings(args.folder, model, progress=_progress(args))
-        if args.index_type is not None and args.index_type != index.index_type:
-            index.set_index_type(args.index_type)
+        _structure_options(args, index, model, False)
         index.save()
     if not args.quiet:
         captions = len(index.captions) if index.captions is not None else 0

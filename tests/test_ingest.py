@@ -165,3 +165,30 @@ def test_integer_ids_round_trip(tmp_path):
     assert main(["-q", "export", str(tmp_path / "out"), "--index", str(tmp_path / "ix")]) == 0
     assert main(["-q", "index", str(tmp_path / "out"), "--index", str(tmp_path / "back")]) == 0
     assert Index.load(tmp_path / "back").ids() == list(range(100, 130))
+
+
+def test_builds_tune_on_remembered_queries_or_captions(tmp_path, demo, capsys):
+    """The tuner tunes on queries like the user's: given ones are remembered for every later build (the
+    collection grown), and without any an index with captions tunes on them (text-side queries)."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    queries = rng.standard_normal((300, 16)).astype(np.float32) + 2.0  # across a gap from the data
+    index = Index.from_embeddings(vectors)
+    index.save(tmp_path / "ix")
+    index.set_index_type("IVF32,Flat", sample_queries=queries)
+    assert index.tuning["queries"] == "sample queries" and index.tuning["n_queries"] == 300
+    index = Index.load(tmp_path / "ix")
+    index.add(rng.standard_normal((500, 16)), ids=list(range(3000, 3500)))
+    index.build()  # no queries given: the remembered ones
+    assert index.tuning["queries"] == "sample queries" and index.tuning["n_queries"] == 300
+
+    emb = tmp_path / "emb"  # an index with captions, built from clip-retrieval's layout
+    write_part(emb, 0, captions_for(0, 400), demo)
+    assert main(["-q", "index", str(emb), "--index", str(tmp_path / "cap"), "--index-type", "IVF8,Flat"]) == 0
+    assert Index.load(tmp_path / "cap").tuning["queries"] == "caption embeddings"
+    texts = tmp_path / "queries.txt"
+    texts.write_text("a red circle\na blue square\n" * 20)
+    assert main(["-q", "index", str(emb), "--index", str(tmp_path / "cap"), "--model", "clipkit-demo",
+                 "--tune-queries", str(texts)]) == 0
+    tuned = Index.load(tmp_path / "cap").tuning
+    assert tuned["queries"] == "sample queries" and tuned["n_queries"] == 40

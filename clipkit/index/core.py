@@ -270,17 +270,37 @@ class Index:
             index_type = index_type or self.index_type
             recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
             params = self.store.info("search_params")
+        queries_are = "sample queries"
         if tune:
             params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
+            if sample_queries is None:
+                sample_queries, queries_are = self._tuning_queries()
         else:
             index_type = recorded  # the structure last built, with its tuned parameters
         structure, self._tuning = build_structure(
             index_type, vectors, keys, memory_budget=self.store.info("memory_budget"), sample_queries=sample_queries,
-            target_recall=self.store.info("target_recall", 0.95), params=params)
+            queries_are=queries_are, target_recall=self.store.info("target_recall", 0.95), params=params)
         self._structure, self._keys, self._generation = structure, keys, generation
         self._id_by_key = np.zeros(0, dtype=np.int64)
         self._remember_ids(keys, ids)
         return structure
+
+    def _tuning_queries(self, most: int = 2000) -> tuple[np.ndarray | None, str]:
+        """What a build tunes on when not given queries: those an earlier build was given (remembered in the
+        store), else up to `most` of the index's caption embeddings (text-side queries: they sit across the
+        modality gap from the images, as users' text queries do), else None (held-out items)."""
+        remembered = self.store.tune_queries(self.dim)
+        if remembered is not None:
+            return remembered, "sample queries"
+        try:
+            captions = self.captions
+        except (BrokenIndexError, PermissionError):
+            captions = None
+        if captions is not None and len(captions) >= 20:
+            ids = captions.ids()
+            chosen = np.random.default_rng(0).choice(len(ids), min(most, len(ids)), replace=False)
+            return captions.embeddings([ids[i] for i in sorted(chosen)]), "caption embeddings"
+        return None, "held-out items"
 
     def _remember_ids(self, keys: np.ndarray, ids: list) -> None:
         if not len(keys):
@@ -383,7 +403,9 @@ class Index:
         """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.
 
         `sample_queries` (M, D), e.g. text embeddings of typical queries, tune nprobe/efSearch/k_factor on the
-        queries this index will see; otherwise held-out items of the collection are used.
+        queries this index will see; they are remembered, and every later build (a collection that outgrew
+        its structure, too) tunes on them. Without any, builds tune on the index's caption embeddings when it
+        has captions (text-side queries), else on held-out items of the collection.
         Searches are exact until then for trained types; `add` after a build goes into the built structure.
         """
         self._build(sample_queries)
@@ -403,6 +425,8 @@ class Index:
                 with self.store.transaction():  # the type and what was built, in one commit: a kill before it
                     if index_type is not None:  # leaves the index wholly as it was
                         self.store.set_info("index_type", index_type)
+                    if sample_queries is not None:  # remembered: later builds (the collection grown) tune on them
+                        self.store.set_tune_queries(sample_queries)
                     self._record_structure(structure, len(self._keys))
             except BaseException:  # a build that fails leaves the index as it was
                 self._structure, self._keys, self._generation = previous

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path);
 CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
 
 _RECORD_SELECT = ("SELECT items.key, items.id, roots.path, items.path, items.mtime, items.size, items.caption, "
@@ -271,6 +272,23 @@ class Store:
     def keys_and_ids(self) -> tuple[np.ndarray, list]:
         rows = self.db.execute("SELECT key, id FROM items ORDER BY key").fetchall()
         return np.asarray([k for k, _ in rows], dtype=np.int64), [i for _, i in rows]
+
+    # -- the queries builds tune on ---------------------------------------------------------------
+
+    def set_tune_queries(self, vectors: np.ndarray) -> None:
+        """Inside a transaction: remember the queries builds tune on (replacing those before)."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+        self.db.execute("DELETE FROM tune_queries")
+        self.db.executemany("INSERT INTO tune_queries(n, vector) VALUES (?, ?)",
+                            [(n, np.asarray(v, np.float32).tobytes()) for n, v in enumerate(vectors)])
+
+    def tune_queries(self, dim: int) -> np.ndarray | None:
+        """The queries remembered for tuning, or None (none remembered; a store older than the table)."""
+        try:
+            blobs = [row[0] for row in self.db.execute("SELECT vector FROM tune_queries ORDER BY n")]
+        except sqlite3.OperationalError:  # no such table
+            return None
+        return blobs_to_vectors(blobs, dim) if blobs else None
 
     # -- roots ----------------------------------------------------------------------------------
 

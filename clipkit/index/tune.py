@@ -39,7 +39,8 @@ class Tuning:
     params: dict
     estimated_recall: float
     target: float
-    queries: str  # "held-out items" or "sample queries"
+    queries: str  # "held-out items", "sample queries" (given, or remembered from an earlier build) or
+    # "caption embeddings" (the index's captions: text-side queries, across the modality gap)
     n_queries: int
     seconds_per_query: float
     tried: list[dict] = field(default_factory=list)  # every candidate setting: structure, params, recall, s/query
@@ -64,7 +65,8 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, memory_budget: int | None = None,
                     target_recall: float = 0.95, sample_queries: np.ndarray | None = None,
-                    params: dict | None = None, k: int = 10, n_queries: int = 2000) -> tuple[Structure, Tuning | None]:
+                    queries_are: str = "sample queries", params: dict | None = None, k: int = 10,
+                    n_queries: int = 2000) -> tuple[Structure, Tuning | None]:
     """The structure for these vectors: chosen ("auto"), trained, filled and tuned (None: no tuning, when
     exact or when `params` are given: a rebuild that keeps earlier choices)."""
     options = candidates(index_type, len(vectors), vectors.shape[1], memory_budget)
@@ -78,12 +80,12 @@ def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, m
         structure.set_params(params)
         return structure, None
     return tune_structure(options, vectors, keys, target=target_recall, sample_queries=sample_queries, k=k,
-                          n_queries=n_queries, allow_flat=index_type == "auto")
+                          n_queries=n_queries, allow_flat=index_type == "auto", queries_are=queries_are)
 
 
 def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *, target: float = 0.95,
                    sample_queries: np.ndarray | None = None, k: int = 10, n_queries: int = 2000,
-                   allow_flat: bool = True) -> tuple[Structure, Tuning]:
+                   allow_flat: bool = True, queries_are: str = "sample queries") -> tuple[Structure, Tuning]:
     """Build every structure in `options`, tune each to `target`, keep the fastest (see the module doc)."""
     rng = np.random.default_rng(0)
     held = np.zeros(len(vectors), bool)
@@ -91,7 +93,7 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
         held[rng.choice(len(vectors), min(n_queries, max(2, len(vectors) // 10)), replace=False)] = True
         queries, source = vectors[held], "held-out items"
     else:
-        queries, source = sample_queries[rng.permutation(len(sample_queries))[:n_queries]], "sample queries"
+        queries, source = sample_queries[rng.permutation(len(sample_queries))[:n_queries]], queries_are
     base, base_keys = vectors[~held], keys[~held]
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(np.ascontiguousarray(base))
