@@ -127,11 +127,6 @@ class TarMember:
         return f"{self.tar}#{self.name}"
 
 
-def holding_file(source: "str | os.PathLike | TarMember") -> Path:
-    """The file an image lives in: the image file itself, or the shard holding it."""
-    return Path(source.tar if isinstance(source, TarMember) else source)
-
-
 def decode_image(data: bytes, name: str = "<bytes>", min_side: int | None = None) -> Image.Image:
     """Like `read_image`, for encoded image bytes (a shard member, an upload)."""
     return _decode(io.BytesIO(data), name, min_side)

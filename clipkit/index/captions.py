@@ -89,6 +89,15 @@ def image_of(caption_id: str) -> str:
     return caption_id.rpartition("#")[0]
 
 
+def first_captions(collection, image_ids: list) -> dict:
+    """image id -> the record of its first caption (`IMAGE_ID#0`) in the caption `collection` (None: no
+    captions), for those of `image_ids` that have one."""
+    if collection is None or not image_ids:
+        return {}
+    found = collection.find([f"{i}#0" for i in image_ids])
+    return {record["image_id"]: record for record in found.values() if "image_id" in record}
+
+
 def read_captions(image_path: str | Path) -> list[str]:
     """The captions of an image: the non-empty lines of the .txt file beside it ([] without one)."""
     from clipkit._io import read_regular

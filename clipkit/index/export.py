@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_with
+from clipkit.index.captions import first_captions
 
 
 def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000,
@@ -42,7 +43,7 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
         for part, start in enumerate(range(0, len(ids), part_size)):
             chunk = ids[start:start + part_size]
             records = index.get(chunk)
-            first = _first_captions(index, chunk)
+            first = first_captions(index.captions, chunk)  # item id -> its first caption's record
             _save_npy(out / "img_emb" / f"img_emb_{part}.npy", index.embeddings(chunk).astype(np.float16))
             if index.captions is not None:
                 _save_npy(out / "text_emb" / f"text_emb_{part}.npy", _caption_vectors(index, chunk, first))
@@ -50,7 +51,7 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
                 "id": chunk if whole_numbers else [str(i) for i in chunk],
                 "image_path": [r.get("path") or (r["id"] if isinstance(r["id"], str) else None) for r in records],
                 "url": [r.get("url") for r in records],
-                "caption": [r.get("caption") or first.get(r["id"], (None,))[0] for r in records]})
+                "caption": [r.get("caption") or first.get(r["id"], {}).get("caption") for r in records]})
             atomic_write_with(out / "metadata" / f"metadata_{part}.parquet", lambda tmp: pq.write_table(table, tmp))
             captions += len(first)
             bar.update(len(chunk))
@@ -64,19 +65,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_with(path, write)
 
 
-def _first_captions(index, ids: list) -> dict:
-    """item id -> (its first caption's text, its key in the caption collection), for items with captions."""
-    if index.captions is None:
-        return {}
-    found = index.captions.find([f"{i}#0" for i in ids])
-    by_image = {record["id"].rpartition("#")[0]: record for record in found.values()}
-    return {i: (by_image[str(i)]["caption"], by_image[str(i)]["id"]) for i in ids if str(i) in by_image}
-
-
 def _caption_vectors(index, ids: list, first: dict) -> np.ndarray:
     """The first caption's embedding of each item, zeros where it has none (float16)."""
     vectors = np.zeros((len(ids), index.dim), np.float16)
     rows = [n for n, i in enumerate(ids) if i in first]
     if rows:
-        vectors[rows] = index.captions.embeddings([first[ids[n]][1] for n in rows]).astype(np.float16)
+        vectors[rows] = index.captions.embeddings([first[ids[n]]["id"] for n in rows]).astype(np.float16)
     return vectors

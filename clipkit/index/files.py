@@ -14,8 +14,8 @@ import os
 import stat as stat_module
 
 from clipkit.data.images import TarMember
-
-SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full
+from clipkit.index.store import SHARD_STATS
+from clipkit.index.sync import is_under
 
 
 def read_indexed(index, record: dict, source, max_bytes: int) -> bytes:
@@ -64,8 +64,7 @@ def _inside_its_folder(index, path: str) -> None:
     """An item under an indexed folder must still resolve inside it (no symlink out of it put in since)."""
     for root in index.roots():
         folder = root["path"]
-        if path.startswith(folder.rstrip(os.sep) + os.sep):
-            real_folder = os.path.realpath(folder)
-            if not os.path.realpath(path).startswith(real_folder.rstrip(os.sep) + os.sep):
+        if is_under(path, folder):
+            if not is_under(os.path.realpath(path), os.path.realpath(folder)):
                 raise ValueError(f"it now resolves outside its indexed folder {folder}")
             return

@@ -92,10 +92,10 @@ def sync_embeddings(index, folder: str | os.PathLike, model=None, *, chunk: int 
     report = SyncReport()
     start = 0  # global row number of the part's first row
     parts = embedding_parts(folder)
-    total = sum(int(_load(p.images, index.dim).shape[0]) for p in parts)
-    with tqdm(total=total, disable=None if progress is None else not progress, unit="vec", desc="ingesting") as bar:
-        for part in parts:
-            images = _load(part.images, index.dim)
+    arrays = [_load(part.images, index.dim) for part in parts]  # memory-mapped: only their headers are read
+    with tqdm(total=sum(len(a) for a in arrays), disable=None if progress is None else not progress, unit="vec",
+              desc="ingesting") as bar:
+        for part, images in zip(parts, arrays):
             stat = os.stat(part.images)
             key = str(part.images.resolve())
             if index.store.info(PARTS, {}).get(key) == [stat.st_size, stat.st_mtime, len(images)]:
@@ -119,7 +119,7 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
     for offset in range(0, len(images), chunk):
         stop = min(offset + chunk, len(images))
         meta = next(rows, None) if part.metadata is not None else None
-        records = _records(meta, start + offset, stop - offset, part)
+        records = _records(meta, stop - offset, part)
         ids = [_item_id(record, start + offset + n) for n, record in enumerate(records)]
         present = set(index.find(ids))  # a run stopped inside this part: what it committed stays as it is
         keep = []
@@ -137,7 +137,7 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
         bar.update(stop - offset)
 
 
-def _records(meta: dict | None, first_row: int, count: int, part: Part) -> list[dict]:
+def _records(meta: dict | None, count: int, part: Part) -> list[dict]:
     if meta is None:
         return [{} for _ in range(count)]
     if len(next(iter(meta.values()), [])) != count:

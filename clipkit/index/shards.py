@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.images import TarMember
 from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards
-from clipkit.index.files import SHARD_STATS
+from clipkit.index.store import SHARD_STATS
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")

@@ -22,6 +22,7 @@ import numpy as np
 
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 
+SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
 FORMAT = "clipkit-index"
 FORMAT_VERSION = 2
 DB_FILE = "meta.sqlite"
@@ -39,8 +40,9 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path);
 CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
+# the queries builds tune on (Index.build's sample_queries, remembered); created when first given
+_TUNE_QUERIES_TABLE = "CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)"
 
 _RECORD_SELECT = ("SELECT items.key, items.id, roots.path, items.path, items.mtime, items.size, items.caption, "
                   "items.extra FROM items LEFT JOIN roots ON roots.root = items.root")
@@ -277,7 +279,7 @@ class Store:
 
     def set_tune_queries(self, vectors: np.ndarray) -> None:
         """Inside a transaction: remember the queries builds tune on (replacing those before)."""
-        self.db.execute("CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)")
+        self.db.execute(_TUNE_QUERIES_TABLE)
         self.db.execute("DELETE FROM tune_queries")
         self.db.executemany("INSERT INTO tune_queries(n, vector) VALUES (?, ?)",
                             [(n, np.asarray(v, np.float32).tobytes()) for n, v in enumerate(vectors)])

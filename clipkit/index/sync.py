@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.folder import scan_images
 from clipkit.data.images import failure_kind
-from clipkit.index.store import Store, blobs_to_vectors
+from clipkit.index.store import SHARD_STATS, Store, blobs_to_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -271,8 +271,6 @@ def is_under(path: str, folder: str) -> bool:
 def _forget_shards(store: Store, chosen) -> list[int]:
     """Inside a transaction: the keys of the items of the shards `chosen(shard path)` picks, whose recorded
     sizes and mtimes go too (so indexing such a shard again reads it anew)."""
-    from clipkit.index.files import SHARD_STATS
-
     picked = {shard: keys for shard, keys in store.shard_keys().items() if chosen(shard)}
     recorded = store.info(SHARD_STATS, {})
     if any(shard in recorded for shard in picked):

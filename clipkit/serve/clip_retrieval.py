@@ -27,6 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from clipkit.index.captions import first_captions
 from clipkit.index.shards import item_image
 from clipkit.serve.batcher import IMAGE, TEXT
 from clipkit.serve.fetch import FetchBusy, FetchError
@@ -175,7 +176,8 @@ def describe(service: Service, collection: Collection, ids: list[int], base: str
         images = index.find([c["image_id"] for c in captions])
         rows += [(CAPTION_ID_BASE + c["key"], images[c["image_id"]], c["caption"]) for c in captions
                  if c["image_id"] in images]
-    firsts = _first_captions(index, [image for _, image, caption in rows if caption is None])
+    firsts = {image_id: c["caption"] for image_id, c in
+              first_captions(index.captions, [image["id"] for _, image, caption in rows if caption is None]).items()}
     out = {}
     for result_id, image, caption in rows:
         meta = {}
@@ -190,14 +192,6 @@ def describe(service: Service, collection: Collection, ids: list[int], base: str
             meta["caption"] = caption
         out[result_id] = meta
     return out
-
-
-def _first_captions(index, records: list[dict]) -> dict[str, str]:
-    """image id -> its first caption in the caption collection, for images without a caption of their own."""
-    if index.captions is None or not records:
-        return {}
-    found = index.captions.find([f"{r['id']}#0" for r in records if isinstance(r.get("id"), str)])
-    return {c["image_id"]: c["caption"] for c in found.values()}
 
 
 def _inline(service: Service, collection: Collection, key: int) -> dict:

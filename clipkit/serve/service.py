@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
-from clipkit.data.images import TarMember, decode_image, image_media_type
+from clipkit.data.images import decode_image, image_media_type
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
