@@ -43,7 +43,7 @@ from clipkit.rerank_train import (KINDS, RerankConfig, cache_gallery, fit_weight
 from clipkit.train import TrainConfig, checkpoint_paths, train
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--steps", type=int, default=1800)
@@ -71,7 +71,11 @@ def main() -> None:
     parser.add_argument("--refit-weights", action="store_true",
                         help="only refit the shipped model's re-ranking cosine weights (both directions) on its "
                              "stage-2 fitting galleries, and write them into clipkit/weights/clipkit-demo.pt")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.refit_weights:
         print(json.dumps(refit_weights(), indent=2))
         return
