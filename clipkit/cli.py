@@ -78,6 +78,10 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="flat (exact, the default), auto (exact while small, then the fastest ANN structure tuned "
                             "to recall@10 >= 0.95 on held-out items), or a FAISS factory string such as IVF4096,Flat, "
                             "HNSW32 or IVF1024,PQ128x4fs,RFlat")
+    index.add_argument("--precision", default=None, choices=("auto", "float16", "float32"),
+                       help="how a new index stores its vectors: auto (float32 while search is exact, float16 once "
+                            "an ANN structure is built; the default for images), float16 (half the disk; the default "
+                            "for an embedding folder, which holds float16) or float32")
     index.add_argument("--tune-queries", default=None, metavar="FILE",
                        help="queries like the ones this index will get, to tune the ANN structure on: a .npy of "
                             "vectors, or a text file of query texts (one a line); remembered for later builds "
@@ -303,7 +307,7 @@ def cmd_index(args) -> int:
         model = _index_model(index, args)
         created = index is None
         if created:
-            index = Index(model.dim, model=model)
+            index = Index(model.dim, model=model, precision=args.precision)
             index.save(index_path)  # attach first: every finished batch is then committed to disk
         options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args),
                        exclude=args.exclude, shard=shard)
@@ -376,7 +380,7 @@ def _index_embeddings(args) -> int:
         if model is not None and model.dim != dim:
             raise ValueError(f"{args.folder} holds {dim}-d embeddings but model {model.name} makes {model.dim}-d ones")
         if index is None:
-            index = Index(dim, model=model)
+            index = Index(dim, model=model, precision=args.precision or "float16")
             index.save(index_path)
         report = index.sync_embeddings(args.folder, model, progress=_progress(args))
         _structure_options(args, index, model, False)

@@ -77,5 +77,5 @@ def test_scale_tiny(tmp_path):
     out = run("scale.py", "--sizes", "3000", "--dim", "128", "--model", "clipkit-demo", "--work", str(tmp_path / "w"),
               "--json", str(tmp_path / "s.json"), cwd=tmp_path)
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
-    assert row["n"] == 3000 and row["recall_at_10"] == 1.0 and row["added_and_removed"] == 300
+    assert row["n"] == 3000 and row["recall_at_10"] >= 0.999 and row["added_and_removed"] == 300  # float16: ties
     assert row["searchable_after_s"] < 600 and row["serve_peak_gib"] > 0 and "| 3000 |" in out

@@ -457,10 +457,16 @@ def test_remove_is_all_or_nothing_when_captions_cannot_change(captioned_index, c
 
 def test_a_damaged_embedding_is_said_and_embedded_again(captioned_index, capsys, caplog):
     photos, ix = captioned_index
-    db = sqlite3.connect(ix / "meta.sqlite")
     target = str(photos / "1.png")
-    dim = len(db.execute("SELECT embedding FROM items WHERE id = ?", (target,)).fetchone()[0]) // 4
-    db.execute("UPDATE items SET embedding = ? WHERE id = ?", (np.full(dim, np.nan, np.float32).tobytes(), target))
+    before = Index.load(ix)
+    dim, state = before.dim, before.store.vectors_state()
+    segment, row = (int(v[0]) for v in before.store.segments.rows(np.asarray(before.keys([target]))))
+    file_name = before.store.segments.file(state, segment, "vec")
+    before.close()
+    with open(file_name, "r+b") as file:  # flipped bytes on disk
+        file.seek(int(row) * dim * np.dtype(state["dtype"]).itemsize)
+        file.write(np.full(dim, np.nan, state["dtype"]).tobytes())
+    db = sqlite3.connect(ix / "meta.sqlite")
     db.execute("UPDATE info SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE name = 'generation'")
     db.commit()
     db.close()

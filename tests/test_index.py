@@ -260,7 +260,8 @@ def test_choose_structure_by_size_and_memory():
     assert choose_structure("HNSW32", 10, 256) == "HNSW32"
     assert candidates("auto", 200_000, 256) == ["IVF1024,Flat", "IVF1024,PQ128x4fs,RFlat"]
     assert candidates("auto", 200_000, 64) == ["IVF1024,Flat", "IVF1024,PQ32x4fs,RFlat", "HNSW32"]
-    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF8192,PQ128x4fs"]
+    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF8192_HNSW32,PQ64x4fs,RFlat"]
+    assert candidates("auto", 200_000, 256, memory_budget=10**8) == ["IVF1024,PQ64x4fs,RFlat"]  # 32 B a vector
     assert candidates("auto", 1000, 256) == ["Flat"]
 
 

@@ -309,7 +309,8 @@ def test_format_1_index_is_migrated_and_its_files_stay_known(tmp_path, tiny_mode
                             ("model", tiny_model.info), ("generation", 5), ("index_type", "flat")):
             db.execute("INSERT INTO info VALUES (?, ?)", (name, json.dumps(value)))
     migrated = Index.load(old)
-    assert migrated.store.info("format_version") == 2 and len(migrated) == 4
+    assert migrated.store.info("format_version") == 3 and len(migrated) == 4
+    np.testing.assert_array_equal(migrated.embeddings(migrated.ids()), current.embeddings(migrated.ids()))
     assert migrated.get(migrated.ids()) == records
     report = migrated.sync_folder(photos, tiny_model)
     assert (report.unchanged, report.embedded) == (4, 0)
@@ -437,16 +438,21 @@ def test_flipped_bytes_in_the_faiss_file_are_detected_and_rebuilt(tmp_path, capl
     assert ids[:, 0].tolist() == list(range(50)) and np.allclose(scores[:, 0], 1, atol=1e-5)
 
 
-def test_a_faiss_file_saved_for_another_key_set_is_not_trusted(tmp_path):
+def test_a_faiss_file_saved_for_another_key_set_is_not_trusted(tmp_path, caplog):
     """What two unlocked writers used to leave: the right generation and count, other keys."""
-    Index.from_embeddings(unit(20, 8, 0)).save(tmp_path / "ix")
-    config_path = tmp_path / "ix" / CONFIG_FILE
-    config = json.loads(config_path.read_text())
-    with sqlite3.connect(tmp_path / "ix" / DB_FILE) as db:  # same count and generation, one key replaced
-        db.execute("UPDATE items SET key = 1000 WHERE key = 0")
-    config_path.write_text(json.dumps(config))
+    base = unit(21, 8, 0)
+    index = Index.from_embeddings(base[:20])
+    index.save(tmp_path / "ix")
+    saved = {name: (tmp_path / "ix" / name).read_bytes() for name in (CONFIG_FILE, FAISS_FILE)}
+    index.remove([0])
+    index.add(base[20:], ids=[20])  # the same count, another key set
+    config = json.loads(saved[CONFIG_FILE])
+    config["faiss_generation"] = index.generation
+    (tmp_path / "ix" / CONFIG_FILE).write_text(json.dumps(config))
+    (tmp_path / "ix" / FAISS_FILE).write_bytes(saved[FAISS_FILE])
     loaded = Index.load(tmp_path / "ix")
-    assert loaded.search(unit(20, 8, 0)[:1], 1)[1][0, 0] == 0
+    assert "does not match the store" in caplog.text
+    assert loaded.search(base[20], 1)[1][0, 0] == 20 and loaded.search(base[0], 1)[1][0, 0] != 0
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30, 1e300])

@@ -11,6 +11,7 @@ are wrapped in an IndexIDMap2, and removal is used only where the inner index co
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import faiss
@@ -37,13 +38,36 @@ def check_index_type(index_type: str, dim: int) -> None:
                          f"accepts ({first})") from None
 
 
+HNSW_QUANTIZER_FROM = 4096  # lists from which the coarse quantizer is an HNSW graph (assigning millions of
+# vectors to a flat one costs n x lists x dim), as autofaiss does
+IN_RAM_COPIES = 5  # float32 copies of the collection the in-RAM tuner holds at its peak (tune.tune_structure)
+
+
+def default_memory_budget() -> int:
+    """The RAM a build may use unless told: a quarter of this machine's memory, at most 2 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return min(int(total) // 4, 2 << 30)
+
+
+def streams(n: int, dim: int, memory_budget: int | None) -> bool:
+    """Whether a build must stream (train on a sample, add in chunks from the stored vectors) to stay within
+    `memory_budget` bytes (default: `default_memory_budget()`), rather than tune with the collection in RAM."""
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    return n * dim * 4 * IN_RAM_COPIES > budget
+
+
 def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | None = None) -> str:
     """The FAISS structure family for `n` vectors: exact flat while small, IVF above FLAT_LIMIT.
 
     IVF lists ~ 2 sqrt(n) (a power of two, at least 39 training points each): with fast-scan codes and an
-    exact re-rank, probing more of fewer lists measured faster at the same recall than the classic 4 sqrt(n). When the vectors would not fit
-    `memory_budget` bytes, 4-bit fast-scan product quantisation with no exact re-rank (it costs recall);
-    otherwise the tuner (clipkit/index/tune.py) picks between the candidates of `candidates()`.
+    exact re-rank, probing more of fewer lists measured faster at the same recall than the classic 4 sqrt(n).
+    When the build would not fit `memory_budget` bytes with the collection in RAM (`streams`), 4-bit fast-scan
+    product quantisation (at most dim / 8 bytes a vector, fewer to fit the budget), whose shortlist is
+    re-ranked exactly with the memory-mapped stored vectors, built by streaming; otherwise the tuner
+    (clipkit/index/tune.py) picks between the candidates of `candidates()`.
     """
     if index_type == "flat":
         return "Flat"
@@ -53,8 +77,10 @@ def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | Non
         return "Flat"
     nlist = int(min(65536, max(256, 2 ** round(np.log2(2 * np.sqrt(n))))))
     nlist = min(nlist, 2 ** int(np.log2(max(2, n // 39))))  # k-means wants >= 39 training points per list
-    if memory_budget is not None and n * dim * 4 > memory_budget:
-        return f"IVF{nlist},PQ{fastscan_m(dim, max(1, memory_budget // n))}x4fs"
+    if streams(n, dim, memory_budget):
+        budget = memory_budget if memory_budget is not None else default_memory_budget()
+        quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
+        return f"{quantizer},PQ{fastscan_m(dim, max(1, min(dim // 8, budget // n)))}x4fs,RFlat"
     return f"IVF{nlist},Flat"
 
 
@@ -63,7 +89,7 @@ def candidates(index_type: str, n: int, dim: int, memory_budget: int | None = No
 
     Above FLAT_LIMIT, with room for the vectors: IVF-Flat, and IVF with 4-bit fast-scan PQ codes whose
     shortlist is re-ranked exactly against the stored vectors (`,RFlat`: the frontier for embeddings);
-    HNSW too for low-dimensional data, where its graph pays. Over the memory budget: fast-scan PQ alone.
+    HNSW too for low-dimensional data, where its graph pays. Over the memory budget: fast-scan PQ codes only.
     """
     base = choose_structure(index_type, n, dim, memory_budget)
     if index_type != "auto" or base == "Flat" or "PQ" in base:
@@ -159,35 +185,43 @@ class RefineVectors:
             self.size = len(kept)
             self.row_of[self.keys] = np.arange(self.size)
 
-    def rows(self, keys: np.ndarray) -> np.ndarray:
-        """Row of each key (-1 where it has none)."""
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors of `keys`, found mask); rows without a key are zero."""
         inside = (keys >= 0) & (keys < len(self.row_of))
-        return np.where(inside, self.row_of[np.where(inside, keys, 0)], -1)
+        rows = np.where(inside, self.row_of[np.where(inside, keys, 0)], -1)
+        return self.data[np.maximum(rows, 0)], rows >= 0
 
-    def rerank(self, queries: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The top k of each query's shortlisted keys by exact inner product."""
-        rows = self.rows(shortlist)
-        scores = np.empty(shortlist.shape, np.float32)
-        safe = np.ascontiguousarray(np.maximum(rows, 0))
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(self.data),
-                                         faiss.swig_ptr(safe), self.data.shape[1], len(queries), shortlist.shape[1])
-        scores[rows < 0] = -np.inf
-        k = min(k, shortlist.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, 1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        keys = np.take_along_axis(np.take_along_axis(shortlist, top, 1), order, 1)
-        top_scores = np.take_along_axis(top_scores, order, 1)
-        return top_scores, np.where(np.isfinite(top_scores), keys, -1)
+
+def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, lookup) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of each query's shortlisted keys (-1: none) by exact inner product with the vectors
+    `lookup(keys) -> (vectors, found)` gives (in RAM while tuning, else the index's memory-mapped ones)."""
+    n, width = shortlist.shape
+    scores = np.empty(shortlist.shape, np.float32)
+    step = max(1, 4_000_000 // max(1, width * queries.shape[1]))  # gathered floats per chunk of queries
+    for start in range(0, n, step):
+        keys = shortlist[start:start + step]
+        vectors, found = lookup(keys.ravel())
+        part = np.matmul(vectors.reshape(len(keys), width, -1), queries[start:start + step, :, None])[:, :, 0]
+        part[~found.reshape(keys.shape) | (keys < 0) | ~np.isfinite(part)] = -np.inf
+        scores[start:start + step] = part
+    k = min(k, width)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, 1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    keys = np.take_along_axis(np.take_along_axis(shortlist, top, 1), order, 1)
+    top_scores = np.take_along_axis(top_scores, order, 1)
+    return top_scores, np.where(np.isfinite(top_scores), keys, -1)
 
 
 class Structure:
     """A FAISS index holding (key, vector) pairs, with the search parameters it was tuned to; for `,RFlat`
-    structures also the vectors, to re-rank `k_factor` x k shortlisted keys exactly."""
+    structures also where the vectors are, to re-rank `k_factor` x k shortlisted keys exactly: a copy in RAM
+    while the tuner builds it (`RefineVectors`), then the index's stored vectors (`attach_vectors`)."""
 
     def __init__(self, index: faiss.Index, factory: str = "Flat", params: dict | None = None):
         self.index, self.factory = index, factory
         self.refine = RefineVectors(int(index.d)) if split_refine(factory)[1] else None
+        self._lookup = self.refine.lookup if self.refine is not None else None  # keys -> (vectors, found)
         self._gpu = None  # (GPU index, position -> key map or None), or False: not on the GPU
         self.set_params(params or {})
 
@@ -222,25 +256,25 @@ class Structure:
         return self.factory + "".join(f" {k}={v}" for k, v in sorted(self.params.items()))
 
     def bytes_per_vector(self) -> float:
-        """Memory per vector: the FAISS file's size plus, for `,RFlat`, the stored float32 vectors."""
-        size = len(faiss.serialize_index(self.index)) + (self.refine.size * self.dim * 4 if self.refine else 0)
+        """Memory per vector: the FAISS file's size plus, for `,RFlat`, the float32 vectors held for the re-rank."""
+        held = self.refine.size * self.dim * 4 if isinstance(self.refine, RefineVectors) else 0
+        size = len(faiss.serialize_index(self.index)) + held
         return size / max(1, self.ntotal)
 
-    def add(self, vectors: np.ndarray, keys: np.ndarray, *, index_only: bool = False) -> None:
-        """Add vectors under keys (ascending, above every key already in); `index_only`: into the FAISS index
-        alone, the re-rank vectors being attached afterwards (the tuner's held-out items)."""
+    def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+        """Add vectors under keys (new ones); the RAM copy for the re-rank too, while there is one."""
         for start in range(0, len(vectors), 100_000):
             self.index.add_with_ids(np.ascontiguousarray(vectors[start:start + 100_000], dtype=np.float32),
                                     np.ascontiguousarray(keys[start:start + 100_000], dtype=np.int64))
-        if self.refine is not None and not index_only:
+        if isinstance(self.refine, RefineVectors):
             self.refine.add(keys, vectors)
         self._gpu = None
 
-    def attach_vectors(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        """A loaded `,RFlat` structure gets its vectors back from the store (the file holds only codes)."""
+    def attach_vectors(self, lookup) -> None:
+        """An `,RFlat` structure re-ranks with the vectors `lookup(keys) -> (vectors, found)` gives from now on
+        (the index's stored ones: the FAISS file holds only codes, and RAM holds no copy)."""
         if self.refine is not None:
-            self.refine = RefineVectors(self.dim)
-            self.refine.add(keys, vectors)
+            self.refine, self._lookup = lookup, lookup
 
     def remove(self, keys: np.ndarray) -> bool:
         """Remove these keys; False where this structure cannot (the caller rebuilds it)."""
@@ -252,7 +286,7 @@ class Structure:
             self.index.remove_ids(np.ascontiguousarray(keys, dtype=np.int64))
         except RuntimeError:
             return False
-        if self.refine is not None:
+        if isinstance(self.refine, RefineVectors):
             self.refine.remove(keys)
         self._gpu = None
         return True
@@ -263,7 +297,7 @@ class Structure:
             return self._search(queries, k)
         shortlist = min(self.ntotal, k * int(self.params.get("k_factor", 1)))
         _, keys = self._search(queries, max(shortlist, k))
-        return self.refine.rerank(queries, keys, k)
+        return rerank(queries, keys, k, self._lookup)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k <= GPU_MAX_K and faiss.get_num_gpus() > 0:

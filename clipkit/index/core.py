@@ -37,11 +37,12 @@ from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError,
 import clipkit.index.sync as sync
 from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
                                     sync_captions)
-from clipkit.index.ann import Structure, check_index_type, choose_structure
-from clipkit.index.tune import build_structure
+from clipkit.index.ann import Structure, candidates, check_index_type, choose_structure, streams
+from clipkit.index.tune import Collection, build_streaming, build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
+from clipkit.index.segments import DTYPES, new_state
 from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, meta_row, translate
-from clipkit.index.vectors import keys_digest, normalize_id, prepare_vectors
+from clipkit.index.vectors import normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -55,13 +56,16 @@ class Index:
     refresh_interval = 0.5  # seconds between looks at the store's generation (0: before every search)
 
     def __init__(self, dim: int, *, model=None, model_info: dict | None = None, index_type: str = "flat",
-                 target_recall: float = 0.95, memory_budget: int | None = None):
+                 target_recall: float = 0.95, memory_budget: int | None = None, precision: str | None = None):
         """An empty index of `dim`-d vectors.
 
         `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then the fastest structure that
         fits `memory_budget` and keeps recall@10 against exact >= `target_recall`, chosen and tuned at build
         time: see clipkit/index/tune.py), or any FAISS factory string ("IVF1024,Flat", "HNSW32",
         "IVF1024,PQ128x4fs,RFlat", ...), tuned the same way.
+        `precision`: how the vectors are stored: "float32" (exact search equals numpy's), "float16" (half the
+        disk and page cache; scores within about 1e-3 of float32's) or "auto" (the default: float32 while the
+        search is exact, float16 from the first build of an approximate structure on, which re-ranks with them).
         """
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -71,12 +75,16 @@ class Index:
         info = model.info if model is not None else model_info
         if info is not None and int(info.get("dim", dim)) != dim:
             raise ValueError(f"model dimension {info['dim']} does not match index dimension {dim}")
+        precision = precision or "auto"
+        if precision not in ("auto", *DTYPES):
+            raise ValueError(f"precision must be 'auto', 'float16' or 'float32', got {precision!r}")
+        vectors = new_state("float32" if precision == "auto" else precision)
         store = Store.create()
         with store.transaction(bump=False):
             for name, value in (("format", FORMAT), ("format_version", FORMAT_VERSION), ("dim", int(dim)),
                                 ("model", info), ("generation", 0), ("next_key", 0), ("index_type", index_type),
                                 ("target_recall", target_recall), ("memory_budget", memory_budget),
-                                ("structure_version", 0)):
+                                ("structure_version", 0), ("vectors", vectors), ("precision", precision)):
                 store.set_info(name, value)
         self._attach(store, int(dim), path=None, model=model)
         self._structure = Structure.flat(self.dim)
@@ -85,9 +93,7 @@ class Index:
         self.store, self.dim, self.path, self.model = store, dim, path, model
         self.last_sync: sync.SyncReport | None = None
         self._lock = threading.RLock()
-        self._keys = np.zeros(0, dtype=np.int64)  # the keys in the structure, ascending
-        self._id_by_key = np.zeros(0, dtype=np.int64)  # id of each key (a key's id never changes), so searches
-        # need no SQL: int64 while every id is an int, else objects; slots of removed keys are never read
+        self._last_key = -1  # every key up to here is in the structure, or was removed (new keys are above it)
         self._tuning = None  # the tuner's report of the last build, until recorded
         self._captions: Index | None = None  # the caption collection, once loaded or made
         self._captions_broken = False  # it could not be opened (said once)
@@ -215,7 +221,8 @@ class Index:
             self._catch_up()
 
     def _catch_up(self) -> bool:
-        """Under self._lock: bring the structure to the store's generation (added and removed keys)."""
+        """Under self._lock: bring the structure to the store's generation: the items added since (keys above
+        the last one in) and the keys the removal log lists since then. Nothing reads every key or vector."""
         self._looked_at = time.monotonic()
         if self.store.generation() == self._generation:
             return False
@@ -223,16 +230,15 @@ class Index:
             generation = self.store.generation()
             if self.store.info("structure_version", 0) != self._structure_version and self._load_saved_structure():
                 return True
-            last = int(self._keys[-1]) if len(self._keys) else -1
-            new = list(self.store.vectors_after(last, self.dim))
-            added = sum(len(keys) for keys, _, _ in new)
-            removed = np.zeros(0, dtype=np.int64)
-            if self.store.count() != len(self._keys) + added:
-                removed = np.setdiff1d(self._keys, self.store.all_keys(), assume_unique=True)
-        self._apply(new, removed)
+            new = list(self.store.vectors_after(self._last_key))
+            removed = self.store.removed_since(self._generation)
+            count, last = self.store.count(), int(self.store.info("next_key", 0)) - 1
+        if not self._apply(new, removed) or self._structure.ntotal != count:
+            self._rebuild()  # a structure without removal, or removals older than the log (pruned by a build)
+            return True
         self._warn_damaged()
-        self._generation = generation
-        log.debug("caught up with generation %s: +%s -%s", generation, added, len(removed))
+        self._generation, self._last_key = generation, last
+        log.debug("caught up with generation %s: +%s -%s", generation, sum(len(k) for k, _, _ in new), len(removed))
         return True
 
     def _warn_damaged(self) -> None:
@@ -245,18 +251,16 @@ class Index:
                         "found: `clipkit index FOLDER` embeds files again; remove and add others", len(damaged),
                         self.path or "this index", first)
 
-    def _apply(self, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> None:
-        """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys."""
-        if len(removed):
-            if not self._structure.remove(removed):  # a structure without removal: rebuild from the store
-                self._rebuild()
-                return
-            self._keys = self._keys[~np.isin(self._keys, removed)]
-        for keys, ids, vectors in new:
+    def _apply(self, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> bool:
+        """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys; False
+        when the structure cannot remove (the caller rebuilds it from the store)."""
+        if len(removed) and not self._structure.remove(removed):
+            return False
+        for keys, _, vectors in new:
             if len(keys):
                 self._structure.add(vectors, keys)
-                self._keys = np.concatenate([self._keys, keys])  # new keys are above every old one
-                self._remember_ids(keys, ids)
+                self._last_key = max(self._last_key, int(keys[-1]))
+        return True
 
     def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None,
                  index_type: str | None = None) -> Structure:
@@ -264,26 +268,36 @@ class Index:
         with its search parameters, as they are (a reader never re-plans: that is a writer's `build`, which
         records what it built). With `tune`, the one `index_type` (default: the index's) plans, tuned; it
         leaves its report in `self._tuning` for `_record_structure`."""
-        with self.store.snapshot():
-            keys, ids, vectors = self.store.all_items(self.dim)
-            generation = self.store.generation()
-            index_type = index_type or self.index_type
-            recorded = self.store.info("structure") or "Flat"  # what was last built; exact until a build
-            params = self.store.info("search_params")
-        queries_are = "sample queries"
-        if tune:
-            params = None  # choose and tune anew (the collection may have outgrown the structure chosen for it)
-            if sample_queries is None:
-                sample_queries, queries_are = self._tuning_queries()
-        else:
-            index_type = recorded  # the structure last built, with its tuned parameters
-        structure, self._tuning = build_structure(
-            index_type, vectors, keys, memory_budget=self.store.info("memory_budget"), sample_queries=sample_queries,
-            queries_are=queries_are, target_recall=self.store.info("target_recall", 0.95), params=params)
-        self._structure, self._keys, self._generation = structure, keys, generation
-        self._id_by_key = np.zeros(0, dtype=np.int64)
-        self._remember_ids(keys, ids)
+        with self.store.snapshot():  # one committed state throughout
+            generation, last = self.store.generation(), int(self.store.info("next_key", 0)) - 1
+            params, queries_are = self.store.info("search_params"), "sample queries"
+            if tune:  # choose and tune anew (the collection may have outgrown the structure chosen for it)
+                index_type, params = index_type or self.index_type, None
+                if sample_queries is None:
+                    sample_queries, queries_are = self._tuning_queries()
+            else:  # the structure last built (exact until a build), with its tuned parameters
+                index_type = self.store.info("structure") or "Flat"
+            options = dict(sample_queries=sample_queries, queries_are=queries_are, params=params,
+                           target_recall=self.store.info("target_recall", 0.95))
+            structure, self._tuning = self._build_from_store(index_type, options)
+        structure.attach_vectors(self._stored_vectors)  # the re-rank reads the stored vectors, not a copy
+        self._structure, self._last_key, self._generation = structure, last, generation
         return structure
+
+    def _build_from_store(self, index_type: str, options: dict) -> tuple[Structure, Any]:
+        """Inside a snapshot: the structure of `index_type` over every stored item, with the collection in RAM
+        while that fits the memory budget, else streamed from the stored vectors (clipkit/index/tune.py)."""
+        count, budget = self.store.count(), self.store.info("memory_budget")
+        planned = candidates(index_type, count, self.dim, budget)
+        if planned != ["Flat"] and streams(count, self.dim, budget):
+            collection = Collection(count, self.store.sample_items, self.store.live_vectors, self._stored_vectors)
+            return build_streaming(planned[0], collection, **options)
+        keys, _, vectors = self.store.all_items(self.dim)
+        return build_structure(index_type, vectors, keys, memory_budget=budget, **options)
+
+    def _stored_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, found) of keys, from the store's memory-mapped segments (an `,RFlat` re-rank reads these)."""
+        return self.store.segments.vectors(keys)
 
     def _tuning_queries(self, most: int = 2000) -> tuple[np.ndarray | None, str]:
         """What a build tunes on when not given queries: those an earlier build was given (remembered in the
@@ -301,22 +315,6 @@ class Index:
             chosen = np.random.default_rng(0).choice(len(ids), min(most, len(ids)), replace=False)
             return captions.embeddings([ids[i] for i in sorted(chosen)]), "caption embeddings"
         return None, "held-out items"
-
-    def _remember_ids(self, keys: np.ndarray, ids: list) -> None:
-        if not len(keys):
-            return
-        values = _ids_of(ids)
-        size = int(keys.max()) + 1
-        table = self._id_by_key
-        if values.dtype != table.dtype:
-            table = table.astype(object)
-            values = values.astype(object)
-        if size > len(table):  # grow by doubling: key tables stay linear to fill
-            grown = np.zeros(max(size, 2 * len(table)), dtype=table.dtype)
-            grown[:len(table)] = table
-            table = grown
-        table[keys] = values
-        self._id_by_key = table
 
     def _outgrown(self, count: int) -> bool:
         """Whether "auto" would now plan another structure family than the one it built (size, budget)."""
@@ -352,7 +350,8 @@ class Index:
         with self.writer(on_wait=log.warning):
             with self.store.transaction():
                 result, keys, ids, vectors, removed = change(self.store)
-            self._apply([(keys, ids, vectors)] if keys is not None else [], np.asarray(removed, dtype=np.int64))
+            if not self._apply([(keys, ids, vectors)] if keys is not None else [], np.asarray(removed, np.int64)):
+                self._rebuild()
             self._generation = self.store.generation()
         return result
 
@@ -419,7 +418,8 @@ class Index:
         if sample_queries is not None:
             sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
         with self.writer(on_wait=log.warning):
-            previous = (self._structure, self._keys, self._generation)
+            self._halve_for(index_type or self.index_type)
+            previous = (self._structure, self._last_key, self._generation)
             try:
                 structure = self._rebuild(tune=True, sample_queries=sample_queries, index_type=index_type)
                 with self.store.transaction():  # the type and what was built, in one commit: a kill before it
@@ -427,11 +427,19 @@ class Index:
                         self.store.set_info("index_type", index_type)
                     if sample_queries is not None:  # remembered: later builds (the collection grown) tune on them
                         self.store.set_tune_queries(sample_queries)
-                    self._record_structure(structure, len(self._keys))
+                    self._record_structure(structure, structure.ntotal)
             except BaseException:  # a build that fails leaves the index as it was
-                self._structure, self._keys, self._generation = previous
+                self._structure, self._last_key, self._generation = previous
                 raise
             self._generation = self.store.generation()
+
+    def _halve_for(self, index_type: str) -> None:
+        """Precision "auto": the vectors become float16 when an approximate structure is about to be built
+        (it re-ranks with them; exact search keeps float32)."""
+        if self.store.info("precision", "float32") != "auto" or self.store.vectors_state()["dtype"] == "float16":
+            return
+        if choose_structure(index_type, self._structure.ntotal, self.dim, self.store.info("memory_budget")) != "Flat":
+            self.store.compact(dtype="float16")
 
     def _record_structure(self, structure: Structure, count: int) -> None:
         """Inside a transaction: the structure in use and how it was tuned, so readers and later loads
@@ -443,6 +451,7 @@ class Index:
         self.store.set_info("planned", choose_structure(self.index_type, count, self.dim,
                                                         self.store.info("memory_budget")))
         self.store.set_info("tuning", self._tuning.to_dict() if self._tuning is not None else None)
+        self.store.prune_removed()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -454,14 +463,7 @@ class Index:
         """
         with self._lock:
             scores, keys = self.search_keys(queries, k)
-            if not len(self._id_by_key):
-                return scores, np.empty(keys.shape, dtype=object)
-            ids = self._id_by_key[keys]
-        missing = keys < 0
-        if missing.any():
-            ids = ids.astype(object)
-            ids[missing] = None
-        return scores, ids
+            return scores, self.store.ids_by_key(keys)
 
     def search_keys(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """As `search`, but `(scores, keys)`: the items' integer keys (-1 where none was found), with no
@@ -795,23 +797,25 @@ class Index:
         return path
 
     def _save_structure(self, path: Path) -> None:
-        if self._outgrown(len(self._keys)):
+        if self._outgrown(self._structure.ntotal):
             self.build()  # the collection outgrew (or shrank below) the structure chosen for it
+        if self.store.dead_rows() > int(self.store.vectors_state()["rows"]) // 4:
+            self.store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them
         data = self._structure.to_bytes()
         atomic_write_bytes(path / FAISS_FILE, data)
         atomic_write_json(path / CONFIG_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
             "dim": self.dim, "metric": METRIC, "index_type": self.index_type, "structure": self._structure.factory,
-            "search_params": self._structure.params, "model": self.model_info, "count": len(self._keys),
+            "search_params": self._structure.params, "model": self.model_info, "count": self._structure.ntotal,
             "faiss_generation": self._generation, "faiss_crc32": zlib.crc32(data),
-            "faiss_keys": keys_digest(self._keys), "structure_version": self._structure_version})
+            "faiss_key_sum": self.store.key_sum(), "structure_version": self._structure_version})
         self.store.checkpoint()
 
     def _copy_store_to(self, path: Path) -> None:
         target = path / DB_FILE
         with atomic_path(target) as tmp:
             os.unlink(tmp)
-            self.store.backup_to(tmp)
+            self.store.backup_to(Path(tmp))
             # The journals of an index that lived here go before the new store takes the name: SQLite would
             # replay an old write-ahead log onto the new file (two stores spliced) after a crash between the two.
             fold_journal(target)
@@ -819,6 +823,7 @@ class Index:
         self.store = Store.open(target)
         self.path = path
         old.close()
+        self.store.segments.drop_other_sets(self.store.vectors_state())  # those of an index that lived here
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model=None) -> "Index":
@@ -874,23 +879,18 @@ class Index:
             return False
         try:
             data = file.read_bytes()
-            keys, ids = self.store.keys_and_ids()
-            if zlib.crc32(data) != config.get("faiss_crc32") or keys_digest(keys) != config.get("faiss_keys"):
+            if zlib.crc32(data) != config.get("faiss_crc32") or config.get("faiss_key_sum") != self.store.key_sum():
                 raise ValueError("its checksum or key set does not match what was recorded")
             structure = Structure.from_bytes(data, config.get("structure", "Flat"), config.get("search_params"))
-            if structure.ntotal != len(keys) or structure.dim != self.dim:
+            if structure.ntotal != self.store.count() or structure.dim != self.dim:
                 raise ValueError("it holds another number or size of vectors than the store")
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("%s does not match the store (%s); rebuilding it from %s", file,
                         first_line(exc), DB_FILE)
             return False
-        if structure.refine is not None:  # the file holds codes; the exact re-rank reads the stored vectors
-            stored_keys, _, vectors = self.store.all_items(self.dim)
-            structure.attach_vectors(stored_keys, vectors)
-        self._structure, self._keys = structure, keys
-        self._id_by_key = np.zeros(0, dtype=np.int64)
-        self._remember_ids(keys, ids)
-        self._generation = config["faiss_generation"]
+        structure.attach_vectors(self._stored_vectors)  # the file holds codes; the re-rank reads the stored vectors
+        self._structure, self._generation = structure, config["faiss_generation"]
+        self._last_key = int(self.store.info("next_key", 0)) - 1
         self._structure_version = config.get("structure_version", 0)
         return True
 
@@ -905,15 +905,6 @@ def _all_found(ids: list, found: dict) -> dict:
     if missing:
         raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
     return found
-
-
-def _ids_of(values: list) -> np.ndarray:
-    """Ids as an array: int64 when every one is an int, else objects."""
-    if all(isinstance(value, int) for value in values):
-        return np.asarray(values, dtype=np.int64)
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
 
 
 def read_config(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""The store: one SQLite file with every item (id, file, metadata, embedding) and the index's settings.
+"""The store: one SQLite file with every item (id, file, metadata) and the index's settings, and the item's
+vectors in the segment files beside it (clipkit/index/segments.py).
 
 It is the index's source of truth; the FAISS structure is a cache of it. Here live the schema, the
 format version and its migrations, the generation counter (bumped by every committed change, so a
@@ -21,10 +22,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
+from clipkit.index.segments import Segments, new_state
+from clipkit.index.vectors import keys_sum
 
 SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
 FORMAT = "clipkit-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 1: absolute paths; 2: roots; 3: vectors in segment files, not in SQLite
 DB_FILE = "meta.sqlite"
 SQL_CHUNK = 500
 META_COLUMNS = ("path", "mtime", "size", "caption")
@@ -34,12 +37,14 @@ CREATE TABLE IF NOT EXISTS items (
     key INTEGER PRIMARY KEY,      -- the FAISS id: never reused, and an item's embedding never changes under it
     id UNIQUE NOT NULL,           -- the user's id (int or text, kept as given, a file's absolute path)
     root INTEGER,                 -- the folder (roots.root) `path` is relative to, NULL: `path` as given
-    path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT,
-    embedding BLOB NOT NULL
+    path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT
 );
 CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path);
 CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- keys removed, with the generation that removed them: readers catching up read what went since theirs
+CREATE TABLE IF NOT EXISTS removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS removed_generation ON removed(generation);
 """
 # the queries builds tune on (Index.build's sample_queries, remembered); created when first given
 _TUNE_QUERIES_TABLE = "CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)"
@@ -79,6 +84,23 @@ class Store:
     def __init__(self, db: sqlite3.Connection, file: Path | None, readonly: bool = False):
         self.db, self.file, self.readonly = db, file, readonly
         self.damaged: set[int] = set()  # keys whose stored embedding was found NaN, infinite or zero when read
+        self._segments: Segments | None = None  # the vector files, made on first use (the dimension known)
+
+    @property
+    def segments(self) -> Segments:
+        """The vector segments, mapped as far as the store (in its current snapshot) says rows are committed."""
+        if self._segments is None:
+            self._segments = Segments(self.file.parent if self.file is not None else None, int(self.info("dim")),
+                                      readonly=self.readonly)
+        self._segments.view(self.vectors_state())
+        return self._segments
+
+    def vectors_state(self) -> dict:
+        """What is committed of the vectors: {'set', 'rows', 'dtype', 'segment_rows'} (segments.new_state)."""
+        state = self.info("vectors")
+        if state is None:
+            raise BrokenIndexError(f"the store {self.file or 'in memory'} records no vector files; rebuild the index")
+        return state
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -117,22 +139,48 @@ class Store:
                                      "changed; copy it to writable storage to change it")
 
     def migrate(self) -> None:
-        """Bring an older format up to FORMAT_VERSION in place (the caller holds the writer lock)."""
+        """Bring an older format up to FORMAT_VERSION in place (the caller holds the writer lock): each step is
+        one transaction, so a kill leaves the store at the version before or after it."""
         version = self.info("format_version")
         if version == FORMAT_VERSION:
             return
-        if version != 1:
+        if version not in (1, 2):
             raise BrokenIndexError(f"the index at {self.file.parent} has format version {version!r}; this clipkit "
                                    f"reads versions 1 to {FORMAT_VERSION}: upgrade clipkit or rebuild the index")
         self.require_writable()
-        with self.transaction(bump=False):  # 1 -> 2: roots, relative paths, keys never reused
-            self.db.execute("ALTER TABLE items ADD COLUMN root INTEGER")
-            for statement in _SCHEMA.split(";")[1:]:  # the index and the tables version 1 lacks
+        if version == 1:
+            with self.transaction(bump=False):  # 1 -> 2: roots, relative paths, keys never reused
+                self.db.execute("ALTER TABLE items ADD COLUMN root INTEGER")
+                for statement in _SCHEMA.split(";")[1:]:  # the index and the tables version 1 lacks
+                    if statement.strip():
+                        self.db.execute(statement)
+                next_key = self.db.execute("SELECT COALESCE(MAX(key), -1) + 1 FROM items").fetchone()[0]
+                self.set_info("next_key", next_key)
+                self.set_info("format_version", 2)
+        self._move_vectors_out()
+        with contextlib.suppress(sqlite3.Error):  # give the blobs' pages back to the file system
+            self.db.execute("VACUUM")
+
+    def _move_vectors_out(self, batch: int = 10_000) -> None:
+        """2 -> 3: the embedding blobs go into segment files (written and fsynced before the commit that drops
+        the column; nothing is embedded again)."""
+        dim = int(self.info("dim"))
+        with self.transaction(bump=False):
+            state, total = new_state("float32"), 0
+            self._segments = Segments(self.file.parent, dim)
+            cursor = self.db.execute("SELECT key, embedding FROM items ORDER BY key")
+            while rows := cursor.fetchmany(batch):
+                keys = np.asarray([k for k, _ in rows], np.int64)
+                state = self._segments.append(state, keys, blobs_to_vectors([b for _, b in rows], dim))
+                total += keys_sum(keys)
+            self.set_info("key_sum", str(total % 2**64))
+            self.db.execute("ALTER TABLE items DROP COLUMN embedding")
+            for statement in _SCHEMA.split(";"):  # the tables version 2 lacks
                 if statement.strip():
                     self.db.execute(statement)
-            next_key = self.db.execute("SELECT COALESCE(MAX(key), -1) + 1 FROM items").fetchone()[0]
-            self.set_info("next_key", next_key)
+            self.set_info("vectors", state)
             self.set_info("format_version", FORMAT_VERSION)
+        self._segments.drop_other_sets(state)
 
     # -- settings and transactions ----------------------------------------------------------------
 
@@ -185,18 +233,56 @@ class Store:
 
     def insert(self, vectors: np.ndarray, ids: list, rows: list[tuple]) -> np.ndarray:
         """Inside a transaction: store unit `vectors` with their ids and (root, path, mtime, size, caption,
-        extra) rows under new keys, which are returned."""
+        extra) rows under new keys, which are returned. The vectors are durable in their segment before the
+        transaction can commit."""
         start = int(self.info("next_key", 0))
         keys = np.arange(start, start + len(ids), dtype=np.int64)
-        self.db.executemany(
-            "INSERT INTO items(key, id, root, path, mtime, size, caption, extra, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
-            [(int(k), i, *row, v.tobytes()) for k, i, row, v in zip(keys, ids, rows, vectors)])
+        self.db.executemany("INSERT INTO items(key, id, root, path, mtime, size, caption, extra) VALUES (?,?,?,?,?,?,?,?)",
+                            [(int(k), i, *row) for k, i, row in zip(keys, ids, rows)])
+        self.set_info("vectors", self.segments.append(self.vectors_state(), keys, vectors))
         self.set_info("next_key", start + len(ids))
+        self._add_to_key_sum(keys_sum(keys))
         return keys
 
+    def key_sum(self) -> str:
+        """The digest (`keys_sum`) of the keys in the store, kept up to date by every change."""
+        return self.info("key_sum", "0")
+
+    def _add_to_key_sum(self, delta: int) -> None:
+        self.set_info("key_sum", str((int(self.key_sum()) + delta) % 2**64))
+
     def delete_keys(self, keys: list[int]) -> None:
-        for chunk in chunks(keys):
-            self.db.execute(f"DELETE FROM items WHERE key IN ({marks(chunk)})", chunk)
+        """Inside a (generation-raising) transaction: remove items; their keys go to the removal log."""
+        generation = self.generation() + 1  # the one this transaction commits
+        for chunk in chunks([int(k) for k in keys]):
+            gone = [k for (k,) in self.db.execute(f"DELETE FROM items WHERE key IN ({marks(chunk)}) RETURNING key",
+                                                  chunk).fetchall()]
+            self.db.executemany("INSERT OR REPLACE INTO removed(key, generation) VALUES (?, ?)",
+                                [(k, generation) for k in gone])
+            self._add_to_key_sum(-keys_sum(np.asarray(gone, np.int64)))
+
+    def removed_since(self, generation: int) -> np.ndarray:
+        """The keys removed by changes after `generation` (as far as the log goes back: see `prune_removed`)."""
+        rows = self.db.execute("SELECT key FROM removed WHERE generation > ?", (int(generation),))
+        return np.fromiter((k for (k,) in rows), dtype=np.int64)
+
+    def prune_removed(self) -> None:
+        """Inside a transaction: forget the removal log (a new structure holds none of those keys; a reader
+        still behind finds its count off and rebuilds)."""
+        self.db.execute("DELETE FROM removed")
+
+    def ids_by_key(self, keys: np.ndarray) -> np.ndarray:
+        """The id of each key (None for -1 or a key no item has): int64 when every one is an int, else objects."""
+        wanted = [int(k) for k in np.unique(keys) if k >= 0]
+        found: dict[int, Any] = {}
+        for chunk in chunks(wanted):
+            found.update(self.db.execute(f"SELECT key, id FROM items WHERE key IN ({marks(chunk)})", chunk))
+        values = [found.get(int(k)) for k in np.ravel(keys)]
+        if all(isinstance(v, int) for v in values):
+            return np.asarray(values, dtype=np.int64).reshape(np.shape(keys))
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out.reshape(np.shape(keys))
 
     def keys_for(self, ids: list) -> dict:
         """id -> key for the ids that are in the store."""
@@ -237,20 +323,22 @@ class Store:
                 found[row[0]] = record(row)
         return found
 
-    def vectors(self, keys: list[int], dim: int) -> np.ndarray:
-        """The embeddings of `keys`, in that order (each key must be in the store)."""
-        by_key = {}
-        for chunk in chunks(keys):
-            by_key.update(self.db.execute(f"SELECT key, embedding FROM items WHERE key IN ({marks(chunk)})",
-                                          chunk).fetchall())
-        return self._checked(np.asarray(keys, dtype=np.int64), blobs_to_vectors([by_key[k] for k in keys], dim))
+    def vectors(self, keys: list[int], dim: int | None = None) -> np.ndarray:
+        """The embeddings (float32) of `keys`, in that order (each key must be in the store)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        vectors, found = self.segments.vectors(keys)
+        if not found.all():
+            raise BrokenIndexError(f"the vector files of {self.file or 'this index'} lack the item with key "
+                                   f"{int(keys[~found][0])}: they are damaged; rebuild the index")
+        return self._checked(keys, vectors)
 
-    def vectors_after(self, key: int, dim: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, list, np.ndarray]]:
+    def vectors_after(self, key: int, dim: int | None = None,
+                      batch: int = 10_000) -> Iterator[tuple[np.ndarray, list, np.ndarray]]:
         """(keys, ids, vectors) of every item with a key above `key` (all of them for -1), in batches."""
-        cursor = self.db.execute("SELECT key, id, embedding FROM items WHERE key > ? ORDER BY key", (int(key),))
+        cursor = self.db.execute("SELECT key, id FROM items WHERE key > ? ORDER BY key", (int(key),))
         while rows := cursor.fetchmany(batch):
-            keys = np.asarray([k for k, _, _ in rows], dtype=np.int64)
-            yield keys, [i for _, i, _ in rows], self._checked(keys, blobs_to_vectors([b for _, _, b in rows], dim))
+            keys = [k for k, _ in rows]
+            yield np.asarray(keys, dtype=np.int64), [i for _, i in rows], self.vectors(keys)
 
     def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """`vectors` with damaged rows (NaN, infinite or far from unit length: flipped bytes on disk) set to zero,
@@ -265,7 +353,7 @@ class Store:
 
     def all_items(self, dim: int) -> tuple[np.ndarray, list, np.ndarray]:
         """(keys, ids, vectors) of every item, in key order."""
-        batches = list(self.vectors_after(-1, dim))
+        batches = list(self.vectors_after(-1))
         if not batches:
             return np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32)
         return (np.concatenate([keys for keys, _, _ in batches]), [i for _, ids, _ in batches for i in ids],
@@ -341,18 +429,21 @@ class Store:
             self.db.execute("UPDATE items SET root = ?, path = ? || path WHERE root = ?", (root, relative, inner))
             self.db.execute("DELETE FROM roots WHERE root = ?", (inner,))
 
-    def move(self, old_id: Any, new_id: str, root: int, relative: str, mtime: float, size: int) -> tuple[int, int, bytes]:
-        """Inside a transaction: re-point an item at another file with the same content, keeping its
-        embedding (nothing is embedded again) under a new key, since a key's id never changes (readers
-        cache it). (old key, new key, embedding)."""
-        old_key, caption, extra, blob = self.db.execute(
-            "SELECT key, caption, extra, embedding FROM items WHERE id = ?", (old_id,)).fetchone()
-        self.db.execute("DELETE FROM items WHERE key = ?", (old_key,))
-        new_key = int(self.info("next_key", 0))
-        self.db.execute("INSERT INTO items(key, id, root, path, mtime, size, caption, extra, embedding) "
-                        "VALUES (?,?,?,?,?,?,?,?,?)", (new_key, new_id, root, relative, mtime, size, caption, extra, blob))
-        self.set_info("next_key", new_key + 1)
-        return old_key, new_key, blob
+    def move(self, moves: list[tuple[Any, str, int, str, float, int]]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Inside a transaction: re-point items at other files with the same content, each (old id, new id,
+        root, relative path, mtime, size), keeping their embeddings (nothing is embedded again) under new keys,
+        since a key's id never changes (readers cache it). (old keys, new keys, their vectors)."""
+        if not moves:
+            return [], np.zeros(0, np.int64), np.zeros((0, int(self.info("dim"))), np.float32)
+        old = {}
+        for chunk in chunks([m[0] for m in moves]):
+            old.update((row[0], row[1:]) for row in self.db.execute(
+                f"SELECT id, key, caption, extra FROM items WHERE id IN ({marks(chunk)})", chunk))
+        old_keys = [old[m[0]][0] for m in moves]
+        vectors = self.vectors(old_keys)
+        self.delete_keys(old_keys)
+        rows = [(root, relative, mtime, size, *old[old_id][1:]) for old_id, _, root, relative, mtime, size in moves]
+        return old_keys, self.insert(vectors, [m[1] for m in moves], rows), vectors
 
     def records_of_root(self, root: int) -> list[dict]:
         return list(self._records("items.root", [root]).values())
@@ -384,11 +475,49 @@ class Store:
 
     # -- copies ---------------------------------------------------------------------------------
 
-    def backup_to(self, target: str) -> None:
-        destination = sqlite3.connect(target)
+    def dead_rows(self) -> int:
+        """Rows of removed items still in the vector files (reclaimed by `compact`)."""
+        return int(self.vectors_state()["rows"]) - self.count()
+
+    def live_vectors(self, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, float32 vectors) of every item, in key order, in batches (read from the current snapshot)."""
+        cursor = self.db.execute("SELECT key FROM items ORDER BY key")
+        while rows := cursor.fetchmany(batch):
+            keys = np.asarray([k for (k,) in rows], np.int64)
+            yield keys, self.segments.vectors(keys)[0]
+
+    def sample_items(self, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, float32 vectors) of up to `m` items drawn at random (from the vector files' rows: no scan of
+        the items), in random order."""
+        rows = int(self.vectors_state()["rows"])
+        rng = np.random.default_rng(seed)
+        drawn = rng.choice(rows, min(rows, int(m * 1.1) + 16), replace=False) if rows else np.zeros(0, np.int64)
+        keys = self.segments.keys_at(np.sort(drawn))
+        live = np.asarray([k for chunk in chunks(keys.tolist()) for (k,) in self.db.execute(
+            f"SELECT key FROM items WHERE key IN ({marks(chunk)})", chunk)], np.int64)
+        live = rng.permutation(live)[:m]
+        return live, self.segments.vectors(live)[0]
+
+    def compact(self, dtype: str | None = None) -> None:
+        """Rewrite the vectors of the items still in the store into a new set of segment files (as `dtype`,
+        default as they are) and drop the old ones (whose rows belonged to removed items); the caller holds
+        the writer lock."""
+        with self.transaction(bump=False):
+            state = self.segments.rewrite({**self.vectors_state(), **({"dtype": dtype} if dtype else {})},
+                                          self.live_vectors())
+            self.set_info("vectors", state)
+        self.segments.drop_other_sets(state)
+
+    def backup_to(self, target: Path) -> None:
+        """Copy this store into the new file `target` and its vectors (the live ones, compacted) beside it."""
+        destination = sqlite3.connect(str(target), isolation_level=None)
         try:
             self.db.backup(destination)
             destination.execute("PRAGMA journal_mode=WAL")
+            with self.snapshot():
+                copy = Segments(target.parent, int(self.info("dim")))
+                state = copy.rewrite(self.vectors_state(), self.live_vectors())
+            destination.execute("INSERT OR REPLACE INTO info(name, value) VALUES ('vectors', ?)", (json.dumps(state),))
         finally:
             destination.close()
 

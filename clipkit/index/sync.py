@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.folder import scan_images
 from clipkit.data.images import failure_kind
-from clipkit.index.store import SHARD_STATS, Store, blobs_to_vectors
+from clipkit.index.store import SHARD_STATS, Store
 
 log = logging.getLogger("clipkit.index")
 
@@ -209,17 +209,11 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
         store.adopt(root, plan.root_folder, str(plan.root))
         gone = list(store.keys_for(plan.gone).values())
         store.delete_keys(gone)
-        moved_from, new_keys, new_ids, blobs = [], [], [], []
-        for old_id, path, stat in plan.moved:  # each re-keyed by store.move, its embedding kept
-            old_key, new_key, blob = store.move(old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(),
-                                                stat.st_mtime, stat.st_size)
-            moved_from.append(old_key)
-            new_keys.append(new_key)
-            new_ids.append(str(path))
-            blobs.append(blob)
+        moved_from, new_keys, vectors = store.move([  # each re-keyed, its embedding kept
+            (old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
+            for old_id, path, stat in plan.moved])
         store.drop_empty_roots(keep=root)
-        return (root, np.asarray(new_keys, np.int64), new_ids, blobs_to_vectors(blobs, index.dim),
-                gone + moved_from)
+        return root, new_keys, [str(path) for _, path, _ in plan.moved], vectors, gone + moved_from
 
     root = index._write(reorganise)
     report.moved, report.removed = len(plan.moved), len(plan.gone)

@@ -25,7 +25,7 @@ log = logging.getLogger("clipkit.index")
 
 NPROBES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
            224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1536, 2048, 3072, 4096)
-K_FACTORS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
+K_FACTORS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)  # coarse codes need long shortlists
 EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 MARGIN = 0.005  # asked of the tuning half, so that the unseen half's estimate still meets the target
 SAFETY = 0.003  # asked of the unseen half's estimate (about one standard error at 1,000 queries)
@@ -119,8 +119,7 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
         structure = built[chosen["structure"]]
         structure.set_params(chosen["params"])
         if held.any():  # the held-out items join the structure now
-            structure.add(vectors[held], keys[held], index_only=True)
-            structure.attach_vectors(keys, vectors)  # re-rank rows in key order (a no-op without re-rank)
+            structure.add(vectors[held], keys[held])
     report = Tuning(structure.factory, structure.params, estimate, target, source, len(queries),
                     chosen["seconds"] / max(1, len(split.tune)), tried)
     log.info("ANN tuned: %s %s, estimated recall@%d %.3f on %d unseen %s", report.structure, report.params, k,
@@ -225,3 +224,76 @@ def _confirm(structure: Structure, setting: dict, split: _Queries, goal: float, 
         if name not in params:
             break
     return None, estimate
+
+
+class Collection:
+    """What a streaming build reads: the index's stored vectors, never all in RAM at once (core.Index passes
+    its store's)."""
+
+    def __init__(self, count: int, sample, batches, lookup):
+        self.count = count
+        self.sample = sample  # sample(m) -> (keys, vectors) of up to m items drawn at random
+        self.batches = batches  # batches() -> iterator of (keys, vectors), every item once, in key order
+        self.lookup = lookup  # lookup(keys) -> (vectors, found): what the re-rank reads
+
+
+def build_streaming(factory: str, collection: Collection, *, target_recall: float = 0.95,
+                    sample_queries: np.ndarray | None = None, queries_are: str = "sample queries",
+                    params: dict | None = None, k: int = 10, n_queries: int = 1000,
+                    train_rows: int = 300_000) -> tuple[Structure, Tuning | None]:
+    """`factory` (IVF with PQ codes) built in bounded memory: trained on a sample, filled batch by batch from
+    the stored vectors (which its exact re-rank reads where they lie), then tuned as `tune_structure` tunes:
+    held-out items leave the structure while it is tuned, and the exact answers come from a pass over
+    every stored vector."""
+    keys, train = collection.sample(min(collection.count, train_rows))
+    structure = empty_structure(factory, train)
+    del train
+    structure.attach_vectors(collection.lookup)  # no RAM copy: the re-rank reads the stored vectors
+    for batch_keys, vectors in collection.batches():
+        structure.add(vectors, batch_keys)
+    if params:
+        structure.set_params(params)
+        return structure, None
+    held = np.zeros(0, np.int64)
+    if sample_queries is None:  # held-out items: out of the structure (and of the exact answers) while tuned
+        held, queries = keys[:n_queries], collection.lookup(keys[:n_queries])[0]
+        source = "held-out items"
+        structure.remove(held)
+    else:
+        queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
+        source = queries_are
+    truth = exact_neighbours(queries, collection.batches(), k, exclude=held)
+    half = len(queries) // 2
+    split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
+    tried = _settings(structure, split, target_recall + MARGIN, k)
+    chosen, estimate = _choose(tried, {factory: structure}, split, target_recall, k)
+    if len(held):
+        structure.add(queries, held)
+    structure.set_params(chosen["params"])
+    report = Tuning(structure.factory, structure.params, estimate, target_recall, source, len(queries),
+                    chosen["seconds"] / max(1, len(split.tune)), tried)
+    log.info("ANN built by streaming and tuned: %s %s, estimated recall@%d %.3f on %d unseen %s",
+             report.structure, report.params, k, estimate, len(split.check), source)
+    return structure, report
+
+
+def exact_neighbours(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None = None,
+                     block: int = 16_384) -> np.ndarray:
+    """Keys of each query's exact top k by inner product, in one pass over (keys, vectors) batches (keys in
+    `exclude` left out), holding one block of scores at a time."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_keys = np.full((len(queries), k), -1, np.int64)
+    for keys, vectors in batches:
+        for start in range(0, len(keys), block):
+            part_keys = keys[start:start + block]
+            scores = queries @ vectors[start:start + block].T
+            if exclude is not None and len(exclude):
+                scores[:, np.isin(part_keys, exclude)] = -np.inf
+            top = min(k, len(part_keys))
+            chosen = np.argpartition(-scores, top - 1, axis=1)[:, :top]
+            merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, chosen, 1)], axis=1)
+            merged_keys = np.concatenate([best_keys, part_keys[chosen]], axis=1)
+            order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+            best_scores = np.take_along_axis(merged_scores, order, 1)
+            best_keys = np.take_along_axis(merged_keys, order, 1)
+    return best_keys

@@ -1,0 +1,215 @@
+"""The vectors of an index: append-only segment files, memory-mapped, outside SQLite.
+
+    vectors/SET-00000.vec   rows of `dim` numbers (float16 or float32), raw, in the order they were added
+    vectors/SET-00000.key   the int64 key of each row: ascending (keys only grow), so a key's row is one
+                            binary search away and nothing maps keys to rows in RAM
+
+A segment holds up to `segment_rows` rows; the last one grows. SET names one generation of files: a
+compaction writes the live rows into a new set and the old set's files are deleted once the store points
+at the new one. What is committed is recorded in the store (`info.vectors`: set, rows, dtype,
+segment_rows), in the same transaction as the items that own the rows: rows are written and fsynced at the
+committed end *before* that transaction commits, so a kill at any moment leaves the rows of the whole batch
+or of none (bytes past the committed end are garbage the next writer overwrites). Readers map only the
+committed rows, and a writer never truncates below them, so a map is never cut under a reader.
+
+A removed item's row stays (a tombstone: the store no longer lists its key) until compaction. An index
+that was never saved keeps its rows in memory, in the same layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from clipkit._io import fsync_dir
+from clipkit.errors import BrokenIndexError
+
+VECTORS_DIR = "vectors"
+SEGMENT_ROWS = 1 << 20  # rows per segment file: 1 GiB of float16 at 512-d
+DTYPES = ("float16", "float32")
+
+
+def new_state(dtype: str = "float32", segment_rows: int | None = None) -> dict:
+    """What the store records about its vectors when it is created (no rows yet)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return {"set": uuid.uuid4().hex[:12], "rows": 0, "dtype": dtype, "segment_rows": int(segment_rows or SEGMENT_ROWS)}
+
+
+class Segments:
+    """The segment files of one index folder (or, for `folder=None`, the same rows in memory)."""
+
+    def __init__(self, folder: Path | None, dim: int, readonly: bool = False):
+        self.folder = folder / VECTORS_DIR if folder is not None else None
+        self.dim, self.readonly = dim, readonly
+        self._state: dict | None = None  # the committed state the maps below cover
+        self._maps: list[tuple[np.ndarray, np.ndarray]] = []  # per segment: (keys, vectors), committed rows only
+        self._firsts = np.zeros(0, np.int64)  # first key of each segment
+        self._memory: tuple[np.ndarray, np.ndarray] | None = None  # in memory: (keys, vectors) with spare capacity
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def view(self, state: dict) -> None:
+        """Map the rows `state` (as committed in the store) says there are."""
+        if self._state == state:
+            return
+        if self.folder is None:
+            self._view_memory(state)
+        else:
+            self._view_files(state)
+        self._state = dict(state)
+        self._firsts = np.asarray([keys[0] for keys, _ in self._maps], np.int64)
+
+    def _view_memory(self, state: dict) -> None:
+        keys, vectors = self._memory if self._memory is not None else (np.zeros(0, np.int64), None)
+        rows = int(state["rows"])
+        self._maps = [(keys[:rows], vectors[:rows])] if rows else []
+
+    def _view_files(self, state: dict) -> None:
+        same_set = self._state is not None and self._state["set"] == state["set"]
+        per, rows = int(state["segment_rows"]), int(state["rows"])
+        count = -(-rows // per)
+        kept = self._maps[:-1] if same_set else []  # full segments never change; the last one may have grown
+        maps = list(kept[:count])
+        for number in range(len(maps), count):
+            length = min(per, rows - number * per)
+            maps.append((self._map(state, number, "key", np.int64, (length,)),
+                         self._map(state, number, "vec", state["dtype"], (length, self.dim))))
+        self._maps = maps
+
+    def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> np.ndarray:
+        file = self.file(state, number, kind)
+        try:
+            return np.memmap(file, dtype=dtype, mode="r", shape=shape)
+        except FileNotFoundError:
+            raise BrokenIndexError(f"the vector file {file} is missing: the index is incomplete; rebuild it") from None
+        except ValueError as exc:  # shorter than the rows the store records
+            raise BrokenIndexError(f"the vector file {file} is shorter than the store records ({exc}): it is "
+                                   "damaged; rebuild the index") from None
+
+    def file(self, state: dict, number: int, kind: str) -> Path:
+        return self.folder / f"{state['set']}-{number:05d}.{kind}"
+
+    def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, row within it) of each key, -1 where no row holds it."""
+        keys = np.asarray(keys, np.int64)
+        segment = np.searchsorted(self._firsts, keys, side="right") - 1
+        row = np.full(len(keys), -1, np.int64)
+        for number in np.unique(segment[segment >= 0]):
+            chosen = segment == number
+            stored = self._maps[number][0]
+            found = np.minimum(np.searchsorted(stored, keys[chosen]), len(stored) - 1)
+            row[chosen] = np.where(stored[found] == keys[chosen], found, -1)
+        return np.where(row >= 0, segment, -1), row
+
+    def vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 vectors of `keys`, found mask): rows without a key are zero."""
+        segment, row = self.rows(keys)
+        out = np.zeros((len(segment), self.dim), np.float32)
+        for number in np.unique(segment[segment >= 0]):
+            chosen = np.flatnonzero(segment == number)
+            out[chosen] = self._maps[number][1][row[chosen]]
+        return out, segment >= 0
+
+    def keys_at(self, rows: np.ndarray) -> np.ndarray:
+        """The key of each of these global row numbers (0 .. committed rows - 1)."""
+        per = int(self._state["segment_rows"]) if self._state else 1
+        out = np.empty(len(rows), np.int64)
+        for number in np.unique(rows // per):
+            chosen = rows // per == number
+            out[chosen] = self._maps[number][0][rows[chosen] - number * per]
+        return out
+
+    def batches(self, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, float32 vectors) of every committed row, tombstones included, in key order."""
+        for keys, vectors in self._maps:
+            for start in range(0, len(keys), batch):
+                yield np.array(keys[start:start + batch]), np.asarray(vectors[start:start + batch], np.float32)
+
+    # -- writing (the caller holds the writer lock, inside the store transaction that records the result) --
+
+    def append(self, state: dict, keys: np.ndarray, vectors: np.ndarray) -> dict:
+        """Write rows after the committed ones and make them durable; the state to commit with them."""
+        keys = np.asarray(keys, np.int64)
+        data = np.ascontiguousarray(vectors, dtype=state["dtype"])
+        rows = int(state["rows"])
+        if self.folder is None:
+            self._append_memory(rows, keys, data)
+        else:
+            self._append_files(state, rows, keys, data)
+        return {**state, "rows": rows + len(keys)}
+
+    def _append_memory(self, rows: int, keys: np.ndarray, data: np.ndarray) -> None:
+        stored_keys, stored = self._memory if self._memory is not None else (np.zeros(0, np.int64), None)
+        need = rows + len(keys)
+        if stored is None or need > len(stored):  # grow by doubling (readers keep views of the old arrays)
+            capacity = max(need, 2 * len(stored_keys), 1024)
+            grown_keys, grown = np.zeros(capacity, np.int64), np.zeros((capacity, self.dim), data.dtype)
+            if stored is not None:
+                grown_keys[:rows], grown[:rows] = stored_keys[:rows], stored[:rows]
+            stored_keys, stored = grown_keys, grown
+        stored_keys[rows:need], stored[rows:need] = keys, data
+        self._memory = (stored_keys, stored)
+
+    def _append_files(self, state: dict, rows: int, keys: np.ndarray, data: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        per, done, created = int(state["segment_rows"]), 0, False
+        while done < len(keys):
+            number, offset = divmod(rows + done, per)
+            take = min(per - offset, len(keys) - done)
+            for kind, part in (("key", keys[done:done + take]), ("vec", data[done:done + take])):
+                created |= _write_at(self.file(state, number, kind), offset * part.itemsize *
+                                     (part.shape[1] if part.ndim == 2 else 1), part)
+            done += take
+        if created:
+            fsync_dir(self.folder)
+
+    def rewrite(self, state: dict, source: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict:
+        """Write (keys, vectors) batches, in ascending key order, as a new set (compaction, a copy into
+        another folder); the state to commit. The old set stays until `drop_other_sets`."""
+        fresh = {**new_state(state["dtype"], state["segment_rows"])}
+        if self.folder is None:
+            self._memory = None
+        for keys, vectors in source:
+            fresh = self.append(fresh, keys, vectors)
+        return fresh
+
+    def drop_other_sets(self, state: dict) -> None:
+        """Delete the files of sets other than `state`'s (after the store committed it; readers that still map
+        old files keep reading them until they let go)."""
+        if self.folder is None or self.readonly or not self.folder.is_dir():
+            return
+        for file in self.folder.iterdir():
+            if not file.name.startswith(state["set"] + "-"):
+                with contextlib.suppress(OSError):
+                    file.unlink()
+
+    def disk_bytes(self) -> int:
+        if self.folder is None or not self.folder.is_dir():
+            return 0
+        return sum(f.stat().st_size for f in self.folder.iterdir())
+
+
+def _write_at(file: Path, offset: int, part: np.ndarray) -> bool:
+    """Write `part` at `offset` of `file`, dropping whatever lies past it (an uncommitted batch), and fsync;
+    whether the file is new."""
+    created = not file.exists()
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if os.fstat(fd).st_size < offset:
+            raise BrokenIndexError(f"the vector file {file} is shorter than the store records: it is damaged; "
+                                   "rebuild the index")
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        view = memoryview(np.ascontiguousarray(part)).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return created

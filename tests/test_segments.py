@@ -1,0 +1,215 @@
+"""The vectors outside SQLite: memory-mapped append-only segments, their crash safety, compaction, precision and
+the migration of older stores (clipkit/index/segments.py, clipkit/index/store.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import clipkit.index.segments as segments
+from clipkit.cli import main
+from clipkit.errors import BrokenIndexError
+from clipkit.index import DB_FILE, Index
+from clipkit.index.segments import VECTORS_DIR
+from clipkit.index.vectors import prepare_vectors
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def unit(n: int, dim: int, seed: int) -> np.ndarray:
+    return prepare_vectors(np.random.default_rng(seed).standard_normal((n, dim)), dim)
+
+
+def brute_force(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :k]
+
+
+def columns(path) -> list[str]:
+    with sqlite3.connect(path / DB_FILE) as db:
+        return [row[1] for row in db.execute("PRAGMA table_info(items)")]
+
+
+def test_vectors_live_in_segment_files_across_several_segments(tmp_path, monkeypatch):
+    monkeypatch.setattr(segments, "SEGMENT_ROWS", 1000)
+    base, queries = unit(2500, 16, 0), unit(30, 16, 1)
+    index = Index(16)
+    index.save(tmp_path / "ix")
+    for start in range(0, 2500, 700):  # batches that straddle segment ends
+        index.add(base[start:start + 700], ids=list(range(start, min(start + 700, 2500))))
+    assert "embedding" not in columns(tmp_path / "ix")
+    files = sorted(p.name for p in (tmp_path / "ix" / VECTORS_DIR).iterdir())
+    assert len([f for f in files if f.endswith(".vec")]) == 3 and len([f for f in files if f.endswith(".key")]) == 3
+    loaded = Index.load(tmp_path / "ix")
+    np.testing.assert_allclose(loaded.embeddings(), base, rtol=0, atol=2e-7)  # float32 (float16 would be 1e-3 off)
+    np.testing.assert_allclose(loaded.embeddings([2499, 0, 1000]), base[[2499, 0, 1000]], rtol=0, atol=2e-7)
+    _, ids = loaded.search(queries, 10)
+    np.testing.assert_array_equal(ids, brute_force(base, queries, 10))
+
+
+def test_a_kill_between_writing_rows_and_committing_them_loses_only_that_batch(tmp_path):
+    base = unit(300, 16, 0)
+    index = Index.from_embeddings(base[:200])
+    index.save(tmp_path / "ix")
+    script = ("import sys, os, numpy as np\n"
+              "from clipkit.index import Index\n"
+              "import clipkit.index.store as store\n"
+              "real = store.Store.set_info\n"
+              "def dying(self, name, value):\n"
+              "    if name == 'vectors':\n"
+              "        os._exit(9)  # the rows are written and fsynced; the transaction never commits\n"
+              "    real(self, name, value)\n"
+              "store.Store.set_info = dying\n"
+              "index = Index.load(sys.argv[1])\n"
+              "index.add(np.load(sys.argv[2]), ids=list(range(200, 250)))\n")
+    np.save(tmp_path / "more.npy", base[200:250])
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix"), str(tmp_path / "more.npy")], env=ENV)
+    assert done.returncode == 9
+    vec = next((tmp_path / "ix" / VECTORS_DIR).glob("*.vec"))
+    assert vec.stat().st_size == 250 * 16 * 4  # the dead process's rows are there, uncommitted
+    index = Index.load(tmp_path / "ix")
+    assert len(index) == 200 and 200 not in index
+    index.add(base[250:300], ids=list(range(250, 300)))  # the next writer overwrites them
+    assert vec.stat().st_size == 250 * 16 * 4
+    np.testing.assert_allclose(Index.load(tmp_path / "ix").embeddings(), np.concatenate([base[:200], base[250:]]),
+                               rtol=0, atol=2e-7)
+
+
+def test_removed_rows_are_compacted_away_on_save_and_a_live_reader_keeps_searching(tmp_path):
+    base, queries = unit(2000, 16, 0), unit(20, 16, 1)
+    writer = Index.from_embeddings(base)
+    writer.save(tmp_path / "ix")
+    reader = Index.load(tmp_path / "ix")
+    reader.refresh_interval = 0
+    folder = tmp_path / "ix" / VECTORS_DIR
+    before = sum(f.stat().st_size for f in folder.iterdir())
+    writer.remove(range(0, 2000, 2))
+    assert writer.store.dead_rows() == 1000
+    writer.save()
+    assert writer.store.dead_rows() == 0
+    assert sum(f.stat().st_size for f in folder.iterdir()) == before // 2
+    kept = base[1::2]
+    for index in (reader, writer, Index.load(tmp_path / "ix")):
+        _, ids = index.search(queries, 5)
+        np.testing.assert_array_equal(ids, np.arange(1, 2000, 2)[brute_force(kept, queries, 5)])
+        np.testing.assert_allclose(index.embeddings([1, 1999]), base[[1, 1999]], atol=1e-6)
+
+
+def test_precision_auto_keeps_float32_while_exact_and_halves_for_an_approximate_structure(tmp_path):
+    base, queries = unit(3000, 32, 0), unit(50, 32, 1)
+    exact = Index.from_embeddings(base, index_type="auto")
+    assert exact.store.vectors_state()["dtype"] == "float32"
+    index = Index.from_embeddings(base, index_type="IVF16,PQ16x4fs,RFlat")
+    assert index.store.vectors_state()["dtype"] == "float16"
+    stored = index.embeddings()
+    assert np.abs(stored - base).max() < 1e-3 and not np.array_equal(stored, base)
+    index.save(tmp_path / "ix")
+    loaded = Index.load(tmp_path / "ix")
+    assert loaded.store.vectors_state()["dtype"] == "float16"
+    scores, ids = loaded.search(queries, 10)
+    truth = brute_force(base, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist())])
+    assert recall >= 0.9
+    np.testing.assert_allclose(scores[:, 0], np.einsum("ij,ij->i", queries, stored[ids[:, 0]]), atol=1e-5)
+    assert sum(f.stat().st_size for f in (tmp_path / "ix" / VECTORS_DIR).glob("*.vec")) == 3000 * 32 * 2
+    with pytest.raises(ValueError, match="precision"):
+        Index(8, precision="int8")
+
+
+def test_a_format_2_store_is_migrated_out_of_sqlite_without_embedding_again(tmp_path):
+    base = unit(30, 8, 0)
+    old = tmp_path / "old.clipkit"
+    old.mkdir()
+    with sqlite3.connect(old / DB_FILE) as db:  # the version 2 layout: embeddings as float32 blobs in SQLite
+        db.executescript("CREATE TABLE items (key INTEGER PRIMARY KEY, id UNIQUE NOT NULL, root INTEGER, path TEXT, "
+                         "mtime REAL, size INTEGER, caption TEXT, extra TEXT, embedding BLOB NOT NULL);"
+                         "CREATE TABLE roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);"
+                         "CREATE TABLE info (name TEXT PRIMARY KEY, value TEXT NOT NULL);")
+        for key, vector in enumerate(base):
+            if key != 3:  # a removed item: keys are not dense
+                db.execute("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?)",
+                           (key, f"item{key}", None, None, None, None, f"caption {key}", None, vector.tobytes()))
+        for name, value in (("format", "clipkit-index"), ("format_version", 2), ("dim", 8), ("generation", 7),
+                            ("next_key", 30), ("index_type", "flat")):
+            db.execute("INSERT INTO info VALUES (?, ?)", (name, json.dumps(value)))
+    migrated = Index.load(old)
+    assert migrated.store.info("format_version") == 3 and "embedding" not in columns(old)
+    assert len(migrated) == 29
+    np.testing.assert_array_equal(migrated.embeddings([f"item{k}" for k in (0, 29)]), base[[0, 29]])
+    assert migrated.get(["item5"])[0]["caption"] == "caption 5"
+    _, ids = migrated.search(base[7], 1)
+    assert ids[0, 0] == "item7"
+    migrated.add(unit(1, 8, 5), ids=["new"])
+    assert Index.load(old).keys(["new"]) == [30]
+
+
+def test_a_truncated_vector_file_is_a_one_line_error(tmp_path, capsys):
+    Index.from_embeddings(unit(100, 8, 0)).save(tmp_path / "ix")
+    vec = next((tmp_path / "ix" / VECTORS_DIR).glob("*.vec"))
+    with open(vec, "r+b") as file:
+        file.truncate(50 * 8 * 4)
+    (tmp_path / "ix" / "index.faiss").unlink()  # the structure is rebuilt from the store: it reads the vectors
+    with pytest.raises(BrokenIndexError, match="shorter than the store records"):
+        Index.load(tmp_path / "ix")
+    assert main(["search", "a cat", "--index", str(tmp_path / "ix")]) == 2
+    assert "shorter than the store records" in capsys.readouterr().err
+    vec.unlink()
+    with pytest.raises(BrokenIndexError, match="missing"):
+        Index.load(tmp_path / "ix")
+
+
+
+def clustered(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    """Embedding-like vectors: clusters around fixed centres, optionally shifted (queries across a gap)."""
+    fixed = np.random.default_rng(99)
+    centres, offset = fixed.standard_normal((300, dim)), fixed.standard_normal(dim)
+    rng = np.random.default_rng(seed)
+    return prepare_vectors(centres[rng.integers(0, 300, n)] + 0.6 * rng.standard_normal((n, dim)) + shift * offset,
+                           dim)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found.tolist(), truth.tolist())]))
+
+
+def test_a_build_over_its_memory_budget_streams_from_the_stored_vectors(tmp_path, monkeypatch):
+    from clipkit.index.store import Store
+
+    base, queries = clustered(60_000, 32, 0), clustered(300, 32, 1, shift=0.5)
+    index = Index(32, index_type="auto", memory_budget=10_000_000)  # the float32 copies would be 38 MB
+    index.save(tmp_path / "ix")
+    for start in range(0, 60_000, 20_000):
+        index.add(base[start:start + 20_000])
+
+    def never(*args, **kwargs):
+        raise AssertionError("a streaming build read every vector into RAM")
+
+    monkeypatch.setattr(Store, "all_items", never)
+    index.build(sample_queries=clustered(1000, 32, 2, shift=0.5))
+    assert index.structure.startswith("IVF512,PQ8x4fs,RFlat")  # 4 bytes of codes a vector, re-ranked exactly
+    assert index.tuning["queries"] == "sample queries" and index.tuning["estimated_recall"] >= 0.95
+    assert index.store.vectors_state()["dtype"] == "float16"
+    truth = brute_force(base, queries, 10)
+    assert recall(index.search(queries, 10)[1], truth) >= 0.93
+    index.save()
+    loaded = Index.load(tmp_path / "ix")
+    assert loaded.structure == index.structure
+    assert recall(loaded.search(queries, 10)[1], truth) >= 0.93
+    more = clustered(500, 32, 3)
+    loaded.add(more, ids=list(range(60_000, 60_500)))
+    loaded.remove(range(0, 500))
+    _, ids = loaded.search(more[:50], 1)
+    assert ids[:, 0].tolist() == list(range(60_000, 60_050))
+    assert not set(loaded.search(queries, 10)[1].ravel().tolist()) & set(range(500))
+    loaded.build()  # the remembered queries again; without them, held-out items out of the structure while tuned
+    assert loaded.tuning["queries"] == "sample queries"
+    held = Index(32, index_type="IVF64,PQ8x4fs,RFlat", memory_budget=1_000_000)
+    held.add(base[:20_000])
+    held.build()
+    assert held.tuning["queries"] == "held-out items" and len(held) == 20_000
+    assert recall(held.search(base[:200], 10)[1], brute_force(base[:20_000], base[:200], 10)) >= 0.9
