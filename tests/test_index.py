@@ -129,7 +129,7 @@ def test_save_load_round_trip(tmp_path):
     queries = unit(7, 16, 5)
     expected = index.search(queries, 10)
     index.save(tmp_path / "ix")
-    assert {p.name for p in (tmp_path / "ix").iterdir()} >= {DB_FILE, FAISS_FILE, CONFIG_FILE}
+    assert {p.name for p in (tmp_path / "ix").iterdir()} >= {DB_FILE, "vectors", CONFIG_FILE}  # exact: no FAISS file
     config = json.loads((tmp_path / "ix" / CONFIG_FILE).read_text())
     assert config["dim"] == 16 and config["count"] == 300 and config["metric"] == "inner_product"
     loaded = Index.load(tmp_path / "ix")
@@ -154,7 +154,7 @@ def test_changes_after_save_survive_without_another_save(tmp_path):
 
 def test_damaged_faiss_file_is_rebuilt_from_the_store(tmp_path):
     base = unit(50, 8, 0)
-    Index.from_embeddings(base).save(tmp_path / "ix")
+    Index.from_embeddings(base, index_type="IVF1,Flat").save(tmp_path / "ix")  # exact search keeps no FAISS file
     faiss_path = tmp_path / "ix" / FAISS_FILE
     faiss_path.write_bytes(faiss_path.read_bytes()[:100])  # truncated
     loaded = Index.load(tmp_path / "ix")
@@ -252,10 +252,10 @@ def test_choose_structure_by_size_and_memory():
 
     assert choose_structure("auto", 50_000, 256) == "Flat"
     assert choose_structure("auto", 200_000, 256) == "IVF1024,Flat"
-    assert choose_structure("auto", 10_000_000, 256) == "IVF8192,Flat"
-    # 100 bytes/vector: 4-bit fast-scan codes of 64 bytes, no room for the vectors' exact re-rank
-    assert choose_structure("auto", 10_000_000, 256, memory_budget=10**9) == "IVF8192,PQ128x4fs"
-    assert choose_structure("auto", 10_000_000, 256, memory_budget=2 * 10**8) == "IVF8192,PQ32x4fs"
+    assert choose_structure("auto", 200_000, 256, memory_budget=10**12) == "IVF1024,Flat"
+    # over the budget: 4-bit fast-scan codes (at most dim / 8 bytes, fewer to fit), re-ranked with the stored vectors
+    assert choose_structure("auto", 10_000_000, 256) == "IVF8192_HNSW32,PQ64x4fs,RFlat"
+    assert choose_structure("auto", 10_000_000, 256, memory_budget=2 * 10**8) == "IVF8192_HNSW32,PQ32x4fs,RFlat"
     assert choose_structure("flat", 10_000_000, 256) == "Flat"
     assert choose_structure("HNSW32", 10, 256) == "HNSW32"
     assert candidates("auto", 200_000, 256) == ["IVF1024,Flat", "IVF1024,PQ128x4fs,RFlat"]

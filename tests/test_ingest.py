@@ -65,7 +65,7 @@ def test_ingest_searches_like_numpy_and_adds_only_new_parts(tmp_path, demo, caps
     order = np.argsort(-(vectors @ query))[:5]
     hits = clipkit.search("a red circle", index, k=5)  # text queries: the recorded model
     assert [h.id for h in hits] == [ids[i] for i in order]
-    np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[order], atol=1e-5)
+    np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[order], atol=1e-4)  # stored as float16
     assert len(index.captions) == 70  # captions with their text embeddings: image -> text works
     hit = clipkit.search(vectors[0], index.captions, k=1)[0]
     assert hit.metadata["image_id"] in ids

@@ -385,6 +385,7 @@ def test_disk_full_injected(tmp_path, monkeypatch):
     from clipkit.index import core
 
     monkeypatch.setattr(core, "atomic_write_bytes", no_space)
+    monkeypatch.setattr(core, "atomic_write_json", no_space)
     index.add(unit(5, 8, 1), ids=list(range(50, 55)))  # committed to the store
     with pytest.raises(IndexFullError):
         index.save()
@@ -426,7 +427,8 @@ def test_read_only_index_searches_and_refuses_writes(photos, tmp_path, tiny_ckpt
 
 def test_flipped_bytes_in_the_faiss_file_are_detected_and_rebuilt(tmp_path, caplog):
     base = unit(500, 32, 0)
-    Index.from_embeddings(base).save(tmp_path / "ix")
+    Index.from_embeddings(base, index_type="IVF4,Flat", precision="float32").save(tmp_path / "ix")  # (exact search
+    # keeps no FAISS file)
     faiss_file = tmp_path / "ix" / FAISS_FILE
     data = bytearray(faiss_file.read_bytes())
     for position in range(len(data) - 400, len(data) - 300):  # inside the vectors: same size, wrong values
@@ -440,19 +442,19 @@ def test_flipped_bytes_in_the_faiss_file_are_detected_and_rebuilt(tmp_path, capl
 
 def test_a_faiss_file_saved_for_another_key_set_is_not_trusted(tmp_path, caplog):
     """What two unlocked writers used to leave: the right generation and count, other keys."""
-    base = unit(21, 8, 0)
-    index = Index.from_embeddings(base[:20])
+    base = unit(61, 8, 0)
+    index = Index.from_embeddings(base[:60], index_type="IVF1,Flat")
     index.save(tmp_path / "ix")
     saved = {name: (tmp_path / "ix" / name).read_bytes() for name in (CONFIG_FILE, FAISS_FILE)}
     index.remove([0])
-    index.add(base[20:], ids=[20])  # the same count, another key set
+    index.add(base[60:], ids=[60])  # the same count, another key set
     config = json.loads(saved[CONFIG_FILE])
     config["faiss_generation"] = index.generation
     (tmp_path / "ix" / CONFIG_FILE).write_text(json.dumps(config))
     (tmp_path / "ix" / FAISS_FILE).write_bytes(saved[FAISS_FILE])
     loaded = Index.load(tmp_path / "ix")
     assert "does not match the store" in caplog.text
-    assert loaded.search(base[20], 1)[1][0, 0] == 20 and loaded.search(base[0], 1)[1][0, 0] != 0
+    assert loaded.search(base[60], 1)[1][0, 0] == 60 and loaded.search(base[0], 1)[1][0, 0] != 0
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30, 1e300])

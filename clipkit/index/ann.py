@@ -19,6 +19,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+DAMAGED_SCORE = 1.01  # unit vectors score within [-1, 1] (plus float16 rounding): beyond, or NaN, a stored
+# vector is damaged (flipped bytes on disk) and is never returned
 FLAT_LIMIT = 50_000  # "auto" stays exact up to here: about a millisecond per query on a CPU core
 GPU_MAX_K = 2048  # FAISS's GPU search returns at most this many neighbours; deeper searches run on the CPU
 _GPU_LOCK = threading.Lock()  # FAISS GPU indexes and their resources are not thread-safe, searches included
@@ -202,7 +204,7 @@ def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, lookup) -> tuple[
         keys = shortlist[start:start + step]
         vectors, found = lookup(keys.ravel())
         part = np.matmul(vectors.reshape(len(keys), width, -1), queries[start:start + step, :, None])[:, :, 0]
-        part[~found.reshape(keys.shape) | (keys < 0) | ~np.isfinite(part)] = -np.inf
+        part[~found.reshape(keys.shape) | (keys < 0) | ~(np.abs(part) <= DAMAGED_SCORE)] = -np.inf
         scores[start:start + step] = part
     k = min(k, width)
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -313,14 +315,11 @@ class Structure:
 
     def _gpu_copy(self):
         """Called under _GPU_LOCK: the GPU copy, made on first use after each change."""
-        global _GPU_RESOURCES
         if self._gpu is None:
-            if _GPU_RESOURCES is None:
-                _GPU_RESOURCES = faiss.StandardGpuResources()
             wrapped = isinstance(self.index, faiss.IndexIDMap2)
             source = faiss.downcast_index(self.index.index) if wrapped else self.index
             try:
-                clone = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, source)
+                clone = faiss.index_cpu_to_gpu(gpu_resources(), 0, source)
             except RuntimeError:  # a structure FAISS cannot put on the GPU (HNSW): search it on the CPU
                 log.info("%s cannot run on the GPU; searching it on the CPU", self.factory)
                 self._gpu = False
@@ -328,6 +327,111 @@ class Structure:
             apply_search_params(clone, self.params)
             self._gpu = (clone, faiss.vector_to_array(self.index.id_map) if wrapped else None)
         return self._gpu
+
+
+class ExactStructure:
+    """Exact search straight over the stored vectors (the index's memory-mapped segments): no copy of them in
+    RAM or in a FAISS file. `scan()` yields (keys, float32 vectors) of every committed row; rows of removed
+    items (`dead`, until compaction drops them) are never returned."""
+
+    factory, refine, params = "Flat", None, {}
+
+    def __init__(self, dim: int, scan, count: int, dead: np.ndarray, on_damaged=None):
+        self._dim, self.scan, self._count, self.on_damaged = dim, scan, int(count), on_damaged
+        self.dead = np.unique(np.asarray(dead, np.int64))
+        self._gpu = None  # (GPU flat index of the live rows, position -> key), made on first use after each change
+
+    @property
+    def ntotal(self) -> int:
+        return self._count
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def describe(self) -> str:
+        return "Flat"
+
+    def set_params(self, params: dict) -> None:
+        pass
+
+    def attach_vectors(self, lookup) -> None:
+        pass
+
+    def bytes_per_vector(self) -> float:
+        return 0.0
+
+    def to_bytes(self) -> bytes:
+        return b""
+
+    def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
+        self._count += len(keys)  # the rows are in the segments already (committed)
+        self._gpu = None
+
+    def remove(self, keys: np.ndarray) -> bool:
+        fresh = np.setdiff1d(np.asarray(keys, np.int64), self.dead)
+        self.dead = np.union1d(self.dead, fresh)
+        self._count -= len(fresh)
+        self._gpu = None
+        return True
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """On the GPU when FAISS has one (a flat copy of the live rows there), else one pass over the rows."""
+        if k <= GPU_MAX_K and faiss.get_num_gpus() > 0:
+            with _GPU_LOCK:
+                if self._gpu is None:
+                    self._gpu = self._gpu_copy()
+                clone, position_to_key = self._gpu
+                scores, found = clone.search(queries, k)
+            return _mark_missing(scores, np.where(found >= 0, position_to_key[np.maximum(found, 0)], -1))
+        return top_k_scan(queries, self.scan(), k, exclude=self.dead, on_damaged=self.on_damaged)
+
+    def _gpu_copy(self) -> tuple:
+        """A flat index of the live rows on the GPU, filled batch by batch (the host never holds them all)."""
+        clone = faiss.index_cpu_to_gpu(gpu_resources(), 0, faiss.IndexFlatIP(self._dim))
+        keys = []
+        for batch_keys, vectors in self.scan():
+            live = ~np.isin(batch_keys, self.dead, assume_unique=True)
+            clone.add(np.ascontiguousarray(vectors[live], np.float32))
+            keys.append(batch_keys[live])
+        return clone, np.concatenate(keys) if keys else np.zeros(0, np.int64)
+
+
+def top_k_scan(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None = None,
+               cells: int = 1 << 24, on_damaged=None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, keys) of each query's exact top k by inner product, best first (-inf / -1 where fewer), in one
+    pass over (keys, vectors) batches, keys in `exclude` (sorted) left out; at most `cells` scores at a time.
+    Damaged vectors (NaN, or scoring past a unit vector's range) are left out and told to `on_damaged(keys)`."""
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_keys = np.full((len(queries), k), -1, np.int64)
+    block = max(1024, cells // max(1, len(queries)))
+    for keys, vectors in batches:
+        for start in range(0, len(keys), block):
+            part_keys = keys[start:start + block]
+            scores = queries @ np.asarray(vectors[start:start + block], np.float32).T
+            if exclude is not None and len(exclude):
+                scores[:, np.isin(part_keys, exclude, assume_unique=True)] = -np.inf
+            damaged = ~(np.abs(scores) <= DAMAGED_SCORE) & ~np.isneginf(scores)
+            if damaged.any():
+                scores[damaged] = -np.inf
+                if on_damaged is not None:
+                    on_damaged(part_keys[damaged.any(axis=0)].tolist())
+            top = min(k, len(part_keys))
+            chosen = np.argpartition(-scores, top - 1, axis=1)[:, :top]
+            merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, chosen, 1)], axis=1)
+            merged_keys = np.concatenate([best_keys, part_keys[chosen]], axis=1)
+            order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+            best_scores = np.take_along_axis(merged_scores, order, 1)
+            best_keys = np.take_along_axis(merged_keys, order, 1)
+    return best_scores, np.where(np.isfinite(best_scores), best_keys, -1)
+
+
+def gpu_resources():
+    """FAISS's GPU resources, made once (call under _GPU_LOCK)."""
+    global _GPU_RESOURCES
+    if _GPU_RESOURCES is None:
+        _GPU_RESOURCES = faiss.StandardGpuResources()
+    return _GPU_RESOURCES
 
 
 def _mark_missing(scores: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

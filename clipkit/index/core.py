@@ -37,7 +37,7 @@ from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError,
 import clipkit.index.sync as sync
 from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
                                     sync_captions)
-from clipkit.index.ann import Structure, candidates, check_index_type, choose_structure, streams
+from clipkit.index.ann import ExactStructure, Structure, candidates, check_index_type, choose_structure, streams
 from clipkit.index.tune import Collection, build_streaming, build_structure
 from clipkit.index.lock import LOCK_FILE, writer_lock
 from clipkit.index.segments import DTYPES, new_state
@@ -87,7 +87,7 @@ class Index:
                                 ("structure_version", 0), ("vectors", vectors), ("precision", precision)):
                 store.set_info(name, value)
         self._attach(store, int(dim), path=None, model=model)
-        self._structure = Structure.flat(self.dim)
+        self._structure = self._exact_structure()
 
     def _attach(self, store: Store, dim: int, path: Path | None, model=None) -> None:
         self.store, self.dim, self.path, self.model = store, dim, path, model
@@ -254,6 +254,7 @@ class Index:
     def _apply(self, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> bool:
         """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys; False
         when the structure cannot remove (the caller rebuilds it from the store)."""
+        removed = removed[removed <= self._last_key]  # others were added and removed since: never in it
         if len(removed) and not self._structure.remove(removed):
             return False
         for keys, _, vectors in new:
@@ -280,6 +281,8 @@ class Index:
             options = dict(sample_queries=sample_queries, queries_are=queries_are, params=params,
                            target_recall=self.store.info("target_recall", 0.95))
             structure, self._tuning = self._build_from_store(index_type, options)
+            if structure.factory == "Flat":
+                structure = self._exact_structure()  # exact search reads the stored vectors where they lie
         structure.attach_vectors(self._stored_vectors)  # the re-rank reads the stored vectors, not a copy
         self._structure, self._last_key, self._generation = structure, last, generation
         return structure
@@ -289,11 +292,18 @@ class Index:
         while that fits the memory budget, else streamed from the stored vectors (clipkit/index/tune.py)."""
         count, budget = self.store.count(), self.store.info("memory_budget")
         planned = candidates(index_type, count, self.dim, budget)
-        if planned != ["Flat"] and streams(count, self.dim, budget):
+        if planned == ["Flat"]:
+            return self._exact_structure(), None
+        if streams(count, self.dim, budget):
             collection = Collection(count, self.store.sample_items, self.store.live_vectors, self._stored_vectors)
             return build_streaming(planned[0], collection, **options)
         keys, _, vectors = self.store.all_items(self.dim)
         return build_structure(index_type, vectors, keys, memory_budget=budget, **options)
+
+    def _exact_structure(self) -> ExactStructure:
+        """Exact search over the stored vectors as committed now (removed items' rows left out)."""
+        return ExactStructure(self.dim, lambda: self.store.segments.batches(16_384), self.store.count(),
+                              self.store.removed_since(-1), on_damaged=self.store.damaged.update)
 
     def _stored_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, found) of keys, from the store's memory-mapped segments (an `,RFlat` re-rank reads these)."""
@@ -433,6 +443,14 @@ class Index:
                 raise
             self._generation = self.store.generation()
 
+    def compact(self) -> int:
+        """Rewrite the vector files without the rows of removed items (a save does it by itself once those are
+        over a quarter of all); the bytes given back."""
+        with self.writer(on_wait=log.warning):
+            before = self.store.segments.disk_bytes()
+            self.store.compact()
+            return before - self.store.segments.disk_bytes()
+
     def _halve_for(self, index_type: str) -> None:
         """Precision "auto": the vectors become float16 when an approximate structure is about to be built
         (it re-ranks with them; exact search keeps float32)."""
@@ -451,7 +469,6 @@ class Index:
         self.store.set_info("planned", choose_structure(self.index_type, count, self.dim,
                                                         self.store.info("memory_budget")))
         self.store.set_info("tuning", self._tuning.to_dict() if self._tuning is not None else None)
-        self.store.prune_removed()
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -476,7 +493,9 @@ class Index:
             k = min(int(k), self._structure.ntotal)
             if k == 0:
                 return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
-            return self._structure.search(vectors, k)
+            found = self._structure.search(vectors, k)
+            self._warn_damaged()
+            return found
 
     def get(self, ids: Iterable) -> list[dict]:
         """Metadata for each id, in order: {'id', 'path', 'mtime', 'size', 'caption', ...extra}."""
@@ -802,7 +821,11 @@ class Index:
         if self.store.dead_rows() > int(self.store.vectors_state()["rows"]) // 4:
             self.store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them
         data = self._structure.to_bytes()
-        atomic_write_bytes(path / FAISS_FILE, data)
+        if self._structure.factory == "Flat":  # exact search needs no file: it reads the stored vectors
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path / FAISS_FILE)
+        else:
+            atomic_write_bytes(path / FAISS_FILE, data)
         atomic_write_json(path / CONFIG_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
             "dim": self.dim, "metric": METRIC, "index_type": self.index_type, "structure": self._structure.factory,
@@ -873,6 +896,11 @@ class Index:
         """Use index.faiss if it provably matches the store now (generation, checksum, key set)."""
         config = read_config(self.path) if config is None else config
         file = self.path / FAISS_FILE
+        if (self.store.info("structure") or "Flat") == "Flat":  # exact: nothing cached to trust or distrust
+            self._structure = self._exact_structure()
+            self._generation, self._last_key = self.store.generation(), int(self.store.info("next_key", 0)) - 1
+            self._structure_version = self.store.info("structure_version", 0)
+            return True
         if config.get("faiss_generation") != self.store.generation() or not file.is_file():
             if self.store.count():
                 log.info("%s is missing or older than %s; rebuilding it from the store", file, DB_FILE)

@@ -12,6 +12,7 @@ throughout and never see half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -212,6 +213,11 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             raise translate(exc, self.file.parent if self.file else "in memory") from exc
+        except OSError as exc:  # writing the vector files
+            if exc.errno == errno.ENOSPC:
+                raise IndexFullError(f"no space left on the disk holding the index {self.file.parent}: what was "
+                                     "already indexed is kept; free some space and run the same command again") from exc
+            raise
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -266,10 +272,11 @@ class Store:
         rows = self.db.execute("SELECT key FROM removed WHERE generation > ?", (int(generation),))
         return np.fromiter((k for (k,) in rows), dtype=np.int64)
 
-    def prune_removed(self) -> None:
-        """Inside a transaction: forget the removal log (a new structure holds none of those keys; a reader
-        still behind finds its count off and rebuilds)."""
-        self.db.execute("DELETE FROM removed")
+    def prune_removed(self, keep: int = 100_000) -> None:
+        """Inside a transaction that dropped every removed item's row from the vector files (compaction): forget
+        removals more than `keep` generations old (a reader further behind finds its count off and rebuilds).
+        Until then the log holds every removed key whose row is still in the vector files."""
+        self.db.execute("DELETE FROM removed WHERE generation <= ?", (self.generation() - keep,))
 
     def ids_by_key(self, keys: np.ndarray) -> np.ndarray:
         """The id of each key (None for -1 or a key no item has): int64 when every one is an int, else objects."""
@@ -350,6 +357,12 @@ class Store:
             self.damaged.update(int(k) for k in keys[bad])
             vectors[bad] = 0
         return vectors
+
+    def check_vectors(self) -> None:
+        """Read every stored vector once (in batches) and remember the damaged ones in `damaged`."""
+        with self.snapshot():
+            for keys, vectors in self.live_vectors():
+                self._checked(keys, vectors)
 
     def all_items(self, dim: int) -> tuple[np.ndarray, list, np.ndarray]:
         """(keys, ids, vectors) of every item, in key order."""
@@ -506,6 +519,7 @@ class Store:
             state = self.segments.rewrite({**self.vectors_state(), **({"dtype": dtype} if dtype else {})},
                                           self.live_vectors())
             self.set_info("vectors", state)
+            self.prune_removed()
         self.segments.drop_other_sets(state)
 
     def backup_to(self, target: Path) -> None:

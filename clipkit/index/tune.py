@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from clipkit.index.ann import Structure, candidates, empty_structure
+from clipkit.index.ann import Structure, candidates, empty_structure, top_k_scan
 
 log = logging.getLogger("clipkit.index")
 
@@ -262,7 +262,7 @@ def build_streaming(factory: str, collection: Collection, *, target_recall: floa
     else:
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
-    truth = exact_neighbours(queries, collection.batches(), k, exclude=held)
+    truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held))[1]
     half = len(queries) // 2
     split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
     tried = _settings(structure, split, target_recall + MARGIN, k)
@@ -275,25 +275,3 @@ def build_streaming(factory: str, collection: Collection, *, target_recall: floa
     log.info("ANN built by streaming and tuned: %s %s, estimated recall@%d %.3f on %d unseen %s",
              report.structure, report.params, k, estimate, len(split.check), source)
     return structure, report
-
-
-def exact_neighbours(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None = None,
-                     block: int = 16_384) -> np.ndarray:
-    """Keys of each query's exact top k by inner product, in one pass over (keys, vectors) batches (keys in
-    `exclude` left out), holding one block of scores at a time."""
-    best_scores = np.full((len(queries), k), -np.inf, np.float32)
-    best_keys = np.full((len(queries), k), -1, np.int64)
-    for keys, vectors in batches:
-        for start in range(0, len(keys), block):
-            part_keys = keys[start:start + block]
-            scores = queries @ vectors[start:start + block].T
-            if exclude is not None and len(exclude):
-                scores[:, np.isin(part_keys, exclude)] = -np.inf
-            top = min(k, len(part_keys))
-            chosen = np.argpartition(-scores, top - 1, axis=1)[:, :top]
-            merged_scores = np.concatenate([best_scores, np.take_along_axis(scores, chosen, 1)], axis=1)
-            merged_keys = np.concatenate([best_keys, part_keys[chosen]], axis=1)
-            order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-            best_scores = np.take_along_axis(merged_scores, order, 1)
-            best_keys = np.take_along_axis(merged_keys, order, 1)
-    return best_keys
