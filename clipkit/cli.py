@@ -96,7 +96,8 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="if another process is writing the index, exit (code 2) instead of waiting for it")
     _add_maintenance_commands(commands)
     merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
-    merge.add_argument("out", help="the merged index folder to write (must not exist)")
+    merge.add_argument("out", help="the merged index folder to write (a new one; run again after an interruption, "
+                       "it goes on where it stopped)")
     merge.add_argument("parts", nargs="+", help="index folders to merge")
     merge.add_argument("--index-type", default="flat", metavar="TYPE", help="flat, auto or a FAISS factory string")
 
@@ -521,13 +522,10 @@ def cmd_merge(args) -> int:
     from clipkit.index import Index
 
     out = Path(args.out)
-    if out.exists():
-        raise ValueError(f"{out} already exists; merge into a new folder")
     for part in args.parts:
         if not Path(part).exists():
             raise FileNotFoundError(f"no index at {part}")
-    merged = Index.merge(args.parts, index_type=args.index_type)
-    merged.save(out)
+    merged = Index.merge(args.parts, out=out, index_type=args.index_type)
     if not args.quiet:
         print(f"merged {len(args.parts)} index(es): {len(merged)} items in {out} ({merged.structure})")
     return 0

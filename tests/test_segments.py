@@ -210,3 +210,58 @@ def test_a_build_over_its_memory_budget_streams_from_the_stored_vectors(tmp_path
     held.build()
     assert held.tuning["queries"] == "held-out items" and len(held) == 20_000
     assert recall(held.search(base[:200], 10)[1], brute_force(base[:20_000], base[:200], 10)) >= 0.9
+
+
+def test_a_merge_killed_midway_goes_on_when_run_again(tmp_path, capsys):
+    base = unit(900, 8, 0)
+    for number in range(3):
+        part = Index.from_embeddings(base[number * 300:(number + 1) * 300], ids=list(range(number * 300,
+                                                                                         (number + 1) * 300)))
+        part.save(tmp_path / f"part{number}")
+    parts = [str(tmp_path / f"part{number}") for number in range(3)]
+    script = ("import os, sys\n"
+              "from clipkit.index import Index\n"
+              "real, calls = Index.add, []\n"
+              "def dying(self, *args, **kwargs):\n"
+              "    real(self, *args, **kwargs)\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 4:\n"
+              "        os._exit(9)  # killed inside the second part\n"
+              "Index.add = dying\n"
+              "Index.merge(sys.argv[2:], out=sys.argv[1], chunk=100)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out"), *parts], env=ENV)
+    assert done.returncode == 9 and len(Index.load(tmp_path / "out")) == 400
+    from clipkit.cli import main
+
+    assert main(["merge", str(tmp_path / "out"), *parts]) == 0
+    assert "900 items" in capsys.readouterr().out
+    merged = Index.load(tmp_path / "out")
+    assert sorted(merged.ids()) == list(range(900))
+    np.testing.assert_allclose(merged.embeddings(list(range(900))), base, rtol=0, atol=2e-7)
+    assert main(["merge", str(tmp_path / "out"), *parts]) == 2  # finished: a new merge needs a new folder
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_a_compaction_killed_before_its_commit_leaves_the_index_as_it_was(tmp_path):
+    base = unit(400, 8, 0)
+    index = Index.from_embeddings(base)
+    index.save(tmp_path / "ix")
+    index.remove(range(0, 400, 2))
+    script = ("import os, sys\n"
+              "from clipkit.index import Index\n"
+              "import clipkit.index.store as store\n"
+              "real = store.Store.set_info\n"
+              "def dying(self, name, value):\n"
+              "    if name == 'vectors':\n"
+              "        os._exit(9)  # the new set is written; the store still points at the old one\n"
+              "    real(self, name, value)\n"
+              "store.Store.set_info = dying\n"
+              "Index.load(sys.argv[1]).compact()\n")
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix")], env=ENV).returncode == 9
+    folder = tmp_path / "ix" / VECTORS_DIR
+    assert len(list(folder.glob("*.vec"))) == 2  # the old set and the orphaned new one
+    loaded = Index.load(tmp_path / "ix")
+    np.testing.assert_allclose(loaded.embeddings(), base[1::2], rtol=0, atol=2e-7)
+    assert loaded.compact() > 0
+    assert len(list(folder.glob("*.vec"))) == 1
+    np.testing.assert_allclose(Index.load(tmp_path / "ix").embeddings(), base[1::2], rtol=0, atol=2e-7)

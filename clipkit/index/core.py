@@ -137,12 +137,13 @@ class Index:
         return index
 
     @classmethod
-    def merge(cls, parts: Sequence["Index | str | os.PathLike"], *, index_type: str = "flat",
-              chunk: int = 50_000, **options) -> "Index":
+    def merge(cls, parts: Sequence["Index | str | os.PathLike"], *, out: str | os.PathLike | None = None,
+              index_type: str = "flat", chunk: int = 50_000, **options) -> "Index":
         """One index holding every item of `parts` (indexes or index folders), e.g. the shards written
         by `clipkit index --shard i/n`. They must share the model and dimension; an id found in two
         parts is a ValueError. Items keep their ids, metadata and embeddings (nothing is re-embedded), and
-        so do their captions.
+        so do their captions. With `out` (a new folder) the merge is written there chunk by chunk, in bounded
+        memory; killed midway, the same call goes on from where it stopped.
         """
         loaded = [p if isinstance(p, Index) else Index.load(p) for p in parts]
         if not loaded:
@@ -154,21 +155,59 @@ class Index:
             if (part.model_info or {}).get("fingerprint") != (first.model_info or {}).get("fingerprint"):
                 raise ModelMismatchError(f"part {position} was built by another model than part 0 "
                                          f"({(part.model_info or {}).get('name')} vs {(first.model_info or {}).get('name')})")
-        merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type, **options)
-        for part in loaded:
-            ids = part.ids()
-            for start in range(0, len(ids), chunk):
-                batch = ids[start:start + chunk]
-                records = part.get(batch)
-                for record in records:
-                    record.pop("id")
-                merged.add(part.embeddings(batch), ids=batch, metadata=records)
+        names = [str(p.path.resolve()) if p.path is not None else f"memory:{id(p)}" for p in loaded]
+        merged = cls._merge_target(out, names, first, index_type, options)
+        resume = merged.store.info("merge_done", 0)
+        for number, part in enumerate(loaded[resume:], resume):
+            merged._merge_part(part, chunk, resume=number == resume)
+            if out is not None:
+                with merged.store.transaction(bump=False):
+                    merged.store.set_info("merge_done", number + 1)
         if index_type != "flat":
             merged.build()
         captions = [part.captions for part in loaded if part.captions is not None]
-        if captions:  # the parts' caption collections, merged alike
-            merged._captions = cls.merge(captions)
+        target = None if out is None else Path(out) / CAPTIONS_DIR
+        if captions and target is not None and (target / DB_FILE).is_file() and \
+                cls.load(target).store.info("merging") is None:  # merged before the interruption
+            merged._captions = None
+        elif captions:  # the parts' caption collections, merged alike
+            merged._captions = cls.merge(captions, out=target)
+        if out is not None:
+            with merged.store.transaction(bump=False):
+                merged.store.set_info("merging", None)
+            merged.save()
         return merged
+
+    @classmethod
+    def _merge_target(cls, out, names: list[str], first: "Index", index_type: str, options: dict) -> "Index":
+        """The index a merge writes: in memory, a new one at `out`, or the one an interrupted merge of the same
+        parts left there."""
+        if out is not None and Path(out).exists():
+            if (Path(out) / DB_FILE).is_file():
+                existing = cls.load(out)
+                if existing.store.info("merging") == names:
+                    return existing
+            raise ValueError(f"{out} already exists; merge into a new folder")
+        merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type, **options)
+        if out is not None:
+            with merged.store.transaction(bump=False):
+                merged.store.set_info("merging", names)
+            merged.save(out)
+        return merged
+
+    def _merge_part(self, part: "Index", chunk: int, resume: bool) -> None:
+        """Add `part`'s items in chunks (`resume`: those an interrupted run committed are there already)."""
+        ids = part.ids()
+        for start in range(0, len(ids), chunk):
+            batch = ids[start:start + chunk]
+            if resume:
+                have = self.store.keys_for(batch)
+                batch = [i for i in batch if i not in have]
+            if batch:
+                records = part.get(batch)
+                for record in records:
+                    record.pop("id")
+                self.add(part.embeddings(batch), ids=batch, metadata=records)
 
     # -- what it is -------------------------------------------------------------------------
 
