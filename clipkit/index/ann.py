@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import zlib
 
 import faiss
 import numpy as np
@@ -240,8 +241,16 @@ class Structure:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
     @classmethod
-    def from_bytes(cls, data: bytes, factory: str, params: dict | None) -> "Structure":
-        return cls(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), factory, params)
+    def read(cls, file, factory: str, params: dict | None) -> tuple["Structure", int]:
+        """The structure saved in `file` and the file's CRC-32, both from one open file (read in blocks from
+        the page cache twice, never held whole as bytes beside the structure)."""
+        with open(file, "rb") as handle:
+            crc = 0
+            while block := handle.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+            handle.seek(0)
+            index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+        return cls(index, factory, params), crc
 
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self.index).tobytes()
@@ -468,6 +477,8 @@ def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | No
         if len(train) < needed:
             raise ValueError(f"index type {factory!r} needs at least {needed} vectors to train, the index has "
                              f"{len(train)}: add more, or use 'flat' or 'auto'")
-        sample = np.random.default_rng(0).permutation(len(train))[:max(needed, 256 * nlist_of(inner))]
-        inner.train(np.ascontiguousarray(train[np.sort(sample)]))
+        wanted = max(needed, 256 * nlist_of(inner))
+        if len(train) > wanted:  # (a copy only when there is more than k-means uses)
+            train = train[np.sort(np.random.default_rng(0).permutation(len(train))[:wanted])]
+        inner.train(np.ascontiguousarray(train))
     return Structure(wrap(inner), factory)

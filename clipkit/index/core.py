@@ -945,10 +945,9 @@ class Index:
                 log.info("%s is missing or older than %s; rebuilding it from the store", file, DB_FILE)
             return False
         try:
-            data = file.read_bytes()
-            if zlib.crc32(data) != config.get("faiss_crc32") or config.get("faiss_key_sum") != self.store.key_sum():
+            structure, crc = Structure.read(file, config.get("structure", "Flat"), config.get("search_params"))
+            if crc != config.get("faiss_crc32") or config.get("faiss_key_sum") != self.store.key_sum():
                 raise ValueError("its checksum or key set does not match what was recorded")
-            structure = Structure.from_bytes(data, config.get("structure", "Flat"), config.get("search_params"))
             if structure.ntotal != self.store.count() or structure.dim != self.dim:
                 raise ValueError("it holds another number or size of vectors than the store")
         except (OSError, ValueError, RuntimeError) as exc:
