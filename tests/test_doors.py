@@ -91,16 +91,16 @@ def test_save_over_an_index_with_a_wal_never_splices_two_stores(tmp_path):
     _committed_wal_index(target)
     script = (
         "import os, sys, numpy as np\n"
-        "import clipkit.index.core as core\n"
+        "import clipkit.index.persist as persist\n"
         "from clipkit.index import Index\n"
-        "real = core.atomic_path\n"
+        "real = persist.atomic_path\n"
         "import contextlib\n"
         "@contextlib.contextmanager\n"
         "def dying(target):\n"
         "    with real(target) as tmp:\n"
         "        yield tmp\n"
         "    os._exit(9)  # killed right after the new store took the name\n"
-        "core.atomic_path = dying\n"
+        "persist.atomic_path = dying\n"
         "vectors = np.random.default_rng(1).normal(size=(1500, 16))\n"
         "Index.from_embeddings(vectors, ids=[f'new{i}' for i in range(1500)]).save(sys.argv[1])\n")
     assert subprocess.run([sys.executable, "-c", script, str(target)]).returncode == 9

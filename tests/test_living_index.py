@@ -382,10 +382,10 @@ def test_disk_full_injected(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from clipkit.index import core
+    from clipkit.index import persist
 
-    monkeypatch.setattr(core, "atomic_write_bytes", no_space)
-    monkeypatch.setattr(core, "atomic_write_json", no_space)
+    monkeypatch.setattr(persist, "atomic_write_bytes", no_space)
+    monkeypatch.setattr(persist, "atomic_write_json", no_space)
     index.add(unit(5, 8, 1), ids=list(range(50, 55)))  # committed to the store
     with pytest.raises(IndexFullError):
         index.save()

@@ -18,36 +18,30 @@ an indexer commits while it runs.
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import os
-import sqlite3
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from clipkit import __version__
-from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
-from clipkit.errors import BrokenIndexError, IndexFullError, ModelMismatchError, first_line
+from clipkit.errors import BrokenIndexError, ModelMismatchError, first_line
 import clipkit.index.sync as sync
 from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
                                     sync_captions)
 from clipkit.index.ann import ExactStructure, Structure, candidates, check_index_type, choose_structure, streams
 from clipkit.index.tune import Collection, build_streaming, build_structure
-from clipkit.index.lock import LOCK_FILE, writer_lock
+from clipkit.index.lock import writer_lock
 from clipkit.index.segments import DTYPES, new_state
-from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, meta_row, translate
+from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, meta_row
+import clipkit.index.persist as persist
+from clipkit.index.persist import CONFIG_FILE, FAISS_FILE, read_config  # noqa: F401 (CONFIG_FILE: re-exported)
 from clipkit.index.vectors import normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
-FAISS_FILE, CONFIG_FILE = "index.faiss", "config.json"
-METRIC = "inner_product"
 
 
 class Index:
@@ -143,71 +137,11 @@ class Index:
         by `clipkit index --shard i/n`. They must share the model and dimension; an id found in two
         parts is a ValueError. Items keep their ids, metadata and embeddings (nothing is re-embedded), and
         so do their captions. With `out` (a new folder) the merge is written there chunk by chunk, in bounded
-        memory; killed midway, the same call goes on from where it stopped.
+        memory; killed midway, the same call goes on from where it stopped (clipkit/index/merge.py).
         """
-        loaded = [p if isinstance(p, Index) else Index.load(p) for p in parts]
-        if not loaded:
-            raise ValueError("nothing to merge: give at least one index")
-        first = loaded[0]
-        for position, part in enumerate(loaded[1:], 1):
-            if part.dim != first.dim:
-                raise ValueError(f"part {position} holds {part.dim}-d embeddings, part 0 {first.dim}-d ones")
-            if (part.model_info or {}).get("fingerprint") != (first.model_info or {}).get("fingerprint"):
-                raise ModelMismatchError(f"part {position} was built by another model than part 0 "
-                                         f"({(part.model_info or {}).get('name')} vs {(first.model_info or {}).get('name')})")
-        names = [str(p.path.resolve()) if p.path is not None else f"memory:{id(p)}" for p in loaded]
-        merged = cls._merge_target(out, names, first, index_type, options)
-        resume = merged.store.info("merge_done", 0)
-        for number, part in enumerate(loaded[resume:], resume):
-            merged._merge_part(part, chunk, resume=number == resume)
-            if out is not None:
-                with merged.store.transaction(bump=False):
-                    merged.store.set_info("merge_done", number + 1)
-        if index_type != "flat":
-            merged.build()
-        captions = [part.captions for part in loaded if part.captions is not None]
-        target = None if out is None else Path(out) / CAPTIONS_DIR
-        if captions and target is not None and (target / DB_FILE).is_file() and \
-                cls.load(target).store.info("merging") is None:  # merged before the interruption
-            merged._captions = None
-        elif captions:  # the parts' caption collections, merged alike
-            merged._captions = cls.merge(captions, out=target)
-        if out is not None:
-            with merged.store.transaction(bump=False):
-                merged.store.set_info("merging", None)
-            merged.save()
-        return merged
+        from clipkit.index.merge import merge
 
-    @classmethod
-    def _merge_target(cls, out, names: list[str], first: "Index", index_type: str, options: dict) -> "Index":
-        """The index a merge writes: in memory, a new one at `out`, or the one an interrupted merge of the same
-        parts left there."""
-        if out is not None and Path(out).exists():
-            if (Path(out) / DB_FILE).is_file():
-                existing = cls.load(out)
-                if existing.store.info("merging") == names:
-                    return existing
-            raise ValueError(f"{out} already exists; merge into a new folder")
-        merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type, **options)
-        if out is not None:
-            with merged.store.transaction(bump=False):
-                merged.store.set_info("merging", names)
-            merged.save(out)
-        return merged
-
-    def _merge_part(self, part: "Index", chunk: int, resume: bool) -> None:
-        """Add `part`'s items in chunks (`resume`: those an interrupted run committed are there already)."""
-        ids = part.ids()
-        for start in range(0, len(ids), chunk):
-            batch = ids[start:start + chunk]
-            if resume:
-                have = self.store.keys_for(batch)
-                batch = [i for i in batch if i not in have]
-            if batch:
-                records = part.get(batch)
-                for record in records:
-                    record.pop("id")
-                self.add(part.embeddings(batch), ids=batch, metadata=records)
+        return merge(cls, parts, out=out, index_type=index_type, chunk=chunk, **options)
 
     # -- what it is -------------------------------------------------------------------------
 
@@ -822,114 +756,20 @@ class Index:
 
         return self._write(change)
 
-    # -- save / load ------------------------------------------------------------------------
+    # -- save / load (clipkit/index/persist.py) -----------------------------------------------
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Write the index to folder `path` (default: where it was loaded or last saved).
 
         Afterwards the index is attached to `path`: later changes are committed to its store at once.
         """
-        if path is None:
-            if self.path is None:
-                raise ValueError("this index has not been saved before: pass a path")
-            path = self.path
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} exists and is not a folder; choose another index path")
-        if path.is_dir() and not (path / DB_FILE).exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
-            raise ValueError(f"{path} is a non-empty folder that is not a clipkit index; choose another path")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            with writer_lock(path, on_wait=log.warning), self._lock:
-                if self.path is None or path.resolve() != self.path.resolve():
-                    self._copy_store_to(path)
-                with self.writer():
-                    self._save_structure(path)
-                if self._captions is not None:
-                    self._captions.save(path / CAPTIONS_DIR)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise IndexFullError(f"no space left on the disk holding {path}: what was already committed is kept; "
-                                     "free some space and save again") from exc
-            raise
-        return path
-
-    def _save_structure(self, path: Path) -> None:
-        if self._outgrown(self._structure.ntotal):
-            self.build()  # the collection outgrew (or shrank below) the structure chosen for it
-        if self.store.dead_rows() > int(self.store.vectors_state()["rows"]) // 4:
-            self.store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them
-        data = self._structure.to_bytes()
-        if self._structure.factory == "Flat":  # exact search needs no file: it reads the stored vectors
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path / FAISS_FILE)
-        else:
-            atomic_write_bytes(path / FAISS_FILE, data)
-        atomic_write_json(path / CONFIG_FILE, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
-            "dim": self.dim, "metric": METRIC, "index_type": self.index_type, "structure": self._structure.factory,
-            "search_params": self._structure.params, "model": self.model_info, "count": self._structure.ntotal,
-            "faiss_generation": self._generation, "faiss_crc32": zlib.crc32(data),
-            "faiss_key_sum": self.store.key_sum(), "structure_version": self._structure_version})
-        self.store.checkpoint()
-
-    def _copy_store_to(self, path: Path) -> None:
-        target = path / DB_FILE
-        with atomic_path(target) as tmp:
-            os.unlink(tmp)
-            self.store.backup_to(Path(tmp))
-            # The journals of an index that lived here go before the new store takes the name: SQLite would
-            # replay an old write-ahead log onto the new file (two stores spliced) after a crash between the two.
-            fold_journal(target)
-        old = self.store
-        self.store = Store.open(target)
-        self.path = path
-        old.close()
-        self.store.segments.drop_other_sets(self.store.vectors_state())  # those of an index that lived here
+        return persist.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model=None) -> "Index":
         """Open an index folder written by `save` (or by `clipkit index`). Nothing is written: an index on
         read-only storage loads and searches."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
-        if not path.is_dir():
-            raise BrokenIndexError(f"{path} is not an index folder (expected {DB_FILE}, {FAISS_FILE}, {CONFIG_FILE})")
-        config = read_config(path)
-        if not (path / DB_FILE).is_file():
-            raise BrokenIndexError(f"index at {path} has no {DB_FILE}; it is incomplete: rebuild it with "
-                                   "`clipkit index FOLDER --index PATH`")
-        store = Store.open(path / DB_FILE)
-        try:
-            return cls._open(store, path, config, model)
-        except sqlite3.DatabaseError as exc:  # damage found past the first page: the same one-line error
-            store.close()
-            raise translate(exc, path / DB_FILE) from exc
-
-    @classmethod
-    def _open(cls, store: Store, path: Path, config: dict, model) -> "Index":
-        if store.info("format_version") != FORMAT_VERSION:
-            if store.readonly:
-                raise BrokenIndexError(f"the index at {path} has format version {store.info('format_version')!r} "
-                                       "and is read-only; open it once on writable storage to upgrade it")
-            with writer_lock(path, on_wait=log.warning):
-                store.migrate()
-        dim = store.info("dim")
-        if dim is None:
-            raise BrokenIndexError(f"the store {path / DB_FILE} records no dimension; rebuild the index")
-        if config.get("dim") not in (None, int(dim)):
-            raise BrokenIndexError(f"{path / CONFIG_FILE} says dim {config.get('dim')} but the store says {dim}")
-        index = cls.__new__(cls)
-        index._attach(store, int(dim), path)
-        with index._lock:
-            if not index._load_saved_structure(config):
-                index._rebuild()
-            index._warn_damaged()
-        if model is not None:
-            index.check_model(model)
-            index.model = model
-        return index
+        return persist.load(cls, path, model)
 
     def _load_saved_structure(self, config: dict | None = None) -> bool:
         """Use index.faiss if it provably matches the store now (generation, checksum, key set)."""
@@ -971,25 +811,3 @@ def _all_found(ids: list, found: dict) -> dict:
     if missing:
         raise KeyError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
     return found
-
-
-def read_config(path: Path) -> dict:
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        if (path / DB_FILE).is_file():
-            return {}  # a save interrupted before its config: the store is enough
-        raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE})")
-    try:
-        config = json.loads(config_path.read_text())
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise ValueError("not a clipkit index config")
-    except (OSError, ValueError) as exc:
-        if not (path / DB_FILE).is_file():
-            raise BrokenIndexError(f"{config_path} is unreadable ({first_line(exc)}) and {path} has no "
-                                   f"{DB_FILE}: this is no clipkit index") from exc
-        # the store is the truth; config.json only records what index.faiss was saved from: without it, that
-        # file is not trusted (the structure is rebuilt from the store) and the next save writes both anew
-        log.warning("%s is unreadable (%s); going by %s alone (the next save rewrites it)", config_path,
-                    first_line(exc), DB_FILE)
-        return {}
-    return config

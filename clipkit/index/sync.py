@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AbstractSet, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from clipkit.data.folder import scan_images

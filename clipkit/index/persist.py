@@ -1,0 +1,163 @@
+"""Saving an index to its folder and opening it again (the facade `Index.save` / `Index.load`).
+
+Saving attaches an index to a folder: its store is copied there (vectors compacted into a new set of
+segment files) unless it lives there already; then the ANN structure is written (`index.faiss`, for
+approximate structures only) with `config.json`, which records what the file was saved from, so that a
+later open trusts it only while that still holds. Opening migrates older formats under the writer lock and
+reads no vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import sqlite3
+import zlib
+from pathlib import Path
+
+from clipkit import __version__
+from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
+from clipkit.errors import BrokenIndexError, IndexFullError, first_line
+from clipkit.index.captions import CAPTIONS_DIR
+from clipkit.index.lock import LOCK_FILE, writer_lock
+from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, translate
+
+log = logging.getLogger("clipkit.index")
+
+FAISS_FILE, CONFIG_FILE = "index.faiss", "config.json"
+METRIC = "inner_product"
+
+
+def save(index, path) -> Path:
+    """`index.save(path)`."""
+    if path is None:
+        if index.path is None:
+            raise ValueError("this index has not been saved before: pass a path")
+        path = index.path
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a folder; choose another index path")
+    if path.is_dir() and not (path / DB_FILE).exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
+        raise ValueError(f"{path} is a non-empty folder that is not a clipkit index; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with writer_lock(path, on_wait=log.warning), index._lock:
+            if index.path is None or path.resolve() != index.path.resolve():
+                _copy_store(index, path)
+            with index.writer():
+                _write_structure(index, path)
+            if index._captions is not None:
+                index._captions.save(path / CAPTIONS_DIR)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise IndexFullError(f"no space left on the disk holding {path}: what was already committed is kept; "
+                                 "free some space and save again") from exc
+        raise
+    return path
+
+
+def _write_structure(index, path: Path) -> None:
+    """Under the writer lock: re-plan an outgrown structure, compact, write index.faiss and config.json."""
+    if index._outgrown(index._structure.ntotal):
+        index.build()  # the collection outgrew (or shrank below) the structure chosen for it
+    store = index.store
+    if store.dead_rows() > int(store.vectors_state()["rows"]) // 4:
+        store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them
+    structure = index._structure
+    data = structure.to_bytes()
+    if structure.factory == "Flat":  # exact search needs no file: it reads the stored vectors
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / FAISS_FILE)
+    else:
+        atomic_write_bytes(path / FAISS_FILE, data)
+    atomic_write_json(path / CONFIG_FILE, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
+        "dim": index.dim, "metric": METRIC, "index_type": index.index_type, "structure": structure.factory,
+        "search_params": structure.params, "model": index.model_info, "count": structure.ntotal,
+        "faiss_generation": index._generation, "faiss_crc32": zlib.crc32(data),
+        "faiss_key_sum": store.key_sum(), "structure_version": index._structure_version})
+    store.checkpoint()
+
+
+def _copy_store(index, path: Path) -> None:
+    """The index's store (and vectors) copied into folder `path`; the index is attached to the copy."""
+    target = path / DB_FILE
+    with atomic_path(target) as tmp:
+        os.unlink(tmp)
+        index.store.backup_to(Path(tmp))
+        # The journals of an index that lived here go before the new store takes the name: SQLite would
+        # replay an old write-ahead log onto the new file (two stores spliced) after a crash between the two.
+        fold_journal(target)
+    old = index.store
+    index.store = Store.open(target)
+    index.path = path
+    old.close()
+    index.store.segments.drop_other_sets(index.store.vectors_state())  # those of an index that lived here
+
+
+def load(cls, path, model):
+    """`cls.load(path, model=model)`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no index at {path}: build one with `clipkit index FOLDER --index {path}`")
+    if not path.is_dir():
+        raise BrokenIndexError(f"{path} is not an index folder (expected {DB_FILE}, {FAISS_FILE}, {CONFIG_FILE})")
+    config = read_config(path)
+    if not (path / DB_FILE).is_file():
+        raise BrokenIndexError(f"index at {path} has no {DB_FILE}; it is incomplete: rebuild it with "
+                               "`clipkit index FOLDER --index PATH`")
+    store = Store.open(path / DB_FILE)
+    try:
+        return _open(cls, store, path, config, model)
+    except sqlite3.DatabaseError as exc:  # damage found past the first page: the same one-line error
+        store.close()
+        raise translate(exc, path / DB_FILE) from exc
+
+
+def _open(cls, store: Store, path: Path, config: dict, model):
+    if store.info("format_version") != FORMAT_VERSION:
+        if store.readonly:
+            raise BrokenIndexError(f"the index at {path} has format version {store.info('format_version')!r} "
+                                   "and is read-only; open it once on writable storage to upgrade it")
+        with writer_lock(path, on_wait=log.warning):
+            store.migrate()
+    dim = store.info("dim")
+    if dim is None:
+        raise BrokenIndexError(f"the store {path / DB_FILE} records no dimension; rebuild the index")
+    if config.get("dim") not in (None, int(dim)):
+        raise BrokenIndexError(f"{path / CONFIG_FILE} says dim {config.get('dim')} but the store says {dim}")
+    index = cls.__new__(cls)
+    index._attach(store, int(dim), path)
+    with index._lock:
+        if not index._load_saved_structure(config):
+            index._rebuild()
+        index._warn_damaged()
+    if model is not None:
+        index.check_model(model)
+        index.model = model
+    return index
+
+
+def read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        if (path / DB_FILE).is_file():
+            return {}  # a save interrupted before its config: the store is enough
+        raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError("not a clipkit index config")
+    except (OSError, ValueError) as exc:
+        if not (path / DB_FILE).is_file():
+            raise BrokenIndexError(f"{config_path} is unreadable ({first_line(exc)}) and {path} has no "
+                                   f"{DB_FILE}: this is no clipkit index") from exc
+        # the store is the truth; config.json only records what index.faiss was saved from: without it, that
+        # file is not trusted (the structure is rebuilt from the store) and the next save writes both anew
+        log.warning("%s is unreadable (%s); going by %s alone (the next save rewrites it)", config_path,
+                    first_line(exc), DB_FILE)
+        return {}
+    return config
