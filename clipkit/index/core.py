@@ -37,7 +37,7 @@ from clipkit.index.lock import writer_lock
 from clipkit.index.segments import DTYPES, new_state
 from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, meta_row
 import clipkit.index.persist as persist
-from clipkit.index.persist import CONFIG_FILE, FAISS_FILE, read_config  # noqa: F401 (CONFIG_FILE: re-exported)
+from clipkit.index.persist import CONFIG_FILE, FAISS_FILE, read_config  # noqa: F401  (re-exported)
 from clipkit.index.vectors import normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
@@ -269,7 +269,10 @@ class Index:
             return self._exact_structure(), None
         if streams(count, self.dim, budget):
             collection = Collection(count, self.store.sample_items, self.store.live_vectors, self._stored_vectors)
-            return build_streaming(planned[0], collection, **options)
+            try:
+                return build_streaming(planned[0], collection, **options)
+            finally:
+                self.store.segments.release()  # the rows tuning re-ranked with: page cache, not this process
         keys, _, vectors = self.store.all_items(self.dim)
         return build_structure(index_type, vectors, keys, memory_budget=budget, **options)
 

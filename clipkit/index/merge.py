@@ -54,8 +54,9 @@ def _check_compatible(loaded: list) -> None:
         if part.dim != first.dim:
             raise ValueError(f"part {position} holds {part.dim}-d embeddings, part 0 {first.dim}-d ones")
         if (part.model_info or {}).get("fingerprint") != (first.model_info or {}).get("fingerprint"):
-            raise ModelMismatchError(f"part {position} was built by another model than part 0 "
-                                     f"({(part.model_info or {}).get('name')} vs {(first.model_info or {}).get('name')})")
+            names = [(p.model_info or {}).get("name") for p in (part, first)]
+            raise ModelMismatchError(f"part {position} was built by another model than part 0 ({names[0]} vs "
+                                     f"{names[1]})")
 
 
 def _target(cls, out, names: list[str], first, index_type: str, options: dict):

@@ -19,6 +19,7 @@ that was never saved keeps its rows in memory, in the same layout.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import uuid
 from pathlib import Path
@@ -116,6 +117,16 @@ class Segments:
             out[chosen] = self._maps[number][1][row[chosen]]
         return out, segment >= 0
 
+    def release(self) -> None:
+        """Let the pages a long pass read through the maps go from this process's resident memory (they stay
+        in the page cache; the next read maps them back)."""
+        for keys, vectors in self._maps:
+            for array in (keys, vectors):
+                handle = getattr(array, "_mmap", None)
+                if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+                    with contextlib.suppress(OSError, ValueError):
+                        handle.madvise(mmap.MADV_DONTNEED)
+
     def keys_at(self, rows: np.ndarray) -> np.ndarray:
         """The key of each of these global row numbers (0 .. committed rows - 1)."""
         per = int(self._state["segment_rows"]) if self._state else 1
@@ -125,11 +136,19 @@ class Segments:
             out[chosen] = self._maps[number][0][rows[chosen] - number * per]
         return out
 
-    def batches(self, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(keys, float32 vectors) of every committed row, tombstones included, in key order."""
-        for keys, vectors in self._maps:
+    def batches(self, batch: int = 65_536, read: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, float32 vectors) of every committed row, tombstones included, in key order. Through the maps
+        (searches: pages stay cached), or with `read` by plain reads (one pass over a large collection: the
+        pages it reads are the page cache's, not this process's resident memory)."""
+        for number, (keys, vectors) in enumerate(self._maps):
             for start in range(0, len(keys), batch):
-                yield np.array(keys[start:start + batch]), np.asarray(vectors[start:start + batch], np.float32)
+                stop = min(len(keys), start + batch)
+                if read and self.folder is not None:
+                    rows = np.fromfile(self.file(self._state, number, "vec"), dtype=vectors.dtype,
+                                       count=(stop - start) * self.dim, offset=start * self.dim * vectors.itemsize)
+                    yield np.array(keys[start:stop]), rows.reshape(-1, self.dim).astype(np.float32, copy=False)
+                else:
+                    yield np.array(keys[start:stop]), np.asarray(vectors[start:stop], np.float32)
 
     # -- writing (the caller holds the writer lock, inside the store transaction that records the result) --
 

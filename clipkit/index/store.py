@@ -243,8 +243,8 @@ class Store:
         transaction can commit."""
         start = int(self.info("next_key", 0))
         keys = np.arange(start, start + len(ids), dtype=np.int64)
-        self.db.executemany("INSERT INTO items(key, id, root, path, mtime, size, caption, extra) VALUES (?,?,?,?,?,?,?,?)",
-                            [(int(k), i, *row) for k, i, row in zip(keys, ids, rows)])
+        self.db.executemany("INSERT INTO items(key, id, root, path, mtime, size, caption, extra) "
+                            "VALUES (?,?,?,?,?,?,?,?)", [(int(k), i, *row) for k, i, row in zip(keys, ids, rows)])
         self.set_info("vectors", self.segments.append(self.vectors_state(), keys, vectors))
         self.set_info("next_key", start + len(ids))
         self._add_to_key_sum(keys_sum(keys))
@@ -493,12 +493,13 @@ class Store:
         return int(self.vectors_state()["rows"]) - self.count()
 
     def live_vectors(self, batch: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(keys, float32 vectors) of every item, in key order, in batches (read from the current snapshot)."""
-        cursor = self.db.execute("SELECT key FROM items ORDER BY key")
-        while rows := cursor.fetchmany(batch):
-            keys = np.asarray([k for (k,) in rows], np.int64)
-            yield keys, self.segments.vectors(keys)[0]
-
+        """(keys, float32 vectors) of every item, in key order, in batches: one sequential read of the vector
+        files, leaving out the rows of removed items (every one of which the removal log holds until a
+        compaction drops the row)."""
+        dead = np.unique(self.removed_since(-1))
+        for keys, vectors in self.segments.batches(batch, read=True):
+            live = ~np.isin(keys, dead, assume_unique=True) if len(dead) else slice(None)
+            yield keys[live], vectors[live]
     def sample_items(self, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(keys, float32 vectors) of up to `m` items drawn at random (from the vector files' rows: no scan of
         the items), in random order."""
