@@ -15,6 +15,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from clipkit.errors import BrokenIndexError, first_line
+from clipkit.index.store import DB_FILE
+
 log = logging.getLogger("clipkit.index")
 
 CAPTIONS_DIR = "captions"
@@ -152,3 +155,93 @@ def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set | 
         collection.add(vectors, ids=chunk, metadata=[wanted[i] for i in chunk])
         report.added += len(chunk)
     return report
+
+
+# -- an index's caption collection (what `Index` delegates to) ---------------------------------------------
+
+
+def captions_of(index):
+    """`index.captions`: its caption collection, loaded on first use, or None when none was ever made."""
+    if index._captions is None and index.path is not None and (index.path / CAPTIONS_DIR / DB_FILE).is_file():
+        index._captions = type(index).load(index.path / CAPTIONS_DIR, model=index.model)
+    return index._captions
+
+
+def writable_captions(index):
+    """The caption collection, for a change: None when there is none; False when it cannot be opened (a
+    warning says so: images are indexed and removed, captions are left as they are until that folder is
+    deleted and the index updated again). One on read-only storage is refused before anything changes."""
+    if index._captions_broken:
+        return False
+    try:
+        collection = captions_of(index)
+    except (BrokenIndexError, PermissionError) as exc:
+        index._captions_broken = True
+        log.warning("the caption collection %s cannot be opened (%s): images are indexed and removed, their "
+                    "captions are not; delete that folder and index again to rebuild it",
+                    index.path / CAPTIONS_DIR, first_line(exc))
+        return False
+    if collection is not None:
+        collection.store.require_writable()
+    return collection
+
+
+def new_captions(index, model):
+    """A new, empty caption collection for `index` (saved beside it when it has a folder)."""
+    collection = type(index)(index.dim, model=model)
+    if index.path is not None:
+        collection.save(index.path / CAPTIONS_DIR)
+    index._captions = collection
+    return collection
+
+
+def sync_index_captions(index, prefix: str, model, table: dict | None = None,
+                        files: bool = True) -> CaptionReport | None:
+    """The captions of `index`'s images whose ids start with `prefix` (a folder's, a shard's), in step with
+    their sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
+    Folders also sweep the captions of images moved away (to other ids); a shard's items never move, and
+    removing items drops their captions, so a shard's sync reads only its own ids."""
+    with index._lock:
+        indexed = {str(i) for i in index.store.ids()} if files else None  # as caption ids hold them
+        image_ids = index.store.ids_with_prefix(prefix, files_only=True) if files else index.ids_with_prefix(prefix)
+    collection = writable_captions(index)
+    if collection is False:
+        return None
+    if collection is None:
+        if not table and not any(caption_file(i).is_file() for i in image_ids):
+            return None
+        collection = new_captions(index, model)
+    return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table, files)
+
+
+def caption_table_for(index, folder: Path, captions) -> CaptionTable | None:
+    """The caption table for `folder`: `captions` (then remembered for the folder), else the one remembered
+    for it (None when its file is gone: NAME.txt files serve again), else None."""
+    tables = index.store.info("caption_tables", {})
+    if captions is not None:
+        table = captions if isinstance(captions, CaptionTable) else CaptionTable.of(captions)
+        if tables.get(str(folder)) != table.to_json():
+            with index.store.transaction(bump=False):
+                index.store.set_info("caption_tables", {**tables, str(folder): table.to_json()})
+    elif str(folder) in tables:
+        table = CaptionTable(**tables[str(folder)])
+        if not os.path.isfile(table.path):
+            log.warning("the caption table %s of %s is gone: its captions give way to NAME.txt files",
+                        table.path, folder)
+            return None
+    else:
+        return None
+    return table
+
+
+def remove_with_captions(index, change):
+    """`index._write(change)`, a removal, then the captions whose image went with it; a caption collection
+    that cannot be changed is found out before anything is removed."""
+    collection = writable_captions(index)
+    removed = index._write(change)
+    if collection:
+        indexed = {str(i) for i in index.ids()}  # caption ids hold their image's id as text
+        orphans = [c for c in collection.ids() if image_of(c) not in indexed]
+        if orphans:
+            collection.remove(orphans)
+    return removed

@@ -29,8 +29,8 @@ import numpy as np
 
 from clipkit.errors import BrokenIndexError, ModelMismatchError, first_line
 import clipkit.index.sync as sync
-from clipkit.index.captions import (CAPTIONS_DIR, CaptionReport, CaptionTable, caption_file, image_of,
-                                    sync_captions)
+from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of,
+                                    remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.ann import ExactStructure, Structure, candidates, check_index_type, choose_structure, streams
 from clipkit.index.tune import Collection, build_streaming, build_structure
 from clipkit.index.lock import writer_lock
@@ -567,7 +567,7 @@ class Index:
         with self.writer(on_wait=log.warning):
             self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
-            table = self._caption_table(Path(folder).resolve(), captions)
+            table = caption_table_for(self, Path(folder).resolve(), captions)
             if listed_only and table is None:
                 raise ValueError("listed_only needs a caption table (captions=)")
             rows = table.read() if table is not None else None  # read once: the captions and the listed files
@@ -644,75 +644,18 @@ class Index:
         table = table if isinstance(table, CaptionTable) else CaptionTable.of(table)
         return self.sync_folder(table.folder, model, captions=table, listed_only=True, **options)
 
-    def _caption_table(self, folder: Path, captions) -> "CaptionTable | None":
-        """The caption table for `folder`: `captions` (then remembered for the folder), else the one
-        remembered for it (None when its file is gone: NAME.txt files serve again), else None."""
-        tables = self.store.info("caption_tables", {})
-        if captions is not None:
-            table = captions if isinstance(captions, CaptionTable) else CaptionTable.of(captions)
-            if tables.get(str(folder)) != table.to_json():
-                with self.store.transaction(bump=False):
-                    self.store.set_info("caption_tables", {**tables, str(folder): table.to_json()})
-        elif str(folder) in tables:
-            table = CaptionTable(**tables[str(folder)])
-            if not os.path.isfile(table.path):
-                log.warning("the caption table %s of %s is gone: its captions give way to NAME.txt files",
-                            table.path, folder)
-                return None
-        else:
-            return None
-        return table
-
     @property
     def captions(self) -> "Index | None":
         """The caption collection (an Index of caption embeddings by the same model, items `IMAGE_ID#LINE`
         with their `caption`, `image_id` and `path`), or None when no caption was ever indexed."""
-        if self._captions is None and self.path is not None and (self.path / CAPTIONS_DIR / DB_FILE).is_file():
-            self._captions = Index.load(self.path / CAPTIONS_DIR, model=self.model)
-        return self._captions
+        return captions_of(self)
 
     def _sync_captions(self, prefix: str, model, table: dict | None = None,
                        files: bool = True) -> "CaptionReport | None":
-        """The captions of the images whose ids start with `prefix` (a folder's, a shard's), in step with their
-        sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
-        Folders also sweep the captions of images moved away (to other ids); a shard's items never move, and
-        removing items drops their captions (`remove`), so a shard's sync reads only its own ids."""
-        with self._lock:
-            indexed = {str(i) for i in self.store.ids()} if files else None  # as caption ids hold them
-            image_ids = self.store.ids_with_prefix(prefix, files_only=True) if files else self.ids_with_prefix(prefix)
-        collection = self._writable_captions()
-        if collection is False:
-            return None
-        if collection is None:
-            if not table and not any(caption_file(i).is_file() for i in image_ids):
-                return None
-            collection = self._new_caption_collection(model)
-        return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table, files)
+        return sync_index_captions(self, prefix, model, table, files)
 
     def _writable_captions(self) -> "Index | None | bool":
-        """The caption collection, for a change: None when there is none; False when it cannot be opened (a
-        warning says so: images are indexed and removed, captions are left as they are until that folder is
-        deleted and the index updated again). One on read-only storage is refused before anything changes."""
-        if self._captions_broken:
-            return False
-        try:
-            collection = self.captions
-        except (BrokenIndexError, PermissionError) as exc:
-            self._captions_broken = True
-            log.warning("the caption collection %s cannot be opened (%s): images are indexed and removed, their "
-                        "captions are not; delete that folder and index again to rebuild it",
-                        self.path / CAPTIONS_DIR, first_line(exc))
-            return False
-        if collection is not None:
-            collection.store.require_writable()
-        return collection
-
-    def _new_caption_collection(self, model) -> "Index":
-        collection = Index(self.dim, model=model)
-        if self.path is not None:
-            collection.save(self.path / CAPTIONS_DIR)
-        self._captions = collection
-        return collection
+        return writable_captions(self)
 
     def roots(self) -> list[dict]:
         """The folders this index covers: {'path', 'items', 'exists'} each."""
@@ -731,20 +674,8 @@ class Index:
         return self._remove_with_captions(sync.remove_missing_roots)
 
     def _remove_with_captions(self, change) -> Any:
-        """`self._write(change)`, a removal, then the captions of the items removed; a caption collection that
-        cannot be changed is found out before anything is removed."""
-        collection = self._writable_captions()
-        removed = self._write(change)
-        if collection:
-            self._drop_orphan_captions(collection)
-        return removed
-
-    def _drop_orphan_captions(self, collection: "Index") -> None:
-        """Captions whose image is no longer in the index go with it."""
-        indexed = {str(i) for i in self.ids()}  # caption ids hold their image's id as text
-        orphans = [c for c in collection.ids() if image_of(c) not in indexed]
-        if orphans:
-            collection.remove(orphans)
+        """`self._write(change)`, a removal, then the captions of the items removed (clipkit/index/captions.py)."""
+        return remove_with_captions(self, change)
 
     def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
         """One transaction: drop the old rows of these files (ids), add their new embeddings."""

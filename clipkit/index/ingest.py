@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from clipkit.index.captions import new_captions
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -168,6 +169,6 @@ def _ingest_captions(index, records: list[dict], ids: list, keep: list[int], tex
     collection = index._writable_captions()
     if collection is False:  # damaged: said once; the images go in all the same
         return
-    collection = collection or index._new_caption_collection(model)
+    collection = collection or new_captions(index, model)
     collection.add(vectors, ids=[f"{ids[n]}#0" for n in rows],
                    metadata=[{"caption": records[n]["caption"], "image_id": ids[n], "path": None} for n in rows])
