@@ -1,9 +1,15 @@
 """The index: `Index` (clipkit/index/core.py), a thin facade over
 
-- `store`: SQLite, the source of truth (items, roots, settings, format version and migrations, generation);
-- `ann`: the FAISS structure (choice, training, search parameters, exact re-rank, GPU copy), a cache of the store;
-- `tune`: choosing and tuning it on the collection's own data (held-out items or sample queries);
-- `sync`: folders of images (roots, plan and sync, content hashes, moves, shards);
+- `store`: SQLite, the source of truth (items, roots, settings, removal log, format version and migrations,
+  generation);
+- `segments`: the vectors, in memory-mapped append-only segment files (precision, compaction);
+- `ann`: the FAISS structures (choice, training, search parameters, exact re-rank, exact search over the
+  stored vectors, GPU copies), a cache of the store;
+- `tune`: building and tuning them on the collection's own data, in RAM or streamed under a memory budget;
+- `live`: the structure kept in step with the store (catch-up, rebuild, build, trusting `index.faiss`);
+- `persist`: saving to a folder and opening it again;
+- `merge`: several indexes into one, resumable;
+- `sync`, `shards`, `ingest`: folders of images, webdataset shards, precomputed embedding folders;
 - `lock`: one writer at a time (an OS file lock held for a whole run);
 - `vectors`: what goes in (unit vectors, ids);
 - `captions`: the caption collection (NAME.txt files or a caption table), for image -> text search.

@@ -27,17 +27,17 @@ from typing import AbstractSet, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from clipkit.errors import BrokenIndexError, ModelMismatchError, first_line
+from clipkit.errors import ModelMismatchError
 import clipkit.index.sync as sync
 from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of,
                                     remove_with_captions, sync_index_captions, writable_captions)
-from clipkit.index.ann import ExactStructure, Structure, candidates, check_index_type, choose_structure, streams
-from clipkit.index.tune import Collection, build_streaming, build_structure
+from clipkit.index.ann import Structure, check_index_type
 from clipkit.index.lock import writer_lock
 from clipkit.index.segments import DTYPES, new_state
-from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, meta_row
+from clipkit.index.store import FORMAT, FORMAT_VERSION, Store, meta_row
+import clipkit.index.live as live
 import clipkit.index.persist as persist
-from clipkit.index.persist import CONFIG_FILE, FAISS_FILE, read_config  # noqa: F401  (re-exported)
+from clipkit.index.persist import CONFIG_FILE, FAISS_FILE  # noqa: F401  (re-exported)
 from clipkit.index.vectors import normalize_id, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
@@ -81,7 +81,7 @@ class Index:
                                 ("structure_version", 0), ("vectors", vectors), ("precision", precision)):
                 store.set_info(name, value)
         self._attach(store, int(dim), path=None, model=model)
-        self._structure = self._exact_structure()
+        self._structure = live.exact_structure(self)
 
     def _attach(self, store: Store, dim: int, path: Path | None, model=None) -> None:
         self.store, self.dim, self.path, self.model = store, dim, path, model
@@ -194,118 +194,20 @@ class Index:
             self._catch_up()
 
     def _catch_up(self) -> bool:
-        """Under self._lock: bring the structure to the store's generation: the items added since (keys above
-        the last one in) and the keys the removal log lists since then. Nothing reads every key or vector."""
-        self._looked_at = time.monotonic()
-        if self.store.generation() == self._generation:
-            return False
-        with self.store.snapshot():
-            generation = self.store.generation()
-            if self.store.info("structure_version", 0) != self._structure_version and self._load_saved_structure():
-                return True
-            new = list(self.store.vectors_after(self._last_key))
-            removed = self.store.removed_since(self._generation)
-            count, last = self.store.count(), int(self.store.info("next_key", 0)) - 1
-        if not self._apply(new, removed) or self._structure.ntotal != count:
-            self._rebuild()  # a structure without removal, or removals older than the log (pruned by a build)
-            return True
-        self._warn_damaged()
-        self._generation, self._last_key = generation, last
-        log.debug("caught up with generation %s: +%s -%s", generation, sum(len(k) for k, _, _ in new), len(removed))
-        return True
+        """Under self._lock: bring the structure to the store's generation (clipkit/index/live.py)."""
+        return live.catch_up(self)
+
+    def _rebuild(self, **options) -> Structure:
+        return live.rebuild(self, **options)
+
+    def _load_saved_structure(self, config: dict | None = None) -> bool:
+        return live.load_saved_structure(self, config)
 
     def _warn_damaged(self) -> None:
-        """Say once which items' stored embeddings were found damaged (they are never found by a search)."""
-        damaged = sorted(self.store.damaged)
-        if len(damaged) > self._damaged_told:
-            self._damaged_told = len(damaged)
-            first = (self.store.records_by_key(damaged[:1]).get(damaged[0]) or {}).get("id")
-            log.warning("%s item(s) of %s have damaged embeddings (NaN or not unit length; e.g. %r) and are never "
-                        "found: `clipkit index FOLDER` embeds files again; remove and add others", len(damaged),
-                        self.path or "this index", first)
-
-    def _apply(self, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> bool:
-        """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys; False
-        when the structure cannot remove (the caller rebuilds it from the store)."""
-        removed = removed[removed <= self._last_key]  # others were added and removed since: never in it
-        if len(removed) and not self._structure.remove(removed):
-            return False
-        for keys, _, vectors in new:
-            if len(keys):
-                self._structure.add(vectors, keys)
-                self._last_key = max(self._last_key, int(keys[-1]))
-        return True
-
-    def _rebuild(self, tune: bool = False, sample_queries: np.ndarray | None = None,
-                 index_type: str | None = None) -> Structure:
-        """The structure built anew from the store; made current. Without `tune`, the structure last recorded
-        with its search parameters, as they are (a reader never re-plans: that is a writer's `build`, which
-        records what it built). With `tune`, the one `index_type` (default: the index's) plans, tuned; it
-        leaves its report in `self._tuning` for `_record_structure`."""
-        with self.store.snapshot():  # one committed state throughout
-            generation, last = self.store.generation(), int(self.store.info("next_key", 0)) - 1
-            params, queries_are = self.store.info("search_params"), "sample queries"
-            if tune:  # choose and tune anew (the collection may have outgrown the structure chosen for it)
-                index_type, params = index_type or self.index_type, None
-                if sample_queries is None:
-                    sample_queries, queries_are = self._tuning_queries()
-            else:  # the structure last built (exact until a build), with its tuned parameters
-                index_type = self.store.info("structure") or "Flat"
-            options = dict(sample_queries=sample_queries, queries_are=queries_are, params=params,
-                           target_recall=self.store.info("target_recall", 0.95))
-            structure, self._tuning = self._build_from_store(index_type, options)
-            if structure.factory == "Flat":
-                structure = self._exact_structure()  # exact search reads the stored vectors where they lie
-        structure.attach_vectors(self._stored_vectors)  # the re-rank reads the stored vectors, not a copy
-        self._structure, self._last_key, self._generation = structure, last, generation
-        return structure
-
-    def _build_from_store(self, index_type: str, options: dict) -> tuple[Structure, Any]:
-        """Inside a snapshot: the structure of `index_type` over every stored item, with the collection in RAM
-        while that fits the memory budget, else streamed from the stored vectors (clipkit/index/tune.py)."""
-        count, budget = self.store.count(), self.store.info("memory_budget")
-        planned = candidates(index_type, count, self.dim, budget)
-        if planned == ["Flat"]:
-            return self._exact_structure(), None
-        if streams(count, self.dim, budget):
-            collection = Collection(count, self.store.sample_items, self.store.live_vectors, self._stored_vectors)
-            try:
-                return build_streaming(planned[0], collection, **options)
-            finally:
-                self.store.segments.release()  # the rows tuning re-ranked with: page cache, not this process
-        keys, _, vectors = self.store.all_items(self.dim)
-        return build_structure(index_type, vectors, keys, memory_budget=budget, **options)
-
-    def _exact_structure(self) -> ExactStructure:
-        """Exact search over the stored vectors as committed now (removed items' rows left out)."""
-        return ExactStructure(self.dim, lambda: self.store.segments.batches(16_384), self.store.count(),
-                              self.store.removed_since(-1), on_damaged=self.store.damaged.update)
-
-    def _stored_vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors, found) of keys, from the store's memory-mapped segments (an `,RFlat` re-rank reads these)."""
-        return self.store.segments.vectors(keys)
-
-    def _tuning_queries(self, most: int = 2000) -> tuple[np.ndarray | None, str]:
-        """What a build tunes on when not given queries: those an earlier build was given (remembered in the
-        store), else up to `most` of the index's caption embeddings (text-side queries: they sit across the
-        modality gap from the images, as users' text queries do), else None (held-out items)."""
-        remembered = self.store.tune_queries(self.dim)
-        if remembered is not None:
-            return remembered, "sample queries"
-        try:
-            captions = self.captions
-        except (BrokenIndexError, PermissionError):
-            captions = None
-        if captions is not None and len(captions) >= 20:
-            ids = captions.ids()
-            chosen = np.random.default_rng(0).choice(len(ids), min(most, len(ids)), replace=False)
-            return captions.embeddings([ids[i] for i in sorted(chosen)]), "caption embeddings"
-        return None, "held-out items"
+        live.warn_damaged(self)
 
     def _outgrown(self, count: int) -> bool:
-        """Whether "auto" would now plan another structure family than the one it built (size, budget)."""
-        return self.index_type == "auto" and self.store.info("planned", "Flat") != choose_structure(
-            "auto", count, self.dim, self.store.info("memory_budget"))
+        return live.outgrown(self, count)
 
     @property
     def tuning(self) -> dict | None:
@@ -336,7 +238,7 @@ class Index:
         with self.writer(on_wait=log.warning):
             with self.store.transaction():
                 result, keys, ids, vectors, removed = change(self.store)
-            if not self._apply([(keys, ids, vectors)] if keys is not None else [], np.asarray(removed, np.int64)):
+            if not live.apply(self, [(keys, ids, vectors)] if keys is not None else [], np.asarray(removed, np.int64)):
                 self._rebuild()
             self._generation = self.store.generation()
         return result
@@ -393,31 +295,12 @@ class Index:
         has captions (text-side queries), else on held-out items of the collection.
         Searches are exact until then for trained types; `add` after a build goes into the built structure.
         """
-        self._build(sample_queries)
+        live.build(self, sample_queries)
 
     def set_index_type(self, index_type: str, sample_queries: Any = None) -> None:
         """Switch to another index type ("flat", "auto" or a FAISS factory string) and build it now."""
         check_index_type(index_type, self.dim)
-        self._build(sample_queries, index_type)
-
-    def _build(self, sample_queries: Any, index_type: str | None = None) -> None:
-        if sample_queries is not None:
-            sample_queries = prepare_vectors(sample_queries, self.dim, what="sample_queries")
-        with self.writer(on_wait=log.warning):
-            self._halve_for(index_type or self.index_type)
-            previous = (self._structure, self._last_key, self._generation)
-            try:
-                structure = self._rebuild(tune=True, sample_queries=sample_queries, index_type=index_type)
-                with self.store.transaction():  # the type and what was built, in one commit: a kill before it
-                    if index_type is not None:  # leaves the index wholly as it was
-                        self.store.set_info("index_type", index_type)
-                    if sample_queries is not None:  # remembered: later builds (the collection grown) tune on them
-                        self.store.set_tune_queries(sample_queries)
-                    self._record_structure(structure, structure.ntotal)
-            except BaseException:  # a build that fails leaves the index as it was
-                self._structure, self._last_key, self._generation = previous
-                raise
-            self._generation = self.store.generation()
+        live.build(self, sample_queries, index_type)
 
     def compact(self) -> int:
         """Rewrite the vector files without the rows of removed items (a save does it by itself once those are
@@ -426,25 +309,6 @@ class Index:
             before = self.store.segments.disk_bytes()
             self.store.compact()
             return before - self.store.segments.disk_bytes()
-
-    def _halve_for(self, index_type: str) -> None:
-        """Precision "auto": the vectors become float16 when an approximate structure is about to be built
-        (it re-ranks with them; exact search keeps float32)."""
-        if self.store.info("precision", "float32") != "auto" or self.store.vectors_state()["dtype"] == "float16":
-            return
-        if choose_structure(index_type, self._structure.ntotal, self.dim, self.store.info("memory_budget")) != "Flat":
-            self.store.compact(dtype="float16")
-
-    def _record_structure(self, structure: Structure, count: int) -> None:
-        """Inside a transaction: the structure in use and how it was tuned, so readers and later loads
-        rebuild the same one."""
-        self._structure_version = int(self.store.info("structure_version", 0)) + 1
-        self.store.set_info("structure_version", self._structure_version)
-        self.store.set_info("structure", structure.factory)
-        self.store.set_info("search_params", structure.params)
-        self.store.set_info("planned", choose_structure(self.index_type, count, self.dim,
-                                                        self.store.info("memory_budget")))
-        self.store.set_info("tuning", self._tuning.to_dict() if self._tuning is not None else None)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -704,35 +568,6 @@ class Index:
         """Open an index folder written by `save` (or by `clipkit index`). Nothing is written: an index on
         read-only storage loads and searches."""
         return persist.load(cls, path, model)
-
-    def _load_saved_structure(self, config: dict | None = None) -> bool:
-        """Use index.faiss if it provably matches the store now (generation, checksum, key set)."""
-        config = read_config(self.path) if config is None else config
-        file = self.path / FAISS_FILE
-        if (self.store.info("structure") or "Flat") == "Flat":  # exact: nothing cached to trust or distrust
-            self._structure = self._exact_structure()
-            self._generation, self._last_key = self.store.generation(), int(self.store.info("next_key", 0)) - 1
-            self._structure_version = self.store.info("structure_version", 0)
-            return True
-        if config.get("faiss_generation") != self.store.generation() or not file.is_file():
-            if self.store.count():
-                log.info("%s is missing or older than %s; rebuilding it from the store", file, DB_FILE)
-            return False
-        try:
-            structure, crc = Structure.read(file, config.get("structure", "Flat"), config.get("search_params"))
-            if crc != config.get("faiss_crc32") or config.get("faiss_key_sum") != self.store.key_sum():
-                raise ValueError("its checksum or key set does not match what was recorded")
-            if structure.ntotal != self.store.count() or structure.dim != self.dim:
-                raise ValueError("it holds another number or size of vectors than the store")
-        except (OSError, ValueError, RuntimeError) as exc:
-            log.warning("%s does not match the store (%s); rebuilding it from %s", file,
-                        first_line(exc), DB_FILE)
-            return False
-        structure.attach_vectors(self._stored_vectors)  # the file holds codes; the re-rank reads the stored vectors
-        self._structure, self._generation = structure, config["faiss_generation"]
-        self._last_key = int(self.store.info("next_key", 0)) - 1
-        self._structure_version = config.get("structure_version", 0)
-        return True
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,225 @@
+"""The ANN structure kept in step with the store: what `Index` delegates to for its structure's life.
+
+- catching up with what other processes committed (the keys added since the last one in, and the removal
+  log), without reading every key or vector;
+- rebuilding it from the store (exactly as recorded, or planned and tuned anew by a writer's build), in RAM
+  while that fits the memory budget, else streamed from the vector files (clipkit/index/tune.py);
+- trusting `index.faiss` only while it provably matches the store (generation, checksum, key-set digest);
+- recording what a build chose, so that readers and later loads rebuild the same structure.
+
+The state lives on the index (`_structure`, `_generation`, `_last_key`, `_structure_version`, `_tuning`);
+these functions take the index and run under its lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from clipkit.errors import BrokenIndexError, first_line
+from clipkit.index.ann import ExactStructure, Structure, candidates, choose_structure, streams
+from clipkit.index.persist import FAISS_FILE, read_config
+from clipkit.index.store import DB_FILE
+from clipkit.index.tune import Collection, build_streaming, build_structure
+from clipkit.index.vectors import prepare_vectors
+
+log = logging.getLogger("clipkit.index")
+
+
+def catch_up(index) -> bool:
+    """Under index._lock: bring the structure to the store's generation: the items added since (keys above
+    the last one in) and the keys the removal log lists since then. Nothing reads every key or vector."""
+    index._looked_at = time.monotonic()
+    if index.store.generation() == index._generation:
+        return False
+    with index.store.snapshot():
+        generation = index.store.generation()
+        if index.store.info("structure_version", 0) != index._structure_version and load_saved_structure(index):
+            return True
+        new = list(index.store.vectors_after(index._last_key))
+        removed = index.store.removed_since(index._generation)
+        count, last = index.store.count(), int(index.store.info("next_key", 0)) - 1
+    if not apply(index, new, removed) or index._structure.ntotal != count:
+        rebuild(index)  # a structure without removal, or removals older than the log (pruned by a build)
+        return True
+    warn_damaged(index)
+    index._generation, index._last_key = generation, last
+    log.debug("caught up with generation %s: +%s -%s", generation, sum(len(k) for k, _, _ in new), len(removed))
+    return True
+
+
+def warn_damaged(index) -> None:
+    """Say once which items' stored embeddings were found damaged (they are never found by a search)."""
+    damaged = sorted(index.store.damaged)
+    if len(damaged) > index._damaged_told:
+        index._damaged_told = len(damaged)
+        first = (index.store.records_by_key(damaged[:1]).get(damaged[0]) or {}).get("id")
+        log.warning("%s item(s) of %s have damaged embeddings (NaN or not unit length; e.g. %r) and are never "
+                    "found: `clipkit index FOLDER` embeds files again; remove and add others", len(damaged),
+                    index.path or "this index", first)
+
+
+def apply(index, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> bool:
+    """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys; False
+    when the structure cannot remove (the caller rebuilds it from the store)."""
+    removed = removed[removed <= index._last_key]  # others were added and removed since: never in it
+    if len(removed) and not index._structure.remove(removed):
+        return False
+    for keys, _, vectors in new:
+        if len(keys):
+            index._structure.add(vectors, keys)
+            index._last_key = max(index._last_key, int(keys[-1]))
+    return True
+
+
+def rebuild(index, tune: bool = False, sample_queries: np.ndarray | None = None,
+             index_type: str | None = None) -> Structure:
+    """The structure built anew from the store; made current. Without `tune`, the structure last recorded
+    with its search parameters, as they are (a reader never re-plans: that is a writer's `build`, which
+    records what it built). With `tune`, the one `index_type` (default: the index's) plans, tuned; it
+    leaves its report in `index._tuning` for `_record_structure`."""
+    with index.store.snapshot():  # one committed state throughout
+        generation, last = index.store.generation(), int(index.store.info("next_key", 0)) - 1
+        params, queries_are = index.store.info("search_params"), "sample queries"
+        if tune:  # choose and tune anew (the collection may have outgrown the structure chosen for it)
+            index_type, params = index_type or index.index_type, None
+            if sample_queries is None:
+                sample_queries, queries_are = tuning_queries(index)
+        else:  # the structure last built (exact until a build), with its tuned parameters
+            index_type = index.store.info("structure") or "Flat"
+        options = dict(sample_queries=sample_queries, queries_are=queries_are, params=params,
+                       target_recall=index.store.info("target_recall", 0.95))
+        structure, index._tuning = build_from_store(index, index_type, options)
+        if structure.factory == "Flat":
+            structure = exact_structure(index)  # exact search reads the stored vectors where they lie
+    structure.attach_vectors(partial(stored_vectors, index))  # the re-rank reads the stored vectors, not a copy
+    index._structure, index._last_key, index._generation = structure, last, generation
+    return structure
+
+
+def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, Any]:
+    """Inside a snapshot: the structure of `index_type` over every stored item, with the collection in RAM
+    while that fits the memory budget, else streamed from the stored vectors (clipkit/index/tune.py)."""
+    count, budget = index.store.count(), index.store.info("memory_budget")
+    planned = candidates(index_type, count, index.dim, budget)
+    if planned == ["Flat"]:
+        return exact_structure(index), None
+    if streams(count, index.dim, budget):
+        collection = Collection(count, index.store.sample_items, index.store.live_vectors,
+                                partial(stored_vectors, index))
+        try:
+            return build_streaming(planned[0], collection, **options)
+        finally:
+            index.store.segments.release()  # the rows tuning re-ranked with: page cache, not this process
+    keys, _, vectors = index.store.all_items(index.dim)
+    return build_structure(index_type, vectors, keys, memory_budget=budget, **options)
+
+
+def exact_structure(index) -> ExactStructure:
+    """Exact search over the stored vectors as committed now (removed items' rows left out)."""
+    return ExactStructure(index.dim, lambda: index.store.segments.batches(16_384), index.store.count(),
+                          index.store.removed_since(-1), on_damaged=index.store.damaged.update)
+
+
+def stored_vectors(index, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, found) of keys, from the store's memory-mapped segments (an `,RFlat` re-rank reads these)."""
+    return index.store.segments.vectors(keys)
+
+
+def tuning_queries(index, most: int = 2000) -> tuple[np.ndarray | None, str]:
+    """What a build tunes on when not given queries: those an earlier build was given (remembered in the
+    store), else up to `most` of the index's caption embeddings (text-side queries: they sit across the
+    modality gap from the images, as users' text queries do), else None (held-out items)."""
+    remembered = index.store.tune_queries(index.dim)
+    if remembered is not None:
+        return remembered, "sample queries"
+    try:
+        captions = index.captions
+    except (BrokenIndexError, PermissionError):
+        captions = None
+    if captions is not None and len(captions) >= 20:
+        ids = captions.ids()
+        chosen = np.random.default_rng(0).choice(len(ids), min(most, len(ids)), replace=False)
+        return captions.embeddings([ids[i] for i in sorted(chosen)]), "caption embeddings"
+    return None, "held-out items"
+
+
+def outgrown(index, count: int) -> bool:
+    """Whether "auto" would now plan another structure family than the one it built (size, budget)."""
+    return index.index_type == "auto" and index.store.info("planned", "Flat") != choose_structure(
+        "auto", count, index.dim, index.store.info("memory_budget"))
+
+
+def build(index, sample_queries: Any, index_type: str | None = None) -> None:
+    if sample_queries is not None:
+        sample_queries = prepare_vectors(sample_queries, index.dim, what="sample_queries")
+    with index.writer(on_wait=log.warning):
+        halve_for(index, index_type or index.index_type)
+        previous = (index._structure, index._last_key, index._generation)
+        try:
+            structure = rebuild(index, tune=True, sample_queries=sample_queries, index_type=index_type)
+            with index.store.transaction():  # the type and what was built, in one commit: a kill before it
+                if index_type is not None:  # leaves the index wholly as it was
+                    index.store.set_info("index_type", index_type)
+                if sample_queries is not None:  # remembered: later builds (the collection grown) tune on them
+                    index.store.set_tune_queries(sample_queries)
+                record_structure(index, structure, structure.ntotal)
+        except BaseException:  # a build that fails leaves the index as it was
+            index._structure, index._last_key, index._generation = previous
+            raise
+        index._generation = index.store.generation()
+
+
+def halve_for(index, index_type: str) -> None:
+    """Precision "auto": the vectors become float16 when an approximate structure is about to be built
+    (it re-ranks with them; exact search keeps float32)."""
+    if index.store.info("precision", "float32") != "auto" or index.store.vectors_state()["dtype"] == "float16":
+        return
+    if choose_structure(index_type, index._structure.ntotal, index.dim, index.store.info("memory_budget")) != "Flat":
+        index.store.compact(dtype="float16")
+
+
+def record_structure(index, structure: Structure, count: int) -> None:
+    """Inside a transaction: the structure in use and how it was tuned, so readers and later loads
+    rebuild the same one."""
+    index._structure_version = int(index.store.info("structure_version", 0)) + 1
+    index.store.set_info("structure_version", index._structure_version)
+    index.store.set_info("structure", structure.factory)
+    index.store.set_info("search_params", structure.params)
+    index.store.set_info("planned", choose_structure(index.index_type, count, index.dim,
+                                                    index.store.info("memory_budget")))
+    index.store.set_info("tuning", index._tuning.to_dict() if index._tuning is not None else None)
+
+
+def load_saved_structure(index, config: dict | None = None) -> bool:
+    """Use index.faiss if it provably matches the store now (generation, checksum, key set)."""
+    config = read_config(index.path) if config is None else config
+    file = index.path / FAISS_FILE
+    if (index.store.info("structure") or "Flat") == "Flat":  # exact: nothing cached to trust or distrust
+        index._structure = exact_structure(index)
+        index._generation, index._last_key = index.store.generation(), int(index.store.info("next_key", 0)) - 1
+        index._structure_version = index.store.info("structure_version", 0)
+        return True
+    if config.get("faiss_generation") != index.store.generation() or not file.is_file():
+        if index.store.count():
+            log.info("%s is missing or older than %s; rebuilding it from the store", file, DB_FILE)
+        return False
+    try:
+        structure, crc = Structure.read(file, config.get("structure", "Flat"), config.get("search_params"))
+        if crc != config.get("faiss_crc32") or config.get("faiss_key_sum") != index.store.key_sum():
+            raise ValueError("its checksum or key set does not match what was recorded")
+        if structure.ntotal != index.store.count() or structure.dim != index.dim:
+            raise ValueError("it holds another number or size of vectors than the store")
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("%s does not match the store (%s); rebuilding it from %s", file,
+                    first_line(exc), DB_FILE)
+        return False
+    structure.attach_vectors(partial(stored_vectors, index))  # the file holds codes; the re-rank reads the vectors
+    index._structure, index._generation = structure, config["faiss_generation"]
+    index._last_key = int(index.store.info("next_key", 0)) - 1
+    index._structure_version = config.get("structure_version", 0)
+    return True
