@@ -32,6 +32,7 @@ from clipkit.errors import BrokenIndexError
 
 VECTORS_DIR = "vectors"
 SEGMENT_ROWS = 1 << 20  # rows per segment file: 1 GiB of float16 at 512-d
+RELEASE_ROWS = 1 << 18  # rows gathered at random between releases of the maps' pages (at most ~1 GiB resident)
 DTYPES = ("float16", "float32")
 
 
@@ -52,6 +53,7 @@ class Segments:
         self._maps: list[tuple[np.ndarray, np.ndarray]] = []  # per segment: (keys, vectors), committed rows only
         self._firsts = np.zeros(0, np.int64)  # first key of each segment
         self._memory: tuple[np.ndarray, np.ndarray] | None = None  # in memory: (keys, vectors) with spare capacity
+        self._gathered = 0  # rows gathered through the maps since they were last released
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -109,17 +111,22 @@ class Segments:
         return np.where(row >= 0, segment, -1), row
 
     def vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 vectors of `keys`, found mask): rows without a key are zero."""
+        """(float32 vectors of `keys`, found mask): rows without a key are zero. Every RELEASE_ROWS rows gathered
+        the maps' pages are released (`release`): random reads never pile up in resident memory."""
         segment, row = self.rows(keys)
         out = np.zeros((len(segment), self.dim), np.float32)
         for number in np.unique(segment[segment >= 0]):
             chosen = np.flatnonzero(segment == number)
             out[chosen] = self._maps[number][1][row[chosen]]
+        self._gathered += len(keys)
+        if self._gathered > RELEASE_ROWS:
+            self.release()
         return out, segment >= 0
 
     def release(self) -> None:
         """Let the pages a long pass read through the maps go from this process's resident memory (they stay
         in the page cache; the next read maps them back)."""
+        self._gathered = 0
         for keys, vectors in self._maps:
             for array in (keys, vectors):
                 handle = getattr(array, "_mmap", None)
