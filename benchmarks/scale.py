@@ -231,7 +231,10 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows = [one_size(n, args.dim, work, args.model) for n in args.sizes]
+    rows = []
+    for n in args.sizes:  # each size's row is written as soon as it is measured
+        rows.append(one_size(n, args.dim, work, args.model))
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
     columns = ["n", "structure", "build_s", "build_peak_gib", "build_anon_gib", "bytes_per_vector", "import_s",
                "open_s", "first_query_s", "open_peak_gib", "anon_gib", "p50_ms", "p99_ms", "recall_at_10",
                "add_remove_commit_s",

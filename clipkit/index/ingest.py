@@ -93,10 +93,10 @@ def sync_embeddings(index, folder: str | os.PathLike, model=None, *, chunk: int 
     report = SyncReport()
     start = 0  # global row number of the part's first row
     parts = embedding_parts(folder)
-    arrays = [_load(part.images, index.dim) for part in parts]  # memory-mapped: only their headers are read
-    with tqdm(total=sum(len(a) for a in arrays), disable=None if progress is None else not progress, unit="vec",
-              desc="ingesting") as bar:
-        for part, images in zip(parts, arrays):
+    total = sum(len(_load(part.images, index.dim)) for part in parts)  # memory-mapped: only headers are read
+    with tqdm(total=total, disable=None if progress is None else not progress, unit="vec", desc="ingesting") as bar:
+        for part in parts:
+            images = _load(part.images, index.dim)  # one part mapped at a time: its pages go with it
             stat = os.stat(part.images)
             key = str(part.images.resolve())
             if index.store.info(PARTS, {}).get(key) == [stat.st_size, stat.st_mtime, len(images)]:
