@@ -254,14 +254,14 @@ def test_choose_structure_by_size_and_memory():
     assert choose_structure("auto", 200_000, 256) == "IVF1024,Flat"
     assert choose_structure("auto", 200_000, 256, memory_budget=10**12) == "IVF1024,Flat"
     # over the budget: 4-bit fast-scan codes (at most dim / 8 bytes, fewer to fit), re-ranked with the stored vectors
-    assert choose_structure("auto", 10_000_000, 256) == "IVF8192_HNSW32,PQ64x4fs,RFlat"
-    assert choose_structure("auto", 10_000_000, 256, memory_budget=2 * 10**8) == "IVF8192_HNSW32,PQ32x4fs,RFlat"
+    assert choose_structure("auto", 10_000_000, 256) == "IVF4096_HNSW32,PQ64x4fs,RFlat"
+    assert choose_structure("auto", 10_000_000, 256, memory_budget=2 * 10**8) == "IVF4096_HNSW32,PQ32x4fs,RFlat"
     assert choose_structure("flat", 10_000_000, 256) == "Flat"
     assert choose_structure("HNSW32", 10, 256) == "HNSW32"
     assert candidates("auto", 200_000, 256) == ["IVF1024,Flat", "IVF1024,PQ128x4fs,RFlat"]
     assert candidates("auto", 200_000, 64) == ["IVF1024,Flat", "IVF1024,PQ32x4fs,RFlat", "HNSW32"]
-    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF8192_HNSW32,PQ64x4fs,RFlat"]
-    assert candidates("auto", 200_000, 256, memory_budget=10**8) == ["IVF1024,PQ64x4fs,RFlat"]  # 32 B a vector
+    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF4096_HNSW32,PQ64x4fs,RFlat"]
+    assert candidates("auto", 200_000, 256, memory_budget=10**8) == ["IVF512,PQ64x4fs,RFlat"]  # 32 B a vector
     assert candidates("auto", 1000, 256) == ["Flat"]
 
 

@@ -81,6 +81,7 @@ def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | Non
     nlist = int(min(65536, max(256, 2 ** round(np.log2(2 * np.sqrt(n))))))
     nlist = min(nlist, 2 ** int(np.log2(max(2, n // 39))))  # k-means wants >= 39 training points per list
     if streams(n, dim, memory_budget):
+        nlist = max(256, nlist // 2)  # ~sqrt(n) lists: k-means on a 39-per-list sample stays minutes at 10M
         budget = memory_budget if memory_budget is not None else default_memory_budget()
         quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
         return f"{quantizer},PQ{fastscan_m(dim, max(1, min(dim // 8, budget // n)))}x4fs,RFlat"
@@ -455,7 +456,8 @@ def wrap(inner: faiss.Index) -> faiss.Index:
     return faiss.IndexIDMap2(inner)
 
 
-def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | None = None) -> Structure:
+def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | None = None,
+                    niter: int | None = None) -> Structure:
     """A trained, empty structure for `factory` ("Flat", any FAISS factory string, optionally ",RFlat").
 
     `quantizer`: an already trained IVF coarse quantizer, owned by Python (a clone), for this structure's lists
@@ -477,6 +479,9 @@ def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | No
         if len(train) < needed:
             raise ValueError(f"index type {factory!r} needs at least {needed} vectors to train, the index has "
                              f"{len(train)}: add more, or use 'flat' or 'auto'")
+        ivf = faiss.try_extract_index_ivf(inner)
+        if niter is not None and ivf is not None:
+            ivf.cp.niter = niter
         wanted = max(needed, 256 * nlist_of(inner))
         if len(train) > wanted:  # (a copy only when there is more than k-means uses)
             train = train[np.sort(np.random.default_rng(0).permutation(len(train))[:wanted])]

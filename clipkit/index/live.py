@@ -109,7 +109,7 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
     if planned == ["Flat"]:
         return exact_structure(index), None
     if streams(count, index.dim, budget):
-        collection = Collection(count, index.store.sample_items, index.store.live_vectors,
+        collection = Collection(count, index.dim, index.store.sample_items, index.store.live_vectors,
                                 partial(stored_vectors, index))
         try:
             return build_streaming(planned[0], collection, **options)

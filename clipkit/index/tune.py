@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import faiss
 import numpy as np
 
-from clipkit.index.ann import Structure, candidates, empty_structure, top_k_scan
+from clipkit.index.ann import Structure, candidates, empty_structure, split_refine, top_k_scan, training_size
 
 log = logging.getLogger("clipkit.index")
 
@@ -230,8 +230,8 @@ class Collection:
     """What a streaming build reads: the index's stored vectors, never all in RAM at once (core.Index passes
     its store's)."""
 
-    def __init__(self, count: int, sample, batches, lookup):
-        self.count = count
+    def __init__(self, count: int, dim: int, sample, batches, lookup):
+        self.count, self.dim = count, dim
         self.sample = sample  # sample(m) -> (keys, vectors) of up to m items drawn at random
         self.batches = batches  # batches() -> iterator of (keys, vectors), every item once, in key order
         self.lookup = lookup  # lookup(keys) -> (vectors, found): what the re-rank reads
@@ -245,8 +245,9 @@ def build_streaming(factory: str, collection: Collection, *, target_recall: floa
     the stored vectors (which its exact re-rank reads where they lie), then tuned as `tune_structure` tunes:
     held-out items leave the structure while it is tuned, and the exact answers come from a pass over
     every stored vector."""
-    keys, train = collection.sample(min(collection.count, train_rows))
-    structure = empty_structure(factory, train)
+    needed = training_size(faiss.index_factory(collection.dim, split_refine(factory)[0], faiss.METRIC_INNER_PRODUCT))
+    keys, train = collection.sample(min(collection.count, max(train_rows, needed)))
+    structure = empty_structure(factory, train, niter=10)  # 10 k-means rounds (FAISS's 25 change little here)
     del train
     structure.attach_vectors(collection.lookup)  # no RAM copy: the re-rank reads the stored vectors
     for batch_keys, vectors in collection.batches():
