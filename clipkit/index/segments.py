@@ -32,7 +32,7 @@ from clipkit.errors import BrokenIndexError
 
 VECTORS_DIR = "vectors"
 SEGMENT_ROWS = 1 << 20  # rows per segment file: 1 GiB of float16 at 512-d
-RELEASE_ROWS = 1 << 18  # rows gathered at random between releases of the maps' pages (at most ~1 GiB resident)
+RELEASE_ROWS = 1 << 14  # rows gathered at random between releases of the maps' pages (at most ~1 GiB resident)
 DTYPES = ("float16", "float32")
 
 
@@ -88,7 +88,11 @@ class Segments:
     def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> np.ndarray:
         file = self.file(state, number, kind)
         try:
-            return np.memmap(file, dtype=dtype, mode="r", shape=shape)
+            array = np.memmap(file, dtype=dtype, mode="r", shape=shape)
+            if kind == "vec" and hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no read-ahead
+                with contextlib.suppress(OSError, ValueError):
+                    array._mmap.madvise(mmap.MADV_RANDOM)
+            return array
         except FileNotFoundError:
             raise BrokenIndexError(f"the vector file {file} is missing: the index is incomplete; rebuild it") from None
         except ValueError as exc:  # shorter than the rows the store records
@@ -112,15 +116,18 @@ class Segments:
 
     def vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(float32 vectors of `keys`, found mask): rows without a key are zero. Every RELEASE_ROWS rows gathered
-        the maps' pages are released (`release`): random reads never pile up in resident memory."""
+        the maps' pages are released (`release`): random reads (each maps the kernel's fault-around, up to
+        64 KiB) never pile up in resident memory."""
         segment, row = self.rows(keys)
         out = np.zeros((len(segment), self.dim), np.float32)
-        for number in np.unique(segment[segment >= 0]):
-            chosen = np.flatnonzero(segment == number)
-            out[chosen] = self._maps[number][1][row[chosen]]
-        self._gathered += len(keys)
-        if self._gathered > RELEASE_ROWS:
-            self.release()
+        for start in range(0, len(segment), RELEASE_ROWS):
+            part = slice(start, start + RELEASE_ROWS)
+            for number in np.unique(segment[part][segment[part] >= 0]):
+                chosen = start + np.flatnonzero(segment[part] == number)
+                out[chosen] = self._maps[number][1][row[chosen]]
+            self._gathered += len(segment[part])
+            if self._gathered >= RELEASE_ROWS:
+                self.release()
         return out, segment >= 0
 
     def release(self) -> None:
