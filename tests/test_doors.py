@@ -484,11 +484,11 @@ def test_a_kill_while_switching_to_ann_leaves_the_index_as_it_was(tmp_path):
     vectors = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
     Index.from_embeddings(vectors).save(tmp_path / "ix")
     script = ("import os, sys\n"
-              "import clipkit.index.core as core\n"
+              "import clipkit.index.live as live\n"
               "from clipkit.index import Index\n"
               "def killed(*args, **kwargs):\n"
               "    os._exit(9)\n"
-              "core.build_structure = killed\n"
+              "live.build_structure = killed\n"
               "Index.load(sys.argv[1]).set_index_type('IVF16,Flat')\n")
     assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix")]).returncode == 9
     index = Index.load(tmp_path / "ix")
