@@ -384,7 +384,6 @@ def test_disk_full_injected(tmp_path, monkeypatch):
 
     from clipkit.index import persist
 
-    monkeypatch.setattr(persist, "atomic_write_bytes", no_space)
     monkeypatch.setattr(persist, "atomic_write_json", no_space)
     index.add(unit(5, 8, 1), ids=list(range(50, 55)))  # committed to the store
     with pytest.raises(IndexFullError):

@@ -246,15 +246,16 @@ class Structure:
         """The structure saved in `file` and the file's CRC-32, both from one open file (read in blocks from
         the page cache twice, never held whole as bytes beside the structure)."""
         with open(file, "rb") as handle:
-            crc = 0
-            while block := handle.read(1 << 24):
-                crc = zlib.crc32(block, crc)
+            crc = file_crc(handle)
             handle.seek(0)
             index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
         return cls(index, factory, params), crc
 
-    def to_bytes(self) -> bytes:
-        return faiss.serialize_index(self.index).tobytes()
+    def write(self, file) -> int:
+        """Write the structure to `file` (no copy of it in memory); the file's CRC-32."""
+        faiss.write_index(self.index, str(file))
+        with open(file, "rb") as handle:
+            return file_crc(handle)
 
     @property
     def ntotal(self) -> int:
@@ -371,9 +372,6 @@ class ExactStructure:
     def bytes_per_vector(self) -> float:
         return 0.0
 
-    def to_bytes(self) -> bytes:
-        return b""
-
     def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
         self._count += len(keys)  # the rows are in the segments already (committed)
         self._gpu = None
@@ -434,6 +432,14 @@ def top_k_scan(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None 
             best_scores = np.take_along_axis(merged_scores, order, 1)
             best_keys = np.take_along_axis(merged_keys, order, 1)
     return best_scores, np.where(np.isfinite(best_scores), best_keys, -1)
+
+
+def file_crc(handle) -> int:
+    """CRC-32 of an open binary file from its position on, read in 16 MiB blocks."""
+    crc = 0
+    while block := handle.read(1 << 24):
+        crc = zlib.crc32(block, crc)
+    return crc
 
 
 def gpu_resources():

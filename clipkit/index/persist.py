@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 from clipkit import __version__
-from clipkit._io import atomic_path, atomic_write_bytes, atomic_write_json
+from clipkit._io import atomic_path, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, first_line
 from clipkit.index.captions import CAPTIONS_DIR
 from clipkit.index.lock import LOCK_FILE, writer_lock
@@ -67,17 +67,18 @@ def _write_structure(index, path: Path) -> None:
     if store.dead_rows() > int(store.vectors_state()["rows"]) // 4:
         store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them
     structure = index._structure
-    data = structure.to_bytes()
     if structure.factory == "Flat":  # exact search needs no file: it reads the stored vectors
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path / FAISS_FILE)
+        crc = zlib.crc32(b"")
     else:
-        atomic_write_bytes(path / FAISS_FILE, data)
+        with atomic_path(path / FAISS_FILE) as tmp:  # written by FAISS: no copy of the structure in memory
+            crc = structure.write(tmp)
     atomic_write_json(path / CONFIG_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
         "dim": index.dim, "metric": METRIC, "index_type": index.index_type, "structure": structure.factory,
         "search_params": structure.params, "model": index.model_info, "count": structure.ntotal,
-        "faiss_generation": index._generation, "faiss_crc32": zlib.crc32(data),
+        "faiss_generation": index._generation, "faiss_crc32": crc,
         "faiss_key_sum": store.key_sum(), "structure_version": index._structure_version})
     store.checkpoint()
 
