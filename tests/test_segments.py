@@ -186,7 +186,7 @@ def test_a_build_over_its_memory_budget_streams_from_the_stored_vectors(tmp_path
     def never(*args, **kwargs):
         raise AssertionError("a streaming build read every vector into RAM")
 
-    monkeypatch.setattr(Store, "all_items", never)
+    monkeypatch.setattr(Store, "all_vectors", never)
     index.build(sample_queries=clustered(1000, 32, 2, shift=0.5))
     assert index.structure.startswith("IVF256,PQ8x4fs,RFlat")  # 4 bytes of codes a vector, re-ranked exactly
     assert index.tuning["queries"] == "sample queries" and index.tuning["estimated_recall"] >= 0.95

@@ -55,11 +55,14 @@ def default_memory_budget() -> int:
     return min(int(total) // 4, 2 << 30)
 
 
+def budget_or_default(memory_budget: int | None) -> int:
+    return memory_budget if memory_budget is not None else default_memory_budget()
+
+
 def streams(n: int, dim: int, memory_budget: int | None) -> bool:
     """Whether a build must stream (train on a sample, add in chunks from the stored vectors) to stay within
     `memory_budget` bytes (default: `default_memory_budget()`), rather than tune with the collection in RAM."""
-    budget = memory_budget if memory_budget is not None else default_memory_budget()
-    return n * dim * 4 * IN_RAM_COPIES > budget
+    return n * dim * 4 * IN_RAM_COPIES > budget_or_default(memory_budget)
 
 
 def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | None = None) -> str:
@@ -82,9 +85,9 @@ def choose_structure(index_type: str, n: int, dim: int, memory_budget: int | Non
     nlist = min(nlist, 2 ** int(np.log2(max(2, n // 39))))  # k-means wants >= 39 training points per list
     if streams(n, dim, memory_budget):
         nlist = max(256, nlist // 2)  # ~sqrt(n) lists: k-means on a 39-per-list sample stays minutes at 10M
-        budget = memory_budget if memory_budget is not None else default_memory_budget()
         quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM else f"IVF{nlist}"
-        return f"{quantizer},PQ{fastscan_m(dim, max(1, min(dim // 8, budget // n)))}x4fs,RFlat"
+        code_bytes = max(1, min(dim // 8, budget_or_default(memory_budget) // n))
+        return f"{quantizer},PQ{fastscan_m(dim, code_bytes)}x4fs,RFlat"
     return f"IVF{nlist},Flat"
 
 

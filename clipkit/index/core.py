@@ -233,12 +233,12 @@ class Index:
             yield self
 
     def _write(self, change) -> Any:
-        """Run `change(store)` as one transaction under the writer lock; it returns (result, new keys, their ids,
-        their vectors, removed keys), which go into the structure once committed."""
+        """Run `change(store)` as one transaction under the writer lock; it returns (result, new keys, their
+        vectors, removed keys), which go into the structure once committed."""
         with self.writer(on_wait=log.warning):
             with self.store.transaction():
-                result, keys, ids, vectors, removed = change(self.store)
-            if not live.apply(self, [(keys, ids, vectors)] if keys is not None else [], np.asarray(removed, np.int64)):
+                result, keys, vectors, removed = change(self.store)
+            if not live.apply(self, [(keys, vectors)] if keys is not None else [], np.asarray(removed, np.int64)):
                 self._rebuild()
             self._generation = self.store.generation()
         return result
@@ -264,7 +264,7 @@ class Index:
             clash = list(store.keys_for(given))
             if clash:
                 raise ValueError(f"{len(clash)} id(s) already in the index, e.g. {clash[0]!r}; remove them first")
-            return None, store.insert(vectors, given, rows), given, vectors, []
+            return None, store.insert(vectors, given, rows), vectors, []
 
         self._write(change)
 
@@ -282,7 +282,7 @@ class Index:
             if missing:
                 raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
             store.delete_keys(list(keys.values()))
-            return len(ids), None, None, None, list(keys.values())
+            return len(ids), None, None, list(keys.values())
 
         return self._remove_with_captions(change)
 
@@ -377,9 +377,8 @@ class Index:
         """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
         with self._lock:
             if ids is None:
-                return self.store.all_items(self.dim)[2]
-            keys = self.keys(ids)
-            return self.store.vectors(keys, self.dim)
+                return self.store.all_vectors()[1]
+            return self.store.vectors(self.keys(ids))
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one that built this index."""
@@ -550,7 +549,7 @@ class Index:
             old = store.keys_for(ids)
             store.delete_keys(list(old.values()))
             keys = store.insert(vectors, ids, [row for _, row in rows])
-            return (len(ids) - len(old), len(old)), keys, ids, vectors, list(old.values())
+            return (len(ids) - len(old), len(old)), keys, vectors, list(old.values())
 
         return self._write(change)
 

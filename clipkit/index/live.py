@@ -42,13 +42,13 @@ def catch_up(index) -> bool:
             return True
         new = list(index.store.vectors_after(index._last_key))
         removed = index.store.removed_since(index._generation)
-        count, last = index.store.count(), int(index.store.info("next_key", 0)) - 1
+        count, last = index.store.count(), index.store.last_key()
     if not apply(index, new, removed) or index._structure.ntotal != count:
-        rebuild(index)  # a structure without removal, or removals older than the log (pruned by a build)
+        rebuild(index)  # a structure without removal, or removals older than the log (pruned by compaction)
         return True
     warn_damaged(index)
     index._generation, index._last_key = generation, last
-    log.debug("caught up with generation %s: +%s -%s", generation, sum(len(k) for k, _, _ in new), len(removed))
+    log.debug("caught up with generation %s: +%s -%s", generation, sum(len(k) for k, _ in new), len(removed))
     return True
 
 
@@ -63,13 +63,13 @@ def warn_damaged(index) -> None:
                     index.path or "this index", first)
 
 
-def apply(index, new: list[tuple[np.ndarray, list, np.ndarray]], removed: np.ndarray) -> bool:
-    """Put committed changes into the structure: `new` (keys, ids, vectors) batches, `removed` keys; False
+def apply(index, new: list[tuple[np.ndarray, np.ndarray]], removed: np.ndarray) -> bool:
+    """Put committed changes into the structure: `new` (keys, vectors) batches, `removed` keys; False
     when the structure cannot remove (the caller rebuilds it from the store)."""
     removed = removed[removed <= index._last_key]  # others were added and removed since: never in it
     if len(removed) and not index._structure.remove(removed):
         return False
-    for keys, _, vectors in new:
+    for keys, vectors in new:
         if len(keys):
             index._structure.add(vectors, keys)
             index._last_key = max(index._last_key, int(keys[-1]))
@@ -83,7 +83,7 @@ def rebuild(index, tune: bool = False, sample_queries: np.ndarray | None = None,
     records what it built). With `tune`, the one `index_type` (default: the index's) plans, tuned; it
     leaves its report in `index._tuning` for `_record_structure`."""
     with index.store.snapshot():  # one committed state throughout
-        generation, last = index.store.generation(), int(index.store.info("next_key", 0)) - 1
+        generation, last = index.store.generation(), index.store.last_key()
         params, queries_are = index.store.info("search_params"), "sample queries"
         if tune:  # choose and tune anew (the collection may have outgrown the structure chosen for it)
             index_type, params = index_type or index.index_type, None
@@ -94,8 +94,6 @@ def rebuild(index, tune: bool = False, sample_queries: np.ndarray | None = None,
         options = dict(sample_queries=sample_queries, queries_are=queries_are, params=params,
                        target_recall=index.store.info("target_recall", 0.95))
         structure, index._tuning = build_from_store(index, index_type, options)
-        if structure.factory == "Flat":
-            structure = exact_structure(index)  # exact search reads the stored vectors where they lie
     structure.attach_vectors(partial(stored_vectors, index))  # the re-rank reads the stored vectors, not a copy
     index._structure, index._last_key, index._generation = structure, last, generation
     return structure
@@ -115,14 +113,17 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
             return build_streaming(planned[0], collection, **options)
         finally:
             index.store.segments.release()  # the rows tuning re-ranked with: page cache, not this process
-    keys, _, vectors = index.store.all_items(index.dim)
-    return build_structure(index_type, vectors, keys, memory_budget=budget, **options)
+    keys, vectors = index.store.all_vectors()
+    structure, tuning = build_structure(index_type, vectors, keys, memory_budget=budget, **options)
+    if structure.factory == "Flat":  # the tuner found exact search fastest: it reads the stored vectors
+        structure = exact_structure(index)
+    return structure, tuning
 
 
 def exact_structure(index) -> ExactStructure:
     """Exact search over the stored vectors as committed now (removed items' rows left out)."""
     return ExactStructure(index.dim, lambda: index.store.segments.batches(16_384), index.store.count(),
-                          index.store.removed_since(-1), on_damaged=index.store.damaged.update)
+                          index.store.dead_keys(), on_damaged=index.store.damaged.update)
 
 
 def stored_vectors(index, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +202,7 @@ def load_saved_structure(index, config: dict | None = None) -> bool:
     file = index.path / FAISS_FILE
     if (index.store.info("structure") or "Flat") == "Flat":  # exact: nothing cached to trust or distrust
         index._structure = exact_structure(index)
-        index._generation, index._last_key = index.store.generation(), int(index.store.info("next_key", 0)) - 1
+        index._generation, index._last_key = index.store.generation(), index.store.last_key()
         index._structure_version = index.store.info("structure_version", 0)
         return True
     if config.get("faiss_generation") != index.store.generation() or not file.is_file():
@@ -220,6 +221,6 @@ def load_saved_structure(index, config: dict | None = None) -> bool:
         return False
     structure.attach_vectors(partial(stored_vectors, index))  # the file holds codes; the re-rank reads the vectors
     index._structure, index._generation = structure, config["faiss_generation"]
-    index._last_key = int(index.store.info("next_key", 0)) - 1
+    index._last_key = index.store.last_key()
     index._structure_version = config.get("structure_version", 0)
     return True

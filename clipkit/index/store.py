@@ -24,7 +24,7 @@ import numpy as np
 
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 from clipkit.index.segments import Segments, new_state
-from clipkit.index.vectors import keys_sum
+from clipkit.index.vectors import ids_array, keys_sum
 
 SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
 FORMAT = "clipkit-index"
@@ -192,6 +192,10 @@ class Store:
     def set_info(self, name: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO info(name, value) VALUES (?, ?)", (name, json.dumps(value)))
 
+    def last_key(self) -> int:
+        """The highest key ever given (-1 before the first): every later item's key is above it."""
+        return int(self.info("next_key", 0)) - 1
+
     def generation(self) -> int:
         return int(self.info("generation", 0))
 
@@ -284,12 +288,7 @@ class Store:
         found: dict[int, Any] = {}
         for chunk in chunks(wanted):
             found.update(self.db.execute(f"SELECT key, id FROM items WHERE key IN ({marks(chunk)})", chunk))
-        values = [found.get(int(k)) for k in np.ravel(keys)]
-        if all(isinstance(v, int) for v in values):
-            return np.asarray(values, dtype=np.int64).reshape(np.shape(keys))
-        out = np.empty(len(values), dtype=object)
-        out[:] = values
-        return out.reshape(np.shape(keys))
+        return ids_array([found.get(int(k)) for k in np.ravel(keys)]).reshape(np.shape(keys))
 
     def keys_for(self, ids: list) -> dict:
         """id -> key for the ids that are in the store."""
@@ -297,9 +296,6 @@ class Store:
         for chunk in chunks(ids):
             found.update(self.db.execute(f"SELECT id, key FROM items WHERE id IN ({marks(chunk)})", chunk).fetchall())
         return found
-
-    def all_keys(self) -> np.ndarray:
-        return np.fromiter((row[0] for row in self.db.execute("SELECT key FROM items ORDER BY key")), dtype=np.int64)
 
     def ids(self) -> list:
         return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
@@ -330,7 +326,7 @@ class Store:
                 found[row[0]] = record(row)
         return found
 
-    def vectors(self, keys: list[int], dim: int | None = None) -> np.ndarray:
+    def vectors(self, keys: list[int]) -> np.ndarray:
         """The embeddings (float32) of `keys`, in that order (each key must be in the store)."""
         keys = np.asarray(keys, dtype=np.int64)
         vectors, found = self.segments.vectors(keys)
@@ -339,13 +335,12 @@ class Store:
                                    f"{int(keys[~found][0])}: they are damaged; rebuild the index")
         return self._checked(keys, vectors)
 
-    def vectors_after(self, key: int, dim: int | None = None,
-                      batch: int = 10_000) -> Iterator[tuple[np.ndarray, list, np.ndarray]]:
-        """(keys, ids, vectors) of every item with a key above `key` (all of them for -1), in batches."""
-        cursor = self.db.execute("SELECT key, id FROM items WHERE key > ? ORDER BY key", (int(key),))
+    def vectors_after(self, key: int, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, vectors) of every item with a key above `key`, in batches (what a reader catches up with)."""
+        cursor = self.db.execute("SELECT key FROM items WHERE key > ? ORDER BY key", (int(key),))
         while rows := cursor.fetchmany(batch):
-            keys = [k for k, _ in rows]
-            yield np.asarray(keys, dtype=np.int64), [i for _, i in rows], self.vectors(keys)
+            keys = np.asarray([k for (k,) in rows], dtype=np.int64)
+            yield keys, self.vectors(keys)
 
     def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """`vectors` with damaged rows (NaN, infinite or far from unit length: flipped bytes on disk) set to zero,
@@ -364,17 +359,12 @@ class Store:
             for keys, vectors in self.live_vectors():
                 self._checked(keys, vectors)
 
-    def all_items(self, dim: int) -> tuple[np.ndarray, list, np.ndarray]:
-        """(keys, ids, vectors) of every item, in key order."""
-        batches = list(self.vectors_after(-1))
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, vectors) of every item, in key order, in RAM (small collections: builds that fit the budget)."""
+        batches = [(keys, self._checked(keys, vectors)) for keys, vectors in self.live_vectors()]
         if not batches:
-            return np.zeros(0, np.int64), [], np.zeros((0, dim), np.float32)
-        return (np.concatenate([keys for keys, _, _ in batches]), [i for _, ids, _ in batches for i in ids],
-                np.concatenate([vectors for _, _, vectors in batches]))
-
-    def keys_and_ids(self) -> tuple[np.ndarray, list]:
-        rows = self.db.execute("SELECT key, id FROM items ORDER BY key").fetchall()
-        return np.asarray([k for k, _ in rows], dtype=np.int64), [i for _, i in rows]
+            return np.zeros(0, np.int64), np.zeros((0, int(self.info("dim"))), np.float32)
+        return np.concatenate([keys for keys, _ in batches]), np.concatenate([vectors for _, vectors in batches])
 
     # -- the queries builds tune on ---------------------------------------------------------------
 
@@ -496,10 +486,16 @@ class Store:
         """(keys, float32 vectors) of every item, in key order, in batches: one sequential read of the vector
         files, leaving out the rows of removed items (every one of which the removal log holds until a
         compaction drops the row)."""
-        dead = np.unique(self.removed_since(-1))
+        dead = self.dead_keys()
         for keys, vectors in self.segments.batches(batch, read=True):
             live = ~np.isin(keys, dead, assume_unique=True) if len(dead) else slice(None)
             yield keys[live], vectors[live]
+
+    def dead_keys(self) -> np.ndarray:
+        """Sorted keys whose rows are still in the vector files but whose items are gone: the removal log holds
+        every one of them until a compaction drops the row."""
+        return np.unique(self.removed_since(-1))
+
     def sample_items(self, m: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(keys, float32 vectors) of up to `m` items drawn at random (from the vector files' rows: no scan of
         the items), in random order."""
@@ -507,9 +503,7 @@ class Store:
         rng = np.random.default_rng(seed)
         drawn = rng.choice(rows, min(rows, int(m * 1.1) + 16), replace=False) if rows else np.zeros(0, np.int64)
         keys = self.segments.keys_at(np.sort(drawn))
-        live = np.asarray([k for chunk in chunks(keys.tolist()) for (k,) in self.db.execute(
-            f"SELECT key FROM items WHERE key IN ({marks(chunk)})", chunk)], np.int64)
-        live = rng.permutation(live)[:m]
+        live = rng.permutation(keys[~np.isin(keys, self.dead_keys())])[:m]
         return live, self.segments.vectors(live)[0]
 
     def compact(self, dtype: str | None = None) -> None:

@@ -213,7 +213,7 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
             (old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
             for old_id, path, stat in plan.moved])
         store.drop_empty_roots(keep=root)
-        return root, new_keys, [str(path) for _, path, _ in plan.moved], vectors, gone + moved_from
+        return root, new_keys, vectors, gone + moved_from
 
     root = index._write(reorganise)
     report.moved, report.removed = len(plan.moved), len(plan.gone)
@@ -243,7 +243,7 @@ def remove_under(store: Store, folder: str):
     keys = store.keys_under(folder) + _forget_shards(store, lambda shard: is_under(shard, folder))
     store.delete_keys(keys)
     store.drop_empty_roots()
-    return len(keys), None, None, None, keys
+    return len(keys), None, None, keys
 
 
 def remove_missing_roots(store: Store):
@@ -255,7 +255,7 @@ def remove_missing_roots(store: Store):
     keys += _forget_shards(store, lambda shard: not os.path.isfile(shard))
     store.delete_keys(keys)
     store.drop_empty_roots()
-    return len(keys), None, None, None, keys
+    return len(keys), None, None, keys
 
 
 def is_under(path: str, folder: str) -> bool:
