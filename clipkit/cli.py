@@ -54,10 +54,11 @@ def _add_index_command(commands, default_model: str) -> None:
     index = commands.add_parser("index", help="index (or update the index of) a folder of images")
     index.add_argument("folder", metavar="SOURCE",
                        help="folder of images, searched recursively (captions: NAME.txt beside NAME.jpg); a caption "
-                            "table (.csv / .jsonl) listing images and their captions; or webdataset shards "
+                            "table (.csv / .jsonl / .parquet) listing images and their captions; or webdataset shards "
                             "('shards/{000000..000009}.tar', indexed in place, captions from their txt members)")
     index.add_argument("--captions", default=None, metavar="TABLE",
-                       help="captions of the folder's images from a .csv / .jsonl table (remembered for later runs)")
+                       help="captions of the folder's images from a .csv / .jsonl / .parquet table (remembered for "
+                            "later runs)")
     index.add_argument("--image-column", default="image", help="caption table: the image path column (default: image)")
     index.add_argument("--caption-column", default="caption",
                        help="caption table: the caption column (default: caption)")
@@ -90,6 +91,14 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="index only shard I of N of the folder (by path hash) into its own index; 'auto' takes "
                             "I and N from torchrun's RANK and WORLD_SIZE. {rank} in --index is replaced by I. "
                             "Merge the shards with `clipkit merge`")
+    index.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="where images are embedded: this process (default), or Ray Data actors (a local Ray "
+                            "started for the run, or the cluster of --ray-address); batches are committed as they "
+                            "arrive, and a run stopped midway goes on where it stopped. Needs clipkit[ray]")
+    index.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="--engine ray: join this Ray cluster ('auto', or ray://HOST:10001) instead of starting one")
+    index.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
+                       help="--engine ray: model actors (default: one per GPU of the cluster, else one per CPU)")
     index.add_argument("--check", action="store_true",
                        help="report what an update would do (add, re-embed, move, remove) and change nothing")
     index.add_argument("--no-wait", action="store_true",
@@ -298,6 +307,7 @@ def cmd_index(args) -> int:
         raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards are indexed whole, "
                          "with their own txt captions")
     shard = _parse_shard(args.shard) if args.shard else None
+    engine = _engine(args, folder)
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
         existing = Index.load(index_path) if index_path.exists() else None
@@ -311,7 +321,7 @@ def cmd_index(args) -> int:
             index = Index(model.dim, model=model, precision=args.precision)
             index.save(index_path)  # attach first: every finished batch is then committed to disk
         options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args),
-                       exclude=args.exclude, shard=shard)
+                       exclude=args.exclude, shard=shard, engine=engine)
         if folder is None:  # webdataset shards, indexed in place
             report = index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args))
         elif include is not None:
@@ -328,6 +338,21 @@ def cmd_index(args) -> int:
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
     return 0
+
+
+def _engine(args, folder):
+    """--engine ray: the Ray engine that embeds a folder's (or caption table's) images; None: this process."""
+    if args.engine == "local":
+        if args.ray_address or args.ray_actors:
+            raise UsageError("--ray-address and --ray-actors go with --engine ray")
+        return None
+    if folder is None:
+        raise UsageError("--engine ray embeds folders and caption tables; webdataset shards are indexed here "
+                         "(or spread with --shard I/N under torchrun)")
+    from clipkit.encode_ray import RayEngine, _ray
+
+    _ray()  # installed, or a clear message before the index is touched
+    return RayEngine(args.ray_address, actors=args.ray_actors)
 
 
 def _structure_options(args, index, model, created: bool) -> None:
@@ -366,9 +391,9 @@ def _index_embeddings(args) -> int:
     from clipkit.models import load_model
     from clipkit.search import index_model
 
-    if args.check or args.shard or args.exclude or args.captions:
-        raise UsageError("--check, --shard, --exclude and --captions apply to folders of images; an embedding "
-                         "folder is read whole, part by part")
+    if args.check or args.shard or args.exclude or args.captions or args.engine != "local":
+        raise UsageError("--check, --shard, --exclude, --captions and --engine apply to folders of images; an "
+                         "embedding folder is read whole, part by part")
     index_path = Path(args.index)
     dim = int(np.load(embedding_parts(args.folder)[0].images, mmap_mode="r").shape[1])
     _prepare_index_folder(index_path)

@@ -250,6 +250,19 @@ def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress
     return out
 
 
+def embed_image_files(paths: Sequence, model: Model, *, batch_size: int = 64, workers: int | None = None
+                      ) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str, str]]]]:
+    """Embed image files batch by batch on this machine, skipping the unreadable: yields (float32 vectors of
+    the read ones, their positions in `paths`, failures as (position, reason, kind)). What `clipkit index`
+    commits batch by batch; `clipkit.encode_ray.RayEngine` yields the same from a Ray cluster."""
+    for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size, skip_errors=True,
+                                                           workers=workers, device=model.device,
+                                                           draft_size=model.image_size):
+        vectors = model.encode_image(pixels).float().cpu().numpy() if positions else np.zeros((0, model.dim),
+                                                                                             np.float32)
+        yield vectors, positions, failures
+
+
 def _no_bar(progress: bool | None) -> bool | None:
     """tqdm's `disable`: False shows the bar, None shows it only on a TTY."""
     return None if progress is None else not progress

@@ -46,6 +46,10 @@ class IndexFullError(ClipkitError):
     """The disk holding the index filled up; what was committed before is kept."""
 
 
+class EngineError(ClipkitError):
+    """The engine embedding the images (a Ray cluster) failed; the batches committed before are kept."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty), for one-line
     errors built on top of a library's multi-line ones."""

@@ -22,7 +22,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_every_script_has_a_smoke_test():
     tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py",
-              "scale.py"}
+              "scale.py", "engines.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -79,3 +79,10 @@ def test_scale_tiny(tmp_path):
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert row["n"] == 3000 and row["recall_at_10"] >= 0.999 and row["added_and_removed"] == 300  # float16: ties
     assert row["searchable_after_s"] < 600 and row["serve_peak_gib"] > 0 and "| 3000 |" in out
+
+
+def test_engines_tiny(tmp_path):
+    pytest.importorskip("ray.data")
+    out = run("engines.py", "--images", "12", "--repeats", "1", "--json", str(tmp_path / "e.json"), cwd=tmp_path)
+    row = json.loads((tmp_path / "e.json").read_text())
+    assert row["images"] == 12 and row["local_s"] > 0 and row["ray_s"] > 0 and "| 12 |" in out

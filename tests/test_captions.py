@@ -247,12 +247,34 @@ def test_caption_table_beside_a_folder_is_remembered(folder, demo, tmp_path):
     assert len(index.captions) == len(by_id)
 
 
+def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
+    """A parquet table (img2dataset's and clip-retrieval's format) of image paths and captions, some null."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    captions = _strip_txt(folder)
+    names = sorted(captions)[:8]
+    table = tmp_path / "listing.parquet"
+    pq.write_table(pa.table({"image_path": [str(folder / name) for name in names],
+                             "caption": [captions[name][0] if n % 2 else None for n, name in enumerate(names)],
+                             "url": [f"https://example.com/{name}" for name in names]}), table)
+    assert main(["-q", "index", str(table), "--image-column", "image_path", "--root", str(folder), "--index",
+                 str(tmp_path / "ix")]) == 0
+    index = Index.load(tmp_path / "ix")
+    assert sorted(Path(i).name for i in index.ids()) == names
+    expected = {f"{(folder / name).resolve()}#0": captions[name][0] for n, name in enumerate(names) if n % 2}
+    assert {r["id"]: r["caption"] for r in index.captions.get(index.captions.ids())} == expected
+    assert main(["index", str(table), "--index", str(tmp_path / "ix2")]) == 2
+    err = capsys.readouterr().err
+    assert "lacks column 'image'" in err and "image_path" in err and "Traceback" not in err
+
+
 def test_caption_table_errors(folder, tmp_path, capsys):
     bad = tmp_path / "captions.csv"
     bad.write_text("path,text\nx.jpg,a caption\n")
     for args, message in (([str(folder), "--captions", str(tmp_path / "none.csv")], "caption table not found"),
                           ([str(folder), "--captions", str(folder / sorted(folder.glob('*.txt'))[0].name)],
-                           ".csv or .jsonl"),
+                           ".jsonl or .parquet"),
                           ([str(bad)], "lacks column 'image'"),
                           ([str(bad), "--captions", str(bad)], "not both")):
         assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2

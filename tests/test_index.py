@@ -260,9 +260,26 @@ def test_choose_structure_by_size_and_memory():
     assert choose_structure("HNSW32", 10, 256) == "HNSW32"
     assert candidates("auto", 200_000, 256) == ["IVF1024,Flat", "IVF1024,PQ128x4fs,RFlat"]
     assert candidates("auto", 200_000, 64) == ["IVF1024,Flat", "IVF1024,PQ32x4fs,RFlat", "HNSW32"]
-    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF4096_HNSW32,PQ64x4fs,RFlat"]
-    assert candidates("auto", 200_000, 256, memory_budget=10**8) == ["IVF512,PQ64x4fs,RFlat"]  # 32 B a vector
+    # streamed: the code sizes the build estimates from a sample (`tune._pick_codes`), while they fit the budget
+    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF4096_HNSW32,PQ64x4fs,RFlat",
+                                                                        "IVF4096_HNSW32,PQ128x4fs,RFlat"]
+    assert candidates("auto", 10_000_000, 256, memory_budget=5 * 10**8) == ["IVF4096_HNSW32,PQ64x4fs,RFlat"]
+    assert candidates("auto", 200_000, 256, memory_budget=10**8) == ["IVF512,PQ64x4fs,RFlat",  # 32 B a vector
+                                                                     "IVF512,PQ128x4fs,RFlat"]
     assert candidates("auto", 1000, 256) == ["Flat"]
+
+
+def test_an_hnsw_coarse_quantizer_probes_every_list_nprobe_asks_for():
+    """An HNSW graph over the lists' centroids returns at most efSearch of them: nprobe = all lists must scan
+    all lists (IVF-Flat then equals exact search), not the few dozen the graph's default search returns."""
+    from clipkit.index.ann import empty_structure
+
+    base, queries = unit(20_000, 32, 0), unit(50, 32, 1)
+    structure = empty_structure("IVF256_HNSW32,Flat", base)
+    structure.add(base, np.arange(20_000))
+    structure.set_params({"nprobe": 256})
+    _, truth = brute_force(base, queries, 10)
+    np.testing.assert_array_equal(structure.search(queries, 10)[1], truth)
 
 
 def test_auto_is_exact_when_small():

@@ -212,6 +212,41 @@ def test_a_build_over_its_memory_budget_streams_from_the_stored_vectors(tmp_path
     assert recall(held.search(base[:200], 10)[1], brute_force(base[:20_000], base[:200], 10)) >= 0.9
 
 
+def test_a_streaming_build_sizes_its_codes_by_the_shortlist_recall_it_estimates_from_a_sample(monkeypatch):
+    """Coded in a 3,000-item sample, a true neighbour's rank scaled by 20 is its rank among all 60,000: the
+    estimate matches the shortlists of the whole collection, and the build keeps the shortest codes that
+    meet the goal."""
+    import faiss
+
+    from clipkit.index import tune
+    from clipkit.index.ann import Structure, empty_structure, split_refine
+
+    monkeypatch.setattr(tune, "SHORTLIST_FACTOR", 8)
+    n, dim = 60_000, 32
+    base, queries = clustered(n, dim, 0), clustered(400, dim, 1, shift=0.5)
+    keys, rng = np.arange(n, dtype=np.int64), np.random.default_rng(5)
+    collection = tune.Collection(n, dim, None, lambda: iter([(keys, base)]),
+                                 lambda wanted: (base[wanted], np.ones(len(wanted), bool)))
+    truth = brute_force(base, queries, 10)
+    drawn = rng.permutation(n)[:3000]
+    sample = (base[drawn], keys[drawn], np.zeros(0, np.int64))
+    factories = ["IVF64,PQ4x4fs,RFlat", "IVF64,PQ8x4fs,RFlat"]
+    estimates = {}
+    for factory in factories:
+        structure = empty_structure(factory, sample[0])
+        estimates[factory] = tune._shortlist_recall(structure, sample, collection, queries, truth, 10)
+        whole = Structure(faiss.clone_index(structure.index), split_refine(factory)[0])
+        whole.add(base, keys)
+        whole.set_params({"nprobe": 64})
+        actual = recall(whole.search(queries, 80)[1], truth)
+        assert abs(estimates[factory] - actual) <= 0.05, (factory, estimates[factory], actual)
+    assert estimates[factories[0]] + 0.1 < estimates[factories[1]]  # longer codes hold more of the neighbours
+    middle = (estimates[factories[0]] + estimates[factories[1]]) / 2
+    assert tune._pick_codes(factories, sample, collection, queries, truth, middle, 10).factory == factories[1]
+    low = estimates[factories[0]] - 0.05
+    assert tune._pick_codes(factories, sample, collection, queries, truth, low, 10).factory == factories[0]
+
+
 def test_a_merge_killed_midway_goes_on_when_run_again(tmp_path, capsys):
     base = unit(900, 8, 0)
     for number in range(3):

@@ -158,7 +158,7 @@ def _skip(skipped: list | None, path, reason: str) -> None:
 
 def read_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
                root: str | os.PathLike | None = None) -> list[tuple[Path, list[str]]]:
-    """(image path, captions) pairs from a CSV (with a header) or JSONL file; rows of one image are merged.
+    """(image path, captions) pairs from a CSV (with a header), JSONL or parquet file; rows of one image are merged.
 
     Relative image paths are taken relative to `root` (default: the table's folder). In JSONL the
     caption field may be a string or a list of strings.
@@ -171,6 +171,8 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         with open(path, encoding="utf-8") as f:
             rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+    elif path.suffix.lower() == ".parquet":
+        rows = _parquet_rows(path, image_column, caption_column)
     else:
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -180,11 +182,28 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
             raise ValueError(f"{path} row {number} lacks column {image_column!r} or {caption_column!r} "
                              f"(columns: {', '.join(row)}); pass image_column=/caption_column=")
         captions = row[caption_column]
-        captions = [captions] if isinstance(captions, str) else list(captions)
+        captions = [captions] if isinstance(captions, str) else list(captions or ())
         image = Path(row[image_column])
         merged.setdefault(image if image.is_absolute() else root / image, []).extend(
             c.strip() for c in captions if c and c.strip())
     return list(merged.items())
+
+
+def _parquet_rows(path: Path, image_column: str, caption_column: str) -> list[dict]:
+    """The two columns of a parquet table (such as img2dataset's or clip-retrieval's), as rows."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow: pip install 'clipkit[parquet]'") from None
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path} is not a readable parquet file ({exc})") from None
+    missing = [column for column in (image_column, caption_column) if column not in names]
+    if missing:
+        raise ValueError(f"{path} lacks column {missing[0]!r} (columns: {', '.join(names)}); pass "
+                         "image_column=/caption_column= (--image-column / --caption-column)")
+    return pq.read_table(path, columns=[image_column, caption_column]).to_pylist()
 
 
 def _json_line(line: str, path: Path, number: int) -> dict:

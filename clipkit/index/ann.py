@@ -43,6 +43,7 @@ def check_index_type(index_type: str, dim: int) -> None:
 
 HNSW_QUANTIZER_FROM = 4096  # lists from which the coarse quantizer is an HNSW graph (assigning millions of
 # vectors to a flat one costs n x lists x dim), as autofaiss does
+QUANTIZER_EF = 64  # the least efSearch of an HNSW coarse quantizer (twice nprobe when that is more)
 IN_RAM_COPIES = 5  # float32 copies of the collection the in-RAM tuner holds at its peak (tune.tune_structure)
 
 
@@ -99,12 +100,29 @@ def candidates(index_type: str, n: int, dim: int, memory_budget: int | None = No
     HNSW too for low-dimensional data, where its graph pays. Over the memory budget: fast-scan PQ codes only.
     """
     base = choose_structure(index_type, n, dim, memory_budget)
-    if index_type != "auto" or base == "Flat" or "PQ" in base:
+    if index_type == "auto" and "PQ" in base:
+        return code_ladder(base, n, dim, memory_budget)
+    if index_type != "auto" or base == "Flat":
         return [base]
     nlist = base.split(",")[0]
     out = [base, f"{nlist},PQ{fastscan_m(dim)}x4fs,RFlat"]
     if dim <= 64 and n <= 2_000_000:
         out.append("HNSW32")
+    return out
+
+
+def code_ladder(factory: str, n: int, dim: int, memory_budget: int | None = None) -> list[str]:
+    """A streamed "…,PQ{m}x4fs,RFlat" plan and the same lists with longer codes (twice, four times the bytes,
+    up to two dimensions a sub-quantizer) while `n` codes fit the memory budget: the build keeps the shortest
+    whose shortlists its estimate says hold the true neighbours (among millions, dim / 8 bytes may not)."""
+    quantizer, rest = factory.split(",", 1)
+    m = int(rest[2:rest.index("x")])
+    out = [factory]
+    while m < dim // 2 and n * m <= budget_or_default(memory_budget):  # 2m sub-quantizers: m bytes a vector
+        m, before = fastscan_m(dim, m), m
+        if m == before:
+            break
+        out.append(f"{quantizer},PQ{m}x4fs,RFlat")
     return out
 
 
@@ -144,6 +162,9 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
             ivf.nprobe = int(params["nprobe"])
+            quantizer = faiss.downcast_index(ivf.quantizer)
+            if hasattr(quantizer, "hnsw"):  # an HNSW graph returns at most efSearch lists, whatever nprobe asks
+                quantizer.hnsw.efSearch = max(QUANTIZER_EF, 2 * ivf.nprobe)
     if "efSearch" in params:
         inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
         if hasattr(inner, "hnsw"):
@@ -491,6 +512,9 @@ def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | No
         ivf = faiss.try_extract_index_ivf(inner)
         if niter is not None and ivf is not None:
             ivf.cp.niter = niter
+        quantizer_graph = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None) if ivf is not None else None
+        if quantizer_graph is not None:  # items are assigned to lists through it: a wider search, closer lists
+            quantizer_graph.efSearch = QUANTIZER_EF
         wanted = max(needed, 256 * nlist_of(inner))
         if len(train) > wanted:  # (a copy only when there is more than k-means uses)
             train = train[np.sort(np.random.default_rng(0).permutation(len(train))[:wanted])]

@@ -46,7 +46,7 @@ class CaptionTable:
         if not Path(path).is_file():
             raise FileNotFoundError(f"caption table not found: {path}")
         if Path(path).suffix.lower() not in TABLE_SUFFIXES:
-            raise ValueError(f"{path}: a caption table is a .csv or .jsonl file")
+            raise ValueError(f"{path}: a caption table is a .csv, .jsonl or .parquet file")
         return cls(os.path.abspath(path), image_column, caption_column,
                    os.path.abspath(root) if root is not None else None)
 
@@ -80,7 +80,7 @@ class CaptionTable:
         return asdict(self)
 
 
-TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
 
 
 def caption_file(image_path: str | Path) -> Path:

@@ -409,7 +409,7 @@ class Index:
                     workers: int | None = None, progress: bool | None = None,
                     exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
                     captions: "CaptionTable | str | os.PathLike | None" = None,
-                    listed_only: bool = False) -> "sync.SyncReport":
+                    listed_only: bool = False, engine=None) -> "sync.SyncReport":
         """Bring the index up to date with the images under `folder` (see `clipkit.index.sync`).
 
         New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed, renamed
@@ -421,7 +421,8 @@ class Index:
         Captions come from `NAME.txt` beside each image, or from `captions`, a caption table (CSV / JSONL
         path or `CaptionTable`) for the images it lists; the table is remembered for the folder, so later
         runs without it keep using it. `listed_only`: index only the images the caption table lists (listed
-        files that are missing or outside the folder are reported as skipped).
+        files that are missing or outside the folder are reported as skipped). `engine`: where images are
+        embedded (None: this process; `clipkit.encode_ray.RayEngine(...)`: a Ray cluster).
         """
         if self.path is not None and sync.is_under(str(Path(folder).resolve()), str(self.path.resolve())):
             raise ValueError(f"{folder} is this index's own folder (or inside it), not a folder of images: give the "
@@ -436,7 +437,8 @@ class Index:
             rows = table.read() if table is not None else None  # read once: the captions and the listed files
             include, problems = table.listed_files(rows) if listed_only else (None, [])
             report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
-                                      progress=progress, exclude=exclude, shard=shard, include=include)
+                                      progress=progress, exclude=exclude, shard=shard, include=include,
+                                      engine=engine)
             for path, reason in problems:
                 report.skip(path, reason, "missing")
             report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows)

@@ -110,7 +110,7 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
         collection = Collection(count, index.dim, index.store.sample_items, index.store.live_vectors,
                                 partial(stored_vectors, index))
         try:
-            return build_streaming(planned[0], collection, **options)
+            return build_streaming(planned, collection, **options)
         finally:
             index.store.segments.release()  # the rows tuning re-ranked with: page cache, not this process
     keys, vectors = index.store.all_vectors()

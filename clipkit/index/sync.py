@@ -196,9 +196,12 @@ def _file_row(root: int, root_folder: str, path: Path, stat: os.stat_result) -> 
 
 def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
                 progress: bool | None = None, exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
-                include: AbstractSet[str] | None = None) -> SyncReport:
-    """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`."""
-    from clipkit.encode import iter_image_batches
+                include: AbstractSet[str] | None = None, engine=None) -> SyncReport:
+    """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`.
+    `engine`: where the images are embedded (None: here, `clipkit.encode.embed_image_files`; or a callable
+    `engine(paths, model, batch_size=, workers=)` yielding the same batches, such as
+    `clipkit.encode_ray.RayEngine`); each batch is committed as it arrives."""
+    from clipkit.encode import embed_image_files
 
     plan = plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include)
     report = plan.report
@@ -219,16 +222,14 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
     report.moved, report.removed = len(plan.moved), len(plan.gone)
     todo = plan.new + plan.changed
     paths = [p for p, _ in todo]
+    batches = (engine or embed_image_files)(paths, model, batch_size=batch_size, workers=workers)
     with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="img",
               desc="indexing") as bar:
-        for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size, skip_errors=True,
-                                                               workers=workers, device=model.device,
-                                                               draft_size=model.image_size):
+        for vectors, positions, failures in batches:
             for position, reason, kind in failures:
                 report.skip(str(paths[position]), reason, kind)
                 log.info("skipped %s", reason)
-            if positions:
-                vectors = model.encode_image(pixels).float().cpu().numpy()
+            if len(positions):
                 rows = [(str(todo[p][0]), _file_row(root, plan.root_folder, *todo[p])) for p in positions]
                 added, updated = index._replace_files(vectors, rows)
                 report.added += added

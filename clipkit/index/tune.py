@@ -242,37 +242,40 @@ class Collection:
         self.lookup = lookup  # lookup(keys) -> (vectors, found): what the re-rank reads
 
 
-def build_streaming(factory: str, collection: Collection, *, target_recall: float = 0.95,
+def build_streaming(factories: list[str], collection: Collection, *, target_recall: float = 0.95,
                     sample_queries: np.ndarray | None = None, queries_are: str = "sample queries",
                     params: dict | None = None, k: int = 10, n_queries: int = 1000,
                     train_rows: int = 300_000) -> tuple[Structure, Tuning | None]:
-    """`factory` (IVF with PQ codes) built in bounded memory: trained on a sample, filled batch by batch from
-    the stored vectors (which its exact re-rank reads where they lie), then tuned as `tune_structure` tunes:
-    held-out items leave the structure while it is tuned, and the exact answers come from a pass over
-    every stored vector."""
-    needed = training_size(faiss.index_factory(collection.dim, split_refine(factory)[0], faiss.METRIC_INNER_PRODUCT))
+    """An IVF structure with PQ codes (one of `factories`, shortest codes first) built in bounded memory:
+    trained on a sample, filled batch by batch from the stored vectors (which its exact re-rank reads where
+    they lie), then tuned as `tune_structure` tunes: held-out items leave the structure while it is tuned,
+    and the exact answers come from one pass over every stored vector. Of several code sizes, the shortest
+    whose shortlists `_pick_codes` estimates to hold the true neighbours is built."""
+    needed = training_size(faiss.index_factory(collection.dim, split_refine(factories[0])[0],
+                                               faiss.METRIC_INNER_PRODUCT))
     keys, train = collection.sample(min(collection.count, max(train_rows, needed)))
-    structure = empty_structure(factory, train, niter=10)  # 10 k-means rounds (FAISS's 25 change little here)
-    del train
-    structure.attach_vectors(collection.lookup)  # no RAM copy: the re-rank reads the stored vectors
-    for batch_keys, vectors in collection.batches():
-        structure.add(vectors, batch_keys)
-    if params:
+    if params:  # a rebuild as recorded
+        structure = empty_structure(factories[0], train, niter=10)
+        del train
+        _fill(structure, collection)
         structure.set_params(params)
         return structure, None
     held = np.zeros(0, np.int64)
     if sample_queries is None:  # held-out items: out of the structure (and of the exact answers) while tuned
         held, queries = keys[:n_queries], collection.lookup(keys[:n_queries])[0]
         source = "held-out items"
-        structure.remove(held)
     else:
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
     truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held))[1]
+    structure = _pick_codes(factories, (train, keys, held), collection, queries, truth, target_recall + 2 * MARGIN, k)
+    del train
+    _fill(structure, collection)
+    structure.remove(held)
     half = len(queries) // 2
     split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
     tried = _settings(structure, split, target_recall + MARGIN, k)
-    chosen, estimate = _choose(tried, {factory: structure}, split, target_recall, k)
+    chosen, estimate = _choose(tried, {structure.factory: structure}, split, target_recall, k)
     if len(held):
         structure.add(queries, held)
     structure.set_params(chosen["params"])
@@ -281,3 +284,53 @@ def build_streaming(factory: str, collection: Collection, *, target_recall: floa
     log.info("ANN built by streaming and tuned: %s %s, estimated recall@%d %.3f on %d unseen %s",
              report.structure, report.params, k, estimate, len(split.check), source)
     return structure, report
+
+
+def _fill(structure: Structure, collection: Collection) -> None:
+    structure.attach_vectors(collection.lookup)  # no RAM copy: the re-rank reads the stored vectors
+    for batch_keys, vectors in collection.batches():
+        structure.add(vectors, batch_keys)
+
+
+SHORTLIST_FACTOR = 64  # the k_factor at which `_pick_codes` asks the true neighbours to be shortlisted
+
+
+def _pick_codes(factories: list[str], sample: tuple, collection: Collection, queries: np.ndarray,
+                truth: np.ndarray, goal: float, k: int) -> Structure:
+    """The empty structure of the first of `factories` (codes growing) whose shortlists of SHORTLIST_FACTOR x k
+    are estimated to hold a share `goal` of the true neighbours among all `collection.count` items (else the
+    last): the training sample and the true neighbours are coded, every list is probed, and each true
+    neighbour's rank among the sample's codes, scaled by count / sample size, is its rank among all."""
+    quantizer, structure = None, None
+    for factory in factories:
+        structure = empty_structure(factory, sample[0], faiss.clone_index(quantizer) if quantizer else None, niter=10)
+        if len(factories) == 1:
+            return structure
+        quantizer = quantizer or faiss.clone_index(faiss.try_extract_index_ivf(structure.index).quantizer)
+        estimate = _shortlist_recall(structure, sample, collection, queries, truth, k)
+        log.info("%s: an estimated %.3f of the true top %d within %d-long shortlists among %d", factory,
+                 estimate, k, SHORTLIST_FACTOR * k, collection.count)
+        if estimate >= goal:
+            break
+    return structure
+
+
+def _shortlist_recall(structure: Structure, sample: tuple, collection: Collection, queries: np.ndarray,
+                      truth: np.ndarray, k: int) -> float:
+    """`_pick_codes`'s estimate: `sample` = (vectors, keys, held-out keys, which are queries, not items)."""
+    train, keys, held = sample
+    probe = Structure(faiss.clone_index(structure.index), split_refine(structure.factory)[0])
+    wanted = np.unique(truth[truth >= 0])
+    others = ~np.isin(keys, wanted) & ~np.isin(keys, held)
+    probe.add(train[others], keys[others])
+    probe.add(collection.lookup(wanted)[0], wanted)
+    probe.set_params({"nprobe": int(faiss.try_extract_index_ivf(probe.index).nlist)})
+    scale = collection.count / max(1, int(others.sum()))  # items of the collection per sampled item
+    depth = min(probe.ntotal, int(np.ceil(SHORTLIST_FACTOR * k / scale)) + len(wanted))
+    found = probe.search(queries, depth)[1]
+    rank = np.full(truth.shape, np.inf)
+    for row, (listed, true) in enumerate(zip(found, truth)):
+        sampled_above = np.cumsum(~np.isin(listed, wanted))  # other queries' neighbours are not a sample
+        position = dict(zip(listed.tolist(), sampled_above.tolist()))
+        rank[row] = [position.get(key, np.inf) for key in true.tolist()]
+    return float(np.mean((rank * scale < SHORTLIST_FACTOR * k)[truth >= 0]))

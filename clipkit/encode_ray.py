@@ -1,0 +1,170 @@
+"""Embedding image files on a Ray cluster with Ray Data: `clipkit index SOURCE --engine ray`.
+
+The driver (the process that holds the index's writer lock) plans what to embed, as on one machine; Ray
+Data streams that list through a pool of actors that each load the index's model once (one actor per GPU
+when the cluster has GPUs, else CPU actors), with backpressure, and the embedded batches come back to the
+driver, which commits each to the index as it arrives. Ray retries tasks whose actor was lost; unreadable
+images are skipped with a reason, as on one machine. A run stopped at any moment (the driver killed
+included) and run again embeds only what was not committed: the index's plan finds it.
+
+Without an address, a local Ray is started on this machine for the run (and stopped after it); with one
+(`--ray-address auto` or `ray://HOST:10001`), the run joins that cluster, whose workers must see the image
+paths (a shared file system) and have clipkit installed. Ray is the optional extra `clipkit[ray]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from clipkit.errors import EngineError, first_line
+
+log = logging.getLogger("clipkit.ray")
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ValueError("--engine ray needs Ray Data: pip install 'clipkit[ray]'") from None
+    return ray
+
+
+class RayEngine:
+    """Where `Index.sync_folder(engine=...)` embeds images: a Ray cluster (a local one without `address`).
+
+    `actors`: the size of the model's actor pool (default: one per GPU of the cluster, else one per
+    `cpus_per_actor` CPUs); `cpus_per_actor` (default: 1 on a GPU, else 1 of every CPU the pool shares) and
+    `gpus_per_actor` (default: 1 when the cluster has GPUs). After a run, `stats` says how many images each
+    actor embedded and how many batches Ray delivered twice (a task retried after its results came back).
+    """
+
+    def __init__(self, address: str | None = None, *, actors: int | None = None,
+                 cpus_per_actor: float | None = None, gpus_per_actor: float | None = None):
+        if actors is not None and actors < 1:
+            raise ValueError(f"actors must be >= 1, got {actors}")
+        self.address, self.actors = address, actors
+        self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
+        self.stats: dict = {}
+
+    def __call__(self, paths: Sequence, model, *, batch_size: int = 64, workers: int | None = None
+                 ) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str, str]]]]:
+        """Yield (vectors, positions in `paths`, failures as (position, reason, kind)) batch by batch, in the
+        order Ray finishes them, as `clipkit.encode.embed_image_files` does on one machine."""
+        if not len(paths):
+            return
+        ray = _ray()
+        started = self._connect(ray)
+        try:
+            yield from self._stream(ray, paths, model, batch_size)
+        except ray.exceptions.RayError as exc:  # a worker's error, or tasks that failed past their retries
+            cause = getattr(exc, "cause", None) or exc
+            raise EngineError(f"Ray stopped embedding ({type(cause).__name__}: {first_line(cause)}); the batches "
+                              "committed before are kept: run the same command again to go on") from None
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _connect(self, ray) -> bool:
+        """Join the cluster at `address`, or start a local one; True when this run started Ray."""
+        if ray.is_initialized():
+            return False
+        options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        if self.address is None:
+            ray.init(num_cpus=os.cpu_count() or 1, **options)
+        else:
+            try:
+                _reachable(self.address)
+                ray.init(address=self.address, **options)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"--ray-address {self.address}: cannot join a Ray cluster there ({exc}); "
+                                 "start one with `ray start --head`, or leave --ray-address out for a local one"
+                                 ) from None
+        return True
+
+    def _pool(self, ray) -> dict:
+        """map_batches' resources: the actor pool's size and each actor's CPUs and GPUs."""
+        resources = ray.cluster_resources()
+        cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+        per_gpu = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if gpus else 0)
+        actors = self.actors or (max(1, int(gpus // per_gpu)) if per_gpu else max(1, cpus))
+        per_cpu = self.cpus_per_actor or (1 if per_gpu else max(1, cpus // actors))
+        return {"actors": actors, "num_cpus": per_cpu, "num_gpus": per_gpu}
+
+    def _stream(self, ray, paths: Sequence, model, batch_size: int) -> Iterator:
+        pool = self._pool(ray)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # clipkit's own bar counts what is committed
+        items = [{"position": i, "path": os.fsdecode(p)} for i, p in enumerate(paths)]
+        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // batch_size), 10_000)))
+        embedded = dataset.map_batches(
+            _Embedder, fn_constructor_kwargs={"info": model.info, "threads": max(1, int(pool["num_cpus"]))},
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
+            num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"])  # Ray Data restarts lost actors, retries their tasks
+        seen = np.zeros(len(paths), bool)
+        self.stats = {"actors": pool["actors"], "per_actor": {}, "delivered_twice": 0}
+        for batch in embedded.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+            positions = batch["position"].astype(np.int64)
+            again = seen[positions]
+            if again.any():  # a retried task's results, already committed
+                self.stats["delivered_twice"] += 1
+            seen[positions] = True
+            for actor in batch["actor"][~again].tolist():
+                self.stats["per_actor"][actor] = self.stats["per_actor"].get(actor, 0) + 1
+            yield self._unpack(batch, ~again)
+
+    @staticmethod
+    def _unpack(batch: dict, fresh: np.ndarray) -> tuple[np.ndarray, list[int], list[tuple[int, str, str]]]:
+        ok = fresh & (batch["reason"] == "")
+        failed = fresh & ~ok
+        failures = [(int(p), str(r), str(k)) for p, r, k in
+                    zip(batch["position"][failed], batch["reason"][failed], batch["kind"][failed])]
+        return np.asarray(batch["vector"][ok], np.float32), batch["position"][ok].astype(int).tolist(), failures
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once an address (HOST:PORT or ray://HOST:PORT) where nothing listens: Ray would retry it for
+    minutes. "auto" (the cluster this machine runs or belongs to) is Ray's to find."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"not HOST:PORT, ray://HOST:PORT or auto: {address!r}")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+        pass
+
+
+class _Embedder:
+    """A Ray actor: the index's model loaded once (checked against the index's fingerprint), embedding
+    batches of image paths; unreadable images come back with their reason instead of a vector."""
+
+    def __init__(self, info: dict, threads: int):
+        import torch
+
+        from clipkit.models import load_recorded_model
+
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.model = load_recorded_model(info, device="cuda" if torch.cuda.is_available() else "cpu")
+        if self.model.fingerprint != info.get("fingerprint", self.model.fingerprint):
+            raise RuntimeError(f"model {info['name']} loaded on this Ray worker differs from the index's "
+                               "(another weights file at that path?)")
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        from clipkit.encode import embed_image_files
+
+        paths = [str(p) for p in batch["path"]]
+        vectors = np.zeros((len(paths), self.model.dim), np.float32)
+        reasons, kinds = np.full(len(paths), "", object), np.full(len(paths), "", object)
+        for found, positions, failures in embed_image_files(paths, self.model, batch_size=len(paths),
+                                                            workers=self.threads):
+            vectors[positions] = found
+            for position, reason, kind in failures:
+                reasons[position], kinds[position] = reason, kind
+        return {"position": batch["position"], "vector": vectors, "reason": reasons.astype(str),
+                "kind": kinds.astype(str), "actor": np.full(len(paths), self.name)}

@@ -1,0 +1,90 @@
+"""`clipkit index --engine ray`: the same index as one process, through a local Ray, resumable after a kill -9."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clipkit.cli import main
+from clipkit.index import Index
+from conftest import draw_shape
+
+pytest.importorskip("ray.data")
+
+SHAPES = ("circle", "square", "triangle")
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """600 small images in two folders, plus one that is not an image."""
+    root = tmp_path_factory.mktemp("ray") / "photos"
+    for number in range(600):
+        folder = root / ("a" if number % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = ("red", "green", "blue", "yellow", "purple", "orange")[number % 6]
+        draw_shape(colour, SHAPES[number % 3], (24 + number % 9, 24), seed=number).save(folder / f"{number}.png")
+    (root / "broken.jpg").write_text("not an image")
+    return root
+
+
+KILLED_AFTER_TWO_BATCHES = """
+import os, sys
+from clipkit.index import Index
+from clipkit.cli import main
+real, calls = Index._replace_files, []
+def dying(self, *args, **kwargs):
+    out = real(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(9)  # the driver killed: no clean-up, no save
+    return out
+Index._replace_files = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_engine_ray_killed_midway_and_run_again_equals_one_process(many_images, tmp_path, tiny_ckpt, capsys):
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--batch-size", "64"]
+    assert main(["-q", "index", str(many_images), "--index", str(tmp_path / "local"), *model]) == 0
+    ray_index = str(tmp_path / "ray")
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_BATCHES, "-q", "index", str(many_images), "--index",
+                             ray_index, "--engine", "ray", "--ray-actors", "2", *model], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    committed = len(Index.load(ray_index))
+    assert 0 < committed < 600  # the two batches committed before the kill
+    capsys.readouterr()
+    assert main(["index", str(many_images), "--index", ray_index, "--engine", "ray", "--ray-actors", "2",
+                 *model]) == 0
+    out, err = capsys.readouterr()
+    rest = 600 - committed
+    assert f"indexed {rest} image(s) ({rest} new" in out and "600 in" in out  # only what the kill left out
+    assert "broken.jpg" in err and "1 skipped" in out
+    local, resumed = Index.load(tmp_path / "local"), Index.load(ray_index)
+    ids = sorted(local.ids())
+    assert sorted(resumed.ids()) == ids and len(ids) == 600
+    np.testing.assert_allclose(resumed.embeddings(ids), local.embeddings(ids), atol=2e-3)  # float16 rounding
+    query = local.embeddings(ids[:5])
+    assert resumed.search(query, 3)[1][:, 0].tolist() == ids[:5]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engine", "ray", "--ray-actors", "0"], "--ray-actors"),
+    (["--ray-actors", "2"], "go with --engine ray"),
+    (["--ray-address", "auto"], "go with --engine ray"),
+])
+def test_engine_arguments_are_checked_before_anything_is_indexed(argv, message, image_folder, tmp_path, capsys):
+    assert main(["index", str(image_folder), "--index", str(tmp_path / "ix"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ix").exists()
+
+
+def test_engine_ray_refuses_shards_and_an_unreachable_cluster(tmp_path, image_folder, capsys):
+    (tmp_path / "s-000000.tar").write_bytes(b"")
+    assert main(["index", str(tmp_path / "s-000000.tar"), "--index", str(tmp_path / "ix"), "--engine", "ray"]) == 2
+    assert "webdataset shards are indexed here" in capsys.readouterr().err
+    assert main(["index", str(image_folder), "--index", str(tmp_path / "ix2"), "--engine", "ray",
+                 "--ray-address", "127.0.0.1:1"]) == 2
+    assert "cannot join a Ray cluster" in capsys.readouterr().err
