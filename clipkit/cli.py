@@ -337,6 +337,10 @@ def cmd_index(args) -> int:
                                                     + "\n" for path, reason in report.skipped).encode())
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
+        if engine is not None and engine.stats:
+            shares = sorted(engine.stats["per_actor"].values(), reverse=True)
+            print(f"ray: {engine.stats['actors']} actor(s) (images each: {', '.join(map(str, shares)) or 'none'}); "
+                  f"{engine.stats['delivered_twice']} batch(es) delivered again after a retry, committed once")
     return 0
 
 

@@ -61,7 +61,7 @@ def test_engine_ray_killed_midway_and_run_again_equals_one_process(many_images, 
     out, err = capsys.readouterr()
     rest = 600 - committed
     assert f"indexed {rest} image(s) ({rest} new" in out and "600 in" in out  # only what the kill left out
-    assert "broken.jpg" in err and "1 skipped" in out
+    assert "broken.jpg" in err and "1 skipped" in out and "ray: 2 actor(s)" in out
     local, resumed = Index.load(tmp_path / "local"), Index.load(ray_index)
     ids = sorted(local.ids())
     assert sorted(resumed.ids()) == ids and len(ids) == 600

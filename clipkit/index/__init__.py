@@ -17,7 +17,8 @@
 
 from clipkit.index.ann import FLAT_LIMIT, apply_search_params, candidates, choose_structure
 from clipkit.index.captions import CaptionTable
-from clipkit.index.core import CONFIG_FILE, FAISS_FILE, Index
+from clipkit.index.core import Index
+from clipkit.index.persist import CONFIG_FILE, FAISS_FILE
 from clipkit.index.store import DB_FILE, FORMAT_VERSION
 from clipkit.index.sync import SyncPlan, SyncReport, file_hash, shard_of
 from clipkit.index.tune import Tuning, tune_structure

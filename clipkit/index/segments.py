@@ -32,7 +32,8 @@ from clipkit.errors import BrokenIndexError
 
 VECTORS_DIR = "vectors"
 SEGMENT_ROWS = 1 << 20  # rows per segment file: 1 GiB of float16 at 512-d
-RELEASE_ROWS = 1 << 14  # rows gathered at random between releases of the maps' pages (at most ~1 GiB resident)
+RELEASE_ROWS = 1 << 11  # rows gathered at random between releases of the maps' pages: each random row maps up to
+# ~300 KiB of page-cache folios into this process (ext4 large folios), so ~600 MiB resident at most
 DTYPES = ("float16", "float32")
 
 

@@ -1,0 +1,188 @@
+"""The folder side of `Index` (a mixin): keeping an index in step with folders of images, caption tables,
+webdataset shards and embedding folders, and removing what left them. The work is in clipkit/index/sync.py,
+shards.py, ingest.py and captions.py; these methods hold the writer lock and record the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, AbstractSet, Any, Sequence
+
+import numpy as np
+
+import clipkit.index.sync as sync
+from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of,
+                                    remove_with_captions, sync_index_captions, writable_captions)
+from clipkit.index.store import Store
+from clipkit.index.vectors import prepare_vectors
+
+if TYPE_CHECKING:
+    from clipkit.index.core import Index
+
+log = logging.getLogger("clipkit.index")
+
+
+class FolderSync:
+    """Folder, table, shard and embedding-folder sync for `Index` (which provides store, writer, _write, ...)."""
+
+    # -- folders ----------------------------------------------------------------------------
+
+    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
+                    shard: tuple[int, int] | None = None,
+                    include: AbstractSet[str] | None = None) -> "sync.SyncPlan":
+        """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
+        `clipkit.index.sync.plan_folder`."""
+        with self._lock:
+            return sync.plan_folder(self.store, folder, exclude=exclude, shard=shard, include=include)
+
+    def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
+                    workers: int | None = None, progress: bool | None = None,
+                    exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
+                    captions: "CaptionTable | str | os.PathLike | None" = None,
+                    listed_only: bool = False, engine=None) -> "sync.SyncReport":
+        """Bring the index up to date with the images under `folder` (see `clipkit.index.sync`).
+
+        New files are embedded, changed ones (size or mtime) re-embedded, deleted ones removed, renamed
+        or moved ones (also a whole folder moved elsewhere) re-pointed without re-embedding, unchanged
+        ones left alone. Each batch is committed on its own, so an interrupted run keeps what it finished
+        and running it again resumes. Ids are absolute file paths; one file is never indexed twice. The
+        writer lock is held for the whole run.
+
+        Captions come from `NAME.txt` beside each image, or from `captions`, a caption table (CSV / JSONL
+        path or `CaptionTable`) for the images it lists; the table is remembered for the folder, so later
+        runs without it keep using it. `listed_only`: index only the images the caption table lists (listed
+        files that are missing or outside the folder are reported as skipped). `engine`: where images are
+        embedded (None: this process; `clipkit.encode_ray.RayEngine(...)`: a Ray cluster).
+        """
+        if self.path is not None and sync.is_under(str(Path(folder).resolve()), str(self.path.resolve())):
+            raise ValueError(f"{folder} is this index's own folder (or inside it), not a folder of images: give the "
+                             "folder the images are in")
+        model = self._writing_model(model)
+        with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before any image is indexed
+            self._record_model(model)
+            table = caption_table_for(self, Path(folder).resolve(), captions)
+            if listed_only and table is None:
+                raise ValueError("listed_only needs a caption table (captions=)")
+            rows = table.read() if table is not None else None  # read once: the captions and the listed files
+            include, problems = table.listed_files(rows) if listed_only else (None, [])
+            report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
+                                      progress=progress, exclude=exclude, shard=shard, include=include,
+                                      engine=engine)
+            for path, reason in problems:
+                report.skip(path, reason, "missing")
+            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows)
+        self.last_sync = report
+        return report
+
+    def sync_shards(self, urls: str | Sequence[str], model=None, *, batch_size: int = 64,
+                    progress: bool | None = None) -> "sync.SyncReport":
+        """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
+        such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
+        captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`."""
+        from clipkit.index.captions import CaptionReport
+        from clipkit.index.shards import sync_shards
+
+        model = self._writing_model(model)
+        captions = CaptionReport()
+
+        def shard_captions(path: str, table: dict[str, list[str]]) -> None:
+            done = self._sync_captions(path + "#", model, table, files=False)
+            if done is not None:
+                captions.added, captions.removed = captions.added + done.added, captions.removed + done.removed
+                captions.kept += done.kept
+
+        with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before any image is indexed
+            self._record_model(model)
+            report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions)
+        report.captions = captions if self._captions is not None else None
+        self.last_sync = report
+        return report
+
+    def sync_embeddings(self, folder: str | os.PathLike, model=None, *, chunk: int = 50_000,
+                        progress: bool | None = None) -> "sync.SyncReport":
+        """Bring the index up to date with a folder of precomputed embeddings in clip-retrieval's layout
+        (img_emb/, text_emb/, metadata/): see `clipkit.index.ingest`. `model`: the model that made them,
+        recorded so that text queries work (its dimension must match). Incremental and resumable."""
+        from clipkit.index.ingest import sync_embeddings
+
+        if model is not None:
+            model = self._writing_model(model)
+        with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before anything is added
+            if model is not None:
+                self._record_model(model)
+            report = sync_embeddings(self, folder, model, chunk=chunk, progress=progress)
+        self.last_sync = report
+        return report
+
+    def _writing_model(self, model):
+        """The model to add embeddings with (`model`, else the index's own), checked against the index."""
+        from clipkit.encode import as_model
+
+        model = as_model(model if model is not None else self.model)
+        self.check_model(model)
+        return model
+
+    def _record_model(self, model) -> None:
+        if self.model_info is None:
+            with self.store.transaction(bump=False):
+                self.store.set_info("model", model.info)
+        if self.model is None:
+            self.model = model
+
+    def sync_table(self, table: "CaptionTable | str | os.PathLike", model=None, **options) -> "sync.SyncReport":
+        """Index the images a caption table (CSV / JSONL) lists, with its captions: the images under the
+        table's folder (or its `root`) that it names; listed files that are missing or lie outside that
+        folder are reported as skipped. Incremental like `sync_folder` (which takes the same options)."""
+        table = table if isinstance(table, CaptionTable) else CaptionTable.of(table)
+        return self.sync_folder(table.folder, model, captions=table, listed_only=True, **options)
+
+    @property
+    def captions(self) -> "Index | None":
+        """The caption collection (an Index of caption embeddings by the same model, items `IMAGE_ID#LINE`
+        with their `caption`, `image_id` and `path`), or None when no caption was ever indexed."""
+        return captions_of(self)
+
+    def _sync_captions(self, prefix: str, model, table: dict | None = None,
+                       files: bool = True) -> "CaptionReport | None":
+        return sync_index_captions(self, prefix, model, table, files)
+
+    def _writable_captions(self) -> "Index | None | bool":
+        return writable_captions(self)
+
+    def roots(self) -> list[dict]:
+        """The folders this index covers: {'path', 'items', 'exists'} each."""
+        with self._lock:
+            return [{"path": path, "items": count, "exists": os.path.isdir(path)}
+                    for _, path, count in self.store.roots()]
+
+    def remove_folder(self, folder: str | os.PathLike) -> int:
+        """Remove every item whose file (or shard) is `folder` or under it (which may no longer exist); how many
+        went."""
+        target = os.path.abspath(folder)
+        return self._remove_with_captions(lambda store: sync.remove_under(store, target))
+
+    def prune_missing(self) -> int:
+        """Remove the items of every indexed folder, and shard, that no longer exists; how many went."""
+        return self._remove_with_captions(sync.remove_missing_roots)
+
+    def _remove_with_captions(self, change) -> Any:
+        """`self._write(change)`, a removal, then the captions of the items removed (clipkit/index/captions.py)."""
+        return remove_with_captions(self, change)
+
+    def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
+        """One transaction: drop the old rows of these files (ids), add their new embeddings."""
+        ids = [item_id for item_id, _ in rows]
+        vectors = prepare_vectors(vectors, self.dim)
+
+        def change(store: Store):
+            old = store.keys_for(ids)
+            store.delete_keys(list(old.values()))
+            keys = store.insert(vectors, ids, [row for _, row in rows])
+            return (len(ids) - len(old), len(old)), keys, vectors, list(old.values())
+
+        return self._write(change)
