@@ -126,20 +126,26 @@ def load_reranker(source, *, device: str | torch.device | None = None) -> Rerank
         return HeadReranker(source)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ValueError(f"a re-ranker is a model name, a directory or hf:ORG/REPO; got {source!r}")
-    if is_hf_name(str(source)) and _is_blip(str(source)):
-        return BlipReranker.load(str(source), device=device)
+    family = _blip_family(str(source)) if is_hf_name(str(source)) else None
+    if family is not None:
+        return family.load(str(source), device=device)
     return HeadReranker(load_model(str(source), device=device))
 
 
-def _is_blip(source: str) -> bool:
+def _blip_family(source: str) -> "type[BlipReranker] | None":
+    """The re-ranker class of a transformers BLIP or BLIP-2 ITM checkpoint, else None."""
     from clipkit.hf import hf_source, quiet_transformers, require_transformers
 
     transformers = require_transformers()
     path, _, local_only = hf_source(source)
     with quiet_transformers():
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=local_only)
-    return "BlipForImageTextRetrieval" in (getattr(config, "architectures", None) or []) or \
-        config.model_type == "blip"
+    architectures = getattr(config, "architectures", None) or []
+    if "Blip2ForImageTextRetrieval" in architectures or config.model_type == "blip-2":
+        return Blip2Reranker
+    if "BlipForImageTextRetrieval" in architectures or config.model_type == "blip":
+        return BlipReranker
+    return None
 
 
 def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=None,
@@ -171,7 +177,9 @@ class BlipReranker(Reranker):
     def __init__(self, model, processor, name: str, device: torch.device):
         self.model, self.processor, self.name, self.device = model, processor, name, device
         self.batch_size = 32
-        self.max_length = int(model.config.text_config.max_position_embeddings)
+        self.max_length = self._max_length()
+
+    classes = ("BlipForImageTextRetrieval", "BlipProcessor")  # transformers' model and processor
 
     @classmethod
     def load(cls, source: str, device: str | torch.device | None = None) -> "BlipReranker":
@@ -181,13 +189,17 @@ class BlipReranker(Reranker):
         transformers = require_transformers()
         path, name, local_only = hf_source(source)
         device = resolve_device(device)
+        model_class, processor_class = (getattr(transformers, c) for c in cls.classes)
         try:
             with quiet_transformers():
-                model = transformers.BlipForImageTextRetrieval.from_pretrained(path, local_files_only=local_only)
-                processor = transformers.BlipProcessor.from_pretrained(path, local_files_only=local_only)
+                model = model_class.from_pretrained(path, local_files_only=local_only)
+                processor = processor_class.from_pretrained(path, local_files_only=local_only)
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot load the BLIP ITM checkpoint {source}: {first_line(exc)}") from None
+            raise ValueError(f"cannot load the {cls.classes[0]} checkpoint {source}: {first_line(exc)}") from None
         return cls(model.to(device).eval(), processor, name, device)
+
+    def _max_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
 
     @torch.inference_mode()
     def image_inputs(self, images: Sequence) -> torch.Tensor:
@@ -217,4 +229,39 @@ class BlipReranker(Reranker):
                                                                                 device=states.device))
             logits = self.model.itm_head(encoded.last_hidden_state[:, 0, :])
             scores.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy())
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+class Blip2Reranker(BlipReranker):
+    """BLIP-2's ITM head (transformers `Blip2ForImageTextRetrieval`): the match probability of each pair.
+
+    Each image passes the frozen vision tower once (`image_inputs`, inherited); each pair then passes the
+    Q-Former, its learned queries and the text tokens together, cross-attending to the image's tokens, and
+    the ITM head's logits averaged over the query positions, as `Blip2ForImageTextRetrieval(
+    use_image_text_matching_head=True)` computes them."""
+
+    classes = ("Blip2ForImageTextRetrieval", "Blip2Processor")
+
+    def _max_length(self) -> int:
+        return int(self.model.config.qformer_config.max_position_embeddings) - int(self.model.config.num_query_tokens)
+
+    @torch.inference_mode()
+    def match(self, images, image_index, texts, text_index) -> np.ndarray:
+        scores, model = [], self.model
+        for start in range(0, len(text_index), self.batch_size):
+            rows = np.asarray(text_index[start:start + self.batch_size])
+            tokens = self.processor.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                              max_length=self.max_length, return_tensors="pt").to(self.device)
+            states = images[torch.as_tensor(np.asarray(image_index[start:start + self.batch_size]), dtype=torch.long,
+                                            device=images.device)]
+            queries = model.query_tokens.expand(len(rows), -1, -1)
+            mask = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long, device=self.device),
+                              tokens["attention_mask"]], dim=1)
+            encoded = model.qformer(query_embeds=model.embeddings(input_ids=tokens["input_ids"], query_embeds=queries),
+                                    query_length=queries.shape[1], attention_mask=mask,
+                                    encoder_hidden_states=states,
+                                    encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                                      device=states.device))
+            logits = model.itm_head(encoded.last_hidden_state[:, :queries.shape[1], :].to(model.itm_head.weight.dtype))
+            scores.append(torch.softmax(logits.mean(dim=1).float(), dim=-1)[:, 1].cpu().numpy())
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import clipkit  # noqa: E402
 from clipkit.cli import main  # noqa: E402
 from clipkit.encode import load_image  # noqa: E402
-from clipkit.rerankers import BlipReranker, HeadReranker  # noqa: E402
+from clipkit.rerankers import Blip2Reranker, BlipReranker, HeadReranker  # noqa: E402
 from conftest import draw_shape  # noqa: E402
 
 
@@ -71,6 +71,60 @@ def test_blip_scores_equal_transformers(blip):
     np.testing.assert_allclose(reranker.score_pairs(images[::-1], texts[::-1]), expected[::-1], atol=1e-4)
     with pytest.raises(ValueError, match="pairs"):
         clipkit.score_pairs(images, texts[:2], reranker=reranker)
+
+
+def blip2_dir(root: Path) -> Path:
+    """A tiny random Blip2ForImageTextRetrieval (ViT, Q-Former with 4 queries) with a letter word-piece
+    vocabulary and BLIP's image processor."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *(f"##{c}" for c in string.ascii_lowercase)]
+    tokenizer = transformers.BertTokenizer(vocab={token: n for n, token in enumerate(vocab)})
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
+                            cross_attention_frequency=1, use_qformer_text_input=True),
+        num_query_tokens=4, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    model = transformers.Blip2ForImageTextRetrieval(config)
+    with torch.no_grad():  # random query tokens and ITM head: scores that differ from pair to pair
+        model.query_tokens.normal_(0, 1)
+        model.itm_head.weight.normal_(0, 1)
+    path = root / "tiny-blip2-itm"
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(size={"height": 32, "width": 32})
+    transformers.Blip2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def blip2_reference(path: Path, images: list, texts: list[str]) -> np.ndarray:
+    """transformers' own BLIP-2 ITM match probability of each pair: softmax(logits_per_image)[:, 1]."""
+    model = transformers.Blip2ForImageTextRetrieval.from_pretrained(path).eval()
+    processor = transformers.Blip2Processor.from_pretrained(path)
+    with torch.no_grad():
+        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+        out = model(**inputs, use_image_text_matching_head=True)
+        return torch.softmax(out.logits_per_image, dim=-1)[:, 1].numpy()
+
+
+def test_blip2_itm_scores_equal_transformers(tmp_path, demo, image_folder):
+    path = blip2_dir(tmp_path)
+    reranker = clipkit.load_reranker(str(path), device="cpu")
+    assert isinstance(reranker, Blip2Reranker) and reranker.weight == 0
+    images = [draw_shape(c, s, size=(40, 40), seed=n) for n, (c, s, _) in enumerate(PAIRS)]
+    texts = [t for _, _, t in PAIRS]
+    expected = blip2_reference(path, images, texts)
+    assert np.ptp(expected) > 1e-3  # the pairs score differently: the comparison means something
+    np.testing.assert_allclose(clipkit.score_pairs(images, texts, reranker=reranker), expected, atol=1e-4)
+    np.testing.assert_allclose(reranker.score_pairs(images[::-1], texts[::-1]), expected[::-1], atol=1e-4)
+    index = clipkit.Index.from_folder(image_folder, demo)  # and as search's re-ranker
+    hits = clipkit.search("a red circle", index, k=3, rerank=True, rerank_k=8, reranker=reranker)
+    candidates = clipkit.search("a red circle", index, k=8)
+    probabilities = blip2_reference(path, [load_image(Path(h.path)) for h in candidates], ["a red circle"] * 8)
+    order = np.argsort(-probabilities, kind="stable")[:3]
+    assert [h.id for h in hits] == [candidates[i].id for i in order]
+    np.testing.assert_allclose([h.score for h in hits], probabilities[order], atol=1e-4)
 
 
 def test_search_reranks_with_blip_both_ways(blip, demo, image_folder, tmp_path):
