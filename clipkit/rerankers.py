@@ -223,14 +223,17 @@ class BlipReranker(Reranker):
                                               max_length=self.max_length, return_tensors="pt").to(self.device)
             states = images[torch.as_tensor(np.asarray(image_index[start:start + self.batch_size]), dtype=torch.long,
                                             device=images.device)]
-            encoded = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                                              encoder_hidden_states=states,
-                                              encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
-                                                                                device=states.device))
-            logits = self.model.itm_head(encoded.last_hidden_state[:, 0, :])
-            scores.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy())
+            scores.append(self._match_probability(tokens, states).cpu().numpy())
         return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
+    def _match_probability(self, tokens, states: torch.Tensor) -> torch.Tensor:
+        """The ITM head's match probability of each (text tokens, image token states) pair."""
+        encoded = self.model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                                          encoder_hidden_states=states,
+                                          encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                                            device=states.device))
+        logits = self.model.itm_head(encoded.last_hidden_state[:, 0, :])
+        return torch.softmax(logits.float(), dim=-1)[:, 1]
 
 class Blip2Reranker(BlipReranker):
     """BLIP-2's ITM head (transformers `Blip2ForImageTextRetrieval`): the match probability of each pair.
@@ -245,23 +248,14 @@ class Blip2Reranker(BlipReranker):
     def _max_length(self) -> int:
         return int(self.model.config.qformer_config.max_position_embeddings) - int(self.model.config.num_query_tokens)
 
-    @torch.inference_mode()
-    def match(self, images, image_index, texts, text_index) -> np.ndarray:
-        scores, model = [], self.model
-        for start in range(0, len(text_index), self.batch_size):
-            rows = np.asarray(text_index[start:start + self.batch_size])
-            tokens = self.processor.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                              max_length=self.max_length, return_tensors="pt").to(self.device)
-            states = images[torch.as_tensor(np.asarray(image_index[start:start + self.batch_size]), dtype=torch.long,
-                                            device=images.device)]
-            queries = model.query_tokens.expand(len(rows), -1, -1)
-            mask = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long, device=self.device),
-                              tokens["attention_mask"]], dim=1)
-            encoded = model.qformer(query_embeds=model.embeddings(input_ids=tokens["input_ids"], query_embeds=queries),
-                                    query_length=queries.shape[1], attention_mask=mask,
-                                    encoder_hidden_states=states,
-                                    encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
-                                                                      device=states.device))
-            logits = model.itm_head(encoded.last_hidden_state[:, :queries.shape[1], :].to(model.itm_head.weight.dtype))
-            scores.append(torch.softmax(logits.mean(dim=1).float(), dim=-1)[:, 1].cpu().numpy())
-        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    def _match_probability(self, tokens, states: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        queries = model.query_tokens.expand(len(states), -1, -1)
+        mask = torch.cat([torch.ones(queries.shape[:-1], dtype=torch.long, device=states.device),
+                          tokens["attention_mask"]], dim=1)
+        encoded = model.qformer(query_embeds=model.embeddings(input_ids=tokens["input_ids"], query_embeds=queries),
+                                query_length=queries.shape[1], attention_mask=mask, encoder_hidden_states=states,
+                                encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                                  device=states.device))
+        logits = model.itm_head(encoded.last_hidden_state[:, :queries.shape[1], :].to(model.itm_head.weight.dtype))
+        return torch.softmax(logits.mean(dim=1).float(), dim=-1)[:, 1]
