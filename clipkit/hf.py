@@ -90,6 +90,10 @@ def load_transformers(name: str, device: torch.device) -> dict[str, Any]:
     transformers = require_transformers()
     source, recorded, local_only = hf_source(name)
     with quiet_transformers():
+        if _from_pretrained(transformers.AutoConfig, source, name, local_only).model_type == "blip-2":
+            raise ValueError(f"{name} is BLIP-2, whose image embedding is one vector per query token; clipkit's "
+                             "index stores one vector per image for now: use it to re-rank (--reranker "
+                             f"{name}, or clipkit.load_reranker) after a CLIP-like model's retrieval")
         model = _from_pretrained(transformers.AutoModel, source, name, local_only)
         if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
             raise ValueError(f"{name} holds a {type(model).__name__}, not a dual encoder: clipkit loads transformers "

@@ -118,6 +118,8 @@ def test_blip2_itm_scores_equal_transformers(tmp_path, demo, image_folder):
     assert np.ptp(expected) > 1e-3  # the pairs score differently: the comparison means something
     np.testing.assert_allclose(clipkit.score_pairs(images, texts, reranker=reranker), expected, atol=1e-4)
     np.testing.assert_allclose(reranker.score_pairs(images[::-1], texts[::-1]), expected[::-1], atol=1e-4)
+    with pytest.raises(ValueError, match="re-rank"):  # a clear message, not an AttributeError deep inside
+        clipkit.load_model(str(path), device="cpu")
     index = clipkit.Index.from_folder(image_folder, demo)  # and as search's re-ranker
     hits = clipkit.search("a red circle", index, k=3, rerank=True, rerank_k=8, reranker=reranker)
     candidates = clipkit.search("a red circle", index, k=8)
