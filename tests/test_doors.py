@@ -480,6 +480,30 @@ def test_a_damaged_embedding_is_said_and_embedded_again(captioned_index, capsys,
     assert target in [h.id for h in hits] and all(np.isfinite(h.score) for h in hits)
 
 
+def test_a_folder_among_many_items_checks_only_its_own_vectors(captioned_index, capsys, monkeypatch):
+    """Syncing a folder reads its own items' stored vectors for damage, not the whole collection's."""
+    from clipkit.index.store import Store
+
+    photos, ix = captioned_index
+    index = Index.load(ix)
+    index.add(np.random.default_rng(0).normal(size=(100, index.dim)), ids=[f"other-{n}" for n in range(100)])
+    target = str(photos / "2.png")
+    keys = np.asarray(index.keys([target]))
+    segment, row = (int(v[0]) for v in index.store.segments.rows(keys))
+    file_name, state = index.store.segments.file(index.store.vectors_state(), segment, "vec"), index.store.vectors_state()
+    index.close()
+    with open(file_name, "r+b") as file:
+        file.seek(row * index.dim * np.dtype(state["dtype"]).itemsize)
+        file.write(np.full(index.dim, np.nan, state["dtype"]).tobytes())
+
+    def whole_pass(*args, **kwargs):
+        raise AssertionError("a folder's sync read every stored vector")
+
+    monkeypatch.setattr(Store, "live_vectors", whole_pass)
+    assert main(["index", str(photos), "--index", str(ix)]) == 0
+    assert "indexed 1 image(s) (0 new, 1 changed)" in capsys.readouterr().out
+
+
 def test_a_kill_while_switching_to_ann_leaves_the_index_as_it_was(tmp_path):
     vectors = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
     Index.from_embeddings(vectors).save(tmp_path / "ix")

@@ -115,7 +115,7 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
         known.update((item_id, (size, mtime)) for item_id, _, size, mtime in store.files(root_id, prefix))
     known.update((item_id, (size, mtime)) for item_id, size, mtime in store.outside_files(str(root), root_id)
                  if isinstance(item_id, str))
-    store.check_vectors()  # damaged stored vectors (flipped bytes) are embedded again
+    store.check_vectors(list(known))  # the folder's damaged stored vectors (flipped bytes) are embedded again
     damaged = {record["id"] for record in store.records_by_key(sorted(store.damaged)).values()}
     files = scan_images(root, exclude=exclude)
     if shard is not None:
