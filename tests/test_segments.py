@@ -300,3 +300,18 @@ def test_a_compaction_killed_before_its_commit_leaves_the_index_as_it_was(tmp_pa
     assert loaded.compact() > 0
     assert len(list(folder.glob("*.vec"))) == 1
     np.testing.assert_allclose(Index.load(tmp_path / "ix").embeddings(), base[1::2], rtol=0, atol=2e-7)
+
+
+def test_the_gpu_copy_of_exact_search_holds_neither_removed_nor_damaged_rows():
+    """What ExactStructure copies to a GPU (where one is): the live rows, damaged ones told and left out."""
+    from clipkit.index.ann import ExactStructure
+
+    vectors = unit(50, 8, 0)
+    vectors[7] = np.nan
+    vectors[9] *= 3  # not unit length: flipped bytes
+    keys, told = np.arange(50, dtype=np.int64), []
+    exact = ExactStructure(8, lambda: iter([(keys[:25], vectors[:25]), (keys[25:], vectors[25:])]), 50,
+                           dead=np.array([3, 30]), on_damaged=told.extend)
+    kept = np.concatenate([k for k, _ in exact.live_rows()])
+    assert sorted(told) == [7, 9] and set(kept.tolist()) == set(range(50)) - {3, 7, 9, 30}
+    assert all(np.isfinite(v).all() for _, v in exact.live_rows())

@@ -422,11 +422,21 @@ class ExactStructure:
         """A flat index of the live rows on the GPU, filled batch by batch (the host never holds them all)."""
         clone = faiss.index_cpu_to_gpu(gpu_resources(), 0, faiss.IndexFlatIP(self._dim))
         keys = []
-        for batch_keys, vectors in self.scan():
-            live = ~np.isin(batch_keys, self.dead, assume_unique=True)
-            clone.add(np.ascontiguousarray(vectors[live], np.float32))
-            keys.append(batch_keys[live])
+        for batch_keys, vectors in self.live_rows():
+            clone.add(np.ascontiguousarray(vectors, np.float32))
+            keys.append(batch_keys)
         return clone, np.concatenate(keys) if keys else np.zeros(0, np.int64)
+
+    def live_rows(self):
+        """(keys, vectors) batches of the rows a copy may hold: removed items' and damaged ones (NaN, not unit
+        length: told to `on_damaged`) left out, so that no copy ever scores them."""
+        for batch_keys, vectors in self.scan():
+            with np.errstate(invalid="ignore", over="ignore"):
+                damaged = ~(np.abs(np.einsum("ij,ij->i", vectors, vectors) - 1) < 1e-2)
+            if damaged.any() and self.on_damaged is not None:
+                self.on_damaged(batch_keys[damaged].tolist())
+            keep = ~np.isin(batch_keys, self.dead, assume_unique=True) & ~damaged
+            yield batch_keys[keep], vectors[keep]
 
 
 def top_k_scan(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None = None,
