@@ -1,12 +1,28 @@
-"""Data: image reading, folder scanning, the synthetic data set, webdataset shards, caption files."""
+"""Data: image reading, folder scanning, the synthetic data set, webdataset shards, caption files.
 
-from clipkit.data.captions import RetrievalSet, read_karpathy, synthetic_set
-from clipkit.data.folder import IMAGE_EXTENSIONS, scan_images
-from clipkit.data.images import decode_image, read_image
-from clipkit.data.loader import make_loader
-from clipkit.data.shards import Sample, samples_from_folder, samples_from_table, write_shards
-from clipkit.data.synthetic import write_synthetic
+The names below load on first use: scanning a folder or reading an image needs neither torch nor the
+training loader.
+"""
 
-__all__ = ["IMAGE_EXTENSIONS", "RetrievalSet", "Sample", "decode_image", "make_loader", "read_image",
-           "read_karpathy", "samples_from_folder", "samples_from_table", "scan_images", "synthetic_set",
-           "write_shards", "write_synthetic"]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {"RetrievalSet": "captions", "read_karpathy": "captions", "synthetic_set": "captions",
+          "IMAGE_EXTENSIONS": "folder", "scan_images": "folder", "decode_image": "images", "read_image": "images",
+          "make_loader": "loader", "Sample": "shards", "samples_from_folder": "shards",
+          "samples_from_table": "shards", "write_shards": "shards", "write_synthetic": "synthetic"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'clipkit.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"clipkit.data.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
