@@ -157,15 +157,21 @@ def _recall(structure: Structure, params: dict, queries: np.ndarray, truth: np.n
 
 
 def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> list[dict]:
-    """For each k_factor, the smallest nprobe (or efSearch) meeting `goal` on the tuning half, timed."""
+    """For each k_factor, the smallest nprobe (or efSearch) meeting `goal` on the tuning half, timed. Longer
+    shortlists stop being tried once a passing one needs the least nprobe, or two in a row passed slower
+    than the fastest (past that, each costs more re-ranking for less probing: slower)."""
     name, values = _grid(structure)
-    out = []
+    out, fastest, slower = [], float("inf"), 0
     for k_factor in (K_FACTORS if structure.refine is not None else (None,)):
         extra = {} if k_factor is None else {"k_factor": k_factor}
         best = {name: _smallest_meeting(structure, name, values, extra, split, goal, k), **extra}
         recall = _recall(structure, best, split.tune, split.tune_truth, k)
         seconds = _time(lambda: structure.search(split.tune, k))
         out.append({"structure": structure.factory, "params": best, "recall": recall, "seconds": seconds})
+        if recall >= goal:
+            fastest, slower = min(fastest, seconds), 0 if seconds < fastest else slower + 1
+            if best[name] == values[0] or slower >= 2:
+                break
     return out
 
 
