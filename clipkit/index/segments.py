@@ -116,17 +116,19 @@ class Segments:
         return np.where(row >= 0, segment, -1), row
 
     def vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 vectors of `keys`, found mask): rows without a key are zero. Every RELEASE_ROWS rows gathered
-        the maps' pages are released (`release`): random reads (each maps the kernel's fault-around, up to
-        64 KiB) never pile up in resident memory."""
+        """(float32 vectors of `keys`, found mask): rows without a key are zero. Rows are read in file order
+        (a long gather maps each page once, not once a row), and every RELEASE_ROWS rows the maps' pages are
+        released (`release`): random reads never pile up in resident memory."""
         segment, row = self.rows(keys)
         out = np.zeros((len(segment), self.dim), np.float32)
-        for start in range(0, len(segment), RELEASE_ROWS):
-            part = slice(start, start + RELEASE_ROWS)
-            for number in np.unique(segment[part][segment[part] >= 0]):
-                chosen = start + np.flatnonzero(segment[part] == number)
+        order = np.lexsort((row, segment))  # in file order: rows that share a page (a folio) are read together
+        order = order[segment[order] >= 0]
+        for start in range(0, len(order), RELEASE_ROWS):
+            part = order[start:start + RELEASE_ROWS]
+            for number in np.unique(segment[part]):
+                chosen = part[segment[part] == number]
                 out[chosen] = self._maps[number][1][row[chosen]]
-            self._gathered += len(segment[part])
+            self._gathered += len(part)
             if self._gathered >= RELEASE_ROWS:
                 self.release()
         return out, segment >= 0
