@@ -73,6 +73,7 @@ class RayEngine:
         """Join the cluster at `address`, or start a local one; True when this run started Ray."""
         if ray.is_initialized():
             return False
+        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's per-run INFO lines: clipkit's bar says it
         options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         if self.address is None:
             ray.init(num_cpus=os.cpu_count() or 1, **options)
