@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, AbstractSet, Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import numpy as np
 
@@ -17,9 +17,6 @@ from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_f
                                     remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_vectors
-
-if TYPE_CHECKING:
-    from clipkit.index.core import Index
 
 log = logging.getLogger("clipkit.index")
 
@@ -142,7 +139,7 @@ class FolderSync:
         return self.sync_folder(table.folder, model, captions=table, listed_only=True, **options)
 
     @property
-    def captions(self) -> "Index | None":
+    def captions(self) -> "FolderSync | None":
         """The caption collection (an Index of caption embeddings by the same model, items `IMAGE_ID#LINE`
         with their `caption`, `image_id` and `path`), or None when no caption was ever indexed."""
         return captions_of(self)
@@ -151,7 +148,7 @@ class FolderSync:
                        files: bool = True) -> "CaptionReport | None":
         return sync_index_captions(self, prefix, model, table, files)
 
-    def _writable_captions(self) -> "Index | None | bool":
+    def _writable_captions(self) -> "FolderSync | None | bool":
         return writable_captions(self)
 
     def roots(self) -> list[dict]:
