@@ -73,7 +73,6 @@ class RayEngine:
         """Join the cluster at `address`, or start a local one; True when this run started Ray."""
         if ray.is_initialized():
             return False
-        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's per-run INFO lines: clipkit's bar says it
         options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         if self.address is None:
             ray.init(num_cpus=os.cpu_count() or 1, **options)
@@ -97,11 +96,14 @@ class RayEngine:
         return {"actors": actors, "num_cpus": per_cpu, "num_gpus": per_gpu}
 
     def _stream(self, ray, paths: Sequence, model, batch_size: int) -> Iterator:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run notices: clipkit's bar says it
         pool = self._pool(ray)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # clipkit's own bar counts what is committed
         items = [{"position": i, "path": os.fsdecode(p)} for i, p in enumerate(paths)]
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, min(-(-len(items) // batch_size), 10_000)))
+        blocks = max(1, min(-(-len(items) // batch_size), 10_000))
+        pool["actors"] = min(pool["actors"], blocks)  # no actor without a block to embed
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
         embedded = dataset.map_batches(
             _Embedder, fn_constructor_kwargs={"info": model.info, "threads": max(1, int(pool["num_cpus"]))},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
@@ -149,10 +151,10 @@ class _Embedder:
         from clipkit.models import load_recorded_model
 
         torch.set_num_threads(threads)
-        self.threads = threads
-        self.model = load_recorded_model(info, device="cuda" if torch.cuda.is_available() else "cpu")
-        if self.model.fingerprint != info.get("fingerprint", self.model.fingerprint):
-            raise RuntimeError(f"model {info['name']} loaded on this Ray worker differs from the index's "
+        self.info, self.threads = info, threads
+        self.model = load_recorded_model(self.info, device="cuda" if torch.cuda.is_available() else "cpu")
+        if self.model.fingerprint != self.info.get("fingerprint", self.model.fingerprint):
+            raise RuntimeError(f"model {self.info['name']} loaded on this Ray worker differs from the index's "
                                "(another weights file at that path?)")
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
