@@ -252,9 +252,9 @@ def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress
 
 def embed_image_files(paths: Sequence, model: Model, *, batch_size: int = 64, workers: int | None = None
                       ) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str, str]]]]:
-    """Embed image files batch by batch on this machine, skipping the unreadable: yields (float32 vectors of
-    the read ones, their positions in `paths`, failures as (position, reason, kind)). What `clipkit index`
-    commits batch by batch; `clipkit.encode_ray.RayEngine` yields the same from a Ray cluster."""
+    """Embed image files (or shard members) batch by batch on this machine, skipping the unreadable: yields
+    (float32 vectors of the read ones, their positions in `paths`, failures as (position, reason, kind)). What
+    `clipkit index` commits batch by batch; `clipkit.encode_ray.RayEngine` yields the same from a Ray cluster."""
     for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size, skip_errors=True,
                                                            workers=workers, device=model.device,
                                                            draft_size=model.image_size):

@@ -23,8 +23,6 @@ import numpy as np
 
 from clipkit.errors import EngineError, first_line
 
-log = logging.getLogger("clipkit.ray")
-
 def _ray():
     try:
         import ray

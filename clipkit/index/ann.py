@@ -18,6 +18,8 @@ import zlib
 import faiss
 import numpy as np
 
+from clipkit.index.vectors import damaged_rows
+
 log = logging.getLogger(__name__)
 
 DAMAGED_SCORE = 1.01  # unit vectors score within [-1, 1] (plus float16 rounding): beyond, or NaN, a stored
@@ -431,8 +433,7 @@ class ExactStructure:
         """(keys, vectors) batches of the rows a copy may hold: removed items' and damaged ones (NaN, not unit
         length: told to `on_damaged`) left out, so that no copy ever scores them."""
         for batch_keys, vectors in self.scan():
-            with np.errstate(invalid="ignore", over="ignore"):
-                damaged = ~(np.abs(np.einsum("ij,ij->i", vectors, vectors) - 1) < 1e-2)
+            damaged = damaged_rows(vectors)
             if damaged.any() and self.on_damaged is not None:
                 self.on_damaged(batch_keys[damaged].tolist())
             keep = ~np.isin(batch_keys, self.dead, assume_unique=True) & ~damaged

@@ -135,7 +135,7 @@ def _shard_items(index, path: str) -> dict[str, dict]:
 
 
 def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport) -> dict[str, list[str]]:
-    from clipkit.encode import iter_image_batches
+    from clipkit.encode import embed_image_files
 
     existing = _shard_items(index, path)
     samples, captions = [], {}
@@ -155,13 +155,12 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport) ->
         index.remove(gone)
     report.removed += len(existing)
     images = [sample.image for _, sample, _ in samples]
-    for pixels, positions, failures in iter_image_batches(images, model.preprocess, batch_size, skip_errors=True,
-                                                           device=model.device, draft_size=model.image_size):
+    for vectors, positions, failures in embed_image_files(images, model, batch_size=batch_size):
         for position, reason, kind in failures:
             report.skip(str(images[position]), reason, kind)
         if positions:
             chosen = [samples[p] for p in positions]
-            index.add(model.encode_image(pixels).float().cpu().numpy(), ids=[item_id for item_id, _, _ in chosen],
+            index.add(vectors, ids=[item_id for item_id, _, _ in chosen],
                       metadata=[_metadata(sample) for _, sample, _ in chosen])
             report.added += sum(not replaced for _, _, replaced in chosen)
             report.updated += sum(replaced for _, _, replaced in chosen)

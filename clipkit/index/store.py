@@ -24,7 +24,7 @@ import numpy as np
 
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 from clipkit.index.segments import Segments, new_state
-from clipkit.index.vectors import ids_array, keys_sum
+from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
 
 SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
 FORMAT = "clipkit-index"
@@ -345,9 +345,7 @@ class Store:
     def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """`vectors` with damaged rows (NaN, infinite or far from unit length: flipped bytes on disk) set to zero,
         so that no search ever scores NaN; their keys are remembered in `damaged` (syncing re-embeds them)."""
-        with np.errstate(invalid="ignore", over="ignore"):
-            norms = np.einsum("ij,ij->i", vectors, vectors)
-        bad = ~(np.abs(norms - 1) < 1e-2)
+        bad = damaged_rows(vectors)
         if bad.any():
             self.damaged.update(int(k) for k in keys[bad])
             vectors[bad] = 0

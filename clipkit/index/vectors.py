@@ -38,6 +38,13 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 
+def damaged_rows(vectors: np.ndarray) -> np.ndarray:
+    """Which stored rows are damaged (NaN, infinite or far from unit length: flipped bytes on disk)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms = np.einsum("ij,ij->i", vectors, vectors)
+    return ~(np.abs(norms - 1) < 1e-2)
+
+
 def normalize_id(value: Any) -> int | str:
     """An item id as stored: an int or a str (numpy integers become ints; anything else is refused)."""
     if isinstance(value, (bool, np.bool_)):
