@@ -353,9 +353,9 @@ def _engine(args, folder):
     if folder is None:
         raise UsageError("--engine ray embeds folders and caption tables; webdataset shards are indexed here "
                          "(or spread with --shard I/N under torchrun)")
-    from clipkit.encode_ray import RayEngine, _ray
+    from clipkit.encode_ray import RayEngine, require_ray
 
-    _ray()  # installed, or a clear message before the index is touched
+    require_ray()  # installed, or a clear message before the index is touched
     return RayEngine(args.ray_address, actors=args.ray_actors)
 
 

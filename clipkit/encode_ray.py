@@ -23,7 +23,7 @@ import numpy as np
 
 from clipkit.errors import EngineError, first_line
 
-def _ray():
+def require_ray():
     try:
         import ray
         import ray.data  # noqa: F401
@@ -55,7 +55,7 @@ class RayEngine:
         order Ray finishes them, as `clipkit.encode.embed_image_files` does on one machine."""
         if not len(paths):
             return
-        ray = _ray()
+        ray = require_ray()
         started = self._connect(ray)
         try:
             yield from self._stream(ray, paths, model, batch_size)
