@@ -7,7 +7,8 @@ import pytest
 
 import clipkit
 from clipkit.errors import BrokenIndexError, ModelMismatchError
-from clipkit.index import CONFIG_FILE, DB_FILE, FAISS_FILE, Index
+from clipkit.index import CONFIG_FILE, DB_FILE, Index
+from clipkit.index.persist import structure_files
 
 
 def unit(rows: int, dim: int, seed: int) -> np.ndarray:
@@ -155,7 +156,7 @@ def test_changes_after_save_survive_without_another_save(tmp_path):
 def test_damaged_faiss_file_is_rebuilt_from_the_store(tmp_path):
     base = unit(50, 8, 0)
     Index.from_embeddings(base, index_type="IVF1,Flat").save(tmp_path / "ix")  # exact search keeps no FAISS file
-    faiss_path = tmp_path / "ix" / FAISS_FILE
+    faiss_path = structure_files(tmp_path / "ix")["faiss"]
     faiss_path.write_bytes(faiss_path.read_bytes()[:100])  # truncated
     loaded = Index.load(tmp_path / "ix")
     assert len(loaded) == 50 and loaded.search(base[7], 1)[1][0, 0] == 7

@@ -19,7 +19,8 @@ import pytest
 from clipkit.cli import main
 from clipkit.data.synthetic import write_synthetic
 from clipkit.errors import IndexBusyError, IndexFullError, ReadOnlyIndexError
-from clipkit.index import CONFIG_FILE, DB_FILE, FAISS_FILE, Index
+from clipkit.index import CONFIG_FILE, DB_FILE, Index
+from clipkit.index.persist import structure_files
 from clipkit.index.lock import held_here, writer_lock
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -428,7 +429,7 @@ def test_flipped_bytes_in_the_faiss_file_are_detected_and_rebuilt(tmp_path, capl
     base = unit(500, 32, 0)
     Index.from_embeddings(base, index_type="IVF4,Flat", precision="float32").save(tmp_path / "ix")  # (exact search
     # keeps no FAISS file)
-    faiss_file = tmp_path / "ix" / FAISS_FILE
+    faiss_file = structure_files(tmp_path / "ix")["faiss"]
     data = bytearray(faiss_file.read_bytes())
     for position in range(len(data) - 400, len(data) - 300):  # inside the vectors: same size, wrong values
         data[position] ^= 0x5A
@@ -444,13 +445,15 @@ def test_a_faiss_file_saved_for_another_key_set_is_not_trusted(tmp_path, caplog)
     base = unit(61, 8, 0)
     index = Index.from_embeddings(base[:60], index_type="IVF1,Flat")
     index.save(tmp_path / "ix")
-    saved = {name: (tmp_path / "ix" / name).read_bytes() for name in (CONFIG_FILE, FAISS_FILE)}
+    files = [tmp_path / "ix" / CONFIG_FILE, *structure_files(tmp_path / "ix").values()]
+    saved = {file: file.read_bytes() for file in files}
     index.remove([0])
     index.add(base[60:], ids=[60])  # the same count, another key set
-    config = json.loads(saved[CONFIG_FILE])
-    config["faiss_generation"] = index.generation
+    config = json.loads(saved[files[0]])
+    config["faiss_generation"], config["faiss_last_key"] = index.generation, 60
+    for file in files:
+        file.write_bytes(saved[file])
     (tmp_path / "ix" / CONFIG_FILE).write_text(json.dumps(config))
-    (tmp_path / "ix" / FAISS_FILE).write_bytes(saved[FAISS_FILE])
     loaded = Index.load(tmp_path / "ix")
     assert "does not match the store" in caplog.text
     assert loaded.search(base[60], 1)[1][0, 0] == 60 and loaded.search(base[0], 1)[1][0, 0] != 0

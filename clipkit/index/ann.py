@@ -14,10 +14,13 @@ import logging
 import os
 import threading
 import zlib
+from pathlib import Path
 
 import faiss
 import numpy as np
 
+from clipkit._io import atomic_path, atomic_write_bytes
+from clipkit.index import ondisk
 from clipkit.index.vectors import damaged_rows
 
 log = logging.getLogger(__name__)
@@ -253,12 +256,19 @@ class Structure:
         self.refine = RefineVectors(int(index.d)) if split_refine(factory)[1] else None
         self._lookup = self.refine.lookup if self.refine is not None else None  # keys -> (vectors, found)
         self._gpu = None  # (GPU index, position -> key map or None), or False: not on the GPU
+        self.sealed = None  # ondisk.Sealed: `index` searches memory-mapped lists, and then:
+        self.delta = None  # an IVF index in RAM beside them (same quantizer and codes): what was added since
+        self.dropped = np.zeros(0, np.int64)  # sorted keys removed from the sealed lists since (never returned)
+        self._selector = None  # FAISS's filter for `dropped`, with the objects it refers to
+        self.snapshot = None  # (folder, config record) of the files this structure was last saved as or read from
         self.set_params(params or {})
 
     def set_params(self, params: dict) -> None:
         """Search with these parameters (nprobe, efSearch, k_factor) from now on, on the GPU copy too."""
         self.params = dict(params)
         apply_search_params(self.index, self.params)
+        if self.delta is not None:
+            apply_search_params(self.delta, self.params)
         if self._gpu:
             with _GPU_LOCK:
                 apply_search_params(self._gpu[0], self.params)
@@ -268,24 +278,69 @@ class Structure:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
     @classmethod
-    def read(cls, file, factory: str, params: dict | None) -> tuple["Structure", int]:
-        """The structure saved in `file` and the file's CRC-32, both from one open file (read in blocks from
-        the page cache twice, never held whole as bytes beside the structure)."""
+    def read(cls, folder: Path, record: dict, factory: str, params: dict | None) -> "Structure":
+        """The structure saved in `folder` as `record` says (its file, lists file and CRC-32 of the file); a
+        ValueError when the file is not what was recorded."""
+        file = folder / record["faiss_file"]
         with open(file, "rb") as handle:
             crc = file_crc(handle)
             handle.seek(0)
-            index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
-        return cls(index, factory, params), crc
+            if crc != record.get("faiss_crc32"):
+                raise ValueError(f"the checksum of {file.name} does not match what was recorded")
+            if record.get("lists_file"):
+                head = handle.read()
+            else:
+                index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+        if record.get("lists_file") and os.path.getsize(folder / record["lists_file"]) != record.get("lists_bytes"):
+            raise ValueError(f"{record['lists_file']} is not the size recorded")
+        if not record.get("lists_file"):
+            structure = cls(index, factory, params)
+        else:
+            structure = cls.__new__(cls)
+            structure._open_sealed(head, folder / record["lists_file"], factory, params)
+        structure.snapshot = (folder.resolve(), dict(record))
+        return structure
 
-    def write(self, file) -> int:
-        """Write the structure to `file` (no copy of it in memory); the file's CRC-32."""
-        faiss.write_index(self.index, str(file))
-        with open(file, "rb") as handle:
-            return file_crc(handle)
+    def _open_sealed(self, head: bytes, lists_file: Path, factory: str, params: dict | None) -> None:
+        table = ondisk.read_table(lists_file)
+        lookup = getattr(self, "_lookup", None)
+        self.__init__(ondisk.open_sealed(head, lists_file), factory)
+        self.sealed = ondisk.Sealed(head, lists_file.name, table.last_key, table.count)
+        self.delta = ondisk.empty_copy(head, self.index)
+        if lookup is not None:
+            self.attach_vectors(lookup)
+        self.set_params(params if params is not None else {})
+
+    def write_files(self, folder: Path, tag: str) -> dict:
+        """Write the structure into `folder` under new names: an IVF one as its head and a lists file (this
+        structure then searches those, memory-mapped: its lists leave RAM, and the delta and removals since
+        its last lists are merged in), any other as one FAISS file. The record of what was written."""
+        head_name, lists_name = f"structure-{tag}.faiss", None
+        if self.sealed is not None or ondisk.sealable(self.index):
+            lists_name = f"structure-{tag}.lists"
+            sources = [self.index] + ([self.delta] if self.delta is not None and self.delta.ntotal else [])
+            with atomic_path(folder / lists_name) as tmp:
+                ondisk.write_lists(tmp, sources, self.dropped)
+            lists_bytes = os.path.getsize(folder / lists_name)
+            head = self.sealed.head if self.sealed is not None else ondisk.head_bytes(self.index)
+            atomic_write_bytes(folder / head_name, head)
+            crc = zlib.crc32(head)
+            self._open_sealed(head, folder / lists_name, self.factory, self.params)
+        else:
+            lists_bytes = None
+            with atomic_path(folder / head_name) as tmp:  # written by FAISS: no copy of the structure in memory
+                faiss.write_index(self.index, str(tmp))
+                with open(tmp, "rb") as handle:
+                    crc = file_crc(handle)
+        return {"faiss_file": head_name, "lists_file": lists_name, "lists_bytes": lists_bytes, "faiss_crc32": crc}
+
+    def pending(self) -> int:
+        """Changes since the sealed lists were written (added into the delta, removed from them)."""
+        return (int(self.delta.ntotal) if self.delta is not None else 0) + len(self.dropped)
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) - len(self.dropped) + (int(self.delta.ntotal) if self.delta is not None else 0)
 
     @property
     def dim(self) -> int:
@@ -297,26 +352,41 @@ class Structure:
     def bytes_per_vector(self) -> float:
         """Memory per vector: the FAISS file's size plus, for `,RFlat`, the float32 vectors held for the re-rank."""
         held = self.refine.size * self.dim * 4 if isinstance(self.refine, RefineVectors) else 0
+        if self.sealed is not None:
+            folder = self.snapshot[0] if self.snapshot else None
+            lists = os.path.getsize(folder / self.sealed.lists_file) if folder else 0
+            return (len(self.sealed.head) + lists) / max(1, self.ntotal)
         size = len(faiss.serialize_index(self.index)) + held
         return size / max(1, self.ntotal)
 
     def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
         """Add vectors under keys (new ones); the RAM copy for the re-rank too, while there is one."""
+        target = self.delta if self.delta is not None else self.index  # sealed lists are read-only
         for start in range(0, len(vectors), 100_000):
-            self.index.add_with_ids(np.ascontiguousarray(vectors[start:start + 100_000], dtype=np.float32),
-                                    np.ascontiguousarray(keys[start:start + 100_000], dtype=np.int64))
+            target.add_with_ids(np.ascontiguousarray(vectors[start:start + 100_000], dtype=np.float32),
+                                np.ascontiguousarray(keys[start:start + 100_000], dtype=np.int64))
         if isinstance(self.refine, RefineVectors):
             self.refine.add(keys, vectors)
-        self._gpu = None
+        if self.delta is None:
+            self._gpu = None
 
     def attach_vectors(self, lookup) -> None:
         """An `,RFlat` structure re-ranks with the vectors `lookup(keys) -> (vectors, found)` gives from now on
         (the index's stored ones: the FAISS file holds only codes, and RAM holds no copy)."""
         if self.refine is not None:
-            self.refine, self._lookup = lookup, lookup
+            self.refine = lookup
+        if self.refine is not None or self.sealed is not None:  # sealed lists: scores are always re-computed
+            self._lookup = lookup  # from the stored vectors (damage there is caught; the lists are not checksummed)
 
     def remove(self, keys: np.ndarray) -> bool:
         """Remove these keys; False where this structure cannot (the caller rebuilds it)."""
+        if self.sealed is not None:  # keys grow: those up to the lists' last are in them, later ones in the delta
+            keys = np.unique(np.asarray(keys, np.int64))
+            older = keys[keys <= self.sealed.last_key]
+            self.dropped, self._selector = np.union1d(self.dropped, older), None
+            if len(keys) > len(older):
+                self.delta.remove_ids(np.ascontiguousarray(keys[len(older):]))
+            return True
         if isinstance(self.index, faiss.IndexIDMap2):
             inner = faiss.downcast_index(self.index.index)
             if not isinstance(inner, faiss.IndexFlatCodes):  # only these compact in order, as the id map does
@@ -332,23 +402,40 @@ class Structure:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, keys) of the top k, -1 / -inf where fewer were found; on the GPU when FAISS has one."""
-        if self.refine is None:
+        if self._lookup is None:
             return self._search(queries, k)
         shortlist = min(self.ntotal, k * int(self.params.get("k_factor", 1)))
         _, keys = self._search(queries, max(shortlist, k))
         return rerank(queries, keys, k, self._lookup)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k <= GPU_MAX_K and faiss.get_num_gpus() > 0:
+        """The top k of the main index (removed keys left out) and of the delta beside it, merged."""
+        scores, keys = self._search_main(queries, k)
+        if self.delta is not None and self.delta.ntotal:
+            more_scores, more_keys = _mark_missing(*self.delta.search(queries, k))
+            scores, keys = top_of(np.hstack([scores, more_scores]), np.hstack([keys, more_keys]), k)
+        return scores, keys
+
+    def _search_main(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        wider = k + len(self.dropped)  # the GPU copy cannot filter: it looks further and drops those
+        if wider <= GPU_MAX_K and faiss.get_num_gpus() > 0:
             with _GPU_LOCK:
                 gpu = self._gpu_copy()
                 if gpu:
                     clone, position_to_key = gpu
-                    scores, found = clone.search(queries, k)
+                    scores, found = clone.search(queries, wider)
                     if position_to_key is not None:
                         found = np.where(found >= 0, position_to_key[np.maximum(found, 0)], -1)
-                    return _mark_missing(scores, found)
-        return _mark_missing(*self.index.search(queries, k))
+                    found[np.isin(found, self.dropped)] = -1
+                    return top_of(*_mark_missing(scores, found), k)
+        if not len(self.dropped):
+            return _mark_missing(*self.index.search(queries, k))
+        if self._selector is None:
+            batch = faiss.IDSelectorBatch(self.dropped)
+            self._selector = (faiss.IDSelectorNot(batch), batch)
+        ivf = faiss.extract_index_ivf(self.index)
+        params = faiss.SearchParametersIVF(sel=self._selector[0], nprobe=int(ivf.nprobe))
+        return _mark_missing(*self.index.search(queries, k, params=params))
 
     def _gpu_copy(self):
         """Called under _GPU_LOCK: the GPU copy, made on first use after each change."""
@@ -483,6 +570,13 @@ def gpu_resources():
     if _GPU_RESOURCES is None:
         _GPU_RESOURCES = faiss.StandardGpuResources()
     return _GPU_RESOURCES
+
+
+def top_of(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (scores, keys) of each row, best first (-1 keys scored -inf)."""
+    scores = np.where(keys >= 0, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
 
 
 def _mark_missing(scores: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from clipkit.index.ann import ExactStructure, Structure, candidates, choose_stru
 from clipkit.index.persist import FAISS_FILE, read_config
 from clipkit.index.store import DB_FILE
 from clipkit.index.tune import Collection, build_streaming, build_structure
-from clipkit.index.vectors import prepare_vectors
+from clipkit.index.vectors import keys_sum, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -197,30 +197,51 @@ def record_structure(index, structure: Structure, count: int) -> None:
 
 
 def load_saved_structure(index, config: dict | None = None) -> bool:
-    """Use index.faiss if it provably matches the store now (generation, checksum, key set)."""
+    """Use the structure's saved files if they provably hold the store as it was at the generation recorded
+    (checksum), then catch up with what was committed since (the keys added after the last one in them, the
+    removal log) and check the key-set digest; False (rebuild) when any of that fails."""
     config = read_config(index.path) if config is None else config
-    file = index.path / FAISS_FILE
     if (index.store.info("structure") or "Flat") == "Flat":  # exact: nothing cached to trust or distrust
         index._structure = exact_structure(index)
         index._generation, index._last_key = index.store.generation(), index.store.last_key()
         index._structure_version = index.store.info("structure_version", 0)
         return True
-    if config.get("faiss_generation") != index.store.generation() or not file.is_file():
+    record = {"faiss_file": FAISS_FILE, **config}
+    generation, last = record.get("faiss_generation"), record.get("faiss_last_key")
+    if not isinstance(generation, int) or generation > index.store.generation() or not record["faiss_file"] or (
+            last is None and generation != index.store.generation()):  # (formats before 14 record no last key)
         if index.store.count():
-            log.info("%s is missing or older than %s; rebuilding it from the store", file, DB_FILE)
+            log.info("the saved structure is missing or not the store's; rebuilding it from %s", DB_FILE)
         return False
     try:
-        structure, crc = Structure.read(file, config.get("structure", "Flat"), config.get("search_params"))
-        if crc != config.get("faiss_crc32") or config.get("faiss_key_sum") != index.store.key_sum():
-            raise ValueError("its checksum or key set does not match what was recorded")
-        if structure.ntotal != index.store.count() or structure.dim != index.dim:
-            raise ValueError("it holds another number or size of vectors than the store")
+        structure = Structure.read(index.path, record, config.get("structure", "Flat"), config.get("search_params"))
+        if structure.dim != index.dim:
+            raise ValueError("it holds vectors of another size than the store")
+        with index.store.snapshot():  # one committed state to catch up with
+            _catch_up_saved(index, structure, generation, index.store.last_key() if last is None else int(last),
+                            int(record.get("faiss_key_sum", 0)))
+            now, now_last = index.store.generation(), index.store.last_key()
     except (OSError, ValueError, RuntimeError) as exc:
-        log.warning("%s does not match the store (%s); rebuilding it from %s", file,
+        log.warning("%s does not match the store (%s); rebuilding it from %s", record["faiss_file"],
                     first_line(exc), DB_FILE)
         return False
     structure.attach_vectors(partial(stored_vectors, index))  # the file holds codes; the re-rank reads the vectors
-    index._structure, index._generation = structure, config["faiss_generation"]
-    index._last_key = index.store.last_key()
+    index._structure, index._generation, index._last_key = structure, now, now_last
     index._structure_version = config.get("structure_version", 0)
     return True
+
+
+def _catch_up_saved(index, structure: Structure, generation: int, last: int, key_sum: int) -> None:
+    """Bring a structure saved at `generation` (keys up to `last`, key digest `key_sum`) to the store now;
+    ValueError when the result does not hold exactly the store's keys (a removal log pruned since, say)."""
+    removed = index.store.removed_since(generation)
+    removed = removed[removed <= last]  # others were added and removed since: never in it
+    if len(removed) and not structure.remove(removed):
+        raise ValueError("items were removed since it was saved and it cannot remove them")
+    added = 0
+    for keys, vectors in index.store.vectors_after(last):
+        structure.add(vectors, keys)
+        added = (added + keys_sum(keys)) % 2**64
+    if structure.ntotal != index.store.count() or (key_sum + added - keys_sum(removed)) % 2**64 != int(
+            index.store.key_sum()):
+        raise ValueError("its key set does not match the store's")

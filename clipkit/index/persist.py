@@ -23,7 +23,8 @@ from clipkit._io import atomic_path, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, first_line
 from clipkit.index.captions import CAPTIONS_DIR
 from clipkit.index.lock import LOCK_FILE, writer_lock
-from clipkit.index.store import DB_FILE, FORMAT, FORMAT_VERSION, Store, fold_journal, translate
+from clipkit.index.store import (DB_FILE, FORMAT, FORMAT_VERSION, REMOVAL_LOG_GENERATIONS, Store, fold_journal,
+                                 translate)
 
 log = logging.getLogger("clipkit.index")
 
@@ -60,27 +61,77 @@ def save(index, path) -> Path:
 
 
 def _write_structure(index, path: Path) -> None:
-    """Under the writer lock: re-plan an outgrown structure, compact, write index.faiss and config.json."""
+    """Under the writer lock: re-plan an outgrown structure, compact, write the structure's files (unless those
+    it was saved as still serve: see `_files_serve`) and config.json, then drop files no config names."""
     if index._outgrown(index._structure.ntotal):
         index.build()  # the collection outgrew (or shrank below) the structure chosen for it
     store = index.store
     if store.dead_rows() > int(store.vectors_state()["rows"]) // 4:
         store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them
-    structure = index._structure
+    structure, previous = index._structure, read_config(path)
+    merged = False
     if structure.factory == "Flat":  # exact search needs no file: it reads the stored vectors
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path / FAISS_FILE)
-        crc = zlib.crc32(b"")
+        record = {"faiss_file": None, "lists_file": None, "faiss_crc32": zlib.crc32(b""),
+                  "faiss_generation": index._generation, "faiss_last_key": index._last_key,
+                  "faiss_key_sum": store.key_sum()}
+    elif _files_serve(index, path):
+        record = structure.snapshot[1]
     else:
-        with atomic_path(path / FAISS_FILE) as tmp:  # written by FAISS: no copy of the structure in memory
-            crc = structure.write(tmp)
+        merged = structure.sealed is not None and structure.snapshot is not None
+        tag = f"{index._generation}-{os.urandom(3).hex()}"
+        record = {**structure.write_files(path, tag), "faiss_generation": index._generation,
+                  "faiss_last_key": index._last_key, "faiss_key_sum": store.key_sum()}
+        structure.snapshot = (path.resolve(), record)
+    if merged:  # readers reopen the new lists instead of growing their deltas
+        index._structure_version = int(store.info("structure_version", 0)) + 1
     atomic_write_json(path / CONFIG_FILE, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "clipkit_version": __version__,
         "dim": index.dim, "metric": METRIC, "index_type": index.index_type, "structure": structure.factory,
-        "search_params": structure.params, "model": index.model_info, "count": structure.ntotal,
-        "faiss_generation": index._generation, "faiss_crc32": crc,
-        "faiss_key_sum": store.key_sum(), "structure_version": index._structure_version})
+        "search_params": structure.params, "model": index.model_info, "count": structure.ntotal, **record,
+        "structure_version": index._structure_version})
+    if merged:
+        with store.transaction(bump=False):
+            store.set_info("structure_version", index._structure_version)
     store.checkpoint()
+    _drop_unnamed_files(path, record, previous)
+
+
+MERGE_FRACTION = 0.1  # a save writes new lists once the changes since the last ones are this much of them
+MERGE_AT_LEAST = 10_000  # (of at least this many entries)
+
+
+def _files_serve(index, path: Path) -> bool:
+    """Whether the files the structure was last saved as (or read from) in `path` still serve: unchanged since,
+    or sealed lists whose delta and removals are still small (a later open catches up with those from the
+    store, as readers do)."""
+    structure = index._structure
+    if structure.snapshot is None or structure.snapshot[0] != path.resolve():
+        return False
+    saved_at = structure.snapshot[1].get("faiss_generation", -1)
+    if structure.sealed is None or index._generation - saved_at > REMOVAL_LOG_GENERATIONS // 2:
+        return saved_at == index._generation  # (a catch-up needs the removal log back to the files' generation)
+    return structure.pending() <= MERGE_FRACTION * max(structure.sealed.count, MERGE_AT_LEAST)
+
+
+def _drop_unnamed_files(path: Path, record: dict, previous: dict) -> None:
+    """Remove structure files neither this config nor the one before names (a reader that opened those keeps
+    them until it closes them; one that read the old config a moment ago still finds its files)."""
+    named = {record.get("faiss_file"), record.get("lists_file"), previous.get("faiss_file"),
+             previous.get("lists_file")}
+    stale = [*path.glob("structure-*.faiss"), *path.glob("structure-*.lists"), path / FAISS_FILE,
+             *path.glob(".structure-*.tmp")]  # (a writer killed while writing; only writers write them)
+    for file in stale:
+        if file.name not in named:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(file)
+
+
+def structure_files(path) -> dict[str, Path]:
+    """The files holding the saved ANN structure of the index at `path`, as its config.json names them:
+    {"faiss": head or whole FAISS file, "lists": the memory-mapped lists (IVF structures)}."""
+    config = read_config(Path(path))
+    names = {"faiss": config.get("faiss_file", FAISS_FILE), "lists": config.get("lists_file")}
+    return {role: Path(path) / name for role, name in names.items() if name}
 
 
 def _copy_store(index, path: Path) -> None:

@@ -29,6 +29,7 @@ from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
 SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
 FORMAT = "clipkit-index"
 FORMAT_VERSION = 3  # 1: absolute paths; 2: roots; 3: vectors in segment files, not in SQLite
+REMOVAL_LOG_GENERATIONS = 100_000  # compaction forgets removals older than this many generations
 DB_FILE = "meta.sqlite"
 SQL_CHUNK = 500
 META_COLUMNS = ("path", "mtime", "size", "caption")
@@ -276,7 +277,7 @@ class Store:
         rows = self.db.execute("SELECT key FROM removed WHERE generation > ?", (int(generation),))
         return np.fromiter((k for (k,) in rows), dtype=np.int64)
 
-    def prune_removed(self, keep: int = 100_000) -> None:
+    def prune_removed(self, keep: int = REMOVAL_LOG_GENERATIONS) -> None:
         """Inside a transaction that dropped every removed item's row from the vector files (compaction): forget
         removals more than `keep` generations old (a reader further behind finds its count off and rebuilds).
         Until then the log holds every removed key whose row is still in the vector files."""
