@@ -94,6 +94,11 @@ def test_changes_after_save_go_beside_the_lists_and_a_fresh_open_catches_up(save
     files = structure_files(path)
     index.save()  # few changes: the lists stay as they are (a later open catches up again)
     assert structure_files(path) == files and len(Index.load(path)) == len(base)
+    index.compact()  # compaction merges them in
+    assert structure_files(path) != files and index._structure.pending() == 0
+    assert ondisk.read_table(structure_files(path)["lists"]).count == len(base)
+    every_list(index)
+    assert index.search(queries, 10)[1].tolist() == numpy_top(base, queries, 10)
 
 
 def test_a_save_merges_many_changes_into_new_lists_and_readers_follow(saved, monkeypatch):

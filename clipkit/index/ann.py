@@ -458,7 +458,7 @@ class ExactStructure:
     RAM or in a FAISS file. `scan()` yields (keys, float32 vectors) of every committed row; rows of removed
     items (`dead`, until compaction drops them) are never returned."""
 
-    factory, refine, params = "Flat", None, {}
+    factory, refine, params, sealed = "Flat", None, {}, None
 
     def __init__(self, dim: int, scan, count: int, dead: np.ndarray, on_damaged=None):
         self._dim, self.scan, self._count, self.on_damaged = dim, scan, int(count), on_damaged

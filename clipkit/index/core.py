@@ -302,11 +302,14 @@ class Index(FolderSync):
         live.build(self, sample_queries, index_type)
 
     def compact(self) -> int:
-        """Rewrite the vector files without the rows of removed items (a save does it by itself once those are
-        over a quarter of all); the bytes given back."""
+        """Rewrite the vector files without the rows of removed items, and a saved IVF structure's lists with
+        what was added and removed since they were written (a save does each by itself once those are over a
+        quarter, a tenth); the bytes of vector files given back."""
         with self.writer(on_wait=log.warning):
             before = self.store.segments.disk_bytes()
             self.store.compact()
+            if self.path is not None and self._structure.sealed is not None and self._structure.pending():
+                persist.write_structure(self, self.path, merge=True)
             return before - self.store.segments.disk_bytes()
 
     # -- queries ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 from clipkit import __version__
 from clipkit._io import atomic_path, atomic_write_json
 from clipkit.errors import BrokenIndexError, IndexFullError, first_line
+from clipkit.index import ondisk
 from clipkit.index.captions import CAPTIONS_DIR
 from clipkit.index.lock import LOCK_FILE, writer_lock
 from clipkit.index.store import (DB_FILE, FORMAT, FORMAT_VERSION, REMOVAL_LOG_GENERATIONS, Store, fold_journal,
@@ -49,7 +50,7 @@ def save(index, path) -> Path:
             if index.path is None or path.resolve() != index.path.resolve():
                 _copy_store(index, path)
             with index.writer():
-                _write_structure(index, path)
+                write_structure(index, path)
             if index._captions is not None:
                 index._captions.save(path / CAPTIONS_DIR)
     except OSError as exc:
@@ -60,9 +61,10 @@ def save(index, path) -> Path:
     return path
 
 
-def _write_structure(index, path: Path) -> None:
+def write_structure(index, path: Path, merge: bool = False) -> None:
     """Under the writer lock: re-plan an outgrown structure, compact, write the structure's files (unless those
-    it was saved as still serve: see `_files_serve`) and config.json, then drop files no config names."""
+    it was saved as still serve, see `_files_serve`, and no `merge` is asked for) and config.json, then drop
+    files no config names."""
     if index._outgrown(index._structure.ntotal):
         index.build()  # the collection outgrew (or shrank below) the structure chosen for it
     store = index.store
@@ -74,7 +76,7 @@ def _write_structure(index, path: Path) -> None:
         record = {"faiss_file": None, "lists_file": None, "faiss_crc32": zlib.crc32(b""),
                   "faiss_generation": index._generation, "faiss_last_key": index._last_key,
                   "faiss_key_sum": store.key_sum()}
-    elif _files_serve(index, path):
+    elif not merge and _files_serve(index, path):
         record = structure.snapshot[1]
     else:
         merged = structure.sealed is not None and structure.snapshot is not None
@@ -107,6 +109,8 @@ def _files_serve(index, path: Path) -> bool:
     structure = index._structure
     if structure.snapshot is None or structure.snapshot[0] != path.resolve():
         return False
+    if structure.sealed is None and ondisk.sealable(structure.index):
+        return False  # read from a whole FAISS file (an older format): its lists go to disk now
     saved_at = structure.snapshot[1].get("faiss_generation", -1)
     if structure.sealed is None or index._generation - saved_at > REMOVAL_LOG_GENERATIONS // 2:
         return saved_at == index._generation  # (a catch-up needs the removal log back to the files' generation)
