@@ -48,6 +48,7 @@ def check_index_type(index_type: str, dim: int) -> None:
 
 HNSW_QUANTIZER_FROM = 4096  # lists from which the coarse quantizer is an HNSW graph (assigning millions of
 # vectors to a flat one costs n x lists x dim), as autofaiss does
+FEW_QUERIES_IMPLEM = 14  # IndexIVFFastScan's implementation for a few queries (0: FAISS's choice for batches)
 QUANTIZER_EF = 64  # the least efSearch of an HNSW coarse quantizer (twice nprobe when that is more)
 IN_RAM_COPIES = 5  # float32 copies of the collection the in-RAM tuner holds at its peak (tune.tune_structure)
 
@@ -428,6 +429,8 @@ class Structure:
                         found = np.where(found >= 0, position_to_key[np.maximum(found, 0)], -1)
                     found[np.isin(found, self.dropped)] = -1
                     return top_of(*_mark_missing(scores, found), k)
+        if isinstance(self.index, faiss.IndexIVFFastScan):  # one query or a few: FAISS's fast-scan kernel that
+            self.index.implem = FEW_QUERIES_IMPLEM if len(queries) <= 4 else 0  # spreads the probed lists over threads
         if not len(self.dropped):
             return _mark_missing(*self.index.search(queries, k))
         if self._selector is None:
