@@ -4,9 +4,10 @@
   generation);
 - `segments`: the vectors, in memory-mapped append-only segment files (precision, compaction);
 - `ann`: the FAISS structures (choice, training, search parameters, exact re-rank, exact search over the
-  stored vectors, GPU copies), a cache of the store;
+  stored vectors, GPU copies, the delta and removal filter beside saved lists), a cache of the store;
+- `ondisk`: IVF inverted lists on disk, memory-mapped (writing, opening, merging them);
 - `tune`: building and tuning them on the collection's own data, in RAM or streamed under a memory budget;
-- `live`: the structure kept in step with the store (catch-up, rebuild, build, trusting `index.faiss`);
+- `live`: the structure kept in step with the store (catch-up, rebuild, build, trusting saved files);
 - `persist`: saving to a folder and opening it again;
 - `merge`: several indexes into one, resumable;
 - `sync`, `shards`, `ingest`: folders of images, webdataset shards, precomputed embedding folders;

@@ -6,8 +6,10 @@ On disk an index is a folder:
     meta.sqlite   the store: every item (id, file, metadata, where its vector lies), the folders it covers,
                   settings, and a generation counter that every committed change raises
     vectors/      the embeddings: append-only, memory-mapped segment files (clipkit/index/segments.py)
-    index.faiss   the ANN structure as it was at some generation; trusted only when config.json records
-                  that generation, the file's checksum and the digest of its key set, and all three match
+    structure-*   the ANN structure as it was at some generation: an IVF one as its head (.faiss) and its
+                  memory-mapped inverted lists (.lists, clipkit/index/ondisk.py), others one FAISS file;
+                  trusted when its checksum matches config.json's record and, caught up from the store
+                  since that generation, it holds exactly the store's key set (digest)
     config.json   format, dimension, model, structure, and that record (for people and tools to read too)
     writer.lock   held by the one process writing the index (clipkit/index/lock.py)
 

@@ -4,7 +4,8 @@
   log), without reading every key or vector;
 - rebuilding it from the store (exactly as recorded, or planned and tuned anew by a writer's build), in RAM
   while that fits the memory budget, else streamed from the vector files (clipkit/index/tune.py);
-- trusting `index.faiss` only while it provably matches the store (generation, checksum, key-set digest);
+- trusting the saved structure's files only while they provably match the store (checksum, then caught up
+  from the generation they were saved at and checked against the key-set digest);
 - recording what a build chose, so that readers and later loads rebuild the same structure.
 
 The state lives on the index (`_structure`, `_generation`, `_last_key`, `_structure_version`, `_tuning`);
