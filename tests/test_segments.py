@@ -315,3 +315,31 @@ def test_the_gpu_copy_of_exact_search_holds_neither_removed_nor_damaged_rows():
     kept = np.concatenate([k for k, _ in exact.live_rows()])
     assert sorted(told) == [7, 9] and set(kept.tolist()) == set(range(50)) - {3, 7, 9, 30}
     assert all(np.isfinite(v).all() for _, v in exact.live_rows())
+
+
+def test_a_streaming_build_writes_its_lists_in_parts_past_their_budget(tmp_path, monkeypatch):
+    """Inverted lists past their share of the memory budget go to part files, merged on disk at the end: the
+    built structure searches them memory-mapped, and held-out items come back (and go again) beside them."""
+    from clipkit.index import tune
+
+    parts = []
+    written = tune._written
+    monkeypatch.setattr(tune, "_written", lambda *args: parts.append(1) or written(*args))
+    base = clustered(20_000, 32, 0)
+    index = Index(32, index_type="IVF64,PQ8x4fs,RFlat", memory_budget=400_000)  # 100 KB of lists: ~8,000 codes
+    index.save(tmp_path / "ix")
+    index.add(base)
+    index.build()  # tuned on held-out items: out of the merged lists while tuned, then back in beside them
+    assert parts and index._structure.sealed is not None
+    assert index.tuning["queries"] == "held-out items" and len(index) == 20_000
+    truth = brute_force(base, base[:200], 10)
+    assert recall(index.search(base[:200], 10)[1], truth) >= 0.9
+    index.remove(list(range(0, 20_000, 2)))
+    assert len(index) == 10_000
+    assert all(i % 2 for i in index.search(base[:400], 10)[1].ravel().tolist() if i is not None)
+    index.save()
+    assert not [p for p in (tmp_path / "ix").iterdir() if p.name.endswith(".tmp")]
+    loaded = Index.load(tmp_path / "ix")
+    assert len(loaded) == 10_000 and loaded.structure == index.structure
+    found = loaded.search(base[1:400:2], 1)[1][:, 0].tolist()
+    assert np.mean([f == i for f, i in zip(found, range(1, 400, 2))]) >= 0.9

@@ -302,6 +302,10 @@ class Structure:
         structure.snapshot = (folder.resolve(), dict(record))
         return structure
 
+    def open_lists(self, head: bytes, lists_file: Path) -> None:
+        """Search the lists written to `lists_file` (for this structure's `head`) from now on, memory-mapped."""
+        self._open_sealed(head, lists_file, self.factory, self.params)
+
     def _open_sealed(self, head: bytes, lists_file: Path, factory: str, params: dict | None) -> None:
         table = ondisk.read_table(lists_file)
         lookup = getattr(self, "_lookup", None)
@@ -321,7 +325,7 @@ class Structure:
             lists_name = f"structure-{tag}.lists"
             sources = [self.index] + ([self.delta] if self.delta is not None and self.delta.ntotal else [])
             with atomic_path(folder / lists_name) as tmp:
-                ondisk.write_lists(tmp, sources, self.dropped)
+                ondisk.write_lists(tmp, sources, [self.dropped, None])
             lists_bytes = os.path.getsize(folder / lists_name)
             head = self.sealed.head if self.sealed is not None else ondisk.head_bytes(self.index)
             atomic_write_bytes(folder / head_name, head)
@@ -381,12 +385,11 @@ class Structure:
 
     def remove(self, keys: np.ndarray) -> bool:
         """Remove these keys; False where this structure cannot (the caller rebuilds it)."""
-        if self.sealed is not None:  # keys grow: those up to the lists' last are in them, later ones in the delta
+        if self.sealed is not None:  # keys in the lists are filtered out of them; the delta removes its own
             keys = np.unique(np.asarray(keys, np.int64))
-            older = keys[keys <= self.sealed.last_key]
-            self.dropped, self._selector = np.union1d(self.dropped, older), None
-            if len(keys) > len(older):
-                self.delta.remove_ids(np.ascontiguousarray(keys[len(older):]))
+            if self.delta.ntotal:  # (keys only grow, but a build's held-out items come back through the delta)
+                self.delta.remove_ids(np.ascontiguousarray(keys))
+            self.dropped, self._selector = np.union1d(self.dropped, keys[keys <= self.sealed.last_key]), None
             return True
         if isinstance(self.index, faiss.IndexIDMap2):
             inner = faiss.downcast_index(self.index.index)

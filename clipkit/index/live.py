@@ -22,13 +22,15 @@ from typing import Any
 import numpy as np
 
 from clipkit.errors import BrokenIndexError, first_line
-from clipkit.index.ann import ExactStructure, Structure, candidates, choose_structure, streams
+from clipkit.index.ann import ExactStructure, Structure, budget_or_default, candidates, choose_structure, streams
 from clipkit.index.persist import FAISS_FILE, read_config
 from clipkit.index.store import DB_FILE
 from clipkit.index.tune import Collection, build_streaming, build_structure
 from clipkit.index.vectors import keys_sum, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
+
+LISTS_SHARE = 4  # a streaming build holds at most this fraction of the memory budget as inverted lists in RAM
 
 
 def catch_up(index) -> bool:
@@ -109,7 +111,8 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
         return exact_structure(index), None
     if streams(count, index.dim, budget):
         collection = Collection(count, index.dim, index.store.sample_items, index.store.live_vectors,
-                                partial(stored_vectors, index))
+                                partial(stored_vectors, index), lists_budget=budget_or_default(budget) // LISTS_SHARE,
+                                spill_dir=index.path)
         try:
             return build_streaming(planned, collection, **options)
         finally:

@@ -146,15 +146,16 @@ def _empty_array_lists(nlist: int, code_size: int) -> bytes:
     return b"ilar" + struct.pack("<QQ", nlist, code_size) + b"sprs" + struct.pack("<Q", 0)
 
 
-def write_lists(path, sources: list[faiss.Index], drop: np.ndarray | None = None, on_list=None) -> ListsTable:
+def write_lists(path, sources: list[faiss.Index], drops: list | None = None, on_list=None) -> ListsTable:
     """Write the lists of `sources` (IVF indexes over the same quantizer and codes: sealed or in RAM), list by
-    list, into a new lists file at `path` (fsynced), leaving out the keys in `drop` (sorted). Lists are
-    copied as they are where nothing of them changes, else unpacked, filtered, joined and packed again."""
+    list, into a new lists file at `path` (fsynced), leaving out of each source the keys in its `drops` entry
+    (sorted; None: none). Lists are copied as they are where nothing of them changes, else unpacked,
+    filtered, joined and packed again."""
     layout = Layout.of(sources[0])
     ivfs = [_ivf(s) for s in sources]
     lists = [faiss.downcast_InvertedLists(ivf.invlists) for ivf in ivfs]
     packer = ivfs[0].get_CodePacker() if layout.per_block > 1 else None
-    drop = np.zeros(0, np.int64) if drop is None else np.asarray(drop, np.int64)
+    drops = [np.zeros(0, np.int64) if d is None else np.asarray(d, np.int64) for d in (drops or [None] * len(lists))]
     table = np.zeros((layout.nlist, 3), np.int64)
     start = -(-(len(MAGIC) + 32 + 24 * layout.nlist) // ALIGN) * ALIGN
     last_key = -1
@@ -162,7 +163,7 @@ def write_lists(path, sources: list[faiss.Index], drop: np.ndarray | None = None
         handle.seek(start)
         position = start
         for list_no in range(layout.nlist):
-            codes, ids = _joined(list_no, lists, layout, packer, drop)
+            codes, ids = _joined(list_no, lists, layout, packer, drops)
             capacity = layout.capacity(len(ids))
             handle.write(codes)
             handle.write(np.concatenate([ids, np.full(capacity - len(ids), -1, np.int64)]).tobytes())
@@ -179,18 +180,18 @@ def write_lists(path, sources: list[faiss.Index], drop: np.ndarray | None = None
     return ListsTable(table[:, 0], table[:, 1], table[:, 2], last_key, layout)
 
 
-def _joined(list_no: int, lists: list, layout: Layout, packer, drop: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """(codes as stored, ids) of one list across sources, the keys in `drop` left out."""
-    parts = []
-    for source in lists:
+def _joined(list_no: int, lists: list, layout: Layout, packer, drops: list) -> tuple[bytes, np.ndarray]:
+    """(codes as stored, ids) of one list across sources, each source's `drops` left out."""
+    parts, keep = [], []
+    for source, drop in zip(lists, drops):
         n = int(source.list_size(list_no))
         if n:
             ids = faiss.rev_swig_ptr(source.get_ids(list_no), n).copy()
             codes = faiss.rev_swig_ptr(source.get_codes(list_no), layout.capacity(n) * layout.entry_bytes)
             parts.append((codes, ids))
+            keep.append(~np.isin(ids, drop) if len(drop) else np.ones(n, bool))
     if not parts:
         return b"", np.zeros(0, np.int64)
-    keep = [~np.isin(ids, drop) if len(drop) else np.ones(len(ids), bool) for _, ids in parts]
     if len(parts) == 1 and keep[0].all():
         return parts[0][0].tobytes(), parts[0][1]
     flat = np.concatenate([_unpack(codes, len(ids), layout, packer)[mask] for (codes, ids), mask in zip(parts, keep)])

@@ -12,13 +12,18 @@ same distribution land within a couple of hundredths of it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import faiss
 import numpy as np
 
+from clipkit.index import ondisk
 from clipkit.index.ann import Structure, candidates, empty_structure, split_refine, top_k_scan, training_size
 
 log = logging.getLogger("clipkit.index")
@@ -241,11 +246,14 @@ class Collection:
     """What a streaming build reads: the index's stored vectors, never all in RAM at once (core.Index passes
     its store's)."""
 
-    def __init__(self, count: int, dim: int, sample, batches, lookup):
+    def __init__(self, count: int, dim: int, sample, batches, lookup, lists_budget: int | None = None,
+                 spill_dir=None):
         self.count, self.dim = count, dim
         self.sample = sample  # sample(m) -> (keys, vectors) of up to m items drawn at random
         self.batches = batches  # batches() -> iterator of (keys, vectors), every item once, in key order
         self.lookup = lookup  # lookup(keys) -> (vectors, found): what the re-rank reads
+        self.lists_budget = lists_budget  # bytes of inverted lists the build holds in RAM before writing a part
+        self.spill_dir = spill_dir  # where parts are written (None: the system's temporary folder)
 
 
 def build_streaming(factories: list[str], collection: Collection, *, target_recall: float = 0.95,
@@ -293,9 +301,43 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
 
 
 def _fill(structure: Structure, collection: Collection) -> None:
+    """Add every stored vector, batch by batch. Inverted lists past `collection.lists_budget` bytes are
+    written to a part file and emptied; at the end the parts (and what is still in RAM) are merged, list by
+    list, into one lists file that the structure then searches memory-mapped: RAM holds at most the budget's
+    worth of lists whatever the collection's size. The files are unlinked once open (the maps keep them):
+    a save writes the index's own, and a kill leaves no more than a part being written."""
     structure.attach_vectors(collection.lookup)  # no RAM copy: the re-rank reads the stored vectors
+    spill = collection.lists_budget is not None and ondisk.sealable(structure.index)
+    layout = ondisk.Layout.of(structure.index) if spill else None
+    head, parts = (ondisk.head_bytes(structure.index) if spill else None), []
     for batch_keys, vectors in collection.batches():
         structure.add(vectors, batch_keys)
+        if spill and structure.index.ntotal * (layout.entry_bytes + 8) > collection.lists_budget:
+            parts.append(_written(head, [structure.index], collection.spill_dir))
+            structure.index.reset()  # (its lists are in the part now)
+    if parts:
+        log.info("merging %d part(s) of inverted lists", len(parts) + 1)
+        with _part_file(collection.spill_dir) as path:
+            ondisk.write_lists(path, parts + [structure.index])
+            structure.open_lists(head, Path(path))
+
+
+def _written(head: bytes, sources: list, folder) -> faiss.Index:
+    """The lists of `sources` written to a part file, opened memory-mapped (the file is already unlinked)."""
+    with _part_file(folder) as path:
+        ondisk.write_lists(path, sources)
+        return ondisk.open_sealed(head, path)
+
+
+@contextlib.contextmanager
+def _part_file(folder):
+    handle, path = tempfile.mkstemp(prefix=".structure-part-", suffix=".tmp", dir=folder)
+    os.close(handle)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 SHORTLIST_FACTOR = 64  # the k_factor at which `_pick_codes` asks the true neighbours to be shortlisted
