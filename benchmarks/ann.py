@@ -51,6 +51,31 @@ def power_law(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
     return _unit(x @ rotation.T)
 
 
+def zipf_topics(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    """Another kind of collection than `power_law`'s, for checking that tuning adapts rather than fits: 20,000
+    topics whose sizes follow Zipf's law (a few huge ones, a long tail: lopsided IVF lists), sub-topics
+    inside them, a slower spectral decay, 5% near-duplicates of a pool of originals (bursts of almost the
+    same photo), and queries shifted along another direction."""
+    fixed = np.random.default_rng(2718)
+    scale = (1 + np.arange(dim)) ** -0.35
+    rotation = np.linalg.qr(fixed.standard_normal((dim, dim)))[0]
+    topics = fixed.standard_normal((20_000, dim)) * scale * 1.5
+    weights = 1.0 / (1 + np.arange(20_000)) ** 1.1
+    offset = fixed.standard_normal(dim) * scale * 1.3
+    originals = fixed.standard_normal((5_000, dim)) * scale * 1.5
+    rng = np.random.default_rng(seed)
+    topic = rng.choice(20_000, n, p=weights / weights.sum())
+    sub = rng.standard_normal((n, dim)) * scale * 0.7 * (1 + (topic % 7)[:, None] / 7)
+    x = topics[topic] + sub + rng.standard_normal((n, dim)) * scale * 0.5
+    duplicate = rng.random(n) < 0.05
+    x[duplicate] = originals[rng.integers(0, 5_000, int(duplicate.sum()))] + rng.standard_normal(
+        (int(duplicate.sum()), dim)) * scale * 0.05
+    return _unit((x + shift * offset) @ rotation.T)
+
+
+GENERATORS = {"power-law": power_law, "zipf-topics": zipf_topics}
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)

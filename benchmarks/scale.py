@@ -1,7 +1,10 @@
 """Scale benchmark: an index of embedding-like vectors at growing sizes, through the public CLI and API.
 
     python benchmarks/scale.py [--sizes 1000000 3000000 10000000] [--model ViT-B-32 --dim 512] [--work DIR]
-        [--json scale.json]
+        [--json scale.json] [--data power-law|zipf-topics]
+
+`--data zipf-topics` is a collection of another kind (lopsided topic sizes, near-duplicates, another
+spectrum and gap: benchmarks/ann.py), to check that the build and the tuner adapt to the data they get.
 
 Per size N (each step in a fresh process, so memory and open times are a user's):
 - the vectors (a power-law spectrum like CLIP embeddings', benchmarks/ann.py) are written in clip-retrieval's
@@ -36,16 +39,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ann import power_law  # noqa: E402
+from ann import GENERATORS  # noqa: E402
 
 PART = 100_000
 
 
-def write_parts(folder: Path, n: int, dim: int) -> None:
+def write_parts(folder: Path, n: int, dim: int, generate) -> None:
     (folder / "img_emb").mkdir(parents=True, exist_ok=True)
     for number, start in enumerate(range(0, n, PART)):
         rows = min(PART, n - start)
-        np.save(folder / "img_emb" / f"img_emb_{number}.npy", power_law(rows, dim, seed=number).astype(np.float16))
+        np.save(folder / "img_emb" / f"img_emb_{number}.npy", generate(rows, dim, seed=number).astype(np.float16))
 
 
 def exact_top10(folder: Path, queries: np.ndarray) -> np.ndarray:
@@ -141,12 +144,12 @@ print(time.perf_counter() - start, flush=True)
 """
 
 
-def living(ix: Path, n: int, dim: int) -> dict:
+def living(ix: Path, n: int, dim: int, generate) -> dict:
     """10k (a tenth, for small n) added and as many removed while a reader has the index open."""
     from clipkit.index import Index
 
     count = min(10_000, n // 10)
-    new = power_law(count, dim, seed=10**6).astype(np.float32)
+    new = generate(count, dim, seed=10**6).astype(np.float32)
     np.save(ix.parent / "new.npy", new)
     reader = subprocess.Popen([sys.executable, "-c", READER, str(ix), str(ix.parent / "new.npy"), "0", str(n)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -194,14 +197,15 @@ def serve_rss(ix: Path) -> float:
         process.wait()
 
 
-def one_size(n: int, dim: int, work: Path, model: str) -> dict:
-    emb, ix = work / f"emb-{n}", work / f"ix-{n}"
+def one_size(n: int, dim: int, work: Path, model: str, data: str = "power-law") -> dict:
+    suffix = "" if data == "power-law" else f"-{data}"
+    emb, ix, generate = work / f"emb-{n}{suffix}", work / f"ix-{n}{suffix}", GENERATORS[data]
     shutil.rmtree(ix, ignore_errors=True)
     if not (emb / "img_emb").is_dir():
-        write_parts(emb, n, dim)
-    queries = power_law(1000, dim, seed=10**7, shift=1.0)  # across a modality gap
+        write_parts(emb, n, dim, generate)
+    queries = generate(1000, dim, seed=10**7, shift=1.0)  # across a modality gap
     np.save(work / "queries.npy", queries)
-    np.save(work / "tune.npy", power_law(2000, dim, seed=10**8, shift=1.0))  # other queries of that kind
+    np.save(work / "tune.npy", generate(2000, dim, seed=10**8, shift=1.0))  # other queries of that kind
     build_s, build_gib, _ = measured([sys.executable, "-m", "clipkit", "-q", "index", str(emb), "--index", str(ix),
                                       "--index-type", "auto", "--model", model, "--tune-queries",
                                       str(work / "tune.npy")])
@@ -209,12 +213,12 @@ def one_size(n: int, dim: int, work: Path, model: str) -> dict:
     _, open_gib, out = measured([sys.executable, "-c", OPEN_AND_QUERY, str(ix), str(work / "queries.npy"),
                                  str(work / "found.npy")])
     build_anon = measured.anon_gib
-    row = {"n": n, "dim": dim, "build_s": build_s, "build_peak_gib": build_gib, "build_anon_gib": build_anon,
+    row = {"n": n, "dim": dim, "data": data, "build_s": build_s, "build_peak_gib": build_gib, "build_anon_gib": build_anon,
            "bytes_per_vector": disk / n,
            "open_peak_gib": open_gib, **json.loads(out)}
     exact, found = exact_top10(emb, queries), np.load(work / "found.npy")
     row["recall_at_10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)]))
-    row.update(living(ix, n, dim))
+    row.update(living(ix, n, dim, generate))
     row["serve_peak_gib"] = serve_rss(ix)
     return row
 
@@ -228,14 +232,17 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="the vectors' dimension: the model's")
     parser.add_argument("--work", default="scale-work", help="where the vectors and indexes are written")
     parser.add_argument("--json", default="scale.json")
+    parser.add_argument("--data", choices=sorted(GENERATORS), default="power-law",
+                        help="the kind of collection: power-law (CLIP-like spectrum) or zipf-topics (lopsided topic "
+                             "sizes, near-duplicates: a collection the defaults were not tuned on)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for n in args.sizes:  # each size's row is written as soon as it is measured
-        rows.append(one_size(n, args.dim, work, args.model))
+        rows.append(one_size(n, args.dim, work, args.model, args.data))
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
-    columns = ["n", "structure", "build_s", "build_peak_gib", "build_anon_gib", "bytes_per_vector", "import_s",
+    columns = ["n", "data", "structure", "build_s", "build_peak_gib", "build_anon_gib", "bytes_per_vector", "import_s",
                "open_s", "first_query_s", "open_peak_gib", "anon_gib", "p50_ms", "p99_ms", "recall_at_10",
                "add_remove_commit_s",
                "searchable_after_s", "save_s", "compact_s", "serve_peak_gib"]
