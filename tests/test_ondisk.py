@@ -198,3 +198,20 @@ def test_garbage_in_the_lists_never_gives_a_wrong_score(saved):
         found = [(score, key) for score, key in zip(s, i) if key is not None]
         for score, key in found:
             assert abs(score - float(queries[row] @ base[key])) < 1e-5
+
+
+def test_auto_replans_its_lists_only_when_the_collection_grew_or_shrank_fourfold():
+    """A count crossing one of choose_structure's list-count steps keeps the structure (its lists just grow):
+    only another family, or lists planned for a collection 4x smaller or larger, means a new build."""
+    from clipkit.index import live
+    from clipkit.index.ann import choose_structure
+
+    index = Index(512, index_type="auto")
+    with index.store.transaction(bump=False):
+        index.store.set_info("planned", choose_structure("auto", 1_000_000, 512))
+        index.store.set_info("built_count", 1_000_000)
+    assert choose_structure("auto", 2_200_000, 512) != choose_structure("auto", 1_000_000, 512)  # a step crossed
+    assert not live.outgrown(index, 1_000_001) and not live.outgrown(index, 2_200_000)
+    assert not live.outgrown(index, 3_900_000) and live.outgrown(index, 4_000_000)
+    assert live.outgrown(index, 240_000)  # a quarter
+    assert live.outgrown(index, 40_000)  # exact search again

@@ -153,10 +153,28 @@ def tuning_queries(index, most: int = 2000) -> tuple[np.ndarray | None, str]:
     return None, "held-out items"
 
 
+REPLAN_GROWTH = 4  # "auto" re-plans its structure's lists once the collection has grown (or shrunk) this much
+
+
 def outgrown(index, count: int) -> bool:
-    """Whether "auto" would now plan another structure family than the one it built (size, budget)."""
-    return index.index_type == "auto" and index.store.info("planned", "Flat") != choose_structure(
-        "auto", count, index.dim, index.store.info("memory_budget"))
+    """Whether "auto" must now build another structure than the one it built: another family (exact, IVF
+    in RAM, streamed codes: the size or the budget crossed a line), or lists planned for a collection
+    REPLAN_GROWTH times smaller or larger. Growth alone within that is served by the structure as it is (its
+    lists grow; additions go beside them): no rebuild of the world each time a count crosses a step."""
+    if index.index_type != "auto":
+        return False
+    built = index.store.info("planned", "Flat")
+    now = choose_structure("auto", count, index.dim, index.store.info("memory_budget"))
+    if built == now:
+        return False
+    if _family(built) != _family(now):
+        return True
+    at = index.store.info("built_count")
+    return at is None or not int(at) / REPLAN_GROWTH < count < int(at) * REPLAN_GROWTH
+
+
+def _family(factory: str) -> str:
+    return "exact" if factory == "Flat" else "codes" if "PQ" in factory else "ivf"
 
 
 def build(index, sample_queries: Any, index_type: str | None = None) -> None:
@@ -197,6 +215,7 @@ def record_structure(index, structure: Structure, count: int) -> None:
     index.store.set_info("search_params", structure.params)
     index.store.set_info("planned", choose_structure(index.index_type, count, index.dim,
                                                     index.store.info("memory_budget")))
+    index.store.set_info("built_count", count)
     index.store.set_info("tuning", index._tuning.to_dict() if index._tuning is not None else None)
 
 
