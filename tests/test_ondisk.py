@@ -215,3 +215,34 @@ def test_auto_replans_its_lists_only_when_the_collection_grew_or_shrank_fourfold
     assert not live.outgrown(index, 3_900_000) and live.outgrown(index, 4_000_000)
     assert live.outgrown(index, 240_000)  # a quarter
     assert live.outgrown(index, 40_000)  # exact search again
+
+
+def test_a_save_retunes_the_search_parameters_once_the_collection_doubled(tmp_path):
+    """Grown within its structure, the index keeps its lists and tunes its parameters anew on the collection as
+    it is now (held-out items out of the lists meanwhile, back beside them after)."""
+    centers = unit(200, DIM, 20)
+
+    def clustered(n, seed):
+        r = np.random.default_rng(seed)
+        x = centers[r.integers(0, 200, n)] + 0.15 * r.standard_normal((n, DIM)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    base = clustered(6000, 1)
+    index = Index(DIM, index_type="IVF64,Flat", precision="float32")
+    index.add(base[:2500], ids=list(range(2500)))
+    index.build()
+    index.save(tmp_path / "ix")
+    reader = Index.load(tmp_path / "ix")
+    reader.refresh_interval = 0
+    before = index.store.info("tuned_count")
+    index.add(base[2500:], ids=list(range(2500, 6000)))
+    index.save()
+    assert before == 2500 and index.store.info("tuned_count") == 6000
+    assert index.tuning["estimated_recall"] >= 0.95 and len(index) == 6000
+    assert json.loads((tmp_path / "ix" / CONFIG_FILE).read_text())["search_params"] == index._structure.params
+    queries = clustered(200, 2)
+    truth = numpy_top({i: base[i] for i in range(6000)}, queries, 10)
+    for one in (index, reader, Index.load(tmp_path / "ix")):
+        found = one.search(queries, 10)[1].tolist()
+        assert one._structure.params == index._structure.params
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) >= 0.93

@@ -210,6 +210,9 @@ class Index(FolderSync):
     def _outgrown(self, count: int) -> bool:
         return live.outgrown(self, count)
 
+    def _retune_if_grown(self) -> bool:
+        return live.retune_if_grown(self)
+
     @property
     def tuning(self) -> dict | None:
         """The ANN tuner's report for the structure in use: structure, params, estimated_recall (recall@10 on

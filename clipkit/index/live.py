@@ -25,7 +25,8 @@ from clipkit.errors import BrokenIndexError, first_line
 from clipkit.index.ann import ExactStructure, Structure, budget_or_default, candidates, choose_structure, streams
 from clipkit.index.persist import FAISS_FILE, read_config
 from clipkit.index.store import DB_FILE
-from clipkit.index.tune import Collection, build_streaming, build_structure
+from clipkit.index import ondisk
+from clipkit.index.tune import Collection, build_streaming, build_structure, retune
 from clipkit.index.vectors import keys_sum, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
@@ -110,9 +111,7 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
     if planned == ["Flat"]:
         return exact_structure(index), None
     if streams(count, index.dim, budget):
-        collection = Collection(count, index.dim, index.store.sample_items, index.store.live_vectors,
-                                partial(stored_vectors, index), lists_budget=budget_or_default(budget) // LISTS_SHARE,
-                                spill_dir=index.path)
+        collection = stored_collection(index)
         try:
             return build_streaming(planned, collection, **options)
         finally:
@@ -122,6 +121,40 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
     if structure.factory == "Flat":  # the tuner found exact search fastest: it reads the stored vectors
         structure = exact_structure(index)
     return structure, tuning
+
+
+def stored_collection(index) -> Collection:
+    """The store's vectors as a streaming build or a re-tune reads them (never all in RAM)."""
+    budget = index.store.info("memory_budget")
+    return Collection(index.store.count(), index.dim, index.store.sample_items, index.store.live_vectors,
+                      partial(stored_vectors, index), lists_budget=budget_or_default(budget) // LISTS_SHARE,
+                      spill_dir=index.path)
+
+
+RETUNE_GROWTH = 2  # a save re-tunes an IVF structure's search parameters once the collection doubled since
+
+
+def retune_if_grown(index) -> bool:
+    """Under the writer lock: re-tune the structure's search parameters (no rebuild) when the collection has
+    grown RETUNE_GROWTH-fold since they were tuned, on the queries a build would tune on; recorded for
+    readers and later loads. Whether it did."""
+    structure, count = index._structure, index.store.count()
+    tuned_at = index.store.info("tuned_count") or index.store.info("built_count")
+    if tuned_at is None or count < RETUNE_GROWTH * int(tuned_at) or structure.factory == "Flat" or not (
+            structure.sealed is not None or ondisk.sealable(structure.index)):  # (IVF: it can hold items out)
+        return False
+    with index.store.snapshot():
+        queries, queries_are = tuning_queries(index)
+        index._tuning = retune(structure, stored_collection(index), sample_queries=queries, queries_are=queries_are,
+                               target_recall=index.store.info("target_recall", 0.95))
+    index.store.segments.release()
+    with index.store.transaction(bump=False):  # readers and later loads take the new parameters
+        index._structure_version = int(index.store.info("structure_version", 0)) + 1
+        index.store.set_info("structure_version", index._structure_version)
+        index.store.set_info("search_params", structure.params)
+        index.store.set_info("tuning", index._tuning.to_dict())
+        index.store.set_info("tuned_count", count)
+    return True
 
 
 def exact_structure(index) -> ExactStructure:
@@ -216,6 +249,7 @@ def record_structure(index, structure: Structure, count: int) -> None:
     index.store.set_info("planned", choose_structure(index.index_type, count, index.dim,
                                                     index.store.info("memory_budget")))
     index.store.set_info("built_count", count)
+    index.store.set_info("tuned_count", count)
     index.store.set_info("tuning", index._tuning.to_dict() if index._tuning is not None else None)
 
 

@@ -67,6 +67,8 @@ def write_structure(index, path: Path, merge: bool = False) -> None:
     files no config names."""
     if index._outgrown(index._structure.ntotal):
         index.build()  # the collection outgrew (or shrank below) the structure chosen for it
+    else:
+        index._retune_if_grown()  # grown within it: the same lists, search parameters tuned anew
     store = index.store
     if store.dead_rows() > int(store.vectors_state()["rows"]) // 4:
         store.compact()  # removed items' rows are over a quarter of the vector files: reclaim them

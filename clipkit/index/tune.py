@@ -274,17 +274,44 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
         _fill(structure, collection)
         structure.set_params(params)
         return structure, None
+    held, queries, truth, source = _tuning_queries(collection, keys[:n_queries], sample_queries, queries_are, k,
+                                                   n_queries)
+    structure = _pick_codes(factories, (train, keys, held), collection, queries, truth, target_recall + 2 * MARGIN, k)
+    del train
+    _fill(structure, collection)
+    return structure, _tune_in_place(structure, held, queries, truth, source, target_recall, k)
+
+
+def retune(structure: Structure, collection: Collection, *, target_recall: float = 0.95,
+           sample_queries: np.ndarray | None = None, queries_are: str = "sample queries", k: int = 10,
+           n_queries: int = 1000) -> Tuning:
+    """Tune a built structure's search parameters anew for the collection it holds now (grown since it was
+    tuned: longer lists, more codes competing for each shortlist), without rebuilding it."""
+    held = collection.sample(n_queries, seed=1)[0] if sample_queries is None else None
+    held, queries, truth, source = _tuning_queries(collection, held, sample_queries, queries_are, k, n_queries)
+    return _tune_in_place(structure, held, queries, truth, source, target_recall, k)
+
+
+def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sample_queries: np.ndarray | None,
+                    queries_are: str, k: int, n_queries: int = 1000) -> tuple:
+    """(held-out keys, queries, their true top k keys, what they are): `sample_queries` when given, else the
+    items `candidates` held out (out of the exact answers, and of the structure while it is tuned). The
+    exact answers come from one pass over every stored vector."""
     held = np.zeros(0, np.int64)
-    if sample_queries is None:  # held-out items: out of the structure (and of the exact answers) while tuned
-        held, queries = keys[:n_queries], collection.lookup(keys[:n_queries])[0]
+    if sample_queries is None:
+        held, queries = candidates, collection.lookup(candidates)[0]
         source = "held-out items"
     else:
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
     truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held))[1]
-    structure = _pick_codes(factories, (train, keys, held), collection, queries, truth, target_recall + 2 * MARGIN, k)
-    del train
-    _fill(structure, collection)
+    return held, queries, truth, source
+
+
+def _tune_in_place(structure: Structure, held: np.ndarray, queries: np.ndarray, truth: np.ndarray, source: str,
+                   target_recall: float, k: int) -> Tuning:
+    """Tune `structure` (holding every item) on `queries`: half choose the setting, half estimate its recall;
+    the `held` items are out of it meanwhile."""
     structure.remove(held)
     half = len(queries) // 2
     split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
@@ -295,9 +322,9 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
     structure.set_params(chosen["params"])
     report = Tuning(structure.factory, structure.params, estimate, target_recall, source, len(queries),
                     chosen["seconds"] / max(1, len(split.tune)), tried)
-    log.info("ANN built by streaming and tuned: %s %s, estimated recall@%d %.3f on %d unseen %s",
+    log.info("ANN tuned on the collection: %s %s, estimated recall@%d %.3f on %d unseen %s",
              report.structure, report.params, k, estimate, len(split.check), source)
-    return structure, report
+    return report
 
 
 def _fill(structure: Structure, collection: Collection) -> None:
