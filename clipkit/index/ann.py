@@ -466,8 +466,9 @@ class ExactStructure:
 
     factory, refine, params, sealed = "Flat", None, {}, None
 
-    def __init__(self, dim: int, scan, count: int, dead: np.ndarray, on_damaged=None):
+    def __init__(self, dim: int, scan, count: int, dead: np.ndarray, on_damaged=None, per_item: int = 1):
         self._dim, self.scan, self._count, self.on_damaged = dim, scan, int(count), on_damaged
+        self.per_item = per_item  # vectors a row holds side by side (an item scores the best of them)
         self.dead = np.unique(np.asarray(dead, np.int64))
         self._gpu = None  # (GPU flat index of the live rows, position -> key), made on first use after each change
 
@@ -504,14 +505,15 @@ class ExactStructure:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """On the GPU when FAISS has one (a flat copy of the live rows there), else one pass over the rows."""
-        if k <= GPU_MAX_K and faiss.get_num_gpus() > 0:
+        if k <= GPU_MAX_K and self.per_item == 1 and faiss.get_num_gpus() > 0:
             with _GPU_LOCK:
                 if self._gpu is None:
                     self._gpu = self._gpu_copy()
                 clone, position_to_key = self._gpu
                 scores, found = clone.search(queries, k)
             return _mark_missing(scores, np.where(found >= 0, position_to_key[np.maximum(found, 0)], -1))
-        return top_k_scan(queries, self.scan(), k, exclude=self.dead, on_damaged=self.on_damaged)
+        return top_k_scan(queries, self.scan(), k, exclude=self.dead, on_damaged=self.on_damaged,
+                          per_item=self.per_item)
 
     def _gpu_copy(self) -> tuple:
         """A flat index of the live rows on the GPU, filled batch by batch (the host never holds them all)."""
@@ -526,7 +528,7 @@ class ExactStructure:
         """(keys, vectors) batches of the rows a copy may hold: removed items' and damaged ones (NaN, not unit
         length: told to `on_damaged`) left out, so that no copy ever scores them."""
         for batch_keys, vectors in self.scan():
-            damaged = damaged_rows(vectors)
+            damaged = damaged_rows(vectors, self.per_item)
             if damaged.any() and self.on_damaged is not None:
                 self.on_damaged(batch_keys[damaged].tolist())
             keep = ~np.isin(batch_keys, self.dead, assume_unique=True) & ~damaged
@@ -534,17 +536,21 @@ class ExactStructure:
 
 
 def top_k_scan(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None = None,
-               cells: int = 1 << 24, on_damaged=None) -> tuple[np.ndarray, np.ndarray]:
+               cells: int = 1 << 24, on_damaged=None, per_item: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(scores, keys) of each query's exact top k by inner product, best first (-inf / -1 where fewer), in one
     pass over (keys, vectors) batches, keys in `exclude` (sorted) left out; at most `cells` scores at a time.
-    Damaged vectors (NaN, or scoring past a unit vector's range) are left out and told to `on_damaged(keys)`."""
+    Rows of `per_item` vectors side by side score the best of them. Damaged vectors (NaN, or scoring past a
+    unit vector's range) are left out and told to `on_damaged(keys)`."""
     best_scores = np.full((len(queries), k), -np.inf, np.float32)
     best_keys = np.full((len(queries), k), -1, np.int64)
-    block = max(1024, cells // max(1, len(queries)))
+    block = max(1024 // per_item, cells // max(1, len(queries) * per_item))
     for keys, vectors in batches:
         for start in range(0, len(keys), block):
             part_keys = keys[start:start + block]
-            scores = queries @ np.asarray(vectors[start:start + block], np.float32).T
+            rows = np.asarray(vectors[start:start + block], np.float32)
+            scores = queries @ rows.reshape(-1, queries.shape[1]).T
+            if per_item > 1:
+                scores = scores.reshape(len(queries), len(part_keys), per_item).max(axis=2)
             if exclude is not None and len(exclude):
                 scores[:, np.isin(part_keys, exclude, assume_unique=True)] = -np.inf
             damaged = ~(np.abs(scores) <= DAMAGED_SCORE) & ~np.isneginf(scores)

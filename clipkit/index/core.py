@@ -39,7 +39,7 @@ from clipkit.index.store import FORMAT, FORMAT_VERSION, Store, meta_row
 import clipkit.index.live as live
 import clipkit.index.persist as persist
 from clipkit.index.folders import FolderSync
-from clipkit.index.vectors import normalize_id, prepare_vectors
+from clipkit.index.vectors import normalize_id, prepare_items, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -51,8 +51,13 @@ class Index(FolderSync):
     refresh_interval = 0.5  # seconds between looks at the store's generation (0: before every search)
 
     def __init__(self, dim: int, *, model=None, model_info: dict | None = None, index_type: str = "flat",
-                 target_recall: float = 0.95, memory_budget: int | None = None, precision: str | None = None):
+                 target_recall: float = 0.95, memory_budget: int | None = None, precision: str | None = None,
+                 vectors_per_item: int | None = None):
         """An empty index of `dim`-d vectors.
+
+        `vectors_per_item`: items of several vectors each (BLIP-2's 32 query tokens; default: the model's
+        `vectors_per_image`, else 1), added as (N, vectors_per_item, dim) arrays; an item's score is the
+        maximum over its vectors, as such models define their similarity. Searched exactly for now.
 
         `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then the fastest structure that
         fits `memory_budget` and keeps recall@10 against exact >= `target_recall`, chosen and tuned at build
@@ -70,6 +75,12 @@ class Index(FolderSync):
         info = model.info if model is not None else model_info
         if info is not None and int(info.get("dim", dim)) != dim:
             raise ValueError(f"model dimension {info['dim']} does not match index dimension {dim}")
+        per_item = vectors_per_item if vectors_per_item is not None else int((info or {}).get("vectors_per_image", 1))
+        if not isinstance(per_item, (int, np.integer)) or isinstance(per_item, bool) or per_item < 1:
+            raise ValueError(f"vectors_per_item must be a positive integer, got {vectors_per_item!r}")
+        if per_item > 1 and index_type not in ("flat", "auto"):
+            raise ValueError(f"items of {per_item} vectors are searched exactly for now: use index_type 'flat' "
+                             f"or 'auto', not {index_type!r}")
         precision = precision or "auto"
         if precision not in ("auto", *DTYPES):
             raise ValueError(f"precision must be 'auto', 'float16' or 'float32', got {precision!r}")
@@ -79,7 +90,8 @@ class Index(FolderSync):
             for name, value in (("format", FORMAT), ("format_version", FORMAT_VERSION), ("dim", int(dim)),
                                 ("model", info), ("generation", 0), ("next_key", 0), ("index_type", index_type),
                                 ("target_recall", target_recall), ("memory_budget", memory_budget),
-                                ("structure_version", 0), ("vectors", vectors), ("precision", precision)):
+                                ("structure_version", 0), ("vectors", vectors), ("precision", precision),
+                                ("vectors_per_item", int(per_item))):
                 store.set_info(name, value)
         self._attach(store, int(dim), path=None, model=model)
         self._structure = live.exact_structure(self)
@@ -107,9 +119,12 @@ class Index(FolderSync):
         `index_type` and `options` (target_recall, memory_budget) as for `Index(...)`.
         """
         array = np.asarray(embeddings)
-        if array.ndim != 2 or array.shape[0] == 0:
-            raise ValueError(f"embeddings must be a non-empty 2-D array (N, D), got shape {array.shape}")
-        index = cls(array.shape[1], model=model, index_type=index_type, **options)
+        if array.ndim not in (2, 3) or array.shape[0] == 0:
+            raise ValueError(f"embeddings must be a non-empty (N, D) array, or (N, V, D) for items of V vectors, "
+                             f"got shape {array.shape}")
+        if array.ndim == 3:
+            options["vectors_per_item"] = array.shape[1]
+        index = cls(array.shape[-1], model=model, index_type=index_type, **options)
         index.add(array, ids=ids, metadata=metadata)
         if index_type != "flat":
             index.build()
@@ -248,8 +263,9 @@ class Index(FolderSync):
         return result
 
     def add(self, embeddings: Any, ids: Sequence | None = None, metadata: Sequence[dict] | None = None) -> None:
-        """Add rows (normalised to unit length). An id already in the index is a ValueError."""
-        vectors = prepare_vectors(embeddings, self.dim)
+        """Add rows (normalised to unit length; (N, V, D) for items of V vectors). An id already in the index
+        is a ValueError."""
+        vectors = prepare_items(embeddings, self.dim, self.vectors_per_item)
         n = len(vectors)
         if ids is not None:
             ids = [normalize_id(v) for v in ids]
@@ -381,11 +397,15 @@ class Index(FolderSync):
             return self.store.ids_with_prefix(prefix)
 
     def embeddings(self, ids: Iterable | None = None) -> np.ndarray:
-        """The stored unit-norm embeddings (all, in insertion order, or for the given ids)."""
+        """The stored unit-norm embeddings (all, in insertion order, or for the given ids): (N, D), or
+        (N, V, D) for items of V vectors."""
         with self._lock:
-            if ids is None:
-                return self.store.all_vectors()[1]
-            return self.store.vectors(self.keys(ids))
+            rows = self.store.all_vectors()[1] if ids is None else self.store.vectors(self.keys(ids))
+        return rows if self.vectors_per_item == 1 else rows.reshape(len(rows), self.vectors_per_item, self.dim)
+
+    @property
+    def vectors_per_item(self) -> int:
+        return self.store.vectors_per_item
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one that built this index."""

@@ -31,6 +31,9 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("writing metadata_*.parquet needs pyarrow: pip install 'clipkit[parquet]'") from None
+    if index.vectors_per_item > 1:
+        raise ValueError(f"this index keeps {index.vectors_per_item} vectors an item; clip-retrieval's layout holds "
+                         "one an image, so it cannot be exported to it")
     out = Path(out)
     if any(out.glob("img_emb/*.npy")):
         raise ValueError(f"{out} already holds an export (img_emb/); choose a new folder")

@@ -16,7 +16,7 @@ import clipkit.index.sync as sync
 from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of,
                                     remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
-from clipkit.index.vectors import prepare_vectors
+from clipkit.index.vectors import prepare_items
 
 log = logging.getLogger("clipkit.index")
 
@@ -174,7 +174,7 @@ class FolderSync:
     def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
         """One transaction: drop the old rows of these files (ids), add their new embeddings."""
         ids = [item_id for item_id, _ in rows]
-        vectors = prepare_vectors(vectors, self.dim)
+        vectors = prepare_items(vectors, self.dim, self.vectors_per_item)
 
         def change(store: Store):
             old = store.keys_for(ids)

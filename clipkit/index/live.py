@@ -108,7 +108,7 @@ def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, 
     while that fits the memory budget, else streamed from the stored vectors (clipkit/index/tune.py)."""
     count, budget = index.store.count(), index.store.info("memory_budget")
     planned = candidates(index_type, count, index.dim, budget)
-    if planned == ["Flat"]:
+    if planned == ["Flat"] or index.store.vectors_per_item > 1:  # (items of several vectors: exact, for now)
         return exact_structure(index), None
     if streams(count, index.dim, budget):
         collection = stored_collection(index)
@@ -159,8 +159,10 @@ def retune_if_grown(index) -> bool:
 
 def exact_structure(index) -> ExactStructure:
     """Exact search over the stored vectors as committed now (removed items' rows left out)."""
-    return ExactStructure(index.dim, lambda: index.store.segments.batches(16_384), index.store.count(),
-                          index.store.dead_keys(), on_damaged=index.store.damaged.update)
+    per_item = index.store.vectors_per_item
+    return ExactStructure(index.dim, lambda: index.store.segments.batches(max(256, 16_384 // per_item)),
+                          index.store.count(), index.store.dead_keys(), on_damaged=index.store.damaged.update,
+                          per_item=per_item)
 
 
 def stored_vectors(index, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +196,7 @@ def outgrown(index, count: int) -> bool:
     in RAM, streamed codes: the size or the budget crossed a line), or lists planned for a collection
     REPLAN_GROWTH times smaller or larger. Growth alone within that is served by the structure as it is (its
     lists grow; additions go beside them): no rebuild of the world each time a count crosses a step."""
-    if index.index_type != "auto":
+    if index.index_type != "auto" or index.store.vectors_per_item > 1:
         return False
     built = index.store.info("planned", "Flat")
     now = choose_structure("auto", count, index.dim, index.store.info("memory_budget"))

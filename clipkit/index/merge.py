@@ -53,6 +53,9 @@ def _check_compatible(loaded: list) -> None:
     for position, part in enumerate(loaded[1:], 1):
         if part.dim != first.dim:
             raise ValueError(f"part {position} holds {part.dim}-d embeddings, part 0 {first.dim}-d ones")
+        if part.vectors_per_item != first.vectors_per_item:
+            raise ValueError(f"part {position} keeps {part.vectors_per_item} vectors an item, part 0 "
+                             f"{first.vectors_per_item}")
         if (part.model_info or {}).get("fingerprint") != (first.model_info or {}).get("fingerprint"):
             names = [(p.model_info or {}).get("name") for p in (part, first)]
             raise ModelMismatchError(f"part {position} was built by another model than part 0 ({names[0]} vs "
@@ -68,7 +71,8 @@ def _target(cls, out, names: list[str], first, index_type: str, options: dict):
             if existing.store.info("merging") == names:
                 return existing
         raise ValueError(f"{out} already exists; merge into a new folder")
-    merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type, **options)
+    merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type,
+                 vectors_per_item=first.vectors_per_item, **options)
     if out is not None:
         with merged.store.transaction(bump=False):
             merged.store.set_info("merging", names)

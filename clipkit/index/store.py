@@ -89,10 +89,20 @@ class Store:
         self._segments: Segments | None = None  # the vector files, made on first use (the dimension known)
 
     @property
+    def vectors_per_item(self) -> int:
+        """How many vectors each item has (BLIP-2's query tokens: 32; one for CLIP-like models)."""
+        return int(self.info("vectors_per_item", 1))
+
+    @property
+    def row_width(self) -> int:
+        """Numbers in a stored row: an item's vectors side by side."""
+        return int(self.info("dim")) * self.vectors_per_item
+
+    @property
     def segments(self) -> Segments:
         """The vector segments, mapped as far as the store (in its current snapshot) says rows are committed."""
         if self._segments is None:
-            self._segments = Segments(self.file.parent if self.file is not None else None, int(self.info("dim")),
+            self._segments = Segments(self.file.parent if self.file is not None else None, self.row_width,
                                       readonly=self.readonly)
         self._segments.view(self.vectors_state())
         return self._segments
@@ -346,7 +356,7 @@ class Store:
     def _checked(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """`vectors` with damaged rows (NaN, infinite or far from unit length: flipped bytes on disk) set to zero,
         so that no search ever scores NaN; their keys are remembered in `damaged` (syncing re-embeds them)."""
-        bad = damaged_rows(vectors)
+        bad = damaged_rows(vectors, self.vectors_per_item)
         if bad.any():
             self.damaged.update(int(k) for k in keys[bad])
             vectors[bad] = 0
@@ -368,7 +378,7 @@ class Store:
         """(keys, vectors) of every item, in key order, in RAM (small collections: builds that fit the budget)."""
         batches = [(keys, self._checked(keys, vectors)) for keys, vectors in self.live_vectors()]
         if not batches:
-            return np.zeros(0, np.int64), np.zeros((0, int(self.info("dim"))), np.float32)
+            return np.zeros(0, np.int64), np.zeros((0, self.row_width), np.float32)
         return np.concatenate([keys for keys, _ in batches]), np.concatenate([vectors for _, vectors in batches])
 
     # -- the queries builds tune on ---------------------------------------------------------------
@@ -442,7 +452,7 @@ class Store:
         root, relative path, mtime, size), keeping their embeddings (nothing is embedded again) under new keys,
         since a key's id never changes (readers cache it). (old keys, new keys, their vectors)."""
         if not moves:
-            return [], np.zeros(0, np.int64), np.zeros((0, int(self.info("dim"))), np.float32)
+            return [], np.zeros(0, np.int64), np.zeros((0, self.row_width), np.float32)
         old = {}
         for chunk in chunks([m[0] for m in moves]):
             old.update((row[0], row[1:]) for row in self.db.execute(
@@ -529,7 +539,7 @@ class Store:
             self.db.backup(destination)
             destination.execute("PRAGMA journal_mode=WAL")
             with self.snapshot():
-                copy = Segments(target.parent, int(self.info("dim")))
+                copy = Segments(target.parent, self.row_width)
                 state = copy.rewrite(self.vectors_state(), self.live_vectors())
             destination.execute("INSERT OR REPLACE INTO info(name, value) VALUES ('vectors', ?)", (json.dumps(state),))
         finally:

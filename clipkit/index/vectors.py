@@ -7,6 +7,24 @@ from typing import Any
 import numpy as np
 
 
+def prepare_items(vectors: Any, dim: int, per_item: int, what: str = "embeddings") -> np.ndarray:
+    """Items of `per_item` vectors each: a (N, per_item, dim) array (or (per_item, dim) for one item) as
+    (N, per_item * dim) rows of unit vectors side by side (each vector normalised on its own)."""
+    if per_item == 1:
+        return prepare_vectors(vectors, dim, what)
+    try:
+        array = np.asarray(vectors)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be a numeric array: {exc}") from None
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1:] != (per_item, dim):
+        raise ValueError(f"{what} must be (N, {per_item}, {dim}): this index keeps {per_item} vectors of {dim} "
+                         f"numbers an item; got shape {array.shape}")
+    flat = prepare_vectors(array.reshape(-1, dim), dim, what)
+    return np.ascontiguousarray(flat.reshape(len(array), per_item * dim))
+
+
 def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndarray:
     """Validate a (N, dim) or (dim,) array and return unit-norm float32 rows (always 2-D).
 
@@ -38,11 +56,13 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 
-def damaged_rows(vectors: np.ndarray) -> np.ndarray:
-    """Which stored rows are damaged (NaN, infinite or far from unit length: flipped bytes on disk)."""
+def damaged_rows(vectors: np.ndarray, per_item: int = 1) -> np.ndarray:
+    """Which stored rows are damaged (NaN, infinite or a vector far from unit length: flipped bytes on disk);
+    a row holds `per_item` vectors side by side."""
+    parts = vectors.reshape(len(vectors), per_item, -1)
     with np.errstate(invalid="ignore", over="ignore"):
-        norms = np.einsum("ij,ij->i", vectors, vectors)
-    return ~(np.abs(norms - 1) < 1e-2)
+        norms = np.einsum("ijk,ijk->ij", parts, parts)
+    return ~(np.abs(norms - 1) < 1e-2).all(axis=1)
 
 
 def normalize_id(value: Any) -> int | str:
