@@ -240,7 +240,7 @@ def _token_lengths(tokens: torch.Tensor) -> torch.Tensor:
 
 def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress: bool | None = False,
                   workers: int | None = None, draft: bool = True) -> np.ndarray:
-    out = np.empty((len(images), model.dim), dtype=np.float32)
+    out = np.empty((len(images), *model.image_shape), dtype=np.float32)
     with tqdm(total=len(images), disable=_no_bar(progress), unit="img", desc="encoding images") as bar:
         for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, workers=workers,
                                                        device=model.device,
@@ -258,8 +258,8 @@ def embed_image_files(paths: Sequence, model: Model, *, batch_size: int = 64, wo
     for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size, skip_errors=True,
                                                            workers=workers, device=model.device,
                                                            draft_size=model.image_size):
-        vectors = model.encode_image(pixels).float().cpu().numpy() if positions else np.zeros((0, model.dim),
-                                                                                             np.float32)
+        vectors = model.encode_image(pixels).float().cpu().numpy() if positions else np.zeros(
+            (0, *model.image_shape), np.float32)
         yield vectors, positions, failures
 
 

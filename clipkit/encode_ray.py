@@ -160,7 +160,7 @@ class _Embedder:
         from clipkit.encode import embed_image_files
 
         paths = [str(p) for p in batch["path"]]
-        vectors = np.zeros((len(paths), self.model.dim), np.float32)
+        vectors = np.zeros((len(paths), *self.model.image_shape), np.float32)
         reasons, kinds = np.full(len(paths), "", object), np.full(len(paths), "", object)
         for found, positions, failures in embed_image_files(paths, self.model, batch_size=len(paths),
                                                             workers=self.threads):

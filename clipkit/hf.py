@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,25 +91,23 @@ def load_transformers(name: str, device: torch.device) -> dict[str, Any]:
     transformers = require_transformers()
     source, recorded, local_only = hf_source(name)
     with quiet_transformers():
-        if _from_pretrained(transformers.AutoConfig, source, name, local_only).model_type == "blip-2":
-            raise ValueError(f"{name} is BLIP-2, whose image embedding is one vector per query token; clipkit's "
-                             "index stores one vector per image for now: use it to re-rank (--reranker "
-                             f"{name}, or clipkit.load_reranker) after a CLIP-like model's retrieval")
-        model = _from_pretrained(transformers.AutoModel, source, name, local_only)
-        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        blip2 = _from_pretrained(transformers.AutoConfig, source, name, local_only).model_type == "blip-2"
+        kind = transformers.Blip2ForImageTextRetrieval if blip2 else transformers.AutoModel
+        model = _from_pretrained(kind, source, name, local_only)
+        if not blip2 and not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
             raise ValueError(f"{name} holds a {type(model).__name__}, not a dual encoder: clipkit loads transformers "
                              "models with get_text_features and get_image_features (CLIPModel, SiglipModel, ...)")
         tokenizer = _from_pretrained(transformers.AutoTokenizer, source, name, local_only)
         processor = _from_pretrained(transformers.AutoImageProcessor, source, name, local_only)
     check_tokenizer(tokenizer, source, name, local_only)
-    tower = HFDualEncoder(model, tokenizer).to(device).eval()
-    text = HFTokenizer(tokenizer, context_length(model, tokenizer),
+    tower = (Blip2DualEncoder if blip2 else HFDualEncoder)(model, tokenizer).to(device).eval()
+    text = HFTokenizer(tokenizer, tower.context_length() if blip2 else context_length(model, tokenizer),
                        pad_to_max=model.config.model_type in LAST_TOKEN_POOLING)
     with torch.inference_mode():
         dim = tower.encode_text(text(["a"]).to(device)).shape[-1]
     return {"clip": tower, "preprocess": HFPreprocess(processor), "tokenizer": text, "dim": int(dim),
             "image_size": image_size(model.config.vision_config, processor), "context_length": text.context_length,
-            "name": recorded}
+            "name": recorded, "vectors_per_image": int(model.config.num_query_tokens) if blip2 else 1}
 
 
 def _from_pretrained(kind, source: str, name: str, local_only: bool):
@@ -266,3 +265,46 @@ class HFDualEncoder(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_tokens(tokens)[0]
+
+
+class Blip2DualEncoder(nn.Module):
+    """BLIP-2's image-text contrastive path (transformers `Blip2ForImageTextRetrieval`) behind the dual-encoder
+    interface: `encode_image` gives one vector per learned query token (N, queries, dim) — the Q-Former's
+    queries cross-attend to the frozen vision tower's tokens, then the vision projection — and `encode_text`
+    one vector per text from the Q-Former's text path ([CLS], the text projection). Their similarity is the
+    best query token's cosine, as `Blip2ForImageTextRetrieval(use_image_text_matching_head=False)` computes
+    it; an index of such images keeps all the query vectors of each (`Index(vectors_per_item=...)`)."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def context_length(self) -> int:
+        config = self.model.config
+        return int(config.qformer_config.max_position_embeddings)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return torch.tensor(math.log(1 / 0.07))  # BLIP-2's contrastive temperature (it keeps it fixed here)
+
+    @property
+    def logit_bias(self) -> None:
+        return None
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        states = model.vision_model(pixel_values=pixels).last_hidden_state
+        queries = model.query_tokens.expand(len(states), -1, -1)
+        encoded = model.qformer(query_embeds=queries, encoder_hidden_states=states,
+                                encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long,
+                                                                  device=states.device)).last_hidden_state
+        return model.vision_projection(encoded.to(model.vision_projection.weight.dtype))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        mask = tokens != PAD
+        ids = tokens.masked_fill(~mask, self.pad_id)
+        encoded = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0,
+                                attention_mask=mask.long()).last_hidden_state
+        return model.text_projection(encoded[:, 0, :].to(model.text_projection.weight.dtype))

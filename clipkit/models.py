@@ -72,12 +72,20 @@ class Model:
     itm: torch.nn.Module | None = None
     channels_last: bool = False  # image batches go in NHWC (convolutional towers on CUDA)
     precision: str = "auto"  # "auto": half precision under autocast on CUDA; "fp32": never
+    vectors_per_image: int = 1  # BLIP-2: one image embedding per query token, (N, vectors_per_image, dim)
 
     @property
     def info(self) -> dict:
         """What an index records about the model that built it."""
-        return {"name": self.name, "pretrained": self.pretrained, "dim": self.dim,
-                "fingerprint": self.fingerprint}
+        info = {"name": self.name, "pretrained": self.pretrained, "dim": self.dim, "fingerprint": self.fingerprint}
+        if self.vectors_per_image > 1:
+            info["vectors_per_image"] = self.vectors_per_image
+        return info
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image's embedding: (dim,), or (vectors_per_image, dim)."""
+        return (self.dim,) if self.vectors_per_image == 1 else (self.vectors_per_image, self.dim)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
@@ -101,7 +109,8 @@ class Model:
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Unit-norm float32 image embeddings `(N, dim)` for a preprocessed batch `(N, 3, H, W)`."""
+        """Unit-norm float32 image embeddings `(N, dim)` for a preprocessed batch `(N, 3, H, W)` ((N, vectors,
+        dim) for a model with several vectors an image, each unit-norm)."""
         pixels = pixels.to(self.device, non_blocking=True)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -557,7 +566,8 @@ def _load_transformers_model(name: str, pretrained, device: torch.device, precis
     clip.to(device).eval()
     model = Model(name=parts["name"], pretrained=recorded, clip=clip, preprocess=parts["preprocess"],
                   tokenizer=parts["tokenizer"], device=device, dim=parts["dim"], image_size=parts["image_size"],
-                  context_length=parts["context_length"], fingerprint=fingerprint(clip), precision=precision)
+                  context_length=parts["context_length"], fingerprint=fingerprint(clip), precision=precision,
+                  vectors_per_image=parts.get("vectors_per_image", 1))
     if checkpoint is not None and checkpoint["itm"] is not None:
         model.itm = _load_itm_head(checkpoint, pretrained, device)
     return model

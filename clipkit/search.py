@@ -143,8 +143,12 @@ def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, 
 
 
 def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
-    """The index's top `depth` items for one unit query vector, as Hits with their metadata."""
-    scores, keys = index.search_keys(vector[None, :], depth)
+    """The index's top `depth` items for one unit query vector, as Hits with their metadata. A query of several
+    vectors (a BLIP-2 image's query tokens) scores an item by its best vector: each vector's top `depth`,
+    merged by the best score per item (exact: an item outside every vector's top `depth` is outside it)."""
+    scores, keys = index.search_keys(vector[None, :] if vector.ndim == 1 else vector, depth)
+    if len(keys) > 1:
+        scores, keys = _best_per_key(scores.ravel(), keys.ravel(), depth)
     hits = []
     # an approximate index may find fewer (key -1); an item deleted since the search has no record
     for score, record in zip(scores[0], index.get_by_key(keys[0].tolist())):
@@ -152,6 +156,14 @@ def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
             hits.append(Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None),
                             key=record.pop("key"), metadata=record))
     return hits
+
+
+def _best_per_key(scores: np.ndarray, keys: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    scores, keys = scores[order], keys[order]
+    _, first = np.unique(keys, return_index=True)  # the best score of each key (-1: none found)
+    first = np.sort(first[keys[first] >= 0])[:depth]
+    return scores[first][None, :], keys[first][None, :]
 
 
 def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weight: float | None = None) -> list[Hit]:

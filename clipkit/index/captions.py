@@ -188,7 +188,7 @@ def writable_captions(index):
 
 def new_captions(index, model):
     """A new, empty caption collection for `index` (saved beside it when it has a folder)."""
-    collection = type(index)(index.dim, model=model)
+    collection = type(index)(index.dim, model=model, vectors_per_item=1)  # captions: one text vector each
     if index.path is not None:
         collection.save(index.path / CAPTIONS_DIR)
     index._captions = collection
