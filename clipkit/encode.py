@@ -273,7 +273,7 @@ def encode_gallery(model: Model, images: list, batch_size: int = 128,
     """A gallery for evaluation or re-ranking: (unit-norm image embeddings `(N, dim)` float32, and with `states` the ITM head's image input
     `(N, tokens, width)`, or with `states="pixels"` the preprocessed pixels `(N, 3, H, W)` on the CPU), from
     one decode and preprocess pass over `images`."""
-    image_emb = np.empty((len(images), model.dim), np.float32)
+    image_emb = np.empty((len(images), *model.image_shape), np.float32)
     kept = []
     for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, device=model.device):
         pixels = pixels.to(model.device)

@@ -51,6 +51,19 @@ def _rerank_rows(similarity: np.ndarray, rerank_k: int, score_pairs, weight: flo
     return out
 
 
+def similarity_matrix(text_emb: np.ndarray, image_emb: np.ndarray, cells: int = 1 << 26) -> np.ndarray:
+    """(texts, images) cosine similarities; images of several vectors (N, V, D) score their best vector,
+    computed a block of images at a time (at most `cells` numbers at once)."""
+    if image_emb.ndim == 2:
+        return text_emb @ image_emb.T
+    out = np.empty((len(text_emb), len(image_emb)), np.float32)
+    step = max(1, cells // max(1, len(text_emb) * image_emb.shape[1]))
+    for start in range(0, len(image_emb), step):
+        block = image_emb[start:start + step]
+        out[:, start:start + step] = np.einsum("td,nvd->tnv", text_emb, block).max(axis=2)
+    return out
+
+
 def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float | None = None,
              batch_size: int = 128, ks=(1, 5, 10), reranker=None) -> Evaluation:
     """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM: the model's own
@@ -58,6 +71,8 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
     if rerank_k < 1:
         raise ValueError(f"rerank_k must be at least 1, got {rerank_k}")
     rerank = rerank or reranker is not None
+    if rerank and reranker is None and model.vectors_per_image > 1:
+        reranker = model  # BLIP-2: the checkpoint's own ITM head (load_reranker)
     head = require_itm(model) if rerank and reranker is None else None
     seconds = {}
     start = time.perf_counter()
@@ -68,7 +83,7 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
     seconds["encode_texts"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    similarity = text_emb @ image_emb.T
+    similarity = similarity_matrix(text_emb, image_emb)
     mapping = data.text_to_image
     t2i = text_to_image_ranks(lambda a, b: similarity[a:b], len(data.captions), mapping)
     i2t = image_to_text_ranks(lambda a, b: similarity[:, a:b].T, len(data.images), mapping)

@@ -123,13 +123,25 @@ def load_reranker(source, *, device: str | torch.device | None = None) -> Rerank
     if isinstance(source, Reranker):
         return source
     if isinstance(source, Model):
-        return HeadReranker(source)
+        return _own_reranker(source, device)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ValueError(f"a re-ranker is a model name, a directory or hf:ORG/REPO; got {source!r}")
     family = _blip_family(str(source)) if is_hf_name(str(source)) else None
     if family is not None:
         return family.load(str(source), device=device)
     return HeadReranker(load_model(str(source), device=device))
+
+
+def _own_reranker(model, device) -> Reranker:
+    """A model's own re-ranker: a BLIP-2 checkpoint's ITM head (loaded once, kept on the model: the same
+    checkpoint retrieves and re-ranks), else the clipkit ITM head it carries."""
+    from clipkit.hf import is_hf_name
+
+    if model.vectors_per_image > 1 and is_hf_name(model.name):
+        if getattr(model, "_blip2_reranker", None) is None:
+            model._blip2_reranker = Blip2Reranker.load(model.name, device=device or model.device)
+        return model._blip2_reranker
+    return HeadReranker(model)
 
 
 def _blip_family(source: str) -> "type[BlipReranker] | None":

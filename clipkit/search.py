@@ -12,7 +12,7 @@ from PIL import Image
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.shards import item_image
-from clipkit.rerankers import HeadReranker, Reranker, load_images, load_reranker
+from clipkit.rerankers import Reranker, load_images, load_reranker
 
 
 @dataclass
@@ -134,7 +134,7 @@ def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, 
     if rerank:
         if kind not in (TEXT, IMAGE):
             raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
-        reranker = load_reranker(reranker) if reranker is not None else HeadReranker(model)
+        reranker = load_reranker(reranker if reranker is not None else model)  # default: the model's own
     depth = max(k, rerank_k or 32) if rerank else k
     hits = nearest_hits(index, vector, depth if max_depth is None else min(depth, max(k, max_depth)))
     if rerank:

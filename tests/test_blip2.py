@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 import clipkit  # noqa: E402
 from clipkit.cli import main  # noqa: E402
 from clipkit.encode import load_image  # noqa: E402
-from test_rerankers import blip2_dir  # noqa: E402
+from test_rerankers import blip2_dir, blip2_reference  # noqa: E402
 
 TEXTS = ["a red circle", "a blue square", "a green triangle", "the yellow one"]
 
@@ -24,8 +24,10 @@ def itc_reference(path: Path, images: list, texts: list[str]) -> np.ndarray:
     model = transformers.Blip2ForImageTextRetrieval.from_pretrained(path).eval()
     processor = transformers.Blip2Processor.from_pretrained(path)
     with torch.no_grad():
-        inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
-        return model(**inputs, use_image_text_matching_head=False).logits_per_image.numpy()
+        tokens = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
+                                     max_length=model.config.qformer_config.max_position_embeddings)
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return model(pixel_values=pixels, **tokens, use_image_text_matching_head=False).logits_per_image.numpy()
 
 
 def test_blip2_itc_through_encode_index_and_search_equals_transformers(tmp_path, image_folder):
@@ -50,6 +52,13 @@ def test_blip2_itc_through_encode_index_and_search_equals_transformers(tmp_path,
         hits = clipkit.search(text, index, k=12)
         scores = {Path(h.path).resolve(): h.score for h in hits}
         np.testing.assert_allclose([scores[f.resolve()] for f in files], expected[:, column], atol=1e-4)
+    # one checkpoint retrieves (ITC) and re-ranks (its ITM head): the default re-ranker of its index
+    hits = clipkit.search(TEXTS[1], index, k=3, rerank=True, rerank_k=12)
+    candidates = clipkit.search(TEXTS[1], index, k=12)
+    probabilities = blip2_reference(path, [load_image(Path(h.path)) for h in candidates], [TEXTS[1]] * 12)
+    order = np.argsort(-probabilities, kind="stable")[:3]
+    assert [h.id for h in hits] == [candidates[i].id for i in order]
+    np.testing.assert_allclose([h.score for h in hits], probabilities[order], atol=1e-4)
 
 
 def test_blip2_image_queries_search_captions_by_their_best_query_token(tmp_path, image_folder):
@@ -66,3 +75,18 @@ def test_blip2_image_queries_search_captions_by_their_best_query_token(tmp_path,
     np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-4)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     assert {h.metadata["caption"] for h in hits} == set(TEXTS)
+
+
+def test_eval_with_blip2_ranks_by_its_itc_and_reranks_with_its_itm(tmp_path):
+    from clipkit.evaluate import load_dataset, run_benchmark
+
+    path = blip2_dir(tmp_path, spread=0.3)
+    data = load_dataset("synthetic", n_images=10)
+    similarity = itc_reference(path, [load_image(i) if isinstance(i, Path) else i for i in data.images],
+                               data.captions).T  # (captions, images), transformers' own
+    truth_rank = np.array([int((row > row[target]).sum()) + 1 for row, target in zip(similarity, data.text_to_image)])
+    report = run_benchmark("synthetic", model=str(path), rerank=True, rerank_k=4, n_images=10, device="cpu",
+                           json_path=str(tmp_path / "eval.json"))
+    assert report["itc"]["t2i"]["R@1"] == pytest.approx(float((truth_rank <= 1).mean()))
+    assert report["itc"]["t2i"]["R@5"] == pytest.approx(float((truth_rank <= 5).mean()))
+    assert report["rerank"] is not None and report["reranker"] is not None
