@@ -4,7 +4,9 @@
 transformers model with `get_text_features` / `get_image_features`), and `clipkit.load_model("hf:ORG/REPO")`
 a hub repository through transformers' own cache (offline and not cached: an error at once). Images are
 preprocessed and texts tokenised by the checkpoint's own image processor and tokenizer, so embeddings
-equal transformers' `get_image_features` / `get_text_features`, unit-normalised.
+equal transformers' `get_image_features` / `get_text_features`, unit-normalised. BLIP-2
+(`Blip2ForImageTextRetrieval`) retrieves through its Q-Former (`Blip2DualEncoder`): one vector per query
+token an image.
 
 Texts: batches are padded to their longest text and the attention mask is passed where that is exact
 (towers that pool a real token: CLIP, BERT-style); towers that pool the last position (SigLIP) or
