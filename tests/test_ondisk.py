@@ -246,3 +246,31 @@ def test_a_save_retunes_the_search_parameters_once_the_collection_doubled(tmp_pa
         found = one.search(queries, 10)[1].tolist()
         assert one._structure.params == index._structure.params
         assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) >= 0.93
+
+
+def test_saved_lists_on_read_only_storage_search_and_catch_up(tmp_path):
+    """Memory-mapped read-only lists, a delta built from the store's later commits, and nothing written."""
+    from test_living_index import _tmpfs, _unmount
+
+    media = tmp_path / "media"
+    if not _tmpfs(media, "16m"):
+        pytest.skip("needs root and tmpfs mounts")
+    try:
+        base = unit(N, DIM, 30)
+        index = Index(DIM, index_type="IVF8,Flat", precision="float32")
+        index.add(base[:2500], ids=list(range(2500)))
+        index.build()
+        index.save(media / "ix")
+        index.add(base[2500:], ids=list(range(2500, N)))  # committed, never saved into the lists
+        index.remove(list(range(100)))
+        index.close()
+        subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        loaded = Index.load(media / "ix")
+        assert loaded.readonly and len(loaded) == N - 100 and loaded._structure.pending() == 500 + 100
+        every_list(loaded)
+        queries = unit(20, DIM, 31)
+        alive = {i: base[i] for i in range(100, N)}
+        assert loaded.search(queries, 10)[1].tolist() == numpy_top(alive, queries, 10)
+        loaded.close()
+    finally:
+        _unmount(media)
