@@ -226,16 +226,21 @@ class RefineVectors:
         return self.data[np.maximum(rows, 0)], rows >= 0
 
 
-def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, lookup) -> tuple[np.ndarray, np.ndarray]:
+def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, lookup,
+           per_item: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The top k of each query's shortlisted keys (-1: none) by exact inner product with the vectors
-    `lookup(keys) -> (vectors, found)` gives (in RAM while tuning, else the index's memory-mapped ones)."""
+    `lookup(keys) -> (vectors, found)` gives (in RAM while tuning, else the index's memory-mapped ones); rows
+    of `per_item` vectors score the best of them."""
     n, width = shortlist.shape
     scores = np.empty(shortlist.shape, np.float32)
-    step = max(1, 4_000_000 // max(1, width * queries.shape[1]))  # gathered floats per chunk of queries
+    step = max(1, 4_000_000 // max(1, width * queries.shape[1] * per_item))  # gathered floats per chunk of queries
     for start in range(0, n, step):
         keys = shortlist[start:start + step]
         vectors, found = lookup(keys.ravel())
-        part = np.matmul(vectors.reshape(len(keys), width, -1), queries[start:start + step, :, None])[:, :, 0]
+        part = np.matmul(vectors.reshape(len(keys), width * per_item, -1),
+                         queries[start:start + step, :, None])[:, :, 0]
+        if per_item > 1:
+            part = part.reshape(len(keys), width, per_item).max(axis=2)
         part[~found.reshape(keys.shape) | (keys < 0) | ~(np.abs(part) <= DAMAGED_SCORE)] = -np.inf
         scores[start:start + step] = part
     k = min(k, width)
@@ -252,9 +257,12 @@ class Structure:
     structures also where the vectors are, to re-rank `k_factor` x k shortlisted keys exactly: a copy in RAM
     while the tuner builds it (`RefineVectors`), then the index's stored vectors (`attach_vectors`)."""
 
-    def __init__(self, index: faiss.Index, factory: str = "Flat", params: dict | None = None):
-        self.index, self.factory = index, factory
-        self.refine = RefineVectors(int(index.d)) if split_refine(factory)[1] else None
+    def __init__(self, index: faiss.Index, factory: str = "Flat", params: dict | None = None, per_item: int = 1):
+        self.index, self.factory, self.per_item = index, factory, per_item
+        # items of several vectors: FAISS holds each vector under key * per_item + its number, and the
+        # shortlist's items are always re-ranked exactly (best vector), from a RAM copy while tuning
+        refined = split_refine(factory)[1] or per_item > 1
+        self.refine = RefineVectors(int(index.d) * per_item) if refined else None
         self._lookup = self.refine.lookup if self.refine is not None else None  # keys -> (vectors, found)
         self._gpu = None  # (GPU index, position -> key map or None), or False: not on the GPU
         self.sealed = None  # ondisk.Sealed: `index` searches memory-mapped lists, and then:
@@ -279,7 +287,7 @@ class Structure:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
 
     @classmethod
-    def read(cls, folder: Path, record: dict, factory: str, params: dict | None) -> "Structure":
+    def read(cls, folder: Path, record: dict, factory: str, params: dict | None, per_item: int = 1) -> "Structure":
         """The structure saved in `folder` as `record` says (its file, lists file and CRC-32 of the file); a
         ValueError when the file is not what was recorded."""
         file = folder / record["faiss_file"]
@@ -295,10 +303,10 @@ class Structure:
         if record.get("lists_file") and os.path.getsize(folder / record["lists_file"]) != record.get("lists_bytes"):
             raise ValueError(f"{record['lists_file']} is not the size recorded")
         if not record.get("lists_file"):
-            structure = cls(index, factory, params)
+            structure = cls(index, factory, params, per_item=per_item)
         else:
             structure = cls.__new__(cls)
-            structure._open_sealed(head, folder / record["lists_file"], factory, params)
+            structure._open_sealed(head, folder / record["lists_file"], factory, params, per_item)
         structure.snapshot = (folder.resolve(), dict(record))
         return structure
 
@@ -306,10 +314,11 @@ class Structure:
         """Search the lists written to `lists_file` (for this structure's `head`) from now on, memory-mapped."""
         self._open_sealed(head, lists_file, self.factory, self.params)
 
-    def _open_sealed(self, head: bytes, lists_file: Path, factory: str, params: dict | None) -> None:
+    def _open_sealed(self, head: bytes, lists_file: Path, factory: str, params: dict | None,
+                     per_item: int | None = None) -> None:
         table = ondisk.read_table(lists_file)
         lookup = getattr(self, "_lookup", None)
-        self.__init__(ondisk.open_sealed(head, lists_file), factory)
+        self.__init__(ondisk.open_sealed(head, lists_file), factory, per_item=per_item or self.per_item)
         self.sealed = ondisk.Sealed(head, lists_file.name, table.last_key, table.count)
         self.delta = ondisk.empty_copy(head, self.index)
         if lookup is not None:
@@ -345,7 +354,15 @@ class Structure:
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal) - len(self.dropped) + (int(self.delta.ntotal) if self.delta is not None else 0)
+        vectors = int(self.index.ntotal) - len(self.dropped) + (int(self.delta.ntotal) if self.delta is not None else 0)
+        return vectors // self.per_item
+
+    def sub_keys(self, keys: np.ndarray) -> np.ndarray:
+        """The keys FAISS holds an item's vectors under (the item's own key when it has one)."""
+        keys = np.asarray(keys, np.int64)
+        if self.per_item == 1:
+            return keys
+        return (keys[:, None] * self.per_item + np.arange(self.per_item)).ravel()
 
     @property
     def dim(self) -> int:
@@ -367,9 +384,10 @@ class Structure:
     def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:
         """Add vectors under keys (new ones); the RAM copy for the re-rank too, while there is one."""
         target = self.delta if self.delta is not None else self.index  # sealed lists are read-only
-        for start in range(0, len(vectors), 100_000):
-            target.add_with_ids(np.ascontiguousarray(vectors[start:start + 100_000], dtype=np.float32),
-                                np.ascontiguousarray(keys[start:start + 100_000], dtype=np.int64))
+        each, sub = np.asarray(vectors).reshape(-1, self.dim), self.sub_keys(keys)
+        for start in range(0, len(each), 100_000):
+            target.add_with_ids(np.ascontiguousarray(each[start:start + 100_000], dtype=np.float32),
+                                np.ascontiguousarray(sub[start:start + 100_000], dtype=np.int64))
         if isinstance(self.refine, RefineVectors):
             self.refine.add(keys, vectors)
         if self.delta is None:
@@ -385,6 +403,9 @@ class Structure:
 
     def remove(self, keys: np.ndarray) -> bool:
         """Remove these keys; False where this structure cannot (the caller rebuilds it)."""
+        items, keys = keys, self.sub_keys(keys)
+        if isinstance(self.refine, RefineVectors):
+            self.refine.remove(items)
         if self.sealed is not None:  # keys in the lists are filtered out of them; the delta removes its own
             keys = np.unique(np.asarray(keys, np.int64))
             if self.delta.ntotal:  # (keys only grow, but a build's held-out items come back through the delta)
@@ -399,8 +420,6 @@ class Structure:
             self.index.remove_ids(np.ascontiguousarray(keys, dtype=np.int64))
         except RuntimeError:
             return False
-        if isinstance(self.refine, RefineVectors):
-            self.refine.remove(keys)
         self._gpu = None
         return True
 
@@ -408,9 +427,11 @@ class Structure:
         """(scores, keys) of the top k, -1 / -inf where fewer were found; on the GPU when FAISS has one."""
         if self._lookup is None:
             return self._search(queries, k)
-        shortlist = min(self.ntotal, k * int(self.params.get("k_factor", 1)))
+        shortlist = min(self.ntotal * self.per_item, k * int(self.params.get("k_factor", 1)))
         _, keys = self._search(queries, max(shortlist, k))
-        return rerank(queries, keys, k, self._lookup)
+        if self.per_item > 1:  # the items of the shortlisted vectors, each once
+            keys = _first_of_each(np.where(keys >= 0, keys // self.per_item, -1))
+        return rerank(queries, keys, k, self._lookup, self.per_item)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top k of the main index (removed keys left out) and of the delta beside it, merged."""
@@ -584,6 +605,17 @@ def gpu_resources():
     return _GPU_RESOURCES
 
 
+def _first_of_each(keys: np.ndarray) -> np.ndarray:
+    """Each row's keys with repeats (after their first place) set to -1."""
+    order = np.argsort(keys, axis=1, kind="stable")
+    ordered = np.take_along_axis(keys, order, 1)
+    repeat = np.zeros(keys.shape, bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    out = keys.copy()
+    np.put_along_axis(out, order, np.where(repeat, -1, ordered), 1)
+    return out
+
+
 def top_of(scores: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best (scores, keys) of each row, best first (-1 keys scored -inf)."""
     scores = np.where(keys >= 0, scores, -np.inf)
@@ -604,15 +636,17 @@ def wrap(inner: faiss.Index) -> faiss.Index:
 
 
 def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | None = None,
-                    niter: int | None = None) -> Structure:
-    """A trained, empty structure for `factory` ("Flat", any FAISS factory string, optionally ",RFlat").
+                    niter: int | None = None, per_item: int = 1) -> Structure:
+    """A trained, empty structure for `factory` ("Flat", any FAISS factory string, optionally ",RFlat"), for
+    items of `per_item` vectors (`train`: rows of that many side by side).
 
     `quantizer`: an already trained IVF coarse quantizer, owned by Python (a clone), for this structure's lists
     (the tuner compares IVF-Flat and IVF-PQ over the same lists, trained once).
     """
-    dim = train.shape[1]
+    dim = train.shape[1] // per_item
+    train = train.reshape(-1, dim)
     if factory == "Flat":
-        return Structure.flat(dim)
+        return Structure(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), per_item=per_item)
     base, _ = split_refine(factory)
     inner = faiss.index_factory(dim, base, faiss.METRIC_INNER_PRODUCT)
     if quantizer is not None and quantizer.ntotal != getattr(inner, "nlist", -1):
@@ -636,4 +670,4 @@ def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | No
         if len(train) > wanted:  # (a copy only when there is more than k-means uses)
             train = train[np.sort(np.random.default_rng(0).permutation(len(train))[:wanted])]
         inner.train(np.ascontiguousarray(train))
-    return Structure(wrap(inner), factory)
+    return Structure(wrap(inner), factory, per_item=per_item)

@@ -57,7 +57,8 @@ class Index(FolderSync):
 
         `vectors_per_item`: items of several vectors each (BLIP-2's 32 query tokens; default: the model's
         `vectors_per_image`, else 1), added as (N, vectors_per_item, dim) arrays; an item's score is the
-        maximum over its vectors, as such models define their similarity. Searched exactly for now.
+        maximum over its vectors, as such models define their similarity. Approximate structures hold every
+        vector (under the item's key) and re-rank the shortlist's items exactly.
 
         `index_type`: "flat" (exact), "auto" (exact up to FLAT_LIMIT vectors, then the fastest structure that
         fits `memory_budget` and keeps recall@10 against exact >= `target_recall`, chosen and tuned at build
@@ -78,9 +79,6 @@ class Index(FolderSync):
         per_item = vectors_per_item if vectors_per_item is not None else int((info or {}).get("vectors_per_image", 1))
         if not isinstance(per_item, (int, np.integer)) or isinstance(per_item, bool) or per_item < 1:
             raise ValueError(f"vectors_per_item must be a positive integer, got {vectors_per_item!r}")
-        if per_item > 1 and index_type not in ("flat", "auto"):
-            raise ValueError(f"items of {per_item} vectors are searched exactly for now: use index_type 'flat' "
-                             f"or 'auto', not {index_type!r}")
         precision = precision or "auto"
         if precision not in ("auto", *DTYPES):
             raise ValueError(f"precision must be 'auto', 'float16' or 'float32', got {precision!r}")

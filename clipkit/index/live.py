@@ -106,11 +106,11 @@ def rebuild(index, tune: bool = False, sample_queries: np.ndarray | None = None,
 def build_from_store(index, index_type: str, options: dict) -> tuple[Structure, Any]:
     """Inside a snapshot: the structure of `index_type` over every stored item, with the collection in RAM
     while that fits the memory budget, else streamed from the stored vectors (clipkit/index/tune.py)."""
-    count, budget = index.store.count(), index.store.info("memory_budget")
-    planned = candidates(index_type, count, index.dim, budget)
-    if planned == ["Flat"] or index.store.vectors_per_item > 1:  # (items of several vectors: exact, for now)
+    count, budget, per_item = index.store.count(), index.store.info("memory_budget"), index.store.vectors_per_item
+    planned = candidates(index_type, count * per_item, index.dim, budget)  # (planned for every vector)
+    if planned == ["Flat"]:
         return exact_structure(index), None
-    if streams(count, index.dim, budget):
+    if streams(count * per_item, index.dim, budget) or per_item > 1:
         collection = stored_collection(index)
         try:
             return build_streaming(planned, collection, **options)
@@ -128,7 +128,7 @@ def stored_collection(index) -> Collection:
     budget = index.store.info("memory_budget")
     return Collection(index.store.count(), index.dim, index.store.sample_items, index.store.live_vectors,
                       partial(stored_vectors, index), lists_budget=budget_or_default(budget) // LISTS_SHARE,
-                      spill_dir=index.path)
+                      spill_dir=index.path, per_item=index.store.vectors_per_item)
 
 
 RETUNE_GROWTH = 2  # a save re-tunes an IVF structure's search parameters once the collection doubled since
@@ -196,10 +196,10 @@ def outgrown(index, count: int) -> bool:
     in RAM, streamed codes: the size or the budget crossed a line), or lists planned for a collection
     REPLAN_GROWTH times smaller or larger. Growth alone within that is served by the structure as it is (its
     lists grow; additions go beside them): no rebuild of the world each time a count crosses a step."""
-    if index.index_type != "auto" or index.store.vectors_per_item > 1:
+    if index.index_type != "auto":
         return False
     built = index.store.info("planned", "Flat")
-    now = choose_structure("auto", count, index.dim, index.store.info("memory_budget"))
+    now = choose_structure("auto", count * index.store.vectors_per_item, index.dim, index.store.info("memory_budget"))
     if built == now:
         return False
     if _family(built) != _family(now):
@@ -248,8 +248,8 @@ def record_structure(index, structure: Structure, count: int) -> None:
     index.store.set_info("structure_version", index._structure_version)
     index.store.set_info("structure", structure.factory)
     index.store.set_info("search_params", structure.params)
-    index.store.set_info("planned", choose_structure(index.index_type, count, index.dim,
-                                                    index.store.info("memory_budget")))
+    index.store.set_info("planned", choose_structure(index.index_type, count * index.store.vectors_per_item,
+                                                    index.dim, index.store.info("memory_budget")))
     index.store.set_info("built_count", count)
     index.store.set_info("tuned_count", count)
     index.store.set_info("tuning", index._tuning.to_dict() if index._tuning is not None else None)
@@ -273,7 +273,8 @@ def load_saved_structure(index, config: dict | None = None) -> bool:
             log.info("the saved structure is missing or not the store's; rebuilding it from %s", DB_FILE)
         return False
     try:
-        structure = Structure.read(index.path, record, config.get("structure", "Flat"), config.get("search_params"))
+        structure = Structure.read(index.path, record, config.get("structure", "Flat"), config.get("search_params"),
+                                   index.store.vectors_per_item)
         if structure.dim != index.dim:
             raise ValueError("it holds vectors of another size than the store")
         with index.store.snapshot():  # one committed state to catch up with

@@ -247,8 +247,8 @@ class Collection:
     its store's)."""
 
     def __init__(self, count: int, dim: int, sample, batches, lookup, lists_budget: int | None = None,
-                 spill_dir=None):
-        self.count, self.dim = count, dim
+                 spill_dir=None, per_item: int = 1):
+        self.count, self.dim, self.per_item = count, dim, per_item  # items of `per_item` vectors of `dim`
         self.sample = sample  # sample(m) -> (keys, vectors) of up to m items drawn at random
         self.batches = batches  # batches() -> iterator of (keys, vectors), every item once, in key order
         self.lookup = lookup  # lookup(keys) -> (vectors, found): what the re-rank reads
@@ -267,19 +267,23 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
     whose shortlists `_pick_codes` estimates to hold the true neighbours is built."""
     needed = training_size(faiss.index_factory(collection.dim, split_refine(factories[0])[0],
                                                faiss.METRIC_INNER_PRODUCT))
-    keys, train = collection.sample(min(collection.count, max(train_rows, needed)))
-    if params:  # a rebuild as recorded
-        structure = empty_structure(factories[0], train, niter=10)
+    per_item = collection.per_item
+    keys, train = collection.sample(min(collection.count, -(-max(train_rows, needed) // per_item)))
+    if params or per_item > 1:  # a rebuild as recorded; items of several vectors: the first codes planned
+        structure = empty_structure(factories[0], train, niter=10, per_item=per_item)
+    if params:
         del train
         _fill(structure, collection)
         structure.set_params(params)
         return structure, None
     held, queries, truth, source = _tuning_queries(collection, keys[:n_queries], sample_queries, queries_are, k,
                                                    n_queries)
-    structure = _pick_codes(factories, (train, keys, held), collection, queries, truth, target_recall + 2 * MARGIN, k)
+    if per_item == 1:
+        structure = _pick_codes(factories, (train, keys, held), collection, queries, truth,
+                                target_recall + 2 * MARGIN, k)
     del train
     _fill(structure, collection)
-    return structure, _tune_in_place(structure, held, queries, truth, source, target_recall, k)
+    return structure, _tune_in_place(structure, collection, held, queries, truth, source, target_recall, k)
 
 
 def retune(structure: Structure, collection: Collection, *, target_recall: float = 0.95,
@@ -289,7 +293,7 @@ def retune(structure: Structure, collection: Collection, *, target_recall: float
     tuned: longer lists, more codes competing for each shortlist), without rebuilding it."""
     held = collection.sample(n_queries, seed=1)[0] if sample_queries is None else None
     held, queries, truth, source = _tuning_queries(collection, held, sample_queries, queries_are, k, n_queries)
-    return _tune_in_place(structure, held, queries, truth, source, target_recall, k)
+    return _tune_in_place(structure, collection, held, queries, truth, source, target_recall, k)
 
 
 def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sample_queries: np.ndarray | None,
@@ -298,27 +302,28 @@ def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sampl
     items `candidates` held out (out of the exact answers, and of the structure while it is tuned). The
     exact answers come from one pass over every stored vector."""
     held = np.zeros(0, np.int64)
-    if sample_queries is None:
-        held, queries = candidates, collection.lookup(candidates)[0]
+    if sample_queries is None:  # (items of several vectors: each held-out item's first vector)
+        held, queries = candidates, collection.lookup(candidates)[0][:, :collection.dim]
         source = "held-out items"
     else:
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
-    truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held))[1]
+    truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held), per_item=collection.per_item)[1]
     return held, queries, truth, source
 
 
-def _tune_in_place(structure: Structure, held: np.ndarray, queries: np.ndarray, truth: np.ndarray, source: str,
-                   target_recall: float, k: int) -> Tuning:
+def _tune_in_place(structure: Structure, collection: Collection, held: np.ndarray, queries: np.ndarray,
+                   truth: np.ndarray, source: str, target_recall: float, k: int) -> Tuning:
     """Tune `structure` (holding every item) on `queries`: half choose the setting, half estimate its recall;
     the `held` items are out of it meanwhile."""
+    rows = collection.lookup(held)[0] if len(held) else None
     structure.remove(held)
     half = len(queries) // 2
     split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
     tried = _settings(structure, split, target_recall + MARGIN, k)
     chosen, estimate = _choose(tried, {structure.factory: structure}, split, target_recall, k)
     if len(held):
-        structure.add(queries, held)
+        structure.add(rows, held)
     structure.set_params(chosen["params"])
     report = Tuning(structure.factory, structure.params, estimate, target_recall, source, len(queries),
                     chosen["seconds"] / max(1, len(split.tune)), tried)
