@@ -22,7 +22,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_every_script_has_a_smoke_test():
     tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py",
-              "scale.py", "engines.py"}
+              "scale.py", "engines.py", "multivector.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -79,6 +79,13 @@ def test_scale_tiny(tmp_path):
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert row["n"] == 3000 and row["recall_at_10"] >= 0.999 and row["added_and_removed"] == 300  # float16: ties
     assert row["searchable_after_s"] < 600 and row["serve_peak_gib"] > 0 and "| 3000 |" in out
+
+
+def test_multivector_tiny(tmp_path):
+    out = run("multivector.py", "--items", "15000", "--vectors", "4", "--dim", "16", "--work", str(tmp_path / "w"),
+              "--json", str(tmp_path / "m.json"), cwd=tmp_path)
+    row = json.loads((tmp_path / "m.json").read_text())["rows"][0]
+    assert row["structure"] != "Flat" and row["recall_at_10"] >= 0.9 and row["speedup"] > 1 and "| 15000 |" in out
 
 
 def test_engines_tiny(tmp_path):
