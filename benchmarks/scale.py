@@ -209,10 +209,10 @@ def one_size(n: int, dim: int, work: Path, model: str, data: str = "power-law") 
     build_s, build_gib, _ = measured([sys.executable, "-m", "clipkit", "-q", "index", str(emb), "--index", str(ix),
                                       "--index-type", "auto", "--model", model, "--tune-queries",
                                       str(work / "tune.npy")])
+    build_anon = measured.anon_gib  # (of the build's process: read before the next measurement)
     disk = sum(f.stat().st_size for f in ix.rglob("*") if f.is_file())
     _, open_gib, out = measured([sys.executable, "-c", OPEN_AND_QUERY, str(ix), str(work / "queries.npy"),
                                  str(work / "found.npy")])
-    build_anon = measured.anon_gib
     row = {"n": n, "dim": dim, "data": data, "build_s": build_s, "build_peak_gib": build_gib, "build_anon_gib": build_anon,
            "bytes_per_vector": disk / n,
            "open_peak_gib": open_gib, **json.loads(out)}
