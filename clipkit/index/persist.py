@@ -1,10 +1,13 @@
 """Saving an index to its folder and opening it again (the facade `Index.save` / `Index.load`).
 
 Saving attaches an index to a folder: its store is copied there (vectors compacted into a new set of
-segment files) unless it lives there already; then the ANN structure is written (`index.faiss`, for
-approximate structures only) with `config.json`, which records what the file was saved from, so that a
-later open trusts it only while that still holds. Opening migrates older formats under the writer lock and
-reads no vectors.
+segment files) unless it lives there already; then the ANN structure is written (approximate structures
+only: an IVF one as `structure-GEN-TAG.faiss`, its head, and `structure-GEN-TAG.lists`, its memory-mapped
+inverted lists; others as one FAISS file), under new names, unless the files it was saved as still serve,
+with `config.json`, which names them and records what they were saved from (generation, last key, key-set
+digest, checksum), so that a later open trusts them only while that holds and catches up from the store.
+Index folders of older formats (`index.faiss`) still open. Opening migrates older formats under the writer
+lock and reads no vectors.
 """
 
 from __future__ import annotations
@@ -213,8 +216,8 @@ def read_config(path: Path) -> dict:
         if not (path / DB_FILE).is_file():
             raise BrokenIndexError(f"{config_path} is unreadable ({first_line(exc)}) and {path} has no "
                                    f"{DB_FILE}: this is no clipkit index") from exc
-        # the store is the truth; config.json only records what index.faiss was saved from: without it, that
-        # file is not trusted (the structure is rebuilt from the store) and the next save writes both anew
+        # the store is the truth; config.json only records what the structure's files were saved from: without
+        # it, they are not trusted (the structure is rebuilt from the store) and the next save writes all anew
         log.warning("%s is unreadable (%s); going by %s alone (the next save rewrites it)", config_path,
                     first_line(exc), DB_FILE)
         return {}
