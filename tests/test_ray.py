@@ -88,3 +88,34 @@ def test_engine_ray_refuses_shards_and_an_unreachable_cluster(tmp_path, image_fo
     assert main(["index", str(image_folder), "--index", str(tmp_path / "ix2"), "--engine", "ray",
                  "--ray-address", "127.0.0.1:1"]) == 2
     assert "cannot join a Ray cluster" in capsys.readouterr().err
+
+
+def test_a_failing_ray_run_keeps_what_it_committed_and_says_how_to_go_on(image_folder, tmp_path, tiny_ckpt, capsys,
+                                                                         monkeypatch):
+    """Ray gives up (a task failed past its retries): one line, exit 2, and the batches committed before it
+    stay; the same command run again goes on from there."""
+    import ray
+
+    from clipkit.encode_ray import RayEngine
+
+    def failing_stream(self, ray_module, paths, model, batch_size):
+        good = [n for n, path in enumerate(paths) if not str(path).endswith("broken.jpg")][:4]
+        yield model.encode_image(torch_pixels(model, 4)).numpy(), good, []  # a first batch lands, is committed
+        raise ray.exceptions.RayTaskError("embed", "Traceback: worker died", ValueError("worker died"))
+
+    def torch_pixels(model, n):
+        import torch
+
+        return torch.zeros(n, 3, model.image_size, model.image_size)
+
+    monkeypatch.setattr(RayEngine, "_connect", lambda self, ray_module: False)
+    monkeypatch.setattr(RayEngine, "_stream", failing_stream)
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--batch-size", "4"]
+    index_path = tmp_path / "ix"
+    assert main(["index", str(image_folder), "--index", str(index_path), "--engine", "ray", *model]) == 2
+    err = capsys.readouterr().err
+    assert "Ray stopped embedding" in err and "run the same command again" in err and "Traceback" not in err
+    assert len(Index.load(index_path)) == 4  # kept
+    monkeypatch.undo()
+    assert main(["-q", "index", str(image_folder), "--index", str(index_path), *model]) == 0
+    assert len(Index.load(index_path)) == 12  # went on: the 4 kept, the other 8 added
