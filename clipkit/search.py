@@ -11,6 +11,7 @@ from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
 from clipkit.index import Index, prepare_vectors
+from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.rerankers import Reranker, load_images, load_reranker
 
@@ -160,10 +161,9 @@ def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
 
 def _best_per_key(scores: np.ndarray, keys: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(-scores, kind="stable")
-    scores, keys = scores[order], keys[order]
-    _, first = np.unique(keys, return_index=True)  # the best score of each key (-1: none found)
-    first = np.sort(first[keys[first] >= 0])[:depth]
-    return scores[first][None, :], keys[first][None, :]
+    scores, keys = scores[order], first_of_each(keys[order][None, :])[0]  # each key at its best score
+    kept = np.flatnonzero(keys >= 0)[:depth]
+    return scores[kept][None, :], keys[kept][None, :]
 
 
 def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weight: float | None = None) -> list[Hit]:

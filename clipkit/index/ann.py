@@ -283,8 +283,8 @@ class Structure:
                 apply_search_params(self._gpu[0], self.params)
 
     @classmethod
-    def flat(cls, dim: int) -> "Structure":
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
+    def flat(cls, dim: int, per_item: int = 1) -> "Structure":
+        return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), per_item=per_item)
 
     @classmethod
     def read(cls, folder: Path, record: dict, factory: str, params: dict | None, per_item: int = 1) -> "Structure":
@@ -316,9 +316,9 @@ class Structure:
 
     def _open_sealed(self, head: bytes, lists_file: Path, factory: str, params: dict | None,
                      per_item: int | None = None) -> None:
-        table = ondisk.read_table(lists_file)
         lookup = getattr(self, "_lookup", None)
-        self.__init__(ondisk.open_sealed(head, lists_file), factory, per_item=per_item or self.per_item)
+        index, table = ondisk.open_sealed(head, lists_file)
+        self.__init__(index, factory, per_item=per_item or self.per_item)
         self.sealed = ondisk.Sealed(head, lists_file.name, table.last_key, table.count)
         self.delta = ondisk.empty_copy(head, self.index)
         if lookup is not None:
@@ -330,13 +330,13 @@ class Structure:
         structure then searches those, memory-mapped: its lists leave RAM, and the delta and removals since
         its last lists are merged in), any other as one FAISS file. The record of what was written."""
         head_name, lists_name = f"structure-{tag}.faiss", None
-        if self.sealed is not None or ondisk.sealable(self.index):
+        head = self.sealed.head if self.sealed is not None else ondisk.head_or_none(self.index)
+        if head is not None:
             lists_name = f"structure-{tag}.lists"
             sources = [self.index] + ([self.delta] if self.delta is not None and self.delta.ntotal else [])
             with atomic_path(folder / lists_name) as tmp:
                 ondisk.write_lists(tmp, sources, [self.dropped, None])
             lists_bytes = os.path.getsize(folder / lists_name)
-            head = self.sealed.head if self.sealed is not None else ondisk.head_bytes(self.index)
             atomic_write_bytes(folder / head_name, head)
             crc = zlib.crc32(head)
             self._open_sealed(head, folder / lists_name, self.factory, self.params)
@@ -430,7 +430,7 @@ class Structure:
         shortlist = min(self.ntotal * self.per_item, k * int(self.params.get("k_factor", 1)))
         _, keys = self._search(queries, max(shortlist, k))
         if self.per_item > 1:  # the items of the shortlisted vectors, each once
-            keys = _first_of_each(np.where(keys >= 0, keys // self.per_item, -1))
+            keys = first_of_each(np.where(keys >= 0, keys // self.per_item, -1))
         return rerank(queries, keys, k, self._lookup, self.per_item)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -605,7 +605,7 @@ def gpu_resources():
     return _GPU_RESOURCES
 
 
-def _first_of_each(keys: np.ndarray) -> np.ndarray:
+def first_of_each(keys: np.ndarray) -> np.ndarray:
     """Each row's keys with repeats (after their first place) set to -1."""
     order = np.argsort(keys, axis=1, kind="stable")
     ordered = np.take_along_axis(keys, order, 1)
@@ -646,7 +646,7 @@ def empty_structure(factory: str, train: np.ndarray, quantizer: faiss.Index | No
     dim = train.shape[1] // per_item
     train = train.reshape(-1, dim)
     if factory == "Flat":
-        return Structure(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), per_item=per_item)
+        return Structure.flat(dim, per_item)
     base, _ = split_refine(factory)
     inner = faiss.index_factory(dim, base, faiss.METRIC_INNER_PRODUCT)
     if quantizer is not None and quantizer.ntotal != getattr(inner, "nlist", -1):

@@ -52,13 +52,17 @@ class Layout:
 
 def sealable(index: faiss.Index) -> bool:
     """Whether this structure's lists can live on disk: an IVF index whose serialisation ends with them."""
+    return head_or_none(index) is not None
+
+
+def head_or_none(index: faiss.Index) -> bytes | None:
+    """`head_bytes(index)`, or None for an index whose lists cannot live on disk."""
     if faiss.try_extract_index_ivf(index) is None:
-        return False
+        return None
     try:
-        head_bytes(index)
+        return head_bytes(index)
     except (ValueError, RuntimeError):
-        return False
-    return True
+        return None
 
 
 def head_bytes(index: faiss.Index) -> bytes:
@@ -111,8 +115,8 @@ def read_table(path) -> ListsTable:
     return ListsTable(table[:, 0], table[:, 1], table[:, 2], int(last_key), Layout(nlist, entry_bytes, per_block))
 
 
-def open_sealed(head: bytes, path) -> faiss.Index:
-    """The IVF index of `head` searching the lists file `path`, memory-mapped read-only."""
+def open_sealed(head: bytes, path) -> tuple[faiss.Index, ListsTable]:
+    """The IVF index of `head` searching the lists file `path`, memory-mapped read-only, and the file's table."""
     table = read_table(path)
     layout = table.layout
     ivf_code_size = layout.entry_bytes  # fast-scan: the PQ code size, which is the per-entry block share
@@ -123,7 +127,7 @@ def open_sealed(head: bytes, path) -> faiss.Index:
     lists = faiss.downcast_InvertedLists(ivf.invlists)
     lists.prefetch_nthread = 0  # no prefetch threads per search: the page cache serves the probed lists
     index.ntotal = ivf.ntotal = table.count
-    return index
+    return index, table
 
 
 def empty_copy(head: bytes, like: faiss.Index) -> faiss.Index:
@@ -146,7 +150,7 @@ def _empty_array_lists(nlist: int, code_size: int) -> bytes:
     return b"ilar" + struct.pack("<QQ", nlist, code_size) + b"sprs" + struct.pack("<Q", 0)
 
 
-def write_lists(path, sources: list[faiss.Index], drops: list | None = None, on_list=None) -> ListsTable:
+def write_lists(path, sources: list[faiss.Index], drops: list | None = None) -> ListsTable:
     """Write the lists of `sources` (IVF indexes over the same quantizer and codes: sealed or in RAM), list by
     list, into a new lists file at `path` (fsynced), leaving out of each source the keys in its `drops` entry
     (sorted; None: none). Lists are copied as they are where nothing of them changes, else unpacked,
@@ -170,8 +174,6 @@ def write_lists(path, sources: list[faiss.Index], drops: list | None = None, on_
             table[list_no] = (len(ids), capacity, position)
             position += capacity * (layout.entry_bytes + 8)
             last_key = max(last_key, int(ids.max()) if len(ids) else -1)
-            if on_list is not None:
-                on_list(list_no)
         handle.seek(0)
         handle.write(MAGIC + struct.pack("<QQQq", layout.nlist, layout.entry_bytes, layout.per_block, last_key))
         handle.write(table.astype("<u8").tobytes())

@@ -276,14 +276,14 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
         _fill(structure, collection)
         structure.set_params(params)
         return structure, None
-    held, queries, truth, source = _tuning_queries(collection, keys[:n_queries], sample_queries, queries_are, k,
-                                                   n_queries)
+    (held, _), queries, truth, _ = tuning = _tuning_queries(collection, keys[:n_queries], sample_queries,
+                                                            queries_are, k, n_queries)
     if per_item == 1:
         structure = _pick_codes(factories, (train, keys, held), collection, queries, truth,
                                 target_recall + 2 * MARGIN, k)
     del train
     _fill(structure, collection)
-    return structure, _tune_in_place(structure, collection, held, queries, truth, source, target_recall, k)
+    return structure, _tune_in_place(structure, *tuning, target_recall, k)
 
 
 def retune(structure: Structure, collection: Collection, *, target_recall: float = 0.95,
@@ -292,31 +292,31 @@ def retune(structure: Structure, collection: Collection, *, target_recall: float
     """Tune a built structure's search parameters anew for the collection it holds now (grown since it was
     tuned: longer lists, more codes competing for each shortlist), without rebuilding it."""
     held = collection.sample(n_queries, seed=1)[0] if sample_queries is None else None
-    held, queries, truth, source = _tuning_queries(collection, held, sample_queries, queries_are, k, n_queries)
-    return _tune_in_place(structure, collection, held, queries, truth, source, target_recall, k)
+    tuning = _tuning_queries(collection, held, sample_queries, queries_are, k, n_queries)
+    return _tune_in_place(structure, *tuning, target_recall, k)
 
 
 def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sample_queries: np.ndarray | None,
                     queries_are: str, k: int, n_queries: int = 1000) -> tuple:
-    """(held-out keys, queries, their true top k keys, what they are): `sample_queries` when given, else the
-    items `candidates` held out (out of the exact answers, and of the structure while it is tuned). The
-    exact answers come from one pass over every stored vector."""
-    held = np.zeros(0, np.int64)
+    """((held-out keys, their stored rows), queries, their true top k keys, what they are): `sample_queries` when
+    given, else the items `candidates` held out (out of the exact answers, and of the structure while it is
+    tuned). The exact answers come from one pass over every stored vector."""
+    held, rows = np.zeros(0, np.int64), None
     if sample_queries is None:  # (items of several vectors: each held-out item's first vector)
-        held, queries = candidates, collection.lookup(candidates)[0][:, :collection.dim]
-        source = "held-out items"
+        held, rows = candidates, collection.lookup(candidates)[0]
+        queries, source = rows[:, :collection.dim], "held-out items"
     else:
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
     truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held), per_item=collection.per_item)[1]
-    return held, queries, truth, source
+    return (held, rows), queries, truth, source
 
 
-def _tune_in_place(structure: Structure, collection: Collection, held: np.ndarray, queries: np.ndarray,
-                   truth: np.ndarray, source: str, target_recall: float, k: int) -> Tuning:
+def _tune_in_place(structure: Structure, held_out: tuple, queries: np.ndarray, truth: np.ndarray, source: str,
+                   target_recall: float, k: int) -> Tuning:
     """Tune `structure` (holding every item) on `queries`: half choose the setting, half estimate its recall;
-    the `held` items are out of it meanwhile."""
-    rows = collection.lookup(held)[0] if len(held) else None
+    the `held_out` items (keys, stored rows) are out of it meanwhile."""
+    held, rows = held_out
     structure.remove(held)
     half = len(queries) // 2
     split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
@@ -339,12 +339,11 @@ def _fill(structure: Structure, collection: Collection) -> None:
     worth of lists whatever the collection's size. The files are unlinked once open (the maps keep them):
     a save writes the index's own, and a kill leaves no more than a part being written."""
     structure.attach_vectors(collection.lookup)  # no RAM copy: the re-rank reads the stored vectors
-    spill = collection.lists_budget is not None and ondisk.sealable(structure.index)
-    layout = ondisk.Layout.of(structure.index) if spill else None
-    head, parts = (ondisk.head_bytes(structure.index) if spill else None), []
+    head = ondisk.head_or_none(structure.index) if collection.lists_budget is not None else None
+    layout, parts = (ondisk.Layout.of(structure.index) if head is not None else None), []
     for batch_keys, vectors in collection.batches():
         structure.add(vectors, batch_keys)
-        if spill and structure.index.ntotal * (layout.entry_bytes + 8) > collection.lists_budget:
+        if head is not None and structure.index.ntotal * (layout.entry_bytes + 8) > collection.lists_budget:
             parts.append(_written(head, [structure.index], collection.spill_dir))
             structure.index.reset()  # (its lists are in the part now)
     if parts:
@@ -358,7 +357,7 @@ def _written(head: bytes, sources: list, folder) -> faiss.Index:
     """The lists of `sources` written to a part file, opened memory-mapped (the file is already unlinked)."""
     with _part_file(folder) as path:
         ondisk.write_lists(path, sources)
-        return ondisk.open_sealed(head, path)
+        return ondisk.open_sealed(head, path)[0]
 
 
 @contextlib.contextmanager
