@@ -54,7 +54,9 @@ def _add_index_command(commands, default_model: str) -> None:
     index = commands.add_parser("index", help="index (or update the index of) a folder of images")
     index.add_argument("folder", metavar="SOURCE",
                        help="folder of images, searched recursively (captions: NAME.txt beside NAME.jpg); a caption "
-                            "table (.csv / .jsonl / .parquet) listing images and their captions; or webdataset shards "
+                            "table (.csv / .jsonl / .parquet) listing images and their captions; a table of image "
+                            "URLs as img2dataset takes it (a 'url' column, optionally 'caption'; or .txt, one URL a "
+                            "line: each image fetched, its URL the id); or webdataset shards "
                             "('shards/{000000..000009}.tar', indexed in place, captions from their txt members)")
     index.add_argument("--captions", default=None, metavar="TABLE",
                        help="captions of the folder's images from a .csv / .jsonl / .parquet table (remembered for "
@@ -62,6 +64,7 @@ def _add_index_command(commands, default_model: str) -> None:
     index.add_argument("--image-column", default="image", help="caption table: the image path column (default: image)")
     index.add_argument("--caption-column", default="caption",
                        help="caption table: the caption column (default: caption)")
+    index.add_argument("--url-column", default="url", help="URL table: the URL column (default: url)")
     index.add_argument("--root", default=None,
                        help="caption table: the folder its relative image paths start from (default: the table's)")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
@@ -302,12 +305,14 @@ def cmd_index(args) -> int:
 
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
+    from clipkit.data.urls import UrlTable
+
     folder, table, include = _index_source(args)
     if folder is None and (args.check or args.shard or args.exclude or args.captions):
-        raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards are indexed whole, "
-                         "with their own txt captions")
+        raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards and URL tables are "
+                         "indexed whole, with their own captions")
     shard = _parse_shard(args.shard) if args.shard else None
-    engine = _engine(args, folder)
+    engine = _engine(args, folder is not None or isinstance(table, UrlTable))
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
         existing = Index.load(index_path) if index_path.exists() else None
@@ -322,7 +327,10 @@ def cmd_index(args) -> int:
             index.save(index_path)  # attach first: every finished batch is then committed to disk
         options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args),
                        exclude=args.exclude, shard=shard, engine=engine)
-        if folder is None:  # webdataset shards, indexed in place
+        if isinstance(table, UrlTable):  # image URLs, fetched
+            report = index.sync_urls(table, model, batch_size=args.batch_size, workers=args.workers,
+                                     progress=_progress(args), engine=engine)
+        elif folder is None:  # webdataset shards, indexed in place
             report = index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args))
         elif include is not None:
             report = index.sync_table(table, model, **options)
@@ -344,15 +352,16 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _engine(args, folder):
-    """--engine ray: the Ray engine that embeds a folder's (or caption table's) images; None: this process."""
+def _engine(args, spreadable: bool):
+    """--engine ray: the Ray engine that embeds a folder's (caption table's, URL table's) images; None: this
+    process."""
     if args.engine == "local":
         if args.ray_address or args.ray_actors:
             raise UsageError("--ray-address and --ray-actors go with --engine ray")
         return None
-    if folder is None:
-        raise UsageError("--engine ray embeds folders and caption tables; webdataset shards are indexed here "
-                         "(or spread with --shard I/N under torchrun)")
+    if not spreadable:
+        raise UsageError("--engine ray embeds folders, caption tables and URL tables; webdataset shards are indexed "
+                         "here (or spread with --shard I/N under torchrun)")
     from clipkit.encode_ray import RayEngine, require_ray
 
     require_ray()  # installed, or a clear message before the index is touched
@@ -425,7 +434,8 @@ def _index_embeddings(args) -> int:
 
 def _index_source(args) -> tuple[Path | None, object, set | None]:
     """(folder, caption table or None, the files to index or None for all) of `clipkit index SOURCE`;
-    folder None: SOURCE names webdataset shards."""
+    folder None: SOURCE names webdataset shards, or a URL table (then the table)."""
+    from clipkit.data.urls import UrlTable, is_url_table
     from clipkit.index import CaptionTable
     from clipkit.index.shards import is_shard_spec, local_shards
 
@@ -433,6 +443,10 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
         local_shards(args.folder)  # they exist, on this machine
         return None, None, None
     source = Path(args.folder)
+    if is_url_table(source, args.url_column, args.image_column):  # image URLs (and captions), fetched
+        if args.captions:
+            raise UsageError("a URL table brings its own captions (its caption column); --captions is for folders")
+        return None, UrlTable.of(source, args.url_column, args.caption_column), None
     if source.is_file():  # a caption table: the images it lists, with its captions
         if args.captions:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")

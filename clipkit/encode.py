@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clipkit.data.images import TarMember, decode_image, failure_kind, read_image, to_rgb
+from clipkit.data.images import ImageURL, TarMember, decode_image, failure_kind, read_image, to_rgb
 from clipkit.itm import image_states
 from clipkit.models import Model, load_model
 
@@ -103,7 +103,7 @@ def load_image(item: Any, min_side: int | None = None) -> Image.Image:
         return to_rgb(item)
     if isinstance(item, np.ndarray):
         return array_to_image(item)
-    if isinstance(item, TarMember):  # an image inside a shard
+    if isinstance(item, (TarMember, ImageURL)):  # an image inside a shard, or at a URL
         return decode_image(item.read_bytes(), str(item), min_side)
     return read_image(Path(item), min_side)
 
@@ -250,11 +250,16 @@ def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress
     return out
 
 
+URL_WORKERS = 32  # threads that fetch and decode images by URL while the model embeds
+
+
 def embed_image_files(paths: Sequence, model: Model, *, batch_size: int = 64, workers: int | None = None
                       ) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str, str]]]]:
     """Embed image files (or shard members) batch by batch on this machine, skipping the unreadable: yields
     (float32 vectors of the read ones, their positions in `paths`, failures as (position, reason, kind)). What
     `clipkit index` commits batch by batch; `clipkit.encode_ray.RayEngine` yields the same from a Ray cluster."""
+    if len(paths) and isinstance(paths[0], ImageURL):  # fetching waits on the network, not on cores
+        workers = max(workers or 0, URL_WORKERS)
     for pixels, positions, failures in iter_image_batches(paths, model.preprocess, batch_size, skip_errors=True,
                                                            workers=workers, device=model.device,
                                                            draft_size=model.image_size):

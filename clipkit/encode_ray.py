@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from clipkit.data.images import ImageURL, image_item
 from clipkit.errors import EngineError, first_line
 
 def require_ray():
@@ -98,7 +99,8 @@ class RayEngine:
         pool = self._pool(ray)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # clipkit's own bar counts what is committed
-        items = [{"position": i, "path": os.fsdecode(p)} for i, p in enumerate(paths)]
+        items = [{"position": i, "path": str(p) if isinstance(p, ImageURL) else os.fsdecode(p)}
+                 for i, p in enumerate(paths)]
         blocks = max(1, min(-(-len(items) // batch_size), 10_000))
         pool["actors"] = min(pool["actors"], blocks)  # no actor without a block to embed
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
@@ -159,7 +161,7 @@ class _Embedder:
     def __call__(self, batch: dict) -> dict:
         from clipkit.encode import embed_image_files
 
-        paths = [str(p) for p in batch["path"]]
+        paths = [image_item(str(p)) for p in batch["path"]]  # (a URL is fetched by the actor)
         vectors = np.zeros((len(paths), *self.model.image_shape), np.float32)
         reasons, kinds = np.full(len(paths), "", object), np.full(len(paths), "", object)
         for found, positions, failures in embed_image_files(paths, self.model, batch_size=len(paths),

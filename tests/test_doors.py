@@ -227,7 +227,7 @@ def test_image_url_connects_to_the_address_it_checked(monkeypatch):
     """DNS rebinding: the name answers a public address to the check and 127.0.0.1 afterwards."""
     import socket
 
-    from clipkit.serve import fetch
+    from clipkit.data import fetch
 
     server = _SlowServer(lambda conn, stop: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
     answers = iter(["93.184.215.14"] + ["127.0.0.1"] * 10)
@@ -259,7 +259,7 @@ def test_image_url_fetch_has_a_total_deadline_and_a_bound(monkeypatch, header):
     import threading
     import time
 
-    from clipkit.serve import fetch
+    from clipkit.data import fetch
 
     monkeypatch.setattr(fetch, "_is_public", lambda address: True)  # the trickling server is on loopback
     server = _SlowServer(lambda conn, stop: _trickle(conn, stop, header=header))
@@ -286,7 +286,7 @@ def test_image_url_fetch_has_a_total_deadline_and_a_bound(monkeypatch, header):
     ("http://93.184.215.14:99999/a.jpg", "invalid port"), ("gopher://93.184.215.14/a", "http or https"),
 ])
 def test_image_url_forms_refused_with_a_message(url, message):
-    from clipkit.serve.fetch import FetchError, Fetcher
+    from clipkit.data.fetch import FetchError, Fetcher
 
     with pytest.raises(FetchError, match=message):
         Fetcher(1000).fetch(url)

@@ -262,11 +262,14 @@ def test_choose_structure_by_size_and_memory():
     assert candidates("auto", 200_000, 256) == ["IVF1024,Flat", "IVF1024,PQ128x4fs,RFlat"]
     assert candidates("auto", 200_000, 64) == ["IVF1024,Flat", "IVF1024,PQ32x4fs,RFlat", "HNSW32"]
     # streamed: the code sizes the build estimates from a sample (`tune._pick_codes`), while they fit the budget
-    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == ["IVF4096_HNSW32,PQ64x4fs,RFlat",
-                                                                        "IVF4096_HNSW32,PQ128x4fs,RFlat"]
-    assert candidates("auto", 10_000_000, 256, memory_budget=5 * 10**8) == ["IVF4096_HNSW32,PQ64x4fs,RFlat"]
-    assert candidates("auto", 200_000, 256, memory_budget=10**8) == ["IVF512,PQ64x4fs,RFlat",  # 32 B a vector
-                                                                     "IVF512,PQ128x4fs,RFlat"]
+    # (the same bytes rotated (OPQ), half as many again rotated into a wider space, then twice the bytes)
+    assert candidates("auto", 10_000_000, 256, memory_budget=10**9) == [
+        "IVF4096_HNSW32,PQ64x4fs,RFlat", "OPQ64_256,IVF4096_HNSW32,PQ64x4fs,RFlat",
+        "OPQ96_288,IVF4096_HNSW32,PQ96x4fs,RFlat", "IVF4096_HNSW32,PQ128x4fs,RFlat"]
+    assert candidates("auto", 10_000_000, 256, memory_budget=4 * 10**8) == [
+        "IVF4096_HNSW32,PQ64x4fs,RFlat", "OPQ64_256,IVF4096_HNSW32,PQ64x4fs,RFlat"]
+    assert candidates("auto", 200_000, 256, memory_budget=10**8)[::3] == ["IVF512,PQ64x4fs,RFlat",  # 32 B a vector
+                                                                          "IVF512,PQ128x4fs,RFlat"]
     assert candidates("auto", 1000, 256) == ["Flat"]
 
 

@@ -48,7 +48,8 @@ def saved(tmp_path):
     return index, {i: base[i] for i in range(N)}, tmp_path / "ix"
 
 
-@pytest.mark.parametrize("factory", ["IVF8,Flat", "IVF8,PQ8x4fs", "IVF8_HNSW32,PQ16", "IVF8,PQ5x4fs"])
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "IVF8,PQ8x4fs", "IVF8_HNSW32,PQ16", "IVF8,PQ5x4fs",
+                                     "OPQ6_18,IVF8_HNSW32,PQ6x4fs"])
 def test_lists_written_to_disk_search_as_they_did_in_ram(tmp_path, factory):
     dim = 20 if "PQ5" in factory else DIM
     base = unit(2000, dim, 1)
@@ -274,3 +275,28 @@ def test_saved_lists_on_read_only_storage_search_and_catch_up(tmp_path):
         loaded.close()
     finally:
         _unmount(media)
+
+
+def test_rotated_codes_live_on_disk_like_the_others(tmp_path):
+    """A structure of `code_ladder`'s rotated rungs (OPQ into a wider space, 4-bit codes) is saved as head and
+    lists, reopened in a fresh open, changed and merged like any IVF; the re-rank's answers are numpy's."""
+    base = unit(N, DIM, 0)
+    index = Index(DIM, index_type="OPQ6_18,IVF8,PQ6x4fs,RFlat", precision="float32")
+    index.add(base, ids=list(range(N)))
+    index.build()
+    index.save(tmp_path / "ix")
+    assert isinstance(index._structure.index, faiss.IndexPreTransform) and index._structure.sealed is not None
+    new = unit(100, DIM, 8)
+    index.add(new, ids=list(range(N, N + 100)))
+    index.remove(list(range(0, N, 5)))
+    expected = {**{i: base[i] for i in range(N) if i % 5}, **{N + i: new[i] for i in range(100)}}
+    queries = unit(20, DIM, 9)
+    reader = Index.load(tmp_path / "ix")
+    for opened in (index, reader):
+        opened._structure.set_params({"nprobe": 8, "k_factor": N})  # the shortlist: every item
+        assert opened.search(queries, 10)[1].tolist() == numpy_top(expected, queries, 10)
+    index.compact()
+    assert index._structure.pending() == 0 and isinstance(Index.load(tmp_path / "ix")._structure.index,
+                                                         faiss.IndexPreTransform)
+    index._structure.set_params({"nprobe": 8, "k_factor": N})
+    assert index.search(queries, 10)[1].tolist() == numpy_top(expected, queries, 10)

@@ -18,7 +18,7 @@ import clipkit  # noqa: E402
 from clipkit.cli import build_parser, main  # noqa: E402
 from clipkit.data.synthetic import write_synthetic  # noqa: E402
 from clipkit.serve import ServeConfig, create_app  # noqa: E402
-from clipkit.serve.fetch import FetchError, check_public_url  # noqa: E402
+from clipkit.data.fetch import FetchError, check_public_url  # noqa: E402
 from conftest import chromium, running_server  # noqa: E402
 
 

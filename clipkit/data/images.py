@@ -127,6 +127,44 @@ class TarMember:
         return f"{self.tar}#{self.name}"
 
 
+URL_MAX_BYTES = 32 << 20  # an image fetched for indexing: larger bodies are skipped ("too large")
+URL_DEADLINE = 20.0  # seconds for one fetch in all (redirects and slow servers included; img2dataset: 10)
+URL_CONCURRENCY = 64  # fetches at once in one process
+_url_fetcher = None
+
+
+@dataclass(frozen=True)
+class ImageURL:
+    """An image at an http(s) URL (a row of a URL table being indexed): fetched when read, within
+    URL_DEADLINE seconds and URL_MAX_BYTES; any address the user's table names (not only public ones)."""
+
+    url: str
+
+    def read_bytes(self) -> bytes:
+        from clipkit.data.fetch import FetchError, Fetcher
+
+        global _url_fetcher
+        if _url_fetcher is None:
+            _url_fetcher = Fetcher(URL_MAX_BYTES, URL_DEADLINE, URL_CONCURRENCY, public_only=False, wait=True,
+                                   noun="the URL")
+        try:
+            return _url_fetcher.fetch(self.url)
+        except FetchError as exc:
+            raise ImageReadError(f"cannot read image {self.url}: {exc}", exc.kind) from None
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def is_url(text) -> bool:
+    return isinstance(text, str) and text[:8].lower().startswith(("http://", "https://"))
+
+
+def image_item(text: str):
+    """What a path or URL written as text reads as: an `ImageURL` for http(s), else the path itself."""
+    return ImageURL(text) if is_url(text) else text
+
+
 def decode_image(data: bytes, name: str = "<bytes>", min_side: int | None = None) -> Image.Image:
     """Like `read_image`, for encoded image bytes (a shard member, an upload)."""
     return _decode(io.BytesIO(data), name, min_side)

@@ -39,7 +39,7 @@ from clipkit.index.store import FORMAT, FORMAT_VERSION, Store, meta_row
 import clipkit.index.live as live
 import clipkit.index.persist as persist
 from clipkit.index.folders import FolderSync
-from clipkit.index.vectors import normalize_id, prepare_items, prepare_vectors
+from clipkit.index.vectors import id_list, normalize_id, prepare_items, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -266,7 +266,7 @@ class Index(FolderSync):
         vectors = prepare_items(embeddings, self.dim, self.vectors_per_item)
         n = len(vectors)
         if ids is not None:
-            ids = [normalize_id(v) for v in ids]
+            ids = id_list(ids)
             if len(ids) != n:
                 raise ValueError(f"got {n} embeddings but {len(ids)} ids")
             if len(set(ids)) != n:
@@ -360,21 +360,21 @@ class Index(FolderSync):
 
     def get(self, ids: Iterable) -> list[dict]:
         """Metadata for each id, in order: {'id', 'path', 'mtime', 'size', 'caption', ...extra}."""
-        ids = [normalize_id(v) for v in ids]
+        ids = id_list(ids)
         with self._lock:
             records = _all_found(ids, self.store.records_by_id(ids))
         return [{name: value for name, value in records[i].items() if name != "key"} for i in ids]
 
     def keys(self, ids: Iterable) -> list[int]:
         """The integer key of each id (its FAISS id), for callers that need integer handles."""
-        ids = [normalize_id(v) for v in ids]
+        ids = id_list(ids)
         with self._lock:
             keys = _all_found(ids, self.store.keys_for(ids))
         return [int(keys[i]) for i in ids]
 
     def find(self, ids: Iterable) -> dict:
         """id -> metadata (as `get`, with 'id' and 'key') of those of `ids` that are in the index."""
-        ids = [normalize_id(v) for v in ids]
+        ids = id_list(ids)
         with self._lock:
             return self.store.records_by_id(ids)
 

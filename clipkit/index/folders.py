@@ -116,6 +116,24 @@ class FolderSync:
         self.last_sync = report
         return report
 
+    def sync_urls(self, table: "UrlTable | str | os.PathLike", model=None, *, batch_size: int = 64,
+                  workers: int | None = None, progress: bool | None = None, engine=None) -> "sync.SyncReport":
+        """Add the images of a table of URLs (parquet, CSV, JSONL with a `url` column and optionally a
+        `caption` one, or a .txt file of URLs; `clipkit.data.urls.UrlTable`), fetched and embedded here or on
+        `engine` (a Ray cluster): see `clipkit.index.urls`. Ids are the URLs; incremental and resumable."""
+        from clipkit.data.urls import UrlTable
+        from clipkit.index.urls import sync_urls
+
+        table = table if isinstance(table, UrlTable) else UrlTable.of(table)
+        model = self._writing_model(model)
+        with self.writer(on_wait=log.warning):
+            self._writable_captions()  # a read-only caption collection is refused before any image is fetched
+            self._record_model(model)
+            report = sync_urls(self, table, model, batch_size=batch_size, workers=workers, progress=progress,
+                               engine=engine)
+        self.last_sync = report
+        return report
+
     def _writing_model(self, model):
         """The model to add embeddings with (`model`, else the index's own), checked against the index."""
         from clipkit.encode import as_model

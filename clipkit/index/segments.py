@@ -54,6 +54,7 @@ class Segments:
         self._state: dict | None = None  # the committed state the maps below cover
         self._maps: list[tuple[np.ndarray, np.ndarray]] = []  # per segment: (keys, vectors), committed rows only
         self._firsts = np.zeros(0, np.int64)  # first key of each segment
+        self._dense: list[bool] = []  # per segment: its keys run first, first + 1, ... (no gap)
         self._memory: tuple[np.ndarray, np.ndarray] | None = None  # in memory: (keys, vectors) with spare capacity
         self._gathered = 0  # rows gathered through the maps since they were last released
 
@@ -69,6 +70,8 @@ class Segments:
             self._view_files(state)
         self._state = dict(state)
         self._firsts = np.asarray([keys[0] for keys, _ in self._maps], np.int64)
+        # segments whose keys run without a gap (most: keys only grow): a key's row is key - first, no search
+        self._dense = [int(keys[-1]) - int(keys[0]) == len(keys) - 1 for keys, _ in self._maps]
 
     def _view_memory(self, state: dict) -> None:
         keys, vectors = self._memory if self._memory is not None else (np.zeros(0, np.int64), None)
@@ -112,6 +115,10 @@ class Segments:
         for number in np.unique(segment[segment >= 0]):
             chosen = segment == number
             stored = self._maps[number][0]
+            if self._dense[number]:
+                found = keys[chosen] - self._firsts[number]
+                row[chosen] = np.where(found < len(stored), found, -1)
+                continue
             found = np.minimum(np.searchsorted(stored, keys[chosen]), len(stored) - 1)
             row[chosen] = np.where(stored[found] == keys[chosen], found, -1)
         return np.where(row >= 0, segment, -1), row

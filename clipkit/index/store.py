@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS items (
     root INTEGER,                 -- the folder (roots.root) `path` is relative to, NULL: `path` as given
     path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT
 );
-CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path);
+CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path) WHERE root IS NOT NULL;  -- (ids alone: no entry)
 CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- keys removed, with the generation that removed them: readers catching up read what went since theirs

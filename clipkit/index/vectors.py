@@ -76,6 +76,14 @@ def normalize_id(value: Any) -> int | str:
     raise ValueError(f"ids must be int or str, got {type(value).__name__} {value!r}")
 
 
+def id_list(ids: Any) -> list:
+    """Ids as stored, from an iterable of them; one id alone is refused (a URL or path would otherwise be read
+    letter by letter, each letter an id)."""
+    if isinstance(ids, (str, bytes, int, np.integer)):
+        raise ValueError(f"expected a list of ids, got one {type(ids).__name__} {ids!r}: pass [{ids!r}]")
+    return [normalize_id(v) for v in ids]
+
+
 def ids_array(values: list) -> np.ndarray:
     """int64 when every id is an int, else an object array (ids as given, None for no item)."""
     if values and all(isinstance(v, int) for v in values):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from clipkit.index.captions import first_captions
 from clipkit.index.shards import item_image
 from clipkit.serve.batcher import IMAGE, TEXT
-from clipkit.serve.fetch import FetchBusy, FetchError
+from clipkit.data.fetch import FetchBusy, FetchError
 from clipkit.serve.service import (VECTOR, BadRequest, Collection, Service, _b64decode, _deduplicate, _json_body,
                                    _schema)
 

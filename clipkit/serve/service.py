@@ -24,13 +24,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
-from clipkit.data.images import decode_image, image_media_type
+from clipkit.data.images import decode_image, image_media_type, is_url
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
 from clipkit.search import Hit, ranked_hits, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
-from clipkit.serve.fetch import Fetcher
+from clipkit.data.fetch import Fetcher
 
 log = logging.getLogger("clipkit.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -189,7 +189,10 @@ class Service:
             image = images.get(hit.metadata.get("image_id"))
             if image is not None:
                 has_image = item_image(image.get("path"), image) is not None
-                out.append({**self.result(collection, image["key"], hit, has_image), "caption_id": hit.key})
+                result = {**self.result(collection, image["key"], hit, has_image), "caption_id": hit.key}
+                if not has_image and is_url(image.get("url")):  # (see `result`)
+                    result["url"] = result["image_url"] = result["thumbnail_url"] = image["url"]
+                out.append(result)
         return out
 
     @staticmethod
@@ -204,6 +207,8 @@ class Service:
         if has_image if has_image is not None else item_image(hit.path, hit.metadata) is not None:
             out["image_url"] = f"image/{key}?index={quote(collection.name)}"
             out["thumbnail_url"] = f"thumbnail/{key}?index={quote(collection.name)}"
+        elif has_image is None and is_url(hit.metadata.get("url")):  # indexed from a URL table: the browser
+            out["url"] = out["image_url"] = out["thumbnail_url"] = hit.metadata["url"]  # shows it from its host
         return out
 
     # -- files ----------------------------------------------------------------------------------

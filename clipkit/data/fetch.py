@@ -1,8 +1,9 @@
-"""Fetching a query image by URL, only where the server allows it, and never from inside the network.
+"""Fetching an image by URL: a query's `image_url` (the server, where it allows it: never from inside the
+network), or the images of a URL table being indexed (`clipkit index urls.parquet`: the user's own list).
 
-A URL is fetched only over http(s), and only when every address its host resolves to is public:
-loopback, private, link-local (cloud metadata), multicast, reserved and unspecified addresses are
-refused, for the URL and for every redirect it leads to. The connection goes to the very address that
+A URL is fetched only over http(s); for the server only when every address its host resolves to is public
+(`public_only`): loopback, private, link-local (cloud metadata), multicast, reserved and unspecified
+addresses are refused, for the URL and for every redirect it leads to. The connection goes to the very address that
 was checked (the name is resolved once: a name that answers a public address to the check and a private
 one to the connection, DNS rebinding, gets nowhere), TLS still verifies the certificate against the
 name. The body is capped in size, the whole fetch (redirects included) in time, and the number of
@@ -24,7 +25,12 @@ MAX_REDIRECTS = 5
 
 
 class FetchError(ValueError):
-    """The URL is not allowed or could not be fetched (a 4xx for the client)."""
+    """The URL is not allowed or could not be fetched (a 4xx for the client); `kind`: why, in a few words (for
+    an indexing run's summary of skipped images)."""
+
+    def __init__(self, message: str, kind: str = "fetch failed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class FetchBusy(FetchError):
@@ -41,38 +47,42 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def _split(url: str) -> tuple[urllib.parse.SplitResult, str, int]:
+def _split(url: str, noun: str = "image_url") -> tuple[urllib.parse.SplitResult, str, int]:
     """(parts, host, port) of an http(s) URL, or FetchError."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise FetchError(f"{noun} is not a URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
-        raise FetchError(f"image_url must be http or https, got {parts.scheme or 'no scheme'!r}")
+        raise FetchError(f"{noun} must be http or https, got {parts.scheme or 'no scheme'!r}")
     if "@" in parts.netloc:
-        raise FetchError("image_url must not carry a user name or password")
+        raise FetchError(f"{noun} must not carry a user name or password")
     host = parts.hostname
     if not host:
-        raise FetchError("image_url has no host")
+        raise FetchError(f"{noun} has no host")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise FetchError("image_url has an invalid port") from None
+        raise FetchError(f"{noun} has an invalid port") from None
     return parts, host, port
 
 
-def resolve_public(url: str) -> tuple[urllib.parse.SplitResult, str, int, str]:
+def resolve_public(url: str, public_only: bool = True, noun: str = "image_url"
+                   ) -> tuple[urllib.parse.SplitResult, str, int, str]:
     """(parts, host, port, address) of `url`: the one address to connect to, resolved once, after every
-    address the host resolves to was found public; FetchError otherwise."""
-    parts, host, port = _split(url)
+    address the host resolves to was found public (unless not `public_only`); FetchError otherwise."""
+    parts, host, port = _split(url, noun)
     try:
         infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
-        raise FetchError(f"cannot resolve the host of image_url ({host}): {exc}") from None
+        raise FetchError(f"cannot resolve the host of {noun} ({host}): {exc}", "host not found") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-    for address in addresses:
+    for address in addresses if public_only else ():
         if not _is_public(address):
-            raise FetchError(f"image_url points to a non-public address "
+            raise FetchError(f"{noun} points to a non-public address "
                              f"({getattr(address, 'ipv4_mapped', None) or address}); refused")
     if not addresses:
-        raise FetchError(f"the host of image_url ({host}) has no address")
+        raise FetchError(f"the host of {noun} ({host}) has no address")
     return parts, host, port, str(addresses[0])
 
 
@@ -111,16 +121,19 @@ def _cut(connection: _Pinned) -> None:
 
 
 class Fetcher:
-    """Fetches image URLs: at most `concurrency` at once (more are refused at once with FetchBusy), each
-    within `deadline` seconds in all and `max_bytes` of body."""
+    """Fetches image URLs: at most `concurrency` at once (more are refused at once with FetchBusy, or with
+    `wait` wait for a slot), each within `deadline` seconds in all and `max_bytes` of body; `public_only`:
+    to public addresses only; `noun`: what messages call the URL."""
 
-    def __init__(self, max_bytes: int, deadline: float = 10.0, concurrency: int = 8):
+    def __init__(self, max_bytes: int, deadline: float = 10.0, concurrency: int = 8, *, public_only: bool = True,
+                 wait: bool = False, noun: str = "image_url"):
         self.max_bytes, self.deadline = max_bytes, deadline
+        self.public_only, self.wait, self.noun = public_only, wait, noun
         self._slots = threading.BoundedSemaphore(concurrency)
 
     def fetch(self, url: str) -> bytes:
-        if not self._slots.acquire(blocking=False):
-            raise FetchBusy("too many image_url fetches are running; try again shortly")
+        if not self._slots.acquire(blocking=self.wait):
+            raise FetchBusy(f"too many {self.noun} fetches are running; try again shortly")
         try:
             return self._fetch(url, time.monotonic() + self.deadline)
         finally:
@@ -128,7 +141,7 @@ class Fetcher:
 
     def _fetch(self, url: str, deadline: float) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            parts, host, port, address = resolve_public(url)
+            parts, host, port, address = resolve_public(url, self.public_only, self.noun)
             connection = _Pinned(host, port, address, self._left(deadline), parts.scheme == "https")
             # a server trickling its headers or body a byte at a time is cut off at the deadline, whatever it does
             watchdog = threading.Timer(self._left(deadline), _cut, (connection,))
@@ -142,7 +155,8 @@ class Fetcher:
                     url = urllib.parse.urljoin(url, response.getheader("Location"))
                     continue
                 if response.status != 200:
-                    raise FetchError(f"cannot fetch image_url: HTTP {response.status} {response.reason}")
+                    raise FetchError(f"cannot fetch {self.noun}: HTTP {response.status} {response.reason}",
+                                     f"HTTP {response.status}")
                 data = self._body(connection, response, deadline)
                 self._check(connection)
                 return data
@@ -150,20 +164,20 @@ class Fetcher:
                 raise
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 self._check(connection)  # cut at the deadline: say so rather than how the cut connection failed
-                raise FetchError(f"cannot fetch image_url: {exc or type(exc).__name__}") from None
+                raise FetchError(f"cannot fetch {self.noun}: {exc or type(exc).__name__}") from None
             finally:
                 watchdog.cancel()
                 connection.close()
-        raise FetchError(f"image_url redirects more than {MAX_REDIRECTS} times")
+        raise FetchError(f"{self.noun} redirects more than {MAX_REDIRECTS} times")
 
     def _check(self, connection: _Pinned) -> None:
         if connection.expired:
-            raise FetchError(f"image_url took longer than {self.deadline:g} s to fetch")
+            raise FetchError(f"{self.noun} took longer than {self.deadline:g} s to fetch", "timed out")
 
     def _left(self, deadline: float) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise FetchError(f"image_url took longer than {self.deadline:g} s to fetch")
+            raise FetchError(f"{self.noun} took longer than {self.deadline:g} s to fetch", "timed out")
         return left
 
     def _body(self, connection: _Pinned, response: http.client.HTTPResponse, deadline: float) -> bytes:
@@ -174,11 +188,11 @@ class Fetcher:
             try:
                 chunk = response.read1(1 << 16)
             except TimeoutError:
-                raise FetchError(f"image_url took longer than {self.deadline:g} s to fetch") from None
+                raise FetchError(f"{self.noun} took longer than {self.deadline:g} s to fetch", "timed out") from None
             if not chunk:
                 self._check(connection)
                 return b"".join(chunks)
             chunks.append(chunk)
             size += len(chunk)
             if size > self.max_bytes:
-                raise FetchError(f"the image at image_url is larger than the {self.max_bytes} byte limit")
+                raise FetchError(f"the image at {self.noun} is larger than the {self.max_bytes} byte limit", "too large")

@@ -1,0 +1,127 @@
+"""Tables of image URLs, as img2dataset takes them: parquet, CSV (with a header) or JSONL with a `url` column
+and optionally a `caption` column, or a .txt file of one URL a line. Read in chunks: a table of a billion
+rows never sits in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from clipkit.data.images import is_url
+
+URL_TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".txt")
+
+
+@dataclass(frozen=True)
+class UrlTable:
+    """A table of image URLs (`url_column`), with captions where it has `caption_column`."""
+
+    path: str
+    url_column: str = "url"
+    caption_column: str = "caption"
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, url_column: str = "url", caption_column: str = "caption") -> "UrlTable":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"URL table not found: {path}")
+        if Path(path).suffix.lower() not in URL_TABLE_SUFFIXES:
+            raise ValueError(f"{path}: a URL table is a .parquet, .csv, .jsonl or .txt file")
+        table = cls(os.path.abspath(path), url_column, caption_column)
+        if table.kind != "txt" and url_column not in table.columns():
+            raise ValueError(f"{path} has no column {url_column!r} (columns: {', '.join(table.columns())}); pass "
+                             "--url-column")
+        return table
+
+    @property
+    def kind(self) -> str:
+        suffix = Path(self.path).suffix.lower()
+        return "jsonl" if suffix == ".ndjson" else suffix[1:]
+
+    def columns(self) -> list[str]:
+        """The table's column names (of its first row, for JSONL)."""
+        if self.kind == "parquet":
+            return _parquet(self.path).schema_arrow.names
+        if self.kind == "csv":
+            with open(self.path, encoding="utf-8", newline="") as handle:
+                return next(csv.reader(handle), [])
+        if self.kind == "jsonl":
+            first = next(self._json_rows(), {})
+            return list(first)
+        return [self.url_column]
+
+    def count(self) -> int | None:
+        """Rows, where the table says so without being read (parquet); else None."""
+        return _parquet(self.path).metadata.num_rows if self.kind == "parquet" else None
+
+    def chunks(self, size: int = 50_000) -> Iterator[list[tuple[str, str | None]]]:
+        """(url, caption or None) rows, `size` at a time, in the table's order."""
+        rows = self._rows()
+        while chunk := list(itertools.islice(rows, size)):
+            yield chunk
+
+    def _rows(self) -> Iterator[tuple[str, str | None]]:
+        if self.kind == "parquet":
+            source = _parquet(self.path)
+            wanted = [c for c in (self.url_column, self.caption_column) if c in source.schema_arrow.names]
+            records = (row for batch in source.iter_batches(batch_size=8192, columns=wanted) for row in batch.to_pylist())
+        elif self.kind == "csv":
+            records = _csv_rows(self.path)
+        elif self.kind == "jsonl":
+            records = self._json_rows()
+        else:
+            records = ({self.url_column: line.strip()} for line in _lines(self.path) if line.strip())
+        for record in records:
+            url, caption = record.get(self.url_column), record.get(self.caption_column)
+            caption = caption.strip() if isinstance(caption, str) else None
+            yield (url.strip() if isinstance(url, str) else url), caption or None
+
+    def _json_rows(self) -> Iterator[dict]:
+        for number, line in enumerate(_lines(self.path), 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    raise ValueError(f"{self.path} line {number} is not JSON: {exc}") from None
+
+
+def is_url_table(path: str | os.PathLike, url_column: str = "url", image_column: str = "image") -> bool:
+    """Whether a table given as `clipkit index SOURCE` lists URLs rather than image files: a .txt file of
+    URLs, or a table with `url_column` and without `image_column` (a caption table's)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in URL_TABLE_SUFFIXES or not Path(path).is_file():
+        return False
+    if suffix == ".txt":
+        first = next((line.strip() for line in _lines(path) if line.strip()), "")
+        return is_url(first)
+    try:
+        columns = UrlTable(os.path.abspath(path), url_column).columns()
+    except (OSError, ValueError):
+        return False  # unreadable: the caption table's reader says why
+    return url_column in columns and image_column not in columns
+
+
+def _parquet(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading parquet needs pyarrow: pip install 'clipkit[parquet]'") from None
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path} is not a readable parquet file ({exc})") from None
+
+
+def _csv_rows(path: str) -> Iterator[dict]:
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _lines(path) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        yield from handle

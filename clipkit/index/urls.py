@@ -1,0 +1,75 @@
+"""Indexing a table of image URLs (`clipkit index urls.parquet`, img2dataset's input): each image is fetched
+(clipkit.data.images.ImageURL: a deadline and a size cap a fetch), embedded here or on a Ray cluster
+(`engine`), and committed batch by batch with its URL as id and metadata (`url`, `caption`); captions go
+to the caption collection. The table is read a chunk at a time, so memory does not grow with it.
+
+Incremental and resumable: URLs already in the index are not fetched again, so a run stopped at any
+moment and run again fetches only what was not committed, and a table that grew adds only its new rows.
+URLs that failed (an HTTP error, a timeout, not an image) are skipped with their reason and tried again
+on the next run. Rows removed from the table stay in the index (`clipkit remove` takes them out).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from clipkit.data.images import ImageURL, is_url
+from clipkit.data.urls import UrlTable
+from clipkit.index.ingest import _ingest_captions
+from clipkit.index.sync import SyncReport
+
+log = logging.getLogger("clipkit.index")
+
+CHUNK_ROWS = 50_000  # table rows planned at a time
+
+
+def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: int | None = None,
+              progress: bool | None = None, engine=None, chunk: int = CHUNK_ROWS) -> SyncReport:
+    """Add the images of `table` that `index` (whose writer lock the caller holds) lacks; see the module."""
+    from clipkit.encode import embed_image_files
+
+    report = SyncReport()
+    with tqdm(total=table.count(), disable=None if progress is None else not progress, unit="img",
+              desc="indexing") as bar:
+        for rows in table.chunks(chunk):
+            todo = _new_rows(index, rows, report)
+            bar.update(len(rows) - len(todo))
+            items = [ImageURL(url) for url, _ in todo]
+            for vectors, positions, failures in (engine or embed_image_files)(items, model, batch_size=batch_size,
+                                                                              workers=workers):
+                for position, reason, kind in failures:
+                    report.skip(todo[position][0], reason, kind)
+                    log.info("skipped %s", reason)
+                if len(positions):
+                    _commit(index, vectors, [todo[p] for p in positions], model)
+                    report.added += len(positions)
+                bar.update(len(positions) + len(failures))
+    return report
+
+
+def _new_rows(index, rows: list[tuple], report: SyncReport) -> list[tuple[str, str | None]]:
+    """The (url, caption) rows of a chunk to fetch: http(s) URLs not yet in the index, each once."""
+    valid, seen, repeated = [], set(), 0
+    for url, caption in rows:
+        if not is_url(url):
+            report.skip(str(url), f"{url!r} is not an http(s) URL", "not a URL")
+        elif url in seen:
+            repeated += 1  # a row repeated in the table: one item
+        else:
+            seen.add(url)
+            valid.append((url, caption))
+    present = set(index.find([url for url, _ in valid]))
+    todo = [(url, caption) for url, caption in valid if url not in present]
+    report.unchanged += repeated + len(valid) - len(todo)
+    return todo
+
+
+def _commit(index, vectors: np.ndarray, rows: list[tuple[str, str | None]], model) -> None:
+    """One embedded batch into the index (ids: the URLs) and its captions into the caption collection."""
+    records = [{"url": url, **({"caption": caption} if caption else {})} for url, caption in rows]
+    ids = [url for url, _ in rows]
+    index.add(vectors, ids=ids, metadata=records)
+    _ingest_captions(index, records, ids, list(range(len(rows))), None, 0, model)

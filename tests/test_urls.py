@@ -1,0 +1,180 @@
+"""`clipkit index TABLE` where TABLE lists image URLs (img2dataset's input): each image fetched from a local
+HTTP server, its URL the id; failures skipped with their reason; a re-run fetches only what is missing."""
+
+from __future__ import annotations
+
+import http.server
+import importlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clipkit
+from clipkit.cli import main
+from clipkit.index import Index
+from conftest import draw_shape
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+class _Images(http.server.SimpleHTTPRequestHandler):
+    served: list = []
+
+    def do_GET(self):
+        type(self).served.append(self.path)
+        if self.path.startswith("/moved/"):
+            self.send_response(302)
+            self.send_header("Location", "/" + self.path.split("/", 2)[2])
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A local web server with 12 images (and a text file), and the URLs of each."""
+    root = tmp_path_factory.mktemp("site")
+    for number in range(12):
+        draw_shape(COLOURS[number % 4], SHAPES[number % 3], (40 + number, 32), seed=number).save(root / f"{number}.png")
+    (root / "notes.txt").write_text("not an image")
+    handler = type("Handler", (_Images,), {"served": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield root, base, handler
+    server.shutdown()
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text("url,caption\n" + "".join(f"{r['url']},{r.get('caption', '')}\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_url_table_indexes_each_image_under_its_url(site, tmp_path, tiny_ckpt, tiny_model, capsys, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
+    root, base, handler = site
+    rows = [{"url": f"{base}/{n}.png", "caption": f"a {COLOURS[n % 4]} {SHAPES[n % 3]}"} for n in range(10)]
+    rows += [{"url": f"{base}/moved/10.png", "caption": "redirected"}, {"url": f"{base}/0.png", "caption": "again"},
+             {"url": f"{base}/missing.png", "caption": "gone"}, {"url": f"{base}/notes.txt", "caption": "text"},
+             {"url": "ftp://example.com/x.png", "caption": "no"}]
+    table = write_table(tmp_path / f"urls{suffix}", rows)
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt)]
+    log = tmp_path / "skipped.jsonl"
+    assert main(["index", str(table), "--index", str(tmp_path / "ix"), "--skipped-log", str(log), *model]) == 0
+    out = capsys.readouterr().out
+    assert "11 new" in out and "3 skipped" in out, out
+    index = Index.load(tmp_path / "ix")
+    good = [f"{base}/{n}.png" for n in range(10)] + [f"{base}/moved/10.png"]
+    assert sorted(index.ids()) == sorted(good)
+    skipped = {json.loads(line)["path"]: json.loads(line)["reason"] for line in log.read_text().splitlines()}
+    assert "404" in skipped[f"{base}/missing.png"] and "not a recognised image" in skipped[f"{base}/notes.txt"]
+    assert "not an http(s) URL" in skipped["ftp://example.com/x.png"]
+    # the embeddings are those of the same files read from disk
+    files = [root / f"{n}.png" for n in range(10)] + [root / "10.png"]
+    expected = clipkit.encode(images=files, model=tiny_model)
+    np.testing.assert_allclose(index.embeddings(good), expected, atol=2e-3)  # (float16 storage)
+    record = index.get([good[3]])[0]
+    assert record["url"] == good[3] and record["caption"] == "a yellow circle"
+    with pytest.raises(ValueError, match=r"pass \["):
+        index.get(good[3])  # one URL alone, not its letters
+    assert index.captions is not None and len(index.captions) == 11  # the repeated row's caption: the first kept
+    # served: each hit carries its URL, which the web page shows (the server fetches nothing)
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    with TestClient(create_app({"web": Index.load(tmp_path / "ix")})) as client:
+        hits = client.post("/search", json={"id": index.keys([good[3]])[0], "k": 3}).json()["results"]
+        assert hits[0]["item_id"] == hits[0]["url"] == hits[0]["thumbnail_url"] == good[3]
+        assert client.get(f"/image/{hits[0]['id']}?index=web").status_code == 404
+    # a run again fetches only what failed before
+    before = len(handler.served)
+    assert main(["-q", "index", str(table), "--index", str(tmp_path / "ix"), *model]) == 0
+    assert sorted(handler.served[before:]) == ["/missing.png", "/notes.txt"] and len(index.ids()) == 11
+
+
+def test_an_interrupted_url_run_goes_on_without_fetching_again(site, tmp_path, tiny_model, monkeypatch):
+    encode = importlib.import_module("clipkit.encode")  # (clipkit.encode is also the function)
+
+    root, base, handler = site
+    urls = [f"{base}/{n}.png" for n in range(12)]
+    table = write_table(tmp_path / "urls.jsonl", [{"url": u} for u in urls])
+    real, batches = encode.embed_image_files, []
+
+    def interrupted(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            if batches:
+                raise KeyboardInterrupt
+            batches.append(batch)
+            yield batch
+
+    monkeypatch.setattr(encode, "embed_image_files", interrupted)
+    index = Index(tiny_model.dim, model=tiny_model)
+    index.save(tmp_path / "ix")
+    with pytest.raises(KeyboardInterrupt):
+        index.sync_urls(table, batch_size=5)
+    assert len(Index.load(tmp_path / "ix")) == 5  # the first batch, committed
+    monkeypatch.setattr(encode, "embed_image_files", real)
+    before = len(handler.served)
+    report = index.sync_urls(table, batch_size=5)
+    assert report.added == 7 and report.unchanged == 5
+    assert len(handler.served) - before == 7 and sorted(Index.load(tmp_path / "ix").ids()) == sorted(urls)
+
+
+def test_a_slow_or_huge_url_is_skipped_within_its_limits(site, tmp_path, tiny_model, monkeypatch):
+    import clipkit.data.images as images
+
+    root, base, _ = site
+    monkeypatch.setattr(images, "_url_fetcher", None)
+    monkeypatch.setattr(images, "URL_MAX_BYTES", 100)  # every image here is larger
+    table = write_table(tmp_path / "urls.jsonl", [{"url": f"{base}/{n}.png"} for n in range(3)])
+    index = Index(tiny_model.dim, model=tiny_model)
+    report = index.sync_urls(table)
+    assert report.added == 0 and report.skipped_kinds == {"too large": 3}
+
+
+def test_url_table_arguments(tmp_path, capsys):
+    table = write_table(tmp_path / "urls.jsonl", [{"link": "http://127.0.0.1:9/a.png"}])
+    assert main(["index", str(table), "--index", str(tmp_path / "ix"), "--url-column", "link",
+                 "--captions", str(table)]) == 2
+    assert "brings its own captions" in capsys.readouterr().err
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.png\n")
+    assert main(["index", str(tmp_path / "urls.txt"), "--index", str(tmp_path / "ix"), "--check"]) == 2
+    assert "apply to folders" in capsys.readouterr().err
+
+
+def test_a_url_table_on_ray_gives_the_same_index(site, tmp_path, tiny_ckpt, capsys):
+    pytest.importorskip("ray.data")
+    _, base, _ = site
+    table = write_table(tmp_path / "urls.jsonl", [{"url": f"{base}/{n}.png", "caption": f"shape {n}"} for n in range(12)]
+                        + [{"url": f"{base}/missing.png"}])
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt), "--batch-size", "4"]
+    assert main(["-q", "index", str(table), "--index", str(tmp_path / "local"), *model]) == 0
+    assert main(["index", str(table), "--index", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "2",
+                 *model]) == 0
+    out = capsys.readouterr().out
+    assert "12 new" in out and "1 skipped" in out and "ray: 2 actor(s)" in out
+    local, spread = Index.load(tmp_path / "local"), Index.load(tmp_path / "ray")
+    ids = sorted(local.ids())
+    assert sorted(spread.ids()) == ids and len(ids) == 12
+    np.testing.assert_allclose(spread.embeddings(ids), local.embeddings(ids), atol=2e-3)
+    assert len(spread.captions) == len(local.captions) == 12
