@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import AbstractSet, Any, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Sequence
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_f
                                     remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_items
+
+if TYPE_CHECKING:
+    from clipkit.data.urls import UrlTable
 
 log = logging.getLogger("clipkit.index")
 
