@@ -123,6 +123,49 @@ def search_row(n: int, dim: int = 512, queries: int = 1000) -> dict:
             "baseline_is": "bare FAISS IndexFlatIP (CPU)"}
 
 
+def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path) -> dict:
+    """What one Ray actor of `clipkit index --engine ray` runs on its GPU (`embed_image_files` over JPEG
+    files: decoding threads feeding the model), and how busy the GPU is meanwhile (nvidia-smi's utilization,
+    sampled every 100 ms). Ray itself is not on the GPU machine (its wheel is too large to carry): it only
+    schedules batches to this loop."""
+    import subprocess
+    import threading
+
+    from clipkit.encode import embed_image_files
+
+    model = clipkit.load_model(name, pretrained="scratch", device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, spec in enumerate(scenes(n_images, seed=1, split="test")):
+        paths.append(out / f"{number}.jpg")
+        render(spec, size=256).resize((320, 240)).save(paths[-1], quality=90)
+    for _ in embed_image_files(paths[:256], model, batch_size=256):  # warm-up
+        pass
+    samples, done = [], threading.Event()
+
+    def sample():
+        with subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                               "-lms", "100"], stdout=subprocess.PIPE, text=True) as smi:
+            for line in smi.stdout:
+                if done.is_set():
+                    smi.terminate()
+                    break
+                if line.strip().isdigit():
+                    samples.append(int(line))
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    if device.type == "cuda":
+        watcher.start()
+    start = time.perf_counter()
+    count = sum(len(positions) for _, positions, _ in embed_image_files(paths, model, batch_size=256))
+    seconds = time.perf_counter() - start
+    done.set()
+    busy = statistics.mean(samples) if samples else float("nan")
+    return {"row": f"one Ray actor's loop: {count} JPEGs 320x240 decoded and embedded, {name}, "
+                   f"{count / seconds:.0f} images/s", "clipkit": round(busy, 1), "baseline": 80,
+            "ratio": round(busy / 80, 2), "unit": "% GPU busy (nvidia-smi)", "baseline_is": "issue 30's goal"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a dry run of the script)")
@@ -138,6 +181,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(training_row(device, 4 if quick else 60, Path(tmp) / "run"))
     rows.append(search_row(2000 if quick else 200_000))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(actor_busy_row(args.model, device, 128 if quick else 4096, Path(tmp)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     lines = [f"GPU check on {name} (torch {torch.__version__}, open_clip {open_clip.__version__}, "
              f"faiss {faiss.__version__}, {faiss.get_num_gpus()} GPU(s) seen by FAISS)", "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -305,14 +306,12 @@ def cmd_index(args) -> int:
 
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
-    from clipkit.data.urls import UrlTable
-
     folder, table, include = _index_source(args)
     if folder is None and (args.check or args.shard or args.exclude or args.captions):
         raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards and URL tables are "
                          "indexed whole, with their own captions")
     shard = _parse_shard(args.shard) if args.shard else None
-    engine = _engine(args, folder is not None or isinstance(table, UrlTable))
+    engine = _engine(args)
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
         existing = Index.load(index_path) if index_path.exists() else None
@@ -325,17 +324,8 @@ def cmd_index(args) -> int:
         if created:
             index = Index(model.dim, model=model, precision=args.precision)
             index.save(index_path)  # attach first: every finished batch is then committed to disk
-        options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args),
-                       exclude=args.exclude, shard=shard, engine=engine)
-        if isinstance(table, UrlTable):  # image URLs, fetched
-            report = index.sync_urls(table, model, batch_size=args.batch_size, workers=args.workers,
-                                     progress=_progress(args), engine=engine)
-        elif folder is None:  # webdataset shards, indexed in place
-            report = index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args))
-        elif include is not None:
-            report = index.sync_table(table, model, **options)
-        else:
-            report = index.sync_folder(folder, model, captions=table, **options)
+        with engine or contextlib.nullcontext():  # (a local Ray started for the run stops after it)
+            report = _sync_source(args, index, model, (folder, table, include), shard, engine)
         _structure_options(args, index, model, created)
         index.save()
     if args.skipped_log:
@@ -352,16 +342,30 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _engine(args, spreadable: bool):
-    """--engine ray: the Ray engine that embeds a folder's (caption table's, URL table's) images; None: this
+def _sync_source(args, index, model, source: tuple, shard, engine):
+    """Bring `index` up to date with SOURCE: a folder, a caption table, a URL table or shards."""
+    from clipkit.data.urls import UrlTable
+
+    folder, table, include = source
+    options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args), engine=engine)
+    if isinstance(table, UrlTable):  # image URLs, fetched
+        return index.sync_urls(table, model, **options)
+    if folder is None:  # webdataset shards, indexed in place
+        return index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args),
+                                 engine=engine)
+    options.update(exclude=args.exclude, shard=shard)
+    if include is not None:
+        return index.sync_table(table, model, **options)
+    return index.sync_folder(folder, model, captions=table, **options)
+
+
+def _engine(args):
+    """--engine ray: the Ray engine that embeds the images (of a folder, a table or shards); None: this
     process."""
     if args.engine == "local":
         if args.ray_address or args.ray_actors:
             raise UsageError("--ray-address and --ray-actors go with --engine ray")
         return None
-    if not spreadable:
-        raise UsageError("--engine ray embeds folders, caption tables and URL tables; webdataset shards are indexed "
-                         "here (or spread with --shard I/N under torchrun)")
     from clipkit.encode_ray import RayEngine, require_ray
 
     require_ray()  # installed, or a clear message before the index is touched

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from clipkit.data.images import ImageURL, image_item
+from clipkit.data.images import image_item, item_text
 from clipkit.errors import EngineError, first_line
 
 def require_ray():
@@ -49,6 +49,20 @@ class RayEngine:
         self.address, self.actors = address, actors
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.stats: dict = {}
+        self._started = False  # whether this engine started the (local) Ray it uses: `close` stops it
+
+    def __enter__(self) -> "RayEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the local Ray this engine started, if any (a run calls the engine once per chunk or shard:
+        Ray starts once)."""
+        if self._started:
+            require_ray().shutdown()
+            self._started = False
 
     def __call__(self, paths: Sequence, model, *, batch_size: int = 64, workers: int | None = None
                  ) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str, str]]]]:
@@ -57,16 +71,13 @@ class RayEngine:
         if not len(paths):
             return
         ray = require_ray()
-        started = self._connect(ray)
+        self._started |= self._connect(ray)
         try:
             yield from self._stream(ray, paths, model, batch_size)
         except ray.exceptions.RayError as exc:  # a worker's error, or tasks that failed past their retries
             cause = getattr(exc, "cause", None) or exc
             raise EngineError(f"Ray stopped embedding ({type(cause).__name__}: {first_line(cause)}); the batches "
                               "committed before are kept: run the same command again to go on") from None
-        finally:
-            if started:
-                ray.shutdown()
 
     def _connect(self, ray) -> bool:
         """Join the cluster at `address`, or start a local one; True when this run started Ray."""
@@ -99,8 +110,7 @@ class RayEngine:
         pool = self._pool(ray)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # clipkit's own bar counts what is committed
-        items = [{"position": i, "path": str(p) if isinstance(p, ImageURL) else os.fsdecode(p)}
-                 for i, p in enumerate(paths)]
+        items = [{"position": i, "path": item_text(p)} for i, p in enumerate(paths)]
         blocks = max(1, min(-(-len(items) // batch_size), 10_000))
         pool["actors"] = min(pool["actors"], blocks)  # no actor without a block to embed
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
@@ -109,7 +119,9 @@ class RayEngine:
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
             num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"])  # Ray Data restarts lost actors, retries their tasks
         seen = np.zeros(len(paths), bool)
-        self.stats = {"actors": pool["actors"], "per_actor": {}, "delivered_twice": 0}
+        self.stats.setdefault("per_actor", {})
+        self.stats["actors"] = max(self.stats.get("actors", 0), pool["actors"])
+        self.stats.setdefault("delivered_twice", 0)
         for batch in embedded.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
             positions = batch["position"].astype(np.int64)
             again = seen[positions]

@@ -81,10 +81,30 @@ def test_engine_arguments_are_checked_before_anything_is_indexed(argv, message, 
     assert not (tmp_path / "ix").exists()
 
 
-def test_engine_ray_refuses_shards_and_an_unreachable_cluster(tmp_path, image_folder, capsys):
-    (tmp_path / "s-000000.tar").write_bytes(b"")
-    assert main(["index", str(tmp_path / "s-000000.tar"), "--index", str(tmp_path / "ix"), "--engine", "ray"]) == 2
-    assert "webdataset shards are indexed here" in capsys.readouterr().err
+def test_engine_ray_indexes_shards_in_place_as_one_process_does(tmp_path, capsys, monkeypatch):
+    """Three shards, three engine calls, one local Ray: the members travel to the actors as (tar, offset,
+    size), read in place there; the same items and embeddings as one process."""
+    import ray
+
+    from clipkit.data.synthetic import write_synthetic
+
+    shards = write_synthetic(tmp_path / "shards", 30, seed=8, split="test", maxcount=10, workers=1, progress=False)
+    spec = str(shards[0].parent / "test-{000000..000002}.tar")
+    starts = []
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append(1) or real_init(*a, **k))
+    assert main(["-q", "index", spec, "--index", str(tmp_path / "local")]) == 0
+    assert main(["index", spec, "--index", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "2"]) == 0
+    assert "indexed 30 image(s) (30 new" in capsys.readouterr().out
+    assert len(starts) == 1 and not ray.is_initialized()  # started once for the run, stopped after it
+    local, spread = Index.load(tmp_path / "local"), Index.load(tmp_path / "ray")
+    ids = sorted(local.ids())
+    assert sorted(spread.ids()) == ids and len(ids) == 30
+    np.testing.assert_allclose(spread.embeddings(ids), local.embeddings(ids), atol=2e-3)
+    assert [r["offset"] for r in spread.get(ids)] == [r["offset"] for r in local.get(ids)]
+
+
+def test_engine_ray_refuses_an_unreachable_cluster(tmp_path, image_folder, capsys):
     assert main(["index", str(image_folder), "--index", str(tmp_path / "ix2"), "--engine", "ray",
                  "--ray-address", "127.0.0.1:1"]) == 2
     assert "cannot join a Ray cluster" in capsys.readouterr().err

@@ -237,7 +237,7 @@ def test_a_streaming_build_sizes_its_codes_by_the_shortlist_recall_it_estimates_
         estimates[factory] = tune._shortlist_recall(structure, sample, collection, queries, truth, 10)
         whole = Structure(faiss.clone_index(structure.index), split_refine(factory)[0])
         whole.add(base, keys)
-        whole.set_params({"nprobe": 64})
+        whole.set_params({"nprobe": 64 // tune.PROBED_SHARE})  # as the estimate probes
         actual = recall(whole.search(queries, 80)[1], truth)
         assert abs(estimates[factory] - actual) <= 0.05, (factory, estimates[factory], actual)
     assert estimates[factories[0]] + 0.1 < estimates[factories[1]]  # longer codes hold more of the neighbours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 import os
 import warnings
@@ -160,8 +161,20 @@ def is_url(text) -> bool:
     return isinstance(text, str) and text[:8].lower().startswith(("http://", "https://"))
 
 
+_MEMBER = "tar-member:"
+
+
+def item_text(item) -> str:
+    """An image file, shard member or URL as text (what goes to another process): `image_item` reads it back."""
+    if isinstance(item, TarMember):
+        return _MEMBER + json.dumps([item.tar, item.name, item.offset, item.size])
+    return str(item) if isinstance(item, ImageURL) else os.fsdecode(item)
+
+
 def image_item(text: str):
-    """What a path or URL written as text reads as: an `ImageURL` for http(s), else the path itself."""
+    """What `item_text` wrote: a `TarMember`, an `ImageURL` for http(s), else the path itself."""
+    if text.startswith(_MEMBER):
+        return TarMember(*json.loads(text[len(_MEMBER):]))
     return ImageURL(text) if is_url(text) else text
 
 

@@ -78,10 +78,11 @@ class FolderSync:
         return report
 
     def sync_shards(self, urls: str | Sequence[str], model=None, *, batch_size: int = 64,
-                    progress: bool | None = None) -> "sync.SyncReport":
+                    progress: bool | None = None, engine=None) -> "sync.SyncReport":
         """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
         such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
-        captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`."""
+        captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`;
+        `engine` as there (its workers must see the shards' files)."""
         from clipkit.index.captions import CaptionReport
         from clipkit.index.shards import sync_shards
 
@@ -97,7 +98,8 @@ class FolderSync:
         with self.writer(on_wait=log.warning):
             self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
-            report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions)
+            report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
+                                 engine=engine)
         report.captions = captions if self._captions is not None else None
         self.last_sync = report
         return report

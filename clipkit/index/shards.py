@@ -95,9 +95,10 @@ def item_image(path: str | None, metadata: dict) -> Path | TarMember | None:
 
 
 def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64, progress: bool | None = None,
-                on_shard: Callable[[str, dict[str, list[str]]], None] | None = None) -> SyncReport:
+                on_shard: Callable[[str, dict[str, list[str]]], None] | None = None, engine=None) -> SyncReport:
     """Bring `index` (whose writer lock the caller holds) up to date with the shards `urls` names.
-    `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions)."""
+    `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions);
+    `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s)."""
     paths = local_shards(urls)
     report = SyncReport()
     with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="shard",
@@ -108,7 +109,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
             if recorded.get(path) == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
                 report.unchanged += len(index.ids_with_prefix(path + "#"))
             else:
-                captions = _sync_shard(index, path, model, batch_size, report)
+                captions = _sync_shard(index, path, model, batch_size, report, engine)
                 with index.store.transaction(bump=False):
                     recorded = index.store.info(SHARD_STATS, {})
                     index.store.set_info(SHARD_STATS, {**recorded, path: [stat.st_size, stat.st_mtime]})
@@ -134,7 +135,7 @@ def _shard_items(index, path: str) -> dict[str, dict]:
     return {record["id"]: record for record in index.get(ids)} if ids else {}
 
 
-def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport) -> dict[str, list[str]]:
+def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, engine=None) -> dict[str, list[str]]:
     from clipkit.encode import embed_image_files
 
     existing = _shard_items(index, path)
@@ -155,7 +156,7 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport) ->
         index.remove(gone)
     report.removed += len(existing)
     images = [sample.image for _, sample, _ in samples]
-    for vectors, positions, failures in embed_image_files(images, model, batch_size=batch_size):
+    for vectors, positions, failures in (engine or embed_image_files)(images, model, batch_size=batch_size):
         for position, reason, kind in failures:
             report.skip(str(images[position]), reason, kind)
         if positions:

@@ -376,12 +376,17 @@ SHORTLIST_FACTOR = 128  # the k_factor at which `_pick_codes` asks the true neig
 # cache, issued together from disk), so that disk per vector grows only where shortlists cannot make up for it
 
 
+PROBED_SHARE = 4  # `_pick_codes` estimates with a quarter of the lists probed: codes that need nearly every list
+# probed to shortlist the true neighbours leave the tuner only slow settings (measured: 17 ms a query at 1M,
+# on the edge of its recall target), so the ladder goes on to longer codes there
+
+
 def _pick_codes(factories: list[str], sample: tuple, collection: Collection, queries: np.ndarray,
                 truth: np.ndarray, goal: float, k: int) -> Structure:
     """The empty structure of the first of `factories` (codes growing) whose shortlists of SHORTLIST_FACTOR x k
     are estimated to hold a share `goal` of the true neighbours among all `collection.count` items (else the
-    last): the training sample and the true neighbours are coded, every list is probed, and each true
-    neighbour's rank among the sample's codes, scaled by count / sample size, is its rank among all."""
+    last): the training sample and the true neighbours are coded, 1 / PROBED_SHARE of the lists probed, and
+    each true neighbour's rank among the sample's codes, scaled by count / sample size, is its rank among all."""
     quantizer, structure = None, None
     for factory in factories:
         structure = empty_structure(factory, sample[0], faiss.clone_index(quantizer) if quantizer else None, niter=10)
@@ -405,7 +410,7 @@ def _shortlist_recall(structure: Structure, sample: tuple, collection: Collectio
     others = ~np.isin(keys, wanted) & ~np.isin(keys, held)
     probe.add(train[others], keys[others])
     probe.add(collection.lookup(wanted)[0], wanted)
-    probe.set_params({"nprobe": int(faiss.try_extract_index_ivf(probe.index).nlist)})
+    probe.set_params({"nprobe": max(1, faiss.try_extract_index_ivf(probe.index).nlist // PROBED_SHARE)})
     scale = collection.count / max(1, int(others.sum()))  # items of the collection per sampled item
     depth = min(probe.ntotal, int(np.ceil(SHORTLIST_FACTOR * k / scale)) + len(wanted))
     found = probe.search(queries, depth)[1]
