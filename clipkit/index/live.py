@@ -67,17 +67,24 @@ def warn_damaged(index) -> None:
                     index.path or "this index", first)
 
 
-def apply(index, new: list[tuple[np.ndarray, np.ndarray]], removed: np.ndarray) -> bool:
+def apply(index, new, removed: np.ndarray) -> bool:
     """Put committed changes into the structure: `new` (keys, vectors) batches, `removed` keys; False
     when the structure cannot remove (the caller rebuilds it from the store)."""
-    removed = removed[removed <= index._last_key]  # others were added and removed since: never in it
-    if len(removed) and not index._structure.remove(removed):
-        return False
+    done, index._last_key = put_changes(index._structure, index._last_key, new, removed)
+    return done
+
+
+def put_changes(structure: Structure, last_key: int, new, removed: np.ndarray) -> tuple[bool, int]:
+    """(whether it could, the largest key in it now): `removed` keys out of a structure holding keys up to
+    `last_key`, then the `new` (keys, vectors) batches in."""
+    removed = removed[removed <= last_key]  # others were added and removed since: never in it
+    if len(removed) and not structure.remove(removed):
+        return False, last_key
     for keys, vectors in new:
         if len(keys):
-            index._structure.add(vectors, keys)
-            index._last_key = max(index._last_key, int(keys[-1]))
-    return True
+            structure.add(vectors, keys)
+            last_key = max(last_key, int(keys[-1]))
+    return True, last_key
 
 
 def rebuild(index, tune: bool = False, sample_queries: np.ndarray | None = None,
@@ -294,14 +301,16 @@ def load_saved_structure(index, config: dict | None = None) -> bool:
 def _catch_up_saved(index, structure: Structure, generation: int, last: int, key_sum: int) -> None:
     """Bring a structure saved at `generation` (keys up to `last`, key digest `key_sum`) to the store now;
     ValueError when the result does not hold exactly the store's keys (a removal log pruned since, say)."""
-    removed = index.store.removed_since(generation)
-    removed = removed[removed <= last]  # others were added and removed since: never in it
-    if len(removed) and not structure.remove(removed):
+    removed, added = index.store.removed_since(generation), [0]
+
+    def counted():  # the store's later additions, their key digest summed as they go in
+        for keys, vectors in index.store.vectors_after(last):
+            added[0] += keys_sum(keys)
+            yield keys, vectors
+
+    if not put_changes(structure, last, counted(), removed)[0]:
         raise ValueError("items were removed since it was saved and it cannot remove them")
-    added = 0
-    for keys, vectors in index.store.vectors_after(last):
-        structure.add(vectors, keys)
-        added = (added + keys_sum(keys)) % 2**64
-    if structure.ntotal != index.store.count() or (key_sum + added - keys_sum(removed)) % 2**64 != int(
+    removed = removed[removed <= last]
+    if structure.ntotal != index.store.count() or (key_sum + added[0] - keys_sum(removed)) % 2**64 != int(
             index.store.key_sum()):
         raise ValueError("its key set does not match the store's")
