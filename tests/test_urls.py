@@ -62,11 +62,12 @@ def write_table(path: Path, rows: list[dict]) -> Path:
     elif path.suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        path.write_text("url,caption\n" + "".join(f"{r['url']},{r.get('caption', '')}\n" for r in rows))
+        sep = "\t" if path.suffix == ".tsv" else ","
+        path.write_text(f"url{sep}caption\n" + "".join(f"{r['url']}{sep}{r.get('caption', '')}\n" for r in rows))
     return path
 
 
-@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".tsv"])
 def test_a_url_table_indexes_each_image_under_its_url(site, tmp_path, tiny_ckpt, tiny_model, capsys, suffix):
     if suffix == ".parquet":
         pytest.importorskip("pyarrow")

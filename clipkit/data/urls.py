@@ -1,4 +1,4 @@
-"""Tables of image URLs, as img2dataset takes them: parquet, CSV (with a header) or JSONL with a `url` column
+"""Tables of image URLs, as img2dataset takes them: parquet, CSV or TSV (with a header) or JSONL with a `url` column
 and optionally a `caption` column, or a .txt file of one URL a line. Read in chunks: a table of a billion
 rows never sits in memory.
 """
@@ -15,7 +15,7 @@ from typing import Iterator
 
 from clipkit.data.images import is_url
 
-URL_TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".txt")
+URL_TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class UrlTable:
         if not Path(path).is_file():
             raise FileNotFoundError(f"URL table not found: {path}")
         if Path(path).suffix.lower() not in URL_TABLE_SUFFIXES:
-            raise ValueError(f"{path}: a URL table is a .parquet, .csv, .jsonl or .txt file")
+            raise ValueError(f"{path}: a URL table is a .parquet, .csv, .tsv, .jsonl or .txt file")
         table = cls(os.path.abspath(path), url_column, caption_column)
         if table.kind != "txt" and url_column not in table.columns():
             raise ValueError(f"{path} has no column {url_column!r} (columns: {', '.join(table.columns())}); pass "
@@ -47,9 +47,9 @@ class UrlTable:
         """The table's column names (of its first row, for JSONL)."""
         if self.kind == "parquet":
             return _parquet(self.path).schema_arrow.names
-        if self.kind == "csv":
-            with open(self.path, encoding="utf-8", newline="") as handle:
-                return next(csv.reader(handle), [])
+        if self.kind in ("csv", "tsv"):
+            with open(self.path, encoding="utf-8", errors="replace", newline="") as handle:
+                return next(csv.reader(handle, delimiter=_DELIMITERS[self.kind]), [])
         if self.kind == "jsonl":
             first = next(self._json_rows(), {})
             return list(first)
@@ -70,8 +70,8 @@ class UrlTable:
             source = _parquet(self.path)
             wanted = [c for c in (self.url_column, self.caption_column) if c in source.schema_arrow.names]
             records = (row for batch in source.iter_batches(batch_size=8192, columns=wanted) for row in batch.to_pylist())
-        elif self.kind == "csv":
-            records = _csv_rows(self.path)
+        elif self.kind in ("csv", "tsv"):
+            records = _csv_rows(self.path, _DELIMITERS[self.kind])
         elif self.kind == "jsonl":
             records = self._json_rows()
         else:
@@ -117,9 +117,12 @@ def _parquet(path: str):
         raise ValueError(f"{path} is not a readable parquet file ({exc})") from None
 
 
-def _csv_rows(path: str) -> Iterator[dict]:
+_DELIMITERS = {"csv": ",", "tsv": "\t"}
+
+
+def _csv_rows(path: str, delimiter: str) -> Iterator[dict]:
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        yield from csv.DictReader(handle)
+        yield from csv.DictReader(handle, delimiter=delimiter)
 
 
 def _lines(path) -> Iterator[str]:
