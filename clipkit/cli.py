@@ -65,7 +65,8 @@ def _add_index_command(commands, default_model: str) -> None:
     index.add_argument("--image-column", default="image", help="caption table: the image path column (default: image)")
     index.add_argument("--caption-column", default="caption",
                        help="caption table: the caption column (default: caption)")
-    index.add_argument("--url-column", default="url", help="URL table: the URL column (default: url)")
+    index.add_argument("--url-column", default=None,
+                       help="URL table: the URL column (default: url; naming it makes SOURCE a URL table)")
     index.add_argument("--root", default=None,
                        help="caption table: the folder its relative image paths start from (default: the table's)")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
@@ -450,7 +451,7 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
     if is_url_table(source, args.url_column, args.image_column):  # image URLs (and captions), fetched
         if args.captions:
             raise UsageError("a URL table brings its own captions (its caption column); --captions is for folders")
-        return None, UrlTable.of(source, args.url_column, args.caption_column), None
+        return None, UrlTable.of(source, args.url_column or "url", args.caption_column), None
     if source.is_file():  # a caption table: the images it lists, with its captions
         if args.captions:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")

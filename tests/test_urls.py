@@ -179,3 +179,16 @@ def test_a_url_table_on_ray_gives_the_same_index(site, tmp_path, tiny_ckpt, caps
     assert sorted(spread.ids()) == ids and len(ids) == 12
     np.testing.assert_allclose(spread.embeddings(ids), local.embeddings(ids), atol=2e-3)
     assert len(spread.captions) == len(local.captions) == 12
+
+
+def test_which_tables_are_url_tables(tmp_path):
+    from clipkit.data.urls import is_url_table
+
+    plain = write_table(tmp_path / "a.jsonl", [{"url": "http://x/a.png", "caption": "c"}])
+    listing = write_table(tmp_path / "b.jsonl", [{"image_path": "a.png", "url": "http://x/a.png"}])
+    captions = write_table(tmp_path / "c.jsonl", [{"image": "a.png", "caption": "c"}])
+    (tmp_path / "d.txt").write_text("\nhttps://x/a.png\n")
+    (tmp_path / "e.txt").write_text("a caption\n")
+    assert is_url_table(plain) and is_url_table(tmp_path / "d.txt")
+    assert not is_url_table(listing) and is_url_table(listing, "url")  # files and URLs: the URLs when named
+    assert not is_url_table(captions) and not is_url_table(tmp_path / "e.txt")

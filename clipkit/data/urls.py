@@ -90,9 +90,14 @@ class UrlTable:
                     raise ValueError(f"{self.path} line {number} is not JSON: {exc}") from None
 
 
-def is_url_table(path: str | os.PathLike, url_column: str = "url", image_column: str = "image") -> bool:
+PATH_COLUMNS = ("image_path", "path", "filepath", "file")  # a listing of files (clip-retrieval's metadata)
+
+
+def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_column: str = "image") -> bool:
     """Whether a table given as `clipkit index SOURCE` lists URLs rather than image files: a .txt file of
-    URLs, or a table with `url_column` and without `image_column` (a caption table's)."""
+    URLs; a table with the URL column named (`url_column`); or one with a `url` column and no column of
+    file paths (`image_column`, `image_path`, ...: a table with both is a caption table whose path column
+    must be named, as its error says)."""
     suffix = Path(path).suffix.lower()
     if suffix not in URL_TABLE_SUFFIXES or not Path(path).is_file():
         return False
@@ -100,10 +105,12 @@ def is_url_table(path: str | os.PathLike, url_column: str = "url", image_column:
         first = next((line.strip() for line in _lines(path) if line.strip()), "")
         return is_url(first)
     try:
-        columns = UrlTable(os.path.abspath(path), url_column).columns()
+        columns = UrlTable(os.path.abspath(path), url_column or "url").columns()
     except (OSError, ValueError):
         return False  # unreadable: the caption table's reader says why
-    return url_column in columns and image_column not in columns
+    if url_column is not None:
+        return url_column in columns
+    return "url" in columns and not any(c in columns for c in (image_column, *PATH_COLUMNS))
 
 
 def _parquet(path: str):
