@@ -134,7 +134,7 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
             index.add(vectors, ids=[ids[n] for n in keep], metadata=[records[n] for n in keep])
             report.added += len(keep)
         report.unchanged += len(ids) - len(keep)
-        _ingest_captions(index, records, ids, keep, texts, offset, model)
+        ingest_captions(index, records, ids, keep, texts, offset, model)
         bar.update(stop - offset)
 
 
@@ -154,7 +154,7 @@ def _item_id(record: dict, row: int):
     return given if given is not None else record.get("image_path") or record.get("url") or row
 
 
-def _ingest_captions(index, records: list[dict], ids: list, keep: list[int], texts, offset: int, model) -> None:
+def ingest_captions(index, records: list[dict], ids: list, keep: list[int], texts, offset: int, model) -> None:
     """The captions of the rows just added, into the caption collection: their text embeddings, else
     embedded by `model` (no model and no text embeddings: no captions)."""
     rows = [n for n in keep if records[n].get("caption")]

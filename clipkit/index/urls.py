@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.images import ImageURL, is_url
 from clipkit.data.urls import UrlTable
-from clipkit.index.ingest import _ingest_captions
+from clipkit.index.ingest import ingest_captions
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -72,4 +72,4 @@ def _commit(index, vectors: np.ndarray, rows: list[tuple[str, str | None]], mode
     records = [{"url": url, **({"caption": caption} if caption else {})} for url, caption in rows]
     ids = [url for url, _ in rows]
     index.add(vectors, ids=ids, metadata=records)
-    _ingest_captions(index, records, ids, list(range(len(rows))), None, 0, model)
+    ingest_captions(index, records, ids, list(range(len(rows))), None, 0, model)
