@@ -310,7 +310,7 @@ def test_format_1_index_is_migrated_and_its_files_stay_known(tmp_path, tiny_mode
                             ("model", tiny_model.info), ("generation", 5), ("index_type", "flat")):
             db.execute("INSERT INTO info VALUES (?, ?)", (name, json.dumps(value)))
     migrated = Index.load(old)
-    assert migrated.store.info("format_version") == 3 and len(migrated) == 4
+    assert migrated.store.info("format_version") == 4 and len(migrated) == 4
     np.testing.assert_array_equal(migrated.embeddings(migrated.ids()), current.embeddings(migrated.ids()))
     assert migrated.get(migrated.ids()) == records
     report = migrated.sync_folder(photos, tiny_model)

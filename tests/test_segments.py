@@ -43,12 +43,28 @@ def test_vectors_live_in_segment_files_across_several_segments(tmp_path, monkeyp
         index.add(base[start:start + 700], ids=list(range(start, min(start + 700, 2500))))
     assert "embedding" not in columns(tmp_path / "ix")
     files = sorted(p.name for p in (tmp_path / "ix" / VECTORS_DIR).iterdir())
-    assert len([f for f in files if f.endswith(".vec")]) == 3 and len([f for f in files if f.endswith(".key")]) == 3
+    # keys given one by one run without a gap: no key files (the store records each segment's first key)
+    assert len([f for f in files if f.endswith(".vec")]) == 3 and not [f for f in files if f.endswith(".key")]
     loaded = Index.load(tmp_path / "ix")
     np.testing.assert_allclose(loaded.embeddings(), base, rtol=0, atol=2e-7)  # float32 (float16 would be 1e-3 off)
     np.testing.assert_allclose(loaded.embeddings([2499, 0, 1000]), base[[2499, 0, 1000]], rtol=0, atol=2e-7)
     _, ids = loaded.search(queries, 10)
     np.testing.assert_array_equal(ids, brute_force(base, queries, 10))
+    # gaps: compaction after removals (inside the first segment, and the last items), then keys that go on
+    # past the gap in the last segment, whose run then ends: those segments get key files
+    index.remove(list(range(10, 20)) + list(range(2495, 2500)))
+    index.compact()
+    more = unit(100, 16, 2)
+    index.add(more, ids=list(range(2500, 2600)))
+    kept = {i: base[i] for i in range(2495) if not 10 <= i < 20} | {2500 + i: more[i] for i in range(100)}
+    files = sorted(p.name for p in (tmp_path / "ix" / VECTORS_DIR).iterdir())
+    assert [f.split("-")[1] for f in files if f.endswith(".key")] == ["00000.key", "00002.key"]
+    for opened in (index, Index.load(tmp_path / "ix")):
+        ids = sorted(kept)
+        np.testing.assert_allclose(opened.embeddings(ids), np.stack([kept[i] for i in ids]), rtol=0, atol=2e-7)
+        _, found = opened.search(queries, 10)
+        stacked = np.stack([kept[i] for i in ids])
+        np.testing.assert_array_equal(found, np.asarray(ids)[brute_force(stacked, queries, 10)])
 
 
 def test_a_kill_between_writing_rows_and_committing_them_loses_only_that_batch(tmp_path):
@@ -91,7 +107,8 @@ def test_removed_rows_are_compacted_away_on_save_and_a_live_reader_keeps_searchi
     assert writer.store.dead_rows() == 1000
     writer.save()
     assert writer.store.dead_rows() == 0
-    assert sum(f.stat().st_size for f in folder.iterdir()) == before // 2
+    # half the rows; their keys now have gaps, so the segment has its key file (8 B a row)
+    assert sum(f.stat().st_size for f in folder.iterdir()) == before // 2 + 1000 * 8
     kept = base[1::2]
     for index in (reader, writer, Index.load(tmp_path / "ix")):
         _, ids = index.search(queries, 5)
@@ -137,7 +154,7 @@ def test_a_format_2_store_is_migrated_out_of_sqlite_without_embedding_again(tmp_
                             ("next_key", 30), ("index_type", "flat")):
             db.execute("INSERT INTO info VALUES (?, ?)", (name, json.dumps(value)))
     migrated = Index.load(old)
-    assert migrated.store.info("format_version") == 3 and "embedding" not in columns(old)
+    assert migrated.store.info("format_version") == 4 and "embedding" not in columns(old)
     assert len(migrated) == 29
     np.testing.assert_array_equal(migrated.embeddings([f"item{k}" for k in (0, 29)]), base[[0, 29]])
     assert migrated.get(["item5"])[0]["caption"] == "caption 5"

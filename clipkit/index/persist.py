@@ -27,8 +27,8 @@ from clipkit.errors import BrokenIndexError, IndexFullError, first_line
 from clipkit.index import ondisk
 from clipkit.index.captions import CAPTIONS_DIR
 from clipkit.index.lock import LOCK_FILE, writer_lock
-from clipkit.index.store import (DB_FILE, FORMAT, FORMAT_VERSION, REMOVAL_LOG_GENERATIONS, Store, fold_journal,
-                                 translate)
+from clipkit.index.store import (CURRENT_VERSIONS, DB_FILE, FORMAT, FORMAT_VERSION, REMOVAL_LOG_GENERATIONS, Store,
+                                 fold_journal, translate)
 
 log = logging.getLogger("clipkit.index")
 
@@ -179,7 +179,7 @@ def load(cls, path, model):
 
 
 def _open(cls, store: Store, path: Path, config: dict, model):
-    if store.info("format_version") != FORMAT_VERSION:
+    if store.info("format_version") not in CURRENT_VERSIONS:
         if store.readonly:
             raise BrokenIndexError(f"the index at {path} has format version {store.info('format_version')!r} "
                                    "and is read-only; open it once on writable storage to upgrade it")

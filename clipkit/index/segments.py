@@ -2,12 +2,14 @@
 
     vectors/SET-00000.vec   rows of `dim` numbers (float16 or float32), raw, in the order they were added
     vectors/SET-00000.key   the int64 key of each row: ascending (keys only grow), so a key's row is one
-                            binary search away and nothing maps keys to rows in RAM
+                            binary search away and nothing maps keys to rows in RAM; only for a segment
+                            whose keys do not run without a gap (most do: keys are given one by one, and
+                            the state records such a segment's first key instead: `runs`, 8 B a row less)
 
 A segment holds up to `segment_rows` rows; the last one grows. SET names one generation of files: a
 compaction writes the live rows into a new set and the old set's files are deleted once the store points
 at the new one. What is committed is recorded in the store (`info.vectors`: set, rows, dtype,
-segment_rows), in the same transaction as the items that own the rows: rows are written and fsynced at the
+segment_rows, runs), in the same transaction as the items that own the rows: rows are written and fsynced at the
 committed end *before* that transaction commits, so a kill at any moment leaves the rows of the whole batch
 or of none (bytes past the committed end are garbage the next writer overwrites). Readers map only the
 committed rows, and a writer never truncates below them, so a map is never cut under a reader.
@@ -84,10 +86,12 @@ class Segments:
         count = -(-rows // per)
         kept = self._maps[:-1] if same_set else []  # full segments never change; the last one may have grown
         maps = list(kept[:count])
+        runs = state.get("runs") or []
         for number in range(len(maps), count):
             length = min(per, rows - number * per)
-            maps.append((self._map(state, number, "key", np.int64, (length,)),
-                         self._map(state, number, "vec", state["dtype"], (length, self.dim))))
+            first = runs[number] if number < len(runs) else None
+            keys = Run(first, length) if first is not None else self._map(state, number, "key", np.int64, (length,))
+            maps.append((keys, self._map(state, number, "vec", state["dtype"], (length, self.dim))))
         self._maps = maps
 
     def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> np.ndarray:
@@ -203,9 +207,9 @@ class Segments:
         rows = int(state["rows"])
         if self.folder is None:
             self._append_memory(rows, keys, data)
-        else:
-            self._append_files(state, rows, keys, data)
-        return {**state, "rows": rows + len(keys)}
+            return {**state, "rows": rows + len(keys)}
+        runs = self._append_files(state, rows, keys, data)
+        return {**state, "rows": rows + len(keys), "runs": runs}
 
     def _append_memory(self, rows: int, keys: np.ndarray, data: np.ndarray) -> None:
         stored_keys, stored = self._memory if self._memory is not None else (np.zeros(0, np.int64), None)
@@ -219,18 +223,35 @@ class Segments:
         stored_keys[rows:need], stored[rows:need] = keys, data
         self._memory = (stored_keys, stored)
 
-    def _append_files(self, state: dict, rows: int, keys: np.ndarray, data: np.ndarray) -> None:
+    def _append_files(self, state: dict, rows: int, keys: np.ndarray, data: np.ndarray) -> list:
+        """Write the rows (and the keys of segments that need a key file); the state's `runs` after it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         per, done, created = int(state["segment_rows"]), 0, False
+        runs = list(state.get("runs") or [])
         while done < len(keys):
             number, offset = divmod(rows + done, per)
             take = min(per - offset, len(keys) - done)
-            for kind, part in (("key", keys[done:done + take]), ("vec", data[done:done + take])):
-                created |= _write_at(self.file(state, number, kind), offset * part.itemsize *
-                                     (part.shape[1] if part.ndim == 2 else 1), part)
+            runs += [None] * (number + 1 - len(runs))  # (segments of states before runs have key files)
+            created |= self._write_keys(state, runs, number, offset, keys[done:done + take])
+            part = data[done:done + take]
+            created |= _write_at(self.file(state, number, "vec"), offset * part.itemsize * part.shape[1], part)
             done += take
         if created:
             fsync_dir(self.folder)
+        return runs
+
+    def _write_keys(self, state: dict, runs: list, number: int, offset: int, keys: np.ndarray) -> bool:
+        """Record the keys of rows `offset`.. of segment `number`: as its run while they go on without a gap
+        (nothing written), else in its key file (the run so far written first); whether a file was made."""
+        first, gapless = runs[number], int(keys[-1]) - int(keys[0]) == len(keys) - 1
+        if gapless and offset == 0:
+            runs[number] = int(keys[0])
+            return False
+        if gapless and first is not None and int(keys[0]) == first + offset:
+            return False
+        if first is not None:  # the run ends here: the segment gets its key file, from its first row
+            keys, offset, runs[number] = np.concatenate([np.arange(first, first + offset, dtype=np.int64), keys]), 0, None
+        return _write_at(self.file(state, number, "key"), offset * keys.itemsize, keys)
 
     def rewrite(self, state: dict, source: Iterator[tuple[np.ndarray, np.ndarray]]) -> dict:
         """Write (keys, vectors) batches, in ascending key order, as a new set (compaction, a copy into
@@ -256,6 +277,28 @@ class Segments:
         if self.folder is None or not self.folder.is_dir():
             return 0
         return sum(f.stat().st_size for f in self.folder.iterdir())
+
+
+class Run:
+    """The keys of a segment without a key file: `first`, `first` + 1, ... for `length` rows, indexed like
+    the memory-mapped key array it stands for (nothing held in RAM)."""
+
+    def __init__(self, first: int, length: int):
+        self.first, self.length = int(first), int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.length)
+            return np.arange(self.first + start, self.first + stop, step, dtype=np.int64)
+        if isinstance(index, (int, np.integer)):
+            position = int(index) + (self.length if index < 0 else 0)
+            if not 0 <= position < self.length:
+                raise IndexError(f"row {index} of a segment of {self.length}")
+            return np.int64(self.first + position)
+        return np.asarray(index, np.int64) + self.first
 
 
 def _write_at(file: Path, offset: int, part: np.ndarray) -> bool:

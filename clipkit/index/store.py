@@ -28,7 +28,10 @@ from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
 
 SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
 FORMAT = "clipkit-index"
-FORMAT_VERSION = 3  # 1: absolute paths; 2: roots; 3: vectors in segment files, not in SQLite
+FORMAT_VERSION = 4  # 1: absolute paths; 2: roots; 3: vectors in segment files, not in SQLite; 4: segments
+# whose keys run without a gap have no key file (`runs`). Version 3 is read as it is (a 4 without runs), and
+# becomes 4 with the first state that has a run, so that an older clipkit says "upgrade" instead of failing
+CURRENT_VERSIONS = (3, 4)
 REMOVAL_LOG_GENERATIONS = 100_000  # compaction forgets removals older than this many generations
 DB_FILE = "meta.sqlite"
 SQL_CHUNK = 500
@@ -154,7 +157,7 @@ class Store:
         """Bring an older format up to FORMAT_VERSION in place (the caller holds the writer lock): each step is
         one transaction, so a kill leaves the store at the version before or after it."""
         version = self.info("format_version")
-        if version == FORMAT_VERSION:
+        if version in CURRENT_VERSIONS:
             return
         if version not in (1, 2):
             raise BrokenIndexError(f"the index at {self.file.parent} has format version {version!r}; this clipkit "
@@ -190,7 +193,7 @@ class Store:
             for statement in _SCHEMA.split(";"):  # the tables version 2 lacks
                 if statement.strip():
                     self.db.execute(statement)
-            self.set_info("vectors", state)
+            self.set_vectors(state)
             self.set_info("format_version", FORMAT_VERSION)
         self._segments.drop_other_sets(state)
 
@@ -202,6 +205,13 @@ class Store:
 
     def set_info(self, name: str, value: Any) -> None:
         self.db.execute("INSERT OR REPLACE INTO info(name, value) VALUES (?, ?)", (name, json.dumps(value)))
+
+    def set_vectors(self, state: dict) -> None:
+        """Inside a transaction: record what is committed of the vectors (and the format that reads it)."""
+        self.set_info("vectors", state)
+        version = self.info("format_version")
+        if version_for(state, version) != version:
+            self.set_info("format_version", FORMAT_VERSION)
 
     def last_key(self) -> int:
         """The highest key ever given (-1 before the first): every later item's key is above it."""
@@ -260,7 +270,7 @@ class Store:
         keys = np.arange(start, start + len(ids), dtype=np.int64)
         self.db.executemany("INSERT INTO items(key, id, root, path, mtime, size, caption, extra) "
                             "VALUES (?,?,?,?,?,?,?,?)", [(int(k), i, *row) for k, i, row in zip(keys, ids, rows)])
-        self.set_info("vectors", self.segments.append(self.vectors_state(), keys, vectors))
+        self.set_vectors(self.segments.append(self.vectors_state(), keys, vectors))
         self.set_info("next_key", start + len(ids))
         self._add_to_key_sum(keys_sum(keys))
         return keys
@@ -528,7 +538,7 @@ class Store:
         with self.transaction(bump=False):
             state = self.segments.rewrite({**self.vectors_state(), **({"dtype": dtype} if dtype else {})},
                                           self.live_vectors())
-            self.set_info("vectors", state)
+            self.set_vectors(state)
             self.prune_removed()
         self.segments.drop_other_sets(state)
 
@@ -541,7 +551,8 @@ class Store:
             with self.snapshot():
                 copy = Segments(target.parent, self.row_width)
                 state = copy.rewrite(self.vectors_state(), self.live_vectors())
-            destination.execute("INSERT OR REPLACE INTO info(name, value) VALUES ('vectors', ?)", (json.dumps(state),))
+            for name, value in (("vectors", state), ("format_version", version_for(state, self.info("format_version")))):
+                destination.execute("INSERT OR REPLACE INTO info(name, value) VALUES (?, ?)", (name, json.dumps(value)))
         finally:
             destination.close()
 
@@ -554,6 +565,11 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def version_for(state: dict, version) -> int:
+    """The format version a store at `version` records with the vectors `state`: 4 once a segment has a run."""
+    return FORMAT_VERSION if any(run is not None for run in state.get("runs") or []) else version
 
 
 def fold_journal(file: Path) -> None:
