@@ -286,6 +286,31 @@ def test_an_hnsw_coarse_quantizer_probes_every_list_nprobe_asks_for():
     np.testing.assert_array_equal(structure.search(queries, 10)[1], truth)
 
 
+def test_adding_assigns_lists_with_the_quantizers_own_ef_and_searching_keeps_its_wider_one():
+    import faiss
+
+    from clipkit.index.ann import QUANTIZER_EF, empty_structure
+
+    base, queries = unit(20_000, 32, 0), unit(50, 32, 1)
+    structure = empty_structure("IVF256_HNSW32,Flat", base[:10_000])
+    structure.set_params({"nprobe": 256})
+    graph = faiss.downcast_index(faiss.extract_index_ivf(structure.index).quantizer).hnsw
+    seen = []
+    real = type(structure.index).add_with_ids
+
+    def watched(self, *args):
+        seen.append(graph.efSearch)
+        return real(self, *args)
+
+    type(structure.index).add_with_ids = watched
+    try:
+        structure.add(base, np.arange(20_000))
+    finally:
+        type(structure.index).add_with_ids = real
+    assert seen == [QUANTIZER_EF] and graph.efSearch == 2 * 256  # one nearest list; then search's width again
+    np.testing.assert_array_equal(structure.search(queries, 10)[1], brute_force(base, queries, 10)[1])
+
+
 def test_auto_is_exact_when_small():
     base, queries = unit(3000, 32, 0), unit(20, 32, 1)
     index = Index.from_embeddings(base, index_type="auto")

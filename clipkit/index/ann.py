@@ -10,6 +10,7 @@ are wrapped in an IndexIDMap2, and removal is used only where the inner index co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -193,6 +194,23 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
         inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
         if hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = int(params["efSearch"])
+
+
+@contextlib.contextmanager
+def assigning(index: faiss.Index):
+    """While adding: an HNSW coarse quantizer assigns each vector its list with its build-time efSearch
+    (QUANTIZER_EF), not the wider one searches probing many lists need (2 x nprobe: adding 10k vectors at
+    10M took 5.7 s with efSearch 768, for the same one nearest list)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    graph = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None) if ivf is not None else None
+    if graph is None:
+        yield
+        return
+    kept, graph.efSearch = graph.efSearch, QUANTIZER_EF
+    try:
+        yield
+    finally:
+        graph.efSearch = kept
 
 
 class RefineVectors:
@@ -403,9 +421,10 @@ class Structure:
         """Add vectors under keys (new ones); the RAM copy for the re-rank too, while there is one."""
         target = self.delta if self.delta is not None else self.index  # sealed lists are read-only
         each, sub = np.asarray(vectors).reshape(-1, self.dim), self.sub_keys(keys)
-        for start in range(0, len(each), 100_000):
-            target.add_with_ids(np.ascontiguousarray(each[start:start + 100_000], dtype=np.float32),
-                                np.ascontiguousarray(sub[start:start + 100_000], dtype=np.int64))
+        with assigning(target):
+            for start in range(0, len(each), 100_000):
+                target.add_with_ids(np.ascontiguousarray(each[start:start + 100_000], dtype=np.float32),
+                                    np.ascontiguousarray(sub[start:start + 100_000], dtype=np.int64))
         if isinstance(self.refine, RefineVectors):
             self.refine.add(keys, vectors)
         if self.delta is None:
