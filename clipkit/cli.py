@@ -373,9 +373,21 @@ def _engine(args):
     return RayEngine(args.ray_address, actors=args.ray_actors)
 
 
-def _structure_options(args, index, model, created: bool) -> None:
-    """--index-type and --tune-queries: switch structure, or build it again tuned on the given queries."""
-    queries = _tune_queries(args.tune_queries, model) if args.tune_queries else None
+def _drop_encoder(index) -> None:
+    """Let go of the encoder an index (and its caption collection) holds: it is loaded again when needed."""
+    import gc
+
+    for holder in (index, getattr(index, "_captions", None)):
+        if holder is not None:
+            holder.model = None
+    gc.collect()
+
+
+def _structure_options(args, index, model, created: bool, queries=None) -> None:
+    """--index-type and --tune-queries (`queries`, when the caller embedded them already): switch structure,
+    or build it again tuned on the given queries."""
+    if queries is None and args.tune_queries:
+        queries = _tune_queries(args.tune_queries, model)
     if queries is not None or (args.index_type is not None and (created or args.index_type != index.index_type)):
         index.set_index_type(args.index_type or index.index_type, sample_queries=queries)
 
@@ -427,7 +439,10 @@ def _index_embeddings(args) -> int:
             index = Index(dim, model=model, precision=args.precision or "float16")
             index.save(index_path)
         report = index.sync_embeddings(args.folder, model, progress=_progress(args))
-        _structure_options(args, index, model, False)
+        queries = _tune_queries(args.tune_queries, model) if args.tune_queries else None
+        _drop_encoder(index)  # the build embeds nothing: the weights (0.6 GB for ViT-B/32) leave memory first
+        model = None
+        _structure_options(args, index, None, False, queries)
         index.save()
     if not args.quiet:
         captions = len(index.captions) if index.captions is not None else 0
