@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from clipkit._io import atomic_path, atomic_write_json
 from clipkit.data.folder import scan_images
 from clipkit.data.images import encode_image, read_image
+from clipkit.data.urls import json_record, parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
     rows: Iterable[dict]
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         with open(path, encoding="utf-8") as f:
-            rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+            rows = [json_record(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
     elif path.suffix.lower() == ".parquet":
         rows = _parquet_rows(path, image_column, caption_column)
     else:
@@ -191,26 +192,13 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
 
 def _parquet_rows(path: Path, image_column: str, caption_column: str) -> list[dict]:
     """The two columns of a parquet table (such as img2dataset's or clip-retrieval's), as rows."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"{path}: reading parquet needs pyarrow: pip install 'clipkit[parquet]'") from None
-    try:
-        names = pq.read_schema(path).names
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"{path} is not a readable parquet file ({exc})") from None
+    table = parquet_file(path)
+    names = table.schema_arrow.names
     missing = [column for column in (image_column, caption_column) if column not in names]
     if missing:
         raise ValueError(f"{path} lacks column {missing[0]!r} (columns: {', '.join(names)}); pass "
                          "image_column=/caption_column= (--image-column / --caption-column)")
-    return pq.read_table(path, columns=[image_column, caption_column]).to_pylist()
-
-
-def _json_line(line: str, path: Path, number: int) -> dict:
-    try:
-        return json.loads(line)
-    except ValueError as exc:
-        raise ValueError(f"{path} line {number} is not JSON: {exc}") from None
+    return table.read(columns=[image_column, caption_column]).to_pylist()
 
 
 def samples_from_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",

@@ -46,7 +46,7 @@ class UrlTable:
     def columns(self) -> list[str]:
         """The table's column names (of its first row, for JSONL)."""
         if self.kind == "parquet":
-            return _parquet(self.path).schema_arrow.names
+            return parquet_file(self.path).schema_arrow.names
         if self.kind in ("csv", "tsv"):
             with open(self.path, encoding="utf-8", errors="replace", newline="") as handle:
                 return next(csv.reader(handle, delimiter=_DELIMITERS[self.kind]), [])
@@ -57,7 +57,7 @@ class UrlTable:
 
     def count(self) -> int | None:
         """Rows, where the table says so without being read (parquet); else None."""
-        return _parquet(self.path).metadata.num_rows if self.kind == "parquet" else None
+        return parquet_file(self.path).metadata.num_rows if self.kind == "parquet" else None
 
     def chunks(self, size: int = 50_000) -> Iterator[list[tuple[str, str | None]]]:
         """(url, caption or None) rows, `size` at a time, in the table's order."""
@@ -67,7 +67,7 @@ class UrlTable:
 
     def _rows(self) -> Iterator[tuple[str, str | None]]:
         if self.kind == "parquet":
-            source = _parquet(self.path)
+            source = parquet_file(self.path)
             wanted = [c for c in (self.url_column, self.caption_column) if c in source.schema_arrow.names]
             records = (row for batch in source.iter_batches(batch_size=8192, columns=wanted) for row in batch.to_pylist())
         elif self.kind in ("csv", "tsv"):
@@ -82,12 +82,7 @@ class UrlTable:
             yield (url.strip() if isinstance(url, str) else url), caption or None
 
     def _json_rows(self) -> Iterator[dict]:
-        for number, line in enumerate(_lines(self.path), 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as exc:
-                    raise ValueError(f"{self.path} line {number} is not JSON: {exc}") from None
+        return (json_record(line, self.path, n) for n, line in enumerate(_lines(self.path), 1) if line.strip())
 
 
 PATH_COLUMNS = ("image_path", "path", "filepath", "file")  # a listing of files (clip-retrieval's metadata)
@@ -113,7 +108,8 @@ def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_c
     return "url" in columns and not any(c in columns for c in (image_column, *PATH_COLUMNS))
 
 
-def _parquet(path: str):
+def parquet_file(path):
+    """A parquet table opened for reading (its schema and row groups, nothing else read yet)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -122,6 +118,14 @@ def _parquet(path: str):
         return pq.ParquetFile(path)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(f"{path} is not a readable parquet file ({exc})") from None
+
+
+def json_record(line: str, path, number: int) -> dict:
+    """One line of a JSONL file, or a ValueError that says where."""
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"{path} line {number} is not JSON: {exc}") from None
 
 
 _DELIMITERS = {"csv": ",", "tsv": "\t"}

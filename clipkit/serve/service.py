@@ -188,15 +188,13 @@ class Service:
         for hit in hits:
             image = images.get(hit.metadata.get("image_id"))
             if image is not None:
-                has_image = item_image(image.get("path"), image) is not None
-                result = {**self.result(collection, image["key"], hit, has_image), "caption_id": hit.key}
-                if not has_image and is_url(image.get("url")):  # (see `result`)
-                    result["url"] = result["image_url"] = result["thumbnail_url"] = image["url"]
-                out.append(result)
+                out.append({**self.result(collection, image["key"], hit, image), "caption_id": hit.key})
         return out
 
     @staticmethod
-    def result(collection: Collection, key: int, hit: Hit, has_image: bool | None = None) -> dict:
+    def result(collection: Collection, key: int, hit: Hit, image: dict | None = None) -> dict:
+        """A hit as the API returns it; `image`: the record of the image it shows (a caption hit's), else
+        the hit's own."""
         out = {"id": key, "item_id": hit.id, "score": hit.score}
         if "itc_score" in hit.metadata:
             out["itc_score"] = hit.metadata["itc_score"]
@@ -204,11 +202,12 @@ class Service:
             out["caption"] = hit.metadata["caption"]
         if hit.path is not None:
             out["path"] = hit.path
-        if has_image if has_image is not None else item_image(hit.path, hit.metadata) is not None:
+        path, record = (image.get("path"), image) if image is not None else (hit.path, hit.metadata)
+        if item_image(path, record) is not None:
             out["image_url"] = f"image/{key}?index={quote(collection.name)}"
             out["thumbnail_url"] = f"thumbnail/{key}?index={quote(collection.name)}"
-        elif has_image is None and is_url(hit.metadata.get("url")):  # indexed from a URL table: the browser
-            out["url"] = out["image_url"] = out["thumbnail_url"] = hit.metadata["url"]  # shows it from its host
+        elif is_url(record.get("url")):  # indexed from a URL table: the browser shows it from its host
+            out["url"] = out["image_url"] = out["thumbnail_url"] = record["url"]
         return out
 
     # -- files ----------------------------------------------------------------------------------
