@@ -360,3 +360,62 @@ def test_a_streaming_build_writes_its_lists_in_parts_past_their_budget(tmp_path,
     assert len(loaded) == 10_000 and loaded.structure == index.structure
     found = loaded.search(base[1:400:2], 1)[1][:, 0].tolist()
     assert np.mean([f == i for f, i in zip(found, range(1, 400, 2))]) >= 0.9
+
+
+def test_gathered_rows_equal_the_stored_ones_cached_or_not_and_a_file_cut_short_is_a_one_line_error(tmp_path):
+    rng = np.random.default_rng(3)
+    store = segments.Segments(tmp_path, 8)
+    state = segments.new_state("float16", segment_rows=100)
+    stored = rng.standard_normal((250, 8)).astype(np.float16)
+    keys = np.arange(5, 255)
+    state = store.append(state, keys[:130], stored[:130])
+    state = store.append(state, keys[130:], stored[130:])  # three segments, the second written in two parts
+    store.view(state)
+    asked = np.concatenate([rng.choice(keys, 60), [0, 999, -1], keys[95:110]])  # duplicates, absent keys, a run
+    expected = np.where((asked >= 5) & (asked < 255), 1, 0)[:, None] * stored[np.clip(asked - 5, 0, 249)]
+    for nowait in (True, False):  # page-cache-only reads first (Linux), or plain reads
+        store._nowait = nowait and hasattr(segments.os, "RWF_NOWAIT")
+        for dtype in (None, np.float32):
+            rows, found = store.vectors(asked, dtype=dtype)
+            assert rows.dtype == (np.float16 if dtype is None else np.float32)
+            np.testing.assert_array_equal(found, (asked >= 5) & (asked < 255))
+            np.testing.assert_array_equal(rows.astype(np.float32), expected.astype(np.float32))
+    with open(store.file(state, 2, "vec"), "r+b") as file:  # cut under a reader that mapped it whole
+        file.truncate(10 * 8 * 2)
+    with pytest.raises(BrokenIndexError, match="shorter than the store records"):
+        store.vectors(np.asarray([254]))
+
+
+def test_the_rerank_of_float16_rows_equals_numpy_with_absent_damaged_and_negative_rows():
+    from clipkit.index.ann import rerank
+
+    rng = np.random.default_rng(4)
+    rows = unit(400, 32, 5).astype(np.float16)
+    queries = unit(6, 32, 6)
+    shortlist = rng.integers(0, 400, (6, 120))
+    shortlist[0, :30] = -1  # fewer than asked
+    damaged = rows.copy()
+    damaged[rng.choice(400, 80, replace=False)] = np.float16(40.0)  # flipped bytes: far past a unit vector's score
+    damaged[:5] = np.nan
+    absent = np.zeros(400, bool)
+    absent[rng.choice(400, 300, replace=False)] = True  # most not found: the rest may all score below zero
+
+    def reference(table, gone):
+        scores = np.einsum("qwd,qd->qw", table[np.maximum(shortlist, 0)].astype(np.float32), queries)
+        scores[(shortlist < 0) | gone[np.maximum(shortlist, 0)] | ~(np.abs(scores) <= 1.01)] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        return np.take_along_axis(scores, top, 1), np.where(np.isfinite(np.take_along_axis(scores, top, 1)),
+                                                             np.take_along_axis(shortlist, top, 1), -1)
+
+    for table, gone in ((rows, np.zeros(400, bool)), (damaged, np.zeros(400, bool)), (rows, absent),
+                        (-np.abs(rows), absent)):
+        def lookup(keys, table=table, gone=gone):
+            found = (keys >= 0) & ~gone[np.maximum(keys, 0)]
+            return np.where(found[:, None], table[np.maximum(keys, 0)], np.float16(0)), found
+
+        scores, keys = rerank(queries, shortlist, 10, lookup)
+        want_scores, want_keys = reference(table, gone)
+        np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-5)
+        finite = np.isfinite(want_scores)
+        np.testing.assert_array_equal(keys[~finite], -1)
+        np.testing.assert_array_equal(np.sort(np.where(finite, keys, -1), axis=1), np.sort(want_keys, axis=1))

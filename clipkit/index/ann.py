@@ -265,16 +265,20 @@ class RefineVectors:
 def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, lookup,
            per_item: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The top k of each query's shortlisted keys (-1: none) by exact inner product with the vectors
-    `lookup(keys) -> (vectors, found)` gives (in RAM while tuning, else the index's memory-mapped ones); rows
-    of `per_item` vectors score the best of them."""
+    `lookup(keys) -> (vectors, found)` gives (in RAM while tuning, else the index's stored ones, float16 or
+    float32); rows of `per_item` vectors score the best of them."""
     n, width = shortlist.shape
     scores = np.empty(shortlist.shape, np.float32)
     step = max(1, 4_000_000 // max(1, width * queries.shape[1] * per_item))  # gathered floats per chunk of queries
     for start in range(0, n, step):
         keys = shortlist[start:start + step]
         vectors, found = lookup(keys.ravel())
-        part = np.matmul(vectors.reshape(len(keys), width * per_item, -1),
-                         queries[start:start + step, :, None])[:, :, 0]
+        vectors = vectors.reshape(len(keys), width * per_item, -1)
+        if vectors.dtype == np.float16 and per_item == 1:
+            part = np.stack([_scores_fp16(rows, usable, query, k) for rows, usable, query
+                             in zip(vectors, found.reshape(keys.shape), queries[start:start + step])])
+        else:
+            part = np.matmul(vectors.astype(np.float32, copy=False), queries[start:start + step, :, None])[:, :, 0]
         if per_item > 1:
             part = part.reshape(len(keys), width, per_item).max(axis=2)
         part[~found.reshape(keys.shape) | (keys < 0) | ~(np.abs(part) <= DAMAGED_SCORE)] = -np.inf
@@ -286,6 +290,26 @@ def rerank(queries: np.ndarray, shortlist: np.ndarray, k: int, lookup,
     keys = np.take_along_axis(np.take_along_axis(shortlist, top, 1), order, 1)
     top_scores = np.take_along_axis(top_scores, order, 1)
     return top_scores, np.where(np.isfinite(top_scores), keys, -1)
+
+
+def _scores_fp16(rows: np.ndarray, found: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
+    """Inner products of one query with float16 rows, by FAISS's fp16 scalar-quantizer kernels (numpy converts
+    float16 one value at a time: 1 ms for a 2,000-row shortlist). Only the best 2k + 32 are kept, the others
+    get -inf, unless rows not `found` or damaged (beyond DAMAGED_SCORE, NaN) could hide one of the top k: then
+    every row is scored."""
+    scorer = faiss.IndexScalarQuantizer(rows.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(np.ascontiguousarray(rows).view(np.uint8).ravel(), scorer.codes)
+    scorer.ntotal = len(rows)
+    out = np.full(len(rows), np.nan, np.float32)  # (NaN: marked damaged by the caller)
+    for depth in dict.fromkeys((min(len(rows), 2 * k + 32), len(rows))):
+        scores, labels = scorer.search(query[None], depth)
+        kept = labels[0] >= 0
+        scores, labels = scores[0][kept], labels[0][kept]
+        if ((np.abs(scores) <= DAMAGED_SCORE) & found[labels]).sum() >= min(k, len(rows)) or depth == len(rows):
+            out[:] = -np.inf if depth < len(rows) else np.nan
+            out[labels] = scores
+            return out
+    return out
 
 
 class Structure:

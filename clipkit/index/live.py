@@ -173,8 +173,9 @@ def exact_structure(index) -> ExactStructure:
 
 
 def stored_vectors(index, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, found) of keys, from the store's memory-mapped segments (an `,RFlat` re-rank reads these)."""
-    return index.store.segments.vectors(keys)
+    """(vectors as stored: float16 or float32, found) of keys, from the store's segment files (an `,RFlat`
+    re-rank reads these)."""
+    return index.store.segments.vectors(keys, dtype=None)
 
 
 def tuning_queries(index, most: int = 2000) -> tuple[np.ndarray | None, str]:

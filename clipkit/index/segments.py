@@ -35,8 +35,6 @@ from clipkit.errors import BrokenIndexError
 VECTORS_DIR = "vectors"
 SEGMENT_ROWS = 1 << 20  # rows per segment file: 1 GiB of float16 at 512-d
 PREFETCH_ROWS = 8192  # gathers up to this many rows ask for their pages up front (a re-rank's shortlist)
-RELEASE_ROWS = 1 << 11  # rows gathered at random between releases of the maps' pages: each random row maps up to
-# ~300 KiB of page-cache folios into this process (ext4 large folios), so ~600 MiB resident at most
 DTYPES = ("float16", "float32")
 
 
@@ -58,7 +56,8 @@ class Segments:
         self._firsts = np.zeros(0, np.int64)  # first key of each segment
         self._dense: list[bool] = []  # per segment: its keys run first, first + 1, ... (no gap)
         self._memory: tuple[np.ndarray, np.ndarray] | None = None  # in memory: (keys, vectors) with spare capacity
-        self._gathered = 0  # rows gathered through the maps since they were last released
+        self._readers: dict[int, tuple[np.ndarray, int]] = {}  # segment -> (the map it reads for, descriptor)
+        self._nowait = hasattr(os, "RWF_NOWAIT")  # reads can ask for cached pages only (Linux)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -127,47 +126,86 @@ class Segments:
             row[chosen] = np.where(stored[found] == keys[chosen], found, -1)
         return np.where(row >= 0, segment, -1), row
 
-    def vectors(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 vectors of `keys`, found mask): rows without a key are zero. Rows are read in file order
-        (a long gather maps each page once, not once a row), and every RELEASE_ROWS rows the maps' pages are
-        released (`release`): random reads never pile up in resident memory."""
+    def vectors(self, keys: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors of `keys` as `dtype`, None: as stored; found mask): rows without a key are zero. Rows are
+        read in file order with plain reads (`_read_rows`), not through the maps: a re-rank's random rows then
+        cost a read each (~2 us where cached), not a page fault that maps a page-cache folio into this process."""
         segment, row = self.rows(keys)
-        if len(keys) <= PREFETCH_ROWS:
-            self._prefetch(segment, row)
-        out = np.zeros((len(segment), self.dim), np.float32)
-        order = np.lexsort((row, segment))  # in file order: rows that share a page (a folio) are read together
+        dtype = dtype or (self._maps[0][1].dtype if self._maps else np.float32)
+        out = np.zeros((len(segment), self.dim), dtype)
+        order = np.lexsort((row, segment))  # in file order: consecutive rows are read together
         order = order[segment[order] >= 0]
-        for start in range(0, len(order), RELEASE_ROWS):
-            part = order[start:start + RELEASE_ROWS]
-            for number in np.unique(segment[part]):
-                chosen = part[segment[part] == number]
-                out[chosen] = self._maps[number][1][row[chosen]]
-            self._gathered += len(part)
-            if self._gathered >= RELEASE_ROWS:
-                self.release()
+        if self.folder is not None:
+            out[order] = self._read_rows(segment[order], row[order], advise=len(order) <= PREFETCH_ROWS)
+            return out, segment >= 0
+        for number in np.unique(segment[order]):
+            chosen = order[segment[order] == number]
+            out[chosen] = self._maps[number][1][row[chosen]]
         return out, segment >= 0
 
-    def _prefetch(self, segment: np.ndarray, row: np.ndarray) -> None:
-        """Ask the kernel to read the pages of these rows now, all at once (MADV_WILLNEED): a re-rank's few
-        hundred random rows then cost about one disk round trip where they are not cached, not one each."""
-        if not hasattr(mmap, "MADV_WILLNEED"):
-            return
-        for number in np.unique(segment[segment >= 0]):
-            vectors = self._maps[number][1]
-            handle = getattr(vectors, "_mmap", None)
-            if handle is None:
-                continue
-            size = self.dim * vectors.itemsize
-            starts = row[segment == number] * size
-            pages = np.unique(np.concatenate([starts // mmap.PAGESIZE, (starts + size - 1) // mmap.PAGESIZE]))
-            with contextlib.suppress(OSError, ValueError):
-                for page in pages.tolist():
-                    handle.madvise(mmap.MADV_WILLNEED, page * mmap.PAGESIZE, mmap.PAGESIZE)
+    def _read_rows(self, segment: np.ndarray, rows: np.ndarray, advise: bool) -> np.ndarray:
+        """Rows (in file order) of the vector files, each run of consecutive rows in one read. Reads first take
+        only what the page cache holds (RWF_NOWAIT: no wait, no disk); for the rest, with `advise`, the kernel is
+        asked for all of them at once (POSIX_FADV_WILLNEED) before they are read, so rows that are not cached
+        cost about one disk round trip together, not one each."""
+        dtype = np.dtype(self._state["dtype"])
+        size = self.dim * dtype.itemsize
+        out = np.empty((len(rows), self.dim), dtype)
+        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(segment) != 0)) + 1
+        starts, stops = np.concatenate([[0], breaks]).astype(np.int64), np.concatenate([breaks, [len(rows)]])
+        handles = {number: self._reader(number) for number in np.unique(segment).tolist()}
+        spans = list(zip(segment[starts].tolist(), (starts * size).tolist(), (stops * size).tolist(),
+                         (rows[starts] * size).tolist()))
+        buffer = memoryview(out).cast("B")  # (slicing a memoryview costs less than slicing the array)
+        missed = self._read_cached(spans, handles, buffer) if self._nowait else spans
+        if advise and missed and hasattr(os, "posix_fadvise"):
+            for number, start, stop, offset in missed:
+                os.posix_fadvise(handles[number], offset, stop - start, os.POSIX_FADV_WILLNEED)
+        for number, start, stop, offset in missed:
+            if os.preadv(handles[number], [buffer[start:stop]], offset) != stop - start:
+                raise BrokenIndexError(f"the vector file {self.file(self._state, number, 'vec')} is shorter than "
+                                       "the store records: it is damaged; rebuild the index")
+        return out
+
+    def _read_cached(self, spans: list, handles: dict, buffer: memoryview) -> list:
+        """Read the spans the page cache holds whole; the spans still to read."""
+        missed = []
+        for span in spans:
+            number, start, stop, offset = span
+            try:
+                if os.preadv(handles[number], [buffer[start:stop]], offset, os.RWF_NOWAIT) == stop - start:
+                    continue
+            except BlockingIOError:
+                pass
+            except OSError:  # a file system without non-blocking reads: read as usual from now on
+                self._nowait = False
+            missed.append(span)
+        return missed
+
+    def _reader(self, number: int) -> int:
+        """An open descriptor of segment `number`'s vector file (the one mapped: a compaction's new set gets
+        its own), opened on first use and told reads are random (no read-ahead)."""
+        if self._readers.get(number, (None, None))[0] is not self._maps[number][1]:
+            handle = os.open(self.file(self._state, number, "vec"), os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_RANDOM)
+            self._close_reader(number)
+            self._readers[number] = (self._maps[number][1], handle)
+        return self._readers[number][1]
+
+    def _close_reader(self, number: int) -> None:
+        _, handle = self._readers.pop(number, (None, None))
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                os.close(handle)
+
+    def __del__(self) -> None:
+        for number in list(getattr(self, "_readers", {})):
+            self._close_reader(number)
 
     def release(self) -> None:
         """Let the pages a long pass read through the maps go from this process's resident memory (they stay
         in the page cache; the next read maps them back)."""
-        self._gathered = 0
         for keys, vectors in self._maps:
             for array in (keys, vectors):
                 handle = getattr(array, "_mmap", None)
