@@ -419,3 +419,26 @@ def test_the_rerank_of_float16_rows_equals_numpy_with_absent_damaged_and_negativ
         finite = np.isfinite(want_scores)
         np.testing.assert_array_equal(keys[~finite], -1)
         np.testing.assert_array_equal(np.sort(np.where(finite, keys, -1), axis=1), np.sort(want_keys, axis=1))
+
+
+def test_the_tuner_skips_shortlists_too_short_even_at_every_list_and_keeps_the_first_long_enough():
+    """One search of every list, 2,560 deep, tells each k_factor's recall: it must equal what the exact re-rank
+    of that shortlist gives, so the skipped lengths are exactly those that could not meet the goal."""
+    from clipkit.index import tune
+    from clipkit.index.ann import empty_structure
+
+    n, dim = 20_000, 32
+    base, queries = clustered(n, dim, 0), clustered(200, dim, 1, shift=0.5)
+    structure = empty_structure("IVF64,PQ4x4fs,RFlat", base)
+    structure.add(base, np.arange(n, dtype=np.int64))
+    truth = brute_force(base, queries, 10)
+    split = tune._Queries(queries, truth, queries, truth)
+    measured = {}
+    for k_factor in tune.K_FACTORS:
+        structure.set_params({"nprobe": 64, "k_factor": k_factor})
+        measured[k_factor] = recall(structure.search(queries, 10)[1], truth)
+    goal = (measured[4] + measured[24]) / 2  # reached between the short and the long shortlists
+    first = min(kf for kf in tune.K_FACTORS if measured[kf] >= goal)
+    kept = tune._k_factors(structure, split, goal, 10, "nprobe", [1, 8, 64])
+    assert kept[0] == first and kept == tune.K_FACTORS[tune.K_FACTORS.index(first):]
+    assert tune._k_factors(structure, split, 1.01, 10, "nprobe", [1, 8, 64]) == tune.K_FACTORS  # none reach

@@ -172,7 +172,7 @@ def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> lis
     than the fastest (past that, each costs more re-ranking for less probing: slower)."""
     name, values = _grid(structure)
     out, fastest, slower = [], float("inf"), 0
-    for k_factor in (K_FACTORS if structure.refine is not None else (None,)):
+    for k_factor in _k_factors(structure, split, goal, k, name, values):
         extra = {} if k_factor is None else {"k_factor": k_factor}
         best = {name: _smallest_meeting(structure, name, values, extra, split, goal, k), **extra}
         recall = _recall(structure, best, split.tune, split.tune_truth, k)
@@ -183,6 +183,21 @@ def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> lis
             if best[name] == values[0] or slower >= 2:
                 break
     return out
+
+
+def _k_factors(structure: Structure, split: _Queries, goal: float, k: int, name: str, values: list[int]) -> tuple:
+    """The shortlist lengths worth tuning (None: the structure has no re-rank). Those too short for `goal` even
+    with every list probed are left out when a longer one reaches it: one search of every list, k x the
+    longest k_factor deep, tells each length's recall (the exact re-rank puts each true neighbour a shortlist
+    holds in the top k), where a search of every list for each length took minutes at 10M."""
+    if structure.refine is None:
+        return (None,)
+    if name != "nprobe" or structure.per_item > 1:
+        return K_FACTORS
+    structure.set_params({name: values[-1], "k_factor": 1})
+    listed = structure._search(split.tune, min(structure.ntotal, k * K_FACTORS[-1]))[1]
+    reach = [kf for kf in K_FACTORS if recall_at(listed[:, :kf * k], split.tune_truth) >= goal]
+    return K_FACTORS[K_FACTORS.index(reach[0]):] if reach else K_FACTORS
 
 
 def _smallest_meeting(structure: Structure, name: str, values: list[int], extra: dict, split: _Queries,
