@@ -380,7 +380,14 @@ def test_gathered_rows_equal_the_stored_ones_cached_or_not_and_a_file_cut_short_
             assert rows.dtype == (np.float16 if dtype is None else np.float32)
             np.testing.assert_array_equal(found, (asked >= 5) & (asked < 255))
             np.testing.assert_array_equal(rows.astype(np.float32), expected.astype(np.float32))
-    with open(store.file(state, 2, "vec"), "r+b") as file:  # cut under a reader that mapped it whole
+    reader = segments.Segments(tmp_path, 8, readonly=True)  # a live reader that has not read a row yet
+    reader.view(state)
+    fresh = store.rewrite(state, store.batches())  # a compaction: a new set, and the old one's files deleted
+    store.drop_other_sets(fresh)
+    assert not list(tmp_path.glob(f"{VECTORS_DIR}/{state['set']}-*"))
+    np.testing.assert_array_equal(reader.vectors(asked)[0], expected.astype(np.float32))  # still the old files
+    store.view(fresh)
+    with open(store.file(fresh, 2, "vec"), "r+b") as file:  # cut under a reader that mapped it whole
         file.truncate(10 * 8 * 2)
     with pytest.raises(BrokenIndexError, match="shorter than the store records"):
         store.vectors(np.asarray([254]))

@@ -1,4 +1,5 @@
-"""The vectors of an index: append-only segment files, memory-mapped, outside SQLite.
+"""The vectors of an index: append-only segment files outside SQLite, memory-mapped for passes over them,
+read row by row (`preadv`) for gathers such as a re-rank's shortlist.
 
     vectors/SET-00000.vec   rows of `dim` numbers (float16 or float32), raw, in the order they were added
     vectors/SET-00000.key   the int64 key of each row: ascending (keys only grow), so a key's row is one
@@ -96,7 +97,11 @@ class Segments:
     def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> np.ndarray:
         file = self.file(state, number, kind)
         try:
-            array = np.memmap(file, dtype=dtype, mode="r", shape=shape)
+            with open(file, "rb") as handle:
+                array = np.memmap(handle, dtype=dtype, mode="r", shape=shape)
+                if kind == "vec":  # gathers read the file the map is of, even once a compaction deleted it
+                    self._close_reader(number)
+                    self._readers[number] = (array, _random_reads(os.dup(handle.fileno())))
             if kind == "vec" and hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no read-ahead
                 with contextlib.suppress(OSError, ValueError):
                     array._mmap.madvise(mmap.MADV_RANDOM)
@@ -183,13 +188,10 @@ class Segments:
         return missed
 
     def _reader(self, number: int) -> int:
-        """An open descriptor of segment `number`'s vector file (the one mapped: a compaction's new set gets
-        its own), opened on first use and told reads are random (no read-ahead)."""
-        if self._readers.get(number, (None, None))[0] is not self._maps[number][1]:
-            handle = os.open(self.file(self._state, number, "vec"), os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_RANDOM)
+        """An open descriptor of the vector file segment `number` maps (opened with the map, `_map`)."""
+        if self._readers.get(number, (None, None))[0] is not self._maps[number][1]:  # (not opened with it)
             self._close_reader(number)
+            handle = _random_reads(os.open(self.file(self._state, number, "vec"), os.O_RDONLY))
             self._readers[number] = (self._maps[number][1], handle)
         return self._readers[number][1]
 
@@ -337,6 +339,13 @@ class Run:
                 raise IndexError(f"row {index} of a segment of {self.length}")
             return np.int64(self.first + position)
         return np.asarray(index, np.int64) + self.first
+
+
+def _random_reads(handle: int) -> int:
+    """A descriptor told its reads are random (no read-ahead: a re-rank reads one row here, one there)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_RANDOM)
+    return handle
 
 
 def _write_at(file: Path, offset: int, part: np.ndarray) -> bool:
