@@ -72,10 +72,12 @@ def exact_top10(folder: Path, queries: np.ndarray) -> np.ndarray:
 
 def measured(argv: list[str]) -> tuple[float, float, str]:
     """(seconds, peak RSS in GiB, stdout) of a command in a process of its own; its peak anonymous memory
-    (sampled every 0.2 s: RSS also counts the memory-mapped vector pages it read) in `measured.anon_gib`."""
+    (sampled every 0.2 s: RSS also counts the memory-mapped vector pages it read) in `measured.anon_gib`.
+    The peak RSS is the process's own high-water mark (VmHWM, sampled): the kernel's ru_maxrss for a child
+    also counts this benchmark's own RSS at the fork, which is larger than the child's after a big size."""
     start = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0.0]
+    peak = [0.0, 0.0]
     sampler = threading.Thread(target=_sample_anon, args=(process.pid, peak), daemon=True)
     sampler.start()
     _, status, usage = os.wait4(process.pid, 0)
@@ -85,7 +87,7 @@ def measured(argv: list[str]) -> tuple[float, float, str]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {err[-2000:]}")
-    return seconds, usage.ru_maxrss / 2**20, out
+    return seconds, peak[1] or usage.ru_maxrss / 2**20, out
 
 
 def _sample_anon(pid: int, peak: list) -> None:
@@ -98,7 +100,8 @@ def _sample_anon(pid: int, peak: list) -> None:
         anon = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("RssAnon")), None)
         if anon is None:  # a zombie: it has ended
             return
-        peak[0] = max(peak[0], anon / 2**20)
+        high = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM")), 0)
+        peak[0], peak[1] = max(peak[0], anon / 2**20), max(peak[1], high / 2**20)
         time.sleep(0.2)
 
 
