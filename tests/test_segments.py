@@ -449,3 +449,44 @@ def test_the_tuner_skips_shortlists_too_short_even_at_every_list_and_keeps_the_f
     kept = tune._k_factors(structure, split, goal, 10, "nprobe", [1, 8, 64])
     assert kept[0] == first and kept == tune.K_FACTORS[tune.K_FACTORS.index(first):]
     assert tune._k_factors(structure, split, 1.01, 10, "nprobe", [1, 8, 64]) == tune.K_FACTORS  # none reach
+
+
+LOW_LIMIT = """
+import resource, sys
+import numpy as np
+import clipkit.index.segments as segments
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+store = segments.Segments(segments.Path(sys.argv[1]), 4)
+state = segments.new_state("float16", segment_rows=10)
+stored = np.arange(4 * 1000, dtype=np.float16).reshape(1000, 4)
+state = store.append(state, np.arange(1000), stored)
+store.view(state)  # 100 segments: a descriptor each, past the soft limit of 48
+keys = np.arange(0, 1000, 7)
+assert (store.vectors(keys, dtype=None)[0] == stored[keys]).all()
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def test_segments_past_the_open_file_limit_raise_it_or_read_through_their_maps(tmp_path, monkeypatch):
+    import errno
+
+    run = subprocess.run([sys.executable, "-c", LOW_LIMIT, str(tmp_path / "a")], capture_output=True, text=True,
+                          env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    soft = run.stdout.strip()
+    assert int(soft) > 48  # raised towards the hard limit (one descriptor a segment: ~1,000 at a billion)
+
+    def no_descriptor(handle):  # a process with no descriptor left, even past its soft limit
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(segments.os, "dup", no_descriptor)
+    monkeypatch.setattr(segments, "_more_descriptors", lambda: False)
+    store = segments.Segments(tmp_path / "b", 4)
+    state = segments.new_state("float16", segment_rows=10)
+    stored = np.random.default_rng(0).standard_normal((95, 4)).astype(np.float16)
+    state = store.append(state, np.arange(95), stored)
+    store.view(state)
+    keys = np.asarray([94, 3, 4, 5, 50, 51, 200])
+    rows, found = store.vectors(keys, dtype=None)
+    np.testing.assert_array_equal(found, keys < 95)
+    np.testing.assert_array_equal(rows[:6], stored[keys[:6]])

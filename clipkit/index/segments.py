@@ -22,6 +22,7 @@ that was never saved keeps its rows in memory, in the same layout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import uuid
@@ -97,11 +98,11 @@ class Segments:
     def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> np.ndarray:
         file = self.file(state, number, kind)
         try:
-            with open(file, "rb") as handle:
-                array = np.memmap(handle, dtype=dtype, mode="r", shape=shape)
+            with _with_descriptors(lambda: open(file, "rb")) as handle:  # (a map holds a descriptor too)
+                array = _with_descriptors(lambda: np.memmap(handle, dtype=dtype, mode="r", shape=shape))
                 if kind == "vec":  # gathers read the file the map is of, even once a compaction deleted it
                     self._close_reader(number)
-                    self._readers[number] = (array, _random_reads(os.dup(handle.fileno())))
+                    self._readers[number] = (array, _descriptor(handle.fileno()))
             if kind == "vec" and hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no read-ahead
                 with contextlib.suppress(OSError, ValueError):
                     array._mmap.madvise(mmap.MADV_RANDOM)
@@ -162,6 +163,11 @@ class Segments:
         spans = list(zip(segment[starts].tolist(), (starts * size).tolist(), (stops * size).tolist(),
                          (rows[starts] * size).tolist()))
         buffer = memoryview(out).cast("B")  # (slicing a memoryview costs less than slicing the array)
+        if None in handles.values():  # segments without a descriptor (none was left): copied from their maps
+            for number, start, stop, offset in (span for span in spans if handles[span[0]] is None):
+                rows_of = self._maps[number][1][offset // size:(offset + stop - start) // size]
+                buffer[start:stop] = memoryview(np.ascontiguousarray(rows_of)).cast("B")
+            spans = [span for span in spans if handles[span[0]] is not None]
         missed = self._read_cached(spans, handles, buffer) if self._nowait else spans
         if advise and missed and hasattr(os, "posix_fadvise"):
             for number, start, stop, offset in missed:
@@ -187,12 +193,13 @@ class Segments:
             missed.append(span)
         return missed
 
-    def _reader(self, number: int) -> int:
-        """An open descriptor of the vector file segment `number` maps (opened with the map, `_map`)."""
+    def _reader(self, number: int) -> int | None:
+        """An open descriptor of the vector file segment `number` maps (opened with the map, `_map`), or None
+        where the process had no descriptor left for it."""
         if self._readers.get(number, (None, None))[0] is not self._maps[number][1]:  # (not opened with it)
             self._close_reader(number)
-            handle = _random_reads(os.open(self.file(self._state, number, "vec"), os.O_RDONLY))
-            self._readers[number] = (self._maps[number][1], handle)
+            with open(self.file(self._state, number, "vec"), "rb") as file:
+                self._readers[number] = (self._maps[number][1], _descriptor(file.fileno()))
         return self._readers[number][1]
 
     def _close_reader(self, number: int) -> None:
@@ -341,11 +348,44 @@ class Run:
         return np.asarray(index, np.int64) + self.first
 
 
-def _random_reads(handle: int) -> int:
-    """A descriptor told its reads are random (no read-ahead: a re-rank reads one row here, one there)."""
+def _descriptor(handle: int) -> int | None:
+    """A descriptor of the file `handle` is open on, told its reads are random (no read-ahead: a re-rank reads
+    one row here, one there); None if the process has none left even after raising its limit."""
+    try:
+        copy = _with_descriptors(lambda: os.dup(handle))
+    except OSError as exc:
+        if exc.errno != errno.EMFILE:
+            raise
+        return None
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(handle, 0, 0, os.POSIX_FADV_RANDOM)
-    return handle
+        os.posix_fadvise(copy, 0, 0, os.POSIX_FADV_RANDOM)
+    return copy
+
+
+def _with_descriptors(make):
+    """`make()`, once more after raising the soft limit of open files if the process had none left (an index
+    holds two a segment, its map's and its reader's: ~2,000 at a billion vectors)."""
+    try:
+        return make()
+    except OSError as exc:
+        if exc.errno != errno.EMFILE or not _more_descriptors():
+            raise
+    return make()
+
+
+def _more_descriptors() -> bool:
+    """Raise this process's soft limit of open files towards its hard limit; whether it rose."""
+    try:
+        import resource
+    except ImportError:  # (not on Windows)
+        return False
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return True
+    return False
 
 
 def _write_at(file: Path, offset: int, part: np.ndarray) -> bool:
