@@ -350,7 +350,10 @@ class Run:
 
 def _descriptor(handle: int) -> int | None:
     """A descriptor of the file `handle` is open on, told its reads are random (no read-ahead: a re-rank reads
-    one row here, one there); None if the process has none left even after raising its limit."""
+    one row here, one there); None if the process has none left even after raising its limit, or where
+    the platform has no `preadv` (Windows): gathers then read through the map."""
+    if not hasattr(os, "preadv"):
+        return None
     try:
         copy = _with_descriptors(lambda: os.dup(handle))
     except OSError as exc:
