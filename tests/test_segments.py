@@ -3,6 +3,7 @@ the migration of older stores (clipkit/index/segments.py, clipkit/index/store.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -386,7 +387,14 @@ def test_gathered_rows_equal_the_stored_ones_cached_or_not_and_a_file_cut_short_
     store.drop_other_sets(fresh)
     assert not list(tmp_path.glob(f"{VECTORS_DIR}/{state['set']}-*"))
     np.testing.assert_array_equal(reader.vectors(asked)[0], expected.astype(np.float32))  # still the old files
+    reader.view(store.rewrite(state, iter([(keys[:50], stored[:50])])))  # then one segment where were three
     store.view(fresh)
+    if os.path.isdir("/proc/self/fd"):  # and nothing holds the deleted set open any more (its space is freed)
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # (the listing's own descriptor is gone by now)
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not [link for link in held if state["set"] in link]
     with open(store.file(fresh, 2, "vec"), "r+b") as file:  # cut under a reader that mapped it whole
         file.truncate(10 * 8 * 2)
     with pytest.raises(BrokenIndexError, match="shorter than the store records"):

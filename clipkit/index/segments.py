@@ -58,7 +58,7 @@ class Segments:
         self._firsts = np.zeros(0, np.int64)  # first key of each segment
         self._dense: list[bool] = []  # per segment: its keys run first, first + 1, ... (no gap)
         self._memory: tuple[np.ndarray, np.ndarray] | None = None  # in memory: (keys, vectors) with spare capacity
-        self._readers: dict[int, tuple[np.ndarray, int]] = {}  # segment -> (the map it reads for, descriptor)
+        self._readers: dict[int, int | None] = {}  # segment -> a descriptor of the file its map is of
         self._nowait = hasattr(os, "RWF_NOWAIT")  # reads can ask for cached pages only (Linux)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -87,26 +87,33 @@ class Segments:
         count = -(-rows // per)
         kept = self._maps[:-1] if same_set else []  # full segments never change; the last one may have grown
         maps = list(kept[:count])
+        readers = {number: self._readers[number] for number in range(len(maps))}
         runs = state.get("runs") or []
-        for number in range(len(maps), count):
-            length = min(per, rows - number * per)
-            first = runs[number] if number < len(runs) else None
-            keys = Run(first, length) if first is not None else self._map(state, number, "key", np.int64, (length,))
-            maps.append((keys, self._map(state, number, "vec", state["dtype"], (length, self.dim))))
-        self._maps = maps
+        try:
+            for number in range(len(maps), count):
+                length = min(per, rows - number * per)
+                first = runs[number] if number < len(runs) else None
+                keys = Run(first, length) if first is not None else \
+                    self._map(state, number, "key", np.int64, (length,))[0]
+                vectors, readers[number] = self._map(state, number, "vec", state["dtype"], (length, self.dim))
+                maps.append((keys, vectors))
+        finally:  # the descriptors of maps no longer viewed (or, on failure, of those not viewed yet) close
+            keep = self._readers if len(maps) < count else readers
+            _close({*self._readers.values(), *readers.values()} - set(keep.values()))
+        self._maps, self._readers = maps, readers
 
-    def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> np.ndarray:
+    def _map(self, state: dict, number: int, kind: str, dtype, shape: tuple) -> tuple[np.ndarray, int | None]:
+        """(the file mapped read-only, and for a vector file a descriptor of the same file for gathers: they
+        read the file the map is of, even once a compaction deleted it; None where there is none)."""
         file = self.file(state, number, kind)
         try:
             with _with_descriptors(lambda: open(file, "rb")) as handle:  # (a map holds a descriptor too)
                 array = _with_descriptors(lambda: np.memmap(handle, dtype=dtype, mode="r", shape=shape))
-                if kind == "vec":  # gathers read the file the map is of, even once a compaction deleted it
-                    self._close_reader(number)
-                    self._readers[number] = (array, _descriptor(handle.fileno()))
+                reader = _descriptor(handle.fileno()) if kind == "vec" else None
             if kind == "vec" and hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no read-ahead
                 with contextlib.suppress(OSError, ValueError):
                     array._mmap.madvise(mmap.MADV_RANDOM)
-            return array
+            return array, reader
         except FileNotFoundError:
             raise BrokenIndexError(f"the vector file {file} is missing: the index is incomplete; rebuild it") from None
         except ValueError as exc:  # shorter than the rows the store records
@@ -159,7 +166,7 @@ class Segments:
         out = np.empty((len(rows), self.dim), dtype)
         breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(segment) != 0)) + 1
         starts, stops = np.concatenate([[0], breaks]).astype(np.int64), np.concatenate([breaks, [len(rows)]])
-        handles = {number: self._reader(number) for number in np.unique(segment).tolist()}
+        handles = {number: self._readers[number] for number in np.unique(segment).tolist()}
         spans = list(zip(segment[starts].tolist(), (starts * size).tolist(), (stops * size).tolist(),
                          (rows[starts] * size).tolist()))
         buffer = memoryview(out).cast("B")  # (slicing a memoryview costs less than slicing the array)
@@ -193,24 +200,8 @@ class Segments:
             missed.append(span)
         return missed
 
-    def _reader(self, number: int) -> int | None:
-        """An open descriptor of the vector file segment `number` maps (opened with the map, `_map`), or None
-        where the process had no descriptor left for it."""
-        if self._readers.get(number, (None, None))[0] is not self._maps[number][1]:  # (not opened with it)
-            self._close_reader(number)
-            with open(self.file(self._state, number, "vec"), "rb") as file:
-                self._readers[number] = (self._maps[number][1], _descriptor(file.fileno()))
-        return self._readers[number][1]
-
-    def _close_reader(self, number: int) -> None:
-        _, handle = self._readers.pop(number, (None, None))
-        if handle is not None:
-            with contextlib.suppress(OSError):
-                os.close(handle)
-
     def __del__(self) -> None:
-        for number in list(getattr(self, "_readers", {})):
-            self._close_reader(number)
+        _close(set(getattr(self, "_readers", {}).values()))
 
     def release(self) -> None:
         """Let the pages a long pass read through the maps go from this process's resident memory (they stay
@@ -363,6 +354,13 @@ def _descriptor(handle: int) -> int | None:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(copy, 0, 0, os.POSIX_FADV_RANDOM)
     return copy
+
+
+def _close(descriptors) -> None:
+    for handle in descriptors:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                os.close(handle)
 
 
 def _with_descriptors(make):
