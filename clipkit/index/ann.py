@@ -488,11 +488,16 @@ class Structure:
         """(scores, keys) of the top k, -1 / -inf where fewer were found; on the GPU when FAISS has one."""
         if self._lookup is None:
             return self._search(queries, k)
-        shortlist = min(self.ntotal * self.per_item, k * int(self.params.get("k_factor", 1)))
-        _, keys = self._search(queries, max(shortlist, k))
-        if self.per_item > 1:  # the items of the shortlisted vectors, each once
+        depth = min(self.ntotal * self.per_item, k * int(self.params.get("k_factor", 1)))
+        return rerank(queries, self.shortlist(queries, max(depth, k)), k, self._lookup, self.per_item)
+
+    def shortlist(self, queries: np.ndarray, depth: int) -> np.ndarray:
+        """The keys of each query's `depth` best by the codes, before any re-rank (-1: none): for items of
+        several vectors, the items of the best vectors, each once."""
+        _, keys = self._search(queries, depth)
+        if self.per_item > 1:
             keys = first_of_each(np.where(keys >= 0, keys // self.per_item, -1))
-        return rerank(queries, keys, k, self._lookup, self.per_item)
+        return keys
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top k of the main index (removed keys left out) and of the delta beside it, merged."""

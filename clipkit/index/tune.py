@@ -195,7 +195,7 @@ def _k_factors(structure: Structure, split: _Queries, goal: float, k: int, name:
     if name != "nprobe" or structure.per_item > 1:
         return K_FACTORS
     structure.set_params({name: values[-1], "k_factor": 1})
-    listed = structure._search(split.tune, min(structure.ntotal, k * K_FACTORS[-1]))[1]
+    listed = structure.shortlist(split.tune, min(structure.ntotal, k * K_FACTORS[-1]))
     reach = [kf for kf in K_FACTORS if recall_at(listed[:, :kf * k], split.tune_truth) >= goal]
     return K_FACTORS[K_FACTORS.index(reach[0]):] if reach else K_FACTORS
 
