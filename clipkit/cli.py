@@ -271,8 +271,10 @@ def _add_maintenance_commands(commands) -> None:
     remove.add_argument("--no-wait", action="store_true", help="exit instead of waiting for another writer")
     export = commands.add_parser("export", help="write an index's embeddings and metadata in clip-retrieval's "
                                                 "layout (img_emb/, text_emb/, metadata/*.parquet)")
-    export.add_argument("out", help="the folder to write (autofaiss, clip-retrieval and `clipkit index OUT` read it)")
-    export.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    export.add_argument("paths", nargs="+", metavar="[INDEX] OUT",
+                        help="the index (else --index) and the folder to write (autofaiss, clip-retrieval and "
+                             "`clipkit index OUT` read it)")
+    export.add_argument("--index", help=f"index folder (default: {DEFAULT_INDEX})")
     export.add_argument("--part-size", type=_positive_int, default=100_000, help="rows per part (default: 100000)")
     roots = commands.add_parser("roots", help="list the folders an index covers, with item counts")
     roots.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
@@ -551,10 +553,13 @@ def cmd_export(args) -> int:
     from clipkit.index import Index
     from clipkit.index.export import export_embeddings
 
-    done = export_embeddings(Index.load(args.index), args.out, part_size=args.part_size, progress=_progress(args))
+    if len(args.paths) > 2 or (len(args.paths) == 2 and args.index):
+        raise ValueError("export takes INDEX OUT, or OUT with --index INDEX")
+    index, out = args.paths if len(args.paths) == 2 else (args.index or DEFAULT_INDEX, args.paths[0])
+    done = export_embeddings(Index.load(index), out, part_size=args.part_size, progress=_progress(args))
     if not args.quiet:
         print(f"exported {done['rows']} embedding(s) in {done['parts']} part(s), {done['captions']} with a "
-              f"caption's embedding, to {args.out}")
+              f"caption's embedding, to {out}")
     return 0
 
 

@@ -162,9 +162,11 @@ def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, ca
 def test_integer_ids_round_trip(tmp_path):
     vectors = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
     Index.from_embeddings(vectors, ids=list(range(100, 130))).save(tmp_path / "ix")
-    assert main(["-q", "export", str(tmp_path / "out"), "--index", str(tmp_path / "ix")]) == 0
+    assert main(["-q", "export", str(tmp_path / "ix"), str(tmp_path / "out")]) == 0  # export INDEX OUT
     assert main(["-q", "index", str(tmp_path / "out"), "--index", str(tmp_path / "back")]) == 0
     assert Index.load(tmp_path / "back").ids() == list(range(100, 130))
+    for bad in (["a", "b", "c"], [str(tmp_path / "ix"), str(tmp_path / "o2"), "--index", str(tmp_path / "ix")]):
+        assert main(["-q", "export", *bad]) == 2
 
 
 def test_builds_tune_on_remembered_queries_or_captions(tmp_path, demo, capsys):
