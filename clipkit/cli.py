@@ -559,7 +559,9 @@ def cmd_export(args) -> int:
     done = export_embeddings(Index.load(index), out, part_size=args.part_size, progress=_progress(args))
     if not args.quiet:
         print(f"exported {done['rows']} embedding(s) in {done['parts']} part(s), {done['captions']} with a "
-              f"caption's embedding, to {out}")
+              f"caption's embedding, to {out}" + (" (went on from a stopped export)" if done["resumed"] else "")
+              + (f"; {done['damaged']} damaged embedding(s) left out (re-index their images)" if done["damaged"]
+                 else ""))
     return 0
 
 

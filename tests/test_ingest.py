@@ -169,6 +169,71 @@ def test_integer_ids_round_trip(tmp_path):
         assert main(["-q", "export", *bad]) == 2
 
 
+def test_export_streams_resumes_and_never_writes_over_files(tmp_path, monkeypatch):
+    """Export reads the index in one streamed pass (never every id at once); a stopped export goes on where it
+    stopped and ends equal to one run straight through; a folder holding anything else, the index's own
+    folder, or a stopped export of the index before it changed is refused without touching a file."""
+    from clipkit.index import export as export_module
+    from clipkit.index.store import Store
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = Index.from_embeddings(vectors, ids=[f"item-{n}" for n in range(40)])
+    index.save(tmp_path / "ix")
+    monkeypatch.setattr(Store, "ids", lambda self: pytest.fail("export held every id at once"))
+    assert main(["-q", "export", str(tmp_path / "ix"), str(tmp_path / "whole"), "--part-size", "7"]) == 0
+
+    written, real_write = [], export_module._write_part
+
+    def stop_after_three(*args, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(args[3])
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "_write_part", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.export_embeddings(Index.load(tmp_path / "ix"), tmp_path / "stopped", part_size=7)
+    monkeypatch.setattr(export_module, "_write_part", real_write)
+    assert len(list((tmp_path / "stopped" / "img_emb").iterdir())) == 3
+    done = export_module.export_embeddings(Index.load(tmp_path / "ix"), tmp_path / "stopped", part_size=7)
+    assert done["resumed"] and done["parts"] == 6 and done["rows"] == 40
+    for name in sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.npy")):
+        np.testing.assert_array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "stopped" / name))
+    meta = pq.read_table(tmp_path / "stopped" / "metadata").to_pydict()
+    assert sorted(meta["id"]) == sorted(f"item-{n}" for n in range(40))
+    np.testing.assert_allclose(np.concatenate([np.load(tmp_path / "stopped" / "img_emb" / f"img_emb_{n}.npy")
+                                               for n in range(6)]), vectors, atol=1e-3)
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    Index.load(tmp_path / "ix").remove(["item-0"])  # the index changed since the stopped export below began
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / "export.json").write_text((tmp_path / "whole" / "export.json").read_text()
+                                                    .replace('"complete": true', '"complete": false'))
+    for target in ("mine", "ix", "ix/vectors", "ix/new", "whole", "stale"):
+        before = sorted(p.name for p in (tmp_path / target).rglob("*")) if (tmp_path / target).exists() else None
+        assert main(["-q", "export", str(tmp_path / "ix"), str(tmp_path / target)]) == 2, target
+        after = sorted(p.name for p in (tmp_path / target).rglob("*")) if (tmp_path / target).exists() else None
+        assert before == after, target
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    assert len(Index.load(tmp_path / "ix")) == 39
+
+
+def test_export_leaves_damaged_rows_out(tmp_path, capsys):
+    vectors = np.eye(8, dtype=np.float32)
+    Index.from_embeddings(vectors, ids=list(range(8)), precision="float32").save(tmp_path / "ix")
+    [segment] = (tmp_path / "ix" / "vectors").glob("*.vec")
+    data = bytearray(segment.read_bytes())
+    data[3 * 32:3 * 32 + 4] = np.float32("nan").tobytes()  # row 3's first number: NaN
+    segment.write_bytes(bytes(data))
+    assert main(["export", str(tmp_path / "ix"), str(tmp_path / "out")]) == 0
+    assert "1 damaged embedding(s) left out" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "out" / "metadata").to_pydict()["id"] == [0, 1, 2, 4, 5, 6, 7]
+    assert np.isfinite(np.load(tmp_path / "out" / "img_emb" / "img_emb_0.npy")).all()
+
+
 def test_builds_tune_on_remembered_queries_or_captions(tmp_path, demo, capsys):
     """The tuner tunes on queries like the user's: given ones are remembered for every later build (the
     collection grown), and without any an index with captions tunes on them (text-side queries)."""

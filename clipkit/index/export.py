@@ -5,60 +5,131 @@ what autofaiss, clip-retrieval's back end and embedding_reader read.
     OUT/text_emb/text_emb_{i}.npy         the first caption's embedding of each row (zeros without one), when
                                           the index holds captions
     OUT/metadata/metadata_{i}.parquet     id, image_path, url, caption (where known)
+    OUT/export.json                       what was exported (index, generation, rows, part size), and whether
+                                          all of it is written
 
 `id` carries the item's id (integers stay integers when every id is one), so that reading the folder back
-gives the same ids. Each file is written under a temporary name and renamed into place; memory is bounded
-by one part.
+gives the same ids. The items stream in key order from one committed state of the index (one sequential
+pass over its vector files), so memory is bounded by one part. Each file is written under a temporary name
+and renamed into place, a part's img_emb file last (readers find parts by it). A stopped export run again
+over the same unchanged index goes on from the first part it lacks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from clipkit._io import atomic_write_with
+from clipkit._io import atomic_write_json, atomic_write_with
 from clipkit.index.captions import first_captions
+from clipkit.index.sync import is_under
+from clipkit.index.vectors import damaged_rows
+
+MANIFEST = "export.json"
 
 
 def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000,
                       progress: bool | None = None) -> dict:
-    """Write `index` into folder `out` (which must not hold an export already); {'parts', 'rows', 'captions'}."""
+    """Write `index` into folder `out` (new or empty, outside the index; or an export of the same state of the
+    index that was stopped, which goes on); {'parts', 'rows', 'captions', 'damaged', 'resumed'}."""
+    pa, pq = _pyarrow()
+    out = Path(out)
+    with index._lock, index.store.snapshot():  # one committed state throughout
+        manifest = {"format": "clipkit-export", "index": str(index.path.resolve()) if index.path else None,
+                    "generation": index.store.generation(), "rows": index.store.count(), "part_size": part_size}
+        resumed = _start(index, out, manifest)
+        whole_numbers = index.store.integer_ids()
+        done = {"parts": 0, "rows": 0, "captions": 0, "damaged": 0, "resumed": resumed}
+        with tqdm(total=manifest["rows"], disable=None if progress is None else not progress, unit="vec",
+                  desc="exporting") as bar:
+            for number, (keys, vectors) in enumerate(_parts(index.store.live_vectors(), part_size)):
+                if not (out / "img_emb" / f"img_emb_{number}.npy").exists():
+                    _write_part(index, out, number, keys, vectors, whole_numbers, done, pa, pq)
+                done["parts"], done["rows"] = done["parts"] + 1, done["rows"] + len(keys)
+                bar.update(len(keys))
+    atomic_write_json(out / MANIFEST, {**manifest, "complete": True})
+    return done
+
+
+def _pyarrow():
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("writing metadata_*.parquet needs pyarrow: pip install 'clipkit[parquet]'") from None
+    return pa, pq
+
+
+def _start(index, out: Path, manifest: dict) -> bool:
+    """Check that `index` can be exported into `out` and lay out its folders; whether an export stopped
+    earlier goes on."""
     if index.vectors_per_item > 1:
         raise ValueError(f"this index keeps {index.vectors_per_item} vectors an item; clip-retrieval's layout holds "
                          "one an image, so it cannot be exported to it")
-    out = Path(out)
-    if any(out.glob("img_emb/*.npy")):
-        raise ValueError(f"{out} already holds an export (img_emb/); choose a new folder")
+    if index.path is not None and is_under(str(out.resolve()), str(index.path.resolve())):
+        raise ValueError(f"{out} is inside the index's own folder; export into a folder outside it")
+    resumed = False
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        try:
+            earlier = json.loads((out / MANIFEST).read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if isinstance(earlier, dict) and earlier.get("complete"):
+            raise ValueError(f"{out} already holds an export (img_emb/); export into a new or empty folder")
+        if earlier != {**manifest, "complete": False}:
+            raise ValueError(f"{out} already holds files (or a stopped export of another index, or of this one "
+                             "before it changed); export into a new or empty folder")
+        resumed = True
     for sub in ("img_emb", "metadata") + (("text_emb",) if index.captions is not None else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ids = index.ids()
-    whole_numbers = all(isinstance(i, int) for i in ids)
-    captions = 0
-    with tqdm(total=len(ids), disable=None if progress is None else not progress, unit="vec", desc="exporting") as bar:
-        for part, start in enumerate(range(0, len(ids), part_size)):
-            chunk = ids[start:start + part_size]
-            records = index.get(chunk)
-            first = first_captions(index.captions, chunk)  # item id -> its first caption's record
-            _save_npy(out / "img_emb" / f"img_emb_{part}.npy", index.embeddings(chunk).astype(np.float16))
-            if index.captions is not None:
-                _save_npy(out / "text_emb" / f"text_emb_{part}.npy", _caption_vectors(index, chunk, first))
-            table = pa.table({
-                "id": chunk if whole_numbers else [str(i) for i in chunk],
-                "image_path": [r.get("path") or (r["id"] if isinstance(r["id"], str) else None) for r in records],
-                "url": [r.get("url") for r in records],
-                "caption": [r.get("caption") or first.get(r["id"], {}).get("caption") for r in records]})
-            atomic_write_with(out / "metadata" / f"metadata_{part}.parquet", lambda tmp: pq.write_table(table, tmp))
-            captions += len(first)
-            bar.update(len(chunk))
-    return {"parts": (len(ids) + part_size - 1) // part_size, "rows": len(ids), "captions": captions}
+    if not resumed:
+        atomic_write_json(out / MANIFEST, {**manifest, "complete": False})
+    return resumed
+
+
+def _parts(batches: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`batches` of (keys, vectors) regrouped into parts of exactly `size` rows (the last one shorter)."""
+    keys, vectors, held = [], [], 0
+    for batch_keys, batch_vectors in batches:
+        start = 0
+        while start < len(batch_keys):
+            take = min(size - held, len(batch_keys) - start)
+            keys.append(batch_keys[start:start + take])
+            vectors.append(batch_vectors[start:start + take])
+            held, start = held + take, start + take
+            if held == size:
+                yield np.concatenate(keys), np.concatenate(vectors)
+                keys, vectors, held = [], [], 0
+    if held:
+        yield np.concatenate(keys), np.concatenate(vectors)
+
+
+def _write_part(index, out: Path, number: int, keys: np.ndarray, vectors: np.ndarray, whole_numbers: bool,
+                done: dict, pa, pq) -> None:
+    """One part's metadata, caption embeddings and image embeddings (written last). Damaged rows (NaN,
+    infinite, not unit length: flipped bytes on disk) are left out and counted."""
+    good = ~damaged_rows(vectors)
+    keys, vectors = keys[good], vectors[good]
+    by_key = index.store.records_by_key([int(k) for k in keys])
+    records = [by_key[int(k)] for k in keys]
+    ids = [r["id"] for r in records]
+    first = first_captions(index.captions, ids)  # item id -> its first caption's record
+    table = pa.table({
+        "id": ids if whole_numbers else [str(i) for i in ids],
+        "image_path": [r.get("path") or (r["id"] if isinstance(r["id"], str) else None) for r in records],
+        "url": [r.get("url") for r in records],
+        "caption": [r.get("caption") or first.get(r["id"], {}).get("caption") for r in records]})
+    atomic_write_with(out / "metadata" / f"metadata_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
+    if index.captions is not None:
+        _save_npy(out / "text_emb" / f"text_emb_{number}.npy", _caption_vectors(index, ids, first))
+    _save_npy(out / "img_emb" / f"img_emb_{number}.npy", vectors.astype(np.float16))
+    done["captions"] += len(first)
+    done["damaged"] += int((~good).sum())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

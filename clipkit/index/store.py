@@ -321,6 +321,10 @@ class Store:
     def ids(self) -> list:
         return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
 
+    def integer_ids(self) -> bool:
+        """Whether every item's id is an integer (one pass over the id index, nothing held)."""
+        return self.db.execute("SELECT 1 FROM items WHERE typeof(id) != 'integer' LIMIT 1").fetchone() is None
+
     def ids_with_prefix(self, prefix: str, files_only: bool = False) -> list[str]:
         """The text ids that start with `prefix`, by a range over the id index (not a scan of every id): text
         sorts by code point, so they are those from `prefix` up to its last character's successor.
