@@ -331,11 +331,7 @@ def cmd_index(args) -> int:
             report = _sync_source(args, index, model, (folder, table, include), shard, engine)
         _structure_options(args, index, model, created)
         index.save()
-    if args.skipped_log:
-        from clipkit._io import atomic_write_bytes
-
-        atomic_write_bytes(args.skipped_log, "".join(json.dumps({"path": path, "reason": reason}, ensure_ascii=False)
-                                                    + "\n" for path, reason in report.skipped).encode())
+    _write_skipped_log(args.skipped_log, report)
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
         if engine is not None and engine.stats:
@@ -418,7 +414,7 @@ def _index_embeddings(args) -> int:
     import numpy as np
 
     from clipkit.index import DB_FILE, Index
-    from clipkit.index.ingest import embedding_parts
+    from clipkit.index.ingest import embedding_dim
     from clipkit.index.lock import writer_lock
     from clipkit.models import load_model
     from clipkit.search import index_model
@@ -427,7 +423,7 @@ def _index_embeddings(args) -> int:
         raise UsageError("--check, --shard, --exclude, --captions and --engine apply to folders of images; an "
                          "embedding folder is read whole, part by part")
     index_path = Path(args.index)
-    dim = int(np.load(embedding_parts(args.folder)[0].images, mmap_mode="r").shape[1])
+    dim = embedding_dim(args.folder)
     _prepare_index_folder(index_path)
     with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
@@ -446,11 +442,13 @@ def _index_embeddings(args) -> int:
         model = None
         _structure_options(args, index, None, False, queries)
         index.save()
+    _write_skipped_log(args.skipped_log, report)
     if not args.quiet:
         captions = len(index.captions) if index.captions is not None else 0
-        print(f"ingested {report.added} embedding(s), {report.unchanged} already in; {len(index)} in {index_path} "
-              f"({index.structure}), {captions} caption(s)"
+        print(f"ingested {report.added} embedding(s), {report.unchanged} already in, {_skipped_summary(report)}; "
+              f"{len(index)} in {index_path} ({index.structure}), {captions} caption(s)"
               + ("" if index.model_info else "; no model recorded: pass --model NAME for text queries"))
+        _print_skipped(report, args.skipped_log)
     return 0
 
 
@@ -520,11 +518,7 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
     if report.captions is not None:
         print(f"captions: {report.captions.added} embedded, {report.captions.kept} unchanged, "
               f"{report.captions.removed} removed; {len(index.captions)} in the index")
-    for path, reason in report.skipped[:20]:
-        print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
-    if len(report.skipped) > 20:
-        more = f"; all in {skipped_log}" if skipped_log else " (--skipped-log FILE lists them all)"
-        print(f"  ... and {len(report.skipped) - 20} more skipped{more}", file=sys.stderr)
+    _print_skipped(report, skipped_log)
     for gone, count in report.orphaned.items():
         print(f"  {count} item(s) of {gone}, which no longer exists, are still indexed: index its new place to "
               f"re-point them, or drop them with `clipkit remove --missing --index {index_path}`", file=sys.stderr)
@@ -599,6 +593,22 @@ def cmd_merge(args) -> int:
     if not args.quiet:
         print(f"merged {len(args.parts)} index(es): {len(merged)} items in {out} ({merged.structure})")
     return 0
+
+
+def _write_skipped_log(skipped_log: str | None, report) -> None:
+    if skipped_log:
+        from clipkit._io import atomic_write_bytes
+
+        atomic_write_bytes(skipped_log, "".join(json.dumps({"path": path, "reason": reason}, ensure_ascii=False)
+                                               + "\n" for path, reason in report.skipped).encode())
+
+
+def _print_skipped(report, skipped_log: str | None) -> None:
+    for path, reason in report.skipped[:20]:
+        print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
+    if len(report.skipped) > 20:
+        more = f"; all in {skipped_log}" if skipped_log else " (--skipped-log FILE lists them all)"
+        print(f"  ... and {len(report.skipped) - 20} more skipped{more}", file=sys.stderr)
 
 
 def _skipped_summary(report) -> str:

@@ -259,3 +259,35 @@ def test_builds_tune_on_remembered_queries_or_captions(tmp_path, demo, capsys):
                  "--tune-queries", str(texts)]) == 0
     tuned = Index.load(tmp_path / "cap").tuning
     assert tuned["queries"] == "sample queries" and tuned["n_queries"] == 40
+
+
+def test_damaged_parts_and_rows(tmp_path, capsys):
+    """A NaN, infinite or zero row is skipped (logged) and the rest of the part goes in; a truncated part, a
+    1-D array or an array of objects is a one-line error naming the file (exit 2), and nothing is half-read."""
+    import json
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((12, 16)).astype(np.float32)
+    vectors[2, 3], vectors[5], vectors[9, 0] = np.nan, 0, np.inf
+    (tmp_path / "emb" / "img_emb").mkdir(parents=True)
+    np.save(tmp_path / "emb" / "img_emb" / "img_emb_0.npy", vectors)
+    log = tmp_path / "skipped.jsonl"
+    assert main(["index", str(tmp_path / "emb"), "--index", str(tmp_path / "ix"), "--skipped-log", str(log)]) == 0
+    out = capsys.readouterr()
+    assert "ingested 9 embedding(s), 0 already in, 3 skipped (3 damaged embedding)" in out.out
+    assert "img_emb_0.npy row 5: its embedding is NaN, infinite or zero" in out.err
+    assert [json.loads(line)["path"] for line in log.read_text().splitlines()] == ["2", "5", "9"]
+    index = Index.load(tmp_path / "ix")
+    assert sorted(index.ids()) == [0, 1, 3, 4, 6, 7, 8, 10, 11]
+    good = vectors[index.ids()] / np.linalg.norm(vectors[index.ids()], axis=1, keepdims=True)
+    np.testing.assert_allclose(index.embeddings(), good, atol=2e-3)
+
+    for name, write in (("truncated", lambda p: (np.save(p, vectors[:4]), open(p, "r+b").truncate(200))),
+                        ("flat", lambda p: np.save(p, vectors[0])),
+                        ("objects", lambda p: np.save(p, np.array([{"a": 1}] * 3, dtype=object)))):
+        (tmp_path / name / "img_emb").mkdir(parents=True)
+        write(tmp_path / name / "img_emb" / "img_emb_0.npy")
+        assert main(["index", str(tmp_path / name), "--index", str(tmp_path / "ix")]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{name}/img_emb/img_emb_0.npy" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(Index.load(tmp_path / "ix").ids()) == [0, 1, 3, 4, 6, 7, 8, 10, 11]

@@ -79,12 +79,23 @@ def _rows(part: Part, chunk: int) -> Iterator[dict[str, list]]:
 
 
 def _load(path: Path | None, dim: int | None = None) -> np.ndarray | None:
+    """The part's array, memory-mapped: (rows, dim) numbers, else a ValueError that names the file."""
     if path is None:
         return None
-    array = np.load(path, mmap_mode="r")
-    if array.ndim != 2 or (dim is not None and array.shape[1] != dim):
-        raise ValueError(f"{path} holds an array of shape {array.shape}; expected (rows, {dim or 'D'})")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path} is not a readable .npy array of embeddings ({exc}): it may be truncated; "
+                         "write it again, or move it out of the folder") from None
+    if array.ndim != 2 or (dim is not None and array.shape[1] != dim) or array.dtype.kind not in "fiu":
+        raise ValueError(f"{path} holds an array of shape {array.shape} and type {array.dtype}; expected "
+                         f"(rows, {dim or 'D'}) numbers")
     return array
+
+
+def embedding_dim(folder: str | os.PathLike) -> int:
+    """The dimension of an embedding folder's vectors (its first part's)."""
+    return int(_load(embedding_parts(folder)[0].images).shape[1])
 
 
 def sync_embeddings(index, folder: str | os.PathLike, model=None, *, chunk: int = 50_000,
@@ -129,13 +140,26 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
                 continue
             present.add(item_id)
             keep.append(n)
+        report.unchanged += len(ids) - len(keep)
+        vectors = np.asarray(images[offset:stop], dtype=np.float32)[keep]
+        keep, vectors = _usable(vectors, keep, ids, f"{part.images.name} row {{}}", offset, report)
         if keep:
-            vectors = np.asarray(images[offset:stop], dtype=np.float32)[keep]
             index.add(vectors, ids=[ids[n] for n in keep], metadata=[records[n] for n in keep])
             report.added += len(keep)
-        report.unchanged += len(ids) - len(keep)
         ingest_captions(index, records, ids, keep, texts, offset, model)
         bar.update(stop - offset)
+
+
+def _usable(vectors: np.ndarray, keep: list[int], ids: list, where: str, offset: int,
+            report: SyncReport) -> tuple[list, np.ndarray]:
+    """The rows of `keep` whose embedding can be searched (finite, not zero); the others are reported as
+    skipped (`where` names a row of the part), and the rest of the part goes in."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        good = np.isfinite(vectors).all(axis=1) & (np.einsum("ij,ij->i", vectors, vectors) > 0)
+    for n in np.flatnonzero(~good):
+        report.skip(str(ids[keep[n]]), f"{where.format(offset + keep[n])}: its embedding is NaN, infinite or zero",
+                    "damaged embedding")
+    return [n for n, ok in zip(keep, good) if ok], vectors[good]
 
 
 def _records(meta: dict | None, count: int, part: Part) -> list[dict]:
