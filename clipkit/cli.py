@@ -411,8 +411,6 @@ def _tune_queries(path: str, model):
 
 def _index_embeddings(args) -> int:
     """`clipkit index EMB_DIR`: precomputed embeddings in clip-retrieval's layout (clipkit.index.ingest)."""
-    import numpy as np
-
     from clipkit.index import DB_FILE, Index
     from clipkit.index.ingest import embedding_dim
     from clipkit.index.lock import writer_lock
