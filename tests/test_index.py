@@ -58,8 +58,10 @@ def test_bad_k(bad_k):
 
 def test_bad_vectors():
     index = Index.from_embeddings(unit(3, 8, 0))
-    with pytest.raises(ValueError, match="dimension 4 but the index has dimension 8"):
+    with pytest.raises(ValueError, match="dimension 4, but the index's is 8"):
         index.search(np.ones((1, 4)), 1)
+    with pytest.raises(ValueError, match="must fit in 64 bits"):  # was SQLite's OverflowError
+        Index.from_embeddings(unit(2, 8, 0), ids=[2**70, 1])
     with pytest.raises(ValueError, match="NaN"):
         index.search(np.full(8, np.nan), 1)
     with pytest.raises(ValueError, match="all-zero"):

@@ -45,12 +45,12 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
     if array.ndim != 2:
         raise ValueError(f"{what} must be 2-D (N, {dim}), got shape {array.shape}")
     if array.shape[1] != dim:
-        raise ValueError(f"{what} have dimension {array.shape[1]} but the index has dimension {dim}")
+        raise ValueError(f"{what}: dimension {array.shape[1]}, but the index's is {dim}")
     if not np.isfinite(array).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
+        raise ValueError(f"{what}: NaN or infinite values")
     scale = np.abs(array).max(axis=1, keepdims=True) if array.size else np.ones((len(array), 1))
     if (scale == 0).any():
-        raise ValueError(f"{what} contain an all-zero vector, which has no direction to search by")
+        raise ValueError(f"{what}: an all-zero vector, which has no direction to search by")
     scaled = array / scale
     unit = scaled / np.linalg.norm(scaled, axis=1, keepdims=True)
     return np.ascontiguousarray(unit, dtype=np.float32)
@@ -70,6 +70,8 @@ def normalize_id(value: Any) -> int | str:
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"ids must be int or str, got bool {value!r}")
     if isinstance(value, (int, np.integer)):
+        if not -2**63 <= int(value) < 2**63:
+            raise ValueError(f"integer ids must fit in 64 bits (SQLite's integers), got {value}: use a str id")
         return int(value)
     if isinstance(value, str):
         return value
