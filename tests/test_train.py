@@ -112,6 +112,23 @@ def test_train_command_errors_are_one_line(tmp_path, capsys, shards):
     assert "shard not found" in capsys.readouterr().err
 
 
+def test_one_shard_trains_and_shards_without_a_batch_stop(tmp_path, shards, capsys):
+    """One shard with the default two loader workers trains (the workers are cut to the shards); shards that
+    give no batch (garbage, or fewer samples than a batch) stop with a one-line error instead of looping for
+    ever over empty epochs. (Subprocesses with a timeout: the loop never ended before.)"""
+    one = shards.replace("{000000..000007}", "000000")
+    (tmp_path / "garbage.tar").write_bytes(os.urandom(5000))
+    runs = {"one": (one, "16", 0), "garbage": (str(tmp_path / "garbage.tar"), "16", 2), "small": (one, "64", 2)}
+    for name, (data, batch, code) in runs.items():
+        run = subprocess.run([sys.executable, "-m", "clipkit", "train", "--data", data, "--out", str(tmp_path / name),
+                              "--model", "clipkit-tiny", "--steps", "2", "--batch-size", batch, "--val", "none",
+                              "--device", "cpu"], capture_output=True, text=True, timeout=240)
+        assert run.returncode == code, (name, run.stderr[-2000:])
+        if code:
+            assert "gave not one batch of" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert (tmp_path / "one" / "log.jsonl").exists()
+
+
 def free_port() -> int:
     import socket
 

@@ -206,6 +206,18 @@ def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
     return str(folder / json.loads(manifest.read_text())["pattern"])
 
 
+def loader_workers(urls: str | list[str], workers: int, world: int) -> int:
+    """Loader workers for this many shards: at most the shards each process reads (a worker without a shard
+    would leave its rank short of batches); fewer shards than processes is the loader's error."""
+    from clipkit.data.loader import expand_shards
+
+    shards = len(expand_shards(urls)) // max(1, world)
+    if 1 <= shards < workers:
+        log.info("%d shard(s) per process: reading them with %d loader worker(s), not %d", shards, shards, workers)
+        return shards
+    return workers
+
+
 def _synthetic_count(spec: str) -> int:
     try:
         n = int(spec.split(":", 1)[1])
@@ -392,13 +404,21 @@ class _Run:
         from clipkit.data.loader import make_loader
 
         config, urls = self.config, shard_urls(self.config, self.rank)
+        workers = loader_workers(urls, config.workers, self.world)
         while self.step < self.stop_at:
-            yield from make_loader(urls, self.model.preprocess, self.model.tokenizer, config.batch_size,
-                                   seed=config.seed, epoch=self.epoch, shuffle_buffer=config.shuffle_buffer,
-                                   num_workers=config.workers, group_batches=config.group_batches,
-                                   pin_memory=self.device.type == "cuda", rank=self.rank, world_size=self.world,
-                                   skip_batches=self.consumed, hard_negatives=config.hard_negatives,
-                                   relations=config.relation_weight > 0)
+            given = 0
+            for batch in make_loader(urls, self.model.preprocess, self.model.tokenizer, config.batch_size,
+                                     seed=config.seed, epoch=self.epoch, shuffle_buffer=config.shuffle_buffer,
+                                     num_workers=workers, group_batches=config.group_batches,
+                                     pin_memory=self.device.type == "cuda", rank=self.rank, world_size=self.world,
+                                     skip_batches=self.consumed, hard_negatives=config.hard_negatives,
+                                     relations=config.relation_weight > 0):
+                given += 1
+                yield batch
+            if given == 0 and self.consumed == 0:  # (a resumed run may start at an epoch's very end)
+                raise ValueError(f"the training shards ({config.data}) gave not one batch of {config.batch_size} "
+                                 "samples: check that they are webdataset tars of images with txt captions and hold "
+                                 "at least a batch per process (see `clipkit shards`)")
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def forward_backward(self, batch: dict) -> tuple[dict, torch.Tensor]:
