@@ -191,7 +191,8 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
 def _by_direction(metrics: dict | None, ks) -> dict | None:
     if metrics is None:
         return None
-    return {d: {f"R@{k}": metrics[f"{d}_R@{k}"] for k in ks} for d in ("t2i", "i2t")}
+    return {d: {**{f"R@{k}": metrics[f"{d}_R@{k}"] for k in ks}, "mean_rank": metrics[f"{d}_mean_rank"],
+                "median_rank": metrics[f"{d}_median_rank"]} for d in ("t2i", "i2t")}
 
 
 def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pretrained: str | None = None,
@@ -231,8 +232,8 @@ def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pr
 
 def format_table(report: dict, ks) -> str:
     lines = [f"{report['dataset']}: {report['n_images']} images, {report['n_texts']} captions, model {report['model']}",
-             "", "| direction | method | " + " | ".join(f"R@{k}" for k in ks) + " |",
-             "|---|---|" + "---|" * len(ks)]
+             "", "| direction | method | " + " | ".join(f"R@{k}" for k in ks) + " | mean rank | median rank |",
+             "|---|---|" + "---|" * (len(ks) + 2)]
     names = {"t2i": "text→image", "i2t": "image→text"}
     for direction in ("t2i", "i2t"):
         for method in ("itc", "rerank"):
@@ -240,8 +241,9 @@ def format_table(report: dict, ks) -> str:
                 continue
             label = "ITC" if method == "itc" else \
                 f"ITC + {'ITM' if not report.get('reranker') else report['reranker']} (top {report['rerank_k']})"
-            values = " | ".join(f"{report[method][direction][f'R@{k}']:.3f}" for k in ks)
-            lines.append(f"| {names[direction]} | {label} | {values} |")
+            row = report[method][direction]
+            values = " | ".join(f"{row[f'R@{k}']:.3f}" for k in ks)
+            lines.append(f"| {names[direction]} | {label} | {values} | {row['mean_rank']:.2f} | {row['median_rank']:g} |")
     if report["rerank"] is not None:
         cap = report[f"itc_R@{report['rerank_k']}_cap"]
         lines.append(f"\nre-ranking is capped by ITC R@{report['rerank_k']}: t2i {cap['t2i']:.3f}, i2t {cap['i2t']:.3f}")

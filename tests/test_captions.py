@@ -111,6 +111,9 @@ def test_eval_on_a_caption_folder_agrees_with_search(folder, demo, capsys):
     assert report["n_texts"] == len(pairs) and report["n_images"] == 40
     top1 = np.mean([clipkit.search(text, index, k=1)[0].id == image for text, image in pairs])
     assert abs(report["itc"]["t2i"]["R@1"] - top1) < 1e-9  # the benchmark's recall, by the search path
+    ranks = [[h.id for h in clipkit.search(text, index, k=40)].index(image) + 1 for text, image in pairs]
+    assert report["itc"]["t2i"]["mean_rank"] == pytest.approx(np.mean(ranks))
+    assert report["itc"]["t2i"]["median_rank"] == pytest.approx(np.median(ranks))
     i2t = np.mean([any(h.metadata["image_id"] == str(p.resolve())
                        for h in clipkit.search(p, index, k=5, modality="text")) for p in sorted(folder.glob("*.jpg"))])
     assert abs(report["itc"]["i2t"]["R@5"] - i2t) < 1e-9
