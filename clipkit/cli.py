@@ -414,7 +414,7 @@ def _index_embeddings(args) -> int:
     from clipkit.index import DB_FILE, Index
     from clipkit.index.ingest import embedding_dim
     from clipkit.index.lock import writer_lock
-    from clipkit.models import load_model
+    from clipkit.models import load_model, warn_untrained
     from clipkit.search import index_model
 
     if args.check or args.shard or args.exclude or args.captions or args.engine != "local":
@@ -427,6 +427,7 @@ def _index_embeddings(args) -> int:
         index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
         if args.model is not None:
             model = load_model(args.model, args.pretrained, device=args.device)
+            warn_untrained(model)
         else:
             model = index_model(index, device=args.device) if index is not None and index.model_info else None
         if model is not None and model.dim != dim:
@@ -498,12 +499,13 @@ def _waiting_notice(args):
 
 def _index_model(index, args):
     """The model to index with: the index's own, else --model/--pretrained (checked against the index)."""
-    from clipkit.models import DEFAULT_MODEL, load_model
+    from clipkit.models import DEFAULT_MODEL, load_model, warn_untrained
     from clipkit.search import index_model
 
     if index is not None and args.model is None:
         return index_model(index, device=args.device)
     model = load_model(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
+    warn_untrained(model)
     if index is not None:
         index.check_model(model)
     return model

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from clipkit.data.synthetic import write_synthetic
 from clipkit.index import Index
-from clipkit.models import load_model
+from clipkit.models import load_model, warn_untrained
 from clipkit.search import Hit, search
 
 FREE_TEXT = ["a large yellow star", "a red circle left of a blue square"]
@@ -65,6 +65,7 @@ def run_demo(out: Path | None = None, n_images: int = 300, model_name: str = "cl
     photos = out / "photos"
     write_synthetic(photos, n_images, seed=seed, split="test", layout="folder", image_format="png", progress=progress)
     model = load_model(model_name)
+    warn_untrained(model)
     index = Index.from_folder(photos, model=model, progress=progress)
     index.save(out / "photos.clipkit")
     rerank = model.itm is not None

@@ -201,12 +201,13 @@ def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pr
                   binding_pairs: int = 0, **data_options) -> dict:
     """Evaluate, print a markdown table and the time per stage, and return (and with `json_path` write) the
     report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed)."""
-    from clipkit.models import load_model
+    from clipkit.models import load_model, warn_untrained
 
     start = time.perf_counter()
     data = load_dataset(dataset, **data_options)
     load_seconds = time.perf_counter() - start
     loaded = load_model(model, pretrained, device=device)
+    warn_untrained(loaded)
     loaded_reranker = load_reranker(reranker, device=device) if reranker is not None else None
     result = evaluate(loaded, data, rerank=rerank, rerank_k=rerank_k, weight=weight, batch_size=batch_size, ks=ks,
                       reranker=loaded_reranker)

@@ -73,6 +73,7 @@ class Model:
     channels_last: bool = False  # image batches go in NHWC (convolutional towers on CUDA)
     precision: str = "auto"  # "auto": half precision under autocast on CUDA; "fp32": never
     vectors_per_image: int = 1  # BLIP-2: one image embedding per query token, (N, vectors_per_image, dim)
+    untrained: bool = False  # no weights were given or bundled: the fixed-seed random initialisation
 
     @property
     def info(self) -> dict:
@@ -471,9 +472,22 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     if checkpoint is not None and checkpoint["itm"] is not None:
         model.itm = _load_itm_head(checkpoint, weights_file, device)
     model.precision = precision
+    model.untrained = weights_file is None and recorded != TOWERS and not name.startswith(HF_HUB_PREFIX)
     if channels_last if channels_last is not None else wants_channels_last(clip, device):
         set_channels_last(model)
     return model
+
+
+def warn_untrained(model: Model) -> None:
+    """Say so when `model` has random weights (an architecture named without --pretrained): its embeddings
+    index and search without error, and mean nothing."""
+    if model.untrained:
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(model.name)
+        hint = f" (open_clip's tags for it: {', '.join(tags[:4])})" if tags else ""
+        log.warning("%s is untrained here: no weights were given, so it has a random initialisation and its "
+                    "embeddings mean nothing; pass --pretrained TAG or a weights file%s", model.name, hint)
 
 
 def _bare_hub_repo(name: str) -> bool:

@@ -145,3 +145,16 @@ def test_no_import_cycles_between_clipkit_modules():
     for module in sorted(modules):
         if module not in state:
             visit(module, [module])
+
+
+def test_an_untrained_model_is_named_as_such(image_folder, tmp_path, tiny_args, caplog):
+    """An architecture named without weights indexes with its random initialisation: said as a warning (the
+    embeddings mean nothing); not said for weights given, bundled or recorded by the index."""
+    assert main(["index", str(image_folder), "--index", str(tmp_path / "random"), "--model", "clipkit-tiny"]) == 0
+    assert "clipkit-tiny is untrained here" in caplog.text
+    for argv in (tiny_args, ["--model", "clipkit-demo"], []):
+        caplog.clear()
+        target = tmp_path / (argv[1] if argv else "random")
+        assert main(["index", str(image_folder), "--index", str(target), *argv]) == 0
+        assert "untrained" not in caplog.text, argv
+    assert clipkit.load_model("RN50").untrained and not clipkit.load_model("clipkit-demo").untrained
