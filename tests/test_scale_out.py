@@ -69,5 +69,35 @@ def test_merge_refuses_mixed_models_and_existing_output(tmp_path, capsys):
     assert "another model" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "already exists" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="already in the index"):
+    with pytest.raises(ValueError, match="is given twice"):
         Index.merge([tmp_path / "a", tmp_path / "a"])
+
+
+def test_merge_of_overlapping_parts_says_what_to_do_and_streams(tmp_path, capsys, monkeypatch, caplog):
+    """Parts whose ids overlap stop the merge with a message that says so (not "remove them first"); the
+    folder left is named for what it is when other parts are given; a part's damaged rows are left out
+    with a warning; parts are read in one streamed pass (never every id at once)."""
+    from clipkit.index.store import Store
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    Index.from_embeddings(vectors[:20], ids=list(range(20)), precision="float32").save(tmp_path / "a")
+    Index.from_embeddings(vectors[10:], ids=list(range(10, 30))).save(tmp_path / "b")
+    monkeypatch.setattr(Store, "ids", lambda self: pytest.fail("merge held every id at once"))
+    assert main(["merge", str(tmp_path / "out"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "id 10 of" in err and "do not overlap" in err and "remove them first" not in err
+    assert main(["merge", str(tmp_path / "out"), str(tmp_path / "a")]) == 2
+    assert "holds an unfinished merge of other parts" in capsys.readouterr().err
+
+    [segment] = (tmp_path / "a" / "vectors").glob("*.vec")
+    data = bytearray(segment.read_bytes())
+    data[5 * 32:5 * 32 + 4] = np.float32("nan").tobytes()  # item 5's first number
+    segment.write_bytes(bytes(data))
+    assert main(["merge", str(tmp_path / "out2"), str(tmp_path / "a")]) == 0
+    assert "1 damaged embedding(s)" in caplog.text
+    merged = Index.load(tmp_path / "out2")
+    assert len(merged) == 19 and list(merged.find(list(range(20)))) == [i for i in range(20) if i != 5]
+    kept = [i for i in range(20) if i != 5]
+    np.testing.assert_allclose(merged.embeddings(kept), vectors[kept] / np.linalg.norm(vectors[kept], axis=1,
+                                                                                        keepdims=True), atol=1e-6)

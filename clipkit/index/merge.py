@@ -8,6 +8,7 @@ else is refused. Captions are merged the same way, into the target's caption col
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +16,9 @@ from typing import Sequence
 from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import CAPTIONS_DIR
 from clipkit.index.store import DB_FILE
+from clipkit.index.vectors import damaged_rows
+
+log = logging.getLogger("clipkit.index")
 
 
 def merge(cls, parts: Sequence, *, out: str | os.PathLike | None = None, index_type: str = "flat",
@@ -25,6 +29,9 @@ def merge(cls, parts: Sequence, *, out: str | os.PathLike | None = None, index_t
         raise ValueError("nothing to merge: give at least one index")
     _check_compatible(loaded)
     names = [str(p.path.resolve()) if p.path is not None else f"memory:{id(p)}" for p in loaded]
+    twice = next((name for n, name in enumerate(names) if name in names[:n]), None)
+    if twice is not None:
+        raise ValueError(f"{twice} is given twice: give each part once")
     merged = _target(cls, out, names, loaded[0], index_type, options)
     resume = merged.store.info("merge_done", 0)
     for number, part in enumerate(loaded[resume:], resume):
@@ -70,6 +77,10 @@ def _target(cls, out, names: list[str], first, index_type: str, options: dict):
             existing = cls.load(out)
             if existing.store.info("merging") == names:
                 return existing
+            if existing.store.info("merging") is not None:
+                raise ValueError(f"{out} holds an unfinished merge of other parts "
+                                 f"({', '.join(existing.store.info('merging'))}): give those parts again to "
+                                 "finish it, or delete it and merge into a new folder")
         raise ValueError(f"{out} already exists; merge into a new folder")
     merged = cls(first.dim, model=first.model, model_info=first.model_info, index_type=index_type,
                  vectors_per_item=first.vectors_per_item, **options)
@@ -81,15 +92,27 @@ def _target(cls, out, names: list[str], first, index_type: str, options: dict):
 
 
 def _add_part(merged, part, chunk: int, resume: bool) -> None:
-    """Add `part`'s items in chunks (`resume`: those an interrupted run committed are there already)."""
-    ids = part.ids()
-    for start in range(0, len(ids), chunk):
-        batch = ids[start:start + chunk]
-        if resume:
-            have = merged.store.keys_for(batch)
-            batch = [i for i in batch if i not in have]
-        if batch:
-            records = part.get(batch)
-            for record in records:
-                record.pop("id")
-            merged.add(part.embeddings(batch), ids=batch, metadata=records)
+    """Add `part`'s items a chunk at a time, streamed in key order from one committed state of the part
+    (memory: one chunk). `resume`: those an interrupted run committed are there already; otherwise an id the
+    merged index holds (from an earlier part) is a ValueError. Damaged rows (NaN, infinite, not unit length:
+    flipped bytes on disk) are left out, with a warning."""
+    per_item, damaged = part.vectors_per_item, 0
+    with part._lock, part.store.snapshot():
+        for keys, vectors in part.store.live_vectors(chunk):
+            good = ~damaged_rows(vectors, per_item)
+            damaged += int((~good).sum())
+            keys, vectors = keys[good], vectors[good]
+            by_key = part.store.records_by_key([int(k) for k in keys])
+            records = [{name: value for name, value in by_key[int(k)].items() if name != "key"} for k in keys]
+            ids = [record.pop("id") for record in records]
+            have = merged.store.keys_for(ids)
+            if have and not resume:
+                raise ValueError(f"id {next(iter(have))!r} of {part.path or 'a part'} is in an earlier part too: "
+                                 "merge parts whose ids do not overlap (each a `clipkit index --shard i/n`)")
+            keep = [n for n, i in enumerate(ids) if i not in have]
+            if keep:
+                rows = vectors[keep] if per_item == 1 else vectors[keep].reshape(len(keep), per_item, -1)
+                merged.add(rows, ids=[ids[n] for n in keep], metadata=[records[n] for n in keep])
+    if damaged:
+        log.warning("%d damaged embedding(s) of %s left out of the merge: re-index their images", damaged,
+                    part.path or "a part")
