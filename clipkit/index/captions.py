@@ -238,10 +238,10 @@ def remove_with_captions(index, change):
     """`index._write(change)`, a removal, then the captions whose image went with it; a caption collection
     that cannot be changed is found out before anything is removed."""
     collection = writable_captions(index)
-    removed = index._write(change)
-    if collection:
-        indexed = {str(i) for i in index.ids()}  # caption ids hold their image's id as text
-        orphans = [c for c in collection.ids() if image_of(c) not in indexed]
+    with index.store.recording_deletions() as gone:
+        removed = index._write(change)
+    if collection:  # a caption's id is its image's id as text, '#', its line
+        orphans = [c for image in gone for c in collection.ids_with_prefix(f"{image}#") if image_of(c) == str(image)]
         if orphans:
             collection.remove(orphans)
     return removed

@@ -90,6 +90,7 @@ class Store:
         self.db, self.file, self.readonly = db, file, readonly
         self.damaged: set[int] = set()  # keys whose stored embedding was found NaN, infinite or zero when read
         self._segments: Segments | None = None  # the vector files, made on first use (the dimension known)
+        self._deleted: list | None = None  # ids deleted while `recording_deletions`
 
     @property
     def vectors_per_item(self) -> int:
@@ -283,14 +284,27 @@ class Store:
         self.set_info("key_sum", str((int(self.key_sum()) + delta) % 2**64))
 
     def delete_keys(self, keys: list[int]) -> None:
-        """Inside a (generation-raising) transaction: remove items; their keys go to the removal log."""
+        """Inside a (generation-raising) transaction: remove items; their keys go to the removal log (and their
+        ids to the list `recording_deletions` hands out)."""
         generation = self.generation() + 1  # the one this transaction commits
         for chunk in chunks([int(k) for k in keys]):
-            gone = [k for (k,) in self.db.execute(f"DELETE FROM items WHERE key IN ({marks(chunk)}) RETURNING key",
-                                                  chunk).fetchall()]
+            rows = self.db.execute(f"DELETE FROM items WHERE key IN ({marks(chunk)}) RETURNING key, id",
+                                   chunk).fetchall()
+            gone = [k for k, _ in rows]
+            if self._deleted is not None:
+                self._deleted += [i for _, i in rows]
             self.db.executemany("INSERT OR REPLACE INTO removed(key, generation) VALUES (?, ?)",
                                 [(k, generation) for k in gone])
             self._add_to_key_sum(-keys_sum(np.asarray(gone, np.int64)))
+
+    @contextlib.contextmanager
+    def recording_deletions(self) -> Iterator[list]:
+        """A list that receives the id of every item deleted inside (whether or not its transaction commits)."""
+        self._deleted = []
+        try:
+            yield self._deleted
+        finally:
+            self._deleted = None
 
     def removed_since(self, generation: int) -> np.ndarray:
         """The keys removed by changes after `generation` (as far as the log goes back: see `prune_removed`)."""
