@@ -56,6 +56,37 @@ def test_captions_are_indexed_incrementally(folder, demo, tmp_path):
     assert not any(i.startswith(str(gone.with_suffix(".jpg").resolve())) for i in ids)
 
 
+def test_a_folder_sync_touches_the_folder_s_captions_only(folder, demo, tmp_path, monkeypatch):
+    """Syncing one folder reads its own captions, not every item and caption id of the index: an image
+    moved in from another indexed folder takes its captions along (the old ones go), captions left without
+    an image under the folder (a run stopped between the two stores) are swept, and another folder's
+    captions stay as they are."""
+    other = tmp_path / "other"
+    other.mkdir()
+    moved = sorted(folder.glob("*.jpg"))[0]
+    index = Index.from_folder(folder, demo)
+    index.sync_folder(other, demo)
+    index.save(tmp_path / "ix")
+    stray = str(other.resolve() / "gone.jpg") + "#0"  # a caption whose image is not indexed
+    index.captions.add(clipkit.encode(["a stray caption"], model=demo), ids=[stray],
+                       metadata=[{"caption": "a stray caption", "image_id": stray[:-2], "path": None}])
+    before = set(index.captions.ids())
+    shutil.move(moved, other / moved.name)
+    shutil.move(moved.with_suffix(".txt"), other / moved.with_suffix(".txt").name)
+    monkeypatch.setattr(Store, "ids", lambda self: pytest.fail("a folder sync read every id"))
+    report = index.sync_folder(other, demo)  # the image is new here; its old item stays until its folder syncs
+    assert report.captions.added == len(lines(other / moved.with_suffix(".txt").name))
+    assert report.captions.removed == 1  # the stray caption
+    new = str((other / moved.name).resolve())
+    after = set(index.captions.find(list(before | {f"{new}#0"})))
+    assert f"{new}#0" in after and f"{moved.resolve()}#0" in after and stray not in after
+    report = index.sync_folder(folder, demo)
+    assert report.removed == 1 and report.captions.removed == len(lines(other / moved.with_suffix(".txt").name))
+    after = set(index.captions.find(list(before | {f"{new}#0"})))
+    assert f"{new}#0" in after and f"{moved.resolve()}#0" not in after
+    assert {c for c in before if not c.startswith(str(moved.resolve()) + "#") and c != stray} <= after
+
+
 def test_image_to_text_and_text_to_text_search(folder, demo, tmp_path):
     index = Index.from_folder(folder, demo)
     image = sorted(folder.glob("*.jpg"))[3]

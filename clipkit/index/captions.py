@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from clipkit.errors import BrokenIndexError, first_line
 from clipkit.index.store import DB_FILE
@@ -125,22 +126,22 @@ def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = N
     return wanted
 
 
-def sync_captions(collection, image_ids: list[str], prefix: str, indexed: set | None, model,
-                  table: dict[str, list[str]] | None = None, files: bool = True,
+def sync_captions(collection, image_ids: list[str], prefix: str, model,
+                  table: dict[str, list[str]] | None = None, files: bool = True, orphans: Sequence[str] = (),
                   batch_size: int = 256) -> CaptionReport:
     """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images synced:
-    their `table` rows, else their caption files). `indexed` (the ids of every item in the index): the
-    captions compared are those of `image_ids` and of images no longer indexed at all (removed, or moved
-    to another folder and so to other ids), never those of other items, such as the samples of shards
-    that lie inside a synced folder. `indexed` None: only the captions whose ids start with `prefix`."""
+    their `table` rows, else their caption files). The captions compared are those under `prefix` (a
+    folder's, a shard's): with `files` only those of `image_ids` (never those of other items under it, such
+    as the samples of shards that lie inside a synced folder), and `orphans` (captions whose image is no
+    longer indexed), which go."""
     from clipkit.encode import encode_texts
 
     wanted = wanted_captions(image_ids, table, files)
-    if indexed is None:
-        have = dict.fromkeys(collection.ids_with_prefix(prefix))
-    else:
+    under = collection.ids_with_prefix(prefix)
+    if files:
         synced = set(image_ids)
-        have = {i: None for i in collection.ids() if image_of(i) in synced or image_of(i) not in indexed}
+        under = [i for i in under if image_of(i) in synced]
+    have = dict.fromkeys([*under, *orphans])
     if have:
         for record in collection.get(list(have)):
             have[record["id"]] = record.get("caption")
@@ -195,14 +196,14 @@ def new_captions(index, model):
     return collection
 
 
-def sync_index_captions(index, prefix: str, model, table: dict | None = None,
-                        files: bool = True) -> CaptionReport | None:
+def sync_index_captions(index, prefix: str, model, table: dict | None = None, files: bool = True,
+                        gone: Sequence = ()) -> CaptionReport | None:
     """The captions of `index`'s images whose ids start with `prefix` (a folder's, a shard's), in step with
     their sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
-    Folders also sweep the captions of images moved away (to other ids); a shard's items never move, and
-    removing items drops their captions, so a shard's sync reads only its own ids."""
+    Folders also drop the captions of `gone` (the ids the folder's sync removed or moved to other ids) and
+    of images under the prefix no longer indexed; a shard's items never move, and removing items drops
+    their captions, so a shard's sync reads only its own ids. The work is the folder's, not the index's."""
     with index._lock:
-        indexed = {str(i) for i in index.store.ids()} if files else None  # as caption ids hold them
         image_ids = index.store.ids_with_prefix(prefix, files_only=True) if files else index.ids_with_prefix(prefix)
     collection = writable_captions(index)
     if collection is False:
@@ -211,7 +212,20 @@ def sync_index_captions(index, prefix: str, model, table: dict | None = None,
         if not table and not any(caption_file(i).is_file() for i in image_ids):
             return None
         collection = new_captions(index, model)
-    return sync_captions(collection, sorted(image_ids), prefix, indexed, model, table, files)
+    orphans = _orphans(index, collection, prefix, set(image_ids), gone) if files else []
+    return sync_captions(collection, sorted(image_ids), prefix, model, table, files, orphans)
+
+
+def _orphans(index, collection, prefix: str, synced: set, gone: Sequence) -> list[str]:
+    """Caption ids whose image is not indexed: those of the `gone` ids, and those under `prefix` whose image
+    is neither synced nor in the index (left by a run stopped between the two stores)."""
+    found = [c for image in gone for c in collection.ids_with_prefix(f"{image}#") if image_of(c) == str(image)]
+    under = [c for c in collection.ids_with_prefix(prefix) if image_of(c) not in synced]
+    others = sorted({image_of(c) for c in under})
+    with index._lock:
+        indexed = {str(i) for start in range(0, len(others), 10_000)
+                   for i in index.store.keys_for(others[start:start + 10_000])}
+    return found + [c for c in under if image_of(c) not in indexed]
 
 
 def caption_table_for(index, folder: Path, captions) -> CaptionTable | None:

@@ -68,12 +68,14 @@ class FolderSync:
                 raise ValueError("listed_only needs a caption table (captions=)")
             rows = table.read() if table is not None else None  # read once: the captions and the listed files
             include, problems = table.listed_files(rows) if listed_only else (None, [])
-            report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
-                                      progress=progress, exclude=exclude, shard=shard, include=include,
-                                      engine=engine)
+            with self.store.recording_deletions() as gone:  # (files removed, or moved to other ids)
+                report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
+                                          progress=progress, exclude=exclude, shard=shard, include=include,
+                                          engine=engine)
             for path, reason in problems:
                 report.skip(path, reason, "missing")
-            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows)
+            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows,
+                                                  gone=gone)
         self.last_sync = report
         return report
 
@@ -167,9 +169,9 @@ class FolderSync:
         with their `caption`, `image_id` and `path`), or None when no caption was ever indexed."""
         return captions_of(self)
 
-    def _sync_captions(self, prefix: str, model, table: dict | None = None,
-                       files: bool = True) -> "CaptionReport | None":
-        return sync_index_captions(self, prefix, model, table, files)
+    def _sync_captions(self, prefix: str, model, table: dict | None = None, files: bool = True,
+                       gone: list = ()) -> "CaptionReport | None":
+        return sync_index_captions(self, prefix, model, table, files, gone)
 
     def _writable_captions(self) -> "FolderSync | None | bool":
         return writable_captions(self)
