@@ -119,3 +119,20 @@ def test_ids_with_prefix_equals_a_scan():
         assert index.ids_with_prefix(prefix) == expected, prefix
     with pytest.raises(ValueError, match="empty prefix"):
         index.ids_with_prefix("")
+
+
+def test_shard_items_are_found_by_a_range_not_a_scan():
+    """Removing a folder's or a shard's items finds them through the id index (a removal costs what it
+    removes, not the size of the index), and only items of shards the predicate picks."""
+    ids = ["/s/a.tar#1", "/s/a.tar#2", "/s/a.tarx#1", "/s/sub/b.tar#1", "/s2/c.tar#1", "/s/file.jpg", 7]
+    meta = [{"shard": i.rpartition("#")[0]} if "#" in str(i) else {} for i in ids]
+    index = Index.from_embeddings(np.eye(len(ids), 8, dtype=np.float32) + 0.1, ids=ids, metadata=meta)
+    store, every = index.store, lambda shard: True
+    by_id = dict(zip(ids, index.keys(ids)))
+    assert store.shard_keys("/s/a.tar#", every) == [by_id["/s/a.tar#1"], by_id["/s/a.tar#2"]]
+    assert sorted(store.shard_keys("/s/", every)) == sorted(by_id[i] for i in ids[:4])
+    assert store.shard_keys("/s/", lambda shard: shard.endswith("b.tar")) == [by_id["/s/sub/b.tar#1"]]
+    assert sorted(store.shards()) == ["/s/a.tar", "/s/a.tarx", "/s/sub/b.tar", "/s2/c.tar"]
+    plan = store.db.execute("EXPLAIN QUERY PLAN SELECT key FROM items WHERE id >= ? AND id < ? AND path IS NULL",
+                            ("/s/", "/s0")).fetchall()
+    assert "USING INDEX" in str(plan) and "SCAN" not in str(plan)

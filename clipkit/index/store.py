@@ -510,14 +510,19 @@ class Store:
                     (root, inside, len(inside) + 1, inside + "/"))]
         return keys
 
-    def shard_keys(self) -> dict[str, list[int]]:
-        """shard path -> the keys of the items indexed from it in place (`clipkit.index.shards`)."""
-        out: dict[str, list[int]] = {}
-        for key, shard in self.db.execute("SELECT key, json_extract(extra, '$.shard') FROM items "
-                                          "WHERE path IS NULL AND extra LIKE '%\"shard\"%'"):
-            if isinstance(shard, str):
-                out.setdefault(shard, []).append(key)
-        return out
+    def shards(self) -> list[str]:
+        """The shard paths whose items are indexed in place (`clipkit.index.shards`): one pass, no keys held."""
+        rows = self.db.execute("SELECT DISTINCT json_extract(extra, '$.shard') FROM items "
+                               "WHERE path IS NULL AND extra LIKE '%\"shard\"%'")
+        return [shard for (shard,) in rows if isinstance(shard, str)]
+
+    def shard_keys(self, prefix: str, chosen) -> list[int]:
+        """The keys of the shard items whose ids start with `prefix` (a shard's are `SHARD#KEY`: a range over
+        the id index, no scan) and whose shard `chosen(shard path)` picks."""
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self.db.execute("SELECT key, json_extract(extra, '$.shard') FROM items WHERE id >= ? AND id < ? "
+                               "AND path IS NULL", (prefix, upper))
+        return [key for key, shard in rows if isinstance(shard, str) and chosen(shard)]
 
     # -- copies ---------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import logging
 import os
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import AbstractSet, Sequence
 
@@ -241,7 +242,10 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
 
 def remove_under(store: Store, folder: str):
     """A change (for Index._write): remove every item whose file, or shard, is `folder` or under it."""
-    keys = store.keys_under(folder) + _forget_shards(store, lambda shard: is_under(shard, folder))
+    under = partial(is_under, folder=folder)
+    keys = store.keys_under(folder) + store.shard_keys(folder + "#", under) + \
+        store.shard_keys(folder.rstrip(os.sep) + os.sep, under)
+    _forget_shards(store, under)
     store.delete_keys(keys)
     store.drop_empty_roots()
     return len(keys), None, None, keys
@@ -253,7 +257,8 @@ def remove_missing_roots(store: Store):
     for _, folder, _ in store.roots():
         if not os.path.isdir(folder):
             keys += store.keys_under(folder)
-    keys += _forget_shards(store, lambda shard: not os.path.isfile(shard))
+    keys += [key for shard in store.shards() if _gone(shard) for key in store.shard_keys(shard + "#", _gone)]
+    _forget_shards(store, _gone)
     store.delete_keys(keys)
     store.drop_empty_roots()
     return len(keys), None, None, keys
@@ -263,11 +268,13 @@ def is_under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _forget_shards(store: Store, chosen) -> list[int]:
-    """Inside a transaction: the keys of the items of the shards `chosen(shard path)` picks, whose recorded
-    sizes and mtimes go too (so indexing such a shard again reads it anew)."""
-    picked = {shard: keys for shard, keys in store.shard_keys().items() if chosen(shard)}
+def _gone(shard: str) -> bool:
+    return not os.path.isfile(shard)
+
+
+def _forget_shards(store: Store, chosen) -> None:
+    """Inside a transaction: forget the recorded sizes and mtimes of the shards `chosen(shard path)` picks
+    (so indexing such a shard again reads it anew)."""
     recorded = store.info(SHARD_STATS, {})
-    if any(shard in recorded for shard in picked):
-        store.set_info(SHARD_STATS, {shard: stat for shard, stat in recorded.items() if shard not in picked})
-    return [key for keys in picked.values() for key in keys]
+    if any(chosen(shard) for shard in recorded):
+        store.set_info(SHARD_STATS, {shard: stat for shard, stat in recorded.items() if not chosen(shard)})
