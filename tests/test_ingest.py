@@ -253,6 +253,15 @@ def test_builds_tune_on_remembered_queries_or_captions(tmp_path, demo, capsys):
     write_part(emb, 0, captions_for(0, 400), demo)
     assert main(["-q", "index", str(emb), "--index", str(tmp_path / "cap"), "--index-type", "IVF8,Flat"]) == 0
     assert Index.load(tmp_path / "cap").tuning["queries"] == "caption embeddings"
+    from clipkit.index.live import tuning_queries
+    from clipkit.index.store import Store
+
+    with pytest.MonkeyPatch.context() as patch:  # drawn from the caption rows, not a list of every caption id
+        patch.setattr(Store, "ids", lambda self: pytest.fail("tuning read every caption id"))
+        drawn, kind = tuning_queries(Index.load(tmp_path / "cap"), most=50)
+    stored = Index.load(tmp_path / "cap").captions.embeddings()
+    assert kind == "caption embeddings" and drawn.shape == (50, stored.shape[1])
+    assert np.abs(drawn @ stored.T).max(axis=1).min() > 0.999  # each one a stored caption's embedding
     texts = tmp_path / "queries.txt"
     texts.write_text("a red circle\na blue square\n" * 20)
     assert main(["-q", "index", str(emb), "--index", str(tmp_path / "cap"), "--model", "clipkit-demo",

@@ -27,7 +27,7 @@ from clipkit.index.persist import FAISS_FILE, read_config
 from clipkit.index.store import DB_FILE
 from clipkit.index import ondisk
 from clipkit.index.tune import Collection, build_streaming, build_structure, retune
-from clipkit.index.vectors import keys_sum, prepare_vectors
+from clipkit.index.vectors import damaged_rows, keys_sum, prepare_vectors
 
 log = logging.getLogger("clipkit.index")
 
@@ -189,10 +189,11 @@ def tuning_queries(index, most: int = 2000) -> tuple[np.ndarray | None, str]:
         captions = index.captions
     except (BrokenIndexError, PermissionError):
         captions = None
-    if captions is not None and len(captions) >= 20:
-        ids = captions.ids()
-        chosen = np.random.default_rng(0).choice(len(ids), min(most, len(ids)), replace=False)
-        return captions.embeddings([ids[i] for i in sorted(chosen)]), "caption embeddings"
+    if captions is not None and len(captions) >= 20:  # drawn from the vector files' rows: no list of every id
+        _, vectors = captions.store.sample_items(most, seed=0)
+        vectors = vectors[~damaged_rows(vectors, captions.vectors_per_item)]
+        if len(vectors) >= 20:
+            return vectors, "caption embeddings"
     return None, "held-out items"
 
 
