@@ -422,3 +422,22 @@ def test_remove_add_save_load_keeps_every_item_findable(index_type, tmp_path, mo
     for candidate in (index, Index.load(tmp_path / "ix")):
         assert len(candidate) == len(kept) and sorted(candidate.ids()) == kept
         assert findable(candidate) >= expected - 0.01
+
+
+def test_the_item_count_is_kept_by_every_change(tmp_path):
+    """len(index) and the store's count (what a live reader checks after each commit) come from a number
+    every change keeps, equal to a COUNT(*) after adds, removals, a failed change and a reopen, and read
+    without one."""
+    index = Index.from_embeddings(unit(50, 8, 0), ids=[f"i{n}" for n in range(50)])
+    index.save(tmp_path / "ix")
+    index.remove([f"i{n}" for n in range(0, 50, 3)])
+    index.add(unit(5, 8, 1), ids=[f"new{n}" for n in range(5)])
+    with pytest.raises(ValueError):
+        index.add(unit(2, 8, 2), ids=["i1", "other"])  # rolled back whole
+    store = Index.load(tmp_path / "ix").store
+    statements = []
+    store.db.set_trace_callback(statements.append)
+    assert store.count() == 50 - 17 + 5 == len(Index.load(tmp_path / "ix"))
+    assert not any("COUNT(" in s for s in statements)
+    store.db.set_trace_callback(None)
+    assert store.count() == store.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]

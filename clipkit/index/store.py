@@ -261,7 +261,18 @@ class Store:
     # -- items ----------------------------------------------------------------------------------
 
     def count(self) -> int:
+        """How many items: kept by every change (a COUNT(*) reads the whole id index: 1.3 s at 10M items
+        from disk, and a live reader counts after every commit it catches up with)."""
+        kept = self.info("item_count")
+        return int(kept) if kept is not None else self._counted()
+
+    def _counted(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def _add_to_count(self, delta: int) -> None:
+        """Inside the transaction that changed the items by `delta` (already applied)."""
+        kept = self.info("item_count")
+        self.set_info("item_count", int(kept) + delta if kept is not None else self._counted())
 
     def insert(self, vectors: np.ndarray, ids: list, rows: list[tuple]) -> np.ndarray:
         """Inside a transaction: store unit `vectors` with their ids and (root, path, mtime, size, caption,
@@ -274,6 +285,7 @@ class Store:
         self.set_vectors(self.segments.append(self.vectors_state(), keys, vectors))
         self.set_info("next_key", start + len(ids))
         self._add_to_key_sum(keys_sum(keys))
+        self._add_to_count(len(ids))
         return keys
 
     def key_sum(self) -> str:
@@ -296,6 +308,7 @@ class Store:
             self.db.executemany("INSERT OR REPLACE INTO removed(key, generation) VALUES (?, ?)",
                                 [(k, generation) for k in gone])
             self._add_to_key_sum(-keys_sum(np.asarray(gone, np.int64)))
+            self._add_to_count(-len(gone))
 
     @contextlib.contextmanager
     def recording_deletions(self) -> Iterator[list]:
