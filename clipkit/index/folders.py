@@ -180,7 +180,7 @@ class FolderSync:
         """The folders this index covers: {'path', 'items', 'exists'} each."""
         with self._lock:
             return [{"path": path, "items": count, "exists": os.path.isdir(path)}
-                    for _, path, count in self.store.roots()]
+                    for _, path, count in self.store.roots(counts=True)]
 
     def remove_folder(self, folder: str | os.PathLike) -> int:
         """Remove every item whose file (or shard) is `folder` or under it (which may no longer exist); how many

@@ -441,10 +441,16 @@ class Store:
 
     # -- roots ----------------------------------------------------------------------------------
 
-    def roots(self) -> list[tuple[int, str, int]]:
-        """(root, folder, items) of each folder the index covers."""
+    def roots(self, counts: bool = False) -> list[tuple[int, str, int | None]]:
+        """(root, folder, items) of each folder the index covers; items None unless `counts` (counting reads
+        every entry of a root in the id index: 0.1 s a million)."""
+        if not counts:
+            return [(root, path, None) for root, path in self.db.execute("SELECT root, path FROM roots ORDER BY path")]
         return self.db.execute("SELECT roots.root, roots.path, COUNT(items.key) FROM roots LEFT JOIN items "
                                "ON items.root = roots.root GROUP BY roots.root ORDER BY roots.path").fetchall()
+
+    def root_count(self, root: int) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM items WHERE root = ?", (root,)).fetchone()[0])
 
     def add_root(self, folder: str) -> int:
         """Inside a transaction: the root of `folder`, created if new."""
@@ -455,8 +461,8 @@ class Store:
 
     def drop_empty_roots(self, keep: int | None = None) -> None:
         """Inside a transaction: forget folders no item is under any more (but `keep`)."""
-        self.db.execute("DELETE FROM roots WHERE root IS NOT ? AND root NOT IN "
-                        "(SELECT DISTINCT root FROM items WHERE root IS NOT NULL)", (keep,))
+        self.db.execute("DELETE FROM roots WHERE root IS NOT ? AND NOT EXISTS "
+                        "(SELECT 1 FROM items WHERE items.root = roots.root)", (keep,))  # a seek a root
 
     def files(self, root: int, prefix: str = "") -> list[tuple]:
         """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/')."""

@@ -236,7 +236,8 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
                 report.added += added
                 report.updated += updated
             bar.update(len(positions) + len(failures))
-    report.orphaned = {folder: count for _, folder, count in index.store.roots() if not os.path.isdir(folder)}
+    report.orphaned = {folder: index.store.root_count(root) for root, folder, _ in index.store.roots()
+                       if not os.path.isdir(folder)}
     return report
 
 
