@@ -262,7 +262,8 @@ def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ck
     assert_consistent(index_path, a_files | b_files)
     shutil.rmtree(tmp_path / "a")
     assert main(["index", str(tmp_path / "b"), "--index", str(index_path), *model_args(tiny_ckpt, 16)]) == 0
-    assert "no longer exists" in capsys.readouterr().err  # the orphans are pointed out
+    err = capsys.readouterr().err
+    assert f"{len(a_files)} item(s) of {(tmp_path / 'a').resolve()}, which no longer exists" in err  # pointed out
     assert main(["remove", "--missing", "--index", str(index_path)]) == 0
     assert f"removed {len(a_files)} item(s)" in capsys.readouterr().out
     assert_consistent(index_path, b_files)
