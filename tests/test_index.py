@@ -441,3 +441,25 @@ def test_the_item_count_is_kept_by_every_change(tmp_path):
     assert not any("COUNT(" in s for s in statements)
     store.db.set_trace_callback(None)
     assert store.count() == store.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+
+def test_folder_queries_search_an_index_and_older_stores_get_it(tmp_path):
+    """What a removal or a folder sync asks of the store (the items at or under a folder, rooted or not)
+    is answered by searches of SQL indexes, not scans of every item; a store without the newer index (an
+    earlier clipkit's) gets it at its first write and answers the same."""
+    metadata = [{"path": p} for p in ("/x/a.jpg", "/x/sub/b.jpg", "/x", "/xy/c.jpg")] + [{}]
+    index = Index.from_embeddings(unit(5, 8, 0), ids=list("abcde"), metadata=metadata)
+    index.save(tmp_path / "ix")
+    store = Index.load(tmp_path / "ix").store
+    statements = []
+    store.db.set_trace_callback(statements.append)
+    assert sorted(store.keys_under("/x")) == [0, 1, 2] and store.keys_under("/x/sub") == [1]
+    assert sorted(i for i, *_ in store.outside_files("/x", None)) == ["a", "b"]
+    store.db.set_trace_callback(None)
+    plans = [str(store.db.execute("EXPLAIN QUERY PLAN " + s).fetchall()) for s in statements if "FROM items" in s]
+    assert plans and all("SCAN items" not in plan for plan in plans), plans
+    store.db.execute("DROP INDEX items_rootless_path")  # as an earlier clipkit made it
+    older = Index.load(tmp_path / "ix")
+    assert sorted(older.store.keys_under("/x")) == [0, 1, 2]  # (by a scan until the first write)
+    older.remove(["e"])
+    assert older.store.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_rootless_path'").fetchone()

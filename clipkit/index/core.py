@@ -246,6 +246,7 @@ class Index(FolderSync):
         lock = writer_lock(self.path, wait=wait, on_wait=on_wait, timeout=timeout) if self.path else \
             contextlib.nullcontext()
         with lock, self._lock:
+            self.store.add_missing_indexes()
             self._catch_up()
             yield self
 

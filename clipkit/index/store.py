@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS items (
     path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT
 );
 CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path) WHERE root IS NOT NULL;  -- (ids alone: no entry)
+CREATE INDEX IF NOT EXISTS items_rootless_path ON items(path) WHERE root IS NULL AND path IS NOT NULL;
 CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- keys removed, with the generation that removed them: readers catching up read what went since theirs
@@ -148,6 +149,14 @@ class Store:
             return store
         except sqlite3.DatabaseError as exc:
             raise BrokenIndexError(f"the store {file} is damaged ({exc}); rebuild the index") from exc
+
+    def add_missing_indexes(self) -> None:
+        """Under the writer lock: the SQL indexes a store made by an earlier clipkit lacks (one pass over the
+        items, once; until then the queries that want them scan)."""
+        if self.readonly or self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_rootless_path'").fetchone():
+            return
+        self.db.execute("CREATE INDEX IF NOT EXISTS items_rootless_path ON items(path) "
+                        "WHERE root IS NULL AND path IS NOT NULL")
 
     def require_writable(self) -> None:
         if self.readonly:
@@ -358,7 +367,7 @@ class Store:
         `files_only`: only items that are image files (with a path; not the samples of shards)."""
         if not prefix:
             raise ValueError("an empty prefix would be every text id")
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        upper = past(prefix)
         only = " AND path IS NOT NULL" if files_only else ""
         rows = self.db.execute(f"SELECT id FROM items WHERE id >= ? AND id < ?{only} ORDER BY key", (prefix, upper))
         return [row[0] for row in rows]
@@ -466,26 +475,28 @@ class Store:
 
     def files(self, root: int, prefix: str = "") -> list[tuple]:
         """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/')."""
-        return self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND substr(path, 1, ?) = ?",
-                               (root, len(prefix), prefix)).fetchall()
+        if not prefix:
+            return self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ?", (root,)).fetchall()
+        return self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND path >= ? AND path < ?",
+                               (root, prefix, past(prefix))).fetchall()
 
     def outside_files(self, folder: str, root: int | None) -> list[tuple]:
         """(id, size, mtime) of files under `folder` held elsewhere: without a root (format 1 stored
         absolute paths) or under roots inside `folder` (indexed on their own before)."""
         prefix = folder.rstrip(os.sep) + os.sep
-        return self.db.execute(
-            "SELECT items.id, items.size, items.mtime FROM items LEFT JOIN roots ON roots.root = items.root "
-            "WHERE (items.root IS NULL AND substr(items.path, 1, ?) = ?) "
-            "OR (items.root IS NOT ? AND substr(roots.path, 1, ?) = ?)",
-            (len(prefix), prefix, root, len(prefix), prefix)).fetchall()
+        rootless = self.db.execute("SELECT id, size, mtime FROM items WHERE root IS NULL AND path >= ? AND path < ?",
+                                   (prefix, past(prefix))).fetchall()
+        return rootless + self.db.execute(
+            "SELECT items.id, items.size, items.mtime FROM roots JOIN items ON items.root = roots.root "
+            "WHERE roots.root IS NOT ? AND roots.path >= ? AND roots.path < ?", (root, prefix, past(prefix))).fetchall()
 
     def adopt(self, root: int, root_folder: str, folder: str) -> None:
         """Inside a transaction: the files under `folder` held without a root or under roots inside it
         move to `root` (whose folder is `root_folder`), with paths relative to it; keys stay."""
         prefix = folder.rstrip(os.sep) + os.sep
         base = root_folder.rstrip(os.sep) + os.sep
-        for item_id, path in self.db.execute("SELECT id, path FROM items WHERE root IS NULL AND substr(path, 1, ?) = ?",
-                                             (len(prefix), prefix)).fetchall():
+        for item_id, path in self.db.execute("SELECT id, path FROM items WHERE root IS NULL AND path >= ? AND path < ?",
+                                             (prefix, past(prefix))).fetchall():
             self.db.execute("UPDATE items SET root = ?, path = ? WHERE id = ?",
                             (root, Path(path[len(base):]).as_posix(), item_id))
         for inner, inner_path in self.db.execute("SELECT root, path FROM roots WHERE root != ? AND substr(path, 1, ?) = ?",
@@ -516,18 +527,22 @@ class Store:
     def keys_under(self, folder: str) -> list[int]:
         """Keys of every item whose file is `folder` or under it (rooted or not)."""
         prefix = folder.rstrip(os.sep) + os.sep
-        keys = [k for (k,) in self.db.execute(
-            "SELECT key FROM items WHERE root IS NULL AND (path = ? OR substr(path, 1, ?) = ?)",
-            (folder, len(prefix), prefix))]
+        keys = self._keys_at("root IS NULL", (), folder, prefix)
         for root, root_path, _ in self.roots():
             if root_path == folder or root_path.startswith(prefix):
                 keys += [k for (k,) in self.db.execute("SELECT key FROM items WHERE root = ?", (root,))]
             elif folder.startswith(root_path.rstrip(os.sep) + os.sep):
                 inside = Path(folder[len(root_path.rstrip(os.sep)) + 1:]).as_posix()
-                keys += [k for (k,) in self.db.execute(
-                    "SELECT key FROM items WHERE root = ? AND (path = ? OR substr(path, 1, ?) = ?)",
-                    (root, inside, len(inside) + 1, inside + "/"))]
+                keys += self._keys_at("root = ?", (root,), inside, inside + "/")
         return keys
+
+    def _keys_at(self, where: str, args: tuple, path: str, prefix: str) -> list[int]:
+        """Keys of the items (`where`) at `path` or under `prefix`: two searches of an index (an OR of the
+        two would scan)."""
+        at = self.db.execute(f"SELECT key FROM items WHERE {where} AND path = ?", (*args, path)).fetchall()
+        under = self.db.execute(f"SELECT key FROM items WHERE {where} AND path >= ? AND path < ?",
+                                (*args, prefix, past(prefix))).fetchall()
+        return [k for (k,) in at + under]
 
     def shards(self) -> list[str]:
         """The shard paths whose items are indexed in place (`clipkit.index.shards`): one pass, no keys held."""
@@ -538,7 +553,7 @@ class Store:
     def shard_keys(self, prefix: str, chosen) -> list[int]:
         """The keys of the shard items whose ids start with `prefix` (a shard's are `SHARD#KEY`: a range over
         the id index, no scan) and whose shard `chosen(shard path)` picks."""
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        upper = past(prefix)
         rows = self.db.execute("SELECT key, json_extract(extra, '$.shard') FROM items WHERE id >= ? AND id < ? "
                                "AND path IS NULL", (prefix, upper))
         return [key for key, shard in rows if isinstance(shard, str) and chosen(shard)]
@@ -633,6 +648,12 @@ def fold_journal(file: Path) -> None:
     for journal in (wal, shm):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(journal)
+
+
+def past(prefix: str) -> str:
+    """The first text after every text that starts with `prefix` (SQLite compares text by code point), so
+    that `x >= prefix AND x < past(prefix)` is a range over an index: the texts that start with it."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def record(row: tuple) -> dict:
