@@ -383,10 +383,15 @@ def test_gathered_rows_equal_the_stored_ones_cached_or_not_and_a_file_cut_short_
             np.testing.assert_array_equal(rows.astype(np.float32), expected.astype(np.float32))
     reader = segments.Segments(tmp_path, 8, readonly=True)  # a live reader that has not read a row yet
     reader.view(state)
+    passing = reader.batches(60, read=True)  # and one in the middle of a sequential pass
+    first = next(passing)
     fresh = store.rewrite(state, store.batches())  # a compaction: a new set, and the old one's files deleted
     store.drop_other_sets(fresh)
     assert not list(tmp_path.glob(f"{VECTORS_DIR}/{state['set']}-*"))
     np.testing.assert_array_equal(reader.vectors(asked)[0], expected.astype(np.float32))  # still the old files
+    passed = [first, *passing]  # the pass goes on over the files it began with
+    np.testing.assert_array_equal(np.concatenate([k for k, _ in passed]), keys)
+    np.testing.assert_array_equal(np.concatenate([v for _, v in passed]), stored.astype(np.float32))
     reader.view(store.rewrite(state, iter([(keys[:50], stored[:50])])))  # then one segment where were three
     store.view(fresh)
     if os.path.isdir("/proc/self/fd"):  # and nothing holds the deleted set open any more (its space is freed)

@@ -225,14 +225,14 @@ class Segments:
     def batches(self, batch: int = 65_536, read: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(keys, float32 vectors) of every committed row, tombstones included, in key order. Through the maps
         (searches: pages stay cached), or with `read` by plain reads (one pass over a large collection: the
-        pages it reads are the page cache's, not this process's resident memory)."""
+        pages it reads are the page cache's, not this process's resident memory) from the descriptors opened
+        with the maps, so a pass outlives a compaction that deleted the files meanwhile."""
         for number, (keys, vectors) in enumerate(self._maps):
             for start in range(0, len(keys), batch):
                 stop = min(len(keys), start + batch)
                 if read and self.folder is not None:
-                    rows = np.fromfile(self.file(self._state, number, "vec"), dtype=vectors.dtype,
-                                       count=(stop - start) * self.dim, offset=start * self.dim * vectors.itemsize)
-                    yield np.array(keys[start:stop]), rows.reshape(-1, self.dim).astype(np.float32, copy=False)
+                    rows = self._read_rows(np.full(stop - start, number), np.arange(start, stop), advise=False)
+                    yield np.array(keys[start:stop]), rows.astype(np.float32, copy=False)
                 else:
                     yield np.array(keys[start:stop]), np.asarray(vectors[start:stop], np.float32)
 
