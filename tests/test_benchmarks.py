@@ -22,7 +22,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_every_script_has_a_smoke_test():
     tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py",
-              "scale.py", "engines.py", "multivector.py"}
+              "scale.py", "engines.py", "multivector.py", "live_ops.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -95,3 +95,13 @@ def test_engines_tiny(tmp_path):
               cwd=tmp_path)
     row = json.loads((tmp_path / "e.json").read_text())
     assert row["images"] == 12 and row["local_s"] > 0 and row["ray_s"] > 0 and "| 12 |" in out
+
+
+def test_live_ops_tiny(tmp_path):
+    pytest.importorskip("pyarrow")
+    out = run("live_ops.py", "--sizes", "500", "2000", "--dim", "16", "--repeats", "2", "--work", str(tmp_path / "w"),
+              "--json", str(tmp_path / "l.json"), cwd=tmp_path)
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert [r["n"] for r in rows] == [500, 2000] and "| 2000 |" in out
+    assert rows[1]["items"] == 2000 + 2 - 4 and rows[1]["captions"] == 2000 - 4  # (2 added, 4 removed)
+    assert all(r[c] > 0 for r in rows for c in ("open_ms", "add_seen_ms", "remove_one_ms", "remove_seen_ms"))
