@@ -676,6 +676,10 @@ def cmd_synth(args) -> int:
 
     if args.size < 16:
         raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
+    there = next(Path(args.out_dir).glob(f"{args.split}[-.]*"), None) if Path(args.out_dir).is_dir() else None
+    if there is not None:  # (a folder of shards or images that an index or a training run may be reading)
+        raise ValueError(f"{args.out_dir} already holds the {args.split} split ({there.name}, ...): write into another "
+                         "folder or choose another --split (nothing is overwritten)")
     start = time.perf_counter()
     written = write_synthetic(args.out_dir, args.n, seed=args.seed, split=args.split, size=args.size,
                               layout=args.format, image_format=args.image_format, maxcount=args.shard_size,

@@ -304,6 +304,11 @@ def test_shards_from_a_captioned_folder(tmp_path):
     assert by_source["a.jpg"]["txt"].decode() == "first caption 0\nsecond caption 0"
     assert by_source["b.png"]["png"] == (folder / "b.png").read_bytes()  # jpg/png bytes kept as they are
     assert "jpg" in by_source["c.webp"]  # other formats re-encoded
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match="never overwritten"):  # shards an index may point at stay as they are
+        write_shards(samples_from_folder(folder, []), tmp_path / "out", prefix="photos", maxcount=1)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert write_shards(samples_from_folder(folder, []), tmp_path / "out", prefix="more")  # another prefix: fine
 
 
 def test_shards_from_csv_and_jsonl(tmp_path):
@@ -368,3 +373,10 @@ def test_synth_and_shards_commands(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "z"), "--size", "8"]) == 2
     assert main(["shards", str(tmp_path / "nothing-here"), str(tmp_path / "o")]) == 2
     assert "source not found" in capsys.readouterr().err
+    made = {p: p.stat().st_mtime_ns for root in ("s", "fs", "f") for p in (tmp_path / root).iterdir()}
+    assert main(["synth", str(tmp_path / "s"), "--n", "50", "--split", "val"]) == 2  # nothing is overwritten
+    assert main(["synth", str(tmp_path / "f"), "--n", "5", "--format", "folder"]) == 2
+    assert main(["shards", str(tmp_path / "f"), str(tmp_path / "fs"), "--prefix", "mine"]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for root in ("s", "fs", "f") for p in (tmp_path / root).iterdir()} == made
+    assert main(["-q", "synth", str(tmp_path / "s"), "--n", "50", "--split", "test"]) == 0  # another split: fine

@@ -70,13 +70,18 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: 
                  maxcount: int = 1000, progress: bool | None = None, total: int | None = None) -> list[Path]:
     """Write `samples` into `out_dir/PREFIX-000000.tar`, ... with at most `maxcount` samples each.
 
-    Returns the shard paths. Samples without a key get their running number as key.
+    Returns the shard paths. Samples without a key get their running number as key. A folder that already
+    holds shards of that prefix is refused (ValueError): they are never overwritten.
     """
     if not isinstance(maxcount, int) or maxcount < 1:
         raise ValueError(f"maxcount must be a positive integer, got {maxcount!r}")
     if any(c in prefix for c in "./\\{}"):
         raise ValueError(f"prefix must not contain '.', '/', braces or backslashes, got {prefix!r}")
     out_dir = Path(out_dir)
+    existing = sorted(out_dir.glob(f"{prefix}-*.tar")) + [p for p in [out_dir / f"{prefix}.json"] if p.exists()]
+    if existing:  # never over shards an index may point at, nor beside a longer set a shorter one
+        raise ValueError(f"{out_dir} already holds shards named {prefix}-*.tar ({existing[0].name}, ...): write into "
+                         "another folder or choose another --prefix (existing shards are never overwritten)")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, int]] = []
     batch: list[Sample] = []
