@@ -155,8 +155,25 @@ def test_itm_batch_has_positives_and_both_kinds_of_negatives():
 
 
 def test_itm_needs_an_image_tower_with_token_states():
-    with pytest.raises(ValueError, match="needs an image tower that yields token states"):
+    with pytest.raises(ValueError, match="needs an image tower that yields token states.*--no-itm"):
         build_itm_head(clipkit.load_model("clipkit-tiny-rn", device="cpu").clip)
+
+
+def test_a_resnet_tower_trains_without_itm_with_clip_s_loss():
+    """Without an ITM head the towers give their embeddings alone, so a ResNet tower (no token states)
+    trains; the loss is open_clip's ClipLoss on encode_image / encode_text (it raised AttributeError)."""
+    from clipkit.train import Trainable
+
+    model = clipkit.load_model("clipkit-tiny-rn", device="cpu")
+    pixels = torch.randn(6, 3, model.image_size, model.image_size)
+    tokens = model.tokenizer([f"caption {i}" for i in range(6)])
+    out = Trainable(model.clip, None)(pixels, tokens, torch.arange(6))
+    image = torch.nn.functional.normalize(model.clip.encode_image(pixels), dim=-1)
+    text = torch.nn.functional.normalize(model.clip.encode_text(tokens), dim=-1)
+    expected = open_clip.ClipLoss()(image, text, model.clip.logit_scale.exp())
+    torch.testing.assert_close(out["itc"], expected, rtol=1e-5, atol=1e-5)
+    out["loss"].backward()
+    assert model.clip.visual.conv1.weight.grad is not None
 
 
 def test_uniform_mix_brings_in_easy_negatives_but_never_same_image_ones():

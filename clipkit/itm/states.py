@@ -66,7 +66,7 @@ def tower_widths(clip: nn.Module) -> tuple[int, int]:
         image_width = visual.trunk.num_features
     else:
         raise ValueError(f"ITM needs an image tower that yields token states (a ViT or a timm tower); "
-                         f"{type(visual).__name__} does not")
+                         f"{type(visual).__name__} does not: train it without one (clipkit train --no-itm)")
     if hasattr(clip, "token_embedding"):
         text_width = clip.transformer.width
     elif hasattr(getattr(clip.text, "transformer", None), "config"):  # a Hugging Face text tower (BERT, ...)

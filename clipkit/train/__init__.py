@@ -134,8 +134,11 @@ class Trainable(nn.Module):
                 generator: torch.Generator | None = None,
                 negative_tokens: torch.Tensor | None = None, negative_owners: torch.Tensor | None = None,
                 relation_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        image_emb, image_states = encode_image_tokens(self.clip, pixels)
-        text_emb, text_states = encode_text_tokens(self.clip, tokens)
+        if self.head is not None:  # the ITM head reads the towers' token states
+            image_emb, image_states = encode_image_tokens(self.clip, pixels)
+            text_emb, text_states = encode_text_tokens(self.clip, tokens)
+        else:  # the embeddings alone: any tower (a ResNet gives no token states)
+            image_emb, text_emb = self.clip.encode_image(pixels), self.clip.encode_text(tokens)
         image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
         extra = F.normalize(encode_text_tokens(self.clip, negative_tokens)[0].float(), dim=-1) \
             if negative_tokens is not None else None  # hard-negative captions (NegCLIP)
