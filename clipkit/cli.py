@@ -229,7 +229,7 @@ def _add_train_arguments(parser) -> None:
     for spec in dataclasses.fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
         help_text = spec.metadata.get("help")
-        if spec.type in ("bool", bool):
+        if spec.type in ("bool", bool, "bool | None"):
             parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=spec.default,
                                 help=help_text)
             continue

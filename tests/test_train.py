@@ -224,3 +224,13 @@ def test_sigmoid_loss_trains_and_resumes_its_bias(tmp_path, shards):
     assert torch.allclose(resumed["logit_bias"], state["logit_bias"], atol=1e-5)
     with pytest.raises(ValueError, match="infonce or sigmoid"):
         config(tmp_path / "x", shards, loss="hinge").validate()
+
+
+def test_a_resnet_model_trains_without_itm_unless_asked(tmp_path, shards):
+    """By default the ITM head is trained when the image tower gives token states; a ResNet tower trains
+    without it (asking for it is a one-line error saying --no-itm)."""
+    train(config(tmp_path / "rn", shards, model="clipkit-tiny-rn", steps=2, ckpt_every=2))
+    rows = [r for r in log_rows(tmp_path / "rn") if "loss" in r]
+    assert len(rows) == 2 and "itm" not in rows[-1] and all(r["itc"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="--no-itm"):
+        train(config(tmp_path / "asked", shards, model="clipkit-tiny-rn", steps=1, itm=True))

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_with
 from clipkit.errors import CheckpointError, ClipkitError, first_line
-from clipkit.itm import build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask
+from clipkit.itm import (build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask,
+                         tower_widths)
 from clipkit.data.synthetic import RELATION_TARGETS
 from clipkit.losses import info_nce, itm_loss, relation_loss, sigmoid_loss
 from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
@@ -68,7 +69,8 @@ class TrainConfig:
     loss: str = field(default="infonce", metadata={
         "help": "contrastive loss: infonce (CLIP's) or sigmoid (SigLIP's; uses the model's logit_bias, or a "
                 "learnable one from -10)"})
-    itm: bool = field(default=True, metadata={"help": "train the ITM head on hard negatives"})
+    itm: bool | None = field(default=None, metadata={"help": "train the ITM head on hard negatives (default: when "
+                                                             "the image tower gives token states: ViTs, timm towers)"})
     itm_weight: float = field(default=1.0, metadata={"help": "weight of the ITM loss beside the contrastive one"})
     itm_width: int = field(default=128, metadata={"help": "ITM head: width of its fusion layers"})
     itm_layers: int = field(default=2, metadata={"help": "ITM head: fusion layers"})
@@ -207,6 +209,19 @@ def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
     if dist.is_initialized():
         dist.barrier()
     return str(folder / json.loads(manifest.read_text())["pattern"])
+
+
+def _wants_itm(config: TrainConfig, clip: nn.Module) -> bool:
+    """config.itm, or when unset, whether the image tower gives the token states the ITM head reads."""
+    if config.itm is not None:
+        return config.itm
+    try:
+        tower_widths(clip)
+    except ValueError:
+        log.info("training without an ITM head: the image tower (%s) gives no token states",
+                 type(getattr(clip, "visual", clip)).__name__)
+        return False
+    return True
 
 
 def loader_workers(urls: str | list[str], workers: int, world: int) -> int:
@@ -350,7 +365,7 @@ class _Run:
         self.model = load_model(config.model, config.pretrained, device=self.device)
         self.clip = self.model.clip.train()
         self.head = build_itm_head(self.clip, config.itm_width, config.itm_layers, config.itm_heads).to(self.device) \
-            if config.itm else None
+            if _wants_itm(config, self.clip) else None
         relation_head = nn.Linear(self.model.dim, sum(RELATION_TARGETS)) if config.relation_weight > 0 else None
         self.trainable = Trainable(self.clip, self.head, config.itm_easy_mix, config.loss,
                                    relation_head).to(self.device)
