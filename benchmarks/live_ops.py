@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +22,9 @@ import numpy as np
 
 from clipkit.cli import main as clipkit_main
 from clipkit.index import Index
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ann import timed  # noqa: E402  (median seconds of fn() over `repeats` runs)
 
 
 
@@ -43,16 +46,6 @@ def write_parts(folder: Path, n: int, dim: int, part: int = 500_000) -> None:
         ids = [f"/photos/{i:09d}.jpg" for i in range(start, start + rows)]
         pq.write_table(pa.table({"image_path": ids, "caption": [f"caption of photo {i}" for i in range(start, start + rows)]}),
                        folder / "metadata" / f"metadata_{number}.parquet")
-
-
-def timed(action, repeats: int = 5) -> float:
-    """Median seconds of `action()` over `repeats` runs."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def measure(path: Path, dim: int, repeats: int) -> dict:
