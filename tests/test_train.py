@@ -234,3 +234,16 @@ def test_a_resnet_model_trains_without_itm_unless_asked(tmp_path, shards):
     assert len(rows) == 2 and "itm" not in rows[-1] and all(r["itc"] > 0 for r in rows)
     with pytest.raises(ValueError, match="--no-itm"):
         train(config(tmp_path / "asked", shards, model="clipkit-tiny-rn", steps=1, itm=True))
+
+
+def test_a_new_run_never_writes_over_another_run_s_checkpoints(tmp_path, shards, capsys):
+    """Training into a folder that holds a run's checkpoints without --resume is refused, and its files are
+    left as they were (a new run wrote over them, and pruned them, mixing two runs in one folder)."""
+    train(config(tmp_path, shards, steps=2, ckpt_every=2))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert main(["train", "--data", shards, "--out", str(tmp_path), "--model", "clipkit-tiny-rn", "--steps", "4",
+                 "--device", "cpu", "--val", "none"]) == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    train(config(tmp_path, shards, steps=3, ckpt_every=3, resume="latest"))  # continuing it is fine
+    assert [r["step"] for r in log_rows(tmp_path) if "loss" in r][-1] == 3

@@ -354,6 +354,10 @@ class _Run:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        earlier = checkpoint_paths(Path(config.out)) if not config.resume else []
+        if earlier:  # a new run there would write over (and prune) another run's checkpoints
+            raise ValueError(f"{config.out} already holds a run's checkpoints ({earlier[-1].name}): continue it with "
+                             "--resume latest, or train into another --out")
         self.rank, self.world, self.device = _distributed_setup(config)
         self.out = Path(config.out)
         if self.rank == 0:
