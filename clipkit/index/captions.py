@@ -126,18 +126,17 @@ def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = N
     return wanted
 
 
-def sync_captions(collection, image_ids: list[str], prefix: str, model,
+def sync_captions(collection, image_ids: list[str], under: list[str], model,
                   table: dict[str, list[str]] | None = None, files: bool = True, orphans: Sequence[str] = (),
                   batch_size: int = 256) -> CaptionReport:
     """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images synced:
-    their `table` rows, else their caption files). The captions compared are those under `prefix` (a
-    folder's, a shard's): with `files` only those of `image_ids` (never those of other items under it, such
-    as the samples of shards that lie inside a synced folder), and `orphans` (captions whose image is no
-    longer indexed), which go."""
+    their `table` rows, else their caption files). The captions compared are `under` (those whose ids start
+    with a folder's or a shard's prefix): with `files` only those of `image_ids` (never those of other items
+    under it, such as the samples of shards that lie inside a synced folder), and `orphans` (captions whose
+    image is no longer indexed), which go."""
     from clipkit.encode import encode_texts
 
     wanted = wanted_captions(image_ids, table, files)
-    under = collection.ids_with_prefix(prefix)
     if files:
         synced = set(image_ids)
         under = [i for i in under if image_of(i) in synced]
@@ -212,20 +211,25 @@ def sync_index_captions(index, prefix: str, model, table: dict | None = None, fi
         if not table and not any(caption_file(i).is_file() for i in image_ids):
             return None
         collection = new_captions(index, model)
-    orphans = _orphans(index, collection, prefix, set(image_ids), gone) if files else []
-    return sync_captions(collection, sorted(image_ids), prefix, model, table, files, orphans)
+    under = collection.ids_with_prefix(prefix)
+    orphans = _orphans(index, collection, under, set(image_ids), gone) if files else []
+    return sync_captions(collection, sorted(image_ids), under, model, table, files, orphans)
 
 
-def _orphans(index, collection, prefix: str, synced: set, gone: Sequence) -> list[str]:
-    """Caption ids whose image is not indexed: those of the `gone` ids, and those under `prefix` whose image
-    is neither synced nor in the index (left by a run stopped between the two stores)."""
-    found = [c for image in gone for c in collection.ids_with_prefix(f"{image}#") if image_of(c) == str(image)]
-    under = [c for c in collection.ids_with_prefix(prefix) if image_of(c) not in synced]
+def _orphans(index, collection, under: list[str], synced: set, gone: Sequence) -> list[str]:
+    """Caption ids whose image is not indexed: those of the `gone` ids, and those of `under` (a folder's)
+    whose image is neither synced nor in the index (left by a run stopped between the two stores)."""
+    under = [c for c in under if image_of(c) not in synced]
     others = sorted({image_of(c) for c in under})
     with index._lock:
         indexed = {str(i) for start in range(0, len(others), 10_000)
                    for i in index.store.keys_for(others[start:start + 10_000])}
-    return found + [c for c in under if image_of(c) not in indexed]
+    return captions_of_images(collection, gone) + [c for c in under if image_of(c) not in indexed]
+
+
+def captions_of_images(collection, image_ids: Sequence) -> list[str]:
+    """The caption ids of these images: a range over the caption ids for each (`IMAGE_ID#LINE`)."""
+    return [c for image in image_ids for c in collection.ids_with_prefix(f"{image}#") if image_of(c) == str(image)]
 
 
 def caption_table_for(index, folder: Path, captions) -> CaptionTable | None:
@@ -255,7 +259,7 @@ def remove_with_captions(index, change):
     with index.store.recording_deletions() as gone:
         removed = index._write(change)
     if collection:  # a caption's id is its image's id as text, '#', its line
-        orphans = [c for image in gone for c in collection.ids_with_prefix(f"{image}#") if image_of(c) == str(image)]
+        orphans = captions_of_images(collection, gone)
         if orphans:
             collection.remove(orphans)
     return removed

@@ -142,7 +142,7 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
             keep.append(n)
         report.unchanged += len(ids) - len(keep)
         vectors = np.asarray(images[offset:stop], dtype=np.float32)[keep]
-        keep, vectors = _usable(vectors, keep, ids, f"{part.images.name} row {{}}", offset, report)
+        keep, vectors = _usable(vectors, keep, ids, part.images.name, offset, report)
         if keep:
             index.add(vectors, ids=[ids[n] for n in keep], metadata=[records[n] for n in keep])
             report.added += len(keep)
@@ -150,14 +150,14 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
         bar.update(stop - offset)
 
 
-def _usable(vectors: np.ndarray, keep: list[int], ids: list, where: str, offset: int,
+def _usable(vectors: np.ndarray, keep: list[int], ids: list, file: str, offset: int,
             report: SyncReport) -> tuple[list, np.ndarray]:
-    """The rows of `keep` whose embedding can be searched (finite, not zero); the others are reported as
-    skipped (`where` names a row of the part), and the rest of the part goes in."""
+    """The rows of `keep` (of the chunk at `offset` in part `file`) whose embedding can be searched (finite,
+    not zero); the others are reported as skipped, and the rest of the part goes in."""
     with np.errstate(invalid="ignore", over="ignore"):
         good = np.isfinite(vectors).all(axis=1) & (np.einsum("ij,ij->i", vectors, vectors) > 0)
     for n in np.flatnonzero(~good):
-        report.skip(str(ids[keep[n]]), f"{where.format(offset + keep[n])}: its embedding is NaN, infinite or zero",
+        report.skip(str(ids[keep[n]]), f"{file} row {offset + keep[n]}: its embedding is NaN, infinite or zero",
                     "damaged embedding")
     return [n for n, ok in zip(keep, good) if ok], vectors[good]
 

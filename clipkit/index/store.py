@@ -37,6 +37,10 @@ DB_FILE = "meta.sqlite"
 SQL_CHUNK = 500
 META_COLUMNS = ("path", "mtime", "size", "caption")
 
+# items without a root found by their path (a folder's removal, adoption); stores made before it was part of
+# the schema get it at their first write (Store.add_missing_indexes)
+_ROOTLESS_INDEX = "CREATE INDEX IF NOT EXISTS items_rootless_path ON items(path) WHERE root IS NULL AND path IS NOT NULL"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     key INTEGER PRIMARY KEY,      -- the FAISS id: never reused, and an item's embedding never changes under it
@@ -45,13 +49,12 @@ CREATE TABLE IF NOT EXISTS items (
     path TEXT, mtime REAL, size INTEGER, caption TEXT, extra TEXT
 );
 CREATE INDEX IF NOT EXISTS items_root_path ON items(root, path) WHERE root IS NOT NULL;  -- (ids alone: no entry)
-CREATE INDEX IF NOT EXISTS items_rootless_path ON items(path) WHERE root IS NULL AND path IS NOT NULL;
 CREATE TABLE IF NOT EXISTS roots (root INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL);
 CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- keys removed, with the generation that removed them: readers catching up read what went since theirs
 CREATE TABLE IF NOT EXISTS removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS removed_generation ON removed(generation);
-"""
+""" + _ROOTLESS_INDEX + ";\n"
 # the queries builds tune on (Index.build's sample_queries, remembered); created when first given
 _TUNE_QUERIES_TABLE = "CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)"
 
@@ -155,8 +158,7 @@ class Store:
         items, once; until then the queries that want them scan)."""
         if self.readonly or self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_rootless_path'").fetchone():
             return
-        self.db.execute("CREATE INDEX IF NOT EXISTS items_rootless_path ON items(path) "
-                        "WHERE root IS NULL AND path IS NOT NULL")
+        self.db.execute(_ROOTLESS_INDEX)
 
     def require_writable(self) -> None:
         if self.readonly:
