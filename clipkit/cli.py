@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clipkit", description="Contrastive image-text embeddings and cross-modal retrieval.")
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries; warnings still show")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_index_command(commands, DEFAULT_MODEL)
     _add_search_command(commands)
@@ -48,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train-rerank", help="fit a re-ranking head (late-interaction, or the model's fusion ITM head) on a trained "
                              "model's frozen towers"))
     _add_serve_command(commands)
+    for command in commands.choices.values():  # `clipkit index -q ...` works as `clipkit -q index ...` does
+        _add_global_flags(command)
     return parser
+
+
+def _add_global_flags(command) -> None:
+    command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log more detail (the same as clipkit -v)")
+    command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                         help="no progress bars or summaries; warnings still show (the same as clipkit -q)")
 
 
 def _add_index_command(commands, default_model: str) -> None:
@@ -259,7 +268,6 @@ def _add_rerank_arguments(parser) -> None:
                         help="late: a new late-interaction head; fusion: fine-tune the model's own fusion ITM head "
                              "(default: %(default)s)")
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
-    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="the same as clipkit -q")
 
 
 def _add_maintenance_commands(commands) -> None:
@@ -552,8 +560,9 @@ def cmd_export(args) -> int:
     index, out = args.paths if len(args.paths) == 2 else (args.index or DEFAULT_INDEX, args.paths[0])
     done = export_embeddings(Index.load(index), out, part_size=args.part_size, progress=_progress(args))
     if not args.quiet:
+        more = f" and {done['more_captions']} further caption(s)" if done["more_captions"] else ""
         print(f"exported {done['rows']} embedding(s) in {done['parts']} part(s), {done['captions']} with a "
-              f"caption's embedding, to {out}" + (" (went on from a stopped export)" if done["resumed"] else "")
+              f"caption's embedding{more}, to {out}" + (" (went on from a stopped export)" if done["resumed"] else "")
               + (f"; {done['damaged']} damaged embedding(s) left out (re-index their images)" if done["damaged"]
                  else ""))
     return 0
@@ -636,15 +645,34 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
     return 0
 
 
+def _search_query(text: str, as_text: bool) -> str | Path:
+    """QUERY as an image file (an image's name, or an existing file that decodes as one) or as text."""
+    if as_text:
+        return text
+    if is_image_name(text.strip()):
+        if not os.path.isfile(text):
+            raise FileNotFoundError(f"image file not found: {text} (to search for this text, add --text)")
+        return Path(text)
+    if os.path.isdir(text):
+        raise UsageError(f"{text} is a folder: search takes one image file or a text (to search for this text, "
+                         "add --text)")
+    if os.path.isfile(text):
+        from clipkit.data.images import read_image
+        from clipkit.errors import ImageReadError
+
+        try:
+            read_image(text)
+        except ImageReadError as exc:
+            raise UsageError(f"{exc} (to search for this text, add --text)") from None
+        return Path(text)
+    return text
+
+
 def cmd_search(args) -> int:
     from clipkit.index import Index
     from clipkit.search import index_model, search
 
-    query: object = args.query
-    if not args.text and is_image_name(args.query.strip()):
-        if not os.path.isfile(args.query):
-            raise FileNotFoundError(f"image file not found: {args.query} (to search for this text, add --text)")
-        query = Path(args.query)
+    query = _search_query(args.query, args.text)
     index = Index.load(args.index)
     model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
     reranker = None
@@ -805,8 +833,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"a command is required: {', '.join(COMMANDS)} (see `clipkit --help`)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="clipkit: %(levelname)s: %(message)s")
-        if args.quiet:
-            package_log.setLevel(logging.ERROR)
+        if args.verbose:
+            package_log.setLevel(logging.INFO)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ClipkitError, OSError,
             sqlite3.DatabaseError) as exc:

@@ -81,6 +81,42 @@ def test_ingest_searches_like_numpy_and_adds_only_new_parts(tmp_path, demo, caps
                                clipkit.encode([captions_for(2, 10)[4]], model=demo)[0], atol=1e-5)
 
 
+def test_rows_repeating_an_image_add_its_captions_and_a_kill_before_them_loses_none(tmp_path, demo):
+    """clip-retrieval writes one row per image-caption pair (a COCO image: five rows). Each row's caption goes
+    to its image once (an exact repeat adds nothing); a run killed after a chunk's images were committed and
+    before their captions, run again, ends with every caption, none twice."""
+    emb = tmp_path / "emb"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (emb / sub).mkdir(parents=True)
+    paths = [f"/coco/{n % 4}.jpg" for n in range(9)]  # images 0-3 twice, and image 0 a third time...
+    captions = [f"a {COLOURS[n % 5]} {SHAPES[n % 4]}" for n in range(8)] + ["a red circle"]  # ...with row 0's text
+    text = clipkit.encode(captions, model=demo)
+    image = np.stack([text[n % 4] for n in range(9)])
+    np.save(emb / "img_emb" / "img_emb_0.npy", image.astype(np.float16))
+    np.save(emb / "text_emb" / "text_emb_0.npy", text.astype(np.float16))
+    pq.write_table(pa.table({"image_path": paths, "caption": captions}), emb / "metadata" / "metadata_0.parquet")
+    script = ("import os, sys\n"
+              "import clipkit.index.ingest as ingest\n"
+              "from clipkit.index import Index\n"
+              "def dying(*args, **kwargs):\n"
+              "    os._exit(9)  # killed after the first chunk's images, before its captions\n"
+              "ingest.add_captions = dying\n"
+              "index = Index(%d)\n"
+              "index.save(sys.argv[1])\n"
+              "index.sync_embeddings(sys.argv[2], chunk=6)\n" % demo.dim)
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path / "ix"), str(emb)]).returncode == 9
+    index = Index.load(tmp_path / "ix")
+    assert len(index) == 4 and index.captions is None
+    report = index.sync_embeddings(emb, chunk=6)
+    assert (report.added, report.unchanged) == (0, 9)
+    expected = {f"/coco/{n}.jpg#{line}": captions[n + 4 * line] for n in range(4) for line in (0, 1)}
+    assert {r["id"]: r["caption"] for r in index.captions.get(index.captions.ids())} == expected
+    np.testing.assert_allclose(index.captions.embeddings(sorted(expected)),
+                               text[[int(i[6]) + 4 * int(i[-1]) for i in sorted(expected)]], atol=2e-3)
+    hits = clipkit.search(clipkit.encode(["a blue square"], model=demo)[0], index.captions, k=1)
+    assert hits[0].id == "/coco/1.jpg#0" and hits[0].metadata["image_id"] == "/coco/1.jpg"
+
+
 def test_row_numbers_without_metadata_and_a_resumed_kill(tmp_path, demo):
     emb = tmp_path / "emb"
     (emb / "img_emb").mkdir(parents=True)
@@ -90,14 +126,14 @@ def test_row_numbers_without_metadata_and_a_resumed_kill(tmp_path, demo):
     script = ("import os, sys\n"
               "import clipkit.index.ingest as ingest\n"
               "from clipkit.index import Index\n"
-              "real = ingest.ingest_captions\n"
+              "real = ingest.add_captions\n"
               "calls = []\n"
-              "def dying(*args):\n"
+              "def dying(*args, **kwargs):\n"
               "    calls.append(1)\n"
               "    if len(calls) == 3:\n"
               "        os._exit(9)  # killed after the third chunk's commit\n"
-              "    return real(*args)\n"
-              "ingest.ingest_captions = dying\n"
+              "    return real(*args, **kwargs)\n"
+              "ingest.add_captions = dying\n"
               "index = Index(16)\n"
               "index.save(sys.argv[1])\n"
               "index.sync_embeddings(sys.argv[2], chunk=50)\n")
@@ -130,13 +166,14 @@ def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, ca
     read by embedding_reader (the reader autofaiss and clip-retrieval use) as it is."""
     captioned = [p for p in sorted(image_folder.rglob("*.png")) if not p.name.startswith(".")]
     assert len(captioned) == 2
-    for n, path in enumerate(captioned):
-        path.with_suffix(".txt").write_text(f"caption number {n}\n")
+    for n, path in enumerate(captioned):  # three captions each (COCO has five): every one goes out and back
+        path.with_suffix(".txt").write_text(f"caption number {n}\nthe second of {n}\nthe third of {n}\n")
     ix, out = str(tmp_path / "ix"), tmp_path / "out"
     assert main(["-q", "index", str(image_folder), "--index", ix]) == 0
     index = Index.load(ix)
     assert main(["export", str(out), "--index", ix, "--part-size", "5"]) == 0
-    assert "exported 12 embedding(s) in 3 part(s), 2 with a caption's embedding" in capsys.readouterr().out
+    assert ("exported 12 embedding(s) in 3 part(s), 2 with a caption's embedding and 4 further caption(s)"
+            in capsys.readouterr().out)
     assert main(["-q", "index", str(out), "--index", str(tmp_path / "back"), "--model", "clipkit-demo"]) == 0
     back = Index.load(tmp_path / "back")
     assert sorted(back.ids()) == sorted(index.ids())
@@ -144,7 +181,14 @@ def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, ca
     for query in ("a red circle", "a blue square"):
         mine, theirs = clipkit.search(query, index, k=5), clipkit.search(query, back, k=5)
         np.testing.assert_allclose([h.score for h in mine], [h.score for h in theirs], atol=3e-3)
-    assert sorted(back.captions.ids()) == sorted(index.captions.ids())
+    caption_ids = sorted(index.captions.ids())
+    assert len(caption_ids) == 6 and sorted(back.captions.ids()) == caption_ids
+    assert ([r["caption"] for r in back.captions.get(caption_ids)]
+            == [r["caption"] for r in index.captions.get(caption_ids)])
+    np.testing.assert_allclose(back.captions.embeddings(caption_ids), index.captions.embeddings(caption_ids),
+                               atol=2e-3)
+    assert main(["-q", "index", str(out), "--index", str(tmp_path / "back")]) == 0  # again: nothing doubles
+    assert sorted(Index.load(tmp_path / "back").captions.ids()) == caption_ids
     assert main(["export", str(out), "--index", ix]) == 2  # never over an export
 
     from embedding_reader import EmbeddingReader

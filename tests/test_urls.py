@@ -96,7 +96,9 @@ def test_a_url_table_indexes_each_image_under_its_url(site, tmp_path, tiny_ckpt,
     assert record["url"] == good[3] and record["caption"] == "a yellow circle"
     with pytest.raises(ValueError, match=r"pass \["):
         index.get(good[3])  # one URL alone, not its letters
-    assert index.captions is not None and len(index.captions) == 11  # the repeated row's caption: the first kept
+    # a URL's repeated row (as in clip-retrieval's tables: one row per image-caption pair) adds its caption
+    captions = {r["id"]: r["caption"] for r in index.captions.get(index.captions.ids())}
+    assert len(captions) == 12 and captions[f"{base}/0.png#1"] == "again" and captions[f"{base}/0.png#0"] == "a red circle"
     # served: each hit carries its URL, which the web page shows (the server fetches nothing)
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -111,6 +113,7 @@ def test_a_url_table_indexes_each_image_under_its_url(site, tmp_path, tiny_ckpt,
     before = len(handler.served)
     assert main(["-q", "index", str(table), "--index", str(tmp_path / "ix"), *model]) == 0
     assert sorted(handler.served[before:]) == ["/missing.png", "/notes.txt"] and len(index.ids()) == 11
+    assert sorted(Index.load(tmp_path / "ix").captions.ids()) == sorted(captions)  # none twice
 
 
 def test_an_interrupted_url_run_goes_on_without_fetching_again(site, tmp_path, tiny_model, monkeypatch):
@@ -192,3 +195,28 @@ def test_which_tables_are_url_tables(tmp_path):
     assert is_url_table(plain) and is_url_table(tmp_path / "d.txt")
     assert not is_url_table(listing) and is_url_table(listing, "url")  # files and URLs: the URLs when named
     assert not is_url_table(captions) and not is_url_table(tmp_path / "e.txt")
+
+
+def test_a_run_stopped_between_images_and_captions_stores_them_next_time(site, tmp_path, tiny_model, monkeypatch):
+    urls_module = importlib.import_module("clipkit.index.urls")
+    root, base, handler = site
+    rows = [{"url": f"{base}/{n}.png", "caption": f"picture {n}"} for n in range(6)]
+    table = write_table(tmp_path / "urls.jsonl", rows)
+    real = urls_module.add_captions
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # after the batch's images were committed, before their captions
+
+    monkeypatch.setattr(urls_module, "add_captions", stopped)
+    index = Index(tiny_model.dim, model=tiny_model)
+    index.save(tmp_path / "ix")
+    with pytest.raises(KeyboardInterrupt):
+        index.sync_urls(table, batch_size=6)
+    assert len(Index.load(tmp_path / "ix")) == 6 and Index.load(tmp_path / "ix").captions is None
+    monkeypatch.setattr(urls_module, "add_captions", real)
+    before = len(handler.served)
+    report = Index.load(tmp_path / "ix", model=tiny_model).sync_urls(table, batch_size=6)
+    assert (report.added, report.unchanged, len(handler.served) - before) == (0, 6, 0)
+    back = Index.load(tmp_path / "ix")
+    assert {r["id"]: r["caption"] for r in back.captions.get(back.captions.ids())} == {
+        f"{base}/{n}.png#0": f"picture {n}" for n in range(6)}

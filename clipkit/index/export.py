@@ -5,6 +5,9 @@ what autofaiss, clip-retrieval's back end and embedding_reader read.
     OUT/text_emb/text_emb_{i}.npy         the first caption's embedding of each row (zeros without one), when
                                           the index holds captions
     OUT/metadata/metadata_{i}.parquet     id, image_path, url, caption (where known)
+    OUT/captions/captions_{i}.parquet     the further captions of part i's images (image_id, caption) and
+    OUT/captions/text_emb_{i}.npy         their embeddings (float16): clipkit's own, which `clipkit index`
+                                          reads back; clip-retrieval's readers never look there
     OUT/export.json                       what was exported (index, generation, rows, part size), and whether
                                           all of it is written
 
@@ -26,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_json, atomic_write_with
-from clipkit.index.captions import first_captions
+from clipkit.index.captions import captions_of_images, first_captions
 from clipkit.index.sync import is_under
 from clipkit.index.vectors import damaged_rows
 
@@ -36,7 +39,8 @@ MANIFEST = "export.json"
 def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000,
                       progress: bool | None = None) -> dict:
     """Write `index` into folder `out` (new or empty, outside the index; or an export of the same state of the
-    index that was stopped, which goes on); {'parts', 'rows', 'captions', 'damaged', 'resumed'}."""
+    index that was stopped, which goes on); {'parts', 'rows', 'captions', 'more_captions', 'damaged',
+    'resumed'} ('captions': rows with a first caption; 'more_captions': further captions, written this run)."""
     pa, pq = _pyarrow()
     out = Path(out)
     with index._lock, index.store.snapshot():  # one committed state throughout
@@ -44,7 +48,7 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
                     "generation": index.store.generation(), "rows": index.store.count(), "part_size": part_size}
         resumed = _start(index, out, manifest)
         whole_numbers = index.store.integer_ids()
-        done = {"parts": 0, "rows": 0, "captions": 0, "damaged": 0, "resumed": resumed}
+        done = {"parts": 0, "rows": 0, "captions": 0, "more_captions": 0, "damaged": 0, "resumed": resumed}
         with tqdm(total=manifest["rows"], disable=None if progress is None else not progress, unit="vec",
                   desc="exporting") as bar:
             for number, (keys, vectors) in enumerate(_parts(index.store.live_vectors(), part_size)):
@@ -85,7 +89,7 @@ def _start(index, out: Path, manifest: dict) -> bool:
             raise ValueError(f"{out} already holds files (or a stopped export of another index, or of this one "
                              "before it changed); export into a new or empty folder")
         resumed = True
-    for sub in ("img_emb", "metadata") + (("text_emb",) if index.captions is not None else ()):
+    for sub in ("img_emb", "metadata") + (("text_emb", "captions") if index.captions is not None else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if not resumed:
         atomic_write_json(out / MANIFEST, {**manifest, "complete": False})
@@ -127,9 +131,29 @@ def _write_part(index, out: Path, number: int, keys: np.ndarray, vectors: np.nda
     atomic_write_with(out / "metadata" / f"metadata_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
     if index.captions is not None:
         _save_npy(out / "text_emb" / f"text_emb_{number}.npy", _caption_vectors(index, ids, first))
+        done["more_captions"] += _write_more_captions(index.captions, out, number, ids, whole_numbers, pa, pq)
     _save_npy(out / "img_emb" / f"img_emb_{number}.npy", vectors.astype(np.float16))
     done["captions"] += len(first)
     done["damaged"] += int((~good).sum())
+
+
+def _write_more_captions(collection, out: Path, number: int, ids: list, whole_numbers: bool, pa, pq) -> int:
+    """The captions of `ids` past their first (`IMAGE_ID#0`), in line order, and their embeddings."""
+    order = {str(i): n for n, i in enumerate(ids)}
+
+    def place(caption_id: str) -> tuple[int, int]:
+        image, _, line = caption_id.rpartition("#")
+        return order[image], int(line) if line.isdigit() else 0
+
+    chosen = sorted((c for c in captions_of_images(collection, ids) if not c.endswith("#0")), key=place)
+    records = collection.get(chosen)
+    table = pa.table({"image_id": [ids[order[c.rpartition("#")[0]]] if whole_numbers else c.rpartition("#")[0]
+                                   for c in chosen],
+                      "caption": [r.get("caption") for r in records]})
+    atomic_write_with(out / "captions" / f"captions_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
+    vectors = collection.embeddings(chosen) if chosen else np.zeros((0, collection.dim), np.float32)
+    _save_npy(out / "captions" / f"text_emb_{number}.npy", vectors.astype(np.float16))
+    return len(chosen)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

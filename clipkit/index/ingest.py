@@ -4,12 +4,18 @@
     EMB_DIR/text_emb/text_emb_{i}.npy         (N_i, D) caption embeddings, row for row (optional)
     EMB_DIR/metadata/metadata_{i}.parquet     N_i rows: image_path, url, caption (any of them; optional)
 
+    EMB_DIR/captions/captions_{i}.parquet     more captions of part i's images: image_id, caption (written
+    EMB_DIR/captions/text_emb_{i}.npy         by `clipkit export`; optional), and their text embeddings
+
 Each part becomes items of the index: ids are the metadata's `image_path` (else `url`, else the global row
 number, counting the parts in order), metadata the row's columns, and captions (with their text embedding,
-or embedded by the index's model) go to the caption collection. Parts are read memory-mapped in chunks and
-each chunk is one commit, so memory stays bounded by the chunk, a run stopped at any moment keeps what it
-committed, and running it again goes on from there. A part is recorded (its file's size and mtime) once all
-of it is in: later runs skip it, and add only parts that are new (or re-read one that was rewritten).
+or embedded by the index's model) go to the caption collection. Rows that repeat an image (clip-retrieval
+writes one row per image-caption pair, so a COCO image has five) add their captions to it. Parts are read
+memory-mapped in chunks and each chunk is one commit, so memory stays bounded by the chunk, a run stopped at
+any moment keeps what it committed, and running it again goes on from there: an image's caption of the same
+text is never added twice, and one missing (a run stopped between the image and its captions) is added. A
+part is recorded (its file's size and mtime) once all of it is in: later runs skip it, and add only parts
+that are new (or re-read one that was rewritten).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Part:
     images: Path  # img_emb_{i}.npy
     texts: Path | None  # text_emb_{i}.npy
     metadata: Path | None  # metadata_{i}.parquet
+    more: tuple[Path, Path] | None = None  # captions/captions_{i}.parquet and captions/text_emb_{i}.npy
 
 
 def is_embedding_folder(source: str | os.PathLike) -> bool:
@@ -56,24 +63,25 @@ def embedding_parts(folder: str | os.PathLike) -> list[Part]:
             number = int(match.group(1))
             texts = folder / "text_emb" / f"text_emb_{number}.npy"
             metadata = folder / "metadata" / f"metadata_{number}.parquet"
+            more = (folder / "captions" / f"captions_{number}.parquet", folder / "captions" / f"text_emb_{number}.npy")
             parts.append(Part(number, path, texts if texts.is_file() else None,
-                              metadata if metadata.is_file() else None))
+                              metadata if metadata.is_file() else None, more if more[0].is_file() else None))
     if not parts:
         raise FileNotFoundError(f"{folder} holds no img_emb/img_emb_{{i}}.npy: not an embedding folder "
                                 "(clip-retrieval's inference output)")
     return sorted(parts, key=lambda p: p.number)
 
 
-def _rows(part: Part, chunk: int) -> Iterator[dict[str, list]]:
-    """The part's metadata in chunks of `chunk` rows: column -> values (only the columns clipkit reads)."""
-    if part.metadata is None:
+def _rows(table_path: Path | None, chunk: int, wanted: tuple = METADATA_COLUMNS) -> Iterator[dict[str, list]]:
+    """A parquet file's rows in chunks of `chunk`: column -> values (only the `wanted` columns)."""
+    if table_path is None:
         return
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("reading metadata_*.parquet needs pyarrow: pip install 'clipkit[parquet]'") from None
-    table = pq.ParquetFile(part.metadata)
-    columns = [c for c in METADATA_COLUMNS if c in table.schema_arrow.names]
+    table = pq.ParquetFile(table_path)
+    columns = [c for c in wanted if c in table.schema_arrow.names]
     for batch in table.iter_batches(batch_size=chunk, columns=columns or None):
         yield {name: batch.column(name).to_pylist() for name in columns}
 
@@ -127,7 +135,7 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
     texts = _load(part.texts, index.dim)
     if texts is not None and len(texts) != len(images):
         raise ValueError(f"{part.texts} has {len(texts)} rows but {part.images} has {len(images)}")
-    rows = _rows(part, chunk)
+    rows = _rows(part.metadata, chunk)
     for offset in range(0, len(images), chunk):
         stop = min(offset + chunk, len(images))
         meta = next(rows, None) if part.metadata is not None else None
@@ -136,18 +144,41 @@ def _ingest_part(index, part: Part, images: np.ndarray, start: int, model, chunk
         present = set(index.find(ids))  # a run stopped inside this part: what it committed stays as it is
         keep = []
         for n, item_id in enumerate(ids):
-            if item_id in present:
-                continue
-            present.add(item_id)
-            keep.append(n)
+            if item_id not in present:
+                present.add(item_id)
+                keep.append(n)
         report.unchanged += len(ids) - len(keep)
         vectors = np.asarray(images[offset:stop], dtype=np.float32)[keep]
-        keep, vectors = _usable(vectors, keep, ids, part.images.name, offset, report)
-        if keep:
-            index.add(vectors, ids=[ids[n] for n in keep], metadata=[records[n] for n in keep])
-            report.added += len(keep)
-        ingest_captions(index, records, ids, keep, texts, offset, model)
+        kept, vectors = _usable(vectors, keep, ids, part.images.name, offset, report)
+        if kept:
+            index.add(vectors, ids=[ids[n] for n in kept], metadata=[records[n] for n in kept])
+            report.added += len(kept)
+        damaged = {ids[n] for n in set(keep) - set(kept)}
+        rows_with = [n for n in range(len(ids)) if records[n].get("caption") and ids[n] not in damaged]
+        add_captions(index, [ids[n] for n in rows_with], [records[n]["caption"] for n in rows_with],
+                     None if texts is None else texts[[offset + n for n in rows_with]], model,
+                     fresh={ids[n] for n in kept})
         bar.update(stop - offset)
+    if part.more is not None:
+        _more_captions(index, part, model, chunk)
+
+
+def _more_captions(index, part: Part, model, chunk: int) -> None:
+    """The part's further captions (`captions/captions_{i}.parquet`, as `clipkit export` writes them) of its
+    images in the index, with their text embeddings where `captions/text_emb_{i}.npy` has them."""
+    table, vectors = part.more
+    vectors = _load(vectors, index.dim) if vectors.is_file() else None
+    done = 0
+    for rows in _rows(table, chunk, ("image_id", "caption")):
+        count = len(next(iter(rows.values()), []))
+        if vectors is not None and len(vectors) < done + count:
+            raise ValueError(f"{part.more[1]} has fewer rows than {table}")
+        images, captions = rows.get("image_id", [None] * count), rows.get("caption", [None] * count)
+        found = index.find([i for i in images if i is not None])
+        chosen = [n for n in range(count) if images[n] in found and captions[n]]
+        add_captions(index, [images[n] for n in chosen], [captions[n] for n in chosen],
+                     None if vectors is None else vectors[[done + n for n in chosen]], model)
+        done += count
 
 
 def _usable(vectors: np.ndarray, keep: list[int], ids: list, file: str, offset: int,
@@ -178,21 +209,50 @@ def _item_id(record: dict, row: int):
     return given if given is not None else record.get("image_path") or record.get("url") or row
 
 
-def ingest_captions(index, records: list[dict], ids: list, keep: list[int], texts, offset: int, model) -> None:
-    """The captions of the rows just added, into the caption collection: their text embeddings, else
-    embedded by `model` (no model and no text embeddings: no captions)."""
-    rows = [n for n in keep if records[n].get("caption")]
-    if not rows or (texts is None and model is None):
-        return
-    if texts is not None:
-        vectors = np.asarray(texts[[offset + n for n in rows]], dtype=np.float32)
+def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray | None, model,
+                 fresh: set = frozenset()) -> int:
+    """Captions of images in the index (`texts[n]` of `image_ids[n]`), into the caption collection: each one
+    unless its image already has a caption of that text, as `IMAGE_ID#LINE` after the image's last line.
+    `vectors`: their embeddings, row for row, else embedded by `model` (neither: none added); `fresh`: ids of
+    images added just now, which have no captions yet. Returns how many were added."""
+    if not image_ids or (vectors is None and model is None):
+        return 0
+    collection = index._writable_captions()
+    if collection is False:  # damaged: said once; the images go in all the same
+        return 0
+    known = _captions_known(collection, [i for i in dict.fromkeys(image_ids) if i not in fresh])
+    chosen, caption_ids = [], []
+    for n, (image, text) in enumerate(zip(image_ids, texts)):
+        have, lines = known.setdefault(str(image), (set(), [-1]))
+        if text not in have:
+            have.add(text)
+            lines[0] += 1
+            chosen.append(n)
+            caption_ids.append(f"{image}#{lines[0]}")
+    if not chosen:
+        return 0
+    if vectors is not None:
+        vectors = np.asarray(vectors[chosen], dtype=np.float32)
     else:
         from clipkit.encode import encode_texts
 
-        vectors = encode_texts([records[n]["caption"] for n in rows], model)
-    collection = index._writable_captions()
-    if collection is False:  # damaged: said once; the images go in all the same
-        return
+        vectors = encode_texts([texts[n] for n in chosen], model)
     collection = collection or new_captions(index, model)
-    collection.add(vectors, ids=[f"{ids[n]}#0" for n in rows],
-                   metadata=[{"caption": records[n]["caption"], "image_id": ids[n], "path": None} for n in rows])
+    collection.add(vectors, ids=caption_ids,
+                   metadata=[{"caption": texts[n], "image_id": image_ids[n], "path": None} for n in chosen])
+    return len(chosen)
+
+
+def _captions_known(collection, image_ids: list) -> dict[str, tuple[set, list]]:
+    """image id (as text) -> (its captions' texts, [its last caption line]) in `collection` (None: none)."""
+    from clipkit.index.captions import captions_of_images
+
+    known = {}
+    if collection is None or not image_ids:
+        return known
+    for record in collection.get(captions_of_images(collection, image_ids)):
+        image, _, line = record["id"].rpartition("#")
+        have, last = known.setdefault(image, (set(), [-1]))
+        have.add(record.get("caption"))
+        last[0] = max(last[0], int(line) if line.isdigit() else 0)
+    return known

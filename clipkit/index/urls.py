@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.images import ImageURL, is_url
 from clipkit.data.urls import UrlTable
-from clipkit.index.ingest import ingest_captions
+from clipkit.index.ingest import add_captions
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -35,7 +35,7 @@ def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: i
     with tqdm(total=table.count(), disable=None if progress is None else not progress, unit="img",
               desc="indexing") as bar:
         for rows in table.chunks(chunk):
-            todo = _new_rows(index, rows, report)
+            todo, more = _new_rows(index, rows, report)
             bar.update(len(rows) - len(todo))
             items = [ImageURL(url) for url, _ in todo]
             for vectors, positions, failures in (engine or embed_image_files)(items, model, batch_size=batch_size,
@@ -47,24 +47,40 @@ def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: i
                     _commit(index, vectors, [todo[p] for p in positions], model)
                     report.added += len(positions)
                 bar.update(len(positions) + len(failures))
+            _more_captions(index, more, model)
     return report
 
 
-def _new_rows(index, rows: list[tuple], report: SyncReport) -> list[tuple[str, str | None]]:
-    """The (url, caption) rows of a chunk to fetch: http(s) URLs not yet in the index, each once."""
-    valid, seen, repeated = [], set(), 0
+def _new_rows(index, rows: list[tuple], report: SyncReport) -> tuple[list, list]:
+    """(the (url, caption) rows of a chunk to fetch: http(s) URLs not yet in the index, each once; the rows
+    whose caption may be missing from an image: rows repeating a URL with a caption (a URL's first row gives
+    the item its `caption`), and first rows whose caption a run stopped before storing)."""
+    valid, seen, more = [], set(), []
     for url, caption in rows:
         if not is_url(url):
             report.skip(str(url), f"{url!r} is not an http(s) URL", "not a URL")
         elif url in seen:
-            repeated += 1  # a row repeated in the table: one item
+            report.unchanged += 1  # a row repeated in the table: one item, its caption one more
+            more += [(url, caption)] if caption else []
         else:
             seen.add(url)
             valid.append((url, caption))
-    present = set(index.find([url for url, _ in valid]))
+    present = index.find([url for url, _ in valid])
     todo = [(url, caption) for url, caption in valid if url not in present]
-    report.unchanged += repeated + len(valid) - len(todo)
-    return todo
+    report.unchanged += len(valid) - len(todo)
+    firsts = [(url, caption) for url, caption in valid if url in present and caption]
+    stored = set(index.captions.find([f"{url}#0" for url, _ in firsts])) if index.captions is not None else set()
+    more += [(url, caption) for url, caption in firsts
+             if caption != present[url].get("caption") or f"{url}#0" not in stored]
+    return todo, more
+
+
+def _more_captions(index, rows: list[tuple[str, str]], model) -> None:
+    """The captions of `rows` whose image is in the index, each one it lacks (clipkit.index.ingest)."""
+    if rows:
+        present = index.find([url for url, _ in rows])
+        rows = [(url, caption) for url, caption in rows if url in present]
+        add_captions(index, [url for url, _ in rows], [caption for _, caption in rows], None, model)
 
 
 def _commit(index, vectors: np.ndarray, rows: list[tuple[str, str | None]], model) -> None:
@@ -72,4 +88,6 @@ def _commit(index, vectors: np.ndarray, rows: list[tuple[str, str | None]], mode
     records = [{"url": url, **({"caption": caption} if caption else {})} for url, caption in rows]
     ids = [url for url, _ in rows]
     index.add(vectors, ids=ids, metadata=records)
-    ingest_captions(index, records, ids, list(range(len(rows))), None, 0, model)
+    captioned = [(url, caption) for url, caption in rows if caption]
+    add_captions(index, [url for url, _ in captioned], [caption for _, caption in captioned], None, model,
+                 fresh=set(ids))
