@@ -53,6 +53,25 @@ def test_errors_are_one_line_exit_2(argv, message, capsys, tmp_path, image_folde
     assert err.count("\n") == 1 and err.startswith("clipkit: error: ") and message in err
 
 
+def test_a_query_that_names_a_file_is_searched_as_an_image_or_refused(image_folder, tmp_path, tiny_args, capsys):
+    """A file given as QUERY is an image query whatever its name (one without an image suffix too); a file
+    that is no image, or a folder, is a one-line error rather than a search for its path's words."""
+    index_path = str(tmp_path / "ix")
+    assert main(["-q", "index", str(image_folder), "--index", index_path, *tiny_args]) == 0
+    image = next(p for p in sorted(image_folder.rglob("*.png")) if not p.name.startswith("."))
+    bare = tmp_path / "photo-without-suffix"
+    bare.write_bytes(image.read_bytes())
+    assert main(["search", str(bare), "--index", index_path, "-k", "1", "--paths"]) == 0
+    assert capsys.readouterr().out.strip() == str(image.resolve())
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    for query, message in ((notes, "cannot read image"), (image_folder, "is a folder")):
+        assert main(["search", str(query), "--index", index_path]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "add --text" in err and err.count("\n") == 1
+    assert main(["search", str(notes), "--text", "--index", index_path, "-k", "1", "-q"]) == 0
+
+
 def test_model_mismatch_on_existing_index(image_folder, tmp_path, tiny_args, capsys):
     index_path = tmp_path / "ix"
     assert main(["-q", "index", str(image_folder), "--index", str(index_path), *tiny_args]) == 0
@@ -150,7 +169,8 @@ def test_no_import_cycles_between_clipkit_modules():
 def test_an_untrained_model_is_named_as_such(image_folder, tmp_path, tiny_args, caplog):
     """An architecture named without weights indexes with its random initialisation: said as a warning (the
     embeddings mean nothing); not said for weights given, bundled or recorded by the index."""
-    assert main(["index", str(image_folder), "--index", str(tmp_path / "random"), "--model", "clipkit-tiny"]) == 0
+    assert main(["index", str(image_folder), "--index", str(tmp_path / "random"), "--model", "clipkit-tiny",
+                 "-q"]) == 0  # -q after the command, as before it: no bars or summaries, warnings still said
     assert "clipkit-tiny is untrained here" in caplog.text
     for argv in (tiny_args, ["--model", "clipkit-demo"], []):
         caplog.clear()
