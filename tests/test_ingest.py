@@ -213,6 +213,29 @@ def test_integer_ids_round_trip(tmp_path):
         assert main(["-q", "export", *bad]) == 2
 
 
+def test_mixed_ids_and_their_captions_round_trip(tmp_path):
+    """An index whose ids mix integers and text (5 and "5" are two items) goes out and back with every id of
+    the same type, and each image's captions (several for an integer id) with it."""
+    from clipkit.index.ingest import add_captions
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((6, 16)).astype(np.float32)
+    ids = [5, "5", 7, "a.jpg", 12, "b"]
+    index = Index.from_embeddings(vectors, ids=ids)
+    index.save(tmp_path / "ix")
+    texts = rng.standard_normal((5, 16)).astype(np.float32)
+    assert add_captions(index, [5, 5, "5", 12, 5], ["one", "two", "text five", "twelve", "one"], texts, None) == 4
+    assert main(["-q", "export", str(tmp_path / "ix"), str(tmp_path / "out"), "--part-size", "4"]) == 0
+    assert main(["-q", "index", str(tmp_path / "out"), "--index", str(tmp_path / "back")]) == 0
+    back = Index.load(tmp_path / "back")
+    assert sorted(back.ids(), key=repr) == sorted(ids, key=repr)
+    np.testing.assert_allclose(back.embeddings(ids), index.embeddings(ids), atol=2e-3)
+    mine = {r["id"]: (r["caption"], r["image_id"]) for r in index.captions.get(index.captions.ids())}
+    assert {r["id"]: (r["caption"], r["image_id"]) for r in back.captions.get(back.captions.ids())} == mine
+    assert mine["5#1"] == ("two", 5) and mine["5#0"] == ("one", 5)
+    assert [h.metadata["image_id"] for h in clipkit.search(texts[1], back.captions, k=1)] == [5]
+
+
 def test_export_streams_resumes_and_never_writes_over_files(tmp_path, monkeypatch):
     """Export reads the index in one streamed pass (never every id at once); a stopped export goes on where it
     stopped and ends equal to one run straight through; a folder holding anything else, the index's own

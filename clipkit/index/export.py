@@ -11,8 +11,8 @@ what autofaiss, clip-retrieval's back end and embedding_reader read.
     OUT/export.json                       what was exported (index, generation, rows, part size), and whether
                                           all of it is written
 
-`id` carries the item's id (integers stay integers when every id is one), so that reading the folder back
-gives the same ids. The items stream in key order from one committed state of the index (one sequential
+`id` carries the item's id (integers stay integers when every id is one; where ids of both kinds are mixed,
+`id_is_integer` says which), so that reading the folder back gives the same ids. The items stream in key order from one committed state of the index (one sequential
 pass over its vector files), so memory is bounded by one part. Each file is written under a temporary name
 and renamed into place, a part's img_emb file last (readers find parts by it). A stopped export run again
 over the same unchanged index goes on from the first part it lacks.
@@ -47,13 +47,13 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
         manifest = {"format": "clipkit-export", "index": str(index.path.resolve()) if index.path else None,
                     "generation": index.store.generation(), "rows": index.store.count(), "part_size": part_size}
         resumed = _start(index, out, manifest)
-        whole_numbers = index.store.integer_ids()
+        id_types = index.store.id_types()
         done = {"parts": 0, "rows": 0, "captions": 0, "more_captions": 0, "damaged": 0, "resumed": resumed}
         with tqdm(total=manifest["rows"], disable=None if progress is None else not progress, unit="vec",
                   desc="exporting") as bar:
             for number, (keys, vectors) in enumerate(_parts(index.store.live_vectors(), part_size)):
                 if not (out / "img_emb" / f"img_emb_{number}.npy").exists():
-                    _write_part(index, out, number, keys, vectors, whole_numbers, done, pa, pq)
+                    _write_part(index, out, number, keys, vectors, id_types, done, pa, pq)
                 done["parts"], done["rows"] = done["parts"] + 1, done["rows"] + len(keys)
                 bar.update(len(keys))
     atomic_write_json(out / MANIFEST, {**manifest, "complete": True})
@@ -113,7 +113,7 @@ def _parts(batches: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Itera
         yield np.concatenate(keys), np.concatenate(vectors)
 
 
-def _write_part(index, out: Path, number: int, keys: np.ndarray, vectors: np.ndarray, whole_numbers: bool,
+def _write_part(index, out: Path, number: int, keys: np.ndarray, vectors: np.ndarray, id_types: set,
                 done: dict, pa, pq) -> None:
     """One part's metadata, caption embeddings and image embeddings (written last). Damaged rows (NaN,
     infinite, not unit length: flipped bytes on disk) are left out and counted."""
@@ -124,31 +124,41 @@ def _write_part(index, out: Path, number: int, keys: np.ndarray, vectors: np.nda
     ids = [r["id"] for r in records]
     first = first_captions(index.captions, ids)  # item id -> its first caption's record
     table = pa.table({
-        "id": ids if whole_numbers else [str(i) for i in ids],
+        **_id_columns("id", ids, id_types),
         "image_path": [r.get("path") or (r["id"] if isinstance(r["id"], str) else None) for r in records],
         "url": [r.get("url") for r in records],
         "caption": [r.get("caption") or first.get(r["id"], {}).get("caption") for r in records]})
     atomic_write_with(out / "metadata" / f"metadata_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
     if index.captions is not None:
         _save_npy(out / "text_emb" / f"text_emb_{number}.npy", _caption_vectors(index, ids, first))
-        done["more_captions"] += _write_more_captions(index.captions, out, number, ids, whole_numbers, pa, pq)
+        done["more_captions"] += _write_more_captions(index.captions, out, number, ids, id_types, pa, pq)
     _save_npy(out / "img_emb" / f"img_emb_{number}.npy", vectors.astype(np.float16))
     done["captions"] += len(first)
     done["damaged"] += int((~good).sum())
 
 
-def _write_more_captions(collection, out: Path, number: int, ids: list, whole_numbers: bool, pa, pq) -> int:
+def _id_columns(name: str, ids: list, id_types: set) -> dict[str, list]:
+    """Column `name` holding `ids`: integers while every id of the index is one, else text, with
+    `{name}_is_integer` telling which were integers where the index mixes both (5 and "5" are two ids)."""
+    if id_types == {int}:
+        return {name: ids}
+    mixed = {f"{name}_is_integer": [isinstance(i, int) for i in ids]} if len(id_types) > 1 else {}
+    return {name: [str(i) for i in ids], **mixed}
+
+
+def _write_more_captions(collection, out: Path, number: int, ids: list, id_types: set, pa, pq) -> int:
     """The captions of `ids` past their first (`IMAGE_ID#0`), in line order, and their embeddings."""
-    order = {str(i): n for n, i in enumerate(ids)}
+    position = {(type(i), i): n for n, i in enumerate(ids)}
 
-    def place(caption_id: str) -> tuple[int, int]:
-        image, _, line = caption_id.rpartition("#")
-        return order[image], int(line) if line.isdigit() else 0
+    def place(record: dict) -> tuple[int, int]:
+        line = record["id"].rpartition("#")[2]
+        return position[type(record["image_id"]), record["image_id"]], int(line) if line.isdigit() else 0
 
-    chosen = sorted((c for c in captions_of_images(collection, ids) if not c.endswith("#0")), key=place)
-    records = collection.get(chosen)
-    table = pa.table({"image_id": [ids[order[c.rpartition("#")[0]]] if whole_numbers else c.rpartition("#")[0]
-                                   for c in chosen],
+    chosen = dict.fromkeys(c for c in captions_of_images(collection, ids) if not c.endswith("#0"))
+    records = sorted((r for r in collection.get(list(chosen)) if (type(r.get("image_id")), r.get("image_id"))
+                      in position), key=place)
+    chosen = [r["id"] for r in records]
+    table = pa.table({**_id_columns("image_id", [r["image_id"] for r in records], id_types),
                       "caption": [r.get("caption") for r in records]})
     atomic_write_with(out / "captions" / f"captions_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
     vectors = collection.embeddings(chosen) if chosen else np.zeros((0, collection.dim), np.float32)

@@ -36,7 +36,8 @@ from clipkit.index.sync import SyncReport
 log = logging.getLogger("clipkit.index")
 
 PARTS = "embedding_parts"  # store info: img_emb file -> [size, mtime, rows] once all of it is in
-METADATA_COLUMNS = ("id", "image_path", "url", "caption")  # id: written by `clipkit export` (clipkit.index.export)
+METADATA_COLUMNS = ("id", "id_is_integer", "image_path", "url", "caption")  # id, id_is_integer: written by
+# `clipkit export` (clipkit.index.export)
 
 
 @dataclass
@@ -169,11 +170,13 @@ def _more_captions(index, part: Part, model, chunk: int) -> None:
     table, vectors = part.more
     vectors = _load(vectors, index.dim) if vectors.is_file() else None
     done = 0
-    for rows in _rows(table, chunk, ("image_id", "caption")):
+    for rows in _rows(table, chunk, ("image_id", "image_id_is_integer", "caption")):
         count = len(next(iter(rows.values()), []))
         if vectors is not None and len(vectors) < done + count:
             raise ValueError(f"{part.more[1]} has fewer rows than {table}")
         images, captions = rows.get("image_id", [None] * count), rows.get("caption", [None] * count)
+        integer = rows.get("image_id_is_integer", [False] * count)
+        images = [int(i) if whole and i is not None else i for i, whole in zip(images, integer)]
         found = index.find([i for i in images if i is not None])
         chosen = [n for n in range(count) if images[n] in found and captions[n]]
         add_captions(index, [images[n] for n in chosen], [captions[n] for n in chosen],
@@ -206,6 +209,8 @@ def _item_id(record: dict, row: int):
     """An item's id: the `id` clipkit's export wrote, else its image_path, else its url, else its global row
     number (taken out of `record`, which becomes the item's metadata)."""
     given = record.pop("id", None)
+    if record.pop("id_is_integer", False) and given is not None:
+        given = int(given)
     return given if given is not None else record.get("image_path") or record.get("url") or row
 
 
@@ -220,15 +225,14 @@ def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray |
     collection = index._writable_captions()
     if collection is False:  # damaged: said once; the images go in all the same
         return 0
-    known = _captions_known(collection, [i for i in dict.fromkeys(image_ids) if i not in fresh])
+    have, lines = _captions_known(collection, [i for i in dict.fromkeys(image_ids) if i not in fresh])
     chosen, caption_ids = [], []
     for n, (image, text) in enumerate(zip(image_ids, texts)):
-        have, lines = known.setdefault(str(image), (set(), [-1]))
-        if text not in have:
-            have.add(text)
-            lines[0] += 1
+        if (image, text) not in have:
+            have.add((image, text))
+            lines[str(image)] = lines.get(str(image), -1) + 1
             chosen.append(n)
-            caption_ids.append(f"{image}#{lines[0]}")
+            caption_ids.append(f"{image}#{lines[str(image)]}")
     if not chosen:
         return 0
     if vectors is not None:
@@ -243,16 +247,16 @@ def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray |
     return len(chosen)
 
 
-def _captions_known(collection, image_ids: list) -> dict[str, tuple[set, list]]:
-    """image id (as text) -> (its captions' texts, [its last caption line]) in `collection` (None: none)."""
+def _captions_known(collection, image_ids: list) -> tuple[set, dict[str, int]]:
+    """({(image id, caption text)} of `image_ids`' captions in `collection` (None: none), {image id as text:
+    its last caption line}); caption ids are `IMAGE_ID#LINE`, so 5 and "5" number their lines together."""
     from clipkit.index.captions import captions_of_images
 
-    known = {}
+    have, lines = set(), {}
     if collection is None or not image_ids:
-        return known
-    for record in collection.get(captions_of_images(collection, image_ids)):
+        return have, lines
+    for record in collection.get(list(dict.fromkeys(captions_of_images(collection, image_ids)))):
         image, _, line = record["id"].rpartition("#")
-        have, last = known.setdefault(image, (set(), [-1]))
-        have.add(record.get("caption"))
-        last[0] = max(last[0], int(line) if line.isdigit() else 0)
-    return known
+        have.add((record.get("image_id"), record.get("caption")))
+        lines[image] = max(lines.get(image, -1), int(line) if line.isdigit() else 0)
+    return have, lines

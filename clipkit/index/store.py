@@ -359,9 +359,15 @@ class Store:
     def ids(self) -> list:
         return [row[0] for row in self.db.execute("SELECT id FROM items ORDER BY key")]
 
-    def integer_ids(self) -> bool:
-        """Whether every item's id is an integer (one pass over the id index, nothing held)."""
-        return self.db.execute("SELECT 1 FROM items WHERE typeof(id) != 'integer' LIMIT 1").fetchone() is None
+    def id_types(self) -> set[type]:
+        """Which types the items' ids have ({int}, {str}, both, or none): two seeks of the id index, whose
+        order puts every integer before every text."""
+        found = set()
+        if self.db.execute("SELECT 1 FROM items WHERE id < '' LIMIT 1").fetchone():
+            found.add(int)
+        if self.db.execute("SELECT 1 FROM items WHERE id >= '' LIMIT 1").fetchone():
+            found.add(str)
+        return found
 
     def ids_with_prefix(self, prefix: str, files_only: bool = False) -> list[str]:
         """The text ids that start with `prefix`, by a range over the id index (not a scan of every id): text
