@@ -542,22 +542,27 @@ def cmd_remove(args) -> int:
         raise FileNotFoundError(f"no index at {args.index}")
     with writer_lock(args.index, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(args.index)
-        removed = index.prune_missing() if args.missing else 0
+        removed, matched_nothing = index.prune_missing() if args.missing else 0, []
         for path in args.paths:
-            removed += index.remove_folder(path)
+            count = index.remove_folder(path)
+            removed += count
+            matched_nothing += [] if count else [path]
         index.save()
     if not args.quiet:
-        print(f"removed {removed} item(s); {len(index)} left in {args.index}")
+        print(f"removed {removed} item(s); {len(index)} left in {args.index}"
+              + (f" (nothing indexed at or under {', '.join(matched_nothing)})" if matched_nothing else ""))
     return 0
 
 
 def cmd_export(args) -> int:
-    from clipkit.index import Index
+    from clipkit.index import DB_FILE, Index
     from clipkit.index.export import export_embeddings
 
     if len(args.paths) > 2 or (len(args.paths) == 2 and args.index):
         raise ValueError("export takes INDEX OUT, or OUT with --index INDEX")
     index, out = args.paths if len(args.paths) == 2 else (args.index or DEFAULT_INDEX, args.paths[0])
+    if len(args.paths) == 1 and not args.index and (Path(out) / DB_FILE).is_file():
+        raise UsageError(f"{out} is an index: name the folder to write too (clipkit export {out} OUT)")
     done = export_embeddings(Index.load(index), out, part_size=args.part_size, progress=_progress(args))
     if not args.quiet:
         more = f" and {done['more_captions']} further caption(s)" if done["more_captions"] else ""

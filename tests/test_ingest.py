@@ -203,14 +203,17 @@ def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, ca
     np.testing.assert_allclose(np.stack([rows[i] for i in index.ids()]), index.embeddings(), atol=2e-3)
 
 
-def test_integer_ids_round_trip(tmp_path):
+def test_integer_ids_round_trip(tmp_path, capsys):
     vectors = np.random.default_rng(0).standard_normal((30, 16)).astype(np.float32)
     Index.from_embeddings(vectors, ids=list(range(100, 130))).save(tmp_path / "ix")
     assert main(["-q", "export", str(tmp_path / "ix"), str(tmp_path / "out")]) == 0  # export INDEX OUT
     assert main(["-q", "index", str(tmp_path / "out"), "--index", str(tmp_path / "back")]) == 0
     assert Index.load(tmp_path / "back").ids() == list(range(100, 130))
-    for bad in (["a", "b", "c"], [str(tmp_path / "ix"), str(tmp_path / "o2"), "--index", str(tmp_path / "ix")]):
+    for bad in (["a", "b", "c"], [str(tmp_path / "ix"), str(tmp_path / "o2"), "--index", str(tmp_path / "ix")],
+                [str(tmp_path / "ix")]):  # an index alone: not taken as OUT of the default index
         assert main(["-q", "export", *bad]) == 2
+    assert not (tmp_path / "o2").exists()
+    assert "is an index: name the folder to write too" in capsys.readouterr().err
 
 
 def test_mixed_ids_and_their_captions_round_trip(tmp_path):

@@ -267,8 +267,9 @@ def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ck
     assert main(["remove", "--missing", "--index", str(index_path)]) == 0
     assert f"removed {len(a_files)} item(s)" in capsys.readouterr().out
     assert_consistent(index_path, b_files)
-    assert main(["remove", str(tmp_path / "b" / "photos"), "--index", str(index_path)]) == 0
+    assert main(["remove", str(tmp_path / "b" / "photos"), str(tmp_path / "typo"), "--index", str(index_path)]) == 0
     assert len(Index.load(index_path)) == 0
+    assert f"(nothing indexed at or under {tmp_path / 'typo'})" in capsys.readouterr().out  # a path that matched nothing
     assert main(["remove", "--index", str(index_path)]) == 2  # nothing named: a usage error
 
 
