@@ -82,6 +82,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
+    `index`: an Index, or the path of an index folder (loaded for this call; load it once to search often).
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
     head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine (default: the weight the
@@ -94,8 +95,10 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     model with an ITM head) instead of the index model's own head; a hit's score is then that re-ranker's
     (BLIP: the match probability) + `weight` (default 0 for BLIP) x cosine.
     """
+    if isinstance(index, (str, os.PathLike)):
+        index = Index.load(index)
     if not isinstance(index, Index):
-        raise ValueError(f"index must be a clipkit.Index, got {type(index).__name__}")
+        raise ValueError(f"index must be a clipkit.Index or an index folder's path, got {type(index).__name__}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     kind = query_kind(query)

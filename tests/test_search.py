@@ -71,6 +71,8 @@ def test_search_with_the_index_model_after_reload(image_folder, tiny_ckpt, tmp_p
     loaded = Index.load(tmp_path / "ix")  # no live model: reloaded from the recorded name and weights file
     hits = clipkit.search("a blue circle", loaded, k=2)
     assert loaded.model.fingerprint == model.fingerprint and len(hits) == 2
+    for path in (tmp_path / "ix", str(tmp_path / "ix")):  # the index folder's path serves as the index
+        assert [h.id for h in clipkit.search("a blue circle", path, k=2)] == [h.id for h in hits]
 
 
 def test_search_errors(tiny_model):
@@ -85,6 +87,8 @@ def test_search_errors(tiny_model):
     with pytest.raises(ValueError, match="unsupported query type"):
         clipkit.search(42, index)
     with pytest.raises(ValueError, match="clipkit.Index"):
+        clipkit.search("a", 42)
+    with pytest.raises(FileNotFoundError, match="no index at not an index"):
         clipkit.search("a", "not an index")
     with pytest.raises(ValueError, match="dimension"):
         clipkit.search(np.ones(3, np.float32), index)
