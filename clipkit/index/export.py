@@ -5,7 +5,7 @@ what autofaiss, clip-retrieval's back end and embedding_reader read.
     OUT/text_emb/text_emb_{i}.npy         the first caption's embedding of each row (zeros without one), when
                                           the index holds captions
     OUT/metadata/metadata_{i}.parquet     id, image_path, url, caption (where known)
-    OUT/captions/captions_{i}.parquet     the further captions of part i's images (image_id, caption) and
+    OUT/captions/captions_{i}.parquet     the further captions of part i's images (image_id, line, caption) and
     OUT/captions/text_emb_{i}.npy         their embeddings (float16): clipkit's own, which `clipkit index`
                                           reads back; clip-retrieval's readers never look there
     OUT/export.json                       what was exported (index, generation, rows, part size), and whether
@@ -150,16 +150,19 @@ def _write_more_captions(collection, out: Path, number: int, ids: list, id_types
     """The captions of `ids` past their first (`IMAGE_ID#0`), in line order, and their embeddings."""
     position = {(type(i), i): n for n, i in enumerate(ids)}
 
+    def line(record: dict) -> int:
+        number = record["id"].rpartition("#")[2]
+        return int(number) if number.isdigit() else 0
+
     def place(record: dict) -> tuple[int, int]:
-        line = record["id"].rpartition("#")[2]
-        return position[type(record["image_id"]), record["image_id"]], int(line) if line.isdigit() else 0
+        return position[type(record["image_id"]), record["image_id"]], line(record)
 
     chosen = dict.fromkeys(c for c in captions_of_images(collection, ids) if not c.endswith("#0"))
     records = sorted((r for r in collection.get(list(chosen)) if (type(r.get("image_id")), r.get("image_id"))
                       in position), key=place)
     chosen = [r["id"] for r in records]
     table = pa.table({**_id_columns("image_id", [r["image_id"] for r in records], id_types),
-                      "caption": [r.get("caption") for r in records]})
+                      "line": [line(r) for r in records], "caption": [r.get("caption") for r in records]})
     atomic_write_with(out / "captions" / f"captions_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
     vectors = collection.embeddings(chosen) if chosen else np.zeros((0, collection.dim), np.float32)
     _save_npy(out / "captions" / f"text_emb_{number}.npy", vectors.astype(np.float16))

@@ -4,8 +4,8 @@
     EMB_DIR/text_emb/text_emb_{i}.npy         (N_i, D) caption embeddings, row for row (optional)
     EMB_DIR/metadata/metadata_{i}.parquet     N_i rows: image_path, url, caption (any of them; optional)
 
-    EMB_DIR/captions/captions_{i}.parquet     more captions of part i's images: image_id, caption (written
-    EMB_DIR/captions/text_emb_{i}.npy         by `clipkit export`; optional), and their text embeddings
+    EMB_DIR/captions/captions_{i}.parquet     more captions of part i's images: image_id, line, caption (by
+    EMB_DIR/captions/text_emb_{i}.npy         `clipkit export`; optional), and their text embeddings
 
 Each part becomes items of the index: ids are the metadata's `image_path` (else `url`, else the global row
 number, counting the parts in order), metadata the row's columns, and captions (with their text embedding,
@@ -170,7 +170,7 @@ def _more_captions(index, part: Part, model, chunk: int) -> None:
     table, vectors = part.more
     vectors = _load(vectors, index.dim) if vectors.is_file() else None
     done = 0
-    for rows in _rows(table, chunk, ("image_id", "image_id_is_integer", "caption")):
+    for rows in _rows(table, chunk, ("image_id", "image_id_is_integer", "line", "caption")):
         count = len(next(iter(rows.values()), []))
         if vectors is not None and len(vectors) < done + count:
             raise ValueError(f"{part.more[1]} has fewer rows than {table}")
@@ -180,7 +180,8 @@ def _more_captions(index, part: Part, model, chunk: int) -> None:
         found = index.find([i for i in images if i is not None])
         chosen = [n for n in range(count) if images[n] in found and captions[n]]
         add_captions(index, [images[n] for n in chosen], [captions[n] for n in chosen],
-                     None if vectors is None else vectors[[done + n for n in chosen]], model)
+                     None if vectors is None else vectors[[done + n for n in chosen]], model,
+                     lines=[rows["line"][n] for n in chosen] if "line" in rows else None)
         done += count
 
 
@@ -215,9 +216,10 @@ def _item_id(record: dict, row: int):
 
 
 def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray | None, model,
-                 fresh: set = frozenset()) -> int:
+                 fresh: set = frozenset(), lines: list[int] | None = None) -> int:
     """Captions of images in the index (`texts[n]` of `image_ids[n]`), into the caption collection: each one
-    unless its image already has a caption of that text, as `IMAGE_ID#LINE` after the image's last line.
+    unless its image already has a caption of that text, as `IMAGE_ID#LINE` after the image's last line;
+    with `lines` (as `clipkit export` writes them), as `IMAGE_ID#lines[n]` unless that id is there.
     `vectors`: their embeddings, row for row, else embedded by `model` (neither: none added); `fresh`: ids of
     images added just now, which have no captions yet. Returns how many were added."""
     if not image_ids or (vectors is None and model is None):
@@ -225,14 +227,13 @@ def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray |
     collection = index._writable_captions()
     if collection is False:  # damaged: said once; the images go in all the same
         return 0
-    have, lines = _captions_known(collection, [i for i in dict.fromkeys(image_ids) if i not in fresh])
-    chosen, caption_ids = [], []
-    for n, (image, text) in enumerate(zip(image_ids, texts)):
-        if (image, text) not in have:
-            have.add((image, text))
-            lines[str(image)] = lines.get(str(image), -1) + 1
-            chosen.append(n)
-            caption_ids.append(f"{image}#{lines[str(image)]}")
+    if lines is not None:
+        wanted = {f"{image}#{line}": n for n, (image, line) in enumerate(zip(image_ids, lines))}
+        there = collection.find(list(wanted)) if collection is not None else {}
+        caption_ids = [c for c in wanted if c not in there]
+        chosen = [wanted[c] for c in caption_ids]
+    else:
+        chosen, caption_ids = _after_last_lines(collection, image_ids, texts, fresh)
     if not chosen:
         return 0
     if vectors is not None:
@@ -245,6 +246,19 @@ def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray |
     collection.add(vectors, ids=caption_ids,
                    metadata=[{"caption": texts[n], "image_id": image_ids[n], "path": None} for n in chosen])
     return len(chosen)
+
+
+def _after_last_lines(collection, image_ids: list, texts: list[str], fresh: set) -> tuple[list[int], list[str]]:
+    """(which of the captions are new to their image, their ids: after the image's last line)."""
+    have, lines = _captions_known(collection, [i for i in dict.fromkeys(image_ids) if i not in fresh])
+    chosen, caption_ids = [], []
+    for n, (image, text) in enumerate(zip(image_ids, texts)):
+        if (image, text) not in have:
+            have.add((image, text))
+            lines[str(image)] = lines.get(str(image), -1) + 1
+            chosen.append(n)
+            caption_ids.append(f"{image}#{lines[str(image)]}")
+    return chosen, caption_ids
 
 
 def _captions_known(collection, image_ids: list) -> tuple[set, dict[str, int]]:
