@@ -286,6 +286,11 @@ def _add_maintenance_commands(commands) -> None:
     export.add_argument("--part-size", type=_positive_int, default=100_000, help="rows per part (default: 100000)")
     roots = commands.add_parser("roots", help="list the folders an index covers, with item counts")
     roots.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    info = commands.add_parser("info", help="what an index is: items, captions, model, structure and its tuned "
+                                            "recall, folders, size on disk")
+    info.add_argument("index", nargs="?", default=DEFAULT_INDEX, metavar="INDEX",
+                      help=f"index folder (default: {DEFAULT_INDEX})")
+    info.add_argument("--json", action="store_true", help="print it as one JSON object")
 
 
 def _positive_int(text: str) -> int:
@@ -581,6 +586,34 @@ def cmd_roots(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from clipkit.index import Index
+    from clipkit.models import bundled_models
+
+    about = Index.load(args.index).describe()
+    if args.json:
+        print(json.dumps(about, ensure_ascii=False))
+        return 0
+    model, tuning = about["model"] or {}, about["tuning"]
+    weights = model.get("pretrained") or ("bundled" if model.get("name") in bundled_models() else "none: random")
+    per_item = f", {about['vectors_per_item']} vectors an item" if about["vectors_per_item"] > 1 else ""
+    lines = [("index", f"{about['path']} (format {about['format_version']}, generation {about['generation']})"),
+             ("items", f"{about['items']} ({about['dim']}-d {about['dtype']}{per_item})"),
+             ("captions", str(about["captions"])),
+             ("model", f"{model['name']} (weights: {weights})" if model else "none recorded (vectors given)"),
+             ("structure", about["structure"] + (f" (index type {about['index_type']})"
+                                                 if about["index_type"] != "flat" else " (exact)"))]
+    if tuning:
+        lines.append(("tuned", f"recall@10 {tuning['estimated_recall']:.3f} on {tuning['n_queries']} "
+                               f"{tuning['queries']} the choice never saw (target {tuning['target']})"))
+    lines += [("folders", f"{'' if f['exists'] else '(missing) '}{f['path']}") for f in about["folders"]]
+    lines.append(("on disk", f"{about['bytes'] / 2**20:.1f} MiB ({about['bytes'] / max(about['items'], 1):.0f} "
+                             "bytes an item)"))
+    for name, text in lines:
+        print(f"{name:<10} {text}")
+    return 0
+
+
 def _parse_shard(text: str) -> tuple[int, int]:
     if text == "auto":
         rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
@@ -822,7 +855,7 @@ def cmd_train_rerank(args) -> int:
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
             "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge,
             "train-rerank": cmd_train_rerank, "remove": cmd_remove, "roots": cmd_roots,
-            "export": cmd_export}
+            "export": cmd_export, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,11 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import clipkit
-
 from clipkit.cli import main
+from clipkit.index import Index
 
 
 @pytest.fixture
@@ -178,3 +179,24 @@ def test_an_untrained_model_is_named_as_such(image_folder, tmp_path, tiny_args, 
         assert main(["index", str(image_folder), "--index", str(target), *argv]) == 0
         assert "untrained" not in caplog.text, argv
     assert clipkit.load_model("RN50").untrained and not clipkit.load_model("clipkit-demo").untrained
+
+
+def test_info_says_what_an_index_is(image_folder, tmp_path, tiny_args, capsys):
+    index_path = tmp_path / "ix"
+    assert main(["-q", "index", str(image_folder), "--index", str(index_path), *tiny_args]) == 0
+    assert main(["info", str(index_path), "--json"]) == 0
+    about = json.loads(capsys.readouterr().out)
+    index = Index.load(index_path)
+    on_disk = sum(p.stat().st_size for p in index_path.rglob("*") if p.is_file())
+    assert (about["items"], about["dim"], about["structure"], about["bytes"]) == (len(index), index.dim, "Flat", on_disk)
+    assert about["model"]["name"] == "clipkit-tiny" and about["folders"] == [{"path": str(image_folder.resolve()),
+                                                                              "exists": True}]
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 16)).astype(np.float32)
+    tuned = Index.from_embeddings(vectors, ids=list(range(3000)), index_type="IVF32,Flat")
+    tuned.save(tmp_path / "ivf")
+    assert main(["info", str(tmp_path / "ivf")]) == 0
+    text = capsys.readouterr().out
+    assert "IVF32,Flat" in text and "3000 (16-d" in text and "model      none recorded" in text
+    assert f"recall@10 {tuned.tuning['estimated_recall']:.3f}" in text
+    assert main(["info", str(tmp_path / "nowhere")]) == 2

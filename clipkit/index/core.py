@@ -226,6 +226,20 @@ class Index(FolderSync):
     def _retune_if_grown(self) -> bool:
         return live.retune_if_grown(self)
 
+    def describe(self) -> dict:
+        """What this index is, read from its store and folder (nothing is counted item by item): path, items,
+        captions, dim, vectors_per_item, dtype, model, index_type, structure, tuning, folders, bytes on disk,
+        format_version and generation."""
+        with self._lock:
+            folders = [{"path": path, "exists": os.path.isdir(path)} for _, path, _ in self.store.roots()]
+        on_disk = sum(entry.stat().st_size for entry in _files_under(self.path)) if self.path else None
+        return {"path": str(self.path) if self.path else None, "items": len(self),
+                "captions": len(self.captions) if self.captions is not None else 0, "dim": self.dim,
+                "vectors_per_item": self.vectors_per_item, "dtype": self.store.info("vectors", {}).get("dtype"),
+                "model": self.model_info, "index_type": self.index_type, "structure": self.structure,
+                "tuning": self.tuning, "folders": folders, "bytes": on_disk,
+                "format_version": self.store.info("format_version"), "generation": self.generation}
+
     @property
     def tuning(self) -> dict | None:
         """The ANN tuner's report for the structure in use: structure, params, estimated_recall (recall@10 on
@@ -439,6 +453,14 @@ class Index(FolderSync):
     def close(self) -> None:
         with self._lock:
             self.store.close()
+
+
+def _files_under(folder: Path) -> Iterator[os.DirEntry]:
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _files_under(Path(entry.path))
+        elif entry.is_file(follow_symlinks=False):
+            yield entry
 
 
 def _all_found(ids: list, found: dict) -> dict:
