@@ -200,3 +200,40 @@ def test_info_says_what_an_index_is(image_folder, tmp_path, tiny_args, capsys):
     assert "IVF32,Flat" in text and "3000 (16-d" in text and "model      none recorded" in text
     assert f"recall@10 {tuned.tuning['estimated_recall']:.3f}" in text
     assert main(["info", str(tmp_path / "nowhere")]) == 2
+
+
+def _documented_commands(text: str):
+    """The `clipkit ...` lines of a Markdown file's shell blocks, with [optional parts] left out, the first of
+    A|B choices taken and `...` placeholders filled."""
+    import re
+
+    blocks, fence = [], None
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = line.strip()[3:] if fence is None else None
+            blocks += [[]] if fence in ("bash", "sh", "console", "") else []
+        elif fence in ("bash", "sh", "console", ""):
+            blocks[-1].append(line)
+    for block in blocks:
+        for line in "\n".join(block).replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ")
+            if not line.startswith("clipkit "):
+                continue
+            line = re.split(r"\s+#", line)[0]
+            while re.search(r"\[[^\[\]]*\]", line):
+                line = re.sub(r"\s*\[[^\[\]]*\]", "", line)
+            line = re.sub(r"(--\S+) \.\.\.", r"\1 X", re.sub(r"(\S+)\|\S+", r"\1", line))
+            yield line.replace("...", "")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/scaling.md", "benchmarks/README.md"])
+def test_every_documented_command_parses(doc):
+    """Each `clipkit` command the docs show is one the CLI takes (an option renamed breaks this, not users)."""
+    import shlex
+
+    from clipkit.cli import build_parser
+
+    lines = list(_documented_commands((Path(__file__).parent.parent / doc).read_text()))
+    assert lines or doc == "benchmarks/README.md"
+    for line in lines:
+        build_parser().parse_args(shlex.split(line)[1:])  # a UsageError names the line's problem
