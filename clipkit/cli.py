@@ -89,6 +89,21 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="skip files and folders whose name or relative path matches (repeatable)")
     index.add_argument("--skipped-log", default=None, metavar="FILE",
                        help="write the files that could not be read, with why, as JSON lines")
+    _add_index_scale_options(index)
+    index.add_argument("--check", action="store_true",
+                       help="report what an update would do (add, re-embed, move, remove) and change nothing")
+    index.add_argument("--no-wait", action="store_true",
+                       help="if another process is writing the index, exit (code 2) instead of waiting for it")
+    _add_maintenance_commands(commands)
+    merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
+    merge.add_argument("out", help="the merged index folder to write (a new one; run again after an interruption, "
+                       "it goes on where it stopped)")
+    merge.add_argument("parts", nargs="+", help="index folders to merge")
+    merge.add_argument("--index-type", default="flat", metavar="TYPE", help="flat, auto or a FAISS factory string")
+
+
+def _add_index_scale_options(index) -> None:
+    """`clipkit index`'s options for large collections: the ANN structure, storage, sharding and Ray."""
     index.add_argument("--index-type", default=None, metavar="TYPE",
                        help="flat (exact, the default), auto (exact while small, then the fastest ANN structure tuned "
                             "to recall@10 >= 0.95 on held-out items), or a FAISS factory string such as IVF4096,Flat, "
@@ -113,16 +128,6 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="--engine ray: join this Ray cluster ('auto', or ray://HOST:10001) instead of starting one")
     index.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
                        help="--engine ray: model actors (default: one per GPU of the cluster, else one per CPU)")
-    index.add_argument("--check", action="store_true",
-                       help="report what an update would do (add, re-embed, move, remove) and change nothing")
-    index.add_argument("--no-wait", action="store_true",
-                       help="if another process is writing the index, exit (code 2) instead of waiting for it")
-    _add_maintenance_commands(commands)
-    merge = commands.add_parser("merge", help="merge indexes (e.g. the shards of `clipkit index --shard`) into one")
-    merge.add_argument("out", help="the merged index folder to write (a new one; run again after an interruption, "
-                       "it goes on where it stopped)")
-    merge.add_argument("parts", nargs="+", help="index folders to merge")
-    merge.add_argument("--index-type", default="flat", metavar="TYPE", help="flat, auto or a FAISS factory string")
 
 
 def _add_search_command(commands) -> None:
