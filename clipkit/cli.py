@@ -534,7 +534,8 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
           f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
           f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
     if report.captions is not None:
-        print(f"captions: {report.captions.added} embedded, {report.captions.kept} unchanged, "
+        moved = f"{report.captions.moved} moved with their images, " if report.captions.moved else ""
+        print(f"captions: {report.captions.added} embedded, {moved}{report.captions.kept} unchanged, "
               f"{report.captions.removed} removed; {len(index.captions)} in the index")
     _print_skipped(report, skipped_log)
     for gone, count in report.orphaned.items():

@@ -87,6 +87,40 @@ def test_a_folder_sync_touches_the_folder_s_captions_only(folder, demo, tmp_path
     assert {c for c in before if not c.startswith(str(moved.resolve()) + "#") and c != stray} <= after
 
 
+def test_a_moved_folder_s_captions_go_with_it_not_embedded_again(folder, demo, tmp_path, monkeypatch, capsys):
+    """A renamed folder is re-pointed without embedding its images again; its captions move with them,
+    embeddings kept (a caption edited on the way is the one embedded anew)."""
+    import importlib
+
+    encode_module = importlib.import_module("clipkit.encode")  # (clipkit.encode is also the function)
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(folder), "--index", ix]) == 0
+    before = Index.load(ix).captions
+    old = {c: (r["caption"], v) for c, r, v in zip(before.ids(), before.get(before.ids()),
+                                                   before.embeddings(before.ids()))}
+    renamed = tmp_path / "renamed"
+    folder.rename(renamed)
+    edited = sorted(renamed.glob("*.txt"))[0]
+    edited.write_text("an edited caption\n" + "".join(line + "\n" for line in lines(edited)[1:]))
+    embedded = []
+    real = encode_module.encode_texts
+    monkeypatch.setattr(encode_module, "encode_texts", lambda texts, *a, **k: embedded.extend(texts) or real(texts, *a, **k))
+    assert main(["index", str(renamed), "--index", ix]) == 0
+    out = capsys.readouterr().out
+    assert "0 new, 0 changed), 40 moved" in out and embedded == ["an edited caption"]
+    after = Index.load(ix).captions
+    assert len(after) == len(old)  # each moved; the edited one's old text replaced by its new one
+    assert f"captions: 1 embedded, {len(old)} moved with their images, 0 unchanged, 1 removed" in out, out
+    old_root, new_root = str(folder.resolve()), str(renamed.resolve())
+    for caption_id, record, vector in zip(after.ids(), after.get(after.ids()), after.embeddings(after.ids())):
+        assert caption_id.startswith(new_root) and record["image_id"] == record["path"] == caption_id.rpartition("#")[0]
+        text, old_vector = old[old_root + caption_id[len(new_root):]]
+        if record["caption"] != "an edited caption":
+            assert record["caption"] == text and np.allclose(vector, old_vector, atol=1e-6)
+    hits = clipkit.search("an edited caption", Index.load(ix), k=1, modality="text")
+    assert hits[0].path == str(edited.with_suffix(".jpg").resolve())
+
+
 def test_image_to_text_and_text_to_text_search(folder, demo, tmp_path):
     index = Index.from_folder(folder, demo)
     image = sorted(folder.glob("*.jpg"))[3]

@@ -26,9 +26,10 @@ CAPTIONS_DIR = "captions"
 
 @dataclass
 class CaptionReport:
-    added: int = 0
+    added: int = 0  # embedded
     removed: int = 0
     kept: int = 0
+    moved: int = 0  # carried with their image to its new id (a renamed or moved file), embeddings kept
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,31 @@ def new_captions(index, model):
     return collection
 
 
+def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> int:
+    """Copy the captions of images that moved to other ids ((old id, new id) each: a renamed or moved file)
+    to the new ids, embeddings and all, so that the caption sync that follows embeds none of them again; the
+    old ones go with that sync (their images are gone). Returns how many were carried."""
+    carried = 0
+    for start in range(0, len(moves), batch):
+        new_of = {str(old): new for old, new in moves[start:start + batch]}
+        records = collection.get(captions_of_images(collection, [old for old, _ in moves[start:start + batch]]))
+        targets = {f"{new_of[image_of(r['id'])]}#{r['id'].rpartition('#')[2]}": r for r in records}
+        there = collection.find(list(targets))
+        targets = {target: r for target, r in targets.items() if target not in there}
+        if targets:
+            vectors = collection.embeddings([r["id"] for r in targets.values()])
+            collection.add(vectors, ids=list(targets), metadata=[
+                {**{k: v for k, v in r.items() if k not in ("id", "key")}, "image_id": new_of[image_of(r["id"])],
+                 "path": new_of[image_of(r["id"])]} for r in targets.values()])
+            carried += len(targets)
+    return carried
+
+
 def sync_index_captions(index, prefix: str, model, table: dict | None = None, files: bool = True,
-                        gone: Sequence = ()) -> CaptionReport | None:
+                        gone: Sequence = (), moves: Sequence[tuple] = ()) -> CaptionReport | None:
     """The captions of `index`'s images whose ids start with `prefix` (a folder's, a shard's), in step with
     their sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
+    The captions of `moves` ((old id, new id) of files renamed or moved) go with their images, not embedded.
     Folders also drop the captions of `gone` (the ids the folder's sync removed or moved to other ids) and
     of images under the prefix no longer indexed; a shard's items never move, and removing items drops
     their captions, so a shard's sync reads only its own ids. The work is the folder's, not the index's."""
@@ -211,9 +233,13 @@ def sync_index_captions(index, prefix: str, model, table: dict | None = None, fi
         if not table and not any(caption_file(i).is_file() for i in image_ids):
             return None
         collection = new_captions(index, model)
+    carried = carry_captions(collection, moves) if moves else 0
     under = collection.ids_with_prefix(prefix)
     orphans = _orphans(index, collection, under, set(image_ids), gone) if files else []
-    return sync_captions(collection, sorted(image_ids), under, model, table, files, orphans)
+    report = sync_captions(collection, sorted(image_ids), under, model, table, files, orphans)
+    report.moved = carried  # (counted by the sync as kept, and their old ids as removed)
+    report.kept, report.removed = max(report.kept - carried, 0), max(report.removed - carried, 0)
+    return report
 
 
 def _orphans(index, collection, under: list[str], synced: set, gone: Sequence) -> list[str]:

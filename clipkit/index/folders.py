@@ -75,7 +75,7 @@ class FolderSync:
             for path, reason in problems:
                 report.skip(path, reason, "missing")
             report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows,
-                                                  gone=gone)
+                                                  gone=gone, moves=report.moves)
         self.last_sync = report
         return report
 
@@ -170,8 +170,8 @@ class FolderSync:
         return captions_of(self)
 
     def _sync_captions(self, prefix: str, model, table: dict | None = None, files: bool = True,
-                       gone: list = ()) -> "CaptionReport | None":
-        return sync_index_captions(self, prefix, model, table, files, gone)
+                       gone: list = (), moves: list = ()) -> "CaptionReport | None":
+        return sync_index_captions(self, prefix, model, table, files, gone, moves)
 
     def _writable_captions(self) -> "FolderSync | None | bool":
         return writable_captions(self)

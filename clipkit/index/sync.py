@@ -40,6 +40,7 @@ class SyncReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
     orphaned: dict[str, int] = field(default_factory=dict)  # indexed folders that no longer exist -> items left
+    moves: list[tuple] = field(default_factory=list, repr=False)  # (old id, new id) of the moved files
     captions: object = None  # what syncing the caption files did (clipkit.index.captions.CaptionReport), if any
 
     @property
@@ -221,6 +222,7 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
 
     root = index._write(reorganise)
     report.moved, report.removed = len(plan.moved), len(plan.gone)
+    report.moves = [(old_id, str(path)) for old_id, path, _ in plan.moved]
     todo = plan.new + plan.changed
     paths = [p for p, _ in todo]
     batches = (engine or embed_image_files)(paths, model, batch_size=batch_size, workers=workers)
