@@ -341,7 +341,7 @@ def test_builds_tune_on_remembered_queries_or_captions(tmp_path, demo, capsys):
     assert tuned["queries"] == "sample queries" and tuned["n_queries"] == 40
 
 
-def test_damaged_parts_and_rows(tmp_path, capsys):
+def test_damaged_parts_and_rows(tmp_path, capsys, caplog):
     """A NaN, infinite or zero row is skipped (logged) and the rest of the part goes in; a truncated part, a
     1-D array or an array of objects is a one-line error naming the file (exit 2), and nothing is half-read."""
     import json
@@ -361,6 +361,18 @@ def test_damaged_parts_and_rows(tmp_path, capsys):
     assert sorted(index.ids()) == [0, 1, 3, 4, 6, 7, 8, 10, 11]
     good = vectors[index.ids()] / np.linalg.norm(vectors[index.ids()], axis=1, keepdims=True)
     np.testing.assert_allclose(index.embeddings(), good, atol=2e-3)
+    # a caption whose text embedding is NaN is left out (said), its image and the other captions go in
+    (tmp_path / "cap" / "img_emb").mkdir(parents=True)
+    (tmp_path / "cap" / "text_emb").mkdir()
+    (tmp_path / "cap" / "metadata").mkdir()
+    np.save(tmp_path / "cap" / "img_emb" / "img_emb_0.npy", vectors[:2])
+    np.save(tmp_path / "cap" / "text_emb" / "text_emb_0.npy", np.stack([vectors[2], vectors[3]]))  # row 0: a NaN
+    pq.write_table(pa.table({"image_path": ["x.jpg", "y.jpg"], "caption": ["first", "second"]}),
+                   tmp_path / "cap" / "metadata" / "metadata_0.parquet")
+    assert main(["index", str(tmp_path / "cap"), "--index", str(tmp_path / "cap-ix")]) == 0
+    assert "1 caption embedding(s) are NaN, infinite or zero" in caplog.text
+    captions = Index.load(tmp_path / "cap-ix").captions
+    assert len(Index.load(tmp_path / "cap-ix")) == 2 and captions.ids() == ["y.jpg#0"]
 
     for name, write in (("truncated", lambda p: (np.save(p, vectors[:4]), open(p, "r+b").truncate(200))),
                         ("flat", lambda p: np.save(p, vectors[0])),

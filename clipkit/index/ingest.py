@@ -189,12 +189,17 @@ def _usable(vectors: np.ndarray, keep: list[int], ids: list, file: str, offset: 
             report: SyncReport) -> tuple[list, np.ndarray]:
     """The rows of `keep` (of the chunk at `offset` in part `file`) whose embedding can be searched (finite,
     not zero); the others are reported as skipped, and the rest of the part goes in."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        good = np.isfinite(vectors).all(axis=1) & (np.einsum("ij,ij->i", vectors, vectors) > 0)
+    good = _searchable(vectors)
     for n in np.flatnonzero(~good):
         report.skip(str(ids[keep[n]]), f"{file} row {offset + keep[n]}: its embedding is NaN, infinite or zero",
                     "damaged embedding")
     return [n for n, ok in zip(keep, good) if ok], vectors[good]
+
+
+def _searchable(vectors: np.ndarray) -> np.ndarray:
+    """Which rows are finite and not zero (a direction to search by)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.isfinite(vectors).all(axis=1) & (np.einsum("ij,ij->i", vectors, vectors) > 0)
 
 
 def _records(meta: dict | None, count: int, part: Part) -> list[dict]:
@@ -238,6 +243,14 @@ def add_captions(index, image_ids: list, texts: list[str], vectors: np.ndarray |
         return 0
     if vectors is not None:
         vectors = np.asarray(vectors[chosen], dtype=np.float32)
+        good = _searchable(vectors)
+        if not good.all():
+            log.warning("%d caption embedding(s) are NaN, infinite or zero: those captions are left out (e.g. %r)",
+                        int((~good).sum()), caption_ids[int(np.flatnonzero(~good)[0])])
+            chosen, caption_ids = [n for n, ok in zip(chosen, good) if ok], [c for c, ok in zip(caption_ids, good) if ok]
+            vectors = vectors[good]
+            if not chosen:
+                return 0
     else:
         from clipkit.encode import encode_texts
 
