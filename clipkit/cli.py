@@ -880,6 +880,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             package_log.setLevel(logging.INFO)
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader of our output went away (`clipkit search ... | head -1`): not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+        return 0
     except (UsageError, ValueError, FileNotFoundError, NotADirectoryError, ClipkitError, OSError,
             sqlite3.DatabaseError) as exc:
         if isinstance(exc, sqlite3.DatabaseError):  # damage met after an index was opened

@@ -101,6 +101,11 @@ def test_real_process_exit_codes_and_no_traceback(image_folder, tmp_path, tiny_a
     bad = subprocess.run([sys.executable, "-m", "clipkit", "search", "red", "--index", str(tmp_path / "nope")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    # a reader that stops early (`clipkit search ... | head -1`): no error for what it did not read
+    piped = subprocess.Popen([sys.executable, "-m", "clipkit", "search", "red", "--index", index_path, "-k", "12"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    piped.stdout.close()
+    assert piped.wait() == 0 and piped.stderr.read() == b""
 
 
 def test_index_type_option(image_folder, tmp_path, tiny_args, capsys):

@@ -78,6 +78,37 @@ def test_index_shards_in_place(shards, demo, tmp_path, capsys):
     assert sorted(index.captions.ids()) == sorted(left) and len(left) < len(captions)
 
 
+def test_moved_shards_are_re_pointed_not_embedded_again(shards, demo, tmp_path, capsys, monkeypatch):
+    """Shards moved to another folder keep their items (new ids, the same embeddings) and captions; none is
+    embedded again, no hit comes twice; a shard that is gone and not re-found is pointed out."""
+    import importlib
+
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(shards[0].parent / "test-{000000..000002}.tar"), "--index", ix]) == 0
+    before = Index.load(ix)
+    vectors = {i[len(str(shards[0].parent.resolve())):]: v for i, v in zip(before.ids(), before.embeddings())}
+    captions = {c[len(str(shards[0].parent.resolve())):]: r["caption"]
+                for c, r in zip(before.captions.ids(), before.captions.get(before.captions.ids()))}
+    moved = tmp_path / "moved"
+    shards[0].parent.rename(moved)
+    encode = importlib.import_module("clipkit.encode")
+    monkeypatch.setattr(encode, "embed_image_files", lambda *a, **k: pytest.fail("a moved shard was embedded again"))
+    assert main(["index", str(moved / "test-{000000..000001}.tar"), "--index", ix]) == 0
+    out = capsys.readouterr()
+    assert "0 new, 0 changed), 20 moved" in out.out
+    assert f"10 item(s) of {shards[2].resolve()}, which no longer exists" in out.err  # not yet found again
+    assert main(["-q", "index", str(moved / "test-{000000..000002}.tar"), "--index", ix]) == 0
+    after = Index.load(ix)
+    root = str(moved.resolve())
+    assert len(after) == 30 and all(i.startswith(root) for i in after.ids())
+    for item_id, vector in zip(after.ids(), after.embeddings()):
+        np.testing.assert_allclose(vector, vectors[item_id[len(root):]], atol=1e-6)
+    assert {c[len(root):]: r["caption"] for c, r in zip(after.captions.ids(), after.captions.get(after.captions.ids()))} \
+        == captions
+    hits = clipkit.search("a large red square", after, k=30)
+    assert len({h.id for h in hits}) == 30 and all(h.metadata["shard"].startswith(root) for h in hits)
+
+
 def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

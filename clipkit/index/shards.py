@@ -8,6 +8,8 @@ item's `caption`, and all its captions (the `txt` member, one a line) go to the 
 Incremental: a shard whose size and mtime are those recorded when it was last read in full is skipped. A
 new or changed one is read: samples whose image member is where it was (name, offset, size) are kept,
 the others embedded, those no longer in it removed. An interrupted run therefore resumes where it stopped.
+A shard moved or renamed (a recorded shard that is gone, of the same size, whose samples all lie where the
+new one's do) is re-pointed: its items and captions take the new path, their embeddings kept.
 """
 
 from __future__ import annotations
@@ -116,7 +118,17 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
                 if on_shard is not None:
                     on_shard(path, captions)
             bar.update(1)
+    report.orphaned.update(_gone_shards(index))
     return report
+
+
+def _gone_shards(index) -> dict[str, int]:
+    """Recorded shards whose file is gone -> how many of their items are still indexed."""
+    gone = {}
+    for shard in index.store.info(SHARD_STATS, {}):
+        if not os.path.isfile(shard):
+            gone[shard] = len(index.ids_with_prefix(shard + "#"))
+    return {shard: count for shard, count in gone.items() if count}
 
 
 def _captions_lost(index, path: str) -> bool:
@@ -151,6 +163,10 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
             report.unchanged += 1
         else:
             samples.append((item_id, sample, old is not None))
+    if samples and not existing and not any(replaced for _, _, replaced in samples) and \
+            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples]):
+        report.moved += len(samples)
+        return captions
     gone = list(existing) + [item_id for item_id, _, replaced in samples if replaced]
     if gone:
         index.remove(gone)
@@ -166,6 +182,40 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
             report.added += sum(not replaced for _, _, replaced in chosen)
             report.updated += sum(replaced for _, _, replaced in chosen)
     return captions
+
+
+def _repoint_moved_shard(index, path: str, samples: list[ShardSample]) -> bool:
+    """Whether the new shard at `path` is a recorded one that moved (gone from its path, the same size, every
+    sample's image where it was, with the same caption): then its items and captions now go by `path`, their
+    embeddings kept, in one change (a kill leaves the old items or the new ones)."""
+    from clipkit.index.captions import carry_captions, writable_captions
+    from clipkit.index.store import meta_row
+
+    size = os.stat(path).st_size
+    for old, recorded in index.store.info(SHARD_STATS, {}).items():
+        if recorded[0] != size or os.path.isfile(old):
+            continue
+        items = _shard_items(index, old)
+        placed = {(s.key, s.image.name, s.image.offset, s.image.size, _first(s)) for s in samples}
+        if len(items) != len(samples) or placed != {(i[len(old) + 1:], r.get("member"), r.get("offset"),
+                                                    r.get("size"), r.get("caption")) for i, r in items.items()}:
+            continue
+        moves = [(f"{old}#{s.key}", f"{path}#{s.key}") for s in samples]
+        collection = writable_captions(index)
+        if collection:
+            carry_captions(collection, moves)
+        rows = [meta_row(_metadata(s)) for s in samples]
+
+        def change(store):
+            keys = store.keys_for([o for o, _ in moves])
+            vectors = store.vectors([keys[o] for o, _ in moves])
+            store.delete_keys(list(keys.values()))
+            store.set_info(SHARD_STATS, {k: v for k, v in store.info(SHARD_STATS, {}).items() if k != old})
+            return None, store.insert(vectors, [n for _, n in moves], rows), vectors, list(keys.values())
+
+        index._remove_with_captions(change)
+        return True
+    return False
 
 
 def _first(sample: ShardSample) -> str | None:
