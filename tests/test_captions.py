@@ -319,6 +319,28 @@ def test_caption_table_beside_a_folder_is_remembered(folder, demo, tmp_path):
     assert len(index.captions) == len(by_id)
 
 
+def test_a_moved_folder_keeps_its_caption_table(folder, demo, tmp_path, capsys):
+    """A folder indexed with a caption table inside it, then renamed: its captions move with its images and
+    the table is remembered at its new place (they were all dropped: NAME.txt was looked for instead)."""
+    for txt in folder.glob("*.txt"):
+        txt.unlink()
+    names = sorted(p.name for p in folder.glob("*.jpg"))[:6]
+    (folder / "captions.csv").write_text("image,caption\n" + "".join(f"{n},the caption of {n}\n" for n in names))
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(folder), "--index", ix, "--captions", str(folder / "captions.csv")]) == 0
+    renamed = tmp_path / "renamed"
+    folder.rename(renamed)
+    (renamed / "captions.csv").write_text("image,caption\n" + "".join(f"{n},the caption of {n}\n" for n in names)
+                                          + f"{sorted(p.name for p in renamed.glob('*.jpg'))[7]},one more\n")
+    assert main(["index", str(renamed), "--index", ix]) == 0
+    assert "captions: 1 embedded, 6 moved with their images, 0 unchanged, 0 removed" in capsys.readouterr().out
+    captions = Index.load(ix).captions
+    expected = {f"{renamed.resolve() / n}#0": f"the caption of {n}" for n in names}
+    assert {r["id"]: r["caption"] for r in captions.get(captions.ids())} == {
+        **expected, f"{renamed.resolve() / sorted(p.name for p in renamed.glob('*.jpg'))[7]}#0": "one more"}
+    assert Index.load(ix).sync_folder(renamed, demo).captions.added == 0  # remembered for the new place
+
+
 def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
     """A parquet table (img2dataset's and clip-retrieval's format) of image paths and captions, some null."""
     pq = pytest.importorskip("pyarrow.parquet")

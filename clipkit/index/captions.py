@@ -278,6 +278,33 @@ def caption_table_for(index, folder: Path, captions) -> CaptionTable | None:
     return table
 
 
+def moved_caption_table(index, folder: Path, moves: Sequence[tuple]) -> CaptionTable | None:
+    """The caption table remembered for the folder that `folder`'s moved files ((old id, new id) each) came
+    from, once that folder is gone (renamed or moved): its paths inside the old folder re-pointed into
+    `folder`, and remembered for `folder` from now on. None when there is none."""
+    from clipkit.index.sync import is_under
+
+    tables = index.store.info("caption_tables", {})
+    for old_folder, saved in tables.items():
+        old, new = next(((o, n) for o, n in moves if isinstance(o, str) and is_under(o, old_folder)), (None, None))
+        if old is None or os.path.isdir(old_folder):
+            continue
+        relative = old[len(old_folder.rstrip(os.sep)):]  # (from the separator on)
+        new_folder = new[:-len(relative)] if new.endswith(relative) else str(folder)
+
+        def moved(path: str | None) -> str | None:
+            inside = path is not None and is_under(path, old_folder)
+            return new_folder + path[len(old_folder.rstrip(os.sep)):] if inside else path
+
+        table = CaptionTable(**{**saved, "path": moved(saved["path"]), "root": moved(saved.get("root"))})
+        if os.path.isfile(table.path):
+            with index.store.transaction(bump=False):
+                index.store.set_info("caption_tables", {**{k: v for k, v in tables.items() if k != old_folder},
+                                                        str(folder): table.to_json()})
+            return table
+    return None
+
+
 def remove_with_captions(index, change):
     """`index._write(change)`, a removal, then the captions whose image went with it; a caption collection
     that cannot be changed is found out before anything is removed."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, AbstractSet, Any, Sequence
 import numpy as np
 
 import clipkit.index.sync as sync
-from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of,
+from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of, moved_caption_table,
                                     remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_items
@@ -74,6 +74,9 @@ class FolderSync:
                                           engine=engine)
             for path, reason in problems:
                 report.skip(path, reason, "missing")
+            if table is None and report.moves:  # a folder indexed with a caption table, moved: the table moves too
+                table = moved_caption_table(self, Path(folder).resolve(), report.moves)
+                rows = table.read() if table is not None else None
             report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows,
                                                   gone=gone, moves=report.moves)
         self.last_sync = report
