@@ -107,6 +107,17 @@ def test_moved_shards_are_re_pointed_not_embedded_again(shards, demo, tmp_path, 
         == captions
     hits = clipkit.search("a large red square", after, k=30)
     assert len({h.id for h in hits}) == 30 and all(h.metadata["shard"].startswith(root) for h in hits)
+    # a shard laid out exactly like a gone one (sizes, keys, captions) but with other bytes is not taken for it
+    monkeypatch.undo()
+    data = bytearray((moved / "test-000002.tar").read_bytes())
+    with tarfile.open(moved / "test-000002.tar") as tar:
+        first = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data[first.offset_data + first.size // 2] ^= 0xFF
+    (moved / "test-000002.tar").unlink()
+    (tmp_path / "forged").mkdir()
+    (tmp_path / "forged" / "test-000002.tar").write_bytes(bytes(data))
+    assert main(["index", str(tmp_path / "forged" / "test-000002.tar"), "--index", ix]) == 0
+    assert "(10 new, 0 changed), 0 moved" in capsys.readouterr().out
 
 
 def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):

@@ -14,6 +14,7 @@ new one's do) is re-pointed: its items and captions take the new path, their emb
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tarfile
@@ -108,13 +109,14 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
         for path in paths:
             stat = os.stat(path)
             recorded = index.store.info(SHARD_STATS, {})
-            if recorded.get(path) == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
+            if recorded.get(path, [])[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
                 report.unchanged += len(index.ids_with_prefix(path + "#"))
             else:
                 captions = _sync_shard(index, path, model, batch_size, report, engine)
                 with index.store.transaction(bump=False):
                     recorded = index.store.info(SHARD_STATS, {})
-                    index.store.set_info(SHARD_STATS, {**recorded, path: [stat.st_size, stat.st_mtime]})
+                    index.store.set_info(SHARD_STATS, {**recorded, path: [stat.st_size, stat.st_mtime,
+                                                                          shard_digest(path)]})
                 if on_shard is not None:
                     on_shard(path, captions)
             bar.update(1)
@@ -185,15 +187,15 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
 
 
 def _repoint_moved_shard(index, path: str, samples: list[ShardSample]) -> bool:
-    """Whether the new shard at `path` is a recorded one that moved (gone from its path, the same size, every
-    sample's image where it was, with the same caption): then its items and captions now go by `path`, their
+    """Whether the new shard at `path` is a recorded one that moved (gone from its path, the same size and
+    digest, every sample's image where it was, with the same caption): then its items and captions now go by `path`, their
     embeddings kept, in one change (a kill leaves the old items or the new ones)."""
     from clipkit.index.captions import carry_captions, writable_captions
     from clipkit.index.store import meta_row
 
-    size = os.stat(path).st_size
+    size, digest = os.stat(path).st_size, shard_digest(path)
     for old, recorded in index.store.info(SHARD_STATS, {}).items():
-        if recorded[0] != size or os.path.isfile(old):
+        if recorded[0] != size or recorded[2:] != [digest] or os.path.isfile(old):
             continue
         items = _shard_items(index, old)
         placed = {(s.key, s.image.name, s.image.offset, s.image.size, _first(s)) for s in samples}
@@ -216,6 +218,19 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample]) -> bool:
         index._remove_with_captions(change)
         return True
     return False
+
+
+def shard_digest(path: str, span: int = 1 << 20) -> str:
+    """A digest of a shard's first and last MiB (BLAKE2b): with its size, it tells a moved shard from another
+    one laid out alike."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(span))
+        size = os.fstat(handle.fileno()).st_size
+        if size > span:
+            handle.seek(max(span, size - span))
+            digest.update(handle.read(span))
+    return digest.hexdigest()
 
 
 def _first(sample: ShardSample) -> str | None:

@@ -26,7 +26,8 @@ from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, Rea
 from clipkit.index.segments import Segments, new_state
 from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
 
-SHARD_STATS = "shards"  # store info: shard path -> [size, mtime] when it was last read in full (index.shards)
+SHARD_STATS = "shards"  # store info: shard path -> [size, mtime, digest] when it was last read in full
+# (clipkit.index.shards; the digest, of its first and last MiB, is missing from shards recorded before 0.1.x)
 FORMAT = "clipkit-index"
 FORMAT_VERSION = 4  # 1: absolute paths; 2: roots; 3: vectors in segment files, not in SQLite; 4: segments
 # whose keys run without a gap have no key file (`runs`). Version 3 is read as it is (a 4 without runs), and

@@ -69,7 +69,8 @@ def _new_rows(index, rows: list[tuple], report: SyncReport) -> tuple[list, list]
     todo = [(url, caption) for url, caption in valid if url not in present]
     report.unchanged += len(valid) - len(todo)
     firsts = [(url, caption) for url, caption in valid if url in present and caption]
-    stored = set(index.captions.find([f"{url}#0" for url, _ in firsts])) if index.captions is not None else set()
+    collection = index._writable_captions() if firsts else None  # (False: damaged; said once)
+    stored = set(collection.find([f"{url}#0" for url, _ in firsts])) if collection else set()
     more += [(url, caption) for url, caption in firsts
              if caption != present[url].get("caption") or f"{url}#0" not in stored]
     return todo, more
