@@ -350,6 +350,11 @@ def cmd_index(args) -> int:
         _structure_options(args, index, model, created)
         index.save()
     _write_skipped_log(args.skipped_log, report)
+    if len(index) == 0 and not report.skipped and shard is None:
+        from clipkit.data.folder import IMAGE_EXTENSIONS
+
+        print(f"clipkit: warning: found no images in {args.folder} (files ending "
+              f"{', '.join(sorted(IMAGE_EXTENSIONS))}): the index is empty", file=sys.stderr)
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log)
         if engine is not None and engine.stats:
@@ -726,6 +731,8 @@ def cmd_search(args) -> int:
         reranker = load_reranker(args.reranker, device=args.device)
     hits = search(query, index, k=args.k, model=model, rerank=args.rerank or reranker is not None,
                   rerank_k=args.rerank_k, modality="text" if args.captions else "image", reranker=reranker)
+    if not hits and len(index) == 0:
+        print(f"clipkit: warning: {args.index} is empty: index a folder of images into it first", file=sys.stderr)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
     elif args.paths:

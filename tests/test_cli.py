@@ -242,3 +242,16 @@ def test_every_documented_command_parses(doc):
     assert lines or doc == "benchmarks/README.md"
     for line in lines:
         build_parser().parse_args(shlex.split(line)[1:])  # a UsageError names the line's problem
+
+
+def test_an_empty_folder_and_an_empty_index_are_said(tmp_path, capsys):
+    """A folder with no image files (a wrong path, the wrong level) makes an empty index: said, not silent;
+    so is a search of it."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.md").write_text("no images here")
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(tmp_path / "notes"), "--index", ix]) == 0
+    assert "found no images in" in capsys.readouterr().err
+    assert main(["search", "a red circle", "--index", ix]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "is empty: index a folder of images into it first" in captured.err
