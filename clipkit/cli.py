@@ -64,12 +64,12 @@ def _add_index_command(commands, default_model: str) -> None:
     index = commands.add_parser("index", help="index (or update the index of) a folder of images")
     index.add_argument("folder", metavar="SOURCE",
                        help="folder of images, searched recursively (captions: NAME.txt beside NAME.jpg); a caption "
-                            "table (.csv / .jsonl / .parquet) listing images and their captions; a table of image "
+                            "table (.csv / .tsv / .jsonl / .parquet) listing images and their captions; a table of image "
                             "URLs as img2dataset takes it (a 'url' column, optionally 'caption'; or .txt, one URL a "
                             "line: each image fetched, its URL the id); or webdataset shards "
                             "('shards/{000000..000009}.tar', indexed in place, captions from their txt members)")
     index.add_argument("--captions", default=None, metavar="TABLE",
-                       help="captions of the folder's images from a .csv / .jsonl / .parquet table (remembered for "
+                       help="captions of the folder's images from a .csv / .tsv / .jsonl / .parquet table (remembered for "
                             "later runs)")
     index.add_argument("--image-column", default="image", help="caption table: the image path column (default: image)")
     index.add_argument("--caption-column", default="caption",
@@ -490,6 +490,7 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
             raise UsageError("a URL table brings its own captions (its caption column); --captions is for folders")
         return None, UrlTable.of(source, args.url_column or "url", args.caption_column), None
     if source.is_file():  # a caption table: the images it lists, with its captions
+        _check_table_name(source)
         if args.captions:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")
         table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
@@ -499,6 +500,19 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
         raise FileNotFoundError(f"folder not found: {source}" if not source.exists() else f"not a folder: {source}")
     table = CaptionTable.of(args.captions, args.image_column, args.caption_column, args.root) if args.captions else None
     return source, table, None
+
+
+def _check_table_name(source: Path) -> None:
+    """A file given as SOURCE that is no table clipkit reads: say what SOURCE may be."""
+    from clipkit.index.captions import TABLE_SUFFIXES
+
+    if source.suffix.lower() in TABLE_SUFFIXES:
+        return
+    what = ("an image file: index the folder it is in" if is_image_name(source.name) else
+            "a text file whose first line is not an http(s) URL (a .txt SOURCE lists image URLs, one a line)"
+            if source.suffix.lower() == ".txt" else "no table clipkit reads")
+    raise UsageError(f"{source} is {what}; SOURCE is a folder of images, a caption or URL table (.csv, .tsv, "
+                     ".jsonl, .parquet; .txt of URLs) or webdataset shards (.tar)")
 
 
 def _prepare_index_folder(index_path: Path) -> None:

@@ -341,6 +341,23 @@ def test_a_moved_folder_keeps_its_caption_table(folder, demo, tmp_path, capsys):
     assert Index.load(ix).sync_folder(renamed, demo).captions.added == 0  # remembered for the new place
 
 
+def test_a_tsv_caption_table_and_files_that_are_no_source(folder, tmp_path, capsys):
+    """A tab-separated caption table (commas inside captions) is read like a CSV one; an image file, a .txt
+    of captions or another file given as SOURCE is a one-line error saying what SOURCE may be."""
+    name = sorted(p.name for p in folder.glob("*.jpg"))[0]
+    (folder / "captions.tsv").write_text(f"image\tcaption\n{name}\ta caption, with a comma\n")
+    assert main(["-q", "index", str(folder / "captions.tsv"), "--index", str(tmp_path / "ix")]) == 0
+    captions = Index.load(tmp_path / "ix").captions
+    assert [r["caption"] for r in captions.get(captions.ids())] == ["a caption, with a comma"]
+    for source, says in ((folder / name, "is an image file: index the folder it is in"),
+                         (folder / name.replace(".jpg", ".txt"), "first line is not an http(s) URL"),
+                         (tmp_path / "ix" / "config.json", "is no table clipkit reads")):
+        assert main(["index", str(source), "--index", str(tmp_path / "other")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "SOURCE is a folder of images" in err and err.count("\n") == 1
+    assert not (tmp_path / "other").exists()
+
+
 def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
     """A parquet table (img2dataset's and clip-retrieval's format) of image paths and captions, some null."""
     pq = pytest.importorskip("pyarrow.parquet")

@@ -164,7 +164,8 @@ def _skip(skipped: list | None, path, reason: str) -> None:
 
 def read_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
                root: str | os.PathLike | None = None) -> list[tuple[Path, list[str]]]:
-    """(image path, captions) pairs from a CSV (with a header), JSONL or parquet file; rows of one image are merged.
+    """(image path, captions) pairs from a CSV or TSV (with a header), JSONL or parquet file; rows of one image
+    are merged.
 
     Relative image paths are taken relative to `root` (default: the table's folder). In JSONL the
     caption field may be a string or a list of strings.
@@ -181,7 +182,7 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
         rows = _parquet_rows(path, image_column, caption_column)
     else:
         with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     merged: dict[Path, list[str]] = {}
     for number, row in enumerate(rows, 1):
         if image_column not in row or caption_column not in row:

@@ -48,7 +48,7 @@ class CaptionTable:
         if not Path(path).is_file():
             raise FileNotFoundError(f"caption table not found: {path}")
         if Path(path).suffix.lower() not in TABLE_SUFFIXES:
-            raise ValueError(f"{path}: a caption table is a .csv, .jsonl or .parquet file")
+            raise ValueError(f"{path}: a caption table is a .csv, .tsv, .jsonl or .parquet file")
         return cls(os.path.abspath(path), image_column, caption_column,
                    os.path.abspath(root) if root is not None else None)
 
@@ -82,7 +82,7 @@ class CaptionTable:
         return asdict(self)
 
 
-TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 
 
 def caption_file(image_path: str | Path) -> Path:
