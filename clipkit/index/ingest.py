@@ -181,7 +181,7 @@ def _more_captions(index, part: Part, model, chunk: int) -> None:
         chosen = [n for n in range(count) if images[n] in found and captions[n]]
         add_captions(index, [images[n] for n in chosen], [captions[n] for n in chosen],
                      None if vectors is None else vectors[[done + n for n in chosen]], model,
-                     lines=[rows["line"][n] for n in chosen] if "line" in rows else None)
+                     lines=[rows["line"][n] for n in chosen] if None not in rows.get("line", [None]) else None)
         done += count
 
 
