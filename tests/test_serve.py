@@ -56,7 +56,8 @@ def test_health_indices_and_openapi(client):
     info = client.get("/healthz").json()
     assert info["status"] == "ok" and info["indexes"]["photos"] == {"items": 41, "model": "clipkit-demo",
                                                                       "dim": 128, "rerank": True,
-                                                                      "captions": 0}
+                                                                      "captions": 0, "structure": "Flat",
+                                                                      "estimated_recall": None}
     assert client.get("/indices-list").json() == ["photos"]
     spec = client.get("/openapi.json").json()
     for route in ("/search", "/knn-service", "/metadata", "/image/{item_id}", "/thumbnail/{item_id}", "/healthz"):

@@ -252,7 +252,9 @@ class Service:
             "status": "ok", "version": __version__,
             "indexes": {name: {"items": len(c.index), "model": c.model.name, "dim": c.index.dim,
                                "rerank": c.model.itm is not None or self.reranker is not None,
-                               "captions": len(c.index.captions) if c.index.captions is not None else 0}
+                               "captions": len(c.index.captions) if c.index.captions is not None else 0,
+                               "structure": c.index.structure,
+                               "estimated_recall": (c.index.tuning or {}).get("estimated_recall")}
                         for name, c in self.collections.items()},
             "reranker": self.reranker.name if self.reranker is not None else None,
             "limits": {"max_k": self.config.max_k, "max_rerank_k": self.config.max_rerank_k,
