@@ -95,7 +95,9 @@ def test_moved_shards_are_re_pointed_not_embedded_again(shards, demo, tmp_path, 
     monkeypatch.setattr(encode, "embed_image_files", lambda *a, **k: pytest.fail("a moved shard was embedded again"))
     assert main(["index", str(moved / "test-{000000..000001}.tar"), "--index", ix]) == 0
     out = capsys.readouterr()
+    carried = sum(c.startswith(("/test-000000.tar#", "/test-000001.tar#")) for c in captions)
     assert "0 new, 0 changed), 20 moved" in out.out
+    assert f"captions: 0 embedded, {carried} moved with their images, 0 unchanged, 0 removed" in out.out
     assert f"10 item(s) of {shards[2].resolve()}, which no longer exists" in out.err  # not yet found again
     assert main(["-q", "index", str(moved / "test-{000000..000002}.tar"), "--index", ix]) == 0
     after = Index.load(ix)

@@ -105,6 +105,7 @@ class FolderSync:
             self._record_model(model)
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
                                  engine=engine)
+        captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)
         report.captions = captions if self._captions is not None else None
         self.last_sync = report
         return report

@@ -166,7 +166,7 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
         else:
             samples.append((item_id, sample, old is not None))
     if samples and not existing and not any(replaced for _, _, replaced in samples) and \
-            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples]):
+            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples], report):
         report.moved += len(samples)
         return captions
     gone = list(existing) + [item_id for item_id, _, replaced in samples if replaced]
@@ -186,10 +186,11 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
     return captions
 
 
-def _repoint_moved_shard(index, path: str, samples: list[ShardSample]) -> bool:
+def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: SyncReport) -> bool:
     """Whether the new shard at `path` is a recorded one that moved (gone from its path, the same size and
-    digest, every sample's image where it was, with the same caption): then its items and captions now go by `path`, their
-    embeddings kept, in one change (a kill leaves the old items or the new ones)."""
+    digest, every sample's image where it was, with the same caption): then its items and captions now go
+    by `path`, their embeddings kept (the captions first, then the items in one change: a kill leaves the
+    old items or the new ones, and no caption without its image)."""
     from clipkit.index.captions import carry_captions, writable_captions
     from clipkit.index.store import meta_row
 
@@ -205,7 +206,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample]) -> bool:
         moves = [(f"{old}#{s.key}", f"{path}#{s.key}") for s in samples]
         collection = writable_captions(index)
         if collection:
-            carry_captions(collection, moves)
+            report.captions_moved += carry_captions(collection, moves)
         rows = [meta_row(_metadata(s)) for s in samples]
 
         def change(store):

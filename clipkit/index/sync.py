@@ -41,6 +41,7 @@ class SyncReport:
     skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
     orphaned: dict[str, int] = field(default_factory=dict)  # indexed folders that no longer exist -> items left
     moves: list[tuple] = field(default_factory=list, repr=False)  # (old id, new id) of the moved files
+    captions_moved: int = 0  # captions carried with the items of moved shards
     captions: object = None  # what syncing the caption files did (clipkit.index.captions.CaptionReport), if any
 
     @property
