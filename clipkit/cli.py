@@ -132,7 +132,7 @@ def _add_index_scale_options(index) -> None:
 
 def _add_search_command(commands) -> None:
     search = commands.add_parser("search", help="search an index with a text query or an image file")
-    search.add_argument("query", help="text, or the path of an image file to search by image")
+    search.add_argument("query", help="text, or an image to search by: a file's path, or an http(s) URL (fetched)")
     search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
     search.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     search.add_argument("-k", type=_positive_int, default=10, help="number of results (default: 10)")
@@ -708,10 +708,21 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
     return 0
 
 
-def _search_query(text: str, as_text: bool) -> str | Path:
-    """QUERY as an image file (an image's name, or an existing file that decodes as one) or as text."""
+def _search_query(text: str, as_text: bool):
+    """QUERY as an image (an http(s) URL, fetched; an image's name, or an existing file that decodes as one)
+    or as text."""
+    from clipkit.data.images import ImageURL, is_url
+
     if as_text:
         return text
+    if is_url(text.strip()):  # an image on the web: fetched (20 s, 32 MB at most), searched by
+        from clipkit.encode import load_image
+        from clipkit.errors import ImageReadError
+
+        try:
+            return load_image(ImageURL(text.strip()))
+        except ImageReadError as exc:
+            raise UsageError(f"{exc} (to search for this text, add --text)") from None
     if is_image_name(text.strip()):
         if not os.path.isfile(text):
             raise FileNotFoundError(f"image file not found: {text} (to search for this text, add --text)")

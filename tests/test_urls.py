@@ -220,3 +220,17 @@ def test_a_run_stopped_between_images_and_captions_stores_them_next_time(site, t
     back = Index.load(tmp_path / "ix")
     assert {r["id"]: r["caption"] for r in back.captions.get(back.captions.ids())} == {
         f"{base}/{n}.png#0": f"picture {n}" for n in range(6)}
+
+
+def test_search_by_an_image_url(site, tmp_path, tiny_ckpt, tiny_model, capsys):
+    """`clipkit search http://.../x.png` fetches the image and searches by it (it was taken for a missing
+    file); a URL that is no image is a one-line error."""
+    root, base, handler = site
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt)]
+    assert main(["-q", "index", str(root), "--index", str(tmp_path / "ix"), *model]) == 0
+    assert main(["search", f"{base}/4.png", "--index", str(tmp_path / "ix"), "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)[0]
+    assert hit["path"] == str((root / "4.png").resolve()) and hit["score"] > 0.999
+    assert main(["search", f"{base}/notes.txt", "--index", str(tmp_path / "ix")]) == 2
+    err = capsys.readouterr().err
+    assert "not a recognised image format" in err and err.count("\n") == 1
