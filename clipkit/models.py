@@ -339,10 +339,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(
                 f"refusing to load {path}: it asks to run code ({global_name.group(1)}) while unpickling, which "
                 "weights_only=True forbids. If you trust it, re-save it as a plain state dict") from exc
-        raise CheckpointError(f"cannot read weights file {path}: not a PyTorch weights file or damaged") from exc
+        raise CheckpointError(f"cannot read weights file {path}: not a PyTorch or safetensors weights file, or "
+                              "damaged") from exc
     except Exception as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"cannot read weights file {path}: {first}") from exc
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read weights file {path}: not a PyTorch or safetensors weights file, or "
+                              f"damaged ({type(exc).__name__}{': ' + first if first else ''})") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(raw).__name__})")
     itm = None
@@ -377,8 +379,9 @@ def _fit_logit_params(clip: torch.nn.Module, state: dict) -> None:
         state["logit_bias"] = torch.zeros_like(bias)
 
 
-def load_state_into(clip: torch.nn.Module, state: dict, source: str) -> None:
-    """Load an open_clip state dict, applying open_clip's own format conversions first."""
+def load_state_into(clip: torch.nn.Module, state: dict, source: str, made_for: str | None = None) -> None:
+    """Load an open_clip state dict, applying open_clip's own format conversions first (`made_for`: the model
+    name the checkpoint records, named in the error when the weights do not fit)."""
     from open_clip.convert import convert_state_dict
     from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
@@ -394,8 +397,11 @@ def load_state_into(clip: torch.nn.Module, state: dict, source: str) -> None:
         resize_pos_embed(state, clip)
         resize_text_pos_embed(state, clip)
         clip.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"weights in {source} do not fit this model: {first_line(exc)}") from exc
+    except (RuntimeError, KeyError, ValueError, AssertionError) as exc:  # (open_clip's resizers assert)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if not line.startswith("Error(s) in loading")), type(exc).__name__)
+        hint = f"; they were made for {made_for}: pass --model {made_for}" if made_for else ""
+        raise CheckpointError(f"weights in {source} do not fit this model ({detail[:200]}){hint}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +459,7 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
         clip, preprocess, config, weights_file, recorded = _create_open_clip(name, pretrained, cache_dir)
     checkpoint = read_checkpoint(weights_file) if weights_file else None
     if checkpoint is not None:
-        load_state_into(clip, checkpoint["model"], weights_file)
+        load_state_into(clip, checkpoint["model"], weights_file, checkpoint["meta"].get("model_name"))
     clip.to(device).eval()
 
     tokenizer = open_clip.get_tokenizer(name)

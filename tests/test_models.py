@@ -74,14 +74,22 @@ def test_missing_and_unreadable_files(tmp_path):
         load_model("clipkit-tiny", pretrained=str(tmp_path / "nope.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="cannot read weights file"):
+    with pytest.raises(CheckpointError, match="cannot read weights file .*: not a PyTorch or safetensors weights"):
         load_model("clipkit-tiny", pretrained=junk)
 
 
-def test_weights_for_another_architecture_are_refused(tmp_path):
+def test_weights_for_another_architecture_are_refused(tmp_path, tiny_model):
+    """Weights of another architecture are a CheckpointError that says what does not fit (not an
+    AssertionError from open_clip's position-embedding resizer), and, for a clipkit checkpoint, which
+    model they were made for."""
     other = make_checkpoint(tmp_path / "rn.pt", name="clipkit-tiny-rn")
-    with pytest.raises(CheckpointError, match="do not fit this model"):
+    with pytest.raises(CheckpointError, match=r"do not fit this model \((Missing|Unexpected) key"):
         load_model("clipkit-tiny", pretrained=other)
+    own = tmp_path / "own.pt"
+    save_checkpoint(tiny_model, own, step=1)
+    for name in ("clipkit-tiny-rn", "ViT-B-32"):  # (ViT-B-32: open_clip's resizer asserted)
+        with pytest.raises(CheckpointError, match="they were made for clipkit-tiny: pass --model clipkit-tiny"):
+            load_model(name, pretrained=own)
 
 
 class _Evil:
