@@ -80,7 +80,7 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="caption table: the folder its relative image paths start from (default: the table's)")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
     index.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the index's model, else {default_model})")
-    index.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
+    index.add_argument("--pretrained", default=None, help="open_clip pretrained tag, a local weights file, or a `clipkit train` run folder (its latest checkpoint)")
     index.add_argument("--batch-size", type=_positive_int, default=64, help="images per encoder call (default: 64)")
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
     index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is one: "
@@ -216,7 +216,7 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--n-images", type=_positive_int, default=1000, help="synthetic: gallery size (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
     parser.add_argument("--model", default="clipkit-demo", help=f"{MODEL_HELP} (default: clipkit-demo)")
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or a local weights file")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag, a local weights file, or a `clipkit train` run folder (its latest checkpoint)")
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
     parser.add_argument("--reranker", default=None, metavar="MODEL",

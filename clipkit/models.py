@@ -563,10 +563,20 @@ def _local_weights(pretrained) -> tuple[str | None, str | None]:
     """(file to read, what the model records) for weights given as a local file (or None)."""
     if pretrained is None:
         return None, None
-    pretrained = os.fspath(pretrained)
+    pretrained = weights_in(os.fspath(pretrained))
     if not os.path.isfile(pretrained):
         raise FileNotFoundError(f"weights file not found: {pretrained}")
     return pretrained, str(Path(pretrained).resolve())
+
+
+def weights_in(path: str) -> str:
+    """`path`, or, for the folder of a `clipkit train` run (ckpt-NNNNNNN.pt files), its latest checkpoint."""
+    if os.path.isdir(path):
+        found = sorted(Path(path).glob("ckpt-[0-9]*.pt"))
+        if found:
+            log.info("%s is a training run: its latest checkpoint, %s", path, found[-1].name)
+            return str(found[-1])
+    return path
 
 
 def _load_transformers_model(name: str, pretrained, device: torch.device, precision: str) -> Model:
@@ -606,6 +616,7 @@ def _resolve_weights(name: str, pretrained, cache_dir: str | None) -> tuple[str 
         weights_file, tag_cfg = resolve_pretrained_tag(name, pretrained, cache_dir)
         return weights_file, tag_cfg, pretrained
     if looks_like_path(pretrained):
+        pretrained = weights_in(pretrained)
         if not os.path.exists(pretrained):
             raise FileNotFoundError(f"weights file not found: {pretrained}")
         return pretrained, {}, str(Path(pretrained).resolve())

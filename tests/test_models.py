@@ -92,6 +92,18 @@ def test_weights_for_another_architecture_are_refused(tmp_path, tiny_model):
             load_model(name, pretrained=own)
 
 
+def test_a_training_run_folder_gives_its_latest_checkpoint(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(load_model("clipkit-tiny"), run / "ckpt-0000002.pt", step=2)
+    save_checkpoint(tiny_model, run / "ckpt-0000010.pt", step=10)
+    loaded = load_model("clipkit-tiny", pretrained=run)
+    assert loaded.fingerprint == tiny_model.fingerprint and loaded.pretrained == str((run / "ckpt-0000010.pt").resolve())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder; pass the weights file inside it"):
+        load_model("clipkit-tiny", pretrained=tmp_path / "empty")
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned > /dev/null",))
