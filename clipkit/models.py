@@ -630,7 +630,12 @@ def load_recorded_model(info: dict | None, *, device: str | torch.device | None 
     `clipkit.search.index_model` checks its fingerprint against the index."""
     if not info:
         raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
-    return load_model(info["name"], info.get("pretrained"), device=device, precision=precision)
+    try:
+        return load_model(info["name"], info.get("pretrained"), device=device, precision=precision)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"the index was built with {info['name']} and the weights {info.get('pretrained')}, "
+                                f"which are no longer there ({exc}): put the file back (a training run's "
+                                "--keep-last may have pruned it), or pass model= loaded with the same weights") from None
 
 
 def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bool:

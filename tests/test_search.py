@@ -7,6 +7,7 @@ from PIL import Image
 
 import clipkit
 from clipkit.index import Index
+from conftest import make_checkpoint
 
 
 def test_from_folder_indexes_every_good_image_once(image_folder, tiny_model):
@@ -73,6 +74,18 @@ def test_search_with_the_index_model_after_reload(image_folder, tiny_ckpt, tmp_p
     assert loaded.model.fingerprint == model.fingerprint and len(hits) == 2
     for path in (tmp_path / "ix", str(tmp_path / "ix")):  # the index folder's path serves as the index
         assert [h.id for h in clipkit.search("a blue circle", path, k=2)] == [h.id for h in hits]
+
+
+def test_weights_gone_since_the_index_was_built_are_named(image_folder, tmp_path):
+    import shutil
+
+    weights = tmp_path / "weights.pt"
+    shutil.copy(make_checkpoint(tmp_path / "made.pt"), weights)
+    Index.from_folder(image_folder, model=clipkit.load_model("clipkit-tiny", pretrained=weights)).save(tmp_path / "ix")
+    weights.unlink()  # (pruned by a training run's --keep-last, say)
+    with pytest.raises(FileNotFoundError, match=r"built with clipkit-tiny and the weights .*weights.pt, which are no "
+                                                r"longer there"):
+        clipkit.search("a blue circle", tmp_path / "ix", k=2)
 
 
 def test_search_errors(tiny_model):
