@@ -629,8 +629,8 @@ def cmd_info(args) -> int:
              ("structure", about["structure"] + (f" (index type {about['index_type']})"
                                                  if about["index_type"] != "flat" else " (exact)"))]
     if tuning:
-        lines.append(("tuned", f"recall@10 {tuning['estimated_recall']:.3f} on {tuning['n_queries']} "
-                               f"{tuning['queries']} the choice never saw (target {tuning['target']})"))
+        lines.append(("tuned", f"recall@10 {tuning['estimated_recall']:.3f} (target {tuning['target']}), estimated "
+                               f"on the half of {tuning['n_queries']} {tuning['queries']} that the choice never saw"))
     lines += [("folders", f"{'' if f['exists'] else '(missing) '}{f['path']}") for f in about["folders"]]
     lines.append(("on disk", f"{about['bytes'] / 2**20:.1f} MiB ({about['bytes'] / max(about['items'], 1):.0f} "
                              "bytes an item)"))
