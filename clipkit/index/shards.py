@@ -103,7 +103,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions);
     `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s)."""
     paths = local_shards(urls)
-    report = SyncReport()
+    report, recorded_shards = SyncReport(), _RecordedShards(index)
     with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="shard",
               desc="indexing") as bar:
         for path in paths:
@@ -112,7 +112,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
             if recorded.get(path, [])[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
                 report.unchanged += len(index.ids_with_prefix(path + "#"))
             else:
-                captions = _sync_shard(index, path, model, batch_size, report, engine)
+                captions = _sync_shard(index, path, model, batch_size, report, engine, recorded_shards)
                 with index.store.transaction(bump=False):
                     recorded = index.store.info(SHARD_STATS, {})
                     index.store.set_info(SHARD_STATS, {**recorded, path: [stat.st_size, stat.st_mtime,
@@ -125,12 +125,33 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
 
 
 def _gone_shards(index) -> dict[str, int]:
-    """Recorded shards whose file is gone -> how many of their items are still indexed."""
-    gone = {}
-    for shard in index.store.info(SHARD_STATS, {}):
-        if not os.path.isfile(shard):
-            gone[shard] = len(index.ids_with_prefix(shard + "#"))
-    return {shard: count for shard, count in gone.items() if count}
+    """Recorded shards whose folder is gone (one look a folder, not one a shard: a LAION-size set has
+    100,000s) -> how many of their items are still indexed."""
+    shards = index.store.info(SHARD_STATS, {})
+    gone_folders = {folder for folder in {os.path.dirname(s) for s in shards} if not os.path.isdir(folder)}
+    with index._lock:
+        counts = {s: index.store.count_with_prefix(s + "#") for s in shards if os.path.dirname(s) in gone_folders}
+    return {shard: count for shard, count in counts.items() if count}
+
+
+class _RecordedShards:
+    """The recorded shards by (size, digest), read once a sync (not once a shard): where a new shard may
+    have been moved from."""
+
+    def __init__(self, index):
+        self.index, self._by_key = index, None
+
+    def gone(self, size: int, digest: str) -> list[str]:
+        """Recorded shards of this size and digest whose file is no longer there."""
+        if self._by_key is None:
+            self._by_key = {}
+            for shard, stat in self.index.store.info(SHARD_STATS, {}).items():
+                if len(stat) > 2:
+                    self._by_key.setdefault((stat[0], stat[2]), []).append(shard)
+        return [shard for shard in self._by_key.get((size, digest), []) if not os.path.isfile(shard)]
+
+    def forget(self, size: int, digest: str, shard: str) -> None:
+        self._by_key[(size, digest)].remove(shard)
 
 
 def _captions_lost(index, path: str) -> bool:
@@ -149,7 +170,8 @@ def _shard_items(index, path: str) -> dict[str, dict]:
     return {record["id"]: record for record in index.get(ids)} if ids else {}
 
 
-def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, engine=None) -> dict[str, list[str]]:
+def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, engine=None,
+                recorded: _RecordedShards | None = None) -> dict[str, list[str]]:
     from clipkit.encode import embed_image_files
 
     existing = _shard_items(index, path)
@@ -166,7 +188,8 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
         else:
             samples.append((item_id, sample, old is not None))
     if samples and not existing and not any(replaced for _, _, replaced in samples) and \
-            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples], report):
+            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples], report,
+                                 recorded or _RecordedShards(index)):
         report.moved += len(samples)
         return captions
     gone = list(existing) + [item_id for item_id, _, replaced in samples if replaced]
@@ -186,7 +209,8 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
     return captions
 
 
-def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: SyncReport) -> bool:
+def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: SyncReport,
+                         recorded: _RecordedShards) -> bool:
     """Whether the new shard at `path` is a recorded one that moved (gone from its path, the same size and
     digest, every sample's image where it was, with the same caption): then its items and captions now go
     by `path`, their embeddings kept (the captions first, then the items in one change: a kill leaves the
@@ -195,9 +219,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
     from clipkit.index.store import meta_row
 
     size, digest = os.stat(path).st_size, shard_digest(path)
-    for old, recorded in index.store.info(SHARD_STATS, {}).items():
-        if recorded[0] != size or recorded[2:] != [digest] or os.path.isfile(old):
-            continue
+    for old in recorded.gone(size, digest):
         items = _shard_items(index, old)
         placed = {(s.key, s.image.name, s.image.offset, s.image.size, _first(s)) for s in samples}
         if len(items) != len(samples) or placed != {(i[len(old) + 1:], r.get("member"), r.get("offset"),
@@ -217,6 +239,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
             return None, store.insert(vectors, [n for _, n in moves], rows), vectors, list(keys.values())
 
         index._remove_with_captions(change)
+        recorded.forget(size, digest, old)
         return True
     return False
 

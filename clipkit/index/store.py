@@ -381,6 +381,13 @@ class Store:
         rows = self.db.execute(f"SELECT id FROM items WHERE id >= ? AND id < ?{only} ORDER BY key", (prefix, upper))
         return [row[0] for row in rows]
 
+    def count_with_prefix(self, prefix: str) -> int:
+        """How many text ids start with `prefix` (a count over the id index's range; nothing listed)."""
+        if not prefix:
+            raise ValueError("an empty prefix would be every text id")
+        return int(self.db.execute("SELECT COUNT(*) FROM items WHERE id >= ? AND id < ?",
+                                   (prefix, past(prefix))).fetchone()[0])
+
     def records_by_key(self, keys: list[int]) -> dict[int, dict]:
         """key -> record ({'id', 'path', 'mtime', 'size', 'caption', ...extra}) for keys in the store (a key
         past SQLite's 64-bit integers, as a client may send, is in no store)."""
