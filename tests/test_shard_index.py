@@ -180,3 +180,27 @@ def test_shard_items_are_found_by_a_range_not_a_scan():
     plan = store.db.execute("EXPLAIN QUERY PLAN SELECT key FROM items WHERE id >= ? AND id < ? AND path IS NULL",
                             ("/s/", "/s0")).fetchall()
     assert "USING INDEX" in str(plan) and "SCAN" not in str(plan)
+
+
+def test_shard_records_of_an_older_store_move_to_their_table(shards, tmp_path, capsys):
+    """Stores before the `shards` table kept the shard records as one JSON value (rewritten after every
+    shard: quadratic over a LAION-size set). Such a store is read as it is, and its first writer moves the
+    records into the table: its shards are still known (skipped, not read again)."""
+    import json
+    import sqlite3
+
+    spec = str(shards[0].parent / "test-{000000..000002}.tar")
+    assert main(["-q", "index", spec, "--index", str(tmp_path / "ix")]) == 0
+    db = sqlite3.connect(tmp_path / "ix" / "meta.sqlite", isolation_level=None)
+    rows = db.execute("SELECT path, size, mtime FROM shards").fetchall()
+    assert len(rows) == 3
+    db.execute("DROP TABLE shards")  # as an older clipkit wrote it
+    db.execute("INSERT INTO info(name, value) VALUES ('shards', ?)", (json.dumps({p: [s, m] for p, s, m in rows}),))
+    db.close()
+    old = Index.load(tmp_path / "ix")
+    assert old.store.shard_record(rows[0][0])[:2] == [rows[0][1], rows[0][2]]  # read where it is
+    assert main(["index", spec, "--index", str(tmp_path / "ix")]) == 0
+    assert "0 new, 0 changed), 0 moved, 30 unchanged" in capsys.readouterr().out
+    db = sqlite3.connect(tmp_path / "ix" / "meta.sqlite")
+    assert sorted(db.execute("SELECT path, size, mtime FROM shards").fetchall()) == sorted(rows)
+    assert db.execute("SELECT 1 FROM info WHERE name = 'shards'").fetchone() is None

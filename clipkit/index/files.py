@@ -14,7 +14,6 @@ import os
 import stat as stat_module
 
 from clipkit.data.images import TarMember
-from clipkit.index.store import SHARD_STATS
 from clipkit.index.sync import is_under
 
 
@@ -22,7 +21,7 @@ def read_indexed(index, record: dict, source, max_bytes: int) -> bytes:
     """The bytes of `record`'s image (`source`: its file Path, or its TarMember), or a ValueError saying
     why they are not what was indexed; at most `max_bytes`."""
     if isinstance(source, TarMember):
-        recorded = index.store.info(SHARD_STATS, {}).get(source.tar)
+        recorded = index.store.shard_record(source.tar)
         if recorded is None:
             raise ValueError("its shard was never read in full (index it again)")
         with _open_regular(source.tar) as handle:

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from clipkit.data.images import TarMember
 from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards
-from clipkit.index.store import SHARD_STATS
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -108,15 +107,13 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
               desc="indexing") as bar:
         for path in paths:
             stat = os.stat(path)
-            recorded = index.store.info(SHARD_STATS, {})
-            if recorded.get(path, [])[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
+            recorded = index.store.shard_record(path) or []
+            if recorded[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
                 report.unchanged += len(index.ids_with_prefix(path + "#"))
             else:
                 captions = _sync_shard(index, path, model, batch_size, report, engine, recorded_shards)
                 with index.store.transaction(bump=False):
-                    recorded = index.store.info(SHARD_STATS, {})
-                    index.store.set_info(SHARD_STATS, {**recorded, path: [stat.st_size, stat.st_mtime,
-                                                                          shard_digest(path)]})
+                    index.store.record_shard(path, stat.st_size, stat.st_mtime, shard_digest(path))
                 if on_shard is not None:
                     on_shard(path, captions)
             bar.update(1)
@@ -127,7 +124,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
 def _gone_shards(index) -> dict[str, int]:
     """Recorded shards whose folder is gone (one look a folder, not one a shard: a LAION-size set has
     100,000s) -> how many of their items are still indexed."""
-    shards = index.store.info(SHARD_STATS, {})
+    shards = index.store.shard_records()
     gone_folders = {folder for folder in {os.path.dirname(s) for s in shards} if not os.path.isdir(folder)}
     with index._lock:
         counts = {s: index.store.count_with_prefix(s + "#") for s in shards if os.path.dirname(s) in gone_folders}
@@ -145,9 +142,9 @@ class _RecordedShards:
         """Recorded shards of this size and digest whose file is no longer there."""
         if self._by_key is None:
             self._by_key = {}
-            for shard, stat in self.index.store.info(SHARD_STATS, {}).items():
-                if len(stat) > 2:
-                    self._by_key.setdefault((stat[0], stat[2]), []).append(shard)
+            for shard, (recorded_size, _, recorded_digest) in self.index.store.shard_records().items():
+                if recorded_digest is not None:
+                    self._by_key.setdefault((recorded_size, recorded_digest), []).append(shard)
         return [shard for shard in self._by_key.get((size, digest), []) if not os.path.isfile(shard)]
 
     def forget(self, size: int, digest: str, shard: str) -> None:
@@ -235,7 +232,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
             keys = store.keys_for([o for o, _ in moves])
             vectors = store.vectors([keys[o] for o, _ in moves])
             store.delete_keys(list(keys.values()))
-            store.set_info(SHARD_STATS, {k: v for k, v in store.info(SHARD_STATS, {}).items() if k != old})
+            store.forget_shards([old])
             return None, store.insert(vectors, [n for _, n in moves], rows), vectors, list(keys.values())
 
         index._remove_with_captions(change)

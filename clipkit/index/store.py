@@ -26,8 +26,7 @@ from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, Rea
 from clipkit.index.segments import Segments, new_state
 from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
 
-SHARD_STATS = "shards"  # store info: shard path -> [size, mtime, digest] when it was last read in full
-# (clipkit.index.shards; the digest, of its first and last MiB, is missing from shards recorded before 0.1.x)
+SHARD_STATS = "shards"  # stores before the `shards` table: store info, shard path -> [size, mtime] (JSON)
 FORMAT = "clipkit-index"
 FORMAT_VERSION = 4  # 1: absolute paths; 2: roots; 3: vectors in segment files, not in SQLite; 4: segments
 # whose keys run without a gap have no key file (`runs`). Version 3 is read as it is (a 4 without runs), and
@@ -42,6 +41,11 @@ META_COLUMNS = ("path", "mtime", "size", "caption")
 # the schema get it at their first write (Store.add_missing_indexes)
 _ROOTLESS_INDEX = "CREATE INDEX IF NOT EXISTS items_rootless_path ON items(path) WHERE root IS NULL AND path IS NOT NULL"
 
+# each webdataset shard read in full (clipkit.index.shards): its size and mtime then, and a digest of its first
+# and last MiB (None for shards recorded before digests); stores made before it get it at their first write
+_SHARDS_TABLE = ("CREATE TABLE IF NOT EXISTS shards (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime REAL NOT "
+                 "NULL, digest TEXT)")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     key INTEGER PRIMARY KEY,      -- the FAISS id: never reused, and an item's embedding never changes under it
@@ -55,7 +59,7 @@ CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- keys removed, with the generation that removed them: readers catching up read what went since theirs
 CREATE TABLE IF NOT EXISTS removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS removed_generation ON removed(generation);
-""" + _ROOTLESS_INDEX + ";\n"
+""" + _ROOTLESS_INDEX + ";\n" + _SHARDS_TABLE + ";\n"
 # the queries builds tune on (Index.build's sample_queries, remembered); created when first given
 _TUNE_QUERIES_TABLE = "CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)"
 
@@ -155,11 +159,50 @@ class Store:
             raise BrokenIndexError(f"the store {file} is damaged ({exc}); rebuild the index") from exc
 
     def add_missing_indexes(self) -> None:
-        """Under the writer lock: the SQL indexes a store made by an earlier clipkit lacks (one pass over the
-        items, once; until then the queries that want them scan)."""
-        if self.readonly or self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_rootless_path'").fetchone():
+        """Under the writer lock: the SQL indexes and tables a store made by an earlier clipkit lacks (one pass
+        over the items, once; until then the queries that want them scan), and the shard records moved from
+        the store info into their table (one transaction: readers see them in one place or the other)."""
+        if self.readonly:
             return
-        self.db.execute(_ROOTLESS_INDEX)
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_rootless_path'").fetchone():
+            self.db.execute(_ROOTLESS_INDEX)
+        if not self._has_shards_table() or self.info(SHARD_STATS) is not None:
+            with self.transaction(bump=False):
+                self.db.execute(_SHARDS_TABLE)
+                self.db.executemany("INSERT OR REPLACE INTO shards(path, size, mtime, digest) VALUES (?, ?, ?, ?)",
+                                    [(path, stat[0], stat[1], None) for path, stat in self.info(SHARD_STATS, {}).items()])
+                self.db.execute("DELETE FROM info WHERE name = ?", (SHARD_STATS,))
+
+    def _has_shards_table(self) -> bool:
+        if not getattr(self, "_shards_table", False):
+            self._shards_table = bool(self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'shards'").fetchone())
+        return self._shards_table
+
+    # -- the shards read in full (clipkit.index.shards) --------------------------------------------------
+
+    def shard_record(self, path: str) -> list | None:
+        """[size, mtime, digest or None] recorded when the shard at `path` was last read in full, or None."""
+        if not self._has_shards_table():  # a store no writer of this version opened yet (read-only here)
+            recorded = self.info(SHARD_STATS, {}).get(path)
+            return [*recorded[:2], None] if recorded else None
+        row = self.db.execute("SELECT size, mtime, digest FROM shards WHERE path = ?", (path,)).fetchone()
+        return list(row) if row else None
+
+    def shard_records(self) -> dict[str, list]:
+        """Every recorded shard: path -> [size, mtime, digest or None]."""
+        if not self._has_shards_table():
+            return {path: [*stat[:2], None] for path, stat in self.info(SHARD_STATS, {}).items()}
+        return {path: [size, mtime, digest] for path, size, mtime, digest in
+                self.db.execute("SELECT path, size, mtime, digest FROM shards")}
+
+    def record_shard(self, path: str, size: int, mtime: float, digest: str | None) -> None:
+        """Inside a transaction (under the writer lock, which made the table): the shard was read in full."""
+        self.db.execute("INSERT OR REPLACE INTO shards(path, size, mtime, digest) VALUES (?, ?, ?, ?)",
+                        (path, size, mtime, digest))
+
+    def forget_shards(self, paths: list[str]) -> None:
+        """Inside a transaction: drop these shards' records (indexing one again reads it anew)."""
+        self.db.executemany("DELETE FROM shards WHERE path = ?", [(path,) for path in paths])
 
     def require_writable(self) -> None:
         if self.readonly:

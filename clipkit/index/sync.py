@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from clipkit.data.folder import scan_images
 from clipkit.data.images import failure_kind
-from clipkit.index.store import SHARD_STATS, Store
+from clipkit.index.store import Store
 
 log = logging.getLogger("clipkit.index")
 
@@ -279,6 +279,4 @@ def _gone(shard: str) -> bool:
 def _forget_shards(store: Store, chosen) -> None:
     """Inside a transaction: forget the recorded sizes and mtimes of the shards `chosen(shard path)` picks
     (so indexing such a shard again reads it anew)."""
-    recorded = store.info(SHARD_STATS, {})
-    if any(chosen(shard) for shard in recorded):
-        store.set_info(SHARD_STATS, {shard: stat for shard, stat in recorded.items() if not chosen(shard)})
+    store.forget_shards([shard for shard in store.shard_records() if chosen(shard)])
