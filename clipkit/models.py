@@ -569,10 +569,18 @@ def _local_weights(pretrained) -> tuple[str | None, str | None]:
     return pretrained, str(Path(pretrained).resolve())
 
 
+_RUN_CHECKPOINT = re.compile(r"^ckpt-(\d{7})\.pt$")  # what `clipkit train` writes into its run folder
+
+
+def checkpoint_paths(out: Path) -> list[Path]:
+    """The checkpoints of a `clipkit train` run folder, oldest first."""
+    return sorted(p for p in out.glob("ckpt-*.pt") if _RUN_CHECKPOINT.match(p.name))
+
+
 def weights_in(path: str) -> str:
     """`path`, or, for the folder of a `clipkit train` run (ckpt-NNNNNNN.pt files), its latest checkpoint."""
     if os.path.isdir(path):
-        found = sorted(Path(path).glob("ckpt-[0-9]*.pt"))
+        found = checkpoint_paths(Path(path))
         if found:
             log.info("%s is a training run: its latest checkpoint, %s", path, found[-1].name)
             return str(found[-1])

@@ -94,6 +94,12 @@ def image_of(caption_id: str) -> str:
     return caption_id.rpartition("#")[0]
 
 
+def caption_line(caption_id: str) -> int:
+    """The line of a caption item (`IMAGE_ID#LINE`; 0 where it is no number)."""
+    line = caption_id.rpartition("#")[2]
+    return int(line) if line.isdigit() else 0
+
+
 def first_captions(collection, image_ids: list) -> dict:
     """image id -> the record of its first caption (`IMAGE_ID#0`) in the caption `collection` (None: no
     captions), for those of `image_ids` that have one."""

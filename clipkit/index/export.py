@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_json, atomic_write_with
-from clipkit.index.captions import captions_of_images, first_captions
+from clipkit.index.captions import caption_line, captions_of_images, first_captions
 from clipkit.index.sync import is_under
 from clipkit.index.vectors import damaged_rows
 
@@ -150,19 +150,15 @@ def _write_more_captions(collection, out: Path, number: int, ids: list, id_types
     """The captions of `ids` past their first (`IMAGE_ID#0`), in line order, and their embeddings."""
     position = {(type(i), i): n for n, i in enumerate(ids)}
 
-    def line(record: dict) -> int:
-        number = record["id"].rpartition("#")[2]
-        return int(number) if number.isdigit() else 0
-
     def place(record: dict) -> tuple[int, int]:
-        return position[type(record["image_id"]), record["image_id"]], line(record)
+        return position[type(record["image_id"]), record["image_id"]], caption_line(record["id"])
 
     chosen = dict.fromkeys(c for c in captions_of_images(collection, ids) if not c.endswith("#0"))
     records = sorted((r for r in collection.get(list(chosen)) if (type(r.get("image_id")), r.get("image_id"))
                       in position), key=place)
     chosen = [r["id"] for r in records]
     table = pa.table({**_id_columns("image_id", [r["image_id"] for r in records], id_types),
-                      "line": [line(r) for r in records], "caption": [r.get("caption") for r in records]})
+                      "line": [caption_line(r["id"]) for r in records], "caption": [r.get("caption") for r in records]})
     atomic_write_with(out / "captions" / f"captions_{number}.parquet", lambda tmp: pq.write_table(table, tmp))
     vectors = collection.embeddings(chosen) if chosen else np.zeros((0, collection.dim), np.float32)
     _save_npy(out / "captions" / f"text_emb_{number}.npy", vectors.astype(np.float16))

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from clipkit.index.captions import new_captions
+from clipkit.index.captions import caption_line, captions_of_images, image_of, new_captions
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -277,13 +277,10 @@ def _after_last_lines(collection, image_ids: list, texts: list[str], fresh: set)
 def _captions_known(collection, image_ids: list) -> tuple[set, dict[str, int]]:
     """({(image id, caption text)} of `image_ids`' captions in `collection` (None: none), {image id as text:
     its last caption line}); caption ids are `IMAGE_ID#LINE`, so 5 and "5" number their lines together."""
-    from clipkit.index.captions import captions_of_images
-
     have, lines = set(), {}
     if collection is None or not image_ids:
         return have, lines
     for record in collection.get(list(dict.fromkeys(captions_of_images(collection, image_ids)))):
-        image, _, line = record["id"].rpartition("#")
         have.add((record.get("image_id"), record.get("caption")))
-        lines[image] = max(lines.get(image, -1), int(line) if line.isdigit() else 0)
+        lines[image_of(record["id"])] = max(lines.get(image_of(record["id"]), -1), caption_line(record["id"]))
     return have, lines

@@ -132,23 +132,26 @@ def _gone_shards(index) -> dict[str, int]:
 
 
 class _RecordedShards:
-    """The recorded shards by (size, digest), read once a sync (not once a shard): where a new shard may
+    """The recorded shards by size and digest, read once a sync (not once a shard): where a new shard may
     have been moved from."""
 
     def __init__(self, index):
-        self.index, self._by_key = index, None
+        self.index, self._by_size = index, None
 
-    def gone(self, size: int, digest: str) -> list[str]:
-        """Recorded shards of this size and digest whose file is no longer there."""
-        if self._by_key is None:
-            self._by_key = {}
-            for shard, (recorded_size, _, recorded_digest) in self.index.store.shard_records().items():
-                if recorded_digest is not None:
-                    self._by_key.setdefault((recorded_size, recorded_digest), []).append(shard)
-        return [shard for shard in self._by_key.get((size, digest), []) if not os.path.isfile(shard)]
+    def gone(self, path: str) -> list[str]:
+        """The recorded shards whose file is no longer there and whose size and digest are
+        those of the shard at `path` (its digest is read only when some recorded shard has its size)."""
+        if self._by_size is None:
+            self._by_size = {}
+            for shard, (size, _, digest) in self.index.store.shard_records().items():
+                if digest is not None:
+                    self._by_size.setdefault(size, []).append((shard, digest))
+        candidates = self._by_size.get(os.stat(path).st_size, [])
+        digest = shard_digest(path) if candidates else None
+        return [shard for shard, d in candidates if d == digest and not os.path.isfile(shard)]
 
-    def forget(self, size: int, digest: str, shard: str) -> None:
-        self._by_key[(size, digest)].remove(shard)
+    def forget(self, size: int, shard: str) -> None:
+        self._by_size[size] = [(s, d) for s, d in self._by_size[size] if s != shard]
 
 
 def _captions_lost(index, path: str) -> bool:
@@ -215,8 +218,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
     from clipkit.index.captions import carry_captions, writable_captions
     from clipkit.index.store import meta_row
 
-    size, digest = os.stat(path).st_size, shard_digest(path)
-    for old in recorded.gone(size, digest):
+    for old in recorded.gone(path):
         items = _shard_items(index, old)
         placed = {(s.key, s.image.name, s.image.offset, s.image.size, _first(s)) for s in samples}
         if len(items) != len(samples) or placed != {(i[len(old) + 1:], r.get("member"), r.get("offset"),
@@ -236,7 +238,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
             return None, store.insert(vectors, [n for _, n in moves], rows), vectors, list(keys.values())
 
         index._remove_with_captions(change)
-        recorded.forget(size, digest, old)
+        recorded.forget(os.stat(path).st_size, old)
         return True
     return False
 

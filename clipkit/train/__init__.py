@@ -36,13 +36,12 @@ from clipkit.itm import (build_itm_head, encode_image_tokens, encode_text_tokens
                          tower_widths)
 from clipkit.data.synthetic import RELATION_TARGETS
 from clipkit.losses import info_nce, itm_loss, relation_loss, sigmoid_loss
-from clipkit.models import CHECKPOINT_FORMAT, Model, cuda_half_dtype, load_model, resolve_device
+from clipkit.models import CHECKPOINT_FORMAT, Model, checkpoint_paths, cuda_half_dtype, load_model, resolve_device
 from clipkit.train.schedule import cosine_schedule
 
 log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100)
-_CKPT = re.compile(r"^ckpt-(\d{7})\.pt$")
 
 
 class TrainingDiverged(ClipkitError):
@@ -265,10 +264,6 @@ def validation_set(config: TrainConfig):
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def checkpoint_paths(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("ckpt-*.pt") if _CKPT.match(p.name))
 
 
 def save_training_checkpoint(path: Path, state: dict, keep_last: int) -> None:
