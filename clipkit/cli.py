@@ -709,37 +709,28 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
 
 
 def _search_query(text: str, as_text: bool):
-    """QUERY as an image (an http(s) URL, fetched; an image's name, or an existing file that decodes as one)
-    or as text."""
-    from clipkit.data.images import ImageURL, is_url
+    """QUERY as an image (an http(s) URL, fetched within the URL limits; an image's name; an existing file
+    that decodes as one, decoded here once) or as text."""
+    from clipkit.data.images import ImageURL, is_url, read_image
+    from clipkit.errors import ImageReadError
 
     if as_text:
         return text
-    if is_url(text.strip()):  # an image on the web: fetched (20 s, 32 MB at most), searched by
-        from clipkit.encode import load_image
-        from clipkit.errors import ImageReadError
-
-        try:
-            return load_image(ImageURL(text.strip()))
-        except ImageReadError as exc:
-            raise UsageError(f"{exc} (to search for this text, add --text)") from None
-    if is_image_name(text.strip()):
+    if is_image_name(text.strip()) and not is_url(text.strip()):
         if not os.path.isfile(text):
             raise FileNotFoundError(f"image file not found: {text} (to search for this text, add --text)")
         return Path(text)
     if os.path.isdir(text):
         raise UsageError(f"{text} is a folder: search takes one image file or a text (to search for this text, "
                          "add --text)")
-    if os.path.isfile(text):
-        from clipkit.data.images import read_image
-        from clipkit.errors import ImageReadError
+    try:
+        if is_url(text.strip()):
+            from clipkit.encode import load_image
 
-        try:
-            read_image(text)
-        except ImageReadError as exc:
-            raise UsageError(f"{exc} (to search for this text, add --text)") from None
-        return Path(text)
-    return text
+            return load_image(ImageURL(text.strip()))
+        return read_image(text) if os.path.isfile(text) else text
+    except ImageReadError as exc:
+        raise UsageError(f"{exc} (to search for this text, add --text)") from None
 
 
 def cmd_search(args) -> int:
