@@ -204,3 +204,21 @@ def test_shard_records_of_an_older_store_move_to_their_table(shards, tmp_path, c
     db = sqlite3.connect(tmp_path / "ix" / "meta.sqlite")
     assert sorted(db.execute("SELECT path, size, mtime FROM shards").fetchall()) == sorted(rows)
     assert db.execute("SELECT 1 FROM info WHERE name = 'shards'").fetchone() is None
+
+
+def test_a_merge_carries_the_shard_records_so_its_shards_are_not_read_again(shards, tmp_path, capsys, monkeypatch):
+    """Shards indexed into several indexes and merged are known to the merged index: indexing the whole set
+    into it reads none of them again (at LAION size, days of reading for nothing)."""
+    folder = shards[0].parent
+    assert main(["-q", "index", str(folder / "test-{000000..000001}.tar"), "--index", str(tmp_path / "p0")]) == 0
+    assert main(["-q", "index", str(shards[2]), "--index", str(tmp_path / "p1")]) == 0
+    assert main(["-q", "merge", str(tmp_path / "m"), str(tmp_path / "p0"), str(tmp_path / "p1")]) == 0
+    merged = Index.load(tmp_path / "m")
+    assert sorted(merged.store.shard_records()) == sorted(str(s.resolve()) for s in shards)
+
+    def unread(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr("clipkit.index.shards.read_shard", unread)
+    assert main(["index", str(folder / "test-{000000..000002}.tar"), "--index", str(tmp_path / "m")]) == 0
+    assert "0 new, 0 changed), 0 moved, 30 unchanged" in capsys.readouterr().out

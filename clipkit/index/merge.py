@@ -36,8 +36,10 @@ def merge(cls, parts: Sequence, *, out: str | os.PathLike | None = None, index_t
     resume = merged.store.info("merge_done", 0)
     for number, part in enumerate(loaded[resume:], resume):
         _add_part(merged, part, chunk, resume=number == resume)
-        if out is not None:
-            with merged.store.transaction(bump=False):
+        with merged.store.transaction(bump=False):
+            for shard, (size, mtime, digest) in part.store.shard_records().items():
+                merged.store.record_shard(shard, size, mtime, digest)  # read in full: not read again
+            if out is not None:
                 merged.store.set_info("merge_done", number + 1)
     if index_type != "flat":
         merged.build()
