@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from clipkit.data.captions import synthetic_set
-from clipkit.models import SCRATCH, WEIGHTS_DIR, export_compact, load_model
+from clipkit.bundled import WEIGHTS_DIR
+from clipkit.models import SCRATCH, export_compact, load_model
 from clipkit.data.synthetic import binding_pairs
 from clipkit.evaluate import binding_table, binding, evaluate
 from clipkit.rerank_train import (KINDS, RerankConfig, cache_gallery, fit_weights, train_rerank_head,

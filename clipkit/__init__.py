@@ -12,6 +12,7 @@ import types
 import sys
 
 __version__ = "0.1.0"
+DEFAULT_MODEL = "clipkit-demo"  # the bundled, offline model: used wherever no model is named
 
 _HOMES = {"encode": "clipkit.encode", "ClipkitError": "clipkit.errors", "Index": "clipkit.index",
           "recall_at_k": "clipkit.metrics", "Model": "clipkit.models", "list_models": "clipkit.models",

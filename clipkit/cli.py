@@ -28,9 +28,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clipkit import __version__
-    from clipkit.models import DEFAULT_MODEL
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The CLI's parser. `command`: the one command that will be parsed (None: none, only the global flags);
+    the options of eval, train and train-rerank come from modules that import torch, so they are added only
+    when that command, or every command ("*"), is parsed: `clipkit info` starts in a fraction of the time."""
+    from clipkit import DEFAULT_MODEL, __version__
 
     parser = _Parser(prog="clipkit", description="Contrastive image-text embeddings and cross-modal retrieval.")
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
@@ -40,17 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_command(commands, DEFAULT_MODEL)
     _add_search_command(commands)
     _add_data_commands(commands)
-    _add_eval_arguments(commands.add_parser("eval", help="Recall@1/5/10 both ways, ITC and ITM re-ranked "
-                                                          "(same as benchmarks/retrieval.py)"))
-    _add_train_arguments(commands.add_parser("train", help="train a dual encoder (+ ITM head) on shards or "
-                                                           "synthetic data"))
-    _add_rerank_arguments(commands.add_parser(
-        "train-rerank", help="fit a re-ranking head (late-interaction, or the model's fusion ITM head) on a trained "
-                             "model's frozen towers"))
+    heavy = {"eval": ("Recall@1/5/10 both ways, ITC and ITM re-ranked (same as benchmarks/retrieval.py)",
+                      _add_eval_arguments),
+             "train": ("train a dual encoder (+ ITM head) on shards or synthetic data", _add_train_arguments),
+             "train-rerank": ("fit a re-ranking head (late-interaction, or the model's fusion ITM head) on a trained "
+                              "model's frozen towers", _add_rerank_arguments)}
+    for name, (help_text, add_arguments) in heavy.items():
+        sub = commands.add_parser(name, help=help_text)
+        if command in ("*", name):
+            add_arguments(sub)
     _add_serve_command(commands)
-    for command in commands.choices.values():  # `clipkit index -q ...` works as `clipkit -q index ...` does
-        _add_global_flags(command)
+    for sub in commands.choices.values():  # `clipkit index -q ...` works as `clipkit -q index ...` does
+        _add_global_flags(sub)
     return parser
+
+
+def _command_in(words: list[str]) -> str | None:
+    """The command `words` (the CLI's arguments) name: the first that is not an option."""
+    return next((word for word in words if not word.startswith("-")), None)
 
 
 def _add_global_flags(command) -> None:
@@ -612,8 +621,8 @@ def cmd_roots(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from clipkit.bundled import bundled_models
     from clipkit.index import Index
-    from clipkit.models import bundled_models
 
     about = Index.load(args.index).describe()
     if args.json:
@@ -895,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     verbose = "-v" in words or "--verbose" in words
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command_in(words)).parse_args(words)
         if args.command is None:
             raise UsageError(f"a command is required: {', '.join(COMMANDS)} (see `clipkit --help`)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -29,6 +29,8 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from clipkit import DEFAULT_MODEL
+from clipkit.bundled import CONFIG_DIR, bundled_models
 from clipkit._net import hf_hub_host, hub_cached, offline_forced, reachable, require_hub
 from clipkit.errors import CheckpointError, OfflineError, first_line
 from clipkit.itm.heads import build_head_from_config
@@ -36,8 +38,6 @@ from clipkit.itm.states import exact_text_length, text_forward
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 CHECKPOINT_FORMAT = "clipkit-checkpoint"
 #: `pretrained=SCRATCH`: the fixed-seed random initialisation, even for a model with bundled weights.
 SCRATCH = "scratch"
@@ -45,8 +45,6 @@ SCRATCH = "scratch"
 #: from those towers' own pretrained weights (timm / Hugging Face hub, or their caches), e.g. BERT + ResNet-50.
 TOWERS = "towers"
 HF_HUB_PREFIX = "hf-hub:"  # open_clip's own hub names: hf-hub:ORG/REPO
-#: Used by the CLI when no --model is given.
-DEFAULT_MODEL = "clipkit-demo"
 _INIT_SEED = 0
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -164,13 +162,6 @@ def _apply_extensions(clip: torch.nn.Module, name: str) -> None:
         from clipkit.conv_stem import apply_conv_stem
 
         apply_conv_stem(clip, extensions["conv_stem"])
-
-
-def bundled_models() -> dict[str, Path]:
-    """Models whose weights ship inside the package: name -> weights file."""
-    if not WEIGHTS_DIR.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt")) if (CONFIG_DIR / f"{p.stem}.json").exists()}
 
 
 def list_models() -> list[str]:

@@ -236,12 +236,42 @@ def test_every_documented_command_parses(doc):
     """Each `clipkit` command the docs show is one the CLI takes (an option renamed breaks this, not users)."""
     import shlex
 
-    from clipkit.cli import build_parser
+    from clipkit.cli import _command_in, build_parser
 
     lines = list(_documented_commands((Path(__file__).parent.parent / doc).read_text()))
     assert lines or doc == "benchmarks/README.md"
     for line in lines:
-        build_parser().parse_args(shlex.split(line)[1:])  # a UsageError names the line's problem
+        words = shlex.split(line)[1:]
+        build_parser(_command_in(words)).parse_args(words)  # as main parses it; a UsageError names the problem
+
+
+def test_commands_that_use_no_model_start_without_torch(tmp_path, capsys):
+    """`clipkit --help`, `info`, `roots` and the --help of every command load neither torch nor the model
+    libraries (seconds on a small machine): only the command that is run builds its options."""
+    index = Index(4)
+    index.add(np.eye(4, dtype=np.float32), ids=["a", "b", "c", "d"])
+    index.save(tmp_path / "ix")
+    script = ("import sys, contextlib, io\n"
+              "from clipkit.cli import main\n"
+              "for argv in sys.argv[1:]:\n"
+              "    with contextlib.redirect_stdout(io.StringIO()):\n"
+              "        try:\n"
+              "            assert main(argv.split()) == 0, argv\n"
+              "        except SystemExit as exit:\n"
+              "            assert exit.code == 0, argv\n"
+              "heavy = sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules)\n"
+              "print(heavy)\n")
+    lines = ["--version", "--help", f"info {tmp_path / 'ix'}", f"-q roots --index {tmp_path / 'ix'}", "search --help",
+             "index --help", "serve --help", "remove --help", "merge --help"]
+    done = subprocess.run([sys.executable, "-c", script, *lines], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert main(["eval", "--n-images", "x"]) == 2  # the heavy commands still get their options when run
+    assert main(["-q", "train", "--steps", "x"]) == 2
+    assert main(["train-rerank", "--gallery-size", "x"]) == 2
+    errors = capsys.readouterr().err
+    assert "--n-images: 'x' is not an integer" in errors and "--steps: invalid int" in errors
+    assert "--gallery-size: invalid int" in errors
 
 
 def test_an_empty_folder_and_an_empty_index_are_said(tmp_path, capsys):

@@ -5,7 +5,8 @@ from PIL import Image
 
 import clipkit
 from clipkit.cli import main
-from clipkit.models import SCRATCH, bundled_models, export_compact, load_model, read_checkpoint
+from clipkit.bundled import bundled_models
+from clipkit.models import SCRATCH, export_compact, load_model, read_checkpoint
 
 pytestmark = pytest.mark.skipif("clipkit-demo" not in bundled_models(), reason="demo weights not bundled")
 

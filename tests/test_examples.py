@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clipkit.models import bundled_models
+from clipkit.bundled import bundled_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -256,7 +256,7 @@ def test_open_clip_hf_hub_names_load_from_the_hub_cache(tmp_path):
     import subprocess
     import sys
 
-    from clipkit.models import CONFIG_DIR
+    from clipkit.bundled import CONFIG_DIR
 
     weights = make_checkpoint(tmp_path / "tiny.pt", seed=7)
     repo = tmp_path / "hub" / "models--someone--tiny-open-clip"

@@ -23,7 +23,7 @@ import open_clip  # noqa: E402
 
 import clipkit  # noqa: E402
 from clipkit.itm import encode_image_tokens, encode_text_tokens, tower_widths  # noqa: E402
-from clipkit.models import CONFIG_DIR  # noqa: E402
+from clipkit.bundled import CONFIG_DIR  # noqa: E402
 from conftest import draw_shape  # noqa: E402
 
 NAME = "test-bert-resnet"
