@@ -185,6 +185,8 @@ def _add_data_commands(commands) -> None:
     shards.add_argument("--image-column", default="image", help="table source: the image path column (default: image)")
     shards.add_argument("--caption-column", default="caption",
                         help="table source: the caption column (default: caption)")
+    shards.add_argument("--skipped-log", default=None, metavar="FILE",
+                        help="write the files that could not be read, with why, as JSON lines")
 
 
 def _add_serve_command(commands) -> None:
@@ -358,7 +360,7 @@ def cmd_index(args) -> int:
             report = _sync_source(args, index, model, (folder, table, include), shard, engine)
         _structure_options(args, index, model, created)
         index.save()
-    _write_skipped_log(args.skipped_log, report)
+    _write_skipped_log(args.skipped_log, report.skipped)
     if len(index) == 0 and not report.skipped and shard is None:
         from clipkit.data.folder import IMAGE_EXTENSIONS
 
@@ -473,13 +475,13 @@ def _index_embeddings(args) -> int:
         model = None
         _structure_options(args, index, None, False, queries)
         index.save()
-    _write_skipped_log(args.skipped_log, report)
+    _write_skipped_log(args.skipped_log, report.skipped)
     if not args.quiet:
         captions = len(index.captions) if index.captions is not None else 0
         print(f"ingested {report.added} embedding(s), {report.unchanged} already in, {_skipped_summary(report)}; "
               f"{len(index)} in {index_path} ({index.structure}), {captions} caption(s)"
               + ("" if index.model_info else "; no model recorded: pass --model NAME for text queries"))
-        _print_skipped(report, args.skipped_log)
+        _print_skipped(report.skipped, args.skipped_log)
     return 0
 
 
@@ -565,7 +567,7 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
         moved = f"{report.captions.moved} moved with their images, " if report.captions.moved else ""
         print(f"captions: {report.captions.added} embedded, {moved}{report.captions.kept} unchanged, "
               f"{report.captions.removed} removed; {len(index.captions)} in the index")
-    _print_skipped(report, skipped_log)
+    _print_skipped(report.skipped, skipped_log)
     for gone, count in report.orphaned.items():
         print(f"  {count} item(s) of {gone}, which no longer exists, are still indexed: index its new place to "
               f"re-point them, or drop them with `clipkit remove --missing --index {index_path}`", file=sys.stderr)
@@ -676,20 +678,20 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _write_skipped_log(skipped_log: str | None, report) -> None:
+def _write_skipped_log(skipped_log: str | None, skipped: list[tuple[str, str]]) -> None:
     if skipped_log:
         from clipkit._io import atomic_write_bytes
 
         atomic_write_bytes(skipped_log, "".join(json.dumps({"path": path, "reason": reason}, ensure_ascii=False)
-                                               + "\n" for path, reason in report.skipped).encode())
+                                               + "\n" for path, reason in skipped).encode())
 
 
-def _print_skipped(report, skipped_log: str | None) -> None:
-    for path, reason in report.skipped[:20]:
+def _print_skipped(skipped: list[tuple[str, str]], skipped_log: str | None) -> None:
+    for path, reason in skipped[:20]:
         print(f"  skipped: {reason}" if path in reason else f"  skipped {path!r}: {reason}", file=sys.stderr)
-    if len(report.skipped) > 20:
+    if len(skipped) > 20:
         more = f"; all in {skipped_log}" if skipped_log else " (--skipped-log FILE lists them all)"
-        print(f"  ... and {len(report.skipped) - 20} more skipped{more}", file=sys.stderr)
+        print(f"  ... and {len(skipped) - 20} more skipped{more}", file=sys.stderr)
 
 
 def _skipped_summary(report) -> str:
@@ -811,11 +813,11 @@ def cmd_shards(args) -> int:
                            progress=_progress(args))
     if not written:
         raise ValueError(f"no captioned images found in {source} ({len(skipped)} skipped)")
+    _write_skipped_log(args.skipped_log, skipped)
     if not args.quiet:
         print(f"wrote {len(written)} shard(s) to {args.out_dir} ({args.prefix}.json lists them); "
               f"{len(skipped)} skipped")
-        for path, reason in skipped[:20]:
-            print(f"  skipped {path}: {reason}", file=sys.stderr)
+    _print_skipped(skipped, args.skipped_log)
     return 0
 
 

@@ -329,6 +329,21 @@ def test_shards_from_csv_and_jsonl(tmp_path):
         list(samples_from_table(tmp_path / "captions.csv"))
 
 
+def test_a_caption_with_line_breaks_stays_one_caption_in_a_shard(tmp_path):
+    """A shard's txt holds one caption a line, so a table's caption that spans lines (scraped alt texts often
+    do) is written as one line: read back, it is one caption, as the shard's json says, not fragments."""
+    from clipkit.cli import main
+
+    draw_shape("red", "square", (24, 24)).save(tmp_path / "x.jpg")
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], ["x.jpg", "a red\nsquare\r\n on  grey"], ["x.jpg", "more"]])
+    assert main(["-q", "shards", str(tmp_path / "t.csv"), str(tmp_path / "out")]) == 0
+    with tarfile.open(next((tmp_path / "out").glob("*.tar"))) as tar:
+        parts = {m.name.rpartition(".")[2]: tar.extractfile(m).read() for m in tar.getmembers()}
+    parts = {name: parts[name].decode() for name in ("txt", "json")}
+    assert parts["txt"].splitlines() == ["a red square on grey", "more"] == json.loads(parts["json"])["captions"]
+
+
 # -- caption files for evaluation ------------------------------------------------------------------
 
 
@@ -380,3 +395,20 @@ def test_synth_and_shards_commands(tmp_path, capsys):
     assert "already holds" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for root in ("s", "fs", "f") for p in (tmp_path / root).iterdir()} == made
     assert main(["-q", "synth", str(tmp_path / "s"), "--n", "50", "--split", "test"]) == 0  # another split: fine
+
+
+def test_shards_command_lists_skipped_files_once_and_logs_them_all(tmp_path, capsys):
+    """A table with many missing images: the first 20 are named once each (not once as a warning and again in
+    a summary), the rest counted; --skipped-log has every one."""
+    from clipkit.cli import main
+
+    draw_shape("red", "square", (24, 24)).save(tmp_path / "x.jpg")
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], ["x.jpg", "a red square"],
+                                 *[[f"gone{n}.jpg", "lost"] for n in range(23)]])
+    assert main(["-q", "shards", str(tmp_path / "t.csv"), str(tmp_path / "out"),
+                 "--skipped-log", str(tmp_path / "skipped.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("gone") == 20 and "... and 3 more skipped; all in" in err
+    logged = [json.loads(line) for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in logged) == sorted(str(tmp_path / f"gone{n}.jpg") for n in range(23))

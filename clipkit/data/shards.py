@@ -157,8 +157,10 @@ def _caption_lines(path: Path) -> list[str]:
 
 
 def _skip(skipped: list | None, path, reason: str) -> None:
-    log.warning("skipped %s: %s", path, reason)
-    if skipped is not None:
+    """A file left out: into `skipped` (the caller reports them), else a warning."""
+    if skipped is None:
+        log.warning("skipped %s: %s", path, reason)
+    else:
         skipped.append((str(path), reason))
 
 
@@ -213,6 +215,7 @@ def samples_from_table(path: str | os.PathLike, image_column: str = "image", cap
         if not captions:
             _skip(skipped, image, "no captions")
             continue
+        captions = [" ".join(caption.split()) for caption in captions]  # a shard's txt holds one caption a line
         try:
             yield sample_from_image(image, captions, {"image_id": number, "group_id": number})
         except (ValueError, OSError) as exc:
