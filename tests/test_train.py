@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipkit.cli import main
+from conftest import draw_shape
 from clipkit.train import TrainConfig, TrainingDiverged, Trainable, checkpoint_paths, parameter_groups, train
 
 
@@ -110,6 +111,34 @@ def test_train_command_errors_are_one_line(tmp_path, capsys, shards):
     assert "synthetic:N" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none-{000000..000001}.tar"), "--out", str(tmp_path)]) == 2
     assert "shard not found" in capsys.readouterr().err
+
+
+def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_path, shards, capsys):
+    """--data and --val take what `clipkit shards` writes (a folder of .tar files) and --val takes a folder of
+    captioned images too; the last validation row is what `clipkit eval` gives for the run's last checkpoint.
+    A folder of images or a caption table as --data says how to make shards of it."""
+    from clipkit.evaluate import run_benchmark
+
+    folder = str(Path(shards).parent)
+    val = shards.replace("{000000..000007}", "000007")
+    train(config(tmp_path / "run", folder, steps=2, ckpt_every=2, val=val, val_every=0))
+    last = [r["val"] for r in log_rows(tmp_path / "run") if "val" in r][-1]
+    checkpoint = str(sorted((tmp_path / "run").glob("*.pt"))[-1])
+    expected = run_benchmark("wds", model="clipkit-tiny", pretrained=checkpoint, root=val, device="cpu")["itc"]
+    assert last["t2i_R@1"] == pytest.approx(expected["t2i"]["R@1"]) and last["i2t_R@5"] == pytest.approx(
+        expected["i2t"]["R@5"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for n, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")]):
+        draw_shape(colour, shape, (32, 32)).save(images / f"{n}.png")
+        (images / f"{n}.txt").write_text(f"a {colour} {shape}\n")
+    train(config(tmp_path / "run2", shards, steps=1, ckpt_every=1, val=f"folder:{images}", val_every=0))
+    assert [r["val"] for r in log_rows(tmp_path / "run2") if "val" in r][-1]["t2i_R@10"] == 1.0  # 3 images
+    capsys.readouterr()
+    (tmp_path / "t.csv").write_text("image,caption\n0.png,a red circle\n")
+    for data, says in [(str(images), "is a folder without .tar shards"), (str(tmp_path / "t.csv"), "clipkit shards")]:
+        assert main(["train", "--data", data, "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
+        assert says in capsys.readouterr().err
 
 
 def test_one_shard_trains_and_shards_without_a_batch_stop(tmp_path, shards, capsys):

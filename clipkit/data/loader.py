@@ -16,6 +16,7 @@ import os
 import random
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -42,12 +43,18 @@ def caption_lines(data: bytes, errors: str = "strict") -> list[str]:
     return [line.strip() for line in data.decode("utf-8", errors).splitlines() if line.strip()]
 
 
+#: Files that hold the makings of shards, not shards: `clipkit shards` turns them into shards.
+_SHARD_SOURCES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".json", ".txt")
+
+
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expanded shard URLs; local paths (and file: URLs) must exist."""
+    """Brace-expanded shard URLs; local paths (and file: URLs) must exist. A local folder stands for the
+    .tar shards in it (what `clipkit shards` writes); a folder of images or a caption table is an error that
+    says how to make shards of it."""
     from webdataset.shardlists import expand_urls
 
     listed = [urls] if isinstance(urls, str) else list(urls)
-    expanded = [u for spec in listed for u in expand_urls(spec)]
+    expanded = [shard for spec in listed for url in expand_urls(spec) for shard in _local_folder_shards(url)]
     if not expanded:
         raise ValueError(f"no shards in {urls!r}")
     for url in expanded:
@@ -56,7 +63,22 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
         path = url[len("file:"):] if url.startswith("file:") else url
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard not found: {path} (from {urls!r})")
+        if path.lower().endswith(_SHARD_SOURCES):
+            raise ValueError(f"{path} is not a webdataset shard (.tar): make shards of a caption table with "
+                             f"`clipkit shards {path} SHARDS_DIR`, then give SHARDS_DIR")
     return expanded
+
+
+def _local_folder_shards(url: str) -> list[str]:
+    """[url], or for a local folder the .tar shards in it, in name order."""
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if url.startswith("pipe:") or "://" in url or not os.path.isdir(path):
+        return [url]
+    shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
+    if not shards:
+        raise ValueError(f"{path} is a folder without .tar shards: make shards of a folder of images with NAME.txt "
+                         f"captions with `clipkit shards {path} SHARDS_DIR`, then give SHARDS_DIR")
+    return shards
 
 
 def _seed(*parts: Any) -> int:

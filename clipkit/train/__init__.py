@@ -50,13 +50,17 @@ class TrainingDiverged(ClipkitError):
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata={"help": "shard pattern(s), comma-separated, or synthetic:N (made in OUT/data)"})
+    data: str = field(metadata={"help": "webdataset shards: pattern(s) or folder(s) of .tar files, comma-separated "
+                                        "(`clipkit shards` makes them of images and captions), or synthetic:N "
+                                        "(made in OUT/data)"})
     out: str = field(metadata={"help": "run folder: checkpoints, log.jsonl, config.json"})
     model: str = field(default="clipkit-tiny", metadata={"help": "a clipkit or open_clip architecture name, a "
                                                                 "transformers folder or hf:ORG/REPO, or an "
                                                                 "open_clip hub model hf-hub:ORG/REPO"})
     pretrained: str | None = field(default=None, metadata={"help": "initial weights: tag or local file"})
-    val: str | None = field(default="synthetic:300", metadata={"help": "synthetic:N validation split, or none"})
+    val: str | None = field(default="synthetic:300", metadata={
+        "help": "validation set, scored by recall both ways: synthetic:N, webdataset shards (as --data), "
+                "folder:DIR (images with NAME.txt captions), or none"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in all"})
     batch_size: int = field(default=64, metadata={"help": "samples per micro-batch per process"})
     accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -259,7 +263,11 @@ def validation_set(config: TrainConfig):
         from clipkit.data.captions import synthetic_set
 
         return synthetic_set(_synthetic_count(config.val), seed=config.seed, split="val", size=config.synthetic_size)
-    raise ValueError(f"--val must be synthetic:N or none, got {config.val!r}")
+    from clipkit.evaluate import load_dataset
+
+    if config.val.startswith("folder:"):  # images with NAME.txt captions
+        return load_dataset(config.val)
+    return load_dataset("wds", root=[u.strip() for u in config.val.split(",") if u.strip()])  # shards, as --data
 
 
 # ---------------------------------------------------------------------------------------------
