@@ -300,6 +300,30 @@ def test_cli_serve_errors_and_defaults(tmp_path, capsys):
     assert args.host == "127.0.0.1" and args.cors == [] and not args.allow_image_urls
 
 
+def test_a_port_in_use_is_a_one_line_error_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """uvicorn logged the bind error after the indexes and models had loaded, and exited 3; now the port is
+    taken first, and what stops it is one line (exit 2) with what to do."""
+    import socket
+
+    index = clipkit.Index(4)
+    index.add(np.eye(4, dtype=np.float32), ids=list("abcd"))
+    index.save(tmp_path / "ix")
+
+    def no_load(specs):
+        raise AssertionError("the indexes were loaded before the port was taken")
+
+    monkeypatch.setattr("clipkit.serve.app.load_indexes", no_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--index", str(tmp_path / "ix"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve on 127.0.0.1:{port}" in err and "pick another --port" in err and len(err.splitlines()) == 1
+    assert main(["serve", "--index", str(tmp_path / "ix"), "--host", "no-such-host.invalid"]) == 2
+    assert "--host" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # The page in a real browser
 

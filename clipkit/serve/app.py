@@ -176,9 +176,11 @@ def load_indexes(specs: list[str]) -> dict[str, Index]:
 
 def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           device: str | None = None, log_level: str = "info", reranker: str | None = None) -> None:
-    """Load the indexes and their models once, then serve until interrupted."""
+    """Load the indexes and their models once, then serve until interrupted. The port is taken first, so a
+    port in use (or an address this machine lacks) is a one-line error before seconds of loading."""
     import uvicorn
 
+    listener = listen(host, port)
     indexes = load_indexes(index_specs)
     if device is not None:  # each index's own model, on the device asked for (loaded once per model)
         loaded: dict[tuple, object] = {}
@@ -189,6 +191,32 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
                 loaded[key] = index_model(index, loaded.get(key), device=device)
     app = create_app(indexes, config=config,
                      reranker=load_reranker(reranker, device=device) if reranker is not None else None)
-    if config is not None and config.front_dir and log_level != "warning":
-        print(f"clip-retrieval's front end: http://{host}:{port}/front/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
+    if log_level != "warning":
+        print(f"serving {address}/ (Ctrl+C stops)", flush=True)
+        if config is not None and config.front_dir:
+            print(f"clip-retrieval's front end: {address}/front/", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[listener])
+
+
+def listen(host: str, port: int):
+    """A socket bound to (host, port) as uvicorn binds one; what stops it is said with what to do."""
+    import errno
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (socket.gaierror, UnicodeError) as exc:
+        sock.close()
+        raise ValueError(f"cannot serve on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; give --host "
+                         "as an address or a name of this machine") from None
+    except OSError as exc:
+        sock.close()
+        hint = {errno.EADDRINUSE: "another program listens there: pick another --port",
+                errno.EACCES: "ports below 1024 need privileges: pick --port 8000 or another above 1023",
+                errno.EADDRNOTAVAIL: "this machine has no such address: --host 127.0.0.1 (this machine) or "
+                                     "0.0.0.0 (every interface)"}.get(exc.errno, "pick another --host or --port")
+        raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+    return sock
