@@ -72,7 +72,8 @@ def run_demo(out: Path | None = None, n_images: int = 300, model_name: str = "cl
     results = [_text_query(caption, index, k, str(image.resolve()), rerank)
                for caption, image in _pick_queries(photos, 4)]
     results += [_text_query(text, index, k, None, rerank) for text in FREE_TEXT]
-    query_image = sorted(photos.glob("*.png"))[7]
+    images = sorted(photos.glob("*.png"))
+    query_image = images[min(7, len(images) - 1)]
     results.append(QueryResult(f"image: {query_image.name}", query_image, str(query_image.resolve()),
                                search(query_image, index, k=k)))
     draw_grid(results, out / "results.png")

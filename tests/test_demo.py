@@ -31,6 +31,9 @@ def test_demo_command_writes_images_index_and_grid(tmp_path, capsys):
     index = clipkit.Index.load(tmp_path / "d" / "photos.clipkit")
     assert len(index) == 60 and index.model_info["name"] == "clipkit-demo"
 
+    assert main(["-q", "demo", "--out", str(tmp_path / "one"), "--n", "1"]) == 0  # was an IndexError
+    assert (tmp_path / "one" / "results.png").is_file()
+
 
 def test_compact_export_keeps_what_training_touched(tmp_path):
     from clipkit.data.synthetic import write_synthetic
