@@ -778,10 +778,10 @@ def cmd_search(args) -> int:
 def cmd_synth(args) -> int:
     import time
 
-    from clipkit.data.synthetic import write_synthetic
+    from clipkit.data.synthetic import MAX_SIZE, write_synthetic
 
-    if args.size < 16:
-        raise ValueError(f"--size must be at least 16 pixels, got {args.size}")
+    if not 16 <= args.size <= MAX_SIZE:
+        raise ValueError(f"--size must be from 16 to {MAX_SIZE} pixels, got {args.size}")
     there = next(Path(args.out_dir).glob(f"{args.split}[-.]*"), None) if Path(args.out_dir).is_dir() else None
     if there is not None:  # (a folder of shards or images that an index or a training run may be reading)
         raise ValueError(f"{args.out_dir} already holds the {args.split} split ({there.name}, ...): write into another "

@@ -386,6 +386,8 @@ def test_synth_and_shards_commands(tmp_path, capsys):
     assert main(["shards", str(tmp_path / "f"), str(tmp_path / "fs"), "--prefix", "mine"]) == 0
     assert len(read_all(str(tmp_path / "fs" / "mine-000000.tar"))) == 5
     assert main(["synth", str(tmp_path / "z"), "--size", "8"]) == 2
+    assert main(["synth", str(tmp_path / "z"), "--size", "100000", "--n", "1"]) == 2  # 30 GB an image: killed before
+    assert "from 16 to 4096 pixels" in capsys.readouterr().err
     assert main(["shards", str(tmp_path / "nothing-here"), str(tmp_path / "o")]) == 2
     assert "source not found" in capsys.readouterr().err
     made = {p: p.stat().st_mtime_ns for root in ("s", "fs", "f") for p in (tmp_path / root).iterdir()}

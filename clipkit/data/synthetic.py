@@ -428,9 +428,12 @@ def _pool(workers: int):
     return context.Pool(workers)
 
 
+MAX_SIZE = 4096  # pixels a side: past this an image is memory (100,000 a side is 30 GB), not detail
+
+
 def _check_size(size: int) -> None:
-    if not isinstance(size, int) or isinstance(size, bool) or size < 16:
-        raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= MAX_SIZE:
+        raise ValueError(f"size must be an integer from 16 to {MAX_SIZE} pixels, got {size!r}")
 
 
 def generate(n: int, seed: int = 0, split: str = "train", size: int = 64, image_format: str = "jpg",
