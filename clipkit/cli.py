@@ -25,6 +25,10 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of argparse's usage block
+        extra = message.split(": ", 1)[1].split() if message.startswith("unrecognized arguments: ") else []
+        if len(extra) > 4:  # (as a shell pattern such as photos/*.jpg gives: one argument a file)
+            message = (f"{len(extra)} unrecognized arguments ({' '.join(extra[:3])} ...): an unquoted pattern such "
+                       "as photos/*.jpg gives one argument a file; give their folder instead")
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -507,6 +511,9 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
         table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
         # read here first: a malformed table is refused before the index is touched (and --check needs the list)
         return Path(table.folder), table, table.listed_files()[0]
+    if not source.is_dir() and any(mark in args.folder for mark in "*?["):
+        raise UsageError(f"{args.folder} is a pattern: give the folder (searched recursively; --exclude GLOB leaves "
+                         "files out), or webdataset shards as shards/{000000..000009}.tar")
     if not source.is_dir():
         raise FileNotFoundError(f"folder not found: {source}" if not source.exists() else f"not a folder: {source}")
     table = CaptionTable.of(args.captions, args.image_column, args.caption_column, args.root) if args.captions else None

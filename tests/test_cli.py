@@ -285,3 +285,17 @@ def test_an_empty_folder_and_an_empty_index_are_said(tmp_path, capsys):
     assert main(["search", "a red circle", "--index", ix]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and "is empty: index a folder of images into it first" in captured.err
+
+
+def test_a_pattern_as_source_says_to_give_the_folder(tmp_path, capsys):
+    """`clipkit index 'photos/*.jpg'` said "folder not found"; unquoted, the shell's 200 file names made one
+    screen-filling line of "unrecognized arguments". Both now say to give the folder."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = [str(photos / f"{n}.jpg") for n in range(8)]
+    assert main(["index", str(photos / "*.jpg"), "--index", str(tmp_path / "ix")]) == 2
+    assert "is a pattern: give the folder" in capsys.readouterr().err
+    assert main(["index", *names, "--index", str(tmp_path / "ix")]) == 2
+    err = capsys.readouterr().err
+    assert "7 unrecognized arguments" in err and "give their folder" in err and names[-1] not in err
+    assert not (tmp_path / "ix").exists()
