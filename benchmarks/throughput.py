@@ -90,12 +90,14 @@ def sample_images(n: int, size: int) -> list[Image.Image]:
     return [render(spec, size=size) for spec in specs]
 
 
-def rows_for(name: str, quick: bool) -> list[dict]:
+def rows_for(name: str, quick: bool, smoke: bool = False) -> list[dict]:
+    """`smoke`: every row on an eighth of the data, once (that the script runs, not a measurement)."""
     model = get_model(name)
     clip, tokenizer, preprocess = model.clip, model.tokenizer, model.preprocess
     big = name != "clipkit-demo"
     batch = 32 if big else 128
-    repeats = 3 if quick else 5
+    repeats = 1 if smoke else 3 if quick else 5
+    shrink = 8 if smoke else 1
     rows = []
 
     def row(what, ours_s, theirs_s, count, unit, baseline="stock open_clip"):
@@ -104,7 +106,7 @@ def rows_for(name: str, quick: bool) -> list[dict]:
                      "unit": unit, "baseline": baseline})
 
     rng = np.random.default_rng(0)
-    n_text = 256 if big else 1024
+    n_text = (256 if big else 1024) // shrink
     short = [" ".join(WORDS[: rng.integers(4, 15)]) for _ in range(n_text)]
     long = [" ".join(WORDS * 4) for _ in range(n_text // 4)]
 
@@ -121,7 +123,7 @@ def rows_for(name: str, quick: bool) -> list[dict]:
     row("text, short captions", *side_by_side(ours_text(short), stock_text(short), repeats), len(short), "texts/s")
     row("text, 77 tokens", *side_by_side(ours_text(long), stock_text(long), repeats), len(long), "texts/s")
 
-    n_images = 64 if big else 512
+    n_images = (64 if big else 512) // shrink
     images = sample_images(n_images, 256 if big else 96)
 
     def stock_images():
@@ -167,7 +169,7 @@ def rows_for(name: str, quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:  # camera-sized JPEGs: where draft-mode decoding pays
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        n_photos = 32 if big else 96
+        n_photos = (32 if big else 96) // shrink
         for i, im in enumerate(sample_images(n_photos, 96)):
             im.resize((1600, 1200), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
         files = sorted(folder.glob("*.jpg"))
@@ -176,7 +178,7 @@ def rows_for(name: str, quick: bool) -> list[dict]:
             lambda: clipkit.Index.from_folder(folder, model, batch_size=batch), lambda: plain_loop(files), repeats),
             n_photos, "images/s", "plain PIL + open_clip + FAISS loop")
 
-    n_items, n_queries = 50_000, 1024
+    n_items, n_queries = 50_000 // shrink, 1024 // shrink
     vectors = rng.standard_normal((n_items, model.dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[rng.integers(0, n_items, n_queries)] + 0.1 * rng.standard_normal((n_queries, model.dim)).astype(
@@ -299,13 +301,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["clipkit-demo", "ViT-B-32"])
     parser.add_argument("--json", default="throughput.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--smoke", action="store_true", help="an eighth of the data, once: that it runs (tests)")
     parser.add_argument("--ann-size", type=int, default=200_000, help="vectors for the ANN row (0: skip it)")
     parser.add_argument("--no-train", dest="train", action="store_false",
                         help="skip the training-step rows (they need pandas for open_clip_train)")
     args = parser.parse_args()
     rows = []
     for name in args.models:
-        rows += rows_for(name, args.quick)
+        rows += rows_for(name, args.quick, args.smoke)
         if args.train:
             rows += train_rows(name, args.quick)
     if args.ann_size:

@@ -63,7 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rerank-steps", type=int, default=1500, help="stage 2 steps (0: keep the fusion head)")
     parser.add_argument("--rerank-kind", choices=KINDS, default="fusion",
                         help="stage 2 head: a new late-interaction head, or the stage-1 fusion head fine-tuned")
-    parser.add_argument("--rerank-galleries", type=int, default=16, help="stage 2 training galleries of 1,000 images")
+    parser.add_argument("--rerank-galleries", type=int, default=16, help="stage 2 training galleries")
+    parser.add_argument("--gallery-size", type=int, default=1000, help="images in each stage 2 gallery")
     parser.add_argument("--skip-stage1", action="store_true", help="use the last stage-1 checkpoint in --out")
     parser.add_argument("--stage1", default=None, help="use this stage-1 checkpoint or exported model instead")
     parser.add_argument("--json", default=None)
@@ -148,7 +149,8 @@ def stage_two(args, last: Path) -> tuple:
     """The re-ranking head on the frozen stage-1 towers of checkpoint `last`: (head, stage-2 report)."""
     start = time.perf_counter()
     towers = load_model("clipkit-demo", str(last), device="cpu")
-    galleries = training_galleries(f"synthetic:{1000 * args.rerank_galleries}", 1000, towers.image_size)
+    galleries = training_galleries(f"synthetic:{args.gallery_size * args.rerank_galleries}", args.gallery_size,
+                                   towers.image_size)
     config = RerankConfig(kind=args.rerank_kind, steps=args.rerank_steps)
     state = Path(args.out) / f"rerank-{args.rerank_kind}-state.pt"
     head, stage2 = train_rerank_head(towers, galleries, config, state_path=state)

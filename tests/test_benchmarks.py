@@ -27,7 +27,7 @@ def test_every_script_has_a_smoke_test():
 
 
 def test_throughput_quick(tmp_path):
-    out = run("throughput.py", "--quick", "--models", "clipkit-demo", "--ann-size", "0", "--no-train", "--json",
+    out = run("throughput.py", "--smoke", "--models", "clipkit-demo", "--ann-size", "0", "--no-train", "--json",
               str(tmp_path / "t.json"), cwd=tmp_path)
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
     assert "ITM re-rank, 32 candidates" in {r["row"] for r in rows} and "| clipkit-demo |" in out
@@ -56,7 +56,7 @@ def test_serve_load(tmp_path):
 def test_train_demo_tiny(tmp_path):
     bundled = (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes()
     run("train_demo.py", "--out", str(tmp_path / "run"), "--steps", "4", "--train-images", "256", "--batch-size", "32",
-        "--rerank-steps", "3", "--rerank-galleries", "1", "--test-images", "60", "--export",
+        "--rerank-steps", "3", "--rerank-galleries", "1", "--gallery-size", "100", "--test-images", "60", "--export",
         str(tmp_path / "demo.pt"), cwd=tmp_path)
     report = json.loads((tmp_path / "run" / "demo_eval.json").read_text())
     assert report["steps"] == 4 and report["stage2"]["rerank_weight_i2t"] is not None

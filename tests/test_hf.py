@@ -136,18 +136,24 @@ def test_index_search_and_the_recorded_model(checkpoints, image_folder, tmp_path
         clipkit.search("a red circle", loaded, k=3, model=other)
 
 
-def _in_process(code: str, env: dict) -> subprocess.CompletedProcess:
-    """Python code in a fresh process (huggingface_hub reads its cache location once, at import)."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
-
-
 def test_hub_names_use_the_cache_and_fail_fast_offline(checkpoints, tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    load = ("import json, clipkit; m = clipkit.load_model('hf:someone/tiny-clip', device='cpu'); "
-            f"print(json.dumps([m.name, clipkit.encode({TEXTS!r}, model=m).tolist()]))")
-    missing = _in_process(load, env)
-    assert missing.returncode != 0 and "not in the Hugging Face cache" in missing.stderr
+
+    def load(*names: str) -> dict:
+        """name -> [model name, text embeddings], or the error loading it gave (two fresh processes, not four)."""
+        code = ("import json, sys, clipkit\nout = {}\nfor name in sys.argv[1:]:\n    try:\n"
+                "        m = clipkit.load_model(name, device='cpu')\n"
+                f"        out[name] = [m.name, clipkit.encode({TEXTS!r}, model=m).tolist()]\n"
+                "    except Exception as exc:\n        out[name] = f'{type(exc).__name__}: {exc}'\n"
+                "print(json.dumps(out))")
+        done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    before = load("hf:someone/tiny-clip", "someone/not-cached")
+    assert "not in the Hugging Face cache" in before["hf:someone/tiny-clip"]
+    assert "is named hf:someone/not-cached" in before["someone/not-cached"]
     with pytest.raises(ValueError, match="hf:ORG/REPO"):
         clipkit.load_model("hf:a/b/c", device="cpu")
     # the cache layout huggingface_hub writes: models--ORG--REPO/{refs/main, snapshots/REV/FILES}
@@ -155,16 +161,11 @@ def test_hub_names_use_the_cache_and_fail_fast_offline(checkpoints, tmp_path):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
     shutil.copytree(checkpoints["clip"], repo / "snapshots" / ("0" * 40))
-    found = _in_process(load, env)
-    assert found.returncode == 0, found.stderr[-2000:]
-    name, vectors = json.loads(found.stdout.strip().splitlines()[-1])
+    found = load("hf:someone/tiny-clip", "someone/tiny-clip")  # the second as users type it
+    name, vectors = found["hf:someone/tiny-clip"]
     assert name == "hf:someone/tiny-clip"
     np.testing.assert_allclose(vectors, reference(checkpoints["clip"], TEXTS, images())[0], atol=1e-4)
-    bare = _in_process(load.replace("hf:someone/tiny-clip", "someone/tiny-clip"), env)  # as users type it
-    assert bare.returncode == 0, bare.stderr[-2000:]
-    assert json.loads(bare.stdout.strip().splitlines()[-1]) == [name, vectors]
-    unknown = _in_process(load.replace("hf:someone/tiny-clip", "someone/not-cached"), env)
-    assert unknown.returncode != 0 and "is named hf:someone/not-cached" in unknown.stderr
+    assert found["someone/tiny-clip"] == [name, vectors]
 
 
 def test_not_a_dual_encoder(tmp_path):
