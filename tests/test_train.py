@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipkit.cli import main
+from clipkit.errors import CheckpointError
 from conftest import draw_shape
 from clipkit.train import TrainConfig, TrainingDiverged, Trainable, checkpoint_paths, parameter_groups, train
 
@@ -139,6 +140,30 @@ def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_
     for data, says in [(str(images), "is a folder without .tar shards"), (str(tmp_path / "t.csv"), "clipkit shards")]:
         assert main(["train", "--data", data, "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_resuming_with_other_options_is_refused_or_said(tmp_path, shards, caplog, capsys):
+    """--resume latest with another --model was an "internal error" with a screen of state_dict mismatches (and
+    wrote the wrong model into the run's config.json); an ITM head of another width likewise. Options that
+    change the run's course are warned of; --lr and --weight-decay, which the optimizer's saved state keeps,
+    are said to be unused, and the run's records keep what it uses."""
+    import logging
+
+    out = tmp_path / "run"
+    train(config(out, shards, steps=2, ckpt_every=2))
+    recorded = (out / "config.json").read_text()
+    assert main(["train", "--data", shards, "--out", str(out), "--model", "clipkit-demo", "--steps", "4",
+                 "--resume", "latest", "--val", "none", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "whose weights do not fit --model 'clipkit-demo'" in err and len(err.strip().splitlines()) == 1
+    assert (out / "config.json").read_text() == recorded
+    with pytest.raises(CheckpointError, match="ITM head of another shape.*32/1/2"):
+        train(config(out, shards, steps=4, itm_width=64, resume="latest"))
+    with caplog.at_level(logging.WARNING, logger="clipkit"):
+        train(config(out, shards, steps=3, batch_size=8, lr=0.01, resume="latest"))
+    assert "--batch-size 16 -> 8" in caplog.text and "--lr 0.01 (it keeps 0.001) not used" in caplog.text
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.001
+    assert [r["step"] for r in log_rows(out) if "loss" in r][-1] == 3
 
 
 def test_one_shard_trains_and_shards_without_a_batch_stop(tmp_path, shards, capsys):

@@ -295,6 +295,25 @@ def resolve_resume(config: TrainConfig) -> Path | None:
     return path
 
 
+#: Options whose change makes a resumed run go on otherwise than the uninterrupted run would have.
+_COURSE = ("data", "batch_size", "accum_steps", "warmup", "grad_clip", "loss", "itm_weight", "itm_easy_mix", "seed",
+           "shuffle_buffer", "hard_negatives", "group_batches", "relation_weight")
+
+
+def _warn_changed_course(saved: dict, config: TrainConfig, kept: dict) -> None:
+    """Warn of options given otherwise than the resumed run had them (`saved`, its config): those that change
+    its course, and those (`kept`: option -> the value its optimizer's state holds) that it keeps anyway."""
+    changed = [f"--{name.replace('_', '-')} {saved[name]} -> {getattr(config, name)}" for name in _COURSE
+               if name in saved and saved[name] != getattr(config, name)]
+    if changed:
+        log.warning("resuming with changed options (%s): the run goes on, but not as it would have without the "
+                    "interruption", ", ".join(changed))
+    ignored = [f"--{name.replace('_', '-')} {getattr(config, name)} (it keeps {value})" for name, value in kept.items()
+               if not math.isclose(value, getattr(config, name))]
+    if ignored:
+        log.warning("a resumed run keeps its optimizer's settings: %s not used", ", ".join(ignored))
+
+
 def load_training_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -365,7 +384,6 @@ class _Run:
         self.out = Path(config.out)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
             for stale in self.out.glob(".ckpt-*.tmp"):  # left by a run killed while writing a checkpoint
                 stale.unlink(missing_ok=True)
         torch.manual_seed(config.seed)
@@ -394,11 +412,21 @@ class _Run:
         if path is None:
             return
         state = load_training_checkpoint(path)
-        self.clip.load_state_dict(state["model"])
+        saved = state.get("config") or {}
+        try:
+            self.clip.load_state_dict(state["model"])
+        except RuntimeError:
+            raise CheckpointError(f"{path} is a run of {state.get('model_name')!r}, whose weights do not fit --model "
+                                  f"{self.config.model!r}: resume with the run's own options (its config.json)") from None
         if self.head is not None:
             if state.get("itm") is None:
                 raise CheckpointError(f"{path} has no ITM head but this run trains one (--itm)")
-            self.head.load_state_dict(state["itm"])
+            try:
+                self.head.load_state_dict(state["itm"])
+            except RuntimeError:
+                shape = "/".join(str(saved.get(f"itm_{name}")) for name in ("width", "layers", "heads"))
+                raise CheckpointError(f"{path} has an ITM head of another shape: resume with the run's --itm-width/"
+                                      f"--itm-layers/--itm-heads ({shape})") from None
         if self.trainable.relation_head is not None:
             if state.get("relation_head") is None:
                 raise CheckpointError(f"{path} has no relation head but this run trains one (--relation-weight)")
@@ -408,6 +436,10 @@ class _Run:
                 self.trainable.logit_bias.copy_(state["logit_bias"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        kept = {"lr": self.scheduler.base_lrs[0],
+                "weight_decay": max(group["weight_decay"] for group in self.optimizer.param_groups)}
+        _warn_changed_course(saved, self.config, kept)
+        self.config = dataclasses.replace(self.config, **kept)  # what the run does, as its records will say
         if state.get("scaler") and self.scaler.is_enabled():  # empty when the run it resumes had no fp16 scaler
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.consumed = state["step"], state["epoch"], state["consumed"]
@@ -417,6 +449,8 @@ class _Run:
 
     def open_log(self) -> None:
         config = self.config
+        if self.rank == 0:  # (after a resume: a resume refused leaves the run's record as it was)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         self.val_data = validation_set(config) if self.rank == 0 else None
         self.log_file = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
         self.bar = tqdm(total=config.steps, initial=self.step, disable=self.rank != 0 or None, unit="step",
