@@ -17,6 +17,8 @@ DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
 MODEL_HELP = ("a clipkit or open_clip architecture name (ViT-B-32 with --pretrained TAG_OR_FILE), a transformers "
               "checkpoint folder or hf:ORG/REPO (CLIP, SigLIP, SigLIP 2), or an open_clip hub model hf-hub:ORG/REPO")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when present, else the CPU)"
+RERANKER_HELP = ("another model: a BLIP / BLIP-2 ITM checkpoint (directory or hf:ORG/REPO), a clipkit model with an "
+                 "ITM head, or a weights file of `clipkit train` or `clipkit train-rerank`")
 
 
 class UsageError(Exception):
@@ -155,8 +157,7 @@ def _add_search_command(commands) -> None:
     search.add_argument("--rerank", action="store_true", help="re-rank the top candidates with the model's ITM head")
     search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
     search.add_argument("--reranker", default=None, metavar="MODEL",
-                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a "
-                             "clipkit model with an ITM head (implies --rerank)")
+                        help=f"re-rank with {RERANKER_HELP} (implies --rerank)")
     search.add_argument("--device", default=None, help=DEVICE_HELP)
     search.add_argument("--captions", action="store_true",
                         help="search the captions indexed beside the images (image -> text, text -> text)")
@@ -214,8 +215,7 @@ def _add_serve_command(commands) -> None:
                        help="clip-retrieval replies carry each image as base64 JPEG of this size, as its own back "
                             "end does (default: 0, off: results carry the image's URL)")
     serve.add_argument("--reranker", default=None, metavar="MODEL",
-                       help="re-rank (rerank=true queries) with another model: a BLIP ITM checkpoint (directory or "
-                            "hf:ORG/REPO) or a clipkit model with an ITM head")
+                       help=f"re-rank (rerank=true queries) with {RERANKER_HELP}")
     serve.add_argument("--device", default=None, help="where the query encoders run: " + DEVICE_HELP)
 
 
@@ -235,8 +235,7 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
     parser.add_argument("--reranker", default=None, metavar="MODEL",
-                        help="re-rank with another model: a BLIP ITM checkpoint (directory or hf:ORG/REPO) or a "
-                             "clipkit model with an ITM head (implies --rerank)")
+                        help=f"re-rank with {RERANKER_HELP} (implies --rerank)")
     parser.add_argument("--binding", type=int, default=0, metavar="PAIRS",
                         help="also report Winoground-style binding (text / image / group scores) on this many "
                              "synthetic (scene, swapped twin) pairs of --split drawn with --seed (ITC, and the "

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clipkit
 from clipkit.data.captions import synthetic_set
@@ -171,6 +172,15 @@ def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp
     texts = ["a red circle", "two blue squares"]
     np.testing.assert_allclose(clipkit.encode(texts, model=model), clipkit.encode(texts, model=tiny_model),
                                atol=1e-6)  # the towers are unchanged
+    # the file is a re-ranker as it is (--reranker FILE: it said "unknown model"): the model it names, these weights
+    from clipkit.rerankers import load_reranker, score_pairs
+
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    np.testing.assert_allclose(score_pairs(images, texts, reranker=load_reranker(str(out), device="cpu")),
+                               score_pairs(images, texts, reranker=load_reranker(model)), atol=1e-6)
+    with pytest.raises(ValueError, match="does not name its model"):
+        torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "bare.pt")
+        load_reranker(str(tmp_path / "bare.pt"))
     assert main(common + ["--data", "synthetic:5", "--gallery-size", "20"]) == 2
     assert "fewer images than one gallery" in capsys.readouterr().err
 
