@@ -15,7 +15,8 @@ from clipkit.data.folder import is_image_name
 
 DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
 MODEL_HELP = ("a clipkit or open_clip architecture name (ViT-B-32 with --pretrained TAG_OR_FILE), a transformers "
-              "checkpoint folder or hf:ORG/REPO (CLIP, SigLIP, SigLIP 2), or an open_clip hub model hf-hub:ORG/REPO")
+              "checkpoint folder or hf:ORG/REPO (CLIP, SigLIP, SigLIP 2), an open_clip hub model hf-hub:ORG/REPO, or "
+              "a weights file of `clipkit train` / `train-rerank` (the model it names)")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when present, else the CPU)"
 RERANKER_HELP = ("another model: a BLIP / BLIP-2 ITM checkpoint (directory or hf:ORG/REPO), a clipkit model with an "
                  "ITM head, or a weights file of `clipkit train` or `clipkit train-rerank`")

@@ -437,6 +437,13 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if pretrained is None and name.lower().endswith(_WEIGHT_SUFFIXES) and os.path.isfile(name):
+        made_for = read_checkpoint(name)["meta"].get("model_name")  # a `clipkit train` / `train-rerank` file
+        if not made_for:
+            raise ValueError(f"{name} is a weights file that does not name its model: give the model's name, "
+                             f"with --pretrained {name}")
+        return load_model(made_for, name, device=device, cache_dir=cache_dir, precision=precision,
+                          channels_last=channels_last)
     from clipkit.hf import HF_PREFIX, is_hf_name
 
     if is_hf_name(name) or _bare_hub_repo(name):

@@ -126,14 +126,6 @@ def load_reranker(source, *, device: str | torch.device | None = None) -> Rerank
         return _own_reranker(source, device)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ValueError(f"a re-ranker is a model name, a directory or hf:ORG/REPO; got {source!r}")
-    if os.path.isfile(source):  # a weights file of `clipkit train` / `train-rerank`: the model it names
-        from clipkit.models import read_checkpoint
-
-        name = read_checkpoint(source)["meta"].get("model_name")
-        if not name:
-            raise ValueError(f"{source} is a weights file that does not name its model: give the model as the "
-                             "re-ranker's name, with these weights as its --pretrained")
-        return HeadReranker(load_model(name, pretrained=str(source), device=device))
     family = _blip_family(str(source)) if is_hf_name(str(source)) else None
     if family is not None:
         return family.load(str(source), device=device)

@@ -159,7 +159,7 @@ def test_split_set_keeps_each_caption_with_its_image():
     assert pairs == [(c, data.images[i]) for c, i in zip(data.captions, data.text_to_image)]
 
 
-def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp_path, capsys):
+def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp_path, capsys, image_folder):
     from clipkit.cli import main
 
     out = tmp_path / "reranker.pt"
@@ -178,6 +178,8 @@ def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp
     images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
     np.testing.assert_allclose(score_pairs(images, texts, reranker=load_reranker(str(out), device="cpu")),
                                score_pairs(images, texts, reranker=load_reranker(model)), atol=1e-6)
+    indexed = clipkit.Index.from_folder(image_folder, model=str(out), batch_size=4)  # --model FILE, as well
+    assert indexed.model_info["name"] == "clipkit-tiny" and indexed.model_info["pretrained"] == str(out)
     with pytest.raises(ValueError, match="does not name its model"):
         torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "bare.pt")
         load_reranker(str(tmp_path / "bare.pt"))
