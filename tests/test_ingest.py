@@ -15,6 +15,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 import clipkit  # noqa: E402
 from clipkit.cli import main  # noqa: E402
+from clipkit.errors import IndexBusyError  # noqa: E402
 from clipkit.index import Index  # noqa: E402
 
 COLOURS, SHAPES = ["red", "blue", "green", "yellow", "purple"], ["circle", "square", "triangle", "star"]
@@ -268,7 +269,20 @@ def test_export_streams_resumes_and_never_writes_over_files(tmp_path, monkeypatc
         export_module.export_embeddings(Index.load(tmp_path / "ix"), tmp_path / "stopped", part_size=7)
     monkeypatch.setattr(export_module, "_write_part", real_write)
     assert len(list((tmp_path / "stopped" / "img_emb").iterdir())) == 3
+    half = tmp_path / "stopped" / "img_emb" / ".img_emb_3.npy.x1y2z3.tmp"  # a part being written when it was killed
+    half.write_bytes(b"\x93NUMPY" + bytes(4096))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom clipkit.index.lock import writer_lock\n"
+                               "with writer_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()",
+                               str(tmp_path / "stopped")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # another export is writing there
+        with pytest.raises(IndexBusyError, match="the export folder .* is being written by"):
+            export_module.export_embeddings(Index.load(tmp_path / "ix"), tmp_path / "stopped", part_size=7)
+        assert half.exists()
+    finally:
+        holder.communicate("")
     done = export_module.export_embeddings(Index.load(tmp_path / "ix"), tmp_path / "stopped", part_size=7)
+    assert not half.exists()  # (at LAION size, gigabytes left behind)
     assert done["resumed"] and done["parts"] == 6 and done["rows"] == 40
     for name in sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.npy")):
         np.testing.assert_array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "stopped" / name))

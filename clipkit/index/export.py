@@ -10,16 +10,18 @@ what autofaiss, clip-retrieval's back end and embedding_reader read.
                                           reads back; clip-retrieval's readers never look there
     OUT/export.json                       what was exported (index, generation, rows, part size), and whether
                                           all of it is written
+    OUT/writer.lock                       held while an export writes there: one at a time
 
 `id` carries the item's id (integers stay integers when every id is one; where ids of both kinds are mixed,
 `id_is_integer` says which), so that reading the folder back gives the same ids. The items stream in key order from one committed state of the index (one sequential
 pass over its vector files), so memory is bounded by one part. Each file is written under a temporary name
 and renamed into place, a part's img_emb file last (readers find parts by it). A stopped export run again
-over the same unchanged index goes on from the first part it lacks.
+over the same unchanged index goes on from the first part it lacks (and deletes the part it was writing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -29,7 +31,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipkit._io import atomic_write_json, atomic_write_with
+from clipkit.errors import IndexBusyError
 from clipkit.index.captions import caption_line, captions_of_images, first_captions
+from clipkit.index.lock import LOCK_FILE, writer_lock
 from clipkit.index.sync import is_under
 from clipkit.index.vectors import damaged_rows
 
@@ -41,22 +45,30 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
     """Write `index` into folder `out` (new or empty, outside the index; or an export of the same state of the
     index that was stopped, which goes on); {'parts', 'rows', 'captions', 'more_captions', 'damaged',
     'resumed'} ('captions': rows with a first caption; 'more_captions': further captions, written this run)."""
-    pa, pq = _pyarrow()
+    _pyarrow()
     out = Path(out)
     with index._lock, index.store.snapshot():  # one committed state throughout
         manifest = {"format": "clipkit-export", "index": str(index.path.resolve()) if index.path else None,
                     "generation": index.store.generation(), "rows": index.store.count(), "part_size": part_size}
         resumed = _start(index, out, manifest)
-        id_types = index.store.id_types()
-        done = {"parts": 0, "rows": 0, "captions": 0, "more_captions": 0, "damaged": 0, "resumed": resumed}
-        with tqdm(total=manifest["rows"], disable=None if progress is None else not progress, unit="vec",
-                  desc="exporting") as bar:
-            for number, (keys, vectors) in enumerate(_parts(index.store.live_vectors(), part_size)):
-                if not (out / "img_emb" / f"img_emb_{number}.npy").exists():
-                    _write_part(index, out, number, keys, vectors, id_types, done, pa, pq)
-                done["parts"], done["rows"] = done["parts"] + 1, done["rows"] + len(keys)
-                bar.update(len(keys))
-    atomic_write_json(out / MANIFEST, {**manifest, "complete": True})
+        with _export_lock(out):
+            _lay_out(index, out, manifest, resumed)
+            done = _write_parts(index, out, manifest["rows"], part_size, progress)
+            atomic_write_json(out / MANIFEST, {**manifest, "complete": True})
+    return {**done, "resumed": resumed}
+
+
+def _write_parts(index, out: Path, rows: int, part_size: int, progress: bool | None) -> dict:
+    """Each part of `part_size` rows (of `rows`) that `out` lacks, in key order; what was written."""
+    pa, pq = _pyarrow()
+    id_types = index.store.id_types()
+    done = {"parts": 0, "rows": 0, "captions": 0, "more_captions": 0, "damaged": 0}
+    with tqdm(total=rows, disable=None if progress is None else not progress, unit="vec", desc="exporting") as bar:
+        for number, (keys, vectors) in enumerate(_parts(index.store.live_vectors(), part_size)):
+            if not (out / "img_emb" / f"img_emb_{number}.npy").exists():
+                _write_part(index, out, number, keys, vectors, id_types, done, pa, pq)
+            done["parts"], done["rows"] = done["parts"] + 1, done["rows"] + len(keys)
+            bar.update(len(keys))
     return done
 
 
@@ -69,31 +81,50 @@ def _pyarrow():
     return pa, pq
 
 
+@contextlib.contextmanager
+def _export_lock(out: Path) -> Iterator[None]:
+    """One export into `out` at a time (a second one would find the first's parts half written, and a resumed
+    one deletes what a stopped one left half written): the writer lock of `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with writer_lock(out, wait=False):
+            yield
+    except IndexBusyError as exc:
+        raise IndexBusyError(str(exc).replace("the index at", "the export folder", 1)) from None
+
+
 def _start(index, out: Path, manifest: dict) -> bool:
-    """Check that `index` can be exported into `out` and lay out its folders; whether an export stopped
-    earlier goes on."""
+    """Check, writing nothing, that `index` can be exported into `out`: a new folder, an empty one (but for an
+    export's lock), or one holding an export of this same state of `index` that stopped; whether it goes on."""
     if index.vectors_per_item > 1:
         raise ValueError(f"this index keeps {index.vectors_per_item} vectors an item; clip-retrieval's layout holds "
                          "one an image, so it cannot be exported to it")
     if index.path is not None and is_under(str(out.resolve()), str(index.path.resolve())):
         raise ValueError(f"{out} is inside the index's own folder; export into a folder outside it")
-    resumed = False
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        try:
-            earlier = json.loads((out / MANIFEST).read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if isinstance(earlier, dict) and earlier.get("complete"):
-            raise ValueError(f"{out} already holds an export (img_emb/); export into a new or empty folder")
-        if earlier != {**manifest, "complete": False}:
-            raise ValueError(f"{out} already holds files (or a stopped export of another index, or of this one "
-                             "before it changed); export into a new or empty folder")
-        resumed = True
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; export into a new or empty folder")
+    if not out.exists() or all(entry.name == LOCK_FILE for entry in out.iterdir()):
+        return False
+    try:
+        earlier = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("complete"):
+        raise ValueError(f"{out} already holds an export (img_emb/); export into a new or empty folder")
+    if earlier != {**manifest, "complete": False}:
+        raise ValueError(f"{out} already holds files (or a stopped export of another index, or of this one "
+                         "before it changed); export into a new or empty folder")
+    return True
+
+
+def _lay_out(index, out: Path, manifest: dict, resumed: bool) -> None:
+    """The export's folders and its manifest (a resumed export: what the stopped one left half written goes)."""
     for sub in ("img_emb", "metadata") + (("text_emb", "captions") if index.captions is not None else ()):
         (out / sub).mkdir(parents=True, exist_ok=True)
+        for stale in (out / sub).glob(".*.tmp") if resumed else ():
+            stale.unlink(missing_ok=True)
     if not resumed:
         atomic_write_json(out / MANIFEST, {**manifest, "complete": False})
-    return resumed
 
 
 def _parts(batches: Iterator[tuple[np.ndarray, np.ndarray]], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
