@@ -150,16 +150,18 @@ def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
     """The index's top `depth` items for one unit query vector, as Hits with their metadata. A query of several
     vectors (a BLIP-2 image's query tokens) scores an item by its best vector: each vector's top `depth`,
     merged by the best score per item (exact: an item outside every vector's top `depth` is outside it)."""
-    scores, keys = index.search_keys(vector[None, :] if vector.ndim == 1 else vector, depth)
-    if len(keys) > 1:
-        scores, keys = _best_per_key(scores.ravel(), keys.ravel(), depth)
-    hits = []
-    # an approximate index may find fewer (key -1); an item deleted since the search has no record
-    for score, record in zip(scores[0], index.get_by_key(keys[0].tolist())):
-        if record is not None:
-            hits.append(Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None),
-                            key=record.pop("key"), metadata=record))
-    return hits
+    for _ in range(3):  # (a writer changing the top hits again and again: at most two catch-ups)
+        scores, keys = index.search_keys(vector[None, :] if vector.ndim == 1 else vector, depth)
+        if len(keys) > 1:
+            scores, keys = _best_per_key(scores.ravel(), keys.ravel(), depth)
+        records = index.get_by_key(keys[0].tolist())
+        # an approximate index may find fewer (key -1); an item removed (or moved) since the index last looked
+        # at its store has no record: then it catches up and searches again, rather than return fewer hits
+        stale = any(record is None and key >= 0 for key, record in zip(keys[0], records))
+        if not stale or not index.refresh():
+            break
+    return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), key=record.pop("key"),
+                metadata=record) for score, record in zip(scores[0], records) if record is not None]
 
 
 def _best_per_key(scores: np.ndarray, keys: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:

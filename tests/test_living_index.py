@@ -226,6 +226,24 @@ def test_a_loaded_index_catches_up_with_another_writer(tmp_path):
         assert reader.search(base[10:20], 1)[1][:, 0].tolist() == list(range(10, 20))
 
 
+
+def test_a_search_between_looks_at_the_store_still_returns_k_hits(tmp_path):
+    """A reader looks at the store at most every refresh_interval; a hit removed (or moved) by a writer in
+    between has no record, and was dropped: k=1 could return nothing. Now it catches up and searches again."""
+    import clipkit
+
+    base = unit(50, 16, 3)
+    writer = Index.from_embeddings(base, ids=[f"item-{n}" for n in range(50)])
+    writer.save(tmp_path / "ix")
+    reader = Index.load(tmp_path / "ix")
+    reader.refresh_interval = 3600  # it never looks by itself during this test
+    assert [h.id for h in clipkit.search(base[7], reader, k=1)] == ["item-7"]
+    writer.remove(["item-7"])
+    writer.add(base[7][None, :], ids=["moved-7"])  # the same image under a new id (a moved file)
+    hits = clipkit.search(base[7], reader, k=3)
+    assert [h.id for h in hits][:1] == ["moved-7"] and len(hits) == 3 and "item-7" not in [h.id for h in hits]
+
+
 # ---------------------------------------------------------------------------------------------
 # Roots and moves
 
