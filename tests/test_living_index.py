@@ -242,6 +242,8 @@ def test_a_search_between_looks_at_the_store_still_returns_k_hits(tmp_path):
     writer.add(base[7][None, :], ids=["moved-7"])  # the same image under a new id (a moved file)
     hits = clipkit.search(base[7], reader, k=3)
     assert [h.id for h in hits][:1] == ["moved-7"] and len(hits) == 3 and "item-7" not in [h.id for h in hits]
+    writer.remove(["moved-7"])
+    assert None not in reader.search(base[7:8], 3)[1][0].tolist()  # the raw batch search too (it gave None)
 
 
 # ---------------------------------------------------------------------------------------------

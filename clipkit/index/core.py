@@ -355,8 +355,12 @@ class Index(FolderSync):
         approximate structure (IVF) may find fewer than k: those slots hold id None and score -inf.
         """
         with self._lock:
-            scores, keys = self.search_keys(queries, k)
-            return scores, self.store.ids_by_key(keys)
+            for _ in range(3):  # an item removed since the last look at the store: catch up, search again
+                scores, keys = self.search_keys(queries, k)
+                ids = self.store.ids_by_key(keys)
+                if not any(i is None for i in ids[keys >= 0]) or not self.refresh():
+                    return scores, ids
+            return scores, ids
 
     def search_keys(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """As `search`, but `(scores, keys)`: the items' integer keys (-1 where none was found), with no
