@@ -604,14 +604,13 @@ def cmd_remove(args) -> int:
 
 def cmd_export(args) -> int:
     from clipkit.index import DB_FILE, Index
-    from clipkit.index.export import export_embeddings
 
     if len(args.paths) > 2 or (len(args.paths) == 2 and args.index):
         raise ValueError("export takes INDEX OUT, or OUT with --index INDEX")
     index, out = args.paths if len(args.paths) == 2 else (args.index or DEFAULT_INDEX, args.paths[0])
     if len(args.paths) == 1 and not args.index and (Path(out) / DB_FILE).is_file():
         raise UsageError(f"{out} is an index: name the folder to write too (clipkit export {out} OUT)")
-    done = export_embeddings(Index.load(index), out, part_size=args.part_size, progress=_progress(args))
+    done = Index.load(index).export(out, part_size=args.part_size, progress=_progress(args))
     if not args.quiet:
         more = f" and {done['more_captions']} further caption(s)" if done["more_captions"] else ""
         print(f"exported {done['rows']} embedding(s) in {done['parts']} part(s), {done['captions']} with a "

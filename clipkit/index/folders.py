@@ -127,6 +127,13 @@ class FolderSync:
         self.last_sync = report
         return report
 
+    def export(self, out: str | os.PathLike, *, part_size: int = 100_000, progress: bool | None = None) -> dict:
+        """Write this index into folder `out` in clip-retrieval's layout (img_emb/, text_emb/, metadata/), which
+        autofaiss, clip-retrieval's back end and `sync_embeddings` read: see `clipkit.index.export`."""
+        from clipkit.index.export import export_embeddings
+
+        return export_embeddings(self, out, part_size=part_size, progress=progress)
+
     def sync_urls(self, table: "UrlTable | str | os.PathLike", model=None, *, batch_size: int = 64,
                   workers: int | None = None, progress: bool | None = None, engine=None) -> "sync.SyncReport":
         """Add the images of a table of URLs (parquet, CSV, JSONL with a `url` column and optionally a
