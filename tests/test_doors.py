@@ -155,6 +155,43 @@ def test_image_route_serves_only_the_file_that_was_indexed(served_folder, tmp_pa
     assert client.get(f"/image/{keys['2.png']}").status_code == 200  # the others are served as before
 
 
+def test_iphone_avif_and_tiff_photos_are_indexed_and_served_as_browsers_show_them(tmp_path, demo, monkeypatch):
+    """.heic/.heif (iPhones) and .avif files were passed over without a word; now they are indexed (HEIC through
+    pillow-heif, clipkit[heif]) with the embeddings of their pixels, and /image serves what browsers cannot
+    show (HEIC, TIFF) as a JPEG of it. Without pillow-heif a HEIC is skipped with what to install."""
+    pytest.importorskip("pillow_heif")
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from clipkit.data import images as images_module
+    from clipkit.serve import create_app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    drawn = {"a.heic": draw_shape("red", "circle", (80, 60)), "b.avif": draw_shape("blue", "square", (80, 60)),
+             "c.tiff": draw_shape("green", "triangle", (80, 60))}
+    for name, image in drawn.items():
+        image.save(photos / name)
+    index = Index.from_folder(photos, demo)
+    index.save(tmp_path / "ix")
+    ids = [str(photos / name) for name in drawn]
+    assert sorted(index.ids()) == sorted(ids)
+    decoded = [Image.open(photos / name).convert("RGB") for name in drawn]
+    np.testing.assert_allclose(index.embeddings(ids), clipkit.encode(decoded, model=demo), atol=1e-5)
+    keys = dict(zip(ids, index.keys(ids)))
+    with TestClient(create_app(Index.load(tmp_path / "ix"))) as client:
+        for name, media_type in (("a.heic", "image/jpeg"), ("b.avif", "image/avif"), ("c.tiff", "image/jpeg")):
+            reply = client.get(f"/image/{keys[str(photos / name)]}")
+            assert reply.status_code == 200 and reply.headers["content-type"] == media_type, name
+            assert Image.open(io.BytesIO(reply.content)).size == (80, 60)
+    monkeypatch.setattr(images_module, "HEIF_READABLE", False)  # as without pillow-heif
+    (photos / "d.heic").write_bytes(b"not decodable here" * 20)
+    report = Index.load(tmp_path / "ix").sync_folder(photos, demo)
+    assert report.skipped and "pip install 'clipkit[heif]'" in report.skipped[0][1]
+
+
 def test_image_route_refuses_a_rewritten_shard(tmp_path, demo):
     from fastapi.testclient import TestClient
 

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic",
+                              ".heif"})
 
 
 def is_image_name(name: str) -> bool:

@@ -13,6 +13,21 @@ from PIL import Image, ImageOps
 
 from clipkit.errors import ImageReadError
 
+HEIF_SUFFIXES = (".heic", ".heif")
+
+
+def _register_heif() -> bool:
+    """Whether Pillow reads HEIC / HEIF (iPhone photos): through pillow-heif (`clipkit[heif]`), when installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+HEIF_READABLE = _register_heif()
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto white."""
@@ -48,12 +63,14 @@ def _decode(source, name: str, min_side: int | None = None) -> Image.Image:
             Image.DecompressionBombWarning, EOFError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        kind, reason = _failure(exc)
+        kind, reason = _failure(exc, name)
         raise ImageReadError(f"cannot read image {name}: {reason}", kind) from exc
 
 
-def _failure(exc: BaseException) -> tuple[str, str]:
-    """(kind, reason) of a decoding error."""
+def _failure(exc: BaseException, name: str = "") -> tuple[str, str]:
+    """(kind, reason) of a decoding error (of the image called `name`)."""
+    if isinstance(exc, Image.UnidentifiedImageError) and name.lower().endswith(HEIF_SUFFIXES) and not HEIF_READABLE:
+        return "HEIC without pillow-heif", "HEIC / HEIF photos need pillow-heif: pip install 'clipkit[heif]'"
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image", "not a recognised image format"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):

@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
-from clipkit.data.images import decode_image, image_media_type, is_url
+from clipkit.data.images import decode_image, encode_image, image_media_type, is_url
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
@@ -34,6 +34,8 @@ from clipkit.data.fetch import Fetcher
 
 log = logging.getLogger("clipkit.serve")
 STATIC_DIR = Path(__file__).parent / "static"
+#: What browsers display as they are; other images (HEIC, TIFF) are served as a JPEG of them.
+BROWSER_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp", "image/avif", "image/bmp"})
 VECTOR, ITEM = "vector", "item"
 
 
@@ -222,7 +224,10 @@ class Service:
             raise BadRequest(f"no image with id {key} in index {collection.name!r}", 404)
         try:
             data = read_indexed(collection.index, record, source, self.config.max_body_bytes)
-            return data, image_media_type(data, str(source))
+            media_type = image_media_type(data, str(source))
+            if media_type not in BROWSER_IMAGE_TYPES:  # HEIC, TIFF: a JPEG of it, which every browser shows
+                return encode_image(decode_image(data, str(source)), "jpg"), "image/jpeg"
+            return data, media_type
         except (ValueError, OSError) as exc:
             raise BadRequest(f"the image of item {key} cannot be served: {exc}", 404) from None
 
