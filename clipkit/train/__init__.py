@@ -417,7 +417,8 @@ class _Run:
             self.clip.load_state_dict(state["model"])
         except RuntimeError:
             raise CheckpointError(f"{path} is a run of {state.get('model_name')!r}, whose weights do not fit --model "
-                                  f"{self.config.model!r}: resume with the run's own options (its config.json)") from None
+                                  f"{self.config.model!r}: resume with the run's own options (its config.json)") \
+                from None
         if self.head is not None:
             if state.get("itm") is None:
                 raise CheckpointError(f"{path} has no ITM head but this run trains one (--itm)")
