@@ -299,3 +299,19 @@ def test_a_pattern_as_source_says_to_give_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "7 unrecognized arguments" in err and "give their folder" in err and names[-1] not in err
     assert not (tmp_path / "ix").exists()
+
+
+def test_a_folder_taken_for_an_index_says_what_it_holds(tmp_path, capsys):
+    """`clipkit search q --index photos` (the photos, not their index) said only "not a clipkit index"; now it
+    says what the folder holds and the command that indexes it."""
+    photos, shards, emb = tmp_path / "photos", tmp_path / "shards", tmp_path / "emb"
+    for folder in (photos, shards, emb / "img_emb"):
+        folder.mkdir(parents=True)
+    (photos / "cat.jpg").write_bytes(b"")
+    (shards / "train-000000.tar").write_bytes(b"")
+    np.save(emb / "img_emb" / "img_emb_0.npy", np.zeros((2, 4), np.float16))
+    for folder, says in ((photos, "it is a folder of images"), (shards, "it holds webdataset shards"),
+                         (emb, "it holds embeddings in clip-retrieval's layout")):
+        assert main(["info", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "is not a clipkit index" in err and says in err and f"clipkit index {folder}" in err.replace("'", "")

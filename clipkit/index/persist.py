@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -202,12 +203,31 @@ def _open(cls, store: Store, path: Path, config: dict, model):
     return index
 
 
+def _what_it_is(path: Path) -> str:
+    """For a folder taken for an index that is none: what it holds, and the command that makes an index of it."""
+    from clipkit.data.folder import is_image_name
+    from clipkit.index.ingest import is_embedding_folder
+
+    if not path.is_dir():
+        return ""
+    if is_embedding_folder(path):
+        return f"; it holds embeddings in clip-retrieval's layout: `clipkit index {path} --index NEW` indexes them"
+    with os.scandir(path) as entries:  # (a look at the first entries of what may be a huge folder)
+        names = [entry.name for entry in itertools.islice(entries, 1000)]
+    if any(is_image_name(name) for name in names):
+        return f"; it is a folder of images: `clipkit index {path} --index INDEX` indexes it"
+    if any(name.endswith(".tar") for name in names):
+        return (f"; it holds webdataset shards: `clipkit index '{path}/NAME-{{000000..000009}}.tar' --index INDEX` "
+                "indexes them")
+    return ""
+
+
 def read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         if (path / DB_FILE).is_file():
             return {}  # a save interrupted before its config: the store is enough
-        raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE})")
+        raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE}){_what_it_is(path)}")
     try:
         config = json.loads(config_path.read_text())
         if not isinstance(config, dict) or config.get("format") != FORMAT:
