@@ -527,10 +527,19 @@ def _check_table_name(source: Path) -> None:
     if source.suffix.lower() in TABLE_SUFFIXES:
         return
     what = ("an image file: index the folder it is in" if is_image_name(source.name) else
-            "a text file whose first line is not an http(s) URL (a .txt SOURCE lists image URLs, one a line)"
-            if source.suffix.lower() == ".txt" else "no table clipkit reads")
+            _text_source(source) if source.suffix.lower() == ".txt" else "no table clipkit reads")
     raise UsageError(f"{source} is {what}; SOURCE is a folder of images, a caption or URL table (.csv, .tsv, "
                      ".jsonl, .parquet; .txt of URLs) or webdataset shards (.tar)")
+
+
+def _text_source(source: Path) -> str:
+    """What a .txt SOURCE that lists no URLs is, for the error that refuses it."""
+    with open(source, encoding="utf-8", errors="replace") as handle:
+        first = next((line.strip() for line in handle if line.strip()), "")
+    if first and is_image_name(first) and (Path(first).is_file() or (source.parent / first).is_file()):
+        return ("a list of image files: give the folder they are in (--exclude GLOB leaves files out), or a .csv "
+                "with an image and a caption column to index only the files it lists")
+    return "a text file whose first line is not an http(s) URL (a .txt SOURCE lists image URLs, one a line)"
 
 
 def _prepare_index_folder(index_path: Path) -> None:

@@ -351,7 +351,9 @@ def test_a_tsv_caption_table_and_files_that_are_no_source(folder, tmp_path, caps
     assert [r["caption"] for r in captions.get(captions.ids())] == ["a caption, with a comma"]
     for source, says in ((folder / name, "is an image file: index the folder it is in"),
                          (folder / name.replace(".jpg", ".txt"), "first line is not an http(s) URL"),
-                         (tmp_path / "ix" / "config.json", "is no table clipkit reads")):
+                         (tmp_path / "ix" / "config.json", "is no table clipkit reads"),
+                         (tmp_path / "list.txt", "is a list of image files: give the folder they are in")):
+        (tmp_path / "list.txt").write_text(f"{folder / name}\n")  # (as `find photos -name '*.jpg'` writes)
         assert main(["index", str(source), "--index", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert says in err and "SOURCE is a folder of images" in err and err.count("\n") == 1
