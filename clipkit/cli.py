@@ -571,7 +571,7 @@ def _index_model(index, args):
     model = load_model(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
     warn_untrained(model)
     if index is not None:
-        index.check_model(model)
+        index.check_model(model, writing=True)
     return model
 
 

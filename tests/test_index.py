@@ -213,7 +213,7 @@ def test_overwriting_an_index_replaces_it(tmp_path):
     assert len(loaded) == 5 and loaded.ids() == list("abcde")
 
 
-def test_model_mismatch_is_refused(tiny_model):
+def test_model_mismatch_is_refused(tiny_model, tmp_path):
     index = Index.from_embeddings(clipkit.encode(["a", "b"], model=tiny_model), ids=["a", "b"], model=tiny_model)
     other = clipkit.load_model("clipkit-tiny")  # same architecture, different weights
     with pytest.raises(ModelMismatchError, match="built with model 'clipkit-tiny'"):
@@ -221,6 +221,8 @@ def test_model_mismatch_is_refused(tiny_model):
     with pytest.raises(ValueError):  # ModelMismatchError is a ValueError too
         index.check_model(clipkit.load_model("clipkit-tiny-rn"))
     assert clipkit.search("a", index, model=tiny_model)[0].id == "a"
+    with pytest.raises(ModelMismatchError, match="the indexing model is .* leave out --model"):  # said as adding
+        index.sync_folder(tmp_path, other)
 
 
 def test_search_uses_the_gpu_only_when_faiss_has_one():

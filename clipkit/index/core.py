@@ -424,8 +424,8 @@ class Index(FolderSync):
     def vectors_per_item(self) -> int:
         return self.store.vectors_per_item
 
-    def check_model(self, model) -> None:
-        """Refuse a model other than the one that built this index."""
+    def check_model(self, model, writing: bool = False) -> None:
+        """Refuse a model other than the one that built this index (`writing`: to add embeddings, not query)."""
         info = self.model_info
         if info is None:
             if model.dim != self.dim:
@@ -435,9 +435,11 @@ class Index(FolderSync):
         if model.fingerprint != info.get("fingerprint"):
             raise ModelMismatchError(
                 f"this index was built with model {info.get('name')!r} (pretrained={info.get('pretrained')!r}, "
-                f"weights {info.get('fingerprint')}), but the query model is {model.name!r} "
-                f"(pretrained={model.pretrained!r}, weights {model.fingerprint}); embeddings from different "
-                "models are not comparable: query with the index's own model (model=None) or rebuild the index")
+                f"weights {info.get('fingerprint')}), but the {'indexing' if writing else 'query'} model is "
+                f"{model.name!r} (pretrained={model.pretrained!r}, weights {model.fingerprint}); embeddings from "
+                "different models are not comparable: " + (
+                    "index with the index's own model (leave out --model), or into a new index" if writing else
+                    "query with the index's own model (model=None) or rebuild the index"))
 
     # -- save / load (clipkit/index/persist.py) -----------------------------------------------
 

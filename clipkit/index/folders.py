@@ -157,7 +157,7 @@ class FolderSync:
         from clipkit.encode import as_model
 
         model = as_model(model if model is not None else self.model)
-        self.check_model(model)
+        self.check_model(model, writing=True)
         return model
 
     def _record_model(self, model) -> None:
