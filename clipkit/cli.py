@@ -101,8 +101,11 @@ def _add_index_command(commands, default_model: str) -> None:
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
     index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is one: "
                        "cuda:$LOCAL_RANK under torchrun, else the CPU)")
-    index.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                       help="skip files and folders whose name or relative path matches (repeatable)")
+    index.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                       help="skip files and folders whose name or relative path matches (repeatable); remembered "
+                            "for the folder, so later runs leave out the same")
+    index.add_argument("--no-exclude", action="store_true",
+                       help="forget the folder's remembered --exclude globs: index everything in it again")
     index.add_argument("--skipped-log", default=None, metavar="FILE",
                        help="write the files that could not be read, with why, as JSON lines")
     _add_index_scale_options(index)
@@ -343,9 +346,13 @@ def cmd_index(args) -> int:
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, include = _index_source(args)
-    if folder is None and (args.check or args.shard or args.exclude or args.captions):
+    if folder is None and (args.check or args.shard or args.exclude or args.no_exclude or args.captions):
         raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards and URL tables are "
                          "indexed whole, with their own captions")
+    if args.exclude and args.no_exclude:
+        raise UsageError("give --exclude GLOB (what to leave out from now on) or --no-exclude (nothing), not both")
+    if args.no_exclude:
+        args.exclude = []
     shard = _parse_shard(args.shard) if args.shard else None
     engine = _engine(args)
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
@@ -371,7 +378,7 @@ def cmd_index(args) -> int:
         print(f"clipkit: warning: found no images in {args.folder} (files ending "
               f"{', '.join(sorted(IMAGE_EXTENSIONS))}): the index is empty", file=sys.stderr)
     if not args.quiet:
-        _print_sync_summary(report, index, index_path, args.skipped_log)
+        _print_sync_summary(report, index, index_path, args.skipped_log, remembered=args.exclude is None)
         if engine is not None and engine.stats:
             shares = sorted(engine.stats["per_actor"].values(), reverse=True)
             print(f"ray: {engine.stats['actors']} actor(s) (images each: {', '.join(map(str, shares)) or 'none'}); "
@@ -455,7 +462,7 @@ def _index_embeddings(args) -> int:
     from clipkit.models import load_model, warn_untrained
     from clipkit.search import index_model
 
-    if args.check or args.shard or args.exclude or args.captions or args.engine != "local":
+    if args.check or args.shard or args.exclude or args.no_exclude or args.captions or args.engine != "local":
         raise UsageError("--check, --shard, --exclude, --captions and --engine apply to folders of images; an "
                          "embedding folder is read whole, part by part")
     index_path = Path(args.index)
@@ -575,10 +582,14 @@ def _index_model(index, args):
     return model
 
 
-def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None) -> None:
+def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None, remembered: bool = False) -> None:
+    """`remembered`: the folder's exclude globs were not given this run but remembered from an earlier one."""
     print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
           f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
           f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
+    if remembered and getattr(report, "excluded", None):
+        print(f"  left out what matches --exclude {' '.join(map(repr, report.excluded))}, as remembered for the "
+              "folder (--no-exclude indexes it again)")
     if report.captions is not None:
         moved = f"{report.captions.moved} moved with their images, " if report.captions.moved else ""
         print(f"captions: {report.captions.added} embedded, {moved}{report.captions.kept} unchanged, "

@@ -255,6 +255,31 @@ def test_cli_check_changes_nothing_and_skipped_log(hostile, tmp_path, tiny_ckpt,
     assert str(root.resolve() / "new\nline.jpg") in {h["id"] for h in hits}
 
 
+def test_exclude_globs_are_remembered_for_the_folder(tmp_path, tiny_ckpt, capsys):
+    """`clipkit index photos --exclude cache` and later `clipkit index photos` (a cron job) indexed the cache on
+    the second run; the globs are now remembered for the folder (said in the summary, used by --check), given
+    ones replace them, --no-exclude forgets them."""
+    root = tmp_path / "photos"
+    (root / "cache").mkdir(parents=True)
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("cache/t1.png", "green"), ("cache/t2.png", "yellow")):
+        draw_shape(colour, "circle").save(root / name)
+    index_path = tmp_path / "ix"
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt)]
+    assert main(["-q", "index", str(root), "--index", str(index_path), "--exclude", "cache", *model]) == 0
+    assert main(["index", str(root), "--index", str(index_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 new" in out and "left out what matches --exclude 'cache', as remembered" in out
+    assert sorted(Path(i).name for i in Index.load(index_path).ids()) == ["a.png", "b.png"]
+    assert main(["index", str(root), "--index", str(index_path), "--check"]) == 0
+    assert "would embed 0 new" in capsys.readouterr().out
+    assert Index.load(index_path).excludes(root) == ["cache"]
+    assert main(["-q", "index", str(root), "--index", str(index_path), "--exclude", "b.png"]) == 0  # replaces
+    assert sorted(Path(i).name for i in Index.load(index_path).ids()) == ["a.png", "t1.png", "t2.png"]
+    assert main(["-q", "index", str(root), "--index", str(index_path), "--no-exclude"]) == 0
+    assert len(Index.load(index_path)) == 4 and Index.load(index_path).excludes(root) == []
+    assert main(["index", str(root), "--index", str(index_path), "--no-exclude", "--exclude", "x"]) == 2
+
+
 def test_sigkill_mid_index_then_rerun_equals_a_clean_run(tmp_path, tiny_ckpt):
     from clipkit.data.synthetic import write_synthetic
 

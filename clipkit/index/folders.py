@@ -21,6 +21,8 @@ from clipkit.index.vectors import prepare_items
 if TYPE_CHECKING:
     from clipkit.data.urls import UrlTable
 
+EXCLUDES = "excludes"  # store info: folder -> the exclude globs it was last synced with
+
 log = logging.getLogger("clipkit.index")
 
 
@@ -29,17 +31,30 @@ class FolderSync:
 
     # -- folders ----------------------------------------------------------------------------
 
-    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
+    def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] | None = None,
                     shard: tuple[int, int] | None = None,
                     include: AbstractSet[str] | None = None) -> "sync.SyncPlan":
         """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
         `clipkit.index.sync.plan_folder`."""
         with self._lock:
+            exclude = self.excludes(folder) if exclude is None else exclude
             return sync.plan_folder(self.store, folder, exclude=exclude, shard=shard, include=include)
+
+    def excludes(self, folder: str | os.PathLike) -> list[str]:
+        """The exclude globs remembered for `folder` (those its last `sync_folder` was given)."""
+        return list(self.store.info(EXCLUDES, {}).get(str(Path(folder).resolve()), []))
+
+    def _remember_excludes(self, folder: str | os.PathLike, exclude: Sequence[str]) -> None:
+        """Under the writer lock: `exclude` is what `folder` leaves out from now on ([]: nothing)."""
+        key, saved = str(Path(folder).resolve()), self.store.info(EXCLUDES, {})
+        if saved.get(key, []) != list(exclude):
+            with self.store.transaction(bump=False):
+                self.store.set_info(EXCLUDES, {**{k: v for k, v in saved.items() if k != key},
+                                               **({key: list(exclude)} if exclude else {})})
 
     def sync_folder(self, folder: str | os.PathLike, model=None, *, batch_size: int = 64,
                     workers: int | None = None, progress: bool | None = None,
-                    exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
+                    exclude: Sequence[str] | None = None, shard: tuple[int, int] | None = None,
                     captions: "CaptionTable | str | os.PathLike | None" = None,
                     listed_only: bool = False, engine=None) -> "sync.SyncReport":
         """Bring the index up to date with the images under `folder` (see `clipkit.index.sync`).
@@ -48,7 +63,8 @@ class FolderSync:
         or moved ones (also a whole folder moved elsewhere) re-pointed without re-embedding, unchanged
         ones left alone. Each batch is committed on its own, so an interrupted run keeps what it finished
         and running it again resumes. Ids are absolute file paths; one file is never indexed twice. The
-        writer lock is held for the whole run.
+        writer lock is held for the whole run. `exclude`: globs of files and folders to leave out, remembered
+        for the folder (later runs without `exclude` leave out the same; `[]` forgets them).
 
         Captions come from `NAME.txt` beside each image, or from `captions`, a caption table (CSV / JSONL
         path or `CaptionTable`) for the images it lists; the table is remembered for the folder, so later
@@ -63,6 +79,10 @@ class FolderSync:
         with self.writer(on_wait=log.warning):
             self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
+            if exclude is None:
+                exclude = self.excludes(folder)
+            else:
+                self._remember_excludes(folder, exclude)
             table = caption_table_for(self, Path(folder).resolve(), captions)
             if listed_only and table is None:
                 raise ValueError("listed_only needs a caption table (captions=)")
@@ -72,6 +92,7 @@ class FolderSync:
                 report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
                                           progress=progress, exclude=exclude, shard=shard, include=include,
                                           engine=engine)
+            report.excluded = list(exclude)
             for path, reason in problems:
                 report.skip(path, reason, "missing")
             if table is None and report.moves:  # a folder indexed with a caption table, moved: the table moves too

@@ -43,6 +43,7 @@ class SyncReport:
     moves: list[tuple] = field(default_factory=list, repr=False)  # (old id, new id) of the moved files
     captions_moved: int = 0  # captions carried with the items of moved shards
     captions: object = None  # what syncing the caption files did (clipkit.index.captions.CaptionReport), if any
+    excluded: list[str] = field(default_factory=list)  # the exclude globs the folder was synced with
 
     @property
     def embedded(self) -> int:
