@@ -273,6 +273,12 @@ def test_exclude_globs_are_remembered_for_the_folder(tmp_path, tiny_ckpt, capsys
     assert main(["index", str(root), "--index", str(index_path), "--check"]) == 0
     assert "would embed 0 new" in capsys.readouterr().out
     assert Index.load(index_path).excludes(root) == ["cache"]
+    root.rename(tmp_path / "renamed")  # the folder moves: its globs go with it, before the cache is embedded
+    assert main(["index", str(tmp_path / "renamed"), "--index", str(index_path)]) == 0
+    assert "indexed 0 image(s) (0 new, 0 changed), 2 moved" in capsys.readouterr().out
+    (tmp_path / "renamed").rename(root)
+    assert main(["index", str(root), "--index", str(index_path)]) == 0
+    assert "indexed 0 image(s) (0 new, 0 changed), 2 moved" in capsys.readouterr().out
     assert main(["-q", "index", str(root), "--index", str(index_path), "--exclude", "b.png"]) == 0  # replaces
     assert sorted(Path(i).name for i in Index.load(index_path).ids()) == ["a.png", "t1.png", "t2.png"]
     assert main(["-q", "index", str(root), "--index", str(index_path), "--no-exclude"]) == 0

@@ -44,6 +44,26 @@ class FolderSync:
         """The exclude globs remembered for `folder` (those its last `sync_folder` was given)."""
         return list(self.store.info(EXCLUDES, {}).get(str(Path(folder).resolve()), []))
 
+    def _excludes_for(self, folder: str | os.PathLike, exclude: Sequence[str] | None) -> list[str]:
+        """Under the writer lock: the globs `folder` is synced with: `exclude` (remembered from now on), else those
+        remembered for it, else those of a folder that is gone and whose files it holds now (moved or renamed:
+        its globs move with it, before anything they leave out is embedded)."""
+        if exclude is not None:
+            self._remember_excludes(folder, exclude)
+            return list(exclude)
+        remembered = self.excludes(folder)
+        gone = [old for old in self.store.info(EXCLUDES, {}) if not os.path.isdir(old)]
+        if remembered or not gone:
+            return remembered
+        for old_id, _, _ in self.plan_folder(folder, exclude=[]).moved:
+            source = next((old for old in gone if isinstance(old_id, str) and sync.is_under(old_id, old)), None)
+            if source is not None:
+                moved = self.store.info(EXCLUDES)[source]
+                self._remember_excludes(source, [])
+                self._remember_excludes(folder, moved)
+                return list(moved)
+        return []
+
     def _remember_excludes(self, folder: str | os.PathLike, exclude: Sequence[str]) -> None:
         """Under the writer lock: `exclude` is what `folder` leaves out from now on ([]: nothing)."""
         key, saved = str(Path(folder).resolve()), self.store.info(EXCLUDES, {})
@@ -79,10 +99,7 @@ class FolderSync:
         with self.writer(on_wait=log.warning):
             self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
-            if exclude is None:
-                exclude = self.excludes(folder)
-            else:
-                self._remember_excludes(folder, exclude)
+            exclude = self._excludes_for(folder, exclude)
             table = caption_table_for(self, Path(folder).resolve(), captions)
             if listed_only and table is None:
                 raise ValueError("listed_only needs a caption table (captions=)")
