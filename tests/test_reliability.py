@@ -274,6 +274,8 @@ def test_exclude_globs_are_remembered_for_the_folder(tmp_path, tiny_ckpt, capsys
     assert "would embed 0 new" in capsys.readouterr().out
     assert Index.load(index_path).excludes(root) == ["cache"]
     root.rename(tmp_path / "renamed")  # the folder moves: its globs go with it, before the cache is embedded
+    assert main(["index", str(tmp_path / "renamed"), "--index", str(index_path), "--check"]) == 0
+    assert "would embed 0 new and re-embed 0 changed image(s), move 2" in capsys.readouterr().out
     assert main(["index", str(tmp_path / "renamed"), "--index", str(index_path)]) == 0
     assert "indexed 0 image(s) (0 new, 0 changed), 2 moved" in capsys.readouterr().out
     (tmp_path / "renamed").rename(root)

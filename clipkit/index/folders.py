@@ -37,19 +37,21 @@ class FolderSync:
         """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
         `clipkit.index.sync.plan_folder`."""
         with self._lock:
-            exclude = self.excludes(folder) if exclude is None else exclude
+            exclude = self._excludes_for(folder, exclude, remember=False)
             return sync.plan_folder(self.store, folder, exclude=exclude, shard=shard, include=include)
 
     def excludes(self, folder: str | os.PathLike) -> list[str]:
         """The exclude globs remembered for `folder` (those its last `sync_folder` was given)."""
         return list(self.store.info(EXCLUDES, {}).get(str(Path(folder).resolve()), []))
 
-    def _excludes_for(self, folder: str | os.PathLike, exclude: Sequence[str] | None) -> list[str]:
-        """Under the writer lock: the globs `folder` is synced with: `exclude` (remembered from now on), else those
-        remembered for it, else those of a folder that is gone and whose files it holds now (moved or renamed:
-        its globs move with it, before anything they leave out is embedded)."""
+    def _excludes_for(self, folder: str | os.PathLike, exclude: Sequence[str] | None,
+                      remember: bool = True) -> list[str]:
+        """The globs `folder` is synced with: `exclude`, else those remembered for it, else those of a folder
+        that is gone and whose files it holds now (moved or renamed: its globs move with it, before anything they
+        leave out is embedded). `remember` (under the writer lock): what is chosen is remembered for `folder`."""
         if exclude is not None:
-            self._remember_excludes(folder, exclude)
+            if remember:
+                self._remember_excludes(folder, exclude)
             return list(exclude)
         remembered = self.excludes(folder)
         gone = [old for old in self.store.info(EXCLUDES, {}) if not os.path.isdir(old)]
@@ -59,8 +61,9 @@ class FolderSync:
             source = next((old for old in gone if isinstance(old_id, str) and sync.is_under(old_id, old)), None)
             if source is not None:
                 moved = self.store.info(EXCLUDES)[source]
-                self._remember_excludes(source, [])
-                self._remember_excludes(folder, moved)
+                if remember:
+                    self._remember_excludes(source, [])
+                    self._remember_excludes(folder, moved)
                 return list(moved)
         return []
 
