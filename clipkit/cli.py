@@ -931,8 +931,11 @@ def main(argv: list[str] | None = None) -> int:
     saved_level = package_log.level  # restored: main() may run inside a longer-lived process
     words = sys.argv[1:] if argv is None else argv
     verbose = "-v" in words or "--verbose" in words
+    from clipkit import _progress
+
     try:
         args = build_parser(_command_in(words)).parse_args(words)
+        _progress.lines = not getattr(args, "quiet", False) and not sys.stderr.isatty()  # (a log: a line a minute)
         if args.command is None:
             raise UsageError(f"a command is required: {', '.join(COMMANDS)} (see `clipkit --help`)")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -967,6 +970,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         package_log.setLevel(saved_level)
+        _progress.lines = False
 
 
 if __name__ == "__main__":

@@ -315,3 +315,20 @@ def test_a_folder_taken_for_an_index_says_what_it_holds(tmp_path, capsys):
         assert main(["info", str(folder)]) == 2
         err = capsys.readouterr().err
         assert "is not a clipkit index" in err and says in err and f"clipkit index {folder}" in err.replace("'", "")
+
+
+def test_long_work_prints_a_progress_line_a_minute_into_a_log(tmp_path):
+    """With stderr a file or a pipe (nohup, cron, a container's log) tqdm's bars were off, so a day-long run said
+    nothing until it ended; now a line every CLIPKIT_PROGRESS_SECONDS (60), and none for work shorter than
+    that, nor with -q."""
+    def run(*argv, seconds=None):
+        env = {**os.environ, **({"CLIPKIT_PROGRESS_SECONDS": seconds} if seconds else {})}
+        done = subprocess.run([sys.executable, "-m", "clipkit", *argv], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    logged = run("synth", str(tmp_path / "a"), "--n", "40", "--format", "folder", seconds="0")
+    assert "writing train: 100%" in logged and "40/40" in logged and "\r" not in logged
+    assert "writing" not in run("synth", str(tmp_path / "b"), "--n", "40", "--format", "folder")  # a short run
+    assert "writing" not in run("-q", "synth", str(tmp_path / "c"), "--n", "40", "--format", "folder", seconds="0")

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
-from tqdm.auto import tqdm
+from clipkit._progress import progress_bar
 
 from clipkit._io import atomic_path, atomic_write_json
 from clipkit.data.folder import scan_images
@@ -91,7 +91,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: 
         written.append((path, write_shard(path, batch)))
         batch.clear()
 
-    with tqdm(total=total, disable=None if progress is None else not progress, unit="img", desc="writing shards") as bar:
+    with progress_bar(total=total, disable=None if progress is None else not progress, unit="img",
+                      desc="writing shards") as bar:
         for number, sample in enumerate(samples):
             if not sample.key:
                 sample.key = f"{number:09d}"

@@ -472,7 +472,7 @@ def write_synthetic(out_dir: str | os.PathLike, n: int, seed: int = 0, split: st
     """Write a split as webdataset shards (`SPLIT-000000.tar` ... and `SPLIT.json`) or as a folder of
     `SPLIT-ID.jpg` + `.txt` (captions) + `.json` (metadata). Each worker process renders and writes
     whole shards, so output bytes do not depend on the number of workers."""
-    from tqdm.auto import tqdm
+    from clipkit._progress import progress_bar
 
     _check_size(size)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -490,7 +490,8 @@ def write_synthetic(out_dir: str | os.PathLike, n: int, seed: int = 0, split: st
              layout) for number in range(n_chunks))
     workers = min(workers or os.cpu_count() or 1, n_chunks)
     results: list[tuple[str, int]] = []
-    with tqdm(total=n, disable=None if progress is None else not progress, unit="img", desc=f"writing {split}") as bar:
+    with progress_bar(total=n, disable=None if progress is None else not progress, unit="img",
+                      desc=f"writing {split}") as bar:
         runner = map(_write_chunk, jobs) if workers == 1 else None
         pool = _pool(workers) if runner is None else None
         try:

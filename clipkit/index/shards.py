@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from tqdm.auto import tqdm
+from clipkit._progress import progress_bar
 
 from clipkit.data.images import TarMember
 from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards
@@ -103,7 +103,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s)."""
     paths = local_shards(urls)
     report, recorded_shards = SyncReport(), _RecordedShards(index)
-    with tqdm(total=len(paths), disable=None if progress is None else not progress, unit="shard",
+    with progress_bar(total=len(paths), disable=None if progress is None else not progress, unit="shard",
               desc="indexing") as bar:
         for path in paths:
             stat = os.stat(path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm.auto import tqdm
+from clipkit._progress import progress_bar
 
 from clipkit.data.images import ImageURL, is_url
 from clipkit.data.urls import UrlTable
@@ -32,7 +32,7 @@ def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: i
     from clipkit.encode import embed_image_files
 
     report = SyncReport()
-    with tqdm(total=table.count(), disable=None if progress is None else not progress, unit="img",
+    with progress_bar(total=table.count(), disable=None if progress is None else not progress, unit="img",
               desc="indexing") as bar:
         for rows in table.chunks(chunk):
             todo, more = _new_rows(index, rows, report)

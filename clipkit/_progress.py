@@ -1,0 +1,67 @@
+"""Progress bars for long work: tqdm's on a terminal; where the CLI's output goes to a file or a pipe (a nohup or
+cron job, a container's log), a plain line a minute instead, which a log keeps and a person can read.
+
+Every long loop in clipkit makes its bar with `progress_bar(...)`, which takes tqdm's arguments (`disable`: False shows
+it, True hides it, None leaves it to where the output goes).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+from tqdm.std import tqdm as plain_tqdm
+
+#: Set by the CLI when its stderr is no terminal (and -q was not given): bars left to where the output goes
+#: (`disable=None`) then print a line a minute.
+lines = False
+LINE_SECONDS = float(os.environ.get("CLIPKIT_PROGRESS_SECONDS", 60))  # seconds between lines
+
+
+class _LinesFile:
+    """A file that passes on only lines with something in them (tqdm ends a bar with a bare newline)."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+class _Lines(plain_tqdm):
+    """A tqdm bar that prints its state as a line of its own, at most every LINE_SECONDS (however often tqdm
+    redraws it: a postfix set every step too), and once more at the end of work that printed any (a run
+    shorter than that prints nothing: its summary says enough)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.update(disable=False, mininterval=LINE_SECONDS, file=_LinesFile(kwargs.get("file") or sys.stderr),
+                      dynamic_ncols=False, ncols=100, ascii=True)
+        self._last_line, self._closing = None, False
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        started = getattr(self, "start_t", None)  # (None: drawn from __init__, before tqdm sets it)
+        if not self.n or started is None:
+            return True
+        now = self._time()
+        if (self._closing and self._last_line is not None) or now - (self._last_line or started) >= LINE_SECONDS:
+            self.fp.write(f"{self.__str__() if msg is None else msg}\n")
+            self.fp.flush()
+            self._last_line = now
+        return True
+
+    def close(self):
+        self._closing = True
+        super().close()
+
+
+def progress_bar(*args, **kwargs) -> tqdm:
+    """A progress bar (tqdm's arguments): a line a minute where the CLI writes to a file or a pipe."""
+    if lines and kwargs.get("disable") is None:
+        return _Lines(*args, **kwargs)
+    return tqdm(*args, **kwargs)
