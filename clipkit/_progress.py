@@ -1,8 +1,8 @@
 """Progress bars for long work: tqdm's on a terminal; where the CLI's output goes to a file or a pipe (a nohup or
 cron job, a container's log), a plain line a minute instead, which a log keeps and a person can read.
 
-Every long loop in clipkit makes its bar with `progress_bar(...)`, which takes tqdm's arguments (`disable`: False shows
-it, True hides it, None leaves it to where the output goes).
+Every long loop in clipkit makes its bar with `progress_bar(...)`, which takes tqdm's arguments (`disable`:
+False shows it, True hides it, None leaves it to where the output goes).
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from tqdm.std import tqdm as plain_tqdm
 #: Set by the CLI when its stderr is no terminal (and -q was not given): bars left to where the output goes
 #: (`disable=None`) then print a line a minute.
 lines = False
-LINE_SECONDS = float(os.environ.get("CLIPKIT_PROGRESS_SECONDS", 60))  # seconds between lines
+
+
+def _seconds(text: str | None, default: float = 60.0) -> float:
+    try:
+        return max(float(text), 0.0) if text else default
+    except ValueError:
+        return default  # (a typo in the environment does not stop every command)
+
+
+LINE_SECONDS = _seconds(os.environ.get("CLIPKIT_PROGRESS_SECONDS"))  # seconds between lines
 
 
 class _LinesFile:
