@@ -54,7 +54,8 @@ class FolderSync:
                 self._remember_excludes(folder, exclude)
             return list(exclude)
         remembered = self.excludes(folder)
-        gone = [old for old in self.store.info(EXCLUDES, {}) if not os.path.isdir(old)]
+        gone = [old for old in self.store.info(EXCLUDES, {})  # (whose items could have moved here)
+                if not os.path.isdir(old) and self.store.count_with_prefix(old.rstrip(os.sep) + os.sep)]
         if remembered or not gone:
             return remembered
         for old_id, _, _ in self.plan_folder(folder, exclude=[]).moved:
