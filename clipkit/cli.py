@@ -644,8 +644,13 @@ def cmd_roots(args) -> int:
     from clipkit.index import Index
 
     for root in Index.load(args.index).roots():
-        print(f"{root['items']:>8}  {root['path']}{'' if root['exists'] else '  (missing)'}")
+        print(f"{root['items']:>8}  {root['path']}{'' if root['exists'] else '  (missing)'}{_leaving_out(root)}")
     return 0
+
+
+def _leaving_out(folder: dict) -> str:
+    """'  (leaving out: GLOB, ...)' for a folder with remembered --exclude globs."""
+    return f"  (leaving out: {', '.join(folder['exclude'])})" if folder.get("exclude") else ""
 
 
 def cmd_info(args) -> int:
@@ -668,7 +673,8 @@ def cmd_info(args) -> int:
     if tuning:
         lines.append(("tuned", f"recall@10 {tuning['estimated_recall']:.3f} (target {tuning['target']}), estimated "
                                f"on the half of {tuning['n_queries']} {tuning['queries']} that the choice never saw"))
-    lines += [("folders", f"{'' if f['exists'] else '(missing) '}{f['path']}") for f in about["folders"]]
+    lines += [("folders", f"{'' if f['exists'] else '(missing) '}{f['path']}{_leaving_out(f)}")
+              for f in about["folders"]]
     lines.append(("on disk", f"{about['bytes'] / 2**20:.1f} MiB ({about['bytes'] / max(about['items'], 1):.0f} "
                              "bytes an item)"))
     for name, text in lines:

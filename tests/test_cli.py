@@ -195,7 +195,7 @@ def test_info_says_what_an_index_is(image_folder, tmp_path, tiny_args, capsys):
     on_disk = sum(p.stat().st_size for p in index_path.rglob("*") if p.is_file())
     assert (about["items"], about["dim"], about["structure"], about["bytes"]) == (len(index), index.dim, "Flat", on_disk)
     assert about["model"]["name"] == "clipkit-tiny" and about["folders"] == [{"path": str(image_folder.resolve()),
-                                                                              "exists": True}]
+                                                                              "exists": True, "exclude": []}]
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((3000, 16)).astype(np.float32)
     tuned = Index.from_embeddings(vectors, ids=list(range(3000)), index_type="IVF32,Flat")

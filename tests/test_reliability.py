@@ -273,6 +273,8 @@ def test_exclude_globs_are_remembered_for_the_folder(tmp_path, tiny_ckpt, capsys
     assert main(["index", str(root), "--index", str(index_path), "--check"]) == 0
     assert "would embed 0 new" in capsys.readouterr().out
     assert Index.load(index_path).excludes(root) == ["cache"]
+    assert main(["roots", "--index", str(index_path)]) == 0 and main(["info", str(index_path)]) == 0
+    assert capsys.readouterr().out.count(f"{root.resolve()}  (leaving out: cache)") == 2
     root.rename(tmp_path / "renamed")  # the folder moves: its globs go with it, before the cache is embedded
     assert main(["index", str(tmp_path / "renamed"), "--index", str(index_path), "--check"]) == 0
     assert "would embed 0 new and re-embed 0 changed image(s), move 2" in capsys.readouterr().out

@@ -231,7 +231,8 @@ class Index(FolderSync):
         captions, dim, vectors_per_item, dtype, model, index_type, structure, tuning, folders, bytes on disk,
         format_version and generation."""
         with self._lock:
-            folders = [{"path": path, "exists": os.path.isdir(path)} for _, path, _ in self.store.roots()]
+            folders = [{"path": path, "exists": os.path.isdir(path), "exclude": self.excludes(path)}
+                       for _, path, _ in self.store.roots()]
         on_disk = sum(entry.stat().st_size for entry in _files_under(self.path)) if self.path else None
         return {"path": str(self.path) if self.path else None, "items": len(self),
                 "captions": len(self.captions) if self.captions is not None else 0, "dim": self.dim,

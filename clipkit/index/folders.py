@@ -230,9 +230,9 @@ class FolderSync:
         return writable_captions(self)
 
     def roots(self) -> list[dict]:
-        """The folders this index covers: {'path', 'items', 'exists'} each."""
+        """The folders this index covers: {'path', 'items', 'exists', 'exclude' (its remembered globs)} each."""
         with self._lock:
-            return [{"path": path, "items": count, "exists": os.path.isdir(path)}
+            return [{"path": path, "items": count, "exists": os.path.isdir(path), "exclude": self.excludes(path)}
                     for _, path, count in self.store.roots(counts=True)]
 
     def remove_folder(self, folder: str | os.PathLike) -> int:
