@@ -1,8 +1,8 @@
 """Progress bars for long work: tqdm's on a terminal; where the CLI's output goes to a file or a pipe (a nohup or
 cron job, a container's log), a plain line a minute instead, which a log keeps and a person can read.
 
-Every long loop in clipkit makes its bar with `progress_bar(...)`, which takes tqdm's arguments (`disable`:
-False shows it, True hides it, None leaves it to where the output goes).
+Every long loop in clipkit makes its bar with `progress_bar(progress, ...)`, which takes clipkit's `progress`
+argument (True shows it, False hides it, None leaves it to where the output goes) and tqdm's others.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
 
 #: Set by the CLI when its stderr is no terminal (and -q was not given): bars left to where the output goes
-#: (`disable=None`) then print a line a minute.
+#: (`progress=None`) then print a line a minute.
 lines = False
 
 
@@ -69,8 +69,10 @@ class _Lines(plain_tqdm):
         super().close()
 
 
-def progress_bar(*args, **kwargs) -> tqdm:
-    """A progress bar (tqdm's arguments): a line a minute where the CLI writes to a file or a pipe."""
-    if lines and kwargs.get("disable") is None:
+def progress_bar(progress: bool | None, *args, **kwargs) -> tqdm:
+    """A progress bar (tqdm's other arguments) for clipkit's `progress` argument: True shows it, False hides
+    it, None leaves it to where the output goes (a terminal: a bar; the CLI writing to a file or a pipe: a
+    line a minute; elsewhere: none)."""
+    if progress is None and lines:
         return _Lines(*args, **kwargs)
-    return tqdm(*args, **kwargs)
+    return tqdm(*args, disable=None if progress is None else not progress, **kwargs)

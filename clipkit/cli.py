@@ -18,6 +18,8 @@ MODEL_HELP = ("a clipkit or open_clip architecture name (ViT-B-32 with --pretrai
               "checkpoint folder or hf:ORG/REPO (CLIP, SigLIP, SigLIP 2), an open_clip hub model hf-hub:ORG/REPO, or "
               "a weights file of `clipkit train` / `train-rerank` (the model it names)")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when present, else the CPU)"
+PRETRAINED_HELP = ("open_clip pretrained tag, a local weights file, or a `clipkit train` run folder (its latest "
+                   "checkpoint)")
 RERANKER_HELP = ("another model: a BLIP / BLIP-2 ITM checkpoint (directory or hf:ORG/REPO), a clipkit model with an "
                  "ITM head, or a weights file of `clipkit train` or `clipkit train-rerank`")
 
@@ -96,7 +98,7 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="caption table: the folder its relative image paths start from (default: the table's)")
     index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
     index.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the index's model, else {default_model})")
-    index.add_argument("--pretrained", default=None, help="open_clip pretrained tag, a local weights file, or a `clipkit train` run folder (its latest checkpoint)")
+    index.add_argument("--pretrained", default=None, help=PRETRAINED_HELP)
     index.add_argument("--batch-size", type=_positive_int, default=64, help="images per encoder call (default: 64)")
     index.add_argument("--workers", type=_positive_int, default=None, help="image decoding threads")
     index.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this process's GPU if there is one: "
@@ -235,7 +237,7 @@ def _add_eval_arguments(parser) -> None:
     parser.add_argument("--n-images", type=_positive_int, default=1000, help="synthetic: gallery size (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
     parser.add_argument("--model", default="clipkit-demo", help=f"{MODEL_HELP} (default: clipkit-demo)")
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag, a local weights file, or a `clipkit train` run folder (its latest checkpoint)")
+    parser.add_argument("--pretrained", default=None, help=PRETRAINED_HELP)
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")
     parser.add_argument("--reranker", default=None, metavar="MODEL",
@@ -587,7 +589,7 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
     print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
           f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
           f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
-    if remembered and getattr(report, "excluded", None):
+    if remembered and report.excluded:
         print(f"  left out what matches --exclude {' '.join(map(repr, report.excluded))}, as remembered for the "
               "folder (--no-exclude indexes it again)")
     if report.captions is not None:

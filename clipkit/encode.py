@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit.data.images import ImageURL, TarMember, decode_image, failure_kind, read_image, to_rgb
 from clipkit.itm import image_states
 from clipkit.models import Model, load_model
@@ -224,7 +224,7 @@ def encode_texts(texts: Sequence[str], model: Model, batch_size: int = 64, progr
         return out
     tokens = model.tokenize(texts)
     order = torch.argsort(_token_lengths(tokens), stable=True)
-    with progress_bar(total=len(texts), disable=_no_bar(progress), unit="text", desc="encoding texts") as bar:
+    with progress_bar(progress, total=len(texts), unit="text", desc="encoding texts") as bar:
         for start in range(0, len(texts), batch_size):
             rows = order[start:start + batch_size]
             out[rows.numpy()] = model.encode_text(tokens[rows]).cpu().numpy()
@@ -241,7 +241,7 @@ def _token_lengths(tokens: torch.Tensor) -> torch.Tensor:
 def encode_images(images: Sequence, model: Model, batch_size: int = 64, progress: bool | None = False,
                   workers: int | None = None, draft: bool = True) -> np.ndarray:
     out = np.empty((len(images), *model.image_shape), dtype=np.float32)
-    with progress_bar(total=len(images), disable=_no_bar(progress), unit="img", desc="encoding images") as bar:
+    with progress_bar(progress, total=len(images), unit="img", desc="encoding images") as bar:
         for pixels, positions, _ in iter_image_batches(images, model.preprocess, batch_size, workers=workers,
                                                        device=model.device,
                                                        draft_size=model.image_size if draft else None):
@@ -266,11 +266,6 @@ def embed_image_files(paths: Sequence, model: Model, *, batch_size: int = 64, wo
         vectors = model.encode_image(pixels).float().cpu().numpy() if positions else np.zeros(
             (0, *model.image_shape), np.float32)
         yield vectors, positions, failures
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: False shows the bar, None leaves it to where the output goes (clipkit._progress)."""
-    return None if progress is None else not progress
 
 
 def encode_gallery(model: Model, images: list, batch_size: int = 128,

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit._io import atomic_write_with
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_gallery, encode_texts
@@ -257,9 +257,9 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
         atomic_write_with(state_path, lambda tmp: torch.save(payload, tmp))
 
     cached = [cache_gallery(model, data, config.k, kind=config.kind)
-              for data in progress_bar(galleries, desc="caching galleries", disable=not progress)]
+              for data in progress_bar(progress, galleries, desc="caching galleries")]
     head.train()
-    bar = progress_bar(total=config.steps, initial=step, desc="re-ranking head", unit="step", disable=not progress)
+    bar = progress_bar(progress, total=config.steps, initial=step, desc="re-ranking head", unit="step")
     while step < config.steps:
         g = cached[int(torch.randint(len(cached), (1,), generator=generator))]
         captions = torch.randint(len(g.text_to_image), (config.captions,), generator=generator)

@@ -58,9 +58,9 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     if not expanded:
         raise ValueError(f"no shards in {urls!r}")
     for url in expanded:
-        if url.startswith("pipe:") or "://" in url:
+        path = local_path(url)
+        if path is None:
             continue
-        path = url[len("file:"):] if url.startswith("file:") else url
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard not found: {path} (from {urls!r})")
         if path.lower().endswith(_SHARD_SOURCES):
@@ -69,10 +69,17 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
     return expanded
 
 
+def local_path(url: str) -> str | None:
+    """The path a shard URL names on this machine (a plain path or a file: URL); None for a pipe: or remote one."""
+    if url.startswith("pipe:") or "://" in url:
+        return None
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
 def _local_folder_shards(url: str) -> list[str]:
     """[url], or for a local folder the .tar shards in it, in name order."""
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if url.startswith("pipe:") or "://" in url or not os.path.isdir(path):
+    path = local_path(url)
+    if path is None or not os.path.isdir(path):
         return [url]
     shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
     if not shards:

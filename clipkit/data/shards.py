@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit._io import atomic_path, atomic_write_json
 from clipkit.data.folder import scan_images
 from clipkit.data.images import encode_image, read_image
@@ -91,8 +91,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, prefix: 
         written.append((path, write_shard(path, batch)))
         batch.clear()
 
-    with progress_bar(total=total, disable=None if progress is None else not progress, unit="img",
-                      desc="writing shards") as bar:
+    with progress_bar(progress, total=total, unit="img", desc="writing shards") as bar:
         for number, sample in enumerate(samples):
             if not sample.key:
                 sample.key = f"{number:09d}"

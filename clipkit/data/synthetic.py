@@ -490,8 +490,7 @@ def write_synthetic(out_dir: str | os.PathLike, n: int, seed: int = 0, split: st
              layout) for number in range(n_chunks))
     workers = min(workers or os.cpu_count() or 1, n_chunks)
     results: list[tuple[str, int]] = []
-    with progress_bar(total=n, disable=None if progress is None else not progress, unit="img",
-                      desc=f"writing {split}") as bar:
+    with progress_bar(progress, total=n, unit="img", desc=f"writing {split}") as bar:
         runner = map(_write_chunk, jobs) if workers == 1 else None
         pool = _pool(workers) if runner is None else None
         try:

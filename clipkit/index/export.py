@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit._io import atomic_write_json, atomic_write_with
 from clipkit.errors import IndexBusyError
 from clipkit.index.captions import caption_line, captions_of_images, first_captions
@@ -63,8 +63,7 @@ def _write_parts(index, out: Path, rows: int, part_size: int, progress: bool | N
     pa, pq = _pyarrow()
     id_types = index.store.id_types()
     done = {"parts": 0, "rows": 0, "captions": 0, "more_captions": 0, "damaged": 0}
-    with progress_bar(total=rows, disable=None if progress is None else not progress, unit="vec",
-                      desc="exporting") as bar:
+    with progress_bar(progress, total=rows, unit="vec", desc="exporting") as bar:
         for number, (keys, vectors) in enumerate(_parts(index.store.live_vectors(), part_size)):
             if not (out / "img_emb" / f"img_emb_{number}.npy").exists():
                 _write_part(index, out, number, keys, vectors, id_types, done, pa, pq)

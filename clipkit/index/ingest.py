@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit.index.captions import caption_line, captions_of_images, image_of, new_captions
 from clipkit.index.sync import SyncReport
 
@@ -114,8 +114,7 @@ def sync_embeddings(index, folder: str | os.PathLike, model=None, *, chunk: int 
     start = 0  # global row number of the part's first row
     parts = embedding_parts(folder)
     total = sum(len(_load(part.images, index.dim)) for part in parts)  # memory-mapped: only headers are read
-    with progress_bar(total=total, disable=None if progress is None else not progress, unit="vec",
-                      desc="ingesting") as bar:
+    with progress_bar(progress, total=total, unit="vec", desc="ingesting") as bar:
         for part in parts:
             images = _load(part.images, index.dim)  # one part mapped at a time: its pages go with it
             stat = os.stat(part.images)

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from clipkit._progress import progress_bar
-
 from clipkit.data.images import TarMember
-from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards
+from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards, local_path
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -49,9 +48,10 @@ def local_shards(urls: str | Sequence[str]) -> list[str]:
     """Absolute paths of the shards `urls` names (brace patterns expanded); remote URLs are refused."""
     paths = []
     for url in expand_shards(urls):
-        if url.startswith("pipe:") or "://" in url:
+        path = local_path(url)
+        if path is None:
             raise ValueError(f"{url}: clipkit indexes shards on this machine's disks (copy them here first)")
-        paths.append(os.path.abspath(url[len("file:"):] if url.startswith("file:") else url))
+        paths.append(os.path.abspath(path))
     return paths
 
 
@@ -103,8 +103,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s)."""
     paths = local_shards(urls)
     report, recorded_shards = SyncReport(), _RecordedShards(index)
-    with progress_bar(total=len(paths), disable=None if progress is None else not progress, unit="shard",
-              desc="indexing") as bar:
+    with progress_bar(progress, total=len(paths), unit="shard", desc="indexing") as bar:
         for path in paths:
             stat = os.stat(path)
             recorded = index.store.shard_record(path) or []

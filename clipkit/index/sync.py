@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import AbstractSet, Sequence
 
 from clipkit._progress import progress_bar
-
 from clipkit.data.folder import scan_images
 from clipkit.data.images import failure_kind
 from clipkit.index.store import Store
@@ -228,8 +227,7 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
     todo = plan.new + plan.changed
     paths = [p for p, _ in todo]
     batches = (engine or embed_image_files)(paths, model, batch_size=batch_size, workers=workers)
-    with progress_bar(total=len(paths), disable=None if progress is None else not progress, unit="img",
-              desc="indexing") as bar:
+    with progress_bar(progress, total=len(paths), unit="img", desc="indexing") as bar:
         for vectors, positions, failures in batches:
             for position, reason, kind in failures:
                 report.skip(str(paths[position]), reason, kind)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit.data.images import ImageURL, is_url
 from clipkit.data.urls import UrlTable
 from clipkit.index.ingest import add_captions
@@ -32,8 +32,7 @@ def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: i
     from clipkit.encode import embed_image_files
 
     report = SyncReport()
-    with progress_bar(total=table.count(), disable=None if progress is None else not progress, unit="img",
-              desc="indexing") as bar:
+    with progress_bar(progress, total=table.count(), unit="img", desc="indexing") as bar:
         for rows in table.chunks(chunk):
             todo, more = _new_rows(index, rows, report)
             bar.update(len(rows) - len(todo))

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from clipkit._progress import progress_bar
 
+from clipkit._progress import progress_bar
 from clipkit._io import atomic_write_with
 from clipkit.errors import CheckpointError, ClipkitError, first_line
 from clipkit.itm import (build_itm_head, encode_image_tokens, encode_text_tokens, itm_logits_and_labels, padding_mask,
@@ -454,8 +454,8 @@ class _Run:
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         self.val_data = validation_set(config) if self.rank == 0 else None
         self.log_file = open(self.out / "log.jsonl", "a") if self.rank == 0 else None
-        self.bar = progress_bar(total=config.steps, initial=self.step, disable=self.rank != 0 or None, unit="step",
-                        desc="training")
+        self.bar = progress_bar(None if self.rank == 0 else False, total=config.steps, initial=self.step,
+                                unit="step", desc="training")
         self.stop_at = min(config.steps, self.step + config.stop_after) if config.stop_after else config.steps
         self.window_start, self.window_samples = time.perf_counter(), 0
 
