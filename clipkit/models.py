@@ -418,6 +418,15 @@ def _preprocess_overrides(tag_cfg: dict) -> dict:
     return {arg: tag_cfg[key] for key, arg in keys.items() if key in tag_cfg}
 
 
+def _model_named_by(weights_file: str) -> str:
+    """The model a weights file of `clipkit train` / `train-rerank` was made for (given as a model's name)."""
+    made_for = read_checkpoint(weights_file)["meta"].get("model_name")
+    if not made_for:
+        raise ValueError(f"{weights_file} is a weights file that does not name its model: give the model's name, "
+                         f"with --pretrained {weights_file}")
+    return made_for
+
+
 def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                cache_dir: str | None = None, precision: str | None = None,
                channels_last: bool | None = None) -> Model:
@@ -438,11 +447,7 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     if pretrained is None and name.lower().endswith(_WEIGHT_SUFFIXES) and os.path.isfile(name):
-        made_for = read_checkpoint(name)["meta"].get("model_name")  # a `clipkit train` / `train-rerank` file
-        if not made_for:
-            raise ValueError(f"{name} is a weights file that does not name its model: give the model's name, "
-                             f"with --pretrained {name}")
-        return load_model(made_for, name, device=device, cache_dir=cache_dir, precision=precision,
+        return load_model(_model_named_by(name), name, device=device, cache_dir=cache_dir, precision=precision,
                           channels_last=channels_last)
     from clipkit.hf import HF_PREFIX, is_hf_name
 
