@@ -3,6 +3,7 @@ real files, real processes and real HTTP."""
 
 from __future__ import annotations
 
+import base64
 import os
 import sqlite3
 import subprocess
@@ -380,6 +381,33 @@ def test_a_fifo_named_like_a_caption_file_does_not_hang_indexing(tmp_path, demo)
     assert done.returncode == 0, done.stderr
     index = Index.load(tmp_path / "ix")
     assert len(index) == 2 and index.captions.ids() == [f"{photos / 'b.png'}#0"]
+
+
+def test_a_postscript_file_never_reaches_ghostscript(tmp_path, demo, served_folder, monkeypatch):
+    """Pillow decodes EPS by running Ghostscript on the file: a file named photo.jpg in an indexed folder, or an
+    upload, must not make clipkit run a PostScript interpreter on what an attacker wrote."""
+    bin_dir, marker = tmp_path / "bin", tmp_path / "ghostscript-ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    photos = tmp_path / "mine"
+    photos.mkdir()
+    draw_shape("red", "circle").save(photos / "a.png")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    (photos / "photo.jpg").write_bytes(eps)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "clipkit", "index", str(photos), "--index", str(tmp_path / "ix")],
+                          timeout=120, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "indexed 1 image(s)" in done.stdout and "photo.jpg" in done.stderr
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)  # looked for again, on the PATH above
+    client = served_folder[0]
+    reply = client.post("/search", json={"image": base64.b64encode(eps).decode()})
+    assert reply.status_code == 400 and "not a recognised image format" in reply.json()["detail"]
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("how", ["shard", "folder", "missing"])

@@ -28,6 +28,17 @@ def _register_heif() -> bool:
 
 HEIF_READABLE = _register_heif()
 
+# Formats never decoded, whatever a file's name says: Pillow reads EPS by running Ghostscript, a PostScript
+# interpreter, on the file's content, which would let anyone who can put a file in an indexed folder (or
+# upload one to `clipkit serve`) run a program on this machine.
+UNSAFE_FORMATS = frozenset({"EPS"})
+
+
+def _open(source) -> Image.Image:
+    """`Image.open` over every format Pillow reads except `UNSAFE_FORMATS`."""
+    Image.init()
+    return Image.open(source, formats=[name for name in Image.OPEN if name not in UNSAFE_FORMATS])
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency onto white."""
@@ -51,7 +62,7 @@ def _decode(source, name: str, min_side: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # A file over PIL's pixel limit is refused rather than allocated.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
+            with _open(source) as image:
                 image.seek(0)
                 if min_side and image.format == "JPEG":
                     # decode at 1/2, 1/4 or 1/8 scale in the DCT, keeping both sides >= min_side
@@ -204,7 +215,7 @@ def image_media_type(data: bytes, name: str = "<bytes>") -> str:
     """The media type of encoded image bytes, from what they hold (not a file name); ImageReadError when
     they are not an image PIL recognises."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open(io.BytesIO(data)) as image:
             kind = image.format
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"{name} is not an image", "not an image") from exc
