@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from clipkit._progress import progress_bar
+from clipkit.data.folder import IMAGE_EXTENSIONS
 from clipkit.data.images import ImageURL, TarMember, decode_image, failure_kind, read_image, to_rgb
 from clipkit.itm import image_states
 from clipkit.models import Model, load_model
@@ -57,6 +59,16 @@ def kind_of(item: Any, str_is: str = TEXT) -> str | None:
     if isinstance(item, np.ndarray) and item.ndim in (2, 3):
         return IMAGE
     return None
+
+
+def warn_if_image_paths(texts: Sequence[str], stacklevel: int = 3) -> None:
+    """Warn when a str about to be embedded as text names an image file: str means text, so
+    `search("photos/cat.jpg", ...)` searches for the words "photos/cat.jpg", not for the picture."""
+    named = next((text for text in texts if os.path.splitext(text)[1].lower() in IMAGE_EXTENSIONS
+                  and os.path.isfile(text)), None)
+    if named is not None:
+        warnings.warn(f"{named!r} is taken as text, though it names an image file: pass pathlib.Path({named!r}) "
+                      "(or images=[...]) to use the image", UserWarning, stacklevel=stacklevel)
 
 
 def _as_list(items: Any, what: str) -> list:
@@ -210,6 +222,8 @@ def encode(inputs: Iterable | None = None, *, texts: Iterable[str] | None = None
     else:
         items = _as_list(inputs, "inputs")
         kind = classify(items)
+        if kind == TEXT:
+            warn_if_image_paths(items)
     model = as_model(model)
     if kind == TEXT:
         return encode_texts(items, model, batch_size, progress)

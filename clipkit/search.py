@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image
+from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image, warn_if_image_paths
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
@@ -57,6 +57,7 @@ def query_kind(query: Any) -> str:
     if isinstance(query, str):
         if not query.strip():
             raise ValueError("the text query is empty")
+        warn_if_image_paths([query], stacklevel=4)  # the caller of search()
         return TEXT
     if isinstance(query, (Image.Image, os.PathLike)):
         return IMAGE

@@ -1,4 +1,5 @@
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,27 @@ def test_bad_arguments(tiny_model):
         clipkit.encode(["a"], model=tiny_model, batch_size=0)
     with pytest.raises(ValueError, match="no model given"):
         clipkit.encode(["a"])
+
+
+def test_a_str_naming_an_image_file_is_text_and_says_so(tmp_path, tiny_model, monkeypatch):
+    """str means text; a str that names an image file is a common slip, so it is said (Path is the image)."""
+    monkeypatch.chdir(tmp_path)
+    draw_shape("red", "circle").save("cat.jpg")
+    index = clipkit.Index.from_embeddings(clipkit.encode([Path("cat.jpg")], model=tiny_model), ids=["cat.jpg"],
+                                          model=tiny_model)
+    with pytest.warns(UserWarning, match=r"'cat.jpg' is taken as text.*pathlib.Path\('cat.jpg'\)") as caught:
+        as_text = clipkit.encode(["a dog", "cat.jpg"], model=tiny_model)
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert np.allclose(as_text, clipkit.encode(texts=["a dog", "cat.jpg"], model=tiny_model), atol=1e-6)
+    with pytest.warns(UserWarning, match="taken as text") as caught:
+        hit = clipkit.search("cat.jpg", index, k=1, model=tiny_model)[0]
+    assert caught[0].filename == __file__ and hit.score < 0.999  # the words, not the picture
+    assert clipkit.search(Path("cat.jpg"), index, k=1, model=tiny_model)[0].score == pytest.approx(1, abs=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the kind is explicit, or the file is not an image
+        clipkit.encode(texts=["cat.jpg"], model=tiny_model)
+        Path("notes.txt").write_text("x")
+        clipkit.encode(["notes.txt", "missing.jpg"], model=tiny_model)
 
 
 def test_missing_and_broken_image_files(tmp_path, tiny_model):
