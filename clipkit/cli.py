@@ -519,7 +519,7 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")
         table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
         # read here first: a malformed table is refused before the index is touched (and --check needs the list)
-        return Path(table.folder), table, table.listed_files()[0]
+        return Path(table.folder), table, _listed_files(table)
     if not source.is_dir() and any(mark in args.folder for mark in "*?["):
         raise UsageError(f"{args.folder} is a pattern: give the folder (searched recursively; --exclude GLOB leaves "
                          "files out), or webdataset shards as shards/{000000..000009}.tar")
@@ -529,26 +529,31 @@ def _index_source(args) -> tuple[Path | None, object, set | None]:
     return source, table, None
 
 
+def _listed_files(table) -> set[str]:
+    """The files a caption table lists under its folder; a table none of whose files lies there (a list of
+    absolute paths elsewhere) is refused with the --root that would take them."""
+    listed, problems = table.listed_files()
+    if listed or not problems:
+        return listed
+    outside = [path for path, _ in problems if not path.startswith(os.path.join(table.folder, ""))]
+    if outside:
+        common = os.path.commonpath(outside) if len(outside) > 1 else os.path.dirname(outside[0])
+        raise UsageError(f"no file that {table.path} lists lies under {table.folder}, the folder its paths are "
+                         f"taken from: pass --root {common} (the folder the files are in)")
+    return listed
+
+
 def _check_table_name(source: Path) -> None:
     """A file given as SOURCE that is no table clipkit reads: say what SOURCE may be."""
-    from clipkit.index.captions import TABLE_SUFFIXES
+    from clipkit.index.captions import TABLE_SUFFIXES, lists_images
 
-    if source.suffix.lower() in TABLE_SUFFIXES:
+    if source.suffix.lower() in TABLE_SUFFIXES and (source.suffix.lower() != ".txt" or lists_images(source)):
         return
     what = ("an image file: index the folder it is in" if is_image_name(source.name) else
-            _text_source(source) if source.suffix.lower() == ".txt" else "no table clipkit reads")
+            "a text file whose first line is neither an http(s) URL nor an image file's path"
+            if source.suffix.lower() == ".txt" else "no table clipkit reads")
     raise UsageError(f"{source} is {what}; SOURCE is a folder of images, a caption or URL table (.csv, .tsv, "
-                     ".jsonl, .parquet; .txt of URLs) or webdataset shards (.tar)")
-
-
-def _text_source(source: Path) -> str:
-    """What a .txt SOURCE that lists no URLs is, for the error that refuses it."""
-    with open(source, encoding="utf-8", errors="replace") as handle:
-        first = next((line.strip() for line in handle if line.strip()), "")
-    if first and is_image_name(first) and (Path(first).is_file() or (source.parent / first).is_file()):
-        return ("a list of image files: give the folder they are in (--exclude GLOB leaves files out), or a .csv "
-                "with an image and a caption column to index only the files it lists")
-    return "a text file whose first line is not an http(s) URL (a .txt SOURCE lists image URLs, one a line)"
+                     ".jsonl, .parquet; .txt of URLs or of image files) or webdataset shards (.tar)")
 
 
 def _prepare_index_folder(index_path: Path) -> None:
@@ -840,6 +845,9 @@ def cmd_shards(args) -> int:
     if source.is_dir():
         samples = samples_from_folder(source, skipped)
     elif source.is_file():
+        if source.suffix.lower() == ".txt":
+            raise UsageError(f"{source}: a .txt list of images has no captions, which shards need; give a folder with "
+                             "NAME.txt captions beside the images, or a .csv/.jsonl/.parquet with a caption column")
         samples = samples_from_table(source, args.image_column, args.caption_column, skipped=skipped)
     else:
         raise FileNotFoundError(f"source not found: {source}")

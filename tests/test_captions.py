@@ -350,14 +350,45 @@ def test_a_tsv_caption_table_and_files_that_are_no_source(folder, tmp_path, caps
     captions = Index.load(tmp_path / "ix").captions
     assert [r["caption"] for r in captions.get(captions.ids())] == ["a caption, with a comma"]
     for source, says in ((folder / name, "is an image file: index the folder it is in"),
-                         (folder / name.replace(".jpg", ".txt"), "first line is not an http(s) URL"),
-                         (tmp_path / "ix" / "config.json", "is no table clipkit reads"),
-                         (tmp_path / "list.txt", "is a list of image files: give the folder they are in")):
-        (tmp_path / "list.txt").write_text(f"{folder / name}\n")  # (as `find photos -name '*.jpg'` writes)
+                         (folder / name.replace(".jpg", ".txt"), "neither an http(s) URL nor an image file's path"),
+                         (tmp_path / "ix" / "config.json", "is no table clipkit reads")):
         assert main(["index", str(source), "--index", str(tmp_path / "other")]) == 2
         err = capsys.readouterr().err
         assert says in err and "SOURCE is a folder of images" in err and err.count("\n") == 1
     assert not (tmp_path / "other").exists()
+
+
+def test_a_list_of_image_files_is_indexed_as_listed(folder, demo, tmp_path, capsys):
+    """A .txt list of image files (as `find photos -name '*.jpg' > list.txt` writes it: relative or absolute
+    paths) or a table of the image column alone indexes exactly the files listed, with their NAME.txt captions;
+    a line taken out takes its image out. A list of files outside its own folder says which --root takes them."""
+    names = sorted(p.name for p in folder.glob("*.jpg"))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"photos/{names[0]}\n\n{folder / names[1]}\nphotos/{names[2]}\n")
+    ix = str(tmp_path / "ix")
+    assert main(["index", str(listing), "--index", ix]) == 0
+    assert "indexed 3 image(s) (3 new" in capsys.readouterr().out
+    index = Index.load(ix)
+    assert sorted(Path(i).name for i in index.ids()) == names[:3]
+    expected = {f"{(folder / n).resolve()}#{line}": text for n in names[:3]
+                for line, text in enumerate(lines(folder / n.replace(".jpg", ".txt")))}
+    assert {r["id"]: r["caption"] for r in index.captions.get(index.captions.ids())} == expected
+    listing.write_text(f"photos/{names[0]}\nphotos/{names[2]}\n")
+    assert main(["-q", "index", str(listing), "--index", ix]) == 0
+    assert sorted(Path(i).name for i in Index.load(ix).ids()) == [names[0], names[2]]
+    one_column = tmp_path / "one.csv"
+    one_column.write_text(f"image\nphotos/{names[5]}\n")
+    assert main(["-q", "index", str(one_column), "--index", str(tmp_path / "ix2")]) == 0
+    assert [Path(i).name for i in Index.load(tmp_path / "ix2").ids()] == [names[5]]
+    elsewhere = tmp_path / "lists" / "list.txt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(f"{folder / names[0]}\n{folder / names[1]}\n")
+    assert main(["index", str(elsewhere), "--index", str(tmp_path / "ix3")]) == 2
+    assert f"pass --root {folder}" in capsys.readouterr().err
+    assert main(["-q", "index", str(elsewhere), "--root", str(folder), "--index", str(tmp_path / "ix3")]) == 0
+    assert len(Index.load(tmp_path / "ix3")) == 2
+    assert main(["shards", str(listing), str(tmp_path / "shards")]) == 2
+    assert "has no captions, which shards need" in capsys.readouterr().err
 
 
 def test_index_a_parquet_table(folder, demo, tmp_path, capsys):

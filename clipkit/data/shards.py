@@ -165,43 +165,53 @@ def _skip(skipped: list | None, path, reason: str) -> None:
 
 
 def read_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
-               root: str | os.PathLike | None = None) -> list[tuple[Path, list[str]]]:
+               root: str | os.PathLike | None = None, captions: bool = True) -> list[tuple[Path, list[str]]]:
     """(image path, captions) pairs from a CSV or TSV (with a header), JSONL or parquet file; rows of one image
     are merged.
 
     Relative image paths are taken relative to `root` (default: the table's folder). In JSONL the
-    caption field may be a string or a list of strings.
+    caption field may be a string or a list of strings. `captions=False`: a list of images is read too, a
+    table whose one column is `image_column` or a .txt file of image paths, one a line (no captions).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption table not found: {path}")
     root = Path(root) if root is not None else path.parent
-    rows: Iterable[dict]
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            rows = [json_record(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
-    elif path.suffix.lower() == ".parquet":
-        rows = _parquet_rows(path, image_column, caption_column)
-    else:
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    rows = _table_rows(path, image_column, caption_column, captions)
     merged: dict[Path, list[str]] = {}
     for number, row in enumerate(rows, 1):
-        if image_column not in row or caption_column not in row:
+        if image_column not in row or (caption_column not in row and (captions or len(row) > 1)):
             raise ValueError(f"{path} row {number} lacks column {image_column!r} or {caption_column!r} "
                              f"(columns: {', '.join(row)}); pass image_column=/caption_column=")
-        captions = row[caption_column]
-        captions = [captions] if isinstance(captions, str) else list(captions or ())
+        texts = row.get(caption_column)
+        texts = [texts] if isinstance(texts, str) else list(texts or ())
         image = Path(row[image_column])
         merged.setdefault(image if image.is_absolute() else root / image, []).extend(
-            c.strip() for c in captions if c and c.strip())
+            c.strip() for c in texts if c and c.strip())
     return list(merged.items())
 
 
-def _parquet_rows(path: Path, image_column: str, caption_column: str) -> list[dict]:
-    """The two columns of a parquet table (such as img2dataset's or clip-retrieval's), as rows."""
+def _table_rows(path: Path, image_column: str, caption_column: str, captions: bool) -> list[dict]:
+    """The rows of a table file, as dicts; a .txt file (with `captions=False`) is one image path a line."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            return [json_record(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+    if suffix == ".parquet":
+        return _parquet_rows(path, image_column, caption_column, captions)
+    with open(path, encoding="utf-8", newline="") as f:
+        if suffix == ".txt" and not captions:
+            return [{image_column: line.strip()} for line in f if line.strip()]
+        return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+
+
+def _parquet_rows(path: Path, image_column: str, caption_column: str, captions: bool = True) -> list[dict]:
+    """The two columns of a parquet table (such as img2dataset's or clip-retrieval's), as rows (a table whose one
+    column is `image_column`, with `captions=False`: that column)."""
     table = parquet_file(path)
     names = table.schema_arrow.names
+    if not captions and names == [image_column]:
+        return table.read(columns=[image_column]).to_pylist()
     missing = [column for column in (image_column, caption_column) if column not in names]
     if missing:
         raise ValueError(f"{path} lacks column {missing[0]!r} (columns: {', '.join(names)}); pass "

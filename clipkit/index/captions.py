@@ -35,7 +35,8 @@ class CaptionReport:
 @dataclass(frozen=True)
 class CaptionTable:
     """A caption table: a CSV (with a header) or JSONL file, one row per caption (or a list of captions per
-    JSONL row), image paths relative to `root` (default: the table's folder)."""
+    JSONL row), image paths relative to `root` (default: the table's folder). A table of the image column
+    alone, or a .txt file of image paths (one a line), lists images without captions."""
 
     path: str
     image_column: str = "image"
@@ -47,8 +48,10 @@ class CaptionTable:
            root: str | os.PathLike | None = None) -> "CaptionTable":
         if not Path(path).is_file():
             raise FileNotFoundError(f"caption table not found: {path}")
-        if Path(path).suffix.lower() not in TABLE_SUFFIXES:
-            raise ValueError(f"{path}: a caption table is a .csv, .tsv, .jsonl or .parquet file")
+        if Path(path).suffix.lower() not in TABLE_SUFFIXES or (Path(path).suffix.lower() == ".txt"
+                                                                and not lists_images(path)):
+            raise ValueError(f"{path}: a caption table is a .csv, .tsv, .jsonl or .parquet file, or a .txt list of "
+                             "image files (one path a line)")
         return cls(os.path.abspath(path), image_column, caption_column,
                    os.path.abspath(root) if root is not None else None)
 
@@ -61,7 +64,7 @@ class CaptionTable:
         """absolute image path -> its captions."""
         from clipkit.data.shards import read_table
 
-        rows = read_table(self.path, self.image_column, self.caption_column, self.folder)
+        rows = read_table(self.path, self.image_column, self.caption_column, self.folder, captions=False)
         return {os.path.abspath(image): captions for image, captions in rows}
 
     def listed_files(self, rows: dict[str, list[str]] | None = None) -> tuple[set[str], list[tuple[str, str]]]:
@@ -82,7 +85,16 @@ class CaptionTable:
         return asdict(self)
 
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
+def lists_images(path: str | os.PathLike) -> bool:
+    """Whether a .txt file lists image files: its first line names one (rather than a URL, or a caption)."""
+    from clipkit.data.folder import is_image_name
+
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = next((line.strip() for line in handle if line.strip()), "")
+    return bool(first) and "://" not in first and is_image_name(first)
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".txt")  # .txt: image paths, no captions
 
 
 def caption_file(image_path: str | Path) -> Path:
@@ -122,12 +134,14 @@ def read_captions(image_path: str | Path) -> list[str]:
 
 def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = None,
                     files: bool = True) -> dict[str, dict]:
-    """caption id -> its metadata, for every caption of every image: its row in `table` (a caption table,
-    read) where it has one, else the lines of its caption file. `files`: the image ids are file paths
+    """caption id -> its metadata, for every caption of every image: its rows in `table` (a caption table,
+    read) where they give captions, else the lines of its caption file. `files`: the image ids are file paths
     (not shard samples), each caption's `path`."""
     wanted = {}
     for image_id in image_ids:
-        texts = table[image_id] if table is not None and image_id in table else read_captions(image_id) if files else []
+        texts = table.get(image_id) if table is not None else None
+        if not texts:
+            texts = read_captions(image_id) if files else []
         for line, text in enumerate(texts):
             wanted[f"{image_id}#{line}"] = {"caption": text, "image_id": image_id, "path": image_id if files else None}
     return wanted

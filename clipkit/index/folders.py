@@ -210,9 +210,12 @@ class FolderSync:
             self.model = model
 
     def sync_table(self, table: "CaptionTable | str | os.PathLike", model=None, **options) -> "sync.SyncReport":
-        """Index the images a caption table (CSV / JSONL) lists, with its captions: the images under the
-        table's folder (or its `root`) that it names; listed files that are missing or lie outside that
-        folder are reported as skipped. Incremental like `sync_folder` (which takes the same options)."""
+        """Index the images a caption table (CSV / JSONL / parquet) lists, with its captions (an image without
+        any takes its NAME.txt): the images under the table's folder (or its `root`) that it names; listed files
+        that are missing or lie outside that folder are reported as skipped. A table of the image column alone,
+        or a .txt list of image paths (one a line), lists images without captions. Incremental like
+        `sync_folder` (which takes the same options): the images of the folder are the ones it lists, so a
+        line taken out of it takes its image out of the index."""
         table = table if isinstance(table, CaptionTable) else CaptionTable.of(table)
         return self.sync_folder(table.folder, model, captions=table, listed_only=True, **options)
 
