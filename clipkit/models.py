@@ -419,8 +419,16 @@ def _preprocess_overrides(tag_cfg: dict) -> dict:
 
 
 def _model_named_by(weights_file: str) -> str:
-    """The model a weights file of `clipkit train` / `train-rerank` was made for (given as a model's name)."""
-    made_for = read_checkpoint(weights_file)["meta"].get("model_name")
+    """The model a weights file of `clipkit train` / `train-rerank` was made for (given as a model's name).
+    Its tensors are memory-mapped, not read (the file is read once, when the model loads it); a file that
+    cannot be mapped (not a zip-format torch file) is read through `read_checkpoint`, which says what it is."""
+    try:
+        raw = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)
+        made_for = raw.get("model_name") if raw.get("format") == CHECKPOINT_FORMAT else None
+    except Exception:  # noqa: BLE001 - read_checkpoint gives the error worth showing
+        raw = None
+    if raw is None or not isinstance(raw, dict):
+        made_for = read_checkpoint(weights_file)["meta"].get("model_name")
     if not made_for:
         raise ValueError(f"{weights_file} is a weights file that does not name its model: give the model's name, "
                          f"with --pretrained {weights_file}")

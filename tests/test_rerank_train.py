@@ -159,7 +159,8 @@ def test_split_set_keeps_each_caption_with_its_image():
     assert pairs == [(c, data.images[i]) for c, i in zip(data.captions, data.text_to_image)]
 
 
-def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp_path, capsys, image_folder):
+def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp_path, capsys, image_folder,
+                                                     monkeypatch):
     from clipkit.cli import main
 
     out = tmp_path / "reranker.pt"
@@ -180,6 +181,15 @@ def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp
                                score_pairs(images, texts, reranker=load_reranker(model)), atol=1e-6)
     indexed = clipkit.Index.from_folder(image_folder, model=str(out), batch_size=4)  # --model FILE, as well
     assert indexed.model_info["name"] == "clipkit-tiny" and indexed.model_info["pretrained"] == str(out)
+    import clipkit.models as models
+
+    reads = []
+    read = models.read_checkpoint
+    monkeypatch.setattr(models, "read_checkpoint", lambda path: reads.append(str(path)) or read(path))
+    assert load_model(str(out), device="cpu").itm.config["width"] == 16 and reads == [str(out)]  # the file read once
+    legacy = tmp_path / "legacy.pt"  # a file torch cannot memory-map: its name is read in full
+    torch.save(torch.load(out, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert load_model(str(legacy), device="cpu").itm.config["width"] == 16 and reads[1:] == [str(legacy)] * 2
     with pytest.raises(ValueError, match="does not name its model"):
         torch.save({"visual.proj": torch.zeros(2, 2)}, tmp_path / "bare.pt")
         load_reranker(str(tmp_path / "bare.pt"))
