@@ -14,9 +14,13 @@ paths (a shared file system) and have clipkit installed. Ray is the optional ext
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import socket
+import sys
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -73,7 +77,8 @@ class RayEngine:
         ray = require_ray()
         self._started |= self._connect(ray)
         try:
-            yield from self._stream(ray, paths, model, batch_size)
+            with _quiet_ray_core():
+                yield from self._stream(ray, paths, model, batch_size)
         except ray.exceptions.RayError as exc:  # a worker's error, or tasks that failed past their retries
             cause = getattr(exc, "cause", None) or exc
             raise EngineError(f"Ray stopped embedding ({type(cause).__name__}: {first_line(cause)}); the batches "
@@ -151,6 +156,54 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         raise ValueError(f"not HOST:PORT, ray://HOST:PORT or auto: {address!r}")
     with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
         pass
+
+
+# Lines Ray's C++ core writes to the driver's stderr that ask nothing of the user: every Ray Data actor pool
+# gets its constructor's arguments through the object store, and Ray (2.5x-2.6x) then logs an error-level line
+# about restarts that Ray Data handles itself (ray-project/ray#57733).
+RAY_NOISE = (b"has constructor arguments in the object store",)
+
+
+@contextlib.contextmanager
+def _quiet_ray_core():
+    """Pass file descriptor 2 through a pipe whose reader forwards everything as it comes (progress bars
+    included) but the `RAY_NOISE` lines. Entered after Ray has started: no process Ray starts inherits the pipe."""
+    try:
+        original = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:
+        yield
+        return
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    reader = threading.Thread(target=_forward, args=(read_end, original), daemon=True, name="clipkit-stderr")
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # the pipe's last write end closes: the reader reads what is left, then stops
+        reader.join(timeout=5)
+        if not reader.is_alive():
+            os.close(read_end)
+            os.close(original)
+
+
+def _forward(read_end: int, out: int) -> None:
+    pending = b""
+    while chunk := os.read(read_end, 65536):
+        *ended, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+        kept = b"".join(line for line in ended if not any(noise in line for noise in RAY_NOISE))
+        if pending and not pending.startswith(b"["):  # not the start of a log line: a bar being drawn
+            kept, pending = kept + pending, b""
+        _write_all(out, kept)
+    _write_all(out, pending)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
 
 
 class _Embedder:
