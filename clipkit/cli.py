@@ -449,7 +449,7 @@ def _tune_queries(path: str, model):
         raise UsageError("--tune-queries with texts needs the model that embeds them: give --model")
     from clipkit.encode import encode_texts
 
-    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines()]
+    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig", errors="replace").splitlines()]
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError(f"--tune-queries: {path} holds no query text")

@@ -391,6 +391,28 @@ def test_a_list_of_image_files_is_indexed_as_listed(folder, demo, tmp_path, caps
     assert "has no captions, which shards need" in capsys.readouterr().err
 
 
+def test_files_saved_by_windows_tools_with_a_byte_order_mark_are_read(folder, tmp_path):
+    """Excel's "CSV UTF-8" and Notepad start a file with a byte order mark (and end lines with CRLF): the table's
+    first column, a list's first path and a caption's first word must not carry it."""
+    names = sorted(p.name for p in folder.glob("*.jpg"))
+    bom = "\ufeff".encode()
+    (folder / "captions.csv").write_bytes(bom + f"image,caption\r\n{names[0]},a red circle\r\n".encode())
+    (folder / names[1].replace(".jpg", ".txt")).write_bytes(bom + b"a blue square\r\n")
+    (folder / "list.txt").write_bytes(bom + f"{names[1]}\r\n".encode())
+    assert main(["-q", "index", str(folder / "captions.csv"), "--index", str(tmp_path / "ix")]) == 0
+    assert main(["-q", "index", str(folder / "list.txt"), "--index", str(tmp_path / "ix2")]) == 0
+    for ix, name, caption in (("ix", names[0], "a red circle"), ("ix2", names[1], "a blue square")):
+        index = Index.load(tmp_path / ix)
+        assert [Path(i).name for i in index.ids()] == [name]
+        assert [r["caption"] for r in index.captions.get(index.captions.ids())] == [caption]
+    from clipkit.data.urls import UrlTable, is_url_table
+
+    (tmp_path / "urls.txt").write_bytes(bom + b"https://example.com/a.jpg\r\n")
+    (tmp_path / "urls.csv").write_bytes(bom + b"url,caption\r\nhttps://example.com/a.jpg,a cat\r\n")
+    assert is_url_table(tmp_path / "urls.txt") and is_url_table(tmp_path / "urls.csv")
+    assert UrlTable.of(tmp_path / "urls.csv").columns() == ["url", "caption"]
+
+
 def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
     """A parquet table (img2dataset's and clip-retrieval's format) of image paths and captions, some null."""
     pq = pytest.importorskip("pyarrow.parquet")

@@ -62,7 +62,7 @@ def read_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, s
     if not json_path.is_file():
         raise FileNotFoundError(f"caption file not found: {json_path}")
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(json_path.read_text(encoding="utf-8-sig"))
     except ValueError as exc:
         raise ValueError(f"{json_path} is not valid JSON: {exc}") from None
     images, captions, text_to_image = [], [], []

@@ -40,7 +40,7 @@ def image_key_of(sample: dict) -> str | None:
 
 def caption_lines(data: bytes, errors: str = "strict") -> list[str]:
     """Non-empty, stripped lines of a caption member (one caption per line)."""
-    return [line.strip() for line in data.decode("utf-8", errors).splitlines() if line.strip()]
+    return [line.strip() for line in data.decode("utf-8-sig", errors).splitlines() if line.strip()]
 
 
 #: Files that hold the makings of shards, not shards: `clipkit shards` turns them into shards.

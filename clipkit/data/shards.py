@@ -151,7 +151,7 @@ def samples_from_folder(folder: str | os.PathLike, skipped: list | None = None) 
 
 def _caption_lines(path: Path) -> list[str]:
     try:
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError):
         return []
 
@@ -195,11 +195,11 @@ def _table_rows(path: Path, image_column: str, caption_column: str, captions: bo
     """The rows of a table file, as dicts; a .txt file (with `captions=False`) is one image path a line."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return [json_record(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
     if suffix == ".parquet":
         return _parquet_rows(path, image_column, caption_column, captions)
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".txt" and not captions:
             return [{image_column: line.strip()} for line in f if line.strip()]
         return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))

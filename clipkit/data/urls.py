@@ -48,7 +48,7 @@ class UrlTable:
         if self.kind == "parquet":
             return parquet_file(self.path).schema_arrow.names
         if self.kind in ("csv", "tsv"):
-            with open(self.path, encoding="utf-8", errors="replace", newline="") as handle:
+            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as handle:
                 return next(csv.reader(handle, delimiter=_DELIMITERS[self.kind]), [])
         if self.kind == "jsonl":
             first = next(self._json_rows(), {})
@@ -132,10 +132,10 @@ _DELIMITERS = {"csv": ",", "tsv": "\t"}
 
 
 def _csv_rows(path: str, delimiter: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
         yield from csv.DictReader(handle, delimiter=delimiter)
 
 
 def _lines(path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         yield from handle

@@ -89,7 +89,7 @@ def lists_images(path: str | os.PathLike) -> bool:
     """Whether a .txt file lists image files: its first line names one (rather than a URL, or a caption)."""
     from clipkit.data.folder import is_image_name
 
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         first = next((line.strip() for line in handle if line.strip()), "")
     return bool(first) and "://" not in first and is_image_name(first)
 
