@@ -177,12 +177,19 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
     if not path.is_file():
         raise FileNotFoundError(f"caption table not found: {path}")
     root = Path(root) if root is not None else path.parent
-    rows = _table_rows(path, image_column, caption_column, captions)
+    try:
+        rows = _table_rows(path, image_column, caption_column, captions)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at {exc.start}): "
+                         "save it as UTF-8 (Excel: \"CSV UTF-8\")") from None
     merged: dict[Path, list[str]] = {}
     for number, row in enumerate(rows, 1):
         if image_column not in row or (caption_column not in row and (captions or len(row) > 1)):
+            separated = len(row) == 1 and ";" in next(iter(row), "")
             raise ValueError(f"{path} row {number} lacks column {image_column!r} or {caption_column!r} "
-                             f"(columns: {', '.join(row)}); pass image_column=/caption_column=")
+                             f"(columns: {', '.join(map(str, row))}); "
+                             + ("its columns look separated by ';': save it with ',' (or tabs, as .tsv)" if separated
+                                else "pass --image-column / --caption-column (image_column= / caption_column=)"))
         texts = row.get(caption_column)
         texts = [texts] if isinstance(texts, str) else list(texts or ())
         image = Path(row[image_column])
