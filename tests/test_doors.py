@@ -156,6 +156,39 @@ def test_image_route_serves_only_the_file_that_was_indexed(served_folder, tmp_pa
     assert client.get(f"/image/{keys['2.png']}").status_code == 200  # the others are served as before
 
 
+def test_photos_reached_through_a_symlink_are_served_while_they_are_what_was_indexed(tmp_path, demo):
+    """A library that links an album kept elsewhere (`photos/album -> /mnt/disk/album`) is indexed through the
+    link; its images are served as long as their bytes are those indexed (their content hash), and refused once
+    the file there is another, even one of the same size and mtime."""
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    photos, album = tmp_path / "photos", tmp_path / "disk" / "album"
+    photos.mkdir()
+    album.mkdir(parents=True)
+    draw_shape("red", "circle").save(photos / "home.png")
+    draw_shape("blue", "square").save(album / "trip.png")
+    (photos / "album").symlink_to(album)
+    Index.from_folder(photos, demo).save(tmp_path / "ix")
+    index = Index.load(tmp_path / "ix")
+    keys = {Path(i).name: k for i, k in zip(index.ids(), index.keys(index.ids()))}
+    assert sorted(keys) == ["home.png", "trip.png"]
+    with TestClient(create_app(index)) as client:
+        for route in ("image", "thumbnail"):
+            assert client.get(f"/{route}/{keys['trip.png']}").status_code == 200
+        assert client.get(f"/image/{keys['trip.png']}").content == (album / "trip.png").read_bytes()
+        stat = (album / "trip.png").stat()
+        other = draw_shape("green", "triangle")  # another picture, same size and mtime
+        other.save(album / "other.png")
+        data = (album / "other.png").read_bytes()[:stat.st_size].ljust(stat.st_size, b"\0")
+        (album / "trip.png").write_bytes(data)
+        os.utime(album / "trip.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        reply = client.get(f"/image/{keys['trip.png']}")
+        assert reply.status_code == 404 and "other than the one indexed" in reply.json()["detail"]
+        assert client.get(f"/image/{keys['home.png']}").status_code == 200
+
+
 def test_iphone_avif_and_tiff_photos_are_indexed_and_served_as_browsers_show_them(tmp_path, demo, monkeypatch):
     """.heic/.heif (iPhones) and .avif files were passed over without a word; now they are indexed (HEIC through
     pillow-heif, clipkit[heif]) with the embeddings of their pixels, and /image serves what browsers cannot

@@ -2,7 +2,8 @@
 
 An image file is read through one open file: its size and mtime (of what was opened, so no rename between a
 check and the read can swap it) must be those recorded when it was indexed, it must be a regular file, and
-an item under an indexed folder must still resolve inside that folder. A shard member is read only while the
+an item under an indexed folder that resolves outside that folder (a symlink into a photo library elsewhere)
+must hold exactly the bytes that were indexed (their content hash). A shard member is read only while the
 shard's size and mtime are those recorded when it was last read in full. So a file replaced by a symlink to
 `/etc/passwd`, or rewritten, is not read: whoever can write into an indexed folder cannot read other files
 through a server over the index.
@@ -14,7 +15,7 @@ import os
 import stat as stat_module
 
 from clipkit.data.images import TarMember
-from clipkit.index.sync import is_under
+from clipkit.index.sync import bytes_hash, is_under
 
 
 def read_indexed(index, record: dict, source, max_bytes: int) -> bytes:
@@ -32,12 +33,14 @@ def read_indexed(index, record: dict, source, max_bytes: int) -> bytes:
             raise ValueError("its shard was cut short")
         return data
     path = str(source)
-    _inside_its_folder(index, path)
+    outside = _outside_its_folder(index, path)
     with _open_regular(path) as handle:
         _same(os.fstat(handle.fileno()), [record.get("size"), record.get("mtime")], "the file")
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"the file is larger than the {max_bytes} byte limit")
+    if outside is not None and bytes_hash(data) != record.get("content_hash"):
+        raise ValueError(f"it resolves outside its indexed folder {outside} to a file other than the one indexed")
     return data
 
 
@@ -59,11 +62,10 @@ def _same(stat: os.stat_result, recorded: list, what: str) -> None:
         raise ValueError(f"{what} changed since it was indexed (index it again)")
 
 
-def _inside_its_folder(index, path: str) -> None:
-    """An item under an indexed folder must still resolve inside it (no symlink out of it put in since)."""
+def _outside_its_folder(index, path: str) -> str | None:
+    """The indexed folder `path` lies under when it resolves outside it (through a symlink), else None."""
     for root in index.roots():
         folder = root["path"]
         if is_under(path, folder):
-            if not is_under(os.path.realpath(path), os.path.realpath(folder)):
-                raise ValueError(f"it now resolves outside its indexed folder {folder}")
-            return
+            return None if is_under(os.path.realpath(path), os.path.realpath(folder)) else folder
+    return None

@@ -70,11 +70,22 @@ class SyncPlan:
 
 def file_hash(path: str | os.PathLike) -> str:
     """A content hash of a file (BLAKE2b, 128 bits), to recognise it after a rename or move."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = _content_digest()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def bytes_hash(data: bytes) -> str:
+    """`file_hash` of a file that holds `data`."""
+    digest = _content_digest()
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _content_digest():
+    return hashlib.blake2b(digest_size=16)
 
 
 def hash_or_none(path: Path) -> str | None:
