@@ -6,12 +6,9 @@ Writes a folder of JPEG photos-like images (noise over gradients, 256 x 192), th
 index with `clipkit index` (this process embeds) and with `clipkit index --engine ray` (a local Ray started
 for the run, one model actor per CPU), each in a fresh process as a user runs it, interleaved (local, ray,
 local, ray, ...), and the same two on a one-image folder: what a run costs apart from its images (importing,
-loading the model, starting Ray and its actors, stopping them). Reports wall seconds (medians over the
-repeats), images/s, Ray's fixed cost over the local path's, and each path's images/s once started
-((images - 1) / (wall - one-image wall)), Ray's as a ratio of the local path's. As a cross-check, each run
-also records when it commits each batch: `*_commit_rate` is its images/s from its middle batch to its last
-(Ray's pipeline fills before its first commit, so earlier commits overstate its rate). Prints a markdown
-table and writes JSON.
+loading the model, starting Ray and its actors, stopping them). Reports wall seconds, images/s, Ray's fixed
+cost over the local path's, and Ray's images/s once started ((images - 1) / (wall - one-image wall)) as a
+ratio of the local path's. Prints a markdown table and writes JSON.
 """
 
 from __future__ import annotations
@@ -40,89 +37,60 @@ def write_images(folder: Path, n: int) -> None:
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{number:05d}.jpg", quality=90)
 
 
-TIMED_RUN = """
-import json, sys, time
-from clipkit.cli import main
-from clipkit.index import Index
-real, commits = Index._replace_files, []
-def timed(self, vectors, rows):
-    out = real(self, vectors, rows)
-    commits.append((time.perf_counter(), len(rows)))
-    return out
-Index._replace_files = timed
-code = main(sys.argv[2:])
-with open(sys.argv[1], "w") as handle:
-    json.dump(commits, handle)
-sys.exit(code)
-"""
-
-
-def index_run(folder: Path, model: str, engine: str, work: Path, batch_size: int | None = None) -> dict:
-    """One `clipkit index` in a fresh process: its wall seconds, and its images/s from its middle committed batch
-    to its last."""
-    target, commits = work / f"ix-{engine}", work / f"commits-{engine}.json"
+def index_seconds(folder: Path, model: str, engine: str, work: Path) -> float:
+    target = work / f"ix-{engine}"
     shutil.rmtree(target, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", TIMED_RUN, str(commits), "-q", "index", str(folder), "--index", str(target),
-                    "--model", model, "--engine", engine, *(["--batch-size", str(batch_size)] if batch_size else [])],
-                   check=True)
-    wall = time.perf_counter() - start
-    batches = json.loads(commits.read_text())
-    middle = len(batches) // 2
-    seconds = batches[-1][0] - batches[middle][0] if batches else 0.0
-    rate = sum(count for _, count in batches[middle + 1:]) / seconds if seconds > 0 else float("nan")
-    return {"wall_s": wall, "commit_rate": rate, "batches": len(batches)}
+    subprocess.run([sys.executable, "-m", "clipkit", "-q", "index", str(folder), "--index", str(target),
+                    "--model", model, "--engine", engine], check=True)
+    return time.perf_counter() - start
 
 
-def measure(images: int, model: str, repeats: int, work: Path, quick: bool = False,
-            batch_size: int | None = None) -> dict:
+def measure(images: int, model: str, repeats: int, work: Path, quick: bool = False) -> dict:
     many, one = work / "many", work / "one"
-    for folder, count in ((many, images), (one, 1)):
-        if not folder.is_dir():
-            write_images(folder, count)
+    if not many.is_dir():
+        write_images(many, images)
+    if not one.is_dir():
+        write_images(one, 1)
     sizes = (("many", many),) if quick else (("many", many), ("one", one))
     runs = {(engine, size): [] for engine in ("local", "ray") for size, _ in sizes}
     for _ in range(repeats):
         for size, folder in sizes:
             for engine in ("local", "ray"):
-                runs[engine, size].append(index_run(folder, model, engine, work, batch_size))
+                runs[engine, size].append(index_seconds(folder, model, engine, work))
     if quick:  # no one-image runs: the fixed costs are taken as zero
-        runs.update({(engine, "one"): [{"wall_s": 0.0}] for engine in ("local", "ray")})
-    median = {key: statistics.median(run["wall_s"] for run in values) for key, values in runs.items()}
+        runs.update({(engine, "one"): [0.0] for engine in ("local", "ray")})
+    median = {key: statistics.median(values) for key, values in runs.items()}
     rate = {engine: (images - 1) / max(1e-9, median[engine, "many"] - median[engine, "one"])
             for engine in ("local", "ray")}
-    commit = {engine: statistics.median(run["commit_rate"] for run in runs[engine, "many"]) for engine in rate}
     return {"images": images, "model": model, "cpus": os.cpu_count(), "repeats": repeats,
             "local_s": median["local", "many"], "ray_s": median["ray", "many"],
             "local_images_per_s": images / median["local", "many"], "ray_images_per_s": images / median["ray", "many"],
             "local_fixed_s": median["local", "one"], "ray_fixed_s": median["ray", "one"],
             "ray_startup_over_local_s": median["ray", "one"] - median["local", "one"],
             "local_images_per_s_after_start": rate["local"], "ray_images_per_s_after_start": rate["ray"],
-            "ray_over_local_after_start": rate["ray"] / rate["local"],
-            "local_commit_rate": commit["local"], "ray_commit_rate": commit["ray"],
-            "ray_over_local_commit_rate": commit["ray"] / commit["local"],
-            "runs": {f"{engine}/{size}": values for (engine, size), values in runs.items()}}
+            "ray_over_local_after_start": rate["ray"] / rate["local"], "runs": {f"{e}/{s}": v for (e, s), v in
+                                                                              runs.items()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--model", default="clipkit-demo")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=None, help="clipkit index --batch-size (default: its own)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each, interleaved (medians; the machine's "
+                        "noise moves a difference of two wall times by a second)")
     parser.add_argument("--work", default=None, help="where the images and indexes go (default: a temporary folder)")
     parser.add_argument("--json", default="engines.json")
     parser.add_argument("--quick", action="store_true", help="no one-image runs (fixed costs not measured)")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="clipkit-engines-"))
     try:
-        row = measure(args.images, args.model, args.repeats, work, args.quick, args.batch_size)
+        row = measure(args.images, args.model, args.repeats, work, args.quick)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     columns = ["images", "cpus", "local_s", "ray_s", "local_images_per_s", "ray_images_per_s", "ray_startup_over_local_s",
-               "local_images_per_s_after_start", "ray_images_per_s_after_start", "ray_over_local_after_start",
-               "ray_over_local_commit_rate"]
+               "local_images_per_s_after_start", "ray_images_per_s_after_start", "ray_over_local_after_start"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
     Path(args.json).write_text(json.dumps(row, indent=2))

@@ -91,12 +91,10 @@ def test_multivector_tiny(tmp_path):
 
 def test_engines_tiny(tmp_path):
     pytest.importorskip("ray.data")
-    out = run("engines.py", "--images", "24", "--batch-size", "8", "--repeats", "1", "--quick", "--json",
-              str(tmp_path / "e.json"), cwd=tmp_path)
+    out = run("engines.py", "--images", "12", "--repeats", "1", "--quick", "--json", str(tmp_path / "e.json"),
+              cwd=tmp_path)
     row = json.loads((tmp_path / "e.json").read_text())
-    assert row["images"] == 24 and row["local_s"] > 0 and row["ray_s"] > 0 and "| 24 |" in out
-    assert [run["batches"] for key in ("local/many", "ray/many") for run in row["runs"][key]] == [3, 3]
-    assert row["ray_commit_rate"] > 0 and row["local_commit_rate"] > 0
+    assert row["images"] == 12 and row["local_s"] > 0 and row["ray_s"] > 0 and "| 12 |" in out
 
 
 def test_live_ops_tiny(tmp_path):
