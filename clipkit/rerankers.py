@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from clipkit.encode import as_model, encode, load_image
-from clipkit.errors import first_line
+from clipkit.errors import ImageReadError, first_line
 from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
 from clipkit.itm.heads import DIRECTIONS
 
@@ -96,12 +96,21 @@ class HeadReranker(Reranker):
                             torch.as_tensor(np.asarray(image_index), dtype=torch.long)).float().cpu().numpy()
 
 
+REDUCED_SIDE = 1024  # a JPEG past Pillow's pixel limit is decoded at reduced scale, both sides >= this
+
+
 def load_images(images: Sequence, workers: int = 4, skip_errors: bool = False) -> list:
-    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in full in threads; with
+    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in full in threads (a JPEG
+    past Pillow's pixel limit, a 100 MP photo, at reduced scale: more pixels than any re-ranker reads); with
     `skip_errors`, None for those that cannot be read (any more)."""
     def read(item):
         try:
-            return load_image(item)
+            try:
+                return load_image(item)
+            except ImageReadError as exc:
+                if exc.kind != "too many pixels":
+                    raise
+                return load_image(item, min_side=REDUCED_SIDE)
         except (ValueError, OSError):
             if not skip_errors:
                 raise

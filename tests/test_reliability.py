@@ -1,5 +1,6 @@
 """Hostile folders, crash-safe and incremental indexing, damaged indexes: nothing good lost, nothing bad kept."""
 
+import io
 import json
 import os
 import signal
@@ -163,6 +164,42 @@ def test_image_modes_exif_and_animation_are_read_as_shown(hostile, tiny_model):
     assert transparent.mode == "RGB"
     cmyk = clipkit.encode([root / "cmyk.jpg"], model=tiny_model)
     assert np.isfinite(cmyk).all()
+
+
+def test_a_photo_past_the_pixel_limit_is_indexed_from_its_reduced_jpeg_decoding(tmp_path, tiny_model, monkeypatch):
+    """Pillow refuses images past 89 MP, but a 100-200 MP JPEG (medium-format cameras, phones' 200 MP mode,
+    panoramas) is decoded at up to 1/8 scale for a model that reads 224 pixels: the limit applies to what is
+    decoded. A PNG, or a full decode, that large is still refused. (The limit is lowered here: the same rule at
+    a test's size.)"""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_shape("red", "circle", (640, 480)).save(photos / "camera.jpg", quality=90)  # 307,200 px: 6x the limit
+    draw_shape("red", "circle", (640, 480)).save(photos / "drawing.png")
+    draw_shape("red", "circle", (2000, 1700)).save(photos / "too-big.jpg")  # 3.4 MP: past 64x, refused unread
+    assert main(["index", str(photos), "--index", str(tmp_path / "ix")]) == 0
+    index = Index.load(tmp_path / "ix")
+    assert [Path(i).name for i in index.ids()] == ["camera.jpg"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    np.testing.assert_allclose(index.embeddings(index.ids()), clipkit.encode([photos / "camera.jpg"], model="clipkit-demo"),
+                               atol=1e-5)  # the same draft decoding as without a limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    with pytest.raises(ValueError, match="decompression bomb"):
+        clipkit.encode([photos / "camera.jpg"], model=tiny_model, draft=False)
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    with TestClient(create_app(index)) as client:  # the photo as it is, and a thumbnail from its reduced decoding
+        key = index.keys(index.ids())[0]
+        assert client.get(f"/image/{key}").content == (photos / "camera.jpg").read_bytes()
+        thumbnail = client.get(f"/thumbnail/{key}?size=64")
+        assert thumbnail.status_code == 200 and max(Image.open(io.BytesIO(thumbnail.content)).size) == 64
+    from clipkit import rerankers
+
+    monkeypatch.setattr(rerankers, "REDUCED_SIDE", 64)  # (1,024 at 89 MP: the same rule at this size)
+    hit = clipkit.search("a red circle", index, k=1, rerank=True)[0]  # re-ranked from its reduced decoding
+    assert Path(hit.path).name == "camera.jpg" and "itc_score" in hit.metadata
 
 
 def test_files_that_vanish_are_skipped(tmp_path, tiny_model, monkeypatch):

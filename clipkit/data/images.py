@@ -34,10 +34,37 @@ HEIF_READABLE = _register_heif()
 UNSAFE_FORMATS = frozenset({"EPS"})
 
 
-def _open(source) -> Image.Image:
-    """`Image.open` over every format Pillow reads except `UNSAFE_FORMATS`."""
+def _open(source, drafted: bool = False) -> Image.Image:
+    """`Image.open` over every format Pillow reads except `UNSAFE_FORMATS`. `drafted`: a JPEG will be decoded at
+    reduced scale, so Pillow's pixel limit applies to what the draft decodes (`_check_pixels` after it), not to
+    the file's full size: a 100-200 MP photo (medium-format cameras, phones' 200 MP mode, panoramas) decoded
+    at 1/8 scale holds 1/64 of its pixels."""
+    if drafted and _peek(source, 3) == b"\xff\xd8\xff":
+        from PIL import JpegImagePlugin
+
+        image = JpegImagePlugin.jpeg_factory(source)  # (Image.open's own pixel check skipped: see above)
+        _check_pixels(image.size, (JPEG_SCALE ** 2))
+        return image
     Image.init()
     return Image.open(source, formats=[name for name in Image.OPEN if name not in UNSAFE_FORMATS])
+
+
+JPEG_SCALE = 8  # the most a JPEG's DCT scales its decoding down by
+
+
+def _check_pixels(size: tuple[int, int], times: int = 1) -> None:
+    """Refuse an image of more than `times` x Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`; None: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > times * limit:
+        raise Image.DecompressionBombError(f"Image size ({size[0] * size[1]} pixels) exceeds limit of "
+                                           f"{times * limit} pixels, could be decompression bomb DOS attack.")
+
+
+def _peek(source, count: int) -> bytes:
+    position = source.tell()
+    head = source.read(count)
+    source.seek(position)
+    return head
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -62,11 +89,12 @@ def _decode(source, name: str, min_side: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # A file over PIL's pixel limit is refused rather than allocated.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _open(source) as image:
+            with _open(source, drafted=bool(min_side)) as image:
                 image.seek(0)
-                if min_side and image.format == "JPEG":
+                if min_side and image.format in ("JPEG", "MPO"):
                     # decode at 1/2, 1/4 or 1/8 scale in the DCT, keeping both sides >= min_side
                     image.draft(image.mode, (min_side, min_side))
+                    _check_pixels(image.size)  # what is decoded
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
@@ -215,8 +243,12 @@ def image_media_type(data: bytes, name: str = "<bytes>") -> str:
     """The media type of encoded image bytes, from what they hold (not a file name); ImageReadError when
     they are not an image PIL recognises."""
     try:
-        with _open(io.BytesIO(data)) as image:
-            kind = image.format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # (nothing is decoded here)
+            with _open(io.BytesIO(data), drafted=True) as image:  # (a large JPEG is sent as it is)
+                kind = image.format
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{name} has too many pixels ({exc})", "too many pixels") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(f"{name} is not an image", "not an image") from exc
     return Image.MIME.get(kind, "application/octet-stream")

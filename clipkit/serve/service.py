@@ -239,7 +239,7 @@ class Service:
                 self._thumbnails.move_to_end(cache_key)
                 return self._thumbnails[cache_key]
         try:
-            image = decode_image(data, f"item {key}")
+            image = decode_image(data, f"item {key}", min_side=size)  # (a large JPEG: decoded at reduced scale)
         except (ValueError, OSError) as exc:
             raise BadRequest(f"the image of item {key} cannot be read: {exc}", 404) from None
         image.thumbnail((size, size))
