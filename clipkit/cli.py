@@ -212,6 +212,8 @@ def _add_serve_command(commands) -> None:
                        help="fetch image_url queries (public http(s) hosts only; default: refused)")
     serve.add_argument("--max-k", type=_positive_int, default=1000, help="most results per query (default: 1000)")
     serve.add_argument("--max-body-mb", type=_positive_int, default=20, help="request size limit (default: 20 MB)")
+    serve.add_argument("--max-image-mb", type=_positive_int, default=128,
+                       help="largest indexed image file /image and /thumbnail read (default: 128 MB)")
     serve.add_argument("--max-result-ids", type=_positive_int, default=10_000,
                        help="clip-retrieval: most num_result_ids per query (default: 10000)")
     serve.add_argument("--front", default=None, metavar="DIR",
@@ -901,6 +903,7 @@ def cmd_serve(args) -> int:
     if not 0 <= args.inline_images <= 1024:
         raise UsageError("--inline-images must be between 0 (off) and 1024 pixels")
     config = ServeConfig(max_k=args.max_k, max_body_bytes=args.max_body_mb * 2**20,
+                         max_image_bytes=args.max_image_mb * 2**20,
                          allow_image_urls=args.allow_image_urls, cors_origins=args.cors,
                          max_result_ids=args.max_result_ids, front_dir=args.front, inline_images=args.inline_images)
     serve(specs, host=args.host, port=args.port, config=config, device=args.device, reranker=args.reranker,

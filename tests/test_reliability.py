@@ -188,13 +188,16 @@ def test_a_photo_past_the_pixel_limit_is_indexed_from_its_reduced_jpeg_decoding(
         clipkit.encode([photos / "camera.jpg"], model=tiny_model, draft=False)
     from fastapi.testclient import TestClient
 
-    from clipkit.serve import create_app
+    from clipkit.serve import ServeConfig, create_app
 
-    with TestClient(create_app(index)) as client:  # the photo as it is, and a thumbnail from its reduced decoding
-        key = index.keys(index.ids())[0]
+    size = (photos / "camera.jpg").stat().st_size  # a request may be smaller than an indexed photo
+    with TestClient(create_app(index, config=ServeConfig(max_body_bytes=size // 2))) as client:
+        key = index.keys(index.ids())[0]  # the photo as it is, and a thumbnail from its reduced decoding
         assert client.get(f"/image/{key}").content == (photos / "camera.jpg").read_bytes()
         thumbnail = client.get(f"/thumbnail/{key}?size=64")
         assert thumbnail.status_code == 200 and max(Image.open(io.BytesIO(thumbnail.content)).size) == 64
+    with TestClient(create_app(index, config=ServeConfig(max_image_bytes=size // 2))) as client:
+        assert "larger than" in client.get(f"/image/{key}").json()["detail"]
     from clipkit import rerankers
 
     monkeypatch.setattr(rerankers, "REDUCED_SIDE", 64)  # (1,024 at 89 MP: the same rule at this size)

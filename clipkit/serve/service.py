@@ -47,6 +47,7 @@ class ServeConfig:
     front_dir: str | None = None  # clip-retrieval's front end build, served at /front/
     max_rerank_k: int = 200  # candidates the ITM head scores per query
     max_body_bytes: int = 20 * 2**20  # whole request body, JSON or multipart
+    max_image_bytes: int = 128 * 2**20  # an indexed image file that /image and /thumbnail read (100 MP: 20-80 MB)
     allow_image_urls: bool = False  # fetch `image_url` queries (public http(s) hosts only)
     fetch_deadline: float = 10.0  # seconds for one image_url fetch in all (redirects, slow servers included)
     max_fetches: int = 8  # image_url fetches running at once; more are answered 503
@@ -223,7 +224,7 @@ class Service:
         if source is None:
             raise BadRequest(f"no image with id {key} in index {collection.name!r}", 404)
         try:
-            data = read_indexed(collection.index, record, source, self.config.max_body_bytes)
+            data = read_indexed(collection.index, record, source, self.config.max_image_bytes)
             media_type = image_media_type(data, str(source))
             if media_type not in BROWSER_IMAGE_TYPES:  # HEIC, TIFF: a JPEG of it, which every browser shows
                 return encode_image(decode_image(data, str(source)), "jpg"), "image/jpeg"
@@ -263,7 +264,8 @@ class Service:
                         for name, c in self.collections.items()},
             "reranker": self.reranker.name if self.reranker is not None else None,
             "limits": {"max_k": self.config.max_k, "max_rerank_k": self.config.max_rerank_k,
-                       "max_result_ids": self.config.max_result_ids, "max_body_bytes": self.config.max_body_bytes},
+                       "max_result_ids": self.config.max_result_ids, "max_body_bytes": self.config.max_body_bytes,
+                       "max_image_bytes": self.config.max_image_bytes},
             "encoder_calls": sum(c.batcher.batches for c in self._batchers()),
             "encoded_queries": sum(c.batcher.items for c in self._batchers()),
         }
