@@ -537,7 +537,9 @@ def _listed_files(table) -> set[str]:
     listed, problems = table.listed_files()
     if listed or not problems:
         return listed
-    outside = [path for path, _ in problems if not path.startswith(os.path.join(table.folder, ""))]
+    from clipkit.index.sync import is_under
+
+    outside = [path for path, _ in problems if not is_under(path, table.folder)]
     if outside:
         common = os.path.commonpath(outside) if len(outside) > 1 else os.path.dirname(outside[0])
         raise UsageError(f"no file that {table.path} lists lies under {table.folder}, the folder its paths are "
@@ -547,9 +549,9 @@ def _listed_files(table) -> set[str]:
 
 def _check_table_name(source: Path) -> None:
     """A file given as SOURCE that is no table clipkit reads: say what SOURCE may be."""
-    from clipkit.index.captions import TABLE_SUFFIXES, lists_images
+    from clipkit.index.captions import is_table
 
-    if source.suffix.lower() in TABLE_SUFFIXES and (source.suffix.lower() != ".txt" or lists_images(source)):
+    if is_table(source):
         return
     what = ("an image file: index the folder it is in" if is_image_name(source.name) else
             "a text file whose first line is neither an http(s) URL nor an image file's path"

@@ -425,9 +425,7 @@ def _model_named_by(weights_file: str) -> str:
     try:
         raw = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)
         made_for = raw.get("model_name") if raw.get("format") == CHECKPOINT_FORMAT else None
-    except Exception:  # noqa: BLE001 - read_checkpoint gives the error worth showing
-        raw = None
-    if raw is None or not isinstance(raw, dict):
+    except Exception:  # noqa: BLE001 - read_checkpoint reads it in full, or gives the error worth showing
         made_for = read_checkpoint(weights_file)["meta"].get("model_name")
     if not made_for:
         raise ValueError(f"{weights_file} is a weights file that does not name its model: give the model's name, "

@@ -33,6 +33,8 @@ HEIF_READABLE = _register_heif()
 # upload one to `clipkit serve`) run a program on this machine.
 UNSAFE_FORMATS = frozenset({"EPS"})
 
+JPEG_SCALE = 8  # the most a JPEG's DCT scales its decoding down by
+
 
 def _open(source, drafted: bool = False) -> Image.Image:
     """`Image.open` over every format Pillow reads except `UNSAFE_FORMATS`. `drafted`: a JPEG will be decoded at
@@ -43,13 +45,10 @@ def _open(source, drafted: bool = False) -> Image.Image:
         from PIL import JpegImagePlugin
 
         image = JpegImagePlugin.jpeg_factory(source)  # (Image.open's own pixel check skipped: see above)
-        _check_pixels(image.size, (JPEG_SCALE ** 2))
+        _check_pixels(image.size, JPEG_SCALE ** 2)
         return image
     Image.init()
     return Image.open(source, formats=[name for name in Image.OPEN if name not in UNSAFE_FORMATS])
-
-
-JPEG_SCALE = 8  # the most a JPEG's DCT scales its decoding down by
 
 
 def _check_pixels(size: tuple[int, int], times: int = 1) -> None:

@@ -97,8 +97,7 @@ def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_c
     if suffix not in URL_TABLE_SUFFIXES or not Path(path).is_file():
         return False
     if suffix == ".txt":
-        first = next((line.strip() for line in _lines(path) if line.strip()), "")
-        return is_url(first)
+        return is_url(first_line(path))
     try:
         columns = UrlTable(os.path.abspath(path), url_column or "url").columns()
     except (OSError, ValueError):
@@ -134,6 +133,11 @@ _DELIMITERS = {"csv": ",", "tsv": "\t"}
 def _csv_rows(path: str, delimiter: str) -> Iterator[dict]:
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
         yield from csv.DictReader(handle, delimiter=delimiter)
+
+
+def first_line(path) -> str:
+    """The first non-empty line of a text file, stripped ("" when it has none)."""
+    return next((line.strip() for line in _lines(path) if line.strip()), "")
 
 
 def _lines(path) -> Iterator[str]:

@@ -48,8 +48,7 @@ class CaptionTable:
            root: str | os.PathLike | None = None) -> "CaptionTable":
         if not Path(path).is_file():
             raise FileNotFoundError(f"caption table not found: {path}")
-        if Path(path).suffix.lower() not in TABLE_SUFFIXES or (Path(path).suffix.lower() == ".txt"
-                                                                and not lists_images(path)):
+        if not is_table(path):
             raise ValueError(f"{path}: a caption table is a .csv, .tsv, .jsonl or .parquet file, or a .txt list of "
                              "image files (one path a line)")
         return cls(os.path.abspath(path), image_column, caption_column,
@@ -85,12 +84,16 @@ class CaptionTable:
         return asdict(self)
 
 
-def lists_images(path: str | os.PathLike) -> bool:
-    """Whether a .txt file lists image files: its first line names one (rather than a URL, or a caption)."""
+def is_table(path: str | os.PathLike) -> bool:
+    """Whether a file is one a `CaptionTable` reads: by its suffix, and a .txt file when it lists image files
+    (its first line names one, rather than a URL or a caption)."""
     from clipkit.data.folder import is_image_name
+    from clipkit.data.urls import first_line
 
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        first = next((line.strip() for line in handle if line.strip()), "")
+    suffix = Path(path).suffix.lower()
+    if suffix != ".txt":
+        return suffix in TABLE_SUFFIXES
+    first = first_line(path)
     return bool(first) and "://" not in first and is_image_name(first)
 
 

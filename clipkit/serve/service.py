@@ -8,7 +8,6 @@ import base64
 import binascii
 import collections
 import functools
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from clipkit.data.images import decode_image, encode_image, image_media_type, is
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
+from clipkit.index.sync import bytes_hash
 from clipkit.search import Hit, ranked_hits, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
 from clipkit.data.fetch import Fetcher
@@ -234,7 +234,7 @@ class Service:
 
     def thumbnail(self, collection: Collection, key: int, size: int) -> bytes:
         data, _ = self.image_bytes(collection, key)
-        cache_key = (collection.name, key, size, hashlib.blake2b(data, digest_size=16).digest())
+        cache_key = (collection.name, key, size, bytes_hash(data))
         with self._thumbnail_lock:
             if cache_key in self._thumbnails:
                 self._thumbnails.move_to_end(cache_key)
