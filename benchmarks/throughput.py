@@ -90,23 +90,43 @@ def sample_images(n: int, size: int) -> list[Image.Image]:
     return [render(spec, size=size) for spec in specs]
 
 
+class Rows:
+    """The rows of one model, with what every group of rows shares: its batch size, repeats and data scale."""
+
+    def __init__(self, name: str, quick: bool, smoke: bool):
+        self.name, self.model = name, get_model(name)
+        self.big = name != "clipkit-demo"
+        self.batch = 32 if self.big else 128
+        self.repeats = 1 if smoke else 3 if quick else 5
+        self.shrink = 8 if smoke else 1  # smoke: every row on an eighth of the data, once
+        self.rows: list[dict] = []
+
+    def add(self, what: str, ours_s: float, theirs_s: float, count: int, unit: str, baseline="stock open_clip"):
+        self.rows.append({"model": self.name, "row": what, "clipkit_per_s": round(count / ours_s, 1),
+                          "baseline_per_s": round(count / theirs_s, 1), "ratio": round(theirs_s / ours_s, 2),
+                          "unit": unit, "baseline": baseline})
+
+    def side_by_side(self, what: str, ours, theirs, count: int, unit: str, baseline="stock open_clip"):
+        self.add(what, *side_by_side(ours, theirs, self.repeats), count, unit, baseline)
+
+
 def rows_for(name: str, quick: bool, smoke: bool = False) -> list[dict]:
     """`smoke`: every row on an eighth of the data, once (that the script runs, not a measurement)."""
-    model = get_model(name)
-    clip, tokenizer, preprocess = model.clip, model.tokenizer, model.preprocess
-    big = name != "clipkit-demo"
-    batch = 32 if big else 128
-    repeats = 1 if smoke else 3 if quick else 5
-    shrink = 8 if smoke else 1
-    rows = []
+    rows = Rows(name, quick, smoke)
+    text_rows(rows)
+    images = sample_images((64 if rows.big else 512) // rows.shrink, 256 if rows.big else 96)
+    image_rows(rows, images)
+    photo_rows(rows)
+    search_rows(rows)
+    if rows.model.itm is not None:
+        rerank_rows(rows, images[:32])
+    return rows.rows
 
-    def row(what, ours_s, theirs_s, count, unit, baseline="stock open_clip"):
-        rows.append({"model": name, "row": what, "clipkit_per_s": round(count / ours_s, 1),
-                     "baseline_per_s": round(count / theirs_s, 1), "ratio": round(theirs_s / ours_s, 2),
-                     "unit": unit, "baseline": baseline})
 
+def text_rows(rows: Rows) -> None:
+    clip, tokenizer, batch = rows.model.clip, rows.model.tokenizer, rows.batch
     rng = np.random.default_rng(0)
-    n_text = (256 if big else 1024) // shrink
+    n_text = (256 if rows.big else 1024) // rows.shrink
     short = [" ".join(WORDS[: rng.integers(4, 15)]) for _ in range(n_text)]
     long = [" ".join(WORDS * 4) for _ in range(n_text // 4)]
 
@@ -118,94 +138,99 @@ def rows_for(name: str, quick: bool, smoke: bool = False) -> list[dict]:
         return run
 
     def ours_text(texts):
-        return lambda: clipkit.encode(texts, model=model, batch_size=batch)
+        return lambda: clipkit.encode(texts, model=rows.model, batch_size=batch)
 
-    row("text, short captions", *side_by_side(ours_text(short), stock_text(short), repeats), len(short), "texts/s")
-    row("text, 77 tokens", *side_by_side(ours_text(long), stock_text(long), repeats), len(long), "texts/s")
+    rows.side_by_side("text, short captions", ours_text(short), stock_text(short), len(short), "texts/s")
+    rows.side_by_side("text, 77 tokens", ours_text(long), stock_text(long), len(long), "texts/s")
 
-    n_images = (64 if big else 512) // shrink
-    images = sample_images(n_images, 256 if big else 96)
+
+def plain_loop(model: Model, files: list[Path], batch: int) -> None:
+    """What a user writes without clipkit: PIL open, preprocess, encode, FAISS add."""
+    index = faiss.IndexFlatIP(model.dim)
+    with torch.inference_mode():
+        for s in range(0, len(files), batch):
+            x = torch.stack([model.preprocess(Image.open(f).convert("RGB")) for f in files[s:s + batch]])
+            index.add(F.normalize(model.clip.encode_image(x), dim=-1).numpy())
+
+
+def image_rows(rows: Rows, images: list[Image.Image]) -> None:
+    """In-memory images, and a folder of them end to end (against a plain loop and the bare forward)."""
+    model, batch = rows.model, rows.batch
+    pixels = torch.stack([model.preprocess(im) for im in images])
 
     def stock_images():
         with torch.inference_mode():
             for s in range(0, len(images), batch):
-                F.normalize(clip.encode_image(torch.stack([preprocess(im) for im in images[s:s + batch]])), dim=-1)
-
-    row("image, in memory", *side_by_side(lambda: clipkit.encode(images, model=model, batch_size=batch),
-                                          stock_images, repeats), n_images, "images/s")
-
-    pixels = torch.stack([preprocess(im) for im in images])
-
-    def plain_loop(files):
-        """What a user writes without clipkit: PIL open, preprocess, encode, FAISS add."""
-        index = faiss.IndexFlatIP(model.dim)
-        with torch.inference_mode():
-            for s in range(0, len(files), batch):
-                x = torch.stack([preprocess(Image.open(f).convert("RGB")) for f in files[s:s + batch]])
-                index.add(F.normalize(clip.encode_image(x), dim=-1).numpy())
+                F.normalize(model.clip.encode_image(torch.stack([model.preprocess(im) for im in images[s:s + batch]])),
+                            dim=-1)
 
     def bare_forward():
         with torch.inference_mode():
             for s in range(0, len(pixels), batch):
-                clip.encode_image(pixels[s:s + batch])
+                model.clip.encode_image(pixels[s:s + batch])
 
+    rows.side_by_side("image, in memory", lambda: clipkit.encode(images, model=model, batch_size=batch), stock_images,
+                      len(images), "images/s")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
         for i, im in enumerate(images):
             im.save(folder / f"{i:05d}.jpg", quality=90)
         files = sorted(folder.glob("*.jpg"))
+        ours_s, theirs_s = side_by_side(lambda: clipkit.Index.from_folder(folder, model, batch_size=batch),
+                                        lambda: plain_loop(model, files, batch), rows.repeats)
+        rows.add("folder index, end to end", ours_s, theirs_s, len(images), "images/s",
+                 "plain PIL + open_clip + FAISS loop")
+        bound_s = statistics.median(timed(bare_forward, rows.repeats))
+        rows.add("folder index vs bare forward (bound)", ours_s, bound_s, len(images), "images/s",
+                 "bare encode_image on tensors")
 
-        def ours_folder():
-            clipkit.Index.from_folder(folder, model, batch_size=batch)
 
-        ours_s, theirs_s = side_by_side(ours_folder, lambda: plain_loop(files), repeats)
-        row("folder index, end to end", ours_s, theirs_s, n_images, "images/s", "plain PIL + open_clip + FAISS loop")
-        bound_s = statistics.median(timed(bare_forward, repeats))
-        rows.append({"model": name, "row": "folder index vs bare forward (bound)",
-                     "clipkit_per_s": round(n_images / ours_s, 1), "baseline_per_s": round(n_images / bound_s, 1),
-                     "ratio": round(bound_s / ours_s, 2), "unit": "images/s", "baseline": "bare encode_image on tensors"})
-
-    with tempfile.TemporaryDirectory() as tmp:  # camera-sized JPEGs: where draft-mode decoding pays
+def photo_rows(rows: Rows) -> None:
+    """Camera-sized JPEGs: where draft-mode decoding pays."""
+    with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        n_photos = (32 if big else 96) // shrink
+        n_photos = (32 if rows.big else 96) // rows.shrink
         for i, im in enumerate(sample_images(n_photos, 96)):
             im.resize((1600, 1200), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
         files = sorted(folder.glob("*.jpg"))
+        rows.side_by_side("folder index, 1600x1200 JPEGs",
+                          lambda: clipkit.Index.from_folder(folder, rows.model, batch_size=rows.batch),
+                          lambda: plain_loop(rows.model, files, rows.batch), n_photos, "images/s",
+                          "plain PIL + open_clip + FAISS loop")
 
-        row("folder index, 1600x1200 JPEGs", *side_by_side(
-            lambda: clipkit.Index.from_folder(folder, model, batch_size=batch), lambda: plain_loop(files), repeats),
-            n_photos, "images/s", "plain PIL + open_clip + FAISS loop")
 
-    n_items, n_queries = 50_000 // shrink, 1024 // shrink
-    vectors = rng.standard_normal((n_items, model.dim)).astype(np.float32)
+def search_rows(rows: Rows) -> None:
+    rng, dim = np.random.default_rng(0), rows.model.dim
+    n_items, n_queries = 50_000 // rows.shrink, 1024 // rows.shrink
+    vectors = rng.standard_normal((n_items, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    queries = vectors[rng.integers(0, n_items, n_queries)] + 0.1 * rng.standard_normal((n_queries, model.dim)).astype(
+    queries = vectors[rng.integers(0, n_items, n_queries)] + 0.1 * rng.standard_normal((n_queries, dim)).astype(
         np.float32)
     index = clipkit.Index.from_embeddings(vectors)
-    flat = faiss.IndexFlatIP(model.dim)
+    flat = faiss.IndexFlatIP(dim)
     flat.add(vectors)
-    row(f"search, {n_items} items, k=10", *side_by_side(lambda: index.search(queries, 10),
-                                                        lambda: flat.search(queries, 10), repeats),
-        n_queries, "queries/s", "bare FAISS IndexFlatIP")
+    rows.side_by_side(f"search, {n_items} items, k=10", lambda: index.search(queries, 10),
+                      lambda: flat.search(queries, 10), n_queries, "queries/s", "bare FAISS IndexFlatIP")
 
-    if model.itm is not None:
-        from clipkit.rerankers import HeadReranker
-        from clipkit.search import rerank_hits, Hit
 
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = []
-            for i, im in enumerate(images[:32]):
-                paths.append(Path(tmp) / f"{i}.png")
-                im.save(paths[-1])
-            hits = [Hit(id=i, score=0.5, path=str(p)) for i, p in enumerate(paths)]
-            seconds = statistics.median(timed(lambda: rerank_hits("a red circle", "text",
-                                                                  [Hit(h.id, h.score, h.path, {}) for h in hits],
-                                                                  HeadReranker(model)), repeats))
-        rows.append({"model": name, "row": "ITM re-rank, 32 candidates", "clipkit_per_s": round(1 / seconds, 1),
-                     "baseline_per_s": None, "ratio": None, "unit": "queries/s", "baseline": "none"})
-    return rows
+def rerank_rows(rows: Rows, images: list[Image.Image]) -> None:
+    from clipkit.rerankers import HeadReranker
+    from clipkit.search import Hit, rerank_hits
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, im in enumerate(images):
+            paths.append(Path(tmp) / f"{i}.png")
+            im.save(paths[-1])
+        hits = [Hit(id=i, score=0.5, path=str(p)) for i, p in enumerate(paths)]
+        seconds = statistics.median(timed(lambda: rerank_hits("a red circle", "text",
+                                                              [Hit(h.id, h.score, h.path, {}) for h in hits],
+                                                              HeadReranker(rows.model)), rows.repeats))
+    rows.rows.append({"model": rows.name, "row": f"ITM re-rank, {len(images)} candidates",
+                      "clipkit_per_s": round(1 / seconds, 1), "baseline_per_s": None, "ratio": None,
+                      "unit": "queries/s", "baseline": "none"})
 
 
 def ann_rows(n: int, dim: int = 256) -> list[dict]:

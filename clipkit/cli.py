@@ -349,7 +349,7 @@ def cmd_index(args) -> int:
 
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
-    folder, table, include = _index_source(args)
+    folder, table, listed_only = _index_source(args)
     if folder is None and (args.check or args.shard or args.exclude or args.no_exclude or args.captions):
         raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards and URL tables are "
                          "indexed whole, with their own captions")
@@ -362,7 +362,7 @@ def cmd_index(args) -> int:
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
         existing = Index.load(index_path) if index_path.exists() else None
-        return _check_index(existing, folder, index_path, args.exclude, shard, include)
+        return _check_index(existing, folder, index_path, args.exclude, shard, table if listed_only else None)
     _prepare_index_folder(index_path)
     with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
@@ -372,7 +372,7 @@ def cmd_index(args) -> int:
             index = Index(model.dim, model=model, precision=args.precision)
             index.save(index_path)  # attach first: every finished batch is then committed to disk
         with engine or contextlib.nullcontext():  # (a local Ray started for the run stops after it)
-            report = _sync_source(args, index, model, (folder, table, include), shard, engine)
+            report = _sync_source(args, index, model, (folder, table, listed_only), shard, engine)
         _structure_options(args, index, model, created)
         index.save()
     _write_skipped_log(args.skipped_log, report.skipped)
@@ -394,7 +394,7 @@ def _sync_source(args, index, model, source: tuple, shard, engine):
     """Bring `index` up to date with SOURCE: a folder, a caption table, a URL table or shards."""
     from clipkit.data.urls import UrlTable
 
-    folder, table, include = source
+    folder, table, listed_only = source
     options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args), engine=engine)
     if isinstance(table, UrlTable):  # image URLs, fetched
         return index.sync_urls(table, model, **options)
@@ -402,7 +402,7 @@ def _sync_source(args, index, model, source: tuple, shard, engine):
         return index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args),
                                  engine=engine)
     options.update(exclude=args.exclude, shard=shard)
-    if include is not None:
+    if listed_only:
         return index.sync_table(table, model, **options)
     return index.sync_folder(folder, model, captions=table, **options)
 
@@ -500,51 +500,51 @@ def _index_embeddings(args) -> int:
     return 0
 
 
-def _index_source(args) -> tuple[Path | None, object, set | None]:
-    """(folder, caption table or None, the files to index or None for all) of `clipkit index SOURCE`;
-    folder None: SOURCE names webdataset shards, or a URL table (then the table)."""
+def _index_source(args) -> tuple[Path | None, object, bool]:
+    """(folder, caption table or None, whether only the files the table lists are indexed) of `clipkit index
+    SOURCE`; folder None: SOURCE names webdataset shards, or a URL table (then the table)."""
     from clipkit.data.urls import UrlTable, is_url_table
     from clipkit.index import CaptionTable
     from clipkit.index.shards import is_shard_spec, local_shards
 
     if is_shard_spec(args.folder):
         local_shards(args.folder)  # they exist, on this machine
-        return None, None, None
+        return None, None, False
     source = Path(args.folder)
     if is_url_table(source, args.url_column, args.image_column):  # image URLs (and captions), fetched
         if args.captions:
             raise UsageError("a URL table brings its own captions (its caption column); --captions is for folders")
-        return None, UrlTable.of(source, args.url_column or "url", args.caption_column), None
+        return None, UrlTable.of(source, args.url_column or "url", args.caption_column), False
     if source.is_file():  # a caption table: the images it lists, with its captions
         _check_table_name(source)
         if args.captions:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")
         table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
-        # read here first: a malformed table is refused before the index is touched (and --check needs the list)
-        return Path(table.folder), table, _listed_files(table)
+        _check_listed_files(table)  # read here first: a malformed table is refused before the index is touched
+        return Path(table.folder), table, True
     if not source.is_dir() and any(mark in args.folder for mark in "*?["):
         raise UsageError(f"{args.folder} is a pattern: give the folder (searched recursively; --exclude GLOB leaves "
                          "files out), or webdataset shards as shards/{000000..000009}.tar")
     if not source.is_dir():
         raise FileNotFoundError(f"folder not found: {source}" if not source.exists() else f"not a folder: {source}")
     table = CaptionTable.of(args.captions, args.image_column, args.caption_column, args.root) if args.captions else None
-    return source, table, None
+    return source, table, False
 
 
-def _listed_files(table) -> set[str]:
-    """The files a caption table lists under its folder; a table none of whose files lies there (a list of
-    absolute paths elsewhere) is refused with the --root that would take them."""
-    listed, problems = table.listed_files()
-    if listed or not problems:
-        return listed
+def _check_listed_files(table) -> None:
+    """A caption table none of whose files lies under its folder (a list of absolute paths elsewhere) is
+    refused with the --root that would take them."""
     from clipkit.index.sync import is_under
 
+    with table.read() as rows:
+        listed, problems = table.listed_files(rows)
+    if listed or not problems:
+        return
     outside = [path for path, _ in problems if not is_under(path, table.folder)]
     if outside:
         common = os.path.commonpath(outside) if len(outside) > 1 else os.path.dirname(outside[0])
         raise UsageError(f"no file that {table.path} lists lies under {table.folder}, the folder its paths are "
                          f"taken from: pass --root {common} (the folder the files are in)")
-    return listed
 
 
 def _check_table_name(source: Path) -> None:
@@ -744,15 +744,16 @@ def _skipped_summary(report) -> str:
     return f"{len(report.skipped)} skipped ({kinds})"
 
 
-def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], shard, include) -> int:
-    """`clipkit index --check`: what an update would do; nothing is written."""
+def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], shard, listed) -> int:
+    """`clipkit index --check`: what an update would do; nothing is written. `listed`: the caption table
+    whose files alone are indexed (None: the folder's)."""
     from clipkit.index import Index
 
+    with listed.read() if listed is not None else contextlib.nullcontext() as include:
+        plan = (existing or Index(1)).plan_folder(folder, exclude=exclude, shard=shard, include=include)
     if existing is None:
-        count = len(Index(1).plan_folder(folder, exclude=exclude, shard=shard, include=include).new)
-        print(f"no index at {index_path} yet: {count} image file(s) would be indexed")
+        print(f"no index at {index_path} yet: {len(plan.new)} image file(s) would be indexed")
         return 0
-    plan = existing.plan_folder(folder, exclude=exclude, shard=shard, include=include)
     print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
           f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(plan.report)}")
     for label, paths in (("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),

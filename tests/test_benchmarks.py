@@ -22,7 +22,7 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_every_script_has_a_smoke_test():
     tested = {"throughput.py", "ann.py", "retrieval.py", "serve_load.py", "train_demo.py", "gpu_check.py",
-              "scale.py", "engines.py", "multivector.py", "live_ops.py"}
+              "scale.py", "engines.py", "multivector.py", "live_ops.py", "tables.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} == tested
 
 
@@ -105,3 +105,10 @@ def test_live_ops_tiny(tmp_path):
     assert [r["n"] for r in rows] == [500, 2000] and "| 2000 |" in out
     assert rows[1]["items"] == 2000 + 2 - 4 and rows[1]["captions"] == 2000 - 4  # (2 added, 4 removed)
     assert all(r[c] > 0 for r in rows for c in ("open_ms", "add_seen_ms", "remove_one_ms", "remove_seen_ms"))
+
+
+def test_tables_tiny(tmp_path):
+    out = run("tables.py", "--sizes", "300", "--work", str(tmp_path), "--json", str(tmp_path / "t.json"), cwd=tmp_path)
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["read + check", "list read", "caption sync"] and "MB per 1M rows" in out
+    assert all(r["seconds"] >= 0 and r["rows"] == 300 for r in rows)

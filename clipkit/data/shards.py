@@ -8,7 +8,6 @@ Each shard is written under a temporary name and renamed when complete; a manife
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from clipkit._progress import progress_bar
 from clipkit._io import atomic_path, atomic_write_json
 from clipkit.data.folder import scan_images
 from clipkit.data.images import encode_image, read_image
-from clipkit.data.urls import json_record, parquet_file
+from clipkit.data.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -164,76 +163,15 @@ def _skip(skipped: list | None, path, reason: str) -> None:
         skipped.append((str(path), reason))
 
 
-def read_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
-               root: str | os.PathLike | None = None, captions: bool = True) -> list[tuple[Path, list[str]]]:
-    """(image path, captions) pairs from a CSV or TSV (with a header), JSONL or parquet file; rows of one image
-    are merged.
-
-    Relative image paths are taken relative to `root` (default: the table's folder). In JSONL the
-    caption field may be a string or a list of strings. `captions=False`: a list of images is read too, a
-    table whose one column is `image_column` or a .txt file of image paths, one a line (no captions).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"caption table not found: {path}")
-    root = Path(root) if root is not None else path.parent
-    try:
-        rows = _table_rows(path, image_column, caption_column, captions)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at {exc.start}): "
-                         "save it as UTF-8 (Excel: \"CSV UTF-8\")") from None
-    merged: dict[Path, list[str]] = {}
-    for number, row in enumerate(rows, 1):
-        if image_column not in row or (caption_column not in row and (captions or len(row) > 1)):
-            separated = len(row) == 1 and ";" in next(iter(row), "")
-            raise ValueError(f"{path} row {number} lacks column {image_column!r} or {caption_column!r} "
-                             f"(columns: {', '.join(map(str, row))}); "
-                             + ("its columns look separated by ';': save it with ',' (or tabs, as .tsv)" if separated
-                                else "pass --image-column / --caption-column (image_column= / caption_column=)"))
-        texts = row.get(caption_column)
-        texts = [texts] if isinstance(texts, str) else list(texts or ())
-        image = Path(row[image_column])
-        merged.setdefault(image if image.is_absolute() else root / image, []).extend(
-            c.strip() for c in texts if c and c.strip())
-    return list(merged.items())
-
-
-def _table_rows(path: Path, image_column: str, caption_column: str, captions: bool) -> list[dict]:
-    """The rows of a table file, as dicts; a .txt file (with `captions=False`) is one image path a line."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8-sig") as f:
-            return [json_record(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
-    if suffix == ".parquet":
-        return _parquet_rows(path, image_column, caption_column, captions)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if suffix == ".txt" and not captions:
-            return [{image_column: line.strip()} for line in f if line.strip()]
-        return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-
-
-def _parquet_rows(path: Path, image_column: str, caption_column: str, captions: bool = True) -> list[dict]:
-    """The two columns of a parquet table (such as img2dataset's or clip-retrieval's), as rows (a table whose one
-    column is `image_column`, with `captions=False`: that column)."""
-    table = parquet_file(path)
-    names = table.schema_arrow.names
-    if not captions and names == [image_column]:
-        return table.read(columns=[image_column]).to_pylist()
-    missing = [column for column in (image_column, caption_column) if column not in names]
-    if missing:
-        raise ValueError(f"{path} lacks column {missing[0]!r} (columns: {', '.join(names)}); pass "
-                         "image_column=/caption_column= (--image-column / --caption-column)")
-    return table.read(columns=[image_column, caption_column]).to_pylist()
-
-
 def samples_from_table(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption",
                        root: str | os.PathLike | None = None, skipped: list | None = None) -> Iterator[Sample]:
-    for number, (image, captions) in enumerate(read_table(path, image_column, caption_column, root)):
-        if not captions:
-            _skip(skipped, image, "no captions")
-            continue
-        captions = [" ".join(caption.split()) for caption in captions]  # a shard's txt holds one caption a line
-        try:
-            yield sample_from_image(image, captions, {"image_id": number, "group_id": number})
-        except (ValueError, OSError) as exc:
-            _skip(skipped, image, str(exc))
+    with read_table(path, image_column, caption_column, root) as rows:
+        for number, (image, captions) in enumerate(rows.items()):
+            if not captions:
+                _skip(skipped, image, "no captions")
+                continue
+            captions = [" ".join(caption.split()) for caption in captions]  # a shard's txt holds one caption a line
+            try:
+                yield sample_from_image(image, captions, {"image_id": number, "group_id": number})
+            except (ValueError, OSError) as exc:
+                _skip(skipped, image, str(exc))

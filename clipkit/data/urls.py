@@ -51,8 +51,7 @@ class UrlTable:
             with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as handle:
                 return next(csv.reader(handle, delimiter=_DELIMITERS[self.kind]), [])
         if self.kind == "jsonl":
-            first = next(self._json_rows(), {})
-            return list(first)
+            return list(next(table_records(self.path, []), {}))
         return [self.url_column]
 
     def count(self) -> int | None:
@@ -66,23 +65,10 @@ class UrlTable:
             yield chunk
 
     def _rows(self) -> Iterator[tuple[str, str | None]]:
-        if self.kind == "parquet":
-            source = parquet_file(self.path)
-            wanted = [c for c in (self.url_column, self.caption_column) if c in source.schema_arrow.names]
-            records = (row for batch in source.iter_batches(batch_size=8192, columns=wanted) for row in batch.to_pylist())
-        elif self.kind in ("csv", "tsv"):
-            records = _csv_rows(self.path, _DELIMITERS[self.kind])
-        elif self.kind == "jsonl":
-            records = self._json_rows()
-        else:
-            records = ({self.url_column: line.strip()} for line in _lines(self.path) if line.strip())
-        for record in records:
+        for record in table_records(self.path, [self.url_column, self.caption_column]):
             url, caption = record.get(self.url_column), record.get(self.caption_column)
             caption = caption.strip() if isinstance(caption, str) else None
             yield (url.strip() if isinstance(url, str) else url), caption or None
-
-    def _json_rows(self) -> Iterator[dict]:
-        return (json_record(line, self.path, n) for n, line in enumerate(_lines(self.path), 1) if line.strip())
 
 
 PATH_COLUMNS = ("image_path", "path", "filepath", "file")  # a listing of files (clip-retrieval's metadata)
@@ -130,9 +116,23 @@ def json_record(line: str, path, number: int) -> dict:
 _DELIMITERS = {"csv": ",", "tsv": "\t"}
 
 
-def _csv_rows(path: str, delimiter: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
-        yield from csv.DictReader(handle, delimiter=delimiter)
+def table_records(path: str | os.PathLike, columns: list[str], errors: str = "replace") -> Iterator[dict]:
+    """The rows of a table file as dicts, streamed (a table of any size is never read whole): parquet (only
+    those of `columns` it has), CSV / TSV with a header, JSONL, or a .txt file of one value a line (as
+    `columns[0]`). `errors`: how text that is not UTF-8 is decoded ("strict": a UnicodeDecodeError)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        source = parquet_file(path)
+        wanted = [c for c in columns if c in source.schema_arrow.names]
+        for batch in source.iter_batches(batch_size=8192, columns=wanted):
+            yield from batch.to_pylist()
+    elif suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", errors=errors, newline="") as handle:
+            yield from csv.DictReader(handle, delimiter=_DELIMITERS[suffix[1:]])
+    elif suffix in (".jsonl", ".ndjson"):
+        yield from (json_record(line, path, n) for n, line in enumerate(_lines(path, errors), 1) if line.strip())
+    else:
+        yield from ({columns[0]: line.strip()} for line in _lines(path, errors) if line.strip())
 
 
 def first_line(path) -> str:
@@ -140,6 +140,6 @@ def first_line(path) -> str:
     return next((line.strip() for line in _lines(path) if line.strip()), "")
 
 
-def _lines(path) -> Iterator[str]:
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+def _lines(path, errors: str = "replace") -> Iterator[str]:
+    with open(path, encoding="utf-8-sig", errors=errors) as handle:
         yield from handle

@@ -14,10 +14,13 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from clipkit.errors import BrokenIndexError, first_line
 from clipkit.index.store import DB_FILE
+
+if TYPE_CHECKING:
+    from clipkit.data.tables import TableRows
 
 log = logging.getLogger("clipkit.index")
 
@@ -59,25 +62,24 @@ class CaptionTable:
         """The folder its relative image paths start from."""
         return self.root or os.path.dirname(self.path)
 
-    def read(self) -> dict[str, list[str]]:
-        """absolute image path -> its captions."""
-        from clipkit.data.shards import read_table
+    def read(self) -> "TableRows":
+        """Its rows by absolute image path (a `TableRows`: on disk, looked up by image; close it when done)."""
+        from clipkit.data.tables import read_table
 
-        rows = read_table(self.path, self.image_column, self.caption_column, self.folder, captions=False)
-        return {os.path.abspath(image): captions for image, captions in rows}
+        return read_table(self.path, self.image_column, self.caption_column, self.folder, captions=False)
 
-    def listed_files(self, rows: dict[str, list[str]] | None = None) -> tuple[set[str], list[tuple[str, str]]]:
-        """(the image files it lists that exist under its folder, [(listed path, why it is not one of them)]);
-        `rows`: the table as `read` gave it, if the caller has it."""
+    def listed_files(self, rows: "TableRows") -> tuple[int, list[tuple[str, str]]]:
+        """(how many of the image files it lists exist under its folder, [(listed path, why it is not one of
+        them)]); `rows`: the table, read."""
         folder = os.path.abspath(self.folder)
-        inside, problems = set(), []
-        for path in rows if rows is not None else self.read():
+        inside, problems = 0, []
+        for path in rows:
             if not path.startswith(folder.rstrip(os.sep) + os.sep):
                 problems.append((path, f"{path}: listed in {self.path} but not under {folder}"))
             elif not os.path.isfile(path):
                 problems.append((path, f"{path}: listed in {self.path} but not found"))
             else:
-                inside.add(path)
+                inside += 1
         return inside, problems
 
     def to_json(self) -> dict:
@@ -135,10 +137,9 @@ def read_captions(image_path: str | Path) -> list[str]:
         return []
 
 
-def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = None,
-                    files: bool = True) -> dict[str, dict]:
+def wanted_captions(image_ids: list[str], table=None, files: bool = True) -> dict[str, dict]:
     """caption id -> its metadata, for every caption of every image: its rows in `table` (a caption table,
-    read) where they give captions, else the lines of its caption file. `files`: the image ids are file paths
+    read: a `TableRows`, or a dict of image id -> captions) where they give captions, else the lines of its caption file. `files`: the image ids are file paths
     (not shard samples), each caption's `path`."""
     wanted = {}
     for image_id in image_ids:
@@ -150,35 +151,66 @@ def wanted_captions(image_ids: list[str], table: dict[str, list[str]] | None = N
     return wanted
 
 
-def sync_captions(collection, image_ids: list[str], under: list[str], model,
-                  table: dict[str, list[str]] | None = None, files: bool = True, orphans: Sequence[str] = (),
-                  batch_size: int = 256) -> CaptionReport:
-    """Bring `collection` (the caption Index) in step with the captions of `image_ids` (the images synced:
-    their `table` rows, else their caption files). The captions compared are `under` (those whose ids start
-    with a folder's or a shard's prefix): with `files` only those of `image_ids` (never those of other items
-    under it, such as the samples of shards that lie inside a synced folder), and `orphans` (captions whose
-    image is no longer indexed), which go."""
+def sync_captions(index, collection, prefix: str, model, table=None, files: bool = True, gone: Sequence = (),
+                  batch_size: int = 256, page: int = 10_000) -> CaptionReport:
+    """Bring `collection` (`index`'s caption Index) in step with the captions of the images whose ids start
+    with `prefix` (with `files` only image files, never the samples of shards that lie inside a synced
+    folder): their `table` rows (a `TableRows` or a dict), else their caption files. Captions whose image is
+    not indexed go: those of `gone`, and those under `prefix`. Both are read `page` ids at a time, in id
+    order, so what is held and embedded at once is bounded by that, not by the folder's size."""
+    report = CaptionReport()
+    for start in range(0, len(gone), page):
+        _drop_unindexed(index, collection, captions_of_images(collection, gone[start:start + page]), report)
+    for captions in id_pages(collection, prefix, page=page):
+        _drop_unindexed(index, collection, captions, report)
+    for images in id_pages(index, prefix, files_only=files, page=page):
+        _sync_caption_chunk(collection, images, captions_of_images(collection, images), model, table, files,
+                            batch_size, report)
+    return report
+
+
+def id_pages(index, prefix: str, files_only: bool = False, page: int = 10_000) -> Iterator[list[str]]:
+    """The text ids of `index` that start with `prefix`, `page` at a time, in id order (`files_only`: of
+    image files alone); changes between pages are taken as they come."""
+    after = None
+    while True:
+        with index._lock:
+            ids = index.store.id_page(prefix, after, page, files_only)
+        if not ids:
+            return
+        yield ids
+        after = ids[-1]
+
+
+def _drop_unindexed(index, collection, captions: list[str], report: CaptionReport) -> None:
+    """Remove those of `captions` whose image is not in `index` (left by a run stopped between the two stores,
+    or by a sync that removed the image)."""
+    images = sorted({image_of(c) for c in captions})
+    with index._lock:
+        indexed = {str(i) for i in index.store.keys_for(images)}
+    drop = [c for c in captions if image_of(c) not in indexed]
+    if drop:
+        collection.remove(drop)
+        report.removed += len(drop)
+
+
+def _sync_caption_chunk(collection, image_ids: list[str], have: list[str], model, table, files: bool,
+                        batch_size: int, report: CaptionReport) -> None:
+    """`sync_captions` for some of the images: `have`, the caption ids stored for them."""
     from clipkit.encode import encode_texts
 
     wanted = wanted_captions(image_ids, table, files)
-    if files:
-        synced = set(image_ids)
-        under = [i for i in under if image_of(i) in synced]
-    have = dict.fromkeys([*under, *orphans])
-    if have:
-        for record in collection.get(list(have)):
-            have[record["id"]] = record.get("caption")
-    drop = [i for i, text in have.items() if i not in wanted or wanted[i]["caption"] != text]
-    add = [i for i, meta in wanted.items() if have.get(i, object()) != meta["caption"]]
-    report = CaptionReport(removed=len(drop), kept=len(have) - len(drop))
+    texts = {record["id"]: record.get("caption") for record in collection.get(have)} if have else {}
+    drop = [i for i, text in texts.items() if i not in wanted or wanted[i]["caption"] != text]
+    add = [i for i, meta in wanted.items() if texts.get(i, object()) != meta["caption"]]
+    report.removed, report.kept = report.removed + len(drop), report.kept + len(texts) - len(drop)
     if drop:
         collection.remove(drop)
     for start in range(0, len(add), batch_size):
-        chunk = add[start:start + batch_size]
-        vectors = encode_texts([wanted[i]["caption"] for i in chunk], model, batch_size)
-        collection.add(vectors, ids=chunk, metadata=[wanted[i] for i in chunk])
-        report.added += len(chunk)
-    return report
+        batch = add[start:start + batch_size]
+        vectors = encode_texts([wanted[i]["caption"] for i in batch], model, batch_size)
+        collection.add(vectors, ids=batch, metadata=[wanted[i] for i in batch])
+        report.added += len(batch)
 
 
 # -- an index's caption collection (what `Index` delegates to) ---------------------------------------------
@@ -239,46 +271,35 @@ def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> i
     return carried
 
 
-def sync_index_captions(index, prefix: str, model, table: dict | None = None, files: bool = True,
-                        gone: Sequence = (), moves: Sequence[tuple] = ()) -> CaptionReport | None:
+def sync_index_captions(index, prefix: str, model, table=None, files: bool = True, gone: Sequence = (),
+                        moves: Sequence[tuple] = (), page: int = 10_000) -> CaptionReport | None:
     """The captions of `index`'s images whose ids start with `prefix` (a folder's, a shard's), in step with
     their sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
     The captions of `moves` ((old id, new id) of files renamed or moved) go with their images, not embedded.
     Folders also drop the captions of `gone` (the ids the folder's sync removed or moved to other ids) and
     of images under the prefix no longer indexed; a shard's items never move, and removing items drops
     their captions, so a shard's sync reads only its own ids. The work is the folder's, not the index's."""
-    with index._lock:
-        image_ids = index.store.ids_with_prefix(prefix, files_only=True) if files else index.ids_with_prefix(prefix)
     collection = writable_captions(index)
     if collection is False:
         return None
     if collection is None:
-        if not table and not any(caption_file(i).is_file() for i in image_ids):
+        if not table and not any(caption_file(i).is_file() for ids in id_pages(index, prefix, files) for i in ids):
             return None
         collection = new_captions(index, model)
     carried = carry_captions(collection, moves) if moves else 0
-    under = collection.ids_with_prefix(prefix)
-    orphans = _orphans(index, collection, under, set(image_ids), gone) if files else []
-    report = sync_captions(collection, sorted(image_ids), under, model, table, files, orphans)
+    report = sync_captions(index, collection, prefix, model, table, files, list(gone), page=page)
     report.moved = carried  # (counted by the sync as kept, and their old ids as removed)
     report.kept, report.removed = max(report.kept - carried, 0), max(report.removed - carried, 0)
     return report
 
 
-def _orphans(index, collection, under: list[str], synced: set, gone: Sequence) -> list[str]:
-    """Caption ids whose image is not indexed: those of the `gone` ids, and those of `under` (a folder's)
-    whose image is neither synced nor in the index (left by a run stopped between the two stores)."""
-    under = [c for c in under if image_of(c) not in synced]
-    others = sorted({image_of(c) for c in under})
-    with index._lock:
-        indexed = {str(i) for start in range(0, len(others), 10_000)
-                   for i in index.store.keys_for(others[start:start + 10_000])}
-    return captions_of_images(collection, gone) + [c for c in under if image_of(c) not in indexed]
-
-
 def captions_of_images(collection, image_ids: Sequence) -> list[str]:
-    """The caption ids of these images: a range over the caption ids for each (`IMAGE_ID#LINE`)."""
-    return [c for image in image_ids for c in collection.ids_with_prefix(f"{image}#") if image_of(c) == str(image)]
+    """The caption ids of these images: a range over the caption ids for each (`IMAGE_ID#LINE`), hundreds to
+    a statement."""
+    images = {str(i) for i in image_ids}
+    with collection._lock:
+        found = collection.store.ids_with_prefixes([f"{image}#" for image in images])
+    return [c for c in dict.fromkeys(found) if image_of(c) in images]
 
 
 def caption_table_for(index, folder: Path, captions) -> CaptionTable | None:

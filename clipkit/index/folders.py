@@ -5,10 +5,11 @@ shards.py, ingest.py and captions.py; these methods hold the writer lock and rec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, AbstractSet, Any, Sequence
+from typing import TYPE_CHECKING, Any, Container, Sequence
 
 import numpy as np
 
@@ -33,7 +34,7 @@ class FolderSync:
 
     def plan_folder(self, folder: str | os.PathLike, *, exclude: Sequence[str] | None = None,
                     shard: tuple[int, int] | None = None,
-                    include: AbstractSet[str] | None = None) -> "sync.SyncPlan":
+                    include: Container[str] | None = None) -> "sync.SyncPlan":
         """What `sync_folder` would do, without changing anything (`clipkit index --check`); see
         `clipkit.index.sync.plan_folder`."""
         with self._lock:
@@ -107,20 +108,21 @@ class FolderSync:
             table = caption_table_for(self, Path(folder).resolve(), captions)
             if listed_only and table is None:
                 raise ValueError("listed_only needs a caption table (captions=)")
-            rows = table.read() if table is not None else None  # read once: the captions and the listed files
-            include, problems = table.listed_files(rows) if listed_only else (None, [])
-            with self.store.recording_deletions() as gone:  # (files removed, or moved to other ids)
-                report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
-                                          progress=progress, exclude=exclude, shard=shard, include=include,
-                                          engine=engine)
-            report.excluded = list(exclude)
-            for path, reason in problems:
-                report.skip(path, reason, "missing")
-            if table is None and report.moves:  # a folder indexed with a caption table, moved: the table moves too
-                table = moved_caption_table(self, Path(folder).resolve(), report.moves)
-                rows = table.read() if table is not None else None
-            report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model, rows,
-                                                  gone=gone, moves=report.moves)
+            with contextlib.ExitStack() as stack:
+                rows = stack.enter_context(table.read()) if table is not None else None  # the captions, listed files
+                problems = table.listed_files(rows)[1] if listed_only else []
+                with self.store.recording_deletions() as gone:  # (files removed, or moved to other ids)
+                    report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
+                                              progress=progress, exclude=exclude, shard=shard,
+                                              include=rows if listed_only else None, engine=engine)
+                report.excluded = list(exclude)
+                for path, reason in problems:
+                    report.skip(path, reason, "missing")
+                if table is None and report.moves:  # a folder indexed with a caption table, moved: it moves too
+                    table = moved_caption_table(self, Path(folder).resolve(), report.moves)
+                    rows = stack.enter_context(table.read()) if table is not None else None
+                report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model,
+                                                      rows, gone=gone, moves=report.moves)
         self.last_sync = report
         return report
 
@@ -225,7 +227,7 @@ class FolderSync:
         with their `caption`, `image_id` and `path`), or None when no caption was ever indexed."""
         return captions_of(self)
 
-    def _sync_captions(self, prefix: str, model, table: dict | None = None, files: bool = True,
+    def _sync_captions(self, prefix: str, model, table=None, files: bool = True,
                        gone: list = (), moves: list = ()) -> "CaptionReport | None":
         return sync_index_captions(self, prefix, model, table, files, gone, moves)
 

@@ -424,6 +424,28 @@ class Store:
         rows = self.db.execute(f"SELECT id FROM items WHERE id >= ? AND id < ?{only} ORDER BY key", (prefix, upper))
         return [row[0] for row in rows]
 
+    def id_page(self, prefix: str, after: str | None = None, limit: int = 10_000,
+                files_only: bool = False) -> list[str]:
+        """Up to `limit` text ids that start with `prefix`, in id order, past `after` (the last of the page
+        before; None: from the first): a collection's ids a page at a time, whatever changes between pages."""
+        if not prefix:
+            raise ValueError("an empty prefix would be every text id")
+        only = " AND path IS NOT NULL" if files_only else ""
+        start = "id > ?" if after is not None else "id >= ?"
+        rows = self.db.execute(f"SELECT id FROM items WHERE {start} AND id < ?{only} ORDER BY id LIMIT ?",
+                               (after if after is not None else prefix, past(prefix), int(limit)))
+        return [row[0] for row in rows]
+
+    def ids_with_prefixes(self, prefixes: list[str]) -> list[str]:
+        """The text ids that start with any of `prefixes`: a range over the id index for each, a few hundred
+        ranges to a statement (SQLite looks each up in the index and unites them)."""
+        found = []
+        for chunk in chunks([p for p in prefixes if p], 400):
+            ranges = " OR ".join(["(id >= ? AND id < ?)"] * len(chunk))
+            found += [row[0] for row in self.db.execute(f"SELECT id FROM items WHERE {ranges}",
+                                                        [bound for p in chunk for bound in (p, past(p))])]
+        return found
+
     def count_with_prefix(self, prefix: str) -> int:
         """How many text ids start with `prefix` (a count over the id index's range; nothing listed)."""
         if not prefix:

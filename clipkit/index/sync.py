@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import AbstractSet, Sequence
+from typing import Container, Sequence
 
 from clipkit._progress import progress_bar
 from clipkit.data.folder import scan_images
@@ -111,7 +111,7 @@ def _locate(store: Store, folder: str) -> tuple[int | None, str, str]:
 
 
 def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[str] = (),
-                shard: tuple[int, int] | None = None, include: AbstractSet[str] | None = None) -> SyncPlan:
+                shard: tuple[int, int] | None = None, include: Container[str] | None = None) -> SyncPlan:
     """What syncing `folder` would do, changing nothing.
 
     `shard=(i, n)`: only the files of shard i of n (by a hash of the path under `folder`), for indexing one
@@ -210,7 +210,7 @@ def _file_row(root: int, root_folder: str, path: Path, stat: os.stat_result) -> 
 
 def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
                 progress: bool | None = None, exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
-                include: AbstractSet[str] | None = None, engine=None) -> SyncReport:
+                include: Container[str] | None = None, engine=None) -> SyncReport:
     """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`.
     `engine`: where the images are embedded (None: here, `clipkit.encode.embed_image_files`; or a callable
     `engine(paths, model, batch_size=, workers=)` yielding the same batches, such as

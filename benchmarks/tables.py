@@ -1,0 +1,118 @@
+"""Caption tables and lists of files at growing sizes: the memory the index's table stages need.
+
+    python benchmarks/tables.py [--sizes 100000 1000000] [--work DIR] [--json tables.json]
+
+Per size N, a caption table (CSV: image, caption; N images) and a list of files (.txt, N paths), and an index
+of N images with one stored caption each (random vectors: nothing is embedded). Each stage runs in a fresh
+process, after the imports a run of `clipkit index` has made (torch included), and reports its seconds and the
+memory it added to the process's high-water mark (VmHWM after minus before):
+- `read + check`: `CaptionTable.read` and `listed_files`, what `clipkit index TABLE` does before it touches
+  the index (the table is read into an on-disk `TableRows`);
+- `list read`: the same for the .txt list of files;
+- `caption sync`: `sync_index_captions` of the N images against the table, nothing changed (what every later run of
+  `clipkit index TABLE` does).
+A stage whose memory grows with N holds the table in memory; the columns "MB per 1M rows" make that plain.
+Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("read + check", "list read", "caption sync")
+
+
+def image_path(folder: Path, i: int) -> str:
+    return f"{folder}/sub{i % 100}/img_{i:08d}.jpg"
+
+
+def make(work: Path, n: int) -> None:
+    """The table, the list, the (empty) image files and the index (with its caption collection) of `n`
+    images under work/photos."""
+    from clipkit.index import Index
+
+    folder = work / "photos"
+    for sub in range(min(n, 100)):
+        (folder / f"sub{sub}").mkdir(parents=True, exist_ok=True)
+    for i in range(n):  # the files listed (empty: what is measured is the table's path, not images)
+        os.close(os.open(image_path(folder, i), os.O_CREAT | os.O_WRONLY, 0o644))
+    with open(folder / "captions.csv", "w") as table, open(folder / "list.txt", "w") as listing:
+        table.write("image,caption\n")
+        for i in range(n):
+            table.write(f"sub{i % 100}/img_{i:08d}.jpg,a photo number {i} of a red cat sitting on a mat\n")
+            listing.write(f"sub{i % 100}/img_{i:08d}.jpg\n")
+    images, captions, rng = Index(64), Index(64, vectors_per_item=1), np.random.default_rng(0)
+    for start in range(0, n, 50_000):
+        ids = [image_path(folder, i) for i in range(start, min(start + 50_000, n))]
+        images.add(rng.standard_normal((len(ids), 64)).astype(np.float32), ids=ids,
+                   metadata=[{"path": i, "size": 1, "mtime": 1.0} for i in ids])
+        captions.add(rng.standard_normal((len(ids), 64)).astype(np.float32), ids=[f"{i}#0" for i in ids],
+                     metadata=[{"caption": f"a photo number {start + k} of a red cat sitting on a mat", "image_id": i,
+                                "path": i} for k, i in enumerate(ids)])
+    images.save(work / "index")
+    captions.save(work / "index" / "captions")
+
+
+def high_water_mb() -> float:
+    text = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmHWM")) / 1024
+
+
+def stage(name: str, work: Path) -> dict:
+    """One stage, in this process: its seconds and the MB it added to the high-water mark."""
+    importlib.import_module("clipkit.encode")  # torch: what a run of `clipkit index` has loaded before
+    from clipkit.index import CaptionTable, Index
+    from clipkit.index.captions import sync_index_captions
+
+    folder = work / "photos"
+    index = Index.load(work / "index") if name == "caption sync" else None
+    before, start = high_water_mb(), time.perf_counter()
+    table = CaptionTable.of(folder / ("list.txt" if name == "list read" else "captions.csv"))
+    with table.read() as rows:
+        if name == "caption sync":
+            report = sync_index_captions(index, f"{folder}/", None, rows)
+            assert report.added == report.removed == 0, report
+        else:
+            table.listed_files(rows)
+    return {"seconds": time.perf_counter() - start, "added_mb": high_water_mb() - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--work", type=Path, default=None, help="where the tables and indexes go (default: a temp dir)")
+    parser.add_argument("--json", type=Path, default=Path("tables.json"))
+    parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # (one stage, in a child process)
+    args = parser.parse_args()
+    if args.stage:
+        print(json.dumps(stage(args.stage, args.work)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+        for n in args.sizes:
+            work = Path(scratch) / str(n)
+            make(work, n)
+            for name in STAGES:
+                done = subprocess.run([sys.executable, __file__, "--stage", name, "--work", str(work)], check=True,
+                                      capture_output=True, text=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append({"rows": n, "stage": name, **result, "mb_per_million": result["added_mb"] * 1e6 / n})
+    print("| rows | stage | seconds | MB added | MB per 1M rows |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['rows']:,} | {row['stage']} | {row['seconds']:.1f} | {row['added_mb']:.0f} | "
+              f"{row['mb_per_million']:.0f} |")
+    args.json.write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
