@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as plain_tqdm
@@ -57,7 +58,7 @@ class _Lines(plain_tqdm):
         started = getattr(self, "start_t", None)  # (None: drawn from __init__, before tqdm sets it)
         if not self.n or started is None:
             return True
-        now = self._time()
+        now = time.time()  # (the clock tqdm sets start_t by)
         if (self._closing and self._last_line is not None) or now - (self._last_line or started) >= LINE_SECONDS:
             self.fp.write(f"{self.__str__() if msg is None else msg}\n")
             self.fp.flush()

@@ -467,7 +467,7 @@ def test_merge_carries_captions(folder, demo, tmp_path):
 
 def test_a_caption_table_is_read_onto_disk_not_into_memory(tmp_path):
     """A table's rows go into an on-disk TableRows, looked up by image: reading 60,000 rows holds next to
-    nothing in Python memory (the dict of rows it replaced held ~200 MB here, 3.4 KB a row), and the rows read
+    nothing in Python memory (the dict of rows it replaced peaked at 52 MB here, 900 bytes a row), and the rows read
     back as the table gives them (rows of one image merged in order, images in the order first named)."""
     import tracemalloc
 
