@@ -1,17 +1,19 @@
-"""Caption tables and lists of files at growing sizes: the memory the index's table stages need.
+"""Caption tables, lists of files and folders at growing sizes: the memory the index's listing stages need.
 
     python benchmarks/tables.py [--sizes 100000 1000000] [--work DIR] [--json tables.json]
 
-Per size N, a caption table (CSV: image, caption; N images) and a list of files (.txt, N paths), and an index
-of N images with one stored caption each (random vectors: nothing is embedded). Each stage runs in a fresh
+Per size N, a folder of N (empty) image files, a caption table (CSV: image, caption) and a list (.txt) of them,
+and an index of the N files with one stored caption each (random vectors: nothing is embedded). Each stage runs in a fresh
 process, after the imports a run of `clipkit index` has made (torch included), and reports its seconds and the
 memory it added to the process's high-water mark (VmHWM after minus before):
 - `read + check`: `CaptionTable.read` and `listed_files`, what `clipkit index TABLE` does before it touches
   the index (the table is read into an on-disk `TableRows`);
 - `list read`: the same for the .txt list of files;
 - `caption sync`: `sync_index_captions` of the N images against the table, nothing changed (what every later run of
-  `clipkit index TABLE` does).
-A stage whose memory grows with N holds the table in memory; the columns "MB per 1M rows" make that plain.
+  `clipkit index TABLE` does);
+- `folder plan, first run` and `folder plan, re-run`: `plan_folder` of the folder against an empty index (N new
+  files) and against the index (N unchanged): what `clipkit index FOLDER` lists before it embeds anything.
+A stage whose memory grows with N holds the table (or the listing) in memory; the columns "MB per 1M rows" make that plain.
 Prints a markdown table and writes JSON.
 """
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("read + check", "list read", "caption sync")
+STAGES = ("read + check", "list read", "caption sync", "folder plan, first run", "folder plan, re-run")
 
 
 def image_path(folder: Path, i: int) -> str:
@@ -55,7 +57,7 @@ def make(work: Path, n: int) -> None:
     for start in range(0, n, 50_000):
         ids = [image_path(folder, i) for i in range(start, min(start + 50_000, n))]
         images.add(rng.standard_normal((len(ids), 64)).astype(np.float32), ids=ids,
-                   metadata=[{"path": i, "size": 1, "mtime": 1.0} for i in ids])
+                   metadata=[{"path": i, "size": 0, "mtime": os.stat(i).st_mtime} for i in ids])
         captions.add(rng.standard_normal((len(ids), 64)).astype(np.float32), ids=[f"{i}#0" for i in ids],
                      metadata=[{"caption": f"a photo number {start + k} of a red cat sitting on a mat", "image_id": i,
                                 "path": i} for k, i in enumerate(ids)])
@@ -75,8 +77,13 @@ def stage(name: str, work: Path) -> dict:
     from clipkit.index.captions import sync_index_captions
 
     folder = work / "photos"
-    index = Index.load(work / "index") if name == "caption sync" else None
+    index = Index.load(work / "index") if name in ("caption sync", "folder plan, re-run") else Index(64)
     before, start = high_water_mb(), time.perf_counter()
+    if name.startswith("folder plan"):
+        plan = index.plan_folder(folder)
+        counts = (len(plan.new) > 0, plan.unchanged > 0, len(plan.changed))  # all new, or all unchanged
+        assert counts == ((True, False, 0) if name.endswith("first run") else (False, True, 0)), counts
+        return {"seconds": time.perf_counter() - start, "added_mb": high_water_mb() - before}
     table = CaptionTable.of(folder / ("list.txt" if name == "list read" else "captions.csv"))
     with table.read() as rows:
         if name == "caption sync":

@@ -20,12 +20,19 @@ def _excluded(relative: str, name: str, patterns: Sequence[str]) -> bool:
 
 
 def scan_images(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = ()) -> list[Path]:
-    """Image files under `root` (extensions in any case), sorted.
+    """Image files under `root` (extensions in any case), sorted: `scan_image_paths` as `Path`s."""
+    return [Path(path) for path in scan_image_paths(root, recursive, exclude)]
+
+
+def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = ()) -> list[str]:
+    """The paths of the image files under `root` (extensions in any case), sorted, as text (a tenth of the
+    memory of `Path`s: a folder of millions of files is listed whole).
 
     Skipped: hidden files and folders (`.*`, which covers macOS `._*` resource forks), anything whose
     name or path relative to `root` matches an `exclude` glob (a matching folder drops its subtree),
     folders reached again through a symlink loop, and second names (symlinks, hard links) of a file
-    already found, so one file is listed once (by its real name rather than a symlink's). Unreadable folders are passed over.
+    already found, so one file is listed once (by its real name rather than a symlink's). Unreadable folders
+    are passed over.
     """
     root = Path(root)
     if not root.exists():
@@ -34,13 +41,13 @@ def scan_images(root: str | os.PathLike, recursive: bool = True, exclude: Sequen
         raise NotADirectoryError(f"not a folder: {root}")
     if isinstance(exclude, str):
         exclude = [exclude]
-    found: list[tuple[Path, tuple[int, int], bool]] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    stack = [root]
+    chosen: dict[tuple[int, int], tuple[bool, str]] = {}  # one name per file: a real one before a symlink's,
+    seen_dirs: set[tuple[int, int]] = set()               # then the first in sorted order
+    stack = [str(root)]
     while stack:
         directory = stack.pop()
         try:
-            stat = directory.stat()
+            stat = os.stat(directory)
             entries = list(os.scandir(directory))
         except OSError:
             continue
@@ -48,24 +55,18 @@ def scan_images(root: str | os.PathLike, recursive: bool = True, exclude: Sequen
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
         for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            relative = Path(entry.path).relative_to(root).as_posix()
-            if exclude and _excluded(relative, entry.name, exclude):
+            if entry.name.startswith(".") or exclude and _excluded(Path(entry.path).relative_to(root).as_posix(),
+                                                                     entry.name, exclude):
                 continue
             try:
                 if entry.is_dir():
                     if recursive:
-                        stack.append(Path(entry.path))
+                        stack.append(entry.path)
                 elif entry.is_file() and is_image_name(entry.name):
                     target = entry.stat()  # follows symlinks: the file itself
-                    found.append((Path(entry.path), (target.st_dev, target.st_ino), entry.is_symlink()))
+                    identity, candidate = (target.st_dev, target.st_ino), (entry.is_symlink(), entry.path)
+                    if identity not in chosen or candidate < chosen[identity]:
+                        chosen[identity] = candidate
             except OSError:  # a dangling link, or a file gone since the listing
                 continue
-    # one name per file: the real one before a symlink's, then the first in sorted order
-    chosen: dict[tuple[int, int], tuple[bool, str, Path]] = {}
-    for path, identity, is_link in found:
-        candidate = (is_link, str(path), path)
-        if identity not in chosen or candidate[:2] < chosen[identity][:2]:
-            chosen[identity] = candidate
-    return sorted((path for _, _, path in chosen.values()), key=str)
+    return sorted(path for _, path in chosen.values())

@@ -17,10 +17,10 @@ import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Container, Sequence
+from typing import Container, NamedTuple, Sequence
 
 from clipkit._progress import progress_bar
-from clipkit.data.folder import scan_images
+from clipkit.data.folder import scan_image_paths
 from clipkit.data.images import failure_kind
 from clipkit.index.store import Store
 
@@ -53,6 +53,13 @@ class SyncReport:
         self.skipped_kinds[kind] = self.skipped_kinds.get(kind, 0) + 1
 
 
+class FileStat(NamedTuple):
+    """What a plan keeps of a file's stat (an os.stat_result is six times its size: a plan lists millions)."""
+
+    st_size: int
+    st_mtime: float
+
+
 @dataclass
 class SyncPlan:
     """What bringing an index up to date with a folder takes (`Index.plan_folder`)."""
@@ -60,10 +67,10 @@ class SyncPlan:
     root: Path  # the folder asked for
     root_folder: str = ""  # the root it belongs to (itself, or an indexed folder that holds it)
     root_id: int | None = None  # None: a folder new to the index
-    new: list[tuple[Path, os.stat_result]] = field(default_factory=list)
-    changed: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    new: list[tuple[str, FileStat]] = field(default_factory=list)  # (path, stat)
+    changed: list[tuple[str, FileStat]] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # ids of files no longer there
-    moved: list[tuple[str, Path, os.stat_result]] = field(default_factory=list)  # (old id, new path, stat)
+    moved: list[tuple[str, str, FileStat]] = field(default_factory=list)  # (old id, new path, stat)
     unchanged: int = 0
     report: SyncReport = field(default_factory=SyncReport)  # skips found while planning
 
@@ -131,25 +138,25 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
                  if isinstance(item_id, str))
     store.check_vectors(list(known))  # the folder's damaged stored vectors (flipped bytes) are embedded again
     damaged = {record["id"] for record in store.records_by_key(sorted(store.damaged)).values()}
-    files = scan_images(root, exclude=exclude)
+    files = scan_image_paths(root, exclude=exclude)
     if shard is not None:
-        files = [p for p in files if shard_of(p.relative_to(root).as_posix(), shard[1]) == shard[0]]
+        files = [p for p in files if shard_of(Path(p).relative_to(root).as_posix(), shard[1]) == shard[0]]
     if include is not None:
-        files = [p for p in files if str(p) in include]
+        files = [p for p in files if p in include]
     for path in files:
-        if not _storable(str(path)):
-            plan.report.skip(printable(str(path)), f"{printable(str(path))}: the file name is not valid UTF-8, which "
-                             "the index cannot store; rename the file", "name not UTF-8")
+        if not _storable(path):
+            plan.report.skip(printable(path), f"{printable(path)}: the file name is not valid UTF-8, which the index "
+                             "cannot store; rename the file", "name not UTF-8")
             continue
         try:
-            stat = path.stat()
+            stat = os.stat(path)
         except OSError as exc:
-            plan.report.skip(str(path), str(exc), failure_kind(exc))
+            plan.report.skip(path, str(exc), failure_kind(exc))
             continue
-        previous = known.pop(str(path), None)
+        previous, stat = known.pop(path, None), FileStat(stat.st_size, stat.st_mtime)
         if previous is None:
             plan.new.append((path, stat))
-        elif previous == (stat.st_size, stat.st_mtime) and str(path) not in damaged:
+        elif previous == stat and path not in damaged:
             plan.unchanged += 1
         else:
             plan.changed.append((path, stat))
@@ -202,9 +209,9 @@ def _find_moves(store: Store, plan: SyncPlan) -> None:
     plan.gone = [i for i in plan.gone if i not in moved_ids]
 
 
-def _file_row(root: int, root_folder: str, path: Path, stat: os.stat_result) -> tuple:
+def _file_row(root: int, root_folder: str, path: str, stat: FileStat) -> tuple:
     """A file's store row: (root, relative path, mtime, size, caption, extra)."""
-    relative = path.relative_to(root_folder).as_posix()
+    relative = Path(path).relative_to(root_folder).as_posix()
     return (root, relative, stat.st_mtime, stat.st_size, None, json.dumps({"content_hash": hash_or_none(path)}))
 
 
@@ -227,24 +234,24 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
         gone = list(store.keys_for(plan.gone).values())
         store.delete_keys(gone)
         moved_from, new_keys, vectors = store.move([  # each re-keyed, its embedding kept
-            (old_id, str(path), root, path.relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
+            (old_id, path, root, Path(path).relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
             for old_id, path, stat in plan.moved])
         store.drop_empty_roots(keep=root)
         return root, new_keys, vectors, gone + moved_from
 
     root = index._write(reorganise)
     report.moved, report.removed = len(plan.moved), len(plan.gone)
-    report.moves = [(old_id, str(path)) for old_id, path, _ in plan.moved]
+    report.moves = [(old_id, path) for old_id, path, _ in plan.moved]
     todo = plan.new + plan.changed
     paths = [p for p, _ in todo]
     batches = (engine or embed_image_files)(paths, model, batch_size=batch_size, workers=workers)
     with progress_bar(progress, total=len(paths), unit="img", desc="indexing") as bar:
         for vectors, positions, failures in batches:
             for position, reason, kind in failures:
-                report.skip(str(paths[position]), reason, kind)
+                report.skip(paths[position], reason, kind)
                 log.info("skipped %s", reason)
             if len(positions):
-                rows = [(str(todo[p][0]), _file_row(root, plan.root_folder, *todo[p])) for p in positions]
+                rows = [(todo[p][0], _file_row(root, plan.root_folder, *todo[p])) for p in positions]
                 added, updated = index._replace_files(vectors, rows)
                 report.added += added
                 report.updated += updated
