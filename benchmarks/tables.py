@@ -2,18 +2,19 @@
 
     python benchmarks/tables.py [--sizes 100000 1000000] [--work DIR] [--json tables.json]
 
-Per size N, a folder of N (empty) image files, a caption table (CSV: image, caption) and a list (.txt) of them,
-and an index of the N files with one stored caption each (random vectors: nothing is embedded). Each stage runs in a fresh
-process, after the imports a run of `clipkit index` has made (torch included), and reports its seconds and the
-memory it added to the process's high-water mark (VmHWM after minus before):
+Per size N, a folder of N (empty) image files, a caption table (CSV: image, caption) and a list (.txt) of
+them, and an index of the N files with one stored caption each (random vectors: nothing is embedded). Each
+stage runs in a fresh process, after the imports a run of `clipkit index` has made (torch included), and
+reports its seconds and the memory it added to the process's high-water mark (VmHWM after minus before):
 - `read + check`: `CaptionTable.read` and `listed_files`, what `clipkit index TABLE` does before it touches
   the index (the table is read into an on-disk `TableRows`);
 - `list read`: the same for the .txt list of files;
-- `caption sync`: `sync_index_captions` of the N images against the table, nothing changed (what every later run of
-  `clipkit index TABLE` does);
-- `folder plan, first run` and `folder plan, re-run`: `plan_folder` of the folder against an empty index (N new
-  files) and against the index (N unchanged): what `clipkit index FOLDER` lists before it embeds anything.
-A stage whose memory grows with N holds the table (or the listing) in memory; the columns "MB per 1M rows" make that plain.
+- `caption sync`: `sync_index_captions` of the N images against the table, nothing changed (what every later
+  run of `clipkit index TABLE` does);
+- `folder plan, first run` and `folder plan, re-run`: `plan_folder` of the folder against an empty index (N
+  new files) and against the index (N unchanged): what `clipkit index FOLDER` lists before it embeds anything.
+A stage whose memory grows with N holds the table (or the listing) in memory; the column "MB per 1M rows"
+makes that plain.
 Prints a markdown table and writes JSON.
 """
 

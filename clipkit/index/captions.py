@@ -139,8 +139,8 @@ def read_captions(image_path: str | Path) -> list[str]:
 
 def wanted_captions(image_ids: list[str], table=None, files: bool = True) -> dict[str, dict]:
     """caption id -> its metadata, for every caption of every image: its rows in `table` (a caption table,
-    read: a `TableRows`, or a dict of image id -> captions) where they give captions, else the lines of its caption file. `files`: the image ids are file paths
-    (not shard samples), each caption's `path`."""
+    read: a `TableRows`, or a dict of image id -> captions) where they give captions, else the lines of its
+    caption file. `files`: the image ids are file paths (not shard samples), each caption's `path`."""
     wanted = {}
     for image_id in image_ids:
         texts = table.get(image_id) if table is not None else None
