@@ -750,7 +750,8 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
     from clipkit.index import Index
 
     with listed.read() if listed is not None else contextlib.nullcontext() as include:
-        plan = (existing or Index(1)).plan_folder(folder, exclude=exclude, shard=shard, include=include)
+        planner = existing if existing is not None else Index(1)  # (an empty index is falsy: len 0)
+        plan = planner.plan_folder(folder, exclude=exclude, shard=shard, include=include)
     if existing is None:
         print(f"no index at {index_path} yet: {len(plan.new)} image file(s) would be indexed")
         return 0
