@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from clipkit._progress import progress_bar
-from clipkit.data.folder import IMAGE_EXTENSIONS
+from clipkit.data.folder import is_image_name
 from clipkit.data.images import ImageURL, TarMember, decode_image, failure_kind, read_image, to_rgb
 from clipkit.itm import image_states
 from clipkit.models import Model, load_model
@@ -64,8 +64,7 @@ def kind_of(item: Any, str_is: str = TEXT) -> str | None:
 def warn_if_image_paths(texts: Sequence[str], stacklevel: int = 3) -> None:
     """Warn when a str about to be embedded as text names an image file: str means text, so
     `search("photos/cat.jpg", ...)` searches for the words "photos/cat.jpg", not for the picture."""
-    named = next((text for text in texts if os.path.splitext(text)[1].lower() in IMAGE_EXTENSIONS
-                  and os.path.isfile(text)), None)
+    named = next((text for text in texts if is_image_name(text) and os.path.isfile(text)), None)
     if named is not None:
         warnings.warn(f"{named!r} is taken as text, though it names an image file: pass pathlib.Path({named!r}) "
                       "(or images=[...]) to use the image", UserWarning, stacklevel=stacklevel)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 from clipkit.data.urls import parquet_file, table_records
 
-_CHUNK = 10_000  # rows written, or images looked up, per statement batch
+_CHUNK = 10_000  # rows written per statement batch
 
 
 class TableRows:
@@ -45,10 +45,9 @@ class TableRows:
 
     def get(self, image: str, default=None) -> list[str] | None:
         """The captions the table gives `image` ([] when it lists it without any), else `default`."""
-        found = self._db.execute("SELECT n FROM images WHERE image = ?", (str(image),)).fetchone()
-        if found is None:
-            return default
-        return [c for c, in self._db.execute("SELECT caption FROM captions WHERE image = ? ORDER BY rowid", found)]
+        rows = self._db.execute("SELECT captions.caption FROM images LEFT JOIN captions ON captions.image = images.n "
+                                "WHERE images.image = ? ORDER BY captions.rowid", (str(image),)).fetchall()
+        return [caption for caption, in rows if caption is not None] if rows else default
 
     def items(self) -> Iterator[tuple[str, list[str]]]:
         rows = self._db.execute("SELECT images.image, captions.caption FROM images LEFT JOIN captions ON "

@@ -413,15 +413,12 @@ class Store:
             found.add(str)
         return found
 
-    def ids_with_prefix(self, prefix: str, files_only: bool = False) -> list[str]:
+    def ids_with_prefix(self, prefix: str) -> list[str]:
         """The text ids that start with `prefix`, by a range over the id index (not a scan of every id): text
-        sorts by code point, so they are those from `prefix` up to its last character's successor.
-        `files_only`: only items that are image files (with a path; not the samples of shards)."""
+        sorts by code point, so they are those from `prefix` up to its last character's successor."""
         if not prefix:
             raise ValueError("an empty prefix would be every text id")
-        upper = past(prefix)
-        only = " AND path IS NOT NULL" if files_only else ""
-        rows = self.db.execute(f"SELECT id FROM items WHERE id >= ? AND id < ?{only} ORDER BY key", (prefix, upper))
+        rows = self.db.execute("SELECT id FROM items WHERE id >= ? AND id < ? ORDER BY key", (prefix, past(prefix)))
         return [row[0] for row in rows]
 
     def id_page(self, prefix: str, after: str | None = None, limit: int = 10_000,
