@@ -85,7 +85,8 @@ def _add_index_command(commands, default_model: str) -> None:
                             "table (.csv / .tsv / .jsonl / .parquet) listing images and their captions; a table of image "
                             "URLs as img2dataset takes it (a 'url' column, optionally 'caption'; or .txt, one URL a "
                             "line: each image fetched, its URL the id); or webdataset shards "
-                            "('shards/{000000..000009}.tar', indexed in place, captions from their txt members)")
+                            "('shards/{000000..000009}.tar', or a folder of .tar files and no images: indexed in place, "
+                            "captions from their txt members; shards deleted from such a folder leave the index)")
     index.add_argument("--captions", default=None, metavar="TABLE",
                        help="captions of the folder's images from a .csv / .tsv / .jsonl / .parquet table (remembered for "
                             "later runs)")

@@ -122,6 +122,39 @@ def test_moved_shards_are_re_pointed_not_embedded_again(shards, demo, tmp_path, 
     assert "(10 new, 0 changed), 0 moved" in capsys.readouterr().out
 
 
+def test_a_folder_of_shards_is_indexed_as_its_shards(shards, demo, tmp_path, capsys):
+    """`clipkit index SHARDS_DIR` (what `clipkit shards` and img2dataset write: .tar files, no images) indexes
+    the shards in it, and a later run mirrors the folder: a deleted shard's items and captions go, a renamed
+    one keeps its embeddings, an unchanged one is not read; a folder that also holds images is a folder."""
+    folder, ix = shards[0].parent, str(tmp_path / "ix")
+    (folder / "train.json").write_text("{}")  # what else such a folder holds
+    assert main(["index", str(folder), "--index", ix]) == 0
+    assert "indexed 30 image(s) (30 new" in capsys.readouterr().out
+    index = Index.load(ix)
+    reference = {f"{s.resolve()}#{k}": parts for s in shards for k, parts in members(s).items()}
+    assert sorted(index.ids()) == sorted(reference)
+    captions = len(index.captions)
+    gone = sum(len(p["txt"].decode().strip().splitlines()) for i, p in reference.items() if i.startswith(str(shards[0])))
+    vectors = dict(zip(index.ids(), index.embeddings()))
+    shards[0].unlink()
+    shards[1].rename(folder / "renamed.tar")
+    assert main(["index", str(folder), "--index", ix]) == 0
+    out = capsys.readouterr().out
+    assert "0 new, 0 changed), 10 moved, 10 unchanged, 10 removed" in out
+    after = Index.load(ix)
+    assert len(after) == 20 and len(after.captions) == captions - gone
+    assert f"{gone} removed; {captions - gone} in the index" in out
+    for item_id in after.ids():
+        old = item_id.replace("renamed.tar", shards[1].name)
+        np.testing.assert_array_equal(after.embeddings([item_id])[0], vectors[old])
+    assert not any(i.startswith(str(shards[0])) for i in after.captions.ids())
+    assert main(["index", str(folder), "--index", ix]) == 0
+    assert f"captions: 0 embedded, {captions - gone} unchanged, 0 removed" in capsys.readouterr().out
+    Image.new("RGB", (32, 32), "red").save(folder / "cover.jpg")  # images beside them: a folder of images
+    assert main(["index", str(folder), "--index", str(tmp_path / "other")]) == 0
+    assert Index.load(tmp_path / "other").ids() == [str((folder / "cover.jpg").resolve())]
+
+
 def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

@@ -349,9 +349,9 @@ def moved_caption_table(index, folder: Path, moves: Sequence[tuple]) -> CaptionT
     return None
 
 
-def remove_with_captions(index, change):
-    """`index._write(change)`, a removal, then the captions whose image went with it; a caption collection
-    that cannot be changed is found out before anything is removed."""
+def remove_with_captions(index, change, report: CaptionReport | None = None):
+    """`index._write(change)`, a removal, then the captions whose image went with it (counted in `report`); a
+    caption collection that cannot be changed is found out before anything is removed."""
     collection = writable_captions(index)
     with index.store.recording_deletions() as gone:
         removed = index._write(change)
@@ -359,4 +359,6 @@ def remove_with_captions(index, change):
         orphans = captions_of_images(collection, gone)
         if orphans:
             collection.remove(orphans)
+        if report is not None:
+            report.removed += len(orphans)
     return removed

@@ -414,6 +414,11 @@ class Index(FolderSync):
         with self._lock:
             return self.store.ids_with_prefix(prefix)
 
+    def count_with_prefix(self, prefix: str) -> int:
+        """How many (text) ids start with `prefix`, counted over the id index without listing them."""
+        with self._lock:
+            return self.store.count_with_prefix(prefix)
+
     def embeddings(self, ids: Iterable | None = None) -> np.ndarray:
         """The stored unit-norm embeddings (all, in insertion order, or for the given ids): (N, D), or
         (N, V, D) for items of V vectors."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Container, Sequence
 
@@ -131,14 +132,18 @@ class FolderSync:
         """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
         such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
         captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`;
-        `engine` as there (its workers must see the shards' files)."""
-        from clipkit.index.captions import CaptionReport
-        from clipkit.index.shards import sync_shards
+        `engine` as there (its workers must see the shards' files). A folder stands for the .tar shards in it:
+        those recorded there whose file is gone are removed, as `sync_folder` removes deleted files (after the
+        others are read, so that a shard renamed inside the folder keeps its items)."""
+        from clipkit.index.shards import local_folders, sync_shards
 
         model = self._writing_model(model)
         captions = CaptionReport()
 
-        def shard_captions(path: str, table: dict[str, list[str]]) -> None:
+        def shard_captions(path: str, table: dict[str, list[str]] | None) -> None:
+            if table is None:  # an unchanged shard: its captions are kept
+                captions.kept += self.captions.count_with_prefix(path + "#") if self.captions is not None else 0
+                return
             done = self._sync_captions(path + "#", model, table, files=False)
             if done is not None:
                 captions.added, captions.removed = captions.added + done.added, captions.removed + done.removed
@@ -149,6 +154,8 @@ class FolderSync:
             self._record_model(model)
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
                                  engine=engine)
+            for folder in local_folders(urls):
+                report.removed += remove_with_captions(self, partial(sync.remove_gone_shards, folder=folder), captions)
         captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)
         report.captions = captions if self._captions is not None else None
         self.last_sync = report

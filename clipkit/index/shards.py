@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from clipkit._progress import progress_bar
+from clipkit.data.folder import is_image_name
 from clipkit.data.images import TarMember
 from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards, local_path
 from clipkit.index.sync import SyncReport
@@ -40,8 +41,18 @@ class ShardSample:
 
 
 def is_shard_spec(source: str) -> bool:
-    """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`) rather than a folder."""
-    return source.endswith(".tar") or (".tar" in source and "{" in source)
+    """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`, or a folder of shards:
+    .tar files and no images at its top level, as `clipkit shards` and img2dataset write) rather than a folder."""
+    return source.endswith(".tar") or (".tar" in source and "{" in source) or is_shard_folder(source)
+
+
+def is_shard_folder(path: str) -> bool:
+    """Whether `path` is a folder whose top level holds .tar files and no images (its subfolders are not read)."""
+    try:
+        names = [entry.name for entry in os.scandir(path) if not entry.name.startswith(".")]
+    except OSError:  # not a folder (or unreadable: then the folder sync says so)
+        return False
+    return any(name.endswith(".tar") for name in names) and not any(is_image_name(name) for name in names)
 
 
 def local_shards(urls: str | Sequence[str]) -> list[str]:
@@ -97,10 +108,12 @@ def item_image(path: str | None, metadata: dict) -> Path | TarMember | None:
 
 
 def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64, progress: bool | None = None,
-                on_shard: Callable[[str, dict[str, list[str]]], None] | None = None, engine=None) -> SyncReport:
+                on_shard: Callable[[str, dict[str, list[str]] | None], None] | None = None, engine=None) -> SyncReport:
     """Bring `index` (whose writer lock the caller holds) up to date with the shards `urls` names.
-    `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions);
-    `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s)."""
+    `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions), and
+    with None for each shard left alone (unchanged);
+    `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s). A folder in `urls` stands
+    for the .tar shards in it (`Index.sync_shards` then removes those recorded there whose file is gone)."""
     paths = local_shards(urls)
     report, recorded_shards = SyncReport(), _RecordedShards(index)
     with progress_bar(progress, total=len(paths), unit="shard", desc="indexing") as bar:
@@ -108,7 +121,9 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
             stat = os.stat(path)
             recorded = index.store.shard_record(path) or []
             if recorded[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
-                report.unchanged += len(index.ids_with_prefix(path + "#"))
+                report.unchanged += index.count_with_prefix(path + "#")
+                if on_shard is not None:
+                    on_shard(path, None)
             else:
                 captions = _sync_shard(index, path, model, batch_size, report, engine, recorded_shards)
                 with index.store.transaction(bump=False):
@@ -120,13 +135,19 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     return report
 
 
+def local_folders(urls: str | Sequence[str]) -> list[str]:
+    """The absolute paths of the local folders `urls` names (each standing for the shards in it)."""
+    listed = [urls] if isinstance(urls, str) else list(urls)
+    paths = [local_path(url) for url in listed]
+    return [os.path.abspath(path) for path in paths if path is not None and os.path.isdir(path)]
+
+
 def _gone_shards(index) -> dict[str, int]:
     """Recorded shards whose folder is gone (one look a folder, not one a shard: a LAION-size set has
     100,000s) -> how many of their items are still indexed."""
     shards = index.store.shard_records()
     gone_folders = {folder for folder in {os.path.dirname(s) for s in shards} if not os.path.isdir(folder)}
-    with index._lock:
-        counts = {s: index.store.count_with_prefix(s + "#") for s in shards if os.path.dirname(s) in gone_folders}
+    counts = {s: index.count_with_prefix(s + "#") for s in shards if os.path.dirname(s) in gone_folders}
     return {shard: count for shard, count in counts.items() if count}
 
 
@@ -157,7 +178,7 @@ def _captions_lost(index, path: str) -> bool:
     """Whether the shard's items have captions that the caption collection lacks (as a folder sync over the
     shard's folder by clipkit 0.x left them): then the shard is read again, its captions restored, nothing
     embedded again."""
-    if index.captions is not None and index.captions.ids_with_prefix(path + "#"):
+    if index.captions is not None and index.captions.count_with_prefix(path + "#"):
         return False
     ids = index.ids_with_prefix(path + "#")
     return bool(ids) and any(record.get("caption") for record in index.get(ids))

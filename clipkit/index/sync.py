@@ -285,6 +285,16 @@ def remove_missing_roots(store: Store):
     return len(keys), None, None, keys
 
 
+def remove_gone_shards(store: Store, folder: str):
+    """A change (for Index._write): remove the items of the recorded shards directly in `folder` whose file is
+    gone (one look a recorded shard, then a range of ids each)."""
+    gone = [shard for shard in store.shard_records() if os.path.dirname(shard) == folder and _gone(shard)]
+    keys = [key for shard in gone for key in store.shard_keys(shard + "#", lambda _: True)]
+    store.forget_shards(gone)
+    store.delete_keys(keys)
+    return len(keys), None, None, keys
+
+
 def is_under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
