@@ -3,6 +3,7 @@ against numpy brute force over the files, resumed after a kill, new parts only o
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -176,9 +177,9 @@ def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, ca
     assert main(["export", str(out), "--index", ix, "--part-size", "5"]) == 0
     assert ("exported 12 embedding(s) in 3 part(s), 2 with a caption's embedding and 6 further caption(s)"
             in capsys.readouterr().out)
-    assert main(["-q", "index", str(out), "--index", str(tmp_path / "back"), "--model", "clipkit-demo"]) == 0
+    assert main(["-q", "index", str(out), "--index", str(tmp_path / "back")]) == 0  # the export names its model
     back = Index.load(tmp_path / "back")
-    assert sorted(back.ids()) == sorted(index.ids())
+    assert back.model_info == index.model_info and sorted(back.ids()) == sorted(index.ids())
     np.testing.assert_allclose(back.embeddings(index.ids()), index.embeddings(), atol=2e-3)
     for query in ("a red circle", "a blue square"):
         mine, theirs = clipkit.search(query, index, k=5), clipkit.search(query, back, k=5)
@@ -192,6 +193,11 @@ def test_export_round_trip_and_embedding_reader(tmp_path, demo, image_folder, ca
     assert main(["-q", "index", str(out), "--index", str(tmp_path / "back")]) == 0  # again: nothing doubles
     assert sorted(Index.load(tmp_path / "back").captions.ids()) == caption_ids
     assert main(["export", str(out), "--index", ix]) == 2  # never over an export
+    capsys.readouterr()
+    manifest = json.loads((out / "export.json").read_text())  # the same vectors said to be another model's:
+    (out / "export.json").write_text(json.dumps({**manifest, "model": {**manifest["model"], "fingerprint": "0" * 16}}))
+    assert main(["-q", "index", str(out), "--index", str(tmp_path / "back")]) == 2  # not mixed into this index
+    assert "holds embeddings of model 'clipkit-demo'" in capsys.readouterr().err
 
     from embedding_reader import EmbeddingReader
 

@@ -8,8 +8,8 @@ what autofaiss, clip-retrieval's back end and embedding_reader read.
     OUT/captions/captions_{i}.parquet     the further captions of part i's images (image_id, line, caption) and
     OUT/captions/text_emb_{i}.npy         their embeddings (float16): clipkit's own, which `clipkit index`
                                           reads back; clip-retrieval's readers never look there
-    OUT/export.json                       what was exported (index, generation, rows, part size), and whether
-                                          all of it is written
+    OUT/export.json                       what was exported (index, generation, rows, part size, the model
+                                          that made the embeddings), and whether all of it is written
     OUT/writer.lock                       held while an export writes there: one at a time
 
 `id` carries the item's id (integers stay integers when every id is one; where ids of both kinds are mixed,
@@ -49,7 +49,8 @@ def export_embeddings(index, out: str | os.PathLike, *, part_size: int = 100_000
     out = Path(out)
     with index._lock, index.store.snapshot():  # one committed state throughout
         manifest = {"format": "clipkit-export", "index": str(index.path.resolve()) if index.path else None,
-                    "generation": index.store.generation(), "rows": index.store.count(), "part_size": part_size}
+                    "generation": index.store.generation(), "rows": index.store.count(), "part_size": part_size,
+                    "model": index.model_info}
         resumed = _start(index, out, manifest)
         with _export_lock(out):
             _lay_out(index, out, manifest, resumed)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Container, Sequence
 import numpy as np
 
 import clipkit.index.sync as sync
+from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of, moved_caption_table,
                                     remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
@@ -165,15 +166,19 @@ class FolderSync:
                         progress: bool | None = None) -> "sync.SyncReport":
         """Bring the index up to date with a folder of precomputed embeddings in clip-retrieval's layout
         (img_emb/, text_emb/, metadata/): see `clipkit.index.ingest`. `model`: the model that made them,
-        recorded so that text queries work (its dimension must match). Incremental and resumable."""
-        from clipkit.index.ingest import sync_embeddings
+        recorded so that text queries work (its dimension must match); without one, the model a clipkit export
+        records (its export.json) is recorded. Incremental and resumable."""
+        from clipkit.index.ingest import check_exported_model, exported_model, sync_embeddings
 
         if model is not None:
             model = self._writing_model(model)
         with self.writer(on_wait=log.warning):
             self._writable_captions()  # a read-only caption collection is refused before anything is added
+            check_exported_model(folder, model.info if model is not None else self.model_info)
             if model is not None:
                 self._record_model(model)
+            elif self.model_info is None and exported_model(folder) is not None:
+                self._record_model_info(exported_model(folder))
             report = sync_embeddings(self, folder, model, chunk=chunk, progress=progress)
         self.last_sync = report
         return report
@@ -212,11 +217,18 @@ class FolderSync:
         return model
 
     def _record_model(self, model) -> None:
-        if self.model_info is None:
-            with self.store.transaction(bump=False):
-                self.store.set_info("model", model.info)
+        self._record_model_info(model.info)
         if self.model is None:
             self.model = model
+
+    def _record_model_info(self, info: dict) -> None:
+        """Record the model that made this index's embeddings (once: the first one stays)."""
+        if self.model_info is None:
+            if info.get("dim", self.dim) != self.dim:
+                raise ModelMismatchError(f"model {info.get('name')!r} makes {info.get('dim')}-d embeddings but the "
+                                         f"index holds {self.dim}-d ones")
+            with self.store.transaction(bump=False):
+                self.store.set_info("model", info)
 
     def sync_table(self, table: "CaptionTable | str | os.PathLike", model=None, **options) -> "sync.SyncReport":
         """Index the images a caption table (CSV / JSONL / parquet) lists, with its captions (an image without

@@ -20,6 +20,7 @@ that are new (or re-read one that was rewritten).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,7 +31,9 @@ from typing import Iterator
 import numpy as np
 
 from clipkit._progress import progress_bar
+from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import caption_line, captions_of_images, image_of, new_captions
+from clipkit.index.export import MANIFEST
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -100,6 +103,29 @@ def _load(path: Path | None, dim: int | None = None) -> np.ndarray | None:
         raise ValueError(f"{path} holds an array of shape {array.shape} and type {array.dtype}; expected "
                          f"(rows, {dim or 'D'}) numbers")
     return array
+
+
+def exported_model(folder: str | os.PathLike) -> dict | None:
+    """The model a clipkit export records in its export.json (name, pretrained, dim, fingerprint), or None
+    (a folder other tools wrote, or an export of an index that recorded none)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    info = manifest.get("model") if isinstance(manifest, dict) else None
+    return info if isinstance(info, dict) and isinstance(info.get("name"), str) else None
+
+
+def check_exported_model(folder: str | os.PathLike, info: dict | None) -> None:
+    """Refuse to put the embeddings of a clipkit export into an index of another model (`info`: the index's,
+    or the one given to ingest them with): they are not comparable."""
+    exported = exported_model(folder)
+    if exported is not None and info is not None and exported.get("fingerprint") != info.get("fingerprint"):
+        raise ModelMismatchError(
+            f"{folder} holds embeddings of model {exported['name']!r} (pretrained={exported.get('pretrained')!r}, "
+            f"weights {exported.get('fingerprint')}; its {MANIFEST} says), but this index's model is "
+            f"{info.get('name')!r} (weights {info.get('fingerprint')}); embeddings from different models are not "
+            "comparable: leave out --model, or ingest into a new index")
 
 
 def embedding_dim(folder: str | os.PathLike) -> int:
