@@ -129,11 +129,12 @@ class FolderSync:
         return report
 
     def sync_shards(self, urls: str | Sequence[str], model=None, *, batch_size: int = 64,
-                    progress: bool | None = None, engine=None) -> "sync.SyncReport":
+                    progress: bool | None = None, engine=None, chunk: int = 50_000) -> "sync.SyncReport":
         """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
         such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
         captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`;
-        `engine` as there (its workers must see the shards' files). A folder stands for the .tar shards in it:
+        `engine` as there (its workers must see the shards' files), given the new samples of `chunk` or more
+        of them at a time (many shards, one call: a Ray actor pool starts once a call). A folder stands for the .tar shards in it:
         those recorded there whose file is gone are removed, as `sync_folder` removes deleted files (after the
         others are read, so that a shard renamed inside the folder keeps its items)."""
         from clipkit.index.shards import local_folders, sync_shards
@@ -154,7 +155,7 @@ class FolderSync:
             self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
-                                 engine=engine)
+                                 engine=engine, chunk=chunk)
             for folder in local_folders(urls):
                 report.removed += remove_with_captions(self, partial(sync.remove_gone_shards, folder=folder), captions)
         captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)

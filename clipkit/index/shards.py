@@ -107,15 +107,21 @@ def item_image(path: str | None, metadata: dict) -> Path | TarMember | None:
     return None
 
 
+CHUNK_SAMPLES = 50_000  # samples of new or changed shards embedded in one engine call (one Ray actor pool)
+
+
 def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64, progress: bool | None = None,
-                on_shard: Callable[[str, dict[str, list[str]] | None], None] | None = None, engine=None) -> SyncReport:
+                on_shard: Callable[[str, dict[str, list[str]] | None], None] | None = None, engine=None,
+                chunk: int = CHUNK_SAMPLES) -> SyncReport:
     """Bring `index` (whose writer lock the caller holds) up to date with the shards `urls` names.
-    `on_shard(path, captions)` is called after each shard read, with its items' captions (id -> captions), and
-    with None for each shard left alone (unchanged);
-    `engine`: where the images are embedded (as `clipkit.index.sync.sync_folder`'s). A folder in `urls` stands
+    `on_shard(path, captions)` is called once a shard's items are all in, with their captions (id ->
+    captions), and with None for each shard left alone (unchanged). `engine`: where the images are embedded
+    (as `clipkit.index.sync.sync_folder`'s); the shards read are embedded together, `chunk` samples or more a
+    call (an engine such as Ray starts its workers once a call, not once a shard). A folder in `urls` stands
     for the .tar shards in it (`Index.sync_shards` then removes those recorded there whose file is gone)."""
     paths = local_shards(urls)
     report, recorded_shards = SyncReport(), _RecordedShards(index)
+    read: list[_ReadShard] = []  # shards read whose new samples wait to be embedded
     with progress_bar(progress, total=len(paths), unit="shard", desc="indexing") as bar:
         for path in paths:
             stat = os.stat(path)
@@ -124,13 +130,15 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
                 report.unchanged += index.count_with_prefix(path + "#")
                 if on_shard is not None:
                     on_shard(path, None)
-            else:
-                captions = _sync_shard(index, path, model, batch_size, report, engine, recorded_shards)
-                with index.store.transaction(bump=False):
-                    index.store.record_shard(path, stat.st_size, stat.st_mtime, shard_digest(path))
-                if on_shard is not None:
-                    on_shard(path, captions)
-            bar.update(1)
+                bar.update(1)
+                continue
+            read.append(_read_shard(index, path, stat, report, recorded_shards))
+            if sum(len(shard.samples) for shard in read) >= chunk:
+                _embed_shards(index, read, model, batch_size, report, engine, on_shard)
+                bar.update(len(read))
+                read = []
+        _embed_shards(index, read, model, batch_size, report, engine, on_shard)
+        bar.update(len(read))
     report.orphaned.update(_gone_shards(index))
     return report
 
@@ -190,10 +198,19 @@ def _shard_items(index, path: str) -> dict[str, dict]:
     return {record["id"]: record for record in index.get(ids)} if ids else {}
 
 
-def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, engine=None,
-                recorded: _RecordedShards | None = None) -> dict[str, list[str]]:
-    from clipkit.encode import embed_image_files
+@dataclass
+class _ReadShard:
+    """A shard read: its samples to embed as (item id, sample, whether an item is replaced), its captions."""
 
+    path: str
+    stat: os.stat_result
+    samples: list[tuple[str, ShardSample, bool]]
+    captions: dict[str, list[str]]
+
+
+def _read_shard(index, path: str, stat: os.stat_result, report: SyncReport, recorded: _RecordedShards) -> _ReadShard:
+    """Read a new or changed shard: its unchanged items stay, those gone from it are removed, a moved shard
+    is re-pointed; what is left to embed is returned."""
     existing = _shard_items(index, path)
     samples, captions = [], {}
     for sample in read_shard(path):
@@ -208,16 +225,26 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
         else:
             samples.append((item_id, sample, old is not None))
     if samples and not existing and not any(replaced for _, _, replaced in samples) and \
-            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples], report,
-                                 recorded or _RecordedShards(index)):
+            _repoint_moved_shard(index, path, [sample for _, sample, _ in samples], report, recorded):
         report.moved += len(samples)
-        return captions
+        return _ReadShard(path, stat, [], captions)
     gone = list(existing) + [item_id for item_id, _, replaced in samples if replaced]
     if gone:
         index.remove(gone)
     report.removed += len(existing)
+    return _ReadShard(path, stat, samples, captions)
+
+
+def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, report: SyncReport, engine,
+                  on_shard) -> None:
+    """Embed the new samples of `shards` in one engine call, committing batch by batch; then record each
+    shard as read in full (a run stopped before reads it again, keeping what was committed)."""
+    from clipkit.encode import embed_image_files
+
+    samples = [sample for shard in shards for sample in shard.samples]
     images = [sample.image for _, sample, _ in samples]
-    for vectors, positions, failures in (engine or embed_image_files)(images, model, batch_size=batch_size):
+    batches = (engine or embed_image_files)(images, model, batch_size=batch_size) if images else ()
+    for vectors, positions, failures in batches:
         for position, reason, kind in failures:
             report.skip(str(images[position]), reason, kind)
         if positions:
@@ -226,7 +253,11 @@ def _sync_shard(index, path: str, model, batch_size: int, report: SyncReport, en
                       metadata=[_metadata(sample) for _, sample, _ in chosen])
             report.added += sum(not replaced for _, _, replaced in chosen)
             report.updated += sum(replaced for _, _, replaced in chosen)
-    return captions
+    for shard in shards:
+        with index.store.transaction(bump=False):
+            index.store.record_shard(shard.path, shard.stat.st_size, shard.stat.st_mtime, shard_digest(shard.path))
+        if on_shard is not None:
+            on_shard(shard.path, shard.captions)
 
 
 def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: SyncReport,
