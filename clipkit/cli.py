@@ -316,8 +316,9 @@ def _add_maintenance_commands(commands) -> None:
     roots.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     info = commands.add_parser("info", help="what an index is: items, captions, model, structure and its tuned "
                                             "recall, folders, size on disk")
-    info.add_argument("index", nargs="?", default=DEFAULT_INDEX, metavar="INDEX",
+    info.add_argument("index", nargs="?", default=None, metavar="INDEX",
                       help=f"index folder (default: {DEFAULT_INDEX})")
+    info.add_argument("--index", dest="index_option", metavar="INDEX", help="the same, as the other commands take it")
     info.add_argument("--json", action="store_true", help="print it as one JSON object")
 
 
@@ -669,7 +670,9 @@ def cmd_info(args) -> int:
     from clipkit.bundled import bundled_models
     from clipkit.index import Index
 
-    about = Index.load(args.index).describe()
+    if args.index and args.index_option and args.index != args.index_option:
+        raise UsageError("give the index once: INDEX or --index INDEX")
+    about = Index.load(args.index or args.index_option or DEFAULT_INDEX).describe()
     if args.json:
         print(json.dumps(about, ensure_ascii=False))
         return 0

@@ -62,7 +62,7 @@ class RayEngine:
         self.close()
 
     def close(self) -> None:
-        """Stop the local Ray this engine started, if any (a run calls the engine once per chunk or shard:
+        """Stop the local Ray this engine started, if any (a run calls the engine once per chunk of images:
         Ray starts once)."""
         if self._started:
             require_ray().shutdown()

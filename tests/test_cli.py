@@ -200,11 +200,12 @@ def test_info_says_what_an_index_is(image_folder, tmp_path, tiny_args, capsys):
     vectors = rng.standard_normal((3000, 16)).astype(np.float32)
     tuned = Index.from_embeddings(vectors, ids=list(range(3000)), index_type="IVF32,Flat")
     tuned.save(tmp_path / "ivf")
-    assert main(["info", str(tmp_path / "ivf")]) == 0
+    assert main(["info", "--index", str(tmp_path / "ivf")]) == 0  # as every other command takes it
     text = capsys.readouterr().out
     assert "IVF32,Flat" in text and "3000 (16-d" in text and "model      none recorded" in text
     assert f"recall@10 {tuned.tuning['estimated_recall']:.3f}" in text
     assert main(["info", str(tmp_path / "nowhere")]) == 2
+    assert main(["info", str(tmp_path / "ivf"), "--index", str(index_path)]) == 2
 
 
 def _documented_commands(text: str):

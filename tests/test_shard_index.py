@@ -43,6 +43,8 @@ def test_index_shards_in_place(shards, demo, tmp_path, capsys):
     spec = str(shards[0].parent / "test-{000000..000002}.tar")
     assert main(["index", spec, "--index", str(tmp_path / "ix")]) == 0
     assert "indexed 30 image(s) (30 new" in capsys.readouterr().out
+    assert main(["index", str(shards[0].parent / "test-*.tar"), "--index", str(tmp_path / "ix")]) == 0  # a glob too
+    assert "0 new, 0 changed), 0 moved, 30 unchanged" in capsys.readouterr().out
     index = Index.load(tmp_path / "ix")
     expected = {f"{shard.resolve()}#{key}": parts for shard in shards for key, parts in members(shard).items()}
     assert sorted(index.ids()) == sorted(expected)
@@ -218,6 +220,7 @@ def test_shard_errors(shards, tmp_path, capsys):
     packed.write_bytes(gzip.compress(shards[0].read_bytes()))
     for args, message in (([str(packed)], "not an uncompressed tar"),
                           ([str(tmp_path / "none-{0..1}.tar")], "shard not found"),
+                          ([str(tmp_path / "none-*.tar")], "no shard matches"),
                           ([str(shards[0]), "--check"], "apply to folders")):
         assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2
         err = capsys.readouterr().err

@@ -10,6 +10,7 @@ endless loop, as seen in open_clip #1016).
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -77,8 +78,14 @@ def local_path(url: str) -> str | None:
 
 
 def _local_folder_shards(url: str) -> list[str]:
-    """[url], or for a local folder the .tar shards in it, in name order."""
+    """[url], or for a local folder the .tar shards in it, or for a local glob (`shards/*.tar`: what users type,
+    though webdataset takes brace patterns) the files it matches, in name order."""
     path = local_path(url)
+    if path is not None and not os.path.exists(path) and any(mark in path for mark in "*?["):
+        matches = sorted(glob.glob(path))
+        if not matches:
+            raise FileNotFoundError(f"no shard matches {path}")
+        return matches
     if path is None or not os.path.isdir(path):
         return [url]
     shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
