@@ -16,7 +16,7 @@ from clipkit.data.folder import is_image_name
 DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
 MODEL_HELP = ("a clipkit or open_clip architecture name (ViT-B-32 with --pretrained TAG_OR_FILE), a transformers "
               "checkpoint folder or hf:ORG/REPO (CLIP, SigLIP, SigLIP 2), an open_clip hub model hf-hub:ORG/REPO, or "
-              "a weights file of `clipkit train` / `train-rerank` (the model it names)")
+              "a weights file (or run folder: its latest) of `clipkit train` / `train-rerank` (the model it names)")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when present, else the CPU)"
 PRETRAINED_HELP = ("open_clip pretrained tag, a local weights file, or a `clipkit train` run folder (its latest "
                    "checkpoint)")

@@ -452,6 +452,8 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if pretrained is None and os.path.isdir(name) and checkpoint_paths(Path(name)):  # a `clipkit train` run
+        name = weights_in(name)
     if pretrained is None and name.lower().endswith(_WEIGHT_SUFFIXES) and os.path.isfile(name):
         return load_model(_model_named_by(name), name, device=device, cache_dir=cache_dir, precision=precision,
                           channels_last=channels_last)

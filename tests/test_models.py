@@ -99,6 +99,8 @@ def test_a_training_run_folder_gives_its_latest_checkpoint(tmp_path, tiny_model)
     save_checkpoint(tiny_model, run / "ckpt-0000010.pt", step=10)
     loaded = load_model("clipkit-tiny", pretrained=run)
     assert loaded.fingerprint == tiny_model.fingerprint and loaded.pretrained == str((run / "ckpt-0000010.pt").resolve())
+    alone = load_model(str(run))  # the run folder as the model: the model its latest checkpoint names
+    assert (alone.name, alone.fingerprint, alone.pretrained) == ("clipkit-tiny", tiny_model.fingerprint, loaded.pretrained)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="is a folder; pass the weights file inside it"):
         load_model("clipkit-tiny", pretrained=tmp_path / "empty")
