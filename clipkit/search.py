@@ -68,8 +68,10 @@ def query_kind(query: Any) -> str:
             return IMAGE
         raise ValueError(f"an array query must be a 1-D embedding or an HxWx3 uint8 image, got shape "
                          f"{query.shape} dtype {query.dtype}")
+    several = " (one query a call; for many at once: index.search(clipkit.encode(queries, model=...), k))" \
+        if isinstance(query, (list, tuple)) else ""
     raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, "
-                     "a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding")
+                     f"a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding{several}")
 
 
 def _embed(query: Any, kind: str, model) -> np.ndarray:
