@@ -197,6 +197,32 @@ def test_which_tables_are_url_tables(tmp_path):
     assert not is_url_table(captions) and not is_url_table(tmp_path / "e.txt")
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_url_column_of_local_files_indexes_those_files(site, tmp_path, tiny_ckpt, capsys, suffix):
+    """img2dataset's input made of local files (a `url` column of paths, relative or absolute, or file: URLs)
+    indexes those files with their captions, not 'not an http(s) URL' for every row."""
+    from clipkit.data.urls import file_column, is_url_table
+
+    root = tmp_path / "files"
+    root.mkdir()
+    for name, source in (("0.png", "0.png"), ("1.png", "1.png"), ("2 copy.png", "2.png")):
+        (root / name).write_bytes((site[0] / source).read_bytes())
+    rows = [{"url": "0.png", "caption": "a red circle"},  # relative to the table's folder
+            {"url": str(root / "1.png"), "caption": "a green square"},
+            {"url": (root / "2 copy.png").as_uri(), "caption": "a blue triangle"}]
+    table = write_table(root / f"local{suffix}", rows)
+    assert not is_url_table(table) and file_column(table) == "url"
+    assert main(["index", str(table), "--index", str(tmp_path / "ix"), "--model", "clipkit-tiny",
+                 "--pretrained", str(tiny_ckpt)]) == 0
+    assert "indexed 3 image(s) (3 new" in capsys.readouterr().out
+    index = Index.load(tmp_path / "ix")
+    expected = [str((root / name).resolve()) for name in ("0.png", "1.png", "2 copy.png")]
+    assert sorted(index.ids()) == sorted(expected)
+    assert sorted(r["caption"] for r in index.captions.get(index.captions.ids())) == sorted(r["caption"] for r in rows)
+    web = write_table(tmp_path / f"web{suffix}", [{"url": f"{site[1]}/0.png", "caption": "x"}])
+    assert is_url_table(web)
+
+
 def test_a_run_stopped_between_images_and_captions_stores_them_next_time(site, tmp_path, tiny_model, monkeypatch):
     urls_module = importlib.import_module("clipkit.index.urls")
     root, base, handler = site

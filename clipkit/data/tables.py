@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -92,8 +93,16 @@ def _image_rows(path: Path, image_column: str, caption_column: str, root: str,
         _check_row(path, number, row, image_column, caption_column, captions)
         texts = row.get(caption_column)
         texts = [texts] if isinstance(texts, str) else list(texts or ())
-        yield (os.path.abspath(os.path.join(root, str(row[image_column]))),
+        yield (os.path.abspath(os.path.join(root, file_path(str(row[image_column])))),
                [c.strip() for c in texts if isinstance(c, str) and c.strip()])
+
+
+def file_path(name: str) -> str:
+    """A path as a table lists it: a file: URL (file:///a/b%20c.jpg) is the path it names."""
+    if not name.startswith("file:"):
+        return name
+    parsed = urllib.parse.urlsplit(name)
+    return urllib.parse.unquote(parsed.path) if parsed.netloc in ("", "localhost") else name
 
 
 def _check_row(path: Path, number: int, row: dict, image_column: str, caption_column: str, captions: bool) -> None:

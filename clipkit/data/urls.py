@@ -90,7 +90,32 @@ def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_c
         return False  # unreadable: the caption table's reader says why
     if url_column is not None:
         return url_column in columns
-    return "url" in columns and not any(c in columns for c in (image_column, *PATH_COLUMNS))
+    return "url" in columns and not any(c in columns for c in (image_column, *PATH_COLUMNS)) and \
+        not _lists_files(path, "url")
+
+
+def file_column(path: str | os.PathLike, image_column: str = "image") -> str:
+    """The column of a caption table that names its image files: `image_column` where the table has it (or
+    where it is not the default), else the first of PATH_COLUMNS it has, else `url` where that column
+    holds file paths or file: URLs (img2dataset's input, made of local files) rather than http(s) URLs."""
+    if image_column != "image":
+        return image_column
+    try:
+        columns = UrlTable(os.path.abspath(path), image_column).columns()
+    except (OSError, ValueError):
+        return image_column  # unreadable: the caption table's reader says why
+    found = next((c for c in (image_column, *PATH_COLUMNS) if c in columns), None)
+    return found or ("url" if "url" in columns and _lists_files(path, "url") else image_column)
+
+
+def _lists_files(path, column: str) -> bool:
+    """Whether the first value in `column` of the table is a file path or a file: URL, not a URL to fetch."""
+    try:
+        value = next((row.get(column) for row in table_records(path, [column])
+                      if isinstance(row.get(column), str) and row.get(column).strip()), "").strip()
+    except (OSError, ValueError):
+        return False
+    return bool(value) and (value.startswith("file:") or "://" not in value)
 
 
 def parquet_file(path):
