@@ -76,9 +76,9 @@ PATH_COLUMNS = ("image_path", "path", "filepath", "file")  # a listing of files 
 
 def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_column: str = "image") -> bool:
     """Whether a table given as `clipkit index SOURCE` lists URLs rather than image files: a .txt file of
-    URLs; a table with the URL column named (`url_column`); or one with a `url` column and no column of
-    file paths (`image_column`, `image_path`, ...: a table with both is a caption table whose path column
-    must be named, as its error says)."""
+    URLs; a table with the URL column named (`url_column`); or one with a `url` column of URLs to fetch (not
+    file paths) and no column of file paths (`image_column`, `image_path`, ...: a table with both is a
+    caption table of the files, `file_column`)."""
     suffix = Path(path).suffix.lower()
     if suffix not in URL_TABLE_SUFFIXES or not Path(path).is_file():
         return False
