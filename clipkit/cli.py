@@ -623,15 +623,19 @@ def cmd_remove(args) -> int:
         raise FileNotFoundError(f"no index at {args.index}")
     with writer_lock(args.index, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(args.index)
-        removed, matched_nothing = index.prune_missing() if args.missing else 0, []
+        removed, matched_nothing, still_there = index.prune_missing() if args.missing else 0, [], []
         for path in args.paths:
             count = index.remove_folder(path)
             removed += count
             matched_nothing += [] if count else [path]
+            still_there += [path] if count and os.path.exists(path) else []
         index.save()
     if not args.quiet:
         print(f"removed {removed} item(s); {len(index)} left in {args.index}"
               + (f" (nothing indexed at or under {', '.join(matched_nothing)})" if matched_nothing else ""))
+        if still_there:
+            print(f"note: still on disk: {', '.join(still_there)}; the next `clipkit index` of their folder adds them "
+                  "back (--exclude GLOB leaves them out for good)")
     return 0
 
 

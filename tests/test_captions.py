@@ -430,9 +430,11 @@ def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
     assert sorted(Path(i).name for i in index.ids()) == names
     expected = {f"{(folder / name).resolve()}#0": captions[name][0] for n, name in enumerate(names) if n % 2}
     assert {r["id"]: r["caption"] for r in index.captions.get(index.captions.ids())} == expected
-    assert main(["index", str(table), "--index", str(tmp_path / "ix2")]) == 2
+    assert main(["-q", "index", str(table), "--index", str(tmp_path / "ix2")]) == 0  # image_path: found unnamed
+    assert sorted(Index.load(tmp_path / "ix2").ids()) == sorted(index.ids())
+    assert main(["index", str(table), "--image-column", "file", "--index", str(tmp_path / "ix3")]) == 2
     err = capsys.readouterr().err
-    assert "lacks column 'image'" in err and "image_path" in err and "Traceback" not in err
+    assert "lacks column 'file'" in err and "image_path" in err and "Traceback" not in err
 
 
 def test_caption_table_errors(folder, tmp_path, capsys):

@@ -289,7 +289,9 @@ def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ck
     assert_consistent(index_path, b_files)
     assert main(["remove", str(tmp_path / "b" / "photos"), str(tmp_path / "typo"), "--index", str(index_path)]) == 0
     assert len(Index.load(index_path)) == 0
-    assert f"(nothing indexed at or under {tmp_path / 'typo'})" in capsys.readouterr().out  # a path that matched nothing
+    out = capsys.readouterr().out
+    assert f"(nothing indexed at or under {tmp_path / 'typo'})" in out  # a path that matched nothing
+    assert f"still on disk: {tmp_path / 'b' / 'photos'}; the next `clipkit index`" in out  # it would come back
     assert main(["remove", "--index", str(index_path)]) == 2  # nothing named: a usage error
 
 

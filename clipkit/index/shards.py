@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -134,10 +135,10 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
                 continue
             read.append(_read_shard(index, path, stat, report, recorded_shards))
             if sum(len(shard.samples) for shard in read) >= chunk:
-                _embed_shards(index, read, model, batch_size, report, engine, on_shard)
+                _embed_shards(index, read, model, batch_size, report, engine, on_shard, bar)
                 bar.update(len(read))
                 read = []
-        _embed_shards(index, read, model, batch_size, report, engine, on_shard)
+        _embed_shards(index, read, model, batch_size, report, engine, on_shard, bar)
         bar.update(len(read))
     report.orphaned.update(_gone_shards(index))
     return report
@@ -236,10 +237,13 @@ def _read_shard(index, path: str, stat: os.stat_result, report: SyncReport, reco
 
 
 def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, report: SyncReport, engine,
-                  on_shard) -> None:
-    """Embed the new samples of `shards` in one engine call, committing batch by batch; then record each
-    shard as read in full (a run stopped before reads it again, keeping what was committed)."""
+                  on_shard, bar) -> None:
+    """Embed the new samples of `shards` in one engine call, committing batch by batch (the shard bar says
+    how many images went in, and how fast); then record each shard as read in full (a run stopped before
+    reads it again, keeping what was committed)."""
     from clipkit.encode import embed_image_files
+
+    started, count = time.time(), 0
 
     samples = [sample for shard in shards for sample in shard.samples]
     images = [sample.image for _, sample, _ in samples]
@@ -253,6 +257,8 @@ def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, repor
                       metadata=[_metadata(sample) for _, sample, _ in chosen])
             report.added += sum(not replaced for _, _, replaced in chosen)
             report.updated += sum(replaced for _, _, replaced in chosen)
+        count += len(positions) + len(failures)
+        bar.set_postfix_str(f"{report.embedded} img embedded, {count / max(time.time() - started, 1e-3):.0f} img/s")
     for shard in shards:
         with index.store.transaction(bump=False):
             index.store.record_shard(shard.path, shard.stat.st_size, shard.stat.st_mtime, shard_digest(shard.path))
