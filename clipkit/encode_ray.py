@@ -44,12 +44,19 @@ class RayEngine:
     `cpus_per_actor` CPUs); `cpus_per_actor` (default: 1 on a GPU, else 1 of every CPU the pool shares) and
     `gpus_per_actor` (default: 1 when the cluster has GPUs). After a run, `stats` says how many images each
     actor embedded and how many batches Ray delivered twice (a task retried after its results came back).
+    `items_per_call`: how many images a run hands Ray at a time where it works in chunks (URL tables, shards):
+    each call starts an actor pool, which loads the model (6.5 s a call on a 2-core machine), so a call is made
+    big enough for that to vanish on a cluster of many GPUs (the driver holds a call's plan: ~300 bytes an image).
     """
 
     def __init__(self, address: str | None = None, *, actors: int | None = None,
-                 cpus_per_actor: float | None = None, gpus_per_actor: float | None = None):
+                 cpus_per_actor: float | None = None, gpus_per_actor: float | None = None,
+                 items_per_call: int = 500_000):
         if actors is not None and actors < 1:
             raise ValueError(f"actors must be >= 1, got {actors}")
+        if items_per_call < 1:
+            raise ValueError(f"items_per_call must be >= 1, got {items_per_call}")
+        self.items_per_call = items_per_call
         self.address, self.actors = address, actors
         self.cpus_per_actor, self.gpus_per_actor = cpus_per_actor, gpus_per_actor
         self.stats: dict = {}

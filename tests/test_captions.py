@@ -445,7 +445,7 @@ def test_caption_table_errors(folder, tmp_path, capsys):
     for args, message in (([str(folder), "--captions", str(tmp_path / "none.csv")], "caption table not found"),
                           ([str(folder), "--captions", str(folder / sorted(folder.glob('*.txt'))[0].name)],
                            ".jsonl or .parquet"),
-                          ([str(bad)], "lacks column 'image'"),
+                          ([str(bad)], "lacks column 'path' or 'caption' (columns: path, text)"),
                           ([str(tmp_path / "semicolons.csv")], "look separated by ';'"),
                           ([str(tmp_path / "latin1.csv")], "is not UTF-8 text (byte b'\\xe9' at 26): save it as UTF-8"),
                           ([str(bad), "--captions", str(bad)], "not both")):

@@ -176,6 +176,10 @@ def test_shards_are_embedded_together_and_a_stopped_run_resumes(shards, demo, tm
     calls.clear()
     index = Index(demo.dim, model=demo)
     assert index.sync_shards([str(s) for s in shards], demo, engine=engine, chunk=10).added == 30 and calls == [10] * 3
+    calls.clear()
+    engine.items_per_call = 20  # (RayEngine's: how much it takes a call)
+    assert Index(demo.dim, model=demo).sync_shards([str(s) for s in shards], demo, engine=engine).added == 30
+    assert calls == [20, 10]
 
     def failing(images, model, **options):
         batches = embed_image_files(images, model, **options)

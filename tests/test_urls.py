@@ -143,6 +143,15 @@ def test_an_interrupted_url_run_goes_on_without_fetching_again(site, tmp_path, t
     assert report.added == 7 and report.unchanged == 5
     assert len(handler.served) - before == 7 and sorted(Index.load(tmp_path / "ix").ids()) == sorted(urls)
 
+    calls = []
+
+    def engine(items, model, **options):  # an engine that takes 5 images a call (RayEngine(items_per_call=))
+        calls.append(len(items))
+        yield from real(items, model, **options)
+
+    engine.items_per_call = 5
+    assert Index(tiny_model.dim, model=tiny_model).sync_urls(table, engine=engine).added == 12 and calls == [5, 5, 2]
+
 
 def test_a_slow_or_huge_url_is_skipped_within_its_limits(site, tmp_path, tiny_model, monkeypatch):
     import clipkit.data.images as images

@@ -129,12 +129,13 @@ class FolderSync:
         return report
 
     def sync_shards(self, urls: str | Sequence[str], model=None, *, batch_size: int = 64,
-                    progress: bool | None = None, engine=None, chunk: int = 50_000) -> "sync.SyncReport":
+                    progress: bool | None = None, engine=None, chunk: int | None = None) -> "sync.SyncReport":
         """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
         such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
         captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`;
         `engine` as there (its workers must see the shards' files), given the new samples of `chunk` or more
-        of them at a time (many shards, one call: a Ray actor pool starts once a call). A folder stands for the .tar shards in it:
+        of them at a time (default: the engine's `items_per_call`, else 50,000; many shards, one call: a Ray
+        actor pool starts once a call). A folder stands for the .tar shards in it:
         those recorded there whose file is gone are removed, as `sync_folder` removes deleted files (after the
         others are read, so that a shard renamed inside the folder keeps its items)."""
         from clipkit.index.shards import local_folders, sync_shards

@@ -27,10 +27,13 @@ CHUNK_ROWS = 50_000  # table rows planned at a time
 
 
 def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: int | None = None,
-              progress: bool | None = None, engine=None, chunk: int = CHUNK_ROWS) -> SyncReport:
-    """Add the images of `table` that `index` (whose writer lock the caller holds) lacks; see the module."""
+              progress: bool | None = None, engine=None, chunk: int | None = None) -> SyncReport:
+    """Add the images of `table` that `index` (whose writer lock the caller holds) lacks; see the module.
+    `chunk`: table rows planned and handed to the engine at a time (default: the engine's `items_per_call`,
+    else CHUNK_ROWS)."""
     from clipkit.encode import embed_image_files
 
+    chunk = chunk or getattr(engine, "items_per_call", None) or CHUNK_ROWS
     report = SyncReport()
     with progress_bar(progress, total=table.count(), unit="img", desc="indexing") as bar:
         for rows in table.chunks(chunk):
