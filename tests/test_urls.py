@@ -228,6 +228,9 @@ def test_a_url_column_of_local_files_indexes_those_files(site, tmp_path, tiny_ck
     expected = [str((root / name).resolve()) for name in ("0.png", "1.png", "2 copy.png")]
     assert sorted(index.ids()) == sorted(expected)
     assert sorted(r["caption"] for r in index.captions.get(index.captions.ids())) == sorted(r["caption"] for r in rows)
+    assert main(["-q", "shards", str(table), str(tmp_path / "shards")]) == 0  # and `clipkit shards` reads it alike
+    assert main(["-q", "index", str(tmp_path / "shards"), "--index", str(tmp_path / "sx")]) == 0
+    assert len(Index.load(tmp_path / "sx")) == 3
     web = write_table(tmp_path / f"web{suffix}", [{"url": f"{site[1]}/0.png", "caption": "x"}])
     assert is_url_table(web)
 
