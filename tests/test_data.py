@@ -325,7 +325,7 @@ def test_shards_from_csv_and_jsonl(tmp_path):
     skipped = []
     samples = list(samples_from_table(tmp_path / "captions.jsonl", skipped=skipped))
     assert [s.captions for s in samples] == [["one", "two"]] and "missing.jpg" in skipped[0][0]
-    with pytest.raises(ValueError, match="lacks column 'image'"):
+    with pytest.raises(ValueError, match="lacks column 'filepath' or 'caption'"):  # (its path column is found)
         list(samples_from_table(tmp_path / "captions.csv"))
 
 
