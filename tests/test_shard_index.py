@@ -155,6 +155,10 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(shards, demo, tmp_path, cap
     Image.new("RGB", (32, 32), "red").save(folder / "cover.jpg")  # images beside them: a folder of images
     assert main(["index", str(folder), "--index", str(tmp_path / "other")]) == 0
     assert Index.load(tmp_path / "other").ids() == [str((folder / "cover.jpg").resolve())]
+    (tmp_path / "photos.tar").mkdir()  # a folder of images whose name ends in .tar is a folder
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "photos.tar" / "a.jpg")
+    assert main(["-q", "index", str(tmp_path / "photos.tar"), "--index", str(tmp_path / "third")]) == 0
+    assert Index.load(tmp_path / "third").ids() == [str((tmp_path / "photos.tar" / "a.jpg").resolve())]
 
 
 def test_shards_are_embedded_together_and_a_stopped_run_resumes(shards, demo, tmp_path):

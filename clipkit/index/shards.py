@@ -44,7 +44,9 @@ class ShardSample:
 def is_shard_spec(source: str) -> bool:
     """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`, or a folder of shards:
     .tar files and no images at its top level, as `clipkit shards` and img2dataset write) rather than a folder."""
-    return source.endswith(".tar") or (".tar" in source and "{" in source) or is_shard_folder(source)
+    if os.path.isdir(source):  # (a folder of images may be called x.tar)
+        return is_shard_folder(source)
+    return source.endswith(".tar") or (".tar" in source and "{" in source)
 
 
 def is_shard_folder(path: str) -> bool:
