@@ -51,7 +51,7 @@ class _Lines(plain_tqdm):
     def __init__(self, *args, **kwargs):
         kwargs.update(disable=False, mininterval=LINE_SECONDS, file=_LinesFile(kwargs.get("file") or sys.stderr),
                       dynamic_ncols=False, ncols=100, ascii=True)
-        self._last_line, self._closing = None, False
+        self._last_line, self._last_n, self._closing = None, None, False
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
@@ -59,10 +59,11 @@ class _Lines(plain_tqdm):
         if not self.n or started is None:
             return True
         now = time.time()  # (the clock tqdm sets start_t by)
-        if (self._closing and self._last_line is not None) or now - (self._last_line or started) >= LINE_SECONDS:
+        last_words = self._closing and self._last_line is not None and self.n != self._last_n  # (news since)
+        if last_words or (not self._closing and now - (self._last_line or started) >= LINE_SECONDS):
             self.fp.write(f"{self.__str__() if msg is None else msg}\n")
             self.fp.flush()
-            self._last_line = now
+            self._last_line, self._last_n = now, self.n
         return True
 
     def close(self):

@@ -126,7 +126,7 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     chunk = chunk or getattr(engine, "items_per_call", None) or CHUNK_SAMPLES
     report, recorded_shards = SyncReport(), _RecordedShards(index)
     read: list[_ReadShard] = []  # shards read whose new samples wait to be embedded
-    with progress_bar(progress, total=len(paths), unit="shard", desc="indexing") as bar:
+    with progress_bar(progress, total=len(paths), unit="shard", desc="indexing", bar_format=_BAR) as bar:
         for path in paths:
             stat = os.stat(path)
             recorded = index.store.shard_record(path) or []
@@ -139,10 +139,8 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
             read.append(_read_shard(index, path, stat, report, recorded_shards))
             if sum(len(shard.samples) for shard in read) >= chunk:
                 _embed_shards(index, read, model, batch_size, report, engine, on_shard, bar)
-                bar.update(len(read))
                 read = []
         _embed_shards(index, read, model, batch_size, report, engine, on_shard, bar)
-        bar.update(len(read))
     report.orphaned.update(_gone_shards(index))
     return report
 
@@ -239,14 +237,17 @@ def _read_shard(index, path: str, stat: os.stat_result, report: SyncReport, reco
     return _ReadShard(path, stat, samples, captions)
 
 
+_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"  # (n: a float)
+
+
 def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, report: SyncReport, engine,
                   on_shard, bar) -> None:
-    """Embed the new samples of `shards` in one engine call, committing batch by batch (the shard bar says
-    how many images went in, and how fast); then record each shard as read in full (a run stopped before
-    reads it again, keeping what was committed)."""
+    """Embed the new samples of `shards` in one engine call, committing batch by batch (the shard bar moves
+    by the share of their images done, and says how many went in and how fast); then record each shard as
+    read in full (a run stopped before reads it again, keeping what was committed)."""
     from clipkit.encode import embed_image_files
 
-    started, count = time.time(), 0
+    started, count, moved = time.time(), 0, 0.0
 
     samples = [sample for shard in shards for sample in shard.samples]
     images = [sample.image for _, sample, _ in samples]
@@ -261,7 +262,11 @@ def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, repor
             report.added += sum(not replaced for _, _, replaced in chosen)
             report.updated += sum(replaced for _, _, replaced in chosen)
         count += len(positions) + len(failures)
-        bar.set_postfix_str(f"{report.embedded} img embedded, {count / max(time.time() - started, 1e-3):.0f} img/s")
+        bar.set_postfix_str(f"{report.embedded} img embedded, {count / max(time.time() - started, 1e-3):.0f} img/s",
+                            refresh=False)
+        bar.update(len(shards) * count / len(images) - moved)
+        moved = len(shards) * count / len(images)
+    bar.update(len(shards) - moved)
     for shard in shards:
         with index.store.transaction(bump=False):
             index.store.record_shard(shard.path, shard.stat.st_size, shard.stat.st_mtime, shard_digest(shard.path))
