@@ -333,3 +333,9 @@ def test_long_work_prints_a_progress_line_a_minute_into_a_log(tmp_path):
     assert "writing train: 100%" in logged and "40/40" in logged and "\r" not in logged
     assert "writing" not in run("synth", str(tmp_path / "b"), "--n", "40", "--format", "folder")  # a short run
     assert "writing" not in run("-q", "synth", str(tmp_path / "c"), "--n", "40", "--format", "folder", seconds="0")
+    assert len([line for line in logged.splitlines() if "40/40" in line]) == 1  # the end said once
+    run("synth", str(tmp_path / "shards"), "--n", "40", "--shard-size", "10", "-q")
+    logged = run("index", str(tmp_path / "shards"), "--index", str(tmp_path / "ix"), "--batch-size", "4", seconds="0")
+    counts = [line.split("|")[2].split("/")[0].strip() for line in logged.splitlines() if line.startswith("indexing")]
+    assert len(set(counts)) > 2 and counts[-1] == "4"  # the shards' bar moves within the one call they share
+    assert "40 img embedded" in logged.splitlines()[-1]
