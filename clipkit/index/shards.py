@@ -51,11 +51,18 @@ def is_shard_spec(source: str) -> bool:
 
 def is_shard_folder(path: str) -> bool:
     """Whether `path` is a folder whose top level holds .tar files and no images (its subfolders are not read)."""
+    tars = False
     try:
-        names = [entry.name for entry in os.scandir(path) if not entry.name.startswith(".")]
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if is_image_name(entry.name):
+                    return False  # (found at once in a folder of images, however big)
+                tars = tars or entry.name.endswith(".tar")
     except OSError:  # not a folder (or unreadable: then the folder sync says so)
         return False
-    return any(name.endswith(".tar") for name in names) and not any(is_image_name(name) for name in names)
+    return tars
 
 
 def local_shards(urls: str | Sequence[str]) -> list[str]:
