@@ -139,9 +139,10 @@ def _add_index_scale_options(index) -> None:
                             "vectors, or a text file of query texts (one a line); remembered for later builds "
                             "(default: the index's caption embeddings, else held-out items)")
     index.add_argument("--shard", default=None, metavar="I/N",
-                       help="index only shard I of N of the folder (by path hash) into its own index; 'auto' takes "
+                       help="index only part I of N of SOURCE (a folder's files or a URL table's URLs by a hash, or a "
+                            "webdataset's shard files: every N-th from the I-th) into its own index; 'auto' takes "
                             "I and N from torchrun's RANK and WORLD_SIZE. {rank} in --index is replaced by I. "
-                            "Merge the shards with `clipkit merge`")
+                            "Merge the parts with `clipkit merge`")
     index.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="where images are embedded: this process (default), or Ray Data actors (a local Ray "
                             "started for the run, or the cluster of --ray-address); batches are committed as they "
@@ -352,9 +353,9 @@ def cmd_index(args) -> int:
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, listed_only = _index_source(args)
-    if folder is None and (args.check or args.shard or args.exclude or args.no_exclude or args.captions):
-        raise UsageError("--check, --shard, --exclude and --captions apply to folders; shards and URL tables are "
-                         "indexed whole, with their own captions")
+    if folder is None and (args.check or args.exclude or args.no_exclude or args.captions):
+        raise UsageError("--check, --exclude and --captions apply to folders; shards and URL tables are indexed "
+                         "whole, with their own captions")
     if args.exclude and args.no_exclude:
         raise UsageError("give --exclude GLOB (what to leave out from now on) or --no-exclude (nothing), not both")
     if args.no_exclude:
@@ -399,10 +400,10 @@ def _sync_source(args, index, model, source: tuple, shard, engine):
     folder, table, listed_only = source
     options = dict(batch_size=args.batch_size, workers=args.workers, progress=_progress(args), engine=engine)
     if isinstance(table, UrlTable):  # image URLs, fetched
-        return index.sync_urls(table, model, **options)
+        return index.sync_urls(table, model, shard=shard, **options)
     if folder is None:  # webdataset shards, indexed in place
         return index.sync_shards(args.folder, model, batch_size=args.batch_size, progress=_progress(args),
-                                 engine=engine)
+                                 engine=engine, shard=shard)
     options.update(exclude=args.exclude, shard=shard)
     if listed_only:
         return index.sync_table(table, model, **options)

@@ -202,6 +202,24 @@ def test_shards_are_embedded_together_and_a_stopped_run_resumes(shards, demo, tm
                                         for s in shards for p in members(s).values())
 
 
+def test_a_shard_set_split_over_processes_merges_to_the_whole(shards, tmp_path, capsys):
+    """`--shard I/N` (torchrun's ranks, or machines) splits a webdataset's shard files over N indexes, each
+    file in one of them; merged, they are the one-process index, captions and shard records too."""
+    folder = str(shards[0].parent)
+    assert main(["-q", "index", folder, "--index", str(tmp_path / "whole")]) == 0
+    for rank in range(2):
+        assert main(["-q", "index", folder, "--index", str(tmp_path / "part{rank}"), "--shard", f"{rank}/2"]) == 0
+    parts = [Index.load(tmp_path / f"part{rank}") for rank in range(2)]
+    files = [{i.partition("#")[0] for i in part.ids()} for part in parts]
+    assert all(files) and not files[0] & files[1]  # each shard file in one part
+    assert main(["-q", "merge", str(tmp_path / "merged"), str(tmp_path / "part0"), str(tmp_path / "part1")]) == 0
+    merged, whole = Index.load(tmp_path / "merged"), Index.load(tmp_path / "whole")
+    assert sorted(merged.ids()) == sorted(whole.ids()) and sorted(merged.captions.ids()) == sorted(whole.captions.ids())
+    np.testing.assert_allclose(merged.embeddings(whole.ids()), whole.embeddings(), atol=1e-6)
+    assert main(["index", folder, "--index", str(tmp_path / "merged")]) == 0  # its shards are known: none read
+    assert "0 new, 0 changed), 0 moved, 30 unchanged" in capsys.readouterr().out
+
+
 def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -229,7 +247,8 @@ def test_shard_errors(shards, tmp_path, capsys):
     for args, message in (([str(packed)], "not an uncompressed tar"),
                           ([str(tmp_path / "none-{0..1}.tar")], "shard not found"),
                           ([str(tmp_path / "none-*.tar")], "no shard matches"),
-                          ([str(shards[0]), "--check"], "apply to folders")):
+                          ([str(shards[0]), "--check"], "apply to folders"),
+                          ([str(shards[0]), "--shard", "2/2"], "need 0 <= I < N")):
         assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err

@@ -165,6 +165,18 @@ def test_a_slow_or_huge_url_is_skipped_within_its_limits(site, tmp_path, tiny_mo
     assert report.added == 0 and report.skipped_kinds == {"too large": 3}
 
 
+def test_a_url_table_split_over_processes(site, tmp_path, tiny_ckpt):
+    """`--shard I/N` splits a URL table's URLs over N indexes (by a hash of the URL): each URL in one."""
+    urls = [f"{site[1]}/{n}.png" for n in range(12)]
+    table = write_table(tmp_path / "urls.csv", [{"url": u} for u in urls])
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt)]
+    for rank in range(2):
+        assert main(["-q", "index", str(table), "--index", str(tmp_path / "p{rank}"), "--shard", f"{rank}/2",
+                     *model]) == 0
+    parts = [set(Index.load(tmp_path / f"p{rank}").ids()) for rank in range(2)]
+    assert all(parts) and not parts[0] & parts[1] and parts[0] | parts[1] == set(urls)
+
+
 def test_url_table_arguments(tmp_path, capsys):
     table = write_table(tmp_path / "urls.jsonl", [{"link": "http://127.0.0.1:9/a.png"}])
     assert main(["index", str(table), "--index", str(tmp_path / "ix"), "--url-column", "link",

@@ -129,13 +129,16 @@ class FolderSync:
         return report
 
     def sync_shards(self, urls: str | Sequence[str], model=None, *, batch_size: int = 64,
-                    progress: bool | None = None, engine=None, chunk: int | None = None) -> "sync.SyncReport":
+                    progress: bool | None = None, engine=None, chunk: int | None = None,
+                    shard: tuple[int, int] | None = None) -> "sync.SyncReport":
         """Bring the index up to date with webdataset shards (uncompressed .tar files on disk; brace patterns
         such as `shards/{000000..000009}.tar`), indexed in place: see `clipkit.index.shards`. Their
         captions (`txt` members) go to the caption collection. Incremental and resumable like `sync_folder`;
         `engine` as there (its workers must see the shards' files), given the new samples of `chunk` or more
         of them at a time (default: the engine's `items_per_call`, else 50,000; many shards, one call: a Ray
-        actor pool starts once a call). A folder stands for the .tar shards in it:
+        actor pool starts once a call). `shard=(i, n)`: only the shard files of part i of n (every n-th from the
+        i-th, in name order), for indexing a shard set from n processes into n indexes merged later (`Index.merge`).
+        A folder stands for the .tar shards in it:
         those recorded there whose file is gone are removed, as `sync_folder` removes deleted files (after the
         others are read, so that a shard renamed inside the folder keeps its items)."""
         from clipkit.index.shards import local_folders, sync_shards
@@ -156,7 +159,7 @@ class FolderSync:
             self._writable_captions()  # a read-only caption collection is refused before any image is indexed
             self._record_model(model)
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
-                                 engine=engine, chunk=chunk)
+                                 engine=engine, chunk=chunk, part=shard)
             for folder in local_folders(urls):
                 report.removed += remove_with_captions(self, partial(sync.remove_gone_shards, folder=folder), captions)
         captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)
@@ -193,10 +196,12 @@ class FolderSync:
         return export_embeddings(self, out, part_size=part_size, progress=progress)
 
     def sync_urls(self, table: "UrlTable | str | os.PathLike", model=None, *, batch_size: int = 64,
-                  workers: int | None = None, progress: bool | None = None, engine=None) -> "sync.SyncReport":
+                  workers: int | None = None, progress: bool | None = None, engine=None,
+                  shard: tuple[int, int] | None = None) -> "sync.SyncReport":
         """Add the images of a table of URLs (parquet, CSV, JSONL with a `url` column and optionally a
         `caption` one, or a .txt file of URLs; `clipkit.data.urls.UrlTable`), fetched and embedded here or on
-        `engine` (a Ray cluster): see `clipkit.index.urls`. Ids are the URLs; incremental and resumable."""
+        `engine` (a Ray cluster): see `clipkit.index.urls`. Ids are the URLs; incremental and resumable.
+        `shard=(i, n)`: only the URLs of part i of n (by a hash of the URL), as `sync_folder`'s."""
         from clipkit.data.urls import UrlTable
         from clipkit.index.urls import sync_urls
 
@@ -206,7 +211,7 @@ class FolderSync:
             self._writable_captions()  # a read-only caption collection is refused before any image is fetched
             self._record_model(model)
             report = sync_urls(self, table, model, batch_size=batch_size, workers=workers, progress=progress,
-                               engine=engine)
+                               engine=engine, part=shard)
         self.last_sync = report
         return report
 

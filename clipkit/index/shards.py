@@ -122,14 +122,18 @@ CHUNK_SAMPLES = 50_000  # samples of new or changed shards embedded in one engin
 
 def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64, progress: bool | None = None,
                 on_shard: Callable[[str, dict[str, list[str]] | None], None] | None = None, engine=None,
-                chunk: int | None = None) -> SyncReport:
+                chunk: int | None = None, part: tuple[int, int] | None = None) -> SyncReport:
     """Bring `index` (whose writer lock the caller holds) up to date with the shards `urls` names.
     `on_shard(path, captions)` is called once a shard's items are all in, with their captions (id ->
     captions), and with None for each shard left alone (unchanged). `engine`: where the images are embedded
     (as `clipkit.index.sync.sync_folder`'s); the shards read are embedded together, `chunk` samples or more a
-    call (default: the engine's `items_per_call`, else CHUNK_SAMPLES: Ray starts its actors once a call). A folder in `urls` stands
+    call (default: the engine's `items_per_call`, else CHUNK_SAMPLES: Ray starts its actors once a call).
+    `part=(i, n)`: only the shards of part i of n (every n-th from the i-th, in name order, as webdataset's
+    split_by_node splits them). A folder in `urls` stands
     for the .tar shards in it (`Index.sync_shards` then removes those recorded there whose file is gone)."""
     paths = local_shards(urls)
+    if part is not None:  # (sorted: the same part on every run of an unchanged set)
+        paths = sorted(paths)[part[0]::part[1]]
     chunk = chunk or getattr(engine, "items_per_call", None) or CHUNK_SAMPLES
     report, recorded_shards = SyncReport(), _RecordedShards(index)
     read: list[_ReadShard] = []  # shards read whose new samples wait to be embedded

@@ -19,7 +19,7 @@ from clipkit._progress import progress_bar
 from clipkit.data.images import ImageURL, is_url
 from clipkit.data.urls import UrlTable
 from clipkit.index.ingest import add_captions
-from clipkit.index.sync import SyncReport
+from clipkit.index.sync import SyncReport, shard_of
 
 log = logging.getLogger("clipkit.index")
 
@@ -27,17 +27,19 @@ CHUNK_ROWS = 50_000  # table rows planned at a time
 
 
 def sync_urls(index, table: UrlTable, model, *, batch_size: int = 64, workers: int | None = None,
-              progress: bool | None = None, engine=None, chunk: int | None = None) -> SyncReport:
+              progress: bool | None = None, engine=None, chunk: int | None = None,
+              part: tuple[int, int] | None = None) -> SyncReport:
     """Add the images of `table` that `index` (whose writer lock the caller holds) lacks; see the module.
     `chunk`: table rows planned and handed to the engine at a time (default: the engine's `items_per_call`,
-    else CHUNK_ROWS)."""
+    else CHUNK_ROWS). `part=(i, n)`: only the rows whose URL falls in part i of n (by a hash of the URL)."""
     from clipkit.encode import embed_image_files
 
     chunk = chunk or getattr(engine, "items_per_call", None) or CHUNK_ROWS
     report = SyncReport()
     with progress_bar(progress, total=table.count(), unit="img", desc="indexing") as bar:
         for rows in table.chunks(chunk):
-            todo, more = _new_rows(index, rows, report)
+            mine = rows if part is None else [row for row in rows if shard_of(str(row[0]), part[1]) == part[0]]
+            todo, more = _new_rows(index, mine, report)
             bar.update(len(rows) - len(todo))
             items = [ImageURL(url) for url, _ in todo]
             for vectors, positions, failures in (engine or embed_image_files)(items, model, batch_size=batch_size,
