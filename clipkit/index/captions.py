@@ -54,9 +54,7 @@ class CaptionTable:
         if not is_table(path):
             raise ValueError(f"{path}: a caption table is a .csv, .tsv, .jsonl or .parquet file, or a .txt list of "
                              "image files (one path a line)")
-        from clipkit.data.urls import file_column
-
-        return cls(os.path.abspath(path), file_column(path, image_column), caption_column,
+        return cls(os.path.abspath(path), image_column, caption_column,
                    os.path.abspath(root) if root is not None else None)
 
     @property

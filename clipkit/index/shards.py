@@ -129,8 +129,8 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     (as `clipkit.index.sync.sync_folder`'s); the shards read are embedded together, `chunk` samples or more a
     call (default: the engine's `items_per_call`, else CHUNK_SAMPLES: Ray starts its actors once a call).
     `part=(i, n)`: only the shards of part i of n (every n-th from the i-th, in name order, as webdataset's
-    split_by_node splits them). A folder in `urls` stands
-    for the .tar shards in it (`Index.sync_shards` then removes those recorded there whose file is gone)."""
+    split_by_node splits them). A folder in `urls` stands for the .tar shards in it (`Index.sync_shards` then
+    removes those recorded there whose file is gone)."""
     paths = local_shards(urls)
     if part is not None:  # (sorted: the same part on every run of an unchanged set)
         paths = sorted(paths)[part[0]::part[1]]
@@ -259,7 +259,6 @@ def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, repor
     from clipkit.encode import embed_image_files
 
     started, count, moved = time.time(), 0, 0.0
-
     samples = [sample for shard in shards for sample in shard.samples]
     images = [sample.image for _, sample, _ in samples]
     batches = (engine or embed_image_files)(images, model, batch_size=batch_size) if images else ()
