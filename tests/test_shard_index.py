@@ -244,9 +244,12 @@ def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):
 def test_shard_errors(shards, tmp_path, capsys):
     packed = tmp_path / "packed.tar"
     packed.write_bytes(gzip.compress(shards[0].read_bytes()))
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "train-0.tar.gz").write_bytes(packed.read_bytes())
     for args, message in (([str(packed)], "not an uncompressed tar"),
                           ([str(tmp_path / "none-{0..1}.tar")], "shard not found"),
                           ([str(tmp_path / "none-*.tar")], "no shard matches"),
+                          ([str(packed.parent / "gz")], "not an uncompressed tar"),  # a folder of .tar.gz shards
                           ([str(shards[0]), "--check"], "apply to folders"),
                           ([str(shards[0]), "--shard", "2/2"], "need 0 <= I < N")):
         assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2

@@ -59,7 +59,7 @@ def is_shard_folder(path: str) -> bool:
                     continue
                 if is_image_name(entry.name):
                     return False  # (found at once in a folder of images, however big)
-                tars = tars or entry.name.endswith(".tar")
+                tars = tars or entry.name.endswith((".tar", ".tar.gz", ".tgz"))  # (compressed: refused, saying why)
     except OSError:  # not a folder (or unreadable: then the folder sync says so)
         return False
     return tars
