@@ -14,6 +14,7 @@ paths (a shared file system) and have clipkit installed. Ray is the optional ext
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -74,6 +75,7 @@ class RayEngine:
         if self._started:
             require_ray().shutdown()
             self._started = False
+        _no_colour_reset_at_exit()
 
     def __call__(self, paths: Sequence, model, *, batch_size: int = 64, workers: int | None = None
                  ) -> Iterator[tuple[np.ndarray, list[int], list[tuple[int, str, str]]]]:
@@ -151,6 +153,14 @@ class RayEngine:
         failures = [(int(p), str(r), str(k)) for p, r, k in
                     zip(batch["position"][failed], batch["reason"][failed], batch["kind"][failed])]
         return np.asarray(batch["vector"][ok], np.float32), batch["position"][ok].astype(int).tolist(), failures
+
+
+def _no_colour_reset_at_exit() -> None:
+    """Ray's CLI logger calls colorama.init() as Ray starts, which registers an exit hook that writes ESC[0m to
+    stdout: on a terminal, a stray line after clipkit's summary. clipkit colours nothing, so the hook goes."""
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None and hasattr(initialise, "reset_all"):
+        atexit.unregister(initialise.reset_all)
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:

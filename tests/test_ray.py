@@ -140,3 +140,35 @@ def test_a_failing_ray_run_keeps_what_it_committed_and_says_how_to_go_on(image_f
     monkeypatch.undo()
     assert main(["-q", "index", str(image_folder), "--index", str(index_path), *model]) == 0
     assert len(Index.load(index_path)) == 12  # went on: the 4 kept, the other 8 added
+
+
+def test_ray_leaves_no_colour_reset_for_the_terminal_at_exit():
+    """Ray's CLI logger calls colorama.init() as Ray starts; its exit hook wrote ESC[0m to the terminal after
+    clipkit's summary (a stray line on every --engine ray run). The engine unregisters that hook: a process
+    on a terminal (a pty here) that started Ray's colours ends without it, and one that keeps them does not."""
+    import os
+    import pty
+
+    pytest.importorskip("ray")
+
+    def on_a_terminal(code: str) -> bytes:
+        master, slave = pty.openpty()
+        subprocess.run([sys.executable, "-c", "import sys; from clipkit.encode_ray import require_ray, "
+                        "_no_colour_reset_at_exit; require_ray(); sys.modules['colorama.initialise'].init(strip=False)"
+                        f"; {code}; print('done')"], stdout=slave, stderr=slave, timeout=120, check=True)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # (the terminal's other end closed)
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.close(master)
+        return out
+
+    assert b"\x1b[0m" in on_a_terminal("pass")  # Ray's hook, left alone
+    done = on_a_terminal("_no_colour_reset_at_exit()")
+    assert b"done" in done and b"\x1b[0m" not in done
