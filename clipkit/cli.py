@@ -379,11 +379,8 @@ def cmd_index(args) -> int:
         _structure_options(args, index, model, created)
         index.save()
     _write_skipped_log(args.skipped_log, report.skipped)
-    if len(index) == 0 and not report.skipped and shard is None:
-        from clipkit.data.folder import IMAGE_EXTENSIONS
-
-        print(f"clipkit: warning: found no images in {args.folder} (files ending "
-              f"{', '.join(sorted(IMAGE_EXTENSIONS))}): the index is empty", file=sys.stderr)
+    if not (report.embedded or report.unchanged or report.moved or report.skipped) and shard is None:
+        _warn_nothing_found(args.folder, folder, index)
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log, remembered=args.exclude is None)
         if engine is not None and engine.stats:
@@ -391,6 +388,18 @@ def cmd_index(args) -> int:
             print(f"ray: {engine.stats['actors']} actor(s) (images each: {', '.join(map(str, shares)) or 'none'}); "
                   f"{engine.stats['delivered_twice']} batch(es) delivered again after a retry, committed once")
     return 0
+
+
+def _warn_nothing_found(source: str, folder: Path | None, index) -> None:
+    """SOURCE gave no image: say so, and where a folder holds webdataset shards further down, how to give them."""
+    from clipkit.data.folder import IMAGE_EXTENSIONS
+
+    nested = sorted({str(p.parent) for pattern in ("*/*.tar", "*/*/*.tar") for p in Path(source).glob(pattern)}) \
+        if folder is not None else []
+    hint = (f"; it holds webdataset shards in {', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}: give "
+            f"them as SOURCE (a folder of shards, or '{Path(source) / '*' / '*.tar'}')") if nested else ""
+    print(f"clipkit: warning: found no images in {source} (files ending {', '.join(sorted(IMAGE_EXTENSIONS))})"
+          + (": the index is empty" if len(index) == 0 else "") + hint, file=sys.stderr)
 
 
 def _sync_source(args, index, model, source: tuple, shard, engine):
