@@ -113,7 +113,8 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="write the files that could not be read, with why, as JSON lines")
     _add_index_scale_options(index)
     index.add_argument("--check", action="store_true",
-                       help="report what an update would do (add, re-embed, move, remove) and change nothing")
+                       help="report what an update would do (add, re-embed, move, remove) and change nothing (a folder "
+                            "of images, or shards: which shards would be read, moved or removed)")
     index.add_argument("--no-wait", action="store_true",
                        help="if another process is writing the index, exit (code 2) instead of waiting for it")
     _add_maintenance_commands(commands)
@@ -353,9 +354,9 @@ def cmd_index(args) -> int:
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, listed_only = _index_source(args)
-    if folder is None and (args.check or args.exclude or args.no_exclude or args.captions):
-        raise UsageError("--check, --exclude and --captions apply to folders; shards and URL tables are indexed "
-                         "whole, with their own captions")
+    if folder is None and (args.exclude or args.no_exclude or args.captions or args.check and table is not None):
+        raise UsageError("--check, --exclude and --captions apply to folders (and --check to shards); shards and "
+                         "URL tables are indexed whole, with their own captions")
     if args.exclude and args.no_exclude:
         raise UsageError("give --exclude GLOB (what to leave out from now on) or --no-exclude (nothing), not both")
     if args.no_exclude:
@@ -365,6 +366,8 @@ def cmd_index(args) -> int:
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
         existing = Index.load(index_path) if index_path.exists() else None
+        if folder is None:
+            return _check_shards(existing, args.folder, index_path, shard)
         return _check_index(existing, folder, index_path, args.exclude, shard, table if listed_only else None)
     _prepare_index_folder(index_path)
     with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
@@ -779,6 +782,25 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
                          ("moved", [f"{old} -> {new}" for old, new, _ in plan.moved]), ("removed", plan.gone)):
         for path in paths:
             print(f"  {label}: {json.dumps(str(path), ensure_ascii=False)}")
+    return 0
+
+
+def _check_shards(existing, source: str, index_path: Path, shard) -> int:
+    """`clipkit index SHARDS --check`: which shards an update would read, leave or remove; nothing is written."""
+    from clipkit.index import Index
+    from clipkit.index.shards import plan_shards
+
+    plan = plan_shards(existing if existing is not None else Index(1), source, part=shard)
+    if existing is None:
+        print(f"no index at {index_path} yet: {len(plan.new)} shard(s) would be read and their images indexed")
+        return 0
+    print(f"would read {len(plan.new)} new and {len(plan.changed)} changed shard(s) (their new images embedded), "
+          f"move {len(plan.moved)}, remove {len(plan.gone)} gone ({sum(plan.gone.values())} item(s)); "
+          f"{len(plan.unchanged)} unchanged ({sum(plan.unchanged.values())} item(s))")
+    for label, paths in (("new", plan.new), ("changed", plan.changed), ("removed", list(plan.gone)),
+                         ("moved", [f"{old} -> {new}" for old, new in plan.moved])):
+        for path in paths:
+            print(f"  {label}: {json.dumps(path, ensure_ascii=False)}")
     return 0
 
 

@@ -140,6 +140,12 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(shards, demo, tmp_path, cap
     vectors = dict(zip(index.ids(), index.embeddings()))
     shards[0].unlink()
     shards[1].rename(folder / "renamed.tar")
+    assert main(["index", str(folder), "--index", ix, "--check"]) == 0  # what it would do, reading no shard
+    assert capsys.readouterr().out.splitlines() == [
+        "would read 0 new and 0 changed shard(s) (their new images embedded), move 1, remove 1 gone (10 item(s)); "
+        "1 unchanged (10 item(s))", f'  removed: "{shards[0].resolve()}"',
+        f'  moved: "{shards[1].resolve()} -> {(folder / "renamed.tar").resolve()}"']
+    assert len(Index.load(ix)) == 30
     assert main(["index", str(folder), "--index", ix]) == 0
     out = capsys.readouterr().out
     assert "0 new, 0 changed), 10 moved, 10 unchanged, 10 removed" in out
@@ -250,7 +256,6 @@ def test_shard_errors(shards, tmp_path, capsys):
                           ([str(tmp_path / "none-{0..1}.tar")], "shard not found"),
                           ([str(tmp_path / "none-*.tar")], "no shard matches"),
                           ([str(packed.parent / "gz")], "not an uncompressed tar"),  # a folder of .tar.gz shards
-                          ([str(shards[0]), "--check"], "apply to folders"),
                           ([str(shards[0]), "--shard", "2/2"], "need 0 <= I < N")):
         assert main(["index", *args, "--index", str(tmp_path / "ix")]) == 2
         err = capsys.readouterr().err

@@ -156,6 +156,46 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     return report
 
 
+@dataclass
+class ShardPlan:
+    """What `sync_shards` would do (`clipkit index SHARDS --check`), reading no shard: shard paths by state."""
+
+    new: list[str] = field(default_factory=list)  # never read in full
+    changed: list[str] = field(default_factory=list)  # size or mtime differ from when they were read
+    unchanged: dict[str, int] = field(default_factory=dict)  # -> items indexed from it
+    gone: dict[str, int] = field(default_factory=dict)  # recorded in a folder given, no longer there -> items
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (gone shard, new one of its size and digest)
+
+
+def plan_shards(index, urls: str | Sequence[str], part: tuple[int, int] | None = None) -> ShardPlan:
+    """What syncing the shards `urls` names would do, changing nothing (as `sync_shards` decides it: by each
+    shard's size and mtime against its record; a new shard of a gone one's size and digest is that one moved,
+    which `sync_shards` re-points once it finds every sample where it was)."""
+    paths = local_shards(urls)
+    if part is not None:
+        paths = sorted(paths)[part[0]::part[1]]
+    plan = ShardPlan()
+    for path in paths:
+        stat, recorded = os.stat(path), index.store.shard_record(path)
+        if not recorded:
+            plan.new.append(path)
+        elif recorded[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
+            plan.unchanged[path] = index.count_with_prefix(path + "#")
+        else:
+            plan.changed.append(path)
+    folders, recorded = set(local_folders(urls)), _RecordedShards(index)
+    plan.gone = {shard: index.count_with_prefix(shard + "#") for shard in index.store.shard_records()
+                 if os.path.dirname(shard) in folders and not os.path.isfile(shard)}
+    for path in list(plan.new):
+        old = next(iter(recorded.gone(path)), None)
+        if old is not None:
+            plan.moved.append((old, path))
+            plan.new.remove(path)
+            plan.gone.pop(old, None)
+            recorded.forget(os.stat(path).st_size, old)
+    return plan
+
+
 def local_folders(urls: str | Sequence[str]) -> list[str]:
     """The absolute paths of the local folders `urls` names (each standing for the shards in it)."""
     listed = [urls] if isinstance(urls, str) else list(urls)
