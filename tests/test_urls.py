@@ -244,7 +244,8 @@ def test_a_url_column_of_local_files_indexes_those_files(site, tmp_path, tiny_ck
     assert main(["-q", "index", str(tmp_path / "shards"), "--index", str(tmp_path / "sx")]) == 0
     assert len(Index.load(tmp_path / "sx")) == 3
     web = write_table(tmp_path / f"web{suffix}", [{"url": f"{site[1]}/0.png", "caption": "x"}])
-    assert is_url_table(web)
+    bare = write_table(tmp_path / f"bare{suffix}", [{"url": "www.example.com/0.png", "caption": "x"}])
+    assert is_url_table(web) and is_url_table(bare)  # (a URL without its scheme: skipped as one, as before)
 
 
 def test_a_run_stopped_between_images_and_captions_stores_them_next_time(site, tmp_path, tiny_model, monkeypatch):

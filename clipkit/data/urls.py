@@ -109,13 +109,17 @@ def file_column(path: str | os.PathLike, image_column: str = "image") -> str:
 
 
 def _lists_files(path, column: str) -> bool:
-    """Whether the first value in `column` of the table is a file path or a file: URL, not a URL to fetch."""
+    """Whether the first value in `column` of the table is a file: a file: URL, an absolute path, or a relative
+    one that exists beside the table (`www.site.com/a.jpg`, a URL without its scheme, is not)."""
     try:
         value = next((row.get(column) for row in table_records(path, [column])
                       if isinstance(row.get(column), str) and row.get(column).strip()), "").strip()
     except (OSError, ValueError):
         return False
-    return bool(value) and (value.startswith("file:") or "://" not in value)
+    if value.startswith("file:") or os.path.isabs(value):
+        return True
+    return bool(value) and "://" not in value and os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                             value))
 
 
 def parquet_file(path):
