@@ -135,6 +135,7 @@ def test_a_folder_of_shards_is_indexed_as_its_shards(shards, demo, tmp_path, cap
     index = Index.load(ix)
     reference = {f"{s.resolve()}#{k}": parts for s in shards for k, parts in members(s).items()}
     assert sorted(index.ids()) == sorted(reference)
+    assert sorted(Index.from_folder(folder, demo).ids()) == sorted(reference)  # the API takes it alike
     captions = len(index.captions)
     gone = sum(len(p["txt"].decode().strip().splitlines()) for i, p in reference.items() if i.startswith(str(shards[0])))
     vectors = dict(zip(index.ids(), index.embeddings()))

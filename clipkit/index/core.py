@@ -131,15 +131,20 @@ class Index(FolderSync):
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
                     progress: bool | None = None, index_type: str = "flat", **options) -> "Index":
-        """Embed every image under `folder` (recursively); unreadable files are skipped and logged.
+        """Embed every image under `folder` (recursively); unreadable files are skipped and logged. A folder of
+        webdataset shards (.tar files and no images at its top, as `clipkit index` takes it) gives its shards'.
 
         The report of what was indexed and skipped is in `index.last_sync`.
         """
         from clipkit.encode import as_model
+        from clipkit.index.shards import is_shard_folder
 
         model = as_model(model)
         index = cls(model.dim, model=model, index_type=index_type, **options)
-        index.sync_folder(folder, model, batch_size=batch_size, workers=workers, progress=progress)
+        if is_shard_folder(os.fspath(folder)):
+            index.sync_shards(os.fspath(folder), model, batch_size=batch_size, progress=progress)
+        else:
+            index.sync_folder(folder, model, batch_size=batch_size, workers=workers, progress=progress)
         if index_type != "flat":
             index.build()
         return index
