@@ -564,15 +564,16 @@ def _check_listed_files(table) -> None:
 
 def _check_table_name(source: Path) -> None:
     """A file given as SOURCE that is no table clipkit reads: say what SOURCE may be."""
+    from clipkit.data.urls import table_suffix
     from clipkit.index.captions import is_table
 
     if is_table(source):
         return
     what = ("an image file: index the folder it is in" if is_image_name(source.name) else
             "a text file whose first line is neither an http(s) URL nor an image file's path"
-            if source.suffix.lower() == ".txt" else "no table clipkit reads")
+            if table_suffix(source) == ".txt" else "no table clipkit reads")
     raise UsageError(f"{source} is {what}; SOURCE is a folder of images, a caption or URL table (.csv, .tsv, "
-                     ".jsonl, .parquet; .txt of URLs or of image files) or webdataset shards (.tar)")
+                     ".jsonl, .parquet, or .gz of one; .txt of URLs or of image files) or webdataset shards (.tar)")
 
 
 def _prepare_index_folder(index_path: Path) -> None:
@@ -891,7 +892,7 @@ def cmd_shards(args) -> int:
     if source.is_dir():
         samples = samples_from_folder(source, skipped)
     elif source.is_file():
-        if source.suffix.lower() == ".txt":
+        if source.name.lower().endswith((".txt", ".txt.gz")):
             raise UsageError(f"{source}: a .txt list of images has no captions, which shards need; give a folder with "
                              "NAME.txt captions beside the images, or a .csv/.jsonl/.parquet with a caption column")
         samples = samples_from_table(source, args.image_column, args.caption_column, skipped=skipped)

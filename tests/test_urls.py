@@ -165,6 +165,32 @@ def test_a_slow_or_huge_url_is_skipped_within_its_limits(site, tmp_path, tiny_mo
     assert report.added == 0 and report.skipped_kinds == {"too large": 3}
 
 
+def test_gzipped_tables_are_read_as_streams(site, tmp_path, tiny_ckpt, capsys):
+    """img2dataset takes .csv.gz / .tsv.gz / .jsonl.gz / .txt.gz tables: so does clipkit, URL tables and tables of
+    files alike; a .gz name that is not gzip says so."""
+    import gzip
+
+    urls = [f"{site[1]}/{n}.png" for n in range(4)]
+    model = ["--model", "clipkit-tiny", "--pretrained", str(tiny_ckpt)]
+    plain = write_table(tmp_path / "urls.tsv", [{"url": u, "caption": f"number {n}"} for n, u in enumerate(urls)])
+    (tmp_path / "urls.tsv.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    (tmp_path / "list.txt.gz").write_bytes(gzip.compress("\n".join(urls[:2]).encode()))
+    assert main(["-q", "index", str(tmp_path / "urls.tsv.gz"), "--index", str(tmp_path / "a"), *model]) == 0
+    index = Index.load(tmp_path / "a")
+    assert sorted(index.ids()) == sorted(urls) and len(index.captions) == 4
+    assert main(["-q", "index", str(tmp_path / "list.txt.gz"), "--index", str(tmp_path / "b"), *model]) == 0
+    assert sorted(Index.load(tmp_path / "b").ids()) == sorted(urls[:2])
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "0.png").write_bytes((site[0] / "0.png").read_bytes())
+    (files / "t.csv.gz").write_bytes(gzip.compress(b"image,caption\n0.png,a shape\n"))
+    assert main(["-q", "index", str(files / "t.csv.gz"), "--index", str(tmp_path / "c"), *model]) == 0
+    assert Index.load(tmp_path / "c").ids() == [str((files / "0.png").resolve())]
+    (tmp_path / "fake.csv.gz").write_text("url\nhttp://x/a.png\n")
+    assert main(["index", str(tmp_path / "fake.csv.gz"), "--index", str(tmp_path / "d")]) == 2
+    assert "is not gzip-compressed" in capsys.readouterr().err
+
+
 def test_a_url_table_split_over_processes(site, tmp_path, tiny_ckpt):
     """`--shard I/N` splits a URL table's URLs over N indexes (by a hash of the URL): each URL in one."""
     urls = [f"{site[1]}/{n}.png" for n in range(12)]

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from clipkit.data.urls import file_column, parquet_file, table_records
+from clipkit.data.urls import file_column, parquet_file, table_records, table_suffix
 
 _CHUNK = 10_000  # rows written per statement batch
 
@@ -78,7 +78,7 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
         raise FileNotFoundError(f"caption table not found: {path}")
     image_column = file_column(path, image_column)
     root = os.path.abspath(root if root is not None else path.parent)
-    if path.suffix.lower() == ".parquet":
+    if table_suffix(path) == ".parquet":
         _check_row(path, 1, dict.fromkeys(parquet_file(path).schema_arrow.names), image_column, caption_column,
                    captions)
     try:

@@ -6,6 +6,7 @@ rows never sits in memory.
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 import os
@@ -16,6 +17,13 @@ from typing import Iterator
 from clipkit.data.images import is_url
 
 URL_TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
+
+
+def table_suffix(path: str | os.PathLike) -> str:
+    """A table's kind by its name, lower case, `.gz` looked through: `.csv` for `urls.csv.gz` (img2dataset
+    takes gzipped CSV, TSV, JSONL and text tables; they are read as streams, never unpacked on disk)."""
+    name = Path(path).name.lower()
+    return Path(name[:-3] if name.endswith(".gz") else name).suffix
 
 
 @dataclass(frozen=True)
@@ -30,8 +38,8 @@ class UrlTable:
     def of(cls, path: str | os.PathLike, url_column: str = "url", caption_column: str = "caption") -> "UrlTable":
         if not Path(path).is_file():
             raise FileNotFoundError(f"URL table not found: {path}")
-        if Path(path).suffix.lower() not in URL_TABLE_SUFFIXES:
-            raise ValueError(f"{path}: a URL table is a .parquet, .csv, .tsv, .jsonl or .txt file")
+        if table_suffix(path) not in URL_TABLE_SUFFIXES:
+            raise ValueError(f"{path}: a URL table is a .parquet, .csv, .tsv, .jsonl or .txt file (or .gz of one)")
         table = cls(os.path.abspath(path), url_column, caption_column)
         if table.kind != "txt" and url_column not in table.columns():
             raise ValueError(f"{path} has no column {url_column!r} (columns: {', '.join(table.columns())}); pass "
@@ -40,7 +48,7 @@ class UrlTable:
 
     @property
     def kind(self) -> str:
-        suffix = Path(self.path).suffix.lower()
+        suffix = table_suffix(self.path)
         return "jsonl" if suffix == ".ndjson" else suffix[1:]
 
     def columns(self) -> list[str]:
@@ -48,7 +56,7 @@ class UrlTable:
         if self.kind == "parquet":
             return parquet_file(self.path).schema_arrow.names
         if self.kind in ("csv", "tsv"):
-            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            with _open_text(self.path, errors="replace", newline="") as handle:
                 return next(csv.reader(handle, delimiter=_DELIMITERS[self.kind]), [])
         if self.kind == "jsonl":
             return list(next(table_records(self.path, []), {}))
@@ -79,7 +87,7 @@ def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_c
     URLs; a table with the URL column named (`url_column`); or one with a `url` column of URLs to fetch (not
     file paths) and no column of file paths (`image_column`, `image_path`, ...: a table with both is a
     caption table of the files, `file_column`)."""
-    suffix = Path(path).suffix.lower()
+    suffix = table_suffix(path)
     if suffix not in URL_TABLE_SUFFIXES or not Path(path).is_file():
         return False
     if suffix == ".txt":
@@ -148,15 +156,16 @@ _DELIMITERS = {"csv": ",", "tsv": "\t"}
 def table_records(path: str | os.PathLike, columns: list[str], errors: str = "replace") -> Iterator[dict]:
     """The rows of a table file as dicts, streamed (a table of any size is never read whole): parquet (only
     those of `columns` it has), CSV / TSV with a header, JSONL, or a .txt file of one value a line (as
-    `columns[0]`). `errors`: how text that is not UTF-8 is decoded ("strict": a UnicodeDecodeError)."""
-    suffix = Path(path).suffix.lower()
+    `columns[0]`); any but parquet may be gzipped (.gz). `errors`: how text that is not UTF-8 is decoded
+    ("strict": a UnicodeDecodeError)."""
+    suffix = table_suffix(path)
     if suffix == ".parquet":
         source = parquet_file(path)
         wanted = [c for c in columns if c in source.schema_arrow.names]
         for batch in source.iter_batches(batch_size=8192, columns=wanted):
             yield from batch.to_pylist()
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", errors=errors, newline="") as handle:
+        with _open_text(path, errors=errors, newline="") as handle:
             yield from csv.DictReader(handle, delimiter=_DELIMITERS[suffix[1:]])
     elif suffix in (".jsonl", ".ndjson"):
         yield from (json_record(line, path, n) for n, line in enumerate(_lines(path, errors), 1) if line.strip())
@@ -170,5 +179,15 @@ def first_line(path) -> str:
 
 
 def _lines(path, errors: str = "replace") -> Iterator[str]:
-    with open(path, encoding="utf-8-sig", errors=errors) as handle:
+    with _open_text(path, errors=errors) as handle:
         yield from handle
+
+
+def _open_text(path, errors: str = "replace", newline: str | None = None):
+    """A text table opened for reading as UTF-8 (a byte order mark skipped), through gzip for a .gz name."""
+    if str(path).lower().endswith(".gz"):
+        with open(path, "rb") as raw:
+            if raw.read(2) != b"\x1f\x8b":
+                raise ValueError(f"{path} is not gzip-compressed: name it without .gz, or compress it")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors=errors, newline=newline)
+    return open(path, encoding="utf-8-sig", errors=errors, newline=newline)

@@ -90,9 +90,9 @@ def is_table(path: str | os.PathLike) -> bool:
     """Whether a file is one a `CaptionTable` reads: by its suffix, and a .txt file when it lists image files
     (its first line names one, rather than a URL or a caption)."""
     from clipkit.data.folder import is_image_name
-    from clipkit.data.urls import first_line
+    from clipkit.data.urls import first_line, table_suffix
 
-    suffix = Path(path).suffix.lower()
+    suffix = table_suffix(path)
     if suffix != ".txt":
         return suffix in TABLE_SUFFIXES
     first = first_line(path)
