@@ -439,13 +439,13 @@ def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
 
 def test_caption_table_errors(folder, tmp_path, capsys):
     bad = tmp_path / "captions.csv"
-    bad.write_text("path,text\nx.jpg,a caption\n")
+    bad.write_text("file_name,description\nx.jpg,a caption\n")
     (tmp_path / "semicolons.csv").write_text("image;caption\nx.jpg;a caption\n")  # (Excel in many countries)
     (tmp_path / "latin1.csv").write_bytes("image,caption\nx.jpg,un caf\u00e9\n".encode("latin-1"))
     for args, message in (([str(folder), "--captions", str(tmp_path / "none.csv")], "caption table not found"),
                           ([str(folder), "--captions", str(folder / sorted(folder.glob('*.txt'))[0].name)],
                            ".jsonl or .parquet"),
-                          ([str(bad)], "lacks column 'path' or 'caption' (columns: path, text)"),
+                          ([str(bad)], "lacks column 'image' or 'caption' (columns: file_name, description)"),
                           ([str(tmp_path / "semicolons.csv")], "look separated by ';'"),
                           ([str(tmp_path / "latin1.csv")], "is not UTF-8 text (byte b'\\xe9' at 26): save it as UTF-8"),
                           ([str(bad), "--captions", str(bad)], "not both")):

@@ -165,9 +165,10 @@ def test_a_slow_or_huge_url_is_skipped_within_its_limits(site, tmp_path, tiny_mo
     assert report.added == 0 and report.skipped_kinds == {"too large": 3}
 
 
-def test_gzipped_tables_are_read_as_streams(site, tmp_path, tiny_ckpt, capsys):
+def test_gzipped_tables_and_laion_column_names_are_read(site, tmp_path, tiny_ckpt, capsys):
     """img2dataset takes .csv.gz / .tsv.gz / .jsonl.gz / .txt.gz tables: so does clipkit, URL tables and tables of
-    files alike; a .gz name that is not gzip says so."""
+    files alike; a .gz name that is not gzip says so. LAION's parquet names its columns URL and TEXT (img2dataset
+    is told --url_col URL --caption_col TEXT): found without options, as a `text` caption column is."""
     import gzip
 
     urls = [f"{site[1]}/{n}.png" for n in range(4)]
@@ -186,6 +187,17 @@ def test_gzipped_tables_are_read_as_streams(site, tmp_path, tiny_ckpt, capsys):
     (files / "t.csv.gz").write_bytes(gzip.compress(b"image,caption\n0.png,a shape\n"))
     assert main(["-q", "index", str(files / "t.csv.gz"), "--index", str(tmp_path / "c"), *model]) == 0
     assert Index.load(tmp_path / "c").ids() == [str((files / "0.png").resolve())]
+    laion = write_table(tmp_path / "laion.parquet", [{"SAMPLE_ID": n, "URL": u, "TEXT": f"laion {n}"}
+                                                      for n, u in enumerate(urls)])  # LAION's own column names
+    assert main(["-q", "index", str(laion), "--index", str(tmp_path / "e"), *model]) == 0
+    laion_index = Index.load(tmp_path / "e")
+    assert sorted(laion_index.ids()) == sorted(urls)
+    assert sorted(r["caption"] for r in laion_index.captions.get(laion_index.captions.ids())) == \
+        [f"laion {n}" for n in range(4)]
+    (files / "texts.csv").write_text("image,Text\n0.png,a text column\n")
+    assert main(["-q", "index", str(files / "texts.csv"), "--index", str(tmp_path / "f"), *model]) == 0
+    assert [r["caption"] for r in Index.load(tmp_path / "f").captions.get(Index.load(tmp_path / "f").captions.ids())] \
+        == ["a text column"]
     (tmp_path / "fake.csv.gz").write_text("url\nhttp://x/a.png\n")
     assert main(["index", str(tmp_path / "fake.csv.gz"), "--index", str(tmp_path / "d")]) == 2
     assert "is not gzip-compressed" in capsys.readouterr().err
@@ -248,7 +260,7 @@ def test_which_tables_are_url_tables(tmp_path):
 def test_a_url_column_of_local_files_indexes_those_files(site, tmp_path, tiny_ckpt, capsys, suffix):
     """img2dataset's input made of local files (a `url` column of paths, relative or absolute, or file: URLs)
     indexes those files with their captions, not 'not an http(s) URL' for every row."""
-    from clipkit.data.urls import file_column, is_url_table
+    from clipkit.data.urls import is_url_table, table_columns
 
     root = tmp_path / "files"
     root.mkdir()
@@ -258,7 +270,7 @@ def test_a_url_column_of_local_files_indexes_those_files(site, tmp_path, tiny_ck
             {"url": str(root / "1.png"), "caption": "a green square"},
             {"url": (root / "2 copy.png").as_uri(), "caption": "a blue triangle"}]
     table = write_table(root / f"local{suffix}", rows)
-    assert not is_url_table(table) and file_column(table) == "url"
+    assert not is_url_table(table) and table_columns(table) == ("url", "caption")
     assert main(["index", str(table), "--index", str(tmp_path / "ix"), "--model", "clipkit-tiny",
                  "--pretrained", str(tiny_ckpt)]) == 0
     assert "indexed 3 image(s) (3 new" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from clipkit.data.urls import file_column, parquet_file, table_records, table_suffix
+from clipkit.data.urls import parquet_file, table_columns, table_records, table_suffix
 
 _CHUNK = 10_000  # rows written per statement batch
 
@@ -72,11 +72,11 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
     streamed into a `TableRows`. Relative image paths are taken relative to `root` (default: the table's
     folder). In JSONL the caption field may be a string or a list of strings. `captions=False`: a list of
     images is read too, a table whose one column is `image_column` or a .txt file of image paths, one a line.
-    Without the (default) `image` column, a column of paths is found (`clipkit.data.urls.file_column`)."""
+    Without the (default) `image` or `caption` column, others are looked for (`clipkit.data.urls.table_columns`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption table not found: {path}")
-    image_column = file_column(path, image_column)
+    image_column, caption_column = table_columns(path, image_column, caption_column)
     root = os.path.abspath(root if root is not None else path.parent)
     if table_suffix(path) == ".parquet":
         _check_row(path, 1, dict.fromkeys(parquet_file(path).schema_arrow.names), image_column, caption_column,

@@ -41,10 +41,16 @@ class UrlTable:
         if table_suffix(path) not in URL_TABLE_SUFFIXES:
             raise ValueError(f"{path}: a URL table is a .parquet, .csv, .tsv, .jsonl or .txt file (or .gz of one)")
         table = cls(os.path.abspath(path), url_column, caption_column)
-        if table.kind != "txt" and url_column not in table.columns():
-            raise ValueError(f"{path} has no column {url_column!r} (columns: {', '.join(table.columns())}); pass "
+        if table.kind == "txt":
+            return table
+        columns = table.columns()
+        url_column = named(columns, "url") or url_column if url_column == "url" else url_column
+        caption_column = named(columns, "caption", "text") or caption_column if caption_column == "caption" \
+            else caption_column  # (LAION's parquet: URL and TEXT)
+        if url_column not in columns:
+            raise ValueError(f"{path} has no column {url_column!r} (columns: {', '.join(columns)}); pass "
                              "--url-column")
-        return table
+        return cls(os.path.abspath(path), url_column, caption_column)
 
     @property
     def kind(self) -> str:
@@ -86,7 +92,7 @@ def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_c
     """Whether a table given as `clipkit index SOURCE` lists URLs rather than image files: a .txt file of
     URLs; a table with the URL column named (`url_column`); or one with a `url` column of URLs to fetch (not
     file paths) and no column of file paths (`image_column`, `image_path`, ...: a table with both is a
-    caption table of the files, `file_column`)."""
+    caption table of the files, `table_columns`). The URL column may be spelled in any case (LAION's URL)."""
     suffix = table_suffix(path)
     if suffix not in URL_TABLE_SUFFIXES or not Path(path).is_file():
         return False
@@ -98,22 +104,41 @@ def is_url_table(path: str | os.PathLike, url_column: str | None = None, image_c
         return False  # unreadable: the caption table's reader says why
     if url_column is not None:
         return url_column in columns
-    return "url" in columns and not any(c in columns for c in (image_column, *PATH_COLUMNS)) and \
-        not _lists_files(path, "url")
+    url = named(columns, "url")
+    return url is not None and not any(c in columns for c in (image_column, *PATH_COLUMNS)) and \
+        not _lists_files(path, url)
 
 
-def file_column(path: str | os.PathLike, image_column: str = "image") -> str:
-    """The column of a caption table that names its image files: `image_column` where the table has it (or
-    where it is not the default), else the first of PATH_COLUMNS it has, else `url` where that column
-    holds file paths or file: URLs (img2dataset's input, made of local files) rather than http(s) URLs."""
-    if image_column != "image":
-        return image_column
+def table_columns(path: str | os.PathLike, image_column: str = "image",
+                  caption_column: str = "caption") -> tuple[str, str]:
+    """(image column, caption column) of a caption table. Named ones (not the defaults) are taken as they
+    are. Else the image column is `image`, else the first of PATH_COLUMNS the table has, else its `url` column
+    where that holds file paths or file: URLs (img2dataset's input, made of local files) rather than http(s)
+    URLs; the caption column is `caption`, else `text` (LAION's TEXT), in any case."""
     try:
         columns = UrlTable(os.path.abspath(path), image_column).columns()
     except (OSError, ValueError):
-        return image_column  # unreadable: the caption table's reader says why
+        return image_column, caption_column  # unreadable: the caption table's reader says why
+    if caption_column == "caption":
+        caption_column = named(columns, "caption", "text") or caption_column
+    if image_column != "image":
+        return image_column, caption_column
     found = next((c for c in (image_column, *PATH_COLUMNS) if c in columns), None)
-    return found or ("url" if "url" in columns and _lists_files(path, "url") else image_column)
+    url = named(columns, "url")
+    return found or (url if url and _lists_files(path, url) else image_column), caption_column
+
+
+def named(columns: list[str], name: str, *others: str) -> str | None:
+    """The column called `name` (else one of `others`): as it is spelled, else in any case (LAION's URL)."""
+    by_lower = {}
+    for column in columns:
+        by_lower.setdefault(str(column).lower(), column)
+    for wanted in (name, *others):
+        if wanted in columns:
+            return wanted
+        if wanted.lower() in by_lower:
+            return by_lower[wanted.lower()]
+    return None
 
 
 def _lists_files(path, column: str) -> bool:
