@@ -779,11 +779,16 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
         return 0
     print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
           f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(plan.report)}")
-    for label, paths in (("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),
-                         ("moved", [f"{old} -> {new}" for old, new, _ in plan.moved]), ("removed", plan.gone)):
+    _print_listed((("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),
+                   ("moved", [f"{old} -> {new}" for old, new, _ in plan.moved]), ("removed", plan.gone)))
+    return 0
+
+
+def _print_listed(groups) -> None:
+    """`--check`'s lines: each path of each (label, paths) group, as JSON text."""
+    for label, paths in groups:
         for path in paths:
             print(f"  {label}: {json.dumps(str(path), ensure_ascii=False)}")
-    return 0
 
 
 def _check_shards(existing, source: str, index_path: Path, shard) -> int:
@@ -798,10 +803,8 @@ def _check_shards(existing, source: str, index_path: Path, shard) -> int:
     print(f"would read {len(plan.new)} new and {len(plan.changed)} changed shard(s) (their new images embedded), "
           f"move {len(plan.moved)}, remove {len(plan.gone)} gone ({sum(plan.gone.values())} item(s)); "
           f"{len(plan.unchanged)} unchanged ({sum(plan.unchanged.values())} item(s))")
-    for label, paths in (("new", plan.new), ("changed", plan.changed), ("removed", list(plan.gone)),
-                         ("moved", [f"{old} -> {new}" for old, new in plan.moved])):
-        for path in paths:
-            print(f"  {label}: {json.dumps(path, ensure_ascii=False)}")
+    _print_listed((("new", plan.new), ("changed", plan.changed), ("removed", list(plan.gone)),
+                   ("moved", [f"{old} -> {new}" for old, new in plan.moved])))
     return 0
 
 
@@ -886,13 +889,14 @@ def cmd_synth(args) -> int:
 
 def cmd_shards(args) -> int:
     from clipkit.data.shards import samples_from_folder, samples_from_table, write_shards
+    from clipkit.data.urls import table_suffix
 
     source = Path(args.source)
     skipped: list = []
     if source.is_dir():
         samples = samples_from_folder(source, skipped)
     elif source.is_file():
-        if source.name.lower().endswith((".txt", ".txt.gz")):
+        if table_suffix(source) == ".txt":
             raise UsageError(f"{source}: a .txt list of images has no captions, which shards need; give a folder with "
                              "NAME.txt captions beside the images, or a .csv/.jsonl/.parquet with a caption column")
         samples = samples_from_table(source, args.image_column, args.caption_column, skipped=skipped)

@@ -44,9 +44,9 @@ class UrlTable:
         if table.kind == "txt":
             return table
         columns = table.columns()
-        url_column = named(columns, "url") or url_column if url_column == "url" else url_column
-        caption_column = named(columns, "caption", "text") or caption_column if caption_column == "caption" \
-            else caption_column  # (LAION's parquet: URL and TEXT)
+        if url_column == "url":  # (LAION's parquet: URL and TEXT)
+            url_column = named(columns, "url") or url_column
+        caption_column = _caption_column(columns, caption_column)
         if url_column not in columns:
             raise ValueError(f"{path} has no column {url_column!r} (columns: {', '.join(columns)}); pass "
                              "--url-column")
@@ -119,13 +119,17 @@ def table_columns(path: str | os.PathLike, image_column: str = "image",
         columns = UrlTable(os.path.abspath(path), image_column).columns()
     except (OSError, ValueError):
         return image_column, caption_column  # unreadable: the caption table's reader says why
-    if caption_column == "caption":
-        caption_column = named(columns, "caption", "text") or caption_column
+    caption_column = _caption_column(columns, caption_column)
     if image_column != "image":
         return image_column, caption_column
     found = next((c for c in (image_column, *PATH_COLUMNS) if c in columns), None)
     url = named(columns, "url")
     return found or (url if url and _lists_files(path, url) else image_column), caption_column
+
+
+def _caption_column(columns: list[str], caption_column: str) -> str:
+    """`caption_column`; the default `caption` is else a `text` column (LAION's TEXT), in any case."""
+    return (named(columns, "caption", "text") or caption_column) if caption_column == "caption" else caption_column
 
 
 def named(columns: list[str], name: str, *others: str) -> str | None:

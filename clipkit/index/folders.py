@@ -137,10 +137,10 @@ class FolderSync:
         `engine` as there (its workers must see the shards' files), given the new samples of `chunk` or more
         of them at a time (default: the engine's `items_per_call`, else 50,000; many shards, one call: a Ray
         actor pool starts once a call). `shard=(i, n)`: only the shard files of part i of n (every n-th from the
-        i-th, in name order), for indexing a shard set from n processes into n indexes merged later (`Index.merge`).
-        A folder stands for the .tar shards in it:
-        those recorded there whose file is gone are removed, as `sync_folder` removes deleted files (after the
-        others are read, so that a shard renamed inside the folder keeps its items)."""
+        i-th, in name order), for indexing a shard set from n processes into n indexes merged later
+        (`Index.merge`). A folder stands for the .tar shards in it: those recorded there whose file is gone are
+        removed, as `sync_folder` removes deleted files (after the others are read, so that a shard renamed
+        inside the folder keeps its items)."""
         from clipkit.index.shards import local_folders, sync_shards
 
         model = self._writing_model(model)
@@ -177,13 +177,14 @@ class FolderSync:
 
         if model is not None:
             model = self._writing_model(model)
+        exported = exported_model(folder)
         with self.writer(on_wait=log.warning):
             self._writable_captions()  # a read-only caption collection is refused before anything is added
-            check_exported_model(folder, model.info if model is not None else self.model_info)
+            check_exported_model(folder, exported, model.info if model is not None else self.model_info)
             if model is not None:
                 self._record_model(model)
-            elif self.model_info is None and exported_model(folder) is not None:
-                self._record_model_info(exported_model(folder))
+            elif self.model_info is None and exported is not None:
+                self._record_model_info(exported)
             report = sync_embeddings(self, folder, model, chunk=chunk, progress=progress)
         self.last_sync = report
         return report

@@ -116,10 +116,10 @@ def exported_model(folder: str | os.PathLike) -> dict | None:
     return info if isinstance(info, dict) and isinstance(info.get("name"), str) else None
 
 
-def check_exported_model(folder: str | os.PathLike, info: dict | None) -> None:
-    """Refuse to put the embeddings of a clipkit export into an index of another model (`info`: the index's,
-    or the one given to ingest them with): they are not comparable."""
-    exported = exported_model(folder)
+def check_exported_model(folder: str | os.PathLike, exported: dict | None, info: dict | None) -> None:
+    """Refuse to put the embeddings of a clipkit export (`exported`: the model its export.json records) into an
+    index of another model (`info`: the index's, or the one given to ingest them with): they are not
+    comparable."""
     if exported is not None and info is not None and exported.get("fingerprint") != info.get("fingerprint"):
         raise ModelMismatchError(
             f"{folder} holds embeddings of model {exported['name']!r} (pretrained={exported.get('pretrained')!r}, "

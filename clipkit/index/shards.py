@@ -131,26 +131,24 @@ def sync_shards(index, urls: str | Sequence[str], model, *, batch_size: int = 64
     `part=(i, n)`: only the shards of part i of n (every n-th from the i-th, in name order, as webdataset's
     split_by_node splits them). A folder in `urls` stands for the .tar shards in it (`Index.sync_shards` then
     removes those recorded there whose file is gone)."""
-    paths = local_shards(urls)
-    if part is not None:  # (sorted: the same part on every run of an unchanged set)
-        paths = sorted(paths)[part[0]::part[1]]
+    paths = _shard_paths(urls, part)
     chunk = chunk or getattr(engine, "items_per_call", None) or CHUNK_SAMPLES
     report, recorded_shards = SyncReport(), _RecordedShards(index)
-    read: list[_ReadShard] = []  # shards read whose new samples wait to be embedded
+    read, waiting = [], 0  # shards read whose new samples wait to be embedded; how many samples
     with progress_bar(progress, total=len(paths), unit="shard", desc="indexing", bar_format=_BAR) as bar:
         for path in paths:
             stat = os.stat(path)
-            recorded = index.store.shard_record(path) or []
-            if recorded[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
+            if _unchanged(index, path, stat):
                 report.unchanged += index.count_with_prefix(path + "#")
                 if on_shard is not None:
                     on_shard(path, None)
                 bar.update(1)
                 continue
             read.append(_read_shard(index, path, stat, report, recorded_shards))
-            if sum(len(shard.samples) for shard in read) >= chunk:
+            waiting += len(read[-1].samples)
+            if waiting >= chunk:
                 _embed_shards(index, read, model, batch_size, report, engine, on_shard, bar)
-                read = []
+                read, waiting = [], 0
         _embed_shards(index, read, model, batch_size, report, engine, on_shard, bar)
     report.orphaned.update(_gone_shards(index))
     return report
@@ -171,15 +169,11 @@ def plan_shards(index, urls: str | Sequence[str], part: tuple[int, int] | None =
     """What syncing the shards `urls` names would do, changing nothing (as `sync_shards` decides it: by each
     shard's size and mtime against its record; a new shard of a gone one's size and digest is that one moved,
     which `sync_shards` re-points once it finds every sample where it was)."""
-    paths = local_shards(urls)
-    if part is not None:
-        paths = sorted(paths)[part[0]::part[1]]
     plan = ShardPlan()
-    for path in paths:
-        stat, recorded = os.stat(path), index.store.shard_record(path)
-        if not recorded:
+    for path in _shard_paths(urls, part):
+        if not index.store.shard_record(path):
             plan.new.append(path)
-        elif recorded[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path):
+        elif _unchanged(index, path, os.stat(path)):
             plan.unchanged[path] = index.count_with_prefix(path + "#")
         else:
             plan.changed.append(path)
@@ -194,6 +188,20 @@ def plan_shards(index, urls: str | Sequence[str], part: tuple[int, int] | None =
             plan.gone.pop(old, None)
             recorded.forget(os.stat(path).st_size, old)
     return plan
+
+
+def _shard_paths(urls: str | Sequence[str], part: tuple[int, int] | None) -> list[str]:
+    """The shards `urls` names; of part i of n (`part`), every n-th from the i-th in name order (sorted: the
+    same part on every run of an unchanged set)."""
+    paths = local_shards(urls)
+    return paths if part is None else sorted(paths)[part[0]::part[1]]
+
+
+def _unchanged(index, path: str, stat: os.stat_result) -> bool:
+    """Whether the shard at `path` is as it was when last read in full (its recorded size and mtime), with
+    its captions in place: then it is not read again."""
+    recorded = index.store.shard_record(path) or []
+    return recorded[:2] == [stat.st_size, stat.st_mtime] and not _captions_lost(index, path)
 
 
 def local_folders(urls: str | Sequence[str]) -> list[str]:
