@@ -156,7 +156,8 @@ def _add_index_scale_options(index) -> None:
 
 def _add_search_command(commands) -> None:
     search = commands.add_parser("search", help="search an index with a text query or an image file")
-    search.add_argument("query", help="text, or an image to search by: a file's path, or an http(s) URL (fetched)")
+    search.add_argument("query", help="text, or an image to search by: a file's path, an http(s) URL (fetched), "
+                        "or an indexed item's id as search prints it (SHARD.tar#KEY)")
     search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
     search.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     search.add_argument("-k", type=_positive_int, default=10, help="number of results (default: 10)")
@@ -833,12 +834,34 @@ def _search_query(text: str, as_text: bool):
         raise UsageError(f"{exc} (to search for this text, add --text)") from None
 
 
+def _indexed_item_query(index, text: str):
+    """QUERY as an item of the index (its id as search prints it, e.g. SHARD.tar#KEY or an indexed URL; a
+    shard's path may be relative): the item's image, read from its file or shard, or its stored embedding
+    where it has no image (added from embeddings). None where QUERY names no item."""
+    from clipkit.encode import load_image
+    from clipkit.index.shards import is_shard_spec, item_image
+
+    text = text.strip()
+    shard, _, member = text.rpartition("#")
+    candidates = [text] + ([f"{os.path.abspath(shard)}#{member}"] if shard and member else [])
+    found = index.find(candidates)
+    record = next((found[c] for c in candidates if c in found), None)
+    if record is None:
+        if shard and member and is_shard_spec(shard) and os.path.isfile(shard):
+            raise UsageError(f"{text} is not in {index.path}: index its shard first (to search for this text, "
+                             "add --text)")
+        return None
+    source = item_image(record.get("path"), record)
+    return load_image(source) if source is not None else index.embeddings([record["id"]])[0]
+
+
 def cmd_search(args) -> int:
     from clipkit.index import Index
     from clipkit.search import index_model, search
 
-    query = _search_query(args.query, args.text)
     index = Index.load(args.index)
+    query = None if args.text else _indexed_item_query(index, args.query)
+    query = _search_query(args.query, args.text) if query is None else query
     model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
     reranker = None
     if args.reranker:

@@ -4,6 +4,7 @@ and re-ranked from the bytes inside the shard."""
 from __future__ import annotations
 
 import gzip
+import json
 import io
 import os
 import tarfile
@@ -246,6 +247,33 @@ def test_shard_items_are_served_from_the_tar(shards, demo, tmp_path):
         assert knn[0]["url"].endswith(first["image_url"]) and "image_path" not in knn[0] and knn[0]["caption"]
         similar = client.post("/knn-service", json={"image_url": knn[1]["url"], "num_images": 3}).json()
         assert similar[0]["id"] == knn[1]["id"]
+
+
+def test_search_by_an_indexed_item(shards, demo, tmp_path, capsys, monkeypatch):
+    """An id that search printed (SHARD.tar#KEY, its shard path relative or absolute) is a query for that item:
+    its image, read from the shard (so it re-ranks too), or its stored vector where it has no image; a shard
+    sample that is not indexed is refused, not searched as text."""
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(shards[0]), "--index", ix]) == 0
+    index = Index.load(ix)
+    item = sorted(index.ids())[3]
+    monkeypatch.chdir(shards[0].parent)
+    relative = f"{shards[0].name}#{item.rpartition('#')[2]}"
+    for query in (item, relative):
+        assert main(["search", query, "--index", ix, "-k", "3", "--json"]) == 0
+        hits = json.loads(capsys.readouterr().out)
+        assert hits[0]["id"] == item and hits[0]["score"] > 0.999
+    assert main(["search", relative, "--index", ix, "-k", "2", "--captions", "--rerank", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and all("itc_score" in h["metadata"] for h in hits)
+    Index.from_embeddings(index.embeddings(), ids=index.ids(), model=demo).save(tmp_path / "copy")  # no images
+    assert main(["search", item, "--index", str(tmp_path / "copy"), "-k", "1", "--paths"]) == 0
+    assert capsys.readouterr().out.strip() == item
+    other = f"{shards[1].resolve()}#{sorted(members(shards[1]))[0]}"
+    assert main(["search", other, "--index", ix]) == 2
+    err = capsys.readouterr().err
+    assert "is not in" in err and "add --text" in err
+    assert main(["search", other, "--text", "--index", ix, "-k", "1", "-q"]) == 0
 
 
 def test_shard_errors(shards, tmp_path, capsys):
