@@ -86,3 +86,46 @@ def read_regular(path: str | os.PathLike) -> bytes:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+class SkipList:
+    """The (path, reason) pairs of what a run skipped, in order, as a list reads them. The first `kept` are
+    held in memory; the rest go to an unnamed temporary file, so a run that skips millions (a URL table's dead
+    links) stays in bounded memory and `--skipped-log` still lists every one."""
+
+    def __init__(self, kept: int = 10_000):
+        self.kept, self._head, self._spill, self._count = kept, [], None, 0
+
+    def append(self, entry: tuple[str, str]) -> None:
+        path, reason = entry
+        if len(self._head) < self.kept:
+            self._head.append((path, reason))
+        else:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape")
+            self._spill.seek(0, os.SEEK_END)
+            self._spill.write(json.dumps([path, reason], ensure_ascii=False) + "\n")
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        yield from self._head
+        if self._spill is not None:
+            self._spill.flush()
+            self._spill.seek(0)
+            for line in self._spill:
+                path, reason = json.loads(line)
+                yield path, reason
+
+    def __getitem__(self, at):
+        if isinstance(at, slice) and (at.stop is not None and 0 <= at.stop <= len(self._head)):
+            return self._head[at]
+        return list(self)[at]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"SkipList({len(self)} skipped)"

@@ -744,12 +744,15 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _write_skipped_log(skipped_log: str | None, skipped: list[tuple[str, str]]) -> None:
+def _write_skipped_log(skipped_log: str | None, skipped) -> None:
+    """Every skipped (path, reason) as a JSON line, streamed (a URL table may skip millions)."""
     if skipped_log:
-        from clipkit._io import atomic_write_bytes
+        from clipkit._io import atomic_path
 
-        atomic_write_bytes(skipped_log, "".join(json.dumps({"path": path, "reason": reason}, ensure_ascii=False)
-                                               + "\n" for path, reason in skipped).encode())
+        with atomic_path(skipped_log) as temporary, open(temporary, "w", encoding="utf-8",
+                                                         errors="surrogateescape") as out:
+            for path, reason in skipped:
+                out.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
 
 
 def _print_skipped(skipped: list[tuple[str, str]], skipped_log: str | None) -> None:
@@ -911,11 +914,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_shards(args) -> int:
+    from clipkit._io import SkipList
     from clipkit.data.shards import samples_from_folder, samples_from_table, write_shards
     from clipkit.data.urls import table_suffix
 
     source = Path(args.source)
-    skipped: list = []
+    skipped = SkipList()  # (bounded memory)
     if source.is_dir():
         samples = samples_from_folder(source, skipped)
     elif source.is_file():

@@ -399,10 +399,14 @@ def test_synth_and_shards_commands(tmp_path, capsys):
     assert main(["-q", "synth", str(tmp_path / "s"), "--n", "50", "--split", "test"]) == 0  # another split: fine
 
 
-def test_shards_command_lists_skipped_files_once_and_logs_them_all(tmp_path, capsys):
+def test_shards_command_lists_skipped_files_once_and_logs_them_all(tmp_path, capsys, monkeypatch):
     """A table with many missing images: the first 20 are named once each (not once as a warning and again in
-    a summary), the rest counted; --skipped-log has every one."""
+    a summary), the rest counted; --skipped-log has every one, in order, though past the first 5 (here) they
+    were kept on disk, not in memory."""
+    from clipkit._io import SkipList
     from clipkit.cli import main
+
+    monkeypatch.setattr(SkipList.__init__, "__defaults__", (5,))
 
     draw_shape("red", "square", (24, 24)).save(tmp_path / "x.jpg")
     with open(tmp_path / "t.csv", "w", newline="") as f:
@@ -413,4 +417,17 @@ def test_shards_command_lists_skipped_files_once_and_logs_them_all(tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("gone") == 20 and "... and 3 more skipped; all in" in err
     logged = [json.loads(line) for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
-    assert sorted(r["path"] for r in logged) == sorted(str(tmp_path / f"gone{n}.jpg") for n in range(23))
+    assert [r["path"] for r in logged] == [str(tmp_path / f"gone{n}.jpg") for n in range(23)]
+
+
+def test_a_skip_list_reads_as_a_list_and_keeps_few_in_memory():
+    from clipkit._io import SkipList
+
+    skipped, reference = SkipList(kept=3), []
+    for n in range(10):
+        entry = (f"caf\udce9-{n}.jpg" if n == 7 else f"{n}.jpg", f"reason \u00e9 {n}")  # (a name not UTF-8 too)
+        skipped.append(entry)
+        reference.append(entry)
+        assert len(skipped) == n + 1 and list(skipped) == reference and skipped[-1] == entry
+    assert len(skipped._head) == 3 and skipped[:2] == reference[:2] and skipped[:20] == reference
+    assert skipped == reference and dict(skipped) == dict(reference) and bool(skipped) and not SkipList()

@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Container, NamedTuple, Sequence
 
+from clipkit._io import SkipList
 from clipkit._progress import progress_bar
 from clipkit.data.folder import scan_image_paths
 from clipkit.data.images import failure_kind
@@ -36,7 +37,7 @@ class SyncReport:
     removed: int = 0
     moved: int = 0  # renamed or moved files recognised by content, kept without re-embedding
     unchanged: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    skipped: SkipList = field(default_factory=SkipList)  # (path, reason), as a list reads them; bounded memory
     skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
     orphaned: dict[str, int] = field(default_factory=dict)  # indexed folders that no longer exist -> items left
     moves: list[tuple] = field(default_factory=list, repr=False)  # (old id, new id) of the moved files
