@@ -235,7 +235,9 @@ def _add_eval_arguments(parser) -> None:
     from clipkit.evaluate import DATASETS
 
     parser.add_argument("--dataset", default="synthetic", metavar="NAME",
-                        help=f"{', '.join(DATASETS[:-1])} or folder:DIR (images with NAME.txt captions)")
+                        help=f"{', '.join(DATASETS[:-1])}, or your own data by its path: a folder of images with "
+                        "NAME.txt captions, webdataset shards (a .tar, a pattern or a folder of them), or a caption "
+                        "table (.csv, .tsv, .jsonl, .parquet)")
     parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
     parser.add_argument("--captions", default=None,
                         help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")
@@ -521,7 +523,8 @@ def _index_source(args) -> tuple[Path | None, object, bool]:
     SOURCE`; folder None: SOURCE names webdataset shards, or a URL table (then the table)."""
     from clipkit.data.urls import UrlTable, is_url_table
     from clipkit.index import CaptionTable
-    from clipkit.index.shards import is_shard_spec, local_shards
+    from clipkit.data.loader import is_shard_spec
+    from clipkit.index.shards import local_shards
 
     if is_shard_spec(args.folder):
         local_shards(args.folder)  # they exist, on this machine
@@ -842,7 +845,8 @@ def _indexed_item_query(index, text: str):
     shard's path may be relative): the item's image, read from its file or shard, or its stored embedding
     where it has no image (added from embeddings). None where QUERY names no item."""
     from clipkit.encode import load_image
-    from clipkit.index.shards import is_shard_spec, item_image
+    from clipkit.data.loader import is_shard_spec
+    from clipkit.index.shards import item_image
 
     text = text.strip()
     shard, _, member = text.rpartition("#")

@@ -8,6 +8,7 @@ re-ranked Recall@K for K <= rerank_k is capped by ITC's Recall@rerank_k (reporte
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,13 +170,17 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
                  split: str = "test", n_images: int = 1000, seed: int = 0) -> RetrievalSet:
     """A retrieval set: the synthetic test split (`n_images`, `seed`), Flickr30k / COCO (`root` the image folder,
     `captions` the Karpathy JSON), webdataset shards (`root` their URLs) or a folder of images with NAME.txt
-    captions ("folder:DIR", or "folder" with `root`)."""
-    from clipkit.data.captions import read_folder_set, read_karpathy, read_shard_set, synthetic_set
+    captions ("folder:DIR", or "folder" with `root`). A path as `dataset` is what it holds: shards (a .tar, a
+    brace pattern or glob, a folder of them), a caption table (.csv/.tsv/.jsonl/.parquet), or a folder."""
+    from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
 
     if dataset.startswith("folder:"):
         dataset, root = "folder", dataset.split(":", 1)[1]
+    elif dataset not in DATASETS and _names_data(dataset):
+        return _path_set(dataset)
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}, or the path of a folder of "
+                         "images with NAME.txt captions, of shards, or of a caption table")
     if dataset == "synthetic":
         return synthetic_set(n_images, seed=seed, split=split)
     if not root:
@@ -183,9 +188,27 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
     if dataset == "wds":
         return read_shard_set(root)
     if dataset == "folder":
-        return read_folder_set(root)
+        return _path_set(root)  # (a folder of shards is read as shards)
     captions = captions or str(Path(root) / f"dataset_{dataset}.json")
     return read_karpathy(captions, root, split=split, name=dataset)
+
+
+def _names_data(dataset: str) -> bool:
+    """Whether `dataset` is a path (existing, or a shard pattern) rather than a data set's name."""
+    return os.path.exists(dataset) or ".tar" in dataset and ("{" in dataset or "*" in dataset)
+
+
+def _path_set(path: str) -> RetrievalSet:
+    """The retrieval set at `path`: shards, a caption table, or a folder of images with NAME.txt captions."""
+    from clipkit.data.captions import read_folder_set, read_shard_set, read_table_set
+    from clipkit.data.loader import is_shard_spec
+    from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
+
+    if is_shard_spec(path) or ".tar" in path and "*" in path:
+        return read_shard_set(path, name=Path(path).name)
+    if os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES:
+        return read_table_set(path)
+    return read_folder_set(path)
 
 
 def _by_direction(metrics: dict | None, ks) -> dict | None:

@@ -273,6 +273,29 @@ def _strip_txt(folder: Path) -> dict[str, list[str]]:
     return captions
 
 
+def test_eval_takes_the_user_s_data_by_its_path(folder, tmp_path, capsys, caplog):
+    """`clipkit eval --dataset PATH`: the same pairs as a folder, as shards (a folder of them, a .tar, a glob)
+    and as a caption table give the same recall; a table's missing images are left out with a warning."""
+    from clipkit.data.shards import samples_from_folder, write_shards
+
+    shards = write_shards(samples_from_folder(folder), tmp_path / "shards", maxcount=15, progress=False)
+    rows = [(str(p.with_suffix(".jpg")), text) for p in sorted(folder.glob("*.txt")) for text in lines(p)]
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\n" + "".join(f'{image},"{text}"\n' for image, text in rows + [("gone.jpg", "x")]))
+    results = {}
+    for dataset in (f"folder:{folder}", str(folder), str(tmp_path / "shards"), f"folder:{tmp_path / 'shards'}",
+                    str(tmp_path / "shards" / "*.tar"), str(table)):
+        assert main(["eval", "--dataset", dataset, "--json", str(tmp_path / "r.json")]) == 0, dataset
+        report = json.loads((tmp_path / "r.json").read_text())
+        results[dataset] = (report["n_images"], report["n_texts"], report["itc"])
+    assert len(shards) == 3 and len({json.dumps(r, sort_keys=True) for r in results.values()}) == 1, results
+    assert results[str(table)][:2] == (40, len(rows)) and "1 image(s) listed in" in caplog.text
+    assert main(["eval", "--dataset", str(shards[0])]) == 0
+    assert "15 images" in capsys.readouterr().out
+    assert main(["eval", "--dataset", "no-such-set"]) == 2
+    assert "or the path of a folder" in capsys.readouterr().err
+
+
 def test_index_a_caption_table(folder, demo, tmp_path, capsys):
     """`clipkit index TABLE.csv`: the images it lists, with its captions; incremental on the table's rows."""
     captions = _strip_txt(folder)

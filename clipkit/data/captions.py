@@ -107,6 +107,35 @@ def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
     return RetrievalSet(name=f"folder:{folder.name}", images=images, captions=captions, text_to_image=text_to_image)
 
 
+def read_table_set(path: str | os.PathLike, image_column: str = "image", caption_column: str = "caption"
+                   ) -> RetrievalSet:
+    """A caption table (CSV / TSV / JSONL / parquet, as `clipkit index` and `clipkit shards` read it: rows of
+    one image merged) as a retrieval set; images listed without a caption, and files that are gone, are left
+    out (the latter with a warning)."""
+    import logging
+
+    from clipkit.data.tables import read_table
+
+    images, captions, text_to_image, missing = [], [], [], []
+    with read_table(path, image_column, caption_column) as rows:
+        for image, lines in rows.items():
+            if not lines:
+                continue
+            if not os.path.isfile(image):
+                missing.append(image)
+                continue
+            captions += lines
+            text_to_image += [len(images)] * len(lines)
+            images.append(Path(image))
+    if missing:
+        logging.getLogger("clipkit").warning("%d image(s) listed in %s are missing (e.g. %s): evaluated without them",
+                                             len(missing), path, missing[0])
+    if not images:
+        raise ValueError(f"no image listed in {path} with a caption exists on disk")
+    return RetrievalSet(name=Path(path).name, images=images, captions=captions, text_to_image=text_to_image,
+                        meta={"source": str(path)})
+
+
 def synthetic_set(n_images: int = 1000, seed: int = 0, split: str = "test", size: int = 64,
                   workers: int | None = None) -> RetrievalSet:
     """The synthetic split as an in-memory retrieval set, distractors included in the gallery."""
