@@ -137,6 +137,11 @@ def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_
     assert [r["val"] for r in log_rows(tmp_path / "run2") if "val" in r][-1]["t2i_R@10"] == 1.0  # 3 images
     capsys.readouterr()
     (tmp_path / "t.csv").write_text("image,caption\n0.png,a red circle\n")
+    (images / "t.csv").write_text("image,caption\n0.png,a red circle\n1.png,a blue square\n")
+    for n, val in enumerate((str(images), str(images / "t.csv"))):  # a folder or a caption table by its path alone
+        train(config(tmp_path / f"run3-{n}", shards, steps=1, ckpt_every=1, val=val, val_every=0))
+        scores = [r["val"] for r in log_rows(tmp_path / f"run3-{n}") if "val" in r][-1]
+        assert scores["t2i_R@10"] == 1.0 and 1 <= scores["i2t_mean_rank"] <= (3, 2)[n]  # 3 images, then 2
     for data, says in [(str(images), "is a folder without .tar shards"), (str(tmp_path / "t.csv"), "clipkit shards")]:
         assert main(["train", "--data", data, "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
         assert says in capsys.readouterr().err

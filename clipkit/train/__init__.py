@@ -60,7 +60,7 @@ class TrainConfig:
     pretrained: str | None = field(default=None, metadata={"help": "initial weights: tag or local file"})
     val: str | None = field(default="synthetic:300", metadata={
         "help": "validation set, scored by recall both ways: synthetic:N, webdataset shards (as --data), "
-                "folder:DIR (images with NAME.txt captions), or none"})
+                "a folder of images with NAME.txt captions, a caption table (.csv, .jsonl, .parquet), or none"})
     steps: int = field(default=1000, metadata={"help": "optimizer steps in all"})
     batch_size: int = field(default=64, metadata={"help": "samples per micro-batch per process"})
     accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -263,11 +263,13 @@ def validation_set(config: TrainConfig):
         from clipkit.data.captions import synthetic_set
 
         return synthetic_set(_synthetic_count(config.val), seed=config.seed, split="val", size=config.synthetic_size)
+    from clipkit.data.loader import is_shard_spec
     from clipkit.evaluate import load_dataset
 
-    if config.val.startswith("folder:"):  # images with NAME.txt captions
-        return load_dataset(config.val)
-    return load_dataset("wds", root=[u.strip() for u in config.val.split(",") if u.strip()])  # shards, as --data
+    parts = [u.strip() for u in config.val.split(",") if u.strip()]
+    if config.val.startswith("folder:") or len(parts) == 1 and os.path.exists(parts[0]) and not is_shard_spec(parts[0]):
+        return load_dataset(config.val)  # images with NAME.txt captions, or a caption table
+    return load_dataset("wds", root=parts)  # shards, as --data
 
 
 # ---------------------------------------------------------------------------------------------
