@@ -50,6 +50,9 @@ def test_errors_are_one_line_exit_2(argv, message, capsys, tmp_path, image_folde
     if argv == ["index", "."]:
         argv, message = ["index", str(image_folder), "--index", str(tmp_path / "i"), "--model", "ViT-B-99"], \
             "unknown model 'ViT-B-99'"
+    if "holiday/missing.jpg" in argv:  # (searched in an index that exists: the index is looked at first)
+        Index.from_embeddings(np.eye(4, dtype=np.float32)).save(tmp_path / "ix")
+        argv = [*argv, "--index", str(tmp_path / "ix")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("clipkit: error: ") and message in err
