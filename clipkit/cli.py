@@ -111,6 +111,9 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="forget the folder's remembered --exclude globs: index everything in it again")
     index.add_argument("--skipped-log", default=None, metavar="FILE",
                        help="write the files that could not be read, with why, as JSON lines")
+    index.add_argument("--max-pixels", type=float, default=None, metavar="MP",
+                       help="read images of up to MP megapixels (default: Pillow's 89; larger ones are skipped as "
+                            "possible decompression bombs). A PNG or TIFF is decoded in full: 3 bytes a pixel")
     _add_index_scale_options(index)
     index.add_argument("--check", action="store_true",
                        help="report what an update would do (add, re-embed, move, remove) and change nothing (a folder "
@@ -365,6 +368,7 @@ def cmd_index(args) -> int:
     if args.no_exclude:
         args.exclude = []
     shard = _parse_shard(args.shard) if args.shard else None
+    _set_pixel_limit(args.max_pixels)
     engine = _engine(args)
     index_path = Path(args.index.replace("{rank}", str(shard[0])) if shard else args.index)
     if args.check:
@@ -423,6 +427,17 @@ def _sync_source(args, index, model, source: tuple, shard, engine):
     if listed_only:
         return index.sync_table(table, model, **options)
     return index.sync_folder(folder, model, captions=table, **options)
+
+
+def _set_pixel_limit(megapixels: float | None) -> None:
+    """--max-pixels: Pillow's limit on the pixels of an image read (Ray's actors are handed it too)."""
+    if megapixels is None:
+        return
+    if not 0 < megapixels <= 10_000:
+        raise UsageError(f"--max-pixels is in megapixels, from 0 to 10000, got {megapixels:g}")
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = int(megapixels * 1e6)
 
 
 def _engine(args):

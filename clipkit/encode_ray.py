@@ -25,6 +25,7 @@ import threading
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from clipkit.data.images import image_item, item_text
 from clipkit.errors import EngineError, first_line
@@ -129,7 +130,8 @@ class RayEngine:
         pool["actors"] = min(pool["actors"], blocks)  # no actor without a block to embed
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         embedded = dataset.map_batches(
-            _Embedder, fn_constructor_kwargs={"info": model.info, "threads": max(1, int(pool["num_cpus"]))},
+            _Embedder, fn_constructor_kwargs={"info": model.info, "threads": max(1, int(pool["num_cpus"])),
+                                               "pixel_limit": Image.MAX_IMAGE_PIXELS},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
             num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"])  # Ray Data restarts lost actors, retries their tasks
         seen = np.zeros(len(paths), bool)
@@ -227,8 +229,11 @@ class _Embedder:
     """A Ray actor: the index's model loaded once (checked against the index's fingerprint), embedding
     batches of image paths; unreadable images come back with their reason instead of a vector."""
 
-    def __init__(self, info: dict, threads: int):
+    def __init__(self, info: dict, threads: int, pixel_limit: int | None = None):
         import torch
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = pixel_limit  # (the driver's: `clipkit index --max-pixels`)
 
         from clipkit.models import load_recorded_model
 

@@ -434,3 +434,30 @@ def test_unreadable_file_is_skipped_as_permission_denied(tmp_path, tiny_model, m
     report = index.sync_folder(root, tiny_model)
     assert report.skipped_kinds == {"permission denied": 1} and len(index) == 3
     assert "permission denied" in report.skipped[0][1]
+
+
+def test_max_pixels_sets_the_limit_for_this_run_and_ray_s_actors(tmp_path, tiny_ckpt, tiny_model, capsys, monkeypatch):
+    """An image past Pillow's pixel limit is skipped saying how to raise it; `--max-pixels` raises (or lowers) the
+    limit for the run, a later run with a higher one embeds what was skipped, and a Ray actor gets the driver's."""
+    from clipkit.encode_ray import _Embedder
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # (restored after the test)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_shape("red", "circle", (64, 64)).save(photos / "big.png")  # 4,096 pixels
+    draw_shape("blue", "square", (30, 30)).save(photos / "small.png")  # 900
+    common = ["index", str(photos), "--index", str(tmp_path / "ix"), "--model", "clipkit-tiny", "--pretrained",
+              str(tiny_ckpt)]
+    assert main([*common, "--max-pixels", "0.002"]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 1 image(s)" in captured.out and "1 too many pixels" in captured.out
+    assert "--max-pixels" in captured.err and "big.png" in captured.err
+    assert main([*common, "--max-pixels", "0.005"]) == 0
+    assert "indexed 1 image(s) (1 new" in capsys.readouterr().out
+    assert len(Index.load(tmp_path / "ix")) == 2
+    assert main([*common, "--max-pixels", "-1"]) == 2
+    assert "megapixels" in capsys.readouterr().err
+
+    actor = _Embedder(tiny_model.info, threads=1, pixel_limit=2000)
+    out = actor({"position": np.arange(2), "path": np.array([str(photos / "big.png"), str(photos / "small.png")])})
+    assert list(out["kind"]) == ["too many pixels", ""] and np.abs(out["vector"][1]).sum() > 0

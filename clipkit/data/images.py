@@ -112,7 +112,8 @@ def _failure(exc: BaseException, name: str = "") -> tuple[str, str]:
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image", "not a recognised image format"
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return "too many pixels", f"refused as a decompression bomb ({exc})"
+        return "too many pixels", (f"refused as a possible decompression bomb ({exc}); if it is a real image, "
+                                   "raise the limit: clipkit index --max-pixels MP (PIL.Image.MAX_IMAGE_PIXELS)")
     reason = str(exc) or type(exc).__name__
     if isinstance(exc, (EOFError, SyntaxError)) or "truncated" in reason or "broken data stream" in reason:
         return "truncated or corrupt", reason
