@@ -42,9 +42,9 @@ def require_ray():
 class RayEngine:
     """Where `Index.sync_folder(engine=...)` embeds images: a Ray cluster (a local one without `address`).
 
-    `actors`: the size of the model's actor pool (default: one per GPU of the cluster, else one per
-    `cpus_per_actor` CPUs); `cpus_per_actor` (default: 1 on a GPU, else 1 of every CPU the pool shares) and
-    `gpus_per_actor` (default: 1 when the cluster has GPUs). After a run, `stats` says how many images each
+    `actors`: the size of the model's actor pool (default: one per GPU of the cluster, else one per CPU);
+    `cpus_per_actor`, each actor's decoding threads (default: on GPUs, the CPUs that go with its GPU on a GPU
+    node; else an equal share of the cluster's CPUs) and `gpus_per_actor` (default: 1 when the cluster has GPUs). After a run, `stats` says how many images each
     actor embedded and how many batches Ray delivered twice (a task retried after its results came back).
     `items_per_call`: how many images a run hands Ray at a time where it works in chunks (URL tables, shards):
     each call starts an actor pool, which loads the model (6.5 s a call on a 2-core machine), so a call is made
@@ -112,13 +112,15 @@ class RayEngine:
         return True
 
     def _pool(self, ray) -> dict:
-        """map_batches' resources: the actor pool's size and each actor's CPUs and GPUs."""
+        """map_batches' resources: the actor pool's size and each actor's CPUs and GPUs. A GPU actor takes the
+        CPUs that go with its share of a GPU node (16 CPUs and 2 GPUs: 8 each), all of them decoding threads
+        that feed its GPU (with one CPU it would wait on JPEG decoding most of the time)."""
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         per_gpu = self.gpus_per_actor if self.gpus_per_actor is not None else (1 if gpus else 0)
         actors = self.actors or (max(1, int(gpus // per_gpu)) if per_gpu else max(1, cpus))
-        per_cpu = self.cpus_per_actor or (1 if per_gpu else max(1, cpus // actors))
-        return {"actors": actors, "num_cpus": per_cpu, "num_gpus": per_gpu}
+        default = max(1, int(_cpus_per_gpu(ray) * per_gpu)) if per_gpu else max(1, cpus // actors)
+        return {"actors": actors, "num_cpus": self.cpus_per_actor or default, "num_gpus": per_gpu}
 
     def _stream(self, ray, paths: Sequence, model, batch_size: int) -> Iterator:
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run notices: clipkit's bar says it
@@ -155,6 +157,13 @@ class RayEngine:
         failures = [(int(p), str(r), str(k)) for p, r, k in
                     zip(batch["position"][failed], batch["reason"][failed], batch["kind"][failed])]
         return np.asarray(batch["vector"][ok], np.float32), batch["position"][ok].astype(int).tolist(), failures
+
+
+def _cpus_per_gpu(ray) -> float:
+    """The CPUs a GPU has on the cluster's GPU nodes (the fewest, so that an actor fits on any of them)."""
+    shares = [node["Resources"].get("CPU", 0) / node["Resources"]["GPU"] for node in ray.nodes()
+              if node.get("Alive", True) and node.get("Resources", {}).get("GPU")]
+    return min(shares) if shares else 1.0
 
 
 def _no_colour_reset_at_exit() -> None:

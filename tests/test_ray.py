@@ -172,3 +172,36 @@ def test_ray_leaves_no_colour_reset_for_the_terminal_at_exit():
     assert b"\x1b[0m" in on_a_terminal("pass")  # Ray's hook, left alone
     done = on_a_terminal("_no_colour_reset_at_exit()")
     assert b"done" in done and b"\x1b[0m" not in done
+
+
+class _Cluster:
+    """What RayEngine._pool asks of Ray: the cluster's resources and its nodes."""
+
+    def __init__(self, *nodes):
+        self._nodes = [{"Alive": True, "Resources": dict(node)} for node in nodes]
+
+    def cluster_resources(self):
+        totals = {}
+        for node in self._nodes:
+            for name, amount in node["Resources"].items():
+                totals[name] = totals.get(name, 0) + amount
+        return totals
+
+    def nodes(self):
+        return self._nodes
+
+
+@pytest.mark.parametrize("nodes, options, expected", [
+    ([{"CPU": 2}], {}, {"actors": 2, "num_cpus": 1, "num_gpus": 0}),  # this machine: one actor per CPU
+    ([{"CPU": 16, "GPU": 1}], {}, {"actors": 1, "num_cpus": 16, "num_gpus": 1}),  # the GPU fed by every CPU
+    ([{"CPU": 96, "GPU": 8}, {"CPU": 64}], {}, {"actors": 8, "num_cpus": 12, "num_gpus": 1}),  # CPU nodes aside
+    ([{"CPU": 16, "GPU": 2}, {"CPU": 8, "GPU": 2}], {}, {"actors": 4, "num_cpus": 4, "num_gpus": 1}),  # fits both
+    ([{"CPU": 16, "GPU": 1}], {"gpus_per_actor": 0.5}, {"actors": 2, "num_cpus": 8, "num_gpus": 0.5}),
+    ([{"CPU": 16, "GPU": 1}], {"cpus_per_actor": 3}, {"actors": 1, "num_cpus": 3, "num_gpus": 1}),
+])
+def test_a_gpu_actor_gets_the_cpus_of_its_gpu_to_decode_with(nodes, options, expected):
+    """One CPU per GPU actor left its GPU waiting on JPEG decoding; an actor now takes the CPUs that go with its
+    GPU on the GPU nodes (the fewest there are, so that it fits on each), unless told otherwise."""
+    from clipkit.encode_ray import RayEngine
+
+    assert RayEngine(**options)._pool(_Cluster(*nodes)) == expected
