@@ -124,15 +124,15 @@ def search_row(n: int, dim: int = 512, queries: int = 1000) -> dict:
             "baseline_is": "bare FAISS IndexFlatIP (CPU)"}
 
 
-def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path) -> dict:
-    """What one Ray actor of `clipkit index --engine ray` runs on its GPU (`embed_image_files` over JPEG
+def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path, batch_size: int = 64) -> dict:
+    """What one Ray actor of `clipkit index --engine ray` runs on its GPU (`embed_ray_batch` over JPEG
     files: decoding threads feeding the model), and how busy the GPU is meanwhile (nvidia-smi's utilization,
     sampled every 100 ms). Ray itself is not on the GPU machine (its wheel is too large to carry): it only
     schedules batches to this loop."""
     import subprocess
     import threading
 
-    from clipkit.encode import embed_image_files
+    from clipkit.encode_ray import GPU_BATCHES, embed_ray_batch
 
     model = clipkit.load_model(name, pretrained="scratch", device=device)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,10 +140,16 @@ def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path) ->
     for number, spec in enumerate(scenes(n_images, seed=1, split="test")):
         paths.append(out / f"{number}.jpg")
         render(spec, size=256).resize((320, 240)).save(paths[-1], quality=90)
-    # an actor's decoding threads: the CPUs that go with its GPU (RayEngine._pool), here this machine's share
+    # an actor's decoding threads: the CPUs that go with its GPU (RayEngine._pool), here this machine's share;
+    # its Ray batches: GPU_BATCHES model batches of `clipkit index`'s default --batch-size
     threads = max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if device.type == "cuda" else 1))
-    for _ in embed_image_files(paths[:256], model, batch_size=256, workers=threads):  # warm-up
-        pass
+    ray_batch = batch_size * GPU_BATCHES
+
+    def actor_loop(files) -> int:
+        return sum(int((embed_ray_batch(files[at:at + ray_batch], model, batch_size, threads)["reason"] == "").sum())
+                   for at in range(0, len(files), ray_batch))
+
+    actor_loop(paths[:ray_batch])  # warm-up
     samples, done = [], threading.Event()
 
     def sample():
@@ -160,13 +166,13 @@ def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path) ->
     if device.type == "cuda":
         watcher.start()
     start = time.perf_counter()
-    count = sum(len(positions) for _, positions, _ in embed_image_files(paths, model, batch_size=256,
-                                                                          workers=threads))
+    count = actor_loop(paths)
     seconds = time.perf_counter() - start
     done.set()
     busy = statistics.mean(samples) if samples else float("nan")
     return {"row": f"one Ray actor's loop: {count} JPEGs 320x240 decoded and embedded, {name}, "
-                   f"{threads} decoding threads, {count / seconds:.0f} images/s", "clipkit": round(busy, 1), "baseline": 80,
+                   f"{threads} decoding threads, Ray batches of {ray_batch}, model batches of {batch_size}, "
+                   f"{count / seconds:.0f} images/s", "clipkit": round(busy, 1), "baseline": 80,
             "ratio": round(busy / 80, 2), "unit": "% GPU busy (nvidia-smi)", "baseline_is": "issue 30's goal"}
 
 

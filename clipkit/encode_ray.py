@@ -30,6 +30,9 @@ from PIL import Image
 from clipkit.data.images import image_item, item_text
 from clipkit.errors import EngineError, first_line
 
+GPU_BATCHES = 8  # model batches in a Ray batch for a GPU actor (--batch-size 64: 512 images a Ray task)
+
+
 def require_ray():
     try:
         import ray
@@ -128,13 +131,14 @@ class RayEngine:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # clipkit's own bar counts what is committed
         items = [{"position": i, "path": item_text(p)} for i, p in enumerate(paths)]
-        blocks = max(1, min(-(-len(items) // batch_size), 10_000))
+        ray_batch = batch_size * (GPU_BATCHES if pool["num_gpus"] else 1)
+        blocks = max(1, min(-(-len(items) // ray_batch), 10_000))
         pool["actors"] = min(pool["actors"], blocks)  # no actor without a block to embed
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         embedded = dataset.map_batches(
             _Embedder, fn_constructor_kwargs={"info": model.info, "threads": max(1, int(pool["num_cpus"])),
-                                               "pixel_limit": Image.MAX_IMAGE_PIXELS},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
+                                               "pixel_limit": Image.MAX_IMAGE_PIXELS, "batch_size": batch_size},
+            batch_size=ray_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=pool["actors"]),
             num_cpus=pool["num_cpus"], num_gpus=pool["num_gpus"])  # Ray Data restarts lost actors, retries their tasks
         seen = np.zeros(len(paths), bool)
         self.stats.setdefault("per_actor", {})
@@ -238,16 +242,14 @@ class _Embedder:
     """A Ray actor: the index's model loaded once (checked against the index's fingerprint), embedding
     batches of image paths; unreadable images come back with their reason instead of a vector."""
 
-    def __init__(self, info: dict, threads: int, pixel_limit: int | None = None):
+    def __init__(self, info: dict, threads: int, pixel_limit: int | None = None, batch_size: int | None = None):
         import torch
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = pixel_limit  # (the driver's: `clipkit index --max-pixels`)
 
         from clipkit.models import load_recorded_model
 
+        Image.MAX_IMAGE_PIXELS = pixel_limit  # (the driver's: `clipkit index --max-pixels`)
         torch.set_num_threads(threads)
-        self.info, self.threads = info, threads
+        self.info, self.threads, self.batch_size = info, threads, batch_size
         self.model = load_recorded_model(self.info, device="cuda" if torch.cuda.is_available() else "cpu")
         if self.model.fingerprint != self.info.get("fingerprint", self.model.fingerprint):
             raise RuntimeError(f"model {self.info['name']} loaded on this Ray worker differs from the index's "
@@ -255,15 +257,22 @@ class _Embedder:
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
-        from clipkit.encode import embed_image_files
-
         paths = [image_item(str(p)) for p in batch["path"]]  # (a URL is fetched by the actor)
-        vectors = np.zeros((len(paths), *self.model.image_shape), np.float32)
-        reasons, kinds = np.full(len(paths), "", object), np.full(len(paths), "", object)
-        for found, positions, failures in embed_image_files(paths, self.model, batch_size=len(paths),
-                                                            workers=self.threads):
-            vectors[positions] = found
-            for position, reason, kind in failures:
-                reasons[position], kinds[position] = reason, kind
-        return {"position": batch["position"], "vector": vectors, "reason": reasons.astype(str),
-                "kind": kinds.astype(str), "actor": np.full(len(paths), self.name)}
+        out = embed_ray_batch(paths, self.model, self.batch_size or len(paths), self.threads)
+        return {"position": batch["position"], **out, "actor": np.full(len(paths), self.name)}
+
+
+def embed_ray_batch(paths: Sequence, model, batch_size: int, threads: int) -> dict[str, np.ndarray]:
+    """What an actor does with one Ray batch: its images embedded `batch_size` at a time by `threads` decoding
+    threads, which prepare the next model batch while the model runs one (on a GPU, a Ray batch is
+    GPU_BATCHES model batches, so that the GPU waits on decoding only for the first). {'vector', 'reason',
+    'kind'}: a row per path, the reason and kind empty where it was read."""
+    from clipkit.encode import embed_image_files
+
+    vectors = np.zeros((len(paths), *model.image_shape), np.float32)
+    reasons, kinds = np.full(len(paths), "", object), np.full(len(paths), "", object)
+    for found, positions, failures in embed_image_files(paths, model, batch_size=batch_size, workers=threads):
+        vectors[positions] = found
+        for position, reason, kind in failures:
+            reasons[position], kinds[position] = reason, kind
+    return {"vector": vectors, "reason": reasons.astype(str), "kind": kinds.astype(str)}

@@ -205,3 +205,37 @@ def test_a_gpu_actor_gets_the_cpus_of_its_gpu_to_decode_with(nodes, options, exp
     from clipkit.encode_ray import RayEngine
 
     assert RayEngine(**options)._pool(_Cluster(*nodes)) == expected
+
+
+def test_a_gpu_actor_takes_ray_batches_of_several_model_batches(many_images, tiny_model, monkeypatch):
+    """On a cluster with GPUs (here one declared to a local Ray: the actor runs on the CPU) the actor gets Ray
+    batches of GPU_BATCHES model batches, embedded a model batch at a time, its decoding threads preparing the
+    next while the model runs one; the vectors are those of one process."""
+    import ray
+    import ray.data
+
+    from clipkit.encode import embed_image_files
+    from clipkit.encode_ray import GPU_BATCHES, RayEngine, embed_ray_batch
+
+    paths = sorted(many_images.rglob("*.png"))[:40] + [many_images / "broken.jpg"]
+    out = embed_ray_batch(paths[:5], tiny_model, 2, 1)  # sub-batches of 2 within one call
+    assert out["vector"].shape == (5, tiny_model.dim) and list(out["reason"]) == [""] * 5
+    reference = np.zeros((len(paths), tiny_model.dim), np.float32)
+    for vectors, positions, _ in embed_image_files(paths, tiny_model, batch_size=64):
+        reference[positions] = vectors
+    asked, real = [], ray.data.Dataset.map_batches
+    monkeypatch.setattr(ray.data.Dataset, "map_batches",
+                        lambda self, fn, **kw: asked.append(kw) or real(self, fn, **kw))
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        engine = RayEngine()
+        got, failed = np.zeros_like(reference), []
+        for vectors, positions, failures in engine(paths, tiny_model, batch_size=2):
+            got[positions] = vectors
+            failed += [position for position, _, _ in failures]
+    finally:
+        ray.shutdown()
+    assert engine.stats["actors"] == 1 and failed == [len(paths) - 1]
+    assert asked[0]["batch_size"] == 2 * GPU_BATCHES and asked[0]["num_gpus"] == 1 and asked[0]["num_cpus"] == 2
+    assert asked[0]["fn_constructor_kwargs"]["batch_size"] == 2
+    np.testing.assert_allclose(got[:-1], reference[:-1], atol=1e-5)
