@@ -767,10 +767,13 @@ def _write_skipped_log(skipped_log: str | None, skipped) -> None:
     if skipped_log:
         from clipkit._io import atomic_path
 
-        with atomic_path(skipped_log) as temporary, open(temporary, "w", encoding="utf-8",
-                                                         errors="surrogateescape") as out:
+        with atomic_path(skipped_log) as temporary, open(temporary, "w", encoding="utf-8") as out:
             for path, reason in skipped:
-                out.write(json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n")
+                entry = {"path": path, "reason": reason}
+                try:
+                    out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                except UnicodeEncodeError:  # a name that is not UTF-8: escaped (\udcXX), the file stays UTF-8
+                    out.write(json.dumps(entry) + "\n")
 
 
 def _print_skipped(skipped: list[tuple[str, str]], skipped_log: str | None) -> None:

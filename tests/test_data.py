@@ -431,3 +431,13 @@ def test_a_skip_list_reads_as_a_list_and_keeps_few_in_memory():
         assert len(skipped) == n + 1 and list(skipped) == reference and skipped[-1] == entry
     assert len(skipped._head) == 3 and skipped[:2] == reference[:2] and skipped[:20] == reference
     assert skipped == reference and dict(skipped) == dict(reference) and bool(skipped) and not SkipList()
+
+
+def test_the_skipped_log_is_utf8_whatever_the_names(tmp_path):
+    """A name that is not UTF-8 (a surrogate escape) is written escaped: the log stays UTF-8 JSON lines."""
+    from clipkit.cli import _write_skipped_log
+
+    entries = [("caf\udce9.jpg", "not UTF-8"), ("caf\u00e9.jpg", "fine")]
+    _write_skipped_log(str(tmp_path / "log.jsonl"), entries)
+    text = (tmp_path / "log.jsonl").read_bytes().decode("utf-8")  # (strict)
+    assert [tuple(json.loads(line).values()) for line in text.splitlines()] == entries and "café" in text
