@@ -799,13 +799,15 @@ def _check_index(existing, folder: Path, index_path: Path, exclude: list[str], s
     with listed.read() if listed is not None else contextlib.nullcontext() as include:
         planner = existing if existing is not None else Index(1)  # (an empty index is falsy: len 0)
         plan = planner.plan_folder(folder, exclude=exclude, shard=shard, include=include)
-    if existing is None:
-        print(f"no index at {index_path} yet: {len(plan.new)} image file(s) would be indexed")
-        return 0
-    print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
-          f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, {_skipped_summary(plan.report)}")
-    _print_listed((("new", [p for p, _ in plan.new]), ("changed", [p for p, _ in plan.changed]),
-                   ("moved", [f"{old} -> {new}" for old, new, _ in plan.moved]), ("removed", plan.gone)))
+    with plan:
+        if existing is None:
+            print(f"no index at {index_path} yet: {len(plan.new)} image file(s) would be indexed")
+            return 0
+        print(f"would embed {len(plan.new)} new and re-embed {len(plan.changed)} changed image(s), move "
+              f"{len(plan.moved)}, remove {len(plan.gone)}; {plan.unchanged} unchanged, "
+              f"{_skipped_summary(plan.report)}")
+        _print_listed((("new", (p for p, _ in plan.new)), ("changed", (p for p, _ in plan.changed)),
+                       ("moved", (f"{old} -> {new}" for old, new, _ in plan.moved)), ("removed", plan.gone)))
     return 0
 
 

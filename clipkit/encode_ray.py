@@ -47,9 +47,10 @@ class RayEngine:
 
     `actors`: the size of the model's actor pool (default: one per GPU of the cluster, else one per CPU);
     `cpus_per_actor`, each actor's decoding threads (default: on GPUs, the CPUs that go with its GPU on a GPU
-    node; else an equal share of the cluster's CPUs) and `gpus_per_actor` (default: 1 when the cluster has GPUs). After a run, `stats` says how many images each
-    actor embedded and how many batches Ray delivered twice (a task retried after its results came back).
-    `items_per_call`: how many images a run hands Ray at a time where it works in chunks (URL tables, shards):
+    node; else an equal share of the cluster's CPUs) and `gpus_per_actor` (default: 1 when the cluster has
+    GPUs). After a run, `stats` says how many images each actor embedded and how many batches Ray delivered
+    twice (a task retried after its results came back).
+    `items_per_call`: how many images a run hands Ray at a time (a folder, URL table or shard set goes in chunks):
     each call starts an actor pool, which loads the model (6.5 s a call on a 2-core machine), so a call is made
     big enough for that to vanish on a cluster of many GPUs (the driver holds a call's plan: ~300 bytes an image).
     """

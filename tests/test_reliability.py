@@ -227,24 +227,65 @@ def test_files_that_vanish_are_skipped(tmp_path, tiny_model, monkeypatch):
     assert index.sync_folder(root, tiny_model).embedded == 0
 
 
-def test_a_folder_s_plan_holds_paths_as_text_and_two_numbers_a_file(tmp_path):
-    """Planning a folder lists every file at once, so what it keeps a file is what a folder of millions costs:
-    its path as text and (size, mtime), not a Path and an os.stat_result (1.1 KB a file: 1.24 GB for a
-    million files; now 335 MB, benchmarks/tables.py). Peak Python memory over 20,000 files stays under 600
-    bytes a file."""
+def test_a_folder_s_plan_holds_the_same_memory_for_3_times_the_files(tmp_path):
+    """Planning a folder listed every file in memory (335 bytes a file, 600 on a re-run: 6 GB for ten million);
+    the plan now lists them into a temporary database on disk, so its peak Python memory for 36,000 files is
+    that for 12,000 (a batch of rows at a time), and its lists read back complete and in path order."""
     import tracemalloc
 
-    for sub in range(10):
-        (tmp_path / "photos" / f"d{sub}").mkdir(parents=True)
-    paths = [tmp_path / "photos" / f"d{i % 10}" / f"image_{i:06d}.jpg" for i in range(20_000)]
-    for path in paths:
-        path.touch()
-    tracemalloc.start()
-    plan = Index(8).plan_folder(tmp_path / "photos")
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak < 600 * len(paths), f"{peak / len(paths):.0f} bytes a file"
-    assert [p for p, _ in plan.new] == sorted(map(str, paths)) and plan.new[0][1] == (0, paths[0].stat().st_mtime)
+    peaks, paths = [], []
+    for size in (12_000, 36_000):
+        photos = tmp_path / str(size)
+        paths = [photos / f"d{i // 1000:02d}" / f"image_{i:06d}.jpg" for i in range(size)]
+        for path in paths:
+            path.parent.mkdir(exist_ok=True, parents=True)
+            path.touch()
+        tracemalloc.start()
+        with Index(8).plan_folder(photos) as plan:
+            assert len(plan.new) == size
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert [p for p, _ in plan.new] == sorted(map(str, paths))
+            assert plan.new[0][1] == (0, paths[0].stat().st_mtime) and not plan.changed and not plan.gone
+    assert peaks[1] < 1.2 * peaks[0] and peaks[1] < 8e6, peaks  # (the old plan: 12 MB for 36,000)
+
+
+def test_a_file_with_several_names_is_planned_once_by_its_first_real_name(tmp_path):
+    """Hard links and symlinks name one file: the plan keeps a real name before a symlink's, then the first in
+    path order, whichever it met first (the listing goes folder by folder)."""
+    photos = tmp_path / "photos"
+    (photos / "a").mkdir(parents=True)
+    draw_shape("red", "circle").save(photos / "z.png")
+    os.link(photos / "z.png", photos / "a" / "y.png")  # a second real name, earlier in path order
+    (photos / "0.png").symlink_to(photos / "z.png")  # a symlink, first of all
+    draw_shape("blue", "square").save(photos / "b.png")
+    with Index(8).plan_folder(photos) as plan:
+        assert [Path(p).relative_to(photos.resolve()).as_posix() for p, _ in plan.new] == ["a/y.png", "b.png"]
+    assert scan_images(photos.resolve()) == [photos.resolve() / "a" / "y.png", photos.resolve() / "b.png"]
+
+
+def test_a_folder_is_embedded_a_chunk_of_files_at_a_time(image_folder, tiny_model, monkeypatch):
+    """The files to embed are read back from the plan a chunk at a time (one engine call each: a Ray engine
+    starts its actors once a chunk); the index is the one a single call gives."""
+    from clipkit.index import sync
+
+    whole = Index(tiny_model.dim, model=tiny_model)
+    whole.sync_folder(image_folder, tiny_model)
+    calls = []
+
+    def engine(paths, model, **options):
+        calls.append(len(paths))
+        from clipkit.encode import embed_image_files
+
+        yield from embed_image_files(paths, model, **options)
+
+    monkeypatch.setattr(sync, "FOLDER_CHUNK", 5)
+    chunked = Index(tiny_model.dim, model=tiny_model)
+    report = chunked.sync_folder(image_folder, tiny_model, engine=engine)
+    assert calls == [5, 5, 3] and report.added == 12 and len(report.skipped) == 1  # (13 files: one broken)
+    assert sorted(chunked.ids()) == sorted(whole.ids())
+    np.testing.assert_allclose(chunked.embeddings(sorted(whole.ids())), whole.embeddings(sorted(whole.ids())),
+                               atol=1e-6)
 
 
 def test_incremental_add_change_delete_rename(tmp_path, tiny_model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic",
                               ".heif"})
@@ -26,7 +26,8 @@ def scan_images(root: str | os.PathLike, recursive: bool = True, exclude: Sequen
 
 def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = ()) -> list[str]:
     """The paths of the image files under `root` (extensions in any case), sorted, as text (a tenth of the
-    memory of `Path`s: a folder of millions of files is listed whole).
+    memory of `Path`s): `iter_image_files` with one name kept per file, in memory (indexing a folder keeps them
+    on disk instead: `clipkit.index.plan`).
 
     Skipped: hidden files and folders (`.*`, which covers macOS `._*` resource forks), anything whose
     name or path relative to `root` matches an `exclude` glob (a matching folder drops its subtree),
@@ -34,6 +35,19 @@ def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: S
     already found, so one file is listed once (by its real name rather than a symlink's). Unreadable folders
     are passed over.
     """
+    chosen: dict[tuple[int, int], tuple[bool, str]] = {}  # one name per file: a real one before a symlink's,
+    for path, stat, link in iter_image_files(root, recursive, exclude):  # then the first in sorted order
+        identity, candidate = (stat.st_dev, stat.st_ino), (link, path)
+        if identity not in chosen or candidate < chosen[identity]:
+            chosen[identity] = candidate
+    return sorted(path for _, path in chosen.values())
+
+
+def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = ()
+                     ) -> Iterator[tuple[str, os.stat_result, bool]]:
+    """(path, the file's stat (through a symlink), whether the name is a symlink) of each image file name under
+    `root`, folder by folder, holding nothing per file: a file with several names (symlinks, hard links) comes
+    once for each; the caller keeps one (`scan_image_paths`). Skipped as `scan_image_paths` says."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"folder not found: {root}")
@@ -41,14 +55,13 @@ def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: S
         raise NotADirectoryError(f"not a folder: {root}")
     if isinstance(exclude, str):
         exclude = [exclude]
-    chosen: dict[tuple[int, int], tuple[bool, str]] = {}  # one name per file: a real one before a symlink's,
-    seen_dirs: set[tuple[int, int]] = set()               # then the first in sorted order
+    seen_dirs: set[tuple[int, int]] = set()
     stack = [str(root)]
     while stack:
         directory = stack.pop()
         try:
             stat = os.stat(directory)
-            entries = list(os.scandir(directory))
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
         except OSError:
             continue
         if (stat.st_dev, stat.st_ino) in seen_dirs:
@@ -63,10 +76,6 @@ def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: S
                     if recursive:
                         stack.append(entry.path)
                 elif entry.is_file() and is_image_name(entry.name):
-                    target = entry.stat()  # follows symlinks: the file itself
-                    identity, candidate = (target.st_dev, target.st_ino), (entry.is_symlink(), entry.path)
-                    if identity not in chosen or candidate < chosen[identity]:
-                        chosen[identity] = candidate
+                    yield entry.path, entry.stat(), entry.is_symlink()  # (stat follows symlinks: the file itself)
             except OSError:  # a dangling link, or a file gone since the listing
                 continue
-    return sorted(path for _, path in chosen.values())

@@ -61,14 +61,15 @@ class FolderSync:
                 if not os.path.isdir(old) and self.store.count_with_prefix(old.rstrip(os.sep) + os.sep)]
         if remembered or not gone:
             return remembered
-        for old_id, _, _ in self.plan_folder(folder, exclude=[]).moved:
-            source = next((old for old in gone if isinstance(old_id, str) and sync.is_under(old_id, old)), None)
-            if source is not None:
-                moved = self.store.info(EXCLUDES)[source]
-                if remember:
-                    self._remember_excludes(source, [])
-                    self._remember_excludes(folder, moved)
-                return list(moved)
+        with self.plan_folder(folder, exclude=[]) as plan:
+            for old_id, _, _ in plan.moved:
+                source = next((old for old in gone if isinstance(old_id, str) and sync.is_under(old_id, old)), None)
+                if source is not None:
+                    moved = self.store.info(EXCLUDES)[source]
+                    if remember:
+                        self._remember_excludes(source, [])
+                        self._remember_excludes(folder, moved)
+                    return list(moved)
         return []
 
     def _remember_excludes(self, folder: str | os.PathLike, exclude: Sequence[str]) -> None:

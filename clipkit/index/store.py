@@ -553,10 +553,17 @@ class Store:
 
     def files(self, root: int, prefix: str = "") -> list[tuple]:
         """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/')."""
+        return list(self.iter_files(root, prefix))
+
+    def iter_files(self, root: int, prefix: str = "", batch: int = 10_000) -> Iterator[tuple]:
+        """`files`, read `batch` rows at a time (a folder of millions is never held)."""
         if not prefix:
-            return self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ?", (root,)).fetchall()
-        return self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND path >= ? AND path < ?",
-                               (root, prefix, past(prefix))).fetchall()
+            cursor = self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ?", (root,))
+        else:
+            cursor = self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND path >= ? AND "
+                                     "path < ?", (root, prefix, past(prefix)))
+        while rows := cursor.fetchmany(batch):
+            yield from rows
 
     def outside_files(self, folder: str, root: int | None) -> list[tuple]:
         """(id, size, mtime) of files under `folder` held elsewhere: without a root (format 1 stored
@@ -600,7 +607,13 @@ class Store:
         return old_keys, self.insert(vectors, [m[1] for m in moves], rows), vectors
 
     def records_of_root(self, root: int) -> list[dict]:
-        return list(self._records("items.root", [root]).values())
+        return list(self.iter_records_of_root(root))
+
+    def iter_records_of_root(self, root: int, batch: int = 10_000) -> Iterator[dict]:
+        """The records of the root's items, read `batch` at a time."""
+        cursor = self.db.execute(f"{_RECORD_SELECT} WHERE items.root = ?", (root,))
+        while rows := cursor.fetchmany(batch):
+            yield from map(record, rows)
 
     def keys_under(self, folder: str) -> list[int]:
         """Keys of every item whose file is `folder` or under it (rooted or not)."""

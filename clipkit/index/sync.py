@@ -5,25 +5,30 @@ it. A file is unchanged when its size and mtime match what was indexed. A new fi
 hash equal those of an indexed file that is gone (from this folder, or from a folder that no longer
 exists at all) is that file renamed or moved: it is re-pointed and keeps its embedding. So a renamed or
 moved folder is re-pointed, not embedded again.
+
+The plan is made on disk, in a private temporary SQLite database: the files found (listed as the folder is
+walked), the files the index knows there (streamed from the store), and the comparison and the moves as SQL;
+the files to embed are then read back a chunk at a time. Its memory does not grow with the folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import sqlite3
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Container, NamedTuple, Sequence
+from typing import Callable, Container, Iterator, NamedTuple, Sequence
 
 from clipkit._io import SkipList
 from clipkit._progress import progress_bar
-from clipkit.data.folder import scan_image_paths
-from clipkit.data.images import failure_kind
-from clipkit.index.store import Store
+from clipkit.data.folder import iter_image_files
+from clipkit.index.store import CHECK_BY_KEY, Store
 
 log = logging.getLogger("clipkit.index")
 
@@ -61,19 +66,86 @@ class FileStat(NamedTuple):
     st_mtime: float
 
 
-@dataclass
-class SyncPlan:
-    """What bringing an index up to date with a folder takes (`Index.plan_folder`)."""
+class PlanRows:
+    """One of a plan's lists (new, changed, gone or moved files), kept in the plan's private on-disk database
+    and read back in path order: `len()`, iteration, and `[i]` / slices as a list reads them."""
 
-    root: Path  # the folder asked for
-    root_folder: str = ""  # the root it belongs to (itself, or an indexed folder that holds it)
-    root_id: int | None = None  # None: a folder new to the index
-    new: list[tuple[str, FileStat]] = field(default_factory=list)  # (path, stat)
-    changed: list[tuple[str, FileStat]] = field(default_factory=list)
-    gone: list[str] = field(default_factory=list)  # ids of files no longer there
-    moved: list[tuple[str, str, FileStat]] = field(default_factory=list)  # (old id, new path, stat)
-    unchanged: int = 0
-    report: SyncReport = field(default_factory=SyncReport)  # skips found while planning
+    def __init__(self, plan: "SyncPlan", query: str, row: Callable):
+        self._plan, self._query, self._row = plan, query, row
+
+    def __len__(self) -> int:
+        return self._plan.db.execute(f"SELECT COUNT(*) FROM ({self._query})").fetchone()[0]
+
+    def __iter__(self) -> Iterator:
+        cursor = self._plan.db.execute(f"{self._query} ORDER BY 1")
+        while rows := cursor.fetchmany(10_000):
+            yield from map(self._row, rows)
+
+    def chunks(self, size: int) -> Iterator[list]:
+        """The rows `size` at a time (each chunk a list)."""
+        rows = iter(self)
+        while chunk := list(itertools.islice(rows, size)):
+            yield chunk
+
+    def __getitem__(self, at):
+        if isinstance(at, slice):
+            return list(self)[at]
+        return list(itertools.islice(self, at, at + 1))[0] if at >= 0 else list(self)[at]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def __bool__(self) -> bool:
+        return self._plan.db.execute(f"SELECT EXISTS ({self._query})").fetchone()[0] == 1
+
+    def __repr__(self) -> str:
+        return f"PlanRows({len(self)})"
+
+
+class SyncPlan:
+    """What bringing an index up to date with a folder takes (`Index.plan_folder`): `new`, `changed` (path,
+    FileStat), `gone` (ids of files no longer there), `moved` (old id, new path, FileStat), each in path
+    order, and `unchanged` (a count). The files are listed into a private temporary SQLite database on disk
+    (SQLite keeps a small page cache and deletes it when the plan closes), so a plan's memory is the same for
+    a folder of a hundred files or of ten million."""
+
+    def __init__(self, root: Path, root_folder: str = "", root_id: int | None = None):
+        self.root = root  # the folder asked for
+        self.root_folder = root_folder  # the indexed folder it belongs to (itself, or one that holds it)
+        self.root_id = root_id  # None: a folder new to the index
+        self.unchanged = 0
+        self.report = SyncReport()  # skips found while planning
+        self.db = sqlite3.connect("", check_same_thread=False)  # "": private, on disk, deleted when closed
+        self.db.executescript(_PLAN_SCHEMA)
+        self.new = PlanRows(self, "SELECT path, size, mtime FROM found WHERE state = 'new'", _path_stat)
+        self.changed = PlanRows(self, "SELECT path, size, mtime FROM found WHERE state = 'changed'", _path_stat)
+        self.gone = PlanRows(self, "SELECT id FROM known WHERE state = 'gone'", lambda r: r[0])
+        self.moved = PlanRows(self, "SELECT path, old, size, mtime FROM found WHERE state = 'moved'",
+                              lambda r: (r[1], r[0], FileStat(r[2], r[3])))
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "SyncPlan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _path_stat(row: tuple) -> tuple[str, FileStat]:
+    return row[0], FileStat(row[1], row[2])
+
+
+_PLAN_SCHEMA = """
+CREATE TABLE found (dev INTEGER, ino INTEGER, link INTEGER, path TEXT UNIQUE, size INTEGER, mtime REAL,
+                    state TEXT, old TEXT, PRIMARY KEY (dev, ino));
+CREATE TABLE known (id TEXT PRIMARY KEY, size INTEGER, mtime REAL, state TEXT) WITHOUT ROWID;
+CREATE TABLE vanished (size INTEGER, hash TEXT, id TEXT);
+CREATE INDEX vanished_by_content ON vanished (size, hash);
+CREATE TABLE moves (path TEXT PRIMARY KEY, old TEXT);
+"""
+_CHUNK = 10_000  # rows written or looked up per statement batch
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -132,39 +204,79 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
                          "store; rename it")
     root_id, root_folder, prefix = _locate(store, str(root))
     plan = SyncPlan(root=root, root_folder=root_folder, root_id=root_id)
-    known: dict[str, tuple] = {}
-    if root_id is not None:
-        known.update((item_id, (size, mtime)) for item_id, _, size, mtime in store.files(root_id, prefix))
-    known.update((item_id, (size, mtime)) for item_id, size, mtime in store.outside_files(str(root), root_id)
-                 if isinstance(item_id, str))
-    store.check_vectors(list(known))  # the folder's damaged stored vectors (flipped bytes) are embedded again
-    damaged = {record["id"] for record in store.records_by_key(sorted(store.damaged)).values()}
-    files = scan_image_paths(root, exclude=exclude)
-    if shard is not None:
-        files = [p for p in files if shard_of(Path(p).relative_to(root).as_posix(), shard[1]) == shard[0]]
-    if include is not None:
-        files = [p for p in files if p in include]
-    for path in files:
+    try:
+        _list_known(store, plan, prefix)
+        _list_found(plan, exclude, shard, include)
+        _compare(store, plan)
+        _find_moves(store, plan)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def _list_known(store: Store, plan: SyncPlan, prefix: str) -> None:
+    """The indexed files under the folder into the plan's `known` table, streamed from the store; the damaged
+    among their stored vectors (flipped bytes) are marked to be embedded again."""
+    known = itertools.chain(
+        ((item_id, size, mtime) for item_id, _, size, mtime in store.iter_files(plan.root_id, prefix))
+        if plan.root_id is not None else (),
+        ((item_id, size, mtime) for item_id, size, mtime in store.outside_files(str(plan.root), plan.root_id)
+         if isinstance(item_id, str)))
+    while chunk := list(itertools.islice(known, _CHUNK)):
+        plan.db.executemany("INSERT OR IGNORE INTO known (id, size, mtime) VALUES (?, ?, ?)", chunk)
+    count = plan.db.execute("SELECT COUNT(*) FROM known").fetchone()[0]
+    if count * CHECK_BY_KEY < store.count():  # a few among many: gathered by key, a chunk at a time
+        cursor = plan.db.execute("SELECT id FROM known")
+        while rows := cursor.fetchmany(_CHUNK):
+            store.check_vectors([item_id for item_id, in rows])
+    elif count:
+        store.check_vectors()  # most of the index: one pass over the vector files
+    damaged = [record["id"] for record in store.records_by_key(sorted(store.damaged)).values()]
+    plan.db.executemany("UPDATE known SET state = 'damaged' WHERE id = ?", ((i,) for i in damaged))
+
+
+def _list_found(plan: SyncPlan, exclude: Sequence[str], shard, include) -> None:
+    """The folder's image files into the plan's `found` table as they are listed, one row per file (a second
+    name of a file, a symlink or hard link, replaces the first only if it is a real name before a symlink's, or
+    earlier in path order)."""
+    rows = []
+    for path, stat, link in iter_image_files(plan.root, exclude=exclude):
+        if shard is not None and shard_of(Path(path).relative_to(plan.root).as_posix(), shard[1]) != shard[0]:
+            continue
+        if include is not None and path not in include:
+            continue
         if not _storable(path):
             plan.report.skip(printable(path), f"{printable(path)}: the file name is not valid UTF-8, which the index "
                              "cannot store; rename the file", "name not UTF-8")
             continue
-        try:
-            stat = os.stat(path)
-        except OSError as exc:
-            plan.report.skip(path, str(exc), failure_kind(exc))
-            continue
-        previous, stat = known.pop(path, None), FileStat(stat.st_size, stat.st_mtime)
-        if previous is None:
-            plan.new.append((path, stat))
-        elif previous == stat and path not in damaged:
-            plan.unchanged += 1
-        else:
-            plan.changed.append((path, stat))
-    plan.gone = list(known)
-    if plan.new:
-        _find_moves(store, plan)
-    return plan
+        rows.append((stat.st_dev, stat.st_ino, link, path, stat.st_size, stat.st_mtime))
+        if len(rows) == _CHUNK:
+            _insert_found(plan, rows)
+            rows = []
+    _insert_found(plan, rows)
+
+
+def _insert_found(plan: SyncPlan, rows: list[tuple]) -> None:
+    plan.db.executemany(
+        "INSERT INTO found (dev, ino, link, path, size, mtime) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dev, ino) DO "
+        "UPDATE SET link = excluded.link, path = excluded.path, size = excluded.size, mtime = excluded.mtime "
+        "WHERE (excluded.link, excluded.path) < (found.link, found.path)", rows)
+
+
+def _compare(store: Store, plan: SyncPlan) -> None:
+    """Each file found is new, changed (size or mtime, or its stored vector damaged) or unchanged; each file
+    known and not found is gone."""
+    db = plan.db
+    db.executescript("""
+        UPDATE found SET state = CASE
+            WHEN NOT EXISTS (SELECT 1 FROM known WHERE known.id = found.path) THEN 'new'
+            WHEN EXISTS (SELECT 1 FROM known WHERE known.id = found.path AND known.size = found.size
+                         AND known.mtime = found.mtime AND known.state IS NOT 'damaged') THEN 'unchanged'
+            ELSE 'changed' END;
+        UPDATE known SET state = 'gone' WHERE NOT EXISTS (SELECT 1 FROM found WHERE found.path = known.id);
+    """)
+    plan.unchanged = db.execute("SELECT COUNT(*) FROM found WHERE state = 'unchanged'").fetchone()[0]
 
 
 def _storable(name: str) -> bool:
@@ -181,33 +293,38 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _vanished(store: Store, plan: SyncPlan) -> list[dict]:
+def _vanished(store: Store, plan: SyncPlan) -> Iterator[dict]:
     """Records of indexed files that are gone: from this folder, and from folders that no longer exist."""
-    records = list(store.records_by_id(plan.gone).values())
+    for chunk in plan.gone.chunks(_CHUNK):
+        yield from store.records_by_id(chunk).values()
     for root, root_folder, _ in store.roots():
         if root != plan.root_id and not os.path.isdir(root_folder):
-            records += store.records_of_root(root)
-    return records
+            yield from store.iter_records_of_root(root)
 
 
 def _find_moves(store: Store, plan: SyncPlan) -> None:
-    by_content: dict[tuple[int, str], list] = {}
-    for record in _vanished(store, plan):
-        if record.get("content_hash") and record.get("size") is not None:
-            by_content.setdefault((int(record["size"]), record["content_hash"]), []).append(record["id"])
-    if not by_content:
+    """A new file with the size and content hash of a vanished one is that file moved: it keeps its item (only
+    new files of a vanished one's size are read, to hash them)."""
+    if not plan.new:
         return
-    sizes = {size for size, _ in by_content}
-    still_new = []
-    for path, stat in plan.new:
-        candidates = by_content.get((stat.st_size, hash_or_none(path))) if stat.st_size in sizes else None
-        if candidates:
-            plan.moved.append((candidates.pop(), path, stat))
-        else:
-            still_new.append((path, stat))
-    moved_ids = {old for old, _, _ in plan.moved}
-    plan.new = still_new
-    plan.gone = [i for i in plan.gone if i not in moved_ids]
+    vanished = ((int(r["size"]), r["content_hash"], r["id"]) for r in _vanished(store, plan)
+                if r.get("content_hash") and r.get("size") is not None)
+    while chunk := list(itertools.islice(vanished, _CHUNK)):
+        plan.db.executemany("INSERT INTO vanished (size, hash, id) VALUES (?, ?, ?)", chunk)
+    cursor = plan.db.execute("SELECT path, size FROM found WHERE state = 'new' AND size IN "
+                             "(SELECT size FROM vanished) ORDER BY path")
+    while rows := cursor.fetchmany(_CHUNK):  # (matches go to their own table: `found` is being read)
+        for path, size in rows:
+            match = plan.db.execute("SELECT rowid, id FROM vanished WHERE size = ? AND hash = ? ORDER BY rowid DESC "
+                                    "LIMIT 1", (size, hash_or_none(path))).fetchone()
+            if match is not None:
+                plan.db.execute("DELETE FROM vanished WHERE rowid = ?", (match[0],))
+                plan.db.execute("INSERT INTO moves (path, old) VALUES (?, ?)", (path, match[1]))
+    plan.db.executescript("""
+        UPDATE found SET state = 'moved', old = (SELECT old FROM moves WHERE moves.path = found.path)
+            WHERE path IN (SELECT path FROM moves);
+        UPDATE known SET state = 'moved' WHERE id IN (SELECT old FROM moves);
+    """)
 
 
 def _file_row(root: int, root_folder: str, path: str, stat: FileStat) -> tuple:
@@ -225,41 +342,54 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
     `clipkit.encode_ray.RayEngine`); each batch is committed as it arrives."""
     from clipkit.encode import embed_image_files
 
-    plan = plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include)
-    report = plan.report
-    report.unchanged = plan.unchanged
-
-    def reorganise(store: Store):
-        root = store.add_root(plan.root_folder)
-        store.adopt(root, plan.root_folder, str(plan.root))
-        gone = list(store.keys_for(plan.gone).values())
-        store.delete_keys(gone)
-        moved_from, new_keys, vectors = store.move([  # each re-keyed, its embedding kept
-            (old_id, path, root, Path(path).relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
-            for old_id, path, stat in plan.moved])
-        store.drop_empty_roots(keep=root)
-        return root, new_keys, vectors, gone + moved_from
-
-    root = index._write(reorganise)
-    report.moved, report.removed = len(plan.moved), len(plan.gone)
-    report.moves = [(old_id, path) for old_id, path, _ in plan.moved]
-    todo = plan.new + plan.changed
-    paths = [p for p, _ in todo]
-    batches = (engine or embed_image_files)(paths, model, batch_size=batch_size, workers=workers)
-    with progress_bar(progress, total=len(paths), unit="img", desc="indexing") as bar:
-        for vectors, positions, failures in batches:
-            for position, reason, kind in failures:
-                report.skip(paths[position], reason, kind)
-                log.info("skipped %s", reason)
-            if len(positions):
-                rows = [(todo[p][0], _file_row(root, plan.root_folder, *todo[p])) for p in positions]
-                added, updated = index._replace_files(vectors, rows)
-                report.added += added
-                report.updated += updated
-            bar.update(len(positions) + len(failures))
+    with plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include) as plan:
+        report = plan.report
+        report.unchanged = plan.unchanged
+        root = index._write(partial(_reorganise, plan))
+        report.moved, report.removed = len(plan.moved), len(plan.gone)
+        report.moves = [(old_id, path) for old_id, path, _ in plan.moved]
+        todo = itertools.chain(plan.new, plan.changed)
+        chunk = getattr(engine, "items_per_call", None) or FOLDER_CHUNK
+        with progress_bar(progress, total=len(plan.new) + len(plan.changed), unit="img", desc="indexing") as bar:
+            while files := list(itertools.islice(todo, chunk)):  # (a Ray engine starts its actors once a chunk)
+                _embed_files(index, files, root, plan.root_folder, model, report, bar,
+                             (engine or embed_image_files), batch_size=batch_size, workers=workers)
     report.orphaned = {folder: index.store.root_count(root) for root, folder, _ in index.store.roots()
                        if not os.path.isdir(folder)}
     return report
+
+
+FOLDER_CHUNK = 100_000  # files of a folder embedded in one engine call (their paths held meanwhile)
+
+
+def _reorganise(plan: SyncPlan, store: Store):
+    """A change (for Index._write): the plan's root recorded, its gone files removed and its moved ones
+    re-pointed (keeping their embeddings)."""
+    root = store.add_root(plan.root_folder)
+    store.adopt(root, plan.root_folder, str(plan.root))
+    gone = [key for chunk in plan.gone.chunks(_CHUNK) for key in store.keys_for(chunk).values()]
+    store.delete_keys(gone)
+    moved_from, new_keys, vectors = store.move([  # each re-keyed, its embedding kept
+        (old_id, path, root, Path(path).relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
+        for old_id, path, stat in plan.moved])
+    store.drop_empty_roots(keep=root)
+    return root, new_keys, vectors, gone + moved_from
+
+
+def _embed_files(index, files: list[tuple[str, FileStat]], root: int, root_folder: str, model, report: SyncReport,
+                 bar, engine, **options) -> None:
+    """Embed `files` (path, stat) with `engine`, committing each batch as it comes."""
+    paths = [path for path, _ in files]
+    for vectors, positions, failures in engine(paths, model, **options):
+        for position, reason, kind in failures:
+            report.skip(paths[position], reason, kind)
+            log.info("skipped %s", reason)
+        if len(positions):
+            rows = [(files[p][0], _file_row(root, root_folder, *files[p])) for p in positions]
+            added, updated = index._replace_files(vectors, rows)
+            report.added += added
+            report.updated += updated
+        bar.update(len(positions) + len(failures))
 
 
 def remove_under(store: Store, folder: str):
