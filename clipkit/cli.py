@@ -863,7 +863,7 @@ def _search_query(text: str, as_text: bool):
 def _indexed_item_query(index, text: str):
     """QUERY as an item of the index (its id as search prints it, e.g. SHARD.tar#KEY or an indexed URL; a
     shard's path may be relative): the item's image, read from its file or shard, or its stored embedding
-    where it has no image (added from embeddings). None where QUERY names no item."""
+    where it has no image (added from embeddings, or its file gone since). None where QUERY names no item."""
     from clipkit.encode import load_image
     from clipkit.data.loader import is_shard_spec
     from clipkit.index.shards import item_image
@@ -879,7 +879,10 @@ def _indexed_item_query(index, text: str):
                              "add --text)")
         return None
     source = item_image(record.get("path"), record)
-    return load_image(source) if source is not None else index.embeddings([record["id"]])[0]
+    try:
+        return load_image(source) if source is not None else index.embeddings([record["id"]])[0]
+    except (OSError, ValueError):  # its file gone or unreadable since it was indexed: what the index holds
+        return index.embeddings([record["id"]])[0]
 
 
 def cmd_search(args) -> int:

@@ -269,6 +269,9 @@ def test_search_by_an_indexed_item(shards, demo, tmp_path, capsys, monkeypatch):
     Index.from_embeddings(index.embeddings(), ids=index.ids(), model=demo).save(tmp_path / "copy")  # no images
     assert main(["search", item, "--index", str(tmp_path / "copy"), "-k", "1", "--paths"]) == 0
     assert capsys.readouterr().out.strip() == item
+    shards[0].rename(shards[0].with_suffix(".moved"))  # its shard gone: the stored vector is the query
+    assert main(["search", item, "--index", ix, "-k", "1", "--paths"]) == 0
+    assert capsys.readouterr().out.strip() == item
     other = f"{shards[1].resolve()}#{sorted(members(shards[1]))[0]}"
     assert main(["search", other, "--index", ix]) == 2
     err = capsys.readouterr().err
