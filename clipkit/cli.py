@@ -641,6 +641,11 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
         print(f"captions: {report.captions.added} embedded, {moved}{report.captions.kept} unchanged, "
               f"{report.captions.removed} removed; {len(index.captions)} in the index")
     _print_skipped(report.skipped, skipped_log)
+    count, *shards = report.shards_seen
+    if count:
+        print(f"  the folder also holds {count} webdataset shard(s) ({', '.join(shards)}{', ...' if count > 3 else ''}),"
+              " which indexing a folder leaves out: index them as SOURCE (a .tar, a glob such as "
+              f"'{Path(shards[0]).parent / '*.tar'}', or their folder)", file=sys.stderr)
     for gone, count in report.orphaned.items():
         print(f"  {count} item(s) of {gone}, which no longer exists, are still indexed: index its new place to "
               f"re-point them, or drop them with `clipkit remove --missing --index {index_path}`", file=sys.stderr)

@@ -279,6 +279,23 @@ def test_search_by_an_indexed_item(shards, demo, tmp_path, capsys, monkeypatch):
     assert main(["search", other, "--text", "--index", ix, "-k", "1", "-q"]) == 0
 
 
+def test_a_folder_of_images_names_the_shards_it_leaves_out(shards, tmp_path, capsys):
+    """A folder of images that also holds .tar shards indexes its images and says which shards it left out
+    (and how to index them), until the index holds them."""
+    from conftest import draw_shape
+
+    mixed = shards[0].parent
+    draw_shape("red", "circle").save(mixed / "photo.png")
+    ix = str(tmp_path / "ix")
+    assert main(["index", str(mixed), "--index", ix]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 1 image(s)" in captured.out and "holds 3 webdataset shard(s)" in captured.err
+    assert str(shards[0]) in captured.err and "*.tar" in captured.err
+    assert main(["-q", "index", str(mixed / "*.tar"), "--index", ix]) == 0
+    assert main(["index", str(mixed), "--index", ix]) == 0
+    assert "webdataset shard" not in capsys.readouterr().err and len(Index.load(ix)) == 31
+
+
 def test_shard_errors(shards, tmp_path, capsys):
     packed = tmp_path / "packed.tar"
     packed.write_bytes(gzip.compress(shards[0].read_bytes()))

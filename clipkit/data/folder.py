@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic",
                               ".heif"})
@@ -43,11 +43,12 @@ def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: S
     return sorted(path for _, path in chosen.values())
 
 
-def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = ()
-                     ) -> Iterator[tuple[str, os.stat_result, bool]]:
+def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = (),
+                     on_shard: Callable[[str], None] | None = None) -> Iterator[tuple[str, os.stat_result, bool]]:
     """(path, the file's stat (through a symlink), whether the name is a symlink) of each image file name under
     `root`, folder by folder, holding nothing per file: a file with several names (symlinks, hard links) comes
-    once for each; the caller keeps one (`scan_image_paths`). Skipped as `scan_image_paths` says."""
+    once for each; the caller keeps one (`scan_image_paths`). Skipped as `scan_image_paths` says.
+    `on_shard(path)`: called for each webdataset shard (.tar) met, which a folder's listing leaves out."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"folder not found: {root}")
@@ -77,5 +78,7 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
                         stack.append(entry.path)
                 elif entry.is_file() and is_image_name(entry.name):
                     yield entry.path, entry.stat(), entry.is_symlink()  # (stat follows symlinks: the file itself)
+                elif on_shard is not None and entry.name.endswith(".tar") and entry.is_file():
+                    on_shard(entry.path)
             except OSError:  # a dangling link, or a file gone since the listing
                 continue

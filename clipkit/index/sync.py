@@ -49,6 +49,12 @@ class SyncReport:
     captions_moved: int = 0  # captions carried with the items of moved shards
     captions: object = None  # what syncing the caption files did (clipkit.index.captions.CaptionReport), if any
     excluded: list[str] = field(default_factory=list)  # the exclude globs the folder was synced with
+    shards_seen: list = field(default_factory=lambda: [0])  # [how many, the first few]: .tar files a folder holds
+
+    def saw_shard(self, path: str) -> None:
+        self.shards_seen[0] += 1
+        if len(self.shards_seen) < 4:
+            self.shards_seen.append(path)
 
     @property
     def embedded(self) -> int:
@@ -206,7 +212,7 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     plan = SyncPlan(root=root, root_folder=root_folder, root_id=root_id)
     try:
         _list_known(store, plan, prefix)
-        _list_found(plan, exclude, shard, include)
+        _list_found(store, plan, exclude, shard, include)
         _compare(store, plan)
         _find_moves(store, plan)
     except BaseException:
@@ -236,12 +242,16 @@ def _list_known(store: Store, plan: SyncPlan, prefix: str) -> None:
     plan.db.executemany("UPDATE known SET state = 'damaged' WHERE id = ?", ((i,) for i in damaged))
 
 
-def _list_found(plan: SyncPlan, exclude: Sequence[str], shard, include) -> None:
+def _list_found(store: Store, plan: SyncPlan, exclude: Sequence[str], shard, include) -> None:
     """The folder's image files into the plan's `found` table as they are listed, one row per file (a second
     name of a file, a symlink or hard link, replaces the first only if it is a real name before a symlink's, or
     earlier in path order)."""
     rows = []
-    for path, stat, link in iter_image_files(plan.root, exclude=exclude):
+    def unread_shard(path: str) -> None:  # (a shard in the folder that the index holds is no news)
+        if store.shard_record(path) is None:
+            plan.report.saw_shard(path)
+
+    for path, stat, link in iter_image_files(plan.root, exclude=exclude, on_shard=unread_shard):
         if shard is not None and shard_of(Path(path).relative_to(plan.root).as_posix(), shard[1]) != shard[0]:
             continue
         if include is not None and path not in include:
