@@ -551,12 +551,9 @@ class Store:
         self.db.execute("DELETE FROM roots WHERE root IS NOT ? AND NOT EXISTS "
                         "(SELECT 1 FROM items WHERE items.root = roots.root)", (keep,))  # a seek a root
 
-    def files(self, root: int, prefix: str = "") -> list[tuple]:
-        """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/')."""
-        return list(self.iter_files(root, prefix))
-
     def iter_files(self, root: int, prefix: str = "", batch: int = 10_000) -> Iterator[tuple]:
-        """`files`, read `batch` rows at a time (a folder of millions is never held)."""
+        """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/'), read `batch`
+        rows at a time (a folder of millions is never held)."""
         if not prefix:
             cursor = self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ?", (root,))
         else:
@@ -565,15 +562,18 @@ class Store:
         while rows := cursor.fetchmany(batch):
             yield from rows
 
-    def outside_files(self, folder: str, root: int | None) -> list[tuple]:
+    def outside_files(self, folder: str, root: int | None, batch: int = 10_000) -> Iterator[tuple]:
         """(id, size, mtime) of files under `folder` held elsewhere: without a root (format 1 stored
-        absolute paths) or under roots inside `folder` (indexed on their own before)."""
+        absolute paths) or under roots inside `folder` (indexed on their own before); read `batch` at a time."""
         prefix = folder.rstrip(os.sep) + os.sep
-        rootless = self.db.execute("SELECT id, size, mtime FROM items WHERE root IS NULL AND path >= ? AND path < ?",
-                                   (prefix, past(prefix))).fetchall()
-        return rootless + self.db.execute(
-            "SELECT items.id, items.size, items.mtime FROM roots JOIN items ON items.root = roots.root "
-            "WHERE roots.root IS NOT ? AND roots.path >= ? AND roots.path < ?", (root, prefix, past(prefix))).fetchall()
+        for cursor in (
+                self.db.execute("SELECT id, size, mtime FROM items WHERE root IS NULL AND path >= ? AND path < ?",
+                                (prefix, past(prefix))),
+                self.db.execute("SELECT items.id, items.size, items.mtime FROM roots JOIN items ON items.root = "
+                                "roots.root WHERE roots.root IS NOT ? AND roots.path >= ? AND roots.path < ?",
+                                (root, prefix, past(prefix)))):
+            while rows := cursor.fetchmany(batch):
+                yield from rows
 
     def adopt(self, root: int, root_folder: str, folder: str) -> None:
         """Inside a transaction: the files under `folder` held without a root or under roots inside it
@@ -605,9 +605,6 @@ class Store:
         self.delete_keys(old_keys)
         rows = [(root, relative, mtime, size, *old[old_id][1:]) for old_id, _, root, relative, mtime, size in moves]
         return old_keys, self.insert(vectors, [m[1] for m in moves], rows), vectors
-
-    def records_of_root(self, root: int) -> list[dict]:
-        return list(self.iter_records_of_root(root))
 
     def iter_records_of_root(self, root: int, batch: int = 10_000) -> Iterator[dict]:
         """The records of the root's items, read `batch` at a time."""
