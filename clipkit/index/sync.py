@@ -213,7 +213,7 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     try:
         _list_known(store, plan, prefix)
         _list_found(store, plan, exclude, shard, include)
-        _compare(store, plan)
+        _compare(plan)
         _find_moves(store, plan)
     except BaseException:
         plan.close()
@@ -246,11 +246,11 @@ def _list_found(store: Store, plan: SyncPlan, exclude: Sequence[str], shard, inc
     """The folder's image files into the plan's `found` table as they are listed, one row per file (a second
     name of a file, a symlink or hard link, replaces the first only if it is a real name before a symlink's, or
     earlier in path order)."""
-    rows = []
     def unread_shard(path: str) -> None:  # (a shard in the folder that the index holds is no news)
         if store.shard_record(path) is None:
             plan.report.saw_shard(path)
 
+    rows = []
     for path, stat, link in iter_image_files(plan.root, exclude=exclude, on_shard=unread_shard):
         if shard is not None and shard_of(Path(path).relative_to(plan.root).as_posix(), shard[1]) != shard[0]:
             continue
@@ -274,7 +274,7 @@ def _insert_found(plan: SyncPlan, rows: list[tuple]) -> None:
         "WHERE (excluded.link, excluded.path) < (found.link, found.path)", rows)
 
 
-def _compare(store: Store, plan: SyncPlan) -> None:
+def _compare(plan: SyncPlan) -> None:
     """Each file found is new, changed (size or mtime, or its stored vector damaged) or unchanged; each file
     known and not found is gone."""
     db = plan.db
