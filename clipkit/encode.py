@@ -23,11 +23,15 @@ TEXT, IMAGE = "text", "image"
 
 
 def default_workers(device: torch.device | str | None = None) -> int:
-    """Image decoding threads: up to 8; for a model on the CPU only the cores its own threads leave free
-    (0: decode inline), since decoding threads there would take cores from the forward pass."""
+    """Image decoding threads. For a model on the CPU only the cores its own threads leave free, up to 8 (0:
+    decode inline), since decoding threads there would take cores from the forward pass. For a GPU every core
+    but the one feeding it, up to 32: the GPU embeds faster than a few threads decode (JPEG decoding and
+    resizing release the GIL), as a Ray actor on a GPU gets its node's share of CPUs."""
     cores = os.cpu_count() or 1
     if device is not None and torch.device(device).type == "cpu":
         return max(0, min(8, cores - torch.get_num_threads()))
+    if device is not None and torch.device(device).type == "cuda":
+        return max(1, min(32, cores - 1))
     return max(1, min(8, cores))
 
 

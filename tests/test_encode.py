@@ -188,6 +188,17 @@ def test_mixed_precision_only_on_cuda(tiny_model):
     assert default_workers("cpu") <= max(0, (os.cpu_count() or 1) - torch.get_num_threads())
 
 
+@pytest.mark.parametrize("cores, device, expected", [(16, "cuda", 15), (128, "cuda:1", 32), (2, "cuda", 1),
+                                                     (16, None, 8), (1, "cuda", 1)])
+def test_a_gpu_is_fed_by_every_core_but_one(monkeypatch, cores, device, expected):
+    """Decoding threads for a model on a GPU: every core but the one that feeds it (up to 32); 8 was the cap
+    whatever the machine, which leaves a GPU waiting on JPEG decoding on a machine of 16 or more cores."""
+    from clipkit.encode import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert default_workers(device) == expected
+
+
 def test_jpeg_draft_decoding_is_reduced_yet_close(tmp_path, tiny_model):
     from clipkit.data.images import read_image
 
