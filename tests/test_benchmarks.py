@@ -55,11 +55,11 @@ def test_serve_load(tmp_path):
 
 def test_train_demo_tiny(tmp_path):
     bundled = (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes()
-    run("train_demo.py", "--out", str(tmp_path / "run"), "--steps", "4", "--train-images", "256", "--batch-size", "32",
-        "--rerank-steps", "3", "--rerank-galleries", "1", "--gallery-size", "100", "--test-images", "60", "--export",
+    run("train_demo.py", "--out", str(tmp_path / "run"), "--steps", "2", "--train-images", "64", "--batch-size", "16",
+        "--rerank-steps", "2", "--rerank-galleries", "1", "--gallery-size", "40", "--test-images", "30", "--export",
         str(tmp_path / "demo.pt"), cwd=tmp_path)
     report = json.loads((tmp_path / "run" / "demo_eval.json").read_text())
-    assert report["steps"] == 4 and report["stage2"]["rerank_weight_i2t"] is not None
+    assert report["steps"] == 2 and report["stage2"]["rerank_weight_i2t"] is not None
     assert (tmp_path / "demo.pt").is_file()
     assert (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes() == bundled  # untouched
 
