@@ -389,8 +389,8 @@ def cmd_index(args) -> int:
         _structure_options(args, index, model, created)
         index.save()
     _write_skipped_log(args.skipped_log, report.skipped)
-    if not (report.embedded or report.unchanged or report.moved or report.skipped) and shard is None:
-        _warn_nothing_found(args.folder, folder, index)
+    if not report.found and shard is None:
+        _warn_nothing_found(args.folder, report, index)
     if not args.quiet:
         _print_sync_summary(report, index, index_path, args.skipped_log, remembered=args.exclude is None)
         if engine is not None and engine.stats:
@@ -400,14 +400,15 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _warn_nothing_found(source: str, folder: Path | None, index) -> None:
-    """SOURCE gave no image: say so, and where a folder holds webdataset shards further down, how to give them."""
+def _warn_nothing_found(source: str, report, index) -> None:
+    """SOURCE gave no image: say so, and where the folder's listing met webdataset shards further down (the
+    report's `shards_seen`), how to give them."""
     from clipkit.data.folder import IMAGE_EXTENSIONS
 
-    nested = sorted({str(p.parent) for pattern in ("*/*.tar", "*/*/*.tar") for p in Path(source).glob(pattern)}) \
-        if folder is not None else []
-    hint = (f"; it holds webdataset shards in {', '.join(nested[:3])}{' ...' if len(nested) > 3 else ''}: give "
-            f"them as SOURCE (a folder of shards, or '{Path(source) / '*' / '*.tar'}')") if nested else ""
+    count, *first = report.shards_seen
+    folders = sorted({os.path.dirname(path) for path in first})
+    hint = (f"; it holds webdataset shards in {', '.join(folders)}{' ...' if count > len(first) else ''}: give "
+            f"them as SOURCE (a folder of shards, or '{Path(folders[0]) / '*.tar'}')") if count else ""
     print(f"clipkit: warning: found no images in {source} (files ending {', '.join(sorted(IMAGE_EXTENSIONS))})"
           + (": the index is empty" if len(index) == 0 else "") + hint, file=sys.stderr)
 
@@ -642,7 +643,7 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
               f"{report.captions.removed} removed; {len(index.captions)} in the index")
     _print_skipped(report.skipped, skipped_log)
     count, *shards = report.shards_seen
-    if count:
+    if count and report.found:  # (found nothing: the warning said it)
         print(f"  the folder also holds {count} webdataset shard(s) ({', '.join(shards)}{', ...' if count > 3 else ''}),"
               " which indexing a folder leaves out: index them as SOURCE (a .tar, a glob such as "
               f"'{Path(shards[0]).parent / '*.tar'}', or their folder)", file=sys.stderr)
@@ -884,10 +885,10 @@ def _indexed_item_query(index, text: str):
                              "add --text)")
         return None
     source = item_image(record.get("path"), record)
-    try:
-        return load_image(source) if source is not None else index.embeddings([record["id"]])[0]
-    except (OSError, ValueError):  # its file gone or unreadable since it was indexed: what the index holds
-        return index.embeddings([record["id"]])[0]
+    if source is not None:
+        with contextlib.suppress(OSError, ValueError):  # (its file gone or unreadable since: what the index holds)
+            return load_image(source)
+    return index.embeddings([record["id"]])[0]
 
 
 def cmd_search(args) -> int:

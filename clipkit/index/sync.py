@@ -60,6 +60,11 @@ class SyncReport:
     def embedded(self) -> int:
         return self.added + self.updated
 
+    @property
+    def found(self) -> bool:
+        """Whether the source gave anything: an image embedded, kept, moved or skipped."""
+        return bool(self.embedded or self.unchanged or self.moved or self.skipped)
+
     def skip(self, path: str, reason: str, kind: str) -> None:
         self.skipped.append((path, reason))
         self.skipped_kinds[kind] = self.skipped_kinds.get(kind, 0) + 1
