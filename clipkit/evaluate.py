@@ -173,10 +173,11 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
     captions ("folder:DIR", or "folder" with `root`). A path as `dataset` is what it holds: shards (a .tar, a
     brace pattern or glob, a folder of them), a caption table (.csv/.tsv/.jsonl/.parquet), or a folder."""
     from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
+    from clipkit.data.loader import is_shard_spec
 
     if dataset.startswith("folder:"):
         dataset, root = "folder", dataset.split(":", 1)[1]
-    elif dataset not in DATASETS and _names_data(dataset):
+    elif dataset not in DATASETS and (os.path.exists(dataset) or is_shard_spec(dataset)):  # a path, not a name
         return _path_set(dataset)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}, or the path of a folder of "
@@ -193,18 +194,13 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
     return read_karpathy(captions, root, split=split, name=dataset)
 
 
-def _names_data(dataset: str) -> bool:
-    """Whether `dataset` is a path (existing, or a shard pattern) rather than a data set's name."""
-    return os.path.exists(dataset) or ".tar" in dataset and ("{" in dataset or "*" in dataset)
-
-
 def _path_set(path: str) -> RetrievalSet:
     """The retrieval set at `path`: shards, a caption table, or a folder of images with NAME.txt captions."""
     from clipkit.data.captions import read_folder_set, read_shard_set, read_table_set
     from clipkit.data.loader import is_shard_spec
     from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
 
-    if is_shard_spec(path) or ".tar" in path and "*" in path:
+    if is_shard_spec(path):  # (a .tar, a brace pattern or glob of them, or a folder of them)
         return read_shard_set(path, name=Path(path).name)
     if os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES:
         return read_table_set(path)
