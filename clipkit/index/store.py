@@ -555,12 +555,9 @@ class Store:
         """(id, relative path, size, mtime) of the root's items under `prefix` ('' or 'sub/dir/'), read `batch`
         rows at a time (a folder of millions is never held)."""
         if not prefix:
-            cursor = self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ?", (root,))
-        else:
-            cursor = self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND path >= ? AND "
-                                     "path < ?", (root, prefix, past(prefix)))
-        while rows := cursor.fetchmany(batch):
-            yield from rows
+            return streamed(self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ?", (root,)), batch)
+        return streamed(self.db.execute("SELECT id, path, size, mtime FROM items WHERE root = ? AND path >= ? AND "
+                                        "path < ?", (root, prefix, past(prefix))), batch)
 
     def outside_files(self, folder: str, root: int | None, batch: int = 10_000) -> Iterator[tuple]:
         """(id, size, mtime) of files under `folder` held elsewhere: without a root (format 1 stored
@@ -572,8 +569,7 @@ class Store:
                 self.db.execute("SELECT items.id, items.size, items.mtime FROM roots JOIN items ON items.root = "
                                 "roots.root WHERE roots.root IS NOT ? AND roots.path >= ? AND roots.path < ?",
                                 (root, prefix, past(prefix)))):
-            while rows := cursor.fetchmany(batch):
-                yield from rows
+            yield from streamed(cursor, batch)
 
     def adopt(self, root: int, root_folder: str, folder: str) -> None:
         """Inside a transaction: the files under `folder` held without a root or under roots inside it
@@ -608,9 +604,7 @@ class Store:
 
     def iter_records_of_root(self, root: int, batch: int = 10_000) -> Iterator[dict]:
         """The records of the root's items, read `batch` at a time."""
-        cursor = self.db.execute(f"{_RECORD_SELECT} WHERE items.root = ?", (root,))
-        while rows := cursor.fetchmany(batch):
-            yield from map(record, rows)
+        return map(record, streamed(self.db.execute(f"{_RECORD_SELECT} WHERE items.root = ?", (root,)), batch))
 
     def keys_under(self, folder: str) -> list[int]:
         """Keys of every item whose file is `folder` or under it (rooted or not)."""
@@ -736,6 +730,12 @@ def fold_journal(file: Path) -> None:
     for journal in (wal, shm):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(journal)
+
+
+def streamed(cursor: sqlite3.Cursor, batch: int = 10_000) -> Iterator[tuple]:
+    """The rows of `cursor`, fetched `batch` at a time (a result of millions is never held)."""
+    while rows := cursor.fetchmany(batch):
+        yield from rows
 
 
 def past(prefix: str) -> str:

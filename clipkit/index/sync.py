@@ -28,7 +28,7 @@ from typing import Callable, Container, Iterator, NamedTuple, Sequence
 from clipkit._io import SkipList
 from clipkit._progress import progress_bar
 from clipkit.data.folder import iter_image_files
-from clipkit.index.store import CHECK_BY_KEY, Store
+from clipkit.index.store import CHECK_BY_KEY, Store, streamed
 
 log = logging.getLogger("clipkit.index")
 
@@ -88,9 +88,7 @@ class PlanRows:
         return self._plan.db.execute(f"SELECT COUNT(*) FROM ({self._query})").fetchone()[0]
 
     def __iter__(self) -> Iterator:
-        cursor = self._plan.db.execute(f"{self._query} ORDER BY 1")
-        while rows := cursor.fetchmany(10_000):
-            yield from map(self._row, rows)
+        return map(self._row, streamed(self._plan.db.execute(f"{self._query} ORDER BY 1")))
 
     def chunks(self, size: int) -> Iterator[list]:
         """The rows `size` at a time (each chunk a list)."""
