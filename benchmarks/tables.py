@@ -12,7 +12,9 @@ reports its seconds and the memory it added to the process's high-water mark (Vm
 - `caption sync`: `sync_index_captions` of the N images against the table, nothing changed (what every later
   run of `clipkit index TABLE` does);
 - `folder plan, first run` and `folder plan, re-run`: `plan_folder` of the folder against an empty index (N
-  new files) and against the index (N unchanged): what `clipkit index FOLDER` lists before it embeds anything.
+  new files) and against the index (N unchanged): what `clipkit index FOLDER` lists before it embeds anything;
+- `folder moved`: `Index.sync_folder` of the folder renamed (with the demo model: 128-d), its caption table
+  inside it: N files re-pointed without embedding, their N captions carried, the table found where it went.
 A stage whose memory grows with N holds the table (or the listing) in memory; the column "MB per 1M rows"
 makes that plain.
 Prints a markdown table and writes JSON.
@@ -32,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("read + check", "list read", "caption sync", "folder plan, first run", "folder plan, re-run")
+STAGES = ("read + check", "list read", "caption sync", "folder plan, first run", "folder plan, re-run", "folder moved")
+DIM = 128  # (the demo model's, for the moved folder's sync)
 
 
 def image_path(folder: Path, i: int) -> str:
@@ -40,30 +43,37 @@ def image_path(folder: Path, i: int) -> str:
 
 
 def make(work: Path, n: int) -> None:
-    """The table, the list, the (empty) image files and the index (with its caption collection) of `n`
-    images under work/photos."""
-    from clipkit.index import Index
+    """The table, the list, the image files (a few distinct bytes each: a moved file is known by its content)
+    and the index (with its caption collection, and the table remembered for the folder) of `n` images under
+    work/photos."""
+    from clipkit.index import CaptionTable, Index
+    from clipkit.index.sync import bytes_hash
 
-    folder = work / "photos"
+    folder = (work / "photos").resolve()
     for sub in range(min(n, 100)):
         (folder / f"sub{sub}").mkdir(parents=True, exist_ok=True)
-    for i in range(n):  # the files listed (empty: what is measured is the table's path, not images)
-        os.close(os.open(image_path(folder, i), os.O_CREAT | os.O_WRONLY, 0o644))
+    for i in range(n):  # what is measured is the table's path, not images
+        Path(image_path(folder, i)).write_bytes(b"%d" % i)
     with open(folder / "captions.csv", "w") as table, open(folder / "list.txt", "w") as listing:
         table.write("image,caption\n")
         for i in range(n):
             table.write(f"sub{i % 100}/img_{i:08d}.jpg,a photo number {i} of a red cat sitting on a mat\n")
             listing.write(f"sub{i % 100}/img_{i:08d}.jpg\n")
-    images, captions, rng = Index(64), Index(64, vectors_per_item=1), np.random.default_rng(0)
+    images, captions, rng = Index(DIM), Index(DIM, vectors_per_item=1), np.random.default_rng(0)
     for start in range(0, n, 50_000):
         ids = [image_path(folder, i) for i in range(start, min(start + 50_000, n))]
-        images.add(rng.standard_normal((len(ids), 64)).astype(np.float32), ids=ids,
-                   metadata=[{"path": i, "size": 0, "mtime": os.stat(i).st_mtime} for i in ids])
-        captions.add(rng.standard_normal((len(ids), 64)).astype(np.float32), ids=[f"{i}#0" for i in ids],
+        images.add(rng.standard_normal((len(ids), DIM)).astype(np.float32), ids=ids, metadata=[
+            {"path": i, "size": os.stat(i).st_size, "mtime": os.stat(i).st_mtime,
+             "content_hash": bytes_hash(b"%d" % (start + k))} for k, i in enumerate(ids)])
+        captions.add(rng.standard_normal((len(ids), DIM)).astype(np.float32), ids=[f"{i}#0" for i in ids],
                      metadata=[{"caption": f"a photo number {start + k} of a red cat sitting on a mat", "image_id": i,
                                 "path": i} for k, i in enumerate(ids)])
     images.save(work / "index")
     captions.save(work / "index" / "captions")
+    store = Index.load(work / "index").store
+    with store.transaction():  # (what indexing the folder with its table records: the folder, the table)
+        store.adopt(store.add_root(str(folder)), str(folder), str(folder))
+        store.set_info("caption_tables", {str(folder): CaptionTable.of(folder / "captions.csv").to_json()})
 
 
 def high_water_mb() -> float:
@@ -78,7 +88,9 @@ def stage(name: str, work: Path) -> dict:
     from clipkit.index.captions import sync_index_captions
 
     folder = work / "photos"
-    index = Index.load(work / "index") if name in ("caption sync", "folder plan, re-run") else Index(64)
+    index = Index.load(work / "index") if name in ("caption sync", "folder plan, re-run", "folder moved") else Index(DIM)
+    if name == "folder moved":
+        return moved(index, folder)
     before, start = high_water_mb(), time.perf_counter()
     if name.startswith("folder plan"):
         plan = index.plan_folder(folder)
@@ -93,6 +105,24 @@ def stage(name: str, work: Path) -> dict:
         else:
             table.listed_files(rows)
     return {"seconds": time.perf_counter() - start, "added_mb": high_water_mb() - before}
+
+
+def moved(index, folder: Path) -> dict:
+    """The `folder moved` stage: the folder renamed, synced (nothing embedded), renamed back."""
+    import clipkit
+
+    model = clipkit.load_model("clipkit-demo", device="cpu")
+    renamed = folder.with_name(f"moved-{os.getpid()}")  # (a name no earlier run left its items under)
+    folder.rename(renamed)
+    try:
+        before, start = high_water_mb(), time.perf_counter()
+        report = index.sync_folder(renamed, model, progress=False)
+        seconds = time.perf_counter() - start
+        assert report.moved == len(index) and report.embedded == 0, report
+        assert report.captions.moved == len(index.captions) and report.captions.added == 0, report.captions
+        return {"seconds": seconds, "added_mb": high_water_mb() - before}
+    finally:
+        renamed.rename(folder)
 
 
 def main() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 def _umask() -> int:
@@ -88,36 +89,57 @@ def read_regular(path: str | os.PathLike) -> bytes:
             os.close(fd)
 
 
-class SkipList:
-    """The (path, reason) pairs of what a run skipped, in order, as a list reads them. The first `kept` are
-    held in memory; the rest go to an unnamed temporary file, so a run that skips millions (a URL table's dead
-    links) stays in bounded memory and `--skipped-log` still lists every one."""
+def batches(values: Iterable, size: int) -> Iterator[list]:
+    """`values` (any iterable, read once) `size` at a time, each batch a list."""
+    values = iter(values)
+    while batch := list(itertools.islice(values, size)):
+        yield batch
+
+
+class SpillList:
+    """Entries (what JSON writes: ids, pairs) appended in order and read back in that order, as a list reads
+    them. The first `kept` are held in memory; the rest go to an unnamed temporary file, so that a run that
+    gathers millions (skipped files, the ids a sync removed) stays in bounded memory and still lists each."""
 
     def __init__(self, kept: int = 10_000):
         self.kept, self._head, self._spill, self._count = kept, [], None, 0
 
-    def append(self, entry: tuple[str, str]) -> None:
-        path, reason = entry
+    def append(self, entry) -> None:
         if len(self._head) < self.kept:
-            self._head.append((path, reason))
+            self._head.append(entry)
         else:
             if self._spill is None:
                 self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape")
             self._spill.seek(0, os.SEEK_END)
-            self._spill.write(json.dumps([path, reason], ensure_ascii=False) + "\n")
+            self._spill.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._count += 1
+
+    def extend(self, entries) -> None:
+        for entry in entries:
+            self.append(entry)
+
+    def __iadd__(self, entries) -> "SpillList":
+        self.extend(entries)
+        return self
+
+    def _read(self, value):
+        """An entry as it was appended, from its JSON."""
+        return value
 
     def __len__(self) -> int:
         return self._count
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator:
         yield from self._head
         if self._spill is not None:
             self._spill.flush()
             self._spill.seek(0)
             for line in self._spill:
-                path, reason = json.loads(line)
-                yield path, reason
+                yield self._read(json.loads(line))
+
+    def chunks(self, size: int) -> Iterator[list]:
+        """The entries `size` at a time (each chunk a list)."""
+        return batches(self, size)
 
     def __getitem__(self, at):
         if isinstance(at, slice) and (at.stop is not None and 0 <= at.stop <= len(self._head)):
@@ -126,6 +148,20 @@ class SkipList:
 
     def __eq__(self, other) -> bool:
         return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} entries)"
+
+
+class SkipList(SpillList):
+    """The (path, reason) pairs of what a run skipped, in order, as a list reads them (bounded memory)."""
+
+    def append(self, entry: tuple[str, str]) -> None:
+        path, reason = entry
+        super().append((path, reason))
+
+    def _read(self, value) -> tuple[str, str]:
+        return tuple(value)
 
     def __repr__(self) -> str:
         return f"SkipList({len(self)} skipped)"

@@ -121,6 +121,59 @@ def test_a_moved_folder_s_captions_go_with_it_not_embedded_again(folder, demo, t
     assert hits[0].path == str(edited.with_suffix(".jpg").resolve())
 
 
+def test_a_moved_folder_moves_a_chunk_at_a_time_and_a_stopped_run_loses_nothing(folder, demo, tmp_path,
+                                                                                monkeypatch):
+    """A moved folder is re-pointed MOVE_CHUNK files a transaction (so a folder of millions never holds its
+    vectors at once), its captions with each chunk; a run stopped in the third chunk, with the ids it removed
+    spilled to disk, run again moves the rest: every image and caption at its new id, nothing embedded, none
+    left at an old id."""
+    import clipkit.index.sync as sync
+    from clipkit._io import SpillList
+
+    ix = tmp_path / "ix"
+    Index.from_folder(folder, demo).save(ix)
+    before = Index.load(ix)
+    old_images = {i: v for i, v in zip(before.ids(), before.embeddings(before.ids()))}
+    old_captions = {i: (r["caption"], v) for i, r, v in zip(before.captions.ids(), before.captions.get(before.captions.ids()),
+                                                            before.captions.embeddings(before.captions.ids()))}
+    renamed = tmp_path / "renamed"
+    folder.rename(renamed)
+    monkeypatch.setattr(sync, "MOVE_CHUNK", 7)
+    monkeypatch.setattr(SpillList.__init__, "__defaults__", (3,))
+    sizes, real_move = [], Store.move
+    monkeypatch.setattr(Store, "move", lambda self, moves: sizes.append(len(moves)) or real_move(self, moves))
+    real_chunk = sync._move_chunk
+
+    def stopped(moves, *args):
+        if len(sizes) == 2:
+            raise KeyboardInterrupt  # (inside the third chunk's transaction)
+        return real_chunk(moves, *args)
+
+    monkeypatch.setattr(sync, "_move_chunk", stopped)
+    index = Index.load(ix)
+    with pytest.raises(KeyboardInterrupt):
+        index.sync_folder(renamed, demo)
+    monkeypatch.setattr(sync, "_move_chunk", real_chunk)
+    index = Index.load(ix)
+    assert len(index) == 40 and sum(i.startswith(str(renamed.resolve())) for i in index.ids()) == 14
+    report = index.sync_folder(renamed, demo)
+    assert (report.moved, report.added, report.updated, report.unchanged) == (26, 0, 0, 14)
+    assert sizes == [7, 7, 7, 7, 7, 5] and report.captions.added == 0
+    after = Index.load(ix)
+    old_root, new_root = str(folder.resolve()), str(renamed.resolve())
+    assert sorted(after.ids()) == sorted(new_root + i[len(old_root):] for i in old_images)
+    np.testing.assert_allclose(after.embeddings([new_root + i[len(old_root):] for i in old_images]),
+                               np.stack(list(old_images.values())), atol=1e-6)
+    captions = after.captions
+    assert sorted(captions.ids()) == sorted(new_root + c[len(old_root):] for c in old_captions)
+    for caption_id, record, vector in zip(captions.ids(), captions.get(captions.ids()),
+                                          captions.embeddings(captions.ids())):
+        text, old_vector = old_captions[old_root + caption_id[len(new_root):]]
+        assert record["caption"] == text and record["image_id"] == caption_id.rpartition("#")[0]
+        np.testing.assert_allclose(vector, old_vector, atol=1e-6)
+    assert [r["path"] for r in after.roots()] == [new_root]
+
+
 def test_image_to_text_and_text_to_text_search(folder, demo, tmp_path):
     index = Index.from_folder(folder, demo)
     image = sorted(folder.glob("*.jpg"))[3]

@@ -117,6 +117,29 @@ def test_removed_rows_are_compacted_away_on_save_and_a_live_reader_keeps_searchi
         np.testing.assert_allclose(index.embeddings([1, 1999]), base[[1, 1999]], atol=1e-6)
 
 
+def test_a_batch_of_removed_rows_alone_is_read_past(tmp_path, monkeypatch):
+    """Rows of removed items fill whole read batches until a save drops them (a folder moved away and back):
+    the pass that checks every stored vector, and a rebuild, read past them instead of failing."""
+    from clipkit.index.store import Store
+
+    base = unit(300, 16, 0)
+    writer = Index.from_embeddings(base, ids=[f"item{i}" for i in range(300)])
+    writer.save(tmp_path / "ix")
+    writer.remove([f"item{i}" for i in range(200)])
+    writer.add(base[:200], ids=[f"again{i}" for i in range(200)])  # (the same vectors under new keys)
+    assert writer.store.dead_rows() == 200
+    real = Store.live_vectors
+    monkeypatch.setattr(Store, "live_vectors", lambda self, batch=65_536: real(self, batch=50))
+    reader = Index.load(tmp_path / "ix")
+    reader.store.check_vectors()
+    assert not reader.store.damaged
+    batches = list(reader.store.live_vectors())
+    assert all(len(keys) for keys, _ in batches) and sum(len(keys) for keys, _ in batches) == 300
+    reader._rebuild()
+    _, ids = reader.search(base[:3], 1)
+    assert list(ids[:, 0]) == ["again0", "again1", "again2"]
+
+
 def test_precision_auto_keeps_float32_while_exact_and_halves_for_an_approximate_structure(tmp_path):
     base, queries = unit(3000, 32, 0), unit(50, 32, 1)
     exact = Index.from_embeddings(base, index_type="auto")

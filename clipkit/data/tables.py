@@ -13,6 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from clipkit._io import batches
 from clipkit.data.urls import parquet_file, table_columns, table_records, table_suffix
 
 _CHUNK = 10_000  # rows written per statement batch
@@ -27,8 +28,7 @@ class TableRows:
         self._db = sqlite3.connect("", check_same_thread=False)  # "": a private temporary database on disk
         self._db.executescript("CREATE TABLE images (n INTEGER PRIMARY KEY, image TEXT UNIQUE NOT NULL);"
                                "CREATE TABLE captions (image INTEGER NOT NULL, caption TEXT NOT NULL);")
-        rows = iter(rows)
-        while chunk := list(itertools.islice(rows, _CHUNK)):
+        for chunk in batches(rows, _CHUNK):
             self._db.executemany("INSERT OR IGNORE INTO images(image) VALUES (?)", ((image,) for image, _ in chunk))
             self._db.executemany("INSERT INTO captions(image, caption) SELECT n, ? FROM images WHERE image = ?",
                                  ((caption, image) for image, texts in chunk for caption in texts))

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import csv
 import gzip
-import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from clipkit._io import batches
 from clipkit.data.images import is_url
 
 URL_TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
@@ -74,9 +74,7 @@ class UrlTable:
 
     def chunks(self, size: int = 50_000) -> Iterator[list[tuple[str, str | None]]]:
         """(url, caption or None) rows, `size` at a time, in the table's order."""
-        rows = self._rows()
-        while chunk := list(itertools.islice(rows, size)):
-            yield chunk
+        return batches(self._rows(), size)
 
     def _rows(self) -> Iterator[tuple[str, str | None]]:
         for record in table_records(self.path, [self.url_column, self.caption_column]):

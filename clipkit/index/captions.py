@@ -14,8 +14,9 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
+from clipkit._io import batches
 from clipkit.errors import BrokenIndexError, first_line
 from clipkit.index.store import DB_FILE
 
@@ -151,7 +152,7 @@ def wanted_captions(image_ids: list[str], table=None, files: bool = True) -> dic
     return wanted
 
 
-def sync_captions(index, collection, prefix: str, model, table=None, files: bool = True, gone: Sequence = (),
+def sync_captions(index, collection, prefix: str, model, table=None, files: bool = True, gone: Iterable = (),
                   batch_size: int = 256, page: int = 10_000) -> CaptionReport:
     """Bring `collection` (`index`'s caption Index) in step with the captions of the images whose ids start
     with `prefix` (with `files` only image files, never the samples of shards that lie inside a synced
@@ -159,8 +160,8 @@ def sync_captions(index, collection, prefix: str, model, table=None, files: bool
     not indexed go: those of `gone`, and those under `prefix`. Both are read `page` ids at a time, in id
     order, so what is held and embedded at once is bounded by that, not by the folder's size."""
     report = CaptionReport()
-    for start in range(0, len(gone), page):
-        _drop_unindexed(index, collection, captions_of_images(collection, gone[start:start + page]), report)
+    for images in batches(gone, page):
+        _drop_unindexed(index, collection, captions_of_images(collection, images), report)
     for captions in id_pages(collection, prefix, page=page):
         _drop_unindexed(index, collection, captions, report)
     for images in id_pages(index, prefix, files_only=files, page=page):
@@ -253,8 +254,8 @@ def new_captions(index, model):
 
 def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> int:
     """Copy the captions of images that moved to other ids ((old id, new id) each: a renamed or moved file)
-    to the new ids, embeddings and all, so that the caption sync that follows embeds none of them again; the
-    old ones go with that sync (their images are gone). Returns how many were carried."""
+    to the new ids, embeddings and all, so that no caption sync embeds them again (`move_with_captions`).
+    Returns how many were carried."""
     carried = 0
     for start in range(0, len(moves), batch):
         new_of = {str(old): new for old, new in moves[start:start + batch]}
@@ -271,14 +272,14 @@ def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> i
     return carried
 
 
-def sync_index_captions(index, prefix: str, model, table=None, files: bool = True, gone: Sequence = (),
-                        moves: Sequence[tuple] = (), page: int = 10_000) -> CaptionReport | None:
+def sync_index_captions(index, prefix: str, model, table=None, files: bool = True, gone: Iterable = (),
+                        carried: int = 0, page: int = 10_000) -> CaptionReport | None:
     """The captions of `index`'s images whose ids start with `prefix` (a folder's, a shard's), in step with
     their sources: their `table` rows (a caption table, a shard's txt members), else NAME.txt beside NAME.jpg.
-    The captions of `moves` ((old id, new id) of files renamed or moved) go with their images, not embedded.
     Folders also drop the captions of `gone` (the ids the folder's sync removed or moved to other ids) and
     of images under the prefix no longer indexed; a shard's items never move, and removing items drops
-    their captions, so a shard's sync reads only its own ids. The work is the folder's, not the index's."""
+    their captions, so a shard's sync reads only its own ids. The work is the folder's, not the index's.
+    `carried`: how many captions went with moved images (`CaptionMover`), counted as moved, not kept."""
     collection = writable_captions(index)
     if collection is False:
         return None
@@ -286,11 +287,35 @@ def sync_index_captions(index, prefix: str, model, table=None, files: bool = Tru
         if not table and not any(caption_file(i).is_file() for ids in id_pages(index, prefix, files) for i in ids):
             return None
         collection = new_captions(index, model)
-    carried = carry_captions(collection, moves) if moves else 0
-    report = sync_captions(index, collection, prefix, model, table, files, list(gone), page=page)
-    report.moved = carried  # (counted by the sync as kept, and their old ids as removed)
-    report.kept, report.removed = max(report.kept - carried, 0), max(report.removed - carried, 0)
+    report = sync_captions(index, collection, prefix, model, table, files, gone, page=page)
+    report.moved, report.kept = carried, max(report.kept - carried, 0)  # (counted by the sync as kept)
     return report
+
+
+class CaptionMover:
+    """What a folder's sync calls with each chunk of its moved files ((old id, new id) each) and the change
+    that moves them: the change made with their captions (`move_with_captions`), and, for a folder without a
+    caption table, the one remembered for the folder they came from (`moved_caption_table`) found. `table`:
+    the folder's table (given, remembered or found); `carried`: how many captions went with their images."""
+
+    def __init__(self, index, folder: Path, table: CaptionTable | None):
+        self.index, self.folder, self.table, self.carried = index, folder, table, 0
+
+    def __call__(self, moves: list[tuple], change: Callable) -> None:
+        if self.table is None:
+            self.table = moved_caption_table(self.index, self.folder, moves)
+        self.carried += move_with_captions(self.index, moves, change)
+
+
+def move_with_captions(index, moves: list[tuple], change: Callable) -> int:
+    """`index._write(change)`, a change that moves images to other ids ((old id, new id) each), with their
+    captions: copied to the new ids before it (`carry_captions`), the old ones removed after it
+    (`remove_with_captions`), so that a run stopped at any point loses none (run again, the copies are found
+    there). How many captions were carried."""
+    collection = writable_captions(index)
+    carried = carry_captions(collection, moves) if collection else 0
+    remove_with_captions(index, change)
+    return carried
 
 
 def captions_of_images(collection, image_ids: Sequence) -> list[str]:
@@ -355,8 +380,8 @@ def remove_with_captions(index, change, report: CaptionReport | None = None):
     collection = writable_captions(index)
     with index.store.recording_deletions() as gone:
         removed = index._write(change)
-    if collection:  # a caption's id is its image's id as text, '#', its line
-        orphans = captions_of_images(collection, gone)
+    for images in batches(gone, 10_000) if collection else ():  # a caption's id: its image's id as text, '#', a line
+        orphans = captions_of_images(collection, images)
         if orphans:
             collection.remove(orphans)
         if report is not None:

@@ -10,13 +10,13 @@ import logging
 import os
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Container, Sequence
+from typing import TYPE_CHECKING, Any, Container, Iterable, Sequence
 
 import numpy as np
 
 import clipkit.index.sync as sync
 from clipkit.errors import ModelMismatchError
-from clipkit.index.captions import (CaptionReport, CaptionTable, caption_table_for, captions_of, moved_caption_table,
+from clipkit.index.captions import (CaptionMover, CaptionReport, CaptionTable, caption_table_for, captions_of,
                                     remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_items
@@ -114,18 +114,18 @@ class FolderSync:
             with contextlib.ExitStack() as stack:
                 rows = stack.enter_context(table.read()) if table is not None else None  # the captions, listed files
                 problems = table.listed_files(rows)[1] if listed_only else []
+                mover = CaptionMover(self, Path(folder).resolve(), table)  # (captions go with moved images)
                 with self.store.recording_deletions() as gone:  # (files removed, or moved to other ids)
                     report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
                                               progress=progress, exclude=exclude, shard=shard,
-                                              include=rows if listed_only else None, engine=engine)
+                                              include=rows if listed_only else None, engine=engine, on_moved=mover)
                 report.excluded = list(exclude)
                 for path, reason in problems:
                     report.skip(path, reason, "missing")
-                if table is None and report.moves:  # a folder indexed with a caption table, moved: it moves too
-                    table = moved_caption_table(self, Path(folder).resolve(), report.moves)
-                    rows = stack.enter_context(table.read()) if table is not None else None
+                if mover.table is not table:  # a folder indexed with a caption table, moved: the table moved too
+                    rows = stack.enter_context(mover.table.read())
                 report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model,
-                                                      rows, gone=gone, moves=report.moves)
+                                                      rows, gone=gone, carried=mover.carried)
         self.last_sync = report
         return report
 
@@ -256,8 +256,8 @@ class FolderSync:
         return captions_of(self)
 
     def _sync_captions(self, prefix: str, model, table=None, files: bool = True,
-                       gone: list = (), moves: list = ()) -> "CaptionReport | None":
-        return sync_index_captions(self, prefix, model, table, files, gone, moves)
+                       gone: Iterable = (), carried: int = 0) -> "CaptionReport | None":
+        return sync_index_captions(self, prefix, model, table, files, gone, carried)
 
     def _writable_captions(self) -> "FolderSync | None | bool":
         return writable_captions(self)

@@ -312,8 +312,8 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
     """Whether the new shard at `path` is a recorded one that moved (gone from its path, the same size and
     digest, every sample's image where it was, with the same caption): then its items and captions now go
     by `path`, their embeddings kept (the captions first, then the items in one change: a kill leaves the
-    old items or the new ones, and no caption without its image)."""
-    from clipkit.index.captions import carry_captions, writable_captions
+    old items or the new ones, and no image without its captions)."""
+    from clipkit.index.captions import move_with_captions
     from clipkit.index.store import meta_row
 
     for old in recorded.gone(path):
@@ -323,9 +323,6 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
                                                     r.get("size"), r.get("caption")) for i, r in items.items()}:
             continue
         moves = [(f"{old}#{s.key}", f"{path}#{s.key}") for s in samples]
-        collection = writable_captions(index)
-        if collection:
-            report.captions_moved += carry_captions(collection, moves)
         rows = [meta_row(_metadata(s)) for s in samples]
 
         def change(store):
@@ -335,7 +332,7 @@ def _repoint_moved_shard(index, path: str, samples: list[ShardSample], report: S
             store.forget_shards([old])
             return None, store.insert(vectors, [n for _, n in moves], rows), vectors, list(keys.values())
 
-        index._remove_with_captions(change)
+        report.captions_moved += move_with_captions(index, moves, change)
         recorded.forget(os.stat(path).st_size, old)
         return True
     return False

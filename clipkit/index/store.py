@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from clipkit._io import SpillList
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 from clipkit.index.segments import Segments, new_state
 from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
@@ -99,7 +100,7 @@ class Store:
         self.db, self.file, self.readonly = db, file, readonly
         self.damaged: set[int] = set()  # keys whose stored embedding was found NaN, infinite or zero when read
         self._segments: Segments | None = None  # the vector files, made on first use (the dimension known)
-        self._deleted: list | None = None  # ids deleted while `recording_deletions`
+        self._deleted: SpillList | None = None  # ids deleted while `recording_deletions`
 
     @property
     def vectors_per_item(self) -> int:
@@ -359,20 +360,22 @@ class Store:
                                    chunk).fetchall()
             gone = [k for k, _ in rows]
             if self._deleted is not None:
-                self._deleted += [i for _, i in rows]
+                self._deleted.extend(i for _, i in rows)
             self.db.executemany("INSERT OR REPLACE INTO removed(key, generation) VALUES (?, ?)",
                                 [(k, generation) for k in gone])
             self._add_to_key_sum(-keys_sum(np.asarray(gone, np.int64)))
             self._add_to_count(-len(gone))
 
     @contextlib.contextmanager
-    def recording_deletions(self) -> Iterator[list]:
-        """A list that receives the id of every item deleted inside (whether or not its transaction commits)."""
-        self._deleted = []
+    def recording_deletions(self) -> Iterator[SpillList]:
+        """A list that receives the id of every item deleted inside (whether or not its transaction commits):
+        a `SpillList`, so that removing millions holds ten thousand ids in memory. A recording inside another
+        takes the deletions made inside it (the outer one resumes after it)."""
+        outer, self._deleted = self._deleted, SpillList()
         try:
             yield self._deleted
         finally:
-            self._deleted = None
+            self._deleted = outer
 
     def removed_since(self, generation: int) -> np.ndarray:
         """The keys removed by changes after `generation` (as far as the log goes back: see `prune_removed`)."""
@@ -652,8 +655,11 @@ class Store:
         compaction drops the row)."""
         dead = self.dead_keys()
         for keys, vectors in self.segments.batches(batch, read=True):
-            live = ~np.isin(keys, dead, assume_unique=True) if len(dead) else slice(None)
-            yield keys[live], vectors[live]
+            if len(dead):
+                live = ~np.isin(keys, dead, assume_unique=True)
+                keys, vectors = keys[live], vectors[live]
+            if len(keys):  # (a batch of removed items' rows alone gives nothing)
+                yield keys, vectors
 
     def dead_keys(self) -> np.ndarray:
         """Sorted keys whose rows are still in the vector files but whose items are gone: the removal log holds

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Container, Iterator, NamedTuple, Sequence
 
-from clipkit._io import SkipList
+from clipkit._io import SkipList, batches
 from clipkit._progress import progress_bar
 from clipkit.data.folder import iter_image_files
 from clipkit.index.store import CHECK_BY_KEY, Store, streamed
@@ -45,7 +45,6 @@ class SyncReport:
     skipped: SkipList = field(default_factory=SkipList)  # (path, reason), as a list reads them; bounded memory
     skipped_kinds: dict[str, int] = field(default_factory=dict)  # why, in a few words -> how many
     orphaned: dict[str, int] = field(default_factory=dict)  # indexed folders that no longer exist -> items left
-    moves: list[tuple] = field(default_factory=list, repr=False)  # (old id, new id) of the moved files
     captions_moved: int = 0  # captions carried with the items of moved shards
     captions: object = None  # what syncing the caption files did (clipkit.index.captions.CaptionReport), if any
     excluded: list[str] = field(default_factory=list)  # the exclude globs the folder was synced with
@@ -92,9 +91,7 @@ class PlanRows:
 
     def chunks(self, size: int) -> Iterator[list]:
         """The rows `size` at a time (each chunk a list)."""
-        rows = iter(self)
-        while chunk := list(itertools.islice(rows, size)):
-            yield chunk
+        return batches(self, size)
 
     def __getitem__(self, at):
         if isinstance(at, slice):
@@ -232,7 +229,7 @@ def _list_known(store: Store, plan: SyncPlan, prefix: str) -> None:
         if plan.root_id is not None else (),
         ((item_id, size, mtime) for item_id, size, mtime in store.outside_files(str(plan.root), plan.root_id)
          if isinstance(item_id, str)))
-    while chunk := list(itertools.islice(known, _CHUNK)):
+    for chunk in batches(known, _CHUNK):
         plan.db.executemany("INSERT OR IGNORE INTO known (id, size, mtime) VALUES (?, ?, ?)", chunk)
     count = plan.db.execute("SELECT COUNT(*) FROM known").fetchone()[0]
     if count * CHECK_BY_KEY < store.count():  # a few among many: gathered by key, a chunk at a time
@@ -322,7 +319,7 @@ def _find_moves(store: Store, plan: SyncPlan) -> None:
         return
     vanished = ((int(r["size"]), r["content_hash"], r["id"]) for r in _vanished(store, plan)
                 if r.get("content_hash") and r.get("size") is not None)
-    while chunk := list(itertools.islice(vanished, _CHUNK)):
+    for chunk in batches(vanished, _CHUNK):
         plan.db.executemany("INSERT INTO vanished (size, hash, id) VALUES (?, ?, ?)", chunk)
     cursor = plan.db.execute("SELECT path, size FROM found WHERE state = 'new' AND size IN "
                              "(SELECT size FROM vanished) ORDER BY path")
@@ -348,23 +345,26 @@ def _file_row(root: int, root_folder: str, path: str, stat: FileStat) -> tuple:
 
 def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
                 progress: bool | None = None, exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
-                include: Container[str] | None = None, engine=None) -> SyncReport:
+                include: Container[str] | None = None, engine=None,
+                on_moved: Callable[[list[tuple], Callable], None] | None = None) -> SyncReport:
     """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`.
     `engine`: where the images are embedded (None: here, `clipkit.encode.embed_image_files`; or a callable
     `engine(paths, model, batch_size=, workers=)` yielding the same batches, such as
-    `clipkit.encode_ray.RayEngine`); each batch is committed as it arrives."""
+    `clipkit.encode_ray.RayEngine`); each batch is committed as it arrives. `on_moved(moves, change)`: called
+    with each chunk of moved files ((old id, new id) each) to make the change (for `index._write`) that moves
+    them, their captions with them (`clipkit.index.captions.CaptionMover`)."""
     from clipkit.encode import embed_image_files
 
     with plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include) as plan:
         report = plan.report
         report.unchanged = plan.unchanged
         root = index._write(partial(_reorganise, plan))
-        report.moved, report.removed = len(plan.moved), len(plan.gone)
-        report.moves = [(old_id, path) for old_id, path, _ in plan.moved]
+        report.removed = len(plan.gone)
+        report.moved = _move_files(index, plan, root, on_moved, progress)
         todo = itertools.chain(plan.new, plan.changed)
         chunk = getattr(engine, "items_per_call", None) or FOLDER_CHUNK
         with progress_bar(progress, total=len(plan.new) + len(plan.changed), unit="img", desc="indexing") as bar:
-            while files := list(itertools.islice(todo, chunk)):  # (a Ray engine starts its actors once a chunk)
+            for files in batches(todo, chunk):  # (a Ray engine starts its actors once a chunk)
                 _embed_files(index, files, root, plan.root_folder, model, report, bar,
                              (engine or embed_image_files), batch_size=batch_size, workers=workers)
     report.orphaned = {folder: index.store.root_count(root) for root, folder, _ in index.store.roots()
@@ -373,20 +373,43 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
 
 
 FOLDER_CHUNK = 100_000  # files of a folder embedded in one engine call (their paths held meanwhile)
+MOVE_CHUNK = 10_000  # moved files re-pointed in one transaction (their vectors held meanwhile)
 
 
 def _reorganise(plan: SyncPlan, store: Store):
-    """A change (for Index._write): the plan's root recorded, its gone files removed and its moved ones
-    re-pointed (keeping their embeddings)."""
+    """A change (for Index._write): the plan's root recorded and its gone files removed; the root's id."""
     root = store.add_root(plan.root_folder)
     store.adopt(root, plan.root_folder, str(plan.root))
     gone = [key for chunk in plan.gone.chunks(_CHUNK) for key in store.keys_for(chunk).values()]
     store.delete_keys(gone)
-    moved_from, new_keys, vectors = store.move([  # each re-keyed, its embedding kept
-        (old_id, path, root, Path(path).relative_to(plan.root_folder).as_posix(), stat.st_mtime, stat.st_size)
-        for old_id, path, stat in plan.moved])
     store.drop_empty_roots(keep=root)
-    return root, new_keys, vectors, gone + moved_from
+    return root, None, None, gone
+
+
+def _move_files(index, plan: SyncPlan, root: int, on_moved, progress: bool | None) -> int:
+    """Re-point the plan's moved files at their new paths, keeping their embeddings, `MOVE_CHUNK` files a
+    transaction (a stopped run leaves the rest at their old ids, and the next run finds them moved again);
+    how many moved."""
+    total = len(plan.moved)
+    with progress_bar(progress if total > MOVE_CHUNK else False, total=total, unit="img", desc="moving") as bar:
+        for chunk in plan.moved.chunks(MOVE_CHUNK):
+            change = partial(_move_chunk, chunk, root, plan.root_folder)
+            if on_moved is None:
+                index._write(change)
+            else:
+                on_moved([(old_id, path) for old_id, path, _ in chunk], change)
+            bar.update(len(chunk))
+    return total
+
+
+def _move_chunk(moves: list[tuple], root: int, root_folder: str, store: Store):
+    """A change (for Index._write): `moves` ((old id, new path, stat) each) re-keyed, their embeddings kept;
+    the folders left empty forgotten."""
+    moved_from, new_keys, vectors = store.move([
+        (old_id, path, root, Path(path).relative_to(root_folder).as_posix(), stat.st_mtime, stat.st_size)
+        for old_id, path, stat in moves])
+    store.drop_empty_roots(keep=root)
+    return None, new_keys, vectors, moved_from
 
 
 def _embed_files(index, files: list[tuple[str, FileStat]], root: int, root_folder: str, model, report: SyncReport,

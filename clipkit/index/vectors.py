@@ -59,6 +59,8 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
 def damaged_rows(vectors: np.ndarray, per_item: int = 1) -> np.ndarray:
     """Which stored rows are damaged (NaN, infinite or a vector far from unit length: flipped bytes on disk);
     a row holds `per_item` vectors side by side."""
+    if not len(vectors):
+        return np.zeros(0, bool)
     parts = vectors.reshape(len(vectors), per_item, -1)
     with np.errstate(invalid="ignore", over="ignore"):
         norms = np.einsum("ijk,ijk->ij", parts, parts)
