@@ -310,6 +310,35 @@ def test_indexing_a_parent_folder_adopts_its_indexed_subfolder(tmp_path, tiny_mo
     assert index.sync_folder(tmp_path / "all" / "sub", tiny_model).unchanged == 3  # inside a root: still known
 
 
+def test_files_added_by_path_are_adopted_by_their_folder_s_first_sync(tmp_path, tiny_model):
+    """Items added through the API with their files' paths (as an ingest of embeddings names them) are the
+    folder's files once it is indexed: kept, not embedded again, stored relative to it (so that moving the
+    folder re-points them); one statement re-roots them, however many there are."""
+    import clipkit
+    from clipkit.index.sync import file_hash
+    from tests.conftest import draw_shape
+
+    (tmp_path / "all" / "sub").mkdir(parents=True)
+    files = []
+    for i in range(3):
+        for folder, colour in ((tmp_path / "all", "red"), (tmp_path / "all" / "sub", "blue")):
+            draw_shape(colour, "circle", seed=i).save(folder / f"{i}.png")
+            files.append(str((folder / f"{i}.png").resolve()))
+    vectors = clipkit.encode([Path(f) for f in files], model=tiny_model)
+    index = Index.from_embeddings(vectors, ids=files, metadata=[
+        {"path": f, "size": os.stat(f).st_size, "mtime": os.stat(f).st_mtime, "content_hash": file_hash(f)}
+        for f in files])
+    report = index.sync_folder(tmp_path / "all", tiny_model)
+    assert (report.added, report.updated, report.unchanged) == (0, 0, 6)
+    stored = dict(index.store.db.execute("SELECT id, path FROM items WHERE root IS NOT NULL").fetchall())
+    assert stored == {f: Path(f).relative_to((tmp_path / "all").resolve()).as_posix() for f in files}
+    assert [r["path"] for r in index.get(files)] == files
+    (tmp_path / "all").rename(tmp_path / "moved")
+    report = index.sync_folder(tmp_path / "moved", tiny_model)
+    assert (report.added, report.moved) == (0, 6)
+    np.testing.assert_allclose(index.embeddings([f.replace("/all/", "/moved/") for f in files]), vectors, atol=1e-6)
+
+
 def test_format_1_index_is_migrated_and_its_files_stay_known(tmp_path, tiny_model):
     from tests.conftest import draw_shape
 

@@ -579,10 +579,9 @@ class Store:
         move to `root` (whose folder is `root_folder`), with paths relative to it; keys stay."""
         prefix = folder.rstrip(os.sep) + os.sep
         base = root_folder.rstrip(os.sep) + os.sep
-        for item_id, path in self.db.execute("SELECT id, path FROM items WHERE root IS NULL AND path >= ? AND path < ?",
-                                             (prefix, past(prefix))).fetchall():
-            self.db.execute("UPDATE items SET root = ?, path = ? WHERE id = ?",
-                            (root, Path(path[len(base):]).as_posix(), item_id))
+        self.db.execute("UPDATE items SET root = ?, path = replace(substr(path, ?), ?, '/') "  # (one statement:
+                        "WHERE root IS NULL AND path >= ? AND path < ?",  # an ingest of millions is not held)
+                        (root, len(base) + 1, os.sep, prefix, past(prefix)))
         for inner, inner_path in self.db.execute("SELECT root, path FROM roots WHERE root != ? AND substr(path, 1, ?) = ?",
                                                  (root, len(prefix), prefix)).fetchall():
             relative = Path(inner_path[len(base):]).as_posix() + "/"
