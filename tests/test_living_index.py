@@ -270,6 +270,48 @@ def test_a_moved_folder_is_repointed_not_embedded_again(photos, tmp_path, tiny_c
     assert str(renamed.resolve()) in capsys.readouterr().out
 
 
+def test_a_move_is_known_by_name_size_and_mtime_without_reading_the_files_and_a_copy_by_its_content(
+        tmp_path, tiny_model, monkeypatch):
+    """A renamed folder's files keep their names, sizes and mtimes: they are matched on those, no file is
+    read (a folder of a million photos is not hashed). A file renamed inside it, or copied (a new mtime) with
+    the original deleted, is matched by its content hash; items that have none (added through the API by
+    path) still move by name."""
+    import clipkit
+    import clipkit.index.sync as sync
+    from tests.conftest import draw_shape
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        draw_shape("red", "square", seed=i).save(folder / f"{i}.png")
+    index = Index(tiny_model.dim, model=tiny_model)
+    index.sync_folder(folder, tiny_model)
+    vectors = {p.name: v for p, v in zip(sorted(folder.glob("*.png")),
+                                          index.embeddings([str(p.resolve()) for p in sorted(folder.glob("*.png"))]))}
+    folder.rename(tmp_path / "renamed")
+    with monkeypatch.context() as patch:
+        patch.setattr(sync, "hash_or_none", lambda path: pytest.fail(f"{path} was read"))
+        report = index.sync_folder(tmp_path / "renamed", tiny_model)
+    assert (report.moved, report.added) == (5, 0)
+    renamed = tmp_path / "renamed"
+    (renamed / "0.png").rename(renamed / "zero.png")  # renamed: another name
+    shutil.copyfile(renamed / "1.png", renamed / "one.png")  # copied: another mtime
+    (renamed / "1.png").unlink()
+    os.utime(renamed / "one.png", (1e9, 1e9))
+    report = index.sync_folder(renamed, tiny_model)
+    assert (report.moved, report.added, report.removed, report.unchanged) == (2, 0, 0, 3)
+    np.testing.assert_allclose(index.embeddings([str((renamed / n).resolve()) for n in ("zero.png", "one.png")]),
+                               [vectors["0.png"], vectors["1.png"]], atol=1e-6)
+
+    files = sorted(str(p.resolve()) for p in renamed.glob("*.png"))
+    bare = Index.from_embeddings(clipkit.encode([Path(f) for f in files], model=tiny_model), ids=files, metadata=[
+        {"path": f, "size": os.stat(f).st_size, "mtime": os.stat(f).st_mtime} for f in files])  # no content hash
+    bare.sync_folder(renamed, tiny_model)
+    renamed.rename(tmp_path / "again")
+    report = bare.sync_folder(tmp_path / "again", tiny_model)
+    assert (report.moved, report.added) == (5, 0)
+
+
 def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ckpt, capsys):
     for name in ("a", "b"):
         shutil.copytree(photos["Q"], tmp_path / name / "photos", ignore=shutil.ignore_patterns(

@@ -1,10 +1,10 @@
 """Keeping an index in step with folders of images: plan (what changed since the last run), then sync.
 
 Each folder indexed is a root: the store keeps its absolute path once and every file's path relative to
-it. A file is unchanged when its size and mtime match what was indexed. A new file whose size and content
-hash equal those of an indexed file that is gone (from this folder, or from a folder that no longer
-exists at all) is that file renamed or moved: it is re-pointed and keeps its embedding. So a renamed or
-moved folder is re-pointed, not embedded again.
+it. A file is unchanged when its size and mtime match what was indexed. A new file that has the name, size
+and mtime of an indexed file that is gone (from this folder, or from a folder that no longer exists at
+all), or else its size and content hash (a copy), is that file renamed or moved: it is re-pointed and
+keeps its embedding. So a renamed or moved folder is re-pointed, not embedded again, and not read.
 
 The plan is made on disk, in a private temporary SQLite database: the files found (listed as the folder is
 walked), the files the index knows there (streamed from the store), and the comparison and the moves as SQL;
@@ -147,7 +147,8 @@ _PLAN_SCHEMA = """
 CREATE TABLE found (dev INTEGER, ino INTEGER, link INTEGER, path TEXT UNIQUE, size INTEGER, mtime REAL,
                     state TEXT, old TEXT, PRIMARY KEY (dev, ino));
 CREATE TABLE known (id TEXT PRIMARY KEY, size INTEGER, mtime REAL, state TEXT) WITHOUT ROWID;
-CREATE TABLE vanished (size INTEGER, hash TEXT, id TEXT);
+CREATE TABLE vanished (size INTEGER, mtime REAL, name TEXT, hash TEXT, id TEXT);
+CREATE INDEX vanished_by_name ON vanished (size, mtime, name);
 CREATE INDEX vanished_by_content ON vanished (size, hash);
 CREATE TABLE moves (path TEXT PRIMARY KEY, old TEXT);
 """
@@ -313,20 +314,21 @@ def _vanished(store: Store, plan: SyncPlan) -> Iterator[dict]:
 
 
 def _find_moves(store: Store, plan: SyncPlan) -> None:
-    """A new file with the size and content hash of a vanished one is that file moved: it keeps its item (only
-    new files of a vanished one's size are read, to hash them)."""
+    """A new file that is a vanished one moved keeps its item: one of the same name, size and modification
+    time (what a rename or a move keeps: the test that finds a file unchanged), else of the same size and
+    content hash (a copy: only new files of a vanished one's size are read, to hash them)."""
     if not plan.new:
         return
-    vanished = ((int(r["size"]), r["content_hash"], r["id"]) for r in _vanished(store, plan)
-                if r.get("content_hash") and r.get("size") is not None)
+    vanished = ((int(r["size"]), r.get("mtime"), os.path.basename(r["id"]), r.get("content_hash"), r["id"])
+                for r in _vanished(store, plan) if r.get("size") is not None and isinstance(r["id"], str))
     for chunk in batches(vanished, _CHUNK):
-        plan.db.executemany("INSERT INTO vanished (size, hash, id) VALUES (?, ?, ?)", chunk)
-    cursor = plan.db.execute("SELECT path, size FROM found WHERE state = 'new' AND size IN "
+        plan.db.executemany("INSERT INTO vanished (size, mtime, name, hash, id) VALUES (?, ?, ?, ?, ?)", chunk)
+    cursor = plan.db.execute("SELECT path, size, mtime FROM found WHERE state = 'new' AND size IN "
                              "(SELECT size FROM vanished) ORDER BY path")
     while rows := cursor.fetchmany(_CHUNK):  # (matches go to their own table: `found` is being read)
-        for path, size in rows:
-            match = plan.db.execute("SELECT rowid, id FROM vanished WHERE size = ? AND hash = ? ORDER BY rowid DESC "
-                                    "LIMIT 1", (size, hash_or_none(path))).fetchone()
+        for path, size, mtime in rows:
+            match = _vanished_one(plan, "mtime = ? AND name = ?", (size, mtime, os.path.basename(path))) or \
+                _vanished_one(plan, "hash = ?", (size, hash_or_none(path)))
             if match is not None:
                 plan.db.execute("DELETE FROM vanished WHERE rowid = ?", (match[0],))
                 plan.db.execute("INSERT INTO moves (path, old) VALUES (?, ?)", (path, match[1]))
@@ -335,6 +337,12 @@ def _find_moves(store: Store, plan: SyncPlan) -> None:
             WHERE path IN (SELECT path FROM moves);
         UPDATE known SET state = 'moved' WHERE id IN (SELECT old FROM moves);
     """)
+
+
+def _vanished_one(plan: SyncPlan, where: str, args: tuple) -> tuple | None:
+    """(rowid, id) of the latest vanished file of this size (`args[0]`) that `where` also picks, or None."""
+    return plan.db.execute(f"SELECT rowid, id FROM vanished WHERE size = ? AND {where} ORDER BY rowid DESC LIMIT 1",
+                           args).fetchone()
 
 
 def _file_row(root: int, root_folder: str, path: str, stat: FileStat) -> tuple:
