@@ -66,6 +66,14 @@ def draw_shape(colour: str, shape: str, size: tuple[int, int] = (64, 64), seed: 
     return image
 
 
+def shape_folder(folder: Path, n: int, colour: str = "red", shape: str = "square") -> Path:
+    """`folder` (made) with n images of one shape, `0.png` ... (seeds 0..n-1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        draw_shape(colour, shape, seed=i).save(folder / f"{i}.png")
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """12 good images in assorted formats, sizes and extension cases, nested; plus a broken and a hidden file."""

@@ -278,12 +278,9 @@ def test_a_move_is_known_by_name_size_and_mtime_without_reading_the_files_and_a_
     path) still move by name."""
     import clipkit
     import clipkit.index.sync as sync
-    from tests.conftest import draw_shape
+    from tests.conftest import shape_folder
 
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(5):
-        draw_shape("red", "square", seed=i).save(folder / f"{i}.png")
+    folder = shape_folder(tmp_path / "photos", 5)
     index = Index(tiny_model.dim, model=tiny_model)
     index.sync_folder(folder, tiny_model)
     vectors = {p.name: v for p, v in zip(sorted(folder.glob("*.png")),
@@ -382,12 +379,9 @@ def test_files_added_by_path_are_adopted_by_their_folder_s_first_sync(tmp_path, 
 
 
 def test_format_1_index_is_migrated_and_its_files_stay_known(tmp_path, tiny_model):
-    from tests.conftest import draw_shape
+    from tests.conftest import shape_folder
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(4):
-        draw_shape("green", "triangle", seed=i).save(photos / f"{i}.png")
+    photos = shape_folder(tmp_path / "photos", 4, "green", "triangle")
     current = Index(tiny_model.dim, model=tiny_model)
     current.sync_folder(photos, tiny_model)
     records = current.get(current.ids())
