@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
+import sqlite3
 import stat
 import tempfile
 from pathlib import Path
@@ -89,6 +91,23 @@ def read_regular(path: str | os.PathLike) -> bytes:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def temp_space(what: str) -> Iterator[None]:
+    """Inside, a full disk met while writing to the temporary folder (a run's private database or spill file:
+    `what`) is a `TempFullError` that says which folder and how to choose another."""
+    from clipkit.errors import TempFullError
+
+    try:
+        yield
+    except (sqlite3.OperationalError, OSError) as exc:
+        if not (getattr(exc, "errno", None) == errno.ENOSPC or "full" in str(exc).lower()):
+            raise
+        folder = os.environ.get("SQLITE_TMPDIR") or tempfile.gettempdir()
+        raise TempFullError(f"no space left in the temporary folder {folder} for {what} (about 300 bytes a file or "
+                            "row): set TMPDIR to a folder on a disk with room and run the same command again; "
+                            "nothing already indexed is lost") from None
+
+
 def batches(values: Iterable, size: int) -> Iterator[list]:
     """`values` (any iterable, read once) `size` at a time, each batch a list."""
     values = iter(values)
@@ -108,10 +127,11 @@ class SpillList:
         if len(self._head) < self.kept:
             self._head.append(entry)
         else:
-            if self._spill is None:
-                self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape")
-            self._spill.seek(0, os.SEEK_END)
-            self._spill.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            with temp_space("a run's list of skipped files or removed ids"):
+                if self._spill is None:
+                    self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape")
+                self._spill.seek(0, os.SEEK_END)
+                self._spill.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._count += 1
 
     def extend(self, entries) -> None:

@@ -46,6 +46,11 @@ class IndexFullError(ClipkitError):
     """The disk holding the index filled up; what was committed before is kept."""
 
 
+class TempFullError(ClipkitError):
+    """The temporary folder (where a run lists a folder's plan or a table's rows) filled up; nothing committed
+    is lost."""
+
+
 class EngineError(ClipkitError):
     """The engine embedding the images (a Ray cluster) failed; the batches committed before are kept."""
 

@@ -453,6 +453,74 @@ def test_disk_full_exits_2_keeps_what_was_committed_and_resumes(photos, tmp_path
         _unmount(disk)
 
 
+def test_a_full_temporary_folder_is_named_and_changes_nothing(photos, tmp_path, tiny_ckpt, monkeypatch):
+    """A folder's plan and a table's rows go to a private database in the temporary folder: when that fills
+    up, the error names it and says how to choose another (not "the disk holding the index"), one line, exit
+    2, and the index keeps what it had. Skipped files spilled there too fail the same way (injected ENOSPC)."""
+    import errno
+
+    from clipkit._io import SpillList
+    from clipkit.errors import TempFullError
+
+    index_path = tmp_path / "ix.clipkit"
+    folder = tmp_path / "photos"
+    shutil.copytree(photos["Q"], folder)
+    assert subprocess.run(cli("-q", "index", str(folder), "--index", str(index_path), *model_args(tiny_ckpt, 16)),
+                          env=ENV).returncode == 0
+    for i in range(3000):
+        (folder / f"not_an_image_{i:05d}_with_a_long_name_that_fills_the_plan.jpg").write_bytes(b"x")
+    table = tmp_path / "table.csv"
+    table.write_text("image,caption\n" + "".join(f"photos/{i:05d}_with_a_long_name_that_fills_the_rows.jpg,a cat\n"
+                                                 for i in range(30_000)))  # (past SQLite's page cache)
+    temp = tmp_path / "temp"
+    mounted = _tmpfs(temp, "64k")
+    if not mounted:  # (without root: SQLite's own error, injected)
+        temp.mkdir()
+        for where in ("clipkit.index.sync._insert_found", "clipkit.data.tables.batches"):
+            monkeypatch.setattr(where, lambda *a: _raise(sqlite3.OperationalError("database or disk is full")))
+    try:
+        for source in (folder, table):
+            command = cli("index", str(source), "--index", str(index_path), *model_args(tiny_ckpt, 16))
+            if mounted:
+                run = subprocess.run(command, env={**ENV, "TMPDIR": str(temp), "SQLITE_TMPDIR": str(temp)},
+                                     capture_output=True, text=True)
+                code, err = run.returncode, run.stderr
+            else:
+                code, err = _in_process(command[3:], monkeypatch, temp)
+            assert code == 2 and err.count("\n") == 1, err
+            assert f"no space left in the temporary folder {temp}" in err and "set TMPDIR" in err, err
+            assert len(Index.load(index_path)) == 60
+    finally:
+        if mounted:
+            _unmount(temp)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    spill = SpillList(kept=2)
+    spill.extend(["a", "b"])
+    monkeypatch.setattr("tempfile.TemporaryFile", no_space)
+    with pytest.raises(TempFullError, match="no space left in the temporary folder"):
+        spill.append("c")
+
+
+def _raise(exc: BaseException):
+    raise exc
+
+
+def _in_process(args: list[str], monkeypatch, temp: Path) -> tuple[int, str]:
+    """(exit code, stderr) of `clipkit ARGS` run in this process, with TMPDIR at `temp`."""
+    import contextlib
+    import io
+
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, err.getvalue()
+
+
 def test_disk_full_injected(tmp_path, monkeypatch):
     import errno
 

@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from clipkit._io import batches
+from clipkit._io import batches, temp_space
 from clipkit.data.urls import parquet_file, table_columns, table_records, table_suffix
 
 _CHUNK = 10_000  # rows written per statement batch
@@ -82,7 +82,8 @@ def read_table(path: str | os.PathLike, image_column: str = "image", caption_col
         _check_row(path, 1, dict.fromkeys(parquet_file(path).schema_arrow.names), image_column, caption_column,
                    captions)
     try:
-        return TableRows(_image_rows(path, image_column, caption_column, root, captions))
+        with temp_space(f"the rows of {path}"):
+            return TableRows(_image_rows(path, image_column, caption_column, root, captions))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at {exc.start}): "
                          "save it as UTF-8 (Excel: \"CSV UTF-8\")") from None

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Container, Iterator, NamedTuple, Sequence
 
-from clipkit._io import SkipList, batches
+from clipkit._io import SkipList, batches, temp_space
 from clipkit._progress import progress_bar
 from clipkit.data.folder import iter_image_files
 from clipkit.index.store import CHECK_BY_KEY, Store, streamed
@@ -212,10 +212,11 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     root_id, root_folder, prefix = _locate(store, str(root))
     plan = SyncPlan(root=root, root_folder=root_folder, root_id=root_id)
     try:
-        _list_known(store, plan, prefix)
-        _list_found(store, plan, exclude, shard, include)
-        _compare(plan)
-        _find_moves(store, plan)
+        with temp_space(f"the plan of {printable(str(root))}"):
+            _list_known(store, plan, prefix)
+            _list_found(store, plan, exclude, shard, include)
+            _compare(plan)
+            _find_moves(store, plan)
     except BaseException:
         plan.close()
         raise
