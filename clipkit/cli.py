@@ -1080,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, sqlite3.DatabaseError):  # damage met after an index was opened
             from clipkit.index.store import translate
 
-            exc = translate(exc, "of an index")
+            exc = translate(exc, None)
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"clipkit: error: {message}", file=sys.stderr)
         return 2

@@ -465,3 +465,21 @@ def test_folder_queries_search_an_index_and_older_stores_get_it(tmp_path):
     assert sorted(older.store.keys_under("/x")) == [0, 1, 2]  # (by a scan until the first write)
     older.remove(["e"])
     assert older.store.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'items_rootless_path'").fetchone()
+
+
+def test_removed_keys_merge_and_look_up_as_numpy_s_set_operations():
+    """The sorted sets of removed keys (an exact structure's dead, the sealed lists' dropped) grow by a merge
+    and are looked up by binary search: the same answers as np.union1d / np.isin, batch after batch."""
+    from clipkit.index.vectors import add_sorted, in_sorted
+
+    rng = np.random.default_rng(0)
+    merged, reference = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for _ in range(100):
+        keys = rng.integers(0, 3000, rng.integers(0, 60))
+        merged, fresh = add_sorted(merged, keys)
+        assert fresh == len(np.setdiff1d(keys, reference))
+        reference = np.union1d(reference, keys)
+        np.testing.assert_array_equal(merged, reference)
+    values = rng.integers(-10, 3100, 2000)
+    np.testing.assert_array_equal(in_sorted(values, merged), np.isin(values, reference))
+    assert not in_sorted(values, np.zeros(0, np.int64)).any()

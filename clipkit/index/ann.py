@@ -23,7 +23,7 @@ import numpy as np
 
 from clipkit._io import atomic_path, atomic_write_bytes
 from clipkit.index import ondisk
-from clipkit.index.vectors import damaged_rows
+from clipkit.index.vectors import add_sorted, damaged_rows, in_sorted
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +471,7 @@ class Structure:
             keys = np.unique(np.asarray(keys, np.int64))
             if self.delta.ntotal:  # (keys only grow, but a build's held-out items come back through the delta)
                 self.delta.remove_ids(np.ascontiguousarray(keys))
-            self.dropped, self._selector = np.union1d(self.dropped, keys[keys <= self.sealed.last_key]), None
+            self.dropped, self._selector = add_sorted(self.dropped, keys[keys <= self.sealed.last_key])[0], None
             return True
         if isinstance(self.index, faiss.IndexIDMap2):
             inner = faiss.downcast_index(self.index.index)
@@ -517,7 +517,7 @@ class Structure:
                     scores, found = clone.search(queries, wider)
                     if position_to_key is not None:
                         found = np.where(found >= 0, position_to_key[np.maximum(found, 0)], -1)
-                    found[np.isin(found, self.dropped)] = -1
+                    found[in_sorted(found, self.dropped)] = -1
                     return top_of(*_mark_missing(scores, found), k)
         ivf = faiss.try_extract_index_ivf(self.index)
         if isinstance(ivf, faiss.IndexIVFFastScan):  # one query or a few: FAISS's fast-scan kernel that spreads
@@ -584,9 +584,8 @@ class ExactStructure:
         self._gpu = None
 
     def remove(self, keys: np.ndarray) -> bool:
-        fresh = np.setdiff1d(np.asarray(keys, np.int64), self.dead)
-        self.dead = np.union1d(self.dead, fresh)
-        self._count -= len(fresh)
+        self.dead, fresh = add_sorted(self.dead, keys)
+        self._count -= fresh
         self._gpu = None
         return True
 
@@ -618,7 +617,7 @@ class ExactStructure:
             damaged = damaged_rows(vectors, self.per_item)
             if damaged.any() and self.on_damaged is not None:
                 self.on_damaged(batch_keys[damaged].tolist())
-            keep = ~np.isin(batch_keys, self.dead, assume_unique=True) & ~damaged
+            keep = ~in_sorted(batch_keys, self.dead) & ~damaged
             yield batch_keys[keep], vectors[keep]
 
 
@@ -639,7 +638,7 @@ def top_k_scan(queries: np.ndarray, batches, k: int, exclude: np.ndarray | None 
             if per_item > 1:
                 scores = scores.reshape(len(queries), len(part_keys), per_item).max(axis=2)
             if exclude is not None and len(exclude):
-                scores[:, np.isin(part_keys, exclude, assume_unique=True)] = -np.inf
+                scores[:, in_sorted(part_keys, exclude)] = -np.inf
             damaged = ~(np.abs(scores) <= DAMAGED_SCORE) & ~np.isneginf(scores)
             if damaged.any():
                 scores[damaged] = -np.inf

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from clipkit.index.vectors import in_sorted
+
 MAGIC = b"CKLISTS1"
 ALIGN = 4096  # the table is padded to a page: list offsets stay aligned for SIMD loads
 
@@ -159,7 +161,8 @@ def write_lists(path, sources: list[faiss.Index], drops: list | None = None) -> 
     ivfs = [_ivf(s) for s in sources]
     lists = [faiss.downcast_InvertedLists(ivf.invlists) for ivf in ivfs]
     packer = ivfs[0].get_CodePacker() if layout.per_block > 1 else None
-    drops = [np.zeros(0, np.int64) if d is None else np.asarray(d, np.int64) for d in (drops or [None] * len(lists))]
+    drops = [np.zeros(0, np.int64) if d is None else np.unique(np.asarray(d, np.int64))  # (sorted: looked up)
+             for d in (drops or [None] * len(lists))]
     table = np.zeros((layout.nlist, 3), np.int64)
     start = -(-(len(MAGIC) + 32 + 24 * layout.nlist) // ALIGN) * ALIGN
     last_key = -1
@@ -191,7 +194,7 @@ def _joined(list_no: int, lists: list, layout: Layout, packer, drops: list) -> t
             ids = faiss.rev_swig_ptr(source.get_ids(list_no), n).copy()
             codes = faiss.rev_swig_ptr(source.get_codes(list_no), layout.capacity(n) * layout.entry_bytes)
             parts.append((codes, ids))
-            keep.append(~np.isin(ids, drop) if len(drop) else np.ones(n, bool))
+            keep.append(~in_sorted(ids, drop) if len(drop) else np.ones(n, bool))
     if not parts:
         return b"", np.zeros(0, np.int64)
     if len(parts) == 1 and keep[0].all():

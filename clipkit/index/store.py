@@ -25,7 +25,7 @@ import numpy as np
 from clipkit._io import SpillList
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 from clipkit.index.segments import Segments, new_state
-from clipkit.index.vectors import damaged_rows, ids_array, keys_sum
+from clipkit.index.vectors import damaged_rows, ids_array, in_sorted, keys_sum
 
 SHARD_STATS = "shards"  # stores before the `shards` table: store info, shard path -> [size, mtime] (JSON)
 FORMAT = "clipkit-index"
@@ -82,14 +82,16 @@ def translate(exc: sqlite3.Error, where: Path | str | None) -> Exception:
     """A SQLite error as the clipkit error a user can act on."""
     text = str(exc)
     lowered = text.lower()
+    index = f"the index {where}" if where is not None else "the index"
     if "full" in lowered or "no space" in lowered:
-        return IndexFullError(f"no space left on the disk holding the index {where}: what was already indexed is "
-                              "kept; free some space and run the same command again")
+        return IndexFullError(f"no space left on the disk holding {index}: what was already indexed is kept; free "
+                              "some space and run the same command again")
     if "readonly" in lowered or "read-only" in lowered:
-        return ReadOnlyIndexError(f"the index at {where} is read-only: it can be searched but not changed; copy it "
-                                  "to writable storage to change it")
+        return ReadOnlyIndexError(f"{index} is read-only: it can be searched but not changed; copy it to writable "
+                                  "storage to change it")
     if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in lowered or "not a database" in lowered):
-        return BrokenIndexError(f"the store {where} is damaged ({text}); rebuild the index")
+        store = f"the store {where}" if where is not None else "the index's store"
+        return BrokenIndexError(f"{store} is damaged ({text}); rebuild the index")
     return exc
 
 
@@ -655,7 +657,7 @@ class Store:
         dead = self.dead_keys()
         for keys, vectors in self.segments.batches(batch, read=True):
             if len(dead):
-                live = ~np.isin(keys, dead, assume_unique=True)
+                live = ~in_sorted(keys, dead)
                 keys, vectors = keys[live], vectors[live]
             if len(keys):  # (a batch of removed items' rows alone gives nothing)
                 yield keys, vectors
@@ -672,7 +674,7 @@ class Store:
         rng = np.random.default_rng(seed)
         drawn = rng.choice(rows, min(rows, int(m * 1.1) + 16), replace=False) if rows else np.zeros(0, np.int64)
         keys = self.segments.keys_at(np.sort(drawn))
-        live = rng.permutation(keys[~np.isin(keys, self.dead_keys())])[:m]
+        live = rng.permutation(keys[~in_sorted(keys, self.dead_keys())])[:m]
         return live, self.segments.vectors(live)[0]
 
     def compact(self, dtype: str | None = None) -> None:

@@ -56,6 +56,24 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 
+def in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Which of `values` are in `sorted_keys` (sorted): a binary search each, where np.isin sorts both arrays
+    on every call (a million removed keys, checked batch after batch, cost seconds a search)."""
+    values = np.asarray(values)
+    if not len(sorted_keys):
+        return np.zeros(values.shape, bool)
+    positions = np.searchsorted(sorted_keys, values)
+    return sorted_keys[np.minimum(positions, len(sorted_keys) - 1)] == values
+
+
+def add_sorted(sorted_keys: np.ndarray, keys) -> tuple[np.ndarray, int]:
+    """(`sorted_keys` (sorted, unique) with `keys` merged in, how many of them were not there): one merge, where
+    np.union1d sorts the whole set again (a removal at a time, a million removed keys: minutes)."""
+    keys = np.unique(np.asarray(keys, np.int64))
+    fresh = keys[~in_sorted(keys, sorted_keys)]
+    return np.insert(sorted_keys, np.searchsorted(sorted_keys, fresh), fresh), len(fresh)
+
+
 def damaged_rows(vectors: np.ndarray, per_item: int = 1) -> np.ndarray:
     """Which stored rows are damaged (NaN, infinite or a vector far from unit length: flipped bytes on disk);
     a row holds `per_item` vectors side by side."""
