@@ -43,6 +43,13 @@ def scan_image_paths(root: str | os.PathLike, recursive: bool = True, exclude: S
     return sorted(path for _, path in chosen.values())
 
 
+def relative_path(path: str, folder: str) -> str:
+    """`path` (a file under `folder`) relative to it, with '/' between names: string slicing, where pathlib
+    parses (and interns) every part of every name, a cost a folder of millions pays per file."""
+    relative = path[len(folder.rstrip(os.sep)) + 1:]
+    return relative if os.sep == "/" else relative.replace(os.sep, "/")
+
+
 def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = (),
                      on_shard: Callable[[str], None] | None = None) -> Iterator[tuple[str, os.stat_result, bool]]:
     """(path, the file's stat (through a symlink), whether the name is a symlink) of each image file name under
@@ -69,8 +76,8 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
         for entry in entries:
-            if entry.name.startswith(".") or exclude and _excluded(Path(entry.path).relative_to(root).as_posix(),
-                                                                     entry.name, exclude):
+            if entry.name.startswith(".") or exclude and _excluded(relative_path(entry.path, str(root)), entry.name,
+                                                                     exclude):
                 continue
             try:
                 if entry.is_dir():

@@ -103,8 +103,9 @@ def is_table(path: str | os.PathLike) -> bool:
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".txt")  # .txt: image paths, no captions
 
 
-def caption_file(image_path: str | Path) -> Path:
-    return Path(image_path).with_suffix(".txt")
+def caption_file(image_path: str | Path) -> str:
+    """NAME.txt beside NAME.jpg (string work: no pathlib per image of a folder of millions)."""
+    return os.path.splitext(os.fspath(image_path))[0] + ".txt"
 
 
 def image_of(caption_id: str) -> str:
@@ -284,7 +285,7 @@ def sync_index_captions(index, prefix: str, model, table=None, files: bool = Tru
     if collection is False:
         return None
     if collection is None:
-        if not table and not any(caption_file(i).is_file() for ids in id_pages(index, prefix, files) for i in ids):
+        if not table and not any(os.path.isfile(caption_file(i)) for ids in id_pages(index, prefix, files) for i in ids):
             return None
         collection = new_captions(index, model)
     report = sync_captions(index, collection, prefix, model, table, files, gone, page=page)

@@ -27,7 +27,7 @@ from typing import Callable, Container, Iterator, NamedTuple, Sequence
 
 from clipkit._io import SkipList, batches, temp_space
 from clipkit._progress import progress_bar
-from clipkit.data.folder import iter_image_files
+from clipkit.data.folder import iter_image_files, relative_path
 from clipkit.index.store import CHECK_BY_KEY, Store, streamed
 
 log = logging.getLogger("clipkit.index")
@@ -254,7 +254,7 @@ def _list_found(store: Store, plan: SyncPlan, exclude: Sequence[str], shard, inc
 
     rows = []
     for path, stat, link in iter_image_files(plan.root, exclude=exclude, on_shard=unread_shard):
-        if shard is not None and shard_of(Path(path).relative_to(plan.root).as_posix(), shard[1]) != shard[0]:
+        if shard is not None and shard_of(relative_path(path, str(plan.root)), shard[1]) != shard[0]:
             continue
         if include is not None and path not in include:
             continue
@@ -348,7 +348,7 @@ def _vanished_one(plan: SyncPlan, where: str, args: tuple) -> tuple | None:
 
 def _file_row(root: int, root_folder: str, path: str, stat: FileStat) -> tuple:
     """A file's store row: (root, relative path, mtime, size, caption, extra)."""
-    relative = Path(path).relative_to(root_folder).as_posix()
+    relative = relative_path(path, root_folder)
     return (root, relative, stat.st_mtime, stat.st_size, None, json.dumps({"content_hash": hash_or_none(path)}))
 
 
@@ -415,7 +415,7 @@ def _move_chunk(moves: list[tuple], root: int, root_folder: str, store: Store):
     """A change (for Index._write): `moves` ((old id, new path, stat) each) re-keyed, their embeddings kept;
     the folders left empty forgotten."""
     moved_from, new_keys, vectors = store.move([
-        (old_id, path, root, Path(path).relative_to(root_folder).as_posix(), stat.st_mtime, stat.st_size)
+        (old_id, path, root, relative_path(path, root_folder), stat.st_mtime, stat.st_size)
         for old_id, path, stat in moves])
     store.drop_empty_roots(keep=root)
     return None, new_keys, vectors, moved_from
