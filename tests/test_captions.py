@@ -124,9 +124,9 @@ def test_a_moved_folder_s_captions_go_with_it_not_embedded_again(folder, demo, t
 def test_a_moved_folder_moves_a_chunk_at_a_time_and_a_stopped_run_loses_nothing(folder, demo, tmp_path,
                                                                                 monkeypatch):
     """A moved folder is re-pointed MOVE_CHUNK files a transaction (so a folder of millions never holds its
-    vectors at once), its captions with each chunk; a run stopped in the third chunk, with the ids it removed
-    spilled to disk, run again moves the rest: every image and caption at its new id, nothing embedded, none
-    left at an old id."""
+    vectors at once), its captions with each chunk; a run stopped in the third chunk (which takes back the
+    caption copies it made), with the ids it removed spilled to disk, run again after the folder moved on
+    moves the rest: every image and caption at its new id, nothing embedded, none left at an old id."""
     import clipkit.index.sync as sync
     from clipkit._io import SpillList
 
@@ -156,9 +156,13 @@ def test_a_moved_folder_moves_a_chunk_at_a_time_and_a_stopped_run_loses_nothing(
     monkeypatch.setattr(sync, "_move_chunk", real_chunk)
     index = Index.load(ix)
     assert len(index) == 40 and sum(i.startswith(str(renamed.resolve())) for i in index.ids()) == 14
+    images = set(index.ids())  # the failed chunk took its caption copies back: none without its image
+    assert len(index.captions) == len(old_captions) and {r["image_id"] for r in index.captions.get(
+        index.captions.ids())} == images
+    renamed = renamed.rename(tmp_path / "renamed again")  # (and moved on before the next run)
     report = index.sync_folder(renamed, demo)
-    assert (report.moved, report.added, report.updated, report.unchanged) == (26, 0, 0, 14)
-    assert sizes == [7, 7, 7, 7, 7, 5] and report.captions.added == 0
+    assert (report.moved, report.added, report.updated, report.unchanged) == (40, 0, 0, 0)
+    assert sizes == [7, 7] + [7, 7, 7, 7, 7, 5] and report.captions.added == 0
     after = Index.load(ix)
     old_root, new_root = str(folder.resolve()), str(renamed.resolve())
     assert sorted(after.ids()) == sorted(new_root + i[len(old_root):] for i in old_images)

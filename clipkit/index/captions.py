@@ -253,11 +253,11 @@ def new_captions(index, model):
     return collection
 
 
-def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> int:
+def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> list[str]:
     """Copy the captions of images that moved to other ids ((old id, new id) each: a renamed or moved file)
     to the new ids, embeddings and all, so that no caption sync embeds them again (`move_with_captions`).
-    Returns how many were carried."""
-    carried = 0
+    Returns the ids of the copies made (those already there are left as they are)."""
+    made = []
     for start in range(0, len(moves), batch):
         new_of = {str(old): new for old, new in moves[start:start + batch]}
         records = collection.get(captions_of_images(collection, [old for old, _ in moves[start:start + batch]]))
@@ -269,8 +269,8 @@ def carry_captions(collection, moves: Sequence[tuple], batch: int = 10_000) -> i
             collection.add(vectors, ids=list(targets), metadata=[
                 {**{k: v for k, v in r.items() if k not in ("id", "key")}, "image_id": new_of[image_of(r["id"])],
                  "path": new_of[image_of(r["id"])]} for r in targets.values()])
-            carried += len(targets)
-    return carried
+            made += targets
+    return made
 
 
 def sync_index_captions(index, prefix: str, model, table=None, files: bool = True, gone: Iterable = (),
@@ -311,12 +311,17 @@ class CaptionMover:
 def move_with_captions(index, moves: list[tuple], change: Callable) -> int:
     """`index._write(change)`, a change that moves images to other ids ((old id, new id) each), with their
     captions: copied to the new ids before it (`carry_captions`), the old ones removed after it
-    (`remove_with_captions`), so that a run stopped at any point loses none (run again, the copies are found
-    there). How many captions were carried."""
+    (`remove_with_captions`), so that a run stopped at any point loses none (a change that fails takes its
+    copies back; a run killed in between finds them there when it runs again). How many were carried."""
     collection = writable_captions(index)
-    carried = carry_captions(collection, moves) if collection else 0
-    remove_with_captions(index, change)
-    return carried
+    copies = carry_captions(collection, moves) if collection else []
+
+    def undo() -> None:  # (the change failed: the copies go, unless it committed, its images now at the new ids)
+        if copies and index.store.keys_for([moves[0][0]]):
+            collection.remove(copies)
+
+    remove_with_captions(index, change, undo=undo)
+    return len(copies)
 
 
 def captions_of_images(collection, image_ids: Sequence) -> list[str]:
@@ -375,12 +380,18 @@ def moved_caption_table(index, folder: Path, moves: Sequence[tuple]) -> CaptionT
     return None
 
 
-def remove_with_captions(index, change, report: CaptionReport | None = None):
+def remove_with_captions(index, change, report: CaptionReport | None = None, undo: Callable | None = None):
     """`index._write(change)`, a removal, then the captions whose image went with it (counted in `report`); a
-    caption collection that cannot be changed is found out before anything is removed."""
+    caption collection that cannot be changed is found out before anything is removed. `undo()`: called if
+    the change fails (it committed nothing)."""
     collection = writable_captions(index)
-    with index.store.recording_deletions() as gone:
-        removed = index._write(change)
+    try:
+        with index.store.recording_deletions() as gone:
+            removed = index._write(change)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
     for images in batches(gone, 10_000) if collection else ():  # a caption's id: its image's id as text, '#', a line
         orphans = captions_of_images(collection, images)
         if orphans:
