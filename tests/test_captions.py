@@ -178,6 +178,43 @@ def test_a_moved_folder_moves_a_chunk_at_a_time_and_a_stopped_run_loses_nothing(
     assert [r["path"] for r in after.roots()] == [new_root]
 
 
+def test_a_move_killed_between_captions_and_images_leaves_nothing_dangling(folder, demo, tmp_path):
+    """kill -9 after a chunk's captions were copied and before its images moved leaves those copies; run
+    again after the folder moved on elsewhere, the sync drops them: every caption at its image, none without."""
+    import subprocess
+    import sys
+
+    ix = tmp_path / "ix"
+    Index.from_folder(folder, demo).save(ix)
+    before = Index.load(ix).captions
+    texts, count = sorted(r["caption"] for r in before.get(before.ids())), len(before)
+    first = tmp_path / "first"
+    folder.rename(first)
+    script = ("import os, sys\n"
+              "import clipkit, clipkit.index.sync as sync\n"
+              "from clipkit.index import Index\n"
+              "sync.MOVE_CHUNK = 15\n"
+              "real, calls = sync._move_chunk, []\n"
+              "def dying(*args):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        os._exit(9)  # the second chunk's captions copied, its images not moved\n"
+              "    return real(*args)\n"
+              "sync._move_chunk = dying\n"
+              "Index.load(sys.argv[1]).sync_folder(sys.argv[2], clipkit.load_model('clipkit-demo', device='cpu'))\n")
+    assert subprocess.run([sys.executable, "-c", script, str(ix), str(first)]).returncode == 9
+    stopped = Index.load(ix)
+    assert len(stopped.captions) > count  # (the copies the kill left)
+    second = first.rename(tmp_path / "second")
+    report = Index.load(ix).sync_folder(second, demo)
+    assert (report.moved, report.added) == (40, 0) and report.captions.added == 0
+    after = Index.load(ix)
+    records = after.captions.get(after.captions.ids())
+    assert sorted(r["caption"] for r in records) == texts
+    assert {r["image_id"] for r in records} <= set(after.ids())
+    assert all(r["id"].startswith(str(second.resolve()) + "/") for r in records)
+
+
 def test_image_to_text_and_text_to_text_search(folder, demo, tmp_path):
     index = Index.from_folder(folder, demo)
     image = sorted(folder.glob("*.jpg"))[3]

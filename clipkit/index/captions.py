@@ -300,12 +300,25 @@ class CaptionMover:
     the folder's table (given, remembered or found); `carried`: how many captions went with their images."""
 
     def __init__(self, index, folder: Path, table: CaptionTable | None):
-        self.index, self.folder, self.table, self.carried = index, folder, table, 0
+        self.index, self.folder, self.table, self.carried, self.moved = index, folder, table, 0, False
+        self._gone = [root for _, root, _ in index.store.roots() if not os.path.isdir(root)]  # (moves come from)
 
     def __call__(self, moves: list[tuple], change: Callable) -> None:
         if self.table is None:
             self.table = moved_caption_table(self.index, self.folder, moves)
         self.carried += move_with_captions(self.index, moves, change)
+        self.moved = True
+
+    def sweep(self, report: CaptionReport | None) -> None:
+        """After the moves, drop the captions left without an image under the indexed folders that are gone:
+        the copies of a chunk whose run was killed before it committed, when the folder moved on again before
+        the next run (the old captions went with each chunk, so usually there is nothing to read)."""
+        collection = writable_captions(self.index)
+        if not (self.moved and collection):
+            return
+        for root in self._gone:
+            for captions in id_pages(collection, root.rstrip(os.sep) + os.sep):
+                _drop_unindexed(self.index, collection, captions, report or CaptionReport())
 
 
 def move_with_captions(index, moves: list[tuple], change: Callable) -> int:

@@ -126,6 +126,7 @@ class FolderSync:
                     rows = stack.enter_context(mover.table.read())
                 report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model,
                                                       rows, gone=gone, carried=mover.carried)
+                mover.sweep(report.captions)
         self.last_sync = report
         return report
 
