@@ -178,6 +178,39 @@ def test_a_moved_folder_moves_a_chunk_at_a_time_and_a_stopped_run_loses_nothing(
     assert [r["path"] for r in after.roots()] == [new_root]
 
 
+def test_deleted_files_go_a_chunk_at_a_time_and_a_stopped_run_finishes_next_time(folder, demo, tmp_path,
+                                                                               monkeypatch):
+    """Files deleted from a folder are removed GONE_CHUNK a transaction (their keys alone held), their captions
+    with them; a run stopped in the second chunk keeps the first's removal, and the next run removes the rest."""
+    import clipkit.index.sync as sync
+
+    ix = tmp_path / "ix"
+    Index.from_folder(folder, demo).save(ix)
+    deleted = sorted(folder.glob("*.jpg"))[:10]
+    for path in deleted:
+        path.unlink()
+    monkeypatch.setattr(sync, "GONE_CHUNK", 4)
+    real, calls = sync._remove_chunk, []
+
+    def stopped(ids, *args):
+        calls.append(len(ids))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(ids, *args)
+
+    monkeypatch.setattr(sync, "_remove_chunk", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        Index.load(ix).sync_folder(folder, demo)
+    assert len(Index.load(ix)) == 36
+    monkeypatch.setattr(sync, "_remove_chunk", real)
+    report = Index.load(ix).sync_folder(folder, demo)
+    assert (report.removed, report.added, report.unchanged) == (6, 0, 30) and calls == [4, 4]
+    after = Index.load(ix)
+    kept = {str(p.resolve()) for p in folder.glob("*.jpg")}
+    assert set(after.ids()) == kept
+    assert {r["image_id"] for r in after.captions.get(after.captions.ids())} == kept
+
+
 def test_a_move_killed_between_captions_and_images_leaves_nothing_dangling(folder, demo, tmp_path):
     """kill -9 after a chunk's captions were copied and before its images moved leaves those copies; run
     again after the folder moved on elsewhere, the sync drops them: every caption at its image, none without."""

@@ -368,7 +368,7 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
         report = plan.report
         report.unchanged = plan.unchanged
         root = index._write(partial(_reorganise, plan))
-        report.removed = len(plan.gone)
+        report.removed = _remove_gone(index, plan, root)
         report.moved = _move_files(index, plan, root, on_moved, progress)
         todo = itertools.chain(plan.new, plan.changed)
         chunk = getattr(engine, "items_per_call", None) or FOLDER_CHUNK
@@ -383,16 +383,32 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
 
 FOLDER_CHUNK = 100_000  # files of a folder embedded in one engine call (their paths held meanwhile)
 MOVE_CHUNK = 10_000  # moved files re-pointed in one transaction (their vectors held meanwhile)
+GONE_CHUNK = 100_000  # gone files removed in one transaction (their keys held meanwhile)
 
 
 def _reorganise(plan: SyncPlan, store: Store):
-    """A change (for Index._write): the plan's root recorded and its gone files removed; the root's id."""
+    """A change (for Index._write): the plan's root recorded (the files the index held there without one
+    adopted); the root's id."""
     root = store.add_root(plan.root_folder)
     store.adopt(root, plan.root_folder, str(plan.root))
-    gone = [key for chunk in plan.gone.chunks(_CHUNK) for key in store.keys_for(chunk).values()]
+    store.drop_empty_roots(keep=root)
+    return root, None, None, []
+
+
+def _remove_gone(index, plan: SyncPlan, root: int) -> int:
+    """Remove the plan's gone files, `GONE_CHUNK` a transaction (a stopped run leaves the rest, which the next
+    run finds gone again); how many."""
+    for chunk in plan.gone.chunks(GONE_CHUNK):
+        index._write(partial(_remove_chunk, chunk, root))
+    return len(plan.gone)
+
+
+def _remove_chunk(ids: list, root: int, store: Store):
+    """A change (for Index._write): the items of these ids removed, the folders left empty forgotten."""
+    gone = list(store.keys_for(ids).values())
     store.delete_keys(gone)
     store.drop_empty_roots(keep=root)
-    return root, None, None, gone
+    return None, None, None, gone
 
 
 def _move_files(index, plan: SyncPlan, root: int, on_moved, progress: bool | None) -> int:
