@@ -138,10 +138,6 @@ class SpillList:
         for entry in entries:
             self.append(entry)
 
-    def __iadd__(self, entries) -> "SpillList":
-        self.extend(entries)
-        return self
-
     def _read(self, value):
         """An entry as it was appended, from its JSON."""
         return value
@@ -156,10 +152,6 @@ class SpillList:
             self._spill.seek(0)
             for line in self._spill:
                 yield self._read(json.loads(line))
-
-    def chunks(self, size: int) -> Iterator[list]:
-        """The entries `size` at a time (each chunk a list)."""
-        return batches(self, size)
 
     def __getitem__(self, at):
         if isinstance(at, slice) and (at.stop is not None and 0 <= at.stop <= len(self._head)):

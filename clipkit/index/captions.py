@@ -300,8 +300,10 @@ class CaptionMover:
     the folder's table (given, remembered or found); `carried`: how many captions went with their images."""
 
     def __init__(self, index, folder: Path, table: CaptionTable | None):
+        from clipkit.index.sync import missing_roots
+
         self.index, self.folder, self.table, self.carried, self.moved = index, folder, table, 0, False
-        self._gone = [root for _, root, _ in index.store.roots() if not os.path.isdir(root)]  # (moves come from)
+        self._gone = [root for _, root in missing_roots(index.store)]  # (where moves come from)
 
     def __call__(self, moves: list[tuple], change: Callable) -> None:
         if self.table is None:

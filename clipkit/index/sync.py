@@ -305,12 +305,17 @@ def printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def missing_roots(store: Store) -> list[tuple[int, str]]:
+    """(root id, folder) of the indexed folders that no longer exist (renamed, moved or deleted)."""
+    return [(root, folder) for root, folder, _ in store.roots() if not os.path.isdir(folder)]
+
+
 def _vanished(store: Store, plan: SyncPlan) -> Iterator[dict]:
     """Records of indexed files that are gone: from this folder, and from folders that no longer exist."""
     for chunk in plan.gone.chunks(_CHUNK):
         yield from store.records_by_id(chunk).values()
-    for root, root_folder, _ in store.roots():
-        if root != plan.root_id and not os.path.isdir(root_folder):
+    for root, _ in missing_roots(store):
+        if root != plan.root_id:
             yield from store.iter_records_of_root(root)
 
 
@@ -376,8 +381,7 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
             for files in batches(todo, chunk):  # (a Ray engine starts its actors once a chunk)
                 _embed_files(index, files, root, plan.root_folder, model, report, bar,
                              (engine or embed_image_files), batch_size=batch_size, workers=workers)
-    report.orphaned = {folder: index.store.root_count(root) for root, folder, _ in index.store.roots()
-                       if not os.path.isdir(folder)}
+    report.orphaned = {folder: index.store.root_count(root) for root, folder in missing_roots(index.store)}
     return report
 
 
@@ -466,10 +470,7 @@ def remove_under(store: Store, folder: str):
 
 def remove_missing_roots(store: Store):
     """A change (for Index._write): remove the items of every indexed folder, and shard, that no longer exists."""
-    keys = []
-    for _, folder, _ in store.roots():
-        if not os.path.isdir(folder):
-            keys += store.keys_under(folder)
+    keys = [key for _, folder in missing_roots(store) for key in store.keys_under(folder)]
     keys += [key for shard in store.shards() if _gone(shard) for key in store.shard_keys(shard + "#", _gone)]
     _forget_shards(store, _gone)
     store.delete_keys(keys)
