@@ -14,7 +14,9 @@ reports its seconds and the memory it added to the process's high-water mark (Vm
 - `folder plan, first run` and `folder plan, re-run`: `plan_folder` of the folder against an empty index (N
   new files) and against the index (N unchanged): what `clipkit index FOLDER` lists before it embeds anything;
 - `folder moved`: `Index.sync_folder` of the folder renamed (with the demo model: 128-d), its caption table
-  inside it: N files re-pointed without embedding, their N captions carried, the table found where it went.
+  inside it: N files re-pointed without embedding, their N captions carried, the table found where it went;
+- `folder removed`: `Index.remove_folder` of the folder (what `clipkit remove FOLDER` does): N items and their
+  N captions removed.
 A stage whose memory grows with N holds the table (or the listing) in memory; the column "MB per 1M rows"
 makes that plain.
 Prints a markdown table and writes JSON.
@@ -34,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-STAGES = ("read + check", "list read", "caption sync", "folder plan, first run", "folder plan, re-run", "folder moved")
+STAGES = ("read + check", "list read", "caption sync", "folder plan, first run", "folder plan, re-run", "folder moved",
+          "folder removed")  # (the last: it empties the index)
 DIM = 128  # (the demo model's, for the moved folder's sync)
 
 
@@ -88,9 +91,12 @@ def stage(name: str, work: Path) -> dict:
     from clipkit.index.captions import sync_index_captions
 
     folder = work / "photos"
-    index = Index.load(work / "index") if name in ("caption sync", "folder plan, re-run", "folder moved") else Index(DIM)
+    loaded = name in ("caption sync", "folder plan, re-run", "folder moved", "folder removed")
+    index = Index.load(work / "index") if loaded else Index(DIM)
     if name == "folder moved":
         return moved(index, folder)
+    if name == "folder removed":
+        return removed(index)
     before, start = high_water_mb(), time.perf_counter()
     if name.startswith("folder plan"):
         plan = index.plan_folder(folder)
@@ -123,6 +129,17 @@ def moved(index, folder: Path) -> dict:
         return {"seconds": seconds, "added_mb": high_water_mb() - before}
     finally:
         renamed.rename(folder)
+
+
+def removed(index) -> dict:
+    """The `folder removed` stage: every item and caption removed (from the folder's place in the index: the
+    `folder moved` stage leaves it at the name it moved to)."""
+    count, (root,) = len(index), [r["path"] for r in index.roots()]
+    before, start = high_water_mb(), time.perf_counter()
+    assert index.remove_folder(root, progress=False) == count
+    seconds = time.perf_counter() - start
+    assert len(index) == 0 and len(index.captions) == 0
+    return {"seconds": seconds, "added_mb": high_water_mb() - before}
 
 
 def main() -> None:

@@ -662,9 +662,9 @@ def cmd_remove(args) -> int:
         raise FileNotFoundError(f"no index at {args.index}")
     with writer_lock(args.index, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(args.index)
-        removed, matched_nothing, still_there = index.prune_missing() if args.missing else 0, [], []
+        removed, matched_nothing, still_there = index.prune_missing(_progress(args)) if args.missing else 0, [], []
         for path in args.paths:
-            count = index.remove_folder(path)
+            count = index.remove_folder(path, _progress(args))
             removed += count
             matched_nothing += [] if count else [path]
             still_there += [path] if count and os.path.exists(path) else []

@@ -110,7 +110,8 @@ def test_live_ops_tiny(tmp_path):
 def test_tables_tiny(tmp_path):
     out = run("tables.py", "--sizes", "300", "--work", str(tmp_path), "--json", str(tmp_path / "t.json"), cwd=tmp_path)
     rows = json.loads((tmp_path / "t.json").read_text())["rows"]
-    assert [r["stage"] for r in rows][:3] == ["read + check", "list read", "caption sync"] and len(rows) == 6
-    assert rows[-1]["stage"] == "folder moved"  # (it asserts every file moved and every caption carried)
+    assert [r["stage"] for r in rows][:3] == ["read + check", "list read", "caption sync"] and len(rows) == 7
+    assert [r["stage"] for r in rows][-2:] == ["folder moved", "folder removed"]  # (they assert every file moved
+    # with its caption, then every item and caption removed)
     assert "MB per 1M rows" in out
     assert all(r["seconds"] >= 0 and r["rows"] == 300 for r in rows)

@@ -211,6 +211,86 @@ def test_deleted_files_go_a_chunk_at_a_time_and_a_stopped_run_finishes_next_time
     assert {r["image_id"] for r in after.captions.get(after.captions.ids())} == kept
 
 
+def stop_at_page(monkeypatch, page: int) -> list:
+    """`sync.remove_page` made to stop (KeyboardInterrupt) at its `page`th call, once; the sizes of the pages it
+    took."""
+    import clipkit.index.sync as sync
+
+    real, taken, calls = sync.remove_page, [], []
+
+    def stopping(*args):
+        calls.append(1)
+        if len(calls) == page:
+            taken.append("stopped")
+            raise KeyboardInterrupt
+        count, *rest = real(*args)
+        taken.append(count)
+        return count, *rest
+
+    monkeypatch.setattr(sync, "remove_page", stopping)
+    return taken
+
+
+def test_removing_a_folder_goes_a_page_at_a_time_and_a_stopped_removal_finishes_next_time(folder, demo, tmp_path,
+                                                                                       monkeypatch):
+    """`clipkit remove FOLDER` removes REMOVE_CHUNK items a transaction (their keys alone held), captions with
+    them: stopped in its third page, the index keeps the first two pages' removal and every other item and
+    caption; the same command again removes the rest."""
+    import clipkit.index.sync as sync
+
+    ix = tmp_path / "ix"
+    shards = write_synthetic(folder / "shards", 12, seed=2, split="test", maxcount=6, workers=1, progress=False)
+    index = Index.from_folder(folder, demo)
+    index.sync_shards([str(s) for s in shards], demo, progress=False)
+    index.save(ix)
+    images, captions = len(index), len(index.captions)
+    monkeypatch.setattr(sync, "REMOVE_CHUNK", 7)
+    taken = stop_at_page(monkeypatch, 3)
+    assert main(["-q", "remove", str(folder), "--index", str(ix)]) == 130  # (interrupted: run it again)
+    assert taken == [7, 7, "stopped"]
+    stopped = Index.load(ix)
+    assert len(stopped) == images - 14
+    image_ids = set(stopped.ids())
+    assert {r["image_id"] for r in stopped.captions.get(stopped.captions.ids())} == image_ids  # none dangling
+    assert len(stopped.captions) < captions
+    taken.clear()
+    assert main(["remove", str(folder), "--index", str(ix)]) == 0
+    assert taken == [7] * ((images - 14) // 7) + [(images - 14) % 7]
+    after = Index.load(ix)
+    assert len(after) == 0 and len(after.captions) == 0 and after.roots() == []
+    assert after.store.shard_records() == {}  # (indexing a shard again reads it anew)
+    after.sync_shards([str(shards[0])], demo, progress=False)
+    assert len(after) == 6
+
+
+def test_shards_gone_from_a_folder_go_a_page_at_a_time_and_keep_their_records_till_empty(tmp_path, demo,
+                                                                                      monkeypatch):
+    """Shards deleted from an indexed folder of shards are removed REMOVE_CHUNK items a transaction; a run
+    stopped midway keeps the records that find the rest (a gone shard's record goes with its last item), so
+    the next run removes them; `remove --missing` pages the same way."""
+    import clipkit.index.sync as sync
+
+    shards = write_synthetic(tmp_path / "shards", 30, seed=3, split="test", maxcount=10, workers=1, progress=False)
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(shards[0].parent), "--index", ix]) == 0
+    shards[0].unlink()
+    shards[1].unlink()
+    monkeypatch.setattr(sync, "REMOVE_CHUNK", 6)
+    taken = stop_at_page(monkeypatch, 3)
+    assert main(["-q", "index", str(shards[0].parent), "--index", ix]) == 130
+    stopped = Index.load(ix)
+    assert len(stopped) == 18 and set(stopped.store.shard_records()) == {str(s) for s in shards[1:]}
+    taken.clear()
+    assert main(["-q", "index", str(shards[0].parent), "--index", ix]) == 0
+    after = Index.load(ix)
+    assert taken == [6, 2] and len(after) == 10 and set(after.store.shard_records()) == {str(shards[2])}
+    assert all(i.startswith(f"{shards[2]}#") for i in after.ids() + after.captions.ids())
+    shards[2].unlink()
+    taken.clear()
+    assert main(["-q", "remove", "--missing", "--index", ix]) == 0
+    assert taken == [6, 4] and len(Index.load(ix)) == 0
+
+
 def test_a_move_killed_between_captions_and_images_leaves_nothing_dangling(folder, demo, tmp_path):
     """kill -9 after a chunk's captions were copied and before its images moved leaves those copies; run
     again after the folder moved on elsewhere, the sync drops them: every caption at its image, none without."""

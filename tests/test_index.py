@@ -455,7 +455,7 @@ def test_folder_queries_search_an_index_and_older_stores_get_it(tmp_path):
     store = Index.load(tmp_path / "ix").store
     statements = []
     store.db.set_trace_callback(statements.append)
-    assert sorted(store.keys_under("/x")) == [0, 1, 2] and store.keys_under("/x/sub") == [1]
+    assert sorted(store.keys_under("/x")) == [0, 1, 2] and list(store.keys_under("/x/sub")) == [1]
     assert sorted(i for i, *_ in store.outside_files("/x", None)) == ["a", "b"]
     store.db.set_trace_callback(None)
     plans = [str(store.db.execute("EXPLAIN QUERY PLAN " + s).fetchall()) for s in statements if "FROM items" in s]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Container, Iterable, Sequence
 import numpy as np
 
 import clipkit.index.sync as sync
+from clipkit._progress import progress_bar
 from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import (CaptionMover, CaptionReport, CaptionTable, caption_table_for, captions_of,
                                     remove_with_captions, sync_index_captions, writable_captions)
@@ -163,7 +164,8 @@ class FolderSync:
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
                                  engine=engine, chunk=chunk, part=shard)
             for folder in local_folders(urls):
-                report.removed += remove_with_captions(self, partial(sync.remove_gone_shards, folder=folder), captions)
+                report.removed += self._remove_pages(partial(sync.keys_of_gone_shards, folder),
+                                                     partial(sync.gone_shard_emptied, folder), captions)
         captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)
         report.captions = captions if self._captions is not None else None
         self.last_sync = report
@@ -269,19 +271,36 @@ class FolderSync:
             return [{"path": path, "items": count, "exists": os.path.isdir(path), "exclude": self.excludes(path)}
                     for _, path, count in self.store.roots(counts=True)]
 
-    def remove_folder(self, folder: str | os.PathLike) -> int:
+    def remove_folder(self, folder: str | os.PathLike, progress: bool | None = None) -> int:
         """Remove every item whose file (or shard) is `folder` or under it (which may no longer exist); how many
         went."""
         target = os.path.abspath(folder)
-        return self._remove_with_captions(lambda store: sync.remove_under(store, target))
+        return self._remove_pages(partial(sync.keys_under, target), partial(sync.shard_under, target),
+                                  progress=progress)
 
-    def prune_missing(self) -> int:
+    def prune_missing(self, progress: bool | None = None) -> int:
         """Remove the items of every indexed folder, and shard, that no longer exists; how many went."""
-        return self._remove_with_captions(sync.remove_missing_roots)
+        with self._lock:
+            gone = sync.gone_shards(self.store)
+        return self._remove_pages(partial(sync.keys_missing, gone), sync.shard_gone, progress=progress)
 
     def _remove_with_captions(self, change) -> Any:
         """`self._write(change)`, a removal, then the captions of the items removed (clipkit/index/captions.py)."""
         return remove_with_captions(self, change)
+
+    def _remove_pages(self, keys_of, forget, captions: "CaptionReport | None" = None,
+                      progress: bool | None = False) -> int:
+        """Remove the items whose keys `keys_of(store)` gives, with their captions, `sync.REMOVE_CHUNK` a
+        transaction (`sync.remove_page`: a stopped run keeps what it removed, and the same call again removes
+        the rest); how many went."""
+        removed = 0
+        with progress_bar(progress, unit="item", desc="removing", delay=2) as bar:
+            while True:
+                count = remove_with_captions(self, partial(sync.remove_page, keys_of, forget), captions)
+                removed += count
+                bar.update(count)
+                if count < sync.REMOVE_CHUNK:
+                    return removed
 
     def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
         """One transaction: drop the old rows of these files (ids), add their new embeddings."""

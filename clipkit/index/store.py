@@ -610,25 +610,24 @@ class Store:
         """The records of the root's items, read `batch` at a time."""
         return map(record, streamed(self.db.execute(f"{_RECORD_SELECT} WHERE items.root = ?", (root,)), batch))
 
-    def keys_under(self, folder: str) -> list[int]:
-        """Keys of every item whose file is `folder` or under it (rooted or not)."""
+    def keys_under(self, folder: str, batch: int = 10_000) -> Iterator[int]:
+        """Keys of every item whose file is `folder` or under it (rooted or not), read `batch` at a time."""
         prefix = folder.rstrip(os.sep) + os.sep
-        keys = self._keys_at("root IS NULL", (), folder, prefix)
+        yield from self._keys_at("root IS NULL", (), folder, prefix, batch)
         for root, root_path, _ in self.roots():
             if root_path == folder or root_path.startswith(prefix):
-                keys += [k for (k,) in self.db.execute("SELECT key FROM items WHERE root = ?", (root,))]
+                yield from (k for (k,) in streamed(self.db.execute("SELECT key FROM items WHERE root = ?", (root,)),
+                                                   batch))
             elif folder.startswith(root_path.rstrip(os.sep) + os.sep):
                 inside = Path(folder[len(root_path.rstrip(os.sep)) + 1:]).as_posix()
-                keys += self._keys_at("root = ?", (root,), inside, inside + "/")
-        return keys
+                yield from self._keys_at("root = ?", (root,), inside, inside + "/", batch)
 
-    def _keys_at(self, where: str, args: tuple, path: str, prefix: str) -> list[int]:
+    def _keys_at(self, where: str, args: tuple, path: str, prefix: str, batch: int) -> Iterator[int]:
         """Keys of the items (`where`) at `path` or under `prefix`: two searches of an index (an OR of the
         two would scan)."""
-        at = self.db.execute(f"SELECT key FROM items WHERE {where} AND path = ?", (*args, path)).fetchall()
-        under = self.db.execute(f"SELECT key FROM items WHERE {where} AND path >= ? AND path < ?",
-                                (*args, prefix, past(prefix))).fetchall()
-        return [k for (k,) in at + under]
+        yield from (k for (k,) in self.db.execute(f"SELECT key FROM items WHERE {where} AND path = ?", (*args, path)))
+        yield from (k for (k,) in streamed(self.db.execute(f"SELECT key FROM items WHERE {where} AND path >= ? AND "
+                                                           "path < ?", (*args, prefix, past(prefix))), batch))
 
     def shards(self) -> list[str]:
         """The shard paths whose items are indexed in place (`clipkit.index.shards`): one pass, no keys held."""
@@ -636,13 +635,12 @@ class Store:
                                "WHERE path IS NULL AND extra LIKE '%\"shard\"%'")
         return [shard for (shard,) in rows if isinstance(shard, str)]
 
-    def shard_keys(self, prefix: str, chosen) -> list[int]:
+    def shard_keys(self, prefix: str, chosen, batch: int = 10_000) -> Iterator[int]:
         """The keys of the shard items whose ids start with `prefix` (a shard's are `SHARD#KEY`: a range over
-        the id index, no scan) and whose shard `chosen(shard path)` picks."""
-        upper = past(prefix)
+        the id index, no scan) and whose shard `chosen(shard path)` picks, read `batch` at a time."""
         rows = self.db.execute("SELECT key, json_extract(extra, '$.shard') FROM items WHERE id >= ? AND id < ? "
-                               "AND path IS NULL", (prefix, upper))
-        return [key for key, shard in rows if isinstance(shard, str) and chosen(shard)]
+                               "AND path IS NULL", (prefix, past(prefix)))
+        return (key for key, shard in streamed(rows, batch) if isinstance(shard, str) and chosen(shard))
 
     # -- copies ---------------------------------------------------------------------------------
 

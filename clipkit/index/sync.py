@@ -457,35 +457,65 @@ def _embed_files(index, files: list[tuple[str, FileStat]], root: int, root_folde
         bar.update(len(positions) + len(failures))
 
 
-def remove_under(store: Store, folder: str):
-    """A change (for Index._write): remove every item whose file, or shard, is `folder` or under it."""
+REMOVE_CHUNK = 100_000  # items removed in one transaction (their keys held meanwhile)
+
+
+def remove_page(keys_of: Callable[[Store], Iterator[int]], forget: Callable[[Store, str], bool], store: Store):
+    """A change (for Index._write): the first `REMOVE_CHUNK` keys that `keys_of(store)` gives removed (keys
+    removed are not given again: the next page takes the rest), then the recorded shards that
+    `forget(store, shard path)` picks forgotten (so indexing one again reads it anew) and the folders left
+    empty; (how many, ...)."""
+    keys_left = keys_of(store)
+    keys = list(itertools.islice(keys_left, REMOVE_CHUNK))
+    keys_left.close()  # (its statement ends before the rows it read are deleted)
+    store.delete_keys(keys)
+    store.forget_shards([shard for shard in store.shard_records() if forget(store, shard)])
+    store.drop_empty_roots()
+    return len(keys), None, None, keys
+
+
+def keys_under(folder: str, store: Store) -> Iterator[int]:
+    """The keys of every item whose file, or shard, is `folder` or under it."""
     under = partial(is_under, folder=folder)
-    keys = store.keys_under(folder) + store.shard_keys(folder + "#", under) + \
-        store.shard_keys(folder.rstrip(os.sep) + os.sep, under)
-    _forget_shards(store, under)
-    store.delete_keys(keys)
-    store.drop_empty_roots()
-    return len(keys), None, None, keys
+    yield from store.keys_under(folder)
+    yield from store.shard_keys(folder + "#", under)
+    yield from store.shard_keys(folder.rstrip(os.sep) + os.sep, under)
 
 
-def remove_missing_roots(store: Store):
-    """A change (for Index._write): remove the items of every indexed folder, and shard, that no longer exists."""
-    keys = [key for _, folder in missing_roots(store) for key in store.keys_under(folder)]
-    keys += [key for shard in store.shards() if _gone(shard) for key in store.shard_keys(shard + "#", _gone)]
-    _forget_shards(store, _gone)
-    store.delete_keys(keys)
-    store.drop_empty_roots()
-    return len(keys), None, None, keys
+def shard_under(folder: str, store: Store, shard: str) -> bool:
+    return is_under(shard, folder)
 
 
-def remove_gone_shards(store: Store, folder: str):
-    """A change (for Index._write): remove the items of the recorded shards directly in `folder` whose file is
-    gone (one look a recorded shard, then a range of ids each)."""
-    gone = [shard for shard in store.shard_records() if os.path.dirname(shard) == folder and _gone(shard)]
-    keys = [key for shard in gone for key in store.shard_keys(shard + "#", lambda _: True)]
-    store.forget_shards(gone)
-    store.delete_keys(keys)
-    return len(keys), None, None, keys
+def keys_missing(shards: list[str], store: Store) -> Iterator[int]:
+    """The keys of the items of every indexed folder that no longer exists, and of `shards` (`gone_shards`)."""
+    for _, folder in missing_roots(store):
+        yield from store.keys_under(folder)
+    for shard in shards:
+        yield from store.shard_keys(shard + "#", _gone)
+
+
+def gone_shards(store: Store) -> list[str]:
+    """The shards whose items are indexed in place and whose file no longer exists (a pass over the shard
+    items: once a removal, not once a page)."""
+    return [shard for shard in store.shards() if _gone(shard)]
+
+
+def shard_gone(store: Store, shard: str) -> bool:
+    return _gone(shard)
+
+
+def keys_of_gone_shards(folder: str, store: Store) -> Iterator[int]:
+    """The keys of the items of the recorded shards directly in `folder` whose file is gone (one look a
+    recorded shard, then a range of ids each)."""
+    for shard in store.shard_records():
+        if os.path.dirname(shard) == folder and _gone(shard):
+            yield from store.shard_keys(shard + "#", lambda _: True)
+
+
+def gone_shard_emptied(folder: str, store: Store, shard: str) -> bool:
+    """Whether `shard`, directly in `folder`, is gone and has no item left (its record, which finds its items,
+    is kept until then)."""
+    return os.path.dirname(shard) == folder and _gone(shard) and next(store.shard_keys(shard + "#", bool), None) is None
 
 
 def is_under(path: str, folder: str) -> bool:
@@ -494,9 +524,3 @@ def is_under(path: str, folder: str) -> bool:
 
 def _gone(shard: str) -> bool:
     return not os.path.isfile(shard)
-
-
-def _forget_shards(store: Store, chosen) -> None:
-    """Inside a transaction: forget the recorded sizes and mtimes of the shards `chosen(shard path)` picks
-    (so indexing such a shard again reads it anew)."""
-    store.forget_shards([shard for shard in store.shard_records() if chosen(shard)])
