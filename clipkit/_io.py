@@ -124,19 +124,20 @@ class SpillList:
         self.kept, self._head, self._spill, self._count = kept, [], None, 0
 
     def append(self, entry) -> None:
-        if len(self._head) < self.kept:
-            self._head.append(entry)
-        else:
+        self.extend((entry,))
+
+    def extend(self, entries) -> None:
+        entries = iter(entries)
+        head = list(itertools.islice(entries, max(self.kept - len(self._head), 0)))
+        self._head += head
+        self._count += len(head)
+        for chunk in batches(entries, 10_000):  # (the rest: one write a chunk)
             with temp_space("a run's list of skipped files or removed ids"):
                 if self._spill is None:
                     self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape")
                 self._spill.seek(0, os.SEEK_END)
-                self._spill.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._count += 1
-
-    def extend(self, entries) -> None:
-        for entry in entries:
-            self.append(entry)
+                self._spill.write("".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in chunk))
+            self._count += len(chunk)
 
     def _read(self, value):
         """An entry as it was appended, from its JSON."""
