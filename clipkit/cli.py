@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -352,14 +353,22 @@ def _progress(args) -> bool | None:
 
 
 def cmd_index(args) -> int:
-    from clipkit.index import DB_FILE, Index
-    from clipkit.index.lock import writer_lock
-
     from clipkit.index.ingest import is_embedding_folder
 
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, listed_only = _index_source(args)
+    with table.held() if listed_only else contextlib.nullcontext():  # (a table read once: checked, then indexed)
+        if listed_only:
+            _check_listed_files(table)  # a malformed table is refused before the index is touched
+        return _index_from(args, folder, table, listed_only)
+
+
+def _index_from(args, folder: Path | None, table, listed_only: bool) -> int:
+    """`clipkit index` of its source, found out (`_index_source`)."""
+    from clipkit.index import DB_FILE, Index
+    from clipkit.index.lock import writer_lock
+
     if folder is None and (args.exclude or args.no_exclude or args.captions or args.check and table is not None):
         raise UsageError("--check, --exclude and --captions apply to folders (and --check to shards); shards and "
                          "URL tables are indexed whole, with their own captions")
@@ -555,7 +564,6 @@ def _index_source(args) -> tuple[Path | None, object, bool]:
         if args.captions:
             raise UsageError("give a caption table as SOURCE or as --captions, not both")
         table = CaptionTable.of(source, args.image_column, args.caption_column, args.root)
-        _check_listed_files(table)  # read here first: a malformed table is refused before the index is touched
         return Path(table.folder), table, True
     if not source.is_dir() and any(mark in args.folder for mark in "*?["):
         raise UsageError(f"{args.folder} is a pattern: give the folder (searched recursively; --exclude GLOB leaves "
@@ -568,16 +576,16 @@ def _index_source(args) -> tuple[Path | None, object, bool]:
 
 def _check_listed_files(table) -> None:
     """A caption table none of whose files lies under its folder (a list of absolute paths elsewhere) is
-    refused with the --root that would take them."""
+    refused with the --root that would take them (read until the first file found there: usually one row)."""
     from clipkit.index.sync import is_under
 
     with table.read() as rows:
-        listed, problems = table.listed_files(rows)
-    if listed or not problems:
-        return
-    outside = [path for path, _ in problems if not is_under(path, table.folder)]
-    if outside:
-        common = os.path.commonpath(outside) if len(outside) > 1 else os.path.dirname(outside[0])
+        if any(is_under(path, table.folder) and os.path.isfile(path) for path in rows):
+            return
+        outside = (os.path.dirname(path) for path in rows if not is_under(path, table.folder))
+        first = next(outside, None)
+        common = functools.reduce(lambda a, b: os.path.commonpath([a, b]), outside, first) if first else None
+    if common is not None:
         raise UsageError(f"no file that {table.path} lists lies under {table.folder}, the folder its paths are "
                          f"taken from: pass --root {common} (the folder the files are in)")
 

@@ -10,6 +10,7 @@ changed or new ones embedded, those of changed, moved or removed images dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("clipkit.index")
 
 CAPTIONS_DIR = "captions"
+_HELD: dict["CaptionTable", "TableRows"] = {}  # the tables read for a block (`CaptionTable.held`)
 
 
 @dataclass
@@ -63,11 +65,28 @@ class CaptionTable:
         """The folder its relative image paths start from."""
         return self.root or os.path.dirname(self.path)
 
-    def read(self) -> "TableRows":
-        """Its rows by absolute image path (a `TableRows`: on disk, looked up by image; close it when done)."""
+    def read(self) -> "contextlib.AbstractContextManager[TableRows]":
+        """Its rows by absolute image path (a `TableRows`: on disk, looked up by image), as a context: `with
+        table.read() as rows`. Inside `held()`, the rows read there."""
         from clipkit.data.tables import read_table
 
+        if self in _HELD:
+            return contextlib.nullcontext(_HELD[self])
         return read_table(self.path, self.image_column, self.caption_column, self.folder, captions=False)
+
+    @contextlib.contextmanager
+    def held(self) -> "Iterator[TableRows]":
+        """A block in which every `read()` of this table hands out the same rows, read once (the CLI checks a
+        table before it touches the index, then indexes it: a million rows are read once, not twice)."""
+        if self in _HELD:
+            yield _HELD[self]
+            return
+        with self.read() as rows:
+            _HELD[self] = rows
+            try:
+                yield rows
+            finally:
+                del _HELD[self]
 
     def listed_files(self, rows: "TableRows") -> tuple[int, list[tuple[str, str]]]:
         """(how many of the image files it lists exist under its folder, [(listed path, why it is not one of
