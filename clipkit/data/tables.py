@@ -11,7 +11,7 @@ import os
 import sqlite3
 import urllib.parse
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from clipkit._io import batches, temp_space
 from clipkit.data.urls import parquet_file, table_columns, table_records, table_suffix
@@ -49,6 +49,19 @@ class TableRows:
         rows = self._db.execute("SELECT captions.caption FROM images LEFT JOIN captions ON captions.image = images.n "
                                 "WHERE images.image = ? ORDER BY captions.rowid", (str(image),)).fetchall()
         return [caption for caption, in rows if caption is not None] if rows else default
+
+    def get_many(self, images: Sequence[str]) -> dict[str, list[str]]:
+        """image -> the captions the table gives it (as `get`), for those of `images` it lists: a statement for
+        hundreds of images (a caption sync asks for 10,000 at a time)."""
+        found: dict[str, list[str]] = {}
+        for start in range(0, len(images), 500):
+            chunk = [str(image) for image in images[start:start + 500]]
+            rows = self._db.execute("SELECT images.image, captions.caption FROM images LEFT JOIN captions ON "
+                                    f"captions.image = images.n WHERE images.image IN ({','.join('?' * len(chunk))})"
+                                    " ORDER BY images.n, captions.rowid", chunk)
+            for image, caption in rows:
+                found.setdefault(image, []).extend([caption] if caption is not None else [])
+        return found
 
     def items(self) -> Iterator[tuple[str, list[str]]]:
         rows = self._db.execute("SELECT images.image, captions.caption FROM images LEFT JOIN captions ON "

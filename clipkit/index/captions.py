@@ -162,9 +162,11 @@ def wanted_captions(image_ids: list[str], table=None, files: bool = True) -> dic
     """caption id -> its metadata, for every caption of every image: its rows in `table` (a caption table,
     read: a `TableRows`, or a dict of image id -> captions) where they give captions, else the lines of its
     caption file. `files`: the image ids are file paths (not shard samples), each caption's `path`."""
-    wanted = {}
+    from clipkit.data.tables import TableRows
+
+    wanted, given = {}, table.get_many(image_ids) if isinstance(table, TableRows) else table or {}
     for image_id in image_ids:
-        texts = table.get(image_id) if table is not None else None
+        texts = given.get(image_id)
         if not texts:
             texts = read_captions(image_id) if files else []
         for line, text in enumerate(texts):
@@ -185,7 +187,7 @@ def sync_captions(index, collection, prefix: str, model, table=None, files: bool
     for captions in id_pages(collection, prefix, page=page):
         _drop_unindexed(index, collection, captions, report)
     for images in id_pages(index, prefix, files_only=files, page=page):
-        _sync_caption_chunk(collection, images, captions_of_images(collection, images), model, table, files,
+        _sync_caption_chunk(collection, images, texts_of_images(collection, images), model, table, files,
                             batch_size, report)
     return report
 
@@ -215,13 +217,12 @@ def _drop_unindexed(index, collection, captions: list[str], report: CaptionRepor
         report.removed += len(drop)
 
 
-def _sync_caption_chunk(collection, image_ids: list[str], have: list[str], model, table, files: bool,
+def _sync_caption_chunk(collection, image_ids: list[str], texts: dict[str, str | None], model, table, files: bool,
                         batch_size: int, report: CaptionReport) -> None:
-    """`sync_captions` for some of the images: `have`, the caption ids stored for them."""
+    """`sync_captions` for some of the images: `texts`, caption id -> text of those stored for them."""
     from clipkit.encode import encode_texts
 
     wanted = wanted_captions(image_ids, table, files)
-    texts = {record["id"]: record.get("caption") for record in collection.get(have)} if have else {}
     drop = [i for i, text in texts.items() if i not in wanted or wanted[i]["caption"] != text]
     add = [i for i, meta in wanted.items() if texts.get(i, object()) != meta["caption"]]
     report.removed, report.kept = report.removed + len(drop), report.kept + len(texts) - len(drop)
@@ -361,10 +362,16 @@ def move_with_captions(index, moves: list[tuple], change: Callable) -> int:
 def captions_of_images(collection, image_ids: Sequence) -> list[str]:
     """The caption ids of these images: a range over the caption ids for each (`IMAGE_ID#LINE`), hundreds to
     a statement."""
+    return list(texts_of_images(collection, image_ids, texts=False))
+
+
+def texts_of_images(collection, image_ids: Sequence, texts: bool = True) -> dict[str, str | None]:
+    """caption id -> its text (`texts`; else None), for every caption of these images (`captions_of_images`)."""
     images = {str(i) for i in image_ids}
     with collection._lock:
-        found = collection.store.ids_with_prefixes([f"{image}#" for image in images])
-    return [c for c in dict.fromkeys(found) if image_of(c) in images]
+        found = collection.store.ids_with_prefixes([f"{image}#" for image in images], captions=texts)
+    pairs = found if texts else ((c, None) for c in found)
+    return {c: text for c, text in pairs if image_of(c) in images}
 
 
 def caption_table_for(index, folder: Path, captions) -> CaptionTable | None:

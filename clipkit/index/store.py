@@ -438,14 +438,16 @@ class Store:
                                (after if after is not None else prefix, past(prefix), int(limit)))
         return [row[0] for row in rows]
 
-    def ids_with_prefixes(self, prefixes: list[str]) -> list[str]:
-        """The text ids that start with any of `prefixes`: a range over the id index for each, a few hundred
-        ranges to a statement (SQLite looks each up in the index and unites them)."""
+    def ids_with_prefixes(self, prefixes: list[str], captions: bool = False) -> list:
+        """The text ids that start with any of `prefixes` (`captions`: (id, stored caption) pairs): a range over
+        the id index for each, a few hundred ranges to a statement (SQLite looks each up in the index and
+        unites them)."""
         found = []
         for chunk in chunks([p for p in prefixes if p], 400):
             ranges = " OR ".join(["(id >= ? AND id < ?)"] * len(chunk))
-            found += [row[0] for row in self.db.execute(f"SELECT id FROM items WHERE {ranges}",
-                                                        [bound for p in chunk for bound in (p, past(p))])]
+            rows = self.db.execute(f"SELECT id{', caption' if captions else ''} FROM items WHERE {ranges}",
+                                   [bound for p in chunk for bound in (p, past(p))])
+            found += rows.fetchall() if captions else [row[0] for row in rows]
         return found
 
     def count_with_prefix(self, prefix: str) -> int:
