@@ -707,8 +707,15 @@ def cmd_export(args) -> int:
 def cmd_roots(args) -> int:
     from clipkit.index import Index
 
-    for root in Index.load(args.index).roots():
+    index = Index.load(args.index)
+    roots = index.roots()
+    for root in roots:
         print(f"{root['items']:>8}  {root['path']}{'' if root['exists'] else '  (missing)'}{_leaving_out(root)}")
+    others = len(index) - sum(root["items"] for root in roots)
+    if others and not args.quiet:  # (shards, URL tables, embeddings, API adds: no folder of their own)
+        print(f"{others:>8}  items of no indexed folder (shards, URLs, ingested embeddings, added by the API)")
+    if not len(index) and not args.quiet:
+        print(f"no folder is indexed in {args.index}: it is empty", file=sys.stderr)
     return 0
 
 

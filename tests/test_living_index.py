@@ -268,6 +268,13 @@ def test_a_moved_folder_is_repointed_not_embedded_again(photos, tmp_path, tiny_c
     assert [r["path"] for r in after.roots()] == [str(renamed.resolve())]
     assert main(["roots", "--index", str(index_path)]) == 0
     assert str(renamed.resolve()) in capsys.readouterr().out
+    after.add(np.eye(2, after.dim, dtype=np.float32), ids=["x", "y"])
+    assert main(["roots", "--index", str(index_path)]) == 0
+    assert "       2  items of no indexed folder" in capsys.readouterr().out
+    assert main(["-q", "remove", str(renamed), "--index", str(index_path)]) == 0 and after.remove(["x", "y"]) == 2
+    assert main(["roots", "--index", str(index_path)]) == 0
+    captured = capsys.readouterr()
+    assert not captured.out and f"no folder is indexed in {index_path}: it is empty" in captured.err
 
 
 def test_a_move_is_known_by_name_size_and_mtime_without_reading_the_files_and_a_copy_by_its_content(
