@@ -263,6 +263,39 @@ def test_removing_a_folder_goes_a_page_at_a_time_and_a_stopped_removal_finishes_
     assert len(after) == 6
 
 
+@pytest.mark.parametrize("how", ["folder", "missing"])
+def test_a_removal_killed_between_images_and_captions_leaves_no_caption_behind(folder, demo, tmp_path, how):
+    """kill -9 after a page's images were removed and before their captions went: the same command run again
+    drops those captions too (no caption is left whose image is gone, for image -> text search to return)."""
+    import subprocess
+    import sys
+
+    ix = tmp_path / "ix"
+    Index.from_folder(folder, demo).save(ix)
+    if how == "missing":
+        shutil.rmtree(folder)
+    command = ["remove", "--missing"] if how == "missing" else ["remove", str(folder)]
+    script = ("import os, sys\n"
+              "import clipkit.index.sync as sync, clipkit.index.captions as captions\n"
+              "from clipkit.cli import main\n"
+              "sync.REMOVE_CHUNK = 15\n"
+              "real, calls = captions.captions_of_images, []\n"
+              "def dying(*args):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        os._exit(9)  # the second page's images removed, its captions not\n"
+              "    return real(*args)\n"
+              "captions.captions_of_images = dying\n"
+              "main(sys.argv[1:])\n")
+    assert subprocess.run([sys.executable, "-c", script, *command, "--index", str(ix)]).returncode == 9
+    stopped = Index.load(ix)
+    assert len(stopped) == 10
+    assert {r["image_id"] for r in stopped.captions.get(stopped.captions.ids())} > set(stopped.ids())  # (left)
+    assert main(["-q", *command, "--index", str(ix)]) == 0
+    after = Index.load(ix)
+    assert len(after) == 0 and len(after.captions) == 0
+
+
 def test_shards_gone_from_a_folder_go_a_page_at_a_time_and_keep_their_records_till_empty(tmp_path, demo,
                                                                                       monkeypatch):
     """Shards deleted from an indexed folder of shards are removed REMOVE_CHUNK items a transaction; a run

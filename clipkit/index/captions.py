@@ -335,12 +335,18 @@ class CaptionMover:
         """After the moves, drop the captions left without an image under the indexed folders that are gone:
         the copies of a chunk whose run was killed before it committed, when the folder moved on again before
         the next run (the old captions went with each chunk, so usually there is nothing to read)."""
-        collection = writable_captions(self.index)
-        if not (self.moved and collection):
-            return
-        for root in self._gone:
-            for captions in id_pages(collection, root.rstrip(os.sep) + os.sep):
-                _drop_unindexed(self.index, collection, captions, report or CaptionReport())
+        if self.moved:
+            drop_orphans(self.index, [root.rstrip(os.sep) + os.sep for root in self._gone], report)
+
+
+def drop_orphans(index, prefixes: Iterable[str], report: CaptionReport | None = None) -> None:
+    """Drop the captions whose ids start with one of `prefixes` and whose image is not indexed, read a page at
+    a time (after a removal or a move, usually none: those a kill -9 left between the images' transaction and
+    their captions')."""
+    collection = writable_captions(index)
+    for prefix in prefixes if collection else ():
+        for captions in id_pages(collection, prefix):
+            _drop_unindexed(index, collection, captions, report or CaptionReport())
 
 
 def move_with_captions(index, moves: list[tuple], change: Callable) -> int:

@@ -18,7 +18,7 @@ import clipkit.index.sync as sync
 from clipkit._progress import progress_bar
 from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import (CaptionMover, CaptionReport, CaptionTable, caption_table_for, captions_of,
-                                    remove_with_captions, sync_index_captions, writable_captions)
+                                    drop_orphans, remove_with_captions, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_items
 
@@ -164,8 +164,9 @@ class FolderSync:
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
                                  engine=engine, chunk=chunk, part=shard)
             for folder in local_folders(urls):
+                gone = [shard + "#" for shard in sync.gone_shards_in(folder, self.store)]
                 report.removed += self._remove_pages(partial(sync.keys_of_gone_shards, folder),
-                                                     partial(sync.gone_shard_emptied, folder), captions)
+                                                     partial(sync.gone_shard_emptied, folder), gone, captions)
         captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)
         report.captions = captions if self._captions is not None else None
         self.last_sync = report
@@ -276,23 +277,26 @@ class FolderSync:
         went."""
         target = os.path.abspath(folder)
         return self._remove_pages(partial(sync.keys_under, target), partial(sync.shard_under, target),
-                                  progress=progress)
+                                  [target.rstrip(os.sep) + os.sep, target + "#"], progress=progress)
 
     def prune_missing(self, progress: bool | None = None) -> int:
         """Remove the items of every indexed folder, and shard, that no longer exists; how many went."""
         with self._lock:
-            gone = sync.gone_shards(self.store)
-        return self._remove_pages(partial(sync.keys_missing, gone), sync.shard_gone, progress=progress)
+            folders, shards = [folder for _, folder in sync.missing_roots(self.store)], sync.gone_shards(self.store)
+        return self._remove_pages(partial(sync.keys_missing, shards), sync.shard_gone,
+                                  [f.rstrip(os.sep) + os.sep for f in folders] + [s + "#" for s in shards],
+                                  progress=progress)
 
     def _remove_with_captions(self, change) -> Any:
         """`self._write(change)`, a removal, then the captions of the items removed (clipkit/index/captions.py)."""
         return remove_with_captions(self, change)
 
-    def _remove_pages(self, keys_of, forget, captions: "CaptionReport | None" = None,
+    def _remove_pages(self, keys_of, forget, under: Sequence[str], captions: "CaptionReport | None" = None,
                       progress: bool | None = False) -> int:
         """Remove the items whose keys `keys_of(store)` gives, with their captions, `sync.REMOVE_CHUNK` a
         transaction (`sync.remove_page`: a stopped run keeps what it removed, and the same call again removes
-        the rest); how many went."""
+        the rest), then the captions left under the caption id prefixes `under` without their image (a kill
+        between a page's images and its captions); how many items went."""
         removed = 0
         with progress_bar(progress, unit="item", desc="removing", delay=2) as bar:
             while True:
@@ -300,7 +304,9 @@ class FolderSync:
                 removed += count
                 bar.update(count)
                 if count < sync.REMOVE_CHUNK:
-                    return removed
+                    break
+        drop_orphans(self, under, captions)
+        return removed
 
     def _replace_files(self, vectors: np.ndarray, rows: list[tuple[str, tuple]]) -> tuple[int, int]:
         """One transaction: drop the old rows of these files (ids), add their new embeddings."""

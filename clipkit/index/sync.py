@@ -504,12 +504,16 @@ def shard_gone(store: Store, shard: str) -> bool:
     return _gone(shard)
 
 
+def gone_shards_in(folder: str, store: Store) -> list[str]:
+    """The recorded shards directly in `folder` whose file is gone (one look a recorded shard)."""
+    return [shard for shard in store.shard_records() if os.path.dirname(shard) == folder and _gone(shard)]
+
+
 def keys_of_gone_shards(folder: str, store: Store) -> Iterator[int]:
-    """The keys of the items of the recorded shards directly in `folder` whose file is gone (one look a
-    recorded shard, then a range of ids each)."""
-    for shard in store.shard_records():
-        if os.path.dirname(shard) == folder and _gone(shard):
-            yield from store.shard_keys(shard + "#", lambda _: True)
+    """The keys of the items of the recorded shards directly in `folder` whose file is gone (a range of ids
+    each)."""
+    for shard in gone_shards_in(folder, store):
+        yield from store.shard_keys(shard + "#", lambda _: True)
 
 
 def gone_shard_emptied(folder: str, store: Store, shard: str) -> bool:
