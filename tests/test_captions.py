@@ -296,6 +296,34 @@ def test_a_removal_killed_between_images_and_captions_leaves_no_caption_behind(f
     assert len(after) == 0 and len(after.captions) == 0
 
 
+def test_index_remove_killed_between_images_and_captions_is_finished_by_the_same_call(folder, demo, tmp_path):
+    """`Index.remove(ids)` killed after its images went and before their captions: the same call again removes
+    those captions (the ids count as there) instead of refusing them as unknown; an unknown id is still a
+    ValueError that removes nothing."""
+    import subprocess
+    import sys
+
+    ix = tmp_path / "ix"
+    Index.from_folder(folder, demo).save(ix)
+    ids = sorted(Index.load(ix).ids())[:5]
+    script = ("import json, os, sys\n"
+              "import clipkit.index.captions as captions\n"
+              "from clipkit.index import Index\n"
+              "captions.captions_of_images = lambda *args: os._exit(9)  # the images removed, not their captions\n"
+              "Index.load(sys.argv[1]).remove(json.loads(sys.argv[2]))\n")
+    assert subprocess.run([sys.executable, "-c", script, str(ix), json.dumps(ids)]).returncode == 9
+    stopped = Index.load(ix)
+    assert len(stopped) == 35 and {r["image_id"] for r in stopped.captions.get(stopped.captions.ids())} >= set(ids)
+    with pytest.raises(ValueError, match="1 id\\(s\\) not in the index"):
+        stopped.remove(ids + ["never indexed"])
+    assert len(stopped.captions) == len(Index.load(ix).captions)  # (nothing removed)
+    assert stopped.remove(ids[:2] + [sorted(stopped.ids())[0]]) == 3
+    assert stopped.remove(ids[2:]) == 3
+    after = Index.load(ix)
+    assert len(after) == 34
+    assert {r["image_id"] for r in after.captions.get(after.captions.ids())} == set(after.ids())
+
+
 def test_shards_gone_from_a_folder_go_a_page_at_a_time_and_keep_their_records_till_empty(tmp_path, demo,
                                                                                       monkeypatch):
     """Shards deleted from an indexed folder of shards are removed REMOVE_CHUNK items a transaction; a run

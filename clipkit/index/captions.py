@@ -11,6 +11,7 @@ changed or new ones embedded, those of changed, moved or removed images dropped.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -427,10 +428,12 @@ def moved_caption_table(index, folder: Path, moves: Sequence[tuple]) -> CaptionT
     return None
 
 
-def remove_with_captions(index, change, report: CaptionReport | None = None, undo: Callable | None = None):
-    """`index._write(change)`, a removal, then the captions whose image went with it (counted in `report`); a
-    caption collection that cannot be changed is found out before anything is removed. `undo()`: called if
-    the change fails (it committed nothing)."""
+def remove_with_captions(index, change, report: CaptionReport | None = None, undo: Callable | None = None,
+                         also: Sequence = ()):
+    """`index._write(change)`, a removal, then the captions whose image went with it, and those of the image
+    ids `also` (read after the change, which may fill it), counted in `report`; a caption collection that
+    cannot be changed is found out before anything is removed. `undo()`: called if the change fails (it
+    committed nothing)."""
     collection = writable_captions(index)
     try:
         with index.store.recording_deletions() as gone:
@@ -439,7 +442,7 @@ def remove_with_captions(index, change, report: CaptionReport | None = None, und
         if undo is not None:
             undo()
         raise
-    for images in batches(gone, 10_000) if collection else ():  # a caption's id: its image's id as text, '#', a line
+    for images in batches(itertools.chain(gone, also), 10_000) if collection else ():  # a caption's id: its image's id as text, '#', a line
         orphans = captions_of_images(collection, images)
         if orphans:
             collection.remove(orphans)

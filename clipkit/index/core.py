@@ -308,22 +308,28 @@ class Index(FolderSync):
         self._write(change)
 
     def remove(self, ids: Iterable) -> int:
-        """Remove items by id; an id not in the index is a ValueError (and nothing is removed)."""
+        """Remove items by id, with their captions; an id not in the index is a ValueError (and nothing is
+        removed). An id whose item went but whose captions a killed call left behind counts as there: the same
+        call again finishes it."""
         if isinstance(ids, (str, int, np.integer)):
             ids = [ids]
         ids = list(dict.fromkeys(normalize_id(v) for v in ids))
         if not ids:
             return 0
 
+        left_captions: list = []  # (ids whose item a killed call removed: their captions go after the change)
+
         def change(store: Store):
             keys = store.keys_for(ids)
             missing = [i for i in ids if i not in keys]
+            left_captions[:] = self._captioned(missing) if missing else []
+            missing = [i for i in missing if i not in set(left_captions)]
             if missing:
                 raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")
             store.delete_keys(list(keys.values()))
             return len(ids), None, None, list(keys.values())
 
-        return self._remove_with_captions(change)
+        return self._remove_with_captions(change, also=left_captions)
 
     def build(self, sample_queries: Any = None) -> None:
         """(Re)build the FAISS structure for the current contents: choose it (auto), train, add, tune.

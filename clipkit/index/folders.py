@@ -18,7 +18,8 @@ import clipkit.index.sync as sync
 from clipkit._progress import progress_bar
 from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import (CaptionMover, CaptionReport, CaptionTable, caption_table_for, captions_of,
-                                    drop_orphans, remove_with_captions, sync_index_captions, writable_captions)
+                                    captions_of_images, drop_orphans, image_of, remove_with_captions,
+                                    sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_items
 
@@ -287,9 +288,16 @@ class FolderSync:
                                   [f.rstrip(os.sep) + os.sep for f in folders] + [s + "#" for s in shards],
                                   progress=progress)
 
-    def _remove_with_captions(self, change) -> Any:
-        """`self._write(change)`, a removal, then the captions of the items removed (clipkit/index/captions.py)."""
-        return remove_with_captions(self, change)
+    def _captioned(self, image_ids: list) -> list:
+        """Those of `image_ids` that have captions in the caption collection."""
+        collection = captions_of(self)
+        have = {image_of(c) for c in captions_of_images(collection, image_ids)} if collection else set()
+        return [i for i in image_ids if str(i) in have]
+
+    def _remove_with_captions(self, change, also: Sequence = ()) -> Any:
+        """`self._write(change)`, a removal, then the captions of the items removed and of the image ids `also`
+        (clipkit/index/captions.py)."""
+        return remove_with_captions(self, change, also=also)
 
     def _remove_pages(self, keys_of, forget, under: Sequence[str], captions: "CaptionReport | None" = None,
                       progress: bool | None = False) -> int:
