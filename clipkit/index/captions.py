@@ -442,7 +442,8 @@ def remove_with_captions(index, change, report: CaptionReport | None = None, und
         if undo is not None:
             undo()
         raise
-    for images in batches(itertools.chain(gone, also), 10_000) if collection else ():  # a caption's id: its image's id as text, '#', a line
+    # (a caption's id: its image's id as text, '#', a line)
+    for images in batches(itertools.chain(gone, also), 10_000) if collection else ():
         orphans = captions_of_images(collection, images)
         if orphans:
             collection.remove(orphans)
