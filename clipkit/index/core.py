@@ -322,8 +322,8 @@ class Index(FolderSync):
         def change(store: Store):
             keys = store.keys_for(ids)
             missing = [i for i in ids if i not in keys]
-            captioned = set(self._captioned(missing)) if missing else set()
-            left_captions[:] = [i for i in missing if i in captioned]
+            left_captions[:] = self._captioned(missing) if missing else []
+            captioned = set(left_captions)
             missing = [i for i in missing if i not in captioned]
             if missing:
                 raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")

@@ -165,9 +165,10 @@ class FolderSync:
             report = sync_shards(self, urls, model, batch_size=batch_size, progress=progress, on_shard=shard_captions,
                                  engine=engine, chunk=chunk, part=shard)
             for folder in local_folders(urls):
-                gone = [shard + "#" for shard in sync.gone_shards_in(folder, self.store)]
-                report.removed += self._remove_pages(partial(sync.keys_of_gone_shards, folder),
-                                                     partial(sync.gone_shard_emptied, folder), gone, captions)
+                gone = sync.gone_shards_in(folder, self.store)
+                report.removed += self._remove_pages(partial(sync.keys_of_shards, gone),
+                                                     partial(sync.gone_shard_emptied, folder),
+                                                     [shard + "#" for shard in gone], captions)
         captions.moved, captions.kept = report.captions_moved, max(captions.kept - report.captions_moved, 0)
         report.captions = captions if self._captions is not None else None
         self.last_sync = report

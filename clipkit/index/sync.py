@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import operator
 import os
 import sqlite3
 import zlib
@@ -490,8 +491,13 @@ def keys_missing(shards: list[str], store: Store) -> Iterator[int]:
     """The keys of the items of every indexed folder that no longer exists, and of `shards` (`gone_shards`)."""
     for _, folder in missing_roots(store):
         yield from store.keys_under(folder)
+    yield from keys_of_shards(shards, store)
+
+
+def keys_of_shards(shards: list[str], store: Store) -> Iterator[int]:
+    """The keys of the items of these shards (a range of ids each; no look at the files)."""
     for shard in shards:
-        yield from store.shard_keys(shard + "#", _gone)
+        yield from store.shard_keys(shard + "#", partial(operator.eq, shard))
 
 
 def gone_shards(store: Store) -> list[str]:
@@ -505,21 +511,15 @@ def shard_gone(store: Store, shard: str) -> bool:
 
 
 def gone_shards_in(folder: str, store: Store) -> list[str]:
-    """The recorded shards directly in `folder` whose file is gone (one look a recorded shard)."""
+    """The recorded shards directly in `folder` whose file is gone (one look a recorded shard; a gone shard's
+    record is kept until its last item goes, so a stopped removal is found again)."""
     return [shard for shard in store.shard_records() if os.path.dirname(shard) == folder and _gone(shard)]
-
-
-def keys_of_gone_shards(folder: str, store: Store) -> Iterator[int]:
-    """The keys of the items of the recorded shards directly in `folder` whose file is gone (a range of ids
-    each)."""
-    for shard in gone_shards_in(folder, store):
-        yield from store.shard_keys(shard + "#", lambda _: True)
 
 
 def gone_shard_emptied(folder: str, store: Store, shard: str) -> bool:
     """Whether `shard`, directly in `folder`, is gone and has no item left (its record, which finds its items,
     is kept until then)."""
-    return os.path.dirname(shard) == folder and _gone(shard) and next(store.shard_keys(shard + "#", bool), None) is None
+    return os.path.dirname(shard) == folder and _gone(shard) and next(keys_of_shards([shard], store), None) is None
 
 
 def is_under(path: str, folder: str) -> bool:
