@@ -156,6 +156,10 @@ def _add_index_scale_options(index) -> None:
                        help="--engine ray: join this Ray cluster ('auto', or ray://HOST:10001) instead of starting one")
     index.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
                        help="--engine ray: model actors (default: one per GPU of the cluster, else one per CPU)")
+    index.add_argument("--ray-items-per-call", type=_positive_int, default=None, metavar="N",
+                       help="--engine ray: images handed to Ray at a time (default 500000). Each hand-off starts "
+                            "the actor pool (every actor loads the model) and the driver holds ~360 bytes an image "
+                            "meanwhile: raise it where a large cluster embeds a call in less than a minute")
 
 
 def _add_search_command(commands) -> None:
@@ -454,13 +458,14 @@ def _engine(args):
     """--engine ray: the Ray engine that embeds the images (of a folder, a table or shards); None: this
     process."""
     if args.engine == "local":
-        if args.ray_address or args.ray_actors:
-            raise UsageError("--ray-address and --ray-actors go with --engine ray")
+        if args.ray_address or args.ray_actors or args.ray_items_per_call:
+            raise UsageError("--ray-address, --ray-actors and --ray-items-per-call go with --engine ray")
         return None
     from clipkit.encode_ray import RayEngine, require_ray
 
     require_ray()  # installed, or a clear message before the index is touched
-    return RayEngine(args.ray_address, actors=args.ray_actors)
+    options = {"items_per_call": args.ray_items_per_call} if args.ray_items_per_call else {}
+    return RayEngine(args.ray_address, actors=args.ray_actors, **options)
 
 
 def _drop_encoder(index) -> None:

@@ -51,8 +51,9 @@ class RayEngine:
     GPUs). After a run, `stats` says how many images each actor embedded and how many batches Ray delivered
     twice (a task retried after its results came back).
     `items_per_call`: how many images a run hands Ray at a time (a folder, URL table or shard set goes in chunks):
-    each call starts an actor pool, which loads the model (6.5 s a call on a 2-core machine), so a call is made
-    big enough for that to vanish on a cluster of many GPUs (the driver holds a call's plan: ~300 bytes an image).
+    each call starts an actor pool, which loads the model (6.5 s a call on a 2-core machine), so a call should
+    take a minute or more to embed (on 100 GPUs, 20M images; the driver holds a call's files, ~290 bytes an
+    image, and Ray's object store its rows, ~70: docs/scaling.md).
     """
 
     def __init__(self, address: str | None = None, *, actors: int | None = None,
@@ -131,11 +132,10 @@ class RayEngine:
         pool = self._pool(ray)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # clipkit's own bar counts what is committed
-        items = [{"position": i, "path": item_text(p)} for i, p in enumerate(paths)]
         ray_batch = batch_size * (GPU_BATCHES if pool["num_gpus"] else 1)
-        blocks = max(1, min(-(-len(items) // ray_batch), 10_000))
+        blocks = max(1, min(-(-len(paths) // ray_batch), 10_000))
         pool["actors"] = min(pool["actors"], blocks)  # no actor without a block to embed
-        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        dataset = _blocks(ray, paths, blocks)
         embedded = dataset.map_batches(
             _Embedder, fn_constructor_kwargs={"info": model.info, "threads": max(1, int(pool["num_cpus"])),
                                                "pixel_limit": Image.MAX_IMAGE_PIXELS, "batch_size": batch_size},
@@ -162,6 +162,16 @@ class RayEngine:
         failures = [(int(p), str(r), str(k)) for p, r, k in
                     zip(batch["position"][failed], batch["reason"][failed], batch["kind"][failed])]
         return np.asarray(batch["vector"][ok], np.float32), batch["position"][ok].astype(int).tolist(), failures
+
+
+def _blocks(ray, paths: Sequence, blocks: int):
+    """A Ray dataset of `blocks` Arrow blocks of (position, path) rows: about 70 bytes an image, copied into
+    Ray's object store (a dict a row, as `from_items` takes them, held 230 more in the driver for the call)."""
+    import pyarrow as pa
+
+    table = pa.table({"position": np.arange(len(paths), dtype=np.int64), "path": [item_text(p) for p in paths]})
+    step = -(-len(paths) // blocks)
+    return ray.data.from_arrow([table.slice(start, step) for start in range(0, len(paths), step)])
 
 
 def _cpus_per_gpu(ray) -> float:

@@ -75,6 +75,8 @@ def test_engine_ray_killed_midway_and_run_again_equals_one_process(many_images, 
     (["--engine", "ray", "--ray-actors", "0"], "--ray-actors"),
     (["--ray-actors", "2"], "go with --engine ray"),
     (["--ray-address", "auto"], "go with --engine ray"),
+    (["--ray-items-per-call", "1000"], "go with --engine ray"),
+    (["--engine", "ray", "--ray-items-per-call", "0"], "--ray-items-per-call"),
 ])
 def test_engine_arguments_are_checked_before_anything_is_indexed(argv, message, image_folder, tmp_path, capsys):
     assert main(["index", str(image_folder), "--index", str(tmp_path / "ix"), *argv]) == 2
@@ -83,21 +85,27 @@ def test_engine_arguments_are_checked_before_anything_is_indexed(argv, message, 
 
 
 def test_engine_ray_indexes_shards_in_place_as_one_process_does(tmp_path, capsys, monkeypatch):
-    """Three shards, three engine calls, one local Ray: the members travel to the actors as (tar, offset,
-    size), read in place there; the same items and embeddings as one process."""
+    """Three shards, three engine calls (--ray-items-per-call 10: a call each), one local Ray: the members
+    travel to the actors as (tar, offset, size), read in place there; the same items and embeddings as one
+    process."""
     import ray
 
     from clipkit.data.synthetic import write_synthetic
+    from clipkit.encode_ray import RayEngine
 
     shards = write_synthetic(tmp_path / "shards", 30, seed=8, split="test", maxcount=10, workers=1, progress=False)
     spec = str(shards[0].parent / "test-{000000..000002}.tar")
     starts = []
     real_init = ray.init
     monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append(1) or real_init(*a, **k))
+    calls, real_stream = [], RayEngine._stream
+    monkeypatch.setattr(RayEngine, "_stream", lambda self, *a: calls.append(len(a[1])) or real_stream(self, *a))
     assert main(["-q", "index", spec, "--index", str(tmp_path / "local")]) == 0
-    assert main(["index", spec, "--index", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "2"]) == 0
+    assert main(["index", spec, "--index", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "2",
+                 "--ray-items-per-call", "10"]) == 0
     assert "indexed 30 image(s) (30 new" in capsys.readouterr().out
     assert len(starts) == 1 and not ray.is_initialized()  # started once for the run, stopped after it
+    assert calls == [10, 10, 10]
     local, spread = Index.load(tmp_path / "local"), Index.load(tmp_path / "ray")
     ids = sorted(local.ids())
     assert sorted(spread.ids()) == ids and len(ids) == 30
