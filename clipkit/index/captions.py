@@ -435,9 +435,15 @@ def remove_with_captions(index, change, report: CaptionReport | None = None, und
     cannot be changed is found out before anything is removed. `undo()`: called if the change fails (it
     committed nothing)."""
     collection = writable_captions(index)
+
+    def owing(store):  # (the images' ids recorded in their transaction: a kill before their captions go
+        result = change(store)  # leaves the next writer the list)
+        store.owe_captions(itertools.chain(gone, also))
+        return result
+
     try:
         with index.store.recording_deletions() as gone:
-            removed = index._write(change)
+            removed = index._write(owing if collection else change)
     except BaseException:
         if undo is not None:
             undo()
@@ -447,6 +453,20 @@ def remove_with_captions(index, change, report: CaptionReport | None = None, und
         orphans = captions_of_images(collection, images)
         if orphans:
             collection.remove(orphans)
+        index.store.settle_captions(images)
         if report is not None:
             report.removed += len(orphans)
+    if collection:
+        settle_caption_debt(index, collection)  # (and what an earlier removal, killed, left)
     return removed
+
+
+def settle_caption_debt(index, collection) -> None:
+    """Remove the captions of the images a removal took whose own captions it did not get to (the process was
+    killed in between: their ids are recorded in the image store), unless the image is back under its id."""
+    while owed := index.store.caption_debt():
+        present = index.store.keys_for(owed)
+        orphans = captions_of_images(collection, [i for i in owed if i not in present])
+        if orphans:
+            collection.remove(orphans)
+        index.store.settle_captions(owed)

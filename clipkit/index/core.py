@@ -310,7 +310,7 @@ class Index(FolderSync):
     def remove(self, ids: Iterable) -> int:
         """Remove items by id, with their captions; an id not in the index is a ValueError (and nothing is
         removed). An id whose item went but whose captions a killed call left behind counts as there: the same
-        call again finishes it."""
+        call again finishes it (else the next removal or save removes those captions)."""
         if isinstance(ids, (str, int, np.integer)):
             ids = [ids]
         ids = list(dict.fromkeys(normalize_id(v) for v in ids))
@@ -323,7 +323,7 @@ class Index(FolderSync):
             keys = store.keys_for(ids)
             missing = [i for i in ids if i not in keys]
             left_captions[:] = self._captioned(missing) if missing else []
-            captioned = set(left_captions)
+            captioned = set(left_captions) | store.owed_among(missing)
             missing = [i for i in missing if i not in captioned]
             if missing:
                 raise ValueError(f"{len(missing)} id(s) not in the index, e.g. {missing[0]!r}")

@@ -19,7 +19,7 @@ from clipkit._progress import progress_bar
 from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import (CaptionMover, CaptionReport, CaptionTable, caption_table_for, captions_of,
                                     captions_of_images, drop_orphans, image_of, remove_with_captions,
-                                    sync_index_captions, writable_captions)
+                                    settle_caption_debt, sync_index_captions, writable_captions)
 from clipkit.index.store import Store
 from clipkit.index.vectors import prepare_items
 
@@ -294,6 +294,12 @@ class FolderSync:
         collection = captions_of(self)
         have = {image_of(c) for c in captions_of_images(collection, image_ids)} if collection else set()
         return [i for i in image_ids if str(i) in have]
+
+    def _settle_captions(self) -> None:
+        """Remove the captions a removal killed between its images and their captions left behind."""
+        collection = writable_captions(self) if self.store.caption_debt(1) else None
+        if collection:
+            settle_caption_debt(self, collection)
 
     def _remove_with_captions(self, change, also: Sequence = ()) -> Any:
         """`self._write(change)`, a removal, then the captions of the items removed and of the image ids `also`

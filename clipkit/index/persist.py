@@ -55,6 +55,7 @@ def save(index, path) -> Path:
                 _copy_store(index, path)
             with index.writer():
                 write_structure(index, path)
+            index._settle_captions()  # (what a removal killed before its captions left)
             if index._captions is not None:
                 index._captions.save(path / CAPTIONS_DIR)
     except OSError as exc:

@@ -18,11 +18,11 @@ import os
 import sqlite3
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from clipkit._io import SpillList
+from clipkit._io import SpillList, batches
 from clipkit.errors import BrokenIndexError, IndexBusyError, IndexFullError, ReadOnlyIndexError
 from clipkit.index.segments import Segments, new_state
 from clipkit.index.vectors import damaged_rows, ids_array, in_sorted, keys_sum
@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS info (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS removed (key INTEGER PRIMARY KEY, generation INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS removed_generation ON removed(generation);
 """ + _ROOTLESS_INDEX + ";\n" + _SHARDS_TABLE + ";\n"
+# the image ids whose captions are still to remove: written in the transaction that removes the images, emptied
+# once their captions are gone (a process killed in between leaves them for the next writer); created when
+# first needed
+_CAPTION_DEBT_TABLE = "CREATE TABLE IF NOT EXISTS caption_debt (id UNIQUE NOT NULL)"
 # the queries builds tune on (Index.build's sample_queries, remembered); created when first given
 _TUNE_QUERIES_TABLE = "CREATE TABLE IF NOT EXISTS tune_queries (n INTEGER PRIMARY KEY, vector BLOB NOT NULL)"
 
@@ -515,6 +519,37 @@ class Store:
         if not batches:
             return np.zeros(0, np.int64), np.zeros((0, self.row_width), np.float32)
         return np.concatenate([keys for keys, _ in batches]), np.concatenate([vectors for _, vectors in batches])
+
+    # -- captions owed a removal --------------------------------------------------------------------
+
+    def owe_captions(self, image_ids: Iterable) -> None:
+        """Inside the transaction that removes these images: record that their captions are to go too."""
+        self.db.execute(_CAPTION_DEBT_TABLE)
+        for chunk in batches(image_ids, 10_000):
+            self.db.executemany("INSERT OR IGNORE INTO caption_debt(id) VALUES (?)", ((i,) for i in chunk))
+
+    def caption_debt(self, limit: int = 10_000) -> list:
+        """Up to `limit` image ids whose captions are still to remove ([] for a store older than the table)."""
+        try:
+            return [i for i, in self.db.execute("SELECT id FROM caption_debt LIMIT ?", (int(limit),))]
+        except sqlite3.OperationalError:  # (no such table)
+            return []
+
+    def owed_among(self, image_ids: list) -> set:
+        """Those of these image ids whose captions are still to remove."""
+        if not self.caption_debt(1):
+            return set()
+        found: set = set()
+        for chunk in chunks(list(image_ids)):
+            found.update(i for i, in self.db.execute(f"SELECT id FROM caption_debt WHERE id IN ({marks(chunk)})",
+                                                     chunk))
+        return found
+
+    def settle_captions(self, image_ids: list) -> None:
+        """The captions of these images are gone: their record goes (one transaction; readers see no change)."""
+        with self.transaction(bump=False):
+            for chunk in chunks(list(image_ids)):
+                self.db.execute(f"DELETE FROM caption_debt WHERE id IN ({marks(chunk)})", chunk)
 
     # -- the queries builds tune on ---------------------------------------------------------------
 
