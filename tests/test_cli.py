@@ -331,6 +331,14 @@ def test_a_folder_taken_for_an_index_says_what_it_holds(tmp_path, capsys):
         assert main(["info", str(folder)]) == 2
         err = capsys.readouterr().err
         assert "is not a clipkit index" in err and says in err and f"clipkit index {folder}" in err.replace("'", "")
+    from clipkit.index.lock import writer_lock
+
+    stopped = tmp_path / "stopped"  # a first `clipkit index` into it killed before its first batch: its lock alone
+    stopped.mkdir()
+    with writer_lock(stopped):
+        pass
+    assert main(["search", "a cat", "--index", str(stopped)]) == 2
+    assert "nothing was written there yet" in capsys.readouterr().err
 
 
 def test_long_work_prints_a_progress_line_a_minute_into_a_log(tmp_path):

@@ -215,6 +215,9 @@ def _what_it_is(path: Path) -> str:
         return f"; it holds embeddings in clip-retrieval's layout: `clipkit index {path} --index NEW` indexes them"
     with os.scandir(path) as entries:  # (a look at the first entries of what may be a huge folder)
         names = [entry.name for entry in itertools.islice(entries, 1000)]
+    if names == [LOCK_FILE]:
+        return ("; nothing was written there yet (a first `clipkit index` into it stopped before its first "
+                "batch): run that command again")
     if any(is_image_name(name) for name in names):
         return f"; it is a folder of images: `clipkit index {path} --index INDEX` indexes it"
     if any(name.endswith(".tar") for name in names):
