@@ -4,6 +4,7 @@ real files, real processes and real HTTP."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import sqlite3
 import subprocess
@@ -414,6 +415,27 @@ def test_a_fifo_named_like_a_caption_file_does_not_hang_indexing(tmp_path, demo)
     assert done.returncode == 0, done.stderr
     index = Index.load(tmp_path / "ix")
     assert len(index) == 2 and index.captions.ids() == [f"{photos / 'b.png'}#0"]
+
+
+def test_image_names_that_are_no_regular_file_are_skipped_with_their_reason(tmp_path, demo):
+    """A FIFO, a link to a device and a link to a deleted file, named like images: never opened (no hang), and
+    said in the skipped list with why, instead of left out without a word."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    draw_shape("red", "circle").save(photos / "a.png")
+    os.mkfifo(photos / "fifo.jpg")
+    os.symlink("/dev/zero", photos / "zero.jpg")
+    os.symlink(photos / "deleted.png", photos / "gone.png")
+    log = tmp_path / "skipped.jsonl"
+    done = subprocess.run([sys.executable, "-m", "clipkit", "index", str(photos), "--index", str(tmp_path / "ix"),
+                           "--skipped-log", str(log)], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 new" in done.stdout and "3 skipped" in done.stdout, done.stdout
+    reasons = {Path(json.loads(line)["path"]).name: json.loads(line)["reason"] for line in log.read_text().splitlines()}
+    assert set(reasons) == {"fifo.jpg", "zero.jpg", "gone.png"}
+    assert "not a regular file" in reasons["fifo.jpg"] and "not a regular file" in reasons["zero.jpg"]
+    assert "link to nothing" in reasons["gone.png"]
+    assert len(Index.load(tmp_path / "ix")) == 1
 
 
 def test_a_postscript_file_never_reaches_ghostscript(tmp_path, demo, served_folder, monkeypatch):

@@ -51,11 +51,14 @@ def relative_path(path: str, folder: str) -> str:
 
 
 def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: Sequence[str] = (),
-                     on_shard: Callable[[str], None] | None = None) -> Iterator[tuple[str, os.stat_result, bool]]:
+                     on_shard: Callable[[str], None] | None = None,
+                     on_odd: Callable[[str, str], None] | None = None) -> Iterator[tuple[str, os.stat_result, bool]]:
     """(path, the file's stat (through a symlink), whether the name is a symlink) of each image file name under
     `root`, folder by folder, holding nothing per file: a file with several names (symlinks, hard links) comes
     once for each; the caller keeps one (`scan_image_paths`). Skipped as `scan_image_paths` says.
-    `on_shard(path)`: called for each webdataset shard (.tar) met, which a folder's listing leaves out."""
+    `on_shard(path)`: called for each webdataset shard (.tar) met, which a folder's listing leaves out.
+    `on_odd(path, reason)`: for each image name that is no regular file (a FIFO, a device, a dangling link),
+    which is never opened."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"folder not found: {root}")
@@ -87,5 +90,8 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
                     yield entry.path, entry.stat(), entry.is_symlink()  # (stat follows symlinks: the file itself)
                 elif on_shard is not None and entry.name.endswith(".tar") and entry.is_file():
                     on_shard(entry.path)
+                elif on_odd is not None and is_image_name(entry.name) and not entry.is_file():
+                    on_odd(entry.path, "a link to nothing (its target is gone)" if not os.path.exists(entry.path)
+                           else "not a regular file (a FIFO, socket or device): not read")
             except OSError:  # a dangling link, or a file gone since the listing
                 continue

@@ -253,11 +253,17 @@ def _list_found(store: Store, plan: SyncPlan, exclude: Sequence[str], shard, inc
         if store.shard_record(path) is None:
             plan.report.saw_shard(path)
 
+    def mine(path: str) -> bool:  # (this run's part of the folder, and what the caption table lists)
+        return ((shard is None or shard_of(relative_path(path, str(plan.root)), shard[1]) == shard[0])
+                and (include is None or path in include))
+
+    def odd(path: str, reason: str) -> None:
+        if mine(path):
+            plan.report.skip(printable(path), f"{printable(path)}: {reason}", "not a regular file")
+
     rows = []
-    for path, stat, link in iter_image_files(plan.root, exclude=exclude, on_shard=unread_shard):
-        if shard is not None and shard_of(relative_path(path, str(plan.root)), shard[1]) != shard[0]:
-            continue
-        if include is not None and path not in include:
+    for path, stat, link in iter_image_files(plan.root, exclude=exclude, on_shard=unread_shard, on_odd=odd):
+        if not mine(path):
             continue
         if not _storable(path):
             plan.report.skip(printable(path), f"{printable(path)}: the file name is not valid UTF-8, which the index "
