@@ -360,6 +360,32 @@ def test_a_removal_killed_before_its_captions_and_never_run_again_leaves_them_to
     assert len(after) == (35 if how == "api" else 3) and after.store.caption_debt() == []
 
 
+def test_a_sync_drops_the_captions_of_deleted_files_before_it_embeds(folder, demo, tmp_path):
+    """A folder's sync dropped the captions of its deleted files at its end, after embedding every new image
+    (hours on a large folder, while image -> text search returned them; a run stopped midway left them). They
+    go now with their images, before anything is embedded."""
+    from PIL import Image
+
+    ix = tmp_path / "ix"
+    Index.from_folder(folder, demo).save(ix)
+    deleted = sorted(folder.glob("*.jpg"))[:2]
+    for image in deleted:
+        image.unlink()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "new.png")
+
+    def stopped_engine(paths, model, **options):  # (the run is stopped as it starts embedding)
+        raise KeyboardInterrupt
+        yield
+
+    with pytest.raises(KeyboardInterrupt):
+        Index.load(ix).sync_folder(folder, demo, engine=stopped_engine)
+    after = Index.load(ix)
+    left = {r["image_id"] for r in after.captions.get(after.captions.ids())}
+    assert len(after) == 38 and left == set(after.ids())
+    report = Index.load(ix).sync_folder(folder, demo).captions  # (the run again: nothing more to drop)
+    assert report.removed == 0
+
+
 def test_shards_gone_from_a_folder_go_a_page_at_a_time_and_keep_their_records_till_empty(tmp_path, demo,
                                                                                       monkeypatch):
     """Shards deleted from an indexed folder of shards are removed REMOVE_CHUNK items a transaction; a run

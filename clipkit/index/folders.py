@@ -117,10 +117,12 @@ class FolderSync:
                 rows = stack.enter_context(table.read()) if table is not None else None  # the captions, listed files
                 problems = table.listed_files(rows)[1] if listed_only else []
                 mover = CaptionMover(self, Path(folder).resolve(), table)  # (captions go with moved images)
+                dropped = CaptionReport()  # (the captions of deleted files, gone with them)
                 with self.store.recording_deletions() as gone:  # (files removed, or moved to other ids)
                     report = sync.sync_folder(self, folder, model, batch_size=batch_size, workers=workers,
                                               progress=progress, exclude=exclude, shard=shard,
-                                              include=rows if listed_only else None, engine=engine, on_moved=mover)
+                                              include=rows if listed_only else None, engine=engine, on_moved=mover,
+                                              on_gone=partial(remove_with_captions, self, report=dropped))
                 report.excluded = list(exclude)
                 for path, reason in problems:
                     report.skip(path, reason, "missing")
@@ -128,6 +130,8 @@ class FolderSync:
                     rows = stack.enter_context(mover.table.read())
                 report.captions = self._sync_captions(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, model,
                                                       rows, gone=gone, carried=mover.carried)
+                if report.captions is not None:
+                    report.captions.removed += dropped.removed
                 mover.sweep(report.captions)
         self.last_sync = report
         return report

@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Container, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Container, Iterator, NamedTuple, Sequence
 
 from clipkit._io import SkipList, batches, temp_space
 from clipkit._progress import progress_bar
@@ -367,20 +367,23 @@ def _file_row(root: int, root_folder: str, path: str, stat: FileStat) -> tuple:
 def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64, workers: int | None = None,
                 progress: bool | None = None, exclude: Sequence[str] = (), shard: tuple[int, int] | None = None,
                 include: Container[str] | None = None, engine=None,
-                on_moved: Callable[[list[tuple], Callable], None] | None = None) -> SyncReport:
+                on_moved: Callable[[list[tuple], Callable], None] | None = None,
+                on_gone: Callable[[Callable], None] | None = None) -> SyncReport:
     """Bring `index` (a clipkit Index, whose writer lock the caller holds) up to date with `folder`.
     `engine`: where the images are embedded (None: here, `clipkit.encode.embed_image_files`; or a callable
     `engine(paths, model, batch_size=, workers=)` yielding the same batches, such as
     `clipkit.encode_ray.RayEngine`); each batch is committed as it arrives. `on_moved(moves, change)`: called
     with each chunk of moved files ((old id, new id) each) to make the change (for `index._write`) that moves
-    them, their captions with them (`clipkit.index.captions.CaptionMover`)."""
+    them, their captions with them (`clipkit.index.captions.CaptionMover`). `on_gone(change)`: called with each
+    change that removes deleted files, to make it (default: `index._write`; with their captions: before the
+    images are embedded, so that no caption outlives its image through a long run)."""
     from clipkit.encode import embed_image_files
 
     with plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include) as plan:
         report = plan.report
         report.unchanged = plan.unchanged
         root = index._write(partial(_reorganise, plan))
-        report.removed = _remove_gone(index, plan, root)
+        report.removed = _remove_gone(index, plan, root, on_gone or index._write)
         report.moved = _move_files(index, plan, root, on_moved, progress)
         todo = itertools.chain(plan.new, plan.changed)
         chunk = getattr(engine, "items_per_call", None) or FOLDER_CHUNK
@@ -406,11 +409,11 @@ def _reorganise(plan: SyncPlan, store: Store):
     return root, None, None, []
 
 
-def _remove_gone(index, plan: SyncPlan, root: int) -> int:
-    """Remove the plan's gone files, `GONE_CHUNK` a transaction (a stopped run leaves the rest, which the next
-    run finds gone again); how many."""
+def _remove_gone(index, plan: SyncPlan, root: int, write: Callable[[Callable], Any]) -> int:
+    """Remove the plan's gone files, `GONE_CHUNK` a transaction made by `write(change)` (a stopped run leaves
+    the rest, which the next run finds gone again); how many."""
     for chunk in plan.gone.chunks(GONE_CHUNK):
-        index._write(partial(_remove_chunk, chunk, root))
+        write(partial(_remove_chunk, chunk, root))
     return len(plan.gone)
 
 
