@@ -104,12 +104,18 @@ def build_hostile_folder(root: Path) -> tuple[set[Path], dict[Path, str]]:
     (root / "readme.txt").write_text("not an image name")
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a symlink loop
     (root / "alias.jpg").symlink_to(root / "plain.jpg")  # a second name for plain.jpg
-    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")  # (a folder's sync says it: a link to nothing)
     good_paths = {(root / name).resolve() if name != "new\nline.jpg" else root.resolve() / name for name in good}
     return good_paths, {root.resolve() / name: kind for name, kind in bad.items()}
 
 
 EXCLUDE = ["cache", "*.tmp.png"]
+
+
+def said_skipped(root: Path, bad: dict) -> dict:
+    """What a folder's sync skips: the bad files, and the link to nothing, which is never opened (a scan leaves it
+    out without a word)."""
+    return {**bad, root.resolve() / "dangling.jpg": "not a regular file"}
 
 
 @pytest.fixture
@@ -133,6 +139,7 @@ def test_hostile_folder_indexes_every_good_image_once(hostile, tiny_model):
     index = Index(tiny_model.dim, model=tiny_model)
     report = index.sync_folder(root, tiny_model, batch_size=4, exclude=EXCLUDE)
     assert sorted(index.ids()) == sorted(str(p) for p in good)
+    bad = said_skipped(root, bad)
     assert {Path(p) for p, _ in report.skipped} == set(bad)
     expected_kinds: dict[str, int] = {}
     for kind in bad.values():
@@ -141,6 +148,7 @@ def test_hostile_folder_indexes_every_good_image_once(hostile, tiny_model):
     assert report.added == len(good)
     # the bomb was refused from its header, not decoded
     assert "decompression bomb" in dict(report.skipped)[str(root.resolve() / "bomb.png")]
+    assert "a link to nothing" in dict(report.skipped)[str(root.resolve() / "dangling.jpg")]
     again = index.sync_folder(root, tiny_model, exclude=EXCLUDE)
     assert again.embedded == 0 and again.unchanged == len(good) and len(again.skipped) == len(bad)
 
@@ -335,6 +343,7 @@ def test_cli_check_changes_nothing_and_skipped_log(hostile, tmp_path, tiny_ckpt,
     assert main(["index", str(root), "--index", str(index_path), "--model", "clipkit-tiny", "--pretrained",
                  str(tiny_ckpt), "--skipped-log", str(log), *common]) == 0
     out = capsys.readouterr().out
+    bad = said_skipped(root, bad)
     assert f"indexed {len(good)} image(s)" in out and f"{len(bad)} skipped (" in out
     assert "2 not an image" in out and "1 empty file" in out and "1 too many pixels" in out
     logged = [json.loads(line) for line in log.read_text().splitlines()]
