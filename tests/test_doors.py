@@ -418,23 +418,24 @@ def test_a_fifo_named_like_a_caption_file_does_not_hang_indexing(tmp_path, demo)
 
 
 def test_image_names_that_are_no_regular_file_are_skipped_with_their_reason(tmp_path, demo):
-    """A FIFO, a link to a device and a link to a deleted file, named like images: never opened (no hang), and
-    said in the skipped list with why, instead of left out without a word."""
+    """A FIFO, a link to a device, a link to a deleted file and a loop of links, named like images: never opened
+    (no hang), and said in the skipped list with why, instead of left out without a word."""
     photos = tmp_path / "photos"
     photos.mkdir()
     draw_shape("red", "circle").save(photos / "a.png")
     os.mkfifo(photos / "fifo.jpg")
     os.symlink("/dev/zero", photos / "zero.jpg")
     os.symlink(photos / "deleted.png", photos / "gone.png")
+    os.symlink("loop.jpg", photos / "loop.jpg")
     log = tmp_path / "skipped.jsonl"
     done = subprocess.run([sys.executable, "-m", "clipkit", "index", str(photos), "--index", str(tmp_path / "ix"),
                            "--skipped-log", str(log)], timeout=120, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "1 new" in done.stdout and "3 skipped" in done.stdout, done.stdout
+    assert "1 new" in done.stdout and "4 skipped" in done.stdout, done.stdout
     reasons = {Path(json.loads(line)["path"]).name: json.loads(line)["reason"] for line in log.read_text().splitlines()}
-    assert set(reasons) == {"fifo.jpg", "zero.jpg", "gone.png"}
+    assert set(reasons) == {"fifo.jpg", "zero.jpg", "gone.png", "loop.jpg"}
     assert "not a regular file" in reasons["fifo.jpg"] and "not a regular file" in reasons["zero.jpg"]
-    assert "link to nothing" in reasons["gone.png"]
+    assert "link to nothing" in reasons["gone.png"] and "loop of links" in reasons["loop.jpg"]
     assert len(Index.load(tmp_path / "ix")) == 1
 
 

@@ -93,5 +93,6 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
                 elif on_odd is not None and is_image_name(entry.name) and not entry.is_file():
                     on_odd(entry.path, "a link to nothing (its target is gone)" if not os.path.exists(entry.path)
                            else "not a regular file (a FIFO, socket or device): not read")
-            except OSError:  # a dangling link, or a file gone since the listing
-                continue
+            except OSError:  # a link that cannot be followed (a loop), or a file gone since the listing
+                if on_odd is not None and is_image_name(entry.name) and entry.is_symlink():
+                    on_odd(entry.path, "a link that cannot be followed (a loop of links)")
