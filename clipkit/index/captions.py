@@ -448,25 +448,20 @@ def remove_with_captions(index, change, report: CaptionReport | None = None, und
         if undo is not None:
             undo()
         raise
-    # (a caption's id: its image's id as text, '#', a line)
-    for images in batches(itertools.chain(gone, also), 10_000) if collection else ():
-        orphans = captions_of_images(collection, images)
-        if orphans:
-            collection.remove(orphans)
-        index.store.settle_captions(images)
-        if report is not None:
-            report.removed += len(orphans)
     if collection:
-        settle_caption_debt(index, collection)  # (and what an earlier removal, killed, left)
+        settle_caption_debt(index, collection, report)  # (and what an earlier removal, killed, left)
     return removed
 
 
-def settle_caption_debt(index, collection) -> None:
-    """Remove the captions of the images a removal took whose own captions it did not get to (the process was
-    killed in between: their ids are recorded in the image store), unless the image is back under its id."""
+def settle_caption_debt(index, collection, report: CaptionReport | None = None) -> None:
+    """Remove the captions of the images removals recorded in the image store as owing theirs (this one's, or
+    those of one killed before it got to them), unless the image is back under its id; counted in `report`.
+    (A caption's id: its image's id as text, '#', a line.)"""
     while owed := index.store.caption_debt():
         present = index.store.keys_for(owed)
         orphans = captions_of_images(collection, [i for i in owed if i not in present])
         if orphans:
             collection.remove(orphans)
         index.store.settle_captions(owed)
+        if report is not None:
+            report.removed += len(orphans)
