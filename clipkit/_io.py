@@ -91,10 +91,21 @@ def read_regular(path: str | os.PathLike) -> bytes:
             os.close(fd)
 
 
+def sqlite_temp_folder() -> str:
+    """Where SQLite writes a private temporary database (`sqlite3.connect("")`): the first writable folder of
+    $SQLITE_TMPDIR, $TMPDIR, /var/tmp, /usr/tmp, /tmp (SQLite's order, not Python's `tempfile`, which tries
+    /tmp before /var/tmp), else the current folder."""
+    for folder in (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"), "/var/tmp", "/usr/tmp", "/tmp"):
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return "."
+
+
 @contextlib.contextmanager
-def temp_space(what: str) -> Iterator[None]:
-    """Inside, a full disk met while writing to the temporary folder (a run's private database or spill file:
-    `what`) is a `TempFullError` that says which folder and how to choose another."""
+def temp_space(what: str, sqlite: bool = True) -> Iterator[None]:
+    """Inside, a full disk met while writing to the temporary folder (a run's private SQLite database, or with
+    `sqlite=False` a spill file from Python's `tempfile`: `what`) is a `TempFullError` that says which folder
+    and how to choose another."""
     from clipkit.errors import TempFullError
 
     try:
@@ -102,9 +113,10 @@ def temp_space(what: str) -> Iterator[None]:
     except (sqlite3.OperationalError, OSError) as exc:
         if not (getattr(exc, "errno", None) == errno.ENOSPC or "full" in str(exc).lower()):
             raise
-        folder = os.environ.get("SQLITE_TMPDIR") or tempfile.gettempdir()
+        folder = sqlite_temp_folder() if sqlite else tempfile.gettempdir()
+        variable = "SQLITE_TMPDIR" if sqlite and os.environ.get("SQLITE_TMPDIR") else "TMPDIR"
         raise TempFullError(f"no space left in the temporary folder {folder} for {what} (about 300 bytes a file or "
-                            "row): set TMPDIR to a folder on a disk with room and run the same command again; "
+                            f"row): set {variable} to a folder on a disk with room and run the same command again; "
                             "nothing already indexed is lost") from None
 
 
@@ -132,7 +144,7 @@ class SpillList:
         self._head += head
         self._count += len(head)
         for chunk in batches(entries, 10_000):  # (the rest: one write a chunk)
-            with temp_space("a run's list of skipped files or removed ids"):
+            with temp_space("a run's list of skipped files or removed ids", sqlite=False):
                 if self._spill is None:
                     self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogateescape")
                 self._spill.seek(0, os.SEEK_END)

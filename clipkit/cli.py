@@ -913,9 +913,10 @@ def _indexed_item_query(index, text: str):
 
 def cmd_search(args) -> int:
     from clipkit.index import Index
+
+    index = Index.load(args.index)  # (before torch is imported: a wrong --index is said at once)
     from clipkit.search import index_model, search
 
-    index = Index.load(args.index)
     query = None if args.text else _indexed_item_query(index, args.query)
     query = _search_query(args.query, args.text) if query is None else query
     model = index_model(index, device=args.device) if args.device is not None and index.model_info else None

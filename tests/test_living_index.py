@@ -489,7 +489,7 @@ def test_a_full_temporary_folder_is_named_and_changes_nothing(photos, tmp_path, 
         for source in (folder, table):
             command = cli("index", str(source), "--index", str(index_path), *model_args(tiny_ckpt, 16))
             if mounted:
-                run = subprocess.run(command, env={**ENV, "TMPDIR": str(temp), "SQLITE_TMPDIR": str(temp)},
+                run = subprocess.run(command, env={**_without_sqlite_tmpdir(), "TMPDIR": str(temp)},
                                      capture_output=True, text=True)
                 code, err = run.returncode, run.stderr
             else:
@@ -513,6 +513,41 @@ def test_a_full_temporary_folder_is_named_and_changes_nothing(photos, tmp_path, 
 
 def _raise(exc: BaseException):
     raise exc
+
+
+def _without_sqlite_tmpdir() -> dict:
+    return {name: value for name, value in ENV.items() if name != "SQLITE_TMPDIR"}
+
+
+WHERE_SQLITE_WRITES = """
+import os, sqlite3
+from clipkit._io import sqlite_temp_folder
+db = sqlite3.connect("")  # a private temporary database: on disk once it outgrows its page cache
+db.executescript("PRAGMA cache_size = 2; CREATE TABLE t (x TEXT);")
+db.executemany("INSERT INTO t VALUES (?)", (("x" * 500,) for _ in range(2000)))
+links = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # (the listing's own, closed since)
+        pass
+print(sorted({os.path.dirname(link) for link in links if "etilqs_" in link}), sqlite_temp_folder())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads where SQLite's file is from /proc")
+def test_the_temporary_folder_said_full_is_where_sqlite_writes(tmp_path):
+    """SQLite's private databases (a folder's plan, a table's rows) go to $SQLITE_TMPDIR, $TMPDIR, then /var/tmp
+    before /tmp (Python's tempfile tries /tmp first): the folder a full-temporary-space error names is the one
+    SQLite wrote to, read from the process's open files."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    bare = {name: value for name, value in _without_sqlite_tmpdir().items() if name not in ("TMPDIR", "TEMP", "TMP")}
+    for env in (bare, {**bare, "TMPDIR": str(tmp_path / "a")},
+                {**bare, "TMPDIR": str(tmp_path / "a"), "SQLITE_TMPDIR": str(tmp_path / "b")}):
+        out = subprocess.run([sys.executable, "-c", WHERE_SQLITE_WRITES], env=env, capture_output=True, text=True,
+                             check=True).stdout.rsplit(" ", 1)
+        assert out[0] == repr([out[1].strip()]), out  # (the first case: /var/tmp on most systems)
 
 
 def _in_process(args: list[str], monkeypatch, temp: Path) -> tuple[int, str]:
