@@ -405,7 +405,8 @@ def _index_from(args, folder: Path | None, table, listed_only: bool) -> int:
     if not report.found and shard is None:
         _warn_nothing_found(args.folder, report, index)
     if not args.quiet:
-        _print_sync_summary(report, index, index_path, args.skipped_log, remembered=args.exclude is None)
+        _print_sync_summary(report, index, index_path, args.skipped_log, args.folder,
+                            remembered=args.exclude is None)
         if engine is not None and engine.stats:
             shares = sorted(engine.stats["per_actor"].values(), reverse=True)
             print(f"ray: {engine.stats['actors']} actor(s) (images each: {', '.join(map(str, shares)) or 'none'}); "
@@ -421,9 +422,19 @@ def _warn_nothing_found(source: str, report, index) -> None:
     count, *first = report.shards_seen
     folders = sorted({os.path.dirname(path) for path in first})
     hint = (f"; it holds webdataset shards in {', '.join(folders)}{' ...' if count > len(first) else ''}: give "
-            f"them as SOURCE (a folder of shards, or '{Path(folders[0]) / '*.tar'}')") if count else ""
+            f"them as SOURCE (a folder of shards, or '{_shards_glob(source, report)}')") if count else ""
     print(f"clipkit: warning: found no images in {source} (files ending {', '.join(sorted(IMAGE_EXTENSIONS))})"
           + (": the index is empty" if len(index) == 0 else "") + hint, file=sys.stderr)
+
+
+def _shards_glob(source: str, report) -> str:
+    """A glob naming every webdataset shard a folder sync of `source` met (`report.shards_seen`): their folder's
+    `*.tar` when they are all in one, else `source/**/*.tar` (clipkit reads `**` as any depth of folders)."""
+    count, *first = report.shards_seen
+    folders = {os.path.dirname(path) for path in first}
+    if len(folders) == 1 and count == len(first):
+        return str(Path(folders.pop()) / "*.tar")
+    return str(Path(os.path.abspath(source)) / "**" / "*.tar")
 
 
 def _sync_source(args, index, model, source: tuple, shard, engine):
@@ -642,8 +653,10 @@ def _index_model(index, args):
     return model
 
 
-def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None, remembered: bool = False) -> None:
-    """`remembered`: the folder's exclude globs were not given this run but remembered from an earlier one."""
+def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None, source: str,
+                        remembered: bool = False) -> None:
+    """`source`: the SOURCE synced; `remembered`: the folder's exclude globs were not given this run but
+    remembered from an earlier one."""
     print(f"indexed {report.embedded} image(s) ({report.added} new, {report.updated} changed), "
           f"{report.moved} moved, {report.unchanged} unchanged, {report.removed} removed, "
           f"{_skipped_summary(report)}; {len(index)} in {index_path} ({index.structure})")
@@ -659,7 +672,7 @@ def _print_sync_summary(report, index, index_path: Path, skipped_log: str | None
     if count and report.found:  # (found nothing: the warning said it)
         print(f"  the folder also holds {count} webdataset shard(s) ({', '.join(shards)}{', ...' if count > 3 else ''}),"
               " which indexing a folder leaves out: index them as SOURCE (a .tar, a glob such as "
-              f"'{Path(shards[0]).parent / '*.tar'}', or their folder)", file=sys.stderr)
+              f"'{_shards_glob(source, report)}', or their folder)", file=sys.stderr)
     for gone, count in report.orphaned.items():
         print(f"  {count} item(s) of {gone}, which no longer exists, are still indexed: index its new place to "
               f"re-point them, or drop them with `clipkit remove --missing --index {index_path}`", file=sys.stderr)

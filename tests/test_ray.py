@@ -85,7 +85,7 @@ def test_engine_arguments_are_checked_before_anything_is_indexed(argv, message, 
 
 
 def test_engine_ray_indexes_shards_in_place_as_one_process_does(tmp_path, capsys, monkeypatch):
-    """Three shards, three engine calls (--ray-items-per-call 10: a call each), one local Ray: the members
+    """Three shards, two engine calls (--ray-items-per-call 15, whole shards), one local Ray: the members
     travel to the actors as (tar, offset, size), read in place there; the same items and embeddings as one
     process."""
     import ray
@@ -101,11 +101,11 @@ def test_engine_ray_indexes_shards_in_place_as_one_process_does(tmp_path, capsys
     calls, real_stream = [], RayEngine._stream
     monkeypatch.setattr(RayEngine, "_stream", lambda self, *a: calls.append(len(a[1])) or real_stream(self, *a))
     assert main(["-q", "index", spec, "--index", str(tmp_path / "local")]) == 0
-    assert main(["index", spec, "--index", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "2",
-                 "--ray-items-per-call", "10"]) == 0
+    assert main(["index", spec, "--index", str(tmp_path / "ray"), "--engine", "ray", "--ray-actors", "1",
+                 "--ray-items-per-call", "15"]) == 0
     assert "indexed 30 image(s) (30 new" in capsys.readouterr().out
     assert len(starts) == 1 and not ray.is_initialized()  # started once for the run, stopped after it
-    assert calls == [10, 10, 10]
+    assert calls == [20, 10]  # (whole shards a call, past 15 in the first)
     local, spread = Index.load(tmp_path / "local"), Index.load(tmp_path / "ray")
     ids = sorted(local.ids())
     assert sorted(spread.ids()) == ids and len(ids) == 30

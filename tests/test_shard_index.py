@@ -296,6 +296,24 @@ def test_a_folder_of_images_names_the_shards_it_leaves_out(shards, tmp_path, cap
     assert "webdataset shard" not in capsys.readouterr().err and len(Index.load(ix)) == 31
 
 
+def test_shards_in_several_folders_are_named_by_one_glob_that_indexes_them(shards, tmp_path, capsys):
+    """A folder whose shards sit in subfolders (part1/, part2/) holds no image: the warning gives one glob
+    for all of them (SOURCE/**/*.tar), and that glob indexes every shard."""
+    top = tmp_path / "collection"
+    for n, shard in enumerate(shards):
+        (top / f"part{n % 2}").mkdir(parents=True, exist_ok=True)
+        shard.rename(top / f"part{n % 2}" / shard.name)
+    ix = str(tmp_path / "ix")
+    assert main(["index", str(top), "--index", ix]) == 0
+    err = capsys.readouterr().err
+    glob = str(top / "**" / "*.tar")
+    assert f"'{glob}'" in err and "part0" in err and "part1" in err, err
+    assert main(["-q", "index", glob, "--index", ix]) == 0
+    assert len(Index.load(ix)) == 30
+    assert main(["index", str(top), "--index", ix]) == 0  # (the index holds them now: nothing to say)
+    assert "webdataset shard" not in capsys.readouterr().err
+
+
 def test_shard_errors(shards, tmp_path, capsys):
     packed = tmp_path / "packed.tar"
     packed.write_bytes(gzip.compress(shards[0].read_bytes()))
