@@ -3,9 +3,12 @@
     python benchmarks/gpu_check.py [--device cuda] [--model ViT-B-32] [--quick] [--out gpu_check.md]
 
 Rows (each side by side in this one process, so that the ratio holds on a shared machine):
-- image encoding, clipkit.encode (autocast bf16, pinned batches) against open_clip's encode_image on the
-  same preprocessed tensors under the same autocast, images/s;
-- text encoding, clipkit.encode against open_clip's encode_text, texts/s;
+- image encoding from PIL images: clipkit.encode (decoding threads, autocast bf16, pinned batches) against
+  the loop an open_clip user writes (its transform on each image, stack, encode_image under the same
+  autocast), images/s;
+- the image tower alone on the same preprocessed tensors: clipkit's Model.encode_image against open_clip's
+  encode_image (what clipkit adds around the model: should be ~1.0);
+- text encoding, clipkit.encode against open_clip's tokenizer and encode_text, texts/s;
 - training: `clipkit train` steps with AMP (ITC + ITM head) on synthetic shards, samples/s, and its loss
   finite at every step;
 - search through the index the project builds (FAISS on the GPU when it sees one, else the CPU path the
@@ -65,29 +68,38 @@ def encoder_rows(name: str, device: torch.device, n_images: int, repeats: int) -
     texts = [f"a {c} {s} left of a {c2} {s2}" for c, s, c2, s2 in
              zip(["red", "blue", "green", "yellow"] * (n_images // 4), ["circle", "square"] * (n_images // 2),
                  ["purple", "orange"] * (n_images // 2), ["triangle", "star", "cross", "heart"] * (n_images // 4))]
-    tokens = model.tokenize(texts)
     batch = 256
 
-    def stock_images():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            for s in range(0, len(pixels), batch):
-                F.normalize(stock.encode_image(pixels[s:s + batch].to(device, non_blocking=True)), dim=-1).float().cpu()
+    def stock_images(from_pil: bool):
+        def run():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                for s in range(0, len(images), batch):
+                    chunk = (torch.stack([model.preprocess(image) for image in images[s:s + batch]]) if from_pil
+                             else pixels[s:s + batch])
+                    F.normalize(stock.encode_image(chunk.to(device, non_blocking=True)), dim=-1).float().cpu()
+        return run
+
+    def tower():
+        for s in range(0, len(pixels), batch):
+            model.encode_image(pixels[s:s + batch]).cpu()
 
     def stock_texts():
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-            for s in range(0, len(tokens), batch):
-                F.normalize(stock.encode_text(tokens[s:s + batch].to(device)), dim=-1).float().cpu()
+            for s in range(0, len(texts), batch):
+                F.normalize(stock.encode_text(model.tokenize(texts[s:s + batch]).to(device)), dim=-1).float().cpu()
 
     rows = []
-    for what, ours, theirs, count, unit in (
-            ("image encoding", lambda: clipkit.encode(images, model=model, batch_size=batch), stock_images,
-             len(images), "images/s"),
+    for what, ours, theirs, count, unit, baseline in (
+            ("image encoding from PIL images", lambda: clipkit.encode(images, model=model, batch_size=batch),
+             stock_images(True), len(images), "images/s", "open_clip: its transform on each image, encode_image"),
+            ("image tower on preprocessed tensors", tower, stock_images(False), len(images), "images/s",
+             "open_clip's encode_image on the same tensors"),
             ("text encoding", lambda: clipkit.encode(texts, model=model, batch_size=batch), stock_texts,
-             len(texts), "texts/s")):
+             len(texts), "texts/s", "open_clip: its tokenizer, encode_text")):
         mine, base = side_by_side(synchronised(ours, device), synchronised(theirs, device), repeats)
         rows.append({"row": f"{what}, {name} ({str(dtype).removeprefix('torch.')} autocast)",
                      "clipkit": round(count / mine, 1), "baseline": round(count / base, 1),
-                     "ratio": round(base / mine, 2), "unit": unit, "baseline_is": "open_clip on the same module"})
+                     "ratio": round(base / mine, 2), "unit": unit, "baseline_is": baseline})
     return rows
 
 

@@ -69,8 +69,10 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     out = run("gpu_check.py", "--device", "cpu", "--quick", "--model", "clipkit-tiny", "--out", str(tmp_path / "g.md"),
               cwd=tmp_path)
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
-    assert len(rows) == 5 and all(r["clipkit"] > 0 for r in rows[:4]) and "| training step" in out
-    assert "one Ray actor's loop: 128 JPEGs" in rows[4]["row"]  # (how busy the GPU is: nvidia-smi, there only)
+    assert len(rows) == 6 and all(r["clipkit"] > 0 and r["row"] for r in rows[:5]) and "| training step" in out
+    assert [r["row"].split(",")[0] for r in rows[:3]] == ["image encoding from PIL images",
+                                                          "image tower on preprocessed tensors", "text encoding"]
+    assert "one Ray actor's loop: 128 JPEGs" in rows[5]["row"]  # (how busy the GPU is: nvidia-smi, there only)
     assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_check.sh")]).returncode == 0
 
 
