@@ -103,21 +103,21 @@ def encoder_rows(name: str, device: torch.device, n_images: int, repeats: int) -
     return rows
 
 
-def training_row(device: torch.device, steps: int, out: Path) -> dict:
+def training_row(device: torch.device, steps: int, out: Path, batch: int = 128) -> dict:
     from clipkit.train import TrainConfig, train
 
-    config = TrainConfig(data="synthetic:2048", out=str(out), model="clipkit-demo", pretrained="scratch", val=None,
-                         steps=steps, batch_size=128, lr=5e-4, warmup=5, precision="auto", itm=True, workers=2,
+    config = TrainConfig(data=f"synthetic:{16 * batch}", out=str(out), model="clipkit-demo", pretrained="scratch",
+                         val=None, steps=steps, batch_size=batch, lr=5e-4, warmup=5, precision="auto", itm=True, workers=2,
                          log_every=5, ckpt_every=steps, device=str(device))
     start = time.perf_counter()
     train(config)
     seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
-    rates = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:] or [steps * 128 / seconds]
+    rates = [r["samples_per_s"] for r in records if "samples_per_s" in r][1:] or [steps * batch / seconds]
     if not losses or not all(np.isfinite(losses)):
         raise SystemExit(f"training losses not finite: {losses}")
-    return {"row": f"training step, clipkit-demo, ITC + ITM, AMP, batch 128 ({steps} steps)",
+    return {"row": f"training step, clipkit-demo, ITC + ITM, AMP, batch {batch} ({steps} steps)",
             "clipkit": round(statistics.median(rates), 1), "baseline": None, "ratio": None, "unit": "samples/s",
             "baseline_is": f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, all finite"}
 
@@ -201,7 +201,7 @@ def main() -> None:
     quick = args.quick
     rows = encoder_rows(args.model, device, 64 if quick else 2048, 2 if quick else 5)
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(training_row(device, 4 if quick else 60, Path(tmp) / "run"))
+        rows.append(training_row(device, 4 if quick else 60, Path(tmp) / "run", 32 if quick else 128))
     rows.append(search_row(2000 if quick else 200_000))
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(actor_busy_row(args.model, device, 128 if quick else 4096, Path(tmp)))
