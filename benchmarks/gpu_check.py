@@ -107,8 +107,8 @@ def training_row(device: torch.device, steps: int, out: Path, batch: int = 128) 
     from clipkit.train import TrainConfig, train
 
     config = TrainConfig(data=f"synthetic:{16 * batch}", out=str(out), model="clipkit-demo", pretrained="scratch",
-                         val=None, steps=steps, batch_size=batch, lr=5e-4, warmup=5, precision="auto", itm=True, workers=2,
-                         log_every=5, ckpt_every=steps, device=str(device))
+                         val=None, steps=steps, batch_size=batch, lr=5e-4, warmup=5, precision="auto", itm=True,
+                         workers=2, log_every=5, ckpt_every=steps, device=str(device))
     start = time.perf_counter()
     train(config)
     seconds = time.perf_counter() - start
