@@ -522,8 +522,6 @@ def _index_embeddings(args) -> int:
     from clipkit.index import DB_FILE, Index
     from clipkit.index.ingest import embedding_dim
     from clipkit.index.lock import writer_lock
-    from clipkit.models import load_model, warn_untrained
-    from clipkit.search import index_model
 
     if args.check or args.shard or args.exclude or args.no_exclude or args.captions or args.engine != "local":
         raise UsageError("--check, --shard, --exclude, --captions and --engine apply to folders of images; an "
@@ -533,11 +531,8 @@ def _index_embeddings(args) -> int:
     _prepare_index_folder(index_path)
     with writer_lock(index_path, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(index_path) if (index_path / DB_FILE).exists() else None
-        if args.model is not None:
-            model = load_model(args.model, args.pretrained, device=args.device)
-            warn_untrained(model)
-        else:
-            model = index_model(index, device=args.device) if index is not None and index.model_info else None
+        model = _index_model(index, args) if args.model is not None or index is not None and index.model_info \
+            else None
         if model is not None and model.dim != dim:
             raise ValueError(f"{args.folder} holds {dim}-d embeddings but model {model.name} makes {model.dim}-d ones")
         if index is None:
@@ -564,10 +559,11 @@ def _index_source(args) -> tuple[Path | None, object, bool]:
     SOURCE`; folder None: SOURCE names webdataset shards, or a URL table (then the table)."""
     from clipkit.data.urls import UrlTable, is_url_table
     from clipkit.index import CaptionTable
-    from clipkit.data.loader import is_shard_spec
-    from clipkit.index.shards import local_shards
+    from clipkit.data.folder import is_shard_spec
 
     if is_shard_spec(args.folder):
+        from clipkit.index.shards import local_shards
+
         local_shards(args.folder)  # they exist, on this machine
         return None, None, False
     source = Path(args.folder)
@@ -640,12 +636,14 @@ def _waiting_notice(args):
 
 
 def _index_model(index, args):
-    """The model to index with: the index's own, else --model/--pretrained (checked against the index)."""
-    from clipkit.models import DEFAULT_MODEL, load_model, warn_untrained
-    from clipkit.search import index_model
-
+    """The model to index with: the index's own (a `RecordedModel`: loaded when something is to be embedded,
+    so that a run with nothing new never loads it), else --model/--pretrained (checked against the index)."""
     if index is not None and args.model is None:
-        return index_model(index, device=args.device)
+        from clipkit.recorded import RecordedModel
+
+        return RecordedModel(index.model_info, device=args.device)
+    from clipkit.models import DEFAULT_MODEL, load_model, warn_untrained
+
     model = load_model(args.model or DEFAULT_MODEL, args.pretrained, device=args.device)
     warn_untrained(model)
     if index is not None:
@@ -904,7 +902,7 @@ def _indexed_item_query(index, text: str):
     shard's path may be relative): the item's image, read from its file or shard, or its stored embedding
     where it has no image (added from embeddings, or its file gone since). None where QUERY names no item."""
     from clipkit.encode import load_image
-    from clipkit.data.loader import is_shard_spec
+    from clipkit.data.folder import is_shard_spec
     from clipkit.index.shards import item_image
 
     text = text.strip()

@@ -18,6 +18,7 @@ from clipkit.data.folder import is_image_name
 from clipkit.data.images import ImageURL, TarMember, decode_image, failure_kind, read_image, to_rgb
 from clipkit.itm import image_states
 from clipkit.models import Model, load_model
+from clipkit.recorded import RecordedModel
 
 TEXT, IMAGE = "text", "image"
 
@@ -35,8 +36,9 @@ def default_workers(device: torch.device | str | None = None) -> int:
     return max(1, min(8, cores))
 
 
-def as_model(model: Model | str | None) -> Model:
-    if isinstance(model, Model):
+def as_model(model: Model | RecordedModel | str | None) -> Model | RecordedModel:
+    """`model` as a Model: a Model or a `RecordedModel` (loaded when first used) as is, a name loaded once."""
+    if isinstance(model, (Model, RecordedModel)):
         return model
     if isinstance(model, str):
         return _cached_model(model)

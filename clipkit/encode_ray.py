@@ -262,9 +262,6 @@ class _Embedder:
         torch.set_num_threads(threads)
         self.info, self.threads, self.batch_size = info, threads, batch_size
         self.model = load_recorded_model(self.info, device="cuda" if torch.cuda.is_available() else "cpu")
-        if self.model.fingerprint != self.info.get("fingerprint", self.model.fingerprint):
-            raise RuntimeError(f"model {self.info['name']} loaded on this Ray worker differs from the index's "
-                               "(another weights file at that path?)")
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from clipkit import DEFAULT_MODEL
 from clipkit.bundled import CONFIG_DIR, bundled_models
 from clipkit._net import hf_hub_host, hub_cached, offline_forced, reachable, require_hub
-from clipkit.errors import CheckpointError, OfflineError, first_line
+from clipkit.errors import CheckpointError, ModelMismatchError, OfflineError, first_line
 from clipkit.itm.heads import build_head_from_config
 from clipkit.itm.states import exact_text_length, text_forward
 
@@ -646,15 +646,21 @@ def _resolve_weights(name: str, pretrained, cache_dir: str | None) -> tuple[str 
 def load_recorded_model(info: dict | None, *, device: str | torch.device | None = None,
                         precision: str | None = None) -> Model:
     """The model an index records (its name and weights, as `Model.info` wrote them), loaded on `device`;
-    `clipkit.search.index_model` checks its fingerprint against the index."""
+    weights that are not the recorded ones any more (another file at that path) are refused."""
     if not info:
         raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
     try:
-        return load_model(info["name"], info.get("pretrained"), device=device, precision=precision)
+        model = load_model(info["name"], info.get("pretrained"), device=device, precision=precision)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"the index was built with {info['name']} and the weights {info.get('pretrained')}, "
                                 f"which are no longer there ({exc}): put the file back (a training run's "
                                 "--keep-last may have pruned it), or pass model= loaded with the same weights") from None
+    if model.fingerprint != info.get("fingerprint", model.fingerprint):
+        raise ModelMismatchError(
+            f"the index was built with {info['name']} and the weights {info.get('pretrained')} (fingerprint "
+            f"{info.get('fingerprint')}), which are other weights now (fingerprint {model.fingerprint}): put the "
+            "original weights back, or index into a new index with these")
+    return model
 
 
 def wants_channels_last(clip: torch.nn.Module, device: torch.device | str) -> bool:

@@ -128,10 +128,11 @@ def load_reranker(source, *, device: str | torch.device | None = None) -> Rerank
     BLIP ITM checkpoint (a `save_pretrained` directory, or `hf:ORG/REPO` through the cache)."""
     from clipkit.hf import is_hf_name
     from clipkit.models import Model, load_model
+    from clipkit.recorded import RecordedModel
 
     if isinstance(source, Reranker):
         return source
-    if isinstance(source, Model):
+    if isinstance(source, (Model, RecordedModel)):
         return _own_reranker(source, device)
     if not isinstance(source, (str, os.PathLike)) or not str(source):
         raise ValueError(f"a re-ranker is a model name, a directory or hf:ORG/REPO; got {source!r}")

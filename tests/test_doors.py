@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +416,24 @@ def test_a_fifo_named_like_a_caption_file_does_not_hang_indexing(tmp_path, demo)
     assert done.returncode == 0, done.stderr
     index = Index.load(tmp_path / "ix")
     assert len(index) == 2 and index.captions.ids() == [f"{photos / 'b.png'}#0"]
+
+
+def test_a_fifo_named_like_a_caption_file_does_not_hang_making_shards(tmp_path):
+    """`clipkit shards FOLDER` reads NAME.txt beside each image the way `clipkit index` does: a FIFO is no caption
+    file (it hung the run before)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue")):
+        draw_shape(colour, "circle").save(photos / f"{name}.png")
+    (photos / "b.txt").write_bytes(b"a blue caf\xe9 circle\n")  # (not UTF-8: kept, the odd byte replaced)
+    os.mkfifo(photos / "a.txt")
+    done = subprocess.run([sys.executable, "-m", "clipkit", "shards", str(photos), str(tmp_path / "shards")],
+                          timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "1 skipped" in done.stdout and "no captions in a.txt" in done.stdout + done.stderr
+    with tarfile.open(next((tmp_path / "shards").glob("*.tar"))) as tar:
+        captions = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert captions == ["a blue caf\ufffd circle".encode()]
 
 
 def test_image_names_that_are_no_regular_file_are_skipped_with_their_reason(tmp_path, demo):

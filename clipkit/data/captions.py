@@ -85,19 +85,14 @@ def read_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, s
 def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
     """A folder of images with same-name `.txt` caption files (one caption a line) as a retrieval set;
     images without captions are left out."""
-    from clipkit._io import read_regular
-    from clipkit.data.folder import scan_images
+    from clipkit.data.folder import read_captions, scan_images
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder} (give --dataset folder:DIR with images and NAME.txt captions)")
     images, captions, text_to_image = [], [], []
     for path in scan_images(folder):
-        try:
-            lines = [line.strip() for line in read_regular(path.with_suffix(".txt")).decode("utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError):
-            continue
-        lines = [line for line in lines if line]
+        lines = read_captions(path)
         if lines:
             captions += lines
             text_to_image += [len(images)] * len(lines)
@@ -158,7 +153,8 @@ def read_shard_set(urls, name: str = "wds", limit: int | None = None) -> Retriev
     import webdataset as wds
 
     from clipkit.data.images import decode_image
-    from clipkit.data.loader import CAPTION_KEY, caption_lines, expand_shards, image_key_of
+    from clipkit.data.folder import caption_lines
+    from clipkit.data.loader import CAPTION_KEY, expand_shards, image_key_of
 
     images, captions, text_to_image = [], [], []
     for sample in wds.WebDataset(expand_shards(urls), shardshuffle=False, empty_check=False):

@@ -1,4 +1,5 @@
-"""Finding image files under a folder."""
+"""Finding image files under a folder (or the webdataset shards a source names), and the NAME.txt captions
+beside them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,27 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", 
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def caption_lines(data: bytes, errors: str = "strict") -> list[str]:
+    """Non-empty, stripped lines of a caption file or shard member (one caption per line)."""
+    return [line.strip() for line in data.decode("utf-8-sig", errors).splitlines() if line.strip()]
+
+
+def caption_file(image_path: str | os.PathLike) -> str:
+    """NAME.txt beside NAME.jpg (string work: no pathlib per image of a folder of millions)."""
+    return os.path.splitext(os.fspath(image_path))[0] + ".txt"
+
+
+def read_captions(image_path: str | os.PathLike) -> list[str]:
+    """The captions of an image: the non-empty lines of the NAME.txt beside it ([] without one, or when it is
+    unreadable or no regular file: a FIFO named so cannot hang a run); bytes that are not UTF-8 are replaced."""
+    from clipkit._io import read_regular
+
+    try:
+        return caption_lines(read_regular(caption_file(image_path)), errors="replace")
+    except OSError:
+        return []
 
 
 def _excluded(relative: str, name: str, patterns: Sequence[str]) -> bool:
@@ -96,3 +118,27 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
             except OSError:  # a link that cannot be followed (a loop), or a file gone since the listing
                 if on_odd is not None and is_image_name(entry.name) and entry.is_symlink():
                     on_odd(entry.path, "a link that cannot be followed (a loop of links)")
+
+
+def is_shard_spec(source: str) -> bool:
+    """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`, or a folder of shards:
+    .tar files and no images at its top level, as `clipkit shards` and img2dataset write) rather than a folder."""
+    if os.path.isdir(source):  # (a folder of images may be called x.tar)
+        return is_shard_folder(source)
+    return source.endswith(".tar") or (".tar" in source and "{" in source)
+
+
+def is_shard_folder(path: str) -> bool:
+    """Whether `path` is a folder whose top level holds .tar files and no images (its subfolders are not read)."""
+    tars = False
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if is_image_name(entry.name):
+                    return False  # (found at once in a folder of images, however big)
+                tars = tars or entry.name.endswith((".tar", ".tar.gz", ".tgz"))  # (compressed: refused, saying why)
+    except OSError:  # not a folder (or unreadable: then the folder sync says so)
+        return False
+    return tars

@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipkit.data.folder import is_image_name
+from clipkit.data.folder import caption_lines
 from clipkit.data.images import decode_image
 from clipkit.data.synthetic import RELATION_TARGETS, relation_targets
 
@@ -38,11 +38,6 @@ _PROBE = 50  # this many samples in a row without image or caption, from the sta
 def image_key_of(sample: dict) -> str | None:
     """The sample's image member (jpg, jpeg, png or webp), or None."""
     return next((k for k in IMAGE_KEYS if k in sample), None)
-
-
-def caption_lines(data: bytes, errors: str = "strict") -> list[str]:
-    """Non-empty, stripped lines of a caption member (one caption per line)."""
-    return [line.strip() for line in data.decode("utf-8-sig", errors).splitlines() if line.strip()]
 
 
 #: Files that hold the makings of shards, not shards: `clipkit shards` turns them into shards.
@@ -94,30 +89,6 @@ def _local_folder_shards(url: str) -> list[str]:
         raise ValueError(f"{path} is a folder without .tar shards: make shards of a folder of images with NAME.txt "
                          f"captions with `clipkit shards {path} SHARDS_DIR`, then give SHARDS_DIR")
     return shards
-
-
-def is_shard_spec(source: str) -> bool:
-    """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`, or a folder of shards:
-    .tar files and no images at its top level, as `clipkit shards` and img2dataset write) rather than a folder."""
-    if os.path.isdir(source):  # (a folder of images may be called x.tar)
-        return is_shard_folder(source)
-    return source.endswith(".tar") or (".tar" in source and "{" in source)
-
-
-def is_shard_folder(path: str) -> bool:
-    """Whether `path` is a folder whose top level holds .tar files and no images (its subfolders are not read)."""
-    tars = False
-    try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if is_image_name(entry.name):
-                    return False  # (found at once in a folder of images, however big)
-                tars = tars or entry.name.endswith((".tar", ".tar.gz", ".tgz"))  # (compressed: refused, saying why)
-    except OSError:  # not a folder (or unreadable: then the folder sync says so)
-        return False
-    return tars
 
 
 def _seed(*parts: Any) -> int:

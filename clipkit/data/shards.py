@@ -20,7 +20,7 @@ from PIL import Image
 
 from clipkit._progress import progress_bar
 from clipkit._io import atomic_path, atomic_write_json
-from clipkit.data.folder import scan_images
+from clipkit.data.folder import read_captions, scan_images
 from clipkit.data.images import encode_image, read_image
 from clipkit.data.tables import read_table
 
@@ -137,22 +137,14 @@ def samples_from_folder(folder: str | os.PathLike, skipped: list | None = None) 
     Images without captions and unreadable images are skipped (and appended to `skipped`).
     """
     for number, path in enumerate(scan_images(folder)):
-        caption_file = path.with_suffix(".txt")
-        captions = _caption_lines(caption_file)
+        captions = read_captions(path)
         if not captions:
-            _skip(skipped, path, f"no captions in {caption_file.name}")
+            _skip(skipped, path, f"no captions in {path.stem}.txt")
             continue
         try:
             yield sample_from_image(path, captions, {"image_id": number, "group_id": number})
         except (ValueError, OSError) as exc:
             _skip(skipped, path, str(exc))
-
-
-def _caption_lines(path: Path) -> list[str]:
-    try:
-        return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError):
-        return []
 
 
 def _skip(skipped: list | None, path, reason: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from clipkit._io import batches
+from clipkit.data.folder import caption_file, is_image_name, read_captions
 from clipkit.errors import BrokenIndexError, first_line
 from clipkit.index.store import DB_FILE
 
@@ -110,7 +111,6 @@ class CaptionTable:
 def is_table(path: str | os.PathLike) -> bool:
     """Whether a file is one a `CaptionTable` reads: by its suffix, and a .txt file when it lists image files
     (its first line names one, rather than a URL or a caption)."""
-    from clipkit.data.folder import is_image_name
     from clipkit.data.urls import first_line, table_suffix
 
     suffix = table_suffix(path)
@@ -121,11 +121,6 @@ def is_table(path: str | os.PathLike) -> bool:
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".txt")  # .txt: image paths, no captions
-
-
-def caption_file(image_path: str | Path) -> str:
-    """NAME.txt beside NAME.jpg (string work: no pathlib per image of a folder of millions)."""
-    return os.path.splitext(os.fspath(image_path))[0] + ".txt"
 
 
 def image_of(caption_id: str) -> str:
@@ -146,17 +141,6 @@ def first_captions(collection, image_ids: list) -> dict:
         return {}
     found = collection.find([f"{i}#0" for i in image_ids])
     return {record["image_id"]: record for record in found.values() if "image_id" in record}
-
-
-def read_captions(image_path: str | Path) -> list[str]:
-    """The captions of an image: the non-empty lines of the .txt file beside it ([] without one)."""
-    from clipkit._io import read_regular
-    from clipkit.data.loader import caption_lines
-
-    try:
-        return caption_lines(read_regular(caption_file(image_path)), errors="replace")
-    except OSError:  # no caption file, unreadable or not a regular file: no captions
-        return []
 
 
 def wanted_captions(image_ids: list[str], table=None, files: bool = True) -> dict[str, dict]:
@@ -221,8 +205,6 @@ def _drop_unindexed(index, collection, captions: list[str], report: CaptionRepor
 def _sync_caption_chunk(collection, image_ids: list[str], texts: dict[str, str | None], model, table, files: bool,
                         batch_size: int, report: CaptionReport) -> None:
     """`sync_captions` for some of the images: `texts`, caption id -> text of those stored for them."""
-    from clipkit.encode import encode_texts
-
     wanted = wanted_captions(image_ids, table, files)
     drop = [i for i, text in texts.items() if i not in wanted or wanted[i]["caption"] != text]
     add = [i for i, meta in wanted.items() if texts.get(i, object()) != meta["caption"]]
@@ -230,6 +212,8 @@ def _sync_caption_chunk(collection, image_ids: list[str], texts: dict[str, str |
     if drop:
         collection.remove(drop)
     for start in range(0, len(add), batch_size):
+        from clipkit.encode import encode_texts  # (here: a run with nothing to embed does not import torch)
+
         batch = add[start:start + batch_size]
         vectors = encode_texts([wanted[i]["caption"] for i in batch], model, batch_size)
         collection.add(vectors, ids=batch, metadata=[wanted[i] for i in batch])

@@ -228,10 +228,17 @@ class FolderSync:
         return report
 
     def _writing_model(self, model):
-        """The model to add embeddings with (`model`, else the index's own), checked against the index."""
-        from clipkit.encode import as_model
+        """The model to add embeddings with (`model`, else the index's own: the one it holds, else the one it
+        records, loaded when first needed), checked against the index."""
+        from clipkit.recorded import RecordedModel
 
-        model = as_model(model if model is not None else self.model)
+        model = model if model is not None else self.model
+        if model is None and self.model_info:
+            model = RecordedModel(self.model_info)
+        if not isinstance(model, RecordedModel):  # (one recorded is taken as is: torch is not even imported)
+            from clipkit.encode import as_model
+
+            model = as_model(model)
         self.check_model(model, writing=True)
         return model
 

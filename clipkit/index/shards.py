@@ -25,7 +25,8 @@ from typing import Callable, Iterator, Sequence
 
 from clipkit._progress import progress_bar
 from clipkit.data.images import TarMember
-from clipkit.data.loader import IMAGE_KEYS, caption_lines, expand_shards, local_path
+from clipkit.data.folder import caption_lines
+from clipkit.data.loader import IMAGE_KEYS, expand_shards, local_path
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")

@@ -377,8 +377,6 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
     them, their captions with them (`clipkit.index.captions.CaptionMover`). `on_gone(change)`: called with each
     change that removes deleted files, to make it (default: `index._write`; with their captions: before the
     images are embedded, so that no caption outlives its image through a long run)."""
-    from clipkit.encode import embed_image_files
-
     with plan_folder(index.store, folder, exclude=exclude, shard=shard, include=include) as plan:
         report = plan.report
         report.unchanged = plan.unchanged
@@ -389,8 +387,8 @@ def sync_folder(index, folder: str | os.PathLike, model, *, batch_size: int = 64
         chunk = getattr(engine, "items_per_call", None) or FOLDER_CHUNK
         with progress_bar(progress, total=len(plan.new) + len(plan.changed), unit="img", desc="indexing") as bar:
             for files in batches(todo, chunk):  # (a Ray engine starts its actors once a chunk)
-                _embed_files(index, files, root, plan.root_folder, model, report, bar,
-                             (engine or embed_image_files), batch_size=batch_size, workers=workers)
+                _embed_files(index, files, root, plan.root_folder, model, report, bar, engine,
+                             batch_size=batch_size, workers=workers)
     report.orphaned = {folder: index.store.root_count(root) for root, folder in missing_roots(index.store)}
     return report
 
@@ -453,7 +451,10 @@ def _move_chunk(moves: list[tuple], root: int, root_folder: str, store: Store):
 
 def _embed_files(index, files: list[tuple[str, FileStat]], root: int, root_folder: str, model, report: SyncReport,
                  bar, engine, **options) -> None:
-    """Embed `files` (path, stat) with `engine`, committing each batch as it comes."""
+    """Embed `files` (path, stat) with `engine` (None: here), committing each batch as it comes."""
+    from clipkit.encode import embed_image_files
+
+    engine = engine or embed_image_files
     paths = [path for path, _ in files]
     for vectors, positions, failures in engine(paths, model, **options):
         for position, reason, kind in failures:

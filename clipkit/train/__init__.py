@@ -263,7 +263,7 @@ def validation_set(config: TrainConfig):
         from clipkit.data.captions import synthetic_set
 
         return synthetic_set(_synthetic_count(config.val), seed=config.seed, split="val", size=config.synthetic_size)
-    from clipkit.data.loader import is_shard_spec
+    from clipkit.data.folder import is_shard_spec
     from clipkit.evaluate import load_dataset
 
     parts = [u.strip() for u in config.val.split(",") if u.strip()]

@@ -1,0 +1,66 @@
+"""`RecordedModel`: the model an index records, standing in for it until it is first used.
+
+An index records the model that built it (`Model.info`: name, weights, dimension, fingerprint). A run that may
+embed nothing (`clipkit index` of a folder that has not changed, a Ray run whose actors load their own copy)
+needs only that record; loading the model (and importing torch and open_clip for it) would be most of its
+time. This module imports neither: the model is loaded when something other than the record is first asked
+of it, through `clipkit.models.load_recorded_model`, which refuses weights that changed since.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the record's own fields: answered without loading the model
+_RECORDED = ("info", "name", "pretrained", "dim", "fingerprint", "vectors_per_image", "image_shape")
+
+
+class RecordedModel:
+    """Stands for the `clipkit.models.Model` that `info` records (on `device`, at `precision`): its record's
+    fields are answered from `info`; any other attribute (`preprocess`, `encode_image`, `device`, ...) is the
+    model's, loaded on first use. `clipkit.encode.as_model` and the index take it wherever they take a Model."""
+
+    def __init__(self, info: dict | None, *, device=None, precision: str | None = None):
+        if not info:
+            raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
+        object.__setattr__(self, "info", dict(info))
+        object.__setattr__(self, "_options", {"device": device, "precision": precision})
+        object.__setattr__(self, "_model", None)
+
+    name = property(lambda self: self.info["name"])
+    pretrained = property(lambda self: self.info.get("pretrained"))
+    dim = property(lambda self: int(self.info["dim"]))
+    fingerprint = property(lambda self: self.info.get("fingerprint"))
+    vectors_per_image = property(lambda self: int(self.info.get("vectors_per_image", 1)))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return (self.dim,) if self.vectors_per_image == 1 else (self.vectors_per_image, self.dim)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def loaded(self):
+        """The model itself (a `clipkit.models.Model`), loaded on first use."""
+        if self._model is None:
+            from clipkit.models import load_recorded_model
+
+            object.__setattr__(self, "_model", load_recorded_model(self.info, **self._options))
+        return self._model
+
+    def __getattr__(self, name: str) -> Any:  # (only for what the record does not hold)
+        if name.startswith("__") or name in ("_options", "_model"):
+            raise AttributeError(name)
+        return getattr(self.loaded, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _RECORDED:
+            raise AttributeError(f"{name} is the index's record of its model; load another model to change it")
+        setattr(self.loaded, name, value)
+
+    def __repr__(self) -> str:
+        if self._model is not None:
+            return repr(self._model)
+        return f"RecordedModel(name={self.name!r}, pretrained={self.pretrained!r}, dim={self.dim}, not loaded yet)"

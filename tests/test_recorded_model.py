@@ -1,0 +1,90 @@
+"""The model an index records stands in for it until it is used (clipkit.recorded.RecordedModel): a run that
+embeds nothing never loads it, nor imports torch; one that embeds gets exactly the recorded model."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import clipkit
+from clipkit.cli import main
+from clipkit.errors import ModelMismatchError
+from clipkit.index import Index
+from clipkit.recorded import RecordedModel
+from conftest import draw_shape, make_checkpoint
+
+
+def test_its_record_is_answered_without_loading_and_it_embeds_as_the_model(tiny_model):
+    recorded = RecordedModel(tiny_model.info, device="cpu")
+    assert (recorded.name, recorded.pretrained, recorded.dim, recorded.fingerprint, recorded.image_shape) == (
+        tiny_model.name, tiny_model.pretrained, tiny_model.dim, tiny_model.fingerprint, tiny_model.image_shape)
+    assert recorded.info == tiny_model.info and not recorded.is_loaded and "not loaded yet" in repr(recorded)
+    image = draw_shape("red", "circle")
+    assert np.array_equal(clipkit.encode([image], model=recorded), clipkit.encode([image], model=tiny_model))
+    texts = ["a red circle"]
+    assert np.array_equal(clipkit.encode(texts, model=recorded), clipkit.encode(texts, model=tiny_model))
+    assert recorded.is_loaded and recorded.device == torch.device("cpu") and recorded.loaded is recorded.loaded
+    with pytest.raises(ValueError, match="records no model"):
+        RecordedModel(None)
+
+
+def test_weights_changed_since_they_were_recorded_are_refused_when_first_needed(tmp_path):
+    weights = make_checkpoint(tmp_path / "w.pt", seed=1)
+    info = clipkit.load_model("clipkit-tiny", weights, device="cpu").info
+    make_checkpoint(weights, seed=2)  # another training run wrote over the file
+    recorded = RecordedModel(info, device="cpu")
+    assert recorded.dim == info["dim"]  # (the record: nothing loaded yet)
+    with pytest.raises(ModelMismatchError, match="other weights now"):
+        recorded.encode_text(["a red circle"])
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no longer there"):
+        RecordedModel(info).preprocess
+
+
+def _photos(root, n: int):
+    root.mkdir(exist_ok=True)
+    for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle")][:n]):
+        if (root / f"{i}.png").exists():
+            continue
+        draw_shape(colour, shape).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a {colour} {shape}\n")
+    return root
+
+
+def test_indexing_an_unchanged_folder_loads_no_model_and_a_new_image_gets_the_recorded_one(tmp_path, tiny_ckpt,
+                                                                                             tiny_model):
+    photos, index_path = _photos(tmp_path / "photos", 2), tmp_path / "ix"
+    assert main(["-q", "index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
+                 "--pretrained", str(tiny_ckpt)]) == 0
+    run = textwrap.dedent(f"""
+        import sys
+        from clipkit.cli import main
+        code = main(["index", {str(photos)!r}, "--index", {str(index_path)!r}])
+        print("rc", code, "torch", "torch" in sys.modules, "open_clip", "open_clip" in sys.modules)
+    """)
+    unchanged = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120)
+    assert "rc 0 torch False open_clip False" in unchanged.stdout, unchanged.stdout + unchanged.stderr
+    assert "2 unchanged" in unchanged.stdout and "captions: 0 embedded, 2 unchanged" in unchanged.stdout
+    _photos(photos, 3)  # a third image and caption
+    grown = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120)
+    assert "rc 0 torch True" in grown.stdout and "(1 new, 0 changed)" in grown.stdout, grown.stdout + grown.stderr
+    index = Index.load(index_path)
+    third = str((photos / "2.png").resolve())
+    np.testing.assert_allclose(index.embeddings([third])[0], clipkit.encode([photos / "2.png"], model=tiny_model)[0],
+                               atol=1e-6)
+    caption = index.captions.embeddings([f"{third}#0"])[0]
+    np.testing.assert_allclose(caption, clipkit.encode(["a green triangle"], model=tiny_model)[0], atol=1e-6)
+
+
+def test_an_index_opened_again_syncs_with_the_model_it_records(tmp_path, tiny_model):
+    photos = _photos(tmp_path / "photos", 2)
+    Index.from_folder(photos, tiny_model, progress=False).save(tmp_path / "ix")
+    _photos(photos, 3)
+    index = Index.load(tmp_path / "ix")
+    report = index.sync_folder(photos, progress=False)  # no model given: the one the index records
+    assert (report.added, report.unchanged) == (1, 2)
+    np.testing.assert_allclose(index.embeddings([str((photos / "2.png").resolve())])[0],
+                               clipkit.encode([photos / "2.png"], model=tiny_model)[0], atol=1e-6)
