@@ -23,6 +23,10 @@ class RecordedModel:
     def __init__(self, info: dict | None, *, device=None, precision: str | None = None):
         if not info:
             raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
+        if device is not None:  # (a device asked for is checked now, not at the first image to embed)
+            from clipkit.models import resolve_device
+
+            device = resolve_device(device)
         object.__setattr__(self, "info", dict(info))
         object.__setattr__(self, "_options", {"device": device, "precision": precision})
         object.__setattr__(self, "_model", None)

@@ -29,6 +29,8 @@ def test_its_record_is_answered_without_loading_and_it_embeds_as_the_model(tiny_
     assert recorded.is_loaded and recorded.device == torch.device("cpu") and recorded.loaded is recorded.loaded
     with pytest.raises(ValueError, match="records no model"):
         RecordedModel(None)
+    with pytest.raises(ValueError, match="unknown device"):  # (said at once, not at the first image to embed)
+        RecordedModel(tiny_model.info, device="gpu")
 
 
 def test_weights_changed_since_they_were_recorded_are_refused_when_first_needed(tmp_path):
