@@ -654,7 +654,8 @@ def load_recorded_model(info: dict | None, *, device: str | torch.device | None 
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"the index was built with {info['name']} and the weights {info.get('pretrained')}, "
                                 f"which are no longer there ({exc}): put the file back (a training run's "
-                                "--keep-last may have pruned it), or pass model= loaded with the same weights") from None
+                                "--keep-last may have pruned it), or give the same weights where they are now "
+                                "(`clipkit index --model NAME --pretrained FILE`, model= in Python)") from None
     if model.fingerprint != info.get("fingerprint", model.fingerprint):
         raise ModelMismatchError(
             f"the index was built with {info['name']} and the weights {info.get('pretrained')} (fingerprint "

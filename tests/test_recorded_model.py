@@ -90,3 +90,27 @@ def test_an_index_opened_again_syncs_with_the_model_it_records(tmp_path, tiny_mo
     assert (report.added, report.unchanged) == (1, 2)
     np.testing.assert_allclose(index.embeddings([str((photos / "2.png").resolve())])[0],
                                clipkit.encode([photos / "2.png"], model=tiny_model)[0], atol=1e-6)
+
+
+def test_weights_moved_are_recorded_where_they_are_now_when_given_from_there(tmp_path, capsys):
+    photos, index_path = _photos(tmp_path / "photos", 2), tmp_path / "ix"
+    weights = make_checkpoint(tmp_path / "w.pt")
+    assert main(["-q", "index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
+                 "--pretrained", str(weights)]) == 0
+    moved = weights.rename(tmp_path / "kept.pt")
+    _photos(photos, 3)
+    assert main(["index", str(photos), "--index", str(index_path)]) == 2  # the recorded file is gone
+    assert "no longer there" in capsys.readouterr().err
+    other = make_checkpoint(tmp_path / "other.pt", seed=9)  # other weights are not the recorded ones
+    assert main(["index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
+                 "--pretrained", str(other)]) == 2
+    assert "not comparable" in capsys.readouterr().err
+    assert main(["-q", "index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
+                 "--pretrained", str(moved)]) == 0
+    assert Index.load(index_path).model_info["pretrained"] == str(moved.resolve())
+    (photos / "2.png").unlink()
+    (photos / "2.txt").unlink()
+    assert main(["-q", "index", str(photos), "--index", str(index_path)]) == 0
+    _photos(photos, 3)  # drawn again: embedded by the weights where the record says they are now
+    assert main(["index", str(photos), "--index", str(index_path)]) == 0
+    assert "(1 new, 0 changed)" in capsys.readouterr().out and len(Index.load(index_path)) == 3

@@ -31,6 +31,15 @@ EXCLUDES = "excludes"  # store info: folder -> the exclude globs it was last syn
 log = logging.getLogger("clipkit.index")
 
 
+def _weights_moved(recorded: dict, info: dict) -> bool:
+    """Whether `info` is the recorded model's weights (same name and fingerprint) from another file, the
+    recorded file being gone."""
+    old, new = recorded.get("pretrained"), info.get("pretrained")
+    return (info.get("name"), info.get("fingerprint")) == (recorded.get("name"), recorded.get("fingerprint")) \
+        and bool(old) and bool(new) and old != new and os.path.isabs(old) and not os.path.exists(old) \
+        and os.path.isfile(new)
+
+
 class FolderSync:
     """Folder, table, shard and embedding-folder sync for `Index` (which provides store, writer, _write, ...)."""
 
@@ -248,13 +257,17 @@ class FolderSync:
             self.model = model
 
     def _record_model_info(self, info: dict) -> None:
-        """Record the model that made this index's embeddings (once: the first one stays)."""
-        if self.model_info is None:
+        """Record the model that made this index's embeddings (once: the first one stays, except that the same
+        weights given from another file, where the recorded one is gone, are recorded there: weights moved)."""
+        recorded = self.model_info
+        if recorded is None:
             if info.get("dim", self.dim) != self.dim:
                 raise ModelMismatchError(f"model {info.get('name')!r} makes {info.get('dim')}-d embeddings but the "
                                          f"index holds {self.dim}-d ones")
-            with self.store.transaction(bump=False):
-                self.store.set_info("model", info)
+        elif not _weights_moved(recorded, info):
+            return
+        with self.store.transaction(bump=False):
+            self.store.set_info("model", info)
 
     def sync_table(self, table: "CaptionTable | str | os.PathLike", model=None, **options) -> "sync.SyncReport":
         """Index the images a caption table (CSV / JSONL / parquet) lists, with its captions (an image without
