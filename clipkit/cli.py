@@ -559,7 +559,7 @@ def _index_source(args) -> tuple[Path | None, object, bool]:
     SOURCE`; folder None: SOURCE names webdataset shards, or a URL table (then the table)."""
     from clipkit.data.urls import UrlTable, is_url_table
     from clipkit.index import CaptionTable
-    from clipkit.data.folder import is_shard_spec
+    from clipkit.data.shardspec import is_shard_spec
 
     if is_shard_spec(args.folder):
         from clipkit.index.shards import local_shards
@@ -902,7 +902,7 @@ def _indexed_item_query(index, text: str):
     shard's path may be relative): the item's image, read from its file or shard, or its stored embedding
     where it has no image (added from embeddings, or its file gone since). None where QUERY names no item."""
     from clipkit.encode import load_image
-    from clipkit.data.folder import is_shard_spec
+    from clipkit.data.shardspec import is_shard_spec
     from clipkit.index.shards import item_image
 
     text = text.strip()

@@ -173,7 +173,7 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
     captions ("folder:DIR", or "folder" with `root`). A path as `dataset` is what it holds: shards (a .tar, a
     brace pattern or glob, a folder of them), a caption table (.csv/.tsv/.jsonl/.parquet), or a folder."""
     from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
-    from clipkit.data.folder import is_shard_spec
+    from clipkit.data.shardspec import is_shard_spec
 
     if dataset.startswith("folder:"):
         dataset, root = "folder", dataset.split(":", 1)[1]
@@ -197,7 +197,7 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
 def _path_set(path: str) -> RetrievalSet:
     """The retrieval set at `path`: shards, a caption table, or a folder of images with NAME.txt captions."""
     from clipkit.data.captions import read_folder_set, read_shard_set, read_table_set
-    from clipkit.data.folder import is_shard_spec
+    from clipkit.data.shardspec import is_shard_spec
     from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
 
     if is_shard_spec(path):  # (a .tar, a brace pattern or glob of them, or a folder of them)

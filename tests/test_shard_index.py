@@ -397,3 +397,37 @@ def test_a_merge_carries_the_shard_records_so_its_shards_are_not_read_again(shar
     monkeypatch.setattr("clipkit.index.shards.read_shard", unread)
     assert main(["index", str(folder / "test-{000000..000002}.tar"), "--index", str(tmp_path / "m")]) == 0
     assert "0 new, 0 changed), 0 moved, 30 unchanged" in capsys.readouterr().out
+
+
+def test_shard_specs_expand_as_webdataset_expands_them(shards, monkeypatch):
+    """clipkit names shards without importing webdataset (which imports torch): the same URLs as its
+    `expand_urls`, for braces, `::` lists and ${NAME} from WDS_NAME."""
+    from webdataset.shardlists import expand_urls
+
+    from clipkit.data.shardspec import _expand_braces, expand_shards
+
+    folder = shards[0].parent
+    monkeypatch.setenv("WDS_SET", "test")
+    for spec in (f"{folder}/test-{{000000..000002}}.tar", f"{folder}/test-000000.tar::{folder}/test-{{000001,000002}}.tar",
+                 f"{folder}/${{SET}}-{{000000..000001}}.tar", "pipe:curl -s http://host/a-{00..03}.tar"):
+        assert _expand_braces(spec) == expand_urls(spec), spec
+    assert expand_shards(f"{folder}/${{SET}}-{{000000..000002}}.tar") == [str(s) for s in shards]
+    with pytest.raises(ValueError, match="set WDS_NOPE"):
+        expand_shards(f"{folder}/${{NOPE}}.tar")
+
+
+def test_indexing_unchanged_shards_imports_no_torch(shards, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    index_path = tmp_path / "ix"
+    assert main(["-q", "index", str(shards[0].parent), "--index", str(index_path)]) == 0
+    run = textwrap.dedent(f"""
+        import sys
+        from clipkit.cli import main
+        code = main(["index", {str(shards[0].parent)!r}, "--index", {str(index_path)!r}])
+        print("rc", code, "torch", "torch" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120)
+    assert "rc 0 torch False" in done.stdout and "30 unchanged" in done.stdout, done.stdout + done.stderr

@@ -154,7 +154,7 @@ def read_shard_set(urls, name: str = "wds", limit: int | None = None) -> Retriev
 
     from clipkit.data.images import decode_image
     from clipkit.data.folder import caption_lines
-    from clipkit.data.loader import CAPTION_KEY, expand_shards, image_key_of
+    from clipkit.data.shardspec import CAPTION_KEY, expand_shards, image_key_of
 
     images, captions, text_to_image = [], [], []
     for sample in wds.WebDataset(expand_shards(urls), shardshuffle=False, empty_check=False):

@@ -119,26 +119,3 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
                 if on_odd is not None and is_image_name(entry.name) and entry.is_symlink():
                     on_odd(entry.path, "a link that cannot be followed (a loop of links)")
 
-
-def is_shard_spec(source: str) -> bool:
-    """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`, or a folder of shards:
-    .tar files and no images at its top level, as `clipkit shards` and img2dataset write) rather than a folder."""
-    if os.path.isdir(source):  # (a folder of images may be called x.tar)
-        return is_shard_folder(source)
-    return source.endswith(".tar") or (".tar" in source and "{" in source)
-
-
-def is_shard_folder(path: str) -> bool:
-    """Whether `path` is a folder whose top level holds .tar files and no images (its subfolders are not read)."""
-    tars = False
-    try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if is_image_name(entry.name):
-                    return False  # (found at once in a folder of images, however big)
-                tars = tars or entry.name.endswith((".tar", ".tar.gz", ".tgz"))  # (compressed: refused, saying why)
-    except OSError:  # not a folder (or unreadable: then the folder sync says so)
-        return False
-    return tars

@@ -10,14 +10,11 @@ endless loop, as seen in open_clip #1016).
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
 import random
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -26,69 +23,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipkit.data.folder import caption_lines
 from clipkit.data.images import decode_image
+from clipkit.data.shardspec import CAPTION_KEY, IMAGE_KEYS, expand_shards, image_key_of
 from clipkit.data.synthetic import RELATION_TARGETS, relation_targets
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-CAPTION_KEY = "txt"
 _PROBE = 50  # this many samples in a row without image or caption, from the start: a wrong key, not bad data
-
-
-def image_key_of(sample: dict) -> str | None:
-    """The sample's image member (jpg, jpeg, png or webp), or None."""
-    return next((k for k in IMAGE_KEYS if k in sample), None)
-
-
-#: Files that hold the makings of shards, not shards: `clipkit shards` turns them into shards.
-_SHARD_SOURCES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".json", ".txt")
-
-
-def expand_shards(urls: str | Sequence[str]) -> list[str]:
-    """Brace-expanded shard URLs; local paths (and file: URLs) must exist. A local folder stands for the
-    .tar shards in it (what `clipkit shards` writes); a folder of images or a caption table is an error that
-    says how to make shards of it."""
-    from webdataset.shardlists import expand_urls
-
-    listed = [urls] if isinstance(urls, str) else list(urls)
-    expanded = [shard for spec in listed for url in expand_urls(spec) for shard in _local_folder_shards(url)]
-    if not expanded:
-        raise ValueError(f"no shards in {urls!r}")
-    for url in expanded:
-        path = local_path(url)
-        if path is None:
-            continue
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"shard not found: {path} (from {urls!r})")
-        if path.lower().endswith(_SHARD_SOURCES):
-            raise ValueError(f"{path} is not a webdataset shard (.tar): make shards of a caption table with "
-                             f"`clipkit shards {path} SHARDS_DIR`, then give SHARDS_DIR")
-    return expanded
-
-
-def local_path(url: str) -> str | None:
-    """The path a shard URL names on this machine (a plain path or a file: URL); None for a pipe: or remote one."""
-    if url.startswith("pipe:") or "://" in url:
-        return None
-    return url[len("file:"):] if url.startswith("file:") else url
-
-
-def _local_folder_shards(url: str) -> list[str]:
-    """[url], or for a local folder the .tar shards in it, or for a local glob (`shards/*.tar`: what users type,
-    though webdataset takes brace patterns) the files it matches, in name order."""
-    path = local_path(url)
-    if path is not None and not os.path.exists(path) and any(mark in path for mark in "*?["):
-        matches = sorted(glob.glob(path))
-        if not matches:
-            raise FileNotFoundError(f"no shard matches {path}")
-        return matches
-    if path is None or not os.path.isdir(path):
-        return [url]
-    shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
-    if not shards:
-        raise ValueError(f"{path} is a folder without .tar shards: make shards of a folder of images with NAME.txt "
-                         f"captions with `clipkit shards {path} SHARDS_DIR`, then give SHARDS_DIR")
-    return shards
 
 
 def _seed(*parts: Any) -> int:

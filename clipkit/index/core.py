@@ -137,7 +137,7 @@ class Index(FolderSync):
         The report of what was indexed and skipped is in `index.last_sync`.
         """
         from clipkit.encode import as_model
-        from clipkit.data.folder import is_shard_folder
+        from clipkit.data.shardspec import is_shard_folder
 
         model = as_model(model)
         index = cls(model.dim, model=model, index_type=index_type, **options)

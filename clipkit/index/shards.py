@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 from clipkit._progress import progress_bar
 from clipkit.data.images import TarMember
 from clipkit.data.folder import caption_lines
-from clipkit.data.loader import IMAGE_KEYS, expand_shards, local_path
+from clipkit.data.shardspec import IMAGE_KEYS, expand_shards, local_path
 from clipkit.index.sync import SyncReport
 
 log = logging.getLogger("clipkit.index")
@@ -280,12 +280,14 @@ def _embed_shards(index, shards: list[_ReadShard], model, batch_size: int, repor
     """Embed the new samples of `shards` in one engine call, committing batch by batch (the shard bar moves
     by the share of their images done, and says how many went in and how fast); then record each shard as
     read in full (a run stopped before reads it again, keeping what was committed)."""
-    from clipkit.encode import embed_image_files
-
     started, count, moved = time.time(), 0, 0.0
     samples = [sample for shard in shards for sample in shard.samples]
     images = [sample.image for _, sample, _ in samples]
-    batches = (engine or embed_image_files)(images, model, batch_size=batch_size) if images else ()
+    if images and engine is None:  # (imported only with something to embed: it imports torch)
+        from clipkit.encode import embed_image_files
+
+        engine = embed_image_files
+    batches = engine(images, model, batch_size=batch_size) if images else ()
     for vectors, positions, failures in batches:
         for position, reason, kind in failures:
             report.skip(str(images[position]), reason, kind)

@@ -230,7 +230,7 @@ def _wants_itm(config: TrainConfig, clip: nn.Module) -> bool:
 def loader_workers(urls: str | list[str], workers: int, world: int) -> int:
     """Loader workers for this many shards: at most the shards each process reads (a worker without a shard
     would leave its rank short of batches); fewer shards than processes is the loader's error."""
-    from clipkit.data.loader import expand_shards
+    from clipkit.data.shardspec import expand_shards
 
     shards = len(expand_shards(urls)) // max(1, world)
     if 1 <= shards < workers:
@@ -263,7 +263,7 @@ def validation_set(config: TrainConfig):
         from clipkit.data.captions import synthetic_set
 
         return synthetic_set(_synthetic_count(config.val), seed=config.seed, split="val", size=config.synthetic_size)
-    from clipkit.data.folder import is_shard_spec
+    from clipkit.data.shardspec import is_shard_spec
     from clipkit.evaluate import load_dataset
 
     parts = [u.strip() for u in config.val.split(",") if u.strip()]
