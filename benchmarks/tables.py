@@ -25,7 +25,6 @@ Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -86,7 +85,6 @@ def high_water_mb() -> float:
 
 def stage(name: str, work: Path) -> dict:
     """One stage, in this process: its seconds and the MB it added to the high-water mark."""
-    importlib.import_module("clipkit.encode")  # torch: what a run of `clipkit index` has loaded before
     from clipkit.index import CaptionTable, Index
     from clipkit.index.captions import sync_index_captions
 
