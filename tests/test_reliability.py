@@ -401,6 +401,33 @@ def test_exclude_globs_are_remembered_for_the_folder(tmp_path, tiny_ckpt, capsys
     assert main(["index", str(root), "--index", str(index_path), "--no-exclude", "--exclude", "x"]) == 2
 
 
+def test_a_gone_folder_with_globs_makes_other_folders_planned_once_a_run(tmp_path, tiny_model, monkeypatch):
+    """A gone folder indexed with --exclude (an unplugged drive) made every later run of any other folder plan it
+    twice (once to see whether the gone folder's files had moved there); only a folder new to the index is."""
+    import clipkit.index.sync as sync
+
+    usb, home = tmp_path / "usb", tmp_path / "home"
+    for folder, colour in ((usb, "red"), (home, "blue")):
+        (folder / "cache").mkdir(parents=True)
+        draw_shape(colour, "circle").save(folder / "a.png")
+        draw_shape(colour, "square").save(folder / "cache" / "t.png")
+    index = Index(tiny_model.dim, model=tiny_model)
+    index.sync_folder(usb, exclude=["cache"], progress=False)
+    usb.rename(tmp_path / "unplugged")
+    plan_folder, plans = sync.plan_folder, []
+    monkeypatch.setattr(sync, "plan_folder", lambda *a, **k: plans.append(str(a[1])) or plan_folder(*a, **k))
+    index.sync_folder(home, progress=False)  # new to the index: planned once more, to look for the gone files
+    assert len(plans) == 2 and len(index) == 3
+    plans.clear()
+    for _ in range(2):
+        assert index.sync_folder(home, progress=False).unchanged == 2
+    assert len(plans) == 2  # once a run
+    (tmp_path / "unplugged").rename(tmp_path / "usb2")  # the drive back at another mount point: its globs go too
+    plans.clear()
+    report = index.sync_folder(tmp_path / "usb2", progress=False)
+    assert (report.moved, report.added, len(plans)) == (1, 0, 2) and index.excludes(tmp_path / "usb2") == ["cache"]
+
+
 def test_sigkill_mid_index_then_rerun_equals_a_clean_run(tmp_path, tiny_ckpt):
     from clipkit.data.synthetic import write_synthetic
 

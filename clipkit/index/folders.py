@@ -60,18 +60,21 @@ class FolderSync:
 
     def _excludes_for(self, folder: str | os.PathLike, exclude: Sequence[str] | None,
                       remember: bool = True) -> list[str]:
-        """The globs `folder` is synced with: `exclude`, else those remembered for it, else those of a folder
-        that is gone and whose files it holds now (moved or renamed: its globs move with it, before anything they
-        leave out is embedded). `remember` (under the writer lock): what is chosen is remembered for `folder`."""
+        """The globs `folder` is synced with: `exclude`, else those remembered for it, else, for a folder the
+        index holds no file of yet, those of a folder that is gone and whose files it holds now (moved or renamed:
+        its globs move with it, before anything they leave out is embedded; found by planning the folder once
+        more). `remember` (under the writer lock): what is chosen is remembered for `folder`."""
         if exclude is not None:
             if remember:
                 self._remember_excludes(folder, exclude)
             return list(exclude)
         remembered = self.excludes(folder)
+        if remembered or self.store.id_page(str(Path(folder).resolve()).rstrip(os.sep) + os.sep, limit=1):
+            return remembered  # (a folder the index holds files of: its globs were settled when it was first synced)
         gone = [old for old in self.store.info(EXCLUDES, {})  # (whose items could have moved here)
                 if not os.path.isdir(old) and self.store.count_with_prefix(old.rstrip(os.sep) + os.sep)]
-        if remembered or not gone:
-            return remembered
+        if not gone:
+            return []
         with self.plan_folder(folder, exclude=[]) as plan:
             for old_id, _, _ in plan.moved:
                 source = next((old for old in gone if isinstance(old_id, str) and sync.is_under(old_id, old)), None)
