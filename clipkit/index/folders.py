@@ -32,12 +32,13 @@ log = logging.getLogger("clipkit.index")
 
 
 def _weights_moved(recorded: dict, info: dict) -> bool:
-    """Whether `info` is the recorded model's weights (same name and fingerprint) from another file, the
-    recorded file being gone."""
-    old, new = recorded.get("pretrained"), info.get("pretrained")
-    return (info.get("name"), info.get("fingerprint")) == (recorded.get("name"), recorded.get("fingerprint")) \
-        and bool(old) and bool(new) and old != new and os.path.isabs(old) and not os.path.exists(old) \
-        and os.path.isfile(new)
+    """Whether `info` is the recorded model (same fingerprint) loaded from other files, the recorded ones gone:
+    a weights file (its `pretrained`) or a transformers folder (its `name`) moved."""
+    if not info.get("fingerprint") or info.get("fingerprint") != recorded.get("fingerprint"):
+        return False
+    changed = [(recorded.get(key), info.get(key)) for key in ("name", "pretrained") if recorded.get(key) != info.get(key)]
+    return bool(changed) and all(isinstance(old, str) and isinstance(new, str) and os.path.isabs(old)
+                                 and not os.path.exists(old) and os.path.exists(new) for old, new in changed)
 
 
 class FolderSync:
@@ -261,7 +262,7 @@ class FolderSync:
 
     def _record_model_info(self, info: dict) -> None:
         """Record the model that made this index's embeddings (once: the first one stays, except that the same
-        weights given from another file, where the recorded one is gone, are recorded there: weights moved)."""
+        weights given from another file or folder, the recorded one gone, are recorded there: weights moved)."""
         recorded = self.model_info
         if recorded is None:
             if info.get("dim", self.dim) != self.dim:
