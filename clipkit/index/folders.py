@@ -241,17 +241,14 @@ class FolderSync:
         return report
 
     def _writing_model(self, model):
-        """The model to add embeddings with (`model`, else the one the index holds), checked against the index.
-        (The index loads no model: `clipkit.recorded.RecordedModel(index.model_info)` is the one it records,
-        loaded when first used.)"""
+        """The model to add embeddings with (`model`, else the one the index holds, else the one it records: a
+        `clipkit.recorded.RecordedModel`, which clipkit.models loads when something is to be embedded), checked
+        against the index."""
         from clipkit.recorded import RecordedModel
 
         model = model if model is not None else self.model
-        if model is None:
-            recorded = self.model_info or {}
-            raise ValueError("no model given: pass model=clipkit.load_model(NAME) or a model name" + (
-                f" (this index was built with {recorded['name']!r}, pretrained={recorded.get('pretrained')!r}: "
-                "clipkit.recorded.RecordedModel(index.model_info) loads it when first needed)" if recorded else ""))
+        if model is None and self.model_info:
+            model = RecordedModel(self.model_info)
         if not isinstance(model, RecordedModel):  # (one recorded is taken as is: torch is not even imported)
             from clipkit.encode import as_model
 
