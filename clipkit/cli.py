@@ -741,7 +741,6 @@ def _leaving_out(folder: dict) -> str:
 
 
 def cmd_info(args) -> int:
-    from clipkit.bundled import bundled_models
     from clipkit.index import Index
 
     if args.index and args.index_option and args.index != args.index_option:
@@ -751,12 +750,11 @@ def cmd_info(args) -> int:
         print(json.dumps(about, ensure_ascii=False))
         return 0
     model, tuning = about["model"] or {}, about["tuning"]
-    weights = model.get("pretrained") or ("bundled" if model.get("name") in bundled_models() else "none: random")
     per_item = f", {about['vectors_per_item']} vectors an item" if about["vectors_per_item"] > 1 else ""
     lines = [("index", f"{about['path']} (format {about['format_version']}, generation {about['generation']})"),
              ("items", f"{about['items']} ({about['dim']}-d {about['dtype']}{per_item})"),
              ("captions", str(about["captions"])),
-             ("model", f"{model['name']} (weights: {weights})" if model else "none recorded (vectors given)"),
+             ("model", _model_line(model) if model else "none recorded (vectors given)"),
              ("structure", about["structure"] + (f" (index type {about['index_type']})"
                                                  if about["index_type"] != "flat" else " (exact)"))]
     if tuning:
@@ -769,6 +767,18 @@ def cmd_info(args) -> int:
     for name, text in lines:
         print(f"{name:<10} {text}")
     return 0
+
+
+def _model_line(model: dict) -> str:
+    """`clipkit info`'s model line: its name and weights, and where they are no longer (moved or deleted)."""
+    from clipkit.bundled import bundled_models
+
+    weights = model.get("pretrained") or ("bundled" if model.get("name") in bundled_models() else "none: random")
+    gone = [path for path in (model.get("name"), model.get("pretrained"))
+            if isinstance(path, str) and os.path.isabs(path) and not os.path.exists(path)]
+    return f"{model['name']} (weights: {weights})" + (
+        f"; missing: {', '.join(gone)} (moved? index once with the same weights where they are now: --model NAME "
+        "--pretrained FILE, or --model FOLDER for a transformers folder; nothing is embedded again)" if gone else "")
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

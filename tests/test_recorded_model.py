@@ -101,6 +101,8 @@ def test_weights_moved_are_recorded_where_they_are_now_when_given_from_there(tmp
     _photos(photos, 3)
     assert main(["index", str(photos), "--index", str(index_path)]) == 2  # the recorded file is gone
     assert "no longer there" in capsys.readouterr().err
+    assert main(["info", str(index_path)]) == 0
+    assert f"missing: {weights.resolve()} (moved?" in capsys.readouterr().out
     other = make_checkpoint(tmp_path / "other.pt", seed=9)  # other weights are not the recorded ones
     assert main(["index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
                  "--pretrained", str(other)]) == 2
@@ -108,6 +110,7 @@ def test_weights_moved_are_recorded_where_they_are_now_when_given_from_there(tmp
     assert main(["-q", "index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
                  "--pretrained", str(moved)]) == 0
     assert Index.load(index_path).model_info["pretrained"] == str(moved.resolve())
+    assert main(["info", str(index_path)]) == 0 and "missing" not in capsys.readouterr().out
     (photos / "2.png").unlink()
     (photos / "2.txt").unlink()
     assert main(["-q", "index", str(photos), "--index", str(index_path)]) == 0
