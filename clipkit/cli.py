@@ -637,10 +637,11 @@ def _waiting_notice(args):
 
 def _index_model(index, args):
     """The model to index with: the index's own (a `RecordedModel`: loaded when something is to be embedded,
-    so that a run with nothing new never loads it), else --model/--pretrained (checked against the index)."""
-    if index is not None and args.model is None:
-        from clipkit.recorded import RecordedModel
+    so that a run with nothing new never loads it) when --model is not given or names it, else
+    --model/--pretrained (checked against the index)."""
+    from clipkit.recorded import RecordedModel, names_the_record
 
+    if index is not None and (args.model is None or names_the_record(index.model_info, args.model, args.pretrained)):
         return RecordedModel(index.model_info, device=args.device)
     from clipkit.models import DEFAULT_MODEL, load_model, warn_untrained
 

@@ -9,6 +9,8 @@ of it, through `clipkit.models.load_recorded_model`, which refuses weights that 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 #: the record's own fields: answered without loading the model
@@ -68,3 +70,16 @@ class RecordedModel:
         if self._model is not None:
             return repr(self._model)
         return f"RecordedModel(name={self.name!r}, pretrained={self.pretrained!r}, dim={self.dim}, not loaded yet)"
+
+
+def names_the_record(info: dict | None, name: str | None, pretrained: str | None) -> bool:
+    """Whether a model given by name (`clipkit index --model NAME --pretrained WEIGHTS`) is the one `info`
+    records: the same name and weights (a local path compared where it leads). Then the record stands in for it
+    (`RecordedModel`): loaded if something is to be embedded, its weights checked by their fingerprint then."""
+    def same(given, recorded) -> bool:
+        if given == recorded:
+            return True
+        return isinstance(given, str) and isinstance(recorded, str) and os.path.exists(given) \
+            and str(Path(given).resolve()) == recorded
+
+    return bool(info) and name is not None and same(name, info.get("name")) and same(pretrained, info.get("pretrained"))

@@ -1,6 +1,7 @@
 """The model an index records stands in for it until it is used (clipkit.recorded.RecordedModel): a run that
 embeds nothing never loads it, nor imports torch; one that embeds gets exactly the recorded model."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,13 @@ def test_its_record_is_answered_without_loading_and_it_embeds_as_the_model(tiny_
     assert recorded.is_loaded and recorded.device == torch.device("cpu") and recorded.loaded is recorded.loaded
     with pytest.raises(ValueError, match="records no model"):
         RecordedModel(None)
+    from clipkit.recorded import names_the_record
+
+    info = tiny_model.info
+    assert names_the_record(info, "clipkit-tiny", info["pretrained"])
+    assert names_the_record(info, "clipkit-tiny", os.path.relpath(info["pretrained"]))  # (where it leads)
+    assert not names_the_record(info, "clipkit-tiny", None) and not names_the_record(info, "clipkit-demo", None)
+    assert not names_the_record(None, "clipkit-tiny", None) and not names_the_record(info, None, info["pretrained"])
     with pytest.raises(ValueError, match="unknown device"):  # (said at once, not at the first image to embed)
         RecordedModel(tiny_model.info, device="gpu")
 
@@ -70,6 +78,9 @@ def test_indexing_an_unchanged_folder_loads_no_model_and_a_new_image_gets_the_re
     unchanged = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120)
     assert "rc 0 torch False open_clip False" in unchanged.stdout, unchanged.stdout + unchanged.stderr
     assert "2 unchanged" in unchanged.stdout and "captions: 0 embedded, 2 unchanged" in unchanged.stdout
+    named = run.replace("])", f", '--model', 'clipkit-tiny', '--pretrained', {os.path.relpath(tiny_ckpt)!r}])")
+    unchanged = subprocess.run([sys.executable, "-c", named], capture_output=True, text=True, timeout=120)
+    assert "rc 0 torch False" in unchanged.stdout, unchanged.stdout + unchanged.stderr  # (the recorded one, named)
     _photos(photos, 3)  # a third image and caption
     grown = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120)
     assert "rc 0 torch True" in grown.stdout and "(1 new, 0 changed)" in grown.stdout, grown.stdout + grown.stderr
