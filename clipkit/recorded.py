@@ -23,8 +23,9 @@ class RecordedModel:
     model's, loaded on first use. `clipkit.encode.as_model` and the index take it wherever they take a Model."""
 
     def __init__(self, info: dict | None, *, device=None, precision: str | None = None):
-        if not info:
-            raise ValueError("this index records no model; pass model= to embed the query, or search by vector")
+        if not info or not isinstance(info.get("name"), str):
+            raise ValueError("this index records no model" + (f" by name ({info})" if info else "") +
+                             "; pass model= (--model) to embed with, or search by vector")
         if device is not None:  # (a device asked for is checked now, not at the first image to embed)
             from clipkit.models import resolve_device
 
@@ -35,7 +36,7 @@ class RecordedModel:
 
     name = property(lambda self: self.info["name"])
     pretrained = property(lambda self: self.info.get("pretrained"))
-    dim = property(lambda self: int(self.info["dim"]))
+    dim = property(lambda self: int(self.info["dim"]) if "dim" in self.info else self.loaded.dim)
     fingerprint = property(lambda self: self.info.get("fingerprint"))
     vectors_per_image = property(lambda self: int(self.info.get("vectors_per_image", 1)))
 

@@ -30,6 +30,9 @@ def test_its_record_is_answered_without_loading_and_it_embeds_as_the_model(tiny_
     assert recorded.is_loaded and recorded.device == torch.device("cpu") and recorded.loaded is recorded.loaded
     with pytest.raises(ValueError, match="records no model"):
         RecordedModel(None)
+    with pytest.raises(ValueError, match="records no model by name"):  # (model_info given by hand, say)
+        RecordedModel({"dim": 64})
+    assert RecordedModel({"name": "clipkit-tiny", "pretrained": tiny_model.pretrained}).dim == 64  # (loaded for it)
     from clipkit.recorded import names_the_record
 
     info = tiny_model.info
