@@ -118,4 +118,3 @@ def iter_image_files(root: str | os.PathLike, recursive: bool = True, exclude: S
             except OSError:  # a link that cannot be followed (a loop), or a file gone since the listing
                 if on_odd is not None and is_image_name(entry.name) and entry.is_symlink():
                     on_odd(entry.path, "a link that cannot be followed (a loop of links)")
-

@@ -211,9 +211,9 @@ def _sync_caption_chunk(collection, image_ids: list[str], texts: dict[str, str |
     report.removed, report.kept = report.removed + len(drop), report.kept + len(texts) - len(drop)
     if drop:
         collection.remove(drop)
+    if add:  # (only with captions to embed: it imports torch)
+        from clipkit.encode import encode_texts
     for start in range(0, len(add), batch_size):
-        from clipkit.encode import encode_texts  # (here: a run with nothing to embed does not import torch)
-
         batch = add[start:start + batch_size]
         vectors = encode_texts([wanted[i]["caption"] for i in batch], model, batch_size)
         collection.add(vectors, ids=batch, metadata=[wanted[i] for i in batch])
