@@ -9,6 +9,7 @@ of it, through `clipkit.models.load_recorded_model`, which refuses weights that 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class RecordedModel:
         if self._model is None:
             from clipkit.models import load_recorded_model
 
+            logging.getLogger("clipkit").info("loading the index's model, %s (weights: %s), to embed what is new",
+                                              self.name, self.pretrained or "bundled or none")
             object.__setattr__(self, "_model", load_recorded_model(self.info, **self._options))
         return self._model
 
