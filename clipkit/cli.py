@@ -773,10 +773,10 @@ def cmd_info(args) -> int:
 def _model_line(model: dict) -> str:
     """`clipkit info`'s model line: its name and weights, and where they are no longer (moved or deleted)."""
     from clipkit.bundled import bundled_models
+    from clipkit.recorded import gone_paths
 
     weights = model.get("pretrained") or ("bundled" if model.get("name") in bundled_models() else "none: random")
-    gone = [path for path in (model.get("name"), model.get("pretrained"))
-            if isinstance(path, str) and os.path.isabs(path) and not os.path.exists(path)]
+    gone = gone_paths(model)
     return f"{model['name']} (weights: {weights})" + (
         f"; missing: {', '.join(gone)} (moved? index once with the same weights where they are now: --model NAME "
         "--pretrained FILE, or --model FOLDER for a transformers folder; nothing is embedded again)" if gone else "")

@@ -87,3 +87,21 @@ def names_the_record(info: dict | None, name: str | None, pretrained: str | None
             and str(Path(given).resolve()) == recorded
 
     return bool(info) and name is not None and same(name, info.get("name")) and same(pretrained, info.get("pretrained"))
+
+
+def gone_paths(info: dict) -> list[str]:
+    """The local files a model record names (its weights file, a transformers folder as its name) that are no
+    longer there."""
+    return [path for path in (info.get("name"), info.get("pretrained"))
+            if isinstance(path, str) and os.path.isabs(path) and not os.path.exists(path)]
+
+
+def weights_moved(recorded: dict, info: dict) -> bool:
+    """Whether `info` is the `recorded` model (same fingerprint) loaded from other files, the recorded ones gone:
+    a weights file (its `pretrained`) or a transformers folder (its `name`) moved."""
+    if not info.get("fingerprint") or info.get("fingerprint") != recorded.get("fingerprint"):
+        return False
+    changed = [(recorded.get(key), info.get(key)) for key in ("name", "pretrained")
+               if recorded.get(key) != info.get(key)]
+    gone = gone_paths(recorded)
+    return bool(changed) and all(old in gone and isinstance(new, str) and os.path.exists(new) for old, new in changed)

@@ -133,17 +133,17 @@ def test_weights_moved_are_recorded_where_they_are_now_when_given_from_there(tmp
     assert "(1 new, 0 changed)" in capsys.readouterr().out and len(Index.load(index_path)) == 3
 
 
-def test_a_moved_transformers_folder_counts_as_the_same_weights_moved(tmp_path):
+def test_a_moved_transformers_folder_counts_as_the_sameweights_moved(tmp_path):
     """A transformers checkpoint records its folder as its name: moved, the same weights from the new folder are
     recorded there; a folder still in place, other weights, or a path that is no file are not."""
-    from clipkit.index.folders import _weights_moved
+    from clipkit.recorded import weights_moved
 
     old, new = tmp_path / "clip-old", tmp_path / "clip-new"
     new.mkdir()
     recorded = {"name": str(old), "pretrained": None, "dim": 8, "fingerprint": "abc"}
-    assert _weights_moved(recorded, {**recorded, "name": str(new)})
-    assert not _weights_moved(recorded, {**recorded, "name": str(new), "fingerprint": "abd"})
-    assert not _weights_moved(recorded, {**recorded, "name": "clip-new"})  # (no folder of that name here)
-    assert not _weights_moved(recorded, recorded)
+    assert weights_moved(recorded, {**recorded, "name": str(new)})
+    assert not weights_moved(recorded, {**recorded, "name": str(new), "fingerprint": "abd"})
+    assert not weights_moved(recorded, {**recorded, "name": "clip-new"})  # (no folder of that name here)
+    assert not weights_moved(recorded, recorded)
     old.mkdir()
-    assert not _weights_moved(recorded, {**recorded, "name": str(new)})  # the recorded folder is still there
+    assert not weights_moved(recorded, {**recorded, "name": str(new)})  # the recorded folder is still there

@@ -1,5 +1,4 @@
-"""Finding image files under a folder (or the webdataset shards a source names), and the NAME.txt captions
-beside them."""
+"""Finding image files under a folder, and reading the NAME.txt captions beside them."""
 
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ def _expand_braces(spec: str) -> list[str]:
 
     def variable(match: re.Match) -> str:
         if "WDS_" + match.group(1) not in os.environ:
-            raise ValueError(f"{spec!r} names ${{{match.group(1)}}}: set WDS_{match.group(1)} (webdataset's convention)")
+            raise ValueError(f"{spec!r} names ${{{match.group(1)}}}: set WDS_{match.group(1)} "
+                             "(webdataset's convention)")
         return os.environ["WDS_" + match.group(1)]
 
     return [url for part in spec.split("::") for url in braceexpand(re.sub(r"\$\{(\w+)\}", variable, part))]

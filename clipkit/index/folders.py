@@ -31,16 +31,6 @@ EXCLUDES = "excludes"  # store info: folder -> the exclude globs it was last syn
 log = logging.getLogger("clipkit.index")
 
 
-def _weights_moved(recorded: dict, info: dict) -> bool:
-    """Whether `info` is the recorded model (same fingerprint) loaded from other files, the recorded ones gone:
-    a weights file (its `pretrained`) or a transformers folder (its `name`) moved."""
-    if not info.get("fingerprint") or info.get("fingerprint") != recorded.get("fingerprint"):
-        return False
-    changed = [(recorded.get(key), info.get(key)) for key in ("name", "pretrained") if recorded.get(key) != info.get(key)]
-    return bool(changed) and all(isinstance(old, str) and isinstance(new, str) and os.path.isabs(old)
-                                 and not os.path.exists(old) and os.path.exists(new) for old, new in changed)
-
-
 class FolderSync:
     """Folder, table, shard and embedding-folder sync for `Index` (which provides store, writer, _write, ...)."""
 
@@ -264,12 +254,14 @@ class FolderSync:
     def _record_model_info(self, info: dict) -> None:
         """Record the model that made this index's embeddings (once: the first one stays, except that the same
         weights given from another file or folder, the recorded one gone, are recorded there: weights moved)."""
+        from clipkit.recorded import weights_moved
+
         recorded = self.model_info
         if recorded is None:
             if info.get("dim", self.dim) != self.dim:
                 raise ModelMismatchError(f"model {info.get('name')!r} makes {info.get('dim')}-d embeddings but the "
                                          f"index holds {self.dim}-d ones")
-        elif not _weights_moved(recorded, info):
+        elif not weights_moved(recorded, info):
             return
         with self.store.transaction(bump=False):
             self.store.set_info("model", info)

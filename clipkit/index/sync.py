@@ -452,9 +452,10 @@ def _move_chunk(moves: list[tuple], root: int, root_folder: str, store: Store):
 def _embed_files(index, files: list[tuple[str, FileStat]], root: int, root_folder: str, model, report: SyncReport,
                  bar, engine, **options) -> None:
     """Embed `files` (path, stat) with `engine` (None: here), committing each batch as it comes."""
-    from clipkit.encode import embed_image_files
+    if engine is None:  # (imported only here, with files to embed: it imports torch)
+        from clipkit.encode import embed_image_files
 
-    engine = engine or embed_image_files
+        engine = embed_image_files
     paths = [path for path, _ in files]
     for vectors, positions, failures in engine(paths, model, **options):
         for position, reason, kind in failures:
