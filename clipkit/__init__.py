@@ -17,11 +17,12 @@ DEFAULT_MODEL = "clipkit-demo"  # the bundled, offline model: used wherever no m
 _HOMES = {"encode": "clipkit.encode", "ClipkitError": "clipkit.errors", "Index": "clipkit.index",
           "recall_at_k": "clipkit.metrics", "Model": "clipkit.models", "list_models": "clipkit.models",
           "load_model": "clipkit.models", "Reranker": "clipkit.rerankers", "load_reranker": "clipkit.rerankers",
-          "score_pairs": "clipkit.rerankers", "Hit": "clipkit.search", "search": "clipkit.search"}
+          "score_pairs": "clipkit.rerankers", "Hit": "clipkit.search", "search": "clipkit.search",
+          "search_batch": "clipkit.search"}
 _SHADOWED = ("encode", "search")  # submodules named like the function they export
 
 __all__ = ["ClipkitError", "Hit", "Index", "Model", "Reranker", "__version__", "encode", "list_models", "load_model",
-           "load_reranker", "recall_at_k", "score_pairs", "search"]
+           "load_reranker", "recall_at_k", "score_pairs", "search", "search_batch"]
 
 
 def __getattr__(name: str):

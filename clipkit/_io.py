@@ -190,3 +190,8 @@ class SkipList(SpillList):
 
     def __repr__(self) -> str:
         return f"SkipList({len(self)} skipped)"
+
+
+def printable(name: str) -> str:
+    """A file name with undecodable bytes written as \\xNN, fit to print and to write as JSON."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

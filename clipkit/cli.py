@@ -12,6 +12,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from clipkit._io import printable
 from clipkit.data.folder import is_image_name
 
 DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
@@ -164,14 +165,19 @@ def _add_index_scale_options(index) -> None:
 
 def _add_search_command(commands) -> None:
     search = commands.add_parser("search", help="search an index with a text query or an image file")
-    search.add_argument("query", help="text, or an image to search by: a file's path, an http(s) URL (fetched), "
-                        "or an indexed item's id as search prints it (SHARD.tar#KEY)")
+    search.add_argument("query", nargs="*", help="text, or an image to search by: a file's path, an http(s) URL "
+                        "(fetched), or an indexed item's id as search prints it (SHARD.tar#KEY); several queries "
+                        "are searched in one run, each under a '# QUERY' line (--json: a JSON line each)")
+    search.add_argument("--queries", metavar="FILE", help="search each line of FILE as a QUERY (- reads them from "
+                        "stdin, answering each line as it comes: one model load for a session of queries)")
     search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
     search.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     search.add_argument("-k", type=_positive_int, default=10, help="number of results (default: 10)")
     output = search.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print the hits as a JSON list")
-    output.add_argument("--paths", action="store_true", help="print only the file paths, one per line")
+    output.add_argument("--json", action="store_true", help="print the hits as a JSON list (several queries: a JSON "
+                        "object a line, {\"query\": ..., \"hits\": [...]} or {\"query\": ..., \"error\": ...})")
+    output.add_argument("--paths", action="store_true", help="print only the file paths, one per line (several "
+                        "queries: an empty line after each query's)")
     search.add_argument("--rerank", action="store_true", help="re-rank the top candidates with the model's ITM head")
     search.add_argument("--rerank-k", type=_positive_int, default=None, help="candidates to re-rank (default: max(k, 32))")
     search.add_argument("--reranker", default=None, metavar="MODEL",
@@ -915,11 +921,12 @@ def _indexed_item_query(index, text: str):
     from clipkit.encode import load_image
     from clipkit.data.shardspec import is_shard_spec
     from clipkit.index.shards import item_image
+    from clipkit.index.vectors import storable
 
     text = text.strip()
     shard, _, member = text.rpartition("#")
     candidates = [text] + ([f"{os.path.abspath(shard)}#{member}"] if shard and member else [])
-    found = index.find(candidates)
+    found = index.find(c for c in candidates if storable(c))  # (a file name that is not UTF-8 is not an id)
     record = next((found[c] for c in candidates if c in found), None)
     if record is None:
         if shard and member and is_shard_spec(shard) and os.path.isfile(shard):
@@ -933,37 +940,142 @@ def _indexed_item_query(index, text: str):
     return index.embeddings([record["id"]])[0]
 
 
+QUERY_ERRORS = (UsageError, FileNotFoundError, ValueError, OSError)  # (a QUERY's own: said, and the others searched)
+
+
 def cmd_search(args) -> int:
     from clipkit.index import Index
 
+    _check_queries(args)
     index = Index.load(args.index)  # (before torch is imported: a wrong --index is said at once)
-    from clipkit.search import index_model, search
+    if len(index) == 0:
+        print(f"clipkit: warning: {args.index} is empty: index a folder of images into it first", file=sys.stderr)
+    if args.queries is None and len(args.query) == 1:
+        (query,) = _queries(index, args.query, args)  # (said before a model loads)
+        if isinstance(query, Exception):
+            raise query
+        from clipkit.search import search
 
-    query = None if args.text else _indexed_item_query(index, args.query)
-    query = _search_query(args.query, args.text) if query is None else query
+        _print_hits(search(query, index, **_search_options(index, args)), args)
+        return 0
+    from clipkit.search import search_batch
+
+    options, failed = _search_options(index, args), 0
+    try:
+        for lines in _query_groups(args):
+            found = _queries(index, lines, args)
+            hits = iter(search_batch([q for q in found if not isinstance(q, Exception)], index, **options))
+            for line, query in zip(lines, found):
+                failed += isinstance(query, Exception)
+                _print_hits(query if isinstance(query, Exception) else next(hits), args, query=line)
+            sys.stdout.flush()  # (a reader waiting on each answer: a program, or someone typing)
+    except KeyboardInterrupt:  # (Ctrl-C ends a session of queries: no word about resuming)
+        return 130
+    return 2 if failed else 0
+
+
+def _check_queries(args) -> None:
+    """QUERYs or --queries FILE (a file, a pipe or -), not both and not neither."""
+    wanted = "(give a text file of queries, one a line, or - to read them from stdin)"
+    if bool(args.query) == (args.queries is not None):
+        raise UsageError("give a QUERY (or several), or --queries FILE, not both" if args.query else
+                         "give a QUERY, or --queries FILE: a text file of queries, one a line (- reads stdin)")
+    if args.queries in (None, "-"):
+        return
+    if os.path.isdir(args.queries):
+        raise UsageError(f"--queries {args.queries} is a folder {wanted}")
+    if not os.path.exists(args.queries):
+        raise FileNotFoundError(f"--queries {args.queries}: no such file {wanted}")
+
+
+def _search_options(index, args) -> dict:
+    """`search()`'s options from the command line: the index's model on --device, the --reranker loaded."""
+    from clipkit.search import index_model
+
     model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
     reranker = None
     if args.reranker:
         from clipkit.rerankers import load_reranker
 
         reranker = load_reranker(args.reranker, device=args.device)
-    hits = search(query, index, k=args.k, model=model, rerank=args.rerank or reranker is not None,
-                  rerank_k=args.rerank_k, modality="text" if args.captions else "image", reranker=reranker)
-    if not hits and len(index) == 0:
-        print(f"clipkit: warning: {args.index} is empty: index a folder of images into it first", file=sys.stderr)
+    return {"k": args.k, "model": model, "rerank": args.rerank or reranker is not None, "rerank_k": args.rerank_k,
+            "modality": "text" if args.captions else "image", "reranker": reranker}
+
+
+def _queries(index, lines: list[str], args) -> list:
+    """Each of `lines` as a query (an indexed item, an image file or URL, else text), or the error it is (an
+    image file not found or that does not decode, a folder)."""
+    found = []
+    for line in lines:
+        try:
+            query = None if args.text else _indexed_item_query(index, line)
+            found.append(_search_query(line, args.text) if query is None else query)
+        except QUERY_ERRORS as exc:
+            found.append(exc)
+    return found
+
+
+def _query_groups(args, most: int = 64):
+    """The QUERYs of a run of several, in groups for `search_batch`: the arguments, or the lines of --queries
+    (blank ones left out), as many as are there without waiting (at most `most`): a file goes `most` lines at
+    a time, someone typing (or a program writing queries one at a time) gets each answer at once."""
+    if args.queries is None:
+        yield args.query
+        return
+    with contextlib.ExitStack() as stack:
+        if args.queries == "-":
+            stream = sys.stdin
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(errors="surrogateescape")  # (file names that are not UTF-8 kept as they are)
+        else:
+            stream = stack.enter_context(open(args.queries, encoding="utf-8", errors="surrogateescape"))
+        group = []
+        for line in iter(stream.readline, ""):
+            if line.strip():
+                group.append(line.rstrip("\r\n"))
+            if group and (len(group) >= most or not _more_waiting(stream)):
+                yield group
+                group = []
+        if group:
+            yield group
+
+
+def _more_waiting(stream) -> bool:
+    """Whether `stream` has more to read at once (a file, or lines already written to a pipe)."""
+    import select
+
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError, TypeError):  # (no file descriptor, or one select cannot wait on: a line at a time)
+        return False
+
+
+def _print_hits(hits, args, query: str | None = None) -> None:
+    """One query's hits (or, in a run of several, its error) as --json, --paths or lines of rank, score and
+    path; a QUERY of several goes under a '# QUERY' line (--json: a JSON object with the query)."""
+    query = None if query is None else printable(query)  # (a file name that is not UTF-8, as \\xNN)
+    if isinstance(hits, Exception):
+        message = printable(" ".join(str(hits).split()) or type(hits).__name__)
+        print(f"clipkit: error: {query}: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"query": query, "error": message}, ensure_ascii=False))
+        return
     if args.json:
-        print(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False))
-    elif args.paths:
-        for hit in hits:
-            print(hit.path if hit.path is not None else hit.id)
-    else:
-        for rank, hit in enumerate(hits, 1):
-            where = hit.path if hit.path is not None else hit.id
-            if args.captions:
-                print(f"{rank:>3}  {hit.score:.4f}  {hit.metadata.get('caption')}  ({where})")
-            else:
-                print(f"{rank:>3}  {hit.score:.4f}  {where}")
-    return 0
+        found = [hit.to_dict() for hit in hits]
+        print(json.dumps(found if query is None else {"query": query, "hits": found}, ensure_ascii=False))
+        return
+    if query is not None and not args.paths:
+        print(f"# {query}")
+    for rank, hit in enumerate(hits, 1):
+        where = hit.path if hit.path is not None else hit.id
+        if args.paths:
+            print(where)
+        elif args.captions:
+            print(f"{rank:>3}  {hit.score:.4f}  {hit.metadata.get('caption')}  ({where})")
+        else:
+            print(f"{rank:>3}  {hit.score:.4f}  {where}")
+    if query is not None:
+        print()
 
 
 def cmd_synth(args) -> int:
@@ -1124,7 +1236,7 @@ def main(argv: list[str] | None = None) -> int:
             from clipkit.index.store import translate
 
             exc = translate(exc, None)
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = printable(" ".join(str(exc).split()) or type(exc).__name__)
         print(f"clipkit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -57,7 +57,7 @@ def query_kind(query: Any) -> str:
     if isinstance(query, str):
         if not query.strip():
             raise ValueError("the text query is empty")
-        warn_if_image_paths([query], stacklevel=4)  # the caller of search()
+        warn_if_image_paths([query], stacklevel=4)  # the caller of search() or search_batch()
         return TEXT
     if isinstance(query, (Image.Image, os.PathLike)):
         return IMAGE
@@ -68,16 +68,10 @@ def query_kind(query: Any) -> str:
             return IMAGE
         raise ValueError(f"an array query must be a 1-D embedding or an HxWx3 uint8 image, got shape "
                          f"{query.shape} dtype {query.dtype}")
-    several = " (one query a call; for many at once: index.search(clipkit.encode(queries, model=...), k))" \
+    several = " (one query a call; for many at once: clipkit.search_batch(queries, index, k))" \
         if isinstance(query, (list, tuple)) else ""
     raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, "
                      f"a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding{several}")
-
-
-def _embed(query: Any, kind: str, model) -> np.ndarray:
-    if kind == TEXT:
-        return encode_texts([query], model)[0]
-    return encode_images([query], model)[0]
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
@@ -98,21 +92,56 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     model with an ITM head) instead of the index model's own head; a hit's score is then that re-ranker's
     (BLIP: the match probability) + `weight` (default 0 for BLIP) x cosine.
     """
+    index = _checked(index, k)
+    kind = query_kind(query)
+    return _search_all([query], [kind], index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
+                       modality=modality, reranker=reranker)[0]
+
+
+def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, rerank: bool = False,
+                 rerank_k: int | None = None, weight: float | None = None, modality: str = "image",
+                 reranker=None) -> list[list[Hit]]:
+    """`search()` for many queries at once: for each query (any kind `search()` takes, mixed), the hits
+    `search()` gives it, with the texts embedded in batches and the images in batches (a file of thousands of
+    queries costs the model's batched time, not a call each). A bad query is a ValueError before anything is
+    searched. The options are `search()`'s, the same for every query."""
+    if isinstance(queries, (str, bytes, Image.Image, os.PathLike, np.ndarray)) or not isinstance(queries, Sequence):
+        raise ValueError(f"queries must be a list of queries, got {type(queries).__name__}: for one query, "
+                         "use clipkit.search")
+    index = _checked(index, k)
+    kinds = []
+    for query in queries:  # (a loop, not a comprehension: the warning names the caller's line)
+        kinds.append(query_kind(query))
+    return _search_all(list(queries), kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
+                       modality=modality, reranker=reranker)
+
+
+def _checked(index, k) -> Index:
+    """`index` (an index folder's path: loaded), once it and `k` are checked."""
     if isinstance(index, (str, os.PathLike)):
         index = Index.load(index)
     if not isinstance(index, Index):
         raise ValueError(f"index must be a clipkit.Index or an index folder's path, got {type(index).__name__}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    kind = query_kind(query)
-    target = searched_collection(index, modality, kind=kind, rerank=rerank)
-    if kind == "vector":
-        vector, model = prepare_vectors(query, index.dim, what="the query")[0], None  # nothing to embed
-    else:
-        model = index_model(index, model)
-        vector = _embed(query, kind, model)
-    return ranked_hits(target, vector, k, query=query, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k,
-                       weight=weight, reranker=reranker)
+    return index
+
+
+def _search_all(queries: list, kinds: list[str], index: Index, k: int, *, model, modality: str, **options) -> list:
+    """Each query's hits: the texts and the images embedded a kind at a time, then each query searched by
+    `ranked_hits` in the collection its kind searches."""
+    targets = {kind: searched_collection(index, modality, kind=kind, rerank=options["rerank"]) for kind in set(kinds)}
+    model = index_model(index, model) if set(kinds) - {"vector"} else None  # (None: nothing to embed)
+    vectors: list = [None] * len(queries)
+    for kind, embed in ((TEXT, encode_texts), (IMAGE, encode_images)):
+        positions = [i for i, each in enumerate(kinds) if each == kind]
+        for position, vector in zip(positions, embed([queries[i] for i in positions], model) if positions else ()):
+            vectors[position] = vector
+    for position, kind in enumerate(kinds):
+        if kind == "vector":
+            vectors[position] = prepare_vectors(queries[position], index.dim, what="the query")[0]
+    return [ranked_hits(targets[kind], vector, k, query=query, kind=kind, model=model, **options)
+            for query, kind, vector in zip(queries, kinds, vectors)]
 
 
 def searched_collection(index: Index, modality: str, *, kind: str | None = None, rerank: bool = False) -> Index:

@@ -99,7 +99,7 @@ def test_search_errors(tiny_model):
         clipkit.search("   ", index, model=tiny_model)
     with pytest.raises(ValueError, match="unsupported query type"):
         clipkit.search(42, index)
-    with pytest.raises(ValueError, match=r"one query a call; for many at once: index.search"):
+    with pytest.raises(ValueError, match=r"one query a call; for many at once: clipkit.search_batch"):
         clipkit.search(["a", "b"], index)
     with pytest.raises(ValueError, match="clipkit.Index"):
         clipkit.search("a", 42)

@@ -26,10 +26,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Container, Iterator, NamedTuple, Sequence
 
-from clipkit._io import SkipList, batches, temp_space
+from clipkit._io import SkipList, batches, printable, temp_space
 from clipkit._progress import progress_bar
 from clipkit.data.folder import iter_image_files, relative_path
 from clipkit.index.store import CHECK_BY_KEY, Store, streamed
+from clipkit.index.vectors import storable
 
 log = logging.getLogger("clipkit.index")
 
@@ -207,7 +208,7 @@ def plan_folder(store: Store, folder: str | os.PathLike, *, exclude: Sequence[st
     these files (absolute paths), e.g. those a caption table lists; the folder's others count as gone.
     """
     root = Path(folder).resolve()
-    if not _storable(str(root)):
+    if not storable(str(root)):
         raise ValueError(f"{printable(str(root))}: the folder's name is not valid UTF-8, which the index cannot "
                          "store; rename it")
     root_id, root_folder, prefix = _locate(store, str(root))
@@ -265,7 +266,7 @@ def _list_found(store: Store, plan: SyncPlan, exclude: Sequence[str], shard, inc
     for path, stat, link in iter_image_files(plan.root, exclude=exclude, on_shard=unread_shard, on_odd=odd):
         if not mine(path):
             continue
-        if not _storable(path):
+        if not storable(path):
             plan.report.skip(printable(path), f"{printable(path)}: the file name is not valid UTF-8, which the index "
                              "cannot store; rename the file", "name not UTF-8")
             continue
@@ -296,20 +297,6 @@ def _compare(plan: SyncPlan) -> None:
         UPDATE known SET state = 'gone' WHERE NOT EXISTS (SELECT 1 FROM found WHERE found.path = known.id);
     """)
     plan.unchanged = db.execute("SELECT COUNT(*) FROM found WHERE state = 'unchanged'").fetchone()[0]
-
-
-def _storable(name: str) -> bool:
-    """Whether a path can be an id in the store (text there is UTF-8: no undecodable bytes)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(name: str) -> str:
-    """A file name with undecodable bytes written as \\xNN, fit to print and to write as JSON."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def missing_roots(store: Store) -> list[tuple[int, str]]:

@@ -94,8 +94,21 @@ def normalize_id(value: Any) -> int | str:
             raise ValueError(f"integer ids must fit in 64 bits (SQLite's integers), got {value}: use a str id")
         return int(value)
     if isinstance(value, str):
+        if not value.isascii() and not storable(value):
+            raise ValueError(f"ids must be valid UTF-8 text, got {value!r} (a file name with undecodable bytes: "
+                             "rename the file)")
         return value
     raise ValueError(f"ids must be int or str, got {type(value).__name__} {value!r}")
+
+
+def storable(text: str) -> bool:
+    """Whether a str can be stored as text (UTF-8 in SQLite): not a name with undecodable bytes (which Python
+    holds as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def id_list(ids: Any) -> list:
