@@ -1,4 +1,5 @@
 import json
+import os
 import sqlite3
 
 import faiss
@@ -506,3 +507,15 @@ def test_removed_keys_merge_and_look_up_as_numpy_s_set_operations():
     values = rng.integers(-10, 3100, 2000)
     np.testing.assert_array_equal(in_sorted(values, merged), np.isin(values, reference))
     assert not in_sorted(values, np.zeros(0, np.int64)).any()
+
+
+def test_an_id_that_is_not_utf8_is_refused_with_a_message():
+    """A str id holding undecodable bytes (a file name read with surrogateescape) cannot be stored as SQLite text:
+    a ValueError that says so, not UnicodeEncodeError from deep inside; the index keeps what it had."""
+    index = Index.from_embeddings(np.eye(4, dtype=np.float32), ids=["a", "b", "c", "d"])
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    for call in (lambda: index.add(np.eye(4, dtype=np.float32)[:1], ids=[odd]), lambda: index.find([odd]),
+                 lambda: index.remove([odd])):
+        with pytest.raises(ValueError, match="valid UTF-8"):
+            call()
+    assert len(index) == 4 and index.find(["café.jpg", "a"]).keys() == {"a"}
