@@ -958,16 +958,12 @@ def cmd_search(args) -> int:
 
         _print_hits(search(query, index, **_search_options(index, args)), args)
         return 0
-    from clipkit.search import search_batch
-
-    options, failed = _search_options(index, args), 0
+    options, failed = _search_options(index, args, load=True), 0
     try:
         for lines in _query_groups(args):
-            found = _queries(index, lines, args)
-            hits = iter(search_batch([q for q in found if not isinstance(q, Exception)], index, **options))
-            for line, query in zip(lines, found):
-                failed += isinstance(query, Exception)
-                _print_hits(query if isinstance(query, Exception) else next(hits), args, query=line)
+            for line, answer in zip(lines, _answers(index, _queries(index, lines, args), options)):
+                failed += isinstance(answer, Exception)
+                _print_hits(answer, args, query=line)
             sys.stdout.flush()  # (a reader waiting on each answer: a program, or someone typing)
     except KeyboardInterrupt:  # (Ctrl-C ends a session of queries: no word about resuming)
         return 130
@@ -988,11 +984,13 @@ def _check_queries(args) -> None:
         raise FileNotFoundError(f"--queries {args.queries}: no such file {wanted}")
 
 
-def _search_options(index, args) -> dict:
-    """`search()`'s options from the command line: the index's model on --device, the --reranker loaded."""
+def _search_options(index, args, load: bool = False) -> dict:
+    """`search()`'s options from the command line: the index's model on --device (`load`: in any case, so that a
+    model that does not load is said once, not for each query), the --reranker loaded."""
     from clipkit.search import index_model
 
-    model = index_model(index, device=args.device) if args.device is not None and index.model_info else None
+    model = index_model(index, device=args.device) if (load or args.device is not None) and index.model_info \
+        else None
     reranker = None
     if args.reranker:
         from clipkit.rerankers import load_reranker
@@ -1000,6 +998,19 @@ def _search_options(index, args) -> dict:
         reranker = load_reranker(args.reranker, device=args.device)
     return {"k": args.k, "model": model, "rerank": args.rerank or reranker is not None, "rerank_k": args.rerank_k,
             "modality": "text" if args.captions else "image", "reranker": reranker}
+
+
+def _answers(index, queries: list, options: dict) -> list:
+    """The hits of each of `queries` (searched together), or the error it is, or meets: a query that cannot be
+    searched (an image query re-ranked where the hits have no captions) fails alone."""
+    from clipkit.search import search_batch
+
+    good = [query for query in queries if not isinstance(query, Exception)]
+    try:
+        answers = iter(search_batch(good, index, **options))
+    except QUERY_ERRORS as exc:
+        answers = iter([exc] if len(good) == 1 else [_answers(index, [query], options)[0] for query in good])
+    return [query if isinstance(query, Exception) else next(answers) for query in queries]
 
 
 def _queries(index, lines: list[str], args) -> list:

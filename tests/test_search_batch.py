@@ -124,3 +124,15 @@ def test_queries_from_stdin_are_answered_one_at_a_time_as_they_come(indexed, ima
     assert "image file not found" in answers[3]["error"]
     assert b"Traceback" not in process.stderr.read()
     assert max(seconds[1:]) < seconds[0]  # (the model loads for the first; the others only search)
+
+
+def test_a_query_that_cannot_be_searched_fails_alone(image_folder, tmp_path, capsys):
+    """--rerank (the demo model's ITM head): a text query re-ranks images; an image query would re-rank captions,
+    which this index lacks: that query's error, the text's hits."""
+    gif, indexed = str(image_folder / "nested" / "blue circle.gif"), str(tmp_path / "demo")
+    assert main(["-q", "index", str(image_folder), "--index", indexed]) == 0
+    assert main(["search", "a red circle", gif, "--rerank", "--index", indexed, "-k", "2", "--json"]) == 2
+    captured = capsys.readouterr()
+    text, image = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(text["hits"]) == 2 and "itc_score" in text["hits"][0]["metadata"]
+    assert "cannot be re-ranked" in image["error"] and captured.err.count("\n") == 1
