@@ -959,6 +959,8 @@ def cmd_search(args) -> int:
         _print_hits(search(query, index, **_search_options(index, args)), args)
         return 0
     options, failed = _search_options(index, args, load=True), 0
+    if args.queries == "-" and sys.stdin.isatty() and not args.quiet:
+        print("clipkit: a query a line (text, an image's path or URL); Ctrl-D ends", file=sys.stderr)
     try:
         for lines in _query_groups(args):
             for line, answer in zip(lines, _answers(index, _queries(index, lines, args), options)):
