@@ -185,6 +185,8 @@ def _add_search_command(commands) -> None:
     search.add_argument("--device", default=None, help=DEVICE_HELP)
     search.add_argument("--captions", action="store_true",
                         help="search the captions indexed beside the images (image -> text, text -> text)")
+    search.add_argument("--under", metavar="FOLDER", help="only the items whose file lies in FOLDER (or below it): "
+                        "one trip's photos in an index of all of them (exact up to 200,000 items there)")
 
 
 def _add_data_commands(commands) -> None:
@@ -948,6 +950,8 @@ def cmd_search(args) -> int:
 
     _check_queries(args)
     index = Index.load(args.index)  # (before torch is imported: a wrong --index is said at once)
+    if args.under is not None and not index.count_under(args.under):
+        raise UsageError(f"no indexed item lies under {args.under} (`clipkit roots` lists the indexed folders)")
     if len(index) == 0:
         print(f"clipkit: warning: {args.index} is empty: index a folder of images into it first", file=sys.stderr)
     if args.queries is None and len(args.query) == 1:
@@ -999,7 +1003,7 @@ def _search_options(index, args, load: bool = False) -> dict:
 
         reranker = load_reranker(args.reranker, device=args.device)
     return {"k": args.k, "model": model, "rerank": args.rerank or reranker is not None, "rerank_k": args.rerank_k,
-            "modality": "text" if args.captions else "image", "reranker": reranker}
+            "modality": "text" if args.captions else "image", "reranker": reranker, "under": args.under}
 
 
 def _answers(index, queries: list, options: dict) -> list:

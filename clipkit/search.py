@@ -75,7 +75,8 @@ def query_kind(query: Any) -> str:
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
-           weight: float | None = None, modality: str = "image", reranker=None) -> list[Hit]:
+           weight: float | None = None, modality: str = "image", reranker=None,
+           under: str | os.PathLike | None = None) -> list[Hit]:
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
@@ -91,16 +92,18 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     `reranker`: re-rank with another model (`clipkit.load_reranker`: a BLIP ITM checkpoint, or a clipkit
     model with an ITM head) instead of the index model's own head; a hit's score is then that re-ranker's
     (BLIP: the match probability) + `weight` (default 0 for BLIP) x cosine.
+    `under`: a folder (or a file): only the items whose file lies there (captions: whose image's file does),
+    searched exactly for a folder of up to 200,000 items; a ValueError when the index holds none there.
     """
     index = _checked(index, k)
     kind = query_kind(query)
     return _search_all([query], [kind], index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
-                       modality=modality, reranker=reranker)[0]
+                       modality=modality, reranker=reranker, under=under)[0]
 
 
 def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, rerank: bool = False,
                  rerank_k: int | None = None, weight: float | None = None, modality: str = "image",
-                 reranker=None) -> list[list[Hit]]:
+                 reranker=None, under: str | os.PathLike | None = None) -> list[list[Hit]]:
     """`search()` for many queries at once: for each query (any kind `search()` takes, mixed), the hits
     `search()` gives it, with the texts embedded in batches and the images in batches (a file of thousands of
     queries costs the model's batched time, not a call each). A bad query is a ValueError before anything is
@@ -113,7 +116,7 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     for query in queries:  # (a loop, not a comprehension: the warning names the caller's line)
         kinds.append(query_kind(query))
     return _search_all(list(queries), kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
-                       modality=modality, reranker=reranker)
+                       modality=modality, reranker=reranker, under=under)
 
 
 def _checked(index, k) -> Index:
@@ -161,10 +164,11 @@ def searched_collection(index: Index, modality: str, *, kind: str | None = None,
 
 def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, kind: str = "vector", model=None,
                 rerank: bool = False, rerank_k: int | None = None, weight: float | None = None,
-                max_depth: int | None = None, reranker=None) -> list[Hit]:
+                max_depth: int | None = None, reranker=None, under: str | os.PathLike | None = None) -> list[Hit]:
     """The one search path behind `search()` and the HTTP server: the top `k` hits for a unit query
-    `vector`; with `rerank`, ITC's top `rerank_k` (default max(k, 32), at most `max_depth`) re-ordered by
-    `reranker` (default: the model's ITM head) scoring `query` (of `kind` TEXT or IMAGE) against them."""
+    `vector` (among the items under the folder `under`, if given); with `rerank`, ITC's top `rerank_k`
+    (default max(k, 32), at most `max_depth`) re-ordered by `reranker` (default: the model's ITM head) scoring
+    `query` (of `kind` TEXT or IMAGE) against them."""
     if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
         raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
     if rerank:
@@ -172,18 +176,19 @@ def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, 
             raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
         reranker = load_reranker(reranker if reranker is not None else model)  # default: the model's own
     depth = max(k, rerank_k or 32) if rerank else k
-    hits = nearest_hits(index, vector, depth if max_depth is None else min(depth, max(k, max_depth)))
+    hits = nearest_hits(index, vector, depth if max_depth is None else min(depth, max(k, max_depth)), under=under)
     if rerank:
         hits = rerank_hits(query, kind, hits, reranker, weight)
     return hits[:k]
 
 
-def nearest_hits(index: Index, vector: np.ndarray, depth: int) -> list[Hit]:
-    """The index's top `depth` items for one unit query vector, as Hits with their metadata. A query of several
-    vectors (a BLIP-2 image's query tokens) scores an item by its best vector: each vector's top `depth`,
-    merged by the best score per item (exact: an item outside every vector's top `depth` is outside it)."""
+def nearest_hits(index: Index, vector: np.ndarray, depth: int, under: str | os.PathLike | None = None) -> list[Hit]:
+    """The index's top `depth` items (under the folder `under`, if given) for one unit query vector, as Hits with
+    their metadata. A query of several vectors (a BLIP-2 image's query tokens) scores an item by its best
+    vector: each vector's top `depth`, merged by the best score per item (exact: an item outside every vector's
+    top `depth` is outside it)."""
     for _ in range(3):  # (a writer changing the top hits again and again: at most two catch-ups)
-        scores, keys = index.search_keys(vector[None, :] if vector.ndim == 1 else vector, depth)
+        scores, keys = index.search_keys(vector[None, :] if vector.ndim == 1 else vector, depth, under=under)
         if len(keys) > 1:
             scores, keys = _best_per_key(scores.ravel(), keys.ravel(), depth)
         records = index.get_by_key(keys[0].tolist())

@@ -36,6 +36,7 @@ from clipkit.index.ann import Structure, check_index_type
 from clipkit.index.lock import writer_lock
 from clipkit.index.segments import DTYPES, new_state
 from clipkit.index.store import FORMAT, FORMAT_VERSION, Store, meta_row
+from clipkit.index.subset import folders_of, keys_under, search_under
 import clipkit.index.live as live
 import clipkit.index.persist as persist
 from clipkit.index.folders import FolderSync
@@ -361,31 +362,43 @@ class Index(FolderSync):
 
     # -- queries ----------------------------------------------------------------------------
 
-    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int = 10, *, under: str | os.PathLike | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: `(scores, ids)`, each `(n_queries, min(k, len(index)))`, best first.
 
         Queries are normalised to unit length; `ids` are the ids given when the items were added. An
         approximate structure (IVF) may find fewer than k: those slots hold id None and score -inf.
+        `under`: only the items whose file is that folder's (or under it), exactly for a folder of up to
+        200,000 items (`clipkit.index.subset`); a ValueError when the index holds none there.
         """
         with self._lock:
             for _ in range(3):  # an item removed since the last look at the store: catch up, search again
-                scores, keys = self.search_keys(queries, k)
+                scores, keys = self.search_keys(queries, k, under=under)
                 ids = self.store.ids_by_key(keys)
                 if not any(i is None for i in ids[keys >= 0]) or not self.refresh():
                     return scores, ids
             return scores, ids
 
-    def search_keys(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def count_under(self, under: str | os.PathLike) -> int:
+        """How many items lie under the folder `under` (or are that file): what `search(..., under=)` searches."""
+        with self._lock:
+            return len(keys_under(self.store, folders_of(under)))
+
+    def search_keys(self, queries: Any, k: int = 10, *, under: str | os.PathLike | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """As `search`, but `(scores, keys)`: the items' integer keys (-1 where none was found), with no
         metadata lookup; `get_by_key` turns them into records."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         vectors = prepare_vectors(queries, self.dim, what="queries")
+        folders = None if under is None else folders_of(under)
         self._maybe_refresh()
         with self._lock:
             k = min(int(k), self._structure.ntotal)
             if k == 0:
                 return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+            if folders is not None:
+                return search_under(self.store, self._structure, vectors, k, folders)
             found = self._structure.search(vectors, k)
             self._warn_damaged()
             return found

@@ -1,0 +1,65 @@
+"""Search within a folder: the top k among the items whose file lies under it (`Index.search(..., under=...)`).
+
+A folder of up to `SCAN_LIMIT` items is searched exactly, its rows read by key from the memory-mapped segments
+(a trip's photos among millions: milliseconds, and exact whatever the structure). A larger one is searched
+through the index's structure, deeper and deeper (from its share of the index) until each query has k of its
+items or the whole index was looked at: what the structure finds, kept to the folder's items.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from clipkit.index.ann import top_k_scan, top_of
+from clipkit.index.vectors import in_sorted
+
+SCAN_LIMIT = 200_000  # items under a folder searched row by row (at most ~0.4 GB of float16 at 1,024-d, read
+# 10,000 rows at a time); past it, through the structure
+READ_ROWS = 10_000
+
+
+def folders_of(under: str | os.PathLike) -> list[str]:
+    """The absolute paths `under` may stand for in the index: as given (made absolute), and with its symbolic
+    links resolved (an indexed folder's path is the one it was indexed by; the links below it are kept)."""
+    if not isinstance(under, (str, os.PathLike)) or not str(under).strip():
+        raise ValueError(f"under must be a folder's path, got {under!r}")
+    given = os.path.abspath(os.path.expanduser(under))
+    return list(dict.fromkeys([given, str(Path(given).resolve())]))
+
+
+def search_under(store, structure, queries: np.ndarray, k: int, folders: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, keys) of each query's top k among the items under the first of `folders` that holds any
+    (-inf / -1 where fewer); a ValueError when none does."""
+    with store.snapshot():  # (one committed state: the keys and their rows)
+        keys = keys_under(store, folders)
+        if not len(keys):
+            raise ValueError(f"no indexed item lies under {folders[0]} (`clipkit roots` lists the indexed folders)")
+        if len(keys) <= SCAN_LIMIT:
+            rows = ((part, store.vectors(part)) for part in np.array_split(keys, -(-len(keys) // READ_ROWS)))
+            return top_k_scan(queries, rows, k, per_item=store.vectors_per_item)
+    return _deeper(structure, queries, k, np.sort(keys))
+
+
+def keys_under(store, folders: list[str]) -> np.ndarray:
+    """The keys of the items under the first of `folders` that holds any (none: an empty array)."""
+    for folder in folders:
+        keys = np.fromiter(store.keys_under(folder), np.int64)
+        if len(keys):
+            return keys
+    return np.zeros(0, np.int64)
+
+
+def _deeper(structure, queries: np.ndarray, k: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The structure searched k x (its size / the folder's, twice over) deep, four times deeper while a
+    query has fewer than k of the folder's items, up to the whole structure; its hits kept to `keys`."""
+    total = max(structure.ntotal, 1)
+    depth = min(total, k * 2 * -(-total // len(keys)))
+    while True:
+        scores, found = structure.search(queries, depth)
+        found = np.where(in_sorted(found, keys), found, -1)
+        if depth >= total or ((found >= 0).sum(axis=1) >= min(k, len(keys))).all():
+            return top_of(scores, found, k)
+        depth = min(total, depth * 4)

@@ -1,0 +1,96 @@
+"""Search within a folder (`under=`, `clipkit search --under FOLDER`): the items whose file lies there, against
+numpy brute force over exactly those items."""
+
+import json
+
+import numpy as np
+import pytest
+
+import clipkit
+from clipkit.cli import main
+from clipkit.index import Index
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """3,000 items in three folders (one nested in another), saved and loaded: vectors, ids, the index."""
+    rng = np.random.default_rng(3)
+    vectors = unit(rng.standard_normal((3000, 32)))
+    folders = ["/photos/2023/rome", "/photos/2023", "/photos/2024"]
+    ids = [f"{folders[i % 3]}/{i:05d}.jpg" for i in range(3000)]
+    index = Index.from_embeddings(vectors, ids=ids, metadata=[{"path": i} for i in ids])
+    index.save(tmp_path / "ix")
+    return vectors, np.array(ids), Index.load(tmp_path / "ix")
+
+
+def brute_force(vectors, ids, queries, k, prefix):
+    inside = np.array([i.startswith(prefix) for i in ids])
+    scores = queries @ vectors[inside].T
+    order = np.argsort(-scores, axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), ids[inside][order]
+
+
+@pytest.mark.parametrize("scan_limit", [200_000, 0])  # (read row by row; through the structure, deeper and deeper)
+def test_under_a_folder_equals_brute_force_over_its_items(photos, monkeypatch, scan_limit):
+    import clipkit.index.subset as subset
+
+    monkeypatch.setattr(subset, "SCAN_LIMIT", scan_limit)
+    vectors, ids, index = photos
+    queries = unit(np.random.default_rng(9).standard_normal((20, 32)))
+    for folder, prefix in [("/photos/2023", "/photos/2023/"), ("/photos/2023/rome/", "/photos/2023/rome/"),
+                           ("/photos/2024", "/photos/2024/")]:
+        scores, found = index.search(queries, 10, under=folder)
+        expected_scores, expected = brute_force(vectors, ids, queries, 10, prefix)
+        assert (found == expected).all()
+        np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    assert index.count_under("/photos/2023") == 2000 and index.count_under("/photos/2023/rome") == 1000
+
+
+def test_under_an_ann_structure_keeps_to_the_folder(photos, monkeypatch):
+    """Past SCAN_LIMIT, an approximate structure is searched deeper until each query has k of the folder's items."""
+    import clipkit.index.subset as subset
+
+    monkeypatch.setattr(subset, "SCAN_LIMIT", 0)
+    vectors, ids, index = photos
+    index.set_index_type("IVF16,Flat")
+    queries = unit(np.random.default_rng(5).standard_normal((20, 32)))
+    _, found = index.search(queries, 10, under="/photos/2023/rome")
+    assert all(i.startswith("/photos/2023/rome/") for i in found.ravel())
+    _, expected = brute_force(vectors, ids, queries, 10, "/photos/2023/rome/")
+    assert np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, expected)]) >= 0.8
+
+
+def test_under_a_file_a_gone_folder_and_nothing(photos):
+    vectors, ids, index = photos
+    scores, found = index.search(vectors[:1], 3, under=ids[0])
+    assert found[0].tolist() == [ids[0], None, None] and np.isneginf(scores[0, 1:]).all()
+    for nowhere in ("/photos/2025", "/photos/202"):  # (a prefix of a name is not a folder)
+        with pytest.raises(ValueError, match="no indexed item lies under"):
+            index.search(vectors[:1], 3, under=nowhere)
+        assert index.count_under(nowhere) == 0
+    with pytest.raises(ValueError, match="under must be a folder"):
+        index.search(vectors[:1], 3, under="  ")
+
+
+def test_search_and_the_cli_under_a_folder(image_folder, tmp_path, tiny_ckpt, capsys):
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(image_folder), "--index", ix, "--model", "clipkit-tiny", "--pretrained",
+                 str(tiny_ckpt)]) == 0
+    nested = image_folder / "nested"
+    hits = clipkit.search("a red circle", ix, k=20, under=nested)
+    inside = sorted(str(p.resolve()) for p in nested.rglob("*") if p.is_file())
+    assert sorted(h.path for h in hits) == inside and len(inside) == 8
+    everything = clipkit.search("a red circle", ix, k=20)
+    assert [h.id for h in hits] == [h.id for h in everything if h.path in inside]  # the same order, the same scores
+    assert main(["search", "a red circle", "a blue square", "--index", ix, "--under", str(nested / "deeper"),
+                 "--json", "-k", "20"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(a["hits"]) for a in answers] == [4, 4]
+    assert all("/nested/deeper/" in h["path"] for a in answers for h in a["hits"])
+    assert main(["search", "a red circle", "--index", ix, "--under", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no indexed item lies under" in err and "clipkit roots" in err
