@@ -94,3 +94,27 @@ def test_search_and_the_cli_under_a_folder(image_folder, tmp_path, tiny_ckpt, ca
     assert main(["search", "a red circle", "--index", ix, "--under", str(tmp_path / "elsewhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no indexed item lies under" in err and "clipkit roots" in err
+
+
+def test_the_server_searches_under_a_folder(image_folder, tiny_model):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from clipkit.serve import create_app
+
+    index = Index.from_folder(image_folder, model=tiny_model)
+    nested = str((image_folder / "nested").resolve())
+    with TestClient(create_app({"photos": index})) as client:
+        answer = client.post("/search", json={"text": "a red circle", "k": 20, "under": nested})
+        assert answer.status_code == 200
+        paths = [hit["path"] for hit in answer.json()["results"]]
+        assert len(paths) == 8 and all(path.startswith(nested + "/") for path in paths)
+        with (image_folder / "red circle.png").open("rb") as picture:
+            form = client.post("/search", files={"image": ("q.png", picture, "image/png")},
+                               data={"under": nested + "/deeper", "k": "20"})
+        assert form.status_code == 200 and len(form.json()["results"]) == 4
+        for under in ("/nowhere", "a\x00b"):
+            refused = client.post("/search", json={"text": "a red circle", "under": under})
+            assert refused.status_code == 400, refused.text
+        assert "no indexed item lies under /nowhere" in client.post(
+            "/search", json={"text": "x", "under": "/nowhere"}).json()["detail"]

@@ -27,7 +27,10 @@ def folders_of(under: str | os.PathLike) -> list[str]:
     if not isinstance(under, (str, os.PathLike)) or not str(under).strip():
         raise ValueError(f"under must be a folder's path, got {under!r}")
     given = os.path.abspath(os.path.expanduser(under))
-    return list(dict.fromkeys([given, str(Path(given).resolve())]))
+    try:
+        return list(dict.fromkeys([given, str(Path(given).resolve())]))
+    except (OSError, RuntimeError):  # (a loop of links, a name too long: only the path as given)
+        return [given]
 
 
 def search_under(store, structure, queries: np.ndarray, k: int, folders: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -63,7 +63,7 @@ async def search(request: Request):
     else:
         kind, value = ITEM, body.id
     results = await service.search(collection, kind, value, body.k, rerank=body.rerank, rerank_k=body.rerank_k,
-                                   weight=body.weight, modality=body.modality)
+                                   weight=body.weight, modality=body.modality, under=body.under)
     return {"index": collection.name, "query": source, "reranked": body.rerank, "results": results,
             "took_ms": round(1000 * (time.perf_counter() - start), 2)}
 

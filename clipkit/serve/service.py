@@ -90,6 +90,8 @@ class SearchRequest(BaseModel):
     modality: Literal["image", "text"] = Field("image", description="search the images, or the captions indexed "
                                                                    "beside them (image -> text, text -> text)")
     index: str | None = None
+    under: str | None = Field(None, max_length=4096, description="only the items whose file lies in this folder "
+                              "(an absolute path, as the results' paths are) or below it")
 
 
 class BodyTooLarge(Exception):
@@ -164,7 +166,7 @@ class Service:
 
     async def search(self, collection: Collection, kind: str, value: Any, k: int, *, rerank: bool = False,
                      rerank_k: int | None = None, weight: float | None = None, modality: str = "image",
-                     max_k: int | None = None) -> list[dict]:
+                     max_k: int | None = None, under: str | None = None) -> list[dict]:
         """The library's search (`clipkit.search.ranked_hits`) with the server's limits (at most `max_k`
         results, default `config.max_k`); what the library refuses is a 400 with its message."""
         vector, query = await self.query(collection, kind, value)
@@ -174,7 +176,8 @@ class Service:
             target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
             find = functools.partial(ranked_hits, target, vector, min(k, max_k or self.config.max_k), query=query,
                                      kind=kind, model=collection.model, rerank=rerank, rerank_k=rerank_k,
-                                     weight=weight, max_depth=self.config.max_rerank_k, reranker=self.reranker)
+                                     weight=weight, max_depth=self.config.max_rerank_k, reranker=self.reranker,
+                                     under=under or None)
             hits = await run(find)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
