@@ -118,3 +118,35 @@ def test_the_server_searches_under_a_folder(image_folder, tiny_model):
             assert refused.status_code == 400, refused.text
         assert "no indexed item lies under /nowhere" in client.post(
             "/search", json={"text": "x", "under": "/nowhere"}).json()["detail"]
+
+
+def test_the_page_narrows_a_search_to_a_result_s_folder(image_folder, tmp_path):
+    """In Chromium: "in this folder" under a result searches again among that folder's images only (the
+    status says where); "all folders" searches everything again."""
+    pytest.importorskip("fastapi")
+    from conftest import chromium, running_server
+
+    ix = tmp_path / "ix"
+    assert main(["-q", "index", str(image_folder), "--index", str(ix)]) == 0
+    deeper = str((image_folder / "nested" / "deeper").resolve())
+    with running_server("--index", str(ix)) as url, chromium() as driver:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        wait = WebDriverWait(driver, 60)
+        driver.get(url)
+        wait.until(lambda d: "images indexed" in d.find_element(By.ID, "status").text)
+        driver.find_element(By.ID, "query").send_keys("a red circle", Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 12)
+        links = driver.execute_script(
+            "return [...document.querySelectorAll('#results button.folder')].map(b => b.title)")
+        position = next(i for i, title in enumerate(links) if title.endswith(deeper + " only"))
+        driver.find_elements(By.CSS_SELECTOR, "#results button.folder")[position].click()
+        wait.until(lambda d: f"in {deeper} in" in d.find_element(By.ID, "status").text)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#results li")) == 4
+        assert driver.find_element(By.ID, "folder-name").text == deeper
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results button.folder")  # (all are in that folder)
+        driver.find_element(By.ID, "folder-clear").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 12)
+        assert not driver.find_element(By.ID, "folder-field").is_displayed()

@@ -2,6 +2,8 @@
 // clipkit's search page: plain JS over the /search, /healthz, /thumbnail and /image endpoints.
 const $ = (id) => document.getElementById(id);
 let info = null;
+let under = null;  // a folder the search keeps to ("in this folder" under a result), or null for all
+let last = null;  // the last search's { body, label }: run again when the folder changes
 
 function indexName() { return $("index-select").value || null; }
 
@@ -45,8 +47,22 @@ function resultsWanted() {
   return Number.isFinite(k) && k > 0 ? Math.min(k, info ? info.limits.max_k : 1000) : 20;
 }
 
+function setFolder(folder) {
+  under = folder;
+  $("folder-field").hidden = !folder;
+  $("folder-name").textContent = folder || "";
+  if (last) search(last.body, last.label);
+}
+
 async function search(body, label) {
-  setStatus(`Searching for ${label}…`);
+  last = { body, label };
+  if (body instanceof FormData) {
+    if (under) body.set("under", under); else body.delete("under");
+  } else {
+    body = { ...body, under: under || undefined };
+  }
+  const where = under ? ` in ${under}` : "";
+  setStatus(`Searching for ${label}${where}…`);
   const options = { method: "POST" };
   if (body instanceof FormData) {
     options.body = body;
@@ -70,7 +86,7 @@ async function search(body, label) {
   const how = data.reranked ? ", re-ranked" : "";
   const what = body instanceof FormData ? body.get("modality") : body.modality;
   const noun = what === "text" ? "captions" : "results";
-  setStatus(`${data.results.length} ${noun} for ${label} in ${data.took_ms} ms${how}.`);
+  setStatus(`${data.results.length} ${noun} for ${label}${where} in ${data.took_ms} ms${how}.`);
 }
 
 function render(results) {
@@ -108,6 +124,16 @@ function render(results) {
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
     meta.append(label, score);
+    const folder = hit.path ? hit.path.replace(/[\\/][^\\/]*$/, "") : "";
+    if (folder && folder !== under) {
+      const narrow = document.createElement("button");
+      narrow.type = "button";
+      narrow.className = "folder small";
+      narrow.textContent = "in this folder";
+      narrow.title = "Search again, among the images of " + folder + " only";
+      narrow.addEventListener("click", () => setFolder(folder));
+      meta.append(narrow);
+    }
     if (hit.caption_id !== undefined) {
       const caption = document.createElement("p");
       caption.className = "caption";
@@ -153,6 +179,7 @@ $("image-button").addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("image-input").click(); }
 });
 $("index-select").addEventListener("change", updateRerank);
+$("folder-clear").addEventListener("click", () => setFolder(null));
 document.addEventListener("keydown", (event) => {
   if (event.key === "/" && document.activeElement !== $("query")) { event.preventDefault(); $("query").focus(); }
 });
