@@ -1047,14 +1047,31 @@ def _query_groups(args, most: int = 64):
         else:
             stream = stack.enter_context(open(args.queries, encoding="utf-8", errors="surrogateescape"))
         group = []
-        for line in iter(stream.readline, ""):
+        for line in _query_lines(stream, args.queries):
+            if isinstance(line, Exception):  # (the lines before it answered first)
+                yield from [group] if group else []
+                raise line
             if line.strip():
-                group.append(line.rstrip("\r\n"))
+                group.append(line)
             if group and (len(group) >= most or not _more_waiting(stream)):
                 yield group
                 group = []
         if group:
             yield group
+
+
+MAX_QUERY_LINE = 65_536  # characters: a text (the model reads its first 77 tokens) or a path is far shorter
+
+
+def _query_lines(stream, name: str):
+    """The lines of a --queries stream, without their line ends; at a NUL byte or a line past MAX_QUERY_LINE
+    (a binary file given by mistake, not queries), the error that stops the run, and no more."""
+    for number, line in enumerate(iter(lambda: stream.readline(MAX_QUERY_LINE + 1), ""), 1):
+        if "\x00" in line or (len(line) > MAX_QUERY_LINE and not line.endswith("\n")):
+            what = "holds NUL bytes" if "\x00" in line else f"is over {MAX_QUERY_LINE:,} characters"
+            yield UsageError(f"--queries {name}: line {number} {what}: give a text file of queries, one a line")
+            return
+        yield line.rstrip("\r\n")
 
 
 def _more_waiting(stream) -> bool:

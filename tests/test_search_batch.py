@@ -91,7 +91,15 @@ def test_a_query_file_is_read_in_batches_with_blank_lines_left_out(indexed, tmp_
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["query"] for line in lines] == [f"a red circle number {i}" for i in range(100)]
     assert calls == [64, 36]  # (a file: 64 lines a batch)
-    for argv, message in [(["--queries", str(tmp_path / "nope.txt")], "no such file"),
+    binary, long = tmp_path / "photo.jpg", tmp_path / "long.txt"
+    binary.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\n\x01\x02\n")
+    long.write_text("a red circle\n" + "x" * 70_000 + "\na blue square\n")
+    assert main(["search", "--queries", str(long), "--index", str(indexed), "-k", "1"]) == 2
+    captured = capsys.readouterr()  # (the lines before it answered; the run stops there)
+    assert captured.out.startswith("# a red circle\n") and "a blue square" not in captured.out
+    assert "line 2 is over 65,536 characters" in captured.err
+    for argv, message in [(["--queries", str(binary)], "line 1 holds NUL bytes: give a text file of queries"),
+                          (["--queries", str(tmp_path / "nope.txt")], "no such file"),
                           (["--queries", str(tmp_path)], "is a folder"), ([], "give a QUERY, or --queries FILE"),
                           (["x", "--queries", str(queries)], "not both")]:
         assert main(["search", *argv, "--index", str(indexed)]) == 2
