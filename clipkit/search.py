@@ -107,7 +107,8 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     """`search()` for many queries at once: for each query (any kind `search()` takes, mixed), the hits
     `search()` gives it, with the texts embedded in batches and the images in batches (a file of thousands of
     queries costs the model's batched time, not a call each). A bad query is a ValueError before anything is
-    searched. The options are `search()`'s, the same for every query."""
+    searched. The options are `search()`'s, the same for every query. (The hits of every query are held until
+    it returns: for millions of queries, call it a chunk at a time.)"""
     if isinstance(queries, (str, bytes, Image.Image, os.PathLike, np.ndarray)) or not isinstance(queries, Sequence):
         raise ValueError(f"queries must be a list of queries, got {type(queries).__name__}: for one query, "
                          "use clipkit.search")
@@ -130,6 +131,9 @@ def _checked(index, k) -> Index:
     return index
 
 
+EMBED_CHUNK = 1024  # queries of a kind embedded in one call by `search_batch`
+
+
 def _search_all(queries: list, kinds: list[str], index: Index, k: int, *, model, modality: str, **options) -> list:
     """Each query's hits: the texts and the images embedded a kind at a time, then each query searched by
     `ranked_hits` in the collection its kind searches."""
@@ -138,8 +142,10 @@ def _search_all(queries: list, kinds: list[str], index: Index, k: int, *, model,
     vectors: list = [None] * len(queries)
     for kind, embed in ((TEXT, encode_texts), (IMAGE, encode_images)):
         positions = [i for i, each in enumerate(kinds) if each == kind]
-        for position, vector in zip(positions, embed([queries[i] for i in positions], model) if positions else ()):
-            vectors[position] = vector
+        for start in range(0, len(positions), EMBED_CHUNK):  # (tokens or pixels of a chunk at a time)
+            chunk = positions[start:start + EMBED_CHUNK]
+            for position, vector in zip(chunk, embed([queries[i] for i in chunk], model)):
+                vectors[position] = vector
     for position, kind in enumerate(kinds):
         if kind == "vector":
             vectors[position] = prepare_vectors(queries[position], index.dim, what="the query")[0]
