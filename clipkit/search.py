@@ -135,22 +135,23 @@ EMBED_CHUNK = 1024  # queries of a kind embedded in one call by `search_batch`
 
 
 def _search_all(queries: list, kinds: list[str], index: Index, k: int, *, model, modality: str, **options) -> list:
-    """Each query's hits: the texts and the images embedded a kind at a time, then each query searched by
-    `ranked_hits` in the collection its kind searches."""
+    """Each query's hits: the queries of a kind embedded together and searched together (`ranked_hits_many`),
+    `EMBED_CHUNK` at a time, in the collection their kind searches."""
     targets = {kind: searched_collection(index, modality, kind=kind, rerank=options["rerank"]) for kind in set(kinds)}
     model = index_model(index, model) if set(kinds) - {"vector"} else None  # (None: nothing to embed)
-    vectors: list = [None] * len(queries)
-    for kind, embed in ((TEXT, encode_texts), (IMAGE, encode_images)):
+    embedders = {TEXT: encode_texts, IMAGE: encode_images}
+    results: list = [None] * len(queries)
+    for kind in dict.fromkeys(kinds):
         positions = [i for i, each in enumerate(kinds) if each == kind]
-        for start in range(0, len(positions), EMBED_CHUNK):  # (tokens or pixels of a chunk at a time)
+        for start in range(0, len(positions), EMBED_CHUNK):  # (tokens or pixels, and hits, of a chunk at a time)
             chunk = positions[start:start + EMBED_CHUNK]
-            for position, vector in zip(chunk, embed([queries[i] for i in chunk], model)):
-                vectors[position] = vector
-    for position, kind in enumerate(kinds):
-        if kind == "vector":
-            vectors[position] = prepare_vectors(queries[position], index.dim, what="the query")[0]
-    return [ranked_hits(targets[kind], vector, k, query=query, kind=kind, model=model, **options)
-            for query, kind, vector in zip(queries, kinds, vectors)]
+            batch = [queries[i] for i in chunk]
+            vectors = list(embedders[kind](batch, model)) if kind in embedders else \
+                [prepare_vectors(query, index.dim, what="the query")[0] for query in batch]
+            found = ranked_hits_many(targets[kind], vectors, k, queries=batch, kind=kind, model=model, **options)
+            for position, hits in zip(chunk, found):
+                results[position] = hits
+    return results
 
 
 def searched_collection(index: Index, modality: str, *, kind: str | None = None, rerank: bool = False) -> Index:
@@ -175,6 +176,15 @@ def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, 
     `vector` (among the items under the folder `under`, if given); with `rerank`, ITC's top `rerank_k`
     (default max(k, 32), at most `max_depth`) re-ordered by `reranker` (default: the model's ITM head) scoring
     `query` (of `kind` TEXT or IMAGE) against them."""
+    return ranked_hits_many(index, [vector], k, queries=[query], kind=kind, model=model, rerank=rerank,
+                            rerank_k=rerank_k, weight=weight, max_depth=max_depth, reranker=reranker, under=under)[0]
+
+
+def ranked_hits_many(index: Index, vectors: list[np.ndarray], k: int, *, queries: list, kind: str = "vector",
+                     model=None, rerank: bool = False, rerank_k: int | None = None, weight: float | None = None,
+                     max_depth: int | None = None, reranker=None, under: str | os.PathLike | None = None) -> list:
+    """`ranked_hits` for several queries of one `kind`: their nearest items found together (one structure
+    search, one pass over a folder's rows), each query then re-ranked alone."""
     if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
         raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
     if rerank:
@@ -182,29 +192,54 @@ def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, 
             raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
         reranker = load_reranker(reranker if reranker is not None else model)  # default: the model's own
     depth = max(k, rerank_k or 32) if rerank else k
-    hits = nearest_hits(index, vector, depth if max_depth is None else min(depth, max(k, max_depth)), under=under)
+    found = nearest_hits_many(index, vectors, depth if max_depth is None else min(depth, max(k, max_depth)),
+                              under=under)
     if rerank:
-        hits = rerank_hits(query, kind, hits, reranker, weight)
-    return hits[:k]
+        found = [rerank_hits(query, kind, hits, reranker, weight) for query, hits in zip(queries, found)]
+    return [hits[:k] for hits in found]
 
 
 def nearest_hits(index: Index, vector: np.ndarray, depth: int, under: str | os.PathLike | None = None) -> list[Hit]:
     """The index's top `depth` items (under the folder `under`, if given) for one unit query vector, as Hits with
-    their metadata. A query of several vectors (a BLIP-2 image's query tokens) scores an item by its best
-    vector: each vector's top `depth`, merged by the best score per item (exact: an item outside every vector's
-    top `depth` is outside it)."""
+    their metadata (`nearest_hits_many` of one)."""
+    return nearest_hits_many(index, [vector], depth, under=under)[0]
+
+
+def nearest_hits_many(index: Index, vectors: list[np.ndarray], depth: int,
+                      under: str | os.PathLike | None = None) -> list[list[Hit]]:
+    """For each unit query vector, the index's top `depth` items (under the folder `under`, if given) as Hits
+    with their metadata; the one-vector queries searched in one call. A query of several vectors (a BLIP-2
+    image's query tokens) scores an item by its best vector: each vector's top `depth`, merged by the best score
+    per item (exact: an item outside every vector's top `depth` is outside it)."""
     for _ in range(3):  # (a writer changing the top hits again and again: at most two catch-ups)
-        scores, keys = index.search_keys(vector[None, :] if vector.ndim == 1 else vector, depth, under=under)
-        if len(keys) > 1:
-            scores, keys = _best_per_key(scores.ravel(), keys.ravel(), depth)
-        records = index.get_by_key(keys[0].tolist())
+        found = _nearest_keys(index, vectors, depth, under)
+        records = iter(index.get_by_key([int(key) for _, keys in found for key in keys]))
+        per_query = [[next(records) for _ in keys] for _, keys in found]
         # an approximate index may find fewer (key -1); an item removed (or moved) since the index last looked
         # at its store has no record: then it catches up and searches again, rather than return fewer hits
-        stale = any(record is None and key >= 0 for key, record in zip(keys[0], records))
+        stale = any(record is None and key >= 0 for (_, keys), records_of in zip(found, per_query)
+                    for key, record in zip(keys, records_of))
         if not stale or not index.refresh():
             break
-    return [Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), key=record.pop("key"),
-                metadata=record) for score, record in zip(scores[0], records) if record is not None]
+    return [[Hit(id=record.pop("id"), score=float(score), path=record.pop("path", None), key=record.pop("key"),
+                 metadata=record) for score, record in zip(scores, records_of) if record is not None]
+            for (scores, _), records_of in zip(found, per_query)]
+
+
+def _nearest_keys(index: Index, vectors: list[np.ndarray], depth: int, under) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(scores, keys) of each query's top `depth`: the one-vector queries in one `search_keys` call."""
+    out: list = [None] * len(vectors)
+    single = [i for i, vector in enumerate(vectors) if vector.ndim == 1]
+    if single:
+        scores, keys = index.search_keys(np.stack([vectors[i] for i in single]), depth, under=under)
+        for row, i in enumerate(single):
+            out[i] = (scores[row], keys[row])
+    for i, vector in enumerate(vectors):
+        if vector.ndim != 1:
+            scores, keys = index.search_keys(vector, depth, under=under)
+            best_scores, best_keys = _best_per_key(scores.ravel(), keys.ravel(), depth)
+            out[i] = (best_scores[0], best_keys[0])
+    return out
 
 
 def _best_per_key(scores: np.ndarray, keys: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
