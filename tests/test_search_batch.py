@@ -49,6 +49,11 @@ def test_search_batch_embeds_texts_in_batches_and_refuses_what_search_refuses(in
     texts = [f"a red circle number {i}" for i in range(150)]
     hits = clipkit.search_batch(texts, index, k=2)
     assert calls == [150] and len(hits) == 150 and all(len(h) == 2 for h in hits)  # one call: encode batches it
+    searched, real_search = [], Index.search_keys
+    monkeypatch.setattr(Index, "search_keys", lambda self, q, k, **kw: searched.append(len(q)) or real_search(
+        self, q, k, **kw))
+    clipkit.search_batch(texts[:40] + list(index.embeddings(index.ids()[:3])), index, k=2)
+    assert searched == [40, 3]  # (the queries of a kind searched in one call)
     for bad, message in [("a red circle", "must be a list"), (["ok", ""], "the text query is empty"),
                          (["ok", 3], "unsupported query type int")]:
         with pytest.raises(ValueError, match=message):
