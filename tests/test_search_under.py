@@ -150,3 +150,16 @@ def test_the_page_narrows_a_search_to_a_result_s_folder(image_folder, tmp_path):
         driver.find_element(By.ID, "folder-clear").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 12)
         assert not driver.find_element(By.ID, "folder-field").is_displayed()
+
+
+def test_under_a_shard_or_a_folder_of_shards(tmp_path):
+    """Items of webdataset shards lie where their shard lies (what `clipkit remove` takes too)."""
+    from clipkit.data.synthetic import write_synthetic
+
+    shards = write_synthetic(tmp_path / "shards", 30, seed=8, split="test", maxcount=10, workers=1, progress=False)
+    ix = str(tmp_path / "ix")
+    assert main(["-q", "index", str(shards[0].parent), "--index", ix]) == 0
+    index = Index.load(ix)
+    hits = clipkit.search("a red circle", index, k=30, under=shards[1])
+    assert len(hits) == 10 and all(h.id.startswith(f"{shards[1]}#") for h in hits)
+    assert index.count_under(shards[0].parent) == 30 and index.count_under(shards[2]) == 10

@@ -36,7 +36,7 @@ from clipkit.index.ann import Structure, check_index_type
 from clipkit.index.lock import writer_lock
 from clipkit.index.segments import DTYPES, new_state
 from clipkit.index.store import FORMAT, FORMAT_VERSION, Store, meta_row
-from clipkit.index.subset import folders_of, keys_under, search_under
+from clipkit.index.subset import folders_of, keys_in, search_under
 import clipkit.index.live as live
 import clipkit.index.persist as persist
 from clipkit.index.folders import FolderSync
@@ -382,7 +382,7 @@ class Index(FolderSync):
     def count_under(self, under: str | os.PathLike) -> int:
         """How many items lie under the folder `under` (or are that file): what `search(..., under=)` searches."""
         with self._lock:
-            return len(keys_under(self.store, folders_of(under)))
+            return len(keys_in(self.store, folders_of(under)))
 
     def search_keys(self, queries: Any, k: int = 10, *, under: str | os.PathLike | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:

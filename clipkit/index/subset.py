@@ -1,4 +1,5 @@
-"""Search within a folder: the top k among the items whose file lies under it (`Index.search(..., under=...)`).
+"""Search within a folder: the top k among the items whose file (or shard) lies under it (`Index.search(...,
+under=...)`): the items `clipkit remove FOLDER` would remove.
 
 A folder of up to `SCAN_LIMIT` items is searched exactly, its rows read by key from the memory-mapped segments
 (a trip's photos among millions: milliseconds, and exact whatever the structure). A larger one is searched
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clipkit.index.ann import top_k_scan, top_of
+from clipkit.index.sync import keys_under
 from clipkit.index.vectors import in_sorted
 
 SCAN_LIMIT = 200_000  # items under a folder searched row by row (at most ~0.4 GB of float16 at 1,024-d, read
@@ -37,7 +39,7 @@ def search_under(store, structure, queries: np.ndarray, k: int, folders: list[st
     """(scores, keys) of each query's top k among the items under the first of `folders` that holds any
     (-inf / -1 where fewer); a ValueError when none does."""
     with store.snapshot():  # (one committed state: the keys and their rows)
-        keys = keys_under(store, folders)
+        keys = keys_in(store, folders)
         if not len(keys):
             raise ValueError(f"no indexed item lies under {folders[0]} (`clipkit roots` lists the indexed folders)")
         if len(keys) <= SCAN_LIMIT:
@@ -46,10 +48,11 @@ def search_under(store, structure, queries: np.ndarray, k: int, folders: list[st
     return _deeper(structure, queries, k, np.sort(keys))
 
 
-def keys_under(store, folders: list[str]) -> np.ndarray:
-    """The keys of the items under the first of `folders` that holds any (none: an empty array)."""
+def keys_in(store, folders: list[str]) -> np.ndarray:
+    """The keys of the items (files, or items of shards) under the first of `folders` that holds any (none: an
+    empty array): what `clipkit remove FOLDER` would remove."""
     for folder in folders:
-        keys = np.fromiter(store.keys_under(folder), np.int64)
+        keys = np.fromiter(keys_under(folder, store), np.int64)
         if len(keys):
             return keys
     return np.zeros(0, np.int64)
