@@ -185,8 +185,8 @@ def _add_search_command(commands) -> None:
     search.add_argument("--device", default=None, help=DEVICE_HELP)
     search.add_argument("--captions", action="store_true",
                         help="search the captions indexed beside the images (image -> text, text -> text)")
-    search.add_argument("--under", metavar="FOLDER", help="only the items whose file (or shard) lies in FOLDER (or below it): "
-                        "one trip's photos in an index of all of them (exact up to 200,000 items there)")
+    search.add_argument("--under", metavar="FOLDER", help="only the items whose file (or shard) lies in FOLDER (or "
+                        "below it): one trip's photos in an index of all of them (exact up to 200,000 items there)")
 
 
 def _add_data_commands(commands) -> None:
