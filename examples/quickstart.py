@@ -34,9 +34,10 @@ def main() -> None:
     print(f"indexed {len(index)} images into {out / 'photos.clipkit'}")
 
     index = clipkit.Index.load(out / "photos.clipkit")  # later: load it, and search with the index's own model
-    for query in ["a large red circle", "a blue square left of a yellow star"]:
+    queries = ["a large red circle", "a blue square left of a yellow star"]
+    for query, hits in zip(queries, clipkit.search_batch(queries, index, k=3)):  # (one query: clipkit.search)
         print(f"\ntext query: {query!r}")
-        for hit in clipkit.search(query, index, k=3):
+        for hit in hits:
             caption = Path(hit.path).with_suffix(".txt").read_text().splitlines()[0]
             print(f"  {hit.score:+.3f}  {Path(hit.path).name}  ({caption})")
 
