@@ -163,3 +163,23 @@ def test_under_a_shard_or_a_folder_of_shards(tmp_path):
     hits = clipkit.search("a red circle", index, k=30, under=shards[1])
     assert len(hits) == 10 and all(h.id.startswith(f"{shards[1]}#") for h in hits)
     assert index.count_under(shards[0].parent) == 30 and index.count_under(shards[2]) == 10
+
+
+@pytest.mark.parametrize("scan_limit", [200_000, 0])
+def test_under_a_folder_with_items_of_several_vectors(monkeypatch, scan_limit):
+    """BLIP-2's items (several vectors, scored by the best): within a folder as everywhere, equal to numpy."""
+    import clipkit.index.subset as subset
+
+    monkeypatch.setattr(subset, "SCAN_LIMIT", scan_limit)
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((600, 3, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=2, keepdims=True)
+    ids = [f"/lib/{'a' if i % 4 else 'b'}/{i}.jpg" for i in range(600)]
+    index = Index.from_embeddings(base, ids=ids, metadata=[{"path": i} for i in ids])
+    queries = unit(rng.standard_normal((10, 16)))
+    inside = [i for i, name in enumerate(ids) if name.startswith("/lib/b/")]
+    scores = np.einsum("qd,nmd->qnm", queries, base[inside]).max(axis=2)
+    order = np.argsort(-scores, axis=1)[:, :5]
+    found_scores, found = index.search(queries, 5, under="/lib/b")
+    assert found.tolist() == [[ids[inside[j]] for j in row] for row in order]
+    np.testing.assert_allclose(found_scores, np.take_along_axis(scores, order, 1), atol=1e-5)
