@@ -107,8 +107,11 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     """`search()` for many queries at once: for each query (any kind `search()` takes, mixed), the hits
     `search()` gives it, with the texts embedded in batches and the images in batches (a file of thousands of
     queries costs the model's batched time, not a call each). A bad query is a ValueError before anything is
-    searched. The options are `search()`'s, the same for every query. (The hits of every query are held until
-    it returns: for millions of queries, call it a chunk at a time.)"""
+    searched. The options are `search()`'s, the same for every query. A 2-D float array is a batch of
+    embeddings, a row a query. (The hits of every query are held until it returns: for millions of queries,
+    call it a chunk at a time.)"""
+    if isinstance(queries, np.ndarray) and queries.ndim == 2 and np.issubdtype(queries.dtype, np.floating):
+        queries = list(queries)  # (rows of embeddings; a 2-D uint8 array would be one grey image)
     if isinstance(queries, (str, bytes, Image.Image, os.PathLike, np.ndarray)) or not isinstance(queries, Sequence):
         raise ValueError(f"queries must be a list of queries, got {type(queries).__name__}: for one query, "
                          "use clipkit.search")

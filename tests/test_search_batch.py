@@ -39,6 +39,8 @@ def test_search_batch_gives_each_query_what_search_gives_it(indexed, image_folde
         np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=1e-5)
     assert batched[4][0].id == index.ids()[3] and batched[1][0].path.endswith("blue circle.gif")
     assert clipkit.search_batch([], index) == []
+    rows = index.embeddings(index.ids()[:3])  # (a 2-D float array: a query a row)
+    assert [hits[0].id for hits in clipkit.search_batch(rows, index, k=1)] == index.ids()[:3]
 
 
 def test_search_batch_embeds_texts_in_batches_and_refuses_what_search_refuses(indexed, image_folder, monkeypatch):
