@@ -569,7 +569,7 @@ def _index_source(args) -> tuple[Path | None, object, bool]:
     from clipkit.index import CaptionTable
     from clipkit.data.shardspec import is_shard_spec
 
-    if is_shard_spec(args.folder):
+    if is_shard_spec(args.folder, nested=True):
         from clipkit.index.shards import local_shards
 
         local_shards(args.folder)  # they exist, on this machine

@@ -296,22 +296,20 @@ def test_a_folder_of_images_names_the_shards_it_leaves_out(shards, tmp_path, cap
     assert "webdataset shard" not in capsys.readouterr().err and len(Index.load(ix)) == 31
 
 
-def test_shards_in_several_folders_are_named_by_one_glob_that_indexes_them(shards, tmp_path, capsys):
-    """A folder whose shards sit in subfolders (part1/, part2/) holds no image: the warning gives one glob
-    for all of them (SOURCE/**/*.tar), and that glob indexes every shard."""
+def test_shards_in_several_folders_are_indexed_as_their_glob_indexes_them(shards, tmp_path, capsys):
+    """A folder whose shards sit in subfolders (part1/, part2/) and that holds no image is indexed as the shards
+    below it (it warned and indexed nothing before), the same items as its glob SOURCE/**/*.tar."""
     top = tmp_path / "collection"
     for n, shard in enumerate(shards):
         (top / f"part{n % 2}").mkdir(parents=True, exist_ok=True)
         shard.rename(top / f"part{n % 2}" / shard.name)
     ix = str(tmp_path / "ix")
     assert main(["index", str(top), "--index", ix]) == 0
-    err = capsys.readouterr().err
-    glob = str(top / "**" / "*.tar")
-    assert f"'{glob}'" in err and "part0" in err and "part1" in err, err
-    assert main(["-q", "index", glob, "--index", ix]) == 0
-    assert len(Index.load(ix)) == 30
-    assert main(["index", str(top), "--index", ix]) == 0  # (the index holds them now: nothing to say)
     assert "webdataset shard" not in capsys.readouterr().err
+    assert main(["-q", "index", str(top / "**" / "*.tar"), "--index", str(tmp_path / "glob")]) == 0
+    assert len(Index.load(ix)) == 30 and sorted(Index.load(ix).ids()) == sorted(Index.load(tmp_path / "glob").ids())
+    assert main(["index", str(top), "--index", ix]) == 0
+    assert "0 new" in capsys.readouterr().out
 
 
 def test_shard_errors(shards, tmp_path, capsys):
@@ -431,3 +429,29 @@ def test_indexing_unchanged_shards_imports_no_torch(shards, tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120)
     assert "rc 0 torch False" in done.stdout and "30 unchanged" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_folder_of_shard_folders_is_indexed_and_mirrored(tmp_path, capsys):
+    """img2dataset runs side by side (`laion/run1/*.tar`, `laion/run2/*.tar`, nothing at the top): `clipkit index
+    laion` indexes every shard below it, as the glob of them does, and a shard deleted there leaves the index.
+    A tree with an image anywhere is a folder of images; training's `--data FOLDER` still reads its top only."""
+    from clipkit.data.shardspec import expand_shards, is_shard_folder
+
+    root = tmp_path / "laion"
+    write_synthetic(root / "run1", 20, seed=1, split="test", maxcount=10, workers=1, progress=False)
+    write_synthetic(root / "run2", 10, seed=2, split="test", maxcount=10, workers=1, progress=False)
+    assert main(["-q", "index", str(root), "--index", str(tmp_path / "ix")]) == 0
+    assert main(["-q", "index", str(root / "*" / "*.tar"), "--index", str(tmp_path / "glob")]) == 0
+    nested, globbed = Index.load(tmp_path / "ix"), Index.load(tmp_path / "glob")
+    assert len(nested) == 30 and sorted(nested.ids()) == sorted(globbed.ids())
+    np.testing.assert_allclose(nested.embeddings(sorted(nested.ids())), globbed.embeddings(sorted(nested.ids())),
+                               atol=1e-6)
+    (root / "run1" / "test-000001.tar").unlink()
+    capsys.readouterr()
+    assert main(["index", str(root), "--index", str(tmp_path / "ix")]) == 0
+    assert "10 removed" in capsys.readouterr().out and len(Index.load(tmp_path / "ix")) == 20
+    assert is_shard_folder(str(root), nested=True) and not is_shard_folder(str(root))
+    Image.new("RGB", (8, 8)).save(root / "run2" / "cover.jpg")
+    assert not is_shard_folder(str(root), nested=True)  # (an image anywhere: a folder of images)
+    with pytest.raises(ValueError, match="a folder without .tar shards"):
+        expand_shards(str(root))

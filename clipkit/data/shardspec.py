@@ -28,12 +28,14 @@ def image_key_of(sample: dict) -> str | None:
 _SHARD_SOURCES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".json", ".txt")
 
 
-def expand_shards(urls: str | Sequence[str]) -> list[str]:
+def expand_shards(urls: str | Sequence[str], nested: bool = False) -> list[str]:
     """Brace-expanded shard URLs; local paths (and file: URLs) must exist. A local folder stands for the
-    .tar shards in it (what `clipkit shards` writes); a folder of images or a caption table is an error that
-    says how to make shards of it."""
+    .tar shards in it (what `clipkit shards` writes; `nested`: a folder without any at its top, for those of its
+    subfolders, as `clipkit index` takes it); a folder of images or a caption table is an error that says how to
+    make shards of it."""
     listed = [urls] if isinstance(urls, str) else list(urls)
-    expanded = [shard for spec in listed for url in _expand_braces(spec) for shard in _local_folder_shards(url)]
+    expanded = [shard for spec in listed for url in _expand_braces(spec)
+                for shard in _local_folder_shards(url, nested)]
     if not expanded:
         raise ValueError(f"no shards in {urls!r}")
     for url in expanded:
@@ -55,7 +57,7 @@ def local_path(url: str) -> str | None:
     return url[len("file:"):] if url.startswith("file:") else url
 
 
-def _local_folder_shards(url: str) -> list[str]:
+def _local_folder_shards(url: str, nested: bool = False) -> list[str]:
     """[url], or for a local folder the .tar shards in it, or for a local glob (`shards/*.tar`: what users type,
     though webdataset takes brace patterns) the files it matches, in name order."""
     path = local_path(url)
@@ -66,7 +68,10 @@ def _local_folder_shards(url: str) -> list[str]:
         return matches
     if path is None or not os.path.isdir(path):
         return [url]
-    shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith((".tar", ".tar.gz", ".tgz")))
+    shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith(SHARD_SUFFIXES))
+    if not shards and nested:  # (none at its top: those of its subfolders)
+        shards = sorted(os.path.join(where, name) for where, files in _walk(path) for name in files
+                        if name.endswith(SHARD_SUFFIXES))
     if not shards:
         raise ValueError(f"{path} is a folder without .tar shards: make shards of a folder of images with NAME.txt "
                          f"captions with `clipkit shards {path} SHARDS_DIR`, then give SHARDS_DIR")
@@ -87,16 +92,29 @@ def _expand_braces(spec: str) -> list[str]:
     return [url for part in spec.split("::") for url in braceexpand(re.sub(r"\$\{(\w+)\}", variable, part))]
 
 
-def is_shard_spec(source: str) -> bool:
+def is_shard_spec(source: str, nested: bool = False) -> bool:
     """Whether a `clipkit index` SOURCE names shards (`x.tar`, `shards/{000..009}.tar`, or a folder of shards:
-    .tar files and no images at its top level, as `clipkit shards` and img2dataset write) rather than a folder."""
+    .tar files and no images at its top level, as `clipkit shards` and img2dataset write; `nested`: or in its
+    subfolders, none at its top, and no image anywhere) rather than a folder."""
     if os.path.isdir(source):  # (a folder of images may be called x.tar)
-        return is_shard_folder(source)
+        return is_shard_folder(source, nested)
     return source.endswith(".tar") or (".tar" in source and "{" in source)
 
 
-def is_shard_folder(path: str) -> bool:
-    """Whether `path` is a folder whose top level holds .tar files and no images (its subfolders are not read)."""
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # (compressed ones: refused when read, saying why)
+
+
+def is_shard_folder(path: str, nested: bool = False) -> bool:
+    """Whether `path` is a folder of shards: its top level holds .tar files and no images; or, `nested`, its top
+    level holds neither and its subfolders hold shards and no image (img2dataset runs side by side)."""
+    top = _top_level(path)
+    if top == "tars":
+        return True
+    return nested and top == "neither" and _tree_of_shards(path)
+
+
+def _top_level(path: str) -> str | None:
+    """"images" (one is enough, found at once however big the folder), "tars", "neither", or None (no folder)."""
     tars = False
     try:
         with os.scandir(path) as entries:
@@ -104,8 +122,27 @@ def is_shard_folder(path: str) -> bool:
                 if entry.name.startswith("."):
                     continue
                 if is_image_name(entry.name):
-                    return False  # (found at once in a folder of images, however big)
-                tars = tars or entry.name.endswith((".tar", ".tar.gz", ".tgz"))  # (compressed: refused, saying why)
+                    return "images"
+                tars = tars or entry.name.endswith(SHARD_SUFFIXES)
     except OSError:  # not a folder (or unreadable: then the folder sync says so)
-        return False
+        return None
+    return "tars" if tars else "neither"
+
+
+def _tree_of_shards(path: str) -> bool:
+    """Whether the tree under `path` holds shards and no image (stopping at the first image)."""
+    tars = False
+    for _, files in _walk(path):
+        for name in files:
+            if is_image_name(name):
+                return False
+            tars = tars or name.endswith(SHARD_SUFFIXES)
     return tars
+
+
+def _walk(path: str):
+    """(folder, its file names) of the tree under `path`, hidden files and folders left out, in name order;
+    links to folders are not followed."""
+    for where, folders, files in os.walk(path):
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        yield where, sorted(f for f in files if not f.startswith("."))

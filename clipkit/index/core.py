@@ -142,7 +142,7 @@ class Index(FolderSync):
 
         model = as_model(model)
         index = cls(model.dim, model=model, index_type=index_type, **options)
-        if is_shard_folder(os.fspath(folder)):
+        if is_shard_folder(os.fspath(folder), nested=True):
             index.sync_shards(os.fspath(folder), model, batch_size=batch_size, progress=progress)
         else:
             index.sync_folder(folder, model, batch_size=batch_size, workers=workers, progress=progress)

@@ -42,9 +42,10 @@ class ShardSample:
 
 
 def local_shards(urls: str | Sequence[str]) -> list[str]:
-    """Absolute paths of the shards `urls` names (brace patterns expanded); remote URLs are refused."""
+    """Absolute paths of the shards `urls` names (brace patterns expanded; a folder without shards at its top
+    stands for those of its subfolders); remote URLs are refused."""
     paths = []
-    for url in expand_shards(urls):
+    for url in expand_shards(urls, nested=True):
         path = local_path(url)
         if path is None:
             raise ValueError(f"{url}: clipkit indexes shards on this machine's disks (copy them here first)")

@@ -509,15 +509,15 @@ def shard_gone(store: Store, shard: str) -> bool:
 
 
 def gone_shards_in(folder: str, store: Store) -> list[str]:
-    """The recorded shards directly in `folder` whose file is gone (one look a recorded shard; a gone shard's
-    record is kept until its last item goes, so a stopped removal is found again)."""
-    return [shard for shard in store.shard_records() if os.path.dirname(shard) == folder and _gone(shard)]
+    """The recorded shards in `folder` (or its subfolders) whose file is gone (one look a recorded shard; a gone
+    shard's record is kept until its last item goes, so a stopped removal is found again)."""
+    return [shard for shard in store.shard_records() if is_under(shard, folder) and _gone(shard)]
 
 
 def gone_shard_emptied(folder: str, store: Store, shard: str) -> bool:
-    """Whether `shard`, directly in `folder`, is gone and has no item left (its record, which finds its items,
-    is kept until then)."""
-    return os.path.dirname(shard) == folder and _gone(shard) and next(keys_of_shards([shard], store), None) is None
+    """Whether `shard`, in `folder` (or its subfolders), is gone and has no item left (its record, which finds
+    its items, is kept until then)."""
+    return is_under(shard, folder) and _gone(shard) and next(keys_of_shards([shard], store), None) is None
 
 
 def is_under(path: str, folder: str) -> bool:
