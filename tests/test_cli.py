@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import clipkit
 from clipkit.cli import main
@@ -290,17 +291,17 @@ def test_an_empty_folder_and_an_empty_index_are_said(tmp_path, capsys):
     assert main(["search", "a red circle", "--index", ix]) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and "is empty: index a folder of images into it first" in captured.err
-    (tmp_path / "data" / "train").mkdir(parents=True)  # shards a level down: the warning says how to give them
+    (tmp_path / "data" / "train").mkdir(parents=True)  # shards a level down, no image: those shards indexed
     from clipkit.data.synthetic import write_synthetic
 
     made = write_synthetic(tmp_path / "made", 10, seed=1, split="test", maxcount=10, workers=1, progress=False)
     shutil.copy(made[0], tmp_path / "data" / "train" / "0.tar")
     assert main(["-q", "index", str(tmp_path / "data"), "--index", ix]) == 0
-    err = capsys.readouterr().err
-    assert f"found no images in {tmp_path / 'data'}" in err and "the index is empty" in err
-    assert f"holds webdataset shards in {tmp_path / 'data' / 'train'}: give them as SOURCE" in err
-    assert main(["-q", "index", str(tmp_path / "data" / "*" / "*.tar"), "--index", ix]) == 0
     assert len(Index.load(ix)) == 10 and "found no images" not in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "cover.jpg")  # an image beside them: a folder of images,
+    assert main(["index", str(tmp_path / "data"), "--index", str(tmp_path / "ix2")]) == 0  # and the shards
+    said = "".join(capsys.readouterr())  # below are said, with how to give them
+    assert f"holds 1 webdataset shard(s) ({tmp_path / 'data' / 'train' / '0.tar'})" in said and "as SOURCE" in said
 
 
 def test_a_pattern_as_source_says_to_give_the_folder(tmp_path, capsys):
