@@ -114,30 +114,36 @@ def is_shard_folder(path: str, nested: bool = False) -> bool:
 
 
 def _top_level(path: str) -> str | None:
-    """"images" (one is enough, found at once however big the folder), "tars", "neither", or None (no folder)."""
-    tars = False
+    """What the folder's top level holds (`_holds`), or None when it is no folder."""
     try:
         with os.scandir(path) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if is_image_name(entry.name):
-                    return "images"
-                tars = tars or entry.name.endswith(SHARD_SUFFIXES)
+            return _holds(entry.name for entry in entries)
     except OSError:  # not a folder (or unreadable: then the folder sync says so)
         return None
-    return "tars" if tars else "neither"
 
 
 def _tree_of_shards(path: str) -> bool:
     """Whether the tree under `path` holds shards and no image (stopping at the first image)."""
     tars = False
     for _, files in _walk(path):
-        for name in files:
-            if is_image_name(name):
-                return False
-            tars = tars or name.endswith(SHARD_SUFFIXES)
+        held = _holds(files)
+        if held == "images":
+            return False
+        tars = tars or held == "tars"
     return tars
+
+
+def _holds(names) -> str:
+    """"images" (at the first image's name: found at once however big the folder), "tars" or "neither", of these
+    names (hidden ones left out)."""
+    tars = False
+    for name in names:
+        if name.startswith("."):
+            continue
+        if is_image_name(name):
+            return "images"
+        tars = tars or name.endswith(SHARD_SUFFIXES)
+    return "tars" if tars else "neither"
 
 
 def _walk(path: str):
