@@ -183,3 +183,21 @@ def test_under_a_folder_with_items_of_several_vectors(monkeypatch, scan_limit):
     found_scores, found = index.search(queries, 5, under="/lib/b")
     assert found.tolist() == [[ids[inside[j]] for j in row] for row in order]
     np.testing.assert_allclose(found_scores, np.take_along_axis(scores, order, 1), atol=1e-5)
+
+
+def test_a_deep_search_past_its_memory_bound_reads_the_folder_s_rows(photos, monkeypatch):
+    """Past SCAN_LIMIT, a structure search deeper than DEEP_CELLS results at once is not made: the folder's rows
+    are read instead, exact, in bounded memory."""
+    import clipkit.index.subset as subset
+
+    vectors, ids, index = photos
+    monkeypatch.setattr(subset, "SCAN_LIMIT", 0)
+    monkeypatch.setattr(subset, "DEEP_CELLS", 50)
+    deep = []
+    real = index._structure.search
+    monkeypatch.setattr(index._structure, "search", lambda q, depth: deep.append(depth) or real(q, depth))
+    queries = unit(np.random.default_rng(2).standard_normal((20, 32)))
+    scores, found = index.search(queries, 10, under="/photos/2024")
+    expected_scores, expected = brute_force(vectors, ids, queries, 10, "/photos/2024/")
+    assert deep == [] and (found == expected).all()
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)

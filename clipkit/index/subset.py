@@ -4,7 +4,8 @@ under=...)`): the items `clipkit remove FOLDER` would remove.
 A folder of up to `SCAN_LIMIT` items is searched exactly, its rows read by key from the memory-mapped segments
 (a trip's photos among millions: milliseconds, and exact whatever the structure). A larger one is searched
 through the index's structure, deeper and deeper (from its share of the index) until each query has k of its
-items or the whole index was looked at: what the structure finds, kept to the folder's items.
+items or the whole index was looked at: what the structure finds, kept to the folder's items; where that would
+hold too many results at once, its rows are read as for a small folder (exact, in bounded memory).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from clipkit.index.vectors import in_sorted
 SCAN_LIMIT = 200_000  # items under a folder searched row by row (at most ~0.4 GB of float16 at 1,024-d, read
 # 10,000 rows at a time); past it, through the structure
 READ_ROWS = 10_000
+DEEP_CELLS = 1 << 24  # results a deeper search of the structure may hold at once (12 bytes each: ~200 MB)
 
 
 def folders_of(under: str | os.PathLike) -> list[str]:
@@ -43,9 +45,18 @@ def search_under(store, structure, queries: np.ndarray, k: int, folders: list[st
         if not len(keys):
             raise ValueError(f"no indexed item lies under {folders[0]} (`clipkit roots` lists the indexed folders)")
         if len(keys) <= SCAN_LIMIT:
-            rows = ((part, store.vectors(part)) for part in np.array_split(keys, -(-len(keys) // READ_ROWS)))
-            return top_k_scan(queries, rows, k, per_item=store.vectors_per_item)
-    return _deeper(structure, queries, k, np.sort(keys))
+            return _scan(store, queries, k, keys)
+    found = _deeper(structure, queries, k, np.sort(keys))
+    if found is not None:
+        return found
+    with store.snapshot():  # (the structure did not give k of them within its memory bound: every row read)
+        return _scan(store, queries, k, keys_in(store, folders))
+
+
+def _scan(store, queries: np.ndarray, k: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k over the rows of `keys`, read `READ_ROWS` at a time."""
+    rows = ((part, store.vectors(part)) for part in np.array_split(keys, max(1, -(-len(keys) // READ_ROWS))))
+    return top_k_scan(queries, rows, k, per_item=store.vectors_per_item)
 
 
 def keys_in(store, folders: list[str]) -> np.ndarray:
@@ -58,14 +69,17 @@ def keys_in(store, folders: list[str]) -> np.ndarray:
     return np.zeros(0, np.int64)
 
 
-def _deeper(structure, queries: np.ndarray, k: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _deeper(structure, queries: np.ndarray, k: int, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """The structure searched k x (its size / the folder's, twice over) deep, four times deeper while a
-    query has fewer than k of the folder's items, up to the whole structure; its hits kept to `keys`."""
+    query has fewer than k of the folder's items, up to the whole structure; its hits kept to `keys`. None
+    when that would hold more than `DEEP_CELLS` results at once (a folder the structure's top ranks seldom
+    reach, searched by many queries at once)."""
     total = max(structure.ntotal, 1)
     depth = min(total, k * 2 * -(-total // len(keys)))
-    while True:
+    while depth * len(queries) <= DEEP_CELLS:
         scores, found = structure.search(queries, depth)
         found = np.where(in_sorted(found, keys), found, -1)
         if depth >= total or ((found >= 0).sum(axis=1) >= min(k, len(keys))).all():
             return top_of(scores, found, k)
         depth = min(total, depth * 4)
+    return None
