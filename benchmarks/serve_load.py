@@ -1,10 +1,14 @@
 """Load test of `clipkit serve`: queries/s and latency percentiles at 1, 8 and 32 concurrent clients.
 
-    python benchmarks/serve_load.py [--images 300] [--requests 400] [--clients 1 8 32] [--json OUT]
+    python benchmarks/serve_load.py [--images 300] [--vectors 0] [--requests 400] [--clients 1 8 32]
+                                    [--search-batch 1 256] [--json OUT]
 
-Builds a folder of synthetic images, indexes it with the demo model, starts `clipkit serve` as a
-separate process on a free loopback port, and drives POST /search (text queries, k=10) from N
-concurrent HTTP clients. Prints a markdown table and writes JSON (default serve_load.json).
+Builds a folder of synthetic images, indexes it with the demo model (plus `--vectors` random unit vectors,
+so that a search costs what it costs in a large collection), serves it as `clipkit serve` does, in a separate
+process on a free loopback port, and drives POST /search (text queries, k=10) from N concurrent HTTP clients.
+Each `--search-batch` value is served in turn (the most queued searches made in one index search; 1: each
+request searched alone), side by side in one run. Prints a markdown table and writes JSON (default
+serve_load.json).
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index_path: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", "--index", str(index_path),
-                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def start_server(index_path: Path, port: int, search_batch: int) -> subprocess.Popen:
+    """`clipkit serve --index INDEX` (its `serve` function, with the search batch asked for)."""
+    code = ("import sys; from clipkit.serve import ServeConfig; from clipkit.serve.app import serve; "
+            "serve([sys.argv[1]], port=int(sys.argv[2]), config=ServeConfig(max_search_batch=int(sys.argv[3])), "
+            "log_level='warning')")
+    process = subprocess.Popen([sys.executable, "-c", code, str(index_path), str(port), str(search_batch)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -76,36 +84,66 @@ async def drive(url: str, clients: int, requests: int) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
+def build_index(folder: Path, images: int, vectors: int) -> Path:
+    photos, index_path = folder / "photos", folder / "photos.clipkit"
+    write_synthetic(photos, images, seed=1, layout="folder", progress=False)
+    index = Index.from_folder(photos, load_model("clipkit-demo", device="cpu"))
+    rng = np.random.default_rng(0)
+    for start in range(0, vectors, 50_000):
+        block = rng.standard_normal((min(50_000, vectors - start), index.dim)).astype(np.float32)
+        index.add(block / np.linalg.norm(block, axis=1, keepdims=True),
+                  ids=[f"vector-{n}" for n in range(start, start + len(block))])
+    index.save(index_path)
+    return index_path
+
+
+def measure(index_path: Path, search_batch: int, clients: list[int], requests: int) -> tuple[list[dict], dict]:
+    port = free_port()
+    server = start_server(index_path, port, search_batch)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        rows = [{"search_batch": search_batch, **asyncio.run(drive(url, n, requests))} for n in clients]
+        return rows, httpx.get(url + "healthz").json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--vectors", type=int, default=0, help="random unit vectors added beside the images")
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--search-batch", type=int, nargs="+", default=[1, 256],
+                        help="the server's max_search_batch values, served in turn")
     parser.add_argument("--json", default="serve_load.json")
     args = parser.parse_args()
 
+    rows, batches = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        photos, index_path = Path(tmp) / "photos", Path(tmp) / "photos.clipkit"
-        write_synthetic(photos, args.images, seed=1, layout="folder", progress=False)
-        model = load_model("clipkit-demo", device="cpu")
-        Index.from_folder(photos, model).save(index_path)
-        port = free_port()
-        server = start_server(index_path, port)
-        try:
-            url = f"http://127.0.0.1:{port}/"
-            rows = [asyncio.run(drive(url, clients, args.requests)) for clients in args.clients]
-            health = httpx.get(url + "healthz").json()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    batch = health["encoded_queries"] / max(1, health["encoder_calls"])
-    print(f"clipkit serve, {args.images} images, clipkit-demo on CPU ({os.cpu_count()} cores), POST /search text k=10")
-    print("| clients | requests | queries/s | p50 ms | p99 ms |\n|---|---|---|---|---|")
+        index_path = build_index(Path(tmp), args.images, args.vectors)
+        for search_batch in args.search_batch:
+            measured, health = measure(index_path, search_batch, args.clients, args.requests)
+            rows += measured
+            batches[search_batch] = {
+                "encoder": round(health["encoded_queries"] / max(1, health["encoder_calls"]), 2),
+                "search": round(health["searched_queries"] / max(1, health["index_searches"]), 2)}
+    structure = next(iter(health["indexes"].values()))["structure"]
+    print(f"clipkit serve, {args.images} images + {args.vectors} vectors ({structure}), clipkit-demo on CPU "
+          f"({os.cpu_count()} cores), POST /search text k=10")
+    base = {row["clients"]: row["qps"] for row in rows if row["search_batch"] == args.search_batch[0]}
+    print(f"| search batch | clients | requests | queries/s | x batch {args.search_batch[0]} | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['clients']} | {row['requests']} | {row['qps']} | {row['p50_ms']} | {row['p99_ms']} |")
-    print(f"mean queries per encoder call over the whole run: {batch:.2f}")
-    report = {"images": args.images, "model": "clipkit-demo", "device": "cpu", "cpu_count": os.cpu_count(),
-              "rows": rows, "mean_batch": round(batch, 2)}
+        row["speedup"] = round(row["qps"] / base[row["clients"]], 2)
+        print(f"| {row['search_batch']} | {row['clients']} | {row['requests']} | {row['qps']} | {row['speedup']} "
+              f"| {row['p50_ms']} | {row['p99_ms']} |")
+    for search_batch, mean in batches.items():
+        print(f"search batch {search_batch}: mean queries per encoder call {mean['encoder']}, "
+              f"per index search {mean['search']}")
+    report = {"images": args.images, "vectors": args.vectors, "structure": structure, "model": "clipkit-demo",
+              "device": "cpu", "cpu_count": os.cpu_count(), "rows": rows, "mean_batch": batches}
     Path(args.json).write_text(json.dumps(report, indent=2))
 
 

@@ -48,9 +48,12 @@ def test_retrieval(tmp_path):
 
 
 def test_serve_load(tmp_path):
-    out = run("serve_load.py", "--images", "20", "--requests", "10", "--clients", "1", "2", "--json",
-              str(tmp_path / "s.json"), cwd=tmp_path)
-    assert "p99" in out and (tmp_path / "s.json").is_file()
+    out = run("serve_load.py", "--images", "20", "--vectors", "500", "--requests", "10", "--clients", "1", "2",
+              "--search-batch", "1", "8", "--json", str(tmp_path / "s.json"), cwd=tmp_path)
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert "p99" in out and [(r["search_batch"], r["clients"]) for r in report["rows"]] == [(1, 1), (1, 2), (8, 1),
+                                                                                              (8, 2)]
+    assert report["mean_batch"]["1"]["search"] == 1.0 and all(r["requests"] == 10 for r in report["rows"])
 
 
 def test_train_demo_tiny(tmp_path):

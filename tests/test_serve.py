@@ -287,8 +287,36 @@ def test_concurrent_queries_are_batched_and_all_answered(served):
         np.testing.assert_allclose([h["score"] for h in hits], scores, atol=1e-4)
         assert len({h["item_id"] for h in hits}) == 3
         assert all(h["item_id"] in ids or abs(h["score"] - scores[-1]) < 1e-4 for h in hits)  # or ties the 3rd
-    assert info["encoded_queries"] == len(texts)
+    assert info["encoded_queries"] == len(texts) == info["searched_queries"]
     assert info["encoder_calls"] < len(texts) / 4  # queries that arrived together shared encoder calls
+    assert info["index_searches"] < len(texts) / 4  # and index searches
+
+
+def test_searches_queued_together_are_made_together_and_each_gets_its_own_answer(served):
+    """The server's search batcher: the queued searches of one index, depth and folder in one index search;
+    each answer equals the library's search of that query alone; a search whose folder holds nothing fails
+    alone."""
+    from clipkit.search import nearest_hits
+    from clipkit.serve.batcher import SearchBatcher
+
+    index, photos = served["index"], str(served["photos"])
+    vectors = clipkit.encode([f"a {c} circle" for c in ("red", "green", "blue", "yellow", "purple", "orange")] * 2,
+                             model=served["model"])
+    asks = [(v, 3 + i % 2, photos if i % 3 == 0 else None) for i, v in enumerate(vectors)]
+    asks.append((vectors[0], 3, str(served["root"] / "nowhere")))
+    searcher = SearchBatcher()
+
+    async def run():
+        return await asyncio.gather(*(searcher.nearest(index, v, k, under) for v, k, under in asks),
+                                    return_exceptions=True)
+
+    results = asyncio.run(run())
+    for (vector, k, under), hits in zip(asks, results[:-1]):
+        alone = nearest_hits(index, vector, k, under=under)
+        assert [(h.id, h.key) for h in hits] == [(h.id, h.key) for h in alone]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in alone], atol=1e-6)
+    assert isinstance(results[-1], ValueError) and "no indexed item lies under" in str(results[-1])
+    assert searcher.items == len(asks) and searcher.batches == 5  # k 3 or 4, in photos or anywhere; nowhere
 
 
 def test_cli_serve_errors_and_defaults(tmp_path, capsys):

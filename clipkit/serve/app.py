@@ -118,6 +118,7 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
     @asynccontextmanager
     async def lifespan(app):
         yield
+        await service.searcher.close()
         for worker, batcher in workers.values():
             await batcher.close()
             worker.close()

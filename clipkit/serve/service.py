@@ -29,7 +29,7 @@ from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
 from clipkit.index.sync import bytes_hash
 from clipkit.search import Hit, ranked_hits, searched_collection
-from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker
+from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker, SearchBatcher
 from clipkit.data.fetch import Fetcher
 
 log = logging.getLogger("clipkit.serve")
@@ -53,6 +53,7 @@ class ServeConfig:
     max_fetches: int = 8  # image_url fetches running at once; more are answered 503
     cors_origins: list[str] = field(default_factory=list)
     max_batch: int = 64  # queries per encoder call
+    max_search_batch: int = 256  # queued searches of one index made in one index search (1: each alone)
     thumbnail_cache: int = 1024  # thumbnails kept in memory
 
 
@@ -113,6 +114,7 @@ class Service:
         self._thumbnail_lock = threading.Lock()
         self._unsupported_noted: set[str] = set()
         self.fetcher = Fetcher(config.max_body_bytes, config.fetch_deadline, config.max_fetches)
+        self.searcher = SearchBatcher(config.max_search_batch)  # concurrent requests' searches of one index made together
 
     def note_unsupported(self, names: list[str], reasons: dict[str, str]) -> None:
         """Log, once per option, that a client asked for something this server does not implement."""
@@ -170,15 +172,17 @@ class Service:
         """The library's search (`clipkit.search.ranked_hits`) with the server's limits (at most `max_k`
         results, default `config.max_k`); what the library refuses is a 400 with its message."""
         vector, query = await self.query(collection, kind, value)
-        run = collection.worker.run if rerank else run_in_threadpool  # re-ranking runs the model: its thread
         kind = kind if kind in (TEXT, IMAGE) else VECTOR
+        k = min(k, max_k or self.config.max_k)
         try:
             target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
-            find = functools.partial(ranked_hits, target, vector, min(k, max_k or self.config.max_k), query=query,
-                                     kind=kind, model=collection.model, rerank=rerank, rerank_k=rerank_k,
-                                     weight=weight, max_depth=self.config.max_rerank_k, reranker=self.reranker,
-                                     under=under or None)
-            hits = await run(find)
+            if rerank:  # re-ranking runs the model: on its thread
+                hits = await collection.worker.run(functools.partial(
+                    ranked_hits, target, vector, k, query=query, kind=kind, model=collection.model, rerank=True,
+                    rerank_k=rerank_k, weight=weight, max_depth=self.config.max_rerank_k, reranker=self.reranker,
+                    under=under or None))
+            else:  # ranked_hits without re-ranking, made together with other requests' searches
+                hits = await self.searcher.nearest(target, vector, k, under or None)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         if target is not collection.index:  # captions: files and thumbnails are their images'
@@ -271,6 +275,7 @@ class Service:
                        "max_image_bytes": self.config.max_image_bytes},
             "encoder_calls": sum(c.batcher.batches for c in self._batchers()),
             "encoded_queries": sum(c.batcher.items for c in self._batchers()),
+            "index_searches": self.searcher.batches, "searched_queries": self.searcher.items,
         }
 
     def _batchers(self) -> list[Collection]:
