@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import itertools
@@ -195,3 +196,32 @@ class SkipList(SpillList):
 def printable(name: str) -> str:
     """A file name with undecodable bytes written as \\xNN, fit to print and to write as JSON."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+# Text files as editors write them: UTF-8 (with or without Excel's and Notepad's byte order mark), or UTF-16 /
+# UTF-32 with a byte order mark (Windows' "Unicode", PowerShell's `>`). UTF-32 LE's mark starts as UTF-16 LE's.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def text_encoding(head: bytes) -> str:
+    """The encoding of text that starts with the bytes `head` (4 are enough): the UTF-16 or UTF-32 its byte
+    order mark names, else UTF-8 (a mark there skipped)."""
+    return next((name for mark, name in BYTE_ORDER_MARKS if head.startswith(mark)), "utf-8-sig")
+
+
+def decode_text(data: bytes, errors: str = "strict") -> str:
+    """The text of a file's bytes, in the encoding its byte order mark names (`text_encoding`)."""
+    return data.decode(text_encoding(data[:4]), errors)
+
+
+def file_encoding(path: str | os.PathLike, opener: Callable = open) -> str:
+    """`text_encoding` of a regular file's first bytes (through `opener`, e.g. gzip.open); UTF-8 for a pipe or
+    a FIFO, whose first bytes cannot be read twice."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "utf-8-sig"
+        with opener(path, "rb") as raw:
+            return text_encoding(raw.read(4))
+    except OSError:
+        return "utf-8-sig"  # (opening it again says what is wrong)

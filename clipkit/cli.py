@@ -12,7 +12,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from clipkit._io import printable
+from clipkit._io import decode_text, file_encoding, printable
 from clipkit.data.folder import is_image_name
 
 DEFAULT_INDEX = os.environ.get("CLIPKIT_INDEX", "index.clipkit")
@@ -518,7 +518,7 @@ def _tune_queries(path: str, model):
         raise UsageError("--tune-queries with texts needs the model that embeds them: give --model")
     from clipkit.encode import encode_texts
 
-    texts = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig", errors="replace").splitlines()]
+    texts = [line.strip() for line in decode_text(Path(path).read_bytes(), errors="replace").splitlines()]
     texts = [t for t in texts if t]
     if not texts:
         raise ValueError(f"--tune-queries: {path} holds no query text")
@@ -1045,7 +1045,9 @@ def _query_groups(args, most: int = 64):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(errors="surrogateescape")  # (file names that are not UTF-8 kept as they are)
         else:
-            stream = stack.enter_context(open(args.queries, encoding="utf-8", errors="surrogateescape"))
+            encoding = file_encoding(args.queries)  # (UTF-8, or the UTF-16 of a byte order mark)
+            stream = stack.enter_context(open(args.queries, encoding=encoding,
+                                              errors="surrogateescape" if encoding == "utf-8-sig" else "replace"))
         group = []
         for line in _query_lines(stream, args.queries):
             if isinstance(line, Exception):  # (the lines before it answered first)
@@ -1071,7 +1073,7 @@ def _query_lines(stream, name: str):
             what = "holds NUL bytes" if "\x00" in line else f"is over {MAX_QUERY_LINE:,} characters"
             yield UsageError(f"--queries {name}: line {number} {what}: give a text file of queries, one a line")
             return
-        yield line.rstrip("\r\n")
+        yield line.rstrip("\r\n").removeprefix("\ufeff" if number == 1 else "")  # (a mark on stdin)
 
 
 def _more_waiting(stream) -> bool:

@@ -789,6 +789,45 @@ def test_files_saved_by_windows_tools_with_a_byte_order_mark_are_read(folder, tm
     assert UrlTable.of(tmp_path / "urls.csv").columns() == ["url", "caption"]
 
 
+def test_utf16_and_utf32_text_files_are_read_as_their_byte_order_mark_says(folder, demo, tmp_path, capsys):
+    """Notepad's "Unicode" and PowerShell's `>` write UTF-16 with a byte order mark: a caption file read as UTF-8
+    became garbage captions ('\\x00' between letters), a table was refused, a query file was refused as binary."""
+    import gzip
+    import os
+
+    from clipkit._io import file_encoding
+
+    names = sorted(p.name for p in folder.glob("*.jpg"))
+    for name, encoding in zip(names, ("utf-16", "utf-16-be", "utf-32")):
+        mark = "\ufeff" if encoding == "utf-16-be" else ""  # (Python's utf-16 and utf-32 write their own mark)
+        (folder / name.replace(".jpg", ".txt")).write_bytes(f"{mark}a {encoding} caption\r\nsecond line\r\n"
+                                                            .encode(encoding))
+    rows = f"{names[3]},a red circle caf\u00e9\r\n{names[4]},a blue square\r\n"
+    (folder / "captions.csv").write_bytes(f"image,caption\r\n{rows}".encode("utf-16"))
+    absolute = rows.replace(names[3], str(folder / names[3])).replace(names[4], str(folder / names[4]))
+    (tmp_path / "captions.csv.gz").write_bytes(gzip.compress(f"image,caption\r\n{absolute}".encode("utf-16")))
+    for source, ix in ((folder, "ix"), (folder / "captions.csv", "ix2"), (tmp_path / "captions.csv.gz", "ix3")):
+        assert main(["-q", "index", str(source), "--index", str(tmp_path / ix)]) == 0
+    captions = Index.load(tmp_path / "ix").captions
+    got = {r["id"]: r["caption"] for r in captions.get(captions.ids())}
+    for name, encoding in zip(names, ("utf-16", "utf-16-be", "utf-32")):
+        image = (folder / name).resolve()
+        assert (got[f"{image}#0"], got[f"{image}#1"]) == (f"a {encoding} caption", "second line")
+    for ix in ("ix2", "ix3"):
+        captions = Index.load(tmp_path / ix).captions
+        assert sorted(r["caption"] for r in captions.get(captions.ids())) == ["a blue square", "a red circle caf\u00e9"]
+
+    (tmp_path / "queries.txt").write_bytes("a red circle\r\n".encode("utf-16"))
+    assert main(["search", "--index", str(tmp_path / "ix"), "--queries", str(tmp_path / "queries.txt"), "-k", "2",
+                 "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["query"] == "a red circle"
+    expected = clipkit.search("a red circle", Index.load(tmp_path / "ix"), k=2, model=demo)
+    assert [h["id"] for h in answer["hits"]] == [h.id for h in expected]
+    os.mkfifo(tmp_path / "fifo")  # (opened to look at its first bytes, it would wait for a writer for ever)
+    assert file_encoding(tmp_path / "fifo") == "utf-8-sig"
+
+
 def test_index_a_parquet_table(folder, demo, tmp_path, capsys):
     """A parquet table (img2dataset's and clip-retrieval's format) of image paths and captions, some null."""
     pq = pytest.importorskip("pyarrow.parquet")

@@ -16,8 +16,11 @@ def is_image_name(name: str) -> bool:
 
 
 def caption_lines(data: bytes, errors: str = "strict") -> list[str]:
-    """Non-empty, stripped lines of a caption file or shard member (one caption per line)."""
-    return [line.strip() for line in data.decode("utf-8-sig", errors).splitlines() if line.strip()]
+    """Non-empty, stripped lines of a caption file or shard member (one caption per line): UTF-8, or UTF-16 or
+    UTF-32 with a byte order mark (Windows Notepad's "Unicode")."""
+    from clipkit._io import decode_text
+
+    return [line.strip() for line in decode_text(data, errors).splitlines() if line.strip()]
 
 
 def caption_file(image_path: str | os.PathLike) -> str:
@@ -27,7 +30,7 @@ def caption_file(image_path: str | os.PathLike) -> str:
 
 def read_captions(image_path: str | os.PathLike) -> list[str]:
     """The captions of an image: the non-empty lines of the NAME.txt beside it ([] without one, or when it is
-    unreadable or no regular file: a FIFO named so cannot hang a run); bytes that are not UTF-8 are replaced."""
+    unreadable or no regular file: a FIFO named so cannot hang a run); bytes that do not decode are replaced."""
     from clipkit._io import read_regular
 
     try:

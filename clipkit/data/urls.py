@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from clipkit._io import batches
+from clipkit._io import batches, file_encoding
 from clipkit.data.images import is_url
 
 URL_TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
@@ -211,10 +211,11 @@ def _lines(path, errors: str = "replace") -> Iterator[str]:
 
 
 def _open_text(path, errors: str = "replace", newline: str | None = None):
-    """A text table opened for reading as UTF-8 (a byte order mark skipped), through gzip for a .gz name."""
+    """A text table opened for reading (`clipkit._io.file_encoding`: UTF-8, its byte order mark skipped, or the
+    UTF-16 or UTF-32 its mark names), through gzip for a .gz name."""
     if str(path).lower().endswith(".gz"):
         with open(path, "rb") as raw:
             if raw.read(2) != b"\x1f\x8b":
                 raise ValueError(f"{path} is not gzip-compressed: name it without .gz, or compress it")
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors=errors, newline=newline)
-    return open(path, encoding="utf-8-sig", errors=errors, newline=newline)
+        return gzip.open(path, "rt", encoding=file_encoding(path, gzip.open), errors=errors, newline=newline)
+    return open(path, encoding=file_encoding(path), errors=errors, newline=newline)
