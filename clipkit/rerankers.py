@@ -267,8 +267,8 @@ class Blip2Reranker(BlipReranker):
 
     classes = ("Blip2ForImageTextRetrieval", "Blip2Processor")
 
-    def _max_length(self) -> int:
-        return int(self.model.config.qformer_config.max_position_embeddings) - int(self.model.config.num_query_tokens)
+    def _max_length(self) -> int:  # (the Q-Former's positions number the text's tokens; its queries have none)
+        return int(self.model.config.qformer_config.max_position_embeddings)
 
     def _match_probability(self, tokens, states: torch.Tensor) -> torch.Tensor:
         model = self.model

@@ -119,6 +119,16 @@ def test_blip2_itm_scores_equal_transformers(tmp_path, demo, image_folder):
     assert np.ptp(expected) > 1e-3  # the pairs score differently: the comparison means something
     np.testing.assert_allclose(clipkit.score_pairs(images, texts, reranker=reranker), expected, atol=1e-4)
     np.testing.assert_allclose(reranker.score_pairs(images[::-1], texts[::-1]), expected[::-1], atol=1e-4)
+    # a text of 62 of the 64 positions: the Q-Former's positions number the text's tokens alone (its 4 queries
+    # have none), so it is read whole, as transformers reads it (it was cut to 64 - 4 = 60)
+    (tmp_path / "wide").mkdir()
+    wide = blip2_dir(tmp_path / "wide", spread=0.3)  # (the text's last tokens move the score)
+    long_texts = [" ".join(["ab"] * 29 + [end]) for end in ("zy", "qx")]
+    assert len(transformers.Blip2Processor.from_pretrained(wide).tokenizer(long_texts[0])["input_ids"]) == 62
+    expected = blip2_reference(wide, images[:1] * 2, long_texts)
+    assert abs(expected[0] - expected[1]) > 1e-5  # the texts differ in their last word only
+    np.testing.assert_allclose(clipkit.load_reranker(str(wide), device="cpu").score_pairs(images[:1] * 2, long_texts),
+                               expected, atol=1e-6)
     assert clipkit.load_model(str(path), device="cpu").vectors_per_image == 4  # the same checkpoint retrieves
     index = clipkit.Index.from_folder(image_folder, demo)  # and as search's re-ranker
     hits = clipkit.search("a red circle", index, k=3, rerank=True, rerank_k=8, reranker=reranker)
