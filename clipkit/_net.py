@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
+from typing import Iterator
 from urllib.parse import urlparse
 
 from clipkit.errors import OfflineError
@@ -39,19 +41,36 @@ def hf_hub_host() -> str:
     return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
 
 
-def hub_cached(repo: str, filename: str) -> bool:
-    """Whether the hub repository `repo` has `filename` in the local Hugging Face cache."""
+def hub_cached(repo: str, filename: str, cache_dir: str | None = None) -> bool:
+    """Whether the hub repository `repo` has `filename` in the local Hugging Face cache (or `cache_dir`)."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo, filename)
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
     return isinstance(found, str) and os.path.isfile(found)
 
 
-def require_hub(repo: str, alternative: str = "") -> None:
-    """Refuse at once, with what to do, to reach for `repo` on the Hugging Face hub when it cannot be reached."""
+def require_hub(repo: str, alternative: str = "", what: str = "") -> None:
+    """Refuse at once, with what to do, to reach for `repo` (`what` it holds) on the Hugging Face hub when it
+    cannot be reached."""
     host = hf_hub_host()
     if offline_forced() or not reachable(host):
-        raise OfflineError(f"{repo} is not in the Hugging Face cache and the hub cannot be reached "
+        raise OfflineError(f"{f'{what}, {repo},' if what else repo} is not in the Hugging Face cache and the hub cannot be reached "
                            f"({'offline mode is on' if offline_forced() else host + ' is unreachable'}): download it "
                            f"on a machine online (`hf download {repo}`) and copy the cache "
                            f"(~/.cache/huggingface/hub){alternative}")
+
+
+@contextlib.contextmanager
+def hub_offline_when_unreachable() -> Iterator[None]:
+    """While the Hugging Face hub cannot be reached (or offline work is forced), huggingface_hub and
+    transformers read their cache alone for the duration: unreachable, they retried each file's request for
+    up to a minute before reading the cache. (Process-wide: huggingface_hub's offline switch is one flag.)"""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    if not before and (offline_forced() or not reachable(hf_hub_host())):
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from clipkit import DEFAULT_MODEL
 from clipkit.bundled import CONFIG_DIR, bundled_models
-from clipkit._net import hf_hub_host, hub_cached, offline_forced, reachable, require_hub
+from clipkit._net import hf_hub_host, hub_cached, hub_offline_when_unreachable, offline_forced, reachable, require_hub
 from clipkit.errors import CheckpointError, ModelMismatchError, OfflineError, first_line
 from clipkit.itm.heads import build_head_from_config
 from clipkit.itm.states import exact_text_length, text_forward
@@ -448,8 +448,6 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
         precision = "fp32" if env_flag("CLIPKIT_FP32") else "auto"
     if precision not in ("auto", "fp32"):
         raise ValueError(f"precision must be 'auto' or 'fp32', got {precision!r}")
-    import open_clip
-
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     if pretrained is None and os.path.isdir(name) and checkpoint_paths(Path(name)):  # a `clipkit train` run
@@ -473,7 +471,7 @@ def load_model(name: str, pretrained: str | os.PathLike | None = None, *, device
         load_state_into(clip, checkpoint["model"], weights_file, checkpoint["meta"].get("model_name"))
     clip.to(device).eval()
 
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(name, config, cache_dir)
     model = Model(
         name=name,
         pretrained=recorded,
@@ -530,7 +528,8 @@ def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:
         raise ValueError(f"pretrained='towers' is for models built from a timm image tower and a Hugging Face "
                          f"text tower (such as clipkit-bert-resnet50); {name} is not one")
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_open_clip():
+        hub = hub_offline_when_unreachable() if _separate_towers(config) else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), _quiet_open_clip(), hub:  # (a tower from the hub: its cache)
             torch.manual_seed(_INIT_SEED)
             clip, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=None, pretrained_image=towers, pretrained_text=towers,
@@ -552,15 +551,42 @@ def _create_from_hub(name: str) -> tuple[torch.nn.Module, Callable, dict]:
     import open_clip
 
     repo = name[len(HF_HUB_PREFIX):]
-    if not hub_cached(repo, "open_clip_config.json"):
+    if not hub_cached(repo, "open_clip_config.json") or not any(hub_cached(repo, f) for f in HUB_WEIGHT_FILES):
         require_hub(repo)
     try:
-        with _quiet_open_clip():
+        with _quiet_open_clip(), hub_offline_when_unreachable():
             clip, _, preprocess = open_clip.create_model_and_transforms(name)
         config = open_clip.get_model_config(name) or _hub_model_config(repo)
     except (OSError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"cannot load {name} through open_clip: {first_line(exc)}") from exc
     return clip, preprocess, config
+
+
+HUB_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's, on the hub
+
+
+def _tokenizer(name: str, config: dict, cache_dir: str | None):
+    """open_clip's tokenizer of `name`. One kept in a hub repository (text_cfg's hf_tokenizer_name: SigLIP,
+    SigLIP 2, CLIPA, MetaCLIP 2, NLLB-CLIP, ...) is read from the Hugging Face cache without a request while
+    the hub cannot be reached (huggingface_hub retried each file for up to a minute first); not cached, it is
+    downloaded where the hub is reachable, else a one-line error at once."""
+    import open_clip
+
+    from clipkit.hf import TOKENIZER_FILES
+
+    repo = (config.get("text_cfg") or {}).get("hf_tokenizer_name") or ""
+    if not repo and not name.startswith(HF_HUB_PREFIX):
+        return open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    if repo and not os.path.isdir(repo) and not any(hub_cached(repo, f, cache_dir)
+                                                    for f in ("tokenizer_config.json", *TOKENIZER_FILES)):
+        require_hub(repo, what=f"{name}'s tokenizer")
+    try:
+        with _quiet_open_clip(), hub_offline_when_unreachable():
+            return open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except OSError as exc:  # (cached in part)
+        raise OfflineError(f"{name}: its tokenizer ({repo or name}) could not be loaded ({first_line(exc)}); load "
+                           "it once on a machine online, or copy the Hugging Face cache (~/.cache/huggingface/hub)"
+                           ) from exc
 
 
 def _hub_model_config(repo: str) -> dict:

@@ -1,4 +1,5 @@
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -249,6 +250,71 @@ def test_precision_and_channels_last_are_load_model_arguments(monkeypatch):
     assert nhwc.channels_last and not plain.channels_last
     images = [np.full((48, 48, 3), v, np.uint8) for v in (20, 140, 250)]
     np.testing.assert_allclose(clipkit.encode(images, model=nhwc), clipkit.encode(images, model=plain), atol=1e-5)
+
+
+def _hub_repo(hub: Path, repo: str) -> Path:
+    """The snapshot folder of `repo` in the cache layout huggingface_hub writes."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("2" * 40)
+    snapshot = folder / "snapshots" / ("2" * 40)
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def test_a_hub_tokenizer_and_hub_weights_come_from_the_cache_while_the_hub_is_unreachable(tmp_path):
+    """49 open_clip architectures (SigLIP, SigLIP 2, CLIPA, MetaCLIP 2, NLLB-CLIP, ...) keep their tokenizer in
+    a hub repository (text_cfg's hf_tokenizer_name). With the hub unreachable and no offline switch set,
+    huggingface_hub retried every file for up to a minute before it read its cache (hf-hub: names too), with
+    a warning a try; uncached, transformers' error came after those retries. Now the cache is read at once, and
+    a tokenizer not there is a one-line error at once."""
+    import json as json_module
+    import subprocess
+    import sys
+
+    import tokenizers
+
+    from clipkit.bundled import CONFIG_DIR
+
+    hub = tmp_path / "hub"
+    words = ["[PAD]", "[UNK]", "a", "red", "circle", "blue", "square", "two", "big"]
+    fast = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: n for n, w in enumerate(words)}, unk_token="[UNK]"))
+    fast.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer_dir = _hub_repo(hub, "someone/tiny-tokenizer")
+    fast.save(str(tokenizer_dir / "tokenizer.json"))
+    (tokenizer_dir / "tokenizer_config.json").write_text(json_module.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "unk_token": "[UNK]"}))
+    (tokenizer_dir / "config.json").write_text('{"architecture": "vit_tiny"}')  # (timm's, as its repos hold)
+    model_cfg = json_module.loads((CONFIG_DIR / "clipkit-tiny.json").read_text())
+    model_cfg["text_cfg"]["hf_tokenizer_name"] = "someone/tiny-tokenizer"
+    snapshot = _hub_repo(hub, "someone/tiny-siglip-like")
+    weights = make_checkpoint(tmp_path / "tiny.pt", seed=7)
+    state = torch.load(weights, weights_only=True)
+    torch.save(state.get("model", state), snapshot / "open_clip_pytorch_model.bin")
+    (snapshot / "open_clip_config.json").write_text(json_module.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    texts = ["a red circle", "two big blue square"]
+    code = ("import json, sys, clipkit; m = clipkit.load_model(sys.argv[1], device='cpu'); "
+            f"print(json.dumps(clipkit.encode({texts!r}, model=m).tolist()))")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_ENDPOINT": "http://127.0.0.1:9"}  # (a closed port)
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CLIPKIT_OFFLINE"):
+        env.pop(variable, None)
+    run = subprocess.run([sys.executable, "-c", code, "hf-hub:someone/tiny-siglip-like"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "127.0.0.1:9" not in run.stderr and "Retrying" not in run.stderr  # no request, no retry
+    clip = open_clip.create_model("clipkit-tiny", pretrained=None)
+    clip.load_state_dict(state.get("model", state))
+    tokens = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=32)(texts)
+    assert tokens[0, :3].tolist() == [2, 3, 4]  # the cached vocabulary's ids ("a red circle")
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(clip.eval().encode_text(tokens), dim=-1).numpy()
+    np.testing.assert_allclose(json_module.loads(run.stdout.strip().splitlines()[-1]), expected, atol=1e-5)
+
+    shutil.rmtree(hub / "models--someone--tiny-tokenizer")  # the tokenizer not cached: said at once
+    run = subprocess.run([sys.executable, "-c", code, "hf-hub:someone/tiny-siglip-like"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode != 0 and "Retrying" not in run.stderr
+    assert "someone/tiny-tokenizer, is not in the Hugging Face cache and the hub cannot be reached" in run.stderr
 
 
 def test_open_clip_hf_hub_names_load_from_the_hub_cache(tmp_path):
