@@ -54,7 +54,8 @@ def require_hub(repo: str, alternative: str = "", what: str = "") -> None:
     cannot be reached."""
     host = hf_hub_host()
     if offline_forced() or not reachable(host):
-        raise OfflineError(f"{f'{what}, {repo},' if what else repo} is not in the Hugging Face cache and the hub cannot be reached "
+        named = f"{what}, {repo}," if what else repo
+        raise OfflineError(f"{named} is not in the Hugging Face cache and the hub cannot be reached "
                            f"({'offline mode is on' if offline_forced() else host + ' is unreachable'}): download it "
                            f"on a machine online (`hf download {repo}`) and copy the cache "
                            f"(~/.cache/huggingface/hub){alternative}")

@@ -122,7 +122,6 @@ class Batcher(MicroBatcher):
         return out
 
 
-
 class SearchBatcher(MicroBatcher):
     """Queue of nearest-item searches (index, unit query vector, depth, folder): the queued searches of one
     index, depth and folder are made in one `nearest_hits_many` call, the library's search, on a pool thread

@@ -114,7 +114,7 @@ class Service:
         self._thumbnail_lock = threading.Lock()
         self._unsupported_noted: set[str] = set()
         self.fetcher = Fetcher(config.max_body_bytes, config.fetch_deadline, config.max_fetches)
-        self.searcher = SearchBatcher(config.max_search_batch)  # concurrent requests' searches of one index made together
+        self.searcher = SearchBatcher(config.max_search_batch)  # requests searching one index at once: together
 
     def note_unsupported(self, names: list[str], reasons: dict[str, str]) -> None:
         """Log, once per option, that a client asked for something this server does not implement."""
