@@ -172,34 +172,36 @@ def searched_collection(index: Index, modality: str, *, kind: str | None = None,
     return index.captions
 
 
-def ranked_hits(index: Index, vector: np.ndarray, k: int, *, query: Any = None, kind: str = "vector", model=None,
-                rerank: bool = False, rerank_k: int | None = None, weight: float | None = None,
-                max_depth: int | None = None, reranker=None, under: str | os.PathLike | None = None) -> list[Hit]:
-    """The one search path behind `search()` and the HTTP server: the top `k` hits for a unit query
-    `vector` (among the items under the folder `under`, if given); with `rerank`, ITC's top `rerank_k`
-    (default max(k, 32), at most `max_depth`) re-ordered by `reranker` (default: the model's ITM head) scoring
-    `query` (of `kind` TEXT or IMAGE) against them."""
-    return ranked_hits_many(index, [vector], k, queries=[query], kind=kind, model=model, rerank=rerank,
-                            rerank_k=rerank_k, weight=weight, max_depth=max_depth, reranker=reranker, under=under)[0]
-
-
 def ranked_hits_many(index: Index, vectors: list[np.ndarray], k: int, *, queries: list, kind: str = "vector",
                      model=None, rerank: bool = False, rerank_k: int | None = None, weight: float | None = None,
                      max_depth: int | None = None, reranker=None, under: str | os.PathLike | None = None) -> list:
-    """`ranked_hits` for several queries of one `kind`: their nearest items found together (one structure
-    search, one pass over a folder's rows), each query then re-ranked alone."""
-    if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
-        raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
-    if rerank:
-        if kind not in (TEXT, IMAGE):
-            raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
-        reranker = load_reranker(reranker if reranker is not None else model)  # default: the model's own
-    depth = max(k, rerank_k or 32) if rerank else k
-    found = nearest_hits_many(index, vectors, depth if max_depth is None else min(depth, max(k, max_depth)),
-                              under=under)
-    if rerank:
+    """The one search path behind `search()`, `search_batch()` and the HTTP server: each unit query vector's
+    top `k` hits (among the items under the folder `under`, if given), the queries of one `kind` found together
+    (one structure search, one pass over a folder's rows); with `rerank`, ITC's top `rerank_k` (default
+    max(k, 32), at most `max_depth`) re-ordered by `reranker` (default: the model's ITM head) scoring each query
+    (of `kind` TEXT or IMAGE) against them. The server takes the same steps: `rerank_plan`,
+    `nearest_hits_many`, `rerank_hits`."""
+    depth, reranker = rerank_plan(k, kind=kind, model=model, rerank=rerank, rerank_k=rerank_k, max_depth=max_depth,
+                                  reranker=reranker)
+    found = nearest_hits_many(index, vectors, depth, under=under)
+    if reranker is not None:
         found = [rerank_hits(query, kind, hits, reranker, weight) for query, hits in zip(queries, found)]
     return [hits[:k] for hits in found]
+
+
+def rerank_plan(k: int, *, kind: str, model=None, rerank: bool = False, rerank_k: int | None = None,
+                max_depth: int | None = None, reranker=None) -> tuple[int, Reranker | None]:
+    """(how many nearest items to find, the re-ranker that re-orders them or None) for `k` hits: with `rerank`,
+    max(k, rerank_k or 32), at most max(k, `max_depth`), and `reranker` loaded (default: the model's own)."""
+    if rerank_k is not None and (not isinstance(rerank_k, (int, np.integer)) or rerank_k < 1):
+        raise ValueError(f"rerank_k must be a positive integer, got {rerank_k!r}")
+    if not rerank:
+        return k, None
+    if kind not in (TEXT, IMAGE):
+        raise ValueError("re-ranking scores a text or an image against candidates; a vector query has neither")
+    depth = max(k, rerank_k or 32)
+    return (depth if max_depth is None else min(depth, max(k, max_depth))), load_reranker(
+        reranker if reranker is not None else model)
 
 
 def nearest_hits(index: Index, vector: np.ndarray, depth: int, under: str | os.PathLike | None = None) -> list[Hit]:

@@ -117,6 +117,27 @@ def test_rerank_matches_library_search(client, served):
     assert all("itc_score" in r for r in response["results"])
 
 
+def test_re_ranked_requests_find_their_candidates_together_and_rank_as_the_library(served):
+    """A re-ranked request's candidates come from the search batcher (with other requests'), not from a search
+    of its own on the model's thread; its ranking is still the library's."""
+    app = create_app({"photos": served["index"]})
+    texts = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle")]
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            responses = await asyncio.gather(*(http.post("/search", json={"text": t, "k": 4, "rerank": True,
+                                                                          "rerank_k": 10}) for t in texts))
+            return responses, (await http.get("/healthz")).json()
+
+    responses, info = asyncio.run(run())
+    for text, response in zip(texts, responses):
+        expected = clipkit.search(text, served["index"], k=4, rerank=True, rerank_k=10)
+        assert [r["item_id"] for r in response.json()["results"]] == [h.id for h in expected]
+        np.testing.assert_allclose([r["score"] for r in response.json()["results"]], [h.score for h in expected],
+                                   atol=1e-4)
+    assert info["searched_queries"] == len(texts) and info["index_searches"] < len(texts)
+
+
 def test_clip_retrieval_round_trip(client, served):
     """The request clip-retrieval's front end sends (text/plain JSON, its flags) and the reply it reads."""
     request = {"text": "a blue square", "image": None, "image_url": None, "embedding_input": None,

@@ -1,6 +1,6 @@
 """The server's service: the served collections (an index, its model's thread and query batcher), the
 request bodies, and the query / search / file logic the routes call. Searches go through the library's
-one search path (`clipkit.search.ranked_hits`)."""
+one search path (`clipkit.search.ranked_hits_many`'s steps)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from clipkit.index import Index, prepare_vectors
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
 from clipkit.index.sync import bytes_hash
-from clipkit.search import Hit, ranked_hits, searched_collection
+from clipkit.search import Hit, rerank_hits, rerank_plan, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker, SearchBatcher
 from clipkit.data.fetch import Fetcher
 
@@ -169,22 +169,23 @@ class Service:
     async def search(self, collection: Collection, kind: str, value: Any, k: int, *, rerank: bool = False,
                      rerank_k: int | None = None, weight: float | None = None, modality: str = "image",
                      max_k: int | None = None, under: str | None = None) -> list[dict]:
-        """The library's search (`clipkit.search.ranked_hits`) with the server's limits (at most `max_k`
-        results, default `config.max_k`); what the library refuses is a 400 with its message."""
+        """The library's search (`clipkit.search.ranked_hits_many`'s steps) with the server's limits (at most
+        `max_k` results, default `config.max_k`): the nearest items found together with other requests' (the
+        search batcher), re-ranked on the model's thread; what the library refuses is a 400 with its message."""
         vector, query = await self.query(collection, kind, value)
         kind = kind if kind in (TEXT, IMAGE) else VECTOR
         k = min(k, max_k or self.config.max_k)
         try:
             target = searched_collection(collection.index, modality, kind=kind, rerank=rerank)
-            if rerank:  # re-ranking runs the model: on its thread
-                hits = await collection.worker.run(functools.partial(
-                    ranked_hits, target, vector, k, query=query, kind=kind, model=collection.model, rerank=True,
-                    rerank_k=rerank_k, weight=weight, max_depth=self.config.max_rerank_k, reranker=self.reranker,
-                    under=under or None))
-            else:  # ranked_hits without re-ranking, made together with other requests' searches
-                hits = await self.searcher.nearest(target, vector, k, under or None)
+            plan = functools.partial(rerank_plan, k, kind=kind, model=collection.model, rerank=rerank,
+                                     rerank_k=rerank_k, max_depth=self.config.max_rerank_k, reranker=self.reranker)
+            depth, reranker = await collection.worker.run(plan) if rerank else plan()  # (a re-ranker may load)
+            hits = await self.searcher.nearest(target, vector, depth, under or None)
+            if reranker is not None:
+                hits = await collection.worker.run(rerank_hits, query, kind, hits, reranker, weight)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        hits = hits[:k]
         if target is not collection.index:  # captions: files and thumbnails are their images'
             return await run_in_threadpool(self.caption_results, collection, hits)
         return [self.result(collection, hit.key, hit) for hit in hits]
