@@ -1,7 +1,7 @@
 """Load test of `clipkit serve`: queries/s and latency percentiles at 1, 8 and 32 concurrent clients.
 
     python benchmarks/serve_load.py [--images 300] [--vectors 0] [--requests 400] [--clients 1 8 32]
-                                    [--search-batch 1 256] [--json OUT]
+                                    [--search-batch 1 256] [--rerank] [--json OUT]
 
 Builds a folder of synthetic images, indexes it with the demo model (plus `--vectors` random unit vectors,
 so that a search costs what it costs in a large collection), serves it as `clipkit serve` does, in a separate
@@ -61,14 +61,14 @@ def start_server(index_path: Path, port: int, search_batch: int) -> subprocess.P
     raise SystemExit(f"clipkit serve did not start: {process.stderr.read().decode(errors='replace')[-2000:]}")
 
 
-async def drive(url: str, clients: int, requests: int) -> dict:
+async def drive(url: str, clients: int, requests: int, rerank: bool = False) -> dict:
     latencies: list[float] = []
     counter = iter(range(requests))
 
     async def client(http: httpx.AsyncClient):
         for n in counter:
             start = time.perf_counter()
-            response = await http.post(url + "search", json={"text": WORDS[n % len(WORDS)], "k": 10})
+            response = await http.post(url + "search", json={"text": WORDS[n % len(WORDS)], "k": 10, "rerank": rerank})
             response.raise_for_status()
             latencies.append(time.perf_counter() - start)
 
@@ -97,12 +97,13 @@ def build_index(folder: Path, images: int, vectors: int) -> Path:
     return index_path
 
 
-def measure(index_path: Path, search_batch: int, clients: list[int], requests: int) -> tuple[list[dict], dict]:
+def measure(index_path: Path, search_batch: int, clients: list[int], requests: int,
+            rerank: bool = False) -> tuple[list[dict], dict]:
     port = free_port()
     server = start_server(index_path, port, search_batch)
     try:
         url = f"http://127.0.0.1:{port}/"
-        rows = [{"search_batch": search_batch, **asyncio.run(drive(url, n, requests))} for n in clients]
+        rows = [{"search_batch": search_batch, **asyncio.run(drive(url, n, requests, rerank))} for n in clients]
         return rows, httpx.get(url + "healthz").json()
     finally:
         server.terminate()
@@ -117,21 +118,25 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--search-batch", type=int, nargs="+", default=[1, 256],
                         help="the server's max_search_batch values, served in turn")
+    parser.add_argument("--rerank", action="store_true", help="re-ranked queries (the demo model's ITM head, 32 "
+                        "candidates; images only, no --vectors)")
     parser.add_argument("--json", default="serve_load.json")
     args = parser.parse_args()
+    if args.rerank and args.vectors:
+        parser.error("--rerank re-ranks images: the random --vectors have none (leave one out)")
 
     rows, batches = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         index_path = build_index(Path(tmp), args.images, args.vectors)
         for search_batch in args.search_batch:
-            measured, health = measure(index_path, search_batch, args.clients, args.requests)
+            measured, health = measure(index_path, search_batch, args.clients, args.requests, args.rerank)
             rows += measured
             batches[search_batch] = {
                 "encoder": round(health["encoded_queries"] / max(1, health["encoder_calls"]), 2),
                 "search": round(health["searched_queries"] / max(1, health["index_searches"]), 2)}
     structure = next(iter(health["indexes"].values()))["structure"]
     print(f"clipkit serve, {args.images} images + {args.vectors} vectors ({structure}), clipkit-demo on CPU "
-          f"({os.cpu_count()} cores), POST /search text k=10")
+          f"({os.cpu_count()} cores), POST /search text k=10{', re-ranked' if args.rerank else ''}")
     base = {row["clients"]: row["qps"] for row in rows if row["search_batch"] == args.search_batch[0]}
     print(f"| search batch | clients | requests | queries/s | x batch {args.search_batch[0]} | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")
@@ -143,6 +148,7 @@ def main() -> None:
         print(f"search batch {search_batch}: mean queries per encoder call {mean['encoder']}, "
               f"per index search {mean['search']}")
     report = {"images": args.images, "vectors": args.vectors, "structure": structure, "model": "clipkit-demo",
+              "rerank": args.rerank,
               "device": "cpu", "cpu_count": os.cpu_count(), "rows": rows, "mean_batch": batches}
     Path(args.json).write_text(json.dumps(report, indent=2))
 
