@@ -100,17 +100,17 @@ def test_real_process_exit_codes_and_no_traceback(image_folder, tmp_path, tiny_a
     run = subprocess.run([sys.executable, "-m", "clipkit", "-q", "index", str(image_folder), "--index", index_path,
                           *tiny_args], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    run = subprocess.run([sys.executable, "-m", "clipkit", "search", "red", "--index", index_path, "--json"],
-                         capture_output=True, text=True, env=env)
-    assert run.returncode == 0 and len(json.loads(run.stdout)) == 10
-    bad = subprocess.run([sys.executable, "-m", "clipkit", "search", "red", "--index", str(tmp_path / "nope")],
-                         capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    search, pipe = [sys.executable, "-m", "clipkit", "search", "red"], subprocess.PIPE
+    found = subprocess.Popen([*search, "--index", index_path, "--json"], stdout=pipe, stderr=pipe, text=True, env=env)
+    bad = subprocess.Popen([*search, "--index", str(tmp_path / "nope")], stdout=pipe, stderr=pipe, text=True, env=env)
     # a reader that stops early (`clipkit search ... | head -1`): no error for what it did not read
-    piped = subprocess.Popen([sys.executable, "-m", "clipkit", "search", "red", "--index", index_path, "-k", "12"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    piped.stdout.close()
-    assert piped.wait() == 0 and piped.stderr.read() == b""
+    piped = subprocess.Popen([*search, "--index", index_path, "-k", "12"], stdout=pipe, stderr=pipe, env=env)
+    piped.stdout.close()  # (the three side by side)
+    out, err = found.communicate(timeout=300)
+    assert found.returncode == 0 and len(json.loads(out)) == 10, err
+    _, err = bad.communicate(timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert piped.wait(timeout=300) == 0 and piped.stderr.read() == b""
 
 
 def test_index_type_option(image_folder, tmp_path, tiny_args, capsys):
@@ -346,20 +346,26 @@ def test_long_work_prints_a_progress_line_a_minute_into_a_log(tmp_path):
     """With stderr a file or a pipe (nohup, cron, a container's log) tqdm's bars were off, so a day-long run said
     nothing until it ended; now a line every CLIPKIT_PROGRESS_SECONDS (60), and none for work shorter than
     that, nor with -q."""
-    def run(*argv, seconds=None):
+    def start(*argv, seconds=None) -> subprocess.Popen:
         env = {**os.environ, **({"CLIPKIT_PROGRESS_SECONDS": seconds} if seconds else {})}
-        done = subprocess.run([sys.executable, "-m", "clipkit", *argv], capture_output=True, text=True, env=env,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stderr
+        return subprocess.Popen([sys.executable, "-m", "clipkit", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
 
-    logged = run("synth", str(tmp_path / "a"), "--n", "40", "--format", "folder", seconds="0")
+    def logged_by(process: subprocess.Popen) -> str:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        return err
+
+    runs = [start("synth", str(tmp_path / "a"), "--n", "40", "--format", "folder", seconds="0"),
+            start("synth", str(tmp_path / "b"), "--n", "40", "--format", "folder"),  # a short run
+            start("-q", "synth", str(tmp_path / "c"), "--n", "40", "--format", "folder", seconds="0"),
+            start("synth", str(tmp_path / "shards"), "--n", "40", "--shard-size", "10", "-q")]  # (side by side)
+    logged, short, quiet, _ = [logged_by(process) for process in runs]
     assert "writing train: 100%" in logged and "40/40" in logged and "\r" not in logged
-    assert "writing" not in run("synth", str(tmp_path / "b"), "--n", "40", "--format", "folder")  # a short run
-    assert "writing" not in run("-q", "synth", str(tmp_path / "c"), "--n", "40", "--format", "folder", seconds="0")
+    assert "writing" not in short and "writing" not in quiet
     assert len([line for line in logged.splitlines() if "40/40" in line]) == 1  # the end said once
-    run("synth", str(tmp_path / "shards"), "--n", "40", "--shard-size", "10", "-q")
-    logged = run("index", str(tmp_path / "shards"), "--index", str(tmp_path / "ix"), "--batch-size", "4", seconds="0")
+    logged = logged_by(start("index", str(tmp_path / "shards"), "--index", str(tmp_path / "ix"), "--batch-size", "4",
+                             seconds="0"))
     counts = [line.split("|")[2].split("/")[0].strip() for line in logged.splitlines() if line.startswith("indexing")]
     assert len(set(counts)) > 2 and counts[-1] == "4"  # the shards' bar moves within the one call they share
     assert "40 img embedded" in logged.splitlines()[-1]

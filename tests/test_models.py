@@ -1,5 +1,4 @@
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -285,36 +284,39 @@ def test_a_hub_tokenizer_and_hub_weights_come_from_the_cache_while_the_hub_is_un
     (tokenizer_dir / "tokenizer_config.json").write_text(json_module.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "unk_token": "[UNK]"}))
     (tokenizer_dir / "config.json").write_text('{"architecture": "vit_tiny"}')  # (timm's, as its repos hold)
-    model_cfg = json_module.loads((CONFIG_DIR / "clipkit-tiny.json").read_text())
-    model_cfg["text_cfg"]["hf_tokenizer_name"] = "someone/tiny-tokenizer"
-    snapshot = _hub_repo(hub, "someone/tiny-siglip-like")
     weights = make_checkpoint(tmp_path / "tiny.pt", seed=7)
     state = torch.load(weights, weights_only=True)
-    torch.save(state.get("model", state), snapshot / "open_clip_pytorch_model.bin")
-    (snapshot / "open_clip_config.json").write_text(json_module.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    for repo, tokenizer in (("someone/tiny-siglip-like", "someone/tiny-tokenizer"),
+                            ("someone/other-siglip-like", "someone/uncached-tokenizer")):
+        model_cfg = json_module.loads((CONFIG_DIR / "clipkit-tiny.json").read_text())
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = tokenizer
+        snapshot = _hub_repo(hub, repo)
+        torch.save(state.get("model", state), snapshot / "open_clip_pytorch_model.bin")
+        (snapshot / "open_clip_config.json").write_text(json_module.dumps({"model_cfg": model_cfg,
+                                                                           "preprocess_cfg": {}}))
     texts = ["a red circle", "two big blue square"]
     code = ("import json, sys, clipkit; m = clipkit.load_model(sys.argv[1], device='cpu'); "
             f"print(json.dumps(clipkit.encode({texts!r}, model=m).tolist()))")
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_ENDPOINT": "http://127.0.0.1:9"}  # (a closed port)
     for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CLIPKIT_OFFLINE"):
         env.pop(variable, None)
-    run = subprocess.run([sys.executable, "-c", code, "hf-hub:someone/tiny-siglip-like"], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "127.0.0.1:9" not in run.stderr and "Retrying" not in run.stderr  # no request, no retry
+    run, uncached = [subprocess.Popen([sys.executable, "-c", code, f"hf-hub:{repo}"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+                     for repo in ("someone/tiny-siglip-like", "someone/other-siglip-like")]  # (side by side)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-2000:]
+    assert "127.0.0.1:9" not in err and "Retrying" not in err  # no request, no retry
     clip = open_clip.create_model("clipkit-tiny", pretrained=None)
     clip.load_state_dict(state.get("model", state))
     tokens = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=32)(texts)
     assert tokens[0, :3].tolist() == [2, 3, 4]  # the cached vocabulary's ids ("a red circle")
     with torch.no_grad():
         expected = torch.nn.functional.normalize(clip.eval().encode_text(tokens), dim=-1).numpy()
-    np.testing.assert_allclose(json_module.loads(run.stdout.strip().splitlines()[-1]), expected, atol=1e-5)
+    np.testing.assert_allclose(json_module.loads(out.strip().splitlines()[-1]), expected, atol=1e-5)
 
-    shutil.rmtree(hub / "models--someone--tiny-tokenizer")  # the tokenizer not cached: said at once
-    run = subprocess.run([sys.executable, "-c", code, "hf-hub:someone/tiny-siglip-like"], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert run.returncode != 0 and "Retrying" not in run.stderr
-    assert "someone/tiny-tokenizer, is not in the Hugging Face cache and the hub cannot be reached" in run.stderr
+    _, err = uncached.communicate(timeout=300)  # a tokenizer not cached: said at once
+    assert uncached.returncode != 0 and "Retrying" not in err
+    assert "someone/uncached-tokenizer, is not in the Hugging Face cache and the hub cannot be reached" in err
 
 
 def test_open_clip_hf_hub_names_load_from_the_hub_cache(tmp_path):
@@ -339,12 +341,14 @@ def test_open_clip_hf_hub_names_load_from_the_hub_cache(tmp_path):
     code = ("import json, clipkit; m = clipkit.load_model('hf-hub:someone/tiny-open-clip', device='cpu'); "
             "print(json.dumps([m.name, m.dim, clipkit.encode(['a red circle', 'a blue square'], model=m).tolist()]))")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    name, dim, vectors = json_module.loads(run.stdout.strip().splitlines()[-1])
+    run, missing = [subprocess.Popen([sys.executable, "-c", source], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+                    for source in (code, code.replace("tiny-open-clip", "not-there"))]  # (side by side)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-2000:]
+    name, dim, vectors = json_module.loads(out.strip().splitlines()[-1])
     reference = clipkit.load_model("clipkit-tiny", pretrained=str(weights), device="cpu")
     assert name == "hf-hub:someone/tiny-open-clip" and dim == 64
     np.testing.assert_allclose(vectors, clipkit.encode(["a red circle", "a blue square"], model=reference), atol=1e-5)
-    missing = subprocess.run([sys.executable, "-c", code.replace("tiny-open-clip", "not-there")], capture_output=True,
-                             text=True, env=env, timeout=300)
-    assert missing.returncode != 0 and "not in the Hugging Face cache" in missing.stderr
+    _, err = missing.communicate(timeout=300)
+    assert missing.returncode != 0 and "not in the Hugging Face cache" in err
