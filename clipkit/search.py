@@ -259,9 +259,17 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weig
     score `score_pairs` gives the same pairs. A text query is scored against the hits' images, an image query
     against the hits' captions. Images are decoded in full, as `score_pairs` decodes them. The cosine is the
     re-ranker's own where it is a clipkit model (its weight was fitted to it; the index may hold another model's
-    embeddings, or embeddings of a reduced-scale decode), else the hits' ITC score."""
+    embeddings, or embeddings of a reduced-scale decode), else the hits' ITC score. Two steps: `rerank_pairs`
+    (files read and decoded: the server runs it beside other requests') and `rerank_scored` (the model)."""
+    return rerank_scored(rerank_pairs(query, kind, hits), kind, reranker, weight)
+
+
+def rerank_pairs(query: Any, kind: str, hits: list[Hit]) -> tuple[list[Hit], list, list[str], np.ndarray, np.ndarray]:
+    """(the hits that can be scored, the decoded pictures, the texts, each pair's picture and text positions) of
+    a re-ranking: a text query against the hits' images (those whose file went since indexing left out), an
+    image query against the hits' captions."""
     if not hits:
-        return hits
+        return hits, [], [], np.zeros(0, int), np.zeros(0, int)
     if kind == TEXT:
         sources = [item_image(h.path, h.metadata) for h in hits]
         missing = [h.id for h, source in zip(hits, sources) if source is None]
@@ -269,16 +277,20 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weig
             raise ValueError(f"re-ranking a text query needs the images, but item {missing[0]!r} has no image file")
         pictures = load_images(sources, skip_errors=True)
         hits = [hit for hit, picture in zip(hits, pictures) if picture is not None]  # files gone since indexing
-        if not hits:
-            return hits
-        pictures, texts = [p for p in pictures if p is not None], [query]
-        image_index, text_index = np.arange(len(hits)), np.zeros(len(hits), int)
-    else:
-        texts = [h.metadata.get("caption") for h in hits]
-        if any(c is None for c in texts):
-            raise ValueError("re-ranking an image query scores it against captions, but these hits have none: "
-                             "image-to-image search cannot be re-ranked by ITM")
-        pictures, image_index, text_index = [load_image(query)], np.zeros(len(hits), int), np.arange(len(hits))
+        pictures = [p for p in pictures if p is not None]
+        return hits, pictures, [query], np.arange(len(hits)), np.zeros(len(hits), int)
+    texts = [h.metadata.get("caption") for h in hits]
+    if any(c is None for c in texts):
+        raise ValueError("re-ranking an image query scores it against captions, but these hits have none: "
+                         "image-to-image search cannot be re-ranked by ITM")
+    return hits, [load_image(query)], texts, np.zeros(len(hits), int), np.arange(len(hits))
+
+
+def rerank_scored(pairs: tuple, kind: str, reranker: Reranker, weight: float | None = None) -> list[Hit]:
+    """`rerank_pairs`' hits re-ordered by the re-ranker's score of their pairs (+ weight x cosine)."""
+    hits, pictures, texts, image_index, text_index = pairs
+    if not hits:
+        return hits
     scores = reranker.match(reranker.image_inputs(pictures), image_index, reranker.text_inputs(texts), text_index)
     weight = reranker.cosine_weight(weight, "t2i" if kind == TEXT else "i2t")
     cosines = np.array([h.score for h in hits])

@@ -117,9 +117,21 @@ def test_rerank_matches_library_search(client, served):
     assert all("itc_score" in r for r in response["results"])
 
 
-def test_re_ranked_requests_find_their_candidates_together_and_rank_as_the_library(served):
+def test_re_ranked_requests_find_their_candidates_together_and_rank_as_the_library(served, monkeypatch):
     """A re-ranked request's candidates come from the search batcher (with other requests'), not from a search
-    of its own on the model's thread; its ranking is still the library's."""
+    of its own on the model's thread, and are decoded in the thread pool; only their scoring runs on the model's
+    thread. Its ranking is still the library's."""
+    import importlib
+    import threading
+
+    search_module = importlib.import_module("clipkit.search")  # (clipkit.search is the function)
+    decoding_threads, real_load_images = set(), search_module.load_images
+
+    def load_images(*args, **kwargs):
+        decoding_threads.add(threading.current_thread().name)
+        return real_load_images(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "load_images", load_images)
     app = create_app({"photos": served["index"]})
     texts = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle")]
 
@@ -130,6 +142,7 @@ def test_re_ranked_requests_find_their_candidates_together_and_rank_as_the_libra
             return responses, (await http.get("/healthz")).json()
 
     responses, info = asyncio.run(run())
+    assert decoding_threads and not any(name.startswith("clipkit-") for name in decoding_threads)  # (not the model's)
     for text, response in zip(texts, responses):
         expected = clipkit.search(text, served["index"], k=4, rerank=True, rerank_k=10)
         assert [r["item_id"] for r in response.json()["results"]] == [h.id for h in expected]

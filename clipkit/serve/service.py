@@ -28,7 +28,7 @@ from clipkit.index import Index, prepare_vectors
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
 from clipkit.index.sync import bytes_hash
-from clipkit.search import Hit, rerank_hits, rerank_plan, searched_collection
+from clipkit.search import Hit, rerank_pairs, rerank_plan, rerank_scored, searched_collection
 from clipkit.serve.batcher import IMAGE, TEXT, Batcher, ModelWorker, SearchBatcher
 from clipkit.data.fetch import Fetcher
 
@@ -181,8 +181,9 @@ class Service:
                                      rerank_k=rerank_k, max_depth=self.config.max_rerank_k, reranker=self.reranker)
             depth, reranker = await collection.worker.run(plan) if rerank else plan()  # (a re-ranker may load)
             hits = await self.searcher.nearest(target, vector, depth, under or None)
-            if reranker is not None:
-                hits = await collection.worker.run(rerank_hits, query, kind, hits, reranker, weight)
+            if reranker is not None:  # the candidates decoded in the thread pool, scored on the model's thread
+                pairs = await run_in_threadpool(rerank_pairs, query, kind, hits)
+                hits = await collection.worker.run(rerank_scored, pairs, kind, reranker, weight)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         hits = hits[:k]
