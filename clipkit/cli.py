@@ -916,18 +916,21 @@ def _search_query(text: str, as_text: bool):
         raise UsageError(f"{exc} (to search for this text, add --text)") from None
 
 
-def _indexed_item_query(index, text: str):
-    """QUERY as an item of the index (its id as search prints it, e.g. SHARD.tar#KEY or an indexed URL; a
-    shard's path may be relative): the item's image, read from its file or shard, or its stored embedding
-    where it has no image (added from embeddings, or its file gone since). None where QUERY names no item."""
+def _indexed_item_query(index, text: str, picture: bool = False):
+    """QUERY as an item of the index (its id as search prints it, e.g. SHARD.tar#KEY or an indexed URL, or an
+    indexed file by a relative path; a shard's path may be relative): its stored embedding (no model to load),
+    unless the item's file changed since it was indexed or `picture` (re-ranking scores the picture) asks for
+    the image, read from its file or shard where it has one. None where QUERY names no item."""
     from clipkit.encode import load_image
     from clipkit.data.shardspec import is_shard_spec
+    from clipkit.index.files import as_indexed
     from clipkit.index.shards import item_image
     from clipkit.index.vectors import storable
 
     text = text.strip()
     shard, _, member = text.rpartition("#")
-    candidates = [text] + ([f"{os.path.abspath(shard)}#{member}"] if shard and member else [])
+    candidates = list(dict.fromkeys([text, os.path.abspath(text)] + ([f"{os.path.abspath(shard)}#{member}"]
+                                                                      if shard and member else [])))
     found = index.find(c for c in candidates if storable(c))  # (a file name that is not UTF-8 is not an id)
     record = next((found[c] for c in candidates if c in found), None)
     if record is None:
@@ -935,7 +938,7 @@ def _indexed_item_query(index, text: str):
             raise UsageError(f"{text} is not in {index.path}: index its shard first (to search for this text, "
                              "add --text)")
         return None
-    source = item_image(record.get("path"), record)
+    source = item_image(record.get("path"), record) if picture or not as_indexed(record) else None
     if source is not None:
         with contextlib.suppress(OSError, ValueError):  # (its file gone or unreadable since: what the index holds)
             return load_image(source)
@@ -1025,7 +1028,7 @@ def _queries(index, lines: list[str], args) -> list:
     found = []
     for line in lines:
         try:
-            query = None if args.text else _indexed_item_query(index, line)
+            query = None if args.text else _indexed_item_query(index, line, args.rerank or bool(args.reranker))
             found.append(_search_query(line, args.text) if query is None else query)
         except QUERY_ERRORS as exc:
             found.append(exc)

@@ -62,12 +62,12 @@ def query_kind(query: Any) -> str:
     if isinstance(query, (Image.Image, os.PathLike)):
         return IMAGE
     if isinstance(query, np.ndarray):
-        if query.ndim == 1:
-            return "vector"
+        if query.ndim == 1 or (query.ndim == 2 and np.issubdtype(query.dtype, np.floating)):
+            return "vector"  # (2-D: one query of several vectors, as an item of a BLIP-2 index holds)
         if query.ndim in (2, 3) and query.dtype == np.uint8:
             return IMAGE
-        raise ValueError(f"an array query must be a 1-D embedding or an HxWx3 uint8 image, got shape "
-                         f"{query.shape} dtype {query.dtype}")
+        raise ValueError(f"an array query must be an embedding (1-D, or 2-D: several vectors) or an HxWx3 uint8 "
+                         f"image, got shape {query.shape} dtype {query.dtype}")
     several = " (one query a call; for many at once: clipkit.search_batch(queries, index, k))" \
         if isinstance(query, (list, tuple)) else ""
     raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, "
@@ -79,7 +79,9 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
            under: str | os.PathLike | None = None) -> list[Hit]:
     """Top-k hits for one query, best first.
 
-    `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D array -> embedding.
+    `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D float array -> embedding; 2-D
+    float array -> one query of several vectors (an item scored by its best match with any: the stored
+    embedding of an item of a BLIP-2 index, `index.embeddings([id])[0]`; for a batch, `search_batch`).
     `index`: an Index, or the path of an index folder (loaded for this call; load it once to search often).
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
@@ -149,12 +151,18 @@ def _search_all(queries: list, kinds: list[str], index: Index, k: int, *, model,
         for start in range(0, len(positions), EMBED_CHUNK):  # (tokens or pixels, and hits, of a chunk at a time)
             chunk = positions[start:start + EMBED_CHUNK]
             batch = [queries[i] for i in chunk]
-            vectors = list(embedders[kind](batch, model)) if kind in embedders else \
-                [prepare_vectors(query, index.dim, what="the query")[0] for query in batch]
+            vectors = list(embedders[kind](batch, model)) if kind in embedders else [_query_vectors(query, index.dim)
+                                                                                      for query in batch]
             found = ranked_hits_many(targets[kind], vectors, k, queries=batch, kind=kind, model=model, **options)
             for position, hits in zip(chunk, found):
                 results[position] = hits
     return results
+
+
+def _query_vectors(query: np.ndarray, dim: int) -> np.ndarray:
+    """An embedding query's unit vector (1-D), or its unit vectors (2-D: an item scored by its best match)."""
+    vectors = prepare_vectors(query, dim, what="the query")
+    return vectors[0] if np.ndim(query) == 1 else vectors
 
 
 def searched_collection(index: Index, modality: str, *, kind: str | None = None, rerank: bool = False) -> Index:

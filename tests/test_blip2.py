@@ -3,6 +3,7 @@ vector per query token an image, its ITC similarity the best of them, through `c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,28 @@ def test_eval_with_blip2_ranks_by_its_itc_and_reranks_with_its_itm(tmp_path):
     assert report["itc"]["t2i"]["R@1"] == pytest.approx(float((truth_rank <= 1).mean()))
     assert report["itc"]["t2i"]["R@5"] == pytest.approx(float((truth_rank <= 5).mean()))
     assert report["rerank"] is not None and report["reranker"] is not None
+
+
+def test_an_item_s_stored_vectors_are_a_query_and_one_whose_file_went_is_searched_by_them(tmp_path, image_folder,
+                                                                                         capsys):
+    """An item of a BLIP-2 index holds one vector per query token. `search(index.embeddings([id])[0], index)`
+    (a 2-D float array: one query of several vectors) scores each item by its best pair, as numpy does; it was
+    refused ("an array query must be a 1-D embedding"), and so was `clipkit search ID` once ID's file had gone
+    (the CLI then searches by the stored vectors)."""
+    path = blip2_dir(tmp_path, spread=0.3)
+    index_path = tmp_path / "ix"
+    assert main(["-q", "index", str(image_folder), "--index", str(index_path), "--model", str(path)]) == 0
+    index = clipkit.Index.load(index_path)
+    ids = index.ids()
+    query = index.embeddings([ids[0]])[0]
+    assert query.shape == (4, 16)
+    stored = index.embeddings(ids)
+    expected = np.einsum("qd,nvd->nqv", query, stored).max(axis=(1, 2))
+    hits = clipkit.search(query, index, k=len(ids))
+    assert [h.id for h in hits][0] == ids[0]
+    np.testing.assert_allclose(sorted(h.score for h in hits), np.sort(expected), atol=1e-5)
+    np.testing.assert_allclose([h.score for h in hits], [expected[ids.index(h.id)] for h in hits], atol=1e-5)
+    Path(ids[0]).unlink()  # (its stored vectors are what the index holds of it)
+    capsys.readouterr()
+    assert main(["search", ids[0], "--index", str(index_path), "-k", "3", "--json"]) == 0
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [h.id for h in hits[:3]]

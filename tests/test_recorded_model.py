@@ -1,6 +1,7 @@
 """The model an index records stands in for it until it is used (clipkit.recorded.RecordedModel): a run that
 embeds nothing never loads it, nor imports torch; one that embeds gets exactly the recorded model."""
 
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,34 @@ def test_indexing_an_unchanged_folder_loads_no_model_and_a_new_image_gets_the_re
                                atol=1e-6)
     caption = index.captions.embeddings([f"{third}#0"])[0]
     np.testing.assert_allclose(caption, clipkit.encode(["a green triangle"], model=tiny_model)[0], atol=1e-6)
+
+
+def test_searching_by_an_indexed_photo_loads_no_model_until_the_photo_changes(tmp_path, tiny_ckpt, tiny_model):
+    """`clipkit search photos/0.png` (a photo of the index, by a relative path) searched by its stored embedding:
+    no model loaded (~2 s where loading one took ~6); once the file changed since indexing, by the file as it is
+    now (its embedding embedded again)."""
+    photos, index_path = _photos(tmp_path / "photos", 3), tmp_path / "ix"
+    assert main(["-q", "index", str(photos), "--index", str(index_path), "--model", "clipkit-tiny",
+                 "--pretrained", str(tiny_ckpt)]) == 0
+    run = textwrap.dedent(f"""
+        import sys
+        from clipkit.cli import main
+        code = main(["search", "photos/0.png", "--index", {str(index_path)!r}, "-k", "3", "--json"])
+        print("rc", code, "open_clip", "open_clip" in sys.modules)
+    """)
+    index = Index.load(index_path)
+    first = str((photos / "0.png").resolve())
+    for changed in (False, True):
+        if changed:  # (another picture, the size and mtime of the file changed)
+            draw_shape("blue", "square", size=(40, 30)).save(photos / "0.png")
+        done = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        *lines, last = done.stdout.strip().splitlines()
+        assert last == f"rc 0 open_clip {changed}", done.stdout + done.stderr
+        vector = clipkit.encode([photos / "0.png"], model=tiny_model)[0] if changed else index.embeddings([first])[0]
+        scores, ids = index.search(vector, 3)
+        hits = json.loads(lines[-1])
+        assert [h["id"] for h in hits] == ids[0].tolist()
+        np.testing.assert_allclose([h["score"] for h in hits], scores[0], atol=1e-5)
 
 
 def test_an_index_opened_again_syncs_with_the_model_it_records(tmp_path, tiny_model):

@@ -44,6 +44,23 @@ def read_indexed(index, record: dict, source, max_bytes: int) -> bytes:
     return data
 
 
+def as_indexed(record: dict) -> bool:
+    """Whether an item's stored embedding is still its file's: the file as indexed (its size and mtime as
+    recorded), or none to compare (gone since, an item of a shard, of a URL or added from embeddings)."""
+    path = record.get("path")
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        return True
+    if stat is None:
+        return True
+    try:
+        _same(stat, [record.get("size"), record.get("mtime")], "the file")
+    except ValueError:
+        return False
+    return True
+
+
 def _open_regular(path: str):
     try:
         handle = open(path, "rb")
