@@ -48,15 +48,13 @@ def as_indexed(record: dict) -> bool:
     """Whether an item's stored embedding is still its file's: the file as indexed (its size and mtime as
     recorded), or none to compare (gone since, an item of a shard, of a URL or added from embeddings)."""
     path = record.get("path")
-    try:
-        stat = os.stat(path) if path else None
-    except OSError:
-        return True
-    if stat is None:
+    if not path:
         return True
     try:
-        _same(stat, [record.get("size"), record.get("mtime")], "the file")
-    except ValueError:
+        _same(os.stat(path), [record.get("size"), record.get("mtime")], "the file")
+    except OSError:  # (gone since: what the index holds is the item)
+        return True
+    except ValueError:  # (changed since)
         return False
     return True
 
