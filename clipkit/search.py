@@ -212,12 +212,6 @@ def rerank_plan(k: int, *, kind: str, model=None, rerank: bool = False, rerank_k
         reranker if reranker is not None else model)
 
 
-def nearest_hits(index: Index, vector: np.ndarray, depth: int, under: str | os.PathLike | None = None) -> list[Hit]:
-    """The index's top `depth` items (under the folder `under`, if given) for one unit query vector, as Hits with
-    their metadata (`nearest_hits_many` of one)."""
-    return nearest_hits_many(index, [vector], depth, under=under)[0]
-
-
 def nearest_hits_many(index: Index, vectors: list[np.ndarray], depth: int,
                       under: str | os.PathLike | None = None) -> list[list[Hit]]:
     """For each unit query vector, the index's top `depth` items (under the folder `under`, if given) as Hits

@@ -330,7 +330,7 @@ def test_searches_queued_together_are_made_together_and_each_gets_its_own_answer
     """The server's search batcher: the queued searches of one index, depth and folder in one index search;
     each answer equals the library's search of that query alone; a search whose folder holds nothing fails
     alone."""
-    from clipkit.search import nearest_hits
+    from clipkit.search import nearest_hits_many
     from clipkit.serve.batcher import SearchBatcher
 
     index, photos = served["index"], str(served["photos"])
@@ -346,7 +346,7 @@ def test_searches_queued_together_are_made_together_and_each_gets_its_own_answer
 
     results = asyncio.run(run())
     for (vector, k, under), hits in zip(asks, results[:-1]):
-        alone = nearest_hits(index, vector, k, under=under)
+        (alone,) = nearest_hits_many(index, [vector], k, under=under)
         assert [(h.id, h.key) for h in hits] == [(h.id, h.key) for h in alone]
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in alone], atol=1e-6)
     assert isinstance(results[-1], ValueError) and "no indexed item lies under" in str(results[-1])
