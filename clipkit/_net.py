@@ -6,16 +6,30 @@ import contextlib
 import os
 import socket
 import threading
+import time
 from typing import Iterator
 from urllib.parse import urlparse
 
 from clipkit.errors import OfflineError
 
 
+PROBE_TTL_S = 60.0  # how long one probe's answer stands: a model load asks up to three times
+_probed: dict[tuple[str, int], tuple[float, bool]] = {}
+
+
 def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to host:port opens within `timeout` seconds (DNS included)."""
+    """True when a TCP connection to host:port opens within `timeout` seconds (DNS included). The answer is
+    kept for PROBE_TTL_S seconds: where DNS hangs, each probe costs its whole timeout."""
     if not host:
         return False
+    when, ok = _probed.get((host, port), (float("-inf"), False))
+    if time.monotonic() - when > PROBE_TTL_S:
+        ok = _probe(host, port, timeout)
+        _probed[(host, port)] = (time.monotonic(), ok)
+    return ok
+
+
+def _probe(host: str, port: int, timeout: float) -> bool:
     result = {"ok": False}
 
     def probe():
@@ -36,9 +50,25 @@ def offline_forced() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CLIPKIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def hf_hub_host() -> str:
-    """The Hugging Face hub's host ($HF_ENDPOINT's, else huggingface.co)."""
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+def url_address(url: str) -> tuple[str, int]:
+    """(host, port) a URL connects to: its own port, else its scheme's (http 80, otherwise 443)."""
+    parts = urlparse(url)
+    try:
+        port = parts.port
+    except ValueError:  # a port that is no number
+        port = None
+    return parts.hostname or "", port or (80 if parts.scheme == "http" else 443)
+
+
+def hf_hub_address() -> tuple[str, int]:
+    """The Hugging Face hub's (host, port): $HF_ENDPOINT's (a mirror, e.g. http://mirror:8080), else
+    huggingface.co's."""
+    return url_address(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+def hub_reachable() -> bool:
+    """Offline work is not forced and the Hugging Face hub (or $HF_ENDPOINT's mirror) answers."""
+    return not offline_forced() and reachable(*hf_hub_address())
 
 
 def hub_cached(repo: str, filename: str, cache_dir: str | None = None) -> bool:
@@ -52,8 +82,8 @@ def hub_cached(repo: str, filename: str, cache_dir: str | None = None) -> bool:
 def require_hub(repo: str, alternative: str = "", what: str = "") -> None:
     """Refuse at once, with what to do, to reach for `repo` (`what` it holds) on the Hugging Face hub when it
     cannot be reached."""
-    host = hf_hub_host()
-    if offline_forced() or not reachable(host):
+    if not hub_reachable():
+        host, _ = hf_hub_address()
         named = f"{what}, {repo}," if what else repo
         raise OfflineError(f"{named} is not in the Hugging Face cache and the hub cannot be reached "
                            f"({'offline mode is on' if offline_forced() else host + ' is unreachable'}): download it "
@@ -69,7 +99,7 @@ def hub_offline_when_unreachable() -> Iterator[None]:
     from huggingface_hub import constants
 
     before = constants.HF_HUB_OFFLINE
-    if not before and (offline_forced() or not reachable(hf_hub_host())):
+    if not before and not hub_reachable():
         constants.HF_HUB_OFFLINE = True
     try:
         yield

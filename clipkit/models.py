@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 
 from clipkit import DEFAULT_MODEL
 from clipkit.bundled import CONFIG_DIR, bundled_models
-from clipkit._net import hf_hub_host, hub_cached, hub_offline_when_unreachable, offline_forced, reachable, require_hub
+from clipkit._net import (hf_hub_address, hub_cached, hub_offline_when_unreachable, hub_reachable, offline_forced,
+                          reachable, require_hub, url_address)
 from clipkit.errors import CheckpointError, ModelMismatchError, OfflineError, first_line
 from clipkit.itm.heads import build_head_from_config
 from clipkit.itm.states import exact_text_length, text_forward
@@ -234,10 +234,9 @@ def _unknown_model_message(name: str) -> str:
 # Weights: pretrained tags
 
 
-def _hub_host(tag_cfg: dict) -> str:
-    if tag_cfg.get("hf_hub"):
-        return hf_hub_host()
-    return urlparse(tag_cfg.get("url", "")).hostname or ""
+def _tag_address(tag_cfg: dict) -> tuple[str, int]:
+    """(host, port) a pretrained tag downloads from: the hub ($HF_ENDPOINT) or its URL's."""
+    return hf_hub_address() if tag_cfg.get("hf_hub") else url_address(tag_cfg.get("url", ""))
 
 
 def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
@@ -281,8 +280,8 @@ def resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None = None) ->
     cached = _cached_tag_file(tag_cfg, cache_dir)
     if cached:
         return cached, tag_cfg
-    host = _hub_host(tag_cfg)
-    if offline_forced() or not reachable(host):
+    host, port = _tag_address(tag_cfg)
+    if offline_forced() or not reachable(host, port=port):
         raise OfflineError(
             f"weights for {name}/{tag} are not cached and {host or 'the hub'} cannot be reached. "
             f"On a machine with network, run clipkit.load_model({name!r}, pretrained={tag!r}) once to cache "
@@ -510,7 +509,7 @@ def _bare_hub_repo(name: str) -> bool:
     ORG/REPO that is no path here and no open_clip name, whose config.json is cached or the hub reachable."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or os.path.exists(name) or name in list_models():
         return False
-    return hub_cached(name, "config.json") or (not offline_forced() and reachable(hf_hub_host()))
+    return hub_cached(name, "config.json") or hub_reachable()
 
 
 def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:

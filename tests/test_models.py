@@ -141,6 +141,39 @@ def test_offline_env_var_never_probes_the_network(monkeypatch):
         load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
 
 
+def test_a_hub_mirror_is_probed_at_its_own_port_and_once_a_minute(monkeypatch):
+    """HF_ENDPOINT naming a mirror at its own port (http://mirror:8080) was probed at port 443: an internal
+    mirror that answered was taken for an unreachable hub, and models were read from the cache alone. And a
+    model's load probed the hub up to three times, each a whole timeout where DNS hangs."""
+    import socket
+
+    from huggingface_hub import constants
+
+    import clipkit._net as net
+
+    monkeypatch.setattr(net, "_probed", {})
+    for variable in ("HF_HUB_OFFLINE", "CLIPKIT_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as mirror:
+        mirror.bind(("127.0.0.1", 0))
+        mirror.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{mirror.getsockname()[1]}")
+        assert net.hf_hub_address() == ("127.0.0.1", mirror.getsockname()[1]) and net.hub_reachable()
+        with net.hub_offline_when_unreachable():
+            assert not constants.HF_HUB_OFFLINE  # the mirror answers: huggingface_hub may ask it
+    assert net.url_address("http://example.org/x") == ("example.org", 80)
+    assert net.url_address("https://example.org/x") == ("example.org", 443)
+    probes = []
+    monkeypatch.setattr(net, "_probe", lambda host, port, timeout: probes.append((host, port)) or False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    for _ in range(3):
+        with net.hub_offline_when_unreachable():
+            assert constants.HF_HUB_OFFLINE
+    assert probes == [("hub.example.invalid", 443)]  # one probe stands for a minute
+    monkeypatch.setattr(net, "PROBE_TTL_S", 0.0)
+    assert not net.hub_reachable() and len(probes) == 2
+
+
 @pytest.fixture
 def fake_tags(monkeypatch):
     """Pretrained tags for clipkit-tiny in open_clip's registry, one by URL and one on the HF hub."""
