@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from typing import Iterator
 from urllib.parse import urlparse
 
@@ -50,9 +51,30 @@ def offline_forced() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("CLIPKIT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def url_address(url: str) -> tuple[str, int]:
-    """(host, port) a URL connects to: its own port, else its scheme's (http 80, otherwise 443)."""
+def proxy_url(url: str) -> str | None:
+    """The proxy a client of `url` goes through, as requests and httpx choose it: $HTTPS_PROXY / $HTTP_PROXY
+    by the URL's scheme, else $ALL_PROXY, unless $NO_PROXY names the host; or None."""
     parts = urlparse(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme or "https") or proxies.get("all")
+    if not proxy or not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def proxy_for(url: str) -> tuple[str, int] | None:
+    """(host, port) of `proxy_url(url)`, or None."""
+    proxy = proxy_url(url)
+    return _address(urlparse(proxy)) if proxy else None
+
+
+def url_address(url: str) -> tuple[str, int]:
+    """(host, port) a client of `url` connects to: its proxy's (`proxy_for`), else the URL's own."""
+    return proxy_for(url) or _address(urlparse(url))
+
+
+def _address(parts) -> tuple[str, int]:
+    """(host, port) of parsed URL parts: their port, else their scheme's (http 80, otherwise 443)."""
     try:
         port = parts.port
     except ValueError:  # a port that is no number

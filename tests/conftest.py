@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("CLIPKIT_OFFLINE", "1")  # tests never reach for the network
+for _variable in ("no_proxy", "NO_PROXY"):  # the tests' own servers on 127.0.0.1: never through a proxy
+    os.environ[_variable] = ",".join(filter(None, [os.environ.get(_variable), "127.0.0.1", "localhost"]))
 
 
 def make_checkpoint(path: Path, name: str = "clipkit-tiny", seed: int = 123) -> Path:

@@ -152,7 +152,8 @@ def test_a_hub_mirror_is_probed_at_its_own_port_and_once_a_minute(monkeypatch):
     import clipkit._net as net
 
     monkeypatch.setattr(net, "_probed", {})
-    for variable in ("HF_HUB_OFFLINE", "CLIPKIT_OFFLINE"):
+    proxies = [f"{scheme}_proxy" for scheme in ("https", "http", "all", "no")]
+    for variable in ("HF_HUB_OFFLINE", "CLIPKIT_OFFLINE", *proxies, *(v.upper() for v in proxies)):
         monkeypatch.delenv(variable, raising=False)
     with socket.socket() as mirror:
         mirror.bind(("127.0.0.1", 0))
@@ -161,6 +162,13 @@ def test_a_hub_mirror_is_probed_at_its_own_port_and_once_a_minute(monkeypatch):
         assert net.hf_hub_address() == ("127.0.0.1", mirror.getsockname()[1]) and net.hub_reachable()
         with net.hub_offline_when_unreachable():
             assert not constants.HF_HUB_OFFLINE  # the mirror answers: huggingface_hub may ask it
+        # behind a proxy (requests and httpx go through it): the proxy is what must answer
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{mirror.getsockname()[1]}")
+        assert net.hf_hub_address() == ("127.0.0.1", mirror.getsockname()[1]) and net.hub_reachable()
+        monkeypatch.setenv("NO_PROXY", "example.invalid")
+        assert net.hf_hub_address() == ("hub.example.invalid", 443)
+    monkeypatch.delenv("HTTPS_PROXY")
     assert net.url_address("http://example.org/x") == ("example.org", 80)
     assert net.url_address("https://example.org/x") == ("example.org", 443)
     probes = []

@@ -323,3 +323,106 @@ def test_search_by_an_image_url(site, tmp_path, tiny_ckpt, tiny_model, capsys):
     assert main(["search", f"{base}/notes.txt", "--index", str(tmp_path / "ix")]) == 2
     err = capsys.readouterr().err
     assert "not a recognised image format" in err and err.count("\n") == 1
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy as companies run them: `GET http://...` fetched for the client, `CONNECT host:port`
+    relayed byte for byte (https), each request's line and Proxy-Authorization recorded."""
+
+    seen: list = []
+
+    def do_GET(self):
+        import http.client
+        import urllib.parse
+
+        type(self).seen.append((self.requestline, self.headers.get("Proxy-Authorization")))
+        url = urllib.parse.urlsplit(self.path)
+        upstream = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        upstream.request("GET", url.path)
+        answer = upstream.getresponse()
+        body = answer.read()
+        self.send_response(answer.status)
+        for name in ("Location", "Content-Type"):
+            if answer.getheader(name):
+                self.send_header(name, answer.getheader(name))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_CONNECT(self):
+        import select
+        import socket
+
+        type(self).seen.append((self.requestline, self.headers.get("Proxy-Authorization")))
+        host, port = self.path.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        ends = [self.connection, upstream]
+        while True:
+            ready, _, _ = select.select(ends, [], [], 10)
+            chunks = [(end, end.recv(65536)) for end in ready]
+            if not ready or any(not chunk for _, chunk in chunks):
+                break
+            for end, chunk in chunks:
+                (upstream if end is self.connection else self.connection).sendall(chunk)
+        upstream.close()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_url_table_goes_through_the_user_s_proxy(site, tmp_path, tiny_ckpt, tiny_model, capsys, monkeypatch):
+    """Behind a company proxy (HTTP_PROXY / HTTPS_PROXY, as requests, img2dataset and pip read them) every
+    image of a URL table failed: clipkit connected to each host itself. http URLs now go to the proxy, https
+    ones through its CONNECT tunnel (the certificate still checked against the URL's host), with the
+    proxy URL's credentials; NO_PROXY's hosts go straight. (The server's image_url fetches never take a
+    proxy: they must connect to the very address they checked.)"""
+    import ssl
+
+    root, base, handler = site
+    tls = Path(__file__).parent / "tls"  # a self-signed certificate for 127.0.0.1, valid 100 years
+    secure = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls / "localhost.crt", tls / "localhost.key")
+    secure.socket = context.wrap_socket(secure.socket, server_side=True)
+    proxy_handler = type("Proxy", (_Proxy,), {"seen": []})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), proxy_handler)
+    for server in (secure, proxy):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    secure_base = f"https://127.0.0.1:{secure.server_address[1]}"
+    for variable in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable in ("http_proxy", "https_proxy"):
+        monkeypatch.setenv(variable, f"http://someone:p%40ss@127.0.0.1:{proxy.server_address[1]}")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls / "localhost.crt"))  # (trust the test's certificate)
+    urls = [f"{base}/0.png", f"{secure_base}/1.png", f"{base}/moved/2.png"]
+    table = write_table(tmp_path / "urls.csv", [{"url": url} for url in urls])
+    try:
+        assert main(["-q", "index", str(table), "--index", str(tmp_path / "ix"), "--model", "clipkit-tiny",
+                     "--pretrained", str(tiny_ckpt)]) == 0, capsys.readouterr().err
+        credentials = "Basic " + __import__("base64").b64encode(b"someone:p@ss").decode()
+        assert sorted(proxy_handler.seen) == sorted([
+            (f"GET {base}/0.png HTTP/1.1", credentials), (f"GET {base}/moved/2.png HTTP/1.1", credentials),
+            (f"GET {base}/2.png HTTP/1.1", credentials),  # (the redirect, through the proxy too)
+            (f"CONNECT 127.0.0.1:{secure.server_address[1]} HTTP/1.0", credentials)])
+        index = Index.load(tmp_path / "ix")
+        assert sorted(index.ids()) == sorted(urls)
+        direct = clipkit.encode([Path(root / f"{n}.png") for n in range(3)], model=tiny_model)
+        np.testing.assert_allclose(index.embeddings(urls), direct, atol=2e-3)
+        monkeypatch.setenv("SSL_CERT_FILE", "/nonexistent")  # a certificate not trusted: refused, not fetched
+        more = write_table(tmp_path / "more.csv", [{"url": f"{secure_base}/3.png"}])
+        assert main(["index", str(more), "--index", str(tmp_path / "ix2"), "--model", "clipkit-tiny",
+                     "--pretrained", str(tiny_ckpt)]) == 0
+        out, err = capsys.readouterr()
+        assert "1 skipped (1 fetch failed)" in out and "CERTIFICATE_VERIFY_FAILED" in out + err
+        assert "through the proxy 127.0.0.1" in out + err
+        monkeypatch.setenv("no_proxy", "127.0.0.1")  # NO_PROXY: straight to the host
+        seen = len(proxy_handler.seen)
+        again = write_table(tmp_path / "again.csv", [{"url": f"{base}/4.png"}])
+        assert main(["-q", "index", str(again), "--index", str(tmp_path / "ix3"), "--model", "clipkit-tiny",
+                     "--pretrained", str(tiny_ckpt)]) == 0
+        assert len(proxy_handler.seen) == seen and len(Index.load(tmp_path / "ix3")) == 1
+    finally:
+        secure.shutdown()
+        proxy.shutdown()

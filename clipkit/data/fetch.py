@@ -12,6 +12,7 @@ fetches running at once is bounded, so slow servers cannot tie up the workers.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import socket
@@ -19,6 +20,8 @@ import ssl
 import threading
 import time
 import urllib.parse
+
+from clipkit._net import proxy_url
 
 USER_AGENT = "clipkit-serve (+https://github.com/clipkit)"
 MAX_REDIRECTS = 5
@@ -98,15 +101,26 @@ class _Pinned(http.client.HTTPSConnection):
         super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
         self.address, self.tls = address, tls
         self.expired = False  # cut off by the fetch's deadline
+        self.via, self.extra_headers = "", {}  # through a proxy: what messages add, its credentials
         self.raw: socket.socket | None = None
 
     def connect(self):
         self.sock = _connect(self.address, self.port, self.timeout)
+        if self._tunnel_host:  # through a proxy: CONNECT to the URL's host first (`set_tunnel`)
+            self._tunnel()
         if self.tls:
-            self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host)
         self.raw = self.sock  # http.client drops self.sock once a reply will close it; the deadline still cuts this
         if self.expired:  # the deadline passed while connecting
             _cut(self)
+
+
+def _basic_auth(proxy: urllib.parse.SplitResult) -> dict:
+    """The Proxy-Authorization header of a proxy URL's user name and password (http://user:pass@host:3128)."""
+    if proxy.username is None:
+        return {}
+    pair = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}
 
 
 def _cut(connection: _Pinned) -> None:
@@ -141,15 +155,14 @@ class Fetcher:
 
     def _fetch(self, url: str, deadline: float) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            parts, host, port, address = resolve_public(url, self.public_only, self.noun)
-            connection = _Pinned(host, port, address, self._left(deadline), parts.scheme == "https")
+            connection, target = self._open(url, deadline)
             # a server trickling its headers or body a byte at a time is cut off at the deadline, whatever it does
             watchdog = threading.Timer(self._left(deadline), _cut, (connection,))
             watchdog.daemon = True
             watchdog.start()
             try:
-                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-                connection.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+                connection.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*",
+                                                           **connection.extra_headers})
                 response = connection.getresponse()
                 if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                     url = urllib.parse.urljoin(url, response.getheader("Location"))
@@ -164,11 +177,36 @@ class Fetcher:
                 raise
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 self._check(connection)  # cut at the deadline: say so rather than how the cut connection failed
-                raise FetchError(f"cannot fetch {self.noun}: {exc or type(exc).__name__}") from None
+                raise FetchError(f"cannot fetch {self.noun}{connection.via}: {exc or type(exc).__name__}") from None
             finally:
                 watchdog.cancel()
                 connection.close()
         raise FetchError(f"{self.noun} redirects more than {MAX_REDIRECTS} times")
+
+    def _open(self, url: str, deadline: float) -> tuple[_Pinned, str]:
+        """(a connection, the request's target) for `url`: straight to its host, or, for the user's own URLs
+        (not `public_only`: the server checks the address it connects to, which a proxy would resolve again),
+        through the proxy $HTTP_PROXY / $HTTPS_PROXY / $ALL_PROXY names, as requests and img2dataset go."""
+        proxy = None if self.public_only else proxy_url(url)
+        if proxy is None:
+            parts, host, port, address = resolve_public(url, self.public_only, self.noun)
+            connection = _Pinned(host, port, address, self._left(deadline), parts.scheme == "https")
+            return connection, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        parts, host, port = _split(url, self.noun)
+        through = urllib.parse.urlsplit(proxy)
+        if through.scheme != "http":
+            raise FetchError(f"the proxy {proxy} is not an http:// proxy (the only kind clipkit goes through)",
+                             "proxy")
+        bare = through._replace(netloc=through.netloc.rpartition("@")[2]).geturl()  # (its credentials apart)
+        _, proxy_host, proxy_port, address = resolve_public(bare, False, "the proxy")
+        connection = _Pinned(proxy_host, proxy_port, address, self._left(deadline), parts.scheme == "https")
+        connection.via = f" (through the proxy {proxy_host}:{proxy_port})"
+        credentials = _basic_auth(through)
+        if parts.scheme == "https":  # a tunnel: TLS end to end, the certificate checked against the URL's host
+            connection.set_tunnel(host, port, headers=credentials)
+            return connection, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        connection.extra_headers = credentials
+        return connection, urllib.parse.urlunsplit(parts._replace(fragment=""))  # the proxy fetches it for us
 
     def _check(self, connection: _Pinned) -> None:
         if connection.expired:
