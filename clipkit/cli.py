@@ -228,6 +228,10 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free one)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                        help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
+    serve.add_argument("--token", default=os.environ.get("CLIPKIT_SERVE_TOKEN"), metavar="TOKEN|auto",
+                       help="a secret every request must show (a Bearer header, ?token=, or the cookie a link "
+                            "with it sets); 'auto' makes one and prints the link. Default: $CLIPKIT_SERVE_TOKEN "
+                            "(which, unlike an argument, other users of this machine cannot see)")
     serve.add_argument("--allow-image-urls", action="store_true",
                        help="fetch image_url queries (public http(s) hosts only; default: refused)")
     serve.add_argument("--max-k", type=_positive_int, default=1000, help="most results per query (default: 1000)")
@@ -1191,6 +1195,7 @@ def cmd_eval(args) -> int:
 def cmd_serve(args) -> int:
     try:
         from clipkit.serve import ServeConfig, parse_index_spec, serve
+        from clipkit.serve.token import server_token
     except ImportError as exc:
         raise ValueError(f"clipkit serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'clipkit[serve]'") from None
@@ -1208,7 +1213,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(max_k=args.max_k, max_body_bytes=args.max_body_mb * 2**20,
                          max_image_bytes=args.max_image_mb * 2**20,
                          allow_image_urls=args.allow_image_urls, cors_origins=args.cors,
-                         max_result_ids=args.max_result_ids, front_dir=args.front, inline_images=args.inline_images)
+                         max_result_ids=args.max_result_ids, front_dir=args.front, inline_images=args.inline_images,
+                         token=server_token(args.token))
     serve(specs, host=args.host, port=args.port, config=config, device=args.device, reranker=args.reranker,
           log_level="warning" if args.quiet else "info")
     return 0

@@ -109,12 +109,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*args: str):
-    """`clipkit -q serve ARGS --port P --device cpu` in a process; yields its base URL once it answers."""
+def running_server(*args: str, token: str | None = None):
+    """`clipkit -q serve ARGS --port P --device cpu` in a process (asking for `token`, given by the environment
+    as users are told to); yields its base URL once it answers."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if token:
+        env["CLIPKIT_SERVE_TOKEN"] = token
     process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", *args, "--port", str(port),
                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
@@ -122,7 +125,8 @@ def running_server(*args: str):
     try:
         while True:  # wait for the server to answer (model loading takes a few seconds)
             try:
-                if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                if httpx.get(url + "healthz", timeout=2, headers=headers).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -353,6 +353,62 @@ def test_searches_queued_together_are_made_together_and_each_gets_its_own_answer
     assert searcher.items == len(asks) and searcher.batches == 5  # k 3 or 4, in photos or anywhere; nowhere
 
 
+def test_a_token_guards_every_route_and_a_link_with_it_opens_the_page(served):
+    """`clipkit serve --token`: without it anyone who reaches the port searches and views every image."""
+    config = ServeConfig(token="s3cret-token-0123456789", cors_origins=["https://example.org"])
+    with TestClient(create_app({"photos": served["index"]}, config=config)) as client:
+        for method, route in (("get", "/"), ("get", "/healthz"), ("get", "/indices-list"), ("get", "/image/1"),
+                              ("get", "/thumbnail/1"), ("get", "/openapi.json"), ("post", "/search"),
+                              ("post", "/knn-service"), ("post", "/metadata")):
+            refused = getattr(client, method)(route)
+            assert refused.status_code == 401 and "token" in refused.json()["detail"], route
+        for wrong in ({"Authorization": "Bearer s3cret-token-0123456788"}, {"Cookie": "clipkit_token=nope"},
+                      {"Authorization": "s3cret-token-0123456789"}):  # (a Bearer header is Bearer TOKEN)
+            assert client.get("/healthz", headers=wrong).status_code == 401
+        assert client.get("/healthz?token=s3cret-token-012345678").status_code == 401
+        bearer = {"Authorization": "Bearer s3cret-token-0123456789"}
+        found = client.post("/search", json={"text": "a red circle", "k": 3}, headers=bearer)
+        assert found.status_code == 200 and len(found.json()["results"]) == 3
+        linked = client.get("/?token=s3cret-token-0123456789")  # the link `clipkit serve` prints
+        assert linked.status_code == 200 and 'id="query"' in linked.text
+        assert "HttpOnly" in linked.headers["set-cookie"] and "SameSite=Strict" in linked.headers["set-cookie"]
+        thumbnail = "/" + found.json()["results"][0]["thumbnail_url"]
+        assert client.get(thumbnail).status_code == 200  # the cookie, as the page's <img> carries it
+        client.cookies.clear()
+        assert client.get(thumbnail).status_code == 401
+        knn = client.post("/knn-service?token=s3cret-token-0123456789", json={"text": "a red circle", "num_images": 2})
+        assert knn.status_code == 200 and len(knn.json()) == 2  # clip-retrieval's client, given the URL with it
+        preflight = client.options("/search", headers={"Origin": "https://example.org",
+                                                        "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200  # (browsers send preflights without credentials)
+        client.cookies.clear()
+        denied = client.post("/search", json={"text": "x"}, headers={"Origin": "https://example.org"})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://example.org"
+
+
+def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monkeypatch):
+    import uvicorn
+
+    index = served["root"] / "photos.clipkit"
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: ran.append(self.config.app) or None)
+    assert main(["serve", "--index", str(index), "--host", "0.0.0.0", "--port", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: serving on 0.0.0.0 without --token" in err and len(ran) == 1
+    assert main(["serve", "--index", str(index), "--port", "0"]) == 0  # this machine only: no warning
+    assert "warning" not in capsys.readouterr().err
+    assert main(["-q", "serve", "--index", str(index), "--host", "0.0.0.0", "--port", "0",
+                 "--token", "auto"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and "/?token=" in out  # a made token is printed even with -q: the link
+    token = out.split("?token=")[1].split()[0]
+    assert len(token) >= 24 and TestClient(ran[-1]).get(f"/healthz?token={token}").status_code == 200
+    assert main(["serve", "--index", str(index), "--port", "0", "--token", "short"]) == 2
+    assert "16 to 256 letters" in capsys.readouterr().err
+    monkeypatch.setenv("CLIPKIT_SERVE_TOKEN", "from-the-environment-0123")
+    assert build_parser().parse_args(["serve"]).token == "from-the-environment-0123"
+
+
 def test_cli_serve_errors_and_defaults(tmp_path, capsys):
     assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
     assert "no index at" in capsys.readouterr().err
@@ -389,20 +445,26 @@ def test_a_port_in_use_is_a_one_line_error_before_anything_loads(tmp_path, capsy
 # ---------------------------------------------------------------------------------------------
 # The page in a real browser
 
+PAGE_TOKEN = "a-token-for-the-page-test"
+
+
 @pytest.fixture
 def server(served):
-    with running_server("--index", str(served["root"] / "photos.clipkit")) as url:
+    with running_server("--index", str(served["root"] / "photos.clipkit"), token=PAGE_TOKEN) as url:
         yield url
 
 
 def test_page_in_headless_chromium(server, served, tmp_path):
+    """The page as users open it, on a server that asks for a token: the link `clipkit serve` prints (?token=)
+    sets the cookie that the page's requests and its images then carry."""
+    assert httpx.get(server).status_code == 401
     with chromium() as driver:
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
         from selenium.webdriver.support.ui import WebDriverWait
 
         wait = WebDriverWait(driver, 60)
-        driver.get(server)
+        driver.get(server + f"?token={PAGE_TOKEN}")
         wait.until(lambda d: "images indexed" in d.find_element(By.ID, "status").text)
         assert driver.find_element(By.ID, "rerank-field").is_displayed()  # the demo model has an ITM head
         box = driver.find_element(By.ID, "query")

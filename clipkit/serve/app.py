@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from clipkit.serve.batcher import Batcher, ModelWorker
 from clipkit.serve.clip_retrieval import router as clip_retrieval_router
 from clipkit.serve.routes import router
 from clipkit.serve.service import STATIC_DIR, BodyTooLarge, Collection, ServeConfig, Service
+from clipkit.serve.token import TokenGate, is_loopback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +130,8 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
     app.state.service = service
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(CollapseSlashes)
+    if config.token:  # (inside CORS: its preflights are answered without the token, as browsers send them)
+        app.add_middleware(TokenGate, token=config.token)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -193,10 +197,15 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
     app = create_app(indexes, config=config,
                      reranker=load_reranker(reranker, device=device) if reranker is not None else None)
     address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
-    if log_level != "warning":
-        print(f"serving {address}/ (Ctrl+C stops)", flush=True)
+    token = f"?token={config.token}" if config is not None and config.token else ""
+    if not token and not is_loopback(host):
+        print(f"warning: serving on {host} without --token: whoever reaches port {listener.getsockname()[1]} "
+              "searches the indexes and views every indexed image (--token auto makes a link that opens it)",
+              file=sys.stderr, flush=True)
+    if log_level != "warning" or token:  # (a made token is said even with -q: nobody could use the server else)
+        print(f"serving {address}/{token} (Ctrl+C stops)", flush=True)
         if config is not None and config.front_dir:
-            print(f"clip-retrieval's front end: {address}/front/", flush=True)
+            print(f"clip-retrieval's front end: {address}/front/{token}", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[listener])
 
 

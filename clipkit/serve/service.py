@@ -55,6 +55,7 @@ class ServeConfig:
     max_batch: int = 64  # queries per encoder call
     max_search_batch: int = 256  # queued searches of one index made in one index search (1: each alone)
     thumbnail_cache: int = 1024  # thumbnails kept in memory
+    token: str | None = None  # every request must show it (`clipkit.serve.token`); None: none asked
 
 
 @dataclass

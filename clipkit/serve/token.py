@@ -1,0 +1,91 @@
+"""A shared secret for a server others can reach: `clipkit serve --host 0.0.0.0 --token auto`.
+
+Without it, anyone who reaches the port searches the indexes and views every indexed image. With it, every
+request shows the token, one of three ways: `Authorization: Bearer TOKEN` (programs), `?token=TOKEN` on any
+URL (a link to the page, clip-retrieval's client given `.../knn-service?token=TOKEN`), or the `clipkit_token`
+cookie that such a link sets, so that the page's own requests and its `<img>` tags carry it. Anything else is
+a 401. CORS preflights pass (browsers send them without credentials; the CORS layer answers them).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import re
+import secrets
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qs
+
+COOKIE = "clipkit_token"
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{16,256}")  # URL- and cookie-safe, long enough not to be guessed
+
+
+def server_token(given: str | None) -> str | None:
+    """The token to require: None (none given), a new random one for "auto", else `given` once checked."""
+    if not given:
+        return None
+    if given == "auto":
+        return secrets.token_urlsafe(24)
+    if not TOKEN_PATTERN.fullmatch(given):
+        raise ValueError("a server token is 16 to 256 letters, digits, '.', '_', '~' or '-' (--token auto "
+                         "makes one: `python -c \"import secrets; print(secrets.token_urlsafe(24))\"` too)")
+    return given
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a --host value) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class TokenGate:
+    """ASGI middleware: requests that do not show `token` are answered 401 (see the module's docstring)."""
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        headers = {name.lower(): value.decode("latin-1") for name, value in scope.get("headers") or []}
+        in_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+        if self._is_token(in_query):
+            return await self.app(scope, receive, self._setting_cookie(send))
+        scheme, _, bearer = headers.get(b"authorization", "").strip().partition(" ")
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get(b"cookie", ""))
+        except Exception:  # (a malformed Cookie header: no cookie)
+            cookie = SimpleCookie()
+        shown = cookie[COOKIE].value if COOKIE in cookie else ""
+        if (scheme.lower() == "bearer" and self._is_token(bearer.strip())) or self._is_token(shown):
+            return await self.app(scope, receive, send)
+        await self._refuse(send)
+
+    def _is_token(self, shown: str) -> bool:
+        return bool(shown) and hmac.compare_digest(shown.encode("latin-1", "replace"), self.token)
+
+    def _setting_cookie(self, send):
+        """`send`, with the token's cookie added to the response (a link with ?token=: the page then carries it)."""
+        cookie = f"{COOKIE}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict".encode()
+
+        async def with_cookie(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie)]}
+            await send(message)
+
+        return with_cookie
+
+    @staticmethod
+    async def _refuse(send):
+        body = json.dumps({"detail": "this server needs its token: an 'Authorization: Bearer TOKEN' header, or "
+                                     "?token=TOKEN on the URL (the link `clipkit serve` printed)"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
