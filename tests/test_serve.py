@@ -405,6 +405,8 @@ def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monke
     assert len(token) >= 24 and TestClient(ran[-1]).get(f"/healthz?token={token}").status_code == 200
     assert main(["serve", "--index", str(index), "--port", "0", "--token", "short"]) == 2
     assert "16 to 256 letters" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the token itself"):  # the library: a token to give out, not "auto"
+        create_app({"photos": served["index"]}, config=ServeConfig(token="auto"))
     monkeypatch.setenv("CLIPKIT_SERVE_TOKEN", "from-the-environment-0123")
     assert build_parser().parse_args(["serve"]).token == "from-the-environment-0123"
 

@@ -28,7 +28,7 @@ from clipkit.serve.batcher import Batcher, ModelWorker
 from clipkit.serve.clip_retrieval import router as clip_retrieval_router
 from clipkit.serve.routes import router
 from clipkit.serve.service import STATIC_DIR, BodyTooLarge, Collection, ServeConfig, Service
-from clipkit.serve.token import TokenGate, is_loopback
+from clipkit.serve.token import TokenGate, check_token, is_loopback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def create_app(indexes: dict[str, Index] | Index, *, model=None, config: ServeCo
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(CollapseSlashes)
     if config.token:  # (inside CORS: its preflights are answered without the token, as browsers send them)
-        app.add_middleware(TokenGate, token=config.token)
+        app.add_middleware(TokenGate, token=check_token(config.token))
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

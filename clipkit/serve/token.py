@@ -27,10 +27,18 @@ def server_token(given: str | None) -> str | None:
         return None
     if given == "auto":
         return secrets.token_urlsafe(24)
-    if not TOKEN_PATTERN.fullmatch(given):
+    if not TOKEN_PATTERN.fullmatch(given):  # (also what TokenGate takes)
         raise ValueError("a server token is 16 to 256 letters, digits, '.', '_', '~' or '-' (--token auto "
                          "makes one: `python -c \"import secrets; print(secrets.token_urlsafe(24))\"` too)")
     return given
+
+
+def check_token(token: str) -> str:
+    """`token` when it can be a server's token (ServeConfig.token), else a ValueError."""
+    if token == "auto" or server_token(token) != token:  # ("auto" made here would be known to nobody)
+        raise ValueError("ServeConfig.token: give the token itself (16 to 256 letters, digits, '.', '_', '~', '-'); "
+                         "clipkit.serve.token.server_token('auto') makes one")
+    return token
 
 
 def is_loopback(host: str) -> bool:
@@ -47,7 +55,7 @@ class TokenGate:
     """ASGI middleware: requests that do not show `token` are answered 401 (see the module's docstring)."""
 
     def __init__(self, app, token: str):
-        self.app, self.token = app, token.encode()
+        self.app, self.token = app, check_token(token).encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
