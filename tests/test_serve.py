@@ -366,12 +366,17 @@ def test_a_token_guards_every_route_and_a_link_with_it_opens_the_page(served):
                       {"Authorization": "s3cret-token-0123456789"}):  # (a Bearer header is Bearer TOKEN)
             assert client.get("/healthz", headers=wrong).status_code == 401
         assert client.get("/healthz?token=s3cret-token-012345678").status_code == 401
+        asked = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})  # a browser: a form asks
+        assert asked.status_code == 401 and '<input name="token"' in asked.text and "s3cret" not in asked.text
         bearer = {"Authorization": "Bearer s3cret-token-0123456789"}
         found = client.post("/search", json={"text": "a red circle", "k": 3}, headers=bearer)
         assert found.status_code == 200 and len(found.json()["results"]) == 3
-        linked = client.get("/?token=s3cret-token-0123456789")  # the link `clipkit serve` prints
-        assert linked.status_code == 200 and 'id="query"' in linked.text
+        browser = {"Accept": "text/html,application/xhtml+xml"}
+        linked = client.get("/?token=s3cret-token-0123456789&index=photos", headers=browser, follow_redirects=False)
+        assert linked.status_code == 303 and linked.headers["location"] == "/?index=photos"  # the token out of sight
         assert "HttpOnly" in linked.headers["set-cookie"] and "SameSite=Strict" in linked.headers["set-cookie"]
+        page = client.get(linked.headers["location"], headers=browser)  # (with the cookie it set)
+        assert page.status_code == 200 and 'id="query"' in page.text
         thumbnail = "/" + found.json()["results"][0]["thumbnail_url"]
         assert client.get(thumbnail).status_code == 200  # the cookie, as the page's <img> carries it
         client.cookies.clear()
@@ -468,6 +473,7 @@ def test_page_in_headless_chromium(server, served, tmp_path):
         wait = WebDriverWait(driver, 60)
         driver.get(server + f"?token={PAGE_TOKEN}")
         wait.until(lambda d: "images indexed" in d.find_element(By.ID, "status").text)
+        assert "token" not in driver.current_url  # (redirected: the token out of the address bar and history)
         assert driver.find_element(By.ID, "rerank-field").is_displayed()  # the demo model has an ITM head
         box = driver.find_element(By.ID, "query")
         assert driver.switch_to.active_element == box  # keyboard first: the search box has focus

@@ -15,7 +15,7 @@ import json
 import re
 import secrets
 from http.cookies import SimpleCookie
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
 COOKIE = "clipkit_token"
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{16,256}")  # URL- and cookie-safe, long enough not to be guessed
@@ -63,6 +63,8 @@ class TokenGate:
         headers = {name.lower(): value.decode("latin-1") for name, value in scope.get("headers") or []}
         in_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
         if self._is_token(in_query):
+            if scope["method"] == "GET" and "text/html" in headers.get(b"accept", ""):  # a browser opened the link
+                return await self._welcome(scope, send)
             return await self.app(scope, receive, self._setting_cookie(send))
         scheme, _, bearer = headers.get(b"authorization", "").strip().partition(" ")
         cookie = SimpleCookie()
@@ -73,7 +75,18 @@ class TokenGate:
         shown = cookie[COOKIE].value if COOKIE in cookie else ""
         if (scheme.lower() == "bearer" and self._is_token(bearer.strip())) or self._is_token(shown):
             return await self.app(scope, receive, send)
-        await self._refuse(send)
+        await self._refuse(send, page="text/html" in headers.get(b"accept", ""))
+
+    async def _welcome(self, scope, send):
+        """The cookie set, and a redirect to the same URL without the token: out of the address bar, the
+        browser's history and the access log's later lines."""
+        query = [(name, value) for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
+                                                            keep_blank_values=True) if name != "token"]
+        location = (scope.get("root_path", "") + scope["path"]) + (f"?{urlencode(query)}" if query else "")
+        await self._setting_cookie(send)({"type": "http.response.start", "status": 303,
+                                          "headers": [(b"location", location.encode("latin-1", "replace")),
+                                                      (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
 
     def _is_token(self, shown: str) -> bool:
         return bool(shown) and hmac.compare_digest(shown.encode("latin-1", "replace"), self.token)
@@ -90,10 +103,26 @@ class TokenGate:
         return with_cookie
 
     @staticmethod
-    async def _refuse(send):
-        body = json.dumps({"detail": "this server needs its token: an 'Authorization: Bearer TOKEN' header, or "
-                                     "?token=TOKEN on the URL (the link `clipkit serve` printed)"}).encode()
+    async def _refuse(send, page: bool = False):
+        """A 401: for a browser, a page asking for the token (it reloads with ?token=); else JSON."""
+        if page:
+            body, kind = ASK_PAGE.encode(), b"text/html; charset=utf-8"
+        else:
+            body = json.dumps({"detail": "this server needs its token: an 'Authorization: Bearer TOKEN' header, or "
+                                         "?token=TOKEN on the URL (the link `clipkit serve` printed)"}).encode()
+            kind = b"application/json"
         await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
+
+
+ASK_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>clipkit: token needed</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 32rem; margin: 4rem auto; padding: 0 1rem">
+<h1 style="font-size: 1.3rem">This clipkit server needs its token</h1>
+<p>Open the link <code>clipkit serve</code> printed, or enter the token:</p>
+<form method="get"><input name="token" type="password" autocomplete="current-password" autofocus
+aria-label="token" required style="width: 70%"> <button type="submit">Open</button></form>
+</body></html>
+"""
