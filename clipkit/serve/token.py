@@ -82,7 +82,8 @@ class TokenGate:
         browser's history and the access log's later lines."""
         query = [(name, value) for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                                                             keep_blank_values=True) if name != "token"]
-        location = (scope.get("root_path", "") + scope["path"]) + (f"?{urlencode(query)}" if query else "")
+        # relative to the URL the browser asked for (behind a reverse proxy at /photos/, the server's "/" is that)
+        location = (scope["path"].rsplit("/", 1)[-1] or "./") + (f"?{urlencode(query)}" if query else "")
         await self._setting_cookie(send)({"type": "http.response.start", "status": 303,
                                           "headers": [(b"location", location.encode("latin-1", "replace")),
                                                       (b"content-length", b"0")]})
