@@ -232,6 +232,11 @@ def _add_serve_command(commands) -> None:
                        help="a secret every request must show (a Bearer header, ?token=, or the cookie a link "
                             "with it sets); 'auto' makes one and prints the link. Default: $CLIPKIT_SERVE_TOKEN "
                             "(which, unlike an argument, other users of this machine cannot see)")
+    serve.add_argument("--tls-cert", default=None, metavar="FILE",
+                       help="serve https with this certificate (PEM; its chain too), so that the token and the "
+                            "images do not cross the network in clear")
+    serve.add_argument("--tls-key", default=None, metavar="FILE",
+                       help="the certificate's private key (PEM; default: in the --tls-cert file)")
     serve.add_argument("--allow-image-urls", action="store_true",
                        help="fetch image_url queries (public http(s) hosts only; default: refused)")
     serve.add_argument("--max-k", type=_positive_int, default=1000, help="most results per query (default: 1000)")
@@ -1215,8 +1220,11 @@ def cmd_serve(args) -> int:
                          allow_image_urls=args.allow_image_urls, cors_origins=args.cors,
                          max_result_ids=args.max_result_ids, front_dir=args.front, inline_images=args.inline_images,
                          token=server_token(args.token))
+    if args.tls_key and not args.tls_cert:
+        raise UsageError("--tls-key goes with --tls-cert (the certificate it is the key of)")
     serve(specs, host=args.host, port=args.port, config=config, device=args.device, reranker=args.reranker,
-          log_level="warning" if args.quiet else "info")
+          log_level="warning" if args.quiet else "info",
+          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
     return 0
 
 

@@ -108,25 +108,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TLS = Path(__file__).parent / "tls"  # a self-signed certificate for 127.0.0.1 and localhost, valid 100 years
+
+
+def trusting_tls():
+    """An SSL context that trusts the tests' certificate (httpx's `verify=`)."""
+    import ssl
+
+    return ssl.create_default_context(cafile=str(TLS / "localhost.crt"))
+
+
 @contextlib.contextmanager
-def running_server(*args: str, token: str | None = None):
+def running_server(*args: str, token: str | None = None, tls: bool = False):
     """`clipkit -q serve ARGS --port P --device cpu` in a process (asking for `token`, given by the environment
-    as users are told to); yields its base URL once it answers."""
+    as users are told to; over https with the tests' certificate if `tls`); yields its base URL once it answers."""
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if token:
         env["CLIPKIT_SERVE_TOKEN"] = token
-    process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", *args, "--port", str(port),
+    https = ["--tls-cert", str(TLS / "localhost.crt"), "--tls-key", str(TLS / "localhost.key")] if tls else []
+    process = subprocess.Popen([sys.executable, "-m", "clipkit", "-q", "serve", *args, *https, "--port", str(port),
                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     try:
         while True:  # wait for the server to answer (model loading takes a few seconds)
             try:
                 headers = {"Authorization": f"Bearer {token}"} if token else {}
-                if httpx.get(url + "healthz", timeout=2, headers=headers).status_code == 200:
+                answer = httpx.get(url + "healthz", timeout=2, headers=headers, verify=trusting_tls())
+                if answer.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -19,7 +19,7 @@ from clipkit.cli import build_parser, main  # noqa: E402
 from clipkit.data.synthetic import write_synthetic  # noqa: E402
 from clipkit.serve import ServeConfig, create_app  # noqa: E402
 from clipkit.data.fetch import FetchError, check_public_url  # noqa: E402
-from conftest import chromium, running_server  # noqa: E402
+from conftest import TLS, chromium, running_server, trusting_tls  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +408,7 @@ def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monke
                  "--token", "auto"]) == 0
     out, err = capsys.readouterr()
     assert "warning" not in err and "/?token=" in out  # a made token is printed even with -q: the link
+    assert "cross the network in clear" in err and "--tls-cert" in err  # (plain http beyond this machine)
     token = out.split("?token=")[1].split()[0]
     assert len(token) >= 24 and TestClient(ran[-1]).get(f"/healthz?token={token}").status_code == 200
     assert main(["serve", "--index", str(index), "--port", "0", "--token", "short"]) == 2
@@ -416,6 +417,29 @@ def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monke
         create_app({"photos": served["index"]}, config=ServeConfig(token="auto"))
     monkeypatch.setenv("CLIPKIT_SERVE_TOKEN", "from-the-environment-0123")
     assert build_parser().parse_args(["serve"]).token == "from-the-environment-0123"
+
+
+def test_https_with_a_certificate_and_a_secure_cookie(served, tmp_path, capsys):
+    """`clipkit serve --tls-cert --tls-key`: the token and the images do not cross the network in clear."""
+    index = str(served["root"] / "photos.clipkit")
+    token = "over-tls-0123456789abcdef"
+    with running_server("--index", index, token=token, tls=True) as url:
+        assert url.startswith("https://")
+        linked = httpx.get(url + f"?token={token}", headers={"Accept": "text/html"}, verify=trusting_tls())
+        assert linked.status_code == 303 and linked.headers["set-cookie"].endswith("; Secure")
+        found = httpx.post(url + "search", json={"text": "a red circle", "k": 2}, verify=trusting_tls(),
+                           headers={"Authorization": f"Bearer {token}"})
+        assert found.status_code == 200 and len(found.json()["results"]) == 2
+        with pytest.raises(httpx.HTTPError):  # plain http to it: no answer
+            httpx.get(url.replace("https:", "http:") + "healthz", timeout=5)
+    for args, message in ((["--tls-cert", str(tmp_path / "none.pem")], "no TLS certificate or key file at"),
+                          (["--tls-cert", str(TLS / "localhost.crt")], "--tls-key KEY"),  # (the key elsewhere)
+                          (["--tls-cert", str(TLS / "localhost.key"), "--tls-key", str(TLS / "localhost.key")],
+                           "cannot serve https"),
+                          (["--tls-key", str(TLS / "localhost.key")], "--tls-key goes with --tls-cert")):
+        assert main(["serve", "--index", index, "--port", "0", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_cli_serve_errors_and_defaults(tmp_path, capsys):

@@ -15,7 +15,7 @@ import pytest
 import clipkit
 from clipkit.cli import main
 from clipkit.index import Index
-from conftest import draw_shape
+from conftest import TLS, draw_shape
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
@@ -381,7 +381,7 @@ def test_a_url_table_goes_through_the_user_s_proxy(site, tmp_path, tiny_ckpt, ti
     import ssl
 
     root, base, handler = site
-    tls = Path(__file__).parent / "tls"  # a self-signed certificate for 127.0.0.1, valid 100 years
+    tls = TLS
     secure = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls / "localhost.crt", tls / "localhost.key")

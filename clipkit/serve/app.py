@@ -180,11 +180,15 @@ def load_indexes(specs: list[str]) -> dict[str, Index]:
 
 
 def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          device: str | None = None, log_level: str = "info", reranker: str | None = None) -> None:
-    """Load the indexes and their models once, then serve until interrupted. The port is taken first, so a
-    port in use (or an address this machine lacks) is a one-line error before seconds of loading."""
+          device: str | None = None, log_level: str = "info", reranker: str | None = None,
+          tls: tuple[str, str | None] | None = None) -> None:
+    """Load the indexes and their models once, then serve until interrupted (https with `tls`, the certificate
+    and key files). The certificate is checked and the port taken first, so that either is a one-line error
+    before seconds of loading."""
     import uvicorn
 
+    if tls is not None:
+        check_tls(*tls)
     listener = listen(host, port)
     indexes = load_indexes(index_specs)
     if device is not None:  # each index's own model, on the device asked for (loaded once per model)
@@ -196,17 +200,37 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
                 loaded[key] = index_model(index, loaded.get(key), device=device)
     app = create_app(indexes, config=config,
                      reranker=load_reranker(reranker, device=device) if reranker is not None else None)
-    address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
+    address = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
     token = f"?token={config.token}" if config is not None and config.token else ""
     if not token and not is_loopback(host):
         print(f"warning: serving on {host} without --token: whoever reaches port {listener.getsockname()[1]} "
               "searches the indexes and views every indexed image (--token auto makes a link that opens it)",
               file=sys.stderr, flush=True)
+    elif not tls and not is_loopback(host):
+        print(f"note: the token and the images cross the network in clear (plain http on {host}): --tls-cert and "
+              "--tls-key serve https, or put an https reverse proxy in front", file=sys.stderr, flush=True)
     if log_level != "warning" or token:  # (a made token is said even with -q: nobody could use the server else)
         print(f"serving {address}/{token} (Ctrl+C stops)", flush=True)
         if config is not None and config.front_dir:
             print(f"clip-retrieval's front end: {address}/front/{token}", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[listener])
+    certificate, key = tls or (None, None)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level, ssl_certfile=certificate, ssl_keyfile=key)
+                   ).run(sockets=[listener])
+
+
+def check_tls(certificate: str, key: str | None) -> None:
+    """FileNotFoundError or ValueError, with what to do, unless `certificate` and `key` serve https."""
+    import ssl
+
+    for path in (certificate, key):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"no TLS certificate or key file at {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certificate, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"cannot serve https with {certificate}{f' and {key}' if key else ''}: "
+                         f"{getattr(exc, 'reason', None) or exc} (a PEM certificate and its private key: "
+                         "--tls-key KEY when the key is in a file of its own)") from None
 
 
 def listen(host: str, port: int):

@@ -65,7 +65,7 @@ class TokenGate:
         if self._is_token(in_query):
             if scope["method"] == "GET" and "text/html" in headers.get(b"accept", ""):  # a browser opened the link
                 return await self._welcome(scope, send)
-            return await self.app(scope, receive, self._setting_cookie(send))
+            return await self.app(scope, receive, self._setting_cookie(send, scope.get("scheme") == "https"))
         scheme, _, bearer = headers.get(b"authorization", "").strip().partition(" ")
         cookie = SimpleCookie()
         try:
@@ -84,17 +84,18 @@ class TokenGate:
                                                             keep_blank_values=True) if name != "token"]
         # relative to the URL the browser asked for (behind a reverse proxy at /photos/, the server's "/" is that)
         location = (scope["path"].rsplit("/", 1)[-1] or "./") + (f"?{urlencode(query)}" if query else "")
-        await self._setting_cookie(send)({"type": "http.response.start", "status": 303,
-                                          "headers": [(b"location", location.encode("latin-1", "replace")),
-                                                      (b"content-length", b"0")]})
+        start = {"type": "http.response.start", "status": 303,
+                 "headers": [(b"location", location.encode("latin-1", "replace")), (b"content-length", b"0")]}
+        await self._setting_cookie(send, scope.get("scheme") == "https")(start)
         await send({"type": "http.response.body", "body": b""})
 
     def _is_token(self, shown: str) -> bool:
         return bool(shown) and hmac.compare_digest(shown.encode("latin-1", "replace"), self.token)
 
-    def _setting_cookie(self, send):
-        """`send`, with the token's cookie added to the response (a link with ?token=: the page then carries it)."""
-        cookie = f"{COOKIE}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict".encode()
+    def _setting_cookie(self, send, secure: bool = False):
+        """`send`, with the token's cookie added to the response (a link with ?token=: the page then carries it;
+        `secure`: over https only)."""
+        cookie = f"{COOKIE}={self.token.decode()}; Path=/; HttpOnly; SameSite=Strict{'; Secure' * secure}".encode()
 
         async def with_cookie(message):
             if message["type"] == "http.response.start":
