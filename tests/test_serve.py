@@ -366,6 +366,10 @@ def test_a_token_guards_every_route_and_a_link_with_it_opens_the_page(served):
                       {"Authorization": "s3cret-token-0123456789"}):  # (a Bearer header is Bearer TOKEN)
             assert client.get("/healthz", headers=wrong).status_code == 401
         assert client.get("/healthz?token=s3cret-token-012345678").status_code == 401
+        assert client.get("/healthz", headers={"Cookie": 'clipkit_token="s3cret\\x; a=b'}).status_code == 401
+        with pytest.raises(Exception):  # (no websocket route, and none would pass ungated)
+            with client.websocket_connect("/search"):
+                pass
         asked = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})  # a browser: a form asks
         assert asked.status_code == 401 and '<input name="token"' in asked.text and "s3cret" not in asked.text
         bearer = {"Authorization": "Bearer s3cret-token-0123456789"}

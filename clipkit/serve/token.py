@@ -14,7 +14,7 @@ import ipaddress
 import json
 import re
 import secrets
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs, parse_qsl, urlencode
 
 COOKIE = "clipkit_token"
@@ -58,7 +58,9 @@ class TokenGate:
         self.app, self.token = app, check_token(token).encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        if scope["type"] == "websocket":  # (clipkit has no websocket route: none passes ungated either)
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":  # (lifespan; CORS preflights)
             return await self.app(scope, receive, send)
         headers = {name.lower(): value.decode("latin-1") for name, value in scope.get("headers") or []}
         in_query = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
@@ -70,7 +72,7 @@ class TokenGate:
         cookie = SimpleCookie()
         try:
             cookie.load(headers.get(b"cookie", ""))
-        except Exception:  # (a malformed Cookie header: no cookie)
+        except CookieError:  # (a malformed Cookie header: no cookie)
             cookie = SimpleCookie()
         shown = cookie[COOKIE].value if COOKIE in cookie else ""
         if (scheme.lower() == "bearer" and self._is_token(bearer.strip())) or self._is_token(shown):
