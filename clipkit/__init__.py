@@ -17,7 +17,7 @@ DEFAULT_MODEL = "clipkit-demo"  # the bundled, offline model: used wherever no m
 _HOMES = {"encode": "clipkit.encode", "ClipkitError": "clipkit.errors", "Index": "clipkit.index",
           "recall_at_k": "clipkit.metrics", "Model": "clipkit.models", "list_models": "clipkit.models",
           "load_model": "clipkit.models", "Reranker": "clipkit.rerankers", "load_reranker": "clipkit.rerankers",
-          "score_pairs": "clipkit.rerankers", "Hit": "clipkit.search", "search": "clipkit.search",
+          "score_pairs": "clipkit.rerankers", "Hit": "clipkit.hit", "search": "clipkit.search",
           "search_batch": "clipkit.search"}
 _SHADOWED = ("encode", "search")  # submodules named like the function they export
 

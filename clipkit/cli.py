@@ -171,7 +171,11 @@ def _add_search_command(commands) -> None:
     search.add_argument("--queries", metavar="FILE", help="search each line of FILE as a QUERY (- reads them from "
                         "stdin, answering each line as it comes: one model load for a session of queries)")
     search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
-    search.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    search.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX}); with --server, "
+                        "the name of one of the indexes it serves (default: its first)")
+    search.add_argument("--server", metavar="URL", help="ask a running `clipkit serve` at URL (its token from "
+                        "$CLIPKIT_SERVE_TOKEN): its index and model, no model loaded here, an answer in a fraction "
+                        "of a second")
     search.add_argument("-k", type=_positive_int, default=10, help="number of results (default: 10)")
     output = search.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the hits as a JSON list (several queries: a JSON "
@@ -961,6 +965,9 @@ def cmd_search(args) -> int:
     from clipkit.index import Index
 
     _check_queries(args)
+    if args.server:
+        return _search_server(args)
+    args.index = args.index or DEFAULT_INDEX
     index = Index.load(args.index)  # (before torch is imported: a wrong --index is said at once)
     if args.under is not None and not index.count_under(args.under):
         raise UsageError(f"no indexed item lies under {args.under} (`clipkit roots` lists the indexed folders)")
@@ -986,6 +993,52 @@ def cmd_search(args) -> int:
     except KeyboardInterrupt:  # (Ctrl-C ends a session of queries: no word about resuming)
         return 130
     return 2 if failed else 0
+
+
+def _search_server(args) -> int:
+    """`clipkit search --server URL`: each QUERY sent to the server (a text, or an image file's or URL's bytes:
+    read here, so that the server needs no access to them), its hits printed as a local search prints them."""
+    from clipkit.client import Server, ServerError
+
+    if args.reranker or args.device:
+        raise UsageError(f"--{'reranker' if args.reranker else 'device'} is the server's own with --server "
+                         "(clipkit serve --reranker / --device)")
+    server = Server(args.server, index=args.index)
+    options = {"k": args.k, "rerank": args.rerank, "rerank_k": args.rerank_k,
+               "modality": "text" if args.captions else "image",  # (the server's paths are absolute:)
+               "under": None if args.under is None else os.path.abspath(os.path.expanduser(args.under))}
+    if args.queries is None and len(args.query) == 1:  # one QUERY: its error is the run's
+        _print_hits(server.search(_server_query(args.query[0], args.text), **options), args)
+        return 0
+    failed = 0
+    for lines in _query_groups(args):
+        for line in lines:
+            try:
+                answer = server.search(_server_query(line, args.text), **options)
+            except ServerError as exc:
+                if "cannot reach the server" in str(exc) or "token" in str(exc):
+                    raise  # (the same for every query: said once)
+                answer = exc
+            except QUERY_ERRORS as exc:
+                answer = exc
+            failed += isinstance(answer, Exception)
+            _print_hits(answer, args, query=line)
+        sys.stdout.flush()
+    return 2 if failed else 0
+
+
+def _server_query(text: str, as_text: bool) -> str | bytes:
+    """QUERY for a server: its text, or the bytes of the image it names (a file, or a URL fetched here, within
+    the URL limits), as `_search_query` reads QUERY for a local search."""
+    from clipkit.data.images import ImageURL, is_url
+
+    if not as_text and is_url(text.strip()):
+        try:
+            return ImageURL(text.strip()).read_bytes()
+        except ValueError as exc:
+            raise UsageError(f"{exc} (to search for this text, add --text)") from None
+    query = _search_query(text, as_text)
+    return query if isinstance(query, str) else Path(text).read_bytes()
 
 
 def _check_queries(args) -> None:

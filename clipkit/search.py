@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image, warn_if_image_paths
+from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.rerankers import Reranker, load_images, load_reranker
-
-
-@dataclass
-class Hit:
-    """One search result: the item's id, its similarity score, its file path (if any) and metadata."""
-
-    id: Any
-    score: float
-    path: str | None = None
-    metadata: dict = field(default_factory=dict)
-    key: int | None = field(default=None, repr=False, compare=False)  # the index's integer key for the item
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "score": self.score, "path": self.path, "metadata": self.metadata}
 
 
 def index_model(index: Index, model=None, *, device=None, precision: str | None = None):

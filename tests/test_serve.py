@@ -446,6 +446,42 @@ def test_https_with_a_certificate_and_a_secure_cookie(served, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_clipkit_search_asks_a_running_server_as_the_library_searches(served, capsys, monkeypatch):
+    """`clipkit search --server URL`: a text and an image file answered by the server (re-ranked too), the
+    hits those of `clipkit.search` here, with no torch imported in the searching process (a search that took
+    ~6 s to start takes ~0.5 s); a missing token, a server not running, an unknown index: one line, exit 2."""
+    import subprocess
+    import sys
+
+    index = served["root"] / "photos.clipkit"
+    photo = served["photos"] / "train-000000007.jpg"
+    with running_server("--index", str(index), "--index", f"again={index}", token=PAGE_TOKEN) as url:
+        monkeypatch.setenv("CLIPKIT_SERVE_TOKEN", PAGE_TOKEN)
+        code = ("import sys, json; from clipkit.cli import main; code = main(sys.argv[1:]); "
+                "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules}), file=sys.stderr)")
+        run = subprocess.run([sys.executable, "-c", code, "search", "a red circle", str(photo), "--server", url,
+                              "-k", "5", "--json"], capture_output=True, text=True, timeout=120)
+        assert json.loads(run.stderr.splitlines()[-1]) == {"code": 0, "torch": False}, run.stderr
+        answers = [json.loads(line) for line in run.stdout.splitlines()]
+        local = [clipkit.search(q, served["index"], k=5) for q in ("a red circle", Path(photo))]
+        for answer, hits in zip(answers, local):
+            assert [h["id"] for h in answer["hits"]] == [h.id for h in hits]
+            np.testing.assert_allclose([h["score"] for h in answer["hits"]], [h.score for h in hits], atol=1e-5)
+        assert main(["search", "a blue square", "--server", url, "--index", "again", "-k", "3", "--rerank"]) == 0
+        reranked = clipkit.search("a blue square", served["index"], k=3, rerank=True)
+        assert capsys.readouterr().out.split() == [word for rank, hit in enumerate(reranked, 1)
+                                                   for word in (str(rank), f"{hit.score:.4f}", hit.path)]
+        for args, message in ((["--index", "nope"], "no index named 'nope'"), (["--device", "cpu"], "--device")):
+            assert main(["search", "x", "--server", url, *args]) == 2
+            assert message in capsys.readouterr().err
+        monkeypatch.delenv("CLIPKIT_SERVE_TOKEN")
+        assert main(["search", "x", "y", "--server", url]) == 2
+        err = capsys.readouterr().err
+        assert "needs its token: set CLIPKIT_SERVE_TOKEN" in err and len(err.splitlines()) == 1  # (said once)
+    assert main(["search", "x", "--server", url]) == 2
+    assert "cannot reach the server" in capsys.readouterr().err
+
+
 def test_cli_serve_errors_and_defaults(tmp_path, capsys):
     assert main(["serve", "--index", str(tmp_path / "missing")]) == 2
     assert "no index at" in capsys.readouterr().err
