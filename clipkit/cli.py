@@ -1008,13 +1008,13 @@ def _search_server(args) -> int:
                "modality": "text" if args.captions else "image",  # (the server's paths are absolute:)
                "under": None if args.under is None else os.path.abspath(os.path.expanduser(args.under))}
     if args.queries is None and len(args.query) == 1:  # one QUERY: its error is the run's
-        _print_hits(server.search(_server_query(args.query[0], args.text), **options), args)
+        _print_hits(_ask_server(server, args.query[0], args.text, options), args)
         return 0
     failed = 0
     for lines in _query_groups(args):
         for line in lines:
             try:
-                answer = server.search(_server_query(line, args.text), **options)
+                answer = _ask_server(server, line, args.text, options)
             except ServerError as exc:
                 if "cannot reach the server" in str(exc) or "token" in str(exc):
                     raise  # (the same for every query: said once)
@@ -1027,18 +1027,35 @@ def _search_server(args) -> int:
     return 2 if failed else 0
 
 
-def _server_query(text: str, as_text: bool) -> str | bytes:
-    """QUERY for a server: its text, or the bytes of the image it names (a file, or a URL fetched here, within
-    the URL limits), as `_search_query` reads QUERY for a local search."""
+def _ask_server(server, text: str, as_text: bool, options: dict) -> list:
+    """The server's hits for QUERY: its text; the bytes of the image it names (a file here, or a URL fetched
+    here within the URL limits), as `_search_query` reads QUERY for a local search; or, for an image file
+    that is not here or an item id (SHARD.tar#KEY), the item the server indexes under that name."""
+    from clipkit.client import ServerError
     from clipkit.data.images import ImageURL, is_url
+    from clipkit.data.shardspec import is_shard_spec
 
-    if not as_text and is_url(text.strip()):
+    stripped = text.strip()
+    shard, _, member = stripped.rpartition("#")
+    if not as_text and is_url(stripped):
         try:
-            return ImageURL(text.strip()).read_bytes()
+            return server.search(ImageURL(stripped).read_bytes(), **options)
         except ValueError as exc:
+            if isinstance(exc, ServerError):
+                raise
             raise UsageError(f"{exc} (to search for this text, add --text)") from None
+    if not as_text and ((is_image_name(stripped) and not os.path.isfile(text)) or (shard and member and
+                                                                                   is_shard_spec(shard))):
+        item = f"{os.path.abspath(shard)}#{member}" if shard and member else os.path.abspath(stripped)
+        try:
+            return server.search(item=item, **options)
+        except ServerError as exc:
+            if "no item" not in str(exc):
+                raise
+            raise FileNotFoundError(f"{text}: no such file here, and the server indexes no item {item} (to search "
+                                    "for this text, add --text)") from None
     query = _search_query(text, as_text)
-    return query if isinstance(query, str) else Path(text).read_bytes()
+    return server.search(query if isinstance(query, str) else Path(text).read_bytes(), **options)
 
 
 def _check_queries(args) -> None:

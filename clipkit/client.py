@@ -32,12 +32,18 @@ class Server:
         self.token = token if token is not None else os.environ.get(TOKEN_VARIABLE)
         self.index, self.timeout = index, timeout
 
-    def search(self, query: str | bytes, k: int = 10, *, rerank: bool = False, rerank_k: int | None = None,
-               modality: str = "image", under: str | None = None) -> list[Hit]:
-        """The server's top `k` hits for a text (`str`) or an image file's bytes (`bytes`), as its
-        `clipkit.search` gives them."""
+    def search(self, query: str | bytes | None = None, k: int = 10, *, item: str | None = None,
+               rerank: bool = False, rerank_k: int | None = None, modality: str = "image",
+               under: str | None = None) -> list[Hit]:
+        """The server's top `k` hits for a text (`str`), an image file's bytes (`bytes`) or, given `item`, the
+        stored embedding of the item with that id (a hit's `id`: more like this one), as its `clipkit.search`
+        gives them."""
+        if (query is None) == (item is None):
+            raise ValueError("give a query (a text, or an image's bytes) or an item's id, not both")
         body: dict[str, Any] = {"k": k, "rerank": rerank, "modality": modality}
-        if isinstance(query, bytes):
+        if item is not None:
+            body["item"] = item
+        elif isinstance(query, bytes):
             body["image"] = base64.b64encode(query).decode()
         else:
             body["text"] = query

@@ -103,6 +103,11 @@ def test_image_queries_upload_base64_id_and_vector(client, served):
     key = uploaded["results"][0]["id"]
     by_id = client.post("/search", json={"id": key, "k": 3}).json()["results"]
     assert by_id[0]["id"] == key and [r["item_id"] for r in by_id] == ids
+    by_item = client.post("/search", json={"item": uploaded["results"][0]["item_id"], "k": 3}).json()["results"]
+    assert by_item == by_id  # (an item by its id as results give it)
+    unknown = client.post("/search", json={"item": "/nowhere/x.jpg"})
+    assert unknown.status_code == 404 and "no item '/nowhere/x.jpg'" in unknown.json()["detail"]
+    assert client.post("/search", json={"item": "x", "id": key}).status_code == 400
     by_vector = client.post("/search", json={"embedding": vector.tolist(), "k": 3}).json()["results"]
     assert [r["item_id"] for r in by_vector] == ids
 
@@ -447,7 +452,8 @@ def test_https_with_a_certificate_and_a_secure_cookie(served, tmp_path, capsys):
 
 
 def test_clipkit_search_asks_a_running_server_as_the_library_searches(served, capsys, monkeypatch):
-    """`clipkit search --server URL`: a text and an image file answered by the server (re-ranked too), the
+    """`clipkit search --server URL`: a text, an image file and an indexed photo that is not here (by its
+    stored embedding there) answered by the server (re-ranked too), the
     hits those of `clipkit.search` here, with no torch imported in the searching process (a search that took
     ~6 s to start takes ~0.5 s); a missing token, a server not running, an unknown index: one line, exit 2."""
     import subprocess
@@ -471,6 +477,16 @@ def test_clipkit_search_asks_a_running_server_as_the_library_searches(served, ca
         reranked = clipkit.search("a blue square", served["index"], k=3, rerank=True)
         assert capsys.readouterr().out.split() == [word for rank, hit in enumerate(reranked, 1)
                                                    for word in (str(rank), f"{hit.score:.4f}", hit.path)]
+        gone = photo.rename(photo.with_suffix(".away"))  # a photo the server indexes, not here (another machine)
+        try:
+            assert main(["search", str(photo), "--server", url, "-k", "4", "--json"]) == 0
+        finally:
+            gone.rename(photo)
+        stored = served["index"].embeddings([str(photo)])[0]  # (searched by the embedding the server stores)
+        assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [
+            h.id for h in clipkit.search(stored, served["index"], k=4)]
+        assert main(["search", "nowhere/x.jpg", "--server", url]) == 2
+        assert "no such file here, and the server indexes no item" in capsys.readouterr().err
         for args, message in ((["--index", "nope"], "no index named 'nope'"), (["--device", "cpu"], "--device")):
             assert main(["search", "x", "--server", url, *args]) == 2
             assert message in capsys.readouterr().err

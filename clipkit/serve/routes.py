@@ -48,9 +48,10 @@ async def search(request: Request):
         body, upload = await _json_body(request, SearchRequest), None
     collection = service.collection(body.index)
     sources = [name for name, value in (("text", body.text), ("image", upload if upload is not None else body.image),
-                                        ("embedding", body.embedding), ("id", body.id)) if value not in (None, "")]
+                                        ("embedding", body.embedding), ("id", body.id), ("item", body.item))
+               if value not in (None, "")]
     if len(sources) != 1:
-        raise BadRequest("give exactly one of text, image, embedding or id"
+        raise BadRequest("give exactly one of text, image, embedding, id or item"
                          + (f" (got {', '.join(sources)})" if sources else ""))
     source = sources[0]
     if source == "text":
@@ -60,6 +61,8 @@ async def search(request: Request):
         kind, value = IMAGE, await service.decode_upload(data, collection)
     elif source == "embedding":
         kind, value = VECTOR, body.embedding
+    elif source == "item":
+        kind, value = ITEM, service.item_key(collection, body.item)
     else:
         kind, value = ITEM, body.id
     results = await service.search(collection, kind, value, body.k, rerank=body.rerank, rerank_k=body.rerank_k,

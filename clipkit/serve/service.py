@@ -84,6 +84,8 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, description="base64-encoded image file")
     embedding: list[float] | None = None
     id: int | None = Field(None, description="an item's key: search by that item's embedding (more like this)")
+    item: str | None = Field(None, max_length=65536, description="an item's id as results give it (item_id: its "
+                             "file's path, SHARD.tar#KEY, its URL): search by its stored embedding")
     k: int = Field(20, ge=1)
     rerank: bool = False
     rerank_k: int | None = Field(None, ge=1)
@@ -146,6 +148,17 @@ class Service:
             return await run_in_threadpool(decode)
         except (ValueError, OSError) as exc:
             raise BadRequest(str(exc)) from None
+
+    @staticmethod
+    def item_key(collection: Collection, item_id: str) -> int:
+        """The key of the item whose id is `item_id` (a result's `item_id`), or a 404."""
+        try:
+            found = collection.index.find([item_id])
+        except ValueError as exc:  # (an id no index could hold)
+            raise BadRequest(str(exc)) from None
+        if item_id not in found:
+            raise BadRequest(f"no item {item_id!r} in index {collection.name!r}", 404)
+        return int(found[item_id]["key"])
 
     async def query(self, collection: Collection, kind: str, value: Any) -> tuple[np.ndarray, Any]:
         """(unit query vector, the query as rerank_hits takes it) for a text, image, vector or item query."""
