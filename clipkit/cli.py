@@ -1294,7 +1294,7 @@ def cmd_serve(args) -> int:
         raise UsageError("--tls-key goes with --tls-cert (the certificate it is the key of)")
     serve(specs, host=args.host, port=args.port, config=config, device=args.device, reranker=args.reranker,
           log_level="warning" if args.quiet else "info",
-          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None)
+          tls=(args.tls_cert, args.tls_key) if args.tls_cert else None, show_token=args.token == "auto")
     return 0
 
 

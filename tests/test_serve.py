@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -419,7 +420,17 @@ def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monke
     assert "warning" not in err and "/?token=" in out  # a made token is printed even with -q: the link
     assert "cross the network in clear" in err and "--tls-cert" in err  # (plain http beyond this machine)
     token = out.split("?token=")[1].split()[0]
+    from clipkit.serve.token import HideToken
+
+    hiding = [f for f in logging.getLogger("uvicorn.access").filters if isinstance(f, HideToken)]
+    line = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
+                             ("1.2.3.4:5", "GET", f"/?index=a&token={token}&k=3", "1.1", 303), None)
+    assert hiding and hiding[0].filter(line) and token not in line.getMessage()
+    assert "/?index=a&token=(hidden)&k=3" in line.getMessage()  # the access log: the token hidden
     assert len(token) >= 24 and TestClient(ran[-1]).get(f"/healthz?token={token}").status_code == 200
+    assert main(["serve", "--index", str(index), "--port", "0", "--token", "one-of-my-own-0123456789"]) == 0
+    out = capsys.readouterr().out  # a token of the user's own is not printed (a log is read by more people)
+    assert "one-of-my-own" not in out and "with its token" in out
     assert main(["serve", "--index", str(index), "--port", "0", "--token", "short"]) == 2
     assert "16 to 256 letters" in capsys.readouterr().err
     with pytest.raises(ValueError, match="the token itself"):  # the library: a token to give out, not "auto"

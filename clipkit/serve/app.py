@@ -10,6 +10,7 @@ taken from the request. Bad input is a 4xx with a one-line `detail`, never a 5xx
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from clipkit.serve.batcher import Batcher, ModelWorker
 from clipkit.serve.clip_retrieval import router as clip_retrieval_router
 from clipkit.serve.routes import router
 from clipkit.serve.service import STATIC_DIR, BodyTooLarge, Collection, ServeConfig, Service
-from clipkit.serve.token import TokenGate, check_token, is_loopback
+from clipkit.serve.token import HideToken, TokenGate, check_token, is_loopback
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +182,10 @@ def load_indexes(specs: list[str]) -> dict[str, Index]:
 
 def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           device: str | None = None, log_level: str = "info", reranker: str | None = None,
-          tls: tuple[str, str | None] | None = None) -> None:
+          tls: tuple[str, str | None] | None = None, show_token: bool = False) -> None:
     """Load the indexes and their models once, then serve until interrupted (https with `tls`, the certificate
     and key files). The certificate is checked and the port taken first, so that either is a one-line error
-    before seconds of loading."""
+    before seconds of loading. `show_token`: the printed link carries the token (one made for this run)."""
     import uvicorn
 
     if tls is not None:
@@ -201,21 +202,32 @@ def serve(index_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
     app = create_app(indexes, config=config,
                      reranker=load_reranker(reranker, device=device) if reranker is not None else None)
     address = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}"
-    token = f"?token={config.token}" if config is not None and config.token else ""
-    if not token and not is_loopback(host):
-        print(f"warning: serving on {host} without --token: whoever reaches port {listener.getsockname()[1]} "
-              "searches the indexes and views every indexed image (--token auto makes a link that opens it)",
-              file=sys.stderr, flush=True)
-    elif not tls and not is_loopback(host):
+    token = bool(config is not None and config.token)
+    _announce(address, host, config or ServeConfig(), tls=tls is not None, quiet=log_level == "warning",
+              show_token=show_token)
+    certificate, key = tls or (None, None)
+    settings = uvicorn.Config(app, log_level=log_level, ssl_certfile=certificate, ssl_keyfile=key)
+    if token:  # (after uvicorn configured its loggers)
+        logging.getLogger("uvicorn.access").addFilter(HideToken())
+    uvicorn.Server(settings).run(sockets=[listener])
+
+
+def _announce(address: str, host: str, config: ServeConfig, *, tls: bool, quiet: bool, show_token: bool) -> None:
+    """Where the server is (the link carrying its token when `show_token`: printed even when `quiet`, or nobody
+    could open it), and a word when it is reachable beyond this machine without a token, or in clear."""
+    if not is_loopback(host) and not config.token:
+        print(f"warning: serving on {host} without --token: whoever reaches {address} searches the indexes and "
+              "views every indexed image (--token auto makes a link that opens it)", file=sys.stderr, flush=True)
+    elif not is_loopback(host) and not tls:
         print(f"note: the token and the images cross the network in clear (plain http on {host}): --tls-cert and "
               "--tls-key serve https, or put an https reverse proxy in front", file=sys.stderr, flush=True)
-    if log_level != "warning" or token:  # (a made token is said even with -q: nobody could use the server else)
-        print(f"serving {address}/{token} (Ctrl+C stops)", flush=True)
-        if config is not None and config.front_dir:
-            print(f"clip-retrieval's front end: {address}/front/{token}", flush=True)
-    certificate, key = tls or (None, None)
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level, ssl_certfile=certificate, ssl_keyfile=key)
-                   ).run(sockets=[listener])
+    link = f"?token={config.token}" if show_token and config.token else ""
+    if not quiet or link:
+        needs = " (with its token: ?token=TOKEN, or an Authorization: Bearer header)" if config.token and not link \
+            else ""
+        print(f"serving {address}/{link}{needs} (Ctrl+C stops)", flush=True)
+        if config.front_dir:
+            print(f"clip-retrieval's front end: {address}/front/{link}", flush=True)
 
 
 def check_tls(certificate: str, key: str | None) -> None:

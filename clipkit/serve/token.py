@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import secrets
 from http.cookies import CookieError, SimpleCookie
@@ -49,6 +50,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class HideToken(logging.Filter):
+    """Access-log lines with `token=...` in their path show `token=(hidden)`: a log is read by more people than
+    the token is meant for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(re.sub(r"([?&]token=)[^&\s]*", r"\1(hidden)", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        return True
 
 
 class TokenGate:
