@@ -418,6 +418,9 @@ def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monke
                  "--token", "auto"]) == 0
     out, err = capsys.readouterr()
     assert "warning" not in err and "/?token=" in out  # a made token is printed even with -q: the link
+    import socket
+
+    assert f"from other machines: http://{socket.gethostname()}:" in out  # (0.0.0.0 is no address to open)
     assert "cross the network in clear" in err and "--tls-cert" in err  # (plain http beyond this machine)
     token = out.split("?token=")[1].split()[0]
     from clipkit.serve.token import HideToken

@@ -226,6 +226,11 @@ def _announce(address: str, host: str, config: ServeConfig, *, tls: bool, quiet:
         needs = " (with its token: ?token=TOKEN, or an Authorization: Bearer header)" if config.token and not link \
             else ""
         print(f"serving {address}/{link}{needs} (Ctrl+C stops)", flush=True)
+        if host in ("0.0.0.0", "::", ""):  # (every interface: a link others can open)
+            import socket
+
+            scheme, port = address.partition("://")[0], address.rpartition(":")[2]
+            print(f"  from other machines: {scheme}://{socket.gethostname()}:{port}/{link}", flush=True)
         if config.front_dir:
             print(f"clip-retrieval's front end: {address}/front/{link}", flush=True)
 
