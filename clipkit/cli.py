@@ -1052,8 +1052,8 @@ def _ask_server(server, text: str, as_text: bool, options: dict) -> list:
         except ServerError as exc:
             if "no item" not in str(exc):
                 raise
-            raise FileNotFoundError(f"{text}: no such file here, and the server indexes no item {item} (to search "
-                                    "for this text, add --text)") from None
+            raise FileNotFoundError(f"no such file here, and the server indexes no item {item} (to search for this "
+                                    "text, add --text)") from None
     query = _search_query(text, as_text)
     return server.search(query if isinstance(query, str) else Path(text).read_bytes(), **options)
 
