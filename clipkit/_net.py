@@ -62,15 +62,9 @@ def proxy_url(url: str) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"
 
 
-def proxy_for(url: str) -> tuple[str, int] | None:
-    """(host, port) of `proxy_url(url)`, or None."""
-    proxy = proxy_url(url)
-    return _address(urlparse(proxy)) if proxy else None
-
-
 def url_address(url: str) -> tuple[str, int]:
-    """(host, port) a client of `url` connects to: its proxy's (`proxy_for`), else the URL's own."""
-    return proxy_for(url) or _address(urlparse(url))
+    """(host, port) a client of `url` connects to: its proxy's (`proxy_url`), else the URL's own."""
+    return _address(urlparse(proxy_url(url) or url))
 
 
 def _address(parts) -> tuple[str, int]:

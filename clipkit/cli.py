@@ -1016,8 +1016,8 @@ def _search_server(args) -> int:
             try:
                 answer = _ask_server(server, line, args.text, options)
             except ServerError as exc:
-                if "cannot reach the server" in str(exc) or "token" in str(exc):
-                    raise  # (the same for every query: said once)
+                if exc.every_query:
+                    raise  # (said once)
                 answer = exc
             except QUERY_ERRORS as exc:
                 answer = exc
@@ -1039,18 +1039,17 @@ def _ask_server(server, text: str, as_text: bool, options: dict) -> list:
     shard, _, member = stripped.rpartition("#")
     if not as_text and is_url(stripped):
         try:
-            return server.search(ImageURL(stripped).read_bytes(), **options)
+            picture = ImageURL(stripped).read_bytes()
         except ValueError as exc:
-            if isinstance(exc, ServerError):
-                raise
             raise UsageError(f"{exc} (to search for this text, add --text)") from None
+        return server.search(picture, **options)
     if not as_text and ((is_image_name(stripped) and not os.path.isfile(text)) or (shard and member and
                                                                                    is_shard_spec(shard))):
         item = f"{os.path.abspath(shard)}#{member}" if shard and member else os.path.abspath(stripped)
         try:
             return server.search(item=item, **options)
         except ServerError as exc:
-            if "no item" not in str(exc):
+            if exc.status != 404 or "no item" not in str(exc):  # (not an unknown --index, also a 404)
                 raise
             raise FileNotFoundError(f"no such file here, and the server indexes no item {item} (to search for this "
                                     "text, add --text)") from None

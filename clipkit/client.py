@@ -18,7 +18,17 @@ TOKEN_VARIABLE = "CLIPKIT_SERVE_TOKEN"
 
 
 class ServerError(ValueError):
-    """The server refused a query (its one-line `detail`), or could not be reached."""
+    """The server refused a query (its one-line `detail`; `status`: the HTTP status), or could not be reached
+    (`status` None)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def every_query(self) -> bool:
+        """Whether every query would fail alike: the server unreachable, or the token refused."""
+        return self.status in (None, 401)
 
 
 class Server:
@@ -61,7 +71,7 @@ class Server:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise ServerError(_refusal(exc, self.token)) from None
+            raise ServerError(_refusal(exc, self.token), exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServerError(f"cannot reach the server at {self.url} ({reason}): is `clipkit serve` running "

@@ -115,6 +115,11 @@ class _Pinned(http.client.HTTPSConnection):
             _cut(self)
 
 
+def _origin_target(parts: urllib.parse.SplitResult) -> str:
+    """A request's target as its host (or a tunnel to it) takes it: the path and query, never the fragment."""
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
 def _basic_auth(proxy: urllib.parse.SplitResult) -> dict:
     """The Proxy-Authorization header of a proxy URL's user name and password (http://user:pass@host:3128)."""
     if proxy.username is None:
@@ -191,7 +196,7 @@ class Fetcher:
         if proxy is None:
             parts, host, port, address = resolve_public(url, self.public_only, self.noun)
             connection = _Pinned(host, port, address, self._left(deadline), parts.scheme == "https")
-            return connection, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            return connection, _origin_target(parts)
         parts, host, port = _split(url, self.noun)
         through = urllib.parse.urlsplit(proxy)
         if through.scheme != "http":
@@ -204,7 +209,7 @@ class Fetcher:
         credentials = _basic_auth(through)
         if parts.scheme == "https":  # a tunnel: TLS end to end, the certificate checked against the URL's host
             connection.set_tunnel(host, port, headers=credentials)
-            return connection, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            return connection, _origin_target(parts)
         connection.extra_headers = credentials
         return connection, urllib.parse.urlunsplit(parts._replace(fragment=""))  # the proxy fetches it for us
 
