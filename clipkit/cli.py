@@ -226,8 +226,11 @@ def _add_data_commands(commands) -> None:
 
 def _add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="HTTP search API (clip-retrieval compatible) and web page")
-    serve.add_argument("--index", action="append", default=None, metavar="[NAME=]PATH",
-                       help=f"index folder to serve, repeatable (default: {DEFAULT_INDEX})")
+    serve.add_argument("indexes", nargs="*", metavar="[NAME=]PATH",
+                       help=f"index folders to serve (default: {DEFAULT_INDEX}); NAME is what requests ask for "
+                            "(default: the folder's name)")
+    serve.add_argument("--index", action="append", default=[], metavar="[NAME=]PATH",
+                       help="the same, repeatable, as the other commands take it")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free one)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
@@ -347,13 +350,25 @@ def _add_maintenance_commands(commands) -> None:
     export.add_argument("--index", help=f"index folder (default: {DEFAULT_INDEX})")
     export.add_argument("--part-size", type=_positive_int, default=100_000, help="rows per part (default: 100000)")
     roots = commands.add_parser("roots", help="list the folders an index covers, with item counts")
-    roots.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
+    _add_index_argument(roots)
     info = commands.add_parser("info", help="what an index is: items, captions, model, structure and its tuned "
                                             "recall, folders, size on disk")
-    info.add_argument("index", nargs="?", default=None, metavar="INDEX",
-                      help=f"index folder (default: {DEFAULT_INDEX})")
-    info.add_argument("--index", dest="index_option", metavar="INDEX", help="the same, as the other commands take it")
+    _add_index_argument(info)
     info.add_argument("--json", action="store_true", help="print it as one JSON object")
+
+
+def _add_index_argument(parser) -> None:
+    """INDEX, or --index INDEX as the other commands take it (read back by `_one_index`)."""
+    parser.add_argument("index", nargs="?", default=None, metavar="INDEX",
+                        help=f"index folder (default: {DEFAULT_INDEX})")
+    parser.add_argument("--index", dest="index_option", metavar="INDEX",
+                        help="the same, as the other commands take it")
+
+
+def _one_index(args) -> str:
+    if args.index and args.index_option and args.index != args.index_option:
+        raise UsageError("give the index once: INDEX or --index INDEX")
+    return args.index or args.index_option or DEFAULT_INDEX
 
 
 def _positive_int(text: str) -> int:
@@ -745,7 +760,8 @@ def cmd_export(args) -> int:
 def cmd_roots(args) -> int:
     from clipkit.index import Index
 
-    index = Index.load(args.index)
+    index_path = _one_index(args)
+    index = Index.load(index_path)
     roots = index.roots()
     for root in roots:
         print(f"{root['items']:>8}  {root['path']}{'' if root['exists'] else '  (missing)'}{_leaving_out(root)}")
@@ -753,7 +769,7 @@ def cmd_roots(args) -> int:
     if others and not args.quiet:  # (shards, URL tables, embeddings, API adds: no folder of their own)
         print(f"{others:>8}  items of no indexed folder (shards, URLs, ingested embeddings, added by the API)")
     if not len(index) and not args.quiet:
-        print(f"no folder is indexed in {args.index}: it is empty", file=sys.stderr)
+        print(f"no folder is indexed in {index_path}: it is empty", file=sys.stderr)
     return 0
 
 
@@ -765,9 +781,7 @@ def _leaving_out(folder: dict) -> str:
 def cmd_info(args) -> int:
     from clipkit.index import Index
 
-    if args.index and args.index_option and args.index != args.index_option:
-        raise UsageError("give the index once: INDEX or --index INDEX")
-    about = Index.load(args.index or args.index_option or DEFAULT_INDEX).describe()
+    about = Index.load(_one_index(args)).describe()
     if args.json:
         print(json.dumps(about, ensure_ascii=False))
         return 0
@@ -1188,9 +1202,9 @@ def _print_hits(hits, args, query: str | None = None) -> None:
         if args.paths:
             print(where)
         elif args.captions:
-            print(f"{rank:>3}  {hit.score:.4f}  {hit.metadata.get('caption')}  ({where})")
+            print(f"{rank:>3}  {hit.score:7.4f}  {hit.metadata.get('caption')}  ({where})")
         else:
-            print(f"{rank:>3}  {hit.score:.4f}  {where}")
+            print(f"{rank:>3}  {hit.score:7.4f}  {where}")
     if query is not None:
         print()
 
@@ -1273,7 +1287,7 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise ValueError(f"clipkit serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'clipkit[serve]'") from None
-    specs = args.index or [DEFAULT_INDEX]
+    specs = args.indexes + args.index or [DEFAULT_INDEX]
     for spec in specs:
         path = parse_index_spec(spec)[1]
         if not Path(path).exists():

@@ -55,6 +55,8 @@ class Server:
             body["item"] = item
         elif isinstance(query, bytes):
             body["image"] = base64.b64encode(query).decode()
+        elif not query.strip():
+            raise ValueError("the text query is empty")
         else:
             body["text"] = query
         body.update({name: value for name, value in (("rerank_k", rerank_k), ("index", self.index),

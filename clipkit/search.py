@@ -12,6 +12,7 @@ from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image,
 from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
+from clipkit.index.vectors import from_tensor
 from clipkit.index.shards import item_image
 from clipkit.rerankers import Reranker, load_images, load_reranker
 
@@ -57,7 +58,7 @@ def query_kind(query: Any) -> str:
     several = " (one query a call; for many at once: clipkit.search_batch(queries, index, k))" \
         if isinstance(query, (list, tuple)) else ""
     raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, "
-                     f"a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding{several}")
+                     f"a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding (numpy or torch){several}")
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
@@ -65,8 +66,8 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
            under: str | os.PathLike | None = None) -> list[Hit]:
     """Top-k hits for one query, best first.
 
-    `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D float array -> embedding; 2-D
-    float array -> one query of several vectors (an item scored by its best match with any: the stored
+    `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D float array (numpy, or a torch
+    tensor on any device) -> embedding; 2-D float array -> one query of several vectors (an item scored by its best match with any: the stored
     embedding of an item of a BLIP-2 index, `index.embeddings([id])[0]`; for a batch, `search_batch`).
     `index`: an Index, or the path of an index folder (loaded for this call; load it once to search often).
     `model=None` uses the index's own model; another model is checked against the one that built it.
@@ -84,6 +85,7 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     searched exactly for a folder of up to 200,000 items; a ValueError when the index holds none there.
     """
     index = _checked(index, k)
+    query = from_tensor(query)
     kind = query_kind(query)
     return _search_all([query], [kind], index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
                        modality=modality, reranker=reranker, under=under)[0]
@@ -98,6 +100,7 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     searched. The options are `search()`'s, the same for every query. A 2-D float array is a batch of
     embeddings, a row a query. (The hits of every query are held until it returns: for millions of queries,
     call it a chunk at a time.)"""
+    queries = from_tensor(queries)
     if isinstance(queries, np.ndarray) and queries.ndim == 2 and np.issubdtype(queries.dtype, np.floating):
         queries = list(queries)  # (rows of embeddings; a 2-D uint8 array would be one grey image)
     if isinstance(queries, (str, bytes, Image.Image, os.PathLike, np.ndarray)) or not isinstance(queries, Sequence):
@@ -105,6 +108,7 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
                          "use clipkit.search")
     index = _checked(index, k)
     kinds = []
+    queries = [from_tensor(query) for query in queries]
     for query in queries:  # (a loop, not a comprehension: the warning names the caller's line)
         kinds.append(query_kind(query))
     return _search_all(list(queries), kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,

@@ -266,7 +266,7 @@ def test_a_moved_folder_is_repointed_not_embedded_again(photos, tmp_path, tiny_c
     after = assert_consistent(index_path, image_files(renamed))
     np.testing.assert_array_equal(after.embeddings(sorted(image_files(renamed))), vectors)
     assert [r["path"] for r in after.roots()] == [str(renamed.resolve())]
-    assert main(["roots", "--index", str(index_path)]) == 0
+    assert main(["roots", str(index_path)]) == 0  # (INDEX, as `clipkit info` takes it, or --index INDEX)
     assert str(renamed.resolve()) in capsys.readouterr().out
     after.add(np.eye(2, after.dim, dtype=np.float32), ids=["x", "y"])
     assert main(["roots", "--index", str(index_path)]) == 0

@@ -41,6 +41,13 @@ def test_search_batch_gives_each_query_what_search_gives_it(indexed, image_folde
     assert clipkit.search_batch([], index) == []
     rows = index.embeddings(index.ids()[:3])  # (a 2-D float array: a query a row)
     assert [hits[0].id for hits in clipkit.search_batch(rows, index, k=1)] == index.ids()[:3]
+    import torch  # (embeddings as open_clip's encode_image returns them: tensors, half precision too)
+
+    assert [hits[0].id for hits in clipkit.search_batch(torch.from_numpy(rows).half(), index, k=1)] == index.ids()[:3]
+    assert [h.id for h in clipkit.search(torch.from_numpy(rows[1]).bfloat16(), index, k=1)] == [index.ids()[1]]
+    index.add(torch.from_numpy(rows[:1]), ids=["from a tensor"])
+    np.testing.assert_allclose(index.embeddings(["from a tensor"]), rows[:1], atol=1e-6)
+    assert index.remove(["from a tensor"]) == 1  # (the index is the module's)
 
 
 def test_search_batch_embeds_texts_in_batches_and_refuses_what_search_refuses(indexed, image_folder, monkeypatch):

@@ -209,6 +209,8 @@ BAD_REQUESTS = [
     ("/search", {"json": {"k": 3}}, 400, "exactly one of"),
     ("/search", {"json": {"text": "x", "id": 3}}, 400, "got text, id"),
     ("/search", {"json": {"text": "   "}}, 400, "empty"),
+    ("/search", {"json": {"text": ""}}, 400, "the text query is empty"),
+    ("/search", {"data": {"text": ""}, "files": {"none": ("", b"", "text/plain")}}, 400, "the text query is empty"),
     ("/search", {"json": {"text": "x", "k": 0}}, 422, "k"),
     ("/search", {"json": {"text": "x", "k": "many"}}, 422, "k"),
     ("/search", {"json": {"text": 5}}, 422, "text"),
@@ -414,6 +416,8 @@ def test_serving_beyond_this_machine_warns_without_a_token(served, capsys, monke
     assert "warning: serving on 0.0.0.0 without --token" in err and len(ran) == 1
     assert main(["serve", "--index", str(index), "--port", "0"]) == 0  # this machine only: no warning
     assert "warning" not in capsys.readouterr().err
+    assert main(["serve", str(index), f"again={index}", "--port", "0"]) == 0  # indexes as `clipkit info` takes one
+    assert list(ran[-1].state.service.collections) == ["photos", "again"] and not capsys.readouterr().err
     assert main(["-q", "serve", "--index", str(index), "--host", "0.0.0.0", "--port", "0",
                  "--token", "auto"]) == 0
     out, err = capsys.readouterr()
@@ -501,8 +505,9 @@ def test_clipkit_search_asks_a_running_server_as_the_library_searches(served, ca
             h.id for h in clipkit.search(stored, served["index"], k=4)]
         assert main(["search", "nowhere/x.jpg", "--server", url]) == 2
         assert "no such file here, and the server indexes no item" in capsys.readouterr().err
-        for args, message in ((["--index", "nope"], "no index named 'nope'"), (["--device", "cpu"], "--device")):
-            assert main(["search", "x", "--server", url, *args]) == 2
+        for args, message in ((["--index", "nope"], "no index named 'nope'"), (["--device", "cpu"], "--device"),
+                              (["--text"], "clipkit: error: the text query is empty")):
+            assert main(["search", " " if "--text" in args else "x", "--server", url, *args]) == 2
             assert message in capsys.readouterr().err
         monkeypatch.delenv("CLIPKIT_SERVE_TOKEN")
         assert main(["search", "x", "y", "--server", url]) == 2

@@ -7,13 +7,24 @@ from typing import Any
 import numpy as np
 
 
+def from_tensor(value: Any) -> Any:
+    """A torch tensor (any device, float16/bfloat16 too) as a numpy array, as open_clip's `encode_image` returns
+    embeddings; anything else as it is. (torch is not imported for it.)"""
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if value.is_floating_point() and value.element_size() < 4:
+            value = value.float()  # (numpy has no bfloat16)
+        return value.numpy()
+    return value
+
+
 def prepare_items(vectors: Any, dim: int, per_item: int, what: str = "embeddings") -> np.ndarray:
     """Items of `per_item` vectors each: a (N, per_item, dim) array (or (per_item, dim) for one item) as
     (N, per_item * dim) rows of unit vectors side by side (each vector normalised on its own)."""
     if per_item == 1:
         return prepare_vectors(vectors, dim, what)
     try:
-        array = np.asarray(vectors)
+        array = np.asarray(from_tensor(vectors))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be a numeric array: {exc}") from None
     if array.ndim == 2:
@@ -31,6 +42,7 @@ def prepare_vectors(vectors: Any, dim: int, what: str = "embeddings") -> np.ndar
     The norm is taken in float64 after scaling each row by its largest magnitude, so rows of any
     finite size (1e-30 or 1e30) keep their direction; NaN, infinite and all-zero rows are refused.
     """
+    vectors = from_tensor(vectors)
     if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32 and vectors.ndim == 2 and \
             vectors.shape[1] == dim:
         norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))

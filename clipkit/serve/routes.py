@@ -50,6 +50,8 @@ async def search(request: Request):
     sources = [name for name, value in (("text", body.text), ("image", upload if upload is not None else body.image),
                                         ("embedding", body.embedding), ("id", body.id), ("item", body.item))
                if value not in (None, "")]
+    if not sources and body.text is not None:
+        raise BadRequest("the text query is empty")
     if len(sources) != 1:
         raise BadRequest("give exactly one of text, image, embedding, id or item"
                          + (f" (got {', '.join(sources)})" if sources else ""))
