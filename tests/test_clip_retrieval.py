@@ -83,10 +83,14 @@ def client(captioned):
         yield test_client
 
 
+TOKEN = "front-end-token-0123456789"  # (the server below asks for it, as one reachable from other machines would)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def server(captioned, clip_retrieval_wheel):
     with running_server("--index", str(captioned["root"] / "photos.clipkit"),
-                        "--front", str(clip_retrieval_wheel / "front" / "build")) as url:
+                        "--front", str(clip_retrieval_wheel / "front" / "build"), token=TOKEN) as url:
         yield url
 
 
@@ -100,7 +104,7 @@ def _first_lines(path: Path) -> str:
 
 def test_clip_client_text_image_and_embedding_queries(clip_client, server, captioned):
     index, model = captioned["index"], captioned["model"]
-    client = clip_client.ClipClient(url=server + "knn-service", indice_name="photos", num_images=8,
+    client = clip_client.ClipClient(url=server + f"knn-service?token={TOKEN}", indice_name="photos", num_images=8,
                                     deduplicate=False)
     results = client.query(text="a small red circle")
     expected = clipkit.search("a small red circle", index, k=8)
@@ -109,7 +113,7 @@ def test_clip_client_text_image_and_embedding_queries(clip_client, server, capti
     for result in results:  # what clip-retrieval's clients read: the url, the caption, the similarity
         assert set(result) == META_KEYS | {"id", "similarity"}
         assert result["caption"] == _first_lines(Path(result["image_path"]))
-        assert httpx.get(result["url"]).content == Path(result["image_path"]).read_bytes()
+        assert httpx.get(result["url"], headers=AUTH).content == Path(result["image_path"]).read_bytes()
 
     photo = sorted(captioned["photos"].glob("*.jpg"))[4]
     by_file = client.query(image=str(photo))
@@ -124,7 +128,7 @@ def test_clip_client_text_image_and_embedding_queries(clip_client, server, capti
 
 def test_clip_client_text_modality_returns_captions(clip_client, server, captioned):
     index = captioned["index"]
-    client = clip_client.ClipClient(url=server + "knn-service", indice_name="photos", num_images=5,
+    client = clip_client.ClipClient(url=server + f"knn-service?token={TOKEN}", indice_name="photos", num_images=5,
                                     modality=clip_client.Modality.TEXT, deduplicate=False)
     photo = sorted(captioned["photos"].glob("*.jpg"))[9]
     results = client.query(image=str(photo))  # image -> text
@@ -224,13 +228,14 @@ def test_unsupported_options_are_reported_not_honoured(client):
 
 
 def test_front_is_served_with_its_config(server, clip_retrieval_wheel, tmp_path, capsys):
-    config = httpx.get(server + "front/config.json").json()
+    assert httpx.get(server + "front/config.json").status_code == 401
+    config = httpx.get(server + "front/config.json", headers=AUTH).json()
     assert config == {"defaultBackend": server.rstrip("/"), "defaultIndex": "photos", "urlColumn": "url"}
-    page = httpx.get(server + "front/")
+    page = httpx.get(server + "front/", headers=AUTH)
     assert page.status_code == 200 and "<clip-front>" in page.text
     script = next((clip_retrieval_wheel / "front" / "build").glob("main*.js")).name
-    assert httpx.get(server + "front/" + script).status_code == 200
-    assert httpx.get(server + "healthz").json()["clip_retrieval"]["front"] == "front/"
+    assert httpx.get(server + "front/" + script, headers=AUTH).status_code == 200
+    assert httpx.get(server + "healthz", headers=AUTH).json()["clip_retrieval"]["front"] == "front/"
     (tmp_path / "ix").mkdir()
     assert main(["serve", "--index", str(tmp_path / "ix"), "--front", str(tmp_path)]) == 2
     assert "not a clip-retrieval front end build" in capsys.readouterr().err
@@ -242,12 +247,13 @@ def _shadow(driver, script: str):
 
 def test_front_end_in_chromium(server, captioned):
     """clip-retrieval's own page, from clipkit at /front/: text search, scrolling for more, "similar image" on a
-    result, and search over text (captions)."""
+    result, and search over text (captions); behind a token, opened by the link `clipkit serve --token` prints
+    (its cookie carries the page's requests and images)."""
     with chromium(width=1000, height=700) as driver:
         from selenium.webdriver.support.ui import WebDriverWait
 
         wait = WebDriverWait(driver, 60)
-        driver.get(server + "front/?query=a%20small%20red%20circle")
+        driver.get(server + f"front/?token={TOKEN}&query=a%20small%20red%20circle")
         figures = "return root.querySelectorAll('figure img.pic').length"
         wait.until(lambda d: _shadow(d, figures) >= 40)
         first_src = _shadow(driver, "return root.querySelector('figure img.pic').src")
