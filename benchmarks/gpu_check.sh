@@ -34,7 +34,8 @@ fi
 export CLIPKIT_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
 # the suite's CUDA tests (skipped on CPU machines) and the CPU-side decisions of the CUDA paths
-# (a failing test is reported and the benchmark still runs: one lease may be all there is)
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_paths.py tests/test_encode.py tests/test_losses.py \
+# (a failing test is reported and the benchmark still runs: one lease may be all there is; one process, not
+# the two workers of pyproject's addopts: a GPU image need not have pytest-xdist)
+timeout 240 $PY -m pytest -q -o addopts=-ra -p no:cacheprovider tests/test_cuda_paths.py tests/test_encode.py tests/test_losses.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15 || echo "gpu_check: the CUDA tests did not all pass (gpu_tests.log)"
 timeout 300 $PY benchmarks/gpu_check.py --device cuda --out "$OUT/gpu_check.md"
