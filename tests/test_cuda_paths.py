@@ -132,8 +132,8 @@ def test_gpu_copy_serves_searches_up_to_its_k_limit_one_thread_at_a_time(monkeyp
         return clones[-1]
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)  # (faiss-cpu has neither)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     monkeypatch.setattr(ann, "GPU_MAX_K", 50)
     x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
     index = Index.from_embeddings(x, ids=[f"i{n}" for n in range(600)], index_type=index_type, target_recall=1.0)
