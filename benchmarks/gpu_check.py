@@ -20,11 +20,14 @@ Weights are open_clip's fixed-seed initialisation (no network is needed: speed d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -136,14 +139,13 @@ def search_row(n: int, dim: int = 512, queries: int = 1000) -> dict:
             "baseline_is": "bare FAISS IndexFlatIP (CPU)"}
 
 
-def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path, batch_size: int = 64) -> dict:
+def actor_busy_rows(name: str, device: torch.device, n_images: int, out: Path, batch_size: int = 64,
+                    halved: bool = False) -> list[dict]:
     """What one Ray actor of `clipkit index --engine ray` runs on its GPU (`embed_ray_batch` over JPEG
     files: decoding threads feeding the model), and how busy the GPU is meanwhile (nvidia-smi's utilization,
     sampled every 100 ms). Ray itself is not on the GPU machine (its wheel is too large to carry): it only
-    schedules batches to this loop."""
-    import subprocess
-    import threading
-
+    schedules batches to this loop. An actor's decoding threads are the CPUs that go with its GPU
+    (`RayEngine._pool`), here this machine's share; `halved`: also with half as many (is the default enough?)."""
     from clipkit.encode_ray import GPU_BATCHES, embed_ray_batch
 
     model = clipkit.load_model(name, pretrained="scratch", device=device)
@@ -152,43 +154,47 @@ def actor_busy_row(name: str, device: torch.device, n_images: int, out: Path, ba
     for number, spec in enumerate(scenes(n_images, seed=1, split="test")):
         paths.append(out / f"{number}.jpg")
         render(spec, size=256).resize((320, 240)).save(paths[-1], quality=90)
-    # an actor's decoding threads: the CPUs that go with its GPU (RayEngine._pool), here this machine's share;
-    # its Ray batches: GPU_BATCHES model batches of `clipkit index`'s default --batch-size
     threads = max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if device.type == "cuda" else 1))
-    ray_batch = batch_size * GPU_BATCHES
+    ray_batch = batch_size * GPU_BATCHES  # (GPU_BATCHES model batches of `clipkit index`'s default --batch-size)
+    rows = []
+    for workers in dict.fromkeys([threads, max(1, threads // 2)] if halved else [threads]):
+        def actor_loop(files) -> int:
+            return sum(int((embed_ray_batch(files[at:at + ray_batch], model, batch_size, workers)["reason"] == ""
+                            ).sum()) for at in range(0, len(files), ray_batch))
 
-    def actor_loop(files) -> int:
-        return sum(int((embed_ray_batch(files[at:at + ray_batch], model, batch_size, threads)["reason"] == "").sum())
-                   for at in range(0, len(files), ray_batch))
-
-    actor_loop(paths[:ray_batch])  # warm-up
-    samples, done = [], threading.Event()
-
-    def sample():
-        with subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                               "-lms", "100"], stdout=subprocess.PIPE, text=True) as smi:
-            for line in smi.stdout:
-                if done.is_set():
-                    smi.terminate()
-                    break
-                if line.strip().isdigit():
-                    samples.append(int(line))
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    if device.type == "cuda":
-        watcher.start()
-    start = time.perf_counter()
-    count = actor_loop(paths)
-    seconds = time.perf_counter() - start
-    done.set()
-    busy = statistics.mean(samples) if samples else float("nan")
-    return {"row": f"one Ray actor's loop: {count} JPEGs 320x240 decoded and embedded, {name}, "
-                   f"{threads} decoding threads, Ray batches of {ray_batch}, model batches of {batch_size}, "
-                   f"{count / seconds:.0f} images/s", "clipkit": round(busy, 1), "baseline": 80,
-            "ratio": round(busy / 80, 2), "unit": "% GPU busy (nvidia-smi)", "baseline_is": "issue 30's goal"}
+        actor_loop(paths[:ray_batch])  # warm-up
+        with gpu_busy(device) as samples:
+            start = time.perf_counter()
+            count = actor_loop(paths)
+            seconds = time.perf_counter() - start
+        busy = statistics.mean(samples) if samples else float("nan")
+        rows.append({"row": f"one Ray actor's loop: {count} JPEGs 320x240 decoded and embedded, {name}, "
+                            f"{workers} decoding threads, Ray batches of {ray_batch}, model batches of {batch_size}, "
+                            f"{count / seconds:.0f} images/s", "clipkit": round(busy, 1), "baseline": 80,
+                     "ratio": round(busy / 80, 2), "unit": "% GPU busy (nvidia-smi)", "baseline_is": "issue 30's goal"})
+    return rows
 
 
-def main() -> None:
+@contextlib.contextmanager
+def gpu_busy(device: torch.device):
+    """nvidia-smi's GPU utilization (%), sampled every 100 ms while the block runs (on a GPU only)."""
+    samples: list[int] = []
+    if device.type != "cuda":
+        yield samples
+        return
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                            "-lms", "100", "-i", str(device.index or 0)], stdout=subprocess.PIPE, text=True)
+    reader = threading.Thread(target=lambda: samples.extend(int(line) for line in smi.stdout
+                                                             if line.strip().isdigit()), daemon=True)
+    reader.start()
+    try:
+        yield samples
+    finally:
+        smi.terminate()
+        reader.join(timeout=5)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu (a dry run of the script)")
     parser.add_argument("--model", default="ViT-B-32", help="the encoder measured (open_clip architecture)")
@@ -199,23 +205,33 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no GPU here: run with --device cpu for a dry run")
     quick = args.quick
-    rows = encoder_rows(args.model, device, 64 if quick else 2048, 2 if quick else 5)
-    with tempfile.TemporaryDirectory() as tmp:
-        rows.append(training_row(device, 4 if quick else 60, Path(tmp) / "run", 32 if quick else 128))
-    rows.append(search_row(2000 if quick else 200_000))
-    with tempfile.TemporaryDirectory() as tmp:
-        rows.append(actor_busy_row(args.model, device, 128 if quick else 4096, Path(tmp)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"GPU check on {name} (torch {torch.__version__}, open_clip {open_clip.__version__}, "
-             f"faiss {faiss.__version__}, {faiss.get_num_gpus()} GPU(s) seen by FAISS)", "",
-             "| row | clipkit | baseline | ratio | unit | baseline is |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['clipkit']} | {r['baseline']} | {r['ratio']} | {r['unit']} | {r['baseline_is']} |"
-              for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+    header = [f"GPU check on {name} (torch {torch.__version__}, open_clip {open_clip.__version__}, "
+              f"faiss {faiss.__version__}, {faiss.get_num_gpus()} GPU(s) seen by FAISS)", "",
+              "| row | clipkit | baseline | ratio | unit | baseline is |", "|---|---|---|---|---|---|"]
+    steps = [("encoders", lambda tmp: encoder_rows(args.model, device, 64 if quick else 2048, 2 if quick else 5)),
+             ("training", lambda tmp: [training_row(device, 4 if quick else 60, tmp / "run", 32 if quick else 128)]),
+             ("search", lambda tmp: [search_row(2000 if quick else 200_000)]),
+             ("actor loop", lambda tmp: actor_busy_rows(args.model, device, 128 if quick else 4096, tmp,
+                                                        halved=not quick))]
+    rows: list[dict] = []
+    for what, step in steps:  # (a row that fails is written as such, and the others still run: one lease may
+        try:                  # be all there is; the table is rewritten after each step, should time run out)
+            with tempfile.TemporaryDirectory() as tmp:
+                rows += step(Path(tmp))
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"row": f"{what}: FAILED {type(exc).__name__}: {str(exc)[:300]}", "clipkit": None,
+                         "baseline": None, "ratio": None, "unit": "", "baseline_is": ""})
+        _write(args.out, header, rows, name)
+    print(Path(args.out).read_text())
+    return 1 if any("FAILED" in row["row"] for row in rows) else 0
 
+
+def _write(out: str, header: list[str], rows: list[dict], name: str) -> None:
+    lines = header + [f"| {r['row']} | {r['clipkit']} | {r['baseline']} | {r['ratio']} | {r['unit']} | "
+                      f"{r['baseline_is']} |" for r in rows]
+    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 
 if __name__ == "__main__":
     sys.exit(main())
