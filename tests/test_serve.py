@@ -606,6 +606,35 @@ def test_page_in_headless_chromium(server, served, tmp_path):
         # search by image file through the file picker
         driver.find_element(By.ID, "image-input").send_keys(str(served["photos"] / "train-000000011.jpg"))
         wait.until(lambda d: "results for train-" in d.find_element(By.ID, "status").text)
+        _page_addresses(driver, wait, server)
+
+
+def _page_addresses(driver, wait, server):
+    """The address bar holds each search (a link opens it again), and Back / Forward step through them, the
+    last answer shown being the last search's (Forward twice at once: the first answer comes late)."""
+    from selenium.webdriver.common.by import By
+
+    def showing(status: str, count: int):
+        wait.until(lambda d: status in d.find_element(By.ID, "status").text and
+                   len(d.find_elements(By.CSS_SELECTOR, "#results li")) == count)
+
+    assert driver.current_url == server  # (a search by a file has no address)
+    driver.back()  # the re-ranked text search
+    showing("re-ranked", 6)
+    assert driver.current_url.endswith("/?q=a+blue+square&k=6&rerank=1")
+    assert driver.find_element(By.ID, "query").get_attribute("value") == "a blue square"
+    driver.back()
+    showing("images like", 6)
+    assert "/?like=" in driver.current_url
+    driver.back()
+    showing("for “a red circle”", 6)
+    driver.back()  # before the first search: the page as it opened
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#results li"))
+    driver.forward()
+    driver.forward()
+    showing("images like", 6)
+    driver.get(server + "?q=a%20green%20triangle&k=3")  # a link to a search
+    showing("3 results for “a green triangle”", 3)
 
 
 

@@ -3,7 +3,8 @@
 const $ = (id) => document.getElementById(id);
 let info = null;
 let under = null;  // a folder the search keeps to ("in this folder" under a result), or null for all
-let last = null;  // the last search's { body, label }: run again when the folder changes
+let last = null;  // the last search's { body, label, address }: run again when the folder changes
+let asked = 0;  // searches sent: an answer to one that a later one overtook is not shown
 
 function indexName() { return $("index-select").value || null; }
 
@@ -40,6 +41,44 @@ async function init() {
   updateRerank();
   const total = names.reduce((sum, n) => sum + info.indexes[n].items, 0);
   setStatus(`${total} images indexed. Type a description, or drop an image anywhere on the page.`);
+  fromAddress();
+}
+
+// The address bar holds the search (?q=TEXT, or ?like=ID for "images like this one", with its options), so
+// that a link opens it again and Back / Forward step through the searches. A search by an image file has no
+// address: the bar then holds none.
+function toAddress(address) {
+  const query = new URLSearchParams();
+  for (const [name, value] of Object.entries(address || {})) {
+    if (value !== undefined && value !== null && value !== false && value !== "") query.set(name, value === true ? "1" : value);
+  }
+  const target = query.toString() ? "?" + query : location.pathname;
+  if (target !== location.search && !(target === location.pathname && !location.search)) history.pushState(null, "", target);
+}
+
+function fromAddress() {
+  const p = new URLSearchParams(location.search);
+  if (p.get("index") && info.indexes[p.get("index")]) $("index-select").value = p.get("index");
+  updateRerank();
+  if (p.get("k")) $("k").value = p.get("k");
+  if (p.get("modality") === "text" && !$("modality-field").hidden) $("modality").value = "text";
+  $("rerank").checked = p.get("rerank") === "1";
+  under = p.get("under") || null;
+  $("folder-field").hidden = !under;
+  $("folder-name").textContent = under || "";
+  if (p.get("q")) {
+    $("query").value = p.get("q");
+    searchText(p.get("q"), false);
+  } else if (p.get("like")) {
+    const id = parseInt(p.get("like"), 10);
+    const thumbnail = `thumbnail/${id}` + (indexName() ? `?index=${encodeURIComponent(indexName())}` : "");
+    if (Number.isFinite(id)) searchLike(id, `item ${id}`, thumbnail, false);
+  } else if (last) {  // (back to before the first search, or to a search by a file, which has no address)
+    last = null;
+    $("results").replaceChildren();
+    $("query-preview").hidden = true;
+    setStatus("Type a description, or drop an image anywhere on the page.");
+  }
 }
 
 function resultsWanted() {
@@ -51,11 +90,12 @@ function setFolder(folder) {
   under = folder;
   $("folder-field").hidden = !folder;
   $("folder-name").textContent = folder || "";
-  if (last) search(last.body, last.label);
+  if (last) search(last.body, last.label, last.address);
 }
 
-async function search(body, label) {
-  last = { body, label };
+async function search(body, label, address = null, remember = true) {
+  last = { body, label, address };
+  if (remember) toAddress(address && { ...address, under: under || undefined });
   if (body instanceof FormData) {
     if (under) body.set("under", under); else body.delete("under");
   } else {
@@ -70,14 +110,16 @@ async function search(body, label) {
     options.headers = { "Content-Type": "application/json" };
     options.body = JSON.stringify(body);
   }
+  const ticket = ++asked;
   let response;
   try {
     response = await fetch("search", options);
   } catch (err) {
-    setStatus("The server cannot be reached: " + err, true);
+    if (ticket === asked) setStatus("The server cannot be reached: " + err, true);
     return;
   }
   const data = await response.json().catch(() => ({}));
+  if (ticket !== asked) return;
   if (!response.ok) {
     setStatus(data.detail ? String(data.detail) : `Search failed (HTTP ${response.status})`, true);
     return;
@@ -106,12 +148,7 @@ function render(results) {
       img.alt = hit.caption || name;
       img.loading = "lazy";
       button.append(img);
-      button.addEventListener("click", () => {
-        $("query-preview").hidden = false;
-        $("query-preview").replaceChildren(img.cloneNode(), document.createTextNode("Images like " + name));
-        search({ id: hit.id, k: resultsWanted(), index: indexName(), modality: modality() },
-               modality() === "text" ? `captions like ${name}` : `images like ${name}`);
-      });
+      button.addEventListener("click", () => searchLike(hit.id, name, hit.thumbnail_url));
       item.append(button);
     }
     const meta = document.createElement("div");
@@ -145,6 +182,30 @@ function render(results) {
   });
 }
 
+function searchText(text, remember = true) {
+  $("query-preview").hidden = true;
+  // ITM re-ranks text -> image and image -> text; text -> text has nothing for it to match
+  const rerank = !$("rerank-field").hidden && $("rerank").checked && modality() === "image";
+  const body = { text, k: resultsWanted(), rerank, index: indexName(), modality: modality() };
+  search(body, `“${text}”`, { q: text, ...addressOptions(), rerank }, remember);
+}
+
+function searchLike(id, name, thumbnail, remember = true) {
+  const img = document.createElement("img");
+  img.src = thumbnail;
+  img.alt = name;
+  $("query-preview").hidden = false;
+  $("query-preview").replaceChildren(img, document.createTextNode("Images like " + name));
+  search({ id, k: resultsWanted(), index: indexName(), modality: modality() },
+         modality() === "text" ? `captions like ${name}` : `images like ${name}`,
+         { like: id, ...addressOptions() }, remember);
+}
+
+function addressOptions() {  // (what differs from the page's defaults)
+  return { index: $("index-field").hidden ? undefined : indexName(), k: resultsWanted() === 20 ? undefined : resultsWanted(),
+           modality: modality() === "text" ? "text" : undefined };
+}
+
 function searchImageFile(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
@@ -169,11 +230,9 @@ $("search-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const text = $("query").value.trim();
   if (!text) { setStatus("Type something to search for.", true); return; }
-  $("query-preview").hidden = true;
-  // ITM re-ranks text -> image and image -> text; text -> text has nothing for it to match
-  const rerank = !$("rerank-field").hidden && $("rerank").checked && modality() === "image";
-  search({ text, k: resultsWanted(), rerank, index: indexName(), modality: modality() }, `“${text}”`);
+  searchText(text);
 });
+window.addEventListener("popstate", () => { if (info) fromAddress(); });
 $("image-input").addEventListener("change", (event) => searchImageFile(event.target.files[0]));
 $("image-button").addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("image-input").click(); }
