@@ -43,6 +43,20 @@ def default_out() -> Path:
     return Path(f"clipkit-demo-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
+DEMO_FILES = {"photos", "photos.clipkit", "results.png"}
+
+
+def _check_out(out: Path) -> None:
+    """`out`: a new folder, an empty one, or an earlier demo's (written again); never a folder of other things,
+    whose `photos/` the demo would write into and index."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a new folder for the demo")
+    others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_FILES) if out.is_dir() else []
+    if others:
+        raise ValueError(f"--out {out} already holds other things ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}): give a new or empty folder for the demo")
+
+
 def _pick_queries(photos: Path, count: int) -> list[tuple[str, Path]]:
     """Captions of images that have a distractor in the folder: the hard cases."""
     metas = [json.loads(p.read_text()) | {"_image": p.with_suffix(".png")} for p in sorted(photos.glob("*.json"))]
@@ -62,6 +76,7 @@ def _pick_queries(photos: Path, count: int) -> list[tuple[str, Path]]:
 def run_demo(out: Path | None = None, n_images: int = 300, model_name: str = "clipkit-demo", k: int = 5,
              seed: int = 0, progress: bool | None = None) -> tuple[Path, list[QueryResult]]:
     out = Path(out) if out is not None else default_out()
+    _check_out(out)
     photos = out / "photos"
     write_synthetic(photos, n_images, seed=seed, split="test", layout="folder", image_format="png", progress=progress)
     model = load_model(model_name)

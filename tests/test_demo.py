@@ -33,6 +33,14 @@ def test_demo_command_writes_images_index_and_grid(tmp_path, capsys):
 
     assert main(["-q", "demo", "--out", str(tmp_path / "one"), "--n", "1"]) == 0  # was an IndexError
     assert (tmp_path / "one" / "results.png").is_file()
+    assert main(["-q", "demo", "--out", str(tmp_path / "one"), "--n", "1"]) == 0  # an earlier demo: again
+    mine = tmp_path / "mine"  # a folder of the user's: its photos/ would have been written into and indexed
+    (mine / "photos").mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    for out in (mine, mine / "notes.txt"):
+        assert main(["-q", "demo", "--out", str(out)]) == 2
+        assert "give a new" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.rglob("*")) == ["notes.txt", "photos"]
 
 
 def test_compact_export_keeps_what_training_touched(tmp_path):
