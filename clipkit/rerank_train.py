@@ -314,6 +314,8 @@ def train_rerank(model: str, data: str, out: str | os.PathLike, *, pretrained: s
     out = Path(out)
     if not out.parent.exists():
         raise FileNotFoundError(f"no folder {out.parent} to write {out.name} into")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the checkpoint file to write (such as {out / 'rerank.pt'})")
     config = config or RerankConfig()
     config.validate()
     loaded = load_model(model, pretrained, device=device)

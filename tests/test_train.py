@@ -112,6 +112,11 @@ def test_train_command_errors_are_one_line(tmp_path, capsys, shards):
     assert "synthetic:N" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "none-{000000..000001}.tar"), "--out", str(tmp_path)]) == 2
     assert "shard not found" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["train", "--data", "synthetic:8", "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err  # ([Errno 17] File exists, as it was)
+    assert main(["train-rerank", "--model", "clipkit-tiny", "--data", "synthetic:8", "--out", str(tmp_path)]) == 2
+    assert "is a folder: give the checkpoint file" in capsys.readouterr().err
 
 
 def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_path, shards, capsys):
