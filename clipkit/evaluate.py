@@ -199,12 +199,25 @@ def _path_set(path: str) -> RetrievalSet:
     from clipkit.data.captions import read_folder_set, read_shard_set, read_table_set
     from clipkit.data.shardspec import is_shard_spec
     from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
+    from clipkit.index.store import DB_FILE
 
     if is_shard_spec(path):  # (a .tar, a brace pattern or glob of them, or a folder of them)
         return read_shard_set(path, name=Path(path).name)
+    if (Path(path) / DB_FILE).is_file():
+        _index_is_not_data(path)
     if os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES:
         return read_table_set(path)
     return read_folder_set(path)
+
+
+def _index_is_not_data(path: str) -> None:
+    """An index folder given as --dataset: what to give instead (the captioned data it indexed)."""
+    from clipkit.index import Index
+
+    folders = [root["path"] for root in Index.load(path).roots() if root["exists"]]
+    raise ValueError(f"{path} is a clipkit index: eval embeds captioned data with the model, so give the data "
+                     + (f"(the folder it indexed: --dataset {folders[0]})" if folders else
+                        "(a folder of images with NAME.txt captions, shards or a caption table)"))
 
 
 def _by_direction(metrics: dict | None, ks) -> dict | None:

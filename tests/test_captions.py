@@ -624,6 +624,10 @@ def test_eval_takes_the_user_s_data_by_its_path(folder, tmp_path, capsys, caplog
     assert "15 images" in capsys.readouterr().out
     assert main(["eval", "--dataset", "no-such-set"]) == 2
     assert "or the path of a folder" in capsys.readouterr().err
+    assert main(["-q", "index", str(folder), "--index", str(tmp_path / "ix")]) == 0
+    assert main(["eval", "--dataset", str(tmp_path / "ix")]) == 2  # (was: "no image in ix has a caption file")
+    assert f"is a clipkit index: eval embeds captioned data with the model, so give the data (the folder it " \
+           f"indexed: --dataset {folder.resolve()})" in capsys.readouterr().err
 
 
 def test_index_a_caption_table(folder, demo, tmp_path, capsys):
