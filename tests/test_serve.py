@@ -635,6 +635,13 @@ def _page_addresses(driver, wait, server):
     showing("images like", 6)
     driver.get(server + "?q=a%20green%20triangle&k=3")  # a link to a search
     showing("3 results for “a green triangle”", 3)
+    driver.find_element(By.ID, "more").click()  # twice as many, in the address too
+    showing("6 results for “a green triangle”", 6)
+    assert driver.current_url.endswith("/?q=a+green+triangle&k=6")
+    driver.get(server + "?q=a%20green%20triangle&k=500")  # fewer than that: all there are, no more to ask for
+    wait.until(lambda d: "results for “a green triangle” in" in d.find_element(By.ID, "status").text)
+    shown = len(driver.find_elements(By.CSS_SELECTOR, "#results li"))
+    assert 6 < shown < 500 and not driver.find_element(By.ID, "more").is_displayed()
 
 
 

@@ -76,6 +76,7 @@ function fromAddress() {
   } else if (last) {  // (back to before the first search, or to a search by a file, which has no address)
     last = null;
     $("results").replaceChildren();
+    $("more").hidden = true;
     $("query-preview").hidden = true;
     setStatus("Type a description, or drop an image anywhere on the page.");
   }
@@ -121,10 +122,13 @@ async function search(body, label, address = null, remember = true) {
   const data = await response.json().catch(() => ({}));
   if (ticket !== asked) return;
   if (!response.ok) {
+    $("more").hidden = true;
     setStatus(data.detail ? String(data.detail) : `Search failed (HTTP ${response.status})`, true);
     return;
   }
   render(data.results);
+  const wanted = body instanceof FormData ? parseInt(body.get("k"), 10) : body.k;
+  $("more").hidden = !(data.results.length >= wanted && wanted < info.limits.max_k);
   const how = data.reranked ? ", re-ranked" : "";
   const what = body instanceof FormData ? body.get("modality") : body.modality;
   const noun = what === "text" ? "captions" : "results";
@@ -156,6 +160,7 @@ function render(results) {
     const label = document.createElement(hit.image_url ? "a" : "span");
     label.className = "name";
     label.textContent = name;
+    label.title = hit.path || String(hit.item_id);
     if (hit.image_url) { label.href = hit.image_url; label.target = "_blank"; label.rel = "noopener"; }
     const score = document.createElement("span");
     score.className = "score";
@@ -233,6 +238,15 @@ $("search-form").addEventListener("submit", (event) => {
   searchText(text);
 });
 window.addEventListener("popstate", () => { if (info) fromAddress(); });
+$("more").addEventListener("click", () => {  // the same search again, for twice as many results
+  if (!last) return;
+  const before = last.body instanceof FormData ? parseInt(last.body.get("k"), 10) : last.body.k;
+  const k = Math.min(before * 2, info.limits.max_k);
+  $("k").value = k;
+  let body = last.body;
+  if (body instanceof FormData) body.set("k", String(k)); else body = { ...body, k };
+  search(body, last.label, last.address && { ...last.address, k: k === 20 ? undefined : k });
+});
 $("image-input").addEventListener("change", (event) => searchImageFile(event.target.files[0]));
 $("image-button").addEventListener("keydown", (event) => {
   if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("image-input").click(); }
