@@ -603,6 +603,14 @@ def test_page_in_headless_chromium(server, served, tmp_path):
         box.clear()
         box.send_keys("a blue square", Keys.ENTER)
         wait.until(lambda d: "re-ranked" in d.find_element(By.ID, "status").text)
+        # an image pasted on the page (a screenshot, an image copied elsewhere): here a result's own picture
+        driver.execute_script("""
+            fetch(document.querySelector('#results img').src).then(r => r.blob()).then(blob => {
+              const data = new DataTransfer();
+              data.items.add(new File([blob], 'pasted.jpg', {type: 'image/jpeg'}));
+              document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));
+            });""")
+        wait.until(lambda d: "results for pasted.jpg" in d.find_element(By.ID, "status").text)
         # search by image file through the file picker
         driver.find_element(By.ID, "image-input").send_keys(str(served["photos"] / "train-000000011.jpg"))
         wait.until(lambda d: "results for train-" in d.find_element(By.ID, "status").text)

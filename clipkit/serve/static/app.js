@@ -40,7 +40,7 @@ async function init() {
   $("k").max = info.limits.max_k;
   updateRerank();
   const total = names.reduce((sum, n) => sum + info.indexes[n].items, 0);
-  setStatus(`${total} images indexed. Type a description, or drop an image anywhere on the page.`);
+  setStatus(`${total} images indexed. Type a description, or drop or paste an image anywhere on the page.`);
   fromAddress();
 }
 
@@ -78,7 +78,7 @@ function fromAddress() {
     $("results").replaceChildren();
     $("more").hidden = true;
     $("query-preview").hidden = true;
-    setStatus("Type a description, or drop an image anywhere on the page.");
+    setStatus("Type a description, or drop or paste an image anywhere on the page.");
   }
 }
 
@@ -260,6 +260,12 @@ let dragDepth = 0;
 document.addEventListener("dragenter", (event) => { event.preventDefault(); dragDepth++; $("drop-overlay").hidden = false; });
 document.addEventListener("dragleave", () => { if (--dragDepth <= 0) { dragDepth = 0; $("drop-overlay").hidden = true; } });
 document.addEventListener("dragover", (event) => event.preventDefault());
+document.addEventListener("paste", (event) => {  // an image pasted (a screenshot, an image copied elsewhere)
+  const file = [...(event.clipboardData ? event.clipboardData.files : [])].find((f) => f.type.startsWith("image/"));
+  if (!file) return;  // (text goes into the search box as usual)
+  event.preventDefault();
+  searchImageFile(file);
+});
 document.addEventListener("drop", (event) => {
   event.preventDefault();
   dragDepth = 0;
