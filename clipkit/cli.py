@@ -268,15 +268,18 @@ def _add_eval_arguments(parser) -> None:
 
     parser.add_argument("--dataset", default="synthetic", metavar="NAME",
                         help=f"{', '.join(DATASETS[:-1])}, or your own data by its path: a folder of images with "
-                        "NAME.txt captions, webdataset shards (a .tar, a pattern or a folder of them), or a caption "
-                        "table (.csv, .tsv, .jsonl, .parquet)")
+                        "NAME.txt captions, webdataset shards (a .tar, a pattern or a folder of them), a caption "
+                        "table (.csv, .tsv, .jsonl, .parquet), or a clipkit index holding captions (its stored "
+                        "embeddings, by its own model: nothing is embedded again)")
     parser.add_argument("--root", default=None, help="flickr30k/coco: image folder; wds: shard URLs")
     parser.add_argument("--captions", default=None,
                         help="flickr30k/coco: Karpathy split JSON (default: ROOT/dataset_<name>.json)")
     parser.add_argument("--split", default="test", help="the data set's split (default: test)")
-    parser.add_argument("--n-images", type=_positive_int, default=1000, help="synthetic: gallery size (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed of the test split")
-    parser.add_argument("--model", default="clipkit-demo", help=f"{MODEL_HELP} (default: clipkit-demo)")
+    parser.add_argument("--n-images", type=_positive_int, default=None,
+                        help="synthetic: gallery size (default 1000); an index: a random sample of its images")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="synthetic: seed of the test split; an index: of the sample")
+    parser.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: clipkit-demo; an index: its own)")
     parser.add_argument("--pretrained", default=None, help=PRETRAINED_HELP)
     parser.add_argument("--rerank", action="store_true", help="also report ITM re-ranked recall")
     parser.add_argument("--rerank-k", type=_positive_int, default=16, help="ITC candidates re-ranked per query")

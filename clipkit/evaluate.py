@@ -17,6 +17,7 @@ import numpy as np
 
 from clipkit.data.captions import RetrievalSet
 from clipkit.encode import encode_gallery, encode_images, encode_texts
+from clipkit.errors import ModelMismatchError
 from clipkit.itm import require_itm
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
@@ -65,23 +66,32 @@ def similarity_matrix(text_emb: np.ndarray, image_emb: np.ndarray, cells: int = 
     return out
 
 
-def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16, weight: float | None = None,
-             batch_size: int = 128, ks=(1, 5, 10), reranker=None) -> Evaluation:
+def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, rerank_k: int = 16,
+             weight: float | None = None, batch_size: int = 128, ks=(1, 5, 10), reranker=None,
+             embedded: tuple | None = None) -> Evaluation:
     """Encode `data` with `model` and measure retrieval, ITC only and (with rerank) ITC + ITM: the model's own
-    head, or `reranker` (`clipkit.load_reranker`, e.g. a BLIP ITM model) when given."""
+    head, or `reranker` (`clipkit.load_reranker`, e.g. a BLIP ITM model) when given. `embedded`: (image, caption)
+    embeddings `model` made of `data` already (an index's: `index_set`), used instead of embedding it again
+    (`model` may then be None, without re-ranking)."""
     if rerank_k < 1:
         raise ValueError(f"rerank_k must be at least 1, got {rerank_k}")
     rerank = rerank or reranker is not None
+    check_fits(len(data.captions), len(data.images), copies=3 if rerank else 1)
     if rerank and reranker is None and model.vectors_per_image > 1:
         reranker = model  # BLIP-2: the checkpoint's own ITM head (load_reranker)
     head = require_itm(model) if rerank and reranker is None else None
     seconds = {}
     start = time.perf_counter()
-    image_emb, images = encode_gallery(model, data.images, batch_size, states=head is not None)
-    seconds["encode_images"] = time.perf_counter() - start
+    images = None
+    if embedded is None or head is not None:  # (the head's image states come with the embeddings)
+        image_emb, images = encode_gallery(model, data.images, batch_size, states=head is not None)
+        seconds["encode_images"] = time.perf_counter() - start
     start = time.perf_counter()
-    text_emb = encode_texts(data.captions, model, batch_size)
-    seconds["encode_texts"] = time.perf_counter() - start
+    if embedded is None:
+        text_emb = encode_texts(data.captions, model, batch_size)
+        seconds["encode_texts"] = time.perf_counter() - start
+    else:
+        image_emb, text_emb = embedded
 
     start = time.perf_counter()
     similarity = similarity_matrix(text_emb, image_emb)
@@ -118,6 +128,20 @@ def evaluate(model: Model, data: RetrievalSet, *, rerank: bool = False, rerank_k
         seconds["itm_rerank"] = time.perf_counter() - start
     result.seconds = seconds
     return result
+
+
+def check_fits(n_texts: int, n_images: int, copies: int = 1) -> None:
+    """Refuse an evaluation whose (captions x images) similarity matrices (`copies` of them) would not fit in
+    half of this machine's memory, saying how to evaluate a sample instead."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = n_texts * n_images * 4 * copies
+    if need > total // 2:
+        raise ValueError(f"{n_images} images x {n_texts} captions: every caption is ranked against every image, "
+                         f"which needs {need / 2**30:.1f} GiB here, more than half of this machine's "
+                         f"{total / 2**30:.0f} GiB; evaluate a random sample of the images: --n-images N")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +191,7 @@ DATASETS = ("synthetic", "flickr30k", "coco", "wds", "folder")
 
 
 def load_dataset(dataset: str = "synthetic", *, root: str | None = None, captions: str | None = None,
-                 split: str = "test", n_images: int = 1000, seed: int = 0) -> RetrievalSet:
+                 split: str = "test", n_images: int | None = None, seed: int = 0) -> RetrievalSet:
     """A retrieval set: the synthetic test split (`n_images`, `seed`), Flickr30k / COCO (`root` the image folder,
     `captions` the Karpathy JSON), webdataset shards (`root` their URLs) or a folder of images with NAME.txt
     captions ("folder:DIR", or "folder" with `root`). A path as `dataset` is what it holds: shards (a .tar, a
@@ -183,7 +207,7 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}, or the path of a folder of "
                          "images with NAME.txt captions, of shards, or of a caption table")
     if dataset == "synthetic":
-        return synthetic_set(n_images, seed=seed, split=split)
+        return synthetic_set(n_images or 1000, seed=seed, split=split)
     if not root:
         raise ValueError(f"--dataset {dataset} needs --root (the image folder, or shard URLs for wds)")
     if dataset == "wds":
@@ -199,25 +223,64 @@ def _path_set(path: str) -> RetrievalSet:
     from clipkit.data.captions import read_folder_set, read_shard_set, read_table_set
     from clipkit.data.shardspec import is_shard_spec
     from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
-    from clipkit.index.store import DB_FILE
 
     if is_shard_spec(path):  # (a .tar, a brace pattern or glob of them, or a folder of them)
         return read_shard_set(path, name=Path(path).name)
-    if (Path(path) / DB_FILE).is_file():
-        _index_is_not_data(path)
     if os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES:
         return read_table_set(path)
     return read_folder_set(path)
 
 
-def _index_is_not_data(path: str) -> None:
-    """An index folder given as --dataset: what to give instead (the captioned data it indexed)."""
-    from clipkit.index import Index
+def is_index(path: str) -> bool:
+    from clipkit.index.store import DB_FILE
 
-    folders = [root["path"] for root in Index.load(path).roots() if root["exists"]]
-    raise ValueError(f"{path} is a clipkit index: eval embeds captioned data with the model, so give the data "
-                     + (f"(the folder it indexed: --dataset {folders[0]})" if folders else
-                        "(a folder of images with NAME.txt captions, shards or a caption table)"))
+    return (Path(path) / DB_FILE).is_file()
+
+
+def index_set(path: str, n_images: int | None = None, seed: int = 0) -> tuple:
+    """The captioned images of a clipkit index as a retrieval set, with the embeddings the index holds of them
+    and of their captions (nothing is embedded again), and the index: every captioned image, or a random
+    `n_images` of the index's images (with `seed`) that have captions: (data, (image, caption embeddings), index)."""
+    from clipkit.index import Index
+    from clipkit.index.captions import image_of, texts_of_images
+
+    index = Index.load(path)
+    captions = index.captions
+    if captions is None or not len(captions):
+        raise ValueError(f"{path} holds no captions to evaluate with: index images with their captions (NAME.txt "
+                         "beside NAME.jpg, or a caption table), or give --dataset the captioned data itself")
+    image_ids = index.ids()
+    if n_images is not None and n_images < len(image_ids):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(image_ids), n_images, replace=False))
+        image_ids = [image_ids[i] for i in chosen]
+    texts = texts_of_images(captions, image_ids)  # caption id -> its text
+    of_image: dict[str, list[str]] = {}
+    for caption_id in texts:
+        of_image.setdefault(image_of(caption_id), []).append(caption_id)
+    image_ids = [i for i in image_ids if str(i) in of_image]
+    caption_ids = [c for i in image_ids for c in of_image[str(i)]]
+    data = RetrievalSet(name=f"index:{Path(path).name}",
+                        images=[r.get("path") or r["id"] for r in index.get(image_ids)],
+                        captions=[texts[c] for c in caption_ids],
+                        text_to_image=[n for n, i in enumerate(image_ids) for _ in of_image[str(i)]])
+    return data, (index.embeddings(image_ids), captions.embeddings(caption_ids)), index
+
+
+def _index_model(index, model: str | None, pretrained: str | None, device: str | None) -> Model:
+    """The model an index's embeddings were made by: the one it records, or `model` when it is that one."""
+    from clipkit.models import load_model, load_recorded_model
+
+    if model is None:
+        return load_recorded_model(index.model_info, device=device)
+    loaded = load_model(model, pretrained, device=device)
+    try:
+        index.check_model(loaded)
+    except ModelMismatchError:
+        info = index.model_info or {}
+        raise ModelMismatchError(f"--model {model}: the index's embeddings were made by {info.get('name')!r} "
+                                 f"(pretrained={info.get('pretrained')!r}); leave out --model to evaluate them with "
+                                 "it, or give --dataset the captioned data to embed it with another") from None
+    return loaded
 
 
 def _by_direction(metrics: dict | None, ks) -> dict | None:
@@ -227,23 +290,36 @@ def _by_direction(metrics: dict | None, ks) -> dict | None:
                 "median_rank": metrics[f"{d}_median_rank"]} for d in ("t2i", "i2t")}
 
 
-def run_benchmark(dataset: str = "synthetic", *, model: str = "clipkit-demo", pretrained: str | None = None,
+def run_benchmark(dataset: str = "synthetic", *, model: str | None = None, pretrained: str | None = None,
                   rerank: bool = False, rerank_k: int = 16, weight: float | None = None, batch_size: int = 128,
                   device: str | None = None, json_path: str | None = None, ks=(1, 5, 10), reranker: str | None = None,
                   binding_pairs: int = 0, **data_options) -> dict:
     """Evaluate, print a markdown table and the time per stage, and return (and with `json_path` write) the
-    report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed)."""
+    report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed). `dataset` may be a
+    clipkit index holding captions: its stored embeddings are evaluated (`index_set`; `model`: the one it records,
+    default; `n_images`: a random sample of them). `model` defaults to clipkit-demo otherwise."""
     from clipkit.models import load_model, warn_untrained
 
     start = time.perf_counter()
-    data = load_dataset(dataset, **data_options)
-    load_seconds = time.perf_counter() - start
-    loaded = load_model(model, pretrained, device=device)
-    warn_untrained(loaded)
+    recorded = {}
+    if is_index(dataset):
+        data, embedded, index = index_set(dataset, data_options.get("n_images"), data_options.get("seed", 0))
+        load_seconds = time.perf_counter() - start
+        recorded = index.model_info or {}  # (its ITC recall needs no model: the embeddings are stored)
+        needed = model is not None or rerank or reranker is not None or binding_pairs
+        loaded = _index_model(index, model, pretrained, device) if needed else None
+    else:
+        data, embedded = load_dataset(dataset, **data_options), None
+        load_seconds = time.perf_counter() - start
+        loaded = load_model(model or "clipkit-demo", pretrained, device=device)
+    if loaded is not None:
+        warn_untrained(loaded)
     loaded_reranker = load_reranker(reranker, device=device) if reranker is not None else None
     result = evaluate(loaded, data, rerank=rerank, rerank_k=rerank_k, weight=weight, batch_size=batch_size, ks=ks,
-                      reranker=loaded_reranker)
-    report = {"dataset": data.name, "model": model, "pretrained": pretrained, "n_images": result.n_images,
+                      reranker=loaded_reranker, embedded=embedded)
+    report = {"dataset": data.name, "model": model or (loaded.name if loaded else recorded.get("name")),
+              "pretrained": pretrained or (loaded.pretrained if loaded else recorded.get("pretrained")),
+              "n_images": result.n_images,
               "n_texts": result.n_texts, "itc": _by_direction(result.itc, ks), "rerank": _by_direction(result.rerank, ks),
               "rerank_k": rerank_k if result.rerank is not None else None, "rerank_weight": result.weight,
               "rerank_weight_i2t": result.weight_i2t,

@@ -624,10 +624,42 @@ def test_eval_takes_the_user_s_data_by_its_path(folder, tmp_path, capsys, caplog
     assert "15 images" in capsys.readouterr().out
     assert main(["eval", "--dataset", "no-such-set"]) == 2
     assert "or the path of a folder" in capsys.readouterr().err
+
+
+def test_eval_of_an_index_uses_its_stored_embeddings(folder, tmp_path, capsys, monkeypatch):
+    """`clipkit eval --dataset INDEX`: the recall of the captioned images an index holds, from the embeddings it
+    stores (no model loaded: the same numbers as embedding the folder again); --n-images: a random sample."""
+    import clipkit.models
+
+    assert main(["eval", "--dataset", str(folder), "--json", str(tmp_path / "folder.json")]) == 0
     assert main(["-q", "index", str(folder), "--index", str(tmp_path / "ix")]) == 0
-    assert main(["eval", "--dataset", str(tmp_path / "ix")]) == 2  # (was: "no image in ix has a caption file")
-    assert f"is a clipkit index: eval embeds captioned data with the model, so give the data (the folder it " \
-           f"indexed: --dataset {folder.resolve()})" in capsys.readouterr().err
+    monkeypatch.setattr(clipkit.models, "load_model", lambda *a, **k: pytest.fail("no model is needed"))
+    assert main(["eval", "--dataset", str(tmp_path / "ix"), "--json", str(tmp_path / "ix.json")]) == 0
+    assert "index:ix: 40 images" in capsys.readouterr().out  # (was: "no image in ix has a caption file")
+    embedded, stored = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("folder", "ix"))
+    assert stored["model"] == "clipkit-demo" and (stored["n_images"], stored["n_texts"]) == (
+        embedded["n_images"], embedded["n_texts"])
+    for direction in ("t2i", "i2t"):
+        for name, value in embedded["itc"][direction].items():
+            assert stored["itc"][direction][name] == pytest.approx(value, abs=1e-6), (direction, name)
+    assert main(["eval", "--dataset", str(tmp_path / "ix"), "--n-images", "10", "--json",
+                 str(tmp_path / "s.json")]) == 0
+    sample = json.loads((tmp_path / "s.json").read_text())
+    assert sample["n_images"] == 10 and 10 <= sample["n_texts"] < embedded["n_texts"]
+    monkeypatch.undo()
+    assert main(["eval", "--dataset", str(tmp_path / "ix"), "--model", "clipkit-tiny"]) == 2
+    assert "leave out --model to evaluate them with it" in capsys.readouterr().err
+    Index.from_embeddings(np.eye(3, 8, dtype=np.float32)).save(tmp_path / "bare")
+    assert main(["eval", "--dataset", str(tmp_path / "bare")]) == 2
+    assert "holds no captions to evaluate with" in capsys.readouterr().err
+
+
+def test_an_evaluation_past_memory_is_refused_with_what_to_do():
+    from clipkit.evaluate import check_fits
+
+    check_fits(25_000, 5_000)  # COCO's test split: fine
+    with pytest.raises(ValueError, match="--n-images N"):
+        check_fits(50_000_000, 10_000_000)
 
 
 def test_index_a_caption_table(folder, demo, tmp_path, capsys):
