@@ -550,6 +550,9 @@ def test_server_searches_captions_as_the_library_does(folder, demo, rerank):
         assert all(r["caption"] and r["path"] == index.get_by_key([r["id"]])[0]["path"] for r in results)
         refused = client.post("/search", json={"text": "a red circle", "modality": "text", "rerank": True})
         assert refused.status_code == 400 and "without re-ranking" in refused.json()["detail"]
+        images = client.post("/search", json={"text": "a red circle", "k": 5, "rerank": rerank}).json()["results"]
+        # image hits carry their first caption (what the page shows under each picture, as clip-retrieval's do)
+        assert [r["caption"] for r in images] == [lines(Path(r["path"]).with_suffix(".txt"))[0] for r in images]
 
 
 def test_clip_retrieval_text_modality_searches_captions(folder, demo):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from clipkit import __version__
 from clipkit.data.images import decode_image, encode_image, image_media_type, is_url
 from clipkit.index import Index, prepare_vectors
+from clipkit.index.captions import first_captions
 from clipkit.index.files import read_indexed
 from clipkit.index.shards import item_image
 from clipkit.index.sync import bytes_hash
@@ -203,7 +204,16 @@ class Service:
         hits = hits[:k]
         if target is not collection.index:  # captions: files and thumbnails are their images'
             return await run_in_threadpool(self.caption_results, collection, hits)
-        return [self.result(collection, hit.key, hit) for hit in hits]
+        firsts = await run_in_threadpool(self.first_captions, collection, hits)
+        return [self.result(collection, hit.key, hit, caption=firsts.get(hit.id)) for hit in hits]
+
+    @staticmethod
+    def first_captions(collection: Collection, hits: list[Hit]) -> dict:
+        """Image hit id -> its first caption, where the index holds captions (as clip-retrieval's results carry
+        one): what the page shows under the picture."""
+        captions = collection.index.captions
+        wanted = [hit.id for hit in hits if hit.metadata.get("caption") is None]
+        return {image: record["caption"] for image, record in first_captions(captions, wanted).items()}
 
     def caption_results(self, collection: Collection, hits: list[Hit]) -> list[dict]:
         """Caption hits as results: `id` and the URLs are its image's (so "more like this" and the files work as
@@ -218,14 +228,16 @@ class Service:
         return out
 
     @staticmethod
-    def result(collection: Collection, key: int, hit: Hit, image: dict | None = None) -> dict:
+    def result(collection: Collection, key: int, hit: Hit, image: dict | None = None,
+               caption: str | None = None) -> dict:
         """A hit as the API returns it; `image`: the record of the image it shows (a caption hit's), else
-        the hit's own."""
+        the hit's own; `caption`: an image hit's first caption."""
         out = {"id": key, "item_id": hit.id, "score": hit.score}
         if "itc_score" in hit.metadata:
             out["itc_score"] = hit.metadata["itc_score"]
-        if hit.metadata.get("caption") is not None:
-            out["caption"] = hit.metadata["caption"]
+        caption = hit.metadata["caption"] if hit.metadata.get("caption") is not None else caption
+        if caption is not None:
+            out["caption"] = caption
         if hit.path is not None:
             out["path"] = hit.path
         path, record = (image.get("path"), image) if image is not None else (hit.path, hit.metadata)

@@ -166,6 +166,12 @@ function render(results) {
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
     meta.append(label, score);
+    if (hit.caption) {  // (a caption hit's text; an image hit's first caption, where the index holds them)
+      const caption = document.createElement("p");
+      caption.className = hit.caption_id !== undefined ? "caption" : "caption of-image";
+      caption.textContent = hit.caption;
+      meta.append(caption);
+    }
     const folder = hit.path ? hit.path.replace(/[\\/][^\\/]*$/, "") : "";
     if (folder && folder !== under) {
       const narrow = document.createElement("button");
@@ -175,12 +181,6 @@ function render(results) {
       narrow.title = "Search again, among the images of " + folder + " only";
       narrow.addEventListener("click", () => setFolder(folder));
       meta.append(narrow);
-    }
-    if (hit.caption_id !== undefined) {
-      const caption = document.createElement("p");
-      caption.className = "caption";
-      caption.textContent = hit.caption;
-      meta.append(caption);
     }
     item.append(meta);
     list.append(item);
