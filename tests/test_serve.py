@@ -380,6 +380,10 @@ def test_a_token_guards_every_route_and_a_link_with_it_opens_the_page(served):
                 pass
         asked = client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})  # a browser: a form asks
         assert asked.status_code == 401 and '<input name="token"' in asked.text and "s3cret" not in asked.text
+        linked_search = client.get('/?q=a+"red"+<circle>&k=6&token=wrong', headers={"Accept": "text/html"})
+        assert ('<input type="hidden" name="q" value="a &quot;red&quot; &lt;circle&gt;">'
+                '<input type="hidden" name="k" value="6">') in linked_search.text  # the form keeps the search
+        assert "wrong" not in linked_search.text
         bearer = {"Authorization": "Bearer s3cret-token-0123456789"}
         found = client.post("/search", json={"text": "a red circle", "k": 3}, headers=bearer)
         assert found.status_code == 200 and len(found.json()["results"]) == 3

@@ -10,6 +10,7 @@ a 401. CORS preflights pass (browsers send them without credentials; the CORS la
 from __future__ import annotations
 
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -89,7 +90,7 @@ class TokenGate:
         shown = cookie[COOKIE].value if COOKIE in cookie else ""
         if (scheme.lower() == "bearer" and self._is_token(bearer.strip())) or self._is_token(shown):
             return await self.app(scope, receive, send)
-        await self._refuse(send, page="text/html" in headers.get(b"accept", ""))
+        await self._refuse(send, page="text/html" in headers.get(b"accept", ""), query=scope.get("query_string", b""))
 
     async def _welcome(self, scope, send):
         """The cookie set, and a redirect to the same URL without the token: out of the address bar, the
@@ -119,10 +120,14 @@ class TokenGate:
         return with_cookie
 
     @staticmethod
-    async def _refuse(send, page: bool = False):
-        """A 401: for a browser, a page asking for the token (it reloads with ?token=); else JSON."""
+    async def _refuse(send, page: bool = False, query: bytes = b""):
+        """A 401: for a browser, a page asking for the token (it reloads the same URL, `query` and all, with
+        ?token=); else JSON."""
         if page:
-            body, kind = ASK_PAGE.encode(), b"text/html; charset=utf-8"
+            kept = "".join(f'<input type="hidden" name="{html.escape(name)}" value="{html.escape(value)}">'
+                           for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+                           if name != "token")
+            body, kind = ASK_PAGE.replace("<!--kept-->", kept).encode(), b"text/html; charset=utf-8"
         else:
             body = json.dumps({"detail": "this server needs its token: an 'Authorization: Bearer TOKEN' header, or "
                                          "?token=TOKEN on the URL (the link `clipkit serve` printed)"}).encode()
@@ -139,6 +144,6 @@ ASK_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>
 <h1 style="font-size: 1.3rem">This clipkit server needs its token</h1>
 <p>Open the link <code>clipkit serve</code> printed, or enter the token:</p>
 <form method="get"><input name="token" type="password" autocomplete="current-password" autofocus
-aria-label="token" required style="width: 70%"> <button type="submit">Open</button></form>
+aria-label="token" required style="width: 70%"><!--kept--> <button type="submit">Open</button></form>
 </body></html>
 """
