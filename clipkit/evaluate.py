@@ -243,6 +243,7 @@ def index_set(path: str, n_images: int | None = None, seed: int = 0) -> tuple:
     `n_images` of the index's images (with `seed`) that have captions: (data, (image, caption embeddings), index)."""
     from clipkit.index import Index
     from clipkit.index.captions import image_of, texts_of_images
+    from clipkit.index.shards import item_image
 
     index = Index.load(path)
     captions = index.captions
@@ -260,7 +261,7 @@ def index_set(path: str, n_images: int | None = None, seed: int = 0) -> tuple:
     image_ids = [i for i in image_ids if str(i) in of_image]
     caption_ids = [c for i in image_ids for c in of_image[str(i)]]
     data = RetrievalSet(name=f"index:{Path(path).name}",
-                        images=[r.get("path") or r["id"] for r in index.get(image_ids)],
+                        images=[item_image(r.get("path"), r) or r["id"] for r in index.get(image_ids)],
                         captions=[texts[c] for c in caption_ids],
                         text_to_image=[n for n, i in enumerate(image_ids) for _ in of_image[str(i)]])
     return data, (index.embeddings(image_ids), captions.embeddings(caption_ids)), index

@@ -650,6 +650,11 @@ def test_eval_of_an_index_uses_its_stored_embeddings(folder, tmp_path, capsys, m
     sample = json.loads((tmp_path / "s.json").read_text())
     assert sample["n_images"] == 10 and 10 <= sample["n_texts"] < embedded["n_texts"]
     monkeypatch.undo()
+    for name, dataset in (("folder", folder), ("ix", tmp_path / "ix")):  # re-ranked: the index's model loaded
+        assert main(["eval", "--dataset", str(dataset), "--rerank", "--json", str(tmp_path / f"{name}.json")]) == 0
+    embedded, stored = (json.loads((tmp_path / f"{name}.json").read_text())["rerank"] for name in ("folder", "ix"))
+    for direction in ("t2i", "i2t"):
+        assert stored[direction] == pytest.approx(embedded[direction], abs=1e-6), direction
     assert main(["eval", "--dataset", str(tmp_path / "ix"), "--model", "clipkit-tiny"]) == 2
     assert "leave out --model to evaluate them with it" in capsys.readouterr().err
     Index.from_embeddings(np.eye(3, 8, dtype=np.float32)).save(tmp_path / "bare")
