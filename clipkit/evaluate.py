@@ -76,7 +76,8 @@ def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, r
     if rerank_k < 1:
         raise ValueError(f"rerank_k must be at least 1, got {rerank_k}")
     rerank = rerank or reranker is not None
-    check_fits(len(data.captions), len(data.images), copies=3 if rerank else 1)
+    if rerank:  # (re-ranking holds the captions x images similarities, three copies; ITC alone one block of them)
+        check_fits(len(data.captions), len(data.images), copies=3)
     if rerank and reranker is None and model.vectors_per_image > 1:
         reranker = model  # BLIP-2: the checkpoint's own ITM head (load_reranker)
     head = require_itm(model) if rerank and reranker is None else None
@@ -94,10 +95,8 @@ def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, r
         image_emb, text_emb = embedded
 
     start = time.perf_counter()
-    similarity = similarity_matrix(text_emb, image_emb)
     mapping = data.text_to_image
-    t2i = text_to_image_ranks(lambda a, b: similarity[a:b], len(data.captions), mapping)
-    i2t = image_to_text_ranks(lambda a, b: similarity[:, a:b].T, len(data.images), mapping)
+    t2i, i2t, similarity = _itc_ranks(text_emb, image_emb, mapping, dense=rerank)
     result = Evaluation(itc=summarize(t2i, i2t, ks), n_images=len(data.images), n_texts=len(data.captions))
     result.itc[f"t2i_R@{rerank_k}"] = float((t2i <= rerank_k).mean())
     result.itc[f"i2t_R@{rerank_k}"] = float((i2t <= rerank_k).mean())
@@ -128,6 +127,26 @@ def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, r
         seconds["itm_rerank"] = time.perf_counter() - start
     result.seconds = seconds
     return result
+
+
+BLOCK_CELLS = 1 << 24  # similarities computed at once for ITC ranks (64 MB of float32)
+
+
+def _itc_ranks(text_emb: np.ndarray, image_emb: np.ndarray, mapping: np.ndarray, dense: bool) -> tuple:
+    """(text->image ranks, image->text ranks, the captions x images similarity matrix if `dense` else None):
+    without it (ITC alone) the similarities are computed a block of rows at a time as the ranks read them, so
+    that memory holds the embeddings and one block, whatever the number of captions and images."""
+    n_texts, n_images = len(text_emb), len(image_emb)
+    if dense:
+        similarity = similarity_matrix(text_emb, image_emb)
+        rows, columns = (lambda a, b: similarity[a:b]), (lambda a, b: similarity[:, a:b].T)
+    else:
+        similarity = None
+        rows = lambda a, b: similarity_matrix(text_emb[a:b], image_emb)  # noqa: E731
+        columns = lambda a, b: similarity_matrix(text_emb, image_emb[a:b]).T  # noqa: E731
+    t2i = text_to_image_ranks(rows, n_texts, mapping, block=max(1, min(1024, BLOCK_CELLS // max(1, n_images))))
+    i2t = image_to_text_ranks(columns, n_images, mapping, block=max(1, min(1024, BLOCK_CELLS // max(1, n_texts))))
+    return t2i, i2t, similarity
 
 
 def check_fits(n_texts: int, n_images: int, copies: int = 1) -> None:

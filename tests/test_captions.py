@@ -662,6 +662,26 @@ def test_eval_of_an_index_uses_its_stored_embeddings(folder, tmp_path, capsys, m
     assert "holds no captions to evaluate with" in capsys.readouterr().err
 
 
+def test_itc_ranks_a_block_at_a_time_equal_the_dense_matrix_s(monkeypatch):
+    """ITC alone never holds the captions x images matrix: its blocks give the ranks the dense matrix gives,
+    images of one vector or of several (BLIP-2)."""
+    import clipkit.evaluate as evaluate
+
+    rng = np.random.default_rng(0)
+    texts = rng.standard_normal((50, 8)).astype(np.float32)
+    texts /= np.linalg.norm(texts, axis=-1, keepdims=True)
+    mapping = np.concatenate([np.arange(20), rng.integers(0, 20, 30)])
+    for shape in ((20, 8), (20, 4, 8)):
+        images = rng.standard_normal(shape).astype(np.float32)
+        images /= np.linalg.norm(images, axis=-1, keepdims=True)
+        t2i, i2t, dense = evaluate._itc_ranks(texts, images, mapping, dense=True)
+        monkeypatch.setattr(evaluate, "BLOCK_CELLS", 30)  # (a row or two at a time)
+        blocked = evaluate._itc_ranks(texts, images, mapping, dense=False)
+        monkeypatch.undo()
+        assert dense.shape == (50, 20) and blocked[2] is None
+        assert (blocked[0] == t2i).all() and (blocked[1] == i2t).all() and t2i.min() == 1 and t2i.max() > 1
+
+
 def test_an_evaluation_past_memory_is_refused_with_what_to_do():
     from clipkit.evaluate import check_fits
 
