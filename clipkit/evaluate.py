@@ -82,18 +82,7 @@ def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, r
         reranker = model  # BLIP-2: the checkpoint's own ITM head (load_reranker)
     head = require_itm(model) if rerank and reranker is None else None
     seconds = {}
-    start = time.perf_counter()
-    images = None
-    if embedded is None or head is not None:  # (the head's image states come with the embeddings)
-        image_emb, images = encode_gallery(model, data.images, batch_size, states=head is not None)
-        seconds["encode_images"] = time.perf_counter() - start
-    start = time.perf_counter()
-    if embedded is None:
-        text_emb = encode_texts(data.captions, model, batch_size)
-        seconds["encode_texts"] = time.perf_counter() - start
-    else:
-        image_emb, text_emb = embedded
-
+    image_emb, images, text_emb = _embeddings(model, data, batch_size, head is not None, embedded, seconds)
     start = time.perf_counter()
     mapping = data.text_to_image
     t2i, i2t, similarity = _itc_ranks(text_emb, image_emb, mapping, dense=rerank)
@@ -127,6 +116,22 @@ def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, r
         seconds["itm_rerank"] = time.perf_counter() - start
     result.seconds = seconds
     return result
+
+
+def _embeddings(model, data: RetrievalSet, batch_size: int, states: bool, embedded: tuple | None,
+                seconds: dict) -> tuple:
+    """(image embeddings, the ITM head's image inputs when `states`, caption embeddings): `embedded`'s where
+    given (the images encoded all the same for their head states), else encoded; the seconds each took."""
+    start, images = time.perf_counter(), None
+    if embedded is None or states:
+        image_emb, images = encode_gallery(model, data.images, batch_size, states=states)
+        seconds["encode_images"] = time.perf_counter() - start
+    if embedded is not None:
+        return embedded[0], images, embedded[1]
+    start = time.perf_counter()
+    text_emb = encode_texts(data.captions, model, batch_size)
+    seconds["encode_texts"] = time.perf_counter() - start
+    return image_emb, images, text_emb
 
 
 BLOCK_CELLS = 1 << 24  # similarities computed at once for ITC ranks (64 MB of float32)
