@@ -636,7 +636,7 @@ def _page_addresses(driver, wait, server):
     assert driver.current_url.endswith("/?q=a+blue+square&k=6&rerank=1")
     assert driver.find_element(By.ID, "query").get_attribute("value") == "a blue square"
     driver.back()
-    showing("images like", 6)
+    showing("images like train-", 6)  # (restored from the address, named once its item is among the results)
     assert "/?like=" in driver.current_url
     driver.back()
     showing("for “a red circle”", 6)

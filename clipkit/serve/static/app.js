@@ -127,12 +127,23 @@ async function search(body, label, address = null, remember = true) {
     return;
   }
   render(data.results);
+  label = named(label, body, data.results);
   const wanted = body instanceof FormData ? parseInt(body.get("k"), 10) : body.k;
   $("more").hidden = !(data.results.length >= wanted && wanted < info.limits.max_k);
   const how = data.reranked ? ", re-ranked" : "";
   const what = body instanceof FormData ? body.get("modality") : body.modality;
   const noun = what === "text" ? "captions" : "results";
   setStatus(`${data.results.length} ${noun} for ${label}${where} in ${data.took_ms} ms${how}.`);
+}
+
+function named(label, body, results) {  // a restored "images like item ID" (?like=ID): the item's name, once found
+  if (body instanceof FormData || body.id === undefined || !label.endsWith(`item ${body.id}`)) return label;
+  const self = results.find((hit) => hit.id === body.id && hit.path);
+  if (!self) return label;
+  const name = self.path.split(/[\\/]/).pop();
+  if ($("query-preview").lastChild) $("query-preview").lastChild.textContent = "Images like " + name;
+  last.label = label.replace(`item ${body.id}`, name);
+  return last.label;
 }
 
 function render(results) {
