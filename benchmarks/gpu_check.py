@@ -233,5 +233,6 @@ def _write(out: str, header: list[str], rows: list[dict], name: str) -> None:
     Path(out).write_text("\n".join(lines) + "\n")
     Path(out).with_suffix(".json").write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 
+
 if __name__ == "__main__":
     sys.exit(main())

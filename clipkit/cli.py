@@ -225,6 +225,8 @@ def _add_data_commands(commands) -> None:
 
 
 def _add_serve_command(commands) -> None:
+    from clipkit.client import TOKEN_VARIABLE  # (the server's token is the one its clients read)
+
     serve = commands.add_parser("serve", help="HTTP search API (clip-retrieval compatible) and web page")
     serve.add_argument("indexes", nargs="*", metavar="[NAME=]PATH",
                        help=f"index folders to serve (default: {DEFAULT_INDEX}); NAME is what requests ask for "
@@ -235,7 +237,7 @@ def _add_serve_command(commands) -> None:
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free one)")
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                        help="allow browser pages from ORIGIN to call the API (repeatable; default: none)")
-    serve.add_argument("--token", default=os.environ.get("CLIPKIT_SERVE_TOKEN"), metavar="TOKEN|auto",
+    serve.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE), metavar="TOKEN|auto",
                        help="a secret every request must show (a Bearer header, ?token=, or the cookie a link "
                             "with it sets); 'auto' makes one and prints the link. Default: $CLIPKIT_SERVE_TOKEN "
                             "(which, unlike an argument, other users of this machine cannot see)")

@@ -12,8 +12,8 @@ from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image,
 from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
-from clipkit.index.vectors import from_tensor
 from clipkit.index.shards import item_image
+from clipkit.index.vectors import from_tensor
 from clipkit.rerankers import Reranker, load_images, load_reranker
 
 
@@ -67,8 +67,9 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     """Top-k hits for one query, best first.
 
     `query`: str -> text; PIL image / Path / HxWx3 uint8 array -> image; 1-D float array (numpy, or a torch
-    tensor on any device) -> embedding; 2-D float array -> one query of several vectors (an item scored by its best match with any: the stored
-    embedding of an item of a BLIP-2 index, `index.embeddings([id])[0]`; for a batch, `search_batch`).
+    tensor on any device) -> embedding; 2-D float array -> one query of several vectors (an item scored by its
+    best match with any: the stored embedding of an item of a BLIP-2 index, `index.embeddings([id])[0]`; for a
+    batch, `search_batch`).
     `index`: an Index, or the path of an index folder (loaded for this call; load it once to search often).
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
@@ -111,7 +112,7 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     queries = [from_tensor(query) for query in queries]
     for query in queries:  # (a loop, not a comprehension: the warning names the caller's line)
         kinds.append(query_kind(query))
-    return _search_all(list(queries), kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
+    return _search_all(queries, kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
                        modality=modality, reranker=reranker, under=under)
 
 

@@ -117,13 +117,8 @@ class TrainConfig:
             raise ValueError(f"loss must be infonce or sigmoid, got {self.loss!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        check_run_folder(self.out)
-
-
-def check_run_folder(out) -> None:
-    """A run's folder (checkpoints and log.jsonl): new, or a folder; not a file."""
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} is a file: give a folder for the run's checkpoints and log")
+        if self.out and os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} is a file: give a folder for the run's checkpoints and log")
 
 
 # ---------------------------------------------------------------------------------------------

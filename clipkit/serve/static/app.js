@@ -5,6 +5,7 @@ let info = null;
 let under = null;  // a folder the search keeps to ("in this folder" under a result), or null for all
 let last = null;  // the last search's { body, label, address }: run again when the folder changes
 let asked = 0;  // searches sent: an answer to one that a later one overtook is not shown
+const HINT = "Type a description, or drop or paste an image anywhere on the page.";
 
 function indexName() { return $("index-select").value || null; }
 
@@ -40,7 +41,7 @@ async function init() {
   $("k").max = info.limits.max_k;
   updateRerank();
   const total = names.reduce((sum, n) => sum + info.indexes[n].items, 0);
-  setStatus(`${total} images indexed. Type a description, or drop or paste an image anywhere on the page.`);
+  setStatus(`${total} images indexed. ${HINT}`);
   fromAddress();
 }
 
@@ -63,9 +64,7 @@ function fromAddress() {
   if (p.get("k")) $("k").value = p.get("k");
   if (p.get("modality") === "text" && !$("modality-field").hidden) $("modality").value = "text";
   $("rerank").checked = p.get("rerank") === "1";
-  under = p.get("under") || null;
-  $("folder-field").hidden = !under;
-  $("folder-name").textContent = under || "";
+  showFolder(p.get("under") || null);
   if (p.get("q")) {
     $("query").value = p.get("q");
     searchText(p.get("q"), false);
@@ -78,7 +77,7 @@ function fromAddress() {
     $("results").replaceChildren();
     $("more").hidden = true;
     $("query-preview").hidden = true;
-    setStatus("Type a description, or drop or paste an image anywhere on the page.");
+    setStatus(HINT);
   }
 }
 
@@ -87,10 +86,14 @@ function resultsWanted() {
   return Number.isFinite(k) && k > 0 ? Math.min(k, info ? info.limits.max_k : 1000) : 20;
 }
 
-function setFolder(folder) {
+function showFolder(folder) {  // the folder searches keep to (null: all), and the line that says so
   under = folder;
   $("folder-field").hidden = !folder;
   $("folder-name").textContent = folder || "";
+}
+
+function setFolder(folder) {
+  showFolder(folder);
   if (last) search(last.body, last.label, last.address);
 }
 
