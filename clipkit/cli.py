@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of argparse's usage block
         extra = message.split(": ", 1)[1].split() if message.startswith("unrecognized arguments: ") else []
         if len(extra) > 4:  # (as a shell pattern such as photos/*.jpg gives: one argument a file)
-            message = (f"{len(extra)} unrecognized arguments ({' '.join(extra[:3])} ...): an unquoted pattern such "
+            message = (f"unrecognized arguments ({' '.join(extra[:3])} ...): an unquoted pattern such "
                        "as photos/*.jpg gives one argument a file; give their folder instead")
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -99,7 +99,9 @@ def _add_index_command(commands, default_model: str) -> None:
                        help="URL table: the URL column (default: url; naming it makes SOURCE a URL table)")
     index.add_argument("--root", default=None,
                        help="caption table: the folder its relative image paths start from (default: the table's)")
-    index.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder to write (default: {DEFAULT_INDEX})")
+    index.add_argument("index_at", nargs="?", default=None, metavar="INDEX",
+                       help="the index to write, as --index (a name ending in .clipkit, or an index)")
+    index.add_argument("--index", default=None, help=f"index folder to write (default: {DEFAULT_INDEX})")
     index.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the index's model, else {default_model})")
     index.add_argument("--pretrained", default=None, help=PRETRAINED_HELP)
     index.add_argument("--batch-size", type=_positive_int, default=64, help="images per encoder call (default: 64)")
@@ -167,7 +169,8 @@ def _add_search_command(commands) -> None:
     search = commands.add_parser("search", help="search an index with a text query or an image file")
     search.add_argument("query", nargs="*", help="text, or an image to search by: a file's path, an http(s) URL "
                         "(fetched), or an indexed item's id as search prints it (SHARD.tar#KEY); several queries "
-                        "are searched in one run, each under a '# QUERY' line (--json: a JSON line each)")
+                        "are searched in one run, each under a '# QUERY' line (--json: a JSON line each); a first "
+                        "one that is an index (or ends in .clipkit) is the index to search, as --index")
     search.add_argument("--queries", metavar="FILE", help="search each line of FILE as a QUERY (- reads them from "
                         "stdin, answering each line as it comes: one model load for a session of queries)")
     search.add_argument("--text", action="store_true", help="treat QUERY as text even if it looks like a file name")
@@ -376,6 +379,35 @@ def _one_index(args) -> str:
     return args.index or args.index_option or DEFAULT_INDEX
 
 
+def _index_written(args) -> str:
+    """`clipkit index SOURCE [INDEX]`: INDEX or --index (once); a second positional that is neither an index nor a
+    name ending in .clipkit is refused (one SOURCE a run: it is most likely a second folder, not a new index)."""
+    from clipkit.index import is_index
+
+    given = args.index_at
+    if given is not None and not (given.rstrip("/").endswith(".clipkit") or is_index(given)):
+        raise UsageError(f"clipkit index takes one SOURCE, not also {given}: index each folder in its own run (one "
+                         f"index holds them all); to write the index to {given}, give --index {given}")
+    if given and args.index and given != args.index:
+        raise UsageError("give the index once: INDEX or --index INDEX")
+    return given or args.index or DEFAULT_INDEX
+
+
+def _index_read_first(args) -> None:
+    """`clipkit search INDEX QUERY...` as `clipkit search QUERY... --index INDEX`: a first QUERY that is an index, or
+    names one (ends in .clipkit), when there is no --index and something else to search for."""
+    from clipkit.index import is_index
+
+    first = args.query[0] if args.query and args.index is None and not args.server else None
+    if not first or not (first.rstrip("/").endswith(".clipkit") or is_index(first)):
+        return
+    if len(args.query) > 1 or args.queries is not None:
+        args.index, args.query = first, args.query[1:]
+    elif not args.text:
+        raise UsageError(f"give a QUERY to search {first} for: clipkit search {first} QUERY (to search for the text "
+                         f"{first!r}, add --text)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -400,6 +432,7 @@ def _progress(args) -> bool | None:
 def cmd_index(args) -> int:
     from clipkit.index.ingest import is_embedding_folder
 
+    args.index = _index_written(args)
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, listed_only = _index_source(args)
@@ -745,12 +778,12 @@ def cmd_remove(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from clipkit.index import DB_FILE, Index
+    from clipkit.index import Index, is_index
 
     if len(args.paths) > 2 or (len(args.paths) == 2 and args.index):
         raise ValueError("export takes INDEX OUT, or OUT with --index INDEX")
     index, out = args.paths if len(args.paths) == 2 else (args.index or DEFAULT_INDEX, args.paths[0])
-    if len(args.paths) == 1 and not args.index and (Path(out) / DB_FILE).is_file():
+    if len(args.paths) == 1 and not args.index and is_index(out):
         raise UsageError(f"{out} is an index: name the folder to write too (clipkit export {out} OUT)")
     done = Index.load(index).export(out, part_size=args.part_size, progress=_progress(args))
     if not args.quiet:
@@ -983,6 +1016,7 @@ QUERY_ERRORS = (UsageError, FileNotFoundError, ValueError, OSError)  # (a QUERY'
 def cmd_search(args) -> int:
     from clipkit.index import Index
 
+    _index_read_first(args)
     _check_queries(args)
     if args.server:
         return _search_server(args)

@@ -255,12 +255,6 @@ def _path_set(path: str) -> RetrievalSet:
     return read_folder_set(path)
 
 
-def is_index(path: str) -> bool:
-    from clipkit.index.store import DB_FILE
-
-    return (Path(path) / DB_FILE).is_file()
-
-
 def index_set(path: str, n_images: int | None = None, seed: int = 0) -> tuple:
     """The captioned images of a clipkit index as a retrieval set, with the embeddings the index holds of them
     and of their captions (nothing is embedded again), and the index: every captioned image, or a random
@@ -323,6 +317,7 @@ def run_benchmark(dataset: str = "synthetic", *, model: str | None = None, pretr
     report. `data_options` go to `load_dataset` (root, captions, split, n_images, seed). `dataset` may be a
     clipkit index holding captions: its stored embeddings are evaluated (`index_set`; `model`: the one it records,
     default; `n_images`: a random sample of them). `model` defaults to clipkit-demo otherwise."""
+    from clipkit.index import is_index
     from clipkit.models import load_model, warn_untrained
 
     start = time.perf_counter()

@@ -20,11 +20,11 @@ from clipkit.index.ann import FLAT_LIMIT, apply_search_params, candidates, choos
 from clipkit.index.captions import CaptionTable
 from clipkit.index.core import Index
 from clipkit.index.persist import CONFIG_FILE, FAISS_FILE
-from clipkit.index.store import DB_FILE, FORMAT_VERSION
+from clipkit.index.store import DB_FILE, FORMAT_VERSION, is_index
 from clipkit.index.sync import SyncPlan, SyncReport, file_hash, shard_of
 from clipkit.index.tune import Tuning, tune_structure
 from clipkit.index.vectors import prepare_vectors
 
 __all__ = ["CaptionTable", "CONFIG_FILE", "DB_FILE", "FAISS_FILE", "FLAT_LIMIT", "FORMAT_VERSION", "Index", "SyncPlan",
-           "SyncReport", "Tuning", "apply_search_params", "candidates", "choose_structure", "file_hash",
+           "SyncReport", "Tuning", "apply_search_params", "candidates", "choose_structure", "file_hash", "is_index",
            "prepare_vectors", "shard_of", "tune_structure"]
