@@ -350,6 +350,8 @@ def _add_maintenance_commands(commands) -> None:
     remove.add_argument("--missing", action="store_true", help="drop the items of indexed folders that no longer exist")
     remove.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default: {DEFAULT_INDEX})")
     remove.add_argument("--no-wait", action="store_true", help="exit instead of waiting for another writer")
+    remove.add_argument("-y", "--yes", action="store_true",
+                        help="do not ask (at a terminal) before PATHs at or above every indexed folder drop them all")
     export = commands.add_parser("export", help="write an index's embeddings and metadata in clip-retrieval's "
                                                 "layout (img_emb/, text_emb/, metadata/*.parquet)")
     export.add_argument("paths", nargs="+", metavar="[INDEX] OUT",
@@ -759,6 +761,9 @@ def cmd_remove(args) -> int:
         raise UsageError("give the PATHs whose items to drop, or --missing")
     if not Path(args.index).exists():
         raise FileNotFoundError(f"no index at {args.index}")
+    if not _removal_confirmed(args, Index.load(args.index)):
+        print("nothing removed", file=sys.stderr)
+        return 1
     with writer_lock(args.index, wait=not args.no_wait, on_wait=_waiting_notice(args)):
         index = Index.load(args.index)
         removed, matched_nothing, still_there = index.prune_missing(_progress(args)) if args.missing else 0, [], []
@@ -775,6 +780,26 @@ def cmd_remove(args) -> int:
             print(f"note: still on disk: {', '.join(still_there)}; the next `clipkit index` of their folder adds them "
                   "back (--exclude GLOB leaves them out for good)")
     return 0
+
+
+def _removal_confirmed(args, index) -> bool:
+    """At a terminal, `clipkit remove PATH...` asks before PATHs at or above every indexed folder, and so holding
+    every item of an index of folders (`clipkit remove /`, `~`, a typo's parent), drop them all; --yes, or a
+    script, does not."""
+    from clipkit.index.sync import is_under
+
+    if args.yes or not args.paths or not len(index) or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return True
+    targets = [os.path.abspath(os.path.expanduser(path)) for path in args.paths]
+    held = sum(root["items"] for root in index.roots() if any(is_under(root["path"], t) for t in targets))
+    if held < len(index):
+        return True
+    print(f"{' '.join(args.paths)} hold(s) all {len(index)} items of {args.index}: drop them all? (the files stay; "
+          "indexing them again embeds them again) [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def cmd_export(args) -> int:

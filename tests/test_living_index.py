@@ -3,6 +3,7 @@ disk full, read-only media, damaged files and extreme vectors. Cases about proce
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -316,7 +317,11 @@ def test_a_move_is_known_by_name_size_and_mtime_without_reading_the_files_and_a_
     assert (report.moved, report.added) == (5, 0)
 
 
-def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ckpt, capsys):
+def _eof():
+    raise EOFError
+
+
+def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ckpt, capsys, monkeypatch):
     for name in ("a", "b"):
         shutil.copytree(photos["Q"], tmp_path / name / "photos", ignore=shutil.ignore_patterns(
             "*1.jpg" if name == "a" else "*2.jpg"))
@@ -333,6 +338,17 @@ def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ck
     assert main(["remove", "--missing", "--index", str(index_path)]) == 0
     assert f"removed {len(a_files)} item(s)" in capsys.readouterr().out
     assert_consistent(index_path, b_files)
+    answers = []  # at a terminal, PATHs that hold every item are asked about first ("n", or no answer: kept)
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (io.StringIO,), {"isatty": lambda self: True})("n\n"))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda: answers.pop(0) if answers else sys.stdin.readline() or _eof())
+    assert main(["remove", str(tmp_path), "--index", str(index_path)]) == 1  # "n"
+    assert main(["remove", "/", "--index", str(index_path)]) == 1  # Ctrl-D
+    assert "drop them all?" in capsys.readouterr().err and len(Index.load(index_path)) == len(b_files)
+    shutil.copytree(index_path, tmp_path / "copy.clipkit")
+    answers.append("y")
+    assert main(["-q", "remove", str(tmp_path), "--index", str(tmp_path / "copy.clipkit")]) == 0
+    assert not answers and len(Index.load(tmp_path / "copy.clipkit")) == 0
     assert main(["remove", str(tmp_path / "b" / "photos"), str(tmp_path / "typo"), "--index", str(index_path)]) == 0
     assert len(Index.load(index_path)) == 0
     out = capsys.readouterr().out
