@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,7 +12,7 @@ from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image, warn_if_image_paths
 from clipkit.hit import Hit
-from clipkit.index import Index, prepare_vectors
+from clipkit.index import DB_FILE, Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.index.vectors import from_tensor
@@ -70,7 +72,8 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     tensor on any device) -> embedding; 2-D float array -> one query of several vectors (an item scored by its
     best match with any: the stored embedding of an item of a BLIP-2 index, `index.embeddings([id])[0]`; for a
     batch, `search_batch`).
-    `index`: an Index, or the path of an index folder (loaded for this call; load it once to search often).
+    `index`: an Index, or the path of an index folder (opened at the first call, with its model, and kept for the
+    next calls with that path: `opened`).
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
     head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine (default: the weight the
@@ -117,13 +120,41 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
 
 
 def _checked(index, k) -> Index:
-    """`index` (an index folder's path: loaded), once it and `k` are checked."""
+    """`index` (an index folder's path: opened, or kept from an earlier call), once it and `k` are checked."""
     if isinstance(index, (str, os.PathLike)):
-        index = Index.load(index)
+        index = opened(index)
     if not isinstance(index, Index):
         raise ValueError(f"index must be a clipkit.Index or an index folder's path, got {type(index).__name__}")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    return index
+
+
+OPENED_KEPT = 2  # indexes a search by path keeps open, with the model loaded for their queries
+_OPENED: OrderedDict = OrderedDict()
+_OPENED_LOCK = threading.Lock()
+
+
+def opened(path: str | os.PathLike) -> Index:
+    """The index at `path`, kept open for the next search by path while its store is the same file (the last
+    `OPENED_KEPT` paths, least recently used dropped): `search(query, "photos.clipkit")` in a loop opens the
+    index and loads its model once, not each call (~0.25 s for the demo model, seconds for a large one). Brought
+    up to date with the store each call (what another process added or removed is seen at once, as a new load)."""
+    try:
+        stat = os.stat(os.path.join(path, DB_FILE))
+    except OSError:
+        return Index.load(path)  # (not an index: its error)
+    key = (os.path.abspath(path), stat.st_dev, stat.st_ino)  # (a folder deleted and built again: another file)
+    with _OPENED_LOCK:
+        index = _OPENED.pop(key, None)
+    if index is None:
+        index = Index.load(path)
+    else:
+        index.refresh()
+    with _OPENED_LOCK:
+        _OPENED[key] = index
+        while len(_OPENED) > OPENED_KEPT:
+            _OPENED.popitem(last=False)
     return index
 
 

@@ -1,4 +1,6 @@
+import importlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,31 @@ def test_search_with_the_index_model_after_reload(image_folder, tiny_ckpt, tmp_p
     assert loaded.model.fingerprint == model.fingerprint and len(hits) == 2
     for path in (tmp_path / "ix", str(tmp_path / "ix")):  # the index folder's path serves as the index
         assert [h.id for h in clipkit.search("a blue circle", path, k=2)] == [h.id for h in hits]
+
+
+def test_a_search_by_path_opens_the_index_once_and_sees_every_change(image_folder, tiny_model, tmp_path, monkeypatch):
+    search_module = importlib.import_module("clipkit.search")  # (clipkit.search is the function)
+
+    index = Index.from_folder(image_folder, model=tiny_model)
+    index.save(tmp_path / "ix")
+    vector = index.embeddings([index.ids()[0]])[0]
+    assert clipkit.search(vector, tmp_path / "ix", k=1)[0].id == index.ids()[0]
+    loads = []
+    monkeypatch.setattr(Index, "load", classmethod(lambda cls, *a, **kw: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("opened again"))))
+    writer = Index.from_embeddings(np.eye(1, len(vector), dtype=np.float32), ids=["new"])
+    assert clipkit.search("a blue circle", str(tmp_path / "ix"), k=3)  # kept open, its model kept too
+    index.add(-vector[None], ids=["opposite"])  # another writer's change: seen by the next search, at once
+    index.save()
+    assert clipkit.search(-vector, tmp_path / "ix", k=1)[0].id == "opposite" and not loads
+    monkeypatch.undo()
+    shutil.rmtree(tmp_path / "ix")  # built again at the same path: the new index, not the kept one
+    writer.save(tmp_path / "ix")
+    assert [h.id for h in clipkit.search(writer.embeddings(["new"])[0], tmp_path / "ix", k=5)] == ["new"]
+    for n in range(search_module.OPENED_KEPT + 1):  # only the last few paths stay open
+        writer.save(tmp_path / f"other{n}")
+        clipkit.search(writer.embeddings(["new"])[0], tmp_path / f"other{n}", k=1)
+    assert len(search_module._OPENED) == search_module.OPENED_KEPT
 
 
 def test_weights_gone_since_the_index_was_built_are_named(image_folder, tmp_path):
