@@ -34,7 +34,7 @@ from clipkit._net import (hf_hub_address, hub_cached, hub_offline_when_unreachab
                           reachable, require_hub, url_address)
 from clipkit.errors import CheckpointError, ModelMismatchError, OfflineError, first_line
 from clipkit.itm.heads import build_head_from_config
-from clipkit.itm.states import exact_text_length, text_forward
+from clipkit.itm.states import exact_text_length, flags_lock, text_forward
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Model:
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         tokens = tokens.to(self.device)
         length = exact_text_length(self.clip, tokens)
-        with self.autocast():
+        with self.autocast(), flags_lock(self.clip):
             if length is None or length >= tokens.shape[1]:
                 features = self.clip.encode_text(tokens)
             else:
@@ -113,7 +113,7 @@ class Model:
         pixels = pixels.to(self.device, non_blocking=True)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
+        with self.autocast(), flags_lock(self.clip):
             features = self.clip.encode_image(pixels)
         return F.normalize(features.float(), dim=-1)
 

@@ -393,3 +393,33 @@ def test_open_clip_hf_hub_names_load_from_the_hub_cache(tmp_path):
     np.testing.assert_allclose(vectors, clipkit.encode(["a red circle", "a blue square"], model=reference), atol=1e-5)
     _, err = missing.communicate(timeout=300)
     assert missing.returncode != 0 and "not in the Hugging Face cache" in err
+
+
+def test_a_model_shared_by_threads_never_meets_a_flag_another_thread_set(tiny_model):
+    """The ITM token helpers set a tower's `output_tokens` while they run: an embedding computed meanwhile in
+    another thread (one model shared: an Index used by threads, `clipkit.search` by path) got the tower's
+    (pooled, tokens) tuple and failed. Both now hold the model's flags lock."""
+    import threading
+
+    from clipkit.itm import encode_image_tokens
+
+    pixels = torch.rand(8, 3, tiny_model.image_size, tiny_model.image_size)
+    expected, errors = tiny_model.encode_image(pixels), []
+
+    def tokens():
+        for _ in range(200):
+            encode_image_tokens(tiny_model.clip, pixels)
+
+    def plain():
+        try:
+            for _ in range(200):
+                torch.testing.assert_close(tiny_model.encode_image(pixels), expected)
+        except Exception as exc:  # (an error in a thread: kept for the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=tokens), threading.Thread(target=plain)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and tiny_model.clip.visual.output_tokens is False

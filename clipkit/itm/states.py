@@ -3,8 +3,25 @@ norm, an image's patch tokens, their padding, and the text tower run only as far
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn as nn
+
+_FLAG_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_FLAG_LOCKS_LOCK = threading.Lock()
+
+
+def flags_lock(clip: nn.Module) -> threading.RLock:
+    """The lock of a model whose towers' `output_tokens` flags the token helpers below set while they run: held
+    by them and by `Model.encode_text` / `encode_image`, so that a thread encoding never meets a flag another
+    thread set (one model shared by threads: an `Index`, or the ones `clipkit.search` keeps open by path)."""
+    with _FLAG_LOCKS_LOCK:
+        lock = _FLAG_LOCKS.get(clip)
+        if lock is None:
+            lock = _FLAG_LOCKS[clip] = threading.RLock()
+        return lock
 
 
 def exact_text_length(clip: torch.nn.Module, tokens: torch.Tensor) -> int | None:
@@ -89,12 +106,13 @@ def encode_image_tokens(clip: nn.Module, pixels: torch.Tensor) -> tuple[torch.Te
         features = visual.trunk.forward_features(pixels)
         pooled = visual.head(visual.trunk.forward_head(features))
         return pooled, features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
-    previous = visual.output_tokens
-    visual.output_tokens = True
-    try:
-        pooled, tokens = visual(pixels)
-    finally:
-        visual.output_tokens = previous
+    with flags_lock(clip):
+        previous = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = previous
     return pooled, tokens
 
 
@@ -112,12 +130,13 @@ def encode_text_tokens(clip: nn.Module, text: torch.Tensor) -> tuple[torch.Tenso
         return tower.proj(tower.pooler(out, mask)), out.last_hidden_state
     if not hasattr(clip, "token_embedding"):  # CustomTextCLIP: the text tower can return its tokens
         tower = clip.text
-        previous = tower.output_tokens
-        tower.output_tokens = True
-        try:
-            return tower(text)
-        finally:
-            tower.output_tokens = previous
+        with flags_lock(clip):
+            previous = tower.output_tokens
+            tower.output_tokens = True
+            try:
+                return tower(text)
+            finally:
+                tower.output_tokens = previous
     return text_forward(clip, text)
 
 
