@@ -432,9 +432,13 @@ def _progress(args) -> bool | None:
 
 
 def cmd_index(args) -> int:
+    from clipkit.index import is_index
     from clipkit.index.ingest import is_embedding_folder
 
     args.index = _index_written(args)
+    if is_index(args.folder):
+        raise UsageError(f"{args.folder} is a clipkit index, not images to index: search it (clipkit search "
+                         f"{args.folder} QUERY), or combine indexes (clipkit merge OUT {args.folder} ...)")
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, listed_only = _index_source(args)
