@@ -436,7 +436,7 @@ def cmd_index(args) -> int:
     from clipkit.index.ingest import is_embedding_folder
 
     args.index = _index_written(args)
-    if is_index(args.folder):
+    if is_index(args.folder) and Path(args.folder).resolve() != Path(args.index).resolve():  # (its own: said later)
         raise UsageError(f"{args.folder} is a clipkit index, not images to index: search it (clipkit search "
                          f"{args.folder} QUERY), or combine indexes (clipkit merge OUT {args.folder} ...)")
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):

@@ -23,7 +23,7 @@ import torch
 
 from clipkit.encode import as_model, encode, load_image
 from clipkit.errors import ImageReadError, first_line
-from clipkit.itm import image_states, match_scores, require_itm, rerank_weight, text_states
+from clipkit.itm import encode_image_tokens, image_states, match_scores, require_itm, rerank_weight, text_states
 from clipkit.itm.heads import DIRECTIONS
 
 
@@ -55,6 +55,11 @@ class Reranker:
     def image_inputs(self, images: Sequence) -> Any:
         raise NotImplementedError
 
+    def embedded_images(self, images: Sequence) -> tuple[Any, np.ndarray | None]:
+        """(`image_inputs(images)`, the images' unit embeddings by the re-ranker's own dual encoder where the
+        same pass gives them, else None)."""
+        return self.image_inputs(images), None
+
     def text_inputs(self, texts: Sequence[str]) -> Any:
         raise NotImplementedError
 
@@ -80,11 +85,26 @@ class HeadReranker(Reranker):
         self.weights = {direction: rerank_weight(self.head, None, direction) for direction in DIRECTIONS}
 
     def image_inputs(self, images: Sequence) -> torch.Tensor:
-        states = []
+        return self._image_pass(images, embed=False)[0]
+
+    def embedded_images(self, images: Sequence) -> tuple[torch.Tensor, np.ndarray | None]:
+        """The head's image input and, where it reads the image tower's tokens (no stem of its own), the
+        image embeddings of the same pass: one pass of the tower where a re-ranked score's cosine took two."""
+        own_tower = not hasattr(self.head, "image_input") and self.model.vectors_per_image == 1
+        return self._image_pass(images, embed=own_tower)
+
+    @torch.inference_mode()
+    def _image_pass(self, images: Sequence, embed: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        states, embeddings = [], []
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([self.model.preprocess(image) for image in images[start:start + self.batch_size]])
-            states.append(image_states(self.model, pixels))
-        return torch.cat(states)
+            if not embed:
+                states.append(image_states(self.model, pixels))
+                continue
+            pooled, tokens = encode_image_tokens(self.model.clip, pixels.to(self.model.device))
+            states.append(tokens)
+            embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        return torch.cat(states), torch.cat(embeddings).numpy() if embed else None
 
     def text_inputs(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return text_states(self.model, list(texts))
@@ -177,15 +197,29 @@ def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=
     `weight` x the pair's ITC cosine by `model` (default weight: the re-ranker's own; 0 for BLIP).
     `reranker` defaults to `model`'s ITM head."""
     reranker = load_reranker(reranker if reranker is not None else as_model(model))
-    pictures, texts = load_images(images), list(texts)  # decoded once, for the re-ranker and the cosine alike
-    scores = reranker.score_pairs(pictures, texts)
+    if len(images) != len(texts):
+        raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
     weight = reranker.cosine_weight(weight)
+    if weight and model is None and not isinstance(reranker, HeadReranker):
+        raise ValueError("a cosine weight needs the dual encoder that gives the cosine: pass model=")
+    pairs = np.arange(len(texts))
+    return pair_scores(reranker, load_images(images), pairs, list(texts), pairs, weight, encoder=model)
+
+
+def pair_scores(reranker: Reranker, pictures: list, image_index: np.ndarray, texts: list[str],
+                text_index: np.ndarray, weight: float, encoder=None) -> np.ndarray:
+    """The re-ranking score of each pair (pictures[image_index[i]], texts[text_index[i]]): the re-ranker's score
+    plus `weight` x the pair's ITC cosine by `encoder` (default: the re-ranker's own model, whose weight was
+    fitted to it; its image embeddings come from the pass that gives the re-ranker its inputs where one does),
+    float32. `score_pairs` and a search's re-ranking both score through it, so that they agree."""
+    own = getattr(reranker, "model", None)
+    encoder = own if encoder is None else as_model(encoder)
+    images, embedded = reranker.embedded_images(pictures) if weight and encoder is own else \
+        (reranker.image_inputs(pictures), None)
+    scores = reranker.match(images, image_index, reranker.text_inputs(texts), text_index)
     if weight:
-        if model is None and not isinstance(reranker, HeadReranker):
-            raise ValueError("a cosine weight needs the dual encoder that gives the cosine: pass model=")
-        encoder = as_model(model) if model is not None else reranker.model
-        cosine = np.sum(encode(pictures, model=encoder) * encode(texts, model=encoder), axis=1)
-        scores = scores + weight * cosine
+        embedded = encode(pictures, model=encoder) if embedded is None else embedded
+        scores = scores + weight * np.sum(embedded[image_index] * encode(texts, model=encoder)[text_index], axis=1)
     return scores.astype(np.float32)
 
 

@@ -16,7 +16,7 @@ from clipkit.index import DB_FILE, Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.index.vectors import from_tensor
-from clipkit.rerankers import Reranker, load_images, load_reranker
+from clipkit.rerankers import Reranker, load_images, load_reranker, pair_scores
 
 
 def index_model(index: Index, model=None, *, device=None, precision: str | None = None):
@@ -315,13 +315,10 @@ def rerank_scored(pairs: tuple, kind: str, reranker: Reranker, weight: float | N
     hits, pictures, texts, image_index, text_index = pairs
     if not hits:
         return hits
-    scores = reranker.match(reranker.image_inputs(pictures), image_index, reranker.text_inputs(texts), text_index)
     weight = reranker.cosine_weight(weight, "t2i" if kind == TEXT else "i2t")
-    cosines = np.array([h.score for h in hits])
-    own = getattr(reranker, "model", None)
-    if weight and own is not None:
-        cosines = np.sum(encode_images(pictures, own)[image_index] * encode_texts(texts, own)[text_index], axis=1)
-    for hit, score, cosine in zip(hits, scores, cosines):
+    own = getattr(reranker, "model", None) is not None  # (else the cosine is the hits' ITC score)
+    scores = pair_scores(reranker, pictures, image_index, texts, text_index, weight if own else 0.0)
+    for hit, score in zip(hits, scores):
         hit.metadata["itc_score"] = hit.score
-        hit.score = float(score + weight * cosine)
+        hit.score = float(score) + (0.0 if own else weight * hit.score)
     return sorted(hits, key=lambda h: -h.score)

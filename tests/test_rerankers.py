@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import clipkit  # noqa: E402
 from clipkit.cli import main  # noqa: E402
 from clipkit.encode import load_image  # noqa: E402
-from clipkit.rerankers import Blip2Reranker, BlipReranker, HeadReranker  # noqa: E402
+from clipkit.rerankers import Blip2Reranker, BlipReranker, HeadReranker, load_images  # noqa: E402
 from conftest import draw_shape  # noqa: E402
 
 
@@ -173,6 +173,11 @@ def test_head_reranker_and_score_pairs_match_search(demo, image_folder):
     np.testing.assert_allclose(scores, [h.score for h in hits], atol=1e-4)
     with_head = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8, reranker=reranker)
     assert [h.id for h in with_head] == [h.id for h in hits]
+    # the cosine's image embeddings come from the tower pass that gives the head its tokens: the model's own
+    decoded = load_images(pictures)
+    states, embedded = reranker.embedded_images(decoded)
+    np.testing.assert_allclose(embedded, clipkit.encode(decoded, model=demo), atol=1e-5)
+    torch.testing.assert_close(states, reranker.image_inputs(decoded))
 
 
 def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, capsys):
