@@ -400,14 +400,17 @@ def _index_read_first(args) -> None:
     names one (ends in .clipkit), when there is no --index and something else to search for."""
     from clipkit.index import is_index
 
-    first = args.query[0] if args.query and args.index is None and not args.server else None
-    if not first or not (first.rstrip("/").endswith(".clipkit") or is_index(first)):
-        return
-    if len(args.query) > 1 or args.queries is not None:
-        args.index, args.query = first, args.query[1:]
-    elif not args.text:
+    first = args.query[0] if args.query and args.index is None else None
+    several = len(args.query) > 1 or args.queries is not None
+    if not first or not (first.rstrip("/").endswith(".clipkit") or is_index(first)) or (args.text and not several):
+        return  # (--text and that one QUERY: the text itself)
+    if args.server:
+        raise UsageError(f"with --server the index is one the server serves: --index NAME (its name there, "
+                         f"`clipkit serve` lists them), not {first}")
+    if not several:
         raise UsageError(f"give a QUERY to search {first} for: clipkit search {first} QUERY (to search for the text "
                          f"{first!r}, add --text)")
+    args.index, args.query = first, args.query[1:]
 
 
 def _positive_int(text: str) -> int:

@@ -52,7 +52,8 @@ def test_the_index_may_be_given_as_index_and_search_name_it(image_folder, tmp_pa
                 (["index", str(image_folder), index_path, "--index", str(tmp_path / "b.clipkit")], "give the index once"),
                 (["search", index_path], f"give a QUERY to search {index_path} for"),
                 (["index", index_path, str(tmp_path / "b.clipkit")], "is a clipkit index, not images to index"),
-                (["search", str(tmp_path / "no.clipkit"), "a dog"], "no index at")]
+                (["search", str(tmp_path / "no.clipkit"), "a dog"], "no index at"),
+                (["search", index_path, "a dog", "--server", "http://127.0.0.1:9"], "with --server the index is")]
     for argv, message in refusals:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
