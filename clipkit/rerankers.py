@@ -197,13 +197,14 @@ def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=
     `weight` x the pair's ITC cosine by `model` (default weight: the re-ranker's own; 0 for BLIP).
     `reranker` defaults to `model`'s ITM head."""
     reranker = load_reranker(reranker if reranker is not None else as_model(model))
-    if len(images) != len(texts):
-        raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
     weight = reranker.cosine_weight(weight)
     if weight and model is None and not isinstance(reranker, HeadReranker):
         raise ValueError("a cosine weight needs the dual encoder that gives the cosine: pass model=")
-    pairs = np.arange(len(texts))
-    return pair_scores(reranker, load_images(images), pairs, list(texts), pairs, weight, encoder=model)
+    images, texts = list(images), list(texts)
+    if len(images) != len(texts):
+        raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
+    pairs = np.arange(len(texts))  # (each picture decoded once, for the re-ranker and the cosine alike)
+    return pair_scores(reranker, load_images(images), pairs, texts, pairs, weight, encoder=model)
 
 
 def pair_scores(reranker: Reranker, pictures: list, image_index: np.ndarray, texts: list[str],

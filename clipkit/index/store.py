@@ -39,10 +39,10 @@ SQL_CHUNK = 500
 META_COLUMNS = ("path", "mtime", "size", "caption")
 
 
-
 def is_index(path) -> bool:
     """Whether `path` is a clipkit index folder (one that holds its store)."""
     return (Path(path) / DB_FILE).is_file()
+
 
 # items without a root found by their path (a folder's removal, adoption); stores made before it was part of
 # the schema get it at their first write (Store.add_missing_indexes)
