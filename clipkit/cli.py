@@ -440,8 +440,9 @@ def cmd_index(args) -> int:
 
     args.index = _index_written(args)
     if is_index(args.folder) and Path(args.folder).resolve() != Path(args.index).resolve():  # (its own: said later)
-        raise UsageError(f"{args.folder} is a clipkit index, not images to index: search it (clipkit search "
-                         f"{args.folder} QUERY), or combine indexes (clipkit merge OUT {args.folder} ...)")
+        raise UsageError(f"{args.folder} is a clipkit index, not images to index: to update it, index each folder "
+                         f"`clipkit roots {args.folder}` lists into it (clipkit index FOLDER {args.folder}); to "
+                         f"combine indexes, clipkit merge OUT {args.folder} ...")
     if Path(args.folder).is_dir() and is_embedding_folder(args.folder):
         return _index_embeddings(args)
     folder, table, listed_only = _index_source(args)
