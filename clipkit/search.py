@@ -136,23 +136,29 @@ _OPENED_LOCK = threading.Lock()
 
 
 def opened(path: str | os.PathLike) -> Index:
-    """The index at `path`, kept open for the next search by path while its store is the same file (the last
-    `OPENED_KEPT` paths, least recently used dropped): `search(query, "photos.clipkit")` in a loop opens the
-    index and loads its model once, not each call (~0.25 s for the demo model, seconds for a large one). Brought
-    up to date with the store each call (what another process added or removed is seen at once, as a new load)."""
+    """The index at `path`, kept open for the next search by path (the last `OPENED_KEPT` paths, least recently
+    used dropped): `search(query, "photos.clipkit")` in a loop opens the index and loads its model once, not
+    each call (~0.25 s for the demo model, seconds for a large one). Each call brings it up to date with the
+    store (another process's additions and removals are seen at once, as by a new load); once the store's file
+    itself changed (rewritten, replaced, built again, damaged) it is opened anew, keeping the model it records."""
     try:
         stat = os.stat(os.path.join(path, DB_FILE))
     except OSError:
         return Index.load(path)  # (not an index: its error)
-    key = (os.path.abspath(path), stat.st_dev, stat.st_ino)  # (a folder deleted and built again: another file)
+    folder, signature = os.path.abspath(path), (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
     with _OPENED_LOCK:
-        index = _OPENED.pop(key, None)
+        kept = _OPENED.pop(folder, None)
+    index = kept[1] if kept is not None and kept[0] == signature else None
+    try:
+        index is None or index.refresh()
+    except Exception:  # (opened anew below, which says what is wrong)
+        index = None
     if index is None:
         index = Index.load(path)
-    else:
-        index.refresh()
+        if kept is not None and kept[1].model is not None and kept[1].model_info == index.model_info:
+            index.model = kept[1].model
     with _OPENED_LOCK:
-        _OPENED[key] = index
+        _OPENED[folder] = (signature, index)
         while len(_OPENED) > OPENED_KEPT:
             _OPENED.popitem(last=False)
     return index
