@@ -213,7 +213,7 @@ def pair_scores(reranker: Reranker, pictures: list, image_index: np.ndarray, tex
     plus `weight` x the pair's ITC cosine by `encoder` (default: the re-ranker's own model, whose weight was
     fitted to it; its image embeddings come from the pass that gives the re-ranker its inputs where one does),
     float32. `score_pairs` and a search's re-ranking both score through it, so that they agree."""
-    own = getattr(reranker, "model", None)
+    own = reranker.model if isinstance(reranker, HeadReranker) else None  # (BLIP's is no dual encoder)
     encoder = own if encoder is None else as_model(encoder)
     images, embedded = reranker.embedded_images(pictures) if weight and encoder is own else \
         (reranker.image_inputs(pictures), None)

@@ -16,7 +16,7 @@ from clipkit.index import DB_FILE, Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.index.vectors import from_tensor
-from clipkit.rerankers import Reranker, load_images, load_reranker, pair_scores
+from clipkit.rerankers import HeadReranker, Reranker, load_images, load_reranker, pair_scores
 
 
 def index_model(index: Index, model=None, *, device=None, precision: str | None = None):
@@ -322,7 +322,7 @@ def rerank_scored(pairs: tuple, kind: str, reranker: Reranker, weight: float | N
     if not hits:
         return hits
     weight = reranker.cosine_weight(weight, "t2i" if kind == TEXT else "i2t")
-    own = getattr(reranker, "model", None) is not None  # (else the cosine is the hits' ITC score)
+    own = isinstance(reranker, HeadReranker)  # a clipkit model's head: its own cosine (else the hits' ITC score)
     scores = pair_scores(reranker, pictures, image_index, texts, text_index, weight if own else 0.0)
     for hit, score in zip(hits, scores):
         hit.metadata["itc_score"] = hit.score

@@ -150,6 +150,10 @@ def test_search_reranks_with_blip_both_ways(blip, demo, image_folder, tmp_path):
     assert [h.id for h in hits] == [candidates[i].id for i in order]
     np.testing.assert_allclose([h.score for h in hits], probabilities[order], atol=1e-4)
     assert [h.metadata["itc_score"] for h in hits] == pytest.approx([candidates[i].score for i in order], abs=1e-5)
+    weighted = clipkit.search("a red circle", index, k=10, rerank=True, rerank_k=10, reranker=reranker, weight=0.5)
+    by_id = {h.id: (p, h.score) for h, p in zip(candidates, probabilities)}  # BLIP + weight x the hits' ITC cosine
+    np.testing.assert_allclose([h.score for h in weighted], [by_id[h.id][0] + 0.5 * by_id[h.id][1] for h in weighted],
+                               atol=1e-4)
 
     # image -> text: an image query re-ranks the captions of the caption collection
     captions = ["a red circle", "a blue square", "a green triangle", "a yellow circle", "one red cross"]
