@@ -60,6 +60,10 @@ class Reranker:
         same pass gives them, else None)."""
         return self.image_inputs(images), None
 
+    def embedded_texts(self, texts: Sequence[str]) -> tuple[Any, np.ndarray | None]:
+        """(`text_inputs(texts)`, their unit embeddings from the same pass, else None), as `embedded_images`."""
+        return self.text_inputs(texts), None
+
     def text_inputs(self, texts: Sequence[str]) -> Any:
         raise NotImplementedError
 
@@ -108,6 +112,12 @@ class HeadReranker(Reranker):
 
     def text_inputs(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return text_states(self.model, list(texts))
+
+    def embedded_texts(self, texts: Sequence[str]) -> tuple[tuple[torch.Tensor, torch.Tensor], np.ndarray | None]:
+        if self.model.vectors_per_image != 1:
+            return self.text_inputs(texts), None
+        states, padding, embeddings = text_states(self.model, list(texts), pooled=True)
+        return (states, padding), embeddings.numpy()
 
     def match(self, images, image_index, texts, text_index) -> np.ndarray:
         states, padding = texts
@@ -215,12 +225,17 @@ def pair_scores(reranker: Reranker, pictures: list, image_index: np.ndarray, tex
     float32. `score_pairs` and a search's re-ranking both score through it, so that they agree."""
     own = reranker.model if isinstance(reranker, HeadReranker) else None  # (BLIP's is no dual encoder)
     encoder = own if encoder is None else as_model(encoder)
-    images, embedded = reranker.embedded_images(pictures) if weight and encoder is own else \
-        (reranker.image_inputs(pictures), None)
-    scores = reranker.match(images, image_index, reranker.text_inputs(texts), text_index)
+    if weight and encoder is own:  # (the embeddings from the passes that give the re-ranker its inputs)
+        (images, image_emb), (text_input, text_emb) = reranker.embedded_images(pictures), \
+            reranker.embedded_texts(texts)
+    else:
+        (images, image_emb), (text_input, text_emb) = (reranker.image_inputs(pictures), None), \
+            (reranker.text_inputs(texts), None)
+    scores = reranker.match(images, image_index, text_input, text_index)
     if weight:
-        embedded = encode(pictures, model=encoder) if embedded is None else embedded
-        scores = scores + weight * np.sum(embedded[image_index] * encode(texts, model=encoder)[text_index], axis=1)
+        image_emb = encode(pictures, model=encoder) if image_emb is None else image_emb
+        text_emb = encode(texts, model=encoder) if text_emb is None else text_emb
+        scores = scores + weight * np.sum(image_emb[image_index] * text_emb[text_index], axis=1)
     return scores.astype(np.float32)
 
 

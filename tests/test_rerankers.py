@@ -182,6 +182,10 @@ def test_head_reranker_and_score_pairs_match_search(demo, image_folder):
     states, embedded = reranker.embedded_images(decoded)
     np.testing.assert_allclose(embedded, clipkit.encode(decoded, model=demo), atol=1e-5)
     torch.testing.assert_close(states, reranker.image_inputs(decoded))
+    captions = ["a red circle", "a small blue square on a big green triangle", "x"]
+    (text_states, padding), embedded = reranker.embedded_texts(captions)  # and the texts' likewise
+    np.testing.assert_allclose(embedded, clipkit.encode(captions, model=demo), atol=1e-5)
+    torch.testing.assert_close((text_states, padding), reranker.text_inputs(captions))
 
 
 def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, capsys):

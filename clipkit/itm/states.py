@@ -149,14 +149,17 @@ def padding_mask(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def text_states(model, texts: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token states, padding mask) of captions, for the ITM head."""
-    states, masks = [], []
+def text_states(model, texts: list[str], batch_size: int = 256, pooled: bool = False) -> tuple:
+    """(token states, padding mask) of captions, for the ITM head; with `pooled`, also their unit embeddings
+    from the same pass (as `Model.encode_text` gives them), float32 on the CPU."""
+    states, masks, embeddings = [], [], []
     for start in range(0, len(texts), batch_size):
         tokens = model.tokenize(texts[start:start + batch_size]).to(model.device)
-        states.append(encode_text_tokens(model.clip, tokens)[1])
+        embedding, state = encode_text_tokens(model.clip, tokens)
+        states.append(state)
         masks.append(padding_mask(tokens, getattr(model.clip, "pad_id", 0)))
-    return torch.cat(states), torch.cat(masks)
+        embeddings += [nn.functional.normalize(embedding.float(), dim=-1).cpu()] if pooled else []
+    return (torch.cat(states), torch.cat(masks)) + ((torch.cat(embeddings),) if pooled else ())
 
 
 @torch.inference_mode()
