@@ -251,8 +251,8 @@ def ann_rows(n: int, dim: int = 256) -> list[dict]:
 # group (open_clip#935); the marker is dropped before grouping, the fix its maintainers gave.
 _OPEN_CLIP_TRAIN = """
 import sys
-from clipkit.models import _register_configs
-_register_configs()
+from clipkit.models import register_configs
+register_configs()
 import open_clip_train.data as data
 _group = data.group_by_keys_nothrow
 data.group_by_keys_nothrow = lambda samples, *a, **k: _group((s for s in samples if "fname" in s), *a, **k)

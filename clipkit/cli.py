@@ -215,6 +215,13 @@ def _add_data_commands(commands) -> None:
     demo.add_argument("--n", type=_positive_int, default=300, help="number of sample images (default: 300)")
     demo.add_argument("--model", default="clipkit-demo", help=f"{MODEL_HELP} (default: clipkit-demo, bundled)")
     demo.add_argument("-k", type=_positive_int, default=5, help="hits shown per query (default: 5)")
+    models = commands.add_parser("models", help="the models clipkit can load here: its own (bundled), open_clip's "
+                                                "pretrained tags (cached, or downloaded at first use), and the "
+                                                "checkpoints in the Hugging Face cache")
+    models.add_argument("name", nargs="?", default=None, help="only the models whose name contains NAME")
+    models.add_argument("--offline", action="store_true", help="only those that load without a network (bundled, "
+                                                               "cached)")
+    models.add_argument("--json", action="store_true", help="a JSON object a line")
     shards = commands.add_parser("shards", help="write webdataset shards from a captioned folder or a CSV/JSONL file")
     shards.add_argument("source", help="folder of images with same-name .txt captions, or a .csv/.jsonl table")
     shards.add_argument("out_dir", help="folder to write the .tar shards into")
@@ -876,6 +883,27 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from clipkit.catalog import WEIGHTS, available_models
+
+    rows = [row for row in available_models() if (args.name is None or args.name.lower() in row["model"].lower())
+            and (not args.offline or row["weights"] in ("bundled", "cached"))]
+    if not rows:
+        raise UsageError(f"no model{' that loads offline' if args.offline else ''} here is named like {args.name!r}"
+                         if args.name else "no model loads offline here: the bundled ones are missing (reinstall)")
+    if args.json:
+        print("\n".join(json.dumps(row) for row in rows))
+        return 0
+    width = max(len(row["model"]) for row in rows) + 2
+    print(f"{'MODEL':<{width}}{'PRETRAINED':<28}{'DIM':>5}  WEIGHTS")
+    for row in rows:
+        print(f"{row['model']:<{width}}{row['pretrained'] or '-':<28}{row['dim'] or '-':>5}  {WEIGHTS[row['weights']]}")
+    if not args.quiet:
+        print("load one: --model MODEL [--pretrained PRETRAINED] (clipkit.load_model(MODEL, pretrained=PRETRAINED))",
+              file=sys.stderr)
+    return 0
+
+
 def _model_line(model: dict) -> str:
     """`clipkit info`'s model line: its name and weights, and where they are no longer (moved or deleted)."""
     from clipkit.bundled import bundled_models
@@ -1412,7 +1440,7 @@ def cmd_train_rerank(args) -> int:
 COMMANDS = {"index": cmd_index, "search": cmd_search, "synth": cmd_synth, "shards": cmd_shards, "train": cmd_train,
             "demo": cmd_demo, "eval": cmd_eval, "serve": cmd_serve, "merge": cmd_merge,
             "train-rerank": cmd_train_rerank, "remove": cmd_remove, "roots": cmd_roots,
-            "export": cmd_export, "info": cmd_info}
+            "export": cmd_export, "info": cmd_info, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,7 +144,7 @@ def _add_config_dir() -> None:
     open_clip.add_model_config(CONFIG_DIR)
 
 
-def _register_configs() -> None:
+def register_configs() -> None:
     """Make clipkit's JSON configs known to open_clip (on first use, not at import), and keep clipkit's own
     keys out of them: open_clip reads every registered config file again whenever anyone adds one."""
     from open_clip import factory
@@ -168,7 +168,7 @@ def list_models() -> list[str]:
     """Every architecture name `load_model` accepts (clipkit's own first)."""
     import open_clip
 
-    _register_configs()
+    register_configs()
     own = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     return own + [m for m in open_clip.list_models() if m not in own]
 
@@ -239,7 +239,7 @@ def _tag_address(tag_cfg: dict) -> tuple[str, int]:
     return hf_hub_address() if tag_cfg.get("hf_hub") else url_address(tag_cfg.get("url", ""))
 
 
-def _cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
+def cached_tag_file(tag_cfg: dict, cache_dir: str | None) -> str | None:
     """The local file for a pretrained tag if it is already downloaded, else None."""
     if tag_cfg.get("file"):
         return tag_cfg["file"]
@@ -277,7 +277,7 @@ def resolve_pretrained_tag(name: str, tag: str, cache_dir: str | None = None) ->
         known = ", ".join(tags) if tags else "none (use a local weights file)"
         raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known tags: {known}. "
                          "A local weights file path also works.")
-    cached = _cached_tag_file(tag_cfg, cache_dir)
+    cached = cached_tag_file(tag_cfg, cache_dir)
     if cached:
         return cached, tag_cfg
     host, port = _tag_address(tag_cfg)
@@ -517,7 +517,7 @@ def _create_open_clip(name: str, pretrained, cache_dir: str | None) -> tuple:
     or None, what the model records as `pretrained`) of an open_clip architecture name."""
     import open_clip
 
-    _register_configs()
+    register_configs()
     config = open_clip.get_model_config(name)
     if config is None:
         raise ValueError(_unknown_model_message(name))

@@ -25,9 +25,9 @@ def make_checkpoint(path: Path, name: str = "clipkit-tiny", seed: int = 123) -> 
     """An open_clip state dict with weights unlike clipkit's fixed-seed initialisation."""
     import open_clip
 
-    from clipkit.models import _register_configs
+    from clipkit.models import register_configs
 
-    _register_configs()
+    register_configs()
     torch.manual_seed(seed)
     model = open_clip.create_model(name)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from PIL import Image
 
 import clipkit
 from clipkit.errors import ImageReadError
-from clipkit.models import _register_configs
+from clipkit.models import register_configs
 
 from conftest import draw_shape, make_checkpoint
 
@@ -22,7 +22,7 @@ LONG = [" ".join(["a very long caption about a red circle and a blue square"] * 
 
 def reference(name: str, checkpoint: Path):
     """open_clip's own model, loaded by open_clip's own checkpoint code: the independent reference."""
-    _register_configs()
+    register_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(checkpoint))
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 

@@ -1,3 +1,4 @@
+import json
 import os
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_unknown_tag_lists_known_tags():
 def test_uncached_tag_offline_fails_fast_with_advice(monkeypatch):
     monkeypatch.delenv("CLIPKIT_OFFLINE", raising=False)
     monkeypatch.setattr("clipkit.models.reachable", lambda host, **kw: False)
-    monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
+    monkeypatch.setattr("clipkit.models.cached_tag_file", lambda cfg, cache_dir: None)
     start = time.monotonic()
     with pytest.raises(OfflineError, match=r"not cached .* local file.*clipkit-demo"):
         load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
@@ -136,7 +137,7 @@ def test_uncached_tag_offline_fails_fast_with_advice(monkeypatch):
 def test_offline_env_var_never_probes_the_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("clipkit.models.reachable", lambda host, **kw: pytest.fail("probed the network"))
-    monkeypatch.setattr("clipkit.models._cached_tag_file", lambda cfg, cache_dir: None)
+    monkeypatch.setattr("clipkit.models.cached_tag_file", lambda cfg, cache_dir: None)
     with pytest.raises(OfflineError):
         load_model("ViT-B-32", pretrained="laion2b_s34b_b79k")
 
@@ -256,9 +257,9 @@ def test_siglip_family_checkpoint_fixes(tmp_path, monkeypatch):
     import open_clip
     from open_clip import factory
 
-    from clipkit.models import _register_configs, load_state_into
+    from clipkit.models import register_configs, load_state_into
 
-    _register_configs()
+    register_configs()
     config = json.loads(json.dumps(open_clip.get_model_config("clipkit-tiny")))
     config["init_logit_bias"] = -10.0
     monkeypatch.setitem(factory._MODEL_CONFIGS, "clipkit-tiny-bias", config)
@@ -423,3 +424,49 @@ def test_a_model_shared_by_threads_never_meets_a_flag_another_thread_set(tiny_mo
     for thread in threads:
         thread.join()
     assert not errors and tiny_model.clip.visual.output_tokens is False
+
+
+def _hub_file(cache: Path, repo: str, name: str, content: bytes) -> None:
+    """A file of `repo` in a Hugging Face cache laid out as huggingface_hub writes it (blob, snapshot link)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text("abc123")
+    blob = folder / "blobs" / f"{abs(hash((repo, name))):x}"
+    blob.write_bytes(content)
+    (folder / "snapshots" / "abc123").mkdir(parents=True, exist_ok=True)
+    (folder / "snapshots" / "abc123" / name).symlink_to(blob)
+
+
+def test_the_models_that_load_here_are_listed(tmp_path, tiny_ckpt, fake_tags, capsys):
+    """`clipkit models`: the bundled models, open_clip's tags (cached ones: offline), the hub cache's checkpoints."""
+    from clipkit.catalog import available_models
+    from clipkit.cli import main
+
+    hub = tmp_path / "hub"
+    _hub_file(hub, "someorg/tiny-clip", "open_clip_pytorch_model.bin", Path(tiny_ckpt).read_bytes())  # tag viahub
+    _hub_file(hub, "org/a-clip", "config.json", json.dumps({"model_type": "clip", "projection_dim": 512}).encode())
+    _hub_file(hub, "org/a-clip", "model.safetensors", b"weights")
+    _hub_file(hub, "org/oc", "open_clip_config.json", json.dumps({"model_cfg": {"embed_dim": 768}}).encode())
+    _hub_file(hub, "org/oc", "open_clip_model.safetensors", b"weights")
+    _hub_file(hub, "org/only-config", "config.json", json.dumps({"model_type": "clip"}).encode())  # no weights
+    _hub_file(hub, "org/bert", "config.json", json.dumps({"model_type": "bert"}).encode())  # not a dual encoder
+    _hub_file(hub, "org/bert", "model.safetensors", b"weights")
+    rows = {(row["model"], row["pretrained"]): row for row in available_models(cache_dir=str(hub))}
+    assert rows[("clipkit-demo", None)]["weights"] == "bundled" and rows[("clipkit-demo", None)]["dim"] == 128
+    assert rows[("clipkit-tiny", None)]["weights"] == "none"
+    assert rows[("clipkit-tiny", "viahub")]["weights"] == "cached" and rows[("clipkit-tiny", "viaurl")]["weights"] \
+        == "download"
+    assert rows[("ViT-B-32", "laion2b_s34b_b79k")] == {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k",
+                                                       "dim": 512, "weights": "download"}
+    assert rows[("hf:org/a-clip", None)]["dim"] == 512 and rows[("hf-hub:org/oc", None)]["dim"] == 768
+    assert not {("hf:org/only-config", None), ("hf:org/bert", None)} & set(rows)
+    assert main(["models", "--offline", "--json"]) == 0  # (this machine's own cache: nothing downloaded)
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"model": "clipkit-demo", "pretrained": None, "dim": 128, "weights": "bundled"} in listed
+    assert all(row["weights"] in ("bundled", "cached") for row in listed)
+    assert main(["models", "vit-b-32"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["MODEL", "PRETRAINED", "DIM", "WEIGHTS"] and len(table) > 5
+    assert all("vit-b-32" in line.split()[0].lower() for line in table[1:])
+    assert main(["models", "no-such-model"]) == 2
