@@ -6,13 +6,10 @@ local cache (then they load offline), and the checkpoints in the Hugging Face ca
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from clipkit.bundled import CONFIG_DIR, bundled_models
 from clipkit.models import cached_tag_file, list_models, register_configs
-
-log = logging.getLogger(__name__)
 
 #: transformers model types clipkit loads as dual encoders (`hf:ORG/REPO`) or as BLIP ITM re-rankers
 HF_TYPES = ("align", "altclip", "blip", "blip-2", "chinese_clip", "clip", "metaclip_2", "siglip", "siglip2")
