@@ -11,8 +11,8 @@ from pathlib import Path
 from clipkit.bundled import CONFIG_DIR, bundled_models
 from clipkit.models import cached_tag_file, list_models, register_configs
 
-#: transformers model types clipkit loads as dual encoders (`hf:ORG/REPO`) or as BLIP ITM re-rankers
-HF_TYPES = ("align", "altclip", "blip", "blip-2", "chinese_clip", "clip", "metaclip_2", "siglip", "siglip2")
+#: transformers model types clipkit is tested with: dual encoders (`hf:ORG/REPO`; BLIP-2 also re-ranks), BLIP ITM
+HF_TYPES = ("blip", "blip-2", "clip", "siglip", "siglip2")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHTS = {"bundled": "bundled (offline)", "cached": "cached (offline)", "download": "downloaded at first use",
            "none": "random unless --pretrained FILE"}
