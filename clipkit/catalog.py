@@ -38,7 +38,8 @@ def available_models(cache_dir: str | None = None) -> list[dict]:
 
 def hub_models(cache_dir: str | None = None) -> list[dict]:
     """The checkpoints with weights in the Hugging Face cache that `load_model` takes: open_clip hub models
-    (`hf-hub:ORG/REPO`) and transformers dual encoders or BLIP ITM models (`hf:ORG/REPO`)."""
+    (`hf-hub:ORG/REPO`) and transformers dual encoders (`hf:ORG/REPO`); BLIP ITM models, which `load_reranker`
+    takes instead, with 'reranker': True."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -58,8 +59,10 @@ def hub_models(cache_dir: str | None = None) -> list[dict]:
             rows.append({"model": f"hf-hub:{repo.repo_id}", "pretrained": None, "dim": config.get("embed_dim"),
                          "weights": "cached"})
         elif "config.json" in files and _json(files["config.json"]).get("model_type") in HF_TYPES:
-            rows.append({"model": f"hf:{repo.repo_id}", "pretrained": None,
-                         "dim": _json(files["config.json"]).get("projection_dim"), "weights": "cached"})
+            config = _json(files["config.json"])
+            reranker = "BlipForImageTextRetrieval" in (config.get("architectures") or [])  # (BLIP ITM: --reranker)
+            rows.append({"model": f"hf:{repo.repo_id}", "pretrained": None, "dim": config.get("projection_dim"),
+                         "weights": "cached"} | ({"reranker": True} if reranker else {}))
     return rows
 
 

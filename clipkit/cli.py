@@ -897,7 +897,8 @@ def cmd_models(args) -> int:
     width = max(len(row["model"]) for row in rows) + 2
     print(f"{'MODEL':<{width}}{'PRETRAINED':<28}{'DIM':>5}  WEIGHTS")
     for row in rows:
-        print(f"{row['model']:<{width}}{row['pretrained'] or '-':<28}{row['dim'] or '-':>5}  {WEIGHTS[row['weights']]}")
+        print(f"{row['model']:<{width}}{row['pretrained'] or '-':<28}{row['dim'] or '-':>5}  {WEIGHTS[row['weights']]}"
+              + (", a re-ranker (--reranker)" if row.get("reranker") else ""))
     if not args.quiet:
         print("load one: --model MODEL [--pretrained PRETRAINED] (clipkit.load_model(MODEL, pretrained=PRETRAINED))",
               file=sys.stderr)

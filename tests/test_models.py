@@ -449,6 +449,9 @@ def test_the_models_that_load_here_are_listed(tmp_path, tiny_ckpt, fake_tags, ca
     _hub_file(hub, "org/a-clip", "model.safetensors", b"weights")
     _hub_file(hub, "org/oc", "open_clip_config.json", json.dumps({"model_cfg": {"embed_dim": 768}}).encode())
     _hub_file(hub, "org/oc", "open_clip_model.safetensors", b"weights")
+    _hub_file(hub, "org/itm", "config.json", json.dumps({"model_type": "blip",
+                                                          "architectures": ["BlipForImageTextRetrieval"]}).encode())
+    _hub_file(hub, "org/itm", "model.safetensors", b"weights")
     _hub_file(hub, "org/only-config", "config.json", json.dumps({"model_type": "clip"}).encode())  # no weights
     _hub_file(hub, "org/bert", "config.json", json.dumps({"model_type": "bert"}).encode())  # not a dual encoder
     _hub_file(hub, "org/bert", "model.safetensors", b"weights")
@@ -461,6 +464,7 @@ def test_the_models_that_load_here_are_listed(tmp_path, tiny_ckpt, fake_tags, ca
                                                        "dim": 512, "weights": "download"}
     assert rows[("hf:org/a-clip", None)]["dim"] == 512 and rows[("hf-hub:org/oc", None)]["dim"] == 768
     assert not {("hf:org/only-config", None), ("hf:org/bert", None)} & set(rows)
+    assert rows[("hf:org/itm", None)]["reranker"] and "reranker" not in rows[("hf:org/a-clip", None)]
     assert main(["models", "--offline", "--json"]) == 0  # (this machine's own cache: nothing downloaded)
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {"model": "clipkit-demo", "pretrained": None, "dim": 128, "weights": "bundled"} in listed
