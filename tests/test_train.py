@@ -121,8 +121,7 @@ def test_train_command_errors_are_one_line(tmp_path, capsys, shards):
 
 def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_path, shards, capsys):
     """--data and --val take what `clipkit shards` writes (a folder of .tar files) and --val takes a folder of
-    captioned images too; the last validation row is what `clipkit eval` gives for the run's last checkpoint.
-    A folder of images or a caption table as --data says how to make shards of it."""
+    captioned images too; the last validation row is what `clipkit eval` gives for the run's last checkpoint."""
     from clipkit.evaluate import run_benchmark
 
     folder = str(Path(shards).parent)
@@ -147,9 +146,33 @@ def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_
         train(config(tmp_path / f"run3-{n}", shards, steps=1, ckpt_every=1, val=val, val_every=0))
         scores = [r["val"] for r in log_rows(tmp_path / f"run3-{n}") if "val" in r][-1]
         assert scores["t2i_R@10"] == 1.0 and 1 <= scores["i2t_mean_rank"] <= (3, 2)[n]  # 3 images, then 2
-    for data, says in [(str(images), "is a folder without .tar shards"), (str(tmp_path / "t.csv"), "clipkit shards")]:
-        assert main(["train", "--data", data, "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
-        assert says in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2
+    assert "no image with a caption in it" in capsys.readouterr().err  # (its one image is not where it says)
+
+
+def test_a_folder_of_captioned_images_or_a_caption_table_trains(tmp_path):
+    """--data takes what `clipkit shards` takes: its shards written once into OUT/data/source, kept for the
+    runs that go on in OUT, written again for another source."""
+    import tarfile
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for n, (colour, shape) in enumerate([(c, s) for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")]):
+        draw_shape(colour, shape, (32, 32), seed=n).save(images / f"{n}.png")
+        (images / f"{n}.txt").write_text(f"a {colour} {shape}\n")
+    (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"images/{n}.png,one\n" for n in range(4)))
+    run = tmp_path / "run"
+    train(config(run, str(images), steps=2, batch_size=4, ckpt_every=2))
+    made = sorted((run / "data" / "source").glob("train-*.tar"))
+    with tarfile.open(made[0]) as shard:
+        captions = sorted(m.name for m in shard.getmembers() if m.name.endswith(".txt"))
+    assert len(made) == 1 and len(captions) == 8 and len(checkpoint_paths(run)) == 1
+    stamp = made[0].stat().st_mtime_ns
+    train(config(run, str(images), steps=4, batch_size=4, ckpt_every=2, resume="latest"))  # goes on: kept
+    assert made[0].stat().st_mtime_ns == stamp and len(checkpoint_paths(run)) == 2
+    assert main(["-q", "train", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "run2"), "--steps", "1",
+                 "--batch-size", "4", "--device", "cpu", "--val", "none", "--workers", "0"]) == 0
+    assert json.loads((tmp_path / "run2" / "data" / "source" / "train.json").read_text())["total"] == 4
 
 
 def test_resuming_with_other_options_is_refused_or_said(tmp_path, shards, caplog, capsys):

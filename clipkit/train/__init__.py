@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -50,8 +51,9 @@ class TrainingDiverged(ClipkitError):
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata={"help": "webdataset shards: pattern(s) or folder(s) of .tar files, comma-separated "
-                                        "(`clipkit shards` makes them of images and captions), or synthetic:N "
+    data: str = field(metadata={"help": "webdataset shards: pattern(s) or folder(s) of .tar files, comma-separated; "
+                                        "a folder of images with NAME.txt captions or a caption table (.csv, "
+                                        ".jsonl, .parquet: written into shards once, in OUT/data); or synthetic:N "
                                         "(made in OUT/data)"})
     out: str = field(metadata={"help": "run folder: checkpoints, log.jsonl, config.json"})
     model: str = field(default="clipkit-tiny", metadata={"help": "a clipkit or open_clip architecture name, a "
@@ -198,9 +200,13 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
-    """The training shards; synthetic:N writes them once (rank 0) into OUT/data."""
+    """The training shards; synthetic:N, a folder of captioned images or a caption table written into shards
+    once (rank 0) in OUT/data."""
+    parts = [u.strip() for u in config.data.split(",") if u.strip()]
+    if len(parts) == 1 and captioned_source(parts[0]):
+        return _source_shards(config, parts[0], rank)
     if not config.data.startswith("synthetic:"):
-        return [u.strip() for u in config.data.split(",") if u.strip()]
+        return parts
     from clipkit.data.synthetic import write_synthetic
 
     n = _synthetic_count(config.data)
@@ -214,6 +220,37 @@ def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
     if dist.is_initialized():
         dist.barrier()
     return str(folder / json.loads(manifest.read_text())["pattern"])
+
+
+def captioned_source(path: str) -> bool:
+    """Whether `path` is a folder of images with NAME.txt captions (no .tar shards at its top) or a caption
+    table (.csv / .tsv / .jsonl / .parquet): what `clipkit shards` writes shards of."""
+    from clipkit.data.shardspec import SHARD_SUFFIXES
+    from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
+
+    if os.path.isdir(path):
+        return not any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
+    return os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES and table_suffix(path) != ".txt"
+
+
+def _source_shards(config: TrainConfig, source: str, rank: int) -> str:
+    """The shards of a captioned folder or caption table, written once (rank 0) into OUT/data/source and kept
+    for the runs that go on in OUT (a set made from another source, or stopped midway, is written again)."""
+    from clipkit.data.shards import samples_from_folder, samples_from_table, write_shards
+
+    folder, expected = Path(config.out) / "data" / "source", {"source": str(Path(source).resolve())}
+    if rank == 0 and not _manifest_matches(folder / "made.json", expected):
+        shutil.rmtree(folder, ignore_errors=True)
+        samples = samples_from_folder(source) if os.path.isdir(source) else samples_from_table(source)
+        if not write_shards(samples, folder, prefix="train", progress=None):
+            raise ValueError(f"--data {source}: no image with a caption in it (a folder needs NAME.txt captions "
+                             "beside its images; a table, image and caption columns)")
+        (folder / "made.json").write_text(json.dumps(expected))
+        log.info("wrote the shards of %s into %s (kept for runs in %s; delete it to write them again)", source,
+                 folder, config.out)
+    if dist.is_initialized():
+        dist.barrier()
+    return str(folder / json.loads((folder / "train.json").read_text())["pattern"])
 
 
 def _wants_itm(config: TrainConfig, clip: nn.Module) -> bool:
