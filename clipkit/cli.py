@@ -394,6 +394,8 @@ def _index_written(args) -> str:
     from clipkit.index import is_index
 
     given = args.index_at
+    if given is not None and not given.strip():
+        raise UsageError("the INDEX given is empty: give the index folder's path (or leave it out)")
     if given is not None and not (given.rstrip("/").endswith(".clipkit") or is_index(given)):
         raise UsageError(f"clipkit index takes one SOURCE, not also {given}: index each folder in its own run (one "
                          f"index holds them all); to write the index to {given}, give --index {given}")
