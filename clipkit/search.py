@@ -149,10 +149,11 @@ def opened(path: str | os.PathLike) -> Index:
     with _OPENED_LOCK:
         kept = _OPENED.pop(folder, None)
     index = kept[1] if kept is not None and kept[0] == signature else None
-    try:
-        index is None or index.refresh()
-    except Exception:  # (opened anew below, which says what is wrong)
-        index = None
+    if index is not None:
+        try:
+            index.refresh()
+        except Exception:  # (opened anew below, which says what is wrong)
+            index = None
     if index is None:
         index = Index.load(path)
         if kept is not None and kept[1].model is not None and kept[1].model_info == index.model_info:

@@ -173,6 +173,13 @@ def test_a_folder_of_captioned_images_or_a_caption_table_trains(tmp_path):
     assert main(["-q", "train", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "run2"), "--steps", "1",
                  "--batch-size", "4", "--device", "cpu", "--val", "none", "--workers", "0"]) == 0
     assert json.loads((tmp_path / "run2" / "data" / "source" / "train.json").read_text())["total"] == 4
+    (run / "data" / "source" / "mine.txt").write_text("kept")  # another source into a folder with others' files
+    with pytest.raises(ValueError, match="holds files clipkit did not write"):
+        train(config(run, str(tmp_path / "t.csv"), steps=6, batch_size=4, ckpt_every=2, resume="latest"))
+    assert (run / "data" / "source" / "mine.txt").read_text() == "kept" and made[0].exists()
+    (run / "data" / "source" / "mine.txt").unlink()  # then written again, from the table
+    train(config(run, str(tmp_path / "t.csv"), steps=6, batch_size=4, ckpt_every=2, resume="latest"))
+    assert json.loads((run / "data" / "source" / "train.json").read_text())["total"] == 4
 
 
 def test_resuming_with_other_options_is_refused_or_said(tmp_path, shards, caplog, capsys):

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -240,7 +239,7 @@ def _source_shards(config: TrainConfig, source: str, rank: int) -> str:
 
     folder, expected = Path(config.out) / "data" / "source", {"source": str(Path(source).resolve())}
     if rank == 0 and not _manifest_matches(folder / "made.json", expected):
-        shutil.rmtree(folder, ignore_errors=True)
+        _clear_made_shards(folder)
         samples = samples_from_folder(source) if os.path.isdir(source) else samples_from_table(source)
         if not write_shards(samples, folder, prefix="train", progress=None):
             raise ValueError(f"--data {source}: no image with a caption in it (a folder needs NAME.txt captions "
@@ -251,6 +250,18 @@ def _source_shards(config: TrainConfig, source: str, rank: int) -> str:
     if dist.is_initialized():
         dist.barrier()
     return str(folder / json.loads((folder / "train.json").read_text())["pattern"])
+
+
+def _clear_made_shards(folder: Path) -> None:
+    """Remove the shards (and their lists, and the temporary files of a write stopped midway) that
+    `_source_shards` wrote in `folder`; anything else there is refused, never deleted."""
+    ours = re.compile(r"(train-\d{6}\.tar|train\.json|made\.json|\.(train-\d{6}\.tar|train\.json)\..*\.tmp)")
+    files = list(folder.iterdir()) if folder.is_dir() else []
+    others = [p.name for p in files if not (p.is_file() and ours.fullmatch(p.name))]
+    if others:
+        raise ValueError(f"{folder} holds files clipkit did not write there ({others[0]}, ...): give another --out")
+    for path in files:
+        path.unlink()
 
 
 def _wants_itm(config: TrainConfig, clip: nn.Module) -> bool:
