@@ -333,7 +333,8 @@ def _add_rerank_arguments(parser) -> None:
 
     parser.add_argument("--model", required=True, help="the model whose towers stay frozen: " + MODEL_HELP)
     parser.add_argument("--pretrained", default=None, help="its weights (open_clip tag, local file, clipkit checkpoint)")
-    parser.add_argument("--data", required=True, help="training galleries: webdataset shard URLs, or synthetic:N")
+    parser.add_argument("--data", required=True, help="training galleries: webdataset shard URLs, a folder of images "
+                        "with NAME.txt captions, a caption table, or synthetic:N")
     parser.add_argument("--gallery-size", type=int, default=1000, help="images per gallery ITC mines candidates in")
     parser.add_argument("--out", required=True, help="the checkpoint to write: the towers plus the new head")
     defaults = RerankConfig()

@@ -107,8 +107,9 @@ def split_set(data: RetrievalSet, size: int) -> list[RetrievalSet]:
 
 def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64) -> list[RetrievalSet]:
     """Galleries for the stage: 'synthetic:N' (training-split seeds 1, 2, ... of `gallery_size` images,
-    none of them the test split's) or webdataset shard URLs (read in order, cut into galleries)."""
-    from clipkit.data.captions import read_shard_set, synthetic_set
+    none of them the test split's), a folder of captioned images or a caption table, or webdataset shard URLs
+    (read in order, cut into galleries)."""
+    from clipkit.data.captions import captioned_source, read_shard_set, read_source_set, synthetic_set
 
     if spec.startswith("synthetic:"):
         try:
@@ -119,7 +120,8 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
             raise ValueError(f"{spec} holds fewer images than one gallery of {gallery_size}")
         return [synthetic_set(gallery_size, seed=seed, split="train", size=image_size)
                 for seed in range(1, n_images // gallery_size + 1)]
-    return split_set(read_shard_set(spec, name="train"), gallery_size)
+    return split_set(read_source_set(spec) if captioned_source(spec) else read_shard_set(spec, name="train"),
+                     gallery_size)
 
 
 def step_loss(head: torch.nn.Module, g: CachedGallery, captions: torch.Tensor, random: int,

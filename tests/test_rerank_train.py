@@ -1,5 +1,7 @@
 """The late-interaction ITM head and its second training stage (clipkit.rerank_train)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from PIL import Image
 
 import clipkit
 from clipkit.data.captions import synthetic_set
+from clipkit.data.synthetic import write_synthetic
 from clipkit.encode import load_image
 from clipkit.errors import CheckpointError
 from clipkit.evaluate import evaluate
@@ -157,6 +160,22 @@ def test_split_set_keeps_each_caption_with_its_image():
     assert [len(p.images) for p in parts] == [3, 3, 1]
     pairs = [(caption, part.images[i]) for part in parts for caption, i in zip(part.captions, part.text_to_image)]
     assert pairs == [(c, data.images[i]) for c, i in zip(data.captions, data.text_to_image)]
+
+
+def test_training_galleries_from_a_captioned_folder_or_table(tmp_path):
+    """train-rerank --data takes what `clipkit train --data` takes: a folder of captioned images, a table."""
+    from clipkit.rerank_train import training_galleries
+
+    folder = tmp_path / "photos"
+    write_synthetic(folder, 7, seed=3, size=32, layout="folder", workers=1)
+    galleries = training_galleries(str(folder), gallery_size=3)
+    assert [len(g.images) for g in galleries] == [3, 3, 1] and all(len(g.captions) >= len(g.images) for g in galleries)
+    rows = [(Path(image).name, caption) for g in galleries for caption, i in zip(g.captions, g.text_to_image)
+            for image in [g.images[i]]]
+    assert all((folder / Path(name).with_suffix(".txt").name).read_text().count(caption) for name, caption in rows)
+    names = sorted({Path(image).name for g in galleries for image in g.images})[:4]
+    (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"photos/{name},x{n}\n" for n, name in enumerate(names)))
+    assert [len(g.images) for g in training_galleries(str(tmp_path / "t.csv"), gallery_size=3)] == [3, 1]
 
 
 def test_train_rerank_command_writes_a_loadable_model(tiny_model, tiny_ckpt, tmp_path, capsys, image_folder,

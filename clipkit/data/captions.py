@@ -82,6 +82,23 @@ def read_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLike, s
                         meta={"source": str(json_path), "split": split})
 
 
+def captioned_source(path: str) -> bool:
+    """Whether `path` is a folder of images with NAME.txt captions (no .tar shards at its top) or a caption
+    table (.csv / .tsv / .jsonl / .parquet): what `clipkit shards` writes shards of, and what training reads
+    as it is (`clipkit train`, `train-rerank --data`)."""
+    from clipkit.data.shardspec import SHARD_SUFFIXES
+    from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
+
+    if os.path.isdir(path):
+        return not any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
+    return os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES and table_suffix(path) != ".txt"
+
+
+def read_source_set(path: str) -> RetrievalSet:
+    """A `captioned_source` as a retrieval set."""
+    return read_folder_set(path) if os.path.isdir(path) else read_table_set(path)
+
+
 def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
     """A folder of images with same-name `.txt` caption files (one caption a line) as a retrieval set;
     images without captions are left out."""

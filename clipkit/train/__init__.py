@@ -201,6 +201,8 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
     """The training shards; synthetic:N, a folder of captioned images or a caption table written into shards
     once (rank 0) in OUT/data."""
+    from clipkit.data.captions import captioned_source
+
     parts = [u.strip() for u in config.data.split(",") if u.strip()]
     if len(parts) == 1 and captioned_source(parts[0]):
         return _source_shards(config, parts[0], rank)
@@ -219,17 +221,6 @@ def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
     if dist.is_initialized():
         dist.barrier()
     return str(folder / json.loads(manifest.read_text())["pattern"])
-
-
-def captioned_source(path: str) -> bool:
-    """Whether `path` is a folder of images with NAME.txt captions (no .tar shards at its top) or a caption
-    table (.csv / .tsv / .jsonl / .parquet): what `clipkit shards` writes shards of."""
-    from clipkit.data.shardspec import SHARD_SUFFIXES
-    from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
-
-    if os.path.isdir(path):
-        return not any(name.endswith(SHARD_SUFFIXES) for name in os.listdir(path))
-    return os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES and table_suffix(path) != ".txt"
 
 
 def _source_shards(config: TrainConfig, source: str, rank: int) -> str:
