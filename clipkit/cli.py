@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import sqlite3
 import sys
 from pathlib import Path
@@ -505,6 +506,10 @@ def _index_from(args, folder: Path | None, table, listed_only: bool) -> int:
             shares = sorted(engine.stats["per_actor"].values(), reverse=True)
             print(f"ray: {engine.stats['actors']} actor(s) (images each: {', '.join(map(str, shares)) or 'none'}); "
                   f"{engine.stats['delivered_twice']} batch(es) delivered again after a retry, committed once")
+        if created and len(index) and shard is None:  # (a first index: what to do with it)
+            named = shlex.quote(str(index_path))
+            print(f"search it: clipkit search {named} \"TEXT\" (or an image's path); with a web page: clipkit serve "
+                  f"{named}", file=sys.stderr)
     return 0
 
 

@@ -48,6 +48,11 @@ def test_the_index_may_be_given_as_index_and_search_name_it(image_folder, tmp_pa
     assert json.loads(capsys.readouterr().out) == expected
     assert main(["search", index_path, "a red circle", "a dog", "-k", "1"]) == 0
     assert capsys.readouterr().out.count("# ") == 2
+    fresh = str(tmp_path / "my photos.clipkit")  # a first index says how to use it; an update does not
+    for says in (True, False):
+        assert main(["index", str(image_folder), fresh, *tiny_args]) == 0
+        assert ("search it: clipkit search 'my photos.clipkit'" in capsys.readouterr().err.replace(
+            str(tmp_path) + "/", "")) is says
     refusals = [(["index", str(image_folder), str(second)], f"takes one SOURCE, not also {second}"),  # a 2nd folder?
                 (["index", str(image_folder), index_path, "--index", str(tmp_path / "b.clipkit")], "give the index once"),
                 (["search", index_path], f"give a QUERY to search {index_path} for"),
