@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image, warn_if_image_paths
 from clipkit.hit import Hit
-from clipkit.index import DB_FILE, Index, prepare_vectors
+from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.index.vectors import from_tensor
@@ -72,8 +74,8 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     tensor on any device) -> embedding; 2-D float array -> one query of several vectors (an item scored by its
     best match with any: the stored embedding of an item of a BLIP-2 index, `index.embeddings([id])[0]`; for a
     batch, `search_batch`).
-    `index`: an Index, or the path of an index folder (opened at the first call, with its model, and kept for the
-    next calls with that path: `opened`).
+    `index`: an Index, or the path of an index folder (opened for the call; the model its queries need is kept
+    for the next search by path: `opened`).
     `model=None` uses the index's own model; another model is checked against the one that built it.
     `rerank=True`: ITC retrieves the top `rerank_k` (default max(k, 32)) candidates and the model's ITM
     head re-orders them; a hit's score is then the ITM log-odds + `weight` x cosine (default: the weight the
@@ -88,11 +90,12 @@ def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = 
     `under`: a folder (or a file): only the items whose file lies there (captions: whose image's file does),
     searched exactly for a folder of up to 200,000 items; a ValueError when the index holds none there.
     """
-    index = _checked(index, k)
     query = from_tensor(query)
     kind = query_kind(query)
-    return _search_all([query], [kind], index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
-                       modality=modality, reranker=reranker, under=under)[0]
+    with opened(index) as index:
+        _check_k(k)
+        return _search_all([query], [kind], index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
+                           modality=modality, reranker=reranker, under=under)[0]
 
 
 def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, rerank: bool = False,
@@ -110,59 +113,63 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     if isinstance(queries, (str, bytes, Image.Image, os.PathLike, np.ndarray)) or not isinstance(queries, Sequence):
         raise ValueError(f"queries must be a list of queries, got {type(queries).__name__}: for one query, "
                          "use clipkit.search")
-    index = _checked(index, k)
-    kinds = []
-    queries = [from_tensor(query) for query in queries]
-    for query in queries:  # (a loop, not a comprehension: the warning names the caller's line)
-        kinds.append(query_kind(query))
-    return _search_all(queries, kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
-                       modality=modality, reranker=reranker, under=under)
+    with opened(index) as index:
+        _check_k(k)
+        kinds = []
+        queries = [from_tensor(query) for query in queries]
+        for query in queries:  # (a loop, not a comprehension: the warning names the caller's line)
+            kinds.append(query_kind(query))
+        return _search_all(queries, kinds, index, k, model=model, rerank=rerank, rerank_k=rerank_k, weight=weight,
+                           modality=modality, reranker=reranker, under=under)
 
 
-def _checked(index, k) -> Index:
-    """`index` (an index folder's path: opened, or kept from an earlier call), once it and `k` are checked."""
-    if isinstance(index, (str, os.PathLike)):
-        index = opened(index)
-    if not isinstance(index, Index):
-        raise ValueError(f"index must be a clipkit.Index or an index folder's path, got {type(index).__name__}")
+def _check_k(k) -> None:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    return index
 
 
-OPENED_KEPT = 2  # indexes a search by path keeps open, with the model loaded for their queries
-_OPENED: OrderedDict = OrderedDict()
-_OPENED_LOCK = threading.Lock()
+MODELS_KEPT = 2  # models of indexes searched by path, kept for the next search by path
+_MODELS: OrderedDict = OrderedDict()
+_MODELS_LOCK = threading.Lock()
 
 
-def opened(path: str | os.PathLike) -> Index:
-    """The index at `path`, kept open for the next search by path (the last `OPENED_KEPT` paths, least recently
-    used dropped): `search(query, "photos.clipkit")` in a loop opens the index and loads its model once, not
-    each call (~0.25 s for the demo model, seconds for a large one). Each call brings it up to date with the
-    store (another process's additions and removals are seen at once, as by a new load); once the store's file
-    itself changed (rewritten, replaced, built again, damaged) it is opened anew, keeping the model it records."""
+@contextlib.contextmanager
+def opened(index) -> Iterator[Index]:
+    """`index` as is, or an index folder's path opened for this search (every check a load makes, every change
+    seen) with the model its queries need taken from the last searches by path: `search(query, "photos.clipkit")`
+    in a loop loads the model once, not each call (0.19 s of its 0.25 s with the demo model, seconds with a large
+    one). A model is kept while what the index records names it and its weights file stays as it was (`MODELS_KEPT`
+    of them, least recently used dropped); one that changed or went is loaded, or refused, as at a first call."""
+    if not isinstance(index, (str, os.PathLike)):
+        if not isinstance(index, Index):
+            raise ValueError(f"index must be a clipkit.Index or an index folder's path, got {type(index).__name__}")
+        yield index
+        return
+    index = Index.load(index)
+    key = _model_key(index.model_info)
+    with _MODELS_LOCK:
+        index.model = _MODELS.pop(key, None) if key else None
     try:
-        stat = os.stat(os.path.join(path, DB_FILE))
+        yield index
+    finally:
+        if key and index.model is not None:
+            with _MODELS_LOCK:
+                _MODELS[key] = index.model
+                while len(_MODELS) > MODELS_KEPT:
+                    _MODELS.popitem(last=False)
+
+
+def _model_key(info: dict | None) -> str | None:
+    """What identifies the model an index records, with its weights file's size and time (so that weights
+    replaced or gone since are loaded again, and said)."""
+    if not info:
+        return None
+    weights = info.get("pretrained")
+    try:
+        stat = os.stat(weights) if isinstance(weights, str) else None
     except OSError:
-        return Index.load(path)  # (not an index: its error)
-    folder, signature = os.path.abspath(path), (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    with _OPENED_LOCK:
-        kept = _OPENED.pop(folder, None)
-    index = kept[1] if kept is not None and kept[0] == signature else None
-    if index is not None:
-        try:
-            index.refresh()
-        except Exception:  # (opened anew below, which says what is wrong)
-            index = None
-    if index is None:
-        index = Index.load(path)
-        if kept is not None and kept[1].model is not None and kept[1].model_info == index.model_info:
-            index.model = kept[1].model
-    with _OPENED_LOCK:
-        _OPENED[folder] = (signature, index)
-        while len(_OPENED) > OPENED_KEPT:
-            _OPENED.popitem(last=False)
-    return index
+        stat = None
+    return json.dumps([info, stat and (stat.st_size, stat.st_mtime_ns)], sort_keys=True, default=str)
 
 
 EMBED_CHUNK = 1024  # queries of a kind embedded in one call by `search_batch`

@@ -78,36 +78,34 @@ def test_search_with_the_index_model_after_reload(image_folder, tiny_ckpt, tmp_p
         assert [h.id for h in clipkit.search("a blue circle", path, k=2)] == [h.id for h in hits]
 
 
-def test_a_search_by_path_opens_the_index_once_and_sees_every_change(image_folder, tiny_model, tmp_path, monkeypatch):
+def test_a_search_by_path_loads_the_model_once_and_sees_every_change(image_folder, tmp_path, monkeypatch):
     search_module = importlib.import_module("clipkit.search")  # (clipkit.search is the function)
-    index = Index.from_folder(image_folder, model=tiny_model)
+    weights = make_checkpoint(tmp_path / "weights.pt")
+    index = Index.from_folder(image_folder, model=clipkit.load_model("clipkit-tiny", pretrained=weights))
     index.save(tmp_path / "ix")
     vector = index.embeddings([index.ids()[0]])[0]
-    assert clipkit.search("a blue circle", tmp_path / "ix", k=1)  # opened, its model loaded
-    kept = search_module._OPENED[str(tmp_path / "ix")][1]
+    assert clipkit.search("a blue circle", tmp_path / "ix", k=1)  # its model loaded
     monkeypatch.setattr("clipkit.models.load_recorded_model", lambda *a, **kw: pytest.fail("model loaded again"))
-    monkeypatch.setattr(Index, "load", classmethod(lambda cls, *a, **kw: pytest.fail("opened again")))
-    assert clipkit.search("a blue circle", str(tmp_path / "ix"), k=3)  # kept open, its model kept too
-    monkeypatch.undo()
-    monkeypatch.setattr("clipkit.models.load_recorded_model", lambda *a, **kw: pytest.fail("model loaded again"))
-    index.add(-vector[None], ids=["opposite"])  # another writer's change: seen by the next search, at once
+    assert clipkit.search("a blue circle", str(tmp_path / "ix"), k=3)  # kept
+    index.add(-vector[None], ids=["opposite"])  # another writer's change: seen by the next search
     index.save()
     assert clipkit.search(-vector, tmp_path / "ix", k=1)[0].id == "opposite"
-    assert clipkit.search("a red square", tmp_path / "ix", k=1)  # (the store's file rewritten: the model kept)
-    assert search_module._OPENED[str(tmp_path / "ix")][1].model is kept.model
+    assert clipkit.search_batch(["a red square", -vector], tmp_path / "ix", k=1)[1][0].id == "opposite"
     monkeypatch.undo()
+    make_checkpoint(tmp_path / "other.pt", seed=7)
+    os.replace(tmp_path / "other.pt", weights)  # other weights at the recorded path: refused, as at a first call
+    with pytest.raises(clipkit.ClipkitError, match="other weights now"):
+        clipkit.search("a blue circle", tmp_path / "ix", k=1)
     with open(tmp_path / "ix" / "meta.sqlite", "r+b") as store:  # damaged in place: said, as by a first search
         store.write(b"garbage!" * 512)
     with pytest.raises(clipkit.ClipkitError, match="damaged"):
         clipkit.search(vector, tmp_path / "ix", k=1)
-    shutil.rmtree(tmp_path / "ix")  # built again at the same path: the new index, not the kept one
-    writer = Index.from_embeddings(np.eye(1, len(vector), dtype=np.float32), ids=["new"])
-    writer.save(tmp_path / "ix")
-    assert [h.id for h in clipkit.search(writer.embeddings(["new"])[0], tmp_path / "ix", k=5)] == ["new"]
-    for n in range(search_module.OPENED_KEPT + 1):  # only the last few paths stay open
-        writer.save(tmp_path / f"other{n}")
-        clipkit.search(writer.embeddings(["new"])[0], tmp_path / f"other{n}", k=1)
-    assert len(search_module._OPENED) == search_module.OPENED_KEPT
+    for n in range(search_module.MODELS_KEPT + 1):  # only the last few models are kept
+        other = Index.from_folder(image_folder, model=clipkit.load_model(
+            "clipkit-tiny", pretrained=make_checkpoint(tmp_path / f"w{n}.pt", seed=n)))
+        other.save(tmp_path / f"other{n}")
+        clipkit.search("a red square", tmp_path / f"other{n}", k=1)
+    assert len(search_module._MODELS) == search_module.MODELS_KEPT
 
 def test_weights_gone_since_the_index_was_built_are_named(image_folder, tmp_path):
     import shutil

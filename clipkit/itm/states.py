@@ -16,7 +16,7 @@ _FLAG_LOCKS_LOCK = threading.Lock()
 def flags_lock(clip: nn.Module) -> threading.RLock:
     """The lock of a model whose towers' `output_tokens` flags the token helpers below set while they run: held
     by them and by `Model.encode_text` / `encode_image`, so that a thread encoding never meets a flag another
-    thread set (one model shared by threads: an `Index`, or the ones `clipkit.search` keeps open by path)."""
+    thread set (one model shared by threads: an `Index`'s, or one `clipkit.search` keeps for searches by path)."""
     with _FLAG_LOCKS_LOCK:
         lock = _FLAG_LOCKS.get(clip)
         if lock is None:
