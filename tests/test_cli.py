@@ -395,4 +395,5 @@ def test_long_work_prints_a_progress_line_a_minute_into_a_log(tmp_path):
                              seconds="0"))
     counts = [line.split("|")[2].split("/")[0].strip() for line in logged.splitlines() if line.startswith("indexing")]
     assert len(set(counts)) > 2 and counts[-1] == "4"  # the shards' bar moves within the one call they share
-    assert "40 img embedded" in logged.splitlines()[-1]
+    progress = [line for line in logged.splitlines() if not line.startswith("search it: ")]  # (a first index's hint)
+    assert "40 img embedded" in progress[-1] and "search it: clipkit search" in logged.splitlines()[-1]
