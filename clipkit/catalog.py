@@ -58,8 +58,9 @@ def hub_models(cache_dir: str | None = None) -> list[dict]:
             config = _json(files["open_clip_config.json"]).get("model_cfg", {})
             rows.append({"model": f"hf-hub:{repo.repo_id}", "pretrained": None, "dim": config.get("embed_dim"),
                          "weights": "cached"})
-        elif "config.json" in files and _json(files["config.json"]).get("model_type") in HF_TYPES:
-            config = _json(files["config.json"])
+            continue
+        config = _json(files["config.json"]) if "config.json" in files else {}
+        if config.get("model_type") in HF_TYPES:
             reranker = "BlipForImageTextRetrieval" in (config.get("architectures") or [])  # (BLIP ITM: --reranker)
             rows.append({"model": f"hf:{repo.repo_id}", "pretrained": None, "dim": config.get("projection_dim"),
                          "weights": "cached"} | ({"reranker": True} if reranker else {}))

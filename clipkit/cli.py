@@ -393,12 +393,10 @@ def _one_index(args) -> str:
 def _index_written(args) -> str:
     """`clipkit index SOURCE [INDEX]`: INDEX or --index (once); a second positional that is neither an index nor a
     name ending in .clipkit is refused (one SOURCE a run: it is most likely a second folder, not a new index)."""
-    from clipkit.index import is_index
-
     given = args.index_at
     if given is not None and not given.strip():
         raise UsageError("the INDEX given is empty: give the index folder's path (or leave it out)")
-    if given is not None and not (given.rstrip("/").endswith(".clipkit") or is_index(given)):
+    if given is not None and not _names_index(given):
         raise UsageError(f"clipkit index takes one SOURCE, not also {given}: index each folder in its own run (one "
                          f"index holds them all); to write the index to {given}, give --index {given}")
     if given and args.index and given != args.index:
@@ -409,11 +407,9 @@ def _index_written(args) -> str:
 def _index_read_first(args) -> None:
     """`clipkit search INDEX QUERY...` as `clipkit search QUERY... --index INDEX`: a first QUERY that is an index, or
     names one (ends in .clipkit), when there is no --index and something else to search for."""
-    from clipkit.index import is_index
-
     first = args.query[0] if args.query and args.index is None else None
     several = len(args.query) > 1 or args.queries is not None
-    if not first or not (first.rstrip("/").endswith(".clipkit") or is_index(first)) or (args.text and not several):
+    if not first or not _names_index(first) or (args.text and not several):
         return  # (--text and that one QUERY: the text itself)
     if args.server:
         raise UsageError(f"with --server the index is one the server serves: --index NAME (its name there, "
@@ -422,6 +418,13 @@ def _index_read_first(args) -> None:
         raise UsageError(f"give a QUERY to search {first} for: clipkit search {first} QUERY (to search for the text "
                          f"{first!r}, add --text)")
     args.index, args.query = first, args.query[1:]
+
+
+def _names_index(path: str) -> bool:
+    """Whether a positional argument names an index: one that is there, or a name ending in .clipkit."""
+    from clipkit.index import is_index
+
+    return path.rstrip("/").endswith(".clipkit") or is_index(path)
 
 
 def _positive_int(text: str) -> int:
@@ -784,7 +787,7 @@ def cmd_remove(args) -> int:
         raise UsageError("give the PATHs whose items to drop, or --missing")
     if not Path(args.index).exists():
         raise FileNotFoundError(f"no index at {args.index}")
-    if not _removal_confirmed(args, Index.load(args.index)):
+    if not _removal_confirmed(args):
         print("nothing removed", file=sys.stderr)
         return 1
     with writer_lock(args.index, wait=not args.no_wait, on_wait=_waiting_notice(args)):
@@ -805,13 +808,17 @@ def cmd_remove(args) -> int:
     return 0
 
 
-def _removal_confirmed(args, index) -> bool:
+def _removal_confirmed(args) -> bool:
     """At a terminal, `clipkit remove PATH...` asks before PATHs at or above every indexed folder, and so holding
     every item of an index of folders (`clipkit remove /`, `~`, a typo's parent), drop them all; --yes, or a
     script, does not."""
+    from clipkit.index import Index
     from clipkit.index.sync import is_under
 
-    if args.yes or not args.paths or not len(index) or not (sys.stdin.isatty() and sys.stderr.isatty()):
+    if args.yes or not args.paths or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return True  # (not asked: the index is not even opened for it)
+    index = Index.load(args.index)
+    if not len(index):
         return True
     targets = [os.path.abspath(os.path.expanduser(path)) for path in args.paths]
     held = sum(root["items"] for root in index.roots() if any(is_under(root["path"], t) for t in targets))
@@ -1343,20 +1350,17 @@ def cmd_synth(args) -> int:
 
 def cmd_shards(args) -> int:
     from clipkit._io import SkipList
-    from clipkit.data.shards import samples_from_folder, samples_from_table, write_shards
+    from clipkit.data.shards import samples_from_source, write_shards
     from clipkit.data.urls import table_suffix
 
     source = Path(args.source)
     skipped = SkipList()  # (bounded memory)
-    if source.is_dir():
-        samples = samples_from_folder(source, skipped)
-    elif source.is_file():
-        if table_suffix(source) == ".txt":
-            raise UsageError(f"{source}: a .txt list of images has no captions, which shards need; give a folder with "
-                             "NAME.txt captions beside the images, or a .csv/.jsonl/.parquet with a caption column")
-        samples = samples_from_table(source, args.image_column, args.caption_column, skipped=skipped)
-    else:
+    if not (source.is_dir() or source.is_file()):
         raise FileNotFoundError(f"source not found: {source}")
+    if source.is_file() and table_suffix(source) == ".txt":
+        raise UsageError(f"{source}: a .txt list of images has no captions, which shards need; give a folder with "
+                         "NAME.txt captions beside the images, or a .csv/.jsonl/.parquet with a caption column")
+    samples = samples_from_source(source, skipped, args.image_column, args.caption_column)
     written = write_shards(samples, args.out_dir, prefix=args.prefix, maxcount=args.shard_size,
                            progress=_progress(args))
     if not written:

@@ -131,6 +131,14 @@ def write_manifest(out_dir: Path, prefix: str, written: list[tuple[Path, int]]) 
         "pattern": f"{prefix}-{{{0:06d}..{len(written) - 1:06d}}}.tar" if written else None})
 
 
+def samples_from_source(path: str | os.PathLike, skipped: list | None = None, image_column: str = "image",
+                        caption_column: str = "caption") -> Iterator[Sample]:
+    """A folder of images with NAME.txt captions, or a caption table, as samples."""
+    if os.path.isdir(path):
+        return samples_from_folder(path, skipped)
+    return samples_from_table(path, image_column, caption_column, skipped=skipped)
+
+
 def samples_from_folder(folder: str | os.PathLike, skipped: list | None = None) -> Iterator[Sample]:
     """Images under `folder` with same-name `.txt` caption files (one caption per line).
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 from clipkit._io import batches
 from clipkit.data.folder import caption_file, is_image_name, read_captions
 from clipkit.errors import BrokenIndexError, first_line
-from clipkit.index.store import DB_FILE
+from clipkit.index.store import is_index
 
 if TYPE_CHECKING:
     from clipkit.data.tables import TableRows
@@ -225,7 +225,7 @@ def _sync_caption_chunk(collection, image_ids: list[str], texts: dict[str, str |
 
 def captions_of(index):
     """`index.captions`: its caption collection, loaded on first use, or None when none was ever made."""
-    if index._captions is None and index.path is not None and (index.path / CAPTIONS_DIR / DB_FILE).is_file():
+    if index._captions is None and index.path is not None and is_index(index.path / CAPTIONS_DIR):
         index._captions = type(index).load(index.path / CAPTIONS_DIR, model=index.model)
     return index._captions
 

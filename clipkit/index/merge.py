@@ -15,7 +15,7 @@ from typing import Sequence
 
 from clipkit.errors import ModelMismatchError
 from clipkit.index.captions import CAPTIONS_DIR
-from clipkit.index.store import DB_FILE
+from clipkit.index.store import is_index
 from clipkit.index.vectors import damaged_rows
 
 log = logging.getLogger("clipkit.index")
@@ -45,7 +45,7 @@ def merge(cls, parts: Sequence, *, out: str | os.PathLike | None = None, index_t
         merged.build()
     captions = [part.captions for part in loaded if part.captions is not None]
     target = None if out is None else Path(out) / CAPTIONS_DIR
-    if captions and target is not None and (target / DB_FILE).is_file() and \
+    if captions and target is not None and is_index(target) and \
             cls.load(target).store.info("merging") is None:  # merged before the interruption
         merged._captions = None
     elif captions:  # the parts' caption collections, merged alike
@@ -75,7 +75,7 @@ def _target(cls, out, names: list[str], first, index_type: str, options: dict):
     """The index a merge writes: in memory, a new one at `out`, or the one an interrupted merge of the same
     parts left there."""
     if out is not None and Path(out).exists():
-        if (Path(out) / DB_FILE).is_file():
+        if is_index(out):
             existing = cls.load(out)
             if existing.store.info("merging") == names:
                 return existing

@@ -29,7 +29,7 @@ from clipkit.index import ondisk
 from clipkit.index.captions import CAPTIONS_DIR
 from clipkit.index.lock import LOCK_FILE, writer_lock
 from clipkit.index.store import (CURRENT_VERSIONS, DB_FILE, FORMAT, FORMAT_VERSION, REMOVAL_LOG_GENERATIONS, Store,
-                                 fold_journal, translate)
+                                 fold_journal, is_index, translate)
 
 log = logging.getLogger("clipkit.index")
 
@@ -169,7 +169,7 @@ def load(cls, path, model):
     if not path.is_dir():
         raise BrokenIndexError(f"{path} is not an index folder (expected {DB_FILE}, {FAISS_FILE}, {CONFIG_FILE})")
     config = read_config(path)
-    if not (path / DB_FILE).is_file():
+    if not is_index(path):
         raise BrokenIndexError(f"index at {path} has no {DB_FILE}; it is incomplete: rebuild it with "
                                "`clipkit index FOLDER --index PATH`")
     store = Store.open(path / DB_FILE)
@@ -229,7 +229,7 @@ def _what_it_is(path: Path) -> str:
 def read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        if (path / DB_FILE).is_file():
+        if is_index(path):
             return {}  # a save interrupted before its config: the store is enough
         raise BrokenIndexError(f"{path} is not a clipkit index (no {CONFIG_FILE} or {DB_FILE}){_what_it_is(path)}")
     try:
@@ -237,7 +237,7 @@ def read_config(path: Path) -> dict:
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise ValueError("not a clipkit index config")
     except (OSError, ValueError) as exc:
-        if not (path / DB_FILE).is_file():
+        if not is_index(path):
             raise BrokenIndexError(f"{config_path} is unreadable ({first_line(exc)}) and {path} has no "
                                    f"{DB_FILE}: this is no clipkit index") from exc
         # the store is the truth; config.json only records what the structure's files were saved from: without
