@@ -40,6 +40,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+class _CommandParser(_Parser):
+    """A command's parser: its options may come between its positional arguments, as users write them
+    (`clipkit search INDEX -k 5 "a dog"`, `clipkit index photos -q photos.clipkit`)."""
+
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._parsing:  # (argparse's intermixed parse calls this twice: options, then positionals)
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     """The CLI's parser. `command`: the one command that will be parsed (None: none, only the global flags);
     the options of eval, train and train-rerank come from modules that import torch, so they are added only
@@ -50,7 +66,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries; warnings still show")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     _add_index_command(commands, DEFAULT_MODEL)
     _add_search_command(commands)
     _add_data_commands(commands)

@@ -48,6 +48,11 @@ def test_the_index_may_be_given_as_index_and_search_name_it(image_folder, tmp_pa
     assert json.loads(capsys.readouterr().out) == expected
     assert main(["search", index_path, "a red circle", "a dog", "-k", "1"]) == 0
     assert capsys.readouterr().out.count("# ") == 2
+    assert main(["search", index_path, "--json", "a red circle"]) == 0  # options between the positionals
+    assert json.loads(capsys.readouterr().out) == expected
+    assert main(["search", index_path, "-k", "1", "a red circle", "--json", "a dog"]) == 0
+    assert [json.loads(line)["query"] for line in capsys.readouterr().out.splitlines()] == ["a red circle", "a dog"]
+    assert main(["index", str(image_folder), "-q", index_path]) == 0 and not capsys.readouterr().out
     fresh = str(tmp_path / "my photos.clipkit")  # a first index says how to use it; an update does not
     for says in (True, False):
         assert main(["index", str(image_folder), fresh, *tiny_args]) == 0
