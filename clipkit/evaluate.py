@@ -21,7 +21,7 @@ from clipkit.errors import ModelMismatchError
 from clipkit.itm import require_itm
 from clipkit.metrics import image_to_text_ranks, summarize, text_to_image_ranks
 from clipkit.models import Model
-from clipkit.rerankers import HeadReranker, load_images, load_reranker
+from clipkit.rerankers import HeadReranker, load_reranker
 
 _RERANKED = 1e4  # added to re-ranked candidates' scores so they stay ahead of the rest
 
@@ -96,7 +96,7 @@ def evaluate(model: Model | None, data: RetrievalSet, *, rerank: bool = False, r
         if reranker is not None:  # another model: it prepares the images its own way
             reranker = load_reranker(reranker)
             result.reranker = reranker.name
-            images = reranker.image_inputs(load_images(data.images))
+            images = reranker.image_inputs(data.images)
         else:  # the model's own head, whose image states came with the embeddings
             reranker = HeadReranker(model)
         texts = reranker.text_inputs(data.captions)

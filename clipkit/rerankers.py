@@ -8,7 +8,8 @@ for `score_pairs`.
 
 Each re-ranker prepares images and texts once (`image_inputs`, `text_inputs`) and then scores any pairs of
 them (`match`), so an image scored against many captions (or a caption against many images) is encoded
-once.
+once. Images are decoded and preprocessed together, in threads (`prepared`): a full-size photo is held only
+while its own preprocessing runs, never a batch of them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,12 +53,29 @@ class Reranker:
             raise ValueError(f"weight must be a finite number within +-{MAX_WEIGHT:g}, got {weight!r}")
         return float(weight)
 
-    def image_inputs(self, images: Sequence) -> Any:
+    def pixels(self, image) -> torch.Tensor:
+        """One RGB PIL image preprocessed for this re-ranker's image tower: a (3, H, W) tensor."""
         raise NotImplementedError
 
-    def embedded_images(self, images: Sequence) -> tuple[Any, np.ndarray | None]:
-        """(`image_inputs(images)`, the images' unit embeddings by the re-ranker's own dual encoder where the
-        same pass gives them, else None)."""
+    def prepared(self, images: Sequence, skip_errors: bool = False) -> list:
+        """`pixels` of each image (PIL images, paths, arrays, shard members), decoded in full and preprocessed
+        in threads; with `skip_errors`, None for those that cannot be read (any more)."""
+        return load_images(images, skip_errors=skip_errors, prepare=self.pixels)
+
+    def pixel_batches(self, images: Sequence | torch.Tensor) -> Iterator[torch.Tensor]:
+        """`images` a batch of `batch_size` at a time, as preprocessed pixels: `images` may be a pixel batch
+        already (`torch.stack(prepared(...))`), else each batch is decoded and preprocessed as it comes."""
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            yield chunk if isinstance(chunk, torch.Tensor) else torch.stack(self.prepared(chunk))
+
+    def image_inputs(self, images: Sequence | torch.Tensor) -> Any:
+        """What `match` reads of each image: images as PIL images, paths, arrays, or a pixel batch."""
+        raise NotImplementedError
+
+    def embedded_images(self, images: Sequence | torch.Tensor) -> tuple[Any, np.ndarray | None]:
+        """(`image_inputs(images)`, the images' unit embeddings by the re-ranker's own dual encoder, else
+        None)."""
         return self.image_inputs(images), None
 
     def embedded_texts(self, texts: Sequence[str]) -> tuple[Any, np.ndarray | None]:
@@ -76,7 +94,7 @@ class Reranker:
         if len(images) != len(texts):
             raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
         index = np.arange(len(texts))
-        return self.match(self.image_inputs(load_images(images)), index, self.text_inputs(list(texts)), index)
+        return self.match(self.image_inputs(list(images)), index, self.text_inputs(list(texts)), index)
 
 
 class HeadReranker(Reranker):
@@ -88,26 +106,30 @@ class HeadReranker(Reranker):
         self.name = self.model.name
         self.weights = {direction: rerank_weight(self.head, None, direction) for direction in DIRECTIONS}
 
-    def image_inputs(self, images: Sequence) -> torch.Tensor:
+    def pixels(self, image) -> torch.Tensor:
+        return self.model.preprocess(image)
+
+    def image_inputs(self, images: Sequence | torch.Tensor) -> torch.Tensor:
         return self._image_pass(images, embed=False)[0]
 
-    def embedded_images(self, images: Sequence) -> tuple[torch.Tensor, np.ndarray | None]:
-        """The head's image input and, where it reads the image tower's tokens (no stem of its own), the
-        image embeddings of the same pass: one pass of the tower where a re-ranked score's cosine took two."""
-        own_tower = not hasattr(self.head, "image_input") and self.model.vectors_per_image == 1
-        return self._image_pass(images, embed=own_tower)
+    def embedded_images(self, images: Sequence | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """The head's image input and the images' embeddings by the model: where the head reads the image
+        tower's tokens (no stem of its own), from the same pass (one pass where a re-ranked score took two)."""
+        return self._image_pass(images, embed=True)
 
     @torch.inference_mode()
-    def _image_pass(self, images: Sequence, embed: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _image_pass(self, images: Sequence | torch.Tensor, embed: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        own_tower = not hasattr(self.head, "image_input") and self.model.vectors_per_image == 1
         states, embeddings = [], []
-        for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.model.preprocess(image) for image in images[start:start + self.batch_size]])
-            if not embed:
-                states.append(image_states(self.model, pixels))
+        for pixels in self.pixel_batches(images):
+            if embed and own_tower:
+                pooled, tokens = encode_image_tokens(self.model.clip, pixels.to(self.model.device))
+                states.append(tokens)
+                embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
                 continue
-            pooled, tokens = encode_image_tokens(self.model.clip, pixels.to(self.model.device))
-            states.append(tokens)
-            embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+            states.append(image_states(self.model, pixels))
+            if embed:
+                embeddings.append(self.model.encode_image(pixels).cpu())
         return torch.cat(states), torch.cat(embeddings).numpy() if embed else None
 
     def text_inputs(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,22 +151,28 @@ class HeadReranker(Reranker):
 REDUCED_SIDE = 1024  # a JPEG past Pillow's pixel limit is decoded at reduced scale, both sides >= this
 
 
-def load_images(images: Sequence, workers: int = 4, skip_errors: bool = False) -> list:
+DECODE_WORKERS = min(16, os.cpu_count() or 1)  # threads that decode (and preprocess) one call's images
+
+
+def load_images(images: Sequence, workers: int = DECODE_WORKERS, skip_errors: bool = False,
+                prepare=None) -> list:
     """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in full in threads (a JPEG
-    past Pillow's pixel limit, a 100 MP photo, at reduced scale: more pixels than any re-ranker reads); with
+    past Pillow's pixel limit, a 100 MP photo, at reduced scale: more pixels than any re-ranker reads), or with
+    `prepare`, prepare(image) of each, in the same thread as its decoding (only the prepared kept); with
     `skip_errors`, None for those that cannot be read (any more)."""
     def read(item):
         try:
             try:
-                return load_image(item)
+                picture = load_image(item)
             except ImageReadError as exc:
                 if exc.kind != "too many pixels":
                     raise
-                return load_image(item, min_side=REDUCED_SIDE)
+                picture = load_image(item, min_side=REDUCED_SIDE)
         except (ValueError, OSError):
             if not skip_errors:
                 raise
             return None
+        return picture if prepare is None else prepare(picture)
 
     items = list(images)
     if len(items) < 2:
@@ -213,30 +241,33 @@ def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=
     images, texts = list(images), list(texts)
     if len(images) != len(texts):
         raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
-    pairs = np.arange(len(texts))  # (each picture decoded once, for the re-ranker and the cosine alike)
-    return pair_scores(reranker, load_images(images), pairs, texts, pairs, weight, encoder=model)
-
-
-def pair_scores(reranker: Reranker, pictures: list, image_index: np.ndarray, texts: list[str],
-                text_index: np.ndarray, weight: float, encoder=None) -> np.ndarray:
-    """The re-ranking score of each pair (pictures[image_index[i]], texts[text_index[i]]): the re-ranker's score
-    plus `weight` x the pair's ITC cosine by `encoder` (default: the re-ranker's own model, whose weight was
-    fitted to it; its image embeddings come from the pass that gives the re-ranker its inputs where one does),
-    float32. `score_pairs` and a search's re-ranking both score through it, so that they agree."""
+    pairs = np.arange(len(texts))
     own = reranker.model if isinstance(reranker, HeadReranker) else None  # (BLIP's is no dual encoder)
-    encoder = own if encoder is None else as_model(encoder)
-    if weight and encoder is own:  # (the embeddings from the passes that give the re-ranker its inputs)
-        (images, image_emb), (text_input, text_emb) = reranker.embedded_images(pictures), \
-            reranker.embedded_texts(texts)
-    else:
-        (images, image_emb), (text_input, text_emb) = (reranker.image_inputs(pictures), None), \
-            (reranker.text_inputs(texts), None)
-    scores = reranker.match(images, image_index, text_input, text_index)
-    if weight:
-        image_emb = encode(pictures, model=encoder) if image_emb is None else image_emb
-        text_emb = encode(texts, model=encoder) if text_emb is None else text_emb
-        scores = scores + weight * np.sum(image_emb[image_index] * text_emb[text_index], axis=1)
-    return scores.astype(np.float32)
+    encoder = own if model is None else as_model(model)
+    if not weight or encoder is own:
+        return pair_scores(reranker, images, pairs, texts, pairs, weight)
+    pictures = load_images(images)  # another model's cosine: each picture decoded once, for both
+    cosine = np.sum(encode(pictures, model=encoder) * encode(texts, model=encoder), axis=1)
+    return (pair_scores(reranker, pictures, pairs, texts, pairs, 0.0) + weight * cosine).astype(np.float32)
+
+
+def pair_scores(reranker: Reranker, images: Sequence | torch.Tensor, image_index: np.ndarray, texts: list[str],
+                text_index: np.ndarray, weight: float) -> np.ndarray:
+    """The re-ranking score of each pair (images[image_index[i]], texts[text_index[i]]) (images: PIL images,
+    paths, arrays, or a pixel batch of `reranker.prepared`): the re-ranker's score plus `weight` x the pair's
+    ITC cosine by the re-ranker's own model (a clipkit head's: its weight was fitted to it; the embeddings come
+    from the passes that give the head its inputs), float32. `score_pairs` and a search's re-ranking both score
+    through it, so that they agree."""
+    if not weight:
+        return reranker.match(reranker.image_inputs(images), image_index, reranker.text_inputs(texts),
+                              text_index).astype(np.float32)
+    (image_input, image_emb), (text_input, text_emb) = reranker.embedded_images(images), \
+        reranker.embedded_texts(texts)
+    if image_emb is None:
+        raise ValueError(f"a cosine weight needs a dual encoder, which {reranker.name} is not: pass model=")
+    text_emb = encode(texts, model=reranker.model) if text_emb is None else text_emb
+    scores = reranker.match(image_input, image_index, text_input, text_index)
+    return (scores + weight * np.sum(image_emb[image_index] * text_emb[text_index], axis=1)).astype(np.float32)
 
 
 class BlipReranker(Reranker):
@@ -273,15 +304,14 @@ class BlipReranker(Reranker):
     def _max_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 
+    def pixels(self, image) -> torch.Tensor:
+        return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
     @torch.inference_mode()
-    def image_inputs(self, images: Sequence) -> torch.Tensor:
+    def image_inputs(self, images: Sequence | torch.Tensor) -> torch.Tensor:
         """The vision tower's token states of each image."""
-        states = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor.image_processor(images=list(images[start:start + self.batch_size]),
-                                                    return_tensors="pt")["pixel_values"].to(self.device)
-            states.append(self.model.vision_model(pixel_values=pixels).last_hidden_state)
-        return torch.cat(states)
+        return torch.cat([self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+                          for pixels in self.pixel_batches(images)])
 
     def text_inputs(self, texts: Sequence[str]) -> list[str]:
         return list(texts)

@@ -10,15 +10,16 @@ from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
-from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, load_image, warn_if_image_paths
+from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, warn_if_image_paths
 from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
 from clipkit.index.shards import item_image
 from clipkit.index.vectors import from_tensor
-from clipkit.rerankers import HeadReranker, Reranker, load_images, load_reranker, pair_scores
+from clipkit.rerankers import HeadReranker, Reranker, load_reranker, pair_scores
 
 
 def index_model(index: Index, model=None, *, device=None, precision: str | None = None):
@@ -298,30 +299,32 @@ def rerank_hits(query: Any, kind: str, hits: list[Hit], reranker: Reranker, weig
     against the hits' captions. Images are decoded in full, as `score_pairs` decodes them. The cosine is the
     re-ranker's own where it is a clipkit model (its weight was fitted to it; the index may hold another model's
     embeddings, or embeddings of a reduced-scale decode), else the hits' ITC score. Two steps: `rerank_pairs`
-    (files read and decoded: the server runs it beside other requests') and `rerank_scored` (the model)."""
-    return rerank_scored(rerank_pairs(query, kind, hits), kind, reranker, weight)
+    (files read, decoded and preprocessed: the server runs it beside other requests') and `rerank_scored` (the
+    model)."""
+    return rerank_scored(rerank_pairs(query, kind, hits, reranker), kind, reranker, weight)
 
 
-def rerank_pairs(query: Any, kind: str, hits: list[Hit]) -> tuple[list[Hit], list, list[str], np.ndarray, np.ndarray]:
-    """(the hits that can be scored, the decoded pictures, the texts, each pair's picture and text positions) of
-    a re-ranking: a text query against the hits' images (those whose file went since indexing left out), an
-    image query against the hits' captions."""
+def rerank_pairs(query: Any, kind: str, hits: list[Hit], reranker: Reranker
+                 ) -> tuple[list[Hit], torch.Tensor | None, list[str], np.ndarray, np.ndarray]:
+    """(the hits that can be scored, the pictures as the re-ranker's pixel batch, the texts, each pair's picture
+    and text positions) of a re-ranking: a text query against the hits' images (those whose file went since
+    indexing left out), an image query against the hits' captions."""
     if not hits:
-        return hits, [], [], np.zeros(0, int), np.zeros(0, int)
+        return hits, None, [], np.zeros(0, int), np.zeros(0, int)
     if kind == TEXT:
         sources = [item_image(h.path, h.metadata) for h in hits]
         missing = [h.id for h, source in zip(hits, sources) if source is None]
         if missing:
             raise ValueError(f"re-ranking a text query needs the images, but item {missing[0]!r} has no image file")
-        pictures = load_images(sources, skip_errors=True)
-        hits = [hit for hit, picture in zip(hits, pictures) if picture is not None]  # files gone since indexing
-        pictures = [p for p in pictures if p is not None]
-        return hits, pictures, [query], np.arange(len(hits)), np.zeros(len(hits), int)
+        pixels = reranker.prepared(sources, skip_errors=True)
+        hits = [hit for hit, picture in zip(hits, pixels) if picture is not None]  # files gone since indexing
+        pixels = torch.stack([p for p in pixels if p is not None]) if hits else None
+        return hits, pixels, [query], np.arange(len(hits)), np.zeros(len(hits), int)
     texts = [h.metadata.get("caption") for h in hits]
     if any(c is None for c in texts):
         raise ValueError("re-ranking an image query scores it against captions, but these hits have none: "
                          "image-to-image search cannot be re-ranked by ITM")
-    return hits, [load_image(query)], texts, np.zeros(len(hits), int), np.arange(len(hits))
+    return hits, torch.stack(reranker.prepared([query])), texts, np.zeros(len(hits), int), np.arange(len(hits))
 
 
 def rerank_scored(pairs: tuple, kind: str, reranker: Reranker, weight: float | None = None) -> list[Hit]:

@@ -130,14 +130,14 @@ def test_re_ranked_requests_find_their_candidates_together_and_rank_as_the_libra
     import importlib
     import threading
 
-    search_module = importlib.import_module("clipkit.search")  # (clipkit.search is the function)
-    decoding_threads, real_load_images = set(), search_module.load_images
+    rerankers = importlib.import_module("clipkit.rerankers")
+    decoding_threads, real_load_images = set(), rerankers.load_images
 
     def load_images(*args, **kwargs):
         decoding_threads.add(threading.current_thread().name)
         return real_load_images(*args, **kwargs)
 
-    monkeypatch.setattr(search_module, "load_images", load_images)
+    monkeypatch.setattr(rerankers, "load_images", load_images)
     app = create_app({"photos": served["index"]})
     texts = [f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "triangle")]
 

@@ -196,8 +196,8 @@ class Service:
                                      rerank_k=rerank_k, max_depth=self.config.max_rerank_k, reranker=self.reranker)
             depth, reranker = await collection.worker.run(plan) if rerank else plan()  # (a re-ranker may load)
             hits = await self.searcher.nearest(target, vector, depth, under or None)
-            if reranker is not None:  # the candidates decoded in the thread pool, scored on the model's thread
-                pairs = await run_in_threadpool(rerank_pairs, query, kind, hits)
+            if reranker is not None:  # the candidates decoded and preprocessed in the thread pool, scored on the model's thread
+                pairs = await run_in_threadpool(rerank_pairs, query, kind, hits, reranker)
                 hits = await collection.worker.run(rerank_scored, pairs, kind, reranker, weight)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
