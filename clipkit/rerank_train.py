@@ -124,6 +124,23 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
                      gallery_size)
 
 
+def held_out_galleries(spec: str, galleries: list[RetrievalSet], gallery_size: int = 1000,
+                       image_size: int = 64) -> tuple[list[RetrievalSet], list[RetrievalSet]]:
+    """(the galleries to train on, the galleries to fit the cosine weights on, which the head never sees):
+    for 'synthetic:N', all N images and up to 4 galleries of the validation split; for a user's data of two
+    galleries or more of at least half `gallery_size`, all but the last of them, and that one; else all and
+    none (the weights are then fitted on training galleries)."""
+    from clipkit.data.captions import synthetic_set
+
+    if spec.startswith("synthetic:"):
+        return galleries, [synthetic_set(gallery_size, seed=seed, split="val", size=image_size)
+                           for seed in range(1, min(4, len(galleries)) + 1)]
+    sizable = [n for n, gallery in enumerate(galleries) if 2 * len(gallery.images) >= gallery_size]
+    if len(sizable) < 2:
+        return galleries, []
+    return [g for n, g in enumerate(galleries) if n != sizable[-1]], [galleries[sizable[-1]]]
+
+
 def step_loss(head: torch.nn.Module, g: CachedGallery, captions: torch.Tensor, random: int,
               generator: torch.Generator) -> torch.Tensor:
     """Cross-entropy of each caption's scores over the step's candidates: for the late-interaction head,
@@ -170,12 +187,19 @@ def rerank_top1(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
         score = match_scores(head, g.texts[rows].repeat_interleave(k, 0), g.padding[rows].repeat_interleave(k, 0),
                              images, candidates.reshape(-1)).view(len(rows), k)
         cosine = (g.text_emb[rows, None, :] * g.image_emb[candidates]).sum(-1)
-        own = g.text_to_image[rows]
+        own = candidates == g.text_to_image[rows, None]
         for w in weights:
-            best = candidates.gather(1, (score + w * cosine).argmax(dim=1, keepdim=True)).squeeze(1)
-            hits[w] += int((best == own).sum())
+            hits[w] += _first(score + w * cosine, own)
     head.train(was_training)
     return {w: h / len(g.text_to_image) for w, h in hits.items()}
+
+
+def _first(scores: torch.Tensor, own: torch.Tensor) -> int:
+    """Rows whose own candidate (any, where a row has several) scores above every other candidate: R@1 as
+    `clipkit.metrics` counts it, a tie with another candidate a miss (identical captions of two images tie)."""
+    best_own = scores.masked_fill(~own, float("-inf")).max(dim=1).values
+    best_other = scores.masked_fill(own, float("-inf")).max(dim=1).values
+    return int((best_own > best_other).sum())
 
 
 @torch.no_grad()
@@ -194,9 +218,9 @@ def rerank_top1_i2t(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID
         flat = candidates.reshape(-1)
         score = match_scores(head, g.texts[flat], g.padding[flat], images,
                              rows.repeat_interleave(k)).view(len(rows), k)
+        own = g.text_to_image[candidates] == rows[:, None]
         for w in weights:
-            best = candidates.gather(1, (score + w * cosine).argmax(dim=1, keepdim=True)).squeeze(1)
-            hits[w] += int((g.text_to_image[best] == rows).sum())
+            hits[w] += _first(score + w * cosine, own)
     head.train(was_training)
     return {w: h / len(g.image_emb) for w, h in hits.items()}
 
@@ -224,11 +248,14 @@ def fit_weights(head: torch.nn.Module, galleries: list[CachedGallery]) -> dict:
 
 
 def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig | None = None, *,
-                      state_path: str | Path | None = None, progress: bool = True) -> tuple[torch.nn.Module, dict]:
+                      state_path: str | Path | None = None, progress: bool = True,
+                      fitting: list[RetrievalSet] | None = None) -> tuple[torch.nn.Module, dict]:
     """Train a re-ranking head for `model` (towers frozen) on `galleries`; returns (head, report).
 
-    The head's `config['rerank_weight']` is set to the fitted cosine weight. `model.itm` is not changed (kind
-    "fusion" fine-tunes a copy of it).
+    The head's `config['rerank_weight']` (and `'rerank_weight_i2t'`) is set to the cosine weight fitted on
+    `fitting`: galleries the head does not train on (`held_out_galleries`), else (None) on the first 4 it trains
+    on, which favour the head (their captions are the ones it learnt). `model.itm` is not changed (kind "fusion"
+    fine-tunes a copy of it).
     """
     config = config or RerankConfig()
     config.validate()
@@ -277,9 +304,11 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
         if state_path is not None and (step % config.save_every == 0 or step == config.steps):
             save()
     bar.close()
-    fitted = fit_weights(head, cached[:4])
+    held_out = [cache_gallery(model, data, config.k, kind=config.kind) for data in fitting or []]
+    fitted = fit_weights(head, held_out or cached[:4])
     head.eval()
-    report = {"config": asdict(config), "galleries": len(galleries), **fitted,
+    report = {"config": asdict(config), "galleries": len(galleries), "weights_fitted_on": len(held_out) or None,
+              **fitted,
               "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
     return head, report
 
@@ -321,9 +350,11 @@ def train_rerank(model: str, data: str, out: str | os.PathLike, *, pretrained: s
     config = config or RerankConfig()
     config.validate()
     loaded = load_model(model, pretrained, device=device)
-    galleries = training_galleries(data, gallery_size, loaded.image_size)
+    galleries, fitting = held_out_galleries(data, training_galleries(data, gallery_size, loaded.image_size),
+                                            gallery_size, loaded.image_size)
     state = out.with_name(out.name + ".state")
-    head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress)
+    head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress,
+                                     fitting=fitting)
     loaded.itm = head.to(loaded.device)
     save_checkpoint(loaded, out)
     state.unlink(missing_ok=True)

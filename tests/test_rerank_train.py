@@ -162,6 +162,41 @@ def test_split_set_keeps_each_caption_with_its_image():
     assert pairs == [(c, data.images[i]) for c, i in zip(data.captions, data.text_to_image)]
 
 
+def test_the_fitted_weight_is_judged_as_the_evaluation_judges_it(tiny_model, tiny_ckpt):
+    """The cosine weight is fitted on re-ranked R@1 counted as `clipkit eval` counts it: a caption that two
+    images share ties, and a tie counts against the query (it counted as a hit, and the weight it chose
+    for image -> text lowered that direction's R@1 on unseen galleries)."""
+    from clipkit.itm import build_itm_head
+    from clipkit.rerank_train import rerank_top1_i2t
+
+    model = load_model("clipkit-tiny", pretrained=tiny_ckpt, device="cpu")
+    torch.manual_seed(0)
+    model.itm = build_itm_head(model.clip, width=16, layers=1, heads=2).eval()
+    data = synthetic_set(24, seed=5, size=32)
+    firsts = [data.captions[int(np.flatnonzero(data.text_to_image == i)[0])] for i in range(len(data.images))]
+    data.captions = [firsts[i - i % 2] for i in range(len(data.images))]  # images 2j and 2j+1 share a caption
+    data.text_to_image = np.arange(len(data.images))
+    g = cache_gallery(model, data, 16, kind="fusion")
+    for weight in (0.0, 4.0, 1000.0):
+        result = evaluate(model, data, rerank=True, rerank_k=16, weight=weight)
+        assert result.rerank["i2t_R@1"] == 0.0  # (every image's caption ties with its twin's)
+        assert rerank_top1(model.itm, g, (weight,))[weight] == pytest.approx(result.rerank["t2i_R@1"])
+        assert rerank_top1_i2t(model.itm, g, (weight,))[weight] == pytest.approx(result.rerank["i2t_R@1"])
+
+
+def test_weights_are_fitted_on_galleries_the_head_does_not_train_on(tmp_path):
+    from clipkit.rerank_train import held_out_galleries, split_set
+
+    data = synthetic_set(7, seed=3, size=32)
+    galleries = split_set(data, 3)  # 3, 3, 1 images
+    train, fitting = held_out_galleries("photos/", galleries, gallery_size=3, image_size=32)
+    assert [id(g) for g in train] == [id(galleries[0]), id(galleries[2])] and fitting[0] is galleries[1]
+    halves = split_set(data, 5)  # 5, 2 images: one gallery worth fitting on, kept for training
+    assert held_out_galleries("photos/", halves, gallery_size=5)[1] == []
+    train, fitting = held_out_galleries("synthetic:6", galleries[:2], gallery_size=3, image_size=32)
+    assert len(train) == 2 and [g.meta["split"] for g in fitting] == ["val", "val"]
+
+
 def test_training_galleries_from_a_captioned_folder_or_table(tmp_path):
     """train-rerank --data takes what `clipkit train --data` takes: a folder of captioned images, a table."""
     from clipkit.rerank_train import training_galleries
