@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -151,15 +152,28 @@ class HeadReranker(Reranker):
 REDUCED_SIDE = 1024  # a JPEG past Pillow's pixel limit is decoded at reduced scale, both sides >= this
 
 
-DECODE_WORKERS = min(16, os.cpu_count() or 1)  # threads that decode (and preprocess) one call's images
+DECODE_WORKERS = min(16, os.cpu_count() or 1)  # threads that decode (and preprocess) images, all calls together
+_POOL: list = []  # the one decoding pool of this process, made at its first use
+_POOL_LOCK = threading.Lock()
 
 
-def load_images(images: Sequence, workers: int = DECODE_WORKERS, skip_errors: bool = False,
-                prepare=None) -> list:
-    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in full in threads (a JPEG
-    past Pillow's pixel limit, a 100 MP photo, at reduced scale: more pixels than any re-ranker reads), or with
-    `prepare`, prepare(image) of each, in the same thread as its decoding (only the prepared kept); with
-    `skip_errors`, None for those that cannot be read (any more)."""
+def _decoding_pool() -> ThreadPoolExecutor:
+    """The process's decoding threads, shared by every call: however many searches re-rank at once, at most
+    DECODE_WORKERS full-size pictures are decoded at a time."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode"))
+        return _POOL[0]
+
+
+os.register_at_fork(after_in_child=_POOL.clear)  # (a forked child has none of its parent's threads)
+
+
+def load_images(images: Sequence, skip_errors: bool = False, prepare=None) -> list:
+    """PIL images of `images` (PIL images, paths, arrays, shard members), decoded in full in the decoding
+    threads (a JPEG past Pillow's pixel limit, a 100 MP photo, at reduced scale: more pixels than any
+    re-ranker reads), or with `prepare`, prepare(image) of each, in the same thread as its decoding (only the
+    prepared kept); with `skip_errors`, None for those that cannot be read (any more)."""
     def read(item):
         try:
             try:
@@ -177,8 +191,7 @@ def load_images(images: Sequence, workers: int = DECODE_WORKERS, skip_errors: bo
     items = list(images)
     if len(items) < 2:
         return [read(item) for item in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(read, items))
+    return list(_decoding_pool().map(read, items))
 
 
 def load_reranker(source, *, device: str | torch.device | None = None) -> Reranker:

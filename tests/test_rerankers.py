@@ -218,6 +218,15 @@ def test_re_ranking_holds_a_decoded_picture_only_while_it_is_preprocessed(demo, 
     assert len(hits) == 12 and 1 <= most[0] <= min(getattr(rerankers, "DECODE_WORKERS", 4), 11) and alive[0] == 0
     assert [h.id for h in hits] == [i for i, _ in expected]
     np.testing.assert_allclose([h.score for h in hits], [score for _, score in expected], atol=1e-5)
+    # searches re-ranking at once (a server's requests) share the decoding threads: the bound is the process's
+    from concurrent.futures import ThreadPoolExecutor
+
+    most[0] = 0
+    with ThreadPoolExecutor(4) as searches:
+        answers = list(searches.map(lambda _: clipkit.search("a red circle", index, k=12, rerank=True, rerank_k=12),
+                                    range(4)))
+    assert all([h.id for h in answer] == [i for i, _ in expected] for answer in answers)
+    assert 1 <= most[0] <= getattr(rerankers, "DECODE_WORKERS", 4) < 8 and alive[0] == 0
 
 
 def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, capsys):
