@@ -14,6 +14,7 @@ from clipkit.cli import main
 from clipkit.data.synthetic import write_synthetic
 from clipkit.index import Index
 from clipkit.index.store import Store
+from conftest import RERANK_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -546,7 +547,7 @@ def test_server_searches_captions_as_the_library_does(folder, demo, rerank):
         results = client.post("/search", json=body).json()["results"]
         expected = clipkit.search(image, index, k=5, modality="text", rerank=rerank)
         assert [r["item_id"] for r in results] == [h.id for h in expected]
-        np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-4)
+        np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=RERANK_ATOL)
         assert all(r["caption"] and r["path"] == index.get_by_key([r["id"]])[0]["path"] for r in results)
         refused = client.post("/search", json={"text": "a red circle", "modality": "text", "rerank": True})
         assert refused.status_code == 400 and "without re-ranking" in refused.json()["detail"]

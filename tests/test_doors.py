@@ -20,7 +20,7 @@ from clipkit.cli import main
 from clipkit.data.synthetic import write_synthetic
 from clipkit.index import Index
 
-from conftest import draw_shape
+from conftest import RERANK_ATOL, draw_shape
 
 
 @pytest.fixture(scope="module")
@@ -743,7 +743,7 @@ def test_an_image_query_reranks_with_the_image_to_text_weight(demo):
 
     expected = clipkit.score_pairs([query] * 5, [h.id for h in hits], reranker=HeadReranker(demo),
                                    weight=HeadReranker(demo).weights["i2t"])
-    np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-4)
+    np.testing.assert_allclose([h.score for h in hits], expected, atol=RERANK_ATOL)
 
 
 # -- small things users see ----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import clipkit  # noqa: E402
 from clipkit.cli import main  # noqa: E402
 from clipkit.encode import load_image  # noqa: E402
 from clipkit.rerankers import Blip2Reranker, BlipReranker, HeadReranker, load_images  # noqa: E402
-from conftest import draw_shape  # noqa: E402
+from conftest import RERANK_ATOL, draw_shape  # noqa: E402
 
 
 def blip_dir(root: Path) -> Path:
@@ -174,7 +174,7 @@ def test_head_reranker_and_score_pairs_match_search(demo, image_folder):
     hits = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8)
     pictures = [Path(h.path) for h in hits]
     scores = clipkit.score_pairs(pictures, ["a red circle"] * len(hits), model=demo)
-    np.testing.assert_allclose(scores, [h.score for h in hits], atol=1e-4)
+    np.testing.assert_allclose(scores, [h.score for h in hits], atol=RERANK_ATOL)
     with_head = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8, reranker=reranker)
     assert [h.id for h in with_head] == [h.id for h in hits]
     # the cosine's image embeddings come from the tower pass that gives the head its tokens: the model's own
@@ -238,7 +238,7 @@ def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, caps
                  "--reranker", str(blip), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [h["id"] for h in printed] == [h.id for h in expected]
-    np.testing.assert_allclose([h["score"] for h in printed], [h.score for h in expected], atol=1e-4)
+    np.testing.assert_allclose([h["score"] for h in printed], [h.score for h in expected], atol=RERANK_ATOL)
 
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -272,4 +272,4 @@ def test_reranking_is_one_score(blip, demo, tiny_model, tmp_path):
         index = clipkit.Index.from_folder(folder, index_model)
         hits = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=5, reranker=reranker)
         expected = clipkit.score_pairs([Path(h.path) for h in hits], ["a red circle"] * 5, reranker=reranker)
-        np.testing.assert_allclose([h.score for h in hits], expected, atol=1e-4)
+        np.testing.assert_allclose([h.score for h in hits], expected, atol=RERANK_ATOL)

@@ -20,7 +20,7 @@ from clipkit.cli import build_parser, main  # noqa: E402
 from clipkit.data.synthetic import write_synthetic  # noqa: E402
 from clipkit.serve import ServeConfig, create_app  # noqa: E402
 from clipkit.data.fetch import FetchError, check_public_url  # noqa: E402
-from conftest import TLS, chromium, running_server, trusting_tls  # noqa: E402
+from conftest import RERANK_ATOL, TLS, chromium, running_server, trusting_tls  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def test_rerank_matches_library_search(client, served):
     expected = clipkit.search("a green square left of a blue circle", served["index"], k=5, rerank=True, rerank_k=12)
     assert response["reranked"] is True
     assert [r["item_id"] for r in response["results"]] == [h.id for h in expected]
-    np.testing.assert_allclose([r["score"] for r in response["results"]], [h.score for h in expected], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in response["results"]], [h.score for h in expected],
+                               atol=RERANK_ATOL)
     assert all("itc_score" in r for r in response["results"])
 
 
@@ -153,7 +154,7 @@ def test_re_ranked_requests_find_their_candidates_together_and_rank_as_the_libra
         expected = clipkit.search(text, served["index"], k=4, rerank=True, rerank_k=10)
         assert [r["item_id"] for r in response.json()["results"]] == [h.id for h in expected]
         np.testing.assert_allclose([r["score"] for r in response.json()["results"]], [h.score for h in expected],
-                                   atol=1e-4)
+                                   atol=RERANK_ATOL)
     assert info["searched_queries"] == len(texts) and info["index_searches"] < len(texts)
 
 
@@ -675,4 +676,4 @@ def test_server_and_library_answer_alike(client, served, kind, rerank):
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [r["item_id"] for r in results] == [h.id for h in expected]
-    np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=1e-4)
+    np.testing.assert_allclose([r["score"] for r in results], [h.score for h in expected], atol=RERANK_ATOL)
