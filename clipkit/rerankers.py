@@ -95,6 +95,8 @@ class Reranker:
         if len(images) != len(texts):
             raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
         index = np.arange(len(texts))
+        if not len(index):
+            return np.zeros(0, np.float32)
         return self.match(self.image_inputs(list(images)), index, self.text_inputs(list(texts)), index)
 
 
@@ -254,6 +256,8 @@ def score_pairs(images: Sequence, texts: Sequence[str], *, model=None, reranker=
     images, texts = list(images), list(texts)
     if len(images) != len(texts):
         raise ValueError(f"score_pairs takes pairs: got {len(images)} images and {len(texts)} texts")
+    if not texts:
+        return np.zeros(0, np.float32)
     pairs = np.arange(len(texts))
     own = reranker.model if isinstance(reranker, HeadReranker) else None  # (BLIP's is no dual encoder)
     encoder = own if model is None else as_model(model)

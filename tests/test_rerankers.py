@@ -174,6 +174,9 @@ def test_head_reranker_and_score_pairs_match_search(demo, image_folder):
     hits = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8)
     pictures = [Path(h.path) for h in hits]
     scores = clipkit.score_pairs(pictures, ["a red circle"] * len(hits), model=demo)
+    assert clipkit.score_pairs([], [], model=demo).shape == reranker.score_pairs([], []).shape == (0,)
+    another = clipkit.load_model("clipkit-demo")  # (another model's cosine: the path that decodes first)
+    assert clipkit.score_pairs([], [], reranker=reranker, model=another, weight=1).shape == (0,)
     np.testing.assert_allclose(scores, [h.score for h in hits], atol=RERANK_ATOL)
     with_head = clipkit.search("a red circle", index, k=5, rerank=True, rerank_k=8, reranker=reranker)
     assert [h.id for h in with_head] == [h.id for h in hits]
