@@ -355,7 +355,8 @@ def _add_rerank_arguments(parser) -> None:
     parser.add_argument("--gallery-size", type=int, default=1000, help="images per gallery ITC mines candidates in")
     parser.add_argument("--out", required=True, help="the checkpoint to write: the towers plus the new head")
     defaults = RerankConfig()
-    helps = {"steps": "optimizer steps", "captions": "captions per step", "k": "ITC candidates per caption, as "
+    helps = {"steps": "optimizer steps (0 with --kind fusion: no training, the model's own head with its "
+             "cosine weights fitted to --data)", "captions": "captions per step", "k": "ITC candidates per caption, as "
              "re-ranking will see them", "random": "random gallery images added per step (late head)",
              "width": "the late head's width", "seed": "random seed"}
     for name, text in helps.items():
@@ -1461,8 +1462,11 @@ def cmd_train_rerank(args) -> int:
     report = train_rerank(args.model, args.data, args.out, pretrained=args.pretrained, gallery_size=args.gallery_size,
                           config=config, device=args.device, progress=_progress(args) is not False)
     if not args.quiet:
-        print(f"re-ranking head: loss {report['loss_first_50']} -> {report['loss_last_50']}, cosine weight "
-              f"{report['rerank_weight']} (image -> text {report['rerank_weight_i2t']}); wrote {args.out} (use it as --pretrained with --model {args.model})")
+        trained = (f"loss {report['loss_first_50']} -> {report['loss_last_50']}" if report["galleries"] else
+                   f"the model's own, fitted on {report['weights_fitted_on']} galleries of this data")
+        print(f"re-ranking head: {trained}, cosine weight {report['rerank_weight']} (image -> text "
+              f"{report['rerank_weight_i2t']}); wrote {args.out} (use it as --pretrained with --model {args.model}, "
+              f"or as --reranker)")
     return 0
 
 

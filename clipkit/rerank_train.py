@@ -60,8 +60,10 @@ class RerankConfig:
 
     def validate(self) -> None:
         for name in ("steps", "captions", "k", "width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if getattr(self, name) < (0 if name == "steps" and self.kind == "fusion" else 1):
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}" + (
+                    " (0 steps: --kind fusion, which keeps the model's own head and fits its weights)"
+                    if name == "steps" and self.steps == 0 else ""))
         if self.random < 0 or self.lr <= 0:
             raise ValueError("random must be >= 0 and lr > 0")
         if self.kind not in KINDS:
@@ -313,6 +315,21 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
     return head, report
 
 
+def refit_head(model, galleries: list[RetrievalSet], config: RerankConfig, progress: bool = True
+               ) -> tuple[torch.nn.Module, dict]:
+    """A copy of `model`'s own fusion ITM head with both cosine weights fitted on `galleries` (data it never
+    trained on: a user's own, where the shipped weights may not suit it), and the report."""
+    if not isinstance(getattr(model, "itm", None), ITMHead):
+        raise ValueError("--steps 0 fits the weights of the model's own ITM head, and this model has none: "
+                         "train one (--steps N)")
+    head = copy.deepcopy(model.itm).float().cpu().eval()
+    cached = [cache_gallery(model, data, config.k, kind="fusion")
+              for data in progress_bar(progress, galleries, desc="caching galleries")]
+    fitted = fit_weights(head, cached)
+    return head, {"config": asdict(config), "galleries": 0, "weights_fitted_on": len(cached), **fitted,
+                  "loss_first_50": None, "loss_last_50": None}
+
+
 def new_head(model, config: RerankConfig) -> torch.nn.Module:
     """The head stage 2 trains: a new late-interaction head, or a copy of the model's fusion head (a new one
     when the model has none)."""
@@ -350,11 +367,14 @@ def train_rerank(model: str, data: str, out: str | os.PathLike, *, pretrained: s
     config = config or RerankConfig()
     config.validate()
     loaded = load_model(model, pretrained, device=device)
-    galleries, fitting = held_out_galleries(data, training_galleries(data, gallery_size, loaded.image_size),
-                                            gallery_size, loaded.image_size)
+    galleries = training_galleries(data, gallery_size, loaded.image_size)
     state = out.with_name(out.name + ".state")
-    head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress,
-                                     fitting=fitting)
+    if config.steps == 0:  # the model's own head, its weights fitted to this data (which it never trained on)
+        head, report = refit_head(loaded, galleries, config, progress=progress)
+    else:
+        galleries, fitting = held_out_galleries(data, galleries, gallery_size, loaded.image_size)
+        head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress,
+                                         fitting=fitting)
     loaded.itm = head.to(loaded.device)
     save_checkpoint(loaded, out)
     state.unlink(missing_ok=True)

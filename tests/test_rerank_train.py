@@ -162,6 +162,42 @@ def test_split_set_keeps_each_caption_with_its_image():
     assert pairs == [(c, data.images[i]) for c, i in zip(data.captions, data.text_to_image)]
 
 
+def test_zero_steps_fits_the_models_own_head_to_the_users_data(tiny_ckpt, tmp_path, capsys):
+    """`train-rerank --kind fusion --steps 0`: no training; the model's own head, its cosine weights fitted on
+    --data's galleries (all of them: the head never trained on any), as `fit_weights` fits them there."""
+    from clipkit.cli import main
+    from clipkit.itm import build_itm_head
+    from clipkit.rerank_train import fit_weights, training_galleries
+
+    model = load_model("clipkit-tiny", pretrained=tiny_ckpt, device="cpu")
+    torch.manual_seed(0)
+    model.itm = build_itm_head(model.clip, width=16, layers=1, heads=2)
+    with_head = tmp_path / "with-head.pt"
+    save_checkpoint(model, with_head)
+    folder = tmp_path / "mine"
+    write_synthetic(folder, 40, seed=9, size=32, layout="folder", workers=1)
+    out = tmp_path / "fitted.pt"
+    assert main(["train-rerank", "--model", "clipkit-tiny", "--pretrained", str(with_head), "--kind", "fusion",
+                 "--steps", "0", "--data", str(folder), "--gallery-size", "20", "--k", "4", "--out", str(out)]) == 0
+    assert "the model's own, fitted on 2 galleries" in capsys.readouterr().out
+    fitted = load_model("clipkit-tiny", pretrained=out, device="cpu")
+    assert all(torch.equal(fitted.itm.state_dict()[k], v.float()) for k, v in model.itm.state_dict().items())
+    model = load_model("clipkit-tiny", pretrained=with_head, device="cpu")
+    cached = [cache_gallery(model, g, 4, kind="fusion") for g in training_galleries(str(folder), 20, 32)]
+    expected = fit_weights(copy_of(model.itm), cached)
+    assert fitted.itm.config["rerank_weight"] == expected["rerank_weight"]
+    assert fitted.itm.config["rerank_weight_i2t"] == expected["rerank_weight_i2t"]
+    assert main(["train-rerank", "--model", "clipkit-tiny", "--pretrained", str(with_head), "--steps", "0",
+                 "--data", str(folder), "--out", str(tmp_path / "no.pt")]) == 2  # a late head must be trained
+    assert "0 steps: --kind fusion" in capsys.readouterr().err and not (tmp_path / "no.pt").exists()
+
+
+def copy_of(head):
+    import copy
+
+    return copy.deepcopy(head).float().eval()
+
+
 def test_the_fitted_weight_is_judged_as_the_evaluation_judges_it(tiny_model, tiny_ckpt):
     """The cosine weight is fitted on re-ranked R@1 counted as `clipkit eval` counts it: a caption that two
     images share ties, and a tie counts against the query (it counted as a hit, and the weight it chose
