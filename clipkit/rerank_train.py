@@ -268,18 +268,9 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, config.warmup, config.steps))
     generator = torch.Generator().manual_seed(config.seed)
-    step, losses = 0, []
     state_path = Path(state_path) if state_path else None
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("config") != asdict(config) or state.get("galleries") != len(galleries):
-            raise ValueError(f"{state_path} holds a re-ranking run with other settings; delete it to start over")
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        step, losses = state["step"], state["losses"]
-        log.info("resumed the re-ranking head from %s at step %d", state_path, step)
+    step, losses = _resume(state_path, {"config": asdict(config), "galleries": len(galleries)},
+                           head, optimizer, scheduler, generator)
 
     def save() -> None:
         payload = {"config": asdict(config), "galleries": len(galleries), "head": head.state_dict(),
@@ -313,6 +304,22 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
               **fitted,
               "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:])}
     return head, report
+
+
+def _resume(state_path: Path | None, run: dict, head, optimizer, scheduler, generator) -> tuple[int, list]:
+    """(step, losses) of the run saved at `state_path`, its head, optimizer, schedule and random state loaded;
+    (0, []) where none is saved; a ValueError where it saved a run of other settings than `run`'s."""
+    if state_path is None or not state_path.exists():
+        return 0, []
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if any(state.get(name) != value for name, value in run.items()):
+        raise ValueError(f"{state_path} holds a re-ranking run with other settings; delete it to start over")
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    log.info("resumed the re-ranking head from %s at step %d", state_path, state["step"])
+    return state["step"], state["losses"]
 
 
 def refit_head(model, galleries: list[RetrievalSet], config: RerankConfig, progress: bool = True
