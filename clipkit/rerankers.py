@@ -14,15 +14,19 @@ while its own preprocessing runs, never a batch of them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
+import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from clipkit.data.images import TarMember
 from clipkit.encode import as_model, encode, load_image
 from clipkit.errors import ImageReadError, first_line
 from clipkit.itm import encode_image_tokens, image_states, match_scores, require_itm, rerank_weight, text_states
@@ -58,10 +62,27 @@ class Reranker:
         """One RGB PIL image preprocessed for this re-ranker's image tower: a (3, H, W) tensor."""
         raise NotImplementedError
 
-    def prepared(self, images: Sequence, skip_errors: bool = False) -> list:
+    def prepared(self, images: Sequence, skip_errors: bool = False, kept: bool = False) -> list:
         """`pixels` of each image (PIL images, paths, arrays, shard members), decoded in full and preprocessed
-        in threads; with `skip_errors`, None for those that cannot be read (any more)."""
-        return load_images(images, skip_errors=skip_errors, prepare=self.pixels)
+        in threads; with `skip_errors`, None for those that cannot be read (any more). `kept`: the pixels of
+        image files are kept (`PIXEL_CACHE_BYTES` in all) for the next call that meets the same file, unchanged
+        (its size and modification time), through a re-ranker of the same preprocessing: a search's candidates
+        recur from query to query, and decoding a photo costs more than scoring it."""
+        if not kept:
+            return load_images(images, skip_errors=skip_errors, prepare=self.pixels)
+        keys = [(_preprocessing_token(self), key) if key else None for key in map(_file_key, images)]
+        out = [_PIXELS.get(key) if key else None for key in keys]
+        missing = [n for n, pixels in enumerate(out) if pixels is None]
+        for n, pixels in zip(missing, load_images([images[n] for n in missing], skip_errors=skip_errors,
+                                                  prepare=self.pixels)):
+            out[n] = pixels
+            if pixels is not None and keys[n]:
+                _PIXELS.put(keys[n], pixels)
+        return out
+
+    def preprocessing(self) -> Any:
+        """The object whose identity stands for how `pixels` prepares an image (kept pixels are its own)."""
+        return self
 
     def pixel_batches(self, images: Sequence | torch.Tensor) -> Iterator[torch.Tensor]:
         """`images` a batch of `batch_size` at a time, as preprocessed pixels: `images` may be a pixel batch
@@ -112,6 +133,9 @@ class HeadReranker(Reranker):
     def pixels(self, image) -> torch.Tensor:
         return self.model.preprocess(image)
 
+    def preprocessing(self) -> Any:  # (a search makes a HeadReranker each call; its model's transform stays)
+        return self.model.preprocess
+
     def image_inputs(self, images: Sequence | torch.Tensor) -> torch.Tensor:
         return self._image_pass(images, embed=False)[0]
 
@@ -152,6 +176,60 @@ class HeadReranker(Reranker):
 
 
 REDUCED_SIDE = 1024  # a JPEG past Pillow's pixel limit is decoded at reduced scale, both sides >= this
+
+
+PIXEL_CACHE_BYTES = 256 << 20  # prepared pixels of image files kept for the next re-ranking (`Reranker.prepared`)
+
+
+class _PixelCache:
+    """Prepared pixels by key, the least recently used dropped past PIXEL_CACHE_BYTES in all."""
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes, self.lock = 0, threading.Lock()
+
+    def get(self, key) -> torch.Tensor | None:
+        with self.lock:
+            pixels = self.entries.get(key)
+            if pixels is not None:
+                self.entries.move_to_end(key)
+            return pixels
+
+    def put(self, key, pixels: torch.Tensor) -> None:
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = pixels
+            self.bytes += pixels.nbytes
+            while self.bytes > PIXEL_CACHE_BYTES and self.entries:
+                self.bytes -= self.entries.popitem(last=False)[1].nbytes
+
+
+_PIXELS = _PixelCache()
+_TOKENS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
+_NEXT_TOKEN = itertools.count()
+
+
+def _preprocessing_token(reranker: Reranker) -> int:
+    """A number for the re-ranker's preprocessing, never given to another (an id() could be, once it is gone)."""
+    with _PIXELS.lock:
+        owner = reranker.preprocessing()
+        if owner not in _TOKENS:
+            _TOKENS[owner] = next(_NEXT_TOKEN)
+        return _TOKENS[owner]
+
+
+def _file_key(item) -> tuple | None:
+    """What tells an image file's present content from its others: (path, size, modification time); for a shard
+    member, its shard's; None for a picture in memory, or a file that cannot be read (decoding will say)."""
+    path = item.tar if isinstance(item, TarMember) else item if isinstance(item, (str, os.PathLike)) else None
+    if path is None:
+        return None
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), str(item), stat.st_size, stat.st_mtime_ns
 
 
 DECODE_WORKERS = min(16, os.cpu_count() or 1)  # threads that decode (and preprocess) images, all calls together

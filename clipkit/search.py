@@ -316,7 +316,7 @@ def rerank_pairs(query: Any, kind: str, hits: list[Hit], reranker: Reranker
         missing = [h.id for h, source in zip(hits, sources) if source is None]
         if missing:
             raise ValueError(f"re-ranking a text query needs the images, but item {missing[0]!r} has no image file")
-        pixels = reranker.prepared(sources, skip_errors=True)
+        pixels = reranker.prepared(sources, skip_errors=True, kept=True)
         hits = [hit for hit, picture in zip(hits, pixels) if picture is not None]  # files gone since indexing
         pixels = torch.stack([p for p in pixels if p is not None]) if hits else None
         return hits, pixels, [query], np.arange(len(hits)), np.zeros(len(hits), int)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
@@ -217,6 +218,8 @@ def test_re_ranking_holds_a_decoded_picture_only_while_it_is_preprocessed(demo, 
         return picture
 
     monkeypatch.setattr(rerankers, "load_image", tracked_load)
+    monkeypatch.setattr(rerankers, "_PIXELS", rerankers._PixelCache())
+    monkeypatch.setattr(rerankers, "PIXEL_CACHE_BYTES", 0)  # (none kept: every search decodes its candidates)
     hits = clipkit.search("a red circle", index, k=12, rerank=True, rerank_k=12)
     assert len(hits) == 12 and 1 <= most[0] <= min(getattr(rerankers, "DECODE_WORKERS", 4), 11) and alive[0] == 0
     assert [h.id for h in hits] == [i for i, _ in expected]
@@ -230,6 +233,33 @@ def test_re_ranking_holds_a_decoded_picture_only_while_it_is_preprocessed(demo, 
                                     range(4)))
     assert all([h.id for h in answer] == [i for i, _ in expected] for answer in answers)
     assert 1 <= most[0] <= getattr(rerankers, "DECODE_WORKERS", 4) < 8 and alive[0] == 0
+
+
+def test_a_search_keeps_its_candidates_pixels_for_the_next_while_their_files_stay(demo, image_folder, monkeypatch):
+    """Re-ranked searches decode a candidate file once: the next search that meets it (same size and
+    modification time, a re-ranker of the same preprocessing) takes its pixels as kept; a changed file is
+    decoded again; the kept pixels stay within PIXEL_CACHE_BYTES."""
+    from clipkit import rerankers
+
+    monkeypatch.setattr(rerankers, "_PIXELS", rerankers._PixelCache())
+    decoded = []
+    monkeypatch.setattr(rerankers, "load_image", lambda item, min_side=None: decoded.append(str(item)) or
+                        load_image(item, min_side))
+    index = clipkit.Index.from_folder(image_folder, demo)
+    first = clipkit.search("a red circle", index, k=6, rerank=True, rerank_k=8)
+    assert len(decoded) == 8
+    again = clipkit.search("a red circle", index, k=6, rerank=True, rerank_k=8)
+    assert len(decoded) == 8 and [(h.id, h.score) for h in again] == [(h.id, h.score) for h in first]
+    changed = Path(first[0].path)  # now another picture, under the same name
+    draw_shape("blue", "square", Image.open(changed).size, seed=5).save(changed, format=Image.open(changed).format)
+    later = clipkit.search("a red circle", index, k=8, rerank=True, rerank_k=8)
+    assert decoded[8:] == [str(changed)]
+    fresh = clipkit.score_pairs([Path(h.path) for h in later], ["a red circle"] * 8, model=demo)
+    np.testing.assert_allclose([h.score for h in later], fresh, atol=RERANK_ATOL)
+    monkeypatch.setattr(rerankers, "PIXEL_CACHE_BYTES", 3 * rerankers._PIXELS.entries[next(iter(
+        rerankers._PIXELS.entries))].nbytes)
+    clipkit.search("a green square", index, k=6, rerank=True, rerank_k=12)
+    assert len(rerankers._PIXELS.entries) == 3 and rerankers._PIXELS.bytes <= rerankers.PIXEL_CACHE_BYTES
 
 
 def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, capsys):
