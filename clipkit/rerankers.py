@@ -246,7 +246,14 @@ def _decoding_pool() -> ThreadPoolExecutor:
         return _POOL[0]
 
 
-os.register_at_fork(after_in_child=_POOL.clear)  # (a forked child has none of its parent's threads)
+def _after_fork() -> None:
+    """A forked child has none of its parent's threads: no decoding pool, and no lock another thread held."""
+    global _PIXELS, _POOL_LOCK
+    _POOL.clear()
+    _PIXELS, _POOL_LOCK = _PixelCache(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def load_images(images: Sequence, skip_errors: bool = False, prepare=None) -> list:
