@@ -357,6 +357,22 @@ def test_items_of_a_folder_that_is_gone_can_be_dropped(photos, tmp_path, tiny_ck
     assert main(["remove", "--index", str(index_path)]) == 2  # nothing named: a usage error
 
 
+def test_removing_every_shard_of_an_index_is_asked_about_too(tmp_path, tiny_ckpt, capsys, monkeypatch):
+    from clipkit.data.synthetic import write_synthetic
+
+    write_synthetic(tmp_path / "shards", 12, seed=2, size=32, maxcount=4, workers=1, progress=False)
+    index_path = tmp_path / "ix.clipkit"
+    assert main(["-q", "index", str(tmp_path / "shards"), "--index", str(index_path), *model_args(tiny_ckpt)]) == 0
+    assert len(Index.load(index_path)) == 12
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (io.StringIO,), {"isatty": lambda self: True})("n\nn\n"))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda: sys.stdin.readline() or _eof())
+    assert main(["remove", str(tmp_path), "--index", str(index_path)]) == 1  # every shard's items: asked, "n"
+    assert "hold(s) all 12 items" in capsys.readouterr().err and len(Index.load(index_path)) == 12
+    assert main(["-q", "remove", str(tmp_path / "shards" / "train-000000.tar"), "--index", str(index_path)]) == 0
+    assert "drop them all?" not in capsys.readouterr().err and len(Index.load(index_path)) == 8  # a part: not asked
+
+
 def test_indexing_a_parent_folder_adopts_its_indexed_subfolder(tmp_path, tiny_model):
     from tests.conftest import draw_shape
 
