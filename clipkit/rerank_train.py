@@ -60,8 +60,9 @@ class RerankConfig:
 
     def validate(self) -> None:
         for name in ("steps", "captions", "k", "width"):
-            if getattr(self, name) < (0 if name == "steps" and self.kind == "fusion" else 1):
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}" + (
+            least = 0 if name == "steps" and self.kind == "fusion" else 1
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}" + (
                     " (0 steps: --kind fusion, which keeps the model's own head and fits its weights)"
                     if name == "steps" and self.steps == 0 else ""))
         if self.random < 0 or self.lr <= 0:
@@ -376,8 +377,10 @@ def train_rerank(model: str, data: str, out: str | os.PathLike, *, pretrained: s
     loaded = load_model(model, pretrained, device=device)
     galleries = training_galleries(data, gallery_size, loaded.image_size)
     state = out.with_name(out.name + ".state")
-    if config.steps == 0:  # the model's own head, its weights fitted to this data (which it never trained on)
-        head, report = refit_head(loaded, galleries, config, progress=progress)
+    if config.steps == 0:  # the model's own head, its weights fitted to this data (synthetic: its validation split)
+        fitting = held_out_galleries(data, galleries, gallery_size, loaded.image_size)[1]
+        head, report = refit_head(loaded, fitting if data.startswith("synthetic:") else galleries, config,
+                                  progress=progress)
     else:
         galleries, fitting = held_out_galleries(data, galleries, gallery_size, loaded.image_size)
         head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress,
