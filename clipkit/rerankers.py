@@ -70,7 +70,8 @@ class Reranker:
         recur from query to query, and decoding a photo costs more than scoring it."""
         if not kept:
             return load_images(images, skip_errors=skip_errors, prepare=self.pixels)
-        keys = [(_preprocessing_token(self), key) if key else None for key in map(_file_key, images)]
+        token = _preprocessing_token(self)
+        keys = [(token, key) if key else None for key in map(_file_key, images)]
         out = [_PIXELS.get(key) if key else None for key in keys]
         missing = [n for n, pixels in enumerate(out) if pixels is None]
         for n, pixels in zip(missing, load_images([images[n] for n in missing], skip_errors=skip_errors,
