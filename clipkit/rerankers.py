@@ -19,13 +19,13 @@ import math
 import os
 import threading
 import weakref
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from clipkit._cache import Kept
 from clipkit.data.images import TarMember
 from clipkit.encode import as_model, encode, load_image
 from clipkit.errors import ImageReadError, first_line
@@ -180,40 +180,15 @@ REDUCED_SIDE = 1024  # a JPEG past Pillow's pixel limit is decoded at reduced sc
 
 
 PIXEL_CACHE_BYTES = 256 << 20  # prepared pixels of image files kept for the next re-ranking (`Reranker.prepared`)
-
-
-class _PixelCache:
-    """Prepared pixels by key, the least recently used dropped past PIXEL_CACHE_BYTES in all."""
-
-    def __init__(self):
-        self.entries: OrderedDict = OrderedDict()
-        self.bytes, self.lock = 0, threading.Lock()
-
-    def get(self, key) -> torch.Tensor | None:
-        with self.lock:
-            pixels = self.entries.get(key)
-            if pixels is not None:
-                self.entries.move_to_end(key)
-            return pixels
-
-    def put(self, key, pixels: torch.Tensor) -> None:
-        with self.lock:
-            if key in self.entries:
-                return
-            self.entries[key] = pixels
-            self.bytes += pixels.nbytes
-            while self.bytes > PIXEL_CACHE_BYTES and self.entries:
-                self.bytes -= self.entries.popitem(last=False)[1].nbytes
-
-
-_PIXELS = _PixelCache()
+_PIXELS = Kept(lambda: PIXEL_CACHE_BYTES, size=lambda pixels: pixels.nbytes)
 _TOKENS: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 _NEXT_TOKEN = itertools.count()
+_TOKENS_LOCK = threading.Lock()
 
 
 def _preprocessing_token(reranker: Reranker) -> int:
     """A number for the re-ranker's preprocessing, never given to another (an id() could be, once it is gone)."""
-    with _PIXELS.lock:
+    with _TOKENS_LOCK:
         owner = reranker.preprocessing()
         if owner not in _TOKENS:
             _TOKENS[owner] = next(_NEXT_TOKEN)
@@ -249,9 +224,10 @@ def _decoding_pool() -> ThreadPoolExecutor:
 
 def _after_fork() -> None:
     """A forked child has none of its parent's threads: no decoding pool, and no lock another thread held."""
-    global _PIXELS, _POOL_LOCK
+    global _PIXELS, _POOL_LOCK, _TOKENS_LOCK
     _POOL.clear()
-    _PIXELS, _POOL_LOCK = _PixelCache(), threading.Lock()
+    _PIXELS = Kept(_PIXELS.limit, _PIXELS.size)
+    _POOL_LOCK, _TOKENS_LOCK = threading.Lock(), threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
-from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from clipkit._cache import Kept
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, warn_if_image_paths
 from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
@@ -130,8 +129,7 @@ def _check_k(k) -> None:
 
 
 MODELS_KEPT = 2  # models of indexes searched by path, kept for the next search by path
-_MODELS: OrderedDict = OrderedDict()
-_MODELS_LOCK = threading.Lock()
+_MODELS = Kept(lambda: MODELS_KEPT)
 
 
 @contextlib.contextmanager
@@ -148,16 +146,12 @@ def opened(index) -> Iterator[Index]:
         return
     index = Index.load(index)
     key = _model_key(index.model_info)
-    with _MODELS_LOCK:
-        index.model = _MODELS.pop(key, None) if key else None
+    index.model = _MODELS.take(key) if key else None
     try:
         yield index
     finally:
         if key and index.model is not None:
-            with _MODELS_LOCK:
-                _MODELS[key] = index.model
-                while len(_MODELS) > MODELS_KEPT:
-                    _MODELS.popitem(last=False)
+            _MODELS.put(key, index.model)
 
 
 def _model_key(info: dict | None) -> str | None:

@@ -218,7 +218,7 @@ def test_re_ranking_holds_a_decoded_picture_only_while_it_is_preprocessed(demo, 
         return picture
 
     monkeypatch.setattr(rerankers, "load_image", tracked_load)
-    monkeypatch.setattr(rerankers, "_PIXELS", rerankers._PixelCache())
+    monkeypatch.setattr(rerankers, "_PIXELS", rerankers.Kept(rerankers._PIXELS.limit, rerankers._PIXELS.size))
     monkeypatch.setattr(rerankers, "PIXEL_CACHE_BYTES", 0)  # (none kept: every search decodes its candidates)
     hits = clipkit.search("a red circle", index, k=12, rerank=True, rerank_k=12)
     assert len(hits) == 12 and 1 <= most[0] <= min(getattr(rerankers, "DECODE_WORKERS", 4), 11) and alive[0] == 0
@@ -241,7 +241,7 @@ def test_a_search_keeps_its_candidates_pixels_for_the_next_while_their_files_sta
     decoded again; the kept pixels stay within PIXEL_CACHE_BYTES."""
     from clipkit import rerankers
 
-    monkeypatch.setattr(rerankers, "_PIXELS", rerankers._PixelCache())
+    monkeypatch.setattr(rerankers, "_PIXELS", rerankers.Kept(rerankers._PIXELS.limit, rerankers._PIXELS.size))
     decoded = []
     monkeypatch.setattr(rerankers, "load_image", lambda item, min_side=None: decoded.append(str(item)) or
                         load_image(item, min_side))
@@ -259,7 +259,7 @@ def test_a_search_keeps_its_candidates_pixels_for_the_next_while_their_files_sta
     monkeypatch.setattr(rerankers, "PIXEL_CACHE_BYTES", 3 * rerankers._PIXELS.entries[next(iter(
         rerankers._PIXELS.entries))].nbytes)
     clipkit.search("a green square", index, k=6, rerank=True, rerank_k=12)
-    assert len(rerankers._PIXELS.entries) == 3 and rerankers._PIXELS.bytes <= rerankers.PIXEL_CACHE_BYTES
+    assert len(rerankers._PIXELS) == 3 and rerankers._PIXELS.total <= rerankers.PIXEL_CACHE_BYTES
 
 
 def test_cli_and_server_take_a_reranker(blip, demo, image_folder, tmp_path, capsys):

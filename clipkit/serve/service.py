@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import functools
 import io
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
+from clipkit._cache import Kept
 from clipkit.data.images import decode_image, encode_image, image_media_type, is_url
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.captions import first_captions
@@ -114,8 +113,7 @@ class Service:
         self.collections = collections_
         self.config = config
         self.reranker = reranker  # re-ranks instead of each model's ITM head, when given
-        self._thumbnails: collections.OrderedDict = collections.OrderedDict()
-        self._thumbnail_lock = threading.Lock()
+        self._thumbnails = Kept(lambda: self.config.thumbnail_cache)
         self._unsupported_noted: set[str] = set()
         self.fetcher = Fetcher(config.max_body_bytes, config.fetch_deadline, config.max_fetches)
         self.searcher = SearchBatcher(config.max_search_batch)  # requests searching one index at once: together
@@ -270,10 +268,9 @@ class Service:
     def thumbnail(self, collection: Collection, key: int, size: int) -> bytes:
         data, _ = self.image_bytes(collection, key)
         cache_key = (collection.name, key, size, bytes_hash(data))
-        with self._thumbnail_lock:
-            if cache_key in self._thumbnails:
-                self._thumbnails.move_to_end(cache_key)
-                return self._thumbnails[cache_key]
+        kept = self._thumbnails.get(cache_key)
+        if kept is not None:
+            return kept
         try:
             image = decode_image(data, f"item {key}", min_side=size)  # (a large JPEG: decoded at reduced scale)
         except (ValueError, OSError) as exc:
@@ -282,10 +279,7 @@ class Service:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         thumbnail = buffer.getvalue()
-        with self._thumbnail_lock:
-            self._thumbnails[cache_key] = thumbnail
-            while len(self._thumbnails) > self.config.thumbnail_cache:
-                self._thumbnails.popitem(last=False)
+        self._thumbnails.put(cache_key, thumbnail)
         return thumbnail
 
     def info(self) -> dict:
