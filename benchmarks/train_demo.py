@@ -139,8 +139,8 @@ def refit_weights(seeds: int = 6, sizes: tuple[int, ...] = (1000, 300)) -> dict:
     saw (synthetic validation split, seeds 1..`seeds`, of each size in `sizes`: never a test seed; training
     galleries favour the head, and i2t fitted there lowered test i2t R@1), written into its file."""
     model = load_model("clipkit-demo", device="cpu")
-    data = [synthetic_set(size, seed=seed, split="val", size=model.image_size)
-            for size in sizes for seed in range(1, seeds + 1)]
+    data = [gallery for size in sizes
+            for gallery in training_galleries(f"synthetic:{seeds * size}", size, model.image_size, split="val")]
     cached = [cache_gallery(model, g, RerankConfig().k, kind="fusion") for g in data]
     fitted = fit_weights(model.itm, cached)
     export_compact(WEIGHTS_DIR / "clipkit-demo.pt", WEIGHTS_DIR / "clipkit-demo.pt", itm=model.itm)

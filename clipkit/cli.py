@@ -830,7 +830,7 @@ def _removal_confirmed(args) -> bool:
     so holding every item of the index (`clipkit remove /`, `~`, a typo's parent), drop them all; --yes, or a
     script, does not."""
     from clipkit.index import Index
-    from clipkit.index.sync import is_under, keys_of_shards
+    from clipkit.index.sync import is_under
 
     if args.yes or not args.paths or not (sys.stdin.isatty() and sys.stderr.isatty()):
         return True  # (not asked: the index is not even opened for it)
@@ -839,8 +839,8 @@ def _removal_confirmed(args) -> bool:
         return True
     targets = [os.path.abspath(os.path.expanduser(path)) for path in args.paths]
     held = sum(root["items"] for root in index.roots() if any(is_under(root["path"], t) for t in targets))
-    shards = [shard for shard in index.store.shards() if any(is_under(shard, t) for t in targets)]
-    held += sum(1 for _ in keys_of_shards(shards, index.store))  # (items indexed in place in shards)
+    held += sum(index.count_with_prefix(shard + "#") for shard in index.store.shards()  # (indexed in place)
+                if any(is_under(shard, t) for t in targets))
     if held < len(index):
         return True
     print(f"{' '.join(args.paths)} hold(s) all {len(index)} items of {args.index}: drop them all? (the files stay; "

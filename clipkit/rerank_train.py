@@ -108,9 +108,10 @@ def split_set(data: RetrievalSet, size: int) -> list[RetrievalSet]:
     return parts
 
 
-def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64) -> list[RetrievalSet]:
-    """Galleries for the stage: 'synthetic:N' (training-split seeds 1, 2, ... of `gallery_size` images,
-    none of them the test split's), a folder of captioned images or a caption table, or webdataset shard URLs
+def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64,
+                       split: str = "train") -> list[RetrievalSet]:
+    """Galleries for the stage: 'synthetic:N' (`split`'s seeds 1, 2, ... of `gallery_size` images, none of
+    them the test split's), a folder of captioned images or a caption table, or webdataset shard URLs
     (read in order, cut into galleries)."""
     from clipkit.data.captions import captioned_source, read_shard_set, read_source_set, synthetic_set
 
@@ -121,7 +122,7 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
             raise ValueError(f"expected synthetic:N (a number of images), got {spec!r}") from None
         if n_images < gallery_size:
             raise ValueError(f"{spec} holds fewer images than one gallery of {gallery_size}")
-        return [synthetic_set(gallery_size, seed=seed, split="train", size=image_size)
+        return [synthetic_set(gallery_size, seed=seed, split=split, size=image_size)
                 for seed in range(1, n_images // gallery_size + 1)]
     return split_set(read_source_set(spec) if captioned_source(spec) else read_shard_set(spec, name="train"),
                      gallery_size)
@@ -133,11 +134,9 @@ def held_out_galleries(spec: str, galleries: list[RetrievalSet], gallery_size: i
     for 'synthetic:N', all N images and up to 4 galleries of the validation split; for a user's data of two
     galleries or more of at least half `gallery_size`, all but the last of them, and that one; else all and
     none (the weights are then fitted on training galleries)."""
-    from clipkit.data.captions import synthetic_set
-
     if spec.startswith("synthetic:"):
-        return galleries, [synthetic_set(gallery_size, seed=seed, split="val", size=image_size)
-                           for seed in range(1, min(4, len(galleries)) + 1)]
+        return galleries, training_galleries(f"synthetic:{min(4, len(galleries)) * gallery_size}", gallery_size,
+                                             image_size, split="val")
     sizable = [n for n, gallery in enumerate(galleries) if 2 * len(gallery.images) >= gallery_size]
     if len(sizable) < 2:
         return galleries, []
@@ -375,14 +374,13 @@ def train_rerank(model: str, data: str, out: str | os.PathLike, *, pretrained: s
     config = config or RerankConfig()
     config.validate()
     loaded = load_model(model, pretrained, device=device)
-    galleries = training_galleries(data, gallery_size, loaded.image_size)
     state = out.with_name(out.name + ".state")
     if config.steps == 0:  # the model's own head, its weights fitted to this data (synthetic: its validation split)
-        fitting = held_out_galleries(data, galleries, gallery_size, loaded.image_size)[1]
-        head, report = refit_head(loaded, fitting if data.startswith("synthetic:") else galleries, config,
-                                  progress=progress)
+        head, report = refit_head(loaded, training_galleries(data, gallery_size, loaded.image_size, split="val"),
+                                  config, progress=progress)
     else:
-        galleries, fitting = held_out_galleries(data, galleries, gallery_size, loaded.image_size)
+        galleries, fitting = held_out_galleries(data, training_galleries(data, gallery_size, loaded.image_size),
+                                                gallery_size, loaded.image_size)
         head, report = train_rerank_head(loaded, galleries, config, state_path=state, progress=progress,
                                          fitting=fitting)
     loaded.itm = head.to(loaded.device)
