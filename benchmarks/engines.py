@@ -1,8 +1,9 @@
 """`clipkit index --engine ray` beside the one-process path, on the same folder of images, in one run.
 
-    python benchmarks/engines.py [--images 2000] [--model clipkit-demo] [--repeats 5] [--json engines.json] [--quick]
+    python benchmarks/engines.py [--images 2000] [--size 256x192] [--model clipkit-demo] [--repeats 5] [--json engines.json]
+                                [--quick]
 
-Writes a folder of JPEG photos-like images (noise over gradients, 256 x 192), then indexes it into a fresh
+Writes a folder of JPEG photos-like images (noise over gradients, 256 x 192 or --size), then indexes it into a fresh
 index with `clipkit index` (this process embeds) and with `clipkit index --engine ray` (a local Ray started
 for the run, one model actor per CPU), each in a fresh process as a user runs it, interleaved (local, ray,
 local, ray, ...), and the same two on a one-image folder: what a run costs apart from its images (importing,
@@ -28,12 +29,13 @@ import numpy as np
 from PIL import Image
 
 
-def write_images(folder: Path, n: int) -> None:
+def write_images(folder: Path, n: int, size: tuple[int, int] = (256, 192)) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, 256)[None, :, None]
+    width, height = size
+    ramp = np.linspace(0, 255, width)[None, :, None]
     for number in range(n):
-        pixels = ramp * rng.random(3) + rng.normal(0, 40, (192, 256, 3))
+        pixels = ramp * rng.random(3) + rng.normal(0, 40, (height, width, 3))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{number:05d}.jpg", quality=90)
 
 
@@ -46,12 +48,13 @@ def index_seconds(folder: Path, model: str, engine: str, work: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(images: int, model: str, repeats: int, work: Path, quick: bool = False) -> dict:
-    many, one = work / "many", work / "one"
+def measure(images: int, model: str, repeats: int, work: Path, quick: bool = False,
+            shape: tuple[int, int] = (256, 192)) -> dict:
+    many, one = work / f"many-{shape[0]}x{shape[1]}", work / f"one-{shape[0]}x{shape[1]}"
     if not many.is_dir():
-        write_images(many, images)
+        write_images(many, images, shape)
     if not one.is_dir():
-        write_images(one, 1)
+        write_images(one, 1, shape)
     sizes = (("many", many),) if quick else (("many", many), ("one", one))
     runs = {(engine, size): [] for engine in ("local", "ray") for size, _ in sizes}
     for _ in range(repeats):
@@ -63,7 +66,7 @@ def measure(images: int, model: str, repeats: int, work: Path, quick: bool = Fal
     median = {key: statistics.median(values) for key, values in runs.items()}
     rate = {engine: (images - 1) / max(1e-9, median[engine, "many"] - median[engine, "one"])
             for engine in ("local", "ray")}
-    return {"images": images, "model": model, "cpus": os.cpu_count(), "repeats": repeats,
+    return {"images": images, "size": f"{shape[0]}x{shape[1]}", "model": model, "cpus": os.cpu_count(), "repeats": repeats,
             "local_s": median["local", "many"], "ray_s": median["ray", "many"],
             "local_images_per_s": images / median["local", "many"], "ray_images_per_s": images / median["ray", "many"],
             "local_fixed_s": median["local", "one"], "ray_fixed_s": median["ray", "one"],
@@ -82,14 +85,16 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="where the images and indexes go (default: a temporary folder)")
     parser.add_argument("--json", default="engines.json")
     parser.add_argument("--quick", action="store_true", help="no one-image runs (fixed costs not measured)")
+    parser.add_argument("--size", default="256x192", help="the images' WIDTHxHEIGHT (photos: e.g. 1600x1200)")
     args = parser.parse_args()
+    size = tuple(int(side) for side in args.size.lower().split("x"))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="clipkit-engines-"))
     try:
-        row = measure(args.images, args.model, args.repeats, work, args.quick)
+        row = measure(args.images, args.model, args.repeats, work, args.quick, size)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    columns = ["images", "cpus", "local_s", "ray_s", "local_images_per_s", "ray_images_per_s", "ray_startup_over_local_s",
+    columns = ["images", "size", "cpus", "local_s", "ray_s", "local_images_per_s", "ray_images_per_s", "ray_startup_over_local_s",
                "local_images_per_s_after_start", "ray_images_per_s_after_start", "ray_over_local_after_start"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")

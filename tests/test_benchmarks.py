@@ -96,10 +96,10 @@ def test_multivector_tiny(tmp_path):
 
 def test_engines_tiny(tmp_path):
     pytest.importorskip("ray.data")
-    out = run("engines.py", "--images", "12", "--repeats", "1", "--quick", "--json", str(tmp_path / "e.json"),
-              cwd=tmp_path)
+    out = run("engines.py", "--images", "12", "--size", "96x64", "--repeats", "1", "--quick", "--json",
+              str(tmp_path / "e.json"), cwd=tmp_path)
     row = json.loads((tmp_path / "e.json").read_text())
-    assert row["images"] == 12 and row["local_s"] > 0 and row["ray_s"] > 0 and "| 12 |" in out
+    assert row["images"] == 12 and row["local_s"] > 0 and row["ray_s"] > 0 and "| 12 | 96x64 |" in out
 
 
 def test_live_ops_tiny(tmp_path):
