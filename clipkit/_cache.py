@@ -3,9 +3,20 @@ models of indexes searched by path, a server's thumbnails, a re-ranking's prepar
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
+
+
+def file_version(path) -> tuple[int, int] | None:
+    """What tells a file's present content from its others in a key: (size, modification time in ns); None
+    where it cannot be read (or `path` is not a path)."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 class Kept:

@@ -220,13 +220,13 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
     `captions` the Karpathy JSON), webdataset shards (`root` their URLs) or a folder of images with NAME.txt
     captions ("folder:DIR", or "folder" with `root`). A path as `dataset` is what it holds: shards (a .tar, a
     brace pattern or glob, a folder of them), a caption table (.csv/.tsv/.jsonl/.parquet), or a folder."""
-    from clipkit.data.captions import read_karpathy, read_shard_set, synthetic_set
+    from clipkit.data.captions import read_any_set, read_karpathy, read_shard_set, synthetic_set
     from clipkit.data.shardspec import is_shard_spec
 
     if dataset.startswith("folder:"):
         dataset, root = "folder", dataset.split(":", 1)[1]
     elif dataset not in DATASETS and (os.path.exists(dataset) or is_shard_spec(dataset)):  # a path, not a name
-        return _path_set(dataset)
+        return read_any_set(dataset)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}, or the path of a folder of "
                          "images with NAME.txt captions, of shards, or of a caption table")
@@ -237,22 +237,9 @@ def load_dataset(dataset: str = "synthetic", *, root: str | None = None, caption
     if dataset == "wds":
         return read_shard_set(root)
     if dataset == "folder":
-        return _path_set(root)  # (a folder of shards is read as shards)
+        return read_any_set(root)  # (a folder of shards is read as shards)
     captions = captions or str(Path(root) / f"dataset_{dataset}.json")
     return read_karpathy(captions, root, split=split, name=dataset)
-
-
-def _path_set(path: str) -> RetrievalSet:
-    """The retrieval set at `path`: shards, a caption table, or a folder of images with NAME.txt captions."""
-    from clipkit.data.captions import read_folder_set, read_shard_set, read_table_set
-    from clipkit.data.shardspec import is_shard_spec
-    from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
-
-    if is_shard_spec(path):  # (a .tar, a brace pattern or glob of them, or a folder of them)
-        return read_shard_set(path, name=Path(path).name)
-    if os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES:
-        return read_table_set(path)
-    return read_folder_set(path)
 
 
 def index_set(path: str, n_images: int | None = None, seed: int = 0) -> tuple:

@@ -113,7 +113,7 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
     """Galleries for the stage: 'synthetic:N' (`split`'s seeds 1, 2, ... of `gallery_size` images, none of
     them the test split's), a folder of captioned images or a caption table, or webdataset shard URLs
     (read in order, cut into galleries)."""
-    from clipkit.data.captions import captioned_source, read_shard_set, read_source_set, synthetic_set
+    from clipkit.data.captions import read_any_set, synthetic_set
 
     if spec.startswith("synthetic:"):
         try:
@@ -124,8 +124,7 @@ def training_galleries(spec: str, gallery_size: int = 1000, image_size: int = 64
             raise ValueError(f"{spec} holds fewer images than one gallery of {gallery_size}")
         return [synthetic_set(gallery_size, seed=seed, split=split, size=image_size)
                 for seed in range(1, n_images // gallery_size + 1)]
-    return split_set(read_source_set(spec) if captioned_source(spec) else read_shard_set(spec, name="train"),
-                     gallery_size)
+    return split_set(read_any_set(spec, name="train"), gallery_size)
 
 
 def held_out_galleries(spec: str, galleries: list[RetrievalSet], gallery_size: int = 1000,

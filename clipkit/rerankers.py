@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from clipkit._cache import Kept
+from clipkit._cache import Kept, file_version
 from clipkit.data.images import TarMember
 from clipkit.encode import as_model, encode, load_image
 from clipkit.errors import ImageReadError, first_line
@@ -199,13 +199,8 @@ def _file_key(item) -> tuple | None:
     """What tells an image file's present content from its others: (path, size, modification time); for a shard
     member, its shard's; None for a picture in memory, or a file that cannot be read (decoding will say)."""
     path = item.tar if isinstance(item, TarMember) else item if isinstance(item, (str, os.PathLike)) else None
-    if path is None:
-        return None
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return os.path.abspath(path), str(item), stat.st_size, stat.st_mtime_ns
+    version = file_version(path) if path is not None else None
+    return version and (os.path.abspath(path), str(item), *version)
 
 
 DECODE_WORKERS = min(16, os.cpu_count() or 1)  # threads that decode (and preprocess) images, all calls together

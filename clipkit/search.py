@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipkit._cache import Kept
+from clipkit._cache import Kept, file_version
 from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, warn_if_image_paths
 from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
@@ -160,11 +160,8 @@ def _model_key(info: dict | None) -> str | None:
     if not info:
         return None
     weights = info.get("pretrained")
-    try:
-        stat = os.stat(weights) if isinstance(weights, str) else None
-    except OSError:
-        stat = None
-    return json.dumps([info, stat and (stat.st_size, stat.st_mtime_ns)], sort_keys=True, default=str)
+    return json.dumps([info, file_version(weights) if isinstance(weights, str) else None], sort_keys=True,
+                      default=str)
 
 
 EMBED_CHUNK = 1024  # queries of a kind embedded in one call by `search_batch`

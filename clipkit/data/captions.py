@@ -94,9 +94,18 @@ def captioned_source(path: str) -> bool:
     return os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES and table_suffix(path) != ".txt"
 
 
-def read_source_set(path: str) -> RetrievalSet:
-    """A `captioned_source` as a retrieval set."""
-    return read_folder_set(path) if os.path.isdir(path) else read_table_set(path)
+def read_any_set(path: str, name: str | None = None) -> RetrievalSet:
+    """The retrieval set at `path`: webdataset shards (a .tar, a brace pattern or glob of them, or a folder of
+    them: called `name`, default the path's last part), a caption table, or a folder of images with NAME.txt
+    captions."""
+    from clipkit.data.shardspec import is_shard_spec
+    from clipkit.data.urls import URL_TABLE_SUFFIXES, table_suffix
+
+    if is_shard_spec(path):
+        return read_shard_set(path, name=name or Path(path).name)
+    if os.path.isfile(path) and table_suffix(path) in URL_TABLE_SUFFIXES:
+        return read_table_set(path)
+    return read_folder_set(path)
 
 
 def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
