@@ -363,6 +363,9 @@ def _add_rerank_arguments(parser) -> None:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
                             help=f"{text} (default: {getattr(defaults, name)})")
     parser.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default: {defaults.lr})")
+    parser.add_argument("--i2t-weight", type=float, default=defaults.i2t_weight,
+                        help="weight of the image -> text loss (each image's top k captions) beside the text -> "
+                             f"image one (0: text -> image only; default: {defaults.i2t_weight})")
     parser.add_argument("--kind", choices=KINDS, default=defaults.kind,
                         help="late: a new late-interaction head; fusion: fine-tune the model's own fusion ITM head "
                              "(default: %(default)s)")
@@ -1460,7 +1463,7 @@ def cmd_train_rerank(args) -> int:
     from clipkit.rerank_train import RerankConfig, train_rerank
 
     config = RerankConfig(steps=args.steps, captions=args.captions, k=args.k, random=args.random, width=args.width,
-                          seed=args.seed, lr=args.lr, kind=args.kind)
+                          seed=args.seed, lr=args.lr, kind=args.kind, i2t_weight=args.i2t_weight)
     report = train_rerank(args.model, args.data, args.out, pretrained=args.pretrained, gallery_size=args.gallery_size,
                           config=config, device=args.device, progress=_progress(args) is not False)
     if not args.quiet:

@@ -11,9 +11,11 @@ cross-entropy of each caption's scores over all of them. So every step holds the
 re-ranking will face (images sharing the caption's words: ITC put them on top) and easy ones, and every
 caption is scored against every candidate, which late interaction makes cheap. The fusion head scores
 each pair with cross-attention, so there a caption is scored against its own top k only (its own image
-put in where ITC missed it): the list re-ranking will give it. Last, the cosine weight of the re-ranked
-score (score + w x cosine) is chosen on the training galleries by re-ranked text-to-image R@1 over ITC's
-top k.
+put in where ITC missed it): the list re-ranking will give it. Beside that loss (`i2t_weight`), each of
+the step's images is scored against its own top k captions by ITC, as image -> text re-ranking will: a head
+trained only to tell images apart for a caption scores different captions on different scales. Last, the
+cosine weight of the re-ranked score (score + w x cosine) is chosen for each direction by re-ranked R@1
+over ITC's top k, on galleries the head did not train on where there are some (`held_out_galleries`).
 
 Progress shows with tqdm; with `state_path` the stage saves its state every `save_every` steps and
 continues from it when run again with the same settings.
@@ -55,6 +57,7 @@ class RerankConfig:
     weight_decay: float = 0.01
     warmup: int = 50
     width: int = 128
+    i2t_weight: float = 1.0  # weight of the image -> text loss beside the text -> image one (0: text -> image only)
     seed: int = 0
     save_every: int = 100
 
@@ -65,8 +68,10 @@ class RerankConfig:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}" + (
                     " (0 steps: --kind fusion, which keeps the model's own head and fits its weights)"
                     if name == "steps" and self.steps == 0 else ""))
-        if self.random < 0 or self.lr <= 0:
-            raise ValueError("random must be >= 0 and lr > 0")
+        for name, least in (("random", 0), ("i2t_weight", 0), ("lr", None)):
+            value = getattr(self, name)
+            if not (value >= least if least is not None else value > 0):
+                raise ValueError(f"{name} must be {'>= 0' if least is not None else '> 0'}, got {value}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
@@ -163,6 +168,27 @@ def step_loss(head: torch.nn.Module, g: CachedGallery, captions: torch.Tensor, r
     logits = head(g.texts[captions].repeat_interleave(k, 0), g.padding[captions].repeat_interleave(k, 0),
                   g.images[used].float(), image_index=local).float()
     return F.cross_entropy((logits[:, 1] - logits[:, 0]).view(rows, k), target)
+
+
+def i2t_loss(head: torch.nn.Module, g: CachedGallery, images: torch.Tensor, k: int) -> torch.Tensor:
+    """Image -> text re-ranking's loss: each image's scores over its top k captions by ITC (one of its own put
+    in last where ITC missed them all), minus the log of the softmax mass on its own captions (an image has
+    several). Without it a head learns to tell images apart for a caption, not captions apart for an image:
+    its scores for different captions are on different scales."""
+    k = min(k, len(g.text_to_image))
+    candidates = (g.image_emb[images] @ g.text_emb.T).topk(k, dim=1).indices
+    missed = ~(g.text_to_image[candidates] == images[:, None]).any(dim=1)
+    if missed.any():
+        order = torch.argsort(g.text_to_image, stable=True)
+        candidates[missed, -1] = order[torch.searchsorted(g.text_to_image[order], images[missed])]
+    own = g.text_to_image[candidates] == images[:, None]
+    pictures = g.images[images]
+    pictures = head.image_input(pictures) if isinstance(head, LateInteractionHead) else pictures.float()
+    flat = candidates.reshape(-1)
+    logits = head(g.texts[flat], g.padding[flat], pictures,
+                  image_index=torch.arange(len(images)).repeat_interleave(k)).float()
+    scores = (logits[:, 1] - logits[:, 0]).view(len(images), k)
+    return (torch.logsumexp(scores, dim=1) - torch.logsumexp(scores.masked_fill(~own, float("-inf")), dim=1)).mean()
 
 
 def head_images(head: torch.nn.Module, g: CachedGallery, batch: int = 256) -> torch.Tensor:
@@ -285,6 +311,8 @@ def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig
         g = cached[int(torch.randint(len(cached), (1,), generator=generator))]
         captions = torch.randint(len(g.text_to_image), (config.captions,), generator=generator)
         loss = step_loss(head, g, captions, config.random, generator)
+        if config.i2t_weight:  # the step's captions' own images, each against its top k captions
+            loss = loss + config.i2t_weight * i2t_loss(head, g, torch.unique(g.text_to_image[captions]), config.k)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

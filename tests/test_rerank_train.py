@@ -15,7 +15,7 @@ from clipkit.errors import CheckpointError
 from clipkit.evaluate import evaluate
 from clipkit.itm import LateInteractionHead, image_states, match_scores, text_states
 from clipkit.models import export_compact, load_model, save_checkpoint
-from clipkit.rerank_train import RerankConfig, cache_gallery, rerank_top1, step_loss, train_rerank_head
+from clipkit.rerank_train import RerankConfig, cache_gallery, i2t_loss, rerank_top1, step_loss, train_rerank_head
 
 
 def reference_score(head: LateInteractionHead, states: torch.Tensor, padding: torch.Tensor,
@@ -307,6 +307,38 @@ def test_fusion_step_loss_is_cross_entropy_over_each_captions_own_top_k(tiny_mod
         scores = match_scores(head, g.texts[[t] * 3], g.padding[[t] * 3], g.images.float(),
                               torch.tensor(candidates))
         terms.append(float(torch.logsumexp(scores, 0) - scores[candidates.index(own)]))
+    assert loss.item() == pytest.approx(float(np.mean(terms)), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["fusion", "late"])
+def test_image_to_text_loss_is_each_images_cross_entropy_over_its_top_k_captions(tiny_model, late_head, kind):
+    """Pair by pair: each image's k best captions by ITC (one of its own put last where ITC missed them all),
+    minus the log of the softmax mass its own captions hold."""
+    from clipkit.itm import build_itm_head
+
+    torch.manual_seed(0)
+    head = late_head if kind == "late" else build_itm_head(tiny_model.clip, width=16, layers=1, heads=2).eval()
+    g = cache_gallery(tiny_model, synthetic_set(15, seed=4, size=32), k=3, kind=kind)
+    similarity = g.image_emb @ g.text_emb.T
+    tops = similarity.topk(4, dim=1).indices.tolist()
+    owned = [[t for t in range(len(g.text_to_image)) if int(g.text_to_image[t]) == i] for i in range(len(tops))]
+    missed = [i for i, top in enumerate(tops) if not set(top) & set(owned[i])]
+    images = torch.tensor((missed[:1] + [i for i in range(len(tops)) if i not in missed])[:4])
+    assert missed, "the tiny model's ITC should miss some image's captions (the case tested)"
+    with torch.no_grad():
+        pictures = head.image_input(g.images) if kind == "late" else g.images.float()
+    terms = []
+    for i in images.tolist():
+        candidates = list(tops[i])
+        if not set(candidates) & set(owned[i]):
+            candidates[-1] = min(owned[i])  # ITC missed them all: its first caption takes the last place
+        with torch.no_grad():
+            scores = match_scores(head, g.texts[candidates], g.padding[candidates], pictures,
+                                  torch.tensor([i] * len(candidates)))
+        own = torch.tensor([c in owned[i] for c in candidates])
+        terms.append(float(torch.logsumexp(scores, 0) - torch.logsumexp(scores[own], 0)))
+    with torch.no_grad():
+        loss = i2t_loss(head, g, images, k=4)
     assert loss.item() == pytest.approx(float(np.mean(terms)), rel=1e-4)
 
 
