@@ -53,7 +53,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), 
            "purple": (140, 50, 170), "orange": (250, 140, 20)}
 
 
-# Re-ranked scores add weight x cosine (the demo's weights: 192 text -> image, 512 image -> text): a cosine's
+# Re-ranked scores add weight x cosine (the demo's weights: 96 both ways): a cosine's
 # float32 rounding in another batch shape (~2e-7) moves them by ~1e-4, so two paths agree to this.
 RERANK_ATOL = 1e-3
 

@@ -342,6 +342,36 @@ def test_image_to_text_loss_is_each_images_cross_entropy_over_its_top_k_captions
     assert loss.item() == pytest.approx(float(np.mean(terms)), rel=1e-4)
 
 
+def test_each_step_adds_the_image_to_text_loss_of_its_captions_images_by_its_weight(tiny_model, monkeypatch):
+    import clipkit.rerank_train as rerank_train
+
+    seen, real = [], rerank_train.i2t_loss
+
+    def recorded(head, g, images, k):
+        seen.append((g, images.tolist(), k))
+        return real(head, g, images, k)
+
+    monkeypatch.setattr(rerank_train, "i2t_loss", recorded)
+    galleries = [synthetic_set(20, seed=1, size=32)]
+    for weight in (0.0, 1.0, 3.0):
+        seen.clear()
+        config = RerankConfig(steps=2, captions=4, k=4, random=3, width=16, warmup=1, i2t_weight=weight)
+        _, report = train_rerank_head(tiny_model, galleries, config, progress=False)
+        losses = report["loss_first_50"]
+        if weight == 0:
+            assert seen == []
+            base = losses
+            continue
+        assert [k for _, _, k in seen] == [4, 4]  # each step, the step's captions' images
+        g = seen[0][0]
+        assert all(images == sorted(images) and len(images) <= 4 and set(images) <= set(g.text_to_image.tolist())
+                   for _, images, _ in seen)
+        assert losses > base  # (the first steps: the image -> text term, weighted, is added to the loss)
+        base = losses
+    with pytest.raises(ValueError, match="i2t_weight must be >= 0"):
+        RerankConfig(i2t_weight=-1).validate()
+
+
 def test_fusion_stage_fine_tunes_a_copy_of_the_models_head_and_fits_its_weight(tiny_model, tiny_ckpt, tmp_path):
     from clipkit.cli import main
     from clipkit.itm import ITMHead, build_itm_head
