@@ -65,6 +65,13 @@ def test_train_demo_tiny(tmp_path):
     assert report["steps"] == 2 and report["stage2"]["rerank_weight_i2t"] is not None
     assert (tmp_path / "demo.pt").is_file()
     assert (BENCHMARKS.parent / "clipkit" / "weights" / "clipkit-demo.pt").read_bytes() == bundled  # untouched
+    run("train_demo.py", "--check-unseen", "--unseen-seeds", "2", "--unseen-sizes", "20", "--export",
+        str(tmp_path / "demo.pt"), "--json", str(tmp_path / "unseen.json"), cwd=tmp_path)
+    unseen = json.loads((tmp_path / "unseen.json").read_text())
+    assert [(g["images"], g["seed"]) for g in unseen["galleries"]] == [(20, 0), (20, 1)]
+    change = [g["i2t_rerank"] - g["i2t_itc"] for g in unseen["galleries"]]
+    assert unseen["summary"]["i2t"]["mean_change"] == pytest.approx(sum(change) / 2, abs=1e-3)
+    assert unseen["summary"]["i2t"]["lowered"] == sum(c < 0 for c in change)
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
