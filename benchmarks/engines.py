@@ -1,7 +1,7 @@
 """`clipkit index --engine ray` beside the one-process path, on the same folder of images, in one run.
 
-    python benchmarks/engines.py [--images 2000] [--size 256x192] [--model clipkit-demo] [--repeats 5] [--json engines.json]
-                                [--quick]
+    python benchmarks/engines.py [--images 2000] [--size 256x192] [--model clipkit-demo] [--repeats 5]
+                                [--json engines.json] [--quick]
 
 Writes a folder of JPEG photos-like images (noise over gradients, 256 x 192 or --size), then indexes it into a fresh
 index with `clipkit index` (this process embeds) and with `clipkit index --engine ray` (a local Ray started
@@ -66,8 +66,8 @@ def measure(images: int, model: str, repeats: int, work: Path, quick: bool = Fal
     median = {key: statistics.median(values) for key, values in runs.items()}
     rate = {engine: (images - 1) / max(1e-9, median[engine, "many"] - median[engine, "one"])
             for engine in ("local", "ray")}
-    return {"images": images, "size": f"{shape[0]}x{shape[1]}", "model": model, "cpus": os.cpu_count(), "repeats": repeats,
-            "local_s": median["local", "many"], "ray_s": median["ray", "many"],
+    return {"images": images, "size": f"{shape[0]}x{shape[1]}", "model": model, "cpus": os.cpu_count(),
+            "repeats": repeats, "local_s": median["local", "many"], "ray_s": median["ray", "many"],
             "local_images_per_s": images / median["local", "many"], "ray_images_per_s": images / median["ray", "many"],
             "local_fixed_s": median["local", "one"], "ray_fixed_s": median["ray", "one"],
             "ray_startup_over_local_s": median["ray", "one"] - median["local", "one"],
@@ -94,8 +94,8 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    columns = ["images", "size", "cpus", "local_s", "ray_s", "local_images_per_s", "ray_images_per_s", "ray_startup_over_local_s",
-               "local_images_per_s_after_start", "ray_images_per_s_after_start", "ray_over_local_after_start"]
+    columns = ["images", "size", "cpus", "local_s", "ray_s", "local_images_per_s", "ray_images_per_s",
+               "ray_startup_over_local_s", "local_images_per_s_after_start", "ray_images_per_s_after_start", "ray_over_local_after_start"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
     Path(args.json).write_text(json.dumps(row, indent=2))

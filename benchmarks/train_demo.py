@@ -3,7 +3,8 @@
     python benchmarks/train_demo.py [--out runs/demo] [--steps 1800] [--train-images 40000]
         [--relation-weight 0.2] [--rerank-steps 1500] [--rerank-kind late|fusion] [--rerank-galleries 16]
         [--skip-stage1 | --stage1 FILE] [--rerank-lr 2e-3] [--rerank-i2t-weight 1]
-    python benchmarks/train_demo.py --refit-weights | --check-unseen [--export FILE] [--unseen-seeds 6] [--unseen-sizes 1000 300]
+    python benchmarks/train_demo.py --refit-weights
+    python benchmarks/train_demo.py --check-unseen [--export FILE] [--unseen-seeds 6] [--unseen-sizes 1000 300]
 
 The defaults are sized for a 2-core CPU in under an hour (about 46 min at the last measured cost per
 step). The shipped weights were trained longer, stage 1 on a GPU:
@@ -80,7 +81,8 @@ def parse_args() -> argparse.Namespace:
                         help="only evaluate the model at --export on test galleries no stage fitted on (seeds 0-5, "
                              "1,000 and 300 images): R@1 by ITC and re-ranked, both directions")
     parser.add_argument("--unseen-seeds", type=int, default=6, help="--check-unseen: seeds 0..N-1 of each size")
-    parser.add_argument("--unseen-sizes", type=int, nargs="+", default=[1000, 300], help="--check-unseen: gallery sizes")
+    parser.add_argument("--unseen-sizes", type=int, nargs="+", default=[1000, 300],
+                        help="--check-unseen: gallery sizes")
     parser.add_argument("--json", default=None)
     parser.add_argument("--export", default=str(WEIGHTS_DIR / "clipkit-demo.pt"),
                         help="where to write the compact model (default: the bundled clipkit/weights/clipkit-demo.pt)")
