@@ -95,7 +95,8 @@ def main() -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     columns = ["images", "size", "cpus", "local_s", "ray_s", "local_images_per_s", "ray_images_per_s",
-               "ray_startup_over_local_s", "local_images_per_s_after_start", "ray_images_per_s_after_start", "ray_over_local_after_start"]
+               "ray_startup_over_local_s", "local_images_per_s_after_start", "ray_images_per_s_after_start",
+               "ray_over_local_after_start"]
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
     Path(args.json).write_text(json.dumps(row, indent=2))
