@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("late", "fusion")
 WEIGHT_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 192.0, 256.0, 512.0)
+ITC_ALONE = math.inf  # as a weight: the cosine alone orders the candidates (R@1 without re-ranking)
 
 
 @dataclass
@@ -202,7 +204,8 @@ def head_images(head: torch.nn.Module, g: CachedGallery, batch: int = 256) -> to
 @torch.no_grad()
 def rerank_top1(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
                 batch: int = 256) -> dict[float, float]:
-    """Text-to-image R@1 after re-ranking ITC's top k by score + w x cosine, for each w."""
+    """Text-to-image R@1 after re-ranking ITC's top k by score + w x cosine, for each w (`ITC_ALONE`: by the
+    cosine alone)."""
     was_training = head.training
     head.eval()
     images = head_images(head, g, batch)
@@ -216,7 +219,7 @@ def rerank_top1(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
         cosine = (g.text_emb[rows, None, :] * g.image_emb[candidates]).sum(-1)
         own = candidates == g.text_to_image[rows, None]
         for w in weights:
-            hits[w] += _first(score + w * cosine, own)
+            hits[w] += _first(cosine if w == ITC_ALONE else score + w * cosine, own)
     head.train(was_training)
     return {w: h / len(g.text_to_image) for w, h in hits.items()}
 
@@ -233,7 +236,8 @@ def _first(scores: torch.Tensor, own: torch.Tensor) -> int:
 def rerank_top1_i2t(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID,
                     batch: int = 256) -> dict[float, float]:
     """Image-to-text R@1 (any of the image's captions first) after re-ranking each image's top k captions by
-    ITC (k: the gallery's, as text -> image uses) by score + w x cosine, for each w."""
+    ITC (k: the gallery's, as text -> image uses) by score + w x cosine, for each w (`ITC_ALONE`: by the
+    cosine alone)."""
     was_training = head.training
     head.eval()
     images = head_images(head, g, batch)
@@ -247,31 +251,40 @@ def rerank_top1_i2t(head: torch.nn.Module, g: CachedGallery, weights=WEIGHT_GRID
                              rows.repeat_interleave(k)).view(len(rows), k)
         own = g.text_to_image[candidates] == rows[:, None]
         for w in weights:
-            hits[w] += _first(score + w * cosine, own)
+            hits[w] += _first(cosine if w == ITC_ALONE else score + w * cosine, own)
     head.train(was_training)
     return {w: h / len(g.image_emb) for w, h in hits.items()}
 
 
 def fit_weight(head: torch.nn.Module, galleries: list[CachedGallery],
-               direction: str = "t2i") -> tuple[float, dict[float, float]]:
+               direction: str = "t2i") -> tuple[float, dict[float, float], float]:
     """The cosine weight with the best mean re-ranked R@1 over `galleries` in `direction` ("t2i", "i2t";
-    ties: the smallest weight)."""
+    ties: the smallest weight), the mean R@1 of each weight, and R@1 without re-ranking."""
     top1 = rerank_top1 if direction == "t2i" else rerank_top1_i2t
-    totals = {w: 0.0 for w in WEIGHT_GRID}
+    totals = {w: 0.0 for w in (*WEIGHT_GRID, ITC_ALONE)}
     for g in galleries:
-        for w, r in top1(head, g).items():
+        for w, r in top1(head, g, (*WEIGHT_GRID, ITC_ALONE)).items():
             totals[w] += r / len(galleries)
+    itc = totals.pop(ITC_ALONE)
     best = max(WEIGHT_GRID, key=lambda w: (round(totals[w], 6), -w))
-    return best, totals
+    return best, totals, itc
 
 
 def fit_weights(head: torch.nn.Module, galleries: list[CachedGallery]) -> dict:
-    """Both directions' cosine weights fitted on `galleries`, written into the head's config; a report."""
-    weight, by_weight = fit_weight(head, galleries)
-    weight_i2t, by_weight_i2t = fit_weight(head, galleries, "i2t")
-    head.config["rerank_weight"], head.config["rerank_weight_i2t"] = weight, weight_i2t
-    return {"rerank_weight": weight, "rerank_weight_i2t": weight_i2t, "train_r1_by_weight": by_weight,
-            "train_i2t_r1_by_weight": by_weight_i2t}
+    """Both directions' cosine weights fitted on `galleries`, written into the head's config; a report, whose
+    "lowers" names the directions where even the best weight re-ranks below ITC alone there (warned)."""
+    report, lowers = {}, []
+    for direction, suffix in (("t2i", ""), ("i2t", "_i2t")):
+        weight, by_weight, itc = fit_weight(head, galleries, direction)
+        head.config[f"rerank_weight{suffix}"] = weight
+        report.update({f"rerank_weight{suffix}": weight, f"train{suffix}_r1_by_weight": by_weight,
+                       f"itc{suffix}_r1": itc})
+        if round(by_weight[weight], 6) < round(itc, 6):
+            lowers.append(f"{direction} R@1 {by_weight[weight]:.4f} re-ranked, {itc:.4f} by ITC alone")
+    if lowers:
+        log.warning("re-ranking with this head lowers R@1 on the galleries its weights were fitted on (%s): "
+                    "train it longer (more steps or data), or search without re-ranking", "; ".join(lowers))
+    return {**report, "lowers": lowers}
 
 
 def train_rerank_head(model, galleries: list[RetrievalSet], config: RerankConfig | None = None, *,

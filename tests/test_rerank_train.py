@@ -372,6 +372,35 @@ def test_each_step_adds_the_image_to_text_loss_of_its_captions_images_by_its_wei
         RerankConfig(i2t_weight=-1).validate()
 
 
+class Contrary(torch.nn.Module):
+    """A head whose scores are loud noise (a hash of its inputs): re-ranking by it lowers R@1 at any weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {}
+
+    def forward(self, text, padding, images, image_index=None):
+        image = images if image_index is None else images[image_index]
+        noise = torch.sin(1e3 * text.sum(dim=(1, 2)) + 7e2 * image.reshape(len(image), -1).sum(dim=1))
+        return torch.stack([torch.zeros_like(noise), 1e4 * noise], dim=1)
+
+
+def test_a_head_that_lowers_recall_where_it_is_fitted_is_warned_about(caplog):
+    from clipkit.rerank_train import fit_weights
+
+    demo = load_model("clipkit-demo", device="cpu")  # (towers that retrieve: ITC alone has a recall to lower)
+    g = cache_gallery(demo, synthetic_set(30, seed=5, split="val"), k=16, kind="fusion")
+    similarity, own = (g.text_emb @ g.image_emb.T).numpy(), g.text_to_image.numpy()
+    t2i = np.mean([similarity[t, own[t]] > np.delete(similarity[t], own[t]).max() for t in range(len(own))])
+    i2t = np.mean([similarity[own == i, i].max() > similarity[own != i, i].max()
+                   for i in range(similarity.shape[1])])
+    with caplog.at_level("WARNING", logger="clipkit.rerank_train"):
+        report = fit_weights(Contrary(), [g])
+    assert report["itc_r1"] == pytest.approx(t2i) and report["itc_i2t_r1"] == pytest.approx(i2t) and t2i > 0.3
+    assert [line.split()[0] for line in report["lowers"]] == ["t2i", "i2t"]
+    assert "re-ranking with this head lowers R@1" in caplog.text and "search without re-ranking" in caplog.text
+
+
 def test_fusion_stage_fine_tunes_a_copy_of_the_models_head_and_fits_its_weight(tiny_model, tiny_ckpt, tmp_path):
     from clipkit.cli import main
     from clipkit.itm import ITMHead, build_itm_head
