@@ -70,10 +70,10 @@ class RerankConfig:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}" + (
                     " (0 steps: --kind fusion, which keeps the model's own head and fits its weights)"
                     if name == "steps" and self.steps == 0 else ""))
-        for name, least in (("random", 0), ("i2t_weight", 0), ("lr", None)):
-            value = getattr(self, name)
-            if not (value >= least if least is not None else value > 0):
-                raise ValueError(f"{name} must be {'>= 0' if least is not None else '> 0'}, got {value}")
+        for name, holds, rule in (("random", self.random >= 0, ">= 0"), ("i2t_weight", self.i2t_weight >= 0, ">= 0"),
+                                  ("lr", self.lr > 0, "> 0")):
+            if not holds:  # (NaN holds no rule)
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
@@ -261,9 +261,10 @@ def fit_weight(head: torch.nn.Module, galleries: list[CachedGallery],
     """The cosine weight with the best mean re-ranked R@1 over `galleries` in `direction` ("t2i", "i2t";
     ties: the smallest weight), the mean R@1 of each weight, and R@1 without re-ranking."""
     top1 = rerank_top1 if direction == "t2i" else rerank_top1_i2t
-    totals = {w: 0.0 for w in (*WEIGHT_GRID, ITC_ALONE)}
+    weights = (*WEIGHT_GRID, ITC_ALONE)
+    totals = {w: 0.0 for w in weights}
     for g in galleries:
-        for w, r in top1(head, g, (*WEIGHT_GRID, ITC_ALONE)).items():
+        for w, r in top1(head, g, weights).items():
             totals[w] += r / len(galleries)
     itc = totals.pop(ITC_ALONE)
     best = max(WEIGHT_GRID, key=lambda w: (round(totals[w], 6), -w))
