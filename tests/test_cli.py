@@ -74,12 +74,14 @@ def test_the_index_may_be_given_as_index_and_search_name_it(image_folder, tmp_pa
     (["search", "x", "--index", "/no/such/index"], "no index at /no/such/index"),
     (["index", "/no/such/folder"], "folder not found"),
     (["search", "x", "-k", "0"], "must be at least 1"),
+    (["search", "fotos", "a dog"], "no index at index.clipkit (the default), and the first QUERY 'fotos' is not"),
     (["search", "holiday/missing.jpg"], "image file not found: holiday/missing.jpg (to search for this text, add --text)"),
     (["index", "."], None),  # placeholder replaced below
     (["frobnicate"], "invalid choice"),
     ([], "a command is required"),
 ])
-def test_errors_are_one_line_exit_2(argv, message, capsys, tmp_path, image_folder):
+def test_errors_are_one_line_exit_2(argv, message, capsys, tmp_path, image_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (no index.clipkit here)
     if argv == ["index", "."]:
         argv, message = ["index", str(image_folder), "--index", str(tmp_path / "i"), "--model", "ViT-B-99"], \
             "unknown model 'ViT-B-99'"
