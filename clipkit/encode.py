@@ -60,7 +60,7 @@ def kind_of(item: Any, str_is: str = TEXT) -> str | None:
     """TEXT or IMAGE for one input item, None when it is neither."""
     if isinstance(item, str):
         return str_is
-    if isinstance(item, (Image.Image, os.PathLike)):
+    if isinstance(item, (Image.Image, os.PathLike, bytes, bytearray)):  # (bytes: an encoded image file's)
         return IMAGE
     if isinstance(item, np.ndarray) and item.ndim in (2, 3):
         return IMAGE
@@ -94,7 +94,8 @@ def classify(items: Sequence, str_is: str = TEXT) -> str:
     for position, kind in enumerate(kinds):
         if kind is None:
             raise ValueError(f"item {position} has unsupported type {type(items[position]).__name__}: "
-                             "expected str (text), or PIL image / pathlib.Path / HxWx3 uint8 array (image)")
+                             "expected str (text), or PIL image / pathlib.Path / HxWx3 uint8 array / an image "
+                             "file's bytes (image)")
     if len(set(kinds)) > 1:
         first_other = next(i for i, k in enumerate(kinds) if k != kinds[0])
         raise ValueError(f"mixed input: item 0 is {kinds[0]} but item {first_other} is {kinds[first_other]}; "
@@ -115,11 +116,14 @@ def array_to_image(array: np.ndarray) -> Image.Image:
 
 
 def load_image(item: Any, min_side: int | None = None) -> Image.Image:
-    """Any supported image input (PIL, path, array) as an RGB PIL image (`min_side`: see read_image)."""
+    """Any supported image input (PIL, path, array, an image file's bytes) as an RGB PIL image (`min_side`: see
+    read_image)."""
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, np.ndarray):
         return array_to_image(item)
+    if isinstance(item, (bytes, bytearray)):
+        return decode_image(bytes(item), min_side=min_side)
     if isinstance(item, (TarMember, ImageURL)):  # an image inside a shard, or at a URL
         return decode_image(item.read_bytes(), str(item), min_side)
     return read_image(Path(item), min_side)

@@ -50,7 +50,7 @@ def query_kind(query: Any) -> str:
             raise ValueError("the text query is empty")
         warn_if_image_paths([query], stacklevel=4)  # the caller of search() or search_batch()
         return TEXT
-    if isinstance(query, (Image.Image, os.PathLike)):
+    if isinstance(query, (Image.Image, os.PathLike, bytes, bytearray)):  # (bytes: an encoded image file's)
         return IMAGE
     if isinstance(query, np.ndarray):
         if query.ndim == 1 or (query.ndim == 2 and np.issubdtype(query.dtype, np.floating)):
@@ -62,7 +62,7 @@ def query_kind(query: Any) -> str:
     several = " (one query a call; for many at once: clipkit.search_batch(queries, index, k))" \
         if isinstance(query, (list, tuple)) else ""
     raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, "
-                     f"a pathlib.Path, an HxWx3 uint8 array, or a 1-D embedding (numpy or torch){several}")
+                     f"a pathlib.Path, an image file's bytes, an HxWx3 uint8 array, or a 1-D embedding (numpy or torch){several}")
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,

@@ -59,6 +59,12 @@ def test_search_by_text_image_and_vector(image_folder, tiny_model):
     by_pil = clipkit.search(Image.open(target), index, k=1)
     by_array = clipkit.search(np.asarray(Image.open(target).convert("RGB")), index, k=1)
     assert by_pil[0].id == by_array[0].id == target
+    by_bytes = clipkit.search(Path(target).read_bytes(), index, k=3)  # an image file's bytes (an upload, a download)
+    assert [(h.id, h.score) for h in by_bytes] == [(h.id, h.score) for h in by_path]
+    assert np.array_equal(clipkit.encode([bytearray(Path(target).read_bytes())], model=tiny_model),
+                          clipkit.encode([Path(target)], model=tiny_model))
+    with pytest.raises(ValueError, match="not a recognised image format"):
+        clipkit.search(b"not an image", index, k=1)
     vector = index.embeddings([target])[0]
     assert clipkit.search(vector, index, k=1)[0].id == target
     text_hits = clipkit.search("a red square", index, k=100)
