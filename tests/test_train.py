@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -150,9 +151,10 @@ def test_a_folder_of_shards_trains_and_validation_takes_the_user_s_own_data(tmp_
     assert "no image with a caption in it" in capsys.readouterr().err  # (its one image is not where it says)
 
 
-def test_a_folder_of_captioned_images_or_a_caption_table_trains(tmp_path):
+def test_a_folder_of_captioned_images_or_a_caption_table_trains(tmp_path, caplog):
     """--data takes what `clipkit shards` takes: its shards written once into OUT/data/source, kept for the
-    runs that go on in OUT, written again for another source."""
+    runs that go on in OUT, written again for another source. Images without captions are left out with one
+    warning for them all (not a line each: a folder of millions may hold many)."""
     import tarfile
 
     images = tmp_path / "images"
@@ -161,8 +163,15 @@ def test_a_folder_of_captioned_images_or_a_caption_table_trains(tmp_path):
         draw_shape(colour, shape, (32, 32), seed=n).save(images / f"{n}.png")
         (images / f"{n}.txt").write_text(f"a {colour} {shape}\n")
     (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"images/{n}.png,one\n" for n in range(4)))
+    for name in ("extra0", "extra1", "extra2", "empty"):
+        draw_shape("red", "circle", (32, 32)).save(images / f"{name}.png")
+    (images / "empty.txt").write_text("\n")
     run = tmp_path / "run"
-    train(config(run, str(images), steps=2, batch_size=4, ckpt_every=2))
+    with caplog.at_level(logging.WARNING, logger="clipkit"):
+        train(config(run, str(images), steps=2, batch_size=4, ckpt_every=2))
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 1 and "4 image(s) left out" in left_out[0], left_out
+    assert "empty.png: no captions: empty.txt is empty" in left_out[0] and "no caption file extra0.txt" in left_out[0]
     made = sorted((run / "data" / "source").glob("train-*.tar"))
     with tarfile.open(made[0]) as shard:
         captions = sorted(m.name for m in shard.getmembers() if m.name.endswith(".txt"))

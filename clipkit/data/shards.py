@@ -20,7 +20,7 @@ from PIL import Image
 
 from clipkit._progress import progress_bar
 from clipkit._io import atomic_path, atomic_write_json
-from clipkit.data.folder import read_captions, scan_images
+from clipkit.data.folder import caption_file, read_captions, scan_images
 from clipkit.data.images import encode_image, read_image
 from clipkit.data.tables import read_table
 
@@ -147,12 +147,22 @@ def samples_from_folder(folder: str | os.PathLike, skipped: list | None = None) 
     for number, path in enumerate(scan_images(folder)):
         captions = read_captions(path)
         if not captions:
-            _skip(skipped, path, f"no captions in {path.stem}.txt")
+            _skip(skipped, path, _no_captions(caption_file(path)))
             continue
         try:
             yield sample_from_image(path, captions, {"image_id": number, "group_id": number})
         except (ValueError, OSError) as exc:
             _skip(skipped, path, str(exc))
+
+
+def _no_captions(caption: str) -> str:
+    """Why an image's caption file gave no captions."""
+    name = os.path.basename(caption)
+    if not os.path.lexists(caption):
+        return f"no caption file {name} beside it"
+    if not os.path.isfile(caption):
+        return f"no captions: {name} is not a regular file"
+    return f"no captions: {name} is empty or unreadable"
 
 
 def _skip(skipped: list | None, path, reason: str) -> None:

@@ -226,12 +226,18 @@ def shard_urls(config: TrainConfig, rank: int) -> str | list[str]:
 def _source_shards(config: TrainConfig, source: str, rank: int) -> str:
     """The shards of a captioned folder or caption table, written once (rank 0) into OUT/data/source and kept
     for the runs that go on in OUT (a set made from another source, or stopped midway, is written again)."""
+    from clipkit._io import SkipList
     from clipkit.data.shards import samples_from_source, write_shards
 
     folder, expected = Path(config.out) / "data" / "source", {"source": str(Path(source).resolve())}
     if rank == 0 and not _manifest_matches(folder / "made.json", expected):
         _clear_made_shards(folder)
-        if not write_shards(samples_from_source(source), folder, prefix="train", progress=None):
+        skipped = SkipList()  # (one summary for them all: a folder of millions may hold many uncaptioned images)
+        written = write_shards(samples_from_source(source, skipped), folder, prefix="train", progress=None)
+        if skipped:
+            log.warning("--data %s: %d image(s) left out, e.g. %s", source, len(skipped),
+                        "; ".join(f"{path}: {reason}" for path, reason in skipped[:3]))
+        if not written:
             raise ValueError(f"--data {source}: no image with a caption in it (a folder needs NAME.txt captions "
                              "beside its images; a table, image and caption columns)")
         (folder / "made.json").write_text(json.dumps(expected))
