@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 from clipkit.index import ondisk
-from clipkit.index.ann import Structure, candidates, empty_structure, split_refine, top_k_scan, training_size
+from clipkit.index.ann import DEEP_K, TUNED_K, Structure, candidates, empty_structure, split_refine, top_k_scan, training_size
 
 log = logging.getLogger("clipkit.index")
 
@@ -51,6 +51,8 @@ class Tuning:
     n_queries: int
     seconds_per_query: float
     tried: list[dict] = field(default_factory=list)  # every candidate setting: structure, params, recall, s/query
+    deep_recall: float | None = None  # recall@100 on the unseen queries of searches for more than 10 (their
+    # setting `nprobe@100` / `efSearch@100` in params where it is more than the one for 10)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +64,15 @@ class _Queries:
     tune_truth: np.ndarray
     check: np.ndarray
     check_truth: np.ndarray
+    tune_deep: np.ndarray | None = None  # the true top DEEP_K of each (None: too few items for that)
+    check_deep: np.ndarray | None = None
+
+    @classmethod
+    def halves(cls, queries: np.ndarray, truth: np.ndarray, k: int) -> "_Queries":
+        """Half the queries to tune on, half to check on; `truth` the true top k, or deeper (DEEP_K)."""
+        half, deep = len(queries) // 2, truth.shape[1] > k
+        return cls(queries[:half], truth[:half, :k], queries[half:], truth[half:, :k],
+                   truth[:half] if deep else None, truth[half:] if deep else None)
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -72,7 +83,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, memory_budget: int | None = None,
                     target_recall: float = 0.95, sample_queries: np.ndarray | None = None,
-                    queries_are: str = "sample queries", params: dict | None = None, k: int = 10,
+                    queries_are: str = "sample queries", params: dict | None = None, k: int = TUNED_K,
                     n_queries: int = 2000) -> tuple[Structure, Tuning | None]:
     """The structure for these vectors: chosen ("auto"), trained, filled and tuned (None: no tuning, when
     exact or when `params` are given: a rebuild that keeps earlier choices)."""
@@ -91,7 +102,7 @@ def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, m
 
 
 def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *, target: float = 0.95,
-                   sample_queries: np.ndarray | None = None, k: int = 10, n_queries: int = 2000,
+                   sample_queries: np.ndarray | None = None, k: int = TUNED_K, n_queries: int = 2000,
                    allow_flat: bool = True, queries_are: str = "sample queries") -> tuple[Structure, Tuning]:
     """Build every structure in `options`, tune each to `target`, keep the fastest (see the module doc)."""
     rng = np.random.default_rng(0)
@@ -104,9 +115,8 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
     base, base_keys = vectors[~held], keys[~held]
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(np.ascontiguousarray(base))
-    truth = base_keys[exact.search(np.ascontiguousarray(queries), k)[1]]
-    half = len(queries) // 2
-    split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
+    truth = base_keys[exact.search(np.ascontiguousarray(queries), _truth_depth(k, len(base)))[1]]
+    split = _Queries.halves(queries, truth, k)
     tried, built = [], {}
     if allow_flat:
         tried.append({"structure": "Flat", "params": {}, "recall": 1.0,
@@ -119,16 +129,17 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
         built[factory] = structure
         tried += _settings(structure, split, target + MARGIN, k)
     chosen, estimate = _choose(tried, built, split, target, k)
+    deep_recall = None
     if chosen["structure"] == "Flat":
         structure = Structure.flat(vectors.shape[1])
         structure.add(vectors, keys)
     else:
         structure = built[chosen["structure"]]
-        structure.set_params(chosen["params"])
+        deep_recall = _deepen(structure, chosen["params"], split, target)
         if held.any():  # the held-out items join the structure now
             structure.add(vectors[held], keys[held])
     report = Tuning(structure.factory, structure.params, estimate, target, source, len(queries),
-                    chosen["seconds"], tried)
+                    chosen["seconds"], tried, deep_recall)
     log.info("ANN tuned: %s %s, estimated recall@%d %.3f on %d unseen %s", report.structure, report.params, k,
              estimate, len(split.check), source)
     return structure, report
@@ -205,12 +216,19 @@ def _smallest_meeting(structure: Structure, name: str, values: list[int], extra:
     """The smallest value meeting `goal` (by bisection: recall grows with it), or the largest if none does
     (found by one look at the largest first: a shortlist too short for the goal costs one search, not a
     bisection)."""
-    if _recall(structure, {name: values[-1], **extra}, split.tune, split.tune_truth, k) < goal:
+    return _least(values, lambda value: _recall(structure, {name: value, **extra}, split.tune, split.tune_truth,
+                                                 k) >= goal)
+
+
+def _least(values: list[int], passes) -> int:
+    """The smallest of `values` (ascending) that `passes` (as all past it do), by bisection; the largest when
+    none does, found by one look at it first."""
+    if not passes(values[-1]):
         return values[-1]
     low, high = 0, len(values) - 1
     while low < high:
         middle = (low + high) // 2
-        if _recall(structure, {name: values[middle], **extra}, split.tune, split.tune_truth, k) >= goal:
+        if passes(values[middle]):
             high = middle
         else:
             low = middle + 1
@@ -278,7 +296,7 @@ class Collection:
 
 def build_streaming(factories: list[str], collection: Collection, *, target_recall: float = 0.95,
                     sample_queries: np.ndarray | None = None, queries_are: str = "sample queries",
-                    params: dict | None = None, k: int = 10, n_queries: int = 1000,
+                    params: dict | None = None, k: int = TUNED_K, n_queries: int = 1000,
                     train_rows: int = 300_000) -> tuple[Structure, Tuning | None]:
     """An IVF structure with PQ codes (one of `factories`, shortest codes first) built in bounded memory:
     trained on a sample, filled batch by batch from the stored vectors (which its exact re-rank reads where
@@ -307,7 +325,7 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
 
 
 def retune(structure: Structure, collection: Collection, *, target_recall: float = 0.95,
-           sample_queries: np.ndarray | None = None, queries_are: str = "sample queries", k: int = 10,
+           sample_queries: np.ndarray | None = None, queries_are: str = "sample queries", k: int = TUNED_K,
            n_queries: int = 1000) -> Tuning:
     """Tune a built structure's search parameters anew for the collection it holds now (grown since it was
     tuned: longer lists, more codes competing for each shortlist), without rebuilding it."""
@@ -328,8 +346,40 @@ def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sampl
     else:
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
-    truth = top_k_scan(queries, collection.batches(), k, exclude=np.sort(held), per_item=collection.per_item)[1]
+    depth = _truth_depth(k, collection.count - len(held))
+    truth = top_k_scan(queries, collection.batches(), depth, exclude=np.sort(held), per_item=collection.per_item)[1]
     return (held, rows), queries, truth, source
+
+
+DEEP_KS = (25, 50, DEEP_K)  # the k a search for more than TUNED_K is tuned at (recall@k dips between 10 and 100:
+# 0.952 at 20, 0.945 at 50, 0.956 at 100 with one setting, 120k x 256-d)
+
+
+def _truth_depth(k: int, items: int) -> int:
+    """How many true neighbours of each tuning query to find: DEEP_K, to tune searches for more than k too,
+    where there are items enough; else k."""
+    return DEEP_K if k < DEEP_K <= items // 2 else k
+
+
+def _deepen(structure: Structure, params: dict, split: _Queries, target: float) -> float | None:
+    """Set `params` on `structure`, with the least nprobe / efSearch (at least theirs) that searches for more
+    than TUNED_K need to meet `target` on the tuning half at each k of DEEP_KS (as `nprobe@100` /
+    `efSearch@100`, where it is more): the least recall of those on the unseen half with it, or None where
+    there is nothing to tune."""
+    structure.set_params(params)
+    name, values = _grid(structure)
+    if split.tune_deep is None or name not in params:
+        return None
+    others = {key: value for key, value in params.items() if key != name}
+
+    def recalls(value: int, queries: np.ndarray, truth: np.ndarray):
+        return (_recall(structure, {name: value, **others}, queries, truth[:, :k], k) for k in DEEP_KS)
+
+    value = _least([v for v in values if v >= params[name]] or [params[name]],  # (all(): the first short of it ends)
+                   lambda v: all(recall >= target + MARGIN for recall in recalls(v, split.tune, split.tune_deep)))
+    estimate = min(recalls(value, split.check, split.check_deep))
+    structure.set_params({**params, f"{name}@{DEEP_K}": value} if value > params[name] else params)
+    return estimate
 
 
 def _tune_in_place(structure: Structure, held_out: tuple, queries: np.ndarray, truth: np.ndarray, source: str,
@@ -338,15 +388,15 @@ def _tune_in_place(structure: Structure, held_out: tuple, queries: np.ndarray, t
     the `held_out` items (keys, stored rows) are out of it meanwhile."""
     held, rows = held_out
     structure.remove(held)
-    half = len(queries) // 2
-    split = _Queries(queries[:half], truth[:half], queries[half:], truth[half:])
+    split = _Queries.halves(queries, truth, k)
     tried = _settings(structure, split, target_recall + MARGIN, k)
     chosen, estimate = _choose(tried, {structure.factory: structure}, split, target_recall, k)
+    deep_recall = _deepen(structure, chosen["params"], split, target_recall)
     if len(held):
         structure.add(rows, held)
-    structure.set_params(chosen["params"])
+        structure.set_params(structure.params)  # (a delta the items went into searches so too)
     report = Tuning(structure.factory, structure.params, estimate, target_recall, source, len(queries),
-                    chosen["seconds"], tried)
+                    chosen["seconds"], tried, deep_recall)
     log.info("ANN tuned on the collection: %s %s, estimated recall@%d %.3f on %d unseen %s",
              report.structure, report.params, k, estimate, len(split.check), source)
     return report
