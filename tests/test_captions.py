@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -515,6 +516,17 @@ def test_eval_on_a_caption_folder_agrees_with_search(folder, demo, capsys):
                        for h in clipkit.search(p, index, k=5, modality="text")) for p in sorted(folder.glob("*.jpg"))])
     assert abs(report["itc"]["i2t"]["R@5"] - i2t) < 1e-9
     assert main(["eval", "--dataset", "folder:/no/such/folder"]) == 2
+
+
+def test_images_without_captions_are_left_out_of_an_evaluation_and_counted(folder, caplog):
+    from clipkit.data.captions import read_folder_set
+
+    for path in sorted(folder.glob("*.txt"))[:3]:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="clipkit"):
+        data = read_folder_set(folder)
+    assert len(data.images) == 37
+    assert f"3 of the 40 images in {folder} have no captions" in caplog.text
 
 
 def test_removing_images_removes_their_captions(folder, demo, tmp_path):

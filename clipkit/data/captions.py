@@ -7,6 +7,7 @@ Each reader returns a `RetrievalSet`: the images (paths or PIL images), the capt
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,15 +117,20 @@ def read_folder_set(folder: str | os.PathLike) -> RetrievalSet:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder} (give --dataset folder:DIR with images and NAME.txt captions)")
-    images, captions, text_to_image = [], [], []
+    images, captions, text_to_image, uncaptioned, first = [], [], [], 0, None
     for path in scan_images(folder):
         lines = read_captions(path)
         if lines:
             captions += lines
             text_to_image += [len(images)] * len(lines)
             images.append(path)
+        else:
+            uncaptioned, first = uncaptioned + 1, first or path
     if not images:
         raise ValueError(f"no image in {folder} has a caption file (NAME.txt beside NAME.jpg, one caption a line)")
+    if uncaptioned:
+        logging.getLogger("clipkit").warning("%d of the %d images in %s have no captions (e.g. %s) and are left out",
+                                             uncaptioned, uncaptioned + len(images), folder, first)
     return RetrievalSet(name=f"folder:{folder.name}", images=images, captions=captions, text_to_image=text_to_image)
 
 
