@@ -95,7 +95,12 @@ def test_image_queries_upload_base64_id_and_vector(client, served):
     as_json = client.post("/search", json={"image": base64.b64encode(data).decode(), "k": 3}).json()
     data_url = client.post("/search", json={"image": "data:image/jpeg;base64," + base64.b64encode(data).decode(),
                                             "k": 3}).json()
-    assert uploaded["results"] == as_json["results"] == data_url["results"]
+    as_body = client.post("/search?k=3", content=data, headers={"content-type": "image/jpeg"}).json()  # curl --data-binary
+    assert uploaded["results"] == as_json["results"] == data_url["results"] == as_body["results"]
+    both = client.post("/search?k=3&text=x", content=data, headers={"content-type": "application/octet-stream"})
+    assert both.status_code == 400 and "(got text, image)" in both.json()["detail"]
+    bad_k = client.post("/search?k=0", content=data, headers={"content-type": "image/jpeg"})
+    assert bad_k.status_code == 422 and bad_k.json()["detail"].startswith("k:")
     assert uploaded["results"][0]["item_id"] == str(path.resolve()) and uploaded["results"][0]["score"] > 0.999
     vector = clipkit.encode([path], model=served["model"])[0]
     ids, _ = _brute_force(served, vector, 3)

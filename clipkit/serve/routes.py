@@ -36,7 +36,8 @@ async def healthz(request: Request):
 # -- clipkit's own -----------------------------------------------------------------------------
 
 
-@router.post("/search", summary="Search by text, image (JSON base64 or multipart upload), vector or item id",
+@router.post("/search", summary="Search by text, image (JSON base64, multipart upload, or the body itself with its "
+             "options as query parameters), vector or item id",
              openapi_extra=_schema(SearchRequest))
 async def search(request: Request):
     service = request.app.state.service
@@ -44,6 +45,8 @@ async def search(request: Request):
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         body, upload = await _form_body(request)
+    elif content_type.startswith(("image/", "application/octet-stream")):  # `curl --data-binary @q.jpg`
+        body, upload = _fields_body(dict(request.query_params), await request.body())
     else:
         body, upload = await _json_body(request, SearchRequest), None
     collection = service.collection(body.index)
@@ -89,6 +92,12 @@ async def _form_body(request: Request) -> tuple[SearchRequest, bytes | None]:
             upload = await value.read()
         else:
             fields[name] = value
+    return _fields_body(fields, upload)
+
+
+def _fields_body(fields: dict[str, Any], upload: bytes | None) -> tuple[SearchRequest, bytes | None]:
+    """A search's options sent as text fields (a form's, or query parameters beside an image sent as the body),
+    with the image's bytes."""
     if "rerank" in fields:
         fields["rerank"] = str(fields["rerank"]).lower() in ("1", "true", "on", "yes")
     try:
