@@ -222,10 +222,13 @@ def _smallest_meeting(structure: Structure, name: str, values: list[int], extra:
 
 def _least(values: list[int], passes) -> int:
     """The smallest of `values` (ascending) that `passes` (as all past it do), by bisection; the largest when
-    none does, found by one look at it first."""
-    if not passes(values[-1]):
+    none does. One look at the smallest first (the cheapest to try, and what a deep search often needs: the
+    setting for 10), then at the largest (a setting too weak for the goal costs one search, not a bisection)."""
+    if passes(values[0]):
+        return values[0]
+    if len(values) == 1 or not passes(values[-1]):
         return values[-1]
-    low, high = 0, len(values) - 1
+    low, high = 1, len(values) - 1
     while low < high:
         middle = (low + high) // 2
         if passes(values[middle]):
