@@ -916,6 +916,9 @@ def cmd_info(args) -> int:
     if tuning:
         lines.append(("tuned", f"recall@10 {tuning['estimated_recall']:.3f} (target {tuning['target']}), estimated "
                                f"on the half of {tuning['n_queries']} {tuning['queries']} that the choice never saw"))
+        if tuning.get("deep_recall") is not None:
+            lines.append(("deeper", f"searches for more than 10: recall@25/50/100 ≥ {tuning['deep_recall']:.3f} on "
+                                    "the same half"))
     lines += [("folders", f"{'' if f['exists'] else '(missing) '}{f['path']}{_leaving_out(f)}")
               for f in about["folders"]]
     lines.append(("on disk", f"{about['bytes'] / 2**20:.1f} MiB ({about['bytes'] / max(about['items'], 1):.0f} "

@@ -243,6 +243,7 @@ def test_info_says_what_an_index_is(image_folder, tmp_path, tiny_args, capsys):
     text = capsys.readouterr().out
     assert "IVF32,Flat" in text and "3000 (16-d" in text and "model      none recorded" in text
     assert f"recall@10 {tuned.tuning['estimated_recall']:.3f}" in text
+    assert f"searches for more than 10: recall@25/50/100 ≥ {tuned.tuning['deep_recall']:.3f}" in text
     assert main(["info", str(tmp_path / "nowhere")]) == 2
     assert main(["info", str(tmp_path / "ivf"), "--index", str(index_path)]) == 2
 
