@@ -179,7 +179,7 @@ def test_faiss_gpu_search_matches_the_cpu(index_type):
     np.testing.assert_allclose(on_gpu[0], on_cpu, atol=1e-4)
     assert index.search(x[:2], 3000)[1].shape == (2, 3000)  # past the GPU's k limit: on the CPU
     if index_type != "flat":  # a search for more than 10 probes as tuned for 100 on the GPU copy too
-        index._structure.set_params({"nprobe": 1, "nprobe@100": 16})
+        index._structure.set_params({"nprobe": 1, "nprobe@50": 16})
         np.testing.assert_array_equal(index.search(x[:50], 50)[1],
                                       np.argsort(-(unit[:50] @ unit.T), axis=1)[:, :50])
         assert index._structure._gpu  # (answered by the GPU copy, which searches for 10 as before after it)

@@ -54,8 +54,11 @@ FEW_QUERIES_IMPLEM = 14  # IndexIVFFastScan's implementation for a few queries (
 QUANTIZER_EF = 64  # the least efSearch of an HNSW coarse quantizer (twice nprobe when that is more)
 TUNED_K = 10  # the k structures are tuned for (recall@10); a search for fewer shortlists as deep as one for 10:
 # k_factor x 1 candidates held the true top 1 for 0.94 of queries where k_factor x 10 held it for 0.99
-DEEP_K = 100  # a search for more than TUNED_K probes as tuned for DEEP_K (params `nprobe@100`, `efSearch@100`):
-# the nprobe tuned for recall@10 gave recall@50 0.93 (120k x 256-d); deeper neighbours lie in more lists
+DEEP_KS = (25, 50, 100)  # a search for more than TUNED_K probes as tuned for the first of these that is at least
+# its k (params `nprobe@25`, `nprobe@50`, `nprobe@100`, or `efSearch@…`, each where it is more than the rung's below;
+# the last for any k past it): the nprobe tuned for recall@10 gave recall@50 0.93 (120k x 256-d), deeper
+# neighbours lying in more lists
+DEEP_K = DEEP_KS[-1]
 IN_RAM_COPIES = 5  # float32 copies of the collection the in-RAM tuner holds at its peak (tune.tune_structure)
 
 
@@ -451,7 +454,11 @@ class Structure:
         return int(self.index.d)
 
     def describe(self) -> str:
-        return self.factory + "".join(f" {k}={v}" for k, v in sorted(self.params.items()))
+        def order(item):  # (nprobe, nprobe@25, nprobe@50, nprobe@100)
+            name, _, rung = item[0].partition("@")
+            return name, int(rung or 0)
+
+        return self.factory + "".join(f" {k}={v}" for k, v in sorted(self.params.items(), key=order))
 
     def bytes_per_vector(self) -> float:
         """Memory per vector: the FAISS file's size plus, for `,RFlat`, the float32 vectors held for the re-rank."""
@@ -515,12 +522,18 @@ class Structure:
         return rerank(queries, self.shortlist(queries, max(depth, k), deeper), k, self._lookup, self.per_item)
 
     def _deeper(self, k: int) -> dict:
-        """The settings a search for `k` takes in place of the structure's own: those tuned for DEEP_K
-        (`nprobe@100` / `efSearch@100`) when k is more than TUNED_K, else none."""
-        if k <= TUNED_K:
-            return {}
-        return {name: int(self.params[f"{name}@{DEEP_K}"]) for name in ("nprobe", "efSearch")
-                if f"{name}@{DEEP_K}" in self.params}
+        """The settings a search for `k` takes in place of the structure's own: for k more than TUNED_K, those
+        tuned for the first rung of DEEP_KS at least k (the last past them all): a rung without its own
+        (`nprobe@50`) takes the one below's."""
+        deeper = {}
+        for rung in DEEP_KS:
+            if k <= TUNED_K:
+                break
+            deeper.update({name: int(self.params[f"{name}@{rung}"]) for name in ("nprobe", "efSearch")
+                           if f"{name}@{rung}" in self.params})
+            if rung >= k:
+                break
+        return deeper
 
     def shortlist(self, queries: np.ndarray, depth: int, deeper: dict | None = None) -> np.ndarray:
         """The keys of each query's `depth` best by the codes, before any re-rank (-1: none): for items of

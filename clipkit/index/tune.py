@@ -24,7 +24,8 @@ import faiss
 import numpy as np
 
 from clipkit.index import ondisk
-from clipkit.index.ann import DEEP_K, TUNED_K, Structure, candidates, empty_structure, split_refine, top_k_scan, training_size
+from clipkit.index.ann import (DEEP_K, DEEP_KS, TUNED_K, Structure, candidates, empty_structure, split_refine, top_k_scan,
+                               training_size)
 
 log = logging.getLogger("clipkit.index")
 
@@ -51,8 +52,8 @@ class Tuning:
     n_queries: int
     seconds_per_query: float
     tried: list[dict] = field(default_factory=list)  # every candidate setting: structure, params, recall, s/query
-    deep_recall: float | None = None  # recall@100 on the unseen queries of searches for more than 10 (their
-    # setting `nprobe@100` / `efSearch@100` in params where it is more than the one for 10)
+    deep_recall: float | None = None  # the least of recall@25, @50, @100 on the unseen queries, each searched
+    # with its setting (`nprobe@25` … in params where a rung needs more than the one below)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -354,10 +355,6 @@ def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sampl
     return (held, rows), queries, truth, source
 
 
-DEEP_KS = (25, 50, DEEP_K)  # the k a search for more than TUNED_K is tuned at (recall@k dips between 10 and 100:
-# 0.952 at 20, 0.945 at 50, 0.956 at 100 with one setting, 120k x 256-d)
-
-
 def _truth_depth(k: int, items: int) -> int:
     """How many true neighbours of each tuning query to find: DEEP_K, to tune searches for more than k too,
     where there are items enough; else k."""
@@ -365,24 +362,28 @@ def _truth_depth(k: int, items: int) -> int:
 
 
 def _deepen(structure: Structure, params: dict, split: _Queries, target: float) -> float | None:
-    """Set `params` on `structure`, with the least nprobe / efSearch (at least theirs) that searches for more
-    than TUNED_K need to meet `target` on the tuning half at each k of DEEP_KS (as `nprobe@100` /
-    `efSearch@100`, where it is more): the least recall of those on the unseen half with it, or None where
-    there is nothing to tune."""
+    """Set `params` on `structure`, with, for each rung of DEEP_KS, the least nprobe / efSearch (at least the
+    rung below's) that a search for that k needs to meet `target` on the tuning half (as `nprobe@25` …, where
+    it is more than the rung below's): the least recall of the rungs on the unseen half, or None where there
+    is nothing to tune."""
     structure.set_params(params)
     name, values = _grid(structure)
     if split.tune_deep is None or name not in params:
         return None
     others = {key: value for key, value in params.items() if key != name}
+    deeper, below, estimates = dict(params), params[name], []
 
-    def recalls(value: int, queries: np.ndarray, truth: np.ndarray):
-        return (_recall(structure, {name: value, **others}, queries, truth[:, :k], k) for k in DEEP_KS)
+    def recall(value: int, k: int, queries: np.ndarray, truth: np.ndarray) -> float:
+        return _recall(structure, {name: value, **others}, queries, truth[:, :k], k)
 
-    value = _least([v for v in values if v >= params[name]] or [params[name]],  # (all(): the first short of it ends)
-                   lambda v: all(recall >= target + MARGIN for recall in recalls(v, split.tune, split.tune_deep)))
-    estimate = min(recalls(value, split.check, split.check_deep))
-    structure.set_params({**params, f"{name}@{DEEP_K}": value} if value > params[name] else params)
-    return estimate
+    for k in DEEP_KS:
+        value = _least([v for v in values if v >= below] or [below],
+                       lambda v: recall(v, k, split.tune, split.tune_deep) >= target + MARGIN)
+        estimates.append(recall(value, k, split.check, split.check_deep))
+        if value > below:
+            deeper[f"{name}@{k}"] = below = value
+    structure.set_params(deeper)
+    return min(estimates)
 
 
 def _tune_in_place(structure: Structure, held_out: tuple, queries: np.ndarray, truth: np.ndarray, source: str,
