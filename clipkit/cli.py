@@ -429,12 +429,13 @@ def _index_read_first(args) -> None:
     names one (ends in .clipkit), when there is no --index and something else to search for."""
     first = args.query[0] if args.query and args.index is None else None
     several = len(args.query) > 1 or args.queries is not None
-    if first and several and not args.server and not _names_index(first) and not Path(DEFAULT_INDEX).exists() \
+    names_index = bool(first) and _names_index(first)
+    if first and several and not args.server and not names_index and not Path(DEFAULT_INDEX).exists() \
             and not Path(first).exists():
         raise FileNotFoundError(f"no index at {DEFAULT_INDEX} (the default), and the first QUERY {first!r} is not "
                                 f"one either: give the index first or as --index INDEX (build one with `clipkit "
                                 f"index FOLDER --index INDEX`)")
-    if not first or not _names_index(first) or (args.text and not several):
+    if not names_index or (args.text and not several):
         return  # (--text and that one QUERY: the text itself)
     if args.server:
         raise UsageError(f"with --server the index is one the server serves: --index NAME (its name there, "

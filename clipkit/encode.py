@@ -21,6 +21,7 @@ from clipkit.models import Model, load_model
 from clipkit.recorded import RecordedModel
 
 TEXT, IMAGE = "text", "image"
+IMAGE_TYPES = (Image.Image, os.PathLike, bytes, bytearray)  # what is one image (bytes: an image file's), not a list
 
 
 def default_workers(device: torch.device | str | None = None) -> int:
@@ -60,7 +61,7 @@ def kind_of(item: Any, str_is: str = TEXT) -> str | None:
     """TEXT or IMAGE for one input item, None when it is neither."""
     if isinstance(item, str):
         return str_is
-    if isinstance(item, (Image.Image, os.PathLike, bytes, bytearray)):  # (bytes: an encoded image file's)
+    if isinstance(item, IMAGE_TYPES):
         return IMAGE
     if isinstance(item, np.ndarray) and item.ndim in (2, 3):
         return IMAGE
@@ -77,7 +78,7 @@ def warn_if_image_paths(texts: Sequence[str], stacklevel: int = 3) -> None:
 
 
 def _as_list(items: Any, what: str) -> list:
-    if isinstance(items, (str, bytes, Image.Image, os.PathLike, np.ndarray)):
+    if isinstance(items, (str, np.ndarray, *IMAGE_TYPES)):
         raise ValueError(f"{what} must be a list; wrap a single item as [item]")
     try:
         items = list(items)

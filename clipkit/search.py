@@ -9,10 +9,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from clipkit._cache import Kept, file_version
-from clipkit.encode import IMAGE, TEXT, encode_images, encode_texts, warn_if_image_paths
+from clipkit.encode import IMAGE, IMAGE_TYPES, TEXT, encode_images, encode_texts, warn_if_image_paths
 from clipkit.hit import Hit
 from clipkit.index import Index, prepare_vectors
 from clipkit.index.ann import first_of_each
@@ -50,7 +49,7 @@ def query_kind(query: Any) -> str:
             raise ValueError("the text query is empty")
         warn_if_image_paths([query], stacklevel=4)  # the caller of search() or search_batch()
         return TEXT
-    if isinstance(query, (Image.Image, os.PathLike, bytes, bytearray)):  # (bytes: an encoded image file's)
+    if isinstance(query, IMAGE_TYPES):
         return IMAGE
     if isinstance(query, np.ndarray):
         if query.ndim == 1 or (query.ndim == 2 and np.issubdtype(query.dtype, np.floating)):
@@ -61,8 +60,8 @@ def query_kind(query: Any) -> str:
                          f"image, got shape {query.shape} dtype {query.dtype}")
     several = " (one query a call; for many at once: clipkit.search_batch(queries, index, k))" \
         if isinstance(query, (list, tuple)) else ""
-    raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, "
-                     f"a pathlib.Path, an image file's bytes, an HxWx3 uint8 array, or a 1-D embedding (numpy or torch){several}")
+    raise ValueError(f"unsupported query type {type(query).__name__}: pass a str (text), a PIL image, a pathlib.Path, "
+                     f"an image file's bytes, an HxWx3 uint8 array, or a 1-D embedding (numpy or torch){several}")
 
 
 def search(query: Any, index: Index, k: int = 10, *, model=None, rerank: bool = False, rerank_k: int | None = None,
@@ -110,7 +109,7 @@ def search_batch(queries: Sequence, index: Index, k: int = 10, *, model=None, re
     queries = from_tensor(queries)
     if isinstance(queries, np.ndarray) and queries.ndim == 2 and np.issubdtype(queries.dtype, np.floating):
         queries = list(queries)  # (rows of embeddings; a 2-D uint8 array would be one grey image)
-    if isinstance(queries, (str, bytes, Image.Image, os.PathLike, np.ndarray)) or not isinstance(queries, Sequence):
+    if isinstance(queries, (str, np.ndarray, *IMAGE_TYPES)) or not isinstance(queries, Sequence):
         raise ValueError(f"queries must be a list of queries, got {type(queries).__name__}: for one query, "
                          "use clipkit.search")
     with opened(index) as index:

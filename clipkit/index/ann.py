@@ -192,16 +192,26 @@ def _search_parameters(index: faiss.Index, deeper: dict, selector, held: list):
     the objects they point to."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:  # an HNSW graph (never filtered: it is rebuilt on removal)
-        graph = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
-        return faiss.SearchParametersHNSW(efSearch=int(deeper.get("efSearch", graph.hnsw.efSearch)))
+        return faiss.SearchParametersHNSW(efSearch=int(deeper.get("efSearch", _unwrapped(index).hnsw.efSearch)))
     nprobe = int(deeper.get("nprobe", ivf.nprobe))
     params = faiss.SearchParametersIVF(nprobe=nprobe)
     if selector is not None:
         params.sel = selector
-    if hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):  # (see apply_search_params)
-        held.append(faiss.SearchParametersHNSW(efSearch=max(QUANTIZER_EF, 2 * nprobe)))
+    if hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):
+        held.append(faiss.SearchParametersHNSW(efSearch=_quantizer_ef(nprobe)))
         params.quantizer_params = held[-1]
     return params
+
+
+def _unwrapped(index: faiss.Index) -> faiss.Index:
+    """The index inside an IDMap wrapper (or `index` itself), as its own type."""
+    return faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
+
+
+def _quantizer_ef(nprobe: int) -> int:
+    """The efSearch of an HNSW coarse quantizer asked for `nprobe` lists (a graph returns at most efSearch
+    lists, whatever nprobe asks)."""
+    return max(QUANTIZER_EF, 2 * nprobe)
 
 
 def apply_search_params(index: faiss.Index, params: dict) -> None:
@@ -213,10 +223,10 @@ def apply_search_params(index: faiss.Index, params: dict) -> None:
         if ivf is not None:
             ivf.nprobe = int(params["nprobe"])
             quantizer = faiss.downcast_index(ivf.quantizer)
-            if hasattr(quantizer, "hnsw"):  # an HNSW graph returns at most efSearch lists, whatever nprobe asks
-                quantizer.hnsw.efSearch = max(QUANTIZER_EF, 2 * ivf.nprobe)
+            if hasattr(quantizer, "hnsw"):
+                quantizer.hnsw.efSearch = _quantizer_ef(ivf.nprobe)
     if "efSearch" in params:
-        inner = faiss.downcast_index(index.index) if hasattr(index, "id_map") else faiss.downcast_index(index)
+        inner = _unwrapped(index)
         if hasattr(inner, "hnsw"):
             inner.hnsw.efSearch = int(params["efSearch"])
 
@@ -526,9 +536,9 @@ class Structure:
         tuned for the first rung of DEEP_KS at least k (the last past them all): a rung without its own
         (`nprobe@50`) takes the one below's."""
         deeper = {}
+        if k <= TUNED_K:
+            return deeper
         for rung in DEEP_KS:
-            if k <= TUNED_K:
-                break
             deeper.update({name: int(self.params[f"{name}@{rung}"]) for name in ("nprobe", "efSearch")
                            if f"{name}@{rung}" in self.params})
             if rung >= k:

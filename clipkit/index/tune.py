@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 
 from clipkit.index import ondisk
-from clipkit.index.ann import (DEEP_K, DEEP_KS, TUNED_K, Structure, candidates, empty_structure, split_refine, top_k_scan,
-                               training_size)
+from clipkit.index.ann import (DEEP_K, DEEP_KS, TUNED_K, Structure, candidates, empty_structure, split_refine,
+                               top_k_scan, training_size)
 
 log = logging.getLogger("clipkit.index")
 
@@ -214,9 +214,7 @@ def _k_factors(structure: Structure, split: _Queries, goal: float, k: int, name:
 
 def _smallest_meeting(structure: Structure, name: str, values: list[int], extra: dict, split: _Queries,
                       goal: float, k: int) -> int:
-    """The smallest value meeting `goal` (by bisection: recall grows with it), or the largest if none does
-    (found by one look at the largest first: a shortlist too short for the goal costs one search, not a
-    bisection)."""
+    """The smallest value meeting `goal` (recall grows with it), or the largest if none does (`_least`)."""
     return _least(values, lambda value: _recall(structure, {name: value, **extra}, split.tune, split.tune_truth,
                                                  k) >= goal)
 
