@@ -406,6 +406,25 @@ def test_searches_for_more_than_ten_meet_the_target_too(tmp_path, factory, name)
     assert np.mean([len(set(kept[t].tolist()) & set(f.tolist())) / 50 for t, f in zip(truth, found)]) >= 0.95
 
 
+def test_a_deep_rung_is_raised_until_the_unseen_queries_meet_the_target_too():
+    """As the setting for 10 is raised until the unseen half meets the target, so is each deeper rung: here the
+    unseen half lies further from the clusters' centres than the tuning half, so the settings the tuning half
+    alone asks for fall short on it."""
+    from clipkit.index.tune import SAFETY, _deepen, _Queries
+
+    base = clustered(20_000, 32, 0)
+    tune, check = clustered(400, 32, 7, noise=1.0), clustered(400, 32, 8, noise=1.25)
+    tune_truth, check_truth = brute_force(base, tune, 100)[1], brute_force(base, check, 100)[1]
+    structure = Index.from_embeddings(base, index_type="IVF128,Flat")._structure
+    split = _Queries(tune, tune_truth[:, :10], check, check_truth[:, :10], tune_truth, check_truth)
+    deep_recall = _deepen(structure, {"nprobe": 2}, split, 0.95)
+    assert deep_recall >= 0.95 + SAFETY
+    for k in (25, 50, 100):  # (each search takes its rung's setting)
+        found = structure.search(check, k)[1]
+        assert np.mean([len(set(t[:k].tolist()) & set(f.tolist())) / k for t, f in zip(check_truth, found)]) \
+            >= 0.95, k
+
+
 def test_a_search_probes_as_tuned_for_the_first_rung_at_least_its_k():
     index = Index.from_embeddings(clustered(2000, 16, 0), index_type="IVF16,Flat")
     structure = index._structure

@@ -262,24 +262,31 @@ def _choose(tried: list[dict], built: dict, split: _Queries, target: float, k: i
     return closest
 
 
-def _confirm(structure: Structure, setting: dict, split: _Queries, goal: float, k: int,
-             steps: int = 8) -> tuple[dict | None, float]:
+def _confirm(structure: Structure, setting: dict, split: _Queries, goal: float, k: int) -> tuple[dict | None, float]:
     """`setting`, its nprobe / efSearch raised step by step until recall on the unseen half meets `goal`:
     (the confirmed setting with its estimate and time, or None; the last estimate)."""
     params = dict(setting["params"])
     name, grid = _grid(structure)
-    start = grid.index(params[name]) if params.get(name) in grid else 0
-    estimate = 0.0
-    for value in grid[start:start + steps]:
-        if name in params:
-            params[name] = value
-        estimate = _recall(structure, params, split.check, split.check_truth, k)
+    values = grid[grid.index(params[name]) if params[name] in grid else 0:] if name in params else [None]
+    value, estimate = _raised(values, lambda v: _recall(structure, params if v is None else {**params, name: v},
+                                                        split.check, split.check_truth, k), goal)
+    if estimate < goal:
+        return None, estimate
+    if value is not None:
+        params[name] = value
+    structure.set_params(params)
+    seconds = _time(lambda query: structure.search(query, k), split.tune)
+    return dict(setting, params=params, estimate=estimate, seconds=seconds), estimate
+
+
+def _raised(values: list, estimate_of, goal: float, steps: int = 8) -> tuple:
+    """Of `values` (ascending; at most `steps` of them) the first whose estimate on the unseen half meets
+    `goal`, or else the last tried: (that value, its estimate)."""
+    for value in values[:steps]:
+        estimate = estimate_of(value)
         if estimate >= goal:
-            seconds = _time(lambda query: structure.search(query, k), split.tune)
-            return dict(setting, params=dict(params), estimate=estimate, seconds=seconds), estimate
-        if name not in params:
             break
-    return None, estimate
+    return value, estimate
 
 
 class Collection:
@@ -361,9 +368,10 @@ def _truth_depth(k: int, items: int) -> int:
 
 def _deepen(structure: Structure, params: dict, split: _Queries, target: float) -> float | None:
     """Set `params` on `structure`, with, for each rung of DEEP_KS, the least nprobe / efSearch (at least the
-    rung below's) that a search for that k needs to meet `target` on the tuning half (as `nprobe@25` …, where
-    it is more than the rung below's): the least recall of the rungs on the unseen half, or None where there
-    is nothing to tune."""
+    rung below's) that a search for that k needs to meet `target` on the tuning half, raised a few steps where
+    the unseen half falls short (as `_confirm` raises the setting for k), kept as `nprobe@25` … where it is more
+    than the rung below's: the least recall of the rungs on the unseen half, or None where there is nothing to
+    tune."""
     structure.set_params(params)
     name, values = _grid(structure)
     if split.tune_deep is None or name not in params:
@@ -375,9 +383,13 @@ def _deepen(structure: Structure, params: dict, split: _Queries, target: float) 
         return _recall(structure, {name: value, **others}, queries, truth[:, :k], k)
 
     for k in DEEP_KS:
-        value = _least([v for v in values if v >= below] or [below],
-                       lambda v: recall(v, k, split.tune, split.tune_deep) >= target + MARGIN)
-        estimates.append(recall(value, k, split.check, split.check_deep))
+        higher = [v for v in values if v >= below] or [below]
+        value = _least(higher, lambda v: recall(v, k, split.tune, split.tune_deep) >= target + MARGIN)
+        raised, estimate = _raised(higher[higher.index(value):],
+                                   lambda v: recall(v, k, split.check, split.check_deep), target + SAFETY)
+        if estimate >= target + SAFETY:  # (else out of reach a few steps up: the tuning half's choice stays)
+            value = raised
+        estimates.append(estimate if value == raised else recall(value, k, split.check, split.check_deep))
         if value > below:
             deeper[f"{name}@{k}"] = below = value
     structure.set_params(deeper)
