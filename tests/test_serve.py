@@ -220,6 +220,10 @@ BAD_REQUESTS = [
     ("/search", {"json": {"text": "x", "k": 0}}, 422, "k"),
     ("/search", {"json": {"text": "x", "k": "many"}}, 422, "k"),
     ("/search", {"json": {"text": 5}}, 422, "text"),
+    ("/search", {"json": {"id": True}}, 422, "id: expected a number, not true/false"),  # (was item 1)
+    ("/search", {"json": {"text": "x", "k": True}}, 422, "k: expected a number"),
+    ("/search", {"json": {"embedding": [True] + [0.5] * 127}}, 422, "embedding.0: expected a number"),
+    ("/search", {"data": {"text": "x", "k": "true"}, "files": {"none": ("", b"", "text/plain")}}, 422, "k:"),
     ("/search", {"json": {"image": "%%%not base64"}}, 400, "base64"),
     ("/search", {"json": {"image": base64.b64encode(b"<html>hello</html>").decode()}}, 400, "not a recognised image"),
     ("/search", {"files": {"image": ("e.jpg", b"", "image/jpeg")}}, 400, "empty"),
@@ -236,6 +240,8 @@ BAD_REQUESTS = [
     ("/knn-service", {"json": {"image_url": "http://127.0.0.1/x.jpg", "num_images": 2}}, 403, "--allow-image-urls"),
     ("/metadata", {"json": {"indice_name": "photos"}}, 422, "ids"),
     ("/metadata", {"json": {"ids": ["a"]}}, 422, "ids"),
+    ("/metadata", {"json": {"ids": [True]}}, 422, "ids.0: expected a number"),
+    ("/knn-service", {"json": {"text": "x", "num_images": True}}, 422, "num_images: expected a number"),
 ]
 
 

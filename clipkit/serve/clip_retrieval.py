@@ -31,8 +31,8 @@ from clipkit.index.captions import first_captions
 from clipkit.index.shards import item_image
 from clipkit.serve.batcher import IMAGE, TEXT
 from clipkit.data.fetch import FetchBusy, FetchError
-from clipkit.serve.service import (VECTOR, BadRequest, Collection, Service, _b64decode, _deduplicate, _json_body,
-                                   _schema)
+from clipkit.serve.service import (VECTOR, BadRequest, Collection, Float, Int, Service, _b64decode, _deduplicate,
+                                   _json_body, _schema)
 
 log = logging.getLogger("clipkit.serve")
 router = APIRouter()
@@ -60,10 +60,10 @@ class KnnRequest(BaseModel):
     image: str | None = Field(None, description="base64-encoded image file")
     image_url: str | None = Field(None, description="an image URL: this server's own /image URLs are answered from "
                                                     "the stored embedding; others only with --allow-image-urls")
-    embedding_input: list[float] | None = None
+    embedding_input: list[Float] | None = None
     modality: Literal["image", "text"] = Field("image", description="search the images, or the captions")
-    num_images: int = Field(40, ge=1, description="results that carry their metadata")
-    num_result_ids: int | None = Field(None, ge=1, description="results in all (default: num_images)")
+    num_images: Int = Field(40, ge=1, description="results that carry their metadata")
+    num_result_ids: Int | None = Field(None, ge=1, description="results in all (default: num_images)")
     indice_name: str | None = None
     deduplicate: bool = False
     use_mclip: bool | None = Field(False, description="not supported (see /healthz)")
@@ -79,7 +79,7 @@ class KnnRequest(BaseModel):
 
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    ids: list[int]
+    ids: list[Int]
     indice_name: str | None = None
 
 

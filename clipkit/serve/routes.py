@@ -9,12 +9,11 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
-from pydantic import ValidationError
 
 from clipkit.serve.clip_retrieval import status as clip_retrieval_status
 from clipkit.serve.batcher import IMAGE, TEXT
 from clipkit.serve.service import (ITEM, STATIC_DIR, VECTOR, BadRequest, BodyTooLarge, SearchRequest, _b64decode,
-                                   _json_body, _schema)
+                                   _json_body, _schema, validated)
 
 router = APIRouter()
 
@@ -100,11 +99,7 @@ def _fields_body(fields: dict[str, Any], upload: bytes | None) -> tuple[SearchRe
     with the image's bytes."""
     if "rerank" in fields:
         fields["rerank"] = str(fields["rerank"]).lower() in ("1", "true", "on", "yes")
-    try:
-        body = SearchRequest.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise BadRequest(f"{'.'.join(str(p) for p in first.get('loc', ()))}: {first.get('msg')}", 422) from None
+    body = validated(SearchRequest, fields)
     if upload is not None and not upload:
         raise BadRequest("the uploaded image is empty")
     return body, upload

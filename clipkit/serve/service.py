@@ -12,13 +12,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from clipkit import __version__
 from clipkit._cache import Kept
@@ -78,18 +78,30 @@ class BadRequest(HTTPException):
 # clipkit's request body (unknown fields are ignored)
 
 
+def _not_a_boolean(value):
+    """JSON's true / false where a number belongs is refused (pydantic's lax mode reads true as 1: {"id": true}
+    searched item 1)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     text: str | None = None
     image: str | None = Field(None, description="base64-encoded image file")
-    embedding: list[float] | None = None
-    id: int | None = Field(None, description="an item's key: search by that item's embedding (more like this)")
+    embedding: list[Float] | None = None
+    id: Int | None = Field(None, description="an item's key: search by that item's embedding (more like this)")
     item: str | None = Field(None, max_length=65536, description="an item's id as results give it (item_id: its "
                              "file's path, SHARD.tar#KEY, its URL): search by its stored embedding")
-    k: int = Field(20, ge=1)
+    k: Int = Field(20, ge=1)
     rerank: bool = False
-    rerank_k: int | None = Field(None, ge=1)
-    weight: float | None = Field(None, allow_inf_nan=False, description="re-ranked score = ITM log-odds + weight x cosine (default: "
+    rerank_k: Int | None = Field(None, ge=1)
+    weight: Float | None = Field(None, allow_inf_nan=False, description="re-ranked score = ITM log-odds + weight x cosine (default: "
                                                  "the weight the model's ITM head was fitted with)")
     modality: Literal["image", "text"] = Field("image", description="search the images, or the captions indexed "
                                                                    "beside them (image -> text, text -> text)")
@@ -329,12 +341,18 @@ async def _json_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raise BadRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
+    return validated(model, data)
+
+
+def validated(model: type[BaseModel], data: dict) -> BaseModel:
+    """`data` as `model`, or a 422 naming the first field at fault ("k: Input should be greater than …")."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise BadRequest(f"{where}: {first.get('msg')}", 422) from None
+        message = str(first.get("msg", "")).removeprefix("Value error, ")
+        raise BadRequest(f"{where}: {message}", 422) from None
 
 
 def _schema(model: type[BaseModel]) -> dict:
