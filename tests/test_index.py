@@ -450,6 +450,29 @@ def test_a_deep_search_of_the_gpu_copy_probes_as_tuned_for_it_and_leaves_the_cop
     assert recall_at(index, base, base[:20], 10) < 1  # (a search for 10 probes one list)
 
 
+def test_of_passing_settings_about_as_fast_the_smallest_structure_wins(monkeypatch):
+    """The fastest passing setting wins, unless one holding fewer bytes a vector is at most 15% slower (timing
+    noise flipped the choice between IVF-Flat and 12x smaller PQ codes from run to run)."""
+    import types
+
+    import clipkit.index.tune as tune
+
+    monkeypatch.setattr(tune, "_confirm", lambda structure, t, *_: (dict(t, estimate=0.96), 0.96))
+    built = {name: types.SimpleNamespace(bytes_per_vector=lambda size=size: size)
+             for name, size in (("IVF,Flat", 1037.0), ("IVF,PQ", 82.0), ("HNSW32", 1300.0))}
+    split = types.SimpleNamespace(tune=np.zeros((4, 256), np.float32))
+
+    def chosen(seconds: dict) -> str:
+        tried = [{"structure": name, "params": {}, "recall": 0.96, "seconds": s} for name, s in seconds.items()]
+        return tune._choose(tried, built, split, 0.95, 10)[0]["structure"]
+
+    assert chosen({"Flat": 1.0, "IVF,Flat": 0.10, "IVF,PQ": 0.11, "HNSW32": 0.099}) == "IVF,PQ"
+    assert chosen({"Flat": 1.0, "IVF,Flat": 0.10, "IVF,PQ": 0.13, "HNSW32": 0.099}) == "IVF,Flat"  # (PQ: 31% slower)
+    assert chosen({"Flat": 1.0, "IVF,Flat": 0.12, "IVF,PQ": 0.13, "HNSW32": 0.099}) == "HNSW32"
+    assert chosen({"Flat": 0.105, "IVF,Flat": 0.10, "HNSW32": 0.2}) == "Flat"  # exact: 1,024 B and no worse
+    assert chosen({"Flat": 0.2, "IVF,Flat": 0.10, "IVF,PQ": 0.114}) == "IVF,PQ"
+
+
 @pytest.mark.parametrize("data", ["clustered", "uniform"])
 def test_auto_tunes_on_held_out_items_and_its_estimate_is_honest(monkeypatch, data):
     import clipkit.index.ann as ann
