@@ -450,6 +450,30 @@ def test_a_deep_search_of_the_gpu_copy_probes_as_tuned_for_it_and_leaves_the_cop
     assert recall_at(index, base, base[:20], 10) < 1  # (a search for 10 probes one list)
 
 
+def test_duplicates_tie_and_the_tuner_counts_any_of_them(monkeypatch):
+    """Exact duplicates (copies of a photo) score alike, and exact search keeps an arbitrary 10 of 20 tied
+    copies: counted by keys, even IVF with every list probed missed the target (nprobe = nlist chosen, 0.944),
+    while any copy is as right as another. A found item that scores as high as the k-th true one counts."""
+    from clipkit.index.tune import recall_at
+
+    import clipkit.index.ann as ann
+
+    monkeypatch.setattr(ann, "FLAT_LIMIT", 5_000)
+    rng = np.random.default_rng(0)
+    originals = clustered(10_000, 32, 0)
+    base = np.concatenate([originals, np.repeat(originals[:1000], 10, axis=0)])[rng.permutation(20_000)]
+    index = Index.from_embeddings(base, index_type="IVF256,Flat")
+    assert index.tuning["estimated_recall"] >= 0.95 and index.tuning["params"]["nprobe"] <= 32
+    queries = np.concatenate([clustered(500, 32, 1), originals[rng.choice(1000, 550)]])  # (as the data is mixed)
+    true_scores, truth = brute_force(base, queries, 10)
+    scores, found = index.search(queries, 10)
+    assert recall_at(found, truth, scores, true_scores[:, -1] - 2e-3) >= 0.95  # (stored as float16)
+    assert recall_at(np.array([[5, 6, 7]]), np.array([[1, 2, 3]]), np.array([[0.9, 0.8, 0.5]]),
+                     np.array([0.8])) == 2 / 3  # (5 and 6 tie with or beat the 3rd; 7 does not)
+    assert recall_at(np.array([[1, 5, -1]]), np.array([[1, 2, 3]]), np.array([[0.9, 0.8, -np.inf]]),
+                     np.array([0.8])) == 2 / 3
+
+
 def test_of_passing_settings_about_as_fast_the_smallest_structure_wins(monkeypatch):
     """The fastest passing setting wins, unless one holding fewer bytes a vector is at most 15% slower (timing
     noise flipped the choice between IVF-Flat and 12x smaller PQ codes from run to run)."""

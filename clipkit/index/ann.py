@@ -367,6 +367,11 @@ class Structure:
         self.snapshot = None  # (folder, config record) of the files this structure was last saved as or read from
         self.set_params(params or {})
 
+    @property
+    def exact_scores(self) -> bool:
+        """Whether `search` scores are exact inner products: re-ranked, or full vectors in the lists / graph."""
+        return self._lookup is not None or not re.search(r"PQ|SQ|LSH|RQ|ITQ", split_refine(self.factory)[0])
+
     def set_params(self, params: dict) -> None:
         """Search with these parameters (nprobe, efSearch, k_factor) from now on, on the GPU copy too."""
         self.params = dict(params)

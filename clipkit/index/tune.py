@@ -37,6 +37,7 @@ TIMED_QUERIES = 48  # queries searched one at a time to time a setting
 EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 MARGIN = 0.005  # asked of the tuning half, so that the unseen half's estimate still meets the target
 SMALLER_WITHIN = 1.15  # a passing setting this much slower than the fastest wins if its structure is smaller
+TIE = 1e-5  # a score this close to the k-th true score ties with it (float32 sums in another order)
 SAFETY = 0.003  # asked of the unseen half's estimate (about one standard error at 1,000 queries)
 
 
@@ -68,19 +69,32 @@ class _Queries:
     check_truth: np.ndarray
     tune_deep: np.ndarray | None = None  # the true top DEEP_K of each (None: too few items for that)
     check_deep: np.ndarray | None = None
+    tune_scores: np.ndarray | None = None  # their true scores, as deep as the deepest truth
+    check_scores: np.ndarray | None = None
 
     @classmethod
-    def halves(cls, queries: np.ndarray, truth: np.ndarray, k: int) -> "_Queries":
-        """Half the queries to tune on, half to check on; `truth` the true top k, or deeper (DEEP_K)."""
-        half, deep = len(queries) // 2, truth.shape[1] > k
-        return cls(queries[:half], truth[:half, :k], queries[half:], truth[half:, :k],
-                   truth[:half] if deep else None, truth[half:] if deep else None)
+    def halves(cls, queries: np.ndarray, truth: tuple, k: int) -> "_Queries":
+        """Half the queries to tune on, half to check on; `truth` (scores, keys) of the true top k, or deeper
+        (DEEP_K)."""
+        scores, keys = truth
+        half, deep = len(queries) // 2, keys.shape[1] > k
+        return cls(queries[:half], keys[:half, :k], queries[half:], keys[half:, :k],
+                   keys[:half] if deep else None, keys[half:] if deep else None, scores[:half], scores[half:])
 
 
-def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean share of each query's true neighbours (`truth`, keys) among the found keys."""
+def recall_at(found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None,
+              floor: np.ndarray | None = None) -> float:
+    """Mean share of each query's true top k (`truth`, keys) among the found keys. Given `floor` (each query's
+    k-th true score) and the found items' exact `found_scores`, a found item that is not in `truth` but scores
+    as high as the k-th counts too: a tie (a duplicate of an item) that exact search cut arbitrarily. (A
+    collection of duplicated photos could not meet the target with every list probed.)"""
     k = truth.shape[1]
-    return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)]))
+    hits = np.array([len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)], np.float64)
+    if floor is not None:
+        tied = (found_scores >= floor[:, None] - TIE) & (found >= 0)
+        tied &= ~(found[:, :, None] == truth[:, None, :]).any(axis=2)
+        hits = np.minimum(hits + tied.sum(axis=1), k)
+    return float(np.mean(hits / k))
 
 
 def build_structure(index_type: str, vectors: np.ndarray, keys: np.ndarray, *, memory_budget: int | None = None,
@@ -117,7 +131,8 @@ def tune_structure(options: list[str], vectors: np.ndarray, keys: np.ndarray, *,
     base, base_keys = vectors[~held], keys[~held]
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(np.ascontiguousarray(base))
-    truth = base_keys[exact.search(np.ascontiguousarray(queries), _truth_depth(k, len(base)))[1]]
+    scores, found = exact.search(np.ascontiguousarray(queries), _truth_depth(k, len(base)))
+    truth = scores, base_keys[found]
     split = _Queries.halves(queries, truth, k)
     tried, built = [], {}
     if allow_flat:
@@ -174,9 +189,14 @@ def _grid(structure: Structure) -> tuple[str, list[int]]:
     return "efSearch", list(EF_SEARCH)
 
 
-def _recall(structure: Structure, params: dict, queries: np.ndarray, truth: np.ndarray, k: int) -> float:
+def _recall(structure: Structure, params: dict, queries: np.ndarray, truth: np.ndarray, k: int,
+            scores: np.ndarray | None = None) -> float:
+    """Recall@k of `structure` searched with `params` against `truth` (keys, k or more deep; `scores`: theirs,
+    for ties, where the structure's scores are exact)."""
     structure.set_params(params)
-    return recall_at(structure.search(queries, k)[1], truth)
+    found_scores, found = structure.search(queries, k)
+    floor = scores[:, k - 1] if scores is not None and structure.exact_scores else None
+    return recall_at(found, truth[:, :k], found_scores, floor)
 
 
 def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> list[dict]:
@@ -188,7 +208,7 @@ def _settings(structure: Structure, split: _Queries, goal: float, k: int) -> lis
     for k_factor in _k_factors(structure, split, goal, k, name, values):
         extra = {} if k_factor is None else {"k_factor": k_factor}
         best = {name: _smallest_meeting(structure, name, values, extra, split, goal, k), **extra}
-        recall = _recall(structure, best, split.tune, split.tune_truth, k)
+        recall = _recall(structure, best, split.tune, split.tune_truth, k, split.tune_scores)
         seconds = _time(lambda query: structure.search(query, k), split.tune)
         out.append({"structure": structure.factory, "params": best, "recall": recall, "seconds": seconds})
         if recall >= goal:
@@ -217,7 +237,7 @@ def _smallest_meeting(structure: Structure, name: str, values: list[int], extra:
                       goal: float, k: int) -> int:
     """The smallest value meeting `goal` (recall grows with it), or the largest if none does (`_least`)."""
     return _least(values, lambda value: _recall(structure, {name: value, **extra}, split.tune, split.tune_truth,
-                                                 k) >= goal)
+                                                 k, split.tune_scores) >= goal)
 
 
 def _least(values: list[int], passes) -> int:
@@ -283,7 +303,8 @@ def _confirm(structure: Structure, setting: dict, split: _Queries, goal: float, 
     name, grid = _grid(structure)
     values = grid[grid.index(params[name]) if params[name] in grid else 0:] if name in params else [None]
     value, estimate = _raised(values, lambda v: _recall(structure, params if v is None else {**params, name: v},
-                                                        split.check, split.check_truth, k), goal)
+                                                        split.check, split.check_truth, k, split.check_scores),
+                               goal)
     if estimate < goal:
         return None, estimate
     if value is not None:
@@ -340,7 +361,7 @@ def build_streaming(factories: list[str], collection: Collection, *, target_reca
     (held, _), queries, truth, _ = tuning = _tuning_queries(collection, keys[:n_queries], sample_queries,
                                                             queries_are, k, n_queries)
     if per_item == 1:
-        structure = _pick_codes(factories, (train, keys, held), collection, queries, truth,
+        structure = _pick_codes(factories, (train, keys, held), collection, queries, truth[1],
                                 target_recall + 2 * MARGIN, k)
     del train
     _fill(structure, collection)
@@ -359,9 +380,9 @@ def retune(structure: Structure, collection: Collection, *, target_recall: float
 
 def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sample_queries: np.ndarray | None,
                     queries_are: str, k: int, n_queries: int = 1000) -> tuple:
-    """((held-out keys, their stored rows), queries, their true top k keys, what they are): `sample_queries` when
-    given, else the items `candidates` held out (out of the exact answers, and of the structure while it is
-    tuned). The exact answers come from one pass over every stored vector."""
+    """((held-out keys, their stored rows), queries, (scores, keys) of their true top k, what they are):
+    `sample_queries` when given, else the items `candidates` held out (out of the exact answers, and of the
+    structure while it is tuned). The exact answers come from one pass over every stored vector."""
     held, rows = np.zeros(0, np.int64), None
     if sample_queries is None:  # (items of several vectors: each held-out item's first vector)
         held, rows = candidates, np.asarray(collection.lookup(candidates)[0], np.float32)  # (lookup: as stored)
@@ -370,7 +391,7 @@ def _tuning_queries(collection: Collection, candidates: np.ndarray | None, sampl
         queries = sample_queries[np.random.default_rng(0).permutation(len(sample_queries))[:n_queries]]
         source = queries_are
     depth = _truth_depth(k, collection.count - len(held))
-    truth = top_k_scan(queries, collection.batches(), depth, exclude=np.sort(held), per_item=collection.per_item)[1]
+    truth = top_k_scan(queries, collection.batches(), depth, exclude=np.sort(held), per_item=collection.per_item)
     return (held, rows), queries, truth, source
 
 
@@ -393,24 +414,26 @@ def _deepen(structure: Structure, params: dict, split: _Queries, target: float) 
     others = {key: value for key, value in params.items() if key != name}
     deeper, below, estimates = dict(params), params[name], []
 
-    def recall(value: int, k: int, queries: np.ndarray, truth: np.ndarray) -> float:
-        return _recall(structure, {name: value, **others}, queries, truth[:, :k], k)
+    tuning, unseen = (split.tune, split.tune_deep, split.tune_scores), (split.check, split.check_deep, split.check_scores)
+
+    def recall(value: int, k: int, half: tuple) -> float:
+        queries, truth, scores = half
+        return _recall(structure, {name: value, **others}, queries, truth, k, scores)
 
     for k in DEEP_KS:
         higher = [v for v in values if v >= below] or [below]
-        value = _least(higher, lambda v: recall(v, k, split.tune, split.tune_deep) >= target + MARGIN)
-        raised, estimate = _raised(higher[higher.index(value):],
-                                   lambda v: recall(v, k, split.check, split.check_deep), target + SAFETY)
+        value = _least(higher, lambda v: recall(v, k, tuning) >= target + MARGIN)
+        raised, estimate = _raised(higher[higher.index(value):], lambda v: recall(v, k, unseen), target + SAFETY)
         if estimate >= target + SAFETY:  # (else out of reach a few steps up: the tuning half's choice stays)
             value = raised
-        estimates.append(estimate if value == raised else recall(value, k, split.check, split.check_deep))
+        estimates.append(estimate if value == raised else recall(value, k, unseen))
         if value > below:
             deeper[f"{name}@{k}"] = below = value
     structure.set_params(deeper)
     return min(estimates)
 
 
-def _tune_in_place(structure: Structure, held_out: tuple, queries: np.ndarray, truth: np.ndarray, source: str,
+def _tune_in_place(structure: Structure, held_out: tuple, queries: np.ndarray, truth: tuple, source: str,
                    target_recall: float, k: int) -> Tuning:
     """Tune `structure` (holding every item) on `queries`: half choose the setting, half estimate its recall;
     the `held_out` items (keys, stored rows) are out of it meanwhile."""
