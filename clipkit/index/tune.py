@@ -414,7 +414,8 @@ def _deepen(structure: Structure, params: dict, split: _Queries, target: float) 
     others = {key: value for key, value in params.items() if key != name}
     deeper, below, estimates = dict(params), params[name], []
 
-    tuning, unseen = (split.tune, split.tune_deep, split.tune_scores), (split.check, split.check_deep, split.check_scores)
+    tuning = split.tune, split.tune_deep, split.tune_scores
+    unseen = split.check, split.check_deep, split.check_scores
 
     def recall(value: int, k: int, half: tuple) -> float:
         queries, truth, scores = half
