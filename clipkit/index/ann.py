@@ -166,6 +166,20 @@ def fastscan_m(dim: int, code_bytes: int | None = None) -> int:
     return max(fitting) if fitting else 1
 
 
+def serialized_size(index: faiss.Index) -> int:
+    """The bytes `index` takes written out, counted as FAISS writes it (without a copy of it in RAM, as
+    `faiss.serialize_index` makes: the tuner sizes its candidates while it holds them all)."""
+    size = 0
+
+    def count(chunk: bytes) -> int:
+        nonlocal size
+        size += len(chunk)
+        return len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return size
+
+
 def split_refine(factory: str) -> tuple[str, bool]:
     """("IVF1024,PQ128x4fs", True) for "IVF1024,PQ128x4fs,RFlat": the re-rank is clipkit's, not FAISS's
     IndexRefine, so that keys and removal work as in every other structure."""
@@ -482,7 +496,7 @@ class Structure:
             folder = self.snapshot[0] if self.snapshot else None
             lists = os.path.getsize(folder / self.sealed.lists_file) if folder else 0
             return (len(self.sealed.head) + lists) / max(1, self.ntotal)
-        size = len(faiss.serialize_index(self.index)) + held
+        size = serialized_size(self.index) + held
         return size / max(1, self.ntotal)
 
     def add(self, vectors: np.ndarray, keys: np.ndarray) -> None:

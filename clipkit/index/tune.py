@@ -299,16 +299,13 @@ def _smallest_of_the_fastest(passing: list[dict], built: dict, dim: int) -> dict
 def _confirm(structure: Structure, setting: dict, split: _Queries, goal: float, k: int) -> tuple[dict | None, float]:
     """`setting`, its nprobe / efSearch raised step by step until recall on the unseen half meets `goal`:
     (the confirmed setting with its estimate and time, or None; the last estimate)."""
-    params = dict(setting["params"])
+    params = dict(setting["params"])  # (from `_settings`: the structure's nprobe / efSearch always among them)
     name, grid = _grid(structure)
-    values = grid[grid.index(params[name]) if params[name] in grid else 0:] if name in params else [None]
-    value, estimate = _raised(values, lambda v: _recall(structure, params if v is None else {**params, name: v},
-                                                        split.check, split.check_truth, k, split.check_scores),
-                               goal)
+    start = grid.index(params[name]) if params[name] in grid else 0
+    params[name], estimate = _raised(grid[start:], lambda v: _recall(structure, {**params, name: v}, split.check,
+                                                                      split.check_truth, k, split.check_scores), goal)
     if estimate < goal:
         return None, estimate
-    if value is not None:
-        params[name] = value
     structure.set_params(params)
     seconds = _time(lambda query: structure.search(query, k), split.tune)
     return dict(setting, params=params, estimate=estimate, seconds=seconds), estimate
